@@ -1,0 +1,71 @@
+//! HTTP API: the one router where components attach their routes, the shared application state
+//! and the rendering of [`Error`]s as responses.
+//!
+//! Owns HTTP concerns only (status codes, headers, bodies). Components register their routes in
+//! [`router`]; request handling delegates to `sql`, `storage` and later components.
+
+mod sql;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::config::Config;
+use crate::core::{Error, ErrorCode};
+use crate::storage::Storage;
+
+/// State shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub storage: Storage,
+    pub config: Arc<Config>,
+}
+
+/// Every HTTP route of the engine. Add a component's routes here, one `.merge()` per component.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/ping", get(ping).head(ping))
+        .merge(sql::routes())
+        .fallback(not_found)
+        .with_state(state)
+}
+
+async fn ping() -> &'static str {
+    "Ok.\n"
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    error_response(&Error::new(ErrorCode::NotFound, format!("No route for {}", uri.path())), true, None)
+}
+
+/// Render an error: ClickHouse's text shape, or JSON when the client asked for a JSON format.
+pub fn error_response(e: &Error, json: bool, query_id: Option<&str>) -> Response {
+    let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = if json {
+        let body = serde_json::json!({
+            "error": {
+                "code": e.code.number(),
+                "name": e.code.name(),
+                "message": e.message,
+                "query_id": query_id,
+            },
+            "exception": e.to_string(),
+        });
+        let mut r = (status, format!("{body}\n")).into_response();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=UTF-8"));
+        r
+    } else {
+        let mut r = (status, format!("{e}\n")).into_response();
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=UTF-8"));
+        r
+    };
+    let h = resp.headers_mut();
+    h.insert("x-clickhouse-exception-code", HeaderValue::from(e.code.number()));
+    if let Some(q) = query_id.and_then(|q| HeaderValue::from_str(q).ok()) {
+        h.insert("x-clickhouse-query-id", q);
+    }
+    resp
+}

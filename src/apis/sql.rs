@@ -1,0 +1,301 @@
+//! ClickHouse-style SQL-over-HTTP: `POST /` (SQL in the body, or `?query=` with the body as
+//! data), `GET /?query=` (read-only), URL settings, `param_*` values, formats, limits and the
+//! ClickHouse response headers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::stream;
+use tokio::sync::mpsc;
+
+use super::{AppState, error_response};
+use crate::core::{Error, ErrorCode, RequestContext, Result};
+use crate::sql::exec::{self, Msg, QuerySettings, Summary};
+use crate::sql::Format;
+use crate::storage::ExecControl;
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/", get(handle).post(handle))
+}
+
+/// URL arguments ClickHouse clients send that do not change results here.
+const IGNORED_SETTINGS: &[&str] = &[
+    "enable_http_compression",
+    "send_progress_in_http_headers",
+    "http_headers_progress_interval_ms",
+    "http_response_buffer_size",
+    "cancel_http_readonly_queries_on_client_close",
+    "output_format_json_quote_denormals",
+    "date_time_output_format",
+    "log_comment",
+    "user",
+    "password",
+];
+
+/// What the URL and headers asked for.
+struct Request {
+    query: Option<String>,
+    query_id: Option<String>,
+    settings: QuerySettings,
+    max_execution_time: f64,
+    wants_json: bool,
+}
+
+fn parse_bool(name: &str, v: &str) -> Result<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        _ => Err(Error::new(ErrorCode::BadArguments, format!("Setting {name} must be 0 or 1, got '{v}'"))),
+    }
+}
+
+fn parse_num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T> {
+    v.trim().parse().map_err(|_| Error::new(ErrorCode::BadArguments, format!("Setting {name} must be a number, got '{v}'")))
+}
+
+/// A request may lower a server limit (0 = unlimited) but never raise it.
+fn lower_only<T: PartialOrd + Copy + Default + std::fmt::Display>(name: &str, asked: T, server: T) -> Result<T> {
+    let zero = T::default();
+    if server == zero || (asked != zero && asked <= server) {
+        Ok(asked)
+    } else {
+        Err(Error::new(ErrorCode::BadArguments, format!("Setting {name}={asked} is above the server's limit {server}; a request may only lower it")))
+    }
+}
+
+fn parse_request(st: &AppState, method: &Method, headers: &HeaderMap, raw: Option<&str>) -> Result<Request> {
+    let cfg = &st.config;
+    let lim = cfg.limits;
+    let mut r = Request {
+        query: None,
+        query_id: None,
+        settings: QuerySettings {
+            default_format: None,
+            transaction: false,
+            readonly: *method == Method::GET,
+            max_result_rows: lim.max_result_rows,
+            max_result_bytes: lim.max_result_bytes,
+            overflow_break: false,
+            quote_i64: cfg.json_quote_64bit_integers,
+            params: HashMap::new(),
+            max_query_size: lim.max_query_size,
+            buffer_size: cfg.http_buffer_size,
+        },
+        max_execution_time: lim.max_execution_time,
+        wants_json: headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json")),
+    };
+    if let Some(f) = headers.get("x-clickhouse-format").and_then(|v| v.to_str().ok()) {
+        r.settings.default_format = Some(Format::parse(f)?);
+    }
+    for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        let s = &mut r.settings;
+        match k.as_ref() {
+            "query" => r.query = Some(v.into_owned()),
+            "query_id" if !v.is_empty() => r.query_id = Some(v.into_owned()),
+            "query_id" => {}
+            "default_format" => s.default_format = Some(Format::parse(&v)?),
+            "transaction" => s.transaction = parse_bool(&k, &v)?,
+            "readonly" => {
+                let level: u8 = parse_num(&k, &v)?;
+                if level > 2 {
+                    return Err(Error::new(ErrorCode::BadArguments, "Setting readonly must be 0, 1 or 2"));
+                }
+                if level > 0 {
+                    s.readonly = true;
+                } else if *method == Method::GET {
+                    return Err(Error::new(ErrorCode::Readonly, "GET requests are always read-only; send writes with POST"));
+                }
+            }
+            "max_execution_time" => {
+                let t: f64 = parse_num(&k, &v)?;
+                if !(t >= 0.0 && t.is_finite()) {
+                    return Err(Error::new(ErrorCode::BadArguments, "Setting max_execution_time must be a non-negative number of seconds"));
+                }
+                r.max_execution_time = lower_only(&k, t, lim.max_execution_time)?;
+            }
+            "max_result_rows" => s.max_result_rows = lower_only(&k, parse_num(&k, &v)?, lim.max_result_rows)?,
+            "max_result_bytes" => s.max_result_bytes = lower_only(&k, parse_num(&k, &v)?, lim.max_result_bytes)?,
+            "result_overflow_mode" => {
+                s.overflow_break = match v.as_ref() {
+                    "throw" => false,
+                    "break" => true,
+                    _ => return Err(Error::new(ErrorCode::BadArguments, "Setting result_overflow_mode must be 'throw' or 'break'")),
+                }
+            }
+            "output_format_json_quote_64bit_integers" => s.quote_i64 = parse_bool(&k, &v)?,
+            "wait_end_of_query" => {
+                if parse_bool(&k, &v)? {
+                    s.buffer_size = usize::MAX;
+                }
+            }
+            "database" => {
+                if !matches!(v.as_ref(), "default" | "main" | "") {
+                    return Err(Error::new(ErrorCode::UnknownDatabase, format!("Database {v} does not exist; ichibase has one database, 'default'")));
+                }
+            }
+            name if name.starts_with("param_") => {
+                s.params.insert(name["param_".len()..].to_string(), v.into_owned());
+            }
+            name if IGNORED_SETTINGS.contains(&name) => {}
+            name => {
+                return Err(Error::new(ErrorCode::UnknownSetting, format!("Unknown setting '{name}'")));
+            }
+        }
+    }
+    if r.settings.default_format.is_some_and(Format::is_json) {
+        r.wants_json = true;
+    }
+    Ok(r)
+}
+
+/// Cancels the query if the response (or the client) goes away before it finished.
+struct CancelOnDrop(Arc<ExecControl>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
+async fn handle(State(st): State<AppState>, method: Method, headers: HeaderMap, RawQuery(raw): RawQuery, body: Body) -> Response {
+    let req = match parse_request(&st, &method, &headers, raw.as_deref()) {
+        Ok(r) => r,
+        Err(e) => {
+            let json = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
+            return error_response(&e, json, None);
+        }
+    };
+    let ctx = RequestContext::admin(req.query_id.clone());
+    let body = if method == Method::GET { Bytes::new() } else {
+        match read_body(body, &headers, st.config.limits.max_body_size).await {
+            Ok(b) => b,
+            Err(e) => return error_response(&e, req.wants_json, Some(&ctx.query_id)),
+        }
+    };
+    let text = match compose_text(req.query.as_deref(), &body, &method) {
+        Ok(t) => t,
+        Err(e) => return error_response(&e, req.wants_json, Some(&ctx.query_id)),
+    };
+    let control = ExecControl::new(ctx.started, req.max_execution_time);
+    let guard = CancelOnDrop(Arc::clone(&control));
+    let (format, mut rx) = exec::start(st.storage.clone(), ctx.clone(), control, text, req.settings);
+    let wants_json = req.wants_json || format.is_json();
+    let first = rx.recv().await.unwrap_or_else(|| Msg::Error(Error::internal("query task ended without an answer")));
+    let resp = match first {
+        Msg::Error(e) => {
+            log(&ctx, &method, e.code.http_status(), None, Some(&e));
+            return error_response(&e, wants_json, Some(&ctx.query_id));
+        }
+        Msg::Done(bytes, summary) => {
+            log(&ctx, &method, 200, Some(&summary), None);
+            ok_response(Body::from(bytes), format, &ctx, &summary)
+        }
+        Msg::Data(bytes, summary) => {
+            log(&ctx, &method, 200, Some(&summary), None);
+            ok_response(streaming_body(bytes, rx, guard), format, &ctx, &summary)
+        }
+    };
+    resp
+}
+
+fn log(ctx: &RequestContext, method: &Method, status: u16, summary: Option<&Summary>, err: Option<&Error>) {
+    let elapsed_ms = ctx.started.elapsed().as_secs_f64() * 1e3;
+    match err {
+        Some(e) if status >= 500 => tracing::error!(query_id = %ctx.query_id, %method, status, elapsed_ms, error = %e, "sql request failed"),
+        Some(e) => tracing::info!(query_id = %ctx.query_id, %method, status, elapsed_ms, error = %e, "sql request rejected"),
+        None => tracing::info!(
+            query_id = %ctx.query_id, %method, status, elapsed_ms,
+            result_rows = summary.map(|s| s.result_rows), written_rows = summary.map(|s| s.written_rows), "sql request"
+        ),
+    }
+}
+
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes> {
+    let too_large = || Error::new(ErrorCode::RequestTooLarge, format!("Request body is larger than {limit} bytes (max_body_size)"));
+    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+        if len > limit as u64 {
+            return Err(too_large());
+        }
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let inner = e.into_inner();
+        if inner.is::<http_body_util::LengthLimitError>() {
+            too_large()
+        } else {
+            Error::new(ErrorCode::BadArguments, format!("Could not read the request body: {inner}"))
+        }
+    })
+}
+
+/// ClickHouse's rule: `?query=` text, then a newline and the body (insert data), or the body
+/// alone when there is no `query` argument.
+fn compose_text(url_query: Option<&str>, body: &[u8], method: &Method) -> Result<String> {
+    let body = std::str::from_utf8(body)
+        .map_err(|e| Error::new(ErrorCode::BadArguments, format!("Request body is not valid UTF-8 (at byte {})", e.valid_up_to())))?;
+    let text = match (url_query, body.is_empty()) {
+        (Some(q), true) => q.to_string(),
+        (Some(q), false) => format!("{q}\n{body}"),
+        (None, false) => body.to_string(),
+        (None, true) if *method == Method::GET => return Err(Error::syntax("Empty query: pass the SQL as ?query=")),
+        (None, true) => return Err(Error::syntax("Empty query: send the SQL in the POST body or as ?query=")),
+    };
+    if text.trim().is_empty() {
+        return Err(Error::syntax("Empty query"));
+    }
+    Ok(text)
+}
+
+fn ok_response(body: Body, format: Format, ctx: &RequestContext, summary: &Summary) -> Response {
+    let mut resp = (StatusCode::OK, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
+    h.insert("x-clickhouse-format", HeaderValue::from_static(format.name()));
+    if let Ok(v) = HeaderValue::from_str(&ctx.query_id) {
+        h.insert("x-clickhouse-query-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&summary.to_header()) {
+        h.insert("x-clickhouse-summary", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&ctx.trace_id) {
+        h.insert("x-ichibase-trace-id", v);
+    }
+    resp
+}
+
+/// Text appended when a query fails after its response started streaming (the status is
+/// already 200); the connection is then aborted so the transfer is visibly incomplete.
+pub fn exception_trailer(e: &Error) -> String {
+    format!("\n__exception__\n{e}\n__exception__\n")
+}
+
+fn streaming_body(first: Bytes, rx: mpsc::Receiver<Msg>, guard: CancelOnDrop) -> Body {
+    enum St {
+        First(Bytes),
+        Rest,
+        Abort,
+        End,
+    }
+    let s = stream::unfold((St::First(first), rx, guard), |(state, mut rx, guard)| async move {
+        match state {
+            St::First(b) => Some((Ok::<Bytes, std::io::Error>(b), (St::Rest, rx, guard))),
+            St::Rest => match rx.recv().await {
+                Some(Msg::Data(b, _)) => Some((Ok(b), (St::Rest, rx, guard))),
+                Some(Msg::Done(b, _)) => Some((Ok(b), (St::End, rx, guard))),
+                Some(Msg::Error(e)) => {
+                    tracing::warn!(error = %e, "query failed after streaming began");
+                    Some((Ok(Bytes::from(exception_trailer(&e))), (St::Abort, rx, guard)))
+                }
+                None => Some((Ok(Bytes::from(exception_trailer(&Error::internal("query task ended early")))), (St::Abort, rx, guard))),
+            },
+            St::Abort => Some((Err(std::io::Error::other("query failed after the response started")), (St::End, rx, guard))),
+            St::End => None,
+        }
+    });
+    Body::from_stream(s)
+}

@@ -1,0 +1,269 @@
+//! Configuration: CLI flags > `ICHIBASE_*` environment variables > `ichibase.toml` > defaults.
+//!
+//! clap resolves the first two layers (every flag declares its env var); this module reads the
+//! TOML file and fills what is still unset, then applies the defaults. It owns the [`Config`]
+//! struct that the rest of the engine reads; it must not open files other than the TOML file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::Deserialize;
+
+/// SQLite `synchronous` setting the writer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// Durable across application crashes; a power loss may drop the last transactions (WAL).
+    Normal,
+    /// fsync on every commit: durable across power loss.
+    Full,
+}
+
+impl Synchronous {
+    pub fn pragma_value(self) -> &'static str {
+        match self {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Fully resolved configuration of a running server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub synchronous: Synchronous,
+    /// How long a connection waits on a lock held by another process before failing.
+    pub busy_timeout_ms: u64,
+    /// Size of the read-only connection pool.
+    pub readers: usize,
+    pub limits: Limits,
+    /// Output buffered before the response starts: answers that fit get an exact status code
+    /// and summary header; larger ones stream.
+    pub http_buffer_size: usize,
+    /// ClickHouse's `output_format_json_quote_64bit_integers` default.
+    pub json_quote_64bit_integers: bool,
+    /// How long shutdown waits for in-flight requests before closing the database anyway.
+    pub shutdown_grace_secs: f64,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+/// Server-wide limits; requests may lower them with URL settings, never raise them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Largest accepted request body (query + insert data), bytes.
+    pub max_body_size: usize,
+    /// Largest SQL text (the part before insert data), bytes.
+    pub max_query_size: usize,
+    /// Most rows one result may hold (0 = unlimited).
+    pub max_result_rows: u64,
+    /// Most bytes of formatted output one result may hold (0 = unlimited).
+    pub max_result_bytes: u64,
+    /// Longest a request may run, seconds (0 = unlimited).
+    pub max_execution_time: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_size: 64 * 1024 * 1024,
+            max_query_size: 1024 * 1024,
+            max_result_rows: 10_000_000,
+            max_result_bytes: 4 * 1024 * 1024 * 1024,
+            max_execution_time: 30.0,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            data_dir: PathBuf::from("./ichibase-data"),
+            synchronous: Synchronous::Normal,
+            busy_timeout_ms: 5_000,
+            readers: std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4).max(4),
+            limits: Limits::default(),
+            http_buffer_size: 1024 * 1024,
+            json_quote_64bit_integers: true,
+            shutdown_grace_secs: 30.0,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// The SQLite database file of the app.
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("ichibase.db")
+    }
+}
+
+/// Every setting, optional: one layer of configuration (flags+env from clap, or the TOML file).
+#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Address to listen on [default: 127.0.0.1:8080]
+    #[arg(long, env = "ICHIBASE_LISTEN", value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory, created on first start [default: ./ichibase-data]
+    #[arg(long, env = "ICHIBASE_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// SQLite synchronous mode [default: normal]
+    #[arg(long, env = "ICHIBASE_SYNCHRONOUS", value_enum)]
+    pub synchronous: Option<Synchronous>,
+    /// SQLite busy timeout in milliseconds [default: 5000]
+    #[arg(long, env = "ICHIBASE_BUSY_TIMEOUT_MS")]
+    pub busy_timeout_ms: Option<u64>,
+    /// Number of pooled read-only connections [default: 2 x cores, at least 4]
+    #[arg(long, env = "ICHIBASE_READERS")]
+    pub readers: Option<usize>,
+    /// Largest request body in bytes [default: 67108864]
+    #[arg(long, env = "ICHIBASE_MAX_BODY_SIZE")]
+    pub max_body_size: Option<usize>,
+    /// Largest SQL text in bytes [default: 1048576]
+    #[arg(long, env = "ICHIBASE_MAX_QUERY_SIZE")]
+    pub max_query_size: Option<usize>,
+    /// Most rows in one result, 0 = unlimited [default: 10000000]
+    #[arg(long, env = "ICHIBASE_MAX_RESULT_ROWS")]
+    pub max_result_rows: Option<u64>,
+    /// Most bytes in one result, 0 = unlimited [default: 4294967296]
+    #[arg(long, env = "ICHIBASE_MAX_RESULT_BYTES")]
+    pub max_result_bytes: Option<u64>,
+    /// Longest a query may run in seconds, 0 = unlimited [default: 30]
+    #[arg(long, env = "ICHIBASE_MAX_EXECUTION_TIME")]
+    pub max_execution_time: Option<f64>,
+    /// Bytes of output buffered before a response starts streaming [default: 1048576]
+    #[arg(long, env = "ICHIBASE_HTTP_BUFFER_SIZE")]
+    pub http_buffer_size: Option<usize>,
+    /// Quote 64-bit integers in JSON output, as ClickHouse does [default: true]
+    #[arg(long, env = "ICHIBASE_JSON_QUOTE_64BIT_INTEGERS")]
+    pub json_quote_64bit_integers: Option<bool>,
+    /// Seconds shutdown waits for in-flight requests [default: 30]
+    #[arg(long, env = "ICHIBASE_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<f64>,
+    /// Log format [default: text]
+    #[arg(long, env = "ICHIBASE_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `ichibase=debug` [default: info]
+    #[arg(long, env = "ICHIBASE_LOG", value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+impl Settings {
+    /// Read one TOML layer.
+    pub fn from_toml_file(path: &Path) -> anyhow::Result<Settings> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+
+    /// Fill every unset field of `self` from `lower`.
+    pub fn or(self, lower: Settings) -> Settings {
+        Settings {
+            listen: self.listen.or(lower.listen),
+            data_dir: self.data_dir.or(lower.data_dir),
+            synchronous: self.synchronous.or(lower.synchronous),
+            busy_timeout_ms: self.busy_timeout_ms.or(lower.busy_timeout_ms),
+            readers: self.readers.or(lower.readers),
+            max_body_size: self.max_body_size.or(lower.max_body_size),
+            max_query_size: self.max_query_size.or(lower.max_query_size),
+            max_result_rows: self.max_result_rows.or(lower.max_result_rows),
+            max_result_bytes: self.max_result_bytes.or(lower.max_result_bytes),
+            max_execution_time: self.max_execution_time.or(lower.max_execution_time),
+            http_buffer_size: self.http_buffer_size.or(lower.http_buffer_size),
+            json_quote_64bit_integers: self.json_quote_64bit_integers.or(lower.json_quote_64bit_integers),
+            shutdown_grace_secs: self.shutdown_grace_secs.or(lower.shutdown_grace_secs),
+            log_format: self.log_format.or(lower.log_format),
+            log_level: self.log_level.or(lower.log_level),
+        }
+    }
+
+    /// Apply defaults and validate.
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let d = Config::default();
+        let cfg = Config {
+            listen: self.listen.unwrap_or(d.listen),
+            data_dir: self.data_dir.unwrap_or(d.data_dir),
+            synchronous: self.synchronous.unwrap_or(d.synchronous),
+            busy_timeout_ms: self.busy_timeout_ms.unwrap_or(d.busy_timeout_ms),
+            readers: self.readers.unwrap_or(d.readers),
+            limits: Limits {
+                max_body_size: self.max_body_size.unwrap_or(d.limits.max_body_size),
+                max_query_size: self.max_query_size.unwrap_or(d.limits.max_query_size),
+                max_result_rows: self.max_result_rows.unwrap_or(d.limits.max_result_rows),
+                max_result_bytes: self.max_result_bytes.unwrap_or(d.limits.max_result_bytes),
+                max_execution_time: self.max_execution_time.unwrap_or(d.limits.max_execution_time),
+            },
+            http_buffer_size: self.http_buffer_size.unwrap_or(d.http_buffer_size),
+            json_quote_64bit_integers: self.json_quote_64bit_integers.unwrap_or(d.json_quote_64bit_integers),
+            shutdown_grace_secs: self.shutdown_grace_secs.unwrap_or(d.shutdown_grace_secs),
+            log_format: self.log_format.unwrap_or(d.log_format),
+            log_level: self.log_level.unwrap_or(d.log_level),
+        };
+        if cfg.readers == 0 {
+            bail!("readers must be at least 1");
+        }
+        if !(cfg.limits.max_execution_time >= 0.0 && cfg.limits.max_execution_time.is_finite()) {
+            bail!("max_execution_time must be a non-negative number of seconds");
+        }
+        if !(cfg.shutdown_grace_secs >= 0.0 && cfg.shutdown_grace_secs.is_finite()) {
+            bail!("shutdown_grace_secs must be a non-negative number of seconds");
+        }
+        if cfg.limits.max_body_size == 0 || cfg.limits.max_query_size == 0 {
+            bail!("max_body_size and max_query_size must be positive");
+        }
+        Ok(cfg)
+    }
+}
+
+/// Resolve the layers: `flags_and_env` (from clap) over the TOML file over defaults.
+/// An explicit `config_file` must exist; otherwise `./ichibase.toml` is read when present.
+pub fn load(flags_and_env: Settings, config_file: Option<&Path>) -> anyhow::Result<Config> {
+    let file_layer = match config_file {
+        Some(p) => Settings::from_toml_file(p)?,
+        None => {
+            let p = Path::new("ichibase.toml");
+            if p.exists() { Settings::from_toml_file(p)? } else { Settings::default() }
+        }
+    };
+    flags_and_env.or(file_layer).resolve()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        let file: Settings = toml::from_str("listen = \"127.0.0.1:9000\"\nreaders = 3\nmax_result_rows = 5\n").unwrap();
+        let flags = Settings { readers: Some(7), ..Default::default() };
+        let cfg = flags.or(file).resolve().unwrap();
+        assert_eq!(cfg.readers, 7, "flag beats file");
+        assert_eq!(cfg.listen.port(), 9000, "file beats default");
+        assert_eq!(cfg.limits.max_result_rows, 5);
+        assert_eq!(cfg.synchronous, Synchronous::Normal, "default when unset");
+    }
+
+    #[test]
+    fn unknown_toml_keys_are_rejected() {
+        let err = toml::from_str::<Settings>("lisen = \"x\"").unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_are_rejected() {
+        assert!(Settings { readers: Some(0), ..Default::default() }.resolve().is_err());
+        assert!(Settings { max_execution_time: Some(-1.0), ..Default::default() }.resolve().is_err());
+    }
+}

@@ -1,0 +1,19 @@
+//! ichibase: an engine for Just-In-Time applications.
+//!
+//! Layout (each module documents what it owns and what it must not touch):
+//! - [`core`]: the error model and the request context every layer passes down.
+//! - [`config`]: layered configuration (flags > env > TOML > defaults).
+//! - [`storage`]: SQLite — one writer thread, a pool of readers, engine migrations.
+//! - [`sql`]: ClickHouse-style SQL: placeholders, formats, execution over storage.
+//! - [`apis`]: the HTTP router where components attach their routes.
+//! - [`server`]: start, serve and shut down gracefully.
+
+pub mod apis;
+pub mod config;
+pub mod core;
+pub mod server;
+pub mod sql;
+pub mod storage;
+
+/// Version of this build.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

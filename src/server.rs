@@ -1,0 +1,107 @@
+//! Server life cycle: open storage, bind, serve the router, and shut down gracefully
+//! (stop accepting, let in-flight requests finish within the grace period, then close storage,
+//! which drains queued writes and checkpoints the WAL).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use crate::apis::{self, AppState};
+use crate::config::Config;
+use crate::storage::{Storage, StorageOptions};
+
+/// A server running in this process (used by `serve`, tests and benchmarks).
+pub struct Running {
+    pub addr: SocketAddr,
+    pub storage: Storage,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Ask the server to stop and wait until storage is closed.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.await?
+    }
+}
+
+/// Open storage, bind `config.listen` and start serving in the background.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let storage = {
+        let opts = StorageOptions::from_config(&config);
+        tokio::task::spawn_blocking(move || Storage::open(&opts)).await??
+    };
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let grace = Duration::from_secs_f64(config.shutdown_grace_secs);
+    let state = AppState { storage: storage.clone(), config: Arc::new(config) };
+    let app = apis::router(state);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (drain_tx, drain_rx) = oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        let _ = stop_rx.await;
+        let _ = drain_tx.send(());
+    });
+    let st = storage.clone();
+    let task = tokio::spawn(async move {
+        let mut serve = tokio::spawn(async move { server.await });
+        tokio::select! {
+            r = &mut serve => r??,
+            _ = drain_rx => {
+                tracing::info!(grace_secs = grace.as_secs_f64(), "shutting down: waiting for in-flight requests");
+                match tokio::time::timeout(grace, &mut serve).await {
+                    Ok(r) => r??,
+                    Err(_) => {
+                        tracing::warn!("grace period over with requests still running; closing storage anyway");
+                        serve.abort();
+                    }
+                }
+            }
+        }
+        match tokio::time::timeout(grace.max(Duration::from_secs(5)), st.close()).await {
+            Ok(r) => r?,
+            Err(_) => anyhow::bail!("storage did not close in time"),
+        }
+        tracing::info!("storage closed; bye");
+        Ok(())
+    });
+    Ok(Running { addr, storage, stop: Some(stop_tx), task })
+}
+
+/// Run until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let data_dir = config.data_dir.clone();
+    let running = start(config).await?;
+    tracing::info!(addr = %running.addr, data_dir = %data_dir.display(), "listening");
+    println!("ichibase listening on http://{}", running.addr);
+    shutdown_signal().await;
+    running.shutdown().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

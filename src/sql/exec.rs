@@ -1,0 +1,483 @@
+//! Execute one SQL-over-HTTP request against [`Storage`].
+//!
+//! Read-only single statements stream from a pooled reader; anything that writes goes to the
+//! writer, inside one transaction when it has several statements, insert data or a RETURNING
+//! result. Output travels to the HTTP layer as [`Msg`]s over a bounded channel: answers up to
+//! `buffer_size` bytes arrive as one `Done` (so the status code and summary are exact), larger
+//! ones as `Data` chunks while the query still runs, which keeps server memory bounded.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use rusqlite::Connection;
+use rusqlite::types::Value;
+use tokio::sync::mpsc;
+
+use super::format::{self, Column, Format, Stats};
+use super::input;
+use super::params;
+use super::parse::{self, InsertTarget, quote_ident};
+use crate::core::{Error, ErrorCode, RequestContext, Result};
+use crate::storage::{ExecControl, Storage};
+
+/// Chunk size once a response streams.
+const CHUNK: usize = 64 * 1024;
+/// Chunks in flight between the SQLite thread and the socket.
+const CHANNEL_DEPTH: usize = 8;
+
+/// Per-request settings (URL settings already checked against server limits).
+#[derive(Debug, Clone)]
+pub struct QuerySettings {
+    pub default_format: Option<Format>,
+    /// Run several statements in one transaction.
+    pub transaction: bool,
+    /// Refuse anything that writes (GET requests, `readonly=1`).
+    pub readonly: bool,
+    pub max_result_rows: u64,
+    pub max_result_bytes: u64,
+    /// `result_overflow_mode=break`: stop at a limit and return what fits.
+    pub overflow_break: bool,
+    pub quote_i64: bool,
+    pub params: HashMap<String, String>,
+    /// Largest SQL text (insert data excluded), bytes.
+    pub max_query_size: usize,
+    /// Output buffered before streaming starts.
+    pub buffer_size: usize,
+}
+
+/// ClickHouse's `X-ClickHouse-Summary` counters.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Summary {
+    pub read_rows: u64,
+    pub read_bytes: u64,
+    pub written_rows: u64,
+    pub written_bytes: u64,
+    pub result_rows: u64,
+    pub result_bytes: u64,
+    pub elapsed_ns: u64,
+}
+
+impl Summary {
+    pub fn to_header(&self) -> String {
+        format!(
+            "{{\"read_rows\":\"{}\",\"read_bytes\":\"{}\",\"written_rows\":\"{}\",\"written_bytes\":\"{}\",\"total_rows_to_read\":\"0\",\"result_rows\":\"{}\",\"result_bytes\":\"{}\",\"elapsed_ns\":\"{}\"}}",
+            self.read_rows, self.read_bytes, self.written_rows, self.written_bytes, self.result_rows, self.result_bytes, self.elapsed_ns
+        )
+    }
+}
+
+/// What the executor sends to the HTTP layer. The first message decides the response:
+/// `Done` (complete answer) or `Error` give an exact status; `Data` starts a 200 stream that
+/// ends with `Done` or, if the query fails midway, `Error`.
+#[derive(Debug)]
+pub enum Msg {
+    Data(Bytes, Summary),
+    Done(Bytes, Summary),
+    Error(Error),
+}
+
+/// A statement with its parameters bound.
+#[derive(Debug, Clone)]
+struct Bound {
+    sql: String,
+    values: Vec<Value>,
+    verb: String,
+}
+
+/// The plan for one request, built before touching storage.
+struct Plan {
+    statements: Vec<Bound>,
+    format: Format,
+    insert: Option<(InsertTarget, String)>,
+}
+
+/// Start executing `text`; output arrives on the returned receiver.
+pub fn start(
+    storage: Storage,
+    ctx: RequestContext,
+    control: Arc<ExecControl>,
+    text: String,
+    settings: QuerySettings,
+) -> (Format, mpsc::Receiver<Msg>) {
+    let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
+    let plan = plan(&text, &settings);
+    let format = match &plan {
+        Ok(p) => p.format,
+        Err(_) => sniff_format(&text).or(settings.default_format).unwrap_or(Format::TabSeparated),
+    };
+    tokio::spawn(async move {
+        let result = match plan {
+            Ok(plan) => run(&storage, &ctx, control, plan, settings, tx.clone()).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            let _ = tx.send(Msg::Error(e)).await;
+        }
+    });
+    (format, rx)
+}
+
+/// Best-effort `FORMAT X` at the end of text that failed to parse, so its error can still be
+/// rendered in the format the client asked for.
+fn sniff_format(text: &str) -> Option<Format> {
+    let mut words = text.trim_end().trim_end_matches(';').rsplit(char::is_whitespace);
+    let name = words.next()?;
+    words.next().filter(|w| w.eq_ignore_ascii_case("FORMAT"))?;
+    Format::parse(name).ok()
+}
+
+fn plan(text: &str, settings: &QuerySettings) -> Result<Plan> {
+    let parsed = parse::parse(text)?;
+    let sql_len = text.len() - parsed.insert.as_ref().map_or(0, |(_, data)| data.len());
+    if sql_len > settings.max_query_size {
+        return Err(Error::new(
+            ErrorCode::RequestTooLarge,
+            format!("Max query size exceeded: {sql_len} bytes of SQL, limit {} (max_query_size)", settings.max_query_size),
+        ));
+    }
+    let format = match &parsed.format {
+        Some(name) => Format::parse(name)?,
+        None => settings.default_format.unwrap_or(Format::TabSeparated),
+    };
+    if parsed.statements.len() > 1 && !settings.transaction {
+        return Err(Error::syntax(
+            "Multi-statements are not allowed; pass transaction=1 to run several statements in one transaction",
+        ));
+    }
+    let mut statements = Vec::with_capacity(parsed.statements.len());
+    for st in parsed.statements {
+        if matches!(st.verb.as_str(), "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "SAVEPOINT" | "RELEASE") {
+            return Err(Error::new(
+                ErrorCode::BadArguments,
+                format!("{} is not allowed: each request is its own transaction; send several statements with transaction=1", st.verb),
+            ));
+        }
+        let mut values = Vec::with_capacity(st.params.len());
+        for p in &st.params {
+            let raw = settings.params.get(&p.name).ok_or_else(|| {
+                Error::new(
+                    ErrorCode::UnknownQueryParameter,
+                    format!("Substitution `{}` is not set: pass param_{}=<{}> in the URL", p.name, p.name, p.ty),
+                )
+            })?;
+            values.push(params::bind_value(&p.name, &p.ty, raw)?);
+        }
+        statements.push(Bound { sql: st.sql, values, verb: st.verb });
+    }
+    let insert = match parsed.insert {
+        Some((target, data)) => {
+            if settings.readonly {
+                return Err(readonly_error());
+            }
+            Format::parse(&target.format)?;
+            Some((target, data.to_string()))
+        }
+        None => None,
+    };
+    Ok(Plan { statements, format, insert })
+}
+
+fn readonly_error() -> Error {
+    Error::new(ErrorCode::Readonly, "Cannot execute query in readonly mode: GET requests and readonly=1 only read; send writes with POST")
+}
+
+async fn run(
+    storage: &Storage,
+    ctx: &RequestContext,
+    control: Arc<ExecControl>,
+    plan: Plan,
+    settings: QuerySettings,
+    tx: mpsc::Sender<Msg>,
+) -> Result<()> {
+    let started = ctx.started;
+    // Single statements and read-only transactions try a reader first.
+    if plan.insert.is_none() && (plan.statements.len() == 1 || settings.readonly) {
+        let s = settings.clone();
+        let tx2 = tx.clone();
+        let statements = plan.statements.clone();
+        let format = plan.format;
+        let needs_writer = storage
+            .read(ctx, Arc::clone(&control), move |conn| {
+                if statements.len() == 1 && !conn.prepare_cached(&statements[0].sql)?.readonly() {
+                    return if s.readonly { Err(readonly_error()) } else { Ok(true) };
+                }
+                let mut out = Output::new(format, &s, started, Some(tx2));
+                let r = if statements.len() == 1 {
+                    run_statement(conn, &statements[0], Some(&mut out), &mut Summary::default())
+                } else {
+                    conn.execute_batch("BEGIN")?;
+                    let r = run_all(conn, &statements, &mut out);
+                    let _ = conn.execute_batch("ROLLBACK");
+                    r
+                };
+                match r {
+                    Ok(()) => out.finish(),
+                    Err(e) => out.fail(e),
+                }
+                Ok(false)
+            })
+            .await?;
+        if !needs_writer {
+            return Ok(());
+        }
+    } else if settings.readonly {
+        return Err(readonly_error());
+    }
+
+    let s = settings.clone();
+    let format = plan.format;
+    let (body, summary) = storage
+        .write(ctx, control, move |conn| {
+            let mut out = Output::new(format, &s, started, None);
+            let wrap = plan.statements.len() > 1
+                || plan.insert.is_some()
+                || (plan.statements.len() == 1 && plan.statements[0].verb != "VACUUM" && returns_rows(conn, &plan.statements[0])?);
+            if wrap {
+                conn.execute_batch("BEGIN IMMEDIATE")?;
+            }
+            let r = (|| -> Result<()> {
+                run_all(conn, &plan.statements, &mut out)?;
+                if let Some((target, data)) = &plan.insert {
+                    run_insert(conn, target, data, &mut out.summary)?;
+                }
+                Ok(())
+            })();
+            if wrap {
+                match &r {
+                    Ok(()) => conn.execute_batch("COMMIT")?,
+                    Err(_) => {
+                        let _ = conn.execute_batch("ROLLBACK");
+                    }
+                }
+            }
+            r?;
+            Ok(out.into_buffer())
+        })
+        .await?;
+    let _ = tx.send(Msg::Done(body, summary)).await;
+    Ok(())
+}
+
+fn returns_rows(conn: &Connection, b: &Bound) -> Result<bool> {
+    Ok(conn.prepare_cached(&b.sql)?.column_count() > 0)
+}
+
+/// Run every statement; only the last one's rows are returned.
+fn run_all(conn: &Connection, statements: &[Bound], out: &mut Output<'_>) -> Result<()> {
+    let last = statements.len() - 1;
+    for (i, b) in statements.iter().enumerate() {
+        if i == last {
+            run_statement(conn, b, Some(out), &mut Summary::default())?;
+        } else {
+            run_statement(conn, b, None, &mut out.summary)?;
+        }
+    }
+    Ok(())
+}
+
+/// Step one statement, formatting its rows into `out` (or discarding them).
+fn run_statement(conn: &Connection, b: &Bound, out: Option<&mut Output<'_>>, side: &mut Summary) -> Result<()> {
+    let mut stmt = conn.prepare_cached(&b.sql)?;
+    for (i, v) in b.values.iter().enumerate() {
+        stmt.raw_bind_parameter(i + 1, v)?;
+    }
+    let decls: Vec<(String, Option<String>)> =
+        stmt.columns().map(|c| (c.name().to_string(), c.decl_type().map(str::to_string))).collect();
+    let dml = matches!(b.verb.as_str(), "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "WITH");
+    let before = conn.total_changes();
+    let mut rows = stmt.raw_query();
+    let summary = match out {
+        Some(out) if !decls.is_empty() => {
+            let mut more = true;
+            match rows.next()? {
+                Some(first) => {
+                    let cols = column_meta(&decls, Some(first));
+                    out.header(cols);
+                    more = out.row(first)?;
+                }
+                None => out.header(column_meta(&decls, None)),
+            }
+            while more {
+                match rows.next()? {
+                    Some(r) => more = out.row(r)?,
+                    None => break,
+                }
+            }
+            &mut out.summary
+        }
+        Some(out) => {
+            while rows.next()?.is_some() {}
+            &mut out.summary
+        }
+        None => {
+            while rows.next()?.is_some() {}
+            side
+        }
+    };
+    drop(rows);
+    if dml {
+        summary.written_rows += conn.total_changes() - before;
+    }
+    Ok(())
+}
+
+fn column_meta(decls: &[(String, Option<String>)], first: Option<&rusqlite::Row<'_>>) -> Vec<Column> {
+    decls
+        .iter()
+        .enumerate()
+        .map(|(i, (name, decl))| Column {
+            name: name.clone(),
+            ty: format::column_type(decl.as_deref(), first.and_then(|r| r.get_ref(i).ok())),
+        })
+        .collect()
+}
+
+/// Insert rows of `data` (in the target's format) into the target table.
+fn run_insert(conn: &Connection, target: &InsertTarget, data: &str, summary: &mut Summary) -> Result<()> {
+    let fmt = Format::parse(&target.format)?;
+    let mut table_columns = || -> Result<Vec<String>> {
+        let st = conn.prepare(&format!("SELECT * FROM {} LIMIT 0", target.table))?;
+        Ok(st.column_names().into_iter().map(str::to_string).collect())
+    };
+    let mut insert_row = |cols: &[String], vals: Vec<Value>| -> Result<()> {
+        let names: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+        let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+        let sql = format!("{} {} ({}) VALUES ({})", target.head, target.table, names.join(","), marks.join(","));
+        let mut st = conn.prepare_cached(&sql)?;
+        for (i, v) in vals.iter().enumerate() {
+            summary.written_bytes += match v {
+                Value::Null => 1,
+                Value::Integer(_) | Value::Real(_) => 8,
+                Value::Text(t) => t.len() as u64,
+                Value::Blob(b) => b.len() as u64,
+            };
+            st.raw_bind_parameter(i + 1, v)?;
+        }
+        st.raw_execute()?;
+        Ok(())
+    };
+    let n = input::for_each_row(fmt, data, target.columns.as_deref(), &mut table_columns, &mut insert_row)?;
+    summary.written_rows += n;
+    Ok(())
+}
+
+/// Formats rows, enforces result limits and hands bytes to the HTTP layer.
+struct Output<'s> {
+    writer: format::Writer,
+    buf: Vec<u8>,
+    settings: &'s QuerySettings,
+    started: Instant,
+    /// `None` on the writer: everything is buffered and sent after commit.
+    tx: Option<mpsc::Sender<Msg>>,
+    streaming: bool,
+    /// A result set was started (header written), so a footer belongs at the end.
+    has_header: bool,
+    summary: Summary,
+    /// Set when a limit stopped the result in `break` mode.
+    truncated: bool,
+}
+
+impl<'s> Output<'s> {
+    fn new(format: Format, settings: &'s QuerySettings, started: Instant, tx: Option<mpsc::Sender<Msg>>) -> Self {
+        Output {
+            writer: format::Writer::new(format, settings.quote_i64),
+            buf: Vec::with_capacity(8 * 1024),
+            settings,
+            started,
+            tx,
+            streaming: false,
+            has_header: false,
+            summary: Summary::default(),
+            truncated: false,
+        }
+    }
+
+    fn header(&mut self, cols: Vec<Column>) {
+        self.has_header = true;
+        self.writer.header(cols, &mut self.buf);
+    }
+
+    /// Write one row; `Ok(false)` once a limit stops the result in break mode.
+    fn row(&mut self, r: &rusqlite::Row<'_>) -> Result<bool> {
+        let s = self.settings;
+        if s.max_result_rows > 0 && self.summary.result_rows >= s.max_result_rows {
+            return self.limit(format!("Limit for result exceeded, max rows: {} (max_result_rows)", s.max_result_rows));
+        }
+        let before = self.buf.len();
+        let bytes = self.writer.row(r, &mut self.buf)?;
+        self.summary.result_rows += 1;
+        self.summary.read_rows += 1;
+        self.summary.read_bytes += bytes;
+        self.summary.result_bytes += (self.buf.len() - before) as u64;
+        if s.max_result_bytes > 0 && self.summary.result_bytes > s.max_result_bytes {
+            return self.limit(format!("Limit for result exceeded, max bytes: {} (max_result_bytes)", s.max_result_bytes));
+        }
+        self.flush(false)?;
+        Ok(true)
+    }
+
+    fn limit(&mut self, why: String) -> Result<bool> {
+        if self.settings.overflow_break {
+            self.truncated = true;
+            Ok(false)
+        } else {
+            Err(Error::new(ErrorCode::TooManyRowsOrBytes, why))
+        }
+    }
+
+    fn elapsed(&mut self) {
+        self.summary.elapsed_ns = self.started.elapsed().as_nanos() as u64;
+    }
+
+    /// Send buffered bytes when a streaming threshold is reached (or at the end).
+    fn flush(&mut self, end: bool) -> Result<()> {
+        if self.tx.is_none() {
+            return Ok(());
+        }
+        let threshold = if self.streaming { CHUNK } else { self.settings.buffer_size };
+        if end || self.buf.len() < threshold {
+            return Ok(());
+        }
+        self.elapsed();
+        let tx = self.tx.as_ref().expect("checked above");
+        let bytes = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + 4096)));
+        self.streaming = true;
+        tx.blocking_send(Msg::Data(bytes, self.summary))
+            .map_err(|_| Error::new(ErrorCode::QueryWasCancelled, "Client went away while the result was streaming"))
+    }
+
+    fn write_footer(&mut self) {
+        self.elapsed();
+        if !self.has_header {
+            return;
+        }
+        let stats = Stats {
+            elapsed_secs: self.summary.elapsed_ns as f64 / 1e9,
+            rows_read: self.summary.read_rows,
+            bytes_read: self.summary.read_bytes,
+        };
+        self.writer.footer(&stats, &mut self.buf);
+    }
+
+    /// Finish on a reader: send the rest as `Done`.
+    fn finish(mut self) {
+        self.write_footer();
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.blocking_send(Msg::Done(Bytes::from(std::mem::take(&mut self.buf)), self.summary));
+        }
+    }
+
+    fn fail(mut self, e: Error) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.blocking_send(Msg::Error(e));
+        }
+    }
+
+    /// Finish on the writer: the whole answer, sent after commit.
+    fn into_buffer(mut self) -> (Bytes, Summary) {
+        self.write_footer();
+        (Bytes::from(self.buf), self.summary)
+    }
+}

@@ -1,0 +1,304 @@
+//! Turn the text of a request into statements ready to prepare.
+//!
+//! Splits on top-level `;` (respecting trigger bodies via `sqlite3_complete`), takes a trailing
+//! `FORMAT X` clause off the last statement, finds where inline data of
+//! `INSERT INTO t [(cols)] FORMAT X` begins (the rest of the text is data, never lexed), and
+//! rewrites every `{name:Type}` placeholder to a numbered SQLite parameter `?N`.
+
+use std::ffi::CString;
+
+use super::lexer::{Lexer, TokKind, Token};
+use crate::core::{Error, ErrorCode, Result};
+
+/// A `{name:Type}` placeholder; its position in `Statement::params` is SQLite index - 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placeholder {
+    pub name: String,
+    pub ty: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    /// SQL with placeholders replaced by `?1`, `?2`, ...
+    pub sql: String,
+    pub params: Vec<Placeholder>,
+    /// First keyword, upper-cased (`SELECT`, `INSERT`, ...).
+    pub verb: String,
+}
+
+/// Target of an `INSERT ... FORMAT X` with data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InsertTarget {
+    /// `INSERT INTO`, `INSERT OR REPLACE INTO`, `REPLACE INTO`...
+    pub head: String,
+    /// The table as written in the SQL (`t`, `"my table"`, `main.t`).
+    pub table: String,
+    /// Column names (unquoted) when a column list was given.
+    pub columns: Option<Vec<String>>,
+    pub format: String,
+}
+
+#[derive(Debug)]
+pub struct Parsed<'a> {
+    pub statements: Vec<Statement>,
+    /// Output format named by a trailing `FORMAT X`.
+    pub format: Option<String>,
+    /// Insert target and the inline data that follows its `FORMAT X`.
+    pub insert: Option<(InsertTarget, &'a str)>,
+}
+
+/// Tokens lexed on demand, so parsing can stop where insert data begins.
+struct Toks<'a> {
+    lx: Lexer<'a>,
+    buf: Vec<Token>,
+    eof: bool,
+}
+
+impl<'a> Toks<'a> {
+    fn get(&mut self, i: usize) -> Result<Option<Token>> {
+        while self.buf.len() <= i && !self.eof {
+            match self.lx.next_token()? {
+                Some(t) => self.buf.push(t),
+                None => self.eof = true,
+            }
+        }
+        Ok(self.buf.get(i).cloned())
+    }
+}
+
+fn is_complete(sql: &str) -> bool {
+    match CString::new(sql) {
+        // SAFETY: sqlite3_complete only reads the NUL-terminated string.
+        Ok(c) => unsafe { rusqlite::ffi::sqlite3_complete(c.as_ptr()) != 0 },
+        Err(_) => true,
+    }
+}
+
+pub fn parse(text: &str) -> Result<Parsed<'_>> {
+    let mut toks = Toks { lx: Lexer::new(text), buf: Vec::new(), eof: false };
+    let mut statements = Vec::new();
+    let mut cur: Vec<Token> = Vec::new();
+    let mut cur_start = 0usize;
+    let mut format = None;
+    let mut insert = None;
+    let mut i = 0usize;
+    while let Some(t) = toks.get(i)? {
+        i += 1;
+        if t.kind == TokKind::Semicolon {
+            if cur.is_empty() {
+                cur_start = t.end;
+            } else if !is_trigger(&cur, text) || is_complete(&text[cur_start..t.end]) {
+                statements.push(finish(text, cur_start, t.start, &cur)?);
+                cur.clear();
+                cur_start = t.end;
+            } else {
+                cur.push(t);
+            }
+            continue;
+        }
+        if t.is_word(text, "FORMAT") {
+            if let Some(next) = toks.get(i)?.filter(|n| n.kind == TokKind::Word) {
+                let name = next.text(text).to_string();
+                if let Some(target) = insert_target(&cur, text, &name) {
+                    statements.push(finish(text, cur_start, t.start, &cur)?);
+                    insert = Some((target, data_after(text, next.end)));
+                    cur.clear();
+                    break;
+                }
+                let after = toks.get(i + 1)?;
+                let at_end = match &after {
+                    None => true,
+                    Some(a) if a.kind == TokKind::Semicolon => toks.get(i + 2)?.is_none(),
+                    _ => false,
+                };
+                if at_end {
+                    format = Some(name);
+                    statements.push(finish(text, cur_start, t.start, &cur)?);
+                    cur.clear();
+                    break;
+                }
+            }
+        }
+        cur.push(t);
+    }
+    if !cur.is_empty() {
+        statements.push(finish(text, cur_start, text.len(), &cur)?);
+    }
+    if statements.is_empty() {
+        return Err(Error::syntax("Empty query"));
+    }
+    Ok(Parsed { statements, format, insert })
+}
+
+fn is_trigger(toks: &[Token], text: &str) -> bool {
+    toks.first().is_some_and(|t| t.is_word(text, "CREATE")) && toks.iter().take(4).any(|t| t.is_word(text, "TRIGGER"))
+}
+
+/// Inline data starts after spaces and at most one line break following the format name.
+fn data_after(text: &str, mut pos: usize) -> &str {
+    let b = text.as_bytes();
+    while pos < b.len() && (b[pos] == b' ' || b[pos] == b'\t') {
+        pos += 1;
+    }
+    if text[pos..].starts_with("\r\n") {
+        pos += 2;
+    } else if text[pos..].starts_with('\n') {
+        pos += 1;
+    }
+    &text[pos..]
+}
+
+/// `INSERT [OR x] INTO table [(a, b)]` / `REPLACE INTO table [(a, b)]`, and nothing else.
+fn insert_target(toks: &[Token], text: &str, format: &str) -> Option<InsertTarget> {
+    let first = toks.first()?;
+    let mut i;
+    if first.is_word(text, "INSERT") {
+        i = 1;
+        if toks.get(i)?.is_word(text, "OR") {
+            i += 2;
+        }
+    } else if first.is_word(text, "REPLACE") {
+        i = 1;
+    } else {
+        return None;
+    }
+    if !toks.get(i)?.is_word(text, "INTO") {
+        return None;
+    }
+    let head = text[first.start..toks[i].end].to_string();
+    i += 1;
+    let table_start = i;
+    while i < toks.len() && matches!(toks[i].kind, TokKind::Word | TokKind::QuotedIdent | TokKind::Punct) {
+        if toks[i].kind == TokKind::Punct && toks[i].text(text) != "." {
+            return None;
+        }
+        i += 1;
+    }
+    if i == table_start {
+        return None;
+    }
+    let table = text[toks[table_start].start..toks[i - 1].end].to_string();
+    let mut columns = None;
+    if i < toks.len() {
+        if toks[i].kind != TokKind::LParen || toks.last()?.kind != TokKind::RParen {
+            return None;
+        }
+        let mut cols = Vec::new();
+        for (k, t) in toks[i + 1..toks.len() - 1].iter().enumerate() {
+            let want_name = k % 2 == 0;
+            match (&t.kind, want_name) {
+                (TokKind::Word | TokKind::QuotedIdent, true) => cols.push(unquote(t.text(text))),
+                (TokKind::Punct, false) if t.text(text) == "," => {}
+                _ => return None,
+            }
+        }
+        if cols.is_empty() {
+            return None;
+        }
+        columns = Some(cols);
+    }
+    Some(InsertTarget { head, table, columns, format: format.to_string() })
+}
+
+/// Strip SQL identifier quotes.
+pub fn unquote(s: &str) -> String {
+    let b = s.as_bytes();
+    if b.len() >= 2 {
+        match (b[0], b[b.len() - 1]) {
+            (b'"', b'"') => return s[1..s.len() - 1].replace("\"\"", "\""),
+            (b'`', b'`') => return s[1..s.len() - 1].replace("``", "`"),
+            (b'[', b']') => return s[1..s.len() - 1].to_string(),
+            _ => {}
+        }
+    }
+    s.to_string()
+}
+
+/// Quote an identifier for SQLite.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Build one statement from its tokens, rewriting placeholders to `?N`.
+fn finish(text: &str, start: usize, end: usize, toks: &[Token]) -> Result<Statement> {
+    let mut sql = String::with_capacity(end - start);
+    let mut params: Vec<Placeholder> = Vec::new();
+    let mut copied = start;
+    for t in toks {
+        match &t.kind {
+            TokKind::Param { name, ty } => {
+                sql.push_str(&text[copied..t.start]);
+                let idx = match params.iter().position(|p| &p.name == name) {
+                    Some(k) if params[k].ty != *ty => {
+                        return Err(Error::new(
+                            ErrorCode::BadQueryParameter,
+                            format!("Query parameter '{name}' is declared with two types: {} and {ty}", params[k].ty),
+                        ));
+                    }
+                    Some(k) => k,
+                    None => {
+                        params.push(Placeholder { name: name.clone(), ty: ty.clone() });
+                        params.len() - 1
+                    }
+                };
+                sql.push_str(&format!("?{}", idx + 1));
+                copied = t.end;
+            }
+            TokKind::NativeParam => {
+                return Err(Error::syntax(format!(
+                    "Native SQLite parameter '{}' is not supported; write {{name:Type}} and pass param_name= in the URL",
+                    t.text(text)
+                )));
+            }
+            _ => {}
+        }
+    }
+    sql.push_str(&text[copied..end]);
+    let verb = toks.first().map(|t| t.text(text).to_ascii_uppercase()).unwrap_or_default();
+    Ok(Statement { sql: sql.trim().to_string(), params, verb })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_clause_and_params() {
+        let p = parse("SELECT {a:Int64} + {a:Int64}, {b:String} FORMAT JSON").unwrap();
+        assert_eq!(p.format.as_deref(), Some("JSON"));
+        assert_eq!(p.statements.len(), 1);
+        assert_eq!(p.statements[0].sql, "SELECT ?1 + ?1, ?2");
+        assert_eq!(p.statements[0].params.len(), 2);
+    }
+
+    #[test]
+    fn format_as_column_name_is_not_a_clause() {
+        let p = parse("SELECT format FROM t").unwrap();
+        assert_eq!(p.format, None);
+        let p = parse("SELECT format('%d', 1)").unwrap();
+        assert_eq!(p.format, None);
+    }
+
+    #[test]
+    fn multi_statements_and_triggers() {
+        let p = parse("CREATE TABLE a(x); CREATE TRIGGER tr AFTER INSERT ON a BEGIN INSERT INTO a VALUES (1); SELECT 1; END; SELECT 'x;y';").unwrap();
+        assert_eq!(p.statements.len(), 3, "{:?}", p.statements);
+        assert!(p.statements[1].sql.ends_with("END"));
+    }
+
+    #[test]
+    fn insert_with_inline_data() {
+        let p = parse("INSERT INTO \"my t\" (a, \"b c\") FORMAT JSONEachRow\n{\"a\":1} 'unbalanced").unwrap();
+        let (t, data) = p.insert.unwrap();
+        assert_eq!(t.table, "\"my t\"");
+        assert_eq!(t.columns, Some(vec!["a".into(), "b c".into()]));
+        assert_eq!(t.format, "JSONEachRow");
+        assert_eq!(data, "{\"a\":1} 'unbalanced");
+        assert_eq!(t.head, "INSERT INTO");
+    }
+
+    #[test]
+    fn native_params_rejected() {
+        assert!(parse("SELECT ?").is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! SQLite storage: one serialised writer and a pool of read-only connections.
+//!
+//! Owns the database file of the app (`<data_dir>/ichibase.db`), its pragmas (WAL, synchronous,
+//! busy timeout, foreign keys), the engine's own migrations and the life cycle of every
+//! connection: check-out installs the request context and execution limits on a connection,
+//! check-in removes them again, so nothing of one request leaks into the next.
+//!
+//! Reads run on pooled read-only connections and never wait for the writer (WAL snapshot
+//! isolation). Writes are closures queued to one writer thread, run in arrival order.
+//! This module knows nothing about SQL-over-HTTP, formats or routing.
+
+mod control;
+pub mod migrations;
+mod readers;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+pub use control::{ConnState, ExecControl};
+use readers::ReaderPool;
+use writer::Writer;
+
+use crate::config::{Config, Synchronous};
+use crate::core::{Error, ErrorCode, RequestContext, Result};
+
+/// Storage settings taken from [`Config`].
+#[derive(Debug, Clone)]
+pub struct StorageOptions {
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+    pub busy_timeout: Duration,
+    pub readers: usize,
+}
+
+impl StorageOptions {
+    pub fn from_config(cfg: &Config) -> Self {
+        StorageOptions {
+            path: cfg.db_path(),
+            synchronous: cfg.synchronous,
+            busy_timeout: Duration::from_millis(cfg.busy_timeout_ms),
+            readers: cfg.readers,
+        }
+    }
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Writer,
+    readers: ReaderPool,
+}
+
+/// How many SQLite VM instructions run between two checks of the deadline / cancel flag.
+const PROGRESS_OPS: i32 = 1000;
+
+impl Storage {
+    /// Open (creating if needed) the database, apply the engine's migrations, start the writer
+    /// thread and fill the reader pool.
+    pub fn open(opts: &StorageOptions) -> anyhow::Result<Storage> {
+        if let Some(dir) = opts.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut wconn = Connection::open(&opts.path)?;
+        configure(&wconn, opts, false)?;
+        let journal: String = wconn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+        anyhow::ensure!(journal.eq_ignore_ascii_case("wal"), "could not switch {} to WAL (got {journal})", opts.path.display());
+        wconn.pragma_update(None, "synchronous", opts.synchronous.pragma_value())?;
+        migrations::apply(&mut wconn)?;
+        let wstate = ConnState::install(&mut wconn, PROGRESS_OPS)?;
+        let writer = Writer::start(wconn, wstate)?;
+
+        let mut readers = Vec::with_capacity(opts.readers);
+        for _ in 0..opts.readers {
+            let mut c = Connection::open_with_flags(
+                &opts.path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+            )?;
+            configure(&c, opts, true)?;
+            let st = ConnState::install(&mut c, PROGRESS_OPS)?;
+            readers.push((c, st));
+        }
+        tracing::info!(path = %opts.path.display(), readers = opts.readers, synchronous = ?opts.synchronous, "storage open");
+        Ok(Storage { inner: Arc::new(Inner { path: opts.path.clone(), writer, readers: ReaderPool::new(readers) }) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Run `f` on a pooled read-only connection, with `ctx` and `control` installed.
+    /// Waits for a free connection until the control's deadline.
+    pub async fn read<F, R>(&self, ctx: &RequestContext, control: Arc<ExecControl>, f: F) -> Result<R>
+    where
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.inner.readers.run(ctx.clone(), control, f).await
+    }
+
+    /// Queue `f` to the writer; it runs after every write queued before it.
+    pub async fn write<F, R>(&self, ctx: &RequestContext, control: Arc<ExecControl>, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.inner.writer.run(ctx.clone(), control, f).await
+    }
+
+    /// Stop accepting work, let queued writes finish, close the readers and checkpoint the WAL
+    /// into the main file. Called once on shutdown.
+    pub async fn close(&self) -> Result<()> {
+        self.inner.readers.close().await;
+        self.inner.writer.close().await
+    }
+}
+
+fn configure(c: &Connection, opts: &StorageOptions, read_only: bool) -> rusqlite::Result<()> {
+    c.busy_timeout(opts.busy_timeout)?;
+    c.pragma_update(None, "foreign_keys", "ON")?;
+    if read_only {
+        c.pragma_update(None, "query_only", "ON")?;
+    }
+    c.set_prepared_statement_cache_capacity(64);
+    Ok(())
+}
+
+/// Error for work refused because the storage is closing.
+fn shutting_down() -> Error {
+    Error::new(ErrorCode::ShuttingDown, "The server is shutting down")
+}
