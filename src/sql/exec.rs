@@ -141,7 +141,7 @@ fn plan(text: &str, settings: &QuerySettings) -> Result<Plan> {
         Some(name) => Format::parse(name)?,
         None => settings.default_format.unwrap_or(Format::TabSeparated),
     };
-    if parsed.statements.len() > 1 && !settings.transaction {
+    if parsed.statements.len() + usize::from(parsed.insert.is_some()) > 1 && !settings.transaction {
         return Err(Error::syntax(
             "Multi-statements are not allowed; pass transaction=1 to run several statements in one transaction",
         ));
@@ -266,9 +266,8 @@ fn returns_rows(conn: &Connection, b: &Bound) -> Result<bool> {
 
 /// Run every statement; only the last one's rows are returned.
 fn run_all(conn: &Connection, statements: &[Bound], out: &mut Output<'_>) -> Result<()> {
-    let last = statements.len() - 1;
     for (i, b) in statements.iter().enumerate() {
-        if i == last {
+        if i + 1 == statements.len() {
             run_statement(conn, b, Some(out), &mut Summary::default())?;
         } else {
             run_statement(conn, b, None, &mut out.summary)?;

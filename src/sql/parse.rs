@@ -100,7 +100,6 @@ pub fn parse(text: &str) -> Result<Parsed<'_>> {
             if let Some(next) = toks.get(i)?.filter(|n| n.kind == TokKind::Word) {
                 let name = next.text(text).to_string();
                 if let Some(target) = insert_target(&cur, text, &name) {
-                    statements.push(finish(text, cur_start, t.start, &cur)?);
                     insert = Some((target, data_after(text, next.end)));
                     cur.clear();
                     break;
@@ -124,7 +123,7 @@ pub fn parse(text: &str) -> Result<Parsed<'_>> {
     if !cur.is_empty() {
         statements.push(finish(text, cur_start, text.len(), &cur)?);
     }
-    if statements.is_empty() {
+    if statements.is_empty() && insert.is_none() {
         return Err(Error::syntax("Empty query"));
     }
     Ok(Parsed { statements, format, insert })
@@ -289,6 +288,7 @@ mod tests {
     #[test]
     fn insert_with_inline_data() {
         let p = parse("INSERT INTO \"my t\" (a, \"b c\") FORMAT JSONEachRow\n{\"a\":1} 'unbalanced").unwrap();
+        assert!(p.statements.is_empty(), "the insert head is not a statement of its own");
         let (t, data) = p.insert.unwrap();
         assert_eq!(t.table, "\"my t\"");
         assert_eq!(t.columns, Some(vec!["a".into(), "b c".into()]));
