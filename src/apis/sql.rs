@@ -198,7 +198,12 @@ async fn handle(State(st): State<AppState>, method: Method, headers: HeaderMap, 
         }
         Msg::Data(bytes, summary) => {
             log(&ctx, &method, 200, Some(&summary), None);
-            ok_response(streaming_body(bytes, rx, guard), format, &ctx, &summary)
+            let tag = uuid::Uuid::new_v4().simple().to_string();
+            let mut resp = ok_response(streaming_body(bytes, rx, guard, tag.clone()), format, &ctx, &summary);
+            if let Ok(v) = HeaderValue::from_str(&tag) {
+                resp.headers_mut().insert("x-clickhouse-exception-tag", v);
+            }
+            resp
         }
     };
     resp
@@ -269,32 +274,37 @@ fn ok_response(body: Body, format: Format, ctx: &RequestContext, summary: &Summa
 }
 
 /// Text appended when a query fails after its response started streaming (the status is
-/// already 200); the connection is then aborted so the transfer is visibly incomplete.
-pub fn exception_trailer(e: &Error) -> String {
-    format!("\n__exception__\n{e}\n__exception__\n")
+/// already 200). `tag` is random per response and announced in `X-ClickHouse-Exception-Tag`,
+/// so a client can tell a real failure from data that merely looks like one.
+pub fn exception_trailer(e: &Error, tag: &str) -> String {
+    format!("\n__exception__ {tag}\n{e}\n__exception__ {tag}\n")
 }
 
-fn streaming_body(first: Bytes, rx: mpsc::Receiver<Msg>, guard: CancelOnDrop) -> Body {
+fn streaming_body(first: Bytes, rx: mpsc::Receiver<Msg>, guard: CancelOnDrop, tag: String) -> Body {
     enum St {
         First(Bytes),
         Rest,
-        Abort,
         End,
     }
-    let s = stream::unfold((St::First(first), rx, guard), |(state, mut rx, guard)| async move {
-        match state {
-            St::First(b) => Some((Ok::<Bytes, std::io::Error>(b), (St::Rest, rx, guard))),
-            St::Rest => match rx.recv().await {
-                Some(Msg::Data(b, _)) => Some((Ok(b), (St::Rest, rx, guard))),
-                Some(Msg::Done(b, _)) => Some((Ok(b), (St::End, rx, guard))),
-                Some(Msg::Error(e)) => {
-                    tracing::warn!(error = %e, "query failed after streaming began");
-                    Some((Ok(Bytes::from(exception_trailer(&e))), (St::Abort, rx, guard)))
-                }
-                None => Some((Ok(Bytes::from(exception_trailer(&Error::internal("query task ended early")))), (St::Abort, rx, guard))),
-            },
-            St::Abort => Some((Err(std::io::Error::other("query failed after the response started")), (St::End, rx, guard))),
-            St::End => None,
+    let s = stream::unfold((St::First(first), rx, guard), move |(state, mut rx, guard)| {
+        let tag = tag.clone();
+        async move {
+            match state {
+                St::First(b) => Some((Ok::<Bytes, std::io::Error>(b), (St::Rest, rx, guard))),
+                St::Rest => match rx.recv().await {
+                    Some(Msg::Data(b, _)) => Some((Ok(b), (St::Rest, rx, guard))),
+                    Some(Msg::Done(b, _)) => Some((Ok(b), (St::End, rx, guard))),
+                    Some(Msg::Error(e)) => {
+                        tracing::warn!(error = %e, "query failed after streaming began");
+                        Some((Ok(Bytes::from(exception_trailer(&e, &tag))), (St::End, rx, guard)))
+                    }
+                    None => {
+                        let e = Error::internal("query task ended without finishing the result");
+                        Some((Ok(Bytes::from(exception_trailer(&e, &tag))), (St::End, rx, guard)))
+                    }
+                },
+                St::End => None,
+            }
         }
     });
     Body::from_stream(s)

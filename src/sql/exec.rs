@@ -212,10 +212,9 @@ async fn run(
                     let _ = conn.execute_batch("ROLLBACK");
                     r
                 };
-                match r {
-                    Ok(()) => out.finish(),
-                    Err(e) => out.fail(e),
-                }
+                // Errors go back through storage, which maps interrupts and authorizer denials.
+                r?;
+                out.finish();
                 Ok(false)
             })
             .await?;
@@ -413,7 +412,7 @@ impl<'s> Output<'s> {
         if s.max_result_bytes > 0 && self.summary.result_bytes > s.max_result_bytes {
             return self.limit(format!("Limit for result exceeded, max bytes: {} (max_result_bytes)", s.max_result_bytes));
         }
-        self.flush(false)?;
+        self.flush()?;
         Ok(true)
     }
 
@@ -430,13 +429,13 @@ impl<'s> Output<'s> {
         self.summary.elapsed_ns = self.started.elapsed().as_nanos() as u64;
     }
 
-    /// Send buffered bytes when a streaming threshold is reached (or at the end).
-    fn flush(&mut self, end: bool) -> Result<()> {
+    /// Send buffered bytes once a streaming threshold is reached.
+    fn flush(&mut self) -> Result<()> {
         if self.tx.is_none() {
             return Ok(());
         }
         let threshold = if self.streaming { CHUNK } else { self.settings.buffer_size };
-        if end || self.buf.len() < threshold {
+        if self.buf.len() < threshold {
             return Ok(());
         }
         self.elapsed();
@@ -465,12 +464,6 @@ impl<'s> Output<'s> {
         self.write_footer();
         if let Some(tx) = self.tx.take() {
             let _ = tx.blocking_send(Msg::Done(Bytes::from(std::mem::take(&mut self.buf)), self.summary));
-        }
-    }
-
-    fn fail(mut self, e: Error) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.blocking_send(Msg::Error(e));
         }
     }
 

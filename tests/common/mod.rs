@@ -1,0 +1,140 @@
+//! Test harness: run the real `ichibase` binary on an ephemeral 127.0.0.1 port with its own
+//! data directory, and talk to it with a real HTTP client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Server {
+    /// Start with a fresh data directory and extra `serve` flags.
+    pub fn start(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut s = Server::start_in(&dir, extra, &[]);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Start on `data_dir` with extra flags and environment variables.
+    pub fn start_in(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ichibase"));
+        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--data-dir").arg(data_dir).args(extra);
+        cmd.env_remove("ICHIBASE_CONFIG").env("ICHIBASE_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.current_dir(data_dir);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn ichibase");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let url = loop {
+            let line = lines.next().expect("server exited before listening").unwrap();
+            if let Some(rest) = line.strip_prefix("ichibase listening on ") {
+                break rest.trim().to_string();
+            }
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, url, data_dir: data_dir.to_path_buf(), _tmp: None }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the server process, bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
+    }
+
+    /// Send SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe_kill(self.pid(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            assert!(Instant::now() < deadline, "server did not stop within 30 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A response read whole.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    /// ClickHouse error code from the header.
+    pub fn code(&self) -> Option<u32> {
+        self.header("x-clickhouse-exception-code").and_then(|c| c.parse().ok())
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap()
+}
+
+async fn read(r: reqwest::Response) -> Resp {
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.text().await.unwrap();
+    Resp { status, headers, body }
+}
+
+/// POST `sql` to `/` with URL arguments.
+pub async fn post(c: &reqwest::Client, base: &str, args: &[(&str, &str)], sql: &str) -> Resp {
+    read(c.post(format!("{base}/")).query(args).body(sql.to_string()).send().await.unwrap()).await
+}
+
+/// GET `/` with URL arguments.
+pub async fn get(c: &reqwest::Client, base: &str, args: &[(&str, &str)]) -> Resp {
+    read(c.get(format!("{base}/")).query(args).send().await.unwrap()).await
+}
+
+/// POST that must succeed; returns the body.
+pub async fn ok(c: &reqwest::Client, base: &str, sql: &str) -> String {
+    let r = post(c, base, &[], sql).await;
+    assert_eq!(r.status, 200, "{sql}: {}", r.body);
+    r.body
+}
