@@ -23,6 +23,8 @@ async fn ping_and_root() {
     let r = c.get(format!("{}/ping", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.text().await.unwrap(), "Ok.\n");
+    let r = c.get(format!("{}/", s.url)).send().await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "Ok.\n");
     let r = c.get(format!("{}/nope", s.url)).send().await.unwrap();
     assert_eq!(r.status(), 404);
 }

@@ -171,6 +171,9 @@ async fn handle(State(st): State<AppState>, method: Method, headers: HeaderMap, 
             return error_response(&e, json, None);
         }
     };
+    if method == Method::GET && req.query.is_none() {
+        return "Ok.\n".into_response();
+    }
     let ctx = RequestContext::admin(req.query_id.clone());
     let body = if method == Method::GET { Bytes::new() } else {
         match read_body(body, &headers, st.config.limits.max_body_size).await {

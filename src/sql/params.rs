@@ -206,7 +206,7 @@ fn parse_datetime(t: &str) -> std::result::Result<String, String> {
         let base = format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60);
         return Ok(if frac > 0 { format!("{base}.{frac:03}") } else { base });
     }
-    if t.len() < 19 {
+    if t.len() < 19 || !t.is_ascii() {
         return Err("expected 'YYYY-MM-DD hh:mm:ss' or a Unix timestamp".into());
     }
     parse_date(&t[..10])?;
@@ -401,6 +401,20 @@ mod tests {
         assert!(bind_value("a", "Array(Int64)", "[1,'x']").is_err());
         assert!(bind_value("a", "Array(Int64)", "[1,NULL]").is_err());
         assert!(bind_value("a", "Array(Int64)", "1,2").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_values_never_panic(v in ".*", pick in 0usize..14) {
+            let types = ["String", "FixedString(3)", "Int8", "UInt64", "Float64", "Bool", "Date", "DateTime", "UUID", "JSON",
+                "Nullable(Date)", "Array(DateTime)", "Array(Array(Nullable(String)))", "Array(JSON)"];
+            let _ = bind_value("p", types[pick], &v);
+        }
+
+        #[test]
+        fn arbitrary_sql_never_panics(sql in ".*") {
+            let _ = crate::sql::parse::parse(&sql);
+        }
     }
 
     #[test]
