@@ -1,1 +1,289 @@
-fn main(){}
+//! Point-SELECT throughput: ichibase over HTTP vs. the same query run in-process with rusqlite.
+//!
+//! What is measured, all in one run and on the same database file:
+//!
+//! 1. **HTTP**: the real server (`ichibase::server::start`) runs in this process on an ephemeral
+//!    127.0.0.1 port with default settings. A table `kv(id INTEGER PRIMARY KEY, v TEXT)` with
+//!    100 000 rows is filled over HTTP. Then, for N = 1, 4, 16, 64 concurrent client tasks sharing
+//!    one keep-alive `reqwest::Client`, each task loops for a fixed time on
+//!    `GET /?query=SELECT v FROM kv WHERE id = {id:Int64}&param_id=<random id>` (default
+//!    TabSeparated output). Every response must be `200` with body `value-<id>\n`. We report
+//!    completed requests per second and the per-request latency (p50, p99) seen by the client.
+//! 2. **In-process baseline**: the same statement, `SELECT v FROM kv WHERE id = ?1`, prepared once
+//!    (`prepare_cached`) on a read-only rusqlite connection to the same file, looped on random
+//!    ids — single-threaded, and with N threads (capped at 16), each with its own connection.
+//!
+//! **Why the ratio.** An indexed point lookup costs SQLite a few microseconds, so the in-process
+//! figure is the ceiling for this hardware; HTTP/in-process says what fraction of it survives
+//! everything ichibase puts around a query (TCP, HTTP parsing, URL settings and parameter
+//! binding, the reader pool hop onto a blocking thread, output formatting, response headers).
+//! Absolute numbers depend on the machine; the ratio is what is comparable between machines and
+//! versions. Note that the HTTP client, the server and SQLite all share this machine's cores, so
+//! at high N the client's own cost is included in the HTTP figure.
+//!
+//! Duration per measurement: `BENCH_SECS` seconds (default 3). With defaults the whole run takes
+//! about 30 s after compilation.
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use ichibase::config::Config;
+use rusqlite::{Connection, OpenFlags};
+
+const ROWS: i64 = 100_000;
+const LEVELS: [usize; 4] = [1, 4, 16, 64];
+const MAX_THREADS: usize = 16;
+const SELECT_HTTP: &str = "SELECT v FROM kv WHERE id = {id:Int64}";
+const SELECT_SQLITE: &str = "SELECT v FROM kv WHERE id = ?1";
+
+/// xorshift64*: a tiny, fast PRNG; good enough to spread ids over the table.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        // splitmix64 the seed so nearby seeds give unrelated streams (and never 0).
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Rng((z ^ (z >> 31)) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// A random id in 1..=ROWS.
+    fn id(&mut self) -> i64 {
+        (self.next() % ROWS as u64) as i64 + 1
+    }
+}
+
+struct HttpResult {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// Nearest-rank percentile of sorted nanosecond samples, in microseconds.
+fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
+    if sorted_ns.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p * sorted_ns.len() as f64).ceil() as usize).clamp(1, sorted_ns.len());
+    sorted_ns[rank - 1] as f64 / 1e3
+}
+
+async fn post_sql(client: &reqwest::Client, base: &str, sql: &str) -> String {
+    let resp = client.post(base).body(sql.to_string()).send().await.expect("POST /");
+    let status = resp.status();
+    let body = resp.text().await.expect("response body");
+    assert!(status.is_success(), "{sql}\n-> {status}: {body}");
+    body
+}
+
+async fn select_http(client: &reqwest::Client, base: &str, id: i64) {
+    let id_s = id.to_string();
+    let resp = client
+        .get(base)
+        .query(&[("query", SELECT_HTTP), ("param_id", id_s.as_str())])
+        .send()
+        .await
+        .expect("GET /?query=");
+    let status = resp.status();
+    let body = resp.bytes().await.expect("response body");
+    assert!(status == reqwest::StatusCode::OK, "id={id} -> {status}: {}", String::from_utf8_lossy(&body));
+    // Cheap check of every answer: "value-<id>\n".
+    let ok = body.strip_prefix(b"value-").and_then(|r| r.strip_suffix(b"\n")) == Some(id_s.as_bytes());
+    assert!(ok, "id={id}: unexpected body {:?}", String::from_utf8_lossy(&body));
+}
+
+/// `n` client tasks loop on point SELECTs for `secs`.
+async fn run_http(client: &reqwest::Client, base: &str, n: usize, secs: f64, seed: u64) -> HttpResult {
+    let dur = Duration::from_secs_f64(secs);
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut tasks = Vec::with_capacity(n);
+    for t in 0..n {
+        let client = client.clone();
+        let base = base.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = Rng::new(seed ^ ((t as u64) << 20));
+            let mut lat = Vec::with_capacity(64 * 1024);
+            loop {
+                let t0 = Instant::now();
+                if t0 >= deadline {
+                    break;
+                }
+                select_http(&client, &base, rng.id()).await;
+                lat.push(t0.elapsed().as_nanos() as u64);
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("client task panicked"));
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    HttpResult { rps: all.len() as f64 / elapsed, p50_us: percentile_us(&all, 0.50), p99_us: percentile_us(&all, 0.99) }
+}
+
+fn open_ro(path: &std::path::Path) -> Connection {
+    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
+        .expect("open database read-only");
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    c
+}
+
+/// `threads` OS threads, each with its own read-only connection, loop on point SELECTs for
+/// `secs`. Returns total requests/s.
+fn run_inprocess(path: &std::path::Path, threads: usize, secs: f64, seed: u64) -> f64 {
+    let dur = Duration::from_secs_f64(secs);
+    let barrier = Arc::new(Barrier::new(threads));
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let barrier = Arc::clone(&barrier);
+                s.spawn(move || {
+                    let conn = open_ro(path);
+                    let mut stmt = conn.prepare_cached(SELECT_SQLITE).expect("prepare");
+                    let mut rng = Rng::new(seed ^ ((t as u64) << 20));
+                    let mut query = |id: i64| -> String { stmt.query_row([id], |r| r.get(0)).expect("point select") };
+                    // Warm the connection's page cache, and check a sample of answers.
+                    for _ in 0..2_000 {
+                        let id = rng.id();
+                        let v = query(id);
+                        assert_eq!(v, format!("value-{id}"));
+                    }
+                    barrier.wait();
+                    let start = Instant::now();
+                    let deadline = start + dur;
+                    let mut count: u64 = 0;
+                    loop {
+                        // Check the clock every 32 queries; it is not free next to a ~µs query.
+                        for _ in 0..32 {
+                            let v = query(rng.id());
+                            std::hint::black_box(v);
+                        }
+                        count += 32;
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                    }
+                    count as f64 / start.elapsed().as_secs_f64()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("in-process thread panicked")).sum()
+    })
+}
+
+fn fmt_int(x: f64) -> String {
+    let n = x.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn main() {
+    let secs: f64 = match std::env::var("BENCH_SECS") {
+        Ok(v) => v.trim().parse().ok().filter(|s: &f64| *s > 0.0 && s.is_finite()).expect("BENCH_SECS must be a positive number"),
+        Err(_) => 3.0,
+    };
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let config = Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: tmp.path().to_path_buf(), ..Config::default() };
+    let readers = config.readers;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    rt.block_on(async move {
+        let running = ichibase::server::start(config).await.expect("start server");
+        let base = format!("http://{}/", running.addr);
+        let client = reqwest::Client::builder().pool_max_idle_per_host(128).build().expect("reqwest client");
+
+        // Populate over HTTP.
+        let t0 = Instant::now();
+        post_sql(&client, &base, "CREATE TABLE kv(id INTEGER PRIMARY KEY, v TEXT)").await;
+        post_sql(
+            &client,
+            &base,
+            &format!(
+                "INSERT INTO kv SELECT value, printf('value-%d', value) FROM \
+                 (WITH RECURSIVE c(value) AS (SELECT 1 UNION ALL SELECT value+1 FROM c WHERE value < {ROWS}) SELECT value FROM c)"
+            ),
+        )
+        .await;
+        let populate_s = t0.elapsed().as_secs_f64();
+        let count = post_sql(&client, &base, "SELECT count(*) FROM kv").await;
+        assert_eq!(count.trim(), ROWS.to_string(), "row count after populate");
+        select_http(&client, &base, 42).await;
+        select_http(&client, &base, ROWS).await;
+
+        println!("# ichibase {} point SELECT: HTTP vs in-process rusqlite", ichibase::VERSION);
+        println!();
+        println!("- machine: {cores} cores (available_parallelism); server, HTTP client and SQLite share them");
+        println!("- table: kv(id INTEGER PRIMARY KEY, v TEXT), {} rows (populated over HTTP in {populate_s:.2} s)", fmt_int(ROWS as f64));
+        println!("- HTTP: GET /?query={SELECT_HTTP}&param_id=<random>, TabSeparated, keep-alive reqwest client");
+        println!("- server: default config (reader pool = {readers} connections), in this process, tracing not initialised");
+        println!("- in-process: rusqlite read-only connection, prepare_cached(\"{SELECT_SQLITE}\"), one connection per thread");
+        println!("- {secs} s per measurement (BENCH_SECS)");
+        println!();
+
+        // Warm-up: open the client connections and the server's reader connections.
+        run_http(&client, &base, *LEVELS.last().unwrap(), (secs / 6.0).min(0.5), 0xBEEF).await;
+
+        let path = running.storage.path().to_path_buf();
+        let single = {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || run_inprocess(&p, 1, secs, 0x5EED)).await.expect("in-process run")
+        };
+
+        let mut rows = Vec::new();
+        for (i, &n) in LEVELS.iter().enumerate() {
+            let http = run_http(&client, &base, n, secs, 0xC0FFEE + i as u64).await;
+            let threads = n.min(MAX_THREADS);
+            let inproc = if threads == 1 {
+                single
+            } else {
+                let p = path.clone();
+                tokio::task::spawn_blocking(move || run_inprocess(&p, threads, secs, 0xF00D + i as u64)).await.expect("in-process run")
+            };
+            rows.push((n, threads, http, inproc));
+        }
+
+        println!("| N | HTTP req/s | HTTP p50 µs | HTTP p99 µs | in-process req/s (threads) | ratio HTTP/in-process |");
+        println!("|---:|---:|---:|---:|---:|---:|");
+        for (n, threads, http, inproc) in &rows {
+            println!(
+                "| {n} | {} | {:.0} | {:.0} | {} ({threads}) | {:.4} (1/{:.0}) |",
+                fmt_int(http.rps),
+                http.p50_us,
+                http.p99_us,
+                fmt_int(*inproc),
+                http.rps / inproc,
+                inproc / http.rps
+            );
+        }
+        println!();
+        println!("In-process, single thread: {} req/s ({:.2} µs per SELECT).", fmt_int(single), 1e6 / single);
+        println!(
+            "N = concurrent HTTP client tasks; the in-process column uses min(N, {MAX_THREADS}) threads. \
+             Ratio = HTTP req/s ÷ in-process req/s at the same N."
+        );
+
+        running.shutdown().await.expect("server shutdown");
+    });
+    drop(tmp);
+}

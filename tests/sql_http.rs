@@ -167,8 +167,12 @@ async fn errors_are_typed() {
     assert_eq!(r.status, 400);
     let r = post(&c, &s.url, &[("database", "other")], "SELECT 1").await;
     assert_eq!(r.status, 404);
-    // JSON variant when the client asked for a JSON format.
+    // A FORMAT clause keeps ClickHouse's text errors (its clients parse them)...
     let r = post(&c, &s.url, &[], "SELECT * FROM missing FORMAT JSON").await;
+    assert_eq!(r.status, 404);
+    assert!(r.body.starts_with("Code: 60. DB::Exception: no such table: missing"), "{}", r.body);
+    // ...and a JSON variant when the client asks for JSON outside the SQL.
+    let r = read_with_accept(&c, &s.url, "SELECT * FROM missing").await;
     assert_eq!(r.status, 404);
     let j = r.json();
     assert_eq!(j["error"]["code"], 60);
@@ -178,6 +182,8 @@ async fn errors_are_typed() {
     let r = post(&c, &s.url, &[("default_format", "JSONEachRow")], "SELEC").await;
     assert_eq!(r.json()["error"]["name"], "SYNTAX_ERROR");
     // Query id is echoed on success and on error.
+    let r = post(&c, &s.url, &[("session_id", "abc")], "SELECT 1").await;
+    assert_eq!(r.status, 501, "{}", r.body);
     let r = post(&c, &s.url, &[("query_id", "my-query-1")], "SELECT 1").await;
     assert_eq!(r.header("x-clickhouse-query-id"), Some("my-query-1"));
     let summary: serde_json::Value = serde_json::from_str(r.header("x-clickhouse-summary").unwrap()).unwrap();
@@ -187,6 +193,13 @@ async fn errors_are_typed() {
     assert_eq!(r.header("x-clickhouse-query-id"), Some("my-query-2"));
     // The server is still fine.
     assert_eq!(ok(&c, &s.url, "SELECT count(*) FROM people").await, "3\n");
+}
+
+async fn read_with_accept(c: &reqwest::Client, base: &str, sql: &str) -> common::Resp {
+    let r = c.post(format!("{base}/")).header("Accept", "application/json").body(sql.to_string()).send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    common::Resp { status, headers, body: r.text().await.unwrap() }
 }
 
 #[tokio::test]
@@ -380,9 +393,14 @@ async fn failure_after_streaming_began_is_marked() {
         }
     }
     let text = String::from_utf8_lossy(&body);
-    let trailer = format!("\n__exception__ {tag}\nCode: 159. DB::Exception: Timeout exceeded");
-    assert!(text.contains(&trailer), "no exception trailer in the last bytes: {}", &text[text.len().saturating_sub(300)..]);
-    assert!(text.ends_with(&format!("(TIMEOUT_EXCEEDED)\n__exception__ {tag}\n")), "{}", &text[text.len().saturating_sub(300)..]);
+    assert_eq!(tag.len(), 16);
+    let start = text.find("\r\n__exception__\r\n").unwrap_or_else(|| panic!("no exception trailer: {}", &text[text.len().saturating_sub(300)..]));
+    let trailer = &text[start..];
+    let msg_start = format!("\r\n__exception__\r\n{tag}\n");
+    assert!(trailer.starts_with(&msg_start), "{trailer:?}");
+    let msg = trailer[msg_start.len()..].split('\n').next().unwrap();
+    assert!(msg.starts_with("Code: 159. DB::Exception: Timeout exceeded") && msg.ends_with("(TIMEOUT_EXCEEDED)"), "{msg}");
+    assert!(trailer.ends_with(&format!("\n{} {tag}\r\n__exception__\r\n", msg.len() + 1)), "{trailer:?}");
 }
 
 #[tokio::test]

@@ -134,6 +134,12 @@ fn parse_request(st: &AppState, method: &Method, headers: &HeaderMap, raw: Optio
                     s.buffer_size = usize::MAX;
                 }
             }
+            "session_id" | "session_timeout" | "session_check" => {
+                return Err(Error::new(
+                    ErrorCode::NotImplemented,
+                    "HTTP sessions (session_id) are not supported: every request is independent; use transaction=1 to group statements",
+                ));
+            }
             "database" => {
                 if !matches!(v.as_ref(), "default" | "main" | "") {
                     return Err(Error::new(ErrorCode::UnknownDatabase, format!("Database {v} does not exist; ichibase has one database, 'default'")));
@@ -148,6 +154,8 @@ fn parse_request(st: &AppState, method: &Method, headers: &HeaderMap, raw: Optio
             }
         }
     }
+    // JSON error bodies only when asked for outside the SQL (Accept header or default_format):
+    // ClickHouse clients append `FORMAT JSONEachRow` themselves and parse errors as text.
     if r.settings.default_format.is_some_and(Format::is_json) {
         r.wants_json = true;
     }
@@ -188,7 +196,7 @@ async fn handle(State(st): State<AppState>, method: Method, headers: HeaderMap, 
     let control = ExecControl::new(ctx.started, req.max_execution_time);
     let guard = CancelOnDrop(Arc::clone(&control));
     let (format, mut rx) = exec::start(st.storage.clone(), ctx.clone(), control, text, req.settings);
-    let wants_json = req.wants_json || format.is_json();
+    let wants_json = req.wants_json;
     let first = rx.recv().await.unwrap_or_else(|| Msg::Error(Error::internal("query task ended without an answer")));
     let resp = match first {
         Msg::Error(e) => {
@@ -201,7 +209,7 @@ async fn handle(State(st): State<AppState>, method: Method, headers: HeaderMap, 
         }
         Msg::Data(bytes, summary) => {
             log(&ctx, &method, 200, Some(&summary), None);
-            let tag = uuid::Uuid::new_v4().simple().to_string();
+            let tag = exception_tag();
             let mut resp = ok_response(streaming_body(bytes, rx, guard, tag.clone()), format, &ctx, &summary);
             if let Ok(v) = HeaderValue::from_str(&tag) {
                 resp.headers_mut().insert("x-clickhouse-exception-tag", v);
@@ -277,10 +285,19 @@ fn ok_response(body: Body, format: Format, ctx: &RequestContext, summary: &Summa
 }
 
 /// Text appended when a query fails after its response started streaming (the status is
-/// already 200). `tag` is random per response and announced in `X-ClickHouse-Exception-Tag`,
-/// so a client can tell a real failure from data that merely looks like one.
+/// already 200), framed as ClickHouse (25.11+) does so its clients recognise it:
+/// `\r\n__exception__\r\n<tag>\n<message>\n<len(message)+1> <tag>\r\n__exception__\r\n`.
+/// `tag` is random per response and announced in `X-ClickHouse-Exception-Tag`, so a client
+/// can tell a real failure from data that merely looks like one.
 pub fn exception_trailer(e: &Error, tag: &str) -> String {
-    format!("\n__exception__ {tag}\n{e}\n__exception__ {tag}\n")
+    let msg = e.to_string();
+    format!("\r\n__exception__\r\n{tag}\n{msg}\n{} {tag}\r\n__exception__\r\n", msg.len() + 1)
+}
+
+/// 16 random lower-case alphanumerics, as ClickHouse's exception tags.
+fn exception_tag() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    uuid::Uuid::new_v4().as_bytes().iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
 }
 
 fn streaming_body(first: Bytes, rx: mpsc::Receiver<Msg>, guard: CancelOnDrop, tag: String) -> Body {
