@@ -78,32 +78,146 @@ fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
     sorted_ns[rank - 1] as f64 / 1e3
 }
 
+const ADMIN_KEY: &str = "ik_bench-admin-key-0123456789abcdef";
+const SELECT_BASE: &str = "SELECT v FROM notes WHERE id = {id:Int64}";
+const SELECT_VIEW: &str = "SELECT v FROM my_notes WHERE id = {id:Int64}";
+
+fn bearer_client(token: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(h)
+        .pool_max_idle_per_host(128)
+        .build()
+        .expect("reqwest client")
+}
+
+async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let r = client.post(url).json(&body).send().await.expect("POST");
+    let status = r.status();
+    let text = r.text().await.expect("body");
+    assert!(status.is_success(), "{url} -> {status}: {text}");
+    serde_json::from_str(&text).expect("JSON answer")
+}
+
+/// The cost of row-level security: the same point SELECT by a user through a policy view
+/// (`owner = auth_userid()`, authorizer on) and by the admin on the base table.
+async fn rls_section(admin: &reqwest::Client, base: &str, secs: f64) {
+    let root = base.trim_end_matches('/');
+    let user = post_json(admin, &format!("{root}/admin/users"), serde_json::json!({"email": "bench@example.com", "password": "bench-password", "role": "user"})).await;
+    let uid = user["id"].as_str().unwrap().to_string();
+    post_sql(
+        admin,
+        base,
+        "CREATE TABLE notes(id INTEGER PRIMARY KEY, owner TEXT NOT NULL, v TEXT)",
+    )
+    .await;
+    post_sql(
+        admin,
+        base,
+        &format!(
+            "INSERT INTO notes SELECT value, '{uid}', printf('value-%d', value) FROM \
+             (WITH RECURSIVE c(value) AS (SELECT 1 UNION ALL SELECT value+1 FROM c WHERE value < {ROWS}) SELECT value FROM c)"
+        ),
+    )
+    .await;
+    post_sql(admin, base, "CREATE INDEX notes_owner ON notes(owner)").await;
+    post_json(admin, &format!("{root}/admin/policies"), serde_json::json!({"name": "my_notes", "table": "notes", "roles": ["user"], "using": "owner = auth_userid()"})).await;
+    let tokens = post_json(
+        &reqwest::Client::new(),
+        &format!("{root}/auth/signin"),
+        serde_json::json!({"email": "bench@example.com", "password": "bench-password"}),
+    )
+    .await;
+    let user_client = bearer_client(tokens["access_token"].as_str().unwrap());
+    select_http(&user_client, base, SELECT_VIEW, 7).await;
+    select_http(admin, base, SELECT_BASE, 7).await;
+    run_http(&user_client, base, SELECT_VIEW, 4, (secs / 6.0).min(0.5), 1).await;
+
+    println!();
+    println!(
+        "## Row-level security: point SELECT through a policy view vs the base table as admin"
+    );
+    println!();
+    println!(
+        "- user (JWT, role `user`): `{SELECT_VIEW}` where `my_notes` = `SELECT * FROM notes WHERE owner = auth_userid()`, authorizer on"
+    );
+    println!("- admin (API key): `{SELECT_BASE}`");
+    println!();
+    println!(
+        "| N | admin, base table req/s | user, policy view req/s | p50 µs admin / user | ratio view/base |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    for (i, n) in [1usize, 4].into_iter().enumerate() {
+        let a = run_http(admin, base, SELECT_BASE, n, secs, 0xAB + i as u64).await;
+        let u = run_http(&user_client, base, SELECT_VIEW, n, secs, 0xCD + i as u64).await;
+        println!(
+            "| {n} | {} | {} | {:.0} / {:.0} | {:.3} |",
+            fmt_int(a.rps),
+            fmt_int(u.rps),
+            a.p50_us,
+            u.p50_us,
+            u.rps / a.rps
+        );
+    }
+}
+
 async fn post_sql(client: &reqwest::Client, base: &str, sql: &str) -> String {
-    let resp = client.post(base).body(sql.to_string()).send().await.expect("POST /");
+    let resp = client
+        .post(base)
+        .body(sql.to_string())
+        .send()
+        .await
+        .expect("POST /");
     let status = resp.status();
     let body = resp.text().await.expect("response body");
     assert!(status.is_success(), "{sql}\n-> {status}: {body}");
     body
 }
 
-async fn select_http(client: &reqwest::Client, base: &str, id: i64) {
+async fn select_http(client: &reqwest::Client, base: &str, query: &str, id: i64) {
     let id_s = id.to_string();
     let resp = client
         .get(base)
-        .query(&[("query", SELECT_HTTP), ("param_id", id_s.as_str())])
+        .query(&[("query", query), ("param_id", id_s.as_str())])
         .send()
         .await
         .expect("GET /?query=");
     let status = resp.status();
     let body = resp.bytes().await.expect("response body");
-    assert!(status == reqwest::StatusCode::OK, "id={id} -> {status}: {}", String::from_utf8_lossy(&body));
+    assert!(
+        status == reqwest::StatusCode::OK,
+        "id={id} -> {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
     // Cheap check of every answer: "value-<id>\n".
-    let ok = body.strip_prefix(b"value-").and_then(|r| r.strip_suffix(b"\n")) == Some(id_s.as_bytes());
-    assert!(ok, "id={id}: unexpected body {:?}", String::from_utf8_lossy(&body));
+    let ok = body
+        .strip_prefix(b"value-")
+        .and_then(|r| r.strip_suffix(b"\n"))
+        == Some(id_s.as_bytes());
+    assert!(
+        ok,
+        "id={id}: unexpected body {:?}",
+        String::from_utf8_lossy(&body)
+    );
 }
 
 /// `n` client tasks loop on point SELECTs for `secs`.
-async fn run_http(client: &reqwest::Client, base: &str, n: usize, secs: f64, seed: u64) -> HttpResult {
+async fn run_http(
+    client: &reqwest::Client,
+    base: &str,
+    query: &'static str,
+    n: usize,
+    secs: f64,
+    seed: u64,
+) -> HttpResult {
     let dur = Duration::from_secs_f64(secs);
     let start = Instant::now();
     let deadline = start + dur;
@@ -119,7 +233,7 @@ async fn run_http(client: &reqwest::Client, base: &str, n: usize, secs: f64, see
                 if t0 >= deadline {
                     break;
                 }
-                select_http(&client, &base, rng.id()).await;
+                select_http(&client, &base, query, rng.id()).await;
                 lat.push(t0.elapsed().as_nanos() as u64);
             }
             lat
@@ -131,12 +245,19 @@ async fn run_http(client: &reqwest::Client, base: &str, n: usize, secs: f64, see
     }
     let elapsed = start.elapsed().as_secs_f64();
     all.sort_unstable();
-    HttpResult { rps: all.len() as f64 / elapsed, p50_us: percentile_us(&all, 0.50), p99_us: percentile_us(&all, 0.99) }
+    HttpResult {
+        rps: all.len() as f64 / elapsed,
+        p50_us: percentile_us(&all, 0.50),
+        p99_us: percentile_us(&all, 0.99),
+    }
 }
 
 fn open_ro(path: &std::path::Path) -> Connection {
-    let c = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
-        .expect("open database read-only");
+    let c = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .expect("open database read-only");
     c.busy_timeout(Duration::from_secs(5)).unwrap();
     c
 }
@@ -154,7 +275,9 @@ fn run_inprocess(path: &std::path::Path, threads: usize, secs: f64, seed: u64) -
                     let conn = open_ro(path);
                     let mut stmt = conn.prepare_cached(SELECT_SQLITE).expect("prepare");
                     let mut rng = Rng::new(seed ^ ((t as u64) << 20));
-                    let mut query = |id: i64| -> String { stmt.query_row([id], |r| r.get(0)).expect("point select") };
+                    let mut query = |id: i64| -> String {
+                        stmt.query_row([id], |r| r.get(0)).expect("point select")
+                    };
                     // Warm the connection's page cache, and check a sample of answers.
                     for _ in 0..2_000 {
                         let id = rng.id();
@@ -180,7 +303,10 @@ fn run_inprocess(path: &std::path::Path, threads: usize, secs: f64, seed: u64) -
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().expect("in-process thread panicked")).sum()
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("in-process thread panicked"))
+            .sum()
     })
 }
 
@@ -199,19 +325,34 @@ fn fmt_int(x: f64) -> String {
 
 fn main() {
     let secs: f64 = match std::env::var("BENCH_SECS") {
-        Ok(v) => v.trim().parse().ok().filter(|s: &f64| *s > 0.0 && s.is_finite()).expect("BENCH_SECS must be a positive number"),
+        Ok(v) => v
+            .trim()
+            .parse()
+            .ok()
+            .filter(|s: &f64| *s > 0.0 && s.is_finite())
+            .expect("BENCH_SECS must be a positive number"),
         Err(_) => 3.0,
     };
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let tmp = tempfile::tempdir().expect("tempdir");
-    let config = Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: tmp.path().to_path_buf(), ..Config::default() };
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: tmp.path().to_path_buf(),
+        ..Config::default()
+    };
+    config.auth.admin_key = Some(ADMIN_KEY.to_string());
     let readers = config.readers;
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     rt.block_on(async move {
         let running = ichibase::server::start(config).await.expect("start server");
         let base = format!("http://{}/", running.addr);
-        let client = reqwest::Client::builder().pool_max_idle_per_host(128).build().expect("reqwest client");
+        let client = bearer_client(ADMIN_KEY);
 
         // Populate over HTTP.
         let t0 = Instant::now();
@@ -228,8 +369,8 @@ fn main() {
         let populate_s = t0.elapsed().as_secs_f64();
         let count = post_sql(&client, &base, "SELECT count(*) FROM kv").await;
         assert_eq!(count.trim(), ROWS.to_string(), "row count after populate");
-        select_http(&client, &base, 42).await;
-        select_http(&client, &base, ROWS).await;
+        select_http(&client, &base, SELECT_HTTP, 42).await;
+        select_http(&client, &base, SELECT_HTTP, ROWS).await;
 
         println!("# ichibase {} point SELECT: HTTP vs in-process rusqlite", ichibase::VERSION);
         println!();
@@ -242,7 +383,7 @@ fn main() {
         println!();
 
         // Warm-up: open the client connections and the server's reader connections.
-        run_http(&client, &base, *LEVELS.last().unwrap(), (secs / 6.0).min(0.5), 0xBEEF).await;
+        run_http(&client, &base, SELECT_HTTP, *LEVELS.last().unwrap(), (secs / 6.0).min(0.5), 0xBEEF).await;
 
         let path = running.storage.path().to_path_buf();
         let single = {
@@ -252,7 +393,7 @@ fn main() {
 
         let mut rows = Vec::new();
         for (i, &n) in LEVELS.iter().enumerate() {
-            let http = run_http(&client, &base, n, secs, 0xC0FFEE + i as u64).await;
+            let http = run_http(&client, &base, SELECT_HTTP, n, secs, 0xC0FFEE + i as u64).await;
             let threads = n.min(MAX_THREADS);
             let inproc = if threads == 1 {
                 single
@@ -282,6 +423,8 @@ fn main() {
             "N = concurrent HTTP client tasks; the in-process column uses min(N, {MAX_THREADS}) threads. \
              Ratio = HTTP req/s ÷ in-process req/s at the same N."
         );
+
+        rls_section(&client, &base, secs).await;
 
         running.shutdown().await.expect("server shutdown");
     });

@@ -56,6 +56,36 @@ pub struct Config {
     pub shutdown_grace_secs: f64,
     pub log_format: LogFormat,
     pub log_level: String,
+    pub auth: AuthSettings,
+}
+
+/// Identity settings.
+#[derive(Debug, Clone)]
+pub struct AuthSettings {
+    /// Anyone may create an account with `POST /auth/signup`.
+    pub signup_open: bool,
+    pub access_token_ttl_secs: u64,
+    pub session_ttl_secs: u64,
+    pub cookie_secure: bool,
+    /// An admin API key ensured at start.
+    pub admin_key: Option<String>,
+    /// An admin user ensured at start.
+    pub admin_email: Option<String>,
+    pub admin_password: Option<String>,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            signup_open: false,
+            access_token_ttl_secs: 15 * 60,
+            session_ttl_secs: 30 * 24 * 3600,
+            cookie_secure: false,
+            admin_key: None,
+            admin_email: None,
+            admin_password: None,
+        }
+    }
 }
 
 /// Server-wide limits; requests may lower them with URL settings, never raise them.
@@ -92,13 +122,17 @@ impl Default for Config {
             data_dir: PathBuf::from("./ichibase-data"),
             synchronous: Synchronous::Normal,
             busy_timeout_ms: 5_000,
-            readers: std::thread::available_parallelism().map(|n| n.get() * 2).unwrap_or(4).max(4),
+            readers: std::thread::available_parallelism()
+                .map(|n| n.get() * 2)
+                .unwrap_or(4)
+                .max(4),
             limits: Limits::default(),
             http_buffer_size: 1024 * 1024,
             json_quote_64bit_integers: true,
             shutdown_grace_secs: 30.0,
             log_format: LogFormat::Text,
             log_level: "info".into(),
+            auth: AuthSettings::default(),
         }
     }
 }
@@ -159,12 +193,34 @@ pub struct Settings {
     /// Log filter, e.g. `info` or `ichibase=debug` [default: info]
     #[arg(long, env = "ICHIBASE_LOG", value_name = "FILTER")]
     pub log_level: Option<String>,
+    /// Let anyone sign up with POST /auth/signup [default: false]
+    #[arg(long, env = "ICHIBASE_SIGNUP_OPEN")]
+    pub signup_open: Option<bool>,
+    /// Lifetime of access tokens (JWT) in seconds [default: 900]
+    #[arg(long, env = "ICHIBASE_ACCESS_TOKEN_TTL_SECS")]
+    pub access_token_ttl_secs: Option<u64>,
+    /// Lifetime of sessions / refresh tokens in seconds [default: 2592000]
+    #[arg(long, env = "ICHIBASE_SESSION_TTL_SECS")]
+    pub session_ttl_secs: Option<u64>,
+    /// Mark the session cookie Secure (serve behind HTTPS) [default: false]
+    #[arg(long, env = "ICHIBASE_COOKIE_SECURE")]
+    pub cookie_secure: Option<bool>,
+    /// An API key with the admin role, created at start if missing ('ik_' + at least 21 characters)
+    #[arg(long, env = "ICHIBASE_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// Email of an admin user created at start if missing (with --admin-password)
+    #[arg(long, env = "ICHIBASE_ADMIN_EMAIL")]
+    pub admin_email: Option<String>,
+    /// Password of that admin user
+    #[arg(long, env = "ICHIBASE_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
 }
 
 impl Settings {
     /// Read one TOML layer.
     pub fn from_toml_file(path: &Path) -> anyhow::Result<Settings> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
     }
 
@@ -182,10 +238,19 @@ impl Settings {
             max_result_bytes: self.max_result_bytes.or(lower.max_result_bytes),
             max_execution_time: self.max_execution_time.or(lower.max_execution_time),
             http_buffer_size: self.http_buffer_size.or(lower.http_buffer_size),
-            json_quote_64bit_integers: self.json_quote_64bit_integers.or(lower.json_quote_64bit_integers),
+            json_quote_64bit_integers: self
+                .json_quote_64bit_integers
+                .or(lower.json_quote_64bit_integers),
             shutdown_grace_secs: self.shutdown_grace_secs.or(lower.shutdown_grace_secs),
             log_format: self.log_format.or(lower.log_format),
             log_level: self.log_level.or(lower.log_level),
+            signup_open: self.signup_open.or(lower.signup_open),
+            access_token_ttl_secs: self.access_token_ttl_secs.or(lower.access_token_ttl_secs),
+            session_ttl_secs: self.session_ttl_secs.or(lower.session_ttl_secs),
+            cookie_secure: self.cookie_secure.or(lower.cookie_secure),
+            admin_key: self.admin_key.or(lower.admin_key),
+            admin_email: self.admin_email.or(lower.admin_email),
+            admin_password: self.admin_password.or(lower.admin_password),
         }
     }
 
@@ -203,14 +268,35 @@ impl Settings {
                 max_query_size: self.max_query_size.unwrap_or(d.limits.max_query_size),
                 max_result_rows: self.max_result_rows.unwrap_or(d.limits.max_result_rows),
                 max_result_bytes: self.max_result_bytes.unwrap_or(d.limits.max_result_bytes),
-                max_execution_time: self.max_execution_time.unwrap_or(d.limits.max_execution_time),
+                max_execution_time: self
+                    .max_execution_time
+                    .unwrap_or(d.limits.max_execution_time),
             },
             http_buffer_size: self.http_buffer_size.unwrap_or(d.http_buffer_size),
-            json_quote_64bit_integers: self.json_quote_64bit_integers.unwrap_or(d.json_quote_64bit_integers),
+            json_quote_64bit_integers: self
+                .json_quote_64bit_integers
+                .unwrap_or(d.json_quote_64bit_integers),
             shutdown_grace_secs: self.shutdown_grace_secs.unwrap_or(d.shutdown_grace_secs),
             log_format: self.log_format.unwrap_or(d.log_format),
             log_level: self.log_level.unwrap_or(d.log_level),
+            auth: AuthSettings {
+                signup_open: self.signup_open.unwrap_or(d.auth.signup_open),
+                access_token_ttl_secs: self
+                    .access_token_ttl_secs
+                    .unwrap_or(d.auth.access_token_ttl_secs),
+                session_ttl_secs: self.session_ttl_secs.unwrap_or(d.auth.session_ttl_secs),
+                cookie_secure: self.cookie_secure.unwrap_or(d.auth.cookie_secure),
+                admin_key: self.admin_key,
+                admin_email: self.admin_email,
+                admin_password: self.admin_password,
+            },
         };
+        if cfg.auth.admin_email.is_some() != cfg.auth.admin_password.is_some() {
+            bail!("admin_email and admin_password go together");
+        }
+        if cfg.auth.access_token_ttl_secs == 0 || cfg.auth.session_ttl_secs == 0 {
+            bail!("access_token_ttl_secs and session_ttl_secs must be positive");
+        }
         if cfg.readers == 0 {
             bail!("readers must be at least 1");
         }
@@ -234,7 +320,11 @@ pub fn load(flags_and_env: Settings, config_file: Option<&Path>) -> anyhow::Resu
         Some(p) => Settings::from_toml_file(p)?,
         None => {
             let p = Path::new("ichibase.toml");
-            if p.exists() { Settings::from_toml_file(p)? } else { Settings::default() }
+            if p.exists() {
+                Settings::from_toml_file(p)?
+            } else {
+                Settings::default()
+            }
         }
     };
     flags_and_env.or(file_layer).resolve()
@@ -246,8 +336,13 @@ mod tests {
 
     #[test]
     fn layers_apply_in_order() {
-        let file: Settings = toml::from_str("listen = \"127.0.0.1:9000\"\nreaders = 3\nmax_result_rows = 5\n").unwrap();
-        let flags = Settings { readers: Some(7), ..Default::default() };
+        let file: Settings =
+            toml::from_str("listen = \"127.0.0.1:9000\"\nreaders = 3\nmax_result_rows = 5\n")
+                .unwrap();
+        let flags = Settings {
+            readers: Some(7),
+            ..Default::default()
+        };
         let cfg = flags.or(file).resolve().unwrap();
         assert_eq!(cfg.readers, 7, "flag beats file");
         assert_eq!(cfg.listen.port(), 9000, "file beats default");
@@ -257,13 +352,29 @@ mod tests {
 
     #[test]
     fn unknown_toml_keys_are_rejected() {
-        let err = toml::from_str::<Settings>("lisen = \"x\"").unwrap_err().to_string();
+        let err = toml::from_str::<Settings>("lisen = \"x\"")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("lisen"), "{err}");
     }
 
     #[test]
     fn invalid_values_are_rejected() {
-        assert!(Settings { readers: Some(0), ..Default::default() }.resolve().is_err());
-        assert!(Settings { max_execution_time: Some(-1.0), ..Default::default() }.resolve().is_err());
+        assert!(
+            Settings {
+                readers: Some(0),
+                ..Default::default()
+            }
+            .resolve()
+            .is_err()
+        );
+        assert!(
+            Settings {
+                max_execution_time: Some(-1.0),
+                ..Default::default()
+            }
+            .resolve()
+            .is_err()
+        );
     }
 }

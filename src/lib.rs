@@ -5,10 +5,12 @@
 //! - [`config`]: layered configuration (flags > env > TOML > defaults).
 //! - [`storage`]: SQLite — one writer thread, a pool of readers, engine migrations.
 //! - [`sql`]: ClickHouse-style SQL: placeholders, formats, execution over storage.
+//! - [`auth`]: identities, sessions, JWT, API keys, policies as views.
 //! - [`apis`]: the HTTP router where components attach their routes.
 //! - [`server`]: start, serve and shut down gracefully.
 
 pub mod apis;
+pub mod auth;
 pub mod config;
 pub mod core;
 pub mod server;

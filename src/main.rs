@@ -24,28 +24,140 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Administration that works on the data directory directly.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Create a user (by default an admin) in the data directory.
+    CreateUser {
+        #[arg(long, env = "ICHIBASE_DATA_DIR", default_value = "./ichibase-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        email: String,
+        /// Password (or set ICHIBASE_NEW_PASSWORD to keep it out of the shell history)
+        #[arg(long, env = "ICHIBASE_NEW_PASSWORD", hide_env_values = true)]
+        password: String,
+        #[arg(long, default_value = "admin")]
+        role: String,
+    },
+    /// Create an API key and print it (shown once; stored hashed).
+    CreateKey {
+        #[arg(long, env = "ICHIBASE_DATA_DIR", default_value = "./ichibase-data")]
+        data_dir: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "admin")]
+        role: String,
+    },
+    /// Add a new JWT signing key (earlier keys keep verifying). Restart a running server, or
+    /// use POST /admin/jwt/rotate instead.
+    RotateJwtKey {
+        #[arg(long, env = "ICHIBASE_DATA_DIR", default_value = "./ichibase-data")]
+        data_dir: PathBuf,
+    },
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
 }
 
+async fn open_auth(
+    data_dir: PathBuf,
+) -> anyhow::Result<(ichibase::storage::Storage, ichibase::auth::Auth)> {
+    let cfg = Settings {
+        data_dir: Some(data_dir),
+        ..Default::default()
+    }
+    .resolve()?;
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let opts = ichibase::storage::StorageOptions::from_config(&cfg);
+    let storage =
+        tokio::task::spawn_blocking(move || ichibase::storage::Storage::open(&opts)).await??;
+    let auth = ichibase::auth::Auth::open(
+        storage.clone(),
+        &cfg.data_dir,
+        ichibase::server::auth_options(&cfg),
+    )
+    .await?;
+    Ok((storage, auth))
+}
+
+async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
+    match cmd {
+        AdminCommand::CreateUser {
+            data_dir,
+            email,
+            password,
+            role,
+        } => {
+            let (storage, auth) = open_auth(data_dir).await?;
+            let u = auth.create_user(&email, &password, &role).await?;
+            println!("created user {} ({}) with role {}", u.email, u.id, u.role);
+            storage.close().await?;
+        }
+        AdminCommand::CreateKey {
+            data_dir,
+            name,
+            role,
+        } => {
+            let (storage, auth) = open_auth(data_dir).await?;
+            let (info, key) = auth.create_api_key(&name, &role, None).await?;
+            println!("{key}");
+            eprintln!(
+                "created API key {} ({}) with role {}; it is shown only now",
+                info.name, info.id, info.role
+            );
+            storage.close().await?;
+        }
+        AdminCommand::RotateJwtKey { data_dir } => {
+            let mut ring = ichibase::auth::jwt::KeyRing::open(&data_dir.join("jwt-keys.json"))?;
+            let kid = ring.rotate()?;
+            println!(
+                "new signing key {kid}; verifying keys: {}",
+                ring.kids().join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Version => {
-            println!("ichibase {} (SQLite {})", ichibase::VERSION, rusqlite::version());
+            println!(
+                "ichibase {} (SQLite {})",
+                ichibase::VERSION,
+                rusqlite::version()
+            );
             Ok(())
+        }
+        Command::Admin { command } => {
+            init_logging("warn", LogFormat::Text);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(admin(command))
         }
         Command::Serve { settings } => {
             let cfg = config::load(settings, cli.config.as_deref())?;
             init_logging(&cfg.log_level, cfg.log_format);
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(ichibase::server::run(cfg))
         }
     }

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
 use crate::apis::{self, AppState};
+use crate::auth::{Auth, AuthOptions};
 use crate::config::Config;
 use crate::storage::{Storage, StorageOptions};
 
@@ -38,10 +39,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let opts = StorageOptions::from_config(&config);
         tokio::task::spawn_blocking(move || Storage::open(&opts)).await??
     };
-    let listener = TcpListener::bind(config.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let auth =
+        Arc::new(Auth::open(storage.clone(), &config.data_dir, auth_options(&config)).await?);
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let grace = Duration::from_secs_f64(config.shutdown_grace_secs);
-    let state = AppState { storage: storage.clone(), config: Arc::new(config) };
+    let state = AppState {
+        storage: storage.clone(),
+        auth,
+        config: Arc::new(config),
+    };
     let app = apis::router(state);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
@@ -72,7 +81,24 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::info!("storage closed; bye");
         Ok(())
     });
-    Ok(Running { addr, storage, stop: Some(stop_tx), task })
+    Ok(Running {
+        addr,
+        storage,
+        stop: Some(stop_tx),
+        task,
+    })
+}
+
+pub fn auth_options(config: &Config) -> AuthOptions {
+    let a = &config.auth;
+    AuthOptions {
+        signup_open: a.signup_open,
+        access_ttl: Duration::from_secs(a.access_token_ttl_secs),
+        session_ttl: Duration::from_secs(a.session_ttl_secs),
+        cookie_secure: a.cookie_secure,
+        admin_key: a.admin_key.clone(),
+        admin_user: a.admin_email.clone().zip(a.admin_password.clone()),
+    }
 }
 
 /// Run until SIGINT or SIGTERM.

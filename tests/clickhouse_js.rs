@@ -16,9 +16,14 @@ const TIMEOUT: Duration = Duration::from_secs(180);
 
 #[test]
 fn clickhouse_js_client() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("clickhouse-js");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("clickhouse-js");
     assert!(
-        dir.join("node_modules").join("@clickhouse").join("client").is_dir(),
+        dir.join("node_modules")
+            .join("@clickhouse")
+            .join("client")
+            .is_dir(),
         "{}/node_modules is missing: run `npm ci --prefix tests/clickhouse-js` (needs Node.js 20+) before this test",
         dir.display()
     );
@@ -27,6 +32,7 @@ fn clickhouse_js_client() {
     let mut child = Command::new("node")
         .arg(dir.join("client_test.mjs"))
         .arg(&server.url)
+        .env("ICHIBASE_KEY", common::ADMIN_KEY)
         .current_dir(&dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -60,9 +66,14 @@ fn clickhouse_js_client() {
     let stderr = stderr.join().unwrap();
 
     let Some(status) = status else {
-        panic!("client_test.mjs did not finish within {TIMEOUT:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+        panic!(
+            "client_test.mjs did not finish within {TIMEOUT:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+        );
     };
-    assert!(status.success(), "client_test.mjs failed ({status})\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    assert!(
+        status.success(),
+        "client_test.mjs failed ({status})\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
+    );
     // What was checked (shown with --nocapture).
     println!("{stdout}");
     if !stderr.is_empty() {

@@ -23,10 +23,44 @@ fn escape(s: &str) -> String {
 
 fn hostile() -> impl Strategy<Value = String> {
     let pieces = prop::sample::select(vec![
-        "'", "\"", "`", ";", "--", "/*", "*/", "{p:String}", "{x:Int64}", "?", "?1", ":p", "$p", "@p", "\\", "\\N", "\\t", "\n", "\t",
-        "\0", "DROP TABLE t", "') OR 1=1 --", "日本語", "FORMAT JSON", "UNION SELECT", "é", "\u{2028}", "%", "&", "=", "+", "#",
+        "'",
+        "\"",
+        "`",
+        ";",
+        "--",
+        "/*",
+        "*/",
+        "{p:String}",
+        "{x:Int64}",
+        "?",
+        "?1",
+        ":p",
+        "$p",
+        "@p",
+        "\\",
+        "\\N",
+        "\\t",
+        "\n",
+        "\t",
+        "\0",
+        "DROP TABLE t",
+        "') OR 1=1 --",
+        "日本語",
+        "FORMAT JSON",
+        "UNION SELECT",
+        "é",
+        "\u{2028}",
+        "%",
+        "&",
+        "=",
+        "+",
+        "#",
     ]);
-    prop::collection::vec(prop_oneof![pieces.prop_map(str::to_string), any::<String>()], 0..8).prop_map(|v| v.concat())
+    prop::collection::vec(
+        prop_oneof![pieces.prop_map(str::to_string), any::<String>()],
+        0..8,
+    )
+    .prop_map(|v| v.concat())
 }
 
 #[test]

@@ -34,13 +34,23 @@ async fn every_output_format() {
     let (s, c) = seeded(&[]).await;
     let q = "SELECT id, name, score FROM people ORDER BY id";
     let fmt = |f: &str| format!("{q} FORMAT {f}");
-    assert_eq!(ok(&c, &s.url, q).await, "1\tAnn\t1.5\n2\tBo\\tb\t\\N\n3\tCé \"q\"\t-2.25\n", "TabSeparated is the default");
-    assert_eq!(ok(&c, &s.url, &fmt("TSV")).await, "1\tAnn\t1.5\n2\tBo\\tb\t\\N\n3\tCé \"q\"\t-2.25\n");
+    assert_eq!(
+        ok(&c, &s.url, q).await,
+        "1\tAnn\t1.5\n2\tBo\\tb\t\\N\n3\tCé \"q\"\t-2.25\n",
+        "TabSeparated is the default"
+    );
+    assert_eq!(
+        ok(&c, &s.url, &fmt("TSV")).await,
+        "1\tAnn\t1.5\n2\tBo\\tb\t\\N\n3\tCé \"q\"\t-2.25\n"
+    );
     assert_eq!(
         ok(&c, &s.url, &fmt("TabSeparatedWithNames")).await,
         "id\tname\tscore\n1\tAnn\t1.5\n2\tBo\\tb\t\\N\n3\tCé \"q\"\t-2.25\n"
     );
-    assert_eq!(ok(&c, &s.url, &fmt("CSV")).await, "1,\"Ann\",1.5\n2,\"Bo\tb\",\\N\n3,\"Cé \"\"q\"\"\",-2.25\n");
+    assert_eq!(
+        ok(&c, &s.url, &fmt("CSV")).await,
+        "1,\"Ann\",1.5\n2,\"Bo\tb\",\\N\n3,\"Cé \"\"q\"\"\",-2.25\n"
+    );
     assert_eq!(
         ok(&c, &s.url, &fmt("CSVWithNames")).await,
         "\"id\",\"name\",\"score\"\n1,\"Ann\",1.5\n2,\"Bo\tb\",\\N\n3,\"Cé \"\"q\"\"\",-2.25\n"
@@ -54,28 +64,65 @@ async fn every_output_format() {
         "[\"1\",\"Ann\",1.5]\n[\"2\",\"Bo\\tb\",null]\n[\"3\",\"Cé \\\"q\\\"\",-2.25]\n"
     );
     let j: serde_json::Value = serde_json::from_str(&ok(&c, &s.url, &fmt("JSON")).await).unwrap();
-    assert_eq!(j["meta"], serde_json::json!([{"name":"id","type":"Int64"},{"name":"name","type":"String"},{"name":"score","type":"Float64"}]));
-    assert_eq!(j["data"][2], serde_json::json!({"id":"3","name":"Cé \"q\"","score":-2.25}));
+    assert_eq!(
+        j["meta"],
+        serde_json::json!([{"name":"id","type":"Int64"},{"name":"name","type":"String"},{"name":"score","type":"Float64"}])
+    );
+    assert_eq!(
+        j["data"][2],
+        serde_json::json!({"id":"3","name":"Cé \"q\"","score":-2.25})
+    );
     assert_eq!(j["rows"], 3);
     assert!(j["statistics"]["elapsed"].as_f64().unwrap() >= 0.0);
     assert_eq!(j["statistics"]["rows_read"], 3);
     assert!(j["statistics"]["bytes_read"].as_u64().unwrap() > 0);
-    let j: serde_json::Value = serde_json::from_str(&ok(&c, &s.url, &fmt("JSONCompact")).await).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&ok(&c, &s.url, &fmt("JSONCompact")).await).unwrap();
     assert_eq!(j["data"][0], serde_json::json!(["1", "Ann", 1.5]));
     // default_format and the X-ClickHouse-Format header choose a format too; a FORMAT clause wins.
-    let r = post(&c, &s.url, &[("default_format", "JSONCompactEachRow")], "SELECT 1").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[("default_format", "JSONCompactEachRow")],
+        "SELECT 1",
+    )
+    .await;
     assert_eq!(r.body, "[\"1\"]\n");
     assert_eq!(r.header("x-clickhouse-format"), Some("JSONCompactEachRow"));
-    assert_eq!(r.header("content-type"), Some("application/x-ndjson; charset=UTF-8"));
-    let r = c.post(format!("{}/", s.url)).header("X-ClickHouse-Format", "CSV").body("SELECT 'a'").send().await.unwrap();
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/x-ndjson; charset=UTF-8")
+    );
+    let r = c
+        .post(format!("{}/", s.url))
+        .header("X-ClickHouse-Format", "CSV")
+        .body("SELECT 'a'")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.text().await.unwrap(), "\"a\"\n");
-    let r = post(&c, &s.url, &[("default_format", "CSV")], "SELECT 'a' FORMAT TSV").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[("default_format", "CSV")],
+        "SELECT 'a' FORMAT TSV",
+    )
+    .await;
     assert_eq!(r.body, "a\n");
     // 64-bit integers unquoted on request.
-    let r = post(&c, &s.url, &[("output_format_json_quote_64bit_integers", "0")], "SELECT 7 AS n FORMAT JSONEachRow").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[("output_format_json_quote_64bit_integers", "0")],
+        "SELECT 7 AS n FORMAT JSONEachRow",
+    )
+    .await;
     assert_eq!(r.body, "{\"n\":7}\n");
     // Empty result in JSON keeps the shape.
-    let j: serde_json::Value = serde_json::from_str(&ok(&c, &s.url, "SELECT id FROM people WHERE id < 0 FORMAT JSON").await).unwrap();
+    let j: serde_json::Value = serde_json::from_str(
+        &ok(&c, &s.url, "SELECT id FROM people WHERE id < 0 FORMAT JSON").await,
+    )
+    .unwrap();
     assert_eq!(j["rows"], 0);
     assert_eq!(j["data"], serde_json::json!([]));
 }
@@ -88,35 +135,88 @@ async fn parameters_of_every_type() {
         let url = s.url.clone();
         async move {
             let sql = format!("SELECT {{v:{ty}}} AS v, typeof({{v:{ty}}}) AS t FORMAT JSONEachRow");
-            let r = post(&c, &url, &[("param_v", v), ("output_format_json_quote_64bit_integers", "0")], &sql).await;
+            let r = post(
+                &c,
+                &url,
+                &[
+                    ("param_v", v),
+                    ("output_format_json_quote_64bit_integers", "0"),
+                ],
+                &sql,
+            )
+            .await;
             assert_eq!(r.status, 200, "{ty} {v}: {}", r.body);
             let j = r.json();
             (j["v"].clone(), j["t"].as_str().unwrap().to_string())
         }
     };
     use serde_json::json;
-    assert_eq!(one("String", "it's\\ta \\\\ {x:String}").await, (json!("it's\ta \\ {x:String}"), "text".into()));
-    assert_eq!(one("Int64", "-9223372036854775808").await, (json!(-9223372036854775808i64), "integer".into()));
+    assert_eq!(
+        one("String", "it's\\ta \\\\ {x:String}").await,
+        (json!("it's\ta \\ {x:String}"), "text".into())
+    );
+    assert_eq!(
+        one("Int64", "-9223372036854775808").await,
+        (json!(-9223372036854775808i64), "integer".into())
+    );
     assert_eq!(one("UInt8", "255").await, (json!(255), "integer".into()));
     assert_eq!(one("Float64", "2.5").await, (json!(2.5), "real".into()));
     assert_eq!(one("Bool", "true").await, (json!(1), "integer".into()));
     assert_eq!(one("Bool", "0").await, (json!(0), "integer".into()));
-    assert_eq!(one("Nullable(Int64)", "\\N").await, (json!(null), "null".into()));
-    assert_eq!(one("Nullable(String)", "x").await, (json!("x"), "text".into()));
-    assert_eq!(one("Array(Int64)", "[1, 2, 3]").await, (json!("[1,2,3]"), "text".into()));
-    assert_eq!(one("Array(String)", "['a\\'b','c']").await, (json!("[\"a'b\",\"c\"]"), "text".into()));
-    assert_eq!(one("Array(String)", "[\"json\",\"form\"]").await, (json!("[\"json\",\"form\"]"), "text".into()));
-    assert_eq!(one("Array(Nullable(Float64))", "[1.5,NULL]").await, (json!("[1.5,null]"), "text".into()));
-    assert_eq!(one("Date", "2024-02-29").await, (json!("2024-02-29"), "text".into()));
-    assert_eq!(one("DateTime", "2024-02-29 12:00:01").await, (json!("2024-02-29 12:00:01"), "text".into()));
-    assert_eq!(one("UUID", "6F9619FF-8B86-D011-B42D-00C04FC964FF").await, (json!("6f9619ff-8b86-d011-b42d-00c04fc964ff"), "text".into()));
-    assert_eq!(one("JSON", "{\"a\": [1, 2]}").await, (json!("{\"a\":[1,2]}"), "text".into()));
+    assert_eq!(
+        one("Nullable(Int64)", "\\N").await,
+        (json!(null), "null".into())
+    );
+    assert_eq!(
+        one("Nullable(String)", "x").await,
+        (json!("x"), "text".into())
+    );
+    assert_eq!(
+        one("Array(Int64)", "[1, 2, 3]").await,
+        (json!("[1,2,3]"), "text".into())
+    );
+    assert_eq!(
+        one("Array(String)", "['a\\'b','c']").await,
+        (json!("[\"a'b\",\"c\"]"), "text".into())
+    );
+    assert_eq!(
+        one("Array(String)", "[\"json\",\"form\"]").await,
+        (json!("[\"json\",\"form\"]"), "text".into())
+    );
+    assert_eq!(
+        one("Array(Nullable(Float64))", "[1.5,NULL]").await,
+        (json!("[1.5,null]"), "text".into())
+    );
+    assert_eq!(
+        one("Date", "2024-02-29").await,
+        (json!("2024-02-29"), "text".into())
+    );
+    assert_eq!(
+        one("DateTime", "2024-02-29 12:00:01").await,
+        (json!("2024-02-29 12:00:01"), "text".into())
+    );
+    assert_eq!(
+        one("UUID", "6F9619FF-8B86-D011-B42D-00C04FC964FF").await,
+        (json!("6f9619ff-8b86-d011-b42d-00c04fc964ff"), "text".into())
+    );
+    assert_eq!(
+        one("JSON", "{\"a\": [1, 2]}").await,
+        (json!("{\"a\":[1,2]}"), "text".into())
+    );
 
     // Arrays are usable with json_each.
     let r = post(&c, &s.url, &[("param_ids", "[1,3]")], "SELECT name FROM people WHERE id IN (SELECT value FROM json_each({ids:Array(Int64)})) ORDER BY id").await;
     assert_eq!(r.body, "Ann\nCé \"q\"\n");
     // GET with parameters.
-    let r = get(&c, &s.url, &[("query", "SELECT name FROM people WHERE id = {id:Int64}"), ("param_id", "1")]).await;
+    let r = get(
+        &c,
+        &s.url,
+        &[
+            ("query", "SELECT name FROM people WHERE id = {id:Int64}"),
+            ("param_id", "1"),
+        ],
+    )
+    .await;
     assert_eq!(r.body, "Ann\n");
 
     // Bad values and declarations: 400 with a body naming the problem.
@@ -145,7 +245,12 @@ async fn errors_are_typed() {
     let (s, c) = seeded(&[]).await;
     let r = post(&c, &s.url, &[], "SELEC 1").await;
     assert_eq!((r.status, r.code()), (400, Some(62)));
-    assert!(r.body.starts_with("Code: 62. DB::Exception: near \"SELEC\": syntax error"), "{}", r.body);
+    assert!(
+        r.body
+            .starts_with("Code: 62. DB::Exception: near \"SELEC\": syntax error"),
+        "{}",
+        r.body
+    );
     assert!(r.body.trim_end().ends_with("(SYNTAX_ERROR)"));
     let r = post(&c, &s.url, &[], "SELECT * FROM missing").await;
     assert_eq!((r.status, r.code()), (404, Some(60)));
@@ -170,7 +275,12 @@ async fn errors_are_typed() {
     // A FORMAT clause keeps ClickHouse's text errors (its clients parse them)...
     let r = post(&c, &s.url, &[], "SELECT * FROM missing FORMAT JSON").await;
     assert_eq!(r.status, 404);
-    assert!(r.body.starts_with("Code: 60. DB::Exception: no such table: missing"), "{}", r.body);
+    assert!(
+        r.body
+            .starts_with("Code: 60. DB::Exception: no such table: missing"),
+        "{}",
+        r.body
+    );
     // ...and a JSON variant when the client asks for JSON outside the SQL.
     let r = read_with_accept(&c, &s.url, "SELECT * FROM missing").await;
     assert_eq!(r.status, 404);
@@ -186,9 +296,17 @@ async fn errors_are_typed() {
     assert_eq!(r.status, 501, "{}", r.body);
     let r = post(&c, &s.url, &[("query_id", "my-query-1")], "SELECT 1").await;
     assert_eq!(r.header("x-clickhouse-query-id"), Some("my-query-1"));
-    let summary: serde_json::Value = serde_json::from_str(r.header("x-clickhouse-summary").unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(r.header("x-clickhouse-summary").unwrap()).unwrap();
     assert_eq!(summary["result_rows"], "1");
-    assert!(summary["elapsed_ns"].as_str().unwrap().parse::<u64>().unwrap() > 0);
+    assert!(
+        summary["elapsed_ns"]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
     let r = post(&c, &s.url, &[("query_id", "my-query-2")], "SELEC").await;
     assert_eq!(r.header("x-clickhouse-query-id"), Some("my-query-2"));
     // The server is still fine.
@@ -196,10 +314,20 @@ async fn errors_are_typed() {
 }
 
 async fn read_with_accept(c: &reqwest::Client, base: &str, sql: &str) -> common::Resp {
-    let r = c.post(format!("{base}/")).header("Accept", "application/json").body(sql.to_string()).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/"))
+        .header("Accept", "application/json")
+        .body(sql.to_string())
+        .send()
+        .await
+        .unwrap();
     let status = r.status().as_u16();
     let headers = r.headers().clone();
-    common::Resp { status, headers, body: r.text().await.unwrap() }
+    common::Resp {
+        status,
+        headers,
+        body: r.text().await.unwrap(),
+    }
 }
 
 #[tokio::test]
@@ -207,13 +335,39 @@ async fn reads_only_over_get_and_readonly() {
     let (s, c) = seeded(&[]).await;
     let r = get(&c, &s.url, &[("query", "DELETE FROM people")]).await;
     assert_eq!((r.status, r.code()), (403, Some(164)));
-    let r = post(&c, &s.url, &[("readonly", "1")], "UPDATE people SET name = 'x'").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[("readonly", "1")],
+        "UPDATE people SET name = 'x'",
+    )
+    .await;
     assert_eq!(r.status, 403);
-    let r = post(&c, &s.url, &[("readonly", "1"), ("transaction", "1")], "SELECT 1; DELETE FROM people").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[("readonly", "1"), ("transaction", "1")],
+        "SELECT 1; DELETE FROM people",
+    )
+    .await;
     assert_eq!(r.status, 403, "{}", r.body);
-    let r = post(&c, &s.url, &[("readonly", "1"), ("query", "INSERT INTO people FORMAT JSONEachRow")], "{\"id\":9}").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[
+            ("readonly", "1"),
+            ("query", "INSERT INTO people FORMAT JSONEachRow"),
+        ],
+        "{\"id\":9}",
+    )
+    .await;
     assert_eq!(r.status, 403);
-    let r = get(&c, &s.url, &[("query", "SELECT count(*) FROM people"), ("readonly", "0")]).await;
+    let r = get(
+        &c,
+        &s.url,
+        &[("query", "SELECT count(*) FROM people"), ("readonly", "0")],
+    )
+    .await;
     assert_eq!(r.status, 403, "GET cannot be made writable");
     assert_eq!(ok(&c, &s.url, "SELECT count(*) FROM people").await, "3\n");
 }
@@ -226,34 +380,106 @@ async fn inserts_in_formats_are_atomic() {
         let url = s.url.clone();
         async move { post(&c, &url, &[("query", q)], body).await }
     };
-    let r = ins("INSERT INTO people FORMAT JSONEachRow", "{\"id\":10,\"name\":\"j1\",\"tags\":[1,2]}\n{\"id\":11,\"score\":0.5}\n").await;
+    let r = ins(
+        "INSERT INTO people FORMAT JSONEachRow",
+        "{\"id\":10,\"name\":\"j1\",\"tags\":[1,2]}\n{\"id\":11,\"score\":0.5}\n",
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let summary: serde_json::Value = serde_json::from_str(r.header("x-clickhouse-summary").unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(r.header("x-clickhouse-summary").unwrap()).unwrap();
     assert_eq!(summary["written_rows"], "2");
-    assert_eq!(ins("INSERT INTO people (id, name) FORMAT CSV", "20,\"c,1\"\n21,\\N\n").await.status, 200);
-    assert_eq!(ins("INSERT INTO people FORMAT CSVWithNames", "name,id\n\"c3\",22\n").await.status, 200);
-    assert_eq!(ins("INSERT INTO people (id, name) FORMAT TSV", "30\tt\\tab\n").await.status, 200);
-    assert_eq!(ins("INSERT INTO people (name, id) FORMAT TabSeparatedWithNames", "id\tname\n31\tt2\n").await.status, 200);
-    assert_eq!(ins("INSERT INTO people (id, name) FORMAT JSONCompactEachRow", "[40, \"k\"]\n[41, null]\n").await.status, 200);
+    assert_eq!(
+        ins(
+            "INSERT INTO people (id, name) FORMAT CSV",
+            "20,\"c,1\"\n21,\\N\n"
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        ins(
+            "INSERT INTO people FORMAT CSVWithNames",
+            "name,id\n\"c3\",22\n"
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        ins("INSERT INTO people (id, name) FORMAT TSV", "30\tt\\tab\n")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        ins(
+            "INSERT INTO people (name, id) FORMAT TabSeparatedWithNames",
+            "id\tname\n31\tt2\n"
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        ins(
+            "INSERT INTO people (id, name) FORMAT JSONCompactEachRow",
+            "[40, \"k\"]\n[41, null]\n"
+        )
+        .await
+        .status,
+        200
+    );
     // Inline data in the body after FORMAT.
-    let r = post(&c, &s.url, &[], "INSERT INTO people (id, name) FORMAT JSONEachRow {\"id\":50,\"name\":\"inline\"}").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[],
+        "INSERT INTO people (id, name) FORMAT JSONEachRow {\"id\":50,\"name\":\"inline\"}",
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let got = ok(&c, &s.url, "SELECT id, name, tags FROM people WHERE id >= 10 ORDER BY id FORMAT JSONCompactEachRow").await;
+    let got = ok(
+        &c,
+        &s.url,
+        "SELECT id, name, tags FROM people WHERE id >= 10 ORDER BY id FORMAT JSONCompactEachRow",
+    )
+    .await;
     assert_eq!(
         got,
         "[\"10\",\"j1\",\"[1,2]\"]\n[\"11\",null,null]\n[\"20\",\"c,1\",null]\n[\"21\",null,null]\n[\"22\",\"c3\",null]\n[\"30\",\"t\\tab\",null]\n[\"31\",\"t2\",null]\n[\"40\",\"k\",null]\n[\"41\",null,null]\n[\"50\",\"inline\",null]\n"
     );
     // A bad row anywhere rejects the whole insert.
-    let r = ins("INSERT INTO people FORMAT JSONEachRow", "{\"id\":60}\n{\"id\":61}\nnot json\n").await;
+    let r = ins(
+        "INSERT INTO people FORMAT JSONEachRow",
+        "{\"id\":60}\n{\"id\":61}\nnot json\n",
+    )
+    .await;
     assert_eq!((r.status, r.code()), (400, Some(117)));
     assert!(r.body.contains("row 3"), "{}", r.body);
-    let r = ins("INSERT INTO people FORMAT JSONEachRow", "{\"id\":62}\n{\"id\":1}\n").await;
+    let r = ins(
+        "INSERT INTO people FORMAT JSONEachRow",
+        "{\"id\":62}\n{\"id\":1}\n",
+    )
+    .await;
     assert_eq!(r.status, 409, "duplicate key: {}", r.body);
-    let r = ins("INSERT INTO people (id) FORMAT JSONEachRow", "{\"id\":63,\"name\":\"x\"}").await;
+    let r = ins(
+        "INSERT INTO people (id) FORMAT JSONEachRow",
+        "{\"id\":63,\"name\":\"x\"}",
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.body);
-    let r = ins("INSERT INTO people FORMAT JSONEachRow", "{\"id\":64,\"nope\":1}").await;
+    let r = ins(
+        "INSERT INTO people FORMAT JSONEachRow",
+        "{\"id\":64,\"nope\":1}",
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.body);
-    assert_eq!(ok(&c, &s.url, "SELECT count(*) FROM people WHERE id >= 60").await, "0\n");
+    assert_eq!(
+        ok(&c, &s.url, "SELECT count(*) FROM people WHERE id >= 60").await,
+        "0\n"
+    );
 }
 
 #[tokio::test]
@@ -263,9 +489,18 @@ async fn statements_and_transactions() {
     assert_eq!((r.status, r.code()), (400, Some(62)));
     assert!(r.body.contains("transaction=1"));
     // All or nothing.
-    let r = post(&c, &s.url, &[("transaction", "1")], "INSERT INTO people(id) VALUES (100); INSERT INTO people(id) VALUES (1)").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[("transaction", "1")],
+        "INSERT INTO people(id) VALUES (100); INSERT INTO people(id) VALUES (1)",
+    )
+    .await;
     assert_eq!(r.status, 409);
-    assert_eq!(ok(&c, &s.url, "SELECT count(*) FROM people WHERE id = 100").await, "0\n");
+    assert_eq!(
+        ok(&c, &s.url, "SELECT count(*) FROM people WHERE id = 100").await,
+        "0\n"
+    );
     let r = post(
         &c,
         &s.url,
@@ -275,7 +510,8 @@ async fn statements_and_transactions() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body, "1\n7\n1001\n");
-    let summary: serde_json::Value = serde_json::from_str(r.header("x-clickhouse-summary").unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(r.header("x-clickhouse-summary").unwrap()).unwrap();
     assert_eq!(summary["written_rows"], "3");
     // Transaction control from the client is refused; a request is a transaction.
     for sql in ["BEGIN", "COMMIT", "ROLLBACK", "SAVEPOINT a"] {
@@ -283,25 +519,57 @@ async fn statements_and_transactions() {
         assert_eq!(r.status, 400, "{sql}: {}", r.body);
     }
     // RETURNING results come back after commit.
-    let r = post(&c, &s.url, &[], "INSERT INTO people(id, name) VALUES (200, 'r') RETURNING id, name FORMAT JSONEachRow").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[],
+        "INSERT INTO people(id, name) VALUES (200, 'r') RETURNING id, name FORMAT JSONEachRow",
+    )
+    .await;
     assert_eq!(r.body, "{\"id\":\"200\",\"name\":\"r\"}\n");
     // Connection state that would outlive the request is refused.
-    for sql in ["PRAGMA foreign_keys = OFF", "ATTACH DATABASE 'x.db' AS x", "CREATE TEMP TABLE t(a)"] {
+    for sql in [
+        "PRAGMA foreign_keys = OFF",
+        "ATTACH DATABASE 'x.db' AS x",
+        "CREATE TEMP TABLE t(a)",
+    ] {
         let r = post(&c, &s.url, &[], sql).await;
         assert_eq!((r.status, r.code()), (403, Some(497)), "{sql}: {}", r.body);
     }
     assert_eq!(ok(&c, &s.url, "PRAGMA foreign_keys").await, "1\n");
-    assert!(ok(&c, &s.url, "PRAGMA table_info(people)").await.contains("name\tTEXT"));
+    assert!(
+        ok(&c, &s.url, "PRAGMA table_info(people)")
+            .await
+            .contains("name\tTEXT")
+    );
 }
 
 #[tokio::test]
 async fn result_limits() {
     let (s, c) = seeded(&[]).await;
-    let r = post(&c, &s.url, &[("max_result_rows", "2")], "SELECT id FROM people").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[("max_result_rows", "2")],
+        "SELECT id FROM people",
+    )
+    .await;
     assert_eq!((r.status, r.code()), (400, Some(396)), "{}", r.body);
-    let r = post(&c, &s.url, &[("max_result_rows", "2"), ("result_overflow_mode", "break")], "SELECT id FROM people ORDER BY id").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[("max_result_rows", "2"), ("result_overflow_mode", "break")],
+        "SELECT id FROM people ORDER BY id",
+    )
+    .await;
     assert_eq!(r.body, "1\n2\n");
-    let r = post(&c, &s.url, &[("max_result_bytes", "5")], "SELECT name FROM people").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[("max_result_bytes", "5")],
+        "SELECT name FROM people",
+    )
+    .await;
     assert_eq!(r.status, 400);
     // A request may not raise a server limit.
     let r = post(&c, &s.url, &[("max_execution_time", "100000")], "SELECT 1").await;
@@ -321,21 +589,36 @@ async fn oversize_body_and_query() {
     assert_eq!((r.status, r.code()), (413, Some(1001)), "{}", r.body);
     assert!(r.body.contains("max_body_size"));
     // Chunked body without Content-Length is limited too.
-    let stream = futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>(vec![b' '; 100])));
-    let r = c.post(format!("{}/", s.url)).body(reqwest::Body::wrap_stream(stream)).send().await.unwrap();
+    let stream =
+        futures_util::stream::iter((0..20).map(|_| Ok::<_, std::io::Error>(vec![b' '; 100])));
+    let r = c
+        .post(format!("{}/", s.url))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413);
     let r = post(&c, &s.url, &[], &format!("SELECT '{}'", "y".repeat(300))).await;
     assert_eq!(r.status, 413);
     assert!(r.body.contains("max_query_size"));
     // Insert data does not count against max_query_size.
     ok(&c, &s.url, "CREATE TABLE t(a TEXT)").await;
-    let rows: String = (0..20).map(|i| format!("{{\"a\":\"{i:020}\"}}\n")).collect();
-    let r = post(&c, &s.url, &[("query", "INSERT INTO t FORMAT JSONEachRow")], &rows).await;
+    let rows: String = (0..20)
+        .map(|i| format!("{{\"a\":\"{i:020}\"}}\n"))
+        .collect();
+    let r = post(
+        &c,
+        &s.url,
+        &[("query", "INSERT INTO t FORMAT JSONEachRow")],
+        &rows,
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(ok(&c, &s.url, "SELECT 1").await, "1\n");
 }
 
-const FOREVER: &str = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c";
+const FOREVER: &str =
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c";
 
 #[tokio::test]
 async fn execution_time_limit_interrupts_and_server_stays_responsive() {
@@ -351,7 +634,10 @@ async fn execution_time_limit_interrupts_and_server_stays_responsive() {
     let r = c.get(format!("{}/ping", s.url)).send().await.unwrap();
     assert_eq!(r.text().await.unwrap(), "Ok.\n");
     assert_eq!(ok(&c, &s.url, "SELECT 42").await, "42\n");
-    assert!(!long.is_finished(), "the runaway query should still be running when /ping answered");
+    assert!(
+        !long.is_finished(),
+        "the runaway query should still be running when /ping answered"
+    );
     let r = long.await.unwrap();
     assert_eq!((r.status, r.code()), (408, Some(159)), "{}", r.body);
     assert!(r.body.contains("max_execution_time"));
@@ -367,7 +653,11 @@ async fn execution_time_limit_interrupts_and_server_stays_responsive() {
     .await;
     assert_eq!(r.status, 408, "{}", r.body);
     assert_eq!(ok(&c, &s.url, "SELECT count(*) FROM w").await, "0\n");
-    assert_eq!(ok(&c, &s.url, "INSERT INTO w VALUES (1) RETURNING x").await, "1\n", "writer is usable after an interrupt");
+    assert_eq!(
+        ok(&c, &s.url, "INSERT INTO w VALUES (1) RETURNING x").await,
+        "1\n",
+        "writer is usable after an interrupt"
+    );
 }
 
 #[tokio::test]
@@ -381,8 +671,18 @@ async fn failure_after_streaming_began_is_marked() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200, "streaming had begun, so the status was already sent");
-    let tag = r.headers().get("x-clickhouse-exception-tag").expect("streamed responses announce an exception tag").to_str().unwrap().to_string();
+    assert_eq!(
+        r.status(),
+        200,
+        "streaming had begun, so the status was already sent"
+    );
+    let tag = r
+        .headers()
+        .get("x-clickhouse-exception-tag")
+        .expect("streamed responses announce an exception tag")
+        .to_str()
+        .unwrap()
+        .to_string();
     let mut body = Vec::new();
     let mut stream = r.bytes_stream();
     use futures_util::StreamExt;
@@ -394,20 +694,37 @@ async fn failure_after_streaming_began_is_marked() {
     }
     let text = String::from_utf8_lossy(&body);
     assert_eq!(tag.len(), 16);
-    let start = text.find("\r\n__exception__\r\n").unwrap_or_else(|| panic!("no exception trailer: {}", &text[text.len().saturating_sub(300)..]));
+    let start = text.find("\r\n__exception__\r\n").unwrap_or_else(|| {
+        panic!(
+            "no exception trailer: {}",
+            &text[text.len().saturating_sub(300)..]
+        )
+    });
     let trailer = &text[start..];
     let msg_start = format!("\r\n__exception__\r\n{tag}\n");
     assert!(trailer.starts_with(&msg_start), "{trailer:?}");
     let msg = trailer[msg_start.len()..].split('\n').next().unwrap();
-    assert!(msg.starts_with("Code: 159. DB::Exception: Timeout exceeded") && msg.ends_with("(TIMEOUT_EXCEEDED)"), "{msg}");
-    assert!(trailer.ends_with(&format!("\n{} {tag}\r\n__exception__\r\n", msg.len() + 1)), "{trailer:?}");
+    assert!(
+        msg.starts_with("Code: 159. DB::Exception: Timeout exceeded")
+            && msg.ends_with("(TIMEOUT_EXCEEDED)"),
+        "{msg}"
+    );
+    assert!(
+        trailer.ends_with(&format!("\n{} {tag}\r\n__exception__\r\n", msg.len() + 1)),
+        "{trailer:?}"
+    );
 }
 
 #[tokio::test]
 async fn million_row_select_streams_with_bounded_memory() {
     let s = Server::start(&[]);
     let c = client();
-    ok(&c, &s.url, "CREATE TABLE big(id INTEGER PRIMARY KEY, pad TEXT)").await;
+    ok(
+        &c,
+        &s.url,
+        "CREATE TABLE big(id INTEGER PRIMARY KEY, pad TEXT)",
+    )
+    .await;
     ok(
         &c,
         &s.url,
@@ -419,7 +736,11 @@ async fn million_row_select_streams_with_bounded_memory() {
         let s_pid = s.pid();
         move || {
             let st = std::fs::read_to_string(format!("/proc/{s_pid}/status")).unwrap_or_default();
-            st.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).unwrap_or(0) * 1024
+            st.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .unwrap_or(0)
+                * 1024
         }
     };
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -434,7 +755,12 @@ async fn million_row_select_streams_with_bounded_memory() {
             peak
         })
     };
-    let r = c.post(format!("{}/", s.url)).body("SELECT id, pad FROM big").send().await.unwrap();
+    let r = c
+        .post(format!("{}/", s.url))
+        .body("SELECT id, pad FROM big")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     use futures_util::StreamExt;
     let mut stream = r.bytes_stream();
@@ -453,16 +779,27 @@ async fn million_row_select_streams_with_bounded_memory() {
     assert_eq!(lines, 1_000_000);
     assert!(String::from_utf8_lossy(&last_line).ends_with(&format!("1000000\t{:0100}\n", 1000000)));
     let growth = peak.saturating_sub(baseline);
-    eprintln!("streamed {bytes} bytes; server RSS baseline {baseline}, peak {peak}, growth {growth}");
+    eprintln!(
+        "streamed {bytes} bytes; server RSS baseline {baseline}, peak {peak}, growth {growth}"
+    );
     assert!(bytes > 100_000_000);
-    assert!(growth < 48 * 1024 * 1024, "server memory grew by {growth} bytes while streaming {bytes} bytes");
+    assert!(
+        growth < 48 * 1024 * 1024,
+        "server memory grew by {growth} bytes while streaming {bytes} bytes"
+    );
 }
 
 #[tokio::test]
 async fn readers_do_not_wait_for_a_long_write() {
     let s = Server::start(&["--readers", "4"]);
     let c = client();
-    let r = post(&c, &s.url, &[("transaction", "1")], "CREATE TABLE small2(id INTEGER PRIMARY KEY); INSERT INTO small2 VALUES (1), (2)").await;
+    let r = post(
+        &c,
+        &s.url,
+        &[("transaction", "1")],
+        "CREATE TABLE small2(id INTEGER PRIMARY KEY); INSERT INTO small2 VALUES (1), (2)",
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     ok(&c, &s.url, "CREATE TABLE big(x INTEGER, pad TEXT)").await;
     let write = {
@@ -478,18 +815,29 @@ async fn readers_do_not_wait_for_a_long_write() {
         })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!write.is_finished(), "the long write finished too quickly to test anything");
+    assert!(
+        !write.is_finished(),
+        "the long write finished too quickly to test anything"
+    );
     let mut readers = Vec::new();
     for _ in 0..32 {
         let (c, url) = (c.clone(), s.url.clone());
-        readers.push(tokio::spawn(async move { get(&c, &url, &[("query", "SELECT count(*) FROM small2")]).await }));
+        readers.push(tokio::spawn(async move {
+            get(&c, &url, &[("query", "SELECT count(*) FROM small2")]).await
+        }));
     }
     for r in readers {
         let r = r.await.unwrap();
         assert_eq!(r.status, 200);
-        assert_eq!(r.body, "2\n", "readers see the last committed state, not the write in progress");
+        assert_eq!(
+            r.body, "2\n",
+            "readers see the last committed state, not the write in progress"
+        );
     }
-    assert!(!write.is_finished(), "32 reads should complete while the write is still running");
+    assert!(
+        !write.is_finished(),
+        "32 reads should complete while the write is still running"
+    );
     let w = write.await.unwrap();
     assert_eq!(w.status, 200, "{}", w.body);
     assert_eq!(ok(&c, &s.url, "SELECT count(*) FROM small2").await, "3\n");
@@ -521,31 +869,81 @@ async fn graceful_shutdown_finishes_requests_and_checkpoints() {
     assert_eq!((r.status, r.body.as_str()), (200, "3000000\n"));
     let wal = dir.path().join("ichibase.db-wal");
     let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
-    assert_eq!(wal_len, 0, "WAL should be checkpointed and truncated on shutdown");
+    assert_eq!(
+        wal_len, 0,
+        "WAL should be checkpointed and truncated on shutdown"
+    );
     drop(status);
     // Everything is there after a restart.
     let s2 = Server::start_in(dir.path(), &[], &[]);
-    assert_eq!(ok(&c, &s2.url, "SELECT count(*), sum(x) FROM keep").await, "10000\t50005000\n");
+    assert_eq!(
+        ok(&c, &s2.url, "SELECT count(*), sum(x) FROM keep").await,
+        "10000\t50005000\n"
+    );
 }
 
 #[tokio::test]
 async fn configuration_layers() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ichibase.toml"), "max_result_rows = 1\nmax_body_size = 5000\n").unwrap();
+    std::fs::write(
+        dir.path().join("ichibase.toml"),
+        "max_result_rows = 1\nmax_body_size = 5000\n",
+    )
+    .unwrap();
     let c = client();
     // The TOML file in the working directory applies...
     let s = Server::start_in(dir.path(), &[], &[]);
-    assert_eq!(post(&c, &s.url, &[], "SELECT 1 UNION ALL SELECT 2").await.status, 400);
+    assert_eq!(
+        post(&c, &s.url, &[], "SELECT 1 UNION ALL SELECT 2")
+            .await
+            .status,
+        400
+    );
     drop(s);
     // ...env beats the file...
     let s = Server::start_in(dir.path(), &[], &[("ICHIBASE_MAX_RESULT_ROWS", "2")]);
-    assert_eq!(post(&c, &s.url, &[], "SELECT 1 UNION ALL SELECT 2").await.status, 200);
-    assert_eq!(post(&c, &s.url, &[], "SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3").await.status, 400);
+    assert_eq!(
+        post(&c, &s.url, &[], "SELECT 1 UNION ALL SELECT 2")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        post(
+            &c,
+            &s.url,
+            &[],
+            "SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3"
+        )
+        .await
+        .status,
+        400
+    );
     drop(s);
     // ...and flags beat env.
-    let s = Server::start_in(dir.path(), &["--max-result-rows", "3"], &[("ICHIBASE_MAX_RESULT_ROWS", "2")]);
-    assert_eq!(post(&c, &s.url, &[], "SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3").await.status, 200);
-    assert_eq!(post(&c, &s.url, &[], &format!("SELECT '{}'", "x".repeat(6000))).await.status, 413, "file value still applies");
+    let s = Server::start_in(
+        dir.path(),
+        &["--max-result-rows", "3"],
+        &[("ICHIBASE_MAX_RESULT_ROWS", "2")],
+    );
+    assert_eq!(
+        post(
+            &c,
+            &s.url,
+            &[],
+            "SELECT 1 UNION ALL SELECT 2 UNION ALL SELECT 3"
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        post(&c, &s.url, &[], &format!("SELECT '{}'", "x".repeat(6000)))
+            .await
+            .status,
+        413,
+        "file value still applies"
+    );
     drop(s);
     // A bad config file stops start-up with a clear message.
     std::fs::write(dir.path().join("ichibase.toml"), "max_rezult_rows = 1\n").unwrap();
@@ -555,19 +953,40 @@ async fn configuration_layers() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("max_rezult_rows"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("max_rezult_rows"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn cli_help_and_version() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase")).arg("--help").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase"))
+        .arg("--help")
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("serve") && help.contains("version"), "{help}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase")).args(["serve", "--help"]).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    assert!(help.contains("--listen") && help.contains("--data-dir") && help.contains("ICHIBASE_LISTEN"), "{help}");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase")).arg("version").output().unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&format!("ichibase {}", env!("CARGO_PKG_VERSION"))));
+    assert!(
+        help.contains("--listen")
+            && help.contains("--data-dir")
+            && help.contains("ICHIBASE_LISTEN"),
+        "{help}"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase"))
+        .arg("version")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .starts_with(&format!("ichibase {}", env!("CARGO_PKG_VERSION")))
+    );
 }
 
 #[tokio::test]
@@ -582,8 +1001,13 @@ async fn default_data_dir_is_created() {
         .unwrap();
     use std::io::BufRead;
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.starts_with("ichibase listening on http://127.0.0.1:"), "{line}");
+    std::io::BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("ichibase listening on http://127.0.0.1:"),
+        "{line}"
+    );
     assert!(dir.path().join("ichibase-data/ichibase.db").exists());
     child.kill().unwrap();
     child.wait().unwrap();

@@ -4,24 +4,65 @@
 //! Owns HTTP concerns only (status codes, headers, bodies). Components register their routes in
 //! [`router`]; request handling delegates to `sql`, `storage` and later components.
 
+mod admin;
+mod auth;
 mod sql;
 
 use std::sync::Arc;
 
 use axum::Router;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
+use crate::auth::Auth;
 use crate::config::Config;
-use crate::core::{Error, ErrorCode};
+use crate::core::{Error, ErrorCode, RequestContext};
 use crate::storage::Storage;
 
 /// State shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
     pub storage: Storage,
+    pub auth: Arc<Auth>,
     pub config: Arc<Config>,
+}
+
+/// The identity of a request from its headers (JSON error response when the credentials are bad).
+pub fn identify(st: &AppState, headers: &HeaderMap) -> Result<RequestContext, Response> {
+    st.auth
+        .identify(headers, None, None, None)
+        .map_err(|e| error_response(&e, true, None))
+}
+
+/// A JSON request body whose errors are answered in ichibase's JSON error shape.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| {
+                error_response(
+                    &Error::new(
+                        ErrorCode::BadArguments,
+                        format!("Could not read the body: {e}"),
+                    ),
+                    true,
+                    None,
+                )
+            })?;
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
+            error_response(
+                &Error::new(ErrorCode::BadArguments, format!("Invalid JSON body: {e}")),
+                true,
+                None,
+            )
+        })
+    }
 }
 
 /// Every HTTP route of the engine. Add a component's routes here, one `.merge()` per component.
@@ -29,6 +70,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/ping", get(ping).head(ping))
         .merge(sql::routes())
+        .merge(auth::routes())
+        .merge(admin::routes())
         .fallback(not_found)
         .with_state(state)
 }
@@ -38,12 +81,17 @@ async fn ping() -> &'static str {
 }
 
 async fn not_found(uri: axum::http::Uri) -> Response {
-    error_response(&Error::new(ErrorCode::NotFound, format!("No route for {}", uri.path())), true, None)
+    error_response(
+        &Error::new(ErrorCode::NotFound, format!("No route for {}", uri.path())),
+        true,
+        None,
+    )
 }
 
 /// Render an error: ClickHouse's text shape, or JSON when the client asked for a JSON format.
 pub fn error_response(e: &Error, json: bool, query_id: Option<&str>) -> Response {
-    let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status =
+        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut resp = if json {
         let body = serde_json::json!({
             "error": {
@@ -55,15 +103,24 @@ pub fn error_response(e: &Error, json: bool, query_id: Option<&str>) -> Response
             "exception": e.to_string(),
         });
         let mut r = (status, format!("{body}\n")).into_response();
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=UTF-8"));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=UTF-8"),
+        );
         r
     } else {
         let mut r = (status, format!("{e}\n")).into_response();
-        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=UTF-8"));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=UTF-8"),
+        );
         r
     };
     let h = resp.headers_mut();
-    h.insert("x-clickhouse-exception-code", HeaderValue::from(e.code.number()));
+    h.insert(
+        "x-clickhouse-exception-code",
+        HeaderValue::from(e.code.number()),
+    );
     if let Some(q) = query_id.and_then(|q| HeaderValue::from_str(q).ok()) {
         h.insert("x-clickhouse-query-id", q);
     }

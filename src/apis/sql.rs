@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 
 use super::{AppState, error_response};
 use crate::core::{Error, ErrorCode, RequestContext, Result};
-use crate::sql::exec::{self, Msg, QuerySettings, Summary};
 use crate::sql::Format;
+use crate::sql::exec::{self, Msg, QuerySettings, Summary};
 use crate::storage::ExecControl;
 
 pub fn routes() -> Router<AppState> {
@@ -34,13 +34,13 @@ const IGNORED_SETTINGS: &[&str] = &[
     "output_format_json_quote_denormals",
     "date_time_output_format",
     "log_comment",
-    "user",
-    "password",
 ];
 
 /// What the URL and headers asked for.
 struct Request {
     query: Option<String>,
+    user: Option<String>,
+    password: Option<String>,
     query_id: Option<String>,
     settings: QuerySettings,
     max_execution_time: f64,
@@ -51,29 +51,53 @@ fn parse_bool(name: &str, v: &str) -> Result<bool> {
     match v.to_ascii_lowercase().as_str() {
         "1" | "true" => Ok(true),
         "0" | "false" => Ok(false),
-        _ => Err(Error::new(ErrorCode::BadArguments, format!("Setting {name} must be 0 or 1, got '{v}'"))),
+        _ => Err(Error::new(
+            ErrorCode::BadArguments,
+            format!("Setting {name} must be 0 or 1, got '{v}'"),
+        )),
     }
 }
 
 fn parse_num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T> {
-    v.trim().parse().map_err(|_| Error::new(ErrorCode::BadArguments, format!("Setting {name} must be a number, got '{v}'")))
+    v.trim().parse().map_err(|_| {
+        Error::new(
+            ErrorCode::BadArguments,
+            format!("Setting {name} must be a number, got '{v}'"),
+        )
+    })
 }
 
 /// A request may lower a server limit (0 = unlimited) but never raise it.
-fn lower_only<T: PartialOrd + Copy + Default + std::fmt::Display>(name: &str, asked: T, server: T) -> Result<T> {
+fn lower_only<T: PartialOrd + Copy + Default + std::fmt::Display>(
+    name: &str,
+    asked: T,
+    server: T,
+) -> Result<T> {
     let zero = T::default();
     if server == zero || (asked != zero && asked <= server) {
         Ok(asked)
     } else {
-        Err(Error::new(ErrorCode::BadArguments, format!("Setting {name}={asked} is above the server's limit {server}; a request may only lower it")))
+        Err(Error::new(
+            ErrorCode::BadArguments,
+            format!(
+                "Setting {name}={asked} is above the server's limit {server}; a request may only lower it"
+            ),
+        ))
     }
 }
 
-fn parse_request(st: &AppState, method: &Method, headers: &HeaderMap, raw: Option<&str>) -> Result<Request> {
+fn parse_request(
+    st: &AppState,
+    method: &Method,
+    headers: &HeaderMap,
+    raw: Option<&str>,
+) -> Result<Request> {
     let cfg = &st.config;
     let lim = cfg.limits;
     let mut r = Request {
         query: None,
+        user: None,
+        password: None,
         query_id: None,
         settings: QuerySettings {
             default_format: None,
@@ -88,15 +112,23 @@ fn parse_request(st: &AppState, method: &Method, headers: &HeaderMap, raw: Optio
             buffer_size: cfg.http_buffer_size,
         },
         max_execution_time: lim.max_execution_time,
-        wants_json: headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("application/json")),
+        wants_json: headers
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/json")),
     };
-    if let Some(f) = headers.get("x-clickhouse-format").and_then(|v| v.to_str().ok()) {
+    if let Some(f) = headers
+        .get("x-clickhouse-format")
+        .and_then(|v| v.to_str().ok())
+    {
         r.settings.default_format = Some(Format::parse(f)?);
     }
     for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
         let s = &mut r.settings;
         match k.as_ref() {
             "query" => r.query = Some(v.into_owned()),
+            "user" => r.user = Some(v.into_owned()),
+            "password" => r.password = Some(v.into_owned()),
             "query_id" if !v.is_empty() => r.query_id = Some(v.into_owned()),
             "query_id" => {}
             "default_format" => s.default_format = Some(Format::parse(&v)?),
@@ -104,28 +136,46 @@ fn parse_request(st: &AppState, method: &Method, headers: &HeaderMap, raw: Optio
             "readonly" => {
                 let level: u8 = parse_num(&k, &v)?;
                 if level > 2 {
-                    return Err(Error::new(ErrorCode::BadArguments, "Setting readonly must be 0, 1 or 2"));
+                    return Err(Error::new(
+                        ErrorCode::BadArguments,
+                        "Setting readonly must be 0, 1 or 2",
+                    ));
                 }
                 if level > 0 {
                     s.readonly = true;
                 } else if *method == Method::GET {
-                    return Err(Error::new(ErrorCode::Readonly, "GET requests are always read-only; send writes with POST"));
+                    return Err(Error::new(
+                        ErrorCode::Readonly,
+                        "GET requests are always read-only; send writes with POST",
+                    ));
                 }
             }
             "max_execution_time" => {
                 let t: f64 = parse_num(&k, &v)?;
                 if !(t >= 0.0 && t.is_finite()) {
-                    return Err(Error::new(ErrorCode::BadArguments, "Setting max_execution_time must be a non-negative number of seconds"));
+                    return Err(Error::new(
+                        ErrorCode::BadArguments,
+                        "Setting max_execution_time must be a non-negative number of seconds",
+                    ));
                 }
                 r.max_execution_time = lower_only(&k, t, lim.max_execution_time)?;
             }
-            "max_result_rows" => s.max_result_rows = lower_only(&k, parse_num(&k, &v)?, lim.max_result_rows)?,
-            "max_result_bytes" => s.max_result_bytes = lower_only(&k, parse_num(&k, &v)?, lim.max_result_bytes)?,
+            "max_result_rows" => {
+                s.max_result_rows = lower_only(&k, parse_num(&k, &v)?, lim.max_result_rows)?
+            }
+            "max_result_bytes" => {
+                s.max_result_bytes = lower_only(&k, parse_num(&k, &v)?, lim.max_result_bytes)?
+            }
             "result_overflow_mode" => {
                 s.overflow_break = match v.as_ref() {
                     "throw" => false,
                     "break" => true,
-                    _ => return Err(Error::new(ErrorCode::BadArguments, "Setting result_overflow_mode must be 'throw' or 'break'")),
+                    _ => {
+                        return Err(Error::new(
+                            ErrorCode::BadArguments,
+                            "Setting result_overflow_mode must be 'throw' or 'break'",
+                        ));
+                    }
                 }
             }
             "output_format_json_quote_64bit_integers" => s.quote_i64 = parse_bool(&k, &v)?,
@@ -142,15 +192,24 @@ fn parse_request(st: &AppState, method: &Method, headers: &HeaderMap, raw: Optio
             }
             "database" => {
                 if !matches!(v.as_ref(), "default" | "main" | "") {
-                    return Err(Error::new(ErrorCode::UnknownDatabase, format!("Database {v} does not exist; ichibase has one database, 'default'")));
+                    return Err(Error::new(
+                        ErrorCode::UnknownDatabase,
+                        format!(
+                            "Database {v} does not exist; ichibase has one database, 'default'"
+                        ),
+                    ));
                 }
             }
             name if name.starts_with("param_") => {
-                s.params.insert(name["param_".len()..].to_string(), v.into_owned());
+                s.params
+                    .insert(name["param_".len()..].to_string(), v.into_owned());
             }
             name if IGNORED_SETTINGS.contains(&name) => {}
             name => {
-                return Err(Error::new(ErrorCode::UnknownSetting, format!("Unknown setting '{name}'")));
+                return Err(Error::new(
+                    ErrorCode::UnknownSetting,
+                    format!("Unknown setting '{name}'"),
+                ));
             }
         }
     }
@@ -171,19 +230,45 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn handle(State(st): State<AppState>, method: Method, headers: HeaderMap, RawQuery(raw): RawQuery, body: Body) -> Response {
+async fn handle(
+    State(st): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+    body: Body,
+) -> Response {
     let req = match parse_request(&st, &method, &headers, raw.as_deref()) {
         Ok(r) => r,
         Err(e) => {
-            let json = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|v| v.contains("json"));
+            let json = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("json"));
             return error_response(&e, json, None);
         }
     };
     if method == Method::GET && req.query.is_none() {
         return "Ok.\n".into_response();
     }
-    let ctx = RequestContext::admin(req.query_id.clone());
-    let body = if method == Method::GET { Bytes::new() } else {
+    let ctx = match st.auth.identify(
+        &headers,
+        req.user.as_deref(),
+        req.password.as_deref(),
+        req.query_id.clone(),
+    ) {
+        Ok(c) => c,
+        Err(e) => {
+            let mut r = error_response(&e, req.wants_json, req.query_id.as_deref());
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"ichibase\""),
+            );
+            return r;
+        }
+    };
+    let body = if method == Method::GET {
+        Bytes::new()
+    } else {
         match read_body(body, &headers, st.config.limits.max_body_size).await {
             Ok(b) => b,
             Err(e) => return error_response(&e, req.wants_json, Some(&ctx.query_id)),
@@ -195,9 +280,13 @@ async fn handle(State(st): State<AppState>, method: Method, headers: HeaderMap, 
     };
     let control = ExecControl::new(ctx.started, req.max_execution_time);
     let guard = CancelOnDrop(Arc::clone(&control));
-    let (format, mut rx) = exec::start(st.storage.clone(), ctx.clone(), control, text, req.settings);
+    let (format, mut rx) =
+        exec::start(st.storage.clone(), ctx.clone(), control, text, req.settings);
     let wants_json = req.wants_json;
-    let first = rx.recv().await.unwrap_or_else(|| Msg::Error(Error::internal("query task ended without an answer")));
+    let first = rx
+        .recv()
+        .await
+        .unwrap_or_else(|| Msg::Error(Error::internal("query task ended without an answer")));
     let resp = match first {
         Msg::Error(e) => {
             log(&ctx, &method, e.code.http_status(), None, Some(&e));
@@ -210,7 +299,12 @@ async fn handle(State(st): State<AppState>, method: Method, headers: HeaderMap, 
         Msg::Data(bytes, summary) => {
             log(&ctx, &method, 200, Some(&summary), None);
             let tag = exception_tag();
-            let mut resp = ok_response(streaming_body(bytes, rx, guard, tag.clone()), format, &ctx, &summary);
+            let mut resp = ok_response(
+                streaming_body(bytes, rx, guard, tag.clone()),
+                format,
+                &ctx,
+                &summary,
+            );
             if let Ok(v) = HeaderValue::from_str(&tag) {
                 resp.headers_mut().insert("x-clickhouse-exception-tag", v);
             }
@@ -220,11 +314,21 @@ async fn handle(State(st): State<AppState>, method: Method, headers: HeaderMap, 
     resp
 }
 
-fn log(ctx: &RequestContext, method: &Method, status: u16, summary: Option<&Summary>, err: Option<&Error>) {
+fn log(
+    ctx: &RequestContext,
+    method: &Method,
+    status: u16,
+    summary: Option<&Summary>,
+    err: Option<&Error>,
+) {
     let elapsed_ms = ctx.started.elapsed().as_secs_f64() * 1e3;
     match err {
-        Some(e) if status >= 500 => tracing::error!(query_id = %ctx.query_id, %method, status, elapsed_ms, error = %e, "sql request failed"),
-        Some(e) => tracing::info!(query_id = %ctx.query_id, %method, status, elapsed_ms, error = %e, "sql request rejected"),
+        Some(e) if status >= 500 => {
+            tracing::error!(query_id = %ctx.query_id, %method, status, elapsed_ms, error = %e, "sql request failed")
+        }
+        Some(e) => {
+            tracing::info!(query_id = %ctx.query_id, %method, status, elapsed_ms, error = %e, "sql request rejected")
+        }
         None => tracing::info!(
             query_id = %ctx.query_id, %method, status, elapsed_ms,
             result_rows = summary.map(|s| s.result_rows), written_rows = summary.map(|s| s.written_rows), "sql request"
@@ -233,8 +337,17 @@ fn log(ctx: &RequestContext, method: &Method, status: u16, summary: Option<&Summ
 }
 
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes> {
-    let too_large = || Error::new(ErrorCode::RequestTooLarge, format!("Request body is larger than {limit} bytes (max_body_size)"));
-    if let Some(len) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()) {
+    let too_large = || {
+        Error::new(
+            ErrorCode::RequestTooLarge,
+            format!("Request body is larger than {limit} bytes (max_body_size)"),
+        )
+    };
+    if let Some(len) = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
         if len > limit as u64 {
             return Err(too_large());
         }
@@ -244,7 +357,10 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
         if inner.is::<http_body_util::LengthLimitError>() {
             too_large()
         } else {
-            Error::new(ErrorCode::BadArguments, format!("Could not read the request body: {inner}"))
+            Error::new(
+                ErrorCode::BadArguments,
+                format!("Could not read the request body: {inner}"),
+            )
         }
     })
 }
@@ -252,14 +368,27 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
 /// ClickHouse's rule: `?query=` text, then a newline and the body (insert data), or the body
 /// alone when there is no `query` argument.
 fn compose_text(url_query: Option<&str>, body: &[u8], method: &Method) -> Result<String> {
-    let body = std::str::from_utf8(body)
-        .map_err(|e| Error::new(ErrorCode::BadArguments, format!("Request body is not valid UTF-8 (at byte {})", e.valid_up_to())))?;
+    let body = std::str::from_utf8(body).map_err(|e| {
+        Error::new(
+            ErrorCode::BadArguments,
+            format!(
+                "Request body is not valid UTF-8 (at byte {})",
+                e.valid_up_to()
+            ),
+        )
+    })?;
     let text = match (url_query, body.is_empty()) {
         (Some(q), true) => q.to_string(),
         (Some(q), false) => format!("{q}\n{body}"),
         (None, false) => body.to_string(),
-        (None, true) if *method == Method::GET => return Err(Error::syntax("Empty query: pass the SQL as ?query=")),
-        (None, true) => return Err(Error::syntax("Empty query: send the SQL in the POST body or as ?query=")),
+        (None, true) if *method == Method::GET => {
+            return Err(Error::syntax("Empty query: pass the SQL as ?query="));
+        }
+        (None, true) => {
+            return Err(Error::syntax(
+                "Empty query: send the SQL in the POST body or as ?query=",
+            ));
+        }
     };
     if text.trim().is_empty() {
         return Err(Error::syntax("Empty query"));
@@ -270,8 +399,14 @@ fn compose_text(url_query: Option<&str>, body: &[u8], method: &Method) -> Result
 fn ok_response(body: Body, format: Format, ctx: &RequestContext, summary: &Summary) -> Response {
     let mut resp = (StatusCode::OK, body).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(format.content_type()));
-    h.insert("x-clickhouse-format", HeaderValue::from_static(format.name()));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    h.insert(
+        "x-clickhouse-format",
+        HeaderValue::from_static(format.name()),
+    );
     if let Ok(v) = HeaderValue::from_str(&ctx.query_id) {
         h.insert("x-clickhouse-query-id", v);
     }
@@ -291,13 +426,20 @@ fn ok_response(body: Body, format: Format, ctx: &RequestContext, summary: &Summa
 /// can tell a real failure from data that merely looks like one.
 pub fn exception_trailer(e: &Error, tag: &str) -> String {
     let msg = e.to_string();
-    format!("\r\n__exception__\r\n{tag}\n{msg}\n{} {tag}\r\n__exception__\r\n", msg.len() + 1)
+    format!(
+        "\r\n__exception__\r\n{tag}\n{msg}\n{} {tag}\r\n__exception__\r\n",
+        msg.len() + 1
+    )
 }
 
 /// 16 random lower-case alphanumerics, as ClickHouse's exception tags.
 fn exception_tag() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-    uuid::Uuid::new_v4().as_bytes().iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+    uuid::Uuid::new_v4()
+        .as_bytes()
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
 }
 
 fn streaming_body(first: Bytes, rx: mpsc::Receiver<Msg>, guard: CancelOnDrop, tag: String) -> Body {
@@ -306,26 +448,36 @@ fn streaming_body(first: Bytes, rx: mpsc::Receiver<Msg>, guard: CancelOnDrop, ta
         Rest,
         End,
     }
-    let s = stream::unfold((St::First(first), rx, guard), move |(state, mut rx, guard)| {
-        let tag = tag.clone();
-        async move {
-            match state {
-                St::First(b) => Some((Ok::<Bytes, std::io::Error>(b), (St::Rest, rx, guard))),
-                St::Rest => match rx.recv().await {
-                    Some(Msg::Data(b, _)) => Some((Ok(b), (St::Rest, rx, guard))),
-                    Some(Msg::Done(b, _)) => Some((Ok(b), (St::End, rx, guard))),
-                    Some(Msg::Error(e)) => {
-                        tracing::warn!(error = %e, "query failed after streaming began");
-                        Some((Ok(Bytes::from(exception_trailer(&e, &tag))), (St::End, rx, guard)))
-                    }
-                    None => {
-                        let e = Error::internal("query task ended without finishing the result");
-                        Some((Ok(Bytes::from(exception_trailer(&e, &tag))), (St::End, rx, guard)))
-                    }
-                },
-                St::End => None,
+    let s = stream::unfold(
+        (St::First(first), rx, guard),
+        move |(state, mut rx, guard)| {
+            let tag = tag.clone();
+            async move {
+                match state {
+                    St::First(b) => Some((Ok::<Bytes, std::io::Error>(b), (St::Rest, rx, guard))),
+                    St::Rest => match rx.recv().await {
+                        Some(Msg::Data(b, _)) => Some((Ok(b), (St::Rest, rx, guard))),
+                        Some(Msg::Done(b, _)) => Some((Ok(b), (St::End, rx, guard))),
+                        Some(Msg::Error(e)) => {
+                            tracing::warn!(error = %e, "query failed after streaming began");
+                            Some((
+                                Ok(Bytes::from(exception_trailer(&e, &tag))),
+                                (St::End, rx, guard),
+                            ))
+                        }
+                        None => {
+                            let e =
+                                Error::internal("query task ended without finishing the result");
+                            Some((
+                                Ok(Bytes::from(exception_trailer(&e, &tag))),
+                                (St::End, rx, guard),
+                            ))
+                        }
+                    },
+                    St::End => None,
+                }
             }
-        }
-    });
+        },
+    );
     Body::from_stream(s)
 }

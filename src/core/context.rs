@@ -5,6 +5,7 @@
 //! removes it again at check-in. Identity checks (tokens, sessions, API keys) belong to the auth
 //! component; this module only carries the result.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 /// The role a request runs as. Until identities exist every request runs as [`Role::Admin`].
@@ -26,6 +27,15 @@ impl Role {
             Role::Named(n) => n,
         }
     }
+
+    /// The role named `name` (`admin` and `anon` are the built-in ones).
+    pub fn from_name(name: &str) -> Role {
+        match name {
+            "admin" => Role::Admin,
+            "anon" => Role::Anon,
+            other => Role::Named(other.to_string()),
+        }
+    }
 }
 
 /// Everything downstream code may know about the caller of one request.
@@ -35,23 +45,44 @@ pub struct RequestContext {
     pub query_id: String,
     /// Id tying log lines, traces and posterity rows of this request together.
     pub trace_id: String,
-    /// The authenticated user id; `None` for anonymous and for the built-in admin.
+    /// The authenticated user id; `None` for anonymous requests and for machine keys without a user.
     pub user_id: Option<String>,
     pub role: Role,
+    /// Claims of the credential (JWT claims, or the equivalent for sessions and API keys),
+    /// readable from SQL with `auth_claim(name)`.
+    pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
+    /// The server-side session behind the credential, when there is one.
+    pub session_id: Option<String>,
     pub started: Instant,
 }
 
 impl RequestContext {
-    /// The context every request gets until the auth component exists: the admin.
-    pub fn admin(query_id: Option<String>) -> Self {
-        let trace_id = uuid::Uuid::new_v4().simple().to_string();
+    /// A context for `role` with fresh ids.
+    pub fn new(query_id: Option<String>, role: Role) -> Self {
         RequestContext {
             query_id: query_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-            trace_id,
+            trace_id: uuid::Uuid::new_v4().simple().to_string(),
             user_id: None,
-            role: Role::Admin,
+            role,
+            claims: None,
+            session_id: None,
             started: Instant::now(),
         }
+    }
+
+    /// The engine's own work (migrations, auth lookups): full access, no user.
+    pub fn system() -> Self {
+        Self::new(None, Role::Admin)
+    }
+
+    /// An anonymous request.
+    pub fn anon(query_id: Option<String>) -> Self {
+        Self::new(query_id, Role::Anon)
+    }
+
+    /// One claim as SQL sees it through `auth_claim(name)`.
+    pub fn claim(&self, name: &str) -> Option<&serde_json::Value> {
+        self.claims.as_ref()?.get(name)
     }
 
     pub fn is_admin(&self) -> bool {

@@ -35,6 +35,7 @@ pub enum ErrorCode {
     StorageError,
     ShuttingDown,
     NotFound,
+    AuthenticationFailed,
     Internal,
 }
 
@@ -68,6 +69,7 @@ impl ErrorCode {
             StorageError => 1004,
             ShuttingDown => 1005,
             NotFound => 1006,
+            AuthenticationFailed => 516,
         }
     }
 
@@ -100,6 +102,7 @@ impl ErrorCode {
             StorageError => "STORAGE_ERROR",
             ShuttingDown => "SHUTTING_DOWN",
             NotFound => "NOT_FOUND",
+            AuthenticationFailed => "AUTHENTICATION_FAILED",
         }
     }
 
@@ -107,10 +110,18 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         use ErrorCode::*;
         match self {
-            SyntaxError | UnknownIdentifier | UnknownType | BadArguments | UnknownQueryParameter
-            | BadQueryParameter | IncorrectData | TooManyRowsOrBytes => 400,
+            SyntaxError
+            | UnknownIdentifier
+            | UnknownType
+            | BadArguments
+            | UnknownQueryParameter
+            | BadQueryParameter
+            | IncorrectData
+            | TooManyRowsOrBytes => 400,
+            AuthenticationFailed => 401,
             AccessDenied | Readonly => 403,
-            UnknownTable | UnknownFunction | UnknownFormat | UnknownSetting | UnknownDatabase | NotFound => 404,
+            UnknownTable | UnknownFunction | UnknownFormat | UnknownSetting | UnknownDatabase
+            | NotFound => 404,
             TimeoutExceeded => 408,
             ConstraintViolation => 409,
             RequestTooLarge => 413,
@@ -133,7 +144,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Error { code, message: message.into() }
+        Error {
+            code,
+            message: message.into(),
+        }
     }
     pub fn syntax(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::SyntaxError, message)
@@ -150,11 +164,16 @@ impl Error {
             rusqlite::Error::SqliteFailure(e, msg) => {
                 let text = msg.clone().unwrap_or_else(|| e.to_string());
                 let code = match e.code {
+                    C::ConstraintViolation if text.contains("violates WITH CHECK") => {
+                        ErrorCode::AccessDenied
+                    }
                     C::ConstraintViolation => ErrorCode::ConstraintViolation,
                     C::DatabaseBusy | C::DatabaseLocked => ErrorCode::DatabaseBusy,
                     C::OperationInterrupted => ErrorCode::QueryWasCancelled,
                     C::ReadOnly => ErrorCode::Readonly,
-                    C::AuthorizationForStatementDenied | C::PermissionDenied => ErrorCode::AccessDenied,
+                    C::AuthorizationForStatementDenied | C::PermissionDenied => {
+                        ErrorCode::AccessDenied
+                    }
                     C::TooBig => ErrorCode::TooManyRowsOrBytes,
                     C::TypeMismatch | C::ParameterOutOfRange => ErrorCode::BadArguments,
                     C::SystemIoFailure
@@ -168,9 +187,14 @@ impl Error {
                 };
                 Error::new(code, text)
             }
-            rusqlite::Error::SqlInputError { msg, sql, offset, .. } => {
+            rusqlite::Error::SqlInputError {
+                msg, sql, offset, ..
+            } => {
                 let near = snippet(sql, *offset);
-                Error::new(classify_message(msg), format!("{msg} (at offset {offset}: {near})"))
+                Error::new(
+                    classify_message(msg),
+                    format!("{msg} (at offset {offset}: {near})"),
+                )
             }
             rusqlite::Error::MultipleStatement => Error::syntax(
                 "Multi-statements are not allowed; pass transaction=1 to run several statements in one transaction",
@@ -188,7 +212,10 @@ fn classify_message(msg: &str) -> ErrorCode {
         ErrorCode::UnknownIdentifier
     } else if msg.starts_with("no such function") || msg.starts_with("wrong number of arguments") {
         ErrorCode::UnknownFunction
-    } else if msg.contains("syntax error") || msg.contains("incomplete input") || msg.contains("unrecognized token") {
+    } else if msg.contains("syntax error")
+        || msg.contains("incomplete input")
+        || msg.contains("unrecognized token")
+    {
         ErrorCode::SyntaxError
     } else if msg.contains("not authorized") || msg.contains("prohibited") {
         ErrorCode::AccessDenied
@@ -199,9 +226,16 @@ fn classify_message(msg: &str) -> ErrorCode {
 
 fn snippet(sql: &str, offset: i32) -> String {
     let start = usize::try_from(offset).unwrap_or(0).min(sql.len());
-    let start = (0..=start).rev().find(|i| sql.is_char_boundary(*i)).unwrap_or(0);
+    let start = (0..=start)
+        .rev()
+        .find(|i| sql.is_char_boundary(*i))
+        .unwrap_or(0);
     let tail: String = sql[start..].chars().take(40).collect();
-    if tail.is_empty() { "end of query".into() } else { format!("'{tail}'") }
+    if tail.is_empty() {
+        "end of query".into()
+    } else {
+        format!("'{tail}'")
+    }
 }
 
 impl From<rusqlite::Error> for Error {
@@ -213,7 +247,13 @@ impl From<rusqlite::Error> for Error {
 impl fmt::Display for Error {
     /// ClickHouse's text shape: `Code: N. DB::Exception: message. (NAME)`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Code: {}. DB::Exception: {}. ({})", self.code.number(), self.message, self.code.name())
+        write!(
+            f,
+            "Code: {}. DB::Exception: {}. ({})",
+            self.code.number(),
+            self.message,
+            self.code.name()
+        )
     }
 }
 
@@ -226,7 +266,10 @@ mod tests {
     #[test]
     fn display_has_clickhouse_shape() {
         let e = Error::new(ErrorCode::UnknownFormat, "Unknown output format Foo");
-        assert_eq!(e.to_string(), "Code: 73. DB::Exception: Unknown output format Foo. (UNKNOWN_FORMAT)");
+        assert_eq!(
+            e.to_string(),
+            "Code: 73. DB::Exception: Unknown output format Foo. (UNKNOWN_FORMAT)"
+        );
         assert_eq!(e.code.http_status(), 404);
     }
 
@@ -237,9 +280,13 @@ mod tests {
         assert_eq!(e.code, ErrorCode::UnknownTable);
         let e: Error = c.prepare("SELEC 1").unwrap_err().into();
         assert_eq!(e.code, ErrorCode::SyntaxError);
-        c.execute_batch("CREATE TABLE t(a INTEGER PRIMARY KEY)").unwrap();
+        c.execute_batch("CREATE TABLE t(a INTEGER PRIMARY KEY)")
+            .unwrap();
         c.execute("INSERT INTO t VALUES (1)", []).unwrap();
-        let e: Error = c.execute("INSERT INTO t VALUES (1)", []).unwrap_err().into();
+        let e: Error = c
+            .execute("INSERT INTO t VALUES (1)", [])
+            .unwrap_err()
+            .into();
         assert_eq!(e.code, ErrorCode::ConstraintViolation);
     }
 }

@@ -20,7 +20,7 @@ use super::input;
 use super::params;
 use super::parse::{self, InsertTarget, quote_ident};
 use crate::core::{Error, ErrorCode, RequestContext, Result};
-use crate::storage::{ExecControl, Storage};
+use crate::storage::{Authz, ExecControl, Storage};
 
 /// Chunk size once a response streams.
 const CHUNK: usize = 64 * 1024;
@@ -63,7 +63,13 @@ impl Summary {
     pub fn to_header(&self) -> String {
         format!(
             "{{\"read_rows\":\"{}\",\"read_bytes\":\"{}\",\"written_rows\":\"{}\",\"written_bytes\":\"{}\",\"total_rows_to_read\":\"0\",\"result_rows\":\"{}\",\"result_bytes\":\"{}\",\"elapsed_ns\":\"{}\"}}",
-            self.read_rows, self.read_bytes, self.written_rows, self.written_bytes, self.result_rows, self.result_bytes, self.elapsed_ns
+            self.read_rows,
+            self.read_bytes,
+            self.written_rows,
+            self.written_bytes,
+            self.result_rows,
+            self.result_bytes,
+            self.elapsed_ns
         )
     }
 }
@@ -84,6 +90,7 @@ struct Bound {
     sql: String,
     values: Vec<Value>,
     verb: String,
+    ctes: Vec<String>,
 }
 
 /// The plan for one request, built before touching storage.
@@ -105,7 +112,9 @@ pub fn start(
     let plan = plan(&text, &settings);
     let format = match &plan {
         Ok(p) => p.format,
-        Err(_) => sniff_format(&text).or(settings.default_format).unwrap_or(Format::TabSeparated),
+        Err(_) => sniff_format(&text)
+            .or(settings.default_format)
+            .unwrap_or(Format::TabSeparated),
     };
     tokio::spawn(async move {
         let result = match plan {
@@ -122,7 +131,10 @@ pub fn start(
 /// Best-effort `FORMAT X` at the end of text that failed to parse, so its error can still be
 /// rendered in the format the client asked for.
 fn sniff_format(text: &str) -> Option<Format> {
-    let mut words = text.trim_end().trim_end_matches(';').rsplit(char::is_whitespace);
+    let mut words = text
+        .trim_end()
+        .trim_end_matches(';')
+        .rsplit(char::is_whitespace);
     let name = words.next()?;
     words.next().filter(|w| w.eq_ignore_ascii_case("FORMAT"))?;
     Format::parse(name).ok()
@@ -134,7 +146,10 @@ fn plan(text: &str, settings: &QuerySettings) -> Result<Plan> {
     if sql_len > settings.max_query_size {
         return Err(Error::new(
             ErrorCode::RequestTooLarge,
-            format!("Max query size exceeded: {sql_len} bytes of SQL, limit {} (max_query_size)", settings.max_query_size),
+            format!(
+                "Max query size exceeded: {sql_len} bytes of SQL, limit {} (max_query_size)",
+                settings.max_query_size
+            ),
         ));
     }
     let format = match &parsed.format {
@@ -148,10 +163,16 @@ fn plan(text: &str, settings: &QuerySettings) -> Result<Plan> {
     }
     let mut statements = Vec::with_capacity(parsed.statements.len());
     for st in parsed.statements {
-        if matches!(st.verb.as_str(), "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "SAVEPOINT" | "RELEASE") {
+        if matches!(
+            st.verb.as_str(),
+            "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "SAVEPOINT" | "RELEASE"
+        ) {
             return Err(Error::new(
                 ErrorCode::BadArguments,
-                format!("{} is not allowed: each request is its own transaction; send several statements with transaction=1", st.verb),
+                format!(
+                    "{} is not allowed: each request is its own transaction; send several statements with transaction=1",
+                    st.verb
+                ),
             ));
         }
         let mut values = Vec::with_capacity(st.params.len());
@@ -159,12 +180,20 @@ fn plan(text: &str, settings: &QuerySettings) -> Result<Plan> {
             let raw = settings.params.get(&p.name).ok_or_else(|| {
                 Error::new(
                     ErrorCode::UnknownQueryParameter,
-                    format!("Substitution `{}` is not set: pass param_{}=<{}> in the URL", p.name, p.name, p.ty),
+                    format!(
+                        "Substitution `{}` is not set: pass param_{}=<{}> in the URL",
+                        p.name, p.name, p.ty
+                    ),
                 )
             })?;
             values.push(params::bind_value(&p.name, &p.ty, raw)?);
         }
-        statements.push(Bound { sql: st.sql, values, verb: st.verb });
+        statements.push(Bound {
+            sql: st.sql,
+            values,
+            verb: st.verb,
+            ctes: st.ctes,
+        });
     }
     let insert = match parsed.insert {
         Some((target, data)) => {
@@ -176,11 +205,18 @@ fn plan(text: &str, settings: &QuerySettings) -> Result<Plan> {
         }
         None => None,
     };
-    Ok(Plan { statements, format, insert })
+    Ok(Plan {
+        statements,
+        format,
+        insert,
+    })
 }
 
 fn readonly_error() -> Error {
-    Error::new(ErrorCode::Readonly, "Cannot execute query in readonly mode: GET requests and readonly=1 only read; send writes with POST")
+    Error::new(
+        ErrorCode::Readonly,
+        "Cannot execute query in readonly mode: GET requests and readonly=1 only read; send writes with POST",
+    )
 }
 
 async fn run(
@@ -192,20 +228,32 @@ async fn run(
     tx: mpsc::Sender<Msg>,
 ) -> Result<()> {
     let started = ctx.started;
+    let is_admin = ctx.is_admin();
     // Single statements and read-only transactions try a reader first.
     if plan.insert.is_none() && (plan.statements.len() == 1 || settings.readonly) {
         let s = settings.clone();
         let tx2 = tx.clone();
         let statements = plan.statements.clone();
         let format = plan.format;
+        let authz = Arc::clone(storage.authz());
         let needs_writer = storage
             .read(ctx, Arc::clone(&control), move |conn| {
+                check_cte_names(&authz, is_admin, &statements)?;
                 if statements.len() == 1 && !conn.prepare_cached(&statements[0].sql)?.readonly() {
-                    return if s.readonly { Err(readonly_error()) } else { Ok(true) };
+                    return if s.readonly {
+                        Err(readonly_error())
+                    } else {
+                        Ok(true)
+                    };
                 }
                 let mut out = Output::new(format, &s, started, Some(tx2));
                 let r = if statements.len() == 1 {
-                    run_statement(conn, &statements[0], Some(&mut out), &mut Summary::default())
+                    run_statement(
+                        conn,
+                        &statements[0],
+                        Some(&mut out),
+                        &mut Summary::default(),
+                    )
                 } else {
                     conn.execute_batch("BEGIN")?;
                     let r = run_all(conn, &statements, &mut out);
@@ -227,12 +275,16 @@ async fn run(
 
     let s = settings.clone();
     let format = plan.format;
+    let authz = Arc::clone(storage.authz());
     let (body, summary) = storage
         .write(ctx, control, move |conn| {
+            check_cte_names(&authz, is_admin, &plan.statements)?;
             let mut out = Output::new(format, &s, started, None);
             let wrap = plan.statements.len() > 1
                 || plan.insert.is_some()
-                || (plan.statements.len() == 1 && plan.statements[0].verb != "VACUUM" && returns_rows(conn, &plan.statements[0])?);
+                || (plan.statements.len() == 1
+                    && plan.statements[0].verb != "VACUUM"
+                    && returns_rows(conn, &plan.statements[0])?);
             if wrap {
                 conn.execute_batch("BEGIN IMMEDIATE")?;
             }
@@ -259,6 +311,23 @@ async fn run(
     Ok(())
 }
 
+/// A CTE named like a view or trigger would pose as it in SQLite's authorizer (which names the
+/// inner-most view, trigger or CTE as the accessor); refuse such names for non-admin roles.
+fn check_cte_names(authz: &Authz, is_admin: bool, statements: &[Bound]) -> Result<()> {
+    if is_admin {
+        return Ok(());
+    }
+    for name in statements.iter().flat_map(|b| b.ctes.iter()) {
+        if authz.is_schema_object(name) {
+            return Err(Error::new(
+                ErrorCode::AccessDenied,
+                format!("A CTE or window may not be named like the view or trigger '{name}'"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn returns_rows(conn: &Connection, b: &Bound) -> Result<bool> {
     Ok(conn.prepare_cached(&b.sql)?.column_count() > 0)
 }
@@ -276,14 +345,24 @@ fn run_all(conn: &Connection, statements: &[Bound], out: &mut Output<'_>) -> Res
 }
 
 /// Step one statement, formatting its rows into `out` (or discarding them).
-fn run_statement(conn: &Connection, b: &Bound, out: Option<&mut Output<'_>>, side: &mut Summary) -> Result<()> {
+fn run_statement(
+    conn: &Connection,
+    b: &Bound,
+    out: Option<&mut Output<'_>>,
+    side: &mut Summary,
+) -> Result<()> {
     let mut stmt = conn.prepare_cached(&b.sql)?;
     for (i, v) in b.values.iter().enumerate() {
         stmt.raw_bind_parameter(i + 1, v)?;
     }
-    let decls: Vec<(String, Option<String>)> =
-        stmt.columns().map(|c| (c.name().to_string(), c.decl_type().map(str::to_string))).collect();
-    let dml = matches!(b.verb.as_str(), "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "WITH");
+    let decls: Vec<(String, Option<String>)> = stmt
+        .columns()
+        .map(|c| (c.name().to_string(), c.decl_type().map(str::to_string)))
+        .collect();
+    let dml = matches!(
+        b.verb.as_str(),
+        "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "WITH"
+    );
     let before = conn.total_changes();
     let mut rows = stmt.raw_query();
     let summary = match out {
@@ -321,7 +400,10 @@ fn run_statement(conn: &Connection, b: &Bound, out: Option<&mut Output<'_>>, sid
     Ok(())
 }
 
-fn column_meta(decls: &[(String, Option<String>)], first: Option<&rusqlite::Row<'_>>) -> Vec<Column> {
+fn column_meta(
+    decls: &[(String, Option<String>)],
+    first: Option<&rusqlite::Row<'_>>,
+) -> Vec<Column> {
     decls
         .iter()
         .enumerate()
@@ -333,7 +415,12 @@ fn column_meta(decls: &[(String, Option<String>)], first: Option<&rusqlite::Row<
 }
 
 /// Insert rows of `data` (in the target's format) into the target table.
-fn run_insert(conn: &Connection, target: &InsertTarget, data: &str, summary: &mut Summary) -> Result<()> {
+fn run_insert(
+    conn: &Connection,
+    target: &InsertTarget,
+    data: &str,
+    summary: &mut Summary,
+) -> Result<()> {
     let fmt = Format::parse(&target.format)?;
     let mut table_columns = || -> Result<Vec<String>> {
         let st = conn.prepare(&format!("SELECT * FROM {} LIMIT 0", target.table))?;
@@ -342,7 +429,13 @@ fn run_insert(conn: &Connection, target: &InsertTarget, data: &str, summary: &mu
     let mut insert_row = |cols: &[String], vals: Vec<Value>| -> Result<()> {
         let names: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
         let marks: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
-        let sql = format!("{} {} ({}) VALUES ({})", target.head, target.table, names.join(","), marks.join(","));
+        let sql = format!(
+            "{} {} ({}) VALUES ({})",
+            target.head,
+            target.table,
+            names.join(","),
+            marks.join(",")
+        );
         let mut st = conn.prepare_cached(&sql)?;
         for (i, v) in vals.iter().enumerate() {
             summary.written_bytes += match v {
@@ -356,7 +449,13 @@ fn run_insert(conn: &Connection, target: &InsertTarget, data: &str, summary: &mu
         st.raw_execute()?;
         Ok(())
     };
-    let n = input::for_each_row(fmt, data, target.columns.as_deref(), &mut table_columns, &mut insert_row)?;
+    let n = input::for_each_row(
+        fmt,
+        data,
+        target.columns.as_deref(),
+        &mut table_columns,
+        &mut insert_row,
+    )?;
     summary.written_rows += n;
     Ok(())
 }
@@ -378,7 +477,12 @@ struct Output<'s> {
 }
 
 impl<'s> Output<'s> {
-    fn new(format: Format, settings: &'s QuerySettings, started: Instant, tx: Option<mpsc::Sender<Msg>>) -> Self {
+    fn new(
+        format: Format,
+        settings: &'s QuerySettings,
+        started: Instant,
+        tx: Option<mpsc::Sender<Msg>>,
+    ) -> Self {
         Output {
             writer: format::Writer::new(format, settings.quote_i64),
             buf: Vec::with_capacity(8 * 1024),
@@ -401,7 +505,10 @@ impl<'s> Output<'s> {
     fn row(&mut self, r: &rusqlite::Row<'_>) -> Result<bool> {
         let s = self.settings;
         if s.max_result_rows > 0 && self.summary.result_rows >= s.max_result_rows {
-            return self.limit(format!("Limit for result exceeded, max rows: {} (max_result_rows)", s.max_result_rows));
+            return self.limit(format!(
+                "Limit for result exceeded, max rows: {} (max_result_rows)",
+                s.max_result_rows
+            ));
         }
         let before = self.buf.len();
         let bytes = self.writer.row(r, &mut self.buf)?;
@@ -410,7 +517,10 @@ impl<'s> Output<'s> {
         self.summary.read_bytes += bytes;
         self.summary.result_bytes += (self.buf.len() - before) as u64;
         if s.max_result_bytes > 0 && self.summary.result_bytes > s.max_result_bytes {
-            return self.limit(format!("Limit for result exceeded, max bytes: {} (max_result_bytes)", s.max_result_bytes));
+            return self.limit(format!(
+                "Limit for result exceeded, max bytes: {} (max_result_bytes)",
+                s.max_result_bytes
+            ));
         }
         self.flush()?;
         Ok(true)
@@ -434,16 +544,28 @@ impl<'s> Output<'s> {
         if self.tx.is_none() {
             return Ok(());
         }
-        let threshold = if self.streaming { CHUNK } else { self.settings.buffer_size };
+        let threshold = if self.streaming {
+            CHUNK
+        } else {
+            self.settings.buffer_size
+        };
         if self.buf.len() < threshold {
             return Ok(());
         }
         self.elapsed();
         let tx = self.tx.as_ref().expect("checked above");
-        let bytes = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK + 4096)));
+        let bytes = Bytes::from(std::mem::replace(
+            &mut self.buf,
+            Vec::with_capacity(CHUNK + 4096),
+        ));
         self.streaming = true;
         tx.blocking_send(Msg::Data(bytes, self.summary))
-            .map_err(|_| Error::new(ErrorCode::QueryWasCancelled, "Client went away while the result was streaming"))
+            .map_err(|_| {
+                Error::new(
+                    ErrorCode::QueryWasCancelled,
+                    "Client went away while the result was streaming",
+                )
+            })
     }
 
     fn write_footer(&mut self) {
@@ -463,7 +585,10 @@ impl<'s> Output<'s> {
     fn finish(mut self) {
         self.write_footer();
         if let Some(tx) = self.tx.take() {
-            let _ = tx.blocking_send(Msg::Done(Bytes::from(std::mem::take(&mut self.buf)), self.summary));
+            let _ = tx.blocking_send(Msg::Done(
+                Bytes::from(std::mem::take(&mut self.buf)),
+                self.summary,
+            ));
         }
     }
 

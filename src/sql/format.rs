@@ -60,16 +60,23 @@ impl Format {
 
     pub fn content_type(self) -> &'static str {
         match self {
-            Format::TabSeparated | Format::TabSeparatedWithNames => "text/tab-separated-values; charset=UTF-8",
+            Format::TabSeparated | Format::TabSeparatedWithNames => {
+                "text/tab-separated-values; charset=UTF-8"
+            }
             Format::Csv => "text/csv; charset=UTF-8; header=absent",
             Format::CsvWithNames => "text/csv; charset=UTF-8; header=present",
             Format::Json | Format::JsonCompact => "application/json; charset=UTF-8",
-            Format::JsonEachRow | Format::JsonCompactEachRow => "application/x-ndjson; charset=UTF-8",
+            Format::JsonEachRow | Format::JsonCompactEachRow => {
+                "application/x-ndjson; charset=UTF-8"
+            }
         }
     }
 
     pub fn is_json(self) -> bool {
-        matches!(self, Format::Json | Format::JsonCompact | Format::JsonEachRow | Format::JsonCompactEachRow)
+        matches!(
+            self,
+            Format::Json | Format::JsonCompact | Format::JsonEachRow | Format::JsonCompactEachRow
+        )
     }
 }
 
@@ -120,7 +127,12 @@ pub struct Writer {
 
 impl Writer {
     pub fn new(format: Format, quote_i64: bool) -> Self {
-        Writer { format, quote_i64, cols: Vec::new(), rows: 0 }
+        Writer {
+            format,
+            quote_i64,
+            cols: Vec::new(),
+            rows: 0,
+        }
     }
 
     pub fn header(&mut self, cols: Vec<Column>, out: &mut Vec<u8>) {
@@ -298,7 +310,11 @@ fn json_value(v: ValueRef<'_>, quote_i64: bool, out: &mut Vec<u8>) {
     match v {
         ValueRef::Null => out.extend_from_slice(b"null"),
         ValueRef::Integer(i) => {
-            let _ = if quote_i64 { write!(out, "\"{i}\"") } else { write!(out, "{i}") };
+            let _ = if quote_i64 {
+                write!(out, "\"{i}\"")
+            } else {
+                write!(out, "{i}")
+            };
         }
         ValueRef::Real(f) if f.is_finite() => {
             let _ = write!(out, "{f}");
@@ -338,7 +354,13 @@ mod tests {
     fn render(format: Format, sql: &str) -> String {
         let c = rusqlite::Connection::open_in_memory().unwrap();
         let mut st = c.prepare(sql).unwrap();
-        let cols: Vec<Column> = st.column_names().map(|n| Column { name: n.to_string(), ty: "String".into() }).collect();
+        let cols: Vec<Column> = st
+            .column_names()
+            .map(|n| Column {
+                name: n.to_string(),
+                ty: "String".into(),
+            })
+            .collect();
         let mut w = Writer::new(format, true);
         let mut out = Vec::new();
         w.header(cols, &mut out);
@@ -352,22 +374,34 @@ mod tests {
 
     #[test]
     fn tsv_escapes_and_nulls() {
-        assert_eq!(render(Format::TabSeparated, "SELECT 'a\tb', NULL, 1.5, 2"), "a\\tb\t\\N\t1.5\t2\n");
+        assert_eq!(
+            render(Format::TabSeparated, "SELECT 'a\tb', NULL, 1.5, 2"),
+            "a\\tb\t\\N\t1.5\t2\n"
+        );
     }
 
     #[test]
     fn csv_quotes() {
-        assert_eq!(render(Format::CsvWithNames, "SELECT 'x\"y' AS s, 3 AS n"), "\"s\",\"n\"\n\"x\"\"y\",3\n");
+        assert_eq!(
+            render(Format::CsvWithNames, "SELECT 'x\"y' AS s, 3 AS n"),
+            "\"s\",\"n\"\n\"x\"\"y\",3\n"
+        );
     }
 
     #[test]
     fn json_is_valid_and_quotes_int64() {
-        let s = render(Format::Json, "SELECT 1 AS a, 'q\"' AS b UNION ALL SELECT 2, NULL");
+        let s = render(
+            Format::Json,
+            "SELECT 1 AS a, 'q\"' AS b UNION ALL SELECT 2, NULL",
+        );
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["rows"], 2);
         assert_eq!(v["data"][0]["a"], "1");
         assert_eq!(v["data"][1]["b"], serde_json::Value::Null);
-        assert_eq!(render(Format::JsonCompactEachRow, "SELECT 1, 'x'"), "[\"1\",\"x\"]\n");
+        assert_eq!(
+            render(Format::JsonCompactEachRow, "SELECT 1, 'x'"),
+            "[\"1\",\"x\"]\n"
+        );
     }
 
     #[test]

@@ -12,7 +12,10 @@ use super::params::unescape;
 use crate::core::{Error, ErrorCode, Result};
 
 fn incorrect(row: usize, why: impl std::fmt::Display) -> Error {
-    Error::new(ErrorCode::IncorrectData, format!("Cannot parse input row {row}: {why}"))
+    Error::new(
+        ErrorCode::IncorrectData,
+        format!("Cannot parse input row {row}: {why}"),
+    )
 }
 
 fn json_to_value(v: Json) -> Value {
@@ -44,13 +47,18 @@ pub fn for_each_row(
             let mut keys: Vec<String> = Vec::new();
             let mut one = |obj: Json, n: &mut u64| -> Result<()> {
                 *n += 1;
-                let Json::Object(map) = obj else { return Err(incorrect(*n as usize, "expected a JSON object")) };
+                let Json::Object(map) = obj else {
+                    return Err(incorrect(*n as usize, "expected a JSON object"));
+                };
                 if map.is_empty() {
                     return Err(incorrect(*n as usize, "empty JSON object"));
                 }
                 if let Some(allowed) = columns {
                     if let Some(k) = map.keys().find(|k| !allowed.iter().any(|a| a == *k)) {
-                        return Err(incorrect(*n as usize, format!("field '{k}' is not in the INSERT's column list")));
+                        return Err(incorrect(
+                            *n as usize,
+                            format!("field '{k}' is not in the INSERT's column list"),
+                        ));
                     }
                 }
                 keys.clear();
@@ -59,7 +67,8 @@ pub fn for_each_row(
                 f(&keys, vals)
             };
             for item in serde_json::Deserializer::from_str(data).into_iter::<Json>() {
-                let v = item.map_err(|e| incorrect(n as usize + 1, format!("invalid JSON: {e}")))?;
+                let v =
+                    item.map_err(|e| incorrect(n as usize + 1, format!("invalid JSON: {e}")))?;
                 match v {
                     Json::Array(items) => {
                         for obj in items {
@@ -78,15 +87,23 @@ pub fn for_each_row(
             for item in serde_json::Deserializer::from_str(data).into_iter::<Json>() {
                 n += 1;
                 let v = item.map_err(|e| incorrect(n as usize, format!("invalid JSON: {e}")))?;
-                let Json::Array(vals) = v else { return Err(incorrect(n as usize, "expected a JSON array")) };
+                let Json::Array(vals) = v else {
+                    return Err(incorrect(n as usize, "expected a JSON array"));
+                };
                 if vals.len() != cols.len() {
-                    return Err(incorrect(n as usize, format!("{} values for {} columns", vals.len(), cols.len())));
+                    return Err(incorrect(
+                        n as usize,
+                        format!("{} values for {} columns", vals.len(), cols.len()),
+                    ));
                 }
                 f(&cols, vals.into_iter().map(json_to_value).collect())?;
             }
         }
         Format::Csv | Format::CsvWithNames => {
-            let mut rdr = csv::ReaderBuilder::new().has_headers(false).flexible(true).from_reader(data.as_bytes());
+            let mut rdr = csv::ReaderBuilder::new()
+                .has_headers(false)
+                .flexible(true)
+                .from_reader(data.as_bytes());
             let mut cols: Option<Vec<String>> = match (format, columns) {
                 (Format::CsvWithNames, _) => None,
                 (_, Some(c)) => Some(c.to_vec()),
@@ -100,9 +117,21 @@ pub fn for_each_row(
                 };
                 n += 1;
                 if rec.len() != cols.len() {
-                    return Err(incorrect(n as usize, format!("{} fields for {} columns", rec.len(), cols.len())));
+                    return Err(incorrect(
+                        n as usize,
+                        format!("{} fields for {} columns", rec.len(), cols.len()),
+                    ));
                 }
-                let vals = rec.iter().map(|s| if s == "\\N" { Value::Null } else { Value::Text(s.to_string()) }).collect();
+                let vals = rec
+                    .iter()
+                    .map(|s| {
+                        if s == "\\N" {
+                            Value::Null
+                        } else {
+                            Value::Text(s.to_string())
+                        }
+                    })
+                    .collect();
                 f(cols, vals)?;
             }
         }
@@ -124,16 +153,31 @@ pub fn for_each_row(
                 n += 1;
                 let fields: Vec<&str> = line.split('\t').collect();
                 if fields.len() != cols.len() {
-                    return Err(incorrect(n as usize, format!("{} fields for {} columns", fields.len(), cols.len())));
+                    return Err(incorrect(
+                        n as usize,
+                        format!("{} fields for {} columns", fields.len(), cols.len()),
+                    ));
                 }
-                let vals = fields.into_iter().map(|s| if s == "\\N" { Value::Null } else { Value::Text(unescape(s)) }).collect();
+                let vals = fields
+                    .into_iter()
+                    .map(|s| {
+                        if s == "\\N" {
+                            Value::Null
+                        } else {
+                            Value::Text(unescape(s))
+                        }
+                    })
+                    .collect();
                 f(cols, vals)?;
             }
         }
         Format::Json | Format::JsonCompact => {
             return Err(Error::new(
                 ErrorCode::NotImplemented,
-                format!("{} is an output format; insert with JSONEachRow, JSONCompactEachRow, CSV or TabSeparated", format.name()),
+                format!(
+                    "{} is an output format; insert with JSONEachRow, JSONCompactEachRow, CSV or TabSeparated",
+                    format.name()
+                ),
             ));
         }
     }
@@ -144,29 +188,52 @@ pub fn for_each_row(
 mod tests {
     use super::*;
 
-    fn collect(format: Format, data: &str, cols: Option<&[String]>) -> Result<Vec<(Vec<String>, Vec<Value>)>> {
+    fn collect(
+        format: Format,
+        data: &str,
+        cols: Option<&[String]>,
+    ) -> Result<Vec<(Vec<String>, Vec<Value>)>> {
         let mut out = Vec::new();
-        for_each_row(format, data, cols, &mut || Ok(vec!["a".into(), "b".into()]), &mut |c, v| {
-            out.push((c.to_vec(), v));
-            Ok(())
-        })?;
+        for_each_row(
+            format,
+            data,
+            cols,
+            &mut || Ok(vec!["a".into(), "b".into()]),
+            &mut |c, v| {
+                out.push((c.to_vec(), v));
+                Ok(())
+            },
+        )?;
         Ok(out)
     }
 
     #[test]
     fn json_each_row_and_array() {
-        let rows = collect(Format::JsonEachRow, "{\"a\":1,\"b\":\"x\"}\n{\"b\":null}\n[{\"a\":true}]", None).unwrap();
+        let rows = collect(
+            Format::JsonEachRow,
+            "{\"a\":1,\"b\":\"x\"}\n{\"b\":null}\n[{\"a\":true}]",
+            None,
+        )
+        .unwrap();
         assert_eq!(rows.len(), 3);
         assert_eq!(rows[0].1, vec![Value::Integer(1), Value::Text("x".into())]);
         assert_eq!(rows[1].0, vec!["b".to_string()]);
         assert_eq!(rows[2].1, vec![Value::Integer(1)]);
-        assert!(collect(Format::JsonEachRow, "{\"a\":1}\n{oops}", None).unwrap_err().message.contains("row 2"));
+        assert!(
+            collect(Format::JsonEachRow, "{\"a\":1}\n{oops}", None)
+                .unwrap_err()
+                .message
+                .contains("row 2")
+        );
     }
 
     #[test]
     fn csv_and_tsv() {
         let rows = collect(Format::Csv, "1,\"x,y\"\n\\N,z\n", None).unwrap();
-        assert_eq!(rows[0].1, vec![Value::Text("1".into()), Value::Text("x,y".into())]);
+        assert_eq!(
+            rows[0].1,
+            vec![Value::Text("1".into()), Value::Text("x,y".into())]
+        );
         assert_eq!(rows[1].1[0], Value::Null);
         let rows = collect(Format::TabSeparatedWithNames, "b\ta\nq\\tr\t\\N\n", None).unwrap();
         assert_eq!(rows[0].0, vec!["b".to_string(), "a".to_string()]);

@@ -13,7 +13,10 @@ pub enum TokKind {
     /// `"..."`, `` `...` `` or `[...]` identifier.
     QuotedIdent,
     /// `{name:Type}` query parameter.
-    Param { name: String, ty: String },
+    Param {
+        name: String,
+        ty: String,
+    },
     /// Native SQLite parameter (`?`, `?1`, `:x`, `@x`, `$x`), which ichibase does not bind.
     NativeParam,
     Semicolon,
@@ -87,7 +90,11 @@ impl<'a> Lexer<'a> {
         self.pos += 1;
         loop {
             match self.src[self.pos..].find(close) {
-                None => return Err(Error::syntax(format!("Unterminated {what} starting at offset {start}"))),
+                None => {
+                    return Err(Error::syntax(format!(
+                        "Unterminated {what} starting at offset {start}"
+                    )));
+                }
                 Some(i) => {
                     self.pos += i + close.len_utf8();
                     if doubled_escapes && self.src[self.pos..].starts_with(close) {
@@ -103,7 +110,9 @@ impl<'a> Lexer<'a> {
     pub fn next_token(&mut self) -> Result<Option<Token>> {
         self.skip_trivia()?;
         let start = self.pos;
-        let Some(c) = self.peek() else { return Ok(None) };
+        let Some(c) = self.peek() else {
+            return Ok(None);
+        };
         let kind = match c {
             '\'' => {
                 self.quoted('\'', true, "string literal")?;
@@ -141,7 +150,12 @@ impl<'a> Lexer<'a> {
                 }
                 TokKind::NativeParam
             }
-            ':' | '@' | '$' if self.src[self.pos + 1..].chars().next().is_some_and(is_ident_start) => {
+            ':' | '@' | '$'
+                if self.src[self.pos + 1..]
+                    .chars()
+                    .next()
+                    .is_some_and(is_ident_start) =>
+            {
                 self.pos += 1;
                 while self.peek().is_some_and(|c| is_ident_char(c) || c == ':') {
                     self.pos += self.peek().unwrap().len_utf8();
@@ -159,7 +173,11 @@ impl<'a> Lexer<'a> {
                 TokKind::Punct
             }
         };
-        Ok(Some(Token { kind, start, end: self.pos }))
+        Ok(Some(Token {
+            kind,
+            start,
+            end: self.pos,
+        }))
     }
 
     /// `{name:Type}`; the type may hold parentheses and commas (`Nullable(Array(Int64))`).
@@ -167,7 +185,9 @@ impl<'a> Lexer<'a> {
         let start = self.pos;
         let rest = &self.src[start..];
         let Some(close) = rest.find('}') else {
-            return Err(Error::syntax(format!("Unterminated query parameter '{{' at offset {start}")));
+            return Err(Error::syntax(format!(
+                "Unterminated query parameter '{{' at offset {start}"
+            )));
         };
         let inner = &rest[1..close];
         let Some((name, ty)) = inner.split_once(':') else {
@@ -176,13 +196,19 @@ impl<'a> Lexer<'a> {
             )));
         };
         let (name, ty) = (name.trim(), ty.trim());
-        if name.is_empty() || !name.chars().all(|c| c.is_alphanumeric() || c == '_') || ty.is_empty() {
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_alphanumeric() || c == '_')
+            || ty.is_empty()
+        {
             return Err(Error::syntax(format!(
                 "Query parameter '{{{inner}}}' at offset {start} must have the form {{name:Type}} with a name of letters, digits and '_'"
             )));
         }
         self.pos = start + close + 1;
-        Ok(TokKind::Param { name: name.to_string(), ty: ty.to_string() })
+        Ok(TokKind::Param {
+            name: name.to_string(),
+            ty: ty.to_string(),
+        })
     }
 }
 
@@ -206,9 +232,23 @@ mod tests {
 
     #[test]
     fn placeholders_outside_literals_only() {
-        let k = kinds("SELECT '{a:String}', \"{b:Int64}\", {c:Nullable(Array(Int64))} -- {d:String}\n /* {e:X} */");
-        let params: Vec<_> = k.iter().filter_map(|k| if let TokKind::Param { name, ty } = k { Some((name.clone(), ty.clone())) } else { None }).collect();
-        assert_eq!(params, vec![("c".to_string(), "Nullable(Array(Int64))".to_string())]);
+        let k = kinds(
+            "SELECT '{a:String}', \"{b:Int64}\", {c:Nullable(Array(Int64))} -- {d:String}\n /* {e:X} */",
+        );
+        let params: Vec<_> = k
+            .iter()
+            .filter_map(|k| {
+                if let TokKind::Param { name, ty } = k {
+                    Some((name.clone(), ty.clone()))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        assert_eq!(
+            params,
+            vec![("c".to_string(), "Nullable(Array(Int64))".to_string())]
+        );
     }
 
     #[test]

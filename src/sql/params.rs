@@ -31,29 +31,65 @@ const SUPPORTED: &str = "String, FixedString(N), Int8..Int64, UInt8..UInt64, Flo
 impl ParamType {
     pub fn parse(s: &str) -> Result<ParamType> {
         let s = s.trim();
-        let unknown = || Error::new(ErrorCode::UnknownType, format!("Unknown or unsupported query parameter type '{s}'; supported: {SUPPORTED}"));
+        let unknown = || {
+            Error::new(
+                ErrorCode::UnknownType,
+                format!(
+                    "Unknown or unsupported query parameter type '{s}'; supported: {SUPPORTED}"
+                ),
+            )
+        };
         if let Some(open) = s.find('(') {
             let (head, rest) = s.split_at(open);
-            let inner = rest.strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or_else(unknown)?;
+            let inner = rest
+                .strip_prefix('(')
+                .and_then(|r| r.strip_suffix(')'))
+                .ok_or_else(unknown)?;
             return Ok(match head.trim() {
                 "Nullable" => ParamType::Nullable(Box::new(ParamType::parse(inner)?)),
                 "Array" => ParamType::Array(Box::new(ParamType::parse(inner)?)),
                 "LowCardinality" => ParamType::parse(inner)?,
-                "FixedString" => ParamType::FixedString(inner.trim().parse().map_err(|_| unknown())?),
+                "FixedString" => {
+                    ParamType::FixedString(inner.trim().parse().map_err(|_| unknown())?)
+                }
                 "DateTime" | "DateTime64" => ParamType::DateTime,
                 _ => return Err(unknown()),
             });
         }
         Ok(match s {
             "String" => ParamType::String,
-            "Int8" => ParamType::Int { bits: 8, signed: true },
-            "Int16" => ParamType::Int { bits: 16, signed: true },
-            "Int32" => ParamType::Int { bits: 32, signed: true },
-            "Int64" => ParamType::Int { bits: 64, signed: true },
-            "UInt8" => ParamType::Int { bits: 8, signed: false },
-            "UInt16" => ParamType::Int { bits: 16, signed: false },
-            "UInt32" => ParamType::Int { bits: 32, signed: false },
-            "UInt64" => ParamType::Int { bits: 64, signed: false },
+            "Int8" => ParamType::Int {
+                bits: 8,
+                signed: true,
+            },
+            "Int16" => ParamType::Int {
+                bits: 16,
+                signed: true,
+            },
+            "Int32" => ParamType::Int {
+                bits: 32,
+                signed: true,
+            },
+            "Int64" => ParamType::Int {
+                bits: 64,
+                signed: true,
+            },
+            "UInt8" => ParamType::Int {
+                bits: 8,
+                signed: false,
+            },
+            "UInt16" => ParamType::Int {
+                bits: 16,
+                signed: false,
+            },
+            "UInt32" => ParamType::Int {
+                bits: 32,
+                signed: false,
+            },
+            "UInt64" => ParamType::Int {
+                bits: 64,
+                signed: false,
+            },
             "Float32" | "Float64" => ParamType::Float,
             "Bool" | "Boolean" => ParamType::Bool,
             "Date" | "Date32" => ParamType::Date,
@@ -116,7 +152,10 @@ pub fn bind_value(name: &str, ty_text: &str, raw: &str) -> Result<Value> {
         ParamType::Array(elem) => {
             let items = parse_array_literal(raw).map_err(|why| bad(name, ty_text, raw, &why))?;
             let json = Json::Array(
-                items.into_iter().map(|it| array_elem(name, ty_text, elem, it)).collect::<Result<Vec<_>>>()?,
+                items
+                    .into_iter()
+                    .map(|it| array_elem(name, ty_text, elem, it))
+                    .collect::<Result<Vec<_>>>()?,
             );
             Ok(Value::Text(json.to_string()))
         }
@@ -126,13 +165,23 @@ pub fn bind_value(name: &str, ty_text: &str, raw: &str) -> Result<Value> {
 
 fn scalar(name: &str, ty_text: &str, ty: &ParamType, raw: &str) -> Result<Value> {
     if raw == "\\N" {
-        return Err(bad(name, ty_text, raw, "NULL is only allowed for Nullable(...) types"));
+        return Err(bad(
+            name,
+            ty_text,
+            raw,
+            "NULL is only allowed for Nullable(...) types",
+        ));
     }
     let text = unescape(raw);
     typed_text(name, ty_text, ty, &text).map_err(|why| bad(name, ty_text, raw, &why))
 }
 
-fn typed_text(name: &str, ty_text: &str, ty: &ParamType, text: &str) -> std::result::Result<Value, String> {
+fn typed_text(
+    name: &str,
+    ty_text: &str,
+    ty: &ParamType,
+    text: &str,
+) -> std::result::Result<Value, String> {
     Ok(match ty {
         ParamType::String => Value::Text(text.to_string()),
         ParamType::FixedString(n) => {
@@ -150,7 +199,12 @@ fn typed_text(name: &str, ty_text: &str, ty: &ParamType, text: &str) -> std::res
         }),
         ParamType::Date => Value::Text(parse_date(text.trim())?),
         ParamType::DateTime => Value::Text(parse_datetime(text.trim())?),
-        ParamType::Uuid => Value::Text(uuid::Uuid::parse_str(text.trim()).map_err(|e| e.to_string())?.hyphenated().to_string()),
+        ParamType::Uuid => Value::Text(
+            uuid::Uuid::parse_str(text.trim())
+                .map_err(|e| e.to_string())?
+                .hyphenated()
+                .to_string(),
+        ),
         ParamType::Json => {
             let v: Json = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
             Value::Text(v.to_string())
@@ -170,7 +224,8 @@ fn parse_int(t: &str, bits: u32, signed: bool) -> std::result::Result<i64, Strin
     if v < lo || v > hi {
         return Err(format!("out of range [{lo}, {hi}]"));
     }
-    i64::try_from(v).map_err(|_| "above 9223372036854775807, the largest integer SQLite stores".to_string())
+    i64::try_from(v)
+        .map_err(|_| "above 9223372036854775807, the largest integer SQLite stores".to_string())
 }
 
 fn parse_float(t: &str) -> std::result::Result<f64, String> {
@@ -184,7 +239,12 @@ fn parse_float(t: &str) -> std::result::Result<f64, String> {
 
 fn parse_date(t: &str) -> std::result::Result<String, String> {
     let b = t.as_bytes();
-    let ok = b.len() == 10 && b[4] == b'-' && b[7] == b'-' && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    let ok = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
     if !ok {
         return Err("expected YYYY-MM-DD".into());
     }
@@ -203,8 +263,17 @@ fn parse_datetime(t: &str) -> std::result::Result<String, String> {
         let (days, rem) = (whole.div_euclid(86_400), whole.rem_euclid(86_400));
         let (y, m, d) = civil_from_days(days);
         let frac = ((secs - secs.trunc()) * 1000.0).round() as i64;
-        let base = format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60);
-        return Ok(if frac > 0 { format!("{base}.{frac:03}") } else { base });
+        let base = format!(
+            "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+            rem / 3600,
+            rem % 3600 / 60,
+            rem % 60
+        );
+        return Ok(if frac > 0 {
+            format!("{base}.{frac:03}")
+        } else {
+            base
+        });
     }
     if t.len() < 19 || !t.is_ascii() {
         return Err("expected 'YYYY-MM-DD hh:mm:ss' or a Unix timestamp".into());
@@ -217,8 +286,12 @@ fn parse_datetime(t: &str) -> std::result::Result<String, String> {
         && tb.len() >= 8
         && tb[2] == b':'
         && tb[5] == b':'
-        && tb[..8].iter().enumerate().all(|(i, c)| i == 2 || i == 5 || c.is_ascii_digit())
-        && (tb.len() == 8 || (tb[8] == b'.' && tb.len() > 9 && tb[9..].iter().all(u8::is_ascii_digit)));
+        && tb[..8]
+            .iter()
+            .enumerate()
+            .all(|(i, c)| i == 2 || i == 5 || c.is_ascii_digit())
+        && (tb.len() == 8
+            || (tb[8] == b'.' && tb.len() > 9 && tb[9..].iter().all(u8::is_ascii_digit)));
     if !ok {
         return Err("expected 'YYYY-MM-DD hh:mm:ss' or a Unix timestamp".into());
     }
@@ -254,9 +327,12 @@ fn array_elem(name: &str, ty_text: &str, ty: &ParamType, it: Item) -> Result<Jso
         (ParamType::Nullable(_), Item::Null) => Ok(Json::Null),
         (_, Item::Null) => Err(err("NULL element in an array of a non-Nullable type")),
         (ParamType::Nullable(inner), _) => array_elem(name, ty_text, inner, it),
-        (ParamType::Array(inner), Item::List(items)) => {
-            Ok(Json::Array(items.into_iter().map(|i| array_elem(name, ty_text, inner, i)).collect::<Result<_>>()?))
-        }
+        (ParamType::Array(inner), Item::List(items)) => Ok(Json::Array(
+            items
+                .into_iter()
+                .map(|i| array_elem(name, ty_text, inner, i))
+                .collect::<Result<_>>()?,
+        )),
         (ParamType::Array(_), _) => Err(err("expected a nested array")),
         (_, Item::List(_)) => Err(err("unexpected nested array")),
         (ParamType::Json, Item::Quoted(s) | Item::Bare(s)) => {
@@ -268,7 +344,9 @@ fn array_elem(name: &str, ty_text: &str, ty: &ParamType, it: Item) -> Result<Jso
                 Value::Null => Json::Null,
                 Value::Integer(i) if *ty == ParamType::Bool => Json::Bool(i != 0),
                 Value::Integer(i) => Json::from(i),
-                Value::Real(f) => serde_json::Number::from_f64(f).map(Json::Number).ok_or_else(|| err("NaN and infinities cannot be stored in JSON arrays"))?,
+                Value::Real(f) => serde_json::Number::from_f64(f)
+                    .map(Json::Number)
+                    .ok_or_else(|| err("NaN and infinities cannot be stored in JSON arrays"))?,
                 Value::Text(t) => Json::String(t),
                 Value::Blob(_) => unreachable!("parameters never produce blobs"),
             })
@@ -284,7 +362,9 @@ pub fn parse_array_literal(raw: &str) -> std::result::Result<Vec<Item>, String> 
     let v = parse_list(&chars, &mut pos)?;
     skip_ws(&chars, &mut pos);
     if pos != chars.len() {
-        return Err(format!("unexpected text after the closing ']' at character {pos}"));
+        return Err(format!(
+            "unexpected text after the closing ']' at character {pos}"
+        ));
     }
     Ok(v)
 }
@@ -328,9 +408,14 @@ fn parse_list(c: &[char], pos: &mut usize) -> std::result::Result<Vec<Item>, Str
                             *pos += 1;
                             match e {
                                 'u' if q == '"' => {
-                                    let hex: String = c.get(*pos..*pos + 4).ok_or("short \\u escape")?.iter().collect();
+                                    let hex: String = c
+                                        .get(*pos..*pos + 4)
+                                        .ok_or("short \\u escape")?
+                                        .iter()
+                                        .collect();
                                     *pos += 4;
-                                    let cp = u32::from_str_radix(&hex, 16).map_err(|_| "bad \\u escape")?;
+                                    let cp = u32::from_str_radix(&hex, 16)
+                                        .map_err(|_| "bad \\u escape")?;
                                     s.push(char::from_u32(cp).unwrap_or('\u{fffd}'));
                                 }
                                 other => s.push_str(&unescape(&format!("\\{other}"))),
@@ -353,7 +438,11 @@ fn parse_list(c: &[char], pos: &mut usize) -> std::result::Result<Vec<Item>, Str
                 if word.is_empty() {
                     return Err("empty array element".into());
                 }
-                if word.eq_ignore_ascii_case("null") { Item::Null } else { Item::Bare(word) }
+                if word.eq_ignore_ascii_case("null") {
+                    Item::Null
+                } else {
+                    Item::Bare(word)
+                }
             }
         };
         items.push(item);
@@ -375,29 +464,68 @@ mod tests {
 
     #[test]
     fn scalars() {
-        assert_eq!(bind_value("a", "String", "x\\ty\\\\").unwrap(), Value::Text("x\ty\\".into()));
-        assert_eq!(bind_value("a", "Int64", "-42").unwrap(), Value::Integer(-42));
-        assert_eq!(bind_value("a", "UInt8", "255").unwrap(), Value::Integer(255));
+        assert_eq!(
+            bind_value("a", "String", "x\\ty\\\\").unwrap(),
+            Value::Text("x\ty\\".into())
+        );
+        assert_eq!(
+            bind_value("a", "Int64", "-42").unwrap(),
+            Value::Integer(-42)
+        );
+        assert_eq!(
+            bind_value("a", "UInt8", "255").unwrap(),
+            Value::Integer(255)
+        );
         assert!(bind_value("a", "UInt8", "256").is_err());
         assert!(bind_value("a", "Int64", "12abc").is_err());
         assert_eq!(bind_value("a", "Float64", "1.5").unwrap(), Value::Real(1.5));
         assert_eq!(bind_value("a", "Bool", "true").unwrap(), Value::Integer(1));
-        assert_eq!(bind_value("a", "Nullable(Int64)", "\\N").unwrap(), Value::Null);
+        assert_eq!(
+            bind_value("a", "Nullable(Int64)", "\\N").unwrap(),
+            Value::Null
+        );
         assert!(bind_value("a", "Int64", "\\N").is_err());
-        assert_eq!(bind_value("a", "DateTime", "0").unwrap(), Value::Text("1970-01-01 00:00:00".into()));
-        assert_eq!(bind_value("a", "DateTime", "1700000000").unwrap(), Value::Text("2023-11-14 22:13:20".into()));
-        assert_eq!(bind_value("a", "Date", "2024-02-29").unwrap(), Value::Text("2024-02-29".into()));
+        assert_eq!(
+            bind_value("a", "DateTime", "0").unwrap(),
+            Value::Text("1970-01-01 00:00:00".into())
+        );
+        assert_eq!(
+            bind_value("a", "DateTime", "1700000000").unwrap(),
+            Value::Text("2023-11-14 22:13:20".into())
+        );
+        assert_eq!(
+            bind_value("a", "Date", "2024-02-29").unwrap(),
+            Value::Text("2024-02-29".into())
+        );
         assert!(bind_value("a", "Date", "2024-13-01").is_err());
     }
 
     #[test]
     fn arrays_in_clickhouse_and_json_form() {
-        assert_eq!(bind_value("a", "Array(Int64)", "[1, 2,3]").unwrap(), Value::Text("[1,2,3]".into()));
-        assert_eq!(bind_value("a", "Array(String)", "['it\\'s','b']").unwrap(), Value::Text("[\"it's\",\"b\"]".into()));
-        assert_eq!(bind_value("a", "Array(String)", "[\"x\\u00e9\"]").unwrap(), Value::Text("[\"xé\"]".into()));
-        assert_eq!(bind_value("a", "Array(Nullable(Int64))", "[1,NULL]").unwrap(), Value::Text("[1,null]".into()));
-        assert_eq!(bind_value("a", "Array(Array(Int64))", "[[1],[]]").unwrap(), Value::Text("[[1],[]]".into()));
-        assert_eq!(bind_value("a", "Array(Bool)", "[TRUE,false]").unwrap(), Value::Text("[true,false]".into()));
+        assert_eq!(
+            bind_value("a", "Array(Int64)", "[1, 2,3]").unwrap(),
+            Value::Text("[1,2,3]".into())
+        );
+        assert_eq!(
+            bind_value("a", "Array(String)", "['it\\'s','b']").unwrap(),
+            Value::Text("[\"it's\",\"b\"]".into())
+        );
+        assert_eq!(
+            bind_value("a", "Array(String)", "[\"x\\u00e9\"]").unwrap(),
+            Value::Text("[\"xé\"]".into())
+        );
+        assert_eq!(
+            bind_value("a", "Array(Nullable(Int64))", "[1,NULL]").unwrap(),
+            Value::Text("[1,null]".into())
+        );
+        assert_eq!(
+            bind_value("a", "Array(Array(Int64))", "[[1],[]]").unwrap(),
+            Value::Text("[[1],[]]".into())
+        );
+        assert_eq!(
+            bind_value("a", "Array(Bool)", "[TRUE,false]").unwrap(),
+            Value::Text("[true,false]".into())
+        );
         assert!(bind_value("a", "Array(Int64)", "[1,'x']").is_err());
         assert!(bind_value("a", "Array(Int64)", "[1,NULL]").is_err());
         assert!(bind_value("a", "Array(Int64)", "1,2").is_err());
@@ -419,7 +547,13 @@ mod tests {
 
     #[test]
     fn unknown_types() {
-        assert_eq!(bind_value("a", "Map(String,Int64)", "{}").unwrap_err().code, ErrorCode::UnknownType);
-        assert_eq!(bind_value("a", "Identifier", "t").unwrap_err().code, ErrorCode::NotImplemented);
+        assert_eq!(
+            bind_value("a", "Map(String,Int64)", "{}").unwrap_err().code,
+            ErrorCode::UnknownType
+        );
+        assert_eq!(
+            bind_value("a", "Identifier", "t").unwrap_err().code,
+            ErrorCode::NotImplemented
+        );
     }
 }

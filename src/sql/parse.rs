@@ -24,6 +24,8 @@ pub struct Statement {
     pub params: Vec<Placeholder>,
     /// First keyword, upper-cased (`SELECT`, `INSERT`, ...).
     pub verb: String,
+    /// Names the statement defines with `name [(cols)] AS (` (CTEs, and window names).
+    pub ctes: Vec<String>,
 }
 
 /// Target of an `INSERT ... FORMAT X` with data.
@@ -75,7 +77,11 @@ fn is_complete(sql: &str) -> bool {
 }
 
 pub fn parse(text: &str) -> Result<Parsed<'_>> {
-    let mut toks = Toks { lx: Lexer::new(text), buf: Vec::new(), eof: false };
+    let mut toks = Toks {
+        lx: Lexer::new(text),
+        buf: Vec::new(),
+        eof: false,
+    };
     let mut statements = Vec::new();
     let mut cur: Vec<Token> = Vec::new();
     let mut cur_start = 0usize;
@@ -126,11 +132,16 @@ pub fn parse(text: &str) -> Result<Parsed<'_>> {
     if statements.is_empty() && insert.is_none() {
         return Err(Error::syntax("Empty query"));
     }
-    Ok(Parsed { statements, format, insert })
+    Ok(Parsed {
+        statements,
+        format,
+        insert,
+    })
 }
 
 fn is_trigger(toks: &[Token], text: &str) -> bool {
-    toks.first().is_some_and(|t| t.is_word(text, "CREATE")) && toks.iter().take(4).any(|t| t.is_word(text, "TRIGGER"))
+    toks.first().is_some_and(|t| t.is_word(text, "CREATE"))
+        && toks.iter().take(4).any(|t| t.is_word(text, "TRIGGER"))
 }
 
 /// Inline data starts after spaces and at most one line break following the format name.
@@ -167,7 +178,12 @@ fn insert_target(toks: &[Token], text: &str, format: &str) -> Option<InsertTarge
     let head = text[first.start..toks[i].end].to_string();
     i += 1;
     let table_start = i;
-    while i < toks.len() && matches!(toks[i].kind, TokKind::Word | TokKind::QuotedIdent | TokKind::Punct) {
+    while i < toks.len()
+        && matches!(
+            toks[i].kind,
+            TokKind::Word | TokKind::QuotedIdent | TokKind::Punct
+        )
+    {
         if toks[i].kind == TokKind::Punct && toks[i].text(text) != "." {
             return None;
         }
@@ -196,7 +212,12 @@ fn insert_target(toks: &[Token], text: &str, format: &str) -> Option<InsertTarge
         }
         columns = Some(cols);
     }
-    Some(InsertTarget { head, table, columns, format: format.to_string() })
+    Some(InsertTarget {
+        head,
+        table,
+        columns,
+        format: format.to_string(),
+    })
 }
 
 /// Strip SQL identifier quotes.
@@ -231,12 +252,18 @@ fn finish(text: &str, start: usize, end: usize, toks: &[Token]) -> Result<Statem
                     Some(k) if params[k].ty != *ty => {
                         return Err(Error::new(
                             ErrorCode::BadQueryParameter,
-                            format!("Query parameter '{name}' is declared with two types: {} and {ty}", params[k].ty),
+                            format!(
+                                "Query parameter '{name}' is declared with two types: {} and {ty}",
+                                params[k].ty
+                            ),
                         ));
                     }
                     Some(k) => k,
                     None => {
-                        params.push(Placeholder { name: name.clone(), ty: ty.clone() });
+                        params.push(Placeholder {
+                            name: name.clone(),
+                            ty: ty.clone(),
+                        });
                         params.len() - 1
                     }
                 };
@@ -253,8 +280,59 @@ fn finish(text: &str, start: usize, end: usize, toks: &[Token]) -> Result<Statem
         }
     }
     sql.push_str(&text[copied..end]);
-    let verb = toks.first().map(|t| t.text(text).to_ascii_uppercase()).unwrap_or_default();
-    Ok(Statement { sql: sql.trim().to_string(), params, verb })
+    let verb = toks
+        .first()
+        .map(|t| t.text(text).to_ascii_uppercase())
+        .unwrap_or_default();
+    Ok(Statement {
+        sql: sql.trim().to_string(),
+        params,
+        verb,
+        ctes: cte_names(text, toks),
+    })
+}
+
+/// Every `name [(cols)] AS [NOT] [MATERIALIZED] (` in the statement: the names of its CTEs
+/// (window definitions match too, which only makes the check that uses this stricter).
+fn cte_names(text: &str, toks: &[Token]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, t) in toks.iter().enumerate() {
+        if !matches!(t.kind, TokKind::Word | TokKind::QuotedIdent) {
+            continue;
+        }
+        let mut j = i + 1;
+        if toks.get(j).is_some_and(|n| n.kind == TokKind::LParen) {
+            let mut depth = 0usize;
+            while let Some(n) = toks.get(j) {
+                match n.kind {
+                    TokKind::LParen => depth += 1,
+                    TokKind::RParen => {
+                        depth -= 1;
+                        if depth == 0 {
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+                j += 1;
+            }
+            j += 1;
+        }
+        if !toks.get(j).is_some_and(|n| n.is_word(text, "AS")) {
+            continue;
+        }
+        j += 1;
+        if toks.get(j).is_some_and(|n| n.is_word(text, "NOT")) {
+            j += 1;
+        }
+        if toks.get(j).is_some_and(|n| n.is_word(text, "MATERIALIZED")) {
+            j += 1;
+        }
+        if toks.get(j).is_some_and(|n| n.kind == TokKind::LParen) {
+            out.push(unquote(t.text(text)));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -287,14 +365,30 @@ mod tests {
 
     #[test]
     fn insert_with_inline_data() {
-        let p = parse("INSERT INTO \"my t\" (a, \"b c\") FORMAT JSONEachRow\n{\"a\":1} 'unbalanced").unwrap();
-        assert!(p.statements.is_empty(), "the insert head is not a statement of its own");
+        let p =
+            parse("INSERT INTO \"my t\" (a, \"b c\") FORMAT JSONEachRow\n{\"a\":1} 'unbalanced")
+                .unwrap();
+        assert!(
+            p.statements.is_empty(),
+            "the insert head is not a statement of its own"
+        );
         let (t, data) = p.insert.unwrap();
         assert_eq!(t.table, "\"my t\"");
         assert_eq!(t.columns, Some(vec!["a".into(), "b c".into()]));
         assert_eq!(t.format, "JSONEachRow");
         assert_eq!(data, "{\"a\":1} 'unbalanced");
         assert_eq!(t.head, "INSERT INTO");
+    }
+
+    #[test]
+    fn cte_names_are_found() {
+        let p = parse("WITH a AS (SELECT 1), \"b c\"(x) AS MATERIALIZED (SELECT 2) SELECT * FROM a, [b c] WINDOW w AS (ORDER BY 1)").unwrap();
+        assert_eq!(
+            p.statements[0].ctes,
+            vec!["a".to_string(), "b c".to_string(), "w".to_string()]
+        );
+        let p = parse("SELECT CAST(x AS TEXT) FROM t").unwrap();
+        assert!(p.statements[0].ctes.is_empty());
     }
 
     #[test]

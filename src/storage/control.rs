@@ -6,7 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
+use rusqlite::functions::{Context, FunctionFlags};
 use rusqlite::hooks::{AuthAction, AuthContext, Authorization};
+use rusqlite::types::{ToSqlOutput, Value};
+
+use super::authz::Authz;
+use crate::core::Role;
 
 use crate::core::{Error, ErrorCode, RequestContext};
 
@@ -23,8 +28,14 @@ pub struct ExecControl {
 impl ExecControl {
     /// `max_execution_time` in seconds from `start`; 0 means no deadline.
     pub fn new(start: Instant, max_execution_time: f64) -> Arc<Self> {
-        let deadline = (max_execution_time > 0.0).then(|| start + Duration::from_secs_f64(max_execution_time));
-        Arc::new(ExecControl { deadline, max_execution_time, cancelled: AtomicBool::new(false), timed_out: AtomicBool::new(false) })
+        let deadline =
+            (max_execution_time > 0.0).then(|| start + Duration::from_secs_f64(max_execution_time));
+        Arc::new(ExecControl {
+            deadline,
+            max_execution_time,
+            cancelled: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
+        })
     }
 
     pub fn cancel(&self) {
@@ -51,18 +62,30 @@ impl ExecControl {
 
     /// Check before starting (or between steps of) work that does not run SQLite's VM.
     pub fn check(&self) -> Result<(), Error> {
-        if self.should_stop() { Err(self.stop_error()) } else { Ok(()) }
+        if self.should_stop() {
+            Err(self.stop_error())
+        } else {
+            Ok(())
+        }
     }
 
     /// The error to report once [`should_stop`](Self::should_stop) fired.
     pub fn stop_error(&self) -> Error {
-        if self.timed_out.load(Ordering::Relaxed) || (!self.is_cancelled() && self.deadline.is_some_and(|d| Instant::now() >= d)) {
+        if self.timed_out.load(Ordering::Relaxed)
+            || (!self.is_cancelled() && self.deadline.is_some_and(|d| Instant::now() >= d))
+        {
             Error::new(
                 ErrorCode::TimeoutExceeded,
-                format!("Timeout exceeded: maximum execution time is {} seconds (max_execution_time)", self.max_execution_time),
+                format!(
+                    "Timeout exceeded: maximum execution time is {} seconds (max_execution_time)",
+                    self.max_execution_time
+                ),
             )
         } else {
-            Error::new(ErrorCode::QueryWasCancelled, "Query was cancelled (client disconnected or server shutting down)")
+            Error::new(
+                ErrorCode::QueryWasCancelled,
+                "Query was cancelled (client disconnected or server shutting down)",
+            )
         }
     }
 
@@ -78,8 +101,10 @@ impl ExecControl {
 }
 
 /// What a connection knows about the request it currently serves.
-#[derive(Default)]
 pub struct ConnState {
+    authz: Arc<Authz>,
+    /// Authorization snapshot generation the cached statements were prepared under.
+    last_authz_gen: Mutex<u64>,
     control: Mutex<Option<Arc<ExecControl>>>,
     ctx: Mutex<Option<RequestContext>>,
     /// Why the authorizer refused the last statement, to replace SQLite's bare "not authorized".
@@ -91,30 +116,61 @@ pub struct ConnState {
 
 /// PRAGMAs that take an argument without changing connection state.
 const ARGUMENT_PRAGMAS: &[&str] = &[
-    "table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo", "foreign_key_list",
-    "foreign_key_check", "integrity_check", "quick_check", "wal_checkpoint", "optimize",
+    "table_info",
+    "table_xinfo",
+    "table_list",
+    "index_list",
+    "index_info",
+    "index_xinfo",
+    "foreign_key_list",
+    "foreign_key_check",
+    "integrity_check",
+    "quick_check",
+    "wal_checkpoint",
+    "optimize",
 ];
 
 impl ConnState {
     /// Create the state for `conn` and hook SQLite's progress handler to it.
-    pub fn install(conn: &mut Connection, ops: i32) -> rusqlite::Result<Arc<ConnState>> {
-        let st = Arc::new(ConnState::default());
+    pub fn install(
+        conn: &mut Connection,
+        ops: i32,
+        authz: Arc<Authz>,
+    ) -> rusqlite::Result<Arc<ConnState>> {
+        let st = Arc::new(ConnState {
+            authz,
+            last_authz_gen: Mutex::new(0),
+            control: Mutex::new(None),
+            ctx: Mutex::new(None),
+            denial: Mutex::new(None),
+            last_role: Mutex::new(None),
+        });
         let hook = Arc::clone(&st);
         conn.progress_handler(
             ops,
-            Some(move || hook.control.lock().map(|c| c.as_ref().is_some_and(|c| c.should_stop())).unwrap_or(true)),
+            Some(move || {
+                hook.control
+                    .lock()
+                    .map(|c| c.as_ref().is_some_and(|c| c.should_stop()))
+                    .unwrap_or(true)
+            }),
         )?;
         let auth = Arc::clone(&st);
         conn.authorizer(Some(move |a: AuthContext<'_>| auth.authorize(&a)))?;
+        register_identity_functions(conn, &st)?;
         Ok(st)
     }
 
     /// The authorizer: engine work (no request checked out) may do anything; request SQL may
     /// not change state that would outlive the request on a pooled connection.
     fn authorize(&self, a: &AuthContext<'_>) -> Authorization {
-        if self.ctx.lock().map(|c| c.is_none()).unwrap_or(false) {
-            return Authorization::Allow;
-        }
+        let role = match self.ctx.lock() {
+            Ok(c) => match c.as_ref() {
+                None => return Authorization::Allow,
+                Some(ctx) => ctx.role.clone(),
+            },
+            Err(_) => return Authorization::Deny,
+        };
         let why = match &a.action {
             AuthAction::Attach { .. } | AuthAction::Detach { .. } => {
                 "ATTACH and DETACH are not allowed over SQL-over-HTTP: an attached database would outlive the request on a pooled connection".to_string()
@@ -130,28 +186,60 @@ impl ConnState {
             {
                 format!("PRAGMA {pragma_name} with a value changes connection state and is not allowed over SQL-over-HTTP")
             }
-            _ => return Authorization::Allow,
+            _ => match role {
+                Role::Admin => return Authorization::Allow,
+                _ => match self.authz.decide(role.as_str(), a) {
+                    Ok(()) => return Authorization::Allow,
+                    Err(why) => why,
+                },
+            },
         };
-        *self.denial.lock().unwrap() = Some(why);
+        let mut d = self.denial.lock().unwrap();
+        if d.is_none() {
+            *d = Some(why);
+        }
         Authorization::Deny
     }
 
-    pub fn check_out(&self, conn: &Connection, ctx: RequestContext, control: Arc<ExecControl>) {
+    /// Install `ctx` and `control` on this connection. For non-admin roles the authorization
+    /// snapshot is refreshed first; prepared statements are flushed whenever the role or the
+    /// snapshot changed, because SQLite authorises a statement when it is prepared.
+    pub fn check_out(
+        &self,
+        conn: &Connection,
+        ctx: RequestContext,
+        control: Arc<ExecControl>,
+    ) -> Result<(), Error> {
         let role = ctx.role.as_str().to_string();
+        let mut flush = false;
+        if ctx.role != Role::Admin {
+            let generation = self.authz.refresh(conn).map_err(Error::from)?;
+            let mut last = self.last_authz_gen.lock().unwrap();
+            if *last != generation {
+                *last = generation;
+                flush = true;
+            }
+        }
         let mut last = self.last_role.lock().unwrap();
         if last.as_deref() != Some(role.as_str()) {
-            conn.flush_prepared_statement_cache();
             *last = Some(role);
+            flush = true;
+        }
+        if flush {
+            conn.flush_prepared_statement_cache();
         }
         *self.denial.lock().unwrap() = None;
         *self.ctx.lock().unwrap() = Some(ctx);
         *self.control.lock().unwrap() = Some(control);
+        Ok(())
     }
 
     /// Replace SQLite's bare "not authorized" with the authorizer's reason.
     pub fn explain(&self, e: Error) -> Error {
         match self.denial.lock().unwrap().take() {
-            Some(why) if e.message.contains("not authorized") => Error::new(ErrorCode::AccessDenied, why),
+            Some(why) if e.message.contains("not authorized") => {
+                Error::new(ErrorCode::AccessDenied, why)
+            }
             _ => e,
         }
     }
@@ -165,6 +253,45 @@ impl ConnState {
     pub fn context(&self) -> Option<RequestContext> {
         self.ctx.lock().unwrap().clone()
     }
+}
+
+/// `auth_userid()`, `auth_role()` and `auth_claim(name)`: the identity of the request the
+/// connection serves now (NULL outside requests; `auth_userid()` NULL when anonymous).
+fn register_identity_functions(conn: &Connection, st: &Arc<ConnState>) -> rusqlite::Result<()> {
+    let flags = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_INNOCUOUS;
+    let s = Arc::clone(st);
+    conn.create_scalar_function("auth_userid", 0, flags, move |_c: &mut Context<'_>| {
+        Ok(s.ctx
+            .lock()
+            .unwrap()
+            .as_ref()
+            .and_then(|c| c.user_id.clone()))
+    })?;
+    let s = Arc::clone(st);
+    conn.create_scalar_function("auth_role", 0, flags, move |_c: &mut Context<'_>| {
+        Ok(s.ctx
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|c| c.role.as_str().to_string()))
+    })?;
+    let s = Arc::clone(st);
+    conn.create_scalar_function("auth_claim", 1, flags, move |c: &mut Context<'_>| {
+        let name: String = c.get(0)?;
+        let guard = s.ctx.lock().unwrap();
+        let v = guard.as_ref().and_then(|ctx| ctx.claim(&name).cloned());
+        Ok(match v {
+            None | Some(serde_json::Value::Null) => ToSqlOutput::Owned(Value::Null),
+            Some(serde_json::Value::Bool(b)) => ToSqlOutput::Owned(Value::Integer(b as i64)),
+            Some(serde_json::Value::Number(n)) => ToSqlOutput::Owned(match n.as_i64() {
+                Some(i) => Value::Integer(i),
+                None => Value::Real(n.as_f64().unwrap_or(f64::NAN)),
+            }),
+            Some(serde_json::Value::String(t)) => ToSqlOutput::Owned(Value::Text(t)),
+            Some(other) => ToSqlOutput::Owned(Value::Text(other.to_string())),
+        })
+    })?;
+    Ok(())
 }
 
 /// Leave the connection as a fresh one: no open transaction, no request state.

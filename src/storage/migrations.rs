@@ -12,14 +12,74 @@ pub struct Migration {
 }
 
 /// Every engine migration, in order. Append only: never edit a released step.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
     name: "engine metadata",
     sql: "CREATE TABLE _ichibase_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
           INSERT INTO _ichibase_meta (key, value) VALUES
               ('instance_id', lower(hex(randomblob(16)))),
               ('created_at', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "identities, sessions, API keys, grants and policies",
+        sql: "CREATE TABLE _ichibase_users (
+                  id TEXT PRIMARY KEY,
+                  email TEXT NOT NULL UNIQUE COLLATE NOCASE,
+                  password_hash TEXT NOT NULL,
+                  role TEXT NOT NULL DEFAULT 'user',
+                  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+                  disabled_at TEXT
+              ) STRICT;
+              CREATE TABLE _ichibase_sessions (
+                  id TEXT PRIMARY KEY,
+                  user_id TEXT NOT NULL REFERENCES _ichibase_users(id) ON DELETE CASCADE,
+                  secret_hash TEXT NOT NULL UNIQUE,
+                  device TEXT,
+                  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+                  last_used_at TEXT,
+                  expires_at INTEGER NOT NULL,
+                  revoked_at TEXT
+              ) STRICT;
+              CREATE INDEX _ichibase_sessions_user ON _ichibase_sessions(user_id);
+              CREATE TABLE _ichibase_api_keys (
+                  id TEXT PRIMARY KEY,
+                  name TEXT NOT NULL,
+                  key_hash TEXT NOT NULL UNIQUE,
+                  role TEXT NOT NULL,
+                  user_id TEXT REFERENCES _ichibase_users(id) ON DELETE CASCADE,
+                  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+                  revoked_at TEXT
+              ) STRICT;
+              CREATE TABLE _ichibase_grants (
+                  object TEXT NOT NULL,
+                  role TEXT NOT NULL,
+                  privilege TEXT NOT NULL CHECK (privilege IN ('select', 'insert', 'update', 'delete', 'ddl')),
+                  PRIMARY KEY (object, role, privilege)
+              ) STRICT;
+              CREATE TABLE _ichibase_policies (
+                  name TEXT PRIMARY KEY,
+                  table_name TEXT NOT NULL,
+                  roles TEXT NOT NULL,
+                  operations TEXT NOT NULL,
+                  using_expr TEXT NOT NULL,
+                  check_expr TEXT,
+                  defaults TEXT NOT NULL DEFAULT '{}',
+                  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+              ) STRICT;
+              INSERT INTO _ichibase_meta (key, value) VALUES ('authz_version', '0');
+              CREATE TRIGGER _ichibase_grants_ins AFTER INSERT ON _ichibase_grants BEGIN
+                  UPDATE _ichibase_meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'authz_version';
+              END;
+              CREATE TRIGGER _ichibase_grants_upd AFTER UPDATE ON _ichibase_grants BEGIN
+                  UPDATE _ichibase_meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'authz_version';
+              END;
+              CREATE TRIGGER _ichibase_grants_del AFTER DELETE ON _ichibase_grants BEGIN
+                  UPDATE _ichibase_meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'authz_version';
+              END;",
+    },
+];
 
 /// Apply every migration not yet recorded. Returns how many ran.
 pub fn apply(conn: &mut Connection) -> anyhow::Result<usize> {
@@ -30,14 +90,27 @@ pub fn apply(conn: &mut Connection) -> anyhow::Result<usize> {
             applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
         ) STRICT",
     )?;
-    let current: i64 = conn.query_row("SELECT coalesce(max(version), 0) FROM _ichibase_migrations", [], |r| r.get(0))?;
+    let current: i64 = conn.query_row(
+        "SELECT coalesce(max(version), 0) FROM _ichibase_migrations",
+        [],
+        |r| r.get(0),
+    )?;
     let mut ran = 0;
     for m in MIGRATIONS.iter().filter(|m| m.version > current) {
         let tx = conn.transaction()?;
-        tx.execute_batch(m.sql).map_err(|e| anyhow::anyhow!("engine migration {} ({}) failed: {e}", m.version, m.name))?;
-        tx.execute("INSERT INTO _ichibase_migrations (version, name) VALUES (?1, ?2)", (m.version, m.name))?;
+        tx.execute_batch(m.sql).map_err(|e| {
+            anyhow::anyhow!("engine migration {} ({}) failed: {e}", m.version, m.name)
+        })?;
+        tx.execute(
+            "INSERT INTO _ichibase_migrations (version, name) VALUES (?1, ?2)",
+            (m.version, m.name),
+        )?;
         tx.commit()?;
-        tracing::info!(version = m.version, name = m.name, "applied engine migration");
+        tracing::info!(
+            version = m.version,
+            name = m.name,
+            "applied engine migration"
+        );
         ran += 1;
     }
     Ok(ran)
@@ -52,7 +125,11 @@ mod tests {
         let mut c = Connection::open_in_memory().unwrap();
         assert_eq!(apply(&mut c).unwrap(), MIGRATIONS.len());
         assert_eq!(apply(&mut c).unwrap(), 0);
-        let n: i64 = c.query_row("SELECT count(*) FROM _ichibase_migrations", [], |r| r.get(0)).unwrap();
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM _ichibase_migrations", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
         assert_eq!(n as usize, MIGRATIONS.len());
     }
 }

@@ -9,6 +9,7 @@
 //! isolation). Writes are closures queued to one writer thread, run in arrival order.
 //! This module knows nothing about SQL-over-HTTP, formats or routing.
 
+pub mod authz;
 mod control;
 pub mod migrations;
 mod readers;
@@ -20,6 +21,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
 
+pub use authz::Authz;
 pub use control::{ConnState, ExecControl};
 use readers::ReaderPool;
 use writer::Writer;
@@ -55,6 +57,7 @@ pub struct Storage {
 
 struct Inner {
     path: PathBuf,
+    authz: Arc<Authz>,
     writer: Writer,
     readers: ReaderPool,
 }
@@ -72,33 +75,58 @@ impl Storage {
         let mut wconn = Connection::open(&opts.path)?;
         configure(&wconn, opts, false)?;
         let journal: String = wconn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
-        anyhow::ensure!(journal.eq_ignore_ascii_case("wal"), "could not switch {} to WAL (got {journal})", opts.path.display());
+        anyhow::ensure!(
+            journal.eq_ignore_ascii_case("wal"),
+            "could not switch {} to WAL (got {journal})",
+            opts.path.display()
+        );
         wconn.pragma_update(None, "synchronous", opts.synchronous.pragma_value())?;
         migrations::apply(&mut wconn)?;
-        let wstate = ConnState::install(&mut wconn, PROGRESS_OPS)?;
+        let authz = Arc::new(Authz::default());
+        authz.refresh(&wconn)?;
+        let wstate = ConnState::install(&mut wconn, PROGRESS_OPS, Arc::clone(&authz))?;
         let writer = Writer::start(wconn, wstate)?;
 
         let mut readers = Vec::with_capacity(opts.readers);
         for _ in 0..opts.readers {
             let mut c = Connection::open_with_flags(
                 &opts.path,
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+                OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                    | OpenFlags::SQLITE_OPEN_URI,
             )?;
             configure(&c, opts, true)?;
-            let st = ConnState::install(&mut c, PROGRESS_OPS)?;
+            let st = ConnState::install(&mut c, PROGRESS_OPS, Arc::clone(&authz))?;
             readers.push((c, st));
         }
         tracing::info!(path = %opts.path.display(), readers = opts.readers, synchronous = ?opts.synchronous, "storage open");
-        Ok(Storage { inner: Arc::new(Inner { path: opts.path.clone(), writer, readers: ReaderPool::new(readers) }) })
+        Ok(Storage {
+            inner: Arc::new(Inner {
+                path: opts.path.clone(),
+                authz,
+                writer,
+                readers: ReaderPool::new(readers),
+            }),
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
 
+    /// The authorization snapshot shared by every connection.
+    pub fn authz(&self) -> &Arc<Authz> {
+        &self.inner.authz
+    }
+
     /// Run `f` on a pooled read-only connection, with `ctx` and `control` installed.
     /// Waits for a free connection until the control's deadline.
-    pub async fn read<F, R>(&self, ctx: &RequestContext, control: Arc<ExecControl>, f: F) -> Result<R>
+    pub async fn read<F, R>(
+        &self,
+        ctx: &RequestContext,
+        control: Arc<ExecControl>,
+        f: F,
+    ) -> Result<R>
     where
         F: FnOnce(&Connection) -> Result<R> + Send + 'static,
         R: Send + 'static,
@@ -107,7 +135,12 @@ impl Storage {
     }
 
     /// Queue `f` to the writer; it runs after every write queued before it.
-    pub async fn write<F, R>(&self, ctx: &RequestContext, control: Arc<ExecControl>, f: F) -> Result<R>
+    pub async fn write<F, R>(
+        &self,
+        ctx: &RequestContext,
+        control: Arc<ExecControl>,
+        f: F,
+    ) -> Result<R>
     where
         F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
         R: Send + 'static,

@@ -20,7 +20,11 @@ pub(super) struct ReaderPool {
 impl ReaderPool {
     pub fn new(conns: Vec<Pooled>) -> Self {
         let size = conns.len() as u32;
-        ReaderPool { free: Arc::new(Semaphore::new(conns.len())), conns: Arc::new(Mutex::new(conns)), size }
+        ReaderPool {
+            free: Arc::new(Semaphore::new(conns.len())),
+            conns: Arc::new(Mutex::new(conns)),
+            size,
+        }
     }
 
     pub async fn run<F, R>(&self, ctx: RequestContext, control: Arc<ExecControl>, f: F) -> Result<R>
@@ -39,12 +43,16 @@ impl ReaderPool {
         .map_err(|_| super::shutting_down())?;
         let conns = Arc::clone(&self.conns);
         let joined = tokio::task::spawn_blocking(move || {
-            let (conn, st) = conns.lock().unwrap().pop().expect("a permit guarantees a free connection");
+            let (conn, st) = conns
+                .lock()
+                .unwrap()
+                .pop()
+                .expect("a permit guarantees a free connection");
             let out = match control.check() {
-                Ok(()) => {
-                    st.check_out(&conn, ctx, Arc::clone(&control));
-                    f(&conn).map_err(|e| control.map_error(st.explain(e)))
-                }
+                Ok(()) => match st.check_out(&conn, ctx, Arc::clone(&control)) {
+                    Ok(()) => f(&conn).map_err(|e| control.map_error(st.explain(e))),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             };
             reset(&conn, &st);
@@ -53,7 +61,12 @@ impl ReaderPool {
             out
         })
         .await;
-        joined.unwrap_or_else(|e| Err(Error::new(ErrorCode::Internal, format!("reader task failed: {e}"))))
+        joined.unwrap_or_else(|e| {
+            Err(Error::new(
+                ErrorCode::Internal,
+                format!("reader task failed: {e}"),
+            ))
+        })
     }
 
     /// Wait for every connection to come back, then close them all.

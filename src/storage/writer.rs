@@ -24,8 +24,13 @@ pub(super) struct Writer {
 impl Writer {
     pub fn start(conn: Connection, state: Arc<ConnState>) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel::<Job>(QUEUE);
-        let thread = std::thread::Builder::new().name("ichibase-writer".into()).spawn(move || writer_loop(conn, state, rx))?;
-        Ok(Writer { tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+        let thread = std::thread::Builder::new()
+            .name("ichibase-writer".into())
+            .spawn(move || writer_loop(conn, state, rx))?;
+        Ok(Writer {
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
     }
 
     pub async fn run<F, R>(&self, ctx: RequestContext, control: Arc<ExecControl>, f: F) -> Result<R>
@@ -33,15 +38,20 @@ impl Writer {
         F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
-        let tx = self.tx.lock().unwrap().clone().ok_or_else(super::shutting_down)?;
+        let tx = self
+            .tx
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(super::shutting_down)?;
         let (done_tx, done_rx) = oneshot::channel();
         let job_control = Arc::clone(&control);
         let job: Job = Box::new(move |conn, st| {
             let out = match job_control.check() {
-                Ok(()) => {
-                    st.check_out(conn, ctx, Arc::clone(&job_control));
-                    f(conn).map_err(|e| job_control.map_error(st.explain(e)))
-                }
+                Ok(()) => match st.check_out(conn, ctx, Arc::clone(&job_control)) {
+                    Ok(()) => f(conn).map_err(|e| job_control.map_error(st.explain(e))),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             };
             reset(conn, st);
@@ -55,12 +65,19 @@ impl Writer {
             },
             None => send.await.map_err(|_| super::shutting_down())?,
         }
-        done_rx.await.unwrap_or_else(|_| Err(Error::new(ErrorCode::Internal, "writer dropped the job (it panicked)")))
+        done_rx.await.unwrap_or_else(|_| {
+            Err(Error::new(
+                ErrorCode::Internal,
+                "writer dropped the job (it panicked)",
+            ))
+        })
     }
 
     pub async fn close(&self) -> Result<()> {
         drop(self.tx.lock().unwrap().take());
-        let Some(handle) = self.thread.lock().unwrap().take() else { return Ok(()) };
+        let Some(handle) = self.thread.lock().unwrap().take() else {
+            return Ok(());
+        };
         tokio::task::spawn_blocking(move || handle.join())
             .await
             .map_err(|e| Error::internal(format!("joining writer: {e}")))?
@@ -68,7 +85,11 @@ impl Writer {
     }
 }
 
-fn writer_loop(mut conn: Connection, state: Arc<ConnState>, mut rx: mpsc::Receiver<Job>) -> Result<()> {
+fn writer_loop(
+    mut conn: Connection,
+    state: Arc<ConnState>,
+    mut rx: mpsc::Receiver<Job>,
+) -> Result<()> {
     while let Some(job) = rx.blocking_recv() {
         // A panicking job must not take the writer (and with it every future write) down.
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn, &state)));
@@ -78,8 +99,15 @@ fn writer_loop(mut conn: Connection, state: Arc<ConnState>, mut rx: mpsc::Receiv
         }
     }
     let (busy, log, done): (i64, i64, i64) =
-        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    tracing::info!(busy, wal_frames = log, checkpointed = done, "final WAL checkpoint");
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    tracing::info!(
+        busy,
+        wal_frames = log,
+        checkpointed = done,
+        "final WAL checkpoint"
+    );
     conn.close().map_err(|(_, e)| Error::from(e))?;
     Ok(())
 }

@@ -11,13 +11,16 @@ import { gzipSync } from 'node:zlib'
 import { createClient, ClickHouseError } from '@clickhouse/client'
 
 const url = process.argv[2]
+// Credentials: the ClickHouse client sends Basic auth; an ichibase API key goes in the password.
+const password = process.env.ICHIBASE_KEY ?? ''
+const auth = { username: 'default', password }
 if (!url) {
   console.error('usage: node client_test.mjs <server url, e.g. http://127.0.0.1:8123>')
   process.exit(2)
 }
 
 // The client logs failed requests itself; the error cases below are expected, keep them quiet.
-const client = createClient({ url, request_timeout: 30_000, log: { level: 127 /* OFF */ } })
+const client = createClient({ url, ...auth, request_timeout: 30_000, log: { level: 127 /* OFF */ } })
 
 let failed = 0
 let passed = 0
@@ -45,7 +48,7 @@ async function rejection(promise) {
 /** The server's own error for `sql`, fetched without the client: {code, message}. */
 async function serverError(sql, params = {}) {
   const qs = new URLSearchParams(params)
-  const r = await fetch(`${url}/?${qs}`, { method: 'POST', body: sql })
+  const r = await fetch(`${url}/?${qs}`, { method: 'POST', body: sql, headers: { Authorization: `Bearer ${password}` } })
   assert.notEqual(r.status, 200, `server accepted ${JSON.stringify(sql)}`)
   const body = await r.text()
   const code = r.headers.get('x-clickhouse-exception-code')
@@ -297,7 +300,7 @@ await check('error: insert into a missing table rejects', async () => {
 })
 
 await check('compression.response: true (enable_http_compression=1, Accept-Encoding: gzip) still reads results', async () => {
-  const c = createClient({ url, compression: { response: true }, log: { level: 127 } })
+  const c = createClient({ url, ...auth, compression: { response: true }, log: { level: 127 } })
   try {
     const rs = await c.query({ query: `SELECT id FROM ${TABLE} WHERE id = 1`, format: 'JSONEachRow' })
     const enc = rs.response_headers['content-encoding']
@@ -322,7 +325,7 @@ async function probe(name, fn) {
 }
 
 await probe('compression.request: true (gzip-compressed insert body, Content-Encoding: gzip)', async () => {
-  const c = createClient({ url, compression: { request: true }, log: { level: 127 } })
+  const c = createClient({ url, ...auth, compression: { request: true }, log: { level: 127 } })
   try {
     await c.insert({ table: TABLE, format: 'JSONEachRow', values: [{ id: 100, name: 'gz' }] })
     const rs = await client.query({ query: `SELECT name FROM ${TABLE} WHERE id = 100`, format: 'JSONEachRow' })
@@ -333,7 +336,7 @@ await probe('compression.request: true (gzip-compressed insert body, Content-Enc
 })
 
 await probe('use_multipart_params: true (query and param_* as multipart/form-data body)', async () => {
-  const c = createClient({ url, use_multipart_params: true, log: { level: 127 } })
+  const c = createClient({ url, ...auth, use_multipart_params: true, log: { level: 127 } })
   try {
     const rs = await c.query({ query: 'SELECT {n:Int64} AS n', format: 'JSONEachRow', query_params: { n: 7 } })
     assert.deepEqual(await rs.json(), [{ n: '7' }])
@@ -348,7 +351,7 @@ await probe('session_id (query with session_id=...)', async () => {
 })
 
 await probe('database: "main" in createClient', async () => {
-  const c = createClient({ url, database: 'main', log: { level: 127 } })
+  const c = createClient({ url, ...auth, database: 'main', log: { level: 127 } })
   try {
     const rs = await c.query({ query: 'SELECT 1 AS one', format: 'JSONEachRow' })
     assert.deepEqual(await rs.json(), [{ one: '1' }])

@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// The admin API key every test server is started with (`ICHIBASE_ADMIN_KEY`).
+pub const ADMIN_KEY: &str = "ik_test-admin-key-0123456789abcdef";
+
 pub struct Server {
     pub child: Child,
     pub url: String,
@@ -27,8 +30,15 @@ impl Server {
     /// Start on `data_dir` with extra flags and environment variables.
     pub fn start_in(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_ichibase"));
-        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--data-dir").arg(data_dir).args(extra);
-        cmd.env_remove("ICHIBASE_CONFIG").env("ICHIBASE_LOG", "warn");
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(extra);
+        cmd.env_remove("ICHIBASE_CONFIG")
+            .env("ICHIBASE_LOG", "warn")
+            .env("ICHIBASE_ADMIN_KEY", ADMIN_KEY);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -38,14 +48,22 @@ impl Server {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let url = loop {
-            let line = lines.next().expect("server exited before listening").unwrap();
+            let line = lines
+                .next()
+                .expect("server exited before listening")
+                .unwrap();
             if let Some(rest) = line.strip_prefix("ichibase listening on ") {
                 break rest.trim().to_string();
             }
         };
         // Keep draining stdout so the server never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Server { child, url, data_dir: data_dir.to_path_buf(), _tmp: None }
+        Server {
+            child,
+            url,
+            data_dir: data_dir.to_path_buf(),
+            _tmp: None,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -54,7 +72,8 @@ impl Server {
 
     /// Resident memory of the server process, bytes.
     pub fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -71,14 +90,20 @@ impl Server {
             if let Some(st) = self.child.try_wait().unwrap() {
                 return st;
             }
-            assert!(Instant::now() < deadline, "server did not stop within 30 s of SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "server did not stop within 30 s of SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
 fn unsafe_kill(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 impl Drop for Server {
@@ -107,24 +132,60 @@ impl Resp {
     }
     /// ClickHouse error code from the header.
     pub fn code(&self) -> Option<u32> {
-        self.header("x-clickhouse-exception-code").and_then(|c| c.parse().ok())
+        self.header("x-clickhouse-exception-code")
+            .and_then(|c| c.parse().ok())
     }
 }
 
+/// A client authenticated as the admin (Bearer API key).
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap()
+    client_with_token(ADMIN_KEY)
+}
+
+/// A client sending `Authorization: Bearer <token>` on every request.
+pub fn client_with_token(token: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(h)
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap()
+}
+
+/// A client without credentials (the `anon` role).
+pub fn anon_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap()
 }
 
 async fn read(r: reqwest::Response) -> Resp {
     let status = r.status().as_u16();
     let headers = r.headers().clone();
     let body = r.text().await.unwrap();
-    Resp { status, headers, body }
+    Resp {
+        status,
+        headers,
+        body,
+    }
 }
 
 /// POST `sql` to `/` with URL arguments.
 pub async fn post(c: &reqwest::Client, base: &str, args: &[(&str, &str)], sql: &str) -> Resp {
-    read(c.post(format!("{base}/")).query(args).body(sql.to_string()).send().await.unwrap()).await
+    read(
+        c.post(format!("{base}/"))
+            .query(args)
+            .body(sql.to_string())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
 }
 
 /// GET `/` with URL arguments.

@@ -1,0 +1,259 @@
+//! `/admin/*` (admin role only): users, API keys, JWT key rotation, policies and grants.
+
+use std::time::Instant;
+
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, patch, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{AppState, JsonBody, error_response, identify};
+use crate::auth::policy::{self, GrantSpec, PolicySpec};
+use crate::core::{Error, ErrorCode, RequestContext, Result};
+use crate::storage::ExecControl;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/admin/users", post(create_user).get(list_users))
+        .route("/admin/users/{id}", patch(update_user))
+        .route("/admin/keys", post(create_key).get(list_keys))
+        .route("/admin/keys/{id}", delete(revoke_key))
+        .route("/admin/jwt/rotate", post(rotate))
+        .route("/admin/policies", post(create_policy).get(list_policies))
+        .route("/admin/policies/{name}", delete(drop_policy))
+        .route(
+            "/admin/grants",
+            post(grant).get(list_grants).delete(revoke_grant),
+        )
+}
+
+/// The caller's context, or the error response if it is not an admin.
+fn admin(st: &AppState, headers: &HeaderMap) -> std::result::Result<RequestContext, Response> {
+    let ctx = identify(st, headers)?;
+    if !ctx.is_admin() {
+        return Err(error_response(
+            &Error::new(
+                ErrorCode::AccessDenied,
+                format!(
+                    "/admin needs the admin role; this request runs as '{}'",
+                    ctx.role.as_str()
+                ),
+            ),
+            true,
+            None,
+        ));
+    }
+    Ok(ctx)
+}
+
+fn reply<T: serde::Serialize>(r: Result<T>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error_response(&e, true, None),
+    }
+}
+
+macro_rules! require_admin {
+    ($st:expr, $h:expr) => {
+        match admin(&$st, &$h) {
+            Ok(c) => c,
+            Err(r) => return r,
+        }
+    };
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewUser {
+    email: String,
+    password: String,
+    #[serde(default = "default_role")]
+    role: String,
+}
+
+fn default_role() -> String {
+    "user".into()
+}
+
+async fn create_user(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    JsonBody(u): JsonBody<NewUser>,
+) -> Response {
+    require_admin!(st, h);
+    reply(st.auth.create_user(&u.email, &u.password, &u.role).await)
+}
+
+async fn list_users(State(st): State<AppState>, h: HeaderMap) -> Response {
+    require_admin!(st, h);
+    reply(st.auth.list_users().await.map(|u| json!({"users": u})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserPatch {
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    disabled: Option<bool>,
+}
+
+async fn update_user(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    JsonBody(p): JsonBody<UserPatch>,
+) -> Response {
+    require_admin!(st, h);
+    reply(
+        st.auth
+            .update_user(&id, p.role.as_deref(), p.disabled)
+            .await
+            .map(|_| json!({"updated": id})),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewKey {
+    name: String,
+    role: String,
+    #[serde(default)]
+    user_id: Option<String>,
+}
+
+async fn create_key(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    JsonBody(k): JsonBody<NewKey>,
+) -> Response {
+    require_admin!(st, h);
+    reply(
+        st.auth
+            .create_api_key(&k.name, &k.role, k.user_id)
+            .await
+            .map(|(info, key)| json!({"key": key, "info": info})),
+    )
+}
+
+async fn list_keys(State(st): State<AppState>, h: HeaderMap) -> Response {
+    require_admin!(st, h);
+    reply(st.auth.list_api_keys().await.map(|k| json!({"keys": k})))
+}
+
+async fn revoke_key(State(st): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Response {
+    require_admin!(st, h);
+    reply(
+        st.auth
+            .revoke_api_key(&id)
+            .await
+            .map(|_| json!({"revoked": id})),
+    )
+}
+
+async fn rotate(State(st): State<AppState>, h: HeaderMap) -> Response {
+    require_admin!(st, h);
+    reply(
+        st.auth
+            .rotate_signing_key()
+            .map(|(kid, kids)| json!({"signing_key": kid, "verifying_keys": kids})),
+    )
+}
+
+async fn on_writer<R: Send + 'static>(
+    st: &AppState,
+    ctx: &RequestContext,
+    f: impl FnOnce(&mut rusqlite::Connection) -> Result<R> + Send + 'static,
+) -> Result<R> {
+    st.storage
+        .write(ctx, ExecControl::new(Instant::now(), 0.0), f)
+        .await
+}
+
+async fn create_policy(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    JsonBody(p): JsonBody<PolicySpec>,
+) -> Response {
+    let ctx = require_admin!(st, h);
+    let name = p.name.clone();
+    reply(
+        on_writer(&st, &ctx, move |c| policy::create(c, &p))
+            .await
+            .map(|_| json!({"policy": name})),
+    )
+}
+
+async fn list_policies(State(st): State<AppState>, h: HeaderMap) -> Response {
+    let ctx = require_admin!(st, h);
+    reply(
+        st.storage
+            .read(&ctx, ExecControl::new(Instant::now(), 0.0), |c| {
+                policy::list(c)
+            })
+            .await
+            .map(|p| json!({"policies": p})),
+    )
+}
+
+async fn drop_policy(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    let ctx = require_admin!(st, h);
+    let n = name.clone();
+    reply(
+        on_writer(&st, &ctx, move |c| policy::drop(c, &n))
+            .await
+            .map(|_| json!({"dropped": name})),
+    )
+}
+
+async fn grant(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    JsonBody(g): JsonBody<GrantSpec>,
+) -> Response {
+    let ctx = require_admin!(st, h);
+    reply(
+        on_writer(&st, &ctx, move |c| {
+            policy::grant(c, &g).map(|_| json!({"granted": g}))
+        })
+        .await,
+    )
+}
+
+async fn list_grants(State(st): State<AppState>, h: HeaderMap) -> Response {
+    let ctx = require_admin!(st, h);
+    reply(
+        st.storage
+            .read(&ctx, ExecControl::new(Instant::now(), 0.0), |c| {
+                policy::list_grants(c)
+            })
+            .await
+            .map(|g| json!({"grants": g})),
+    )
+}
+
+#[derive(Deserialize)]
+struct RevokeQuery {
+    object: String,
+    role: String,
+}
+
+async fn revoke_grant(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    Query(q): Query<RevokeQuery>,
+) -> Response {
+    let ctx = require_admin!(st, h);
+    reply(
+        on_writer(&st, &ctx, move |c| policy::revoke(c, &q.object, &q.role))
+            .await
+            .map(|n| json!({"revoked": n})),
+    )
+}

@@ -1,0 +1,183 @@
+//! `/auth/*`: sign-up, sign-in, refresh, sign-out, password change, sessions (devices), `me`.
+//! Bodies and answers are JSON; errors use the JSON error shape.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{AppState, JsonBody, error_response, identify};
+use crate::core::{Error, ErrorCode};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/auth/signup", post(signup))
+        .route("/auth/signin", post(signin))
+        .route("/auth/refresh", post(refresh))
+        .route("/auth/signout", post(signout))
+        .route("/auth/password", post(password))
+        .route("/auth/me", get(me))
+        .route("/auth/sessions", get(sessions))
+        .route("/auth/sessions/{id}", delete(revoke))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Credentials {
+    email: String,
+    password: String,
+    #[serde(default)]
+    device: Option<String>,
+}
+
+fn device_of(c: &Credentials, headers: &HeaderMap) -> Option<String> {
+    c.device.clone().or_else(|| {
+        headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    })
+}
+
+fn with_cookie(st: &AppState, tokens: &crate::auth::Tokens) -> Response {
+    let mut r = Json(tokens).into_response();
+    if let Ok(v) = HeaderValue::from_str(&st.auth.cookie_header(&tokens.refresh_token)) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
+async fn signup(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(c): JsonBody<Credentials>,
+) -> Response {
+    match st
+        .auth
+        .signup(&c.email, &c.password, device_of(&c, &headers))
+        .await
+    {
+        Ok(t) => with_cookie(&st, &t),
+        Err(e) => error_response(&e, true, None),
+    }
+}
+
+async fn signin(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(c): JsonBody<Credentials>,
+) -> Response {
+    match st
+        .auth
+        .signin(&c.email, &c.password, device_of(&c, &headers))
+        .await
+    {
+        Ok(t) => with_cookie(&st, &t),
+        Err(e) => error_response(&e, true, None),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshBody {
+    refresh_token: String,
+}
+
+async fn refresh(State(st): State<AppState>, JsonBody(b): JsonBody<RefreshBody>) -> Response {
+    match st.auth.refresh(&b.refresh_token).await {
+        Ok(t) => with_cookie(&st, &t),
+        Err(e) => error_response(&e, true, None),
+    }
+}
+
+async fn signout(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let ctx = match identify(&st, &headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let Some(sid) = ctx.session_id.clone() else {
+        return error_response(
+            &Error::new(
+                ErrorCode::BadArguments,
+                "This credential has no session to sign out of (API keys are revoked by an admin)",
+            ),
+            true,
+            None,
+        );
+    };
+    match st.auth.revoke_session(&ctx, &sid).await {
+        Ok(()) => {
+            let mut r = Json(json!({"signed_out": sid})).into_response();
+            if let Ok(v) = HeaderValue::from_str(&st.auth.clear_cookie_header()) {
+                r.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            r
+        }
+        Err(e) => error_response(&e, true, None),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PasswordBody {
+    old_password: String,
+    new_password: String,
+}
+
+async fn password(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<PasswordBody>,
+) -> Response {
+    let ctx = match identify(&st, &headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match st
+        .auth
+        .change_password(&ctx, &b.old_password, &b.new_password)
+        .await
+    {
+        Ok(()) => Json(json!({"changed": true, "other_sessions_revoked": true})).into_response(),
+        Err(e) => error_response(&e, true, None),
+    }
+}
+
+async fn me(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    match identify(&st, &headers) {
+        Ok(ctx) => match st.auth.me(&ctx).await {
+            Ok(v) => Json(v).into_response(),
+            Err(e) => error_response(&e, true, None),
+        },
+        Err(r) => r,
+    }
+}
+
+async fn sessions(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let ctx = match identify(&st, &headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match st.auth.sessions(&ctx).await {
+        Ok(v) => Json(json!({"sessions": v})).into_response(),
+        Err(e) => error_response(&e, true, None),
+    }
+}
+
+async fn revoke(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let ctx = match identify(&st, &headers) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    match st.auth.revoke_session(&ctx, &id).await {
+        Ok(()) => Json(json!({"revoked": id})).into_response(),
+        Err(e) => error_response(&e, true, None),
+    }
+}

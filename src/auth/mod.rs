@@ -1,0 +1,989 @@
+//! Identities, sessions, tokens and API keys: who a request runs as.
+//!
+//! Owns the engine tables `_ichibase_users`, `_ichibase_sessions`, `_ichibase_api_keys`, the JWT
+//! key ring, and [`Auth::identify`], which turns request credentials into a [`RequestContext`].
+//! What a role may do in SQL is not decided here but by the storage authorizer
+//! (`storage::authz`) and the policies (`auth::policy`).
+//!
+//! Credentials, in the order they are looked at: `Authorization: Bearer <JWT | ik_ API key>`,
+//! `Authorization: Basic`, `X-ClickHouse-User`/`X-ClickHouse-Key`, `user`/`password` URL
+//! arguments (email + password, or an API key as the password), the `ichibase_session` cookie.
+//! No credentials means the `anon` role; wrong, expired or revoked credentials are a 401, never
+//! a silent fall-back to `anon`.
+//!
+//! Revocation takes effect at once: revoked sessions, disabled users and API keys are held in
+//! memory (loaded at start, updated by every change made through this process).
+
+pub mod jwt;
+pub mod policy;
+pub mod secrets;
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::http::HeaderMap;
+use base64::Engine;
+use rusqlite::{OptionalExtension, params};
+use serde::Serialize;
+use serde_json::{Map, Value as Json, json};
+
+use crate::core::{Error, ErrorCode, RequestContext, Result, Role};
+use crate::storage::{ExecControl, Storage};
+use jwt::{Claims, KeyRing, now};
+use secrets::{dummy_hash, hash_password, hash_secret, random_token, verify_password};
+
+/// Name of the browser session cookie.
+pub const COOKIE: &str = "ichibase_session";
+
+/// Auth settings from [`crate::config::Config`].
+#[derive(Debug, Clone)]
+pub struct AuthOptions {
+    pub signup_open: bool,
+    pub access_ttl: Duration,
+    pub session_ttl: Duration,
+    /// Secure attribute on the session cookie (set behind HTTPS).
+    pub cookie_secure: bool,
+    /// An API key with the admin role, ensured at start (`ICHIBASE_ADMIN_KEY`).
+    pub admin_key: Option<String>,
+    /// An admin user ensured at start (`ICHIBASE_ADMIN_EMAIL` + `ICHIBASE_ADMIN_PASSWORD`).
+    pub admin_user: Option<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+struct KeyInfo {
+    id: String,
+    role: String,
+    user_id: Option<String>,
+    name: String,
+}
+
+#[derive(Default)]
+struct Cache {
+    revoked_sessions: HashSet<String>,
+    disabled_users: HashSet<String>,
+    /// key hash -> key
+    api_keys: HashMap<String, KeyInfo>,
+    /// sha256(email NUL password) -> (user id, role, email, verified at): spares argon2 on
+    /// every request of clients that send a password each time (ClickHouse clients).
+    passwords: HashMap<String, (String, String, String, Instant)>,
+}
+
+const PASSWORD_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// What sign-in, sign-up and refresh return.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tokens {
+    pub access_token: String,
+    pub token_type: &'static str,
+    pub expires_in: u64,
+    pub refresh_token: String,
+    pub session_id: String,
+    pub user: UserInfo,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct UserInfo {
+    pub id: String,
+    pub email: String,
+    pub role: String,
+    pub created_at: String,
+    pub disabled: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    pub id: String,
+    pub device: Option<String>,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+    pub expires_at: i64,
+    pub current: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ApiKeyInfo {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub user_id: Option<String>,
+    pub created_at: String,
+    pub revoked: bool,
+}
+
+pub struct Auth {
+    storage: Storage,
+    keys: RwLock<KeyRing>,
+    cache: RwLock<Cache>,
+    opts: AuthOptions,
+}
+
+fn auth_failed(msg: impl Into<String>) -> Error {
+    Error::new(ErrorCode::AuthenticationFailed, msg)
+}
+
+fn validate_email(email: &str) -> Result<String> {
+    let e = email.trim();
+    if e.len() > 254
+        || !e.contains('@')
+        || e.starts_with('@')
+        || e.ends_with('@')
+        || e.chars().any(char::is_whitespace)
+    {
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            "email must look like name@domain",
+        ));
+    }
+    Ok(e.to_string())
+}
+
+fn validate_password(p: &str) -> Result<()> {
+    if p.chars().count() < 8 || p.len() > 1024 {
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            "password must be 8 to 1024 characters",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_role(r: &str) -> Result<String> {
+    let r = r.trim();
+    if r.is_empty()
+        || r.len() > 64
+        || !r
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            "role names are 1-64 characters of letters, digits, '_' and '-'",
+        ));
+    }
+    if r == "anon" {
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            "'anon' is the role of unauthenticated requests; it cannot be given to a user or key",
+        ));
+    }
+    Ok(r.to_string())
+}
+
+impl Auth {
+    /// Open the key ring in `data_dir`, load the revocation state and ensure the bootstrap admin.
+    pub async fn open(
+        storage: Storage,
+        data_dir: &Path,
+        opts: AuthOptions,
+    ) -> anyhow::Result<Auth> {
+        let keys = KeyRing::open(&data_dir.join("jwt-keys.json"))?;
+        let auth = Auth {
+            storage,
+            keys: RwLock::new(keys),
+            cache: RwLock::new(Cache::default()),
+            opts,
+        };
+        auth.reload_cache().await?;
+        if let Some(key) = auth.opts.admin_key.clone() {
+            anyhow::ensure!(
+                key.len() >= 16,
+                "ICHIBASE_ADMIN_KEY must be at least 16 characters"
+            );
+            auth.ensure_key("bootstrap admin key", &key, "admin")
+                .await?;
+        }
+        if let Some((email, password)) = auth.opts.admin_user.clone() {
+            match auth.create_user(&email, &password, "admin").await {
+                Ok(u) => tracing::info!(email = %u.email, "bootstrap admin user created"),
+                Err(e) if e.code == ErrorCode::ConstraintViolation => {}
+                Err(e) => anyhow::bail!("creating the bootstrap admin: {e}"),
+            }
+        }
+        Ok(auth)
+    }
+
+    async fn sys_read<F, R>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&rusqlite::Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.storage
+            .read(
+                &RequestContext::system(),
+                ExecControl::new(Instant::now(), 0.0),
+                f,
+            )
+            .await
+    }
+
+    async fn sys_write<F, R>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut rusqlite::Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.storage
+            .write(
+                &RequestContext::system(),
+                ExecControl::new(Instant::now(), 0.0),
+                f,
+            )
+            .await
+    }
+
+    async fn reload_cache(&self) -> Result<()> {
+        let t = now() as i64;
+        let (revoked, disabled, keys) = self
+            .sys_read(move |c| {
+                let revoked: HashSet<String> = c
+                    .prepare("SELECT id FROM _ichibase_sessions WHERE revoked_at IS NOT NULL AND expires_at > ?1")?
+                    .query_map([t], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let disabled: HashSet<String> = c
+                    .prepare("SELECT id FROM _ichibase_users WHERE disabled_at IS NOT NULL")?
+                    .query_map([], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                let keys: HashMap<String, KeyInfo> = c
+                    .prepare("SELECT key_hash, id, role, user_id, name FROM _ichibase_api_keys WHERE revoked_at IS NULL")?
+                    .query_map([], |r| Ok((r.get(0)?, KeyInfo { id: r.get(1)?, role: r.get(2)?, user_id: r.get(3)?, name: r.get(4)? })))?
+                    .collect::<rusqlite::Result<_>>()?;
+                Ok((revoked, disabled, keys))
+            })
+            .await?;
+        let mut c = self.cache.write().unwrap();
+        c.revoked_sessions = revoked;
+        c.disabled_users = disabled;
+        c.api_keys = keys;
+        c.passwords.clear();
+        Ok(())
+    }
+
+    // ----- identity -----
+
+    /// Turn the credentials of a request into its context. `url_user`/`url_password` are the
+    /// ClickHouse-style `user`/`password` URL arguments.
+    pub fn identify(
+        &self,
+        headers: &HeaderMap,
+        url_user: Option<&str>,
+        url_password: Option<&str>,
+        query_id: Option<String>,
+    ) -> Result<RequestContext> {
+        let mut ctx = RequestContext::anon(query_id);
+        let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        if let Some(authz) = header("authorization") {
+            let (scheme, value) = authz.split_once(' ').unwrap_or((authz, ""));
+            let value = value.trim();
+            if scheme.eq_ignore_ascii_case("bearer") {
+                if value.starts_with("ik_") {
+                    self.apply_api_key(&mut ctx, value)?;
+                } else {
+                    self.apply_jwt(&mut ctx, value)?;
+                }
+                return Ok(ctx);
+            }
+            if scheme.eq_ignore_ascii_case("basic") {
+                let raw = base64::engine::general_purpose::STANDARD
+                    .decode(value)
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| auth_failed("Malformed Basic credentials"))?;
+                let (user, pass) = raw.split_once(':').unwrap_or((raw.as_str(), ""));
+                self.apply_user_password(&mut ctx, user, pass)?;
+                return Ok(ctx);
+            }
+            return Err(auth_failed(format!(
+                "Unsupported Authorization scheme '{scheme}': use Bearer or Basic"
+            )));
+        }
+        if header("x-clickhouse-user").is_some() || header("x-clickhouse-key").is_some() {
+            self.apply_user_password(
+                &mut ctx,
+                header("x-clickhouse-user").unwrap_or(""),
+                header("x-clickhouse-key").unwrap_or(""),
+            )?;
+            return Ok(ctx);
+        }
+        if url_user.is_some() || url_password.is_some() {
+            self.apply_user_password(&mut ctx, url_user.unwrap_or(""), url_password.unwrap_or(""))?;
+            return Ok(ctx);
+        }
+        if let Some(cookie) = cookie_value(headers, COOKIE) {
+            self.apply_session_cookie(&mut ctx, &cookie)?;
+        }
+        Ok(ctx)
+    }
+
+    fn set_user(
+        &self,
+        ctx: &mut RequestContext,
+        user_id: String,
+        role: String,
+        email: Option<String>,
+        sid: Option<String>,
+        extra: Map<String, Json>,
+    ) {
+        let mut claims = extra;
+        claims.insert("sub".into(), Json::String(user_id.clone()));
+        claims.insert("role".into(), Json::String(role.clone()));
+        if let Some(e) = &email {
+            claims.insert("email".into(), Json::String(e.clone()));
+        }
+        if let Some(s) = &sid {
+            claims.insert("sid".into(), Json::String(s.clone()));
+        }
+        ctx.user_id = Some(user_id);
+        ctx.role = Role::from_name(&role);
+        ctx.session_id = sid;
+        ctx.claims = Some(Arc::new(claims));
+    }
+
+    fn apply_jwt(&self, ctx: &mut RequestContext, token: &str) -> Result<()> {
+        let claims = self.keys.read().unwrap().verify(token)?;
+        {
+            let c = self.cache.read().unwrap();
+            if c.revoked_sessions.contains(&claims.sid) {
+                return Err(auth_failed(
+                    "Session was revoked (signed out); sign in again",
+                ));
+            }
+            if c.disabled_users.contains(&claims.sub) {
+                return Err(auth_failed("User is disabled"));
+            }
+        }
+        let mut extra = Map::new();
+        extra.insert("iat".into(), json!(claims.iat));
+        extra.insert("exp".into(), json!(claims.exp));
+        self.set_user(
+            ctx,
+            claims.sub,
+            claims.role,
+            claims.email,
+            Some(claims.sid),
+            extra,
+        );
+        Ok(())
+    }
+
+    fn apply_api_key(&self, ctx: &mut RequestContext, key: &str) -> Result<()> {
+        let info = self
+            .cache
+            .read()
+            .unwrap()
+            .api_keys
+            .get(&hash_secret(key))
+            .cloned()
+            .ok_or_else(|| auth_failed("Unknown or revoked API key"))?;
+        if info
+            .user_id
+            .as_ref()
+            .is_some_and(|u| self.cache.read().unwrap().disabled_users.contains(u))
+        {
+            return Err(auth_failed("The API key's user is disabled"));
+        }
+        let mut extra = Map::new();
+        extra.insert("key_id".into(), Json::String(info.id.clone()));
+        extra.insert("key_name".into(), Json::String(info.name.clone()));
+        match info.user_id {
+            Some(uid) => self.set_user(ctx, uid, info.role, None, None, extra),
+            None => {
+                extra.insert("role".into(), Json::String(info.role.clone()));
+                ctx.role = Role::from_name(&info.role);
+                ctx.claims = Some(Arc::new(extra));
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_user_password(&self, ctx: &mut RequestContext, user: &str, pass: &str) -> Result<()> {
+        if pass.starts_with("ik_") && (user.is_empty() || user == "default" || user == "apikey") {
+            return self.apply_api_key(ctx, pass);
+        }
+        if (user.is_empty() || user == "default") && pass.is_empty() {
+            return Ok(()); // ClickHouse clients' default user without a password: anonymous.
+        }
+        let cache_key = hash_secret(&format!("{}\0{pass}", user.to_ascii_lowercase()));
+        let hit = self
+            .cache
+            .read()
+            .unwrap()
+            .passwords
+            .get(&cache_key)
+            .filter(|e| e.3.elapsed() < PASSWORD_CACHE_TTL)
+            .cloned();
+        let (uid, role, email) = match hit {
+            Some((u, r, e, _)) => (u, r, e),
+            None => {
+                let found = self.storage_lookup_user(user)?;
+                let ok = match &found {
+                    Some((_, hash, _, _, disabled)) => verify_password(pass, hash) && !disabled,
+                    None => {
+                        let _ = verify_password(pass, dummy_hash());
+                        false
+                    }
+                };
+                let Some((uid, _, role, email, _)) = found.filter(|_| ok) else {
+                    return Err(auth_failed("Wrong email or password"));
+                };
+                self.cache.write().unwrap().passwords.insert(
+                    cache_key,
+                    (uid.clone(), role.clone(), email.clone(), Instant::now()),
+                );
+                (uid, role, email)
+            }
+        };
+        if self.cache.read().unwrap().disabled_users.contains(&uid) {
+            return Err(auth_failed("User is disabled"));
+        }
+        self.set_user(ctx, uid, role, Some(email), None, Map::new());
+        Ok(())
+    }
+
+    /// Synchronous user lookup on its own read-only connection (credential checks happen before
+    /// a request has a pooled connection).
+    fn storage_lookup_user(
+        &self,
+        email: &str,
+    ) -> Result<Option<(String, String, String, String, bool)>> {
+        let c = rusqlite::Connection::open_with_flags(
+            self.storage.path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?;
+        c.busy_timeout(Duration::from_secs(5))?;
+        Ok(c.query_row(
+            "SELECT id, password_hash, role, email, disabled_at IS NOT NULL FROM _ichibase_users WHERE email = ?1",
+            [email.trim()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?)
+    }
+
+    fn apply_session_cookie(&self, ctx: &mut RequestContext, cookie: &str) -> Result<()> {
+        let (sid, secret) =
+            parse_refresh(cookie).ok_or_else(|| auth_failed("Malformed session cookie"))?;
+        if self.cache.read().unwrap().revoked_sessions.contains(sid) {
+            return Err(auth_failed(
+                "Session was revoked (signed out); sign in again",
+            ));
+        }
+        let c = rusqlite::Connection::open_with_flags(
+            self.storage.path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?;
+        c.busy_timeout(Duration::from_secs(5))?;
+        let row: Option<(String, String, String, String, i64, bool)> = c
+            .query_row(
+                "SELECT s.user_id, s.secret_hash, u.role, u.email, s.expires_at, s.revoked_at IS NOT NULL OR u.disabled_at IS NOT NULL
+                 FROM _ichibase_sessions s JOIN _ichibase_users u ON u.id = s.user_id WHERE s.id = ?1",
+                [sid],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .optional()?;
+        let Some((uid, hash, role, email, expires, dead)) = row else {
+            return Err(auth_failed("Unknown session"));
+        };
+        if hash != hash_secret(secret) || dead || expires <= now() as i64 {
+            return Err(auth_failed("Session expired or revoked; sign in again"));
+        }
+        self.set_user(
+            ctx,
+            uid,
+            role,
+            Some(email),
+            Some(sid.to_string()),
+            Map::new(),
+        );
+        Ok(())
+    }
+
+    // ----- sign-up, sign-in, sessions -----
+
+    pub fn signup_open(&self) -> bool {
+        self.opts.signup_open
+    }
+
+    pub fn cookie_header(&self, refresh_token: &str) -> String {
+        format!(
+            "{COOKIE}={refresh_token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{}",
+            self.opts.session_ttl.as_secs(),
+            if self.opts.cookie_secure {
+                "; Secure"
+            } else {
+                ""
+            }
+        )
+    }
+
+    pub fn clear_cookie_header(&self) -> String {
+        format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0")
+    }
+
+    pub async fn signup(
+        &self,
+        email: &str,
+        password: &str,
+        device: Option<String>,
+    ) -> Result<Tokens> {
+        if !self.opts.signup_open {
+            return Err(Error::new(
+                ErrorCode::AccessDenied,
+                "Sign-up is closed on this server; ask an admin for an account",
+            ));
+        }
+        let user = self.create_user(email, password, "user").await?;
+        self.start_session(user, device).await
+    }
+
+    pub async fn signin(
+        &self,
+        email: &str,
+        password: &str,
+        device: Option<String>,
+    ) -> Result<Tokens> {
+        let found = self.storage_lookup_user(email)?;
+        let ok = match &found {
+            Some((_, hash, _, _, _)) => verify_password(password, hash),
+            None => {
+                let _ = verify_password(password, dummy_hash());
+                false
+            }
+        };
+        let Some((id, _, role, email, disabled)) = found.filter(|_| ok) else {
+            return Err(auth_failed("Wrong email or password"));
+        };
+        if disabled {
+            return Err(auth_failed("User is disabled"));
+        }
+        let user = UserInfo {
+            id,
+            email,
+            role,
+            created_at: String::new(),
+            disabled,
+        };
+        self.start_session(user, device).await
+    }
+
+    async fn start_session(&self, user: UserInfo, device: Option<String>) -> Result<Tokens> {
+        let sid = uuid::Uuid::new_v4().to_string();
+        let secret = random_token(32);
+        let expires = now() as i64 + self.opts.session_ttl.as_secs() as i64;
+        let (sid2, uid, hash) = (sid.clone(), user.id.clone(), hash_secret(&secret));
+        let device = device.map(|d| d.chars().take(200).collect::<String>());
+        self.sys_write(move |c| {
+            c.execute(
+                "INSERT INTO _ichibase_sessions (id, user_id, secret_hash, device, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![sid2, uid, hash, device, expires],
+            )?;
+            Ok(())
+        })
+        .await?;
+        self.issue(user, sid, secret)
+    }
+
+    fn issue(&self, user: UserInfo, sid: String, secret: String) -> Result<Tokens> {
+        let iat = now();
+        let claims = Claims {
+            sub: user.id.clone(),
+            role: user.role.clone(),
+            sid: sid.clone(),
+            email: Some(user.email.clone()),
+            iat,
+            exp: iat + self.opts.access_ttl.as_secs(),
+            iss: "ichibase".into(),
+        };
+        let access_token = self.keys.read().unwrap().sign(&claims)?;
+        Ok(Tokens {
+            access_token,
+            token_type: "Bearer",
+            expires_in: self.opts.access_ttl.as_secs(),
+            refresh_token: format!("ir_{sid}.{secret}"),
+            session_id: sid,
+            user,
+        })
+    }
+
+    /// Exchange a refresh token for a new access token; the refresh token rotates (the old one
+    /// stops working).
+    pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens> {
+        let (sid, secret) =
+            parse_refresh(refresh_token).ok_or_else(|| auth_failed("Malformed refresh token"))?;
+        let (sid, old_hash) = (sid.to_string(), hash_secret(secret));
+        let new_secret = random_token(32);
+        let new_hash = hash_secret(&new_secret);
+        let t = now() as i64;
+        let sid2 = sid.clone();
+        let user = self
+            .sys_write(move |c| {
+                let row: Option<(String, String, String, String)> = c
+                    .query_row(
+                        "SELECT u.id, u.email, u.role, u.created_at FROM _ichibase_sessions s JOIN _ichibase_users u ON u.id = s.user_id
+                         WHERE s.id = ?1 AND s.secret_hash = ?2 AND s.revoked_at IS NULL AND s.expires_at > ?3 AND u.disabled_at IS NULL",
+                        params![sid2, old_hash, t],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                    )
+                    .optional()?;
+                let Some((id, email, role, created_at)) = row else {
+                    return Err(auth_failed("Refresh token is invalid, used already, expired or revoked"));
+                };
+                c.execute(
+                    "UPDATE _ichibase_sessions SET secret_hash = ?1, last_used_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?2",
+                    params![new_hash, sid2],
+                )?;
+                Ok(UserInfo { id, email, role, created_at, disabled: false })
+            })
+            .await?;
+        self.issue(user, sid, new_secret)
+    }
+
+    /// Revoke one session (at once: tokens carrying it stop working on their next request).
+    pub async fn revoke_session(&self, who: &RequestContext, sid: &str) -> Result<()> {
+        let uid = who
+            .user_id
+            .clone()
+            .ok_or_else(|| auth_failed("Sign in first"))?;
+        let (sid2, admin) = (sid.to_string(), who.is_admin());
+        let n = self
+            .sys_write(move |c| {
+                Ok(c.execute(
+                    "UPDATE _ichibase_sessions SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+                     WHERE id = ?1 AND (user_id = ?2 OR ?3) AND revoked_at IS NULL",
+                    params![sid2, uid, admin],
+                )?)
+            })
+            .await?;
+        if n == 0 {
+            return Err(Error::new(
+                ErrorCode::NotFound,
+                format!("No active session {sid} of yours"),
+            ));
+        }
+        self.cache
+            .write()
+            .unwrap()
+            .revoked_sessions
+            .insert(sid.to_string());
+        Ok(())
+    }
+
+    async fn revoke_user_sessions(&self, uid: &str, except: Option<String>) -> Result<()> {
+        let uid2 = uid.to_string();
+        let ids: Vec<String> = self
+            .sys_write(move |c| {
+                let ids: Vec<String> = c
+                    .prepare("SELECT id FROM _ichibase_sessions WHERE user_id = ?1 AND revoked_at IS NULL AND id IS NOT ?2")?
+                    .query_map(params![uid2, except], |r| r.get(0))?
+                    .collect::<rusqlite::Result<_>>()?;
+                c.execute(
+                    "UPDATE _ichibase_sessions SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE user_id = ?1 AND revoked_at IS NULL AND id IS NOT ?2",
+                    params![uid2, except],
+                )?;
+                Ok(ids)
+            })
+            .await?;
+        let mut c = self.cache.write().unwrap();
+        c.revoked_sessions.extend(ids);
+        c.passwords.retain(|_, v| v.0 != uid);
+        Ok(())
+    }
+
+    pub async fn sessions(&self, who: &RequestContext) -> Result<Vec<SessionInfo>> {
+        let uid = who
+            .user_id
+            .clone()
+            .ok_or_else(|| auth_failed("Sign in first"))?;
+        let current = who.session_id.clone();
+        let t = now() as i64;
+        self.sys_read(move |c| {
+            let rows = c
+                .prepare(
+                    "SELECT id, device, created_at, last_used_at, expires_at FROM _ichibase_sessions
+                     WHERE user_id = ?1 AND revoked_at IS NULL AND expires_at > ?2 ORDER BY created_at",
+                )?
+                .query_map(params![uid, t], |r| {
+                    let id: String = r.get(0)?;
+                    Ok(SessionInfo {
+                        current: current.as_deref() == Some(id.as_str()),
+                        id,
+                        device: r.get(1)?,
+                        created_at: r.get(2)?,
+                        last_used_at: r.get(3)?,
+                        expires_at: r.get(4)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Change a password; every other session of the user is revoked.
+    pub async fn change_password(&self, who: &RequestContext, old: &str, new: &str) -> Result<()> {
+        let uid = who
+            .user_id
+            .clone()
+            .ok_or_else(|| auth_failed("Sign in first"))?;
+        validate_password(new)?;
+        let uid2 = uid.clone();
+        let hash: Option<String> = self
+            .sys_read(move |c| {
+                Ok(c.query_row(
+                    "SELECT password_hash FROM _ichibase_users WHERE id = ?1",
+                    [uid2],
+                    |r| r.get(0),
+                )
+                .optional()?)
+            })
+            .await?;
+        if !hash.is_some_and(|h| verify_password(old, &h)) {
+            return Err(auth_failed("The current password is wrong"));
+        }
+        let new_hash = hash_password(new)?;
+        let uid2 = uid.clone();
+        self.sys_write(move |c| {
+            c.execute(
+                "UPDATE _ichibase_users SET password_hash = ?1 WHERE id = ?2",
+                params![new_hash, uid2],
+            )?;
+            Ok(())
+        })
+        .await?;
+        self.revoke_user_sessions(&uid, who.session_id.clone())
+            .await
+    }
+
+    pub async fn me(&self, who: &RequestContext) -> Result<Json> {
+        Ok(json!({
+            "user_id": who.user_id,
+            "role": who.role.as_str(),
+            "session_id": who.session_id,
+            "claims": who.claims.as_deref(),
+        }))
+    }
+
+    // ----- admin -----
+
+    pub async fn create_user(&self, email: &str, password: &str, role: &str) -> Result<UserInfo> {
+        let email = validate_email(email)?;
+        validate_password(password)?;
+        let role = if role == "admin" {
+            role.to_string()
+        } else {
+            validate_role(role)?
+        };
+        let hash = hash_password(password)?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let (id2, email2, role2) = (id.clone(), email.clone(), role.clone());
+        let created_at = self
+            .sys_write(move |c| {
+                c.execute("INSERT INTO _ichibase_users (id, email, password_hash, role) VALUES (?1, ?2, ?3, ?4)", params![id2, email2, hash, role2])
+                    .map_err(|e| {
+                        let e = Error::from(e);
+                        if e.code == ErrorCode::ConstraintViolation { Error::new(ErrorCode::ConstraintViolation, "A user with this email exists already") } else { e }
+                    })?;
+                Ok(c.query_row("SELECT created_at FROM _ichibase_users WHERE id = ?1", [id2], |r| r.get::<_, String>(0))?)
+            })
+            .await?;
+        Ok(UserInfo {
+            id,
+            email,
+            role,
+            created_at,
+            disabled: false,
+        })
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<UserInfo>> {
+        self.sys_read(|c| {
+            Ok(c.prepare("SELECT id, email, role, created_at, disabled_at IS NOT NULL FROM _ichibase_users ORDER BY created_at")?
+                .query_map([], |r| Ok(UserInfo { id: r.get(0)?, email: r.get(1)?, role: r.get(2)?, created_at: r.get(3)?, disabled: r.get(4)? }))?
+                .collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    /// Change a user's role and/or disable/enable them. Either revokes their sessions, so the
+    /// change applies to the very next request.
+    pub async fn update_user(
+        &self,
+        id: &str,
+        role: Option<&str>,
+        disabled: Option<bool>,
+    ) -> Result<()> {
+        let role = match role {
+            Some("admin") => Some("admin".to_string()),
+            Some(r) => Some(validate_role(r)?),
+            None => None,
+        };
+        let id2 = id.to_string();
+        let n = self
+            .sys_write(move |c| {
+                let mut n = 0;
+                if let Some(r) = role {
+                    n += c.execute("UPDATE _ichibase_users SET role = ?1 WHERE id = ?2", params![r, id2])?;
+                }
+                if let Some(d) = disabled {
+                    n += c.execute(
+                        "UPDATE _ichibase_users SET disabled_at = CASE WHEN ?1 THEN strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END WHERE id = ?2",
+                        params![d, id2],
+                    )?;
+                }
+                if n == 0 {
+                    n = c.query_row("SELECT count(*) FROM _ichibase_users WHERE id = ?1", [&id2], |r| r.get::<_, i64>(0))? as usize;
+                }
+                Ok(n)
+            })
+            .await?;
+        if n == 0 {
+            return Err(Error::new(ErrorCode::NotFound, format!("No user {id}")));
+        }
+        if disabled == Some(true) {
+            self.cache
+                .write()
+                .unwrap()
+                .disabled_users
+                .insert(id.to_string());
+        } else if disabled == Some(false) {
+            self.cache.write().unwrap().disabled_users.remove(id);
+        }
+        self.revoke_user_sessions(id, None).await
+    }
+
+    async fn ensure_key(&self, name: &str, key: &str, role: &str) -> Result<()> {
+        let hash = hash_secret(key);
+        if self.cache.read().unwrap().api_keys.contains_key(&hash) {
+            return Ok(());
+        }
+        self.insert_key(name, hash, role.to_string(), None)
+            .await
+            .map(|_| ())
+    }
+
+    async fn insert_key(
+        &self,
+        name: &str,
+        hash: String,
+        role: String,
+        user_id: Option<String>,
+    ) -> Result<ApiKeyInfo> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let (id2, name2, hash2, role2, uid2) = (
+            id.clone(),
+            name.to_string(),
+            hash.clone(),
+            role.clone(),
+            user_id.clone(),
+        );
+        let created_at = self
+            .sys_write(move |c| {
+                c.execute(
+                    "INSERT INTO _ichibase_api_keys (id, name, key_hash, role, user_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![id2, name2, hash2, role2, uid2],
+                )?;
+                Ok(c.query_row("SELECT created_at FROM _ichibase_api_keys WHERE id = ?1", [id2], |r| r.get::<_, String>(0))?)
+            })
+            .await?;
+        self.cache.write().unwrap().api_keys.insert(
+            hash,
+            KeyInfo {
+                id: id.clone(),
+                role: role.clone(),
+                user_id: user_id.clone(),
+                name: name.to_string(),
+            },
+        );
+        Ok(ApiKeyInfo {
+            id,
+            name: name.to_string(),
+            role,
+            user_id,
+            created_at,
+            revoked: false,
+        })
+    }
+
+    /// Create an API key scoped to `role` (optionally acting as `user_id`). The key itself is
+    /// returned once and stored only as a hash.
+    pub async fn create_api_key(
+        &self,
+        name: &str,
+        role: &str,
+        user_id: Option<String>,
+    ) -> Result<(ApiKeyInfo, String)> {
+        let role = if role == "admin" {
+            role.to_string()
+        } else {
+            validate_role(role)?
+        };
+        if name.trim().is_empty() || name.len() > 200 {
+            return Err(Error::new(
+                ErrorCode::BadArguments,
+                "an API key needs a name of 1-200 characters",
+            ));
+        }
+        let key = format!("ik_{}", random_token(32));
+        let info = self
+            .insert_key(name.trim(), hash_secret(&key), role, user_id)
+            .await?;
+        Ok((info, key))
+    }
+
+    pub async fn list_api_keys(&self) -> Result<Vec<ApiKeyInfo>> {
+        self.sys_read(|c| {
+            Ok(c.prepare("SELECT id, name, role, user_id, created_at, revoked_at IS NOT NULL FROM _ichibase_api_keys ORDER BY created_at")?
+                .query_map([], |r| Ok(ApiKeyInfo { id: r.get(0)?, name: r.get(1)?, role: r.get(2)?, user_id: r.get(3)?, created_at: r.get(4)?, revoked: r.get(5)? }))?
+                .collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    pub async fn revoke_api_key(&self, id: &str) -> Result<()> {
+        let id2 = id.to_string();
+        let n = self
+            .sys_write(move |c| {
+                Ok(c.execute("UPDATE _ichibase_api_keys SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1 AND revoked_at IS NULL", [id2])?)
+            })
+            .await?;
+        if n == 0 {
+            return Err(Error::new(
+                ErrorCode::NotFound,
+                format!("No active API key {id}"),
+            ));
+        }
+        self.cache
+            .write()
+            .unwrap()
+            .api_keys
+            .retain(|_, k| k.id != id);
+        Ok(())
+    }
+
+    /// Start signing with a new key; tokens signed with the previous keys stay valid.
+    pub fn rotate_signing_key(&self) -> Result<(String, Vec<String>)> {
+        let mut ring = self.keys.write().unwrap();
+        let kid = ring
+            .rotate()
+            .map_err(|e| Error::internal(format!("rotating the JWT key: {e}")))?;
+        Ok((kid, ring.kids()))
+    }
+}
+
+/// `ir_<session id>.<secret>` -> (session id, secret).
+fn parse_refresh(token: &str) -> Option<(&str, &str)> {
+    let rest = token.strip_prefix("ir_")?;
+    let (sid, secret) = rest.split_once('.')?;
+    (!sid.is_empty() && !secret.is_empty()).then_some((sid, secret))
+}
+
+fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all("cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name && !v.is_empty()).then(|| v.to_string())
+        })
+}

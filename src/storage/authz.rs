@@ -1,0 +1,309 @@
+//! Authorization of non-admin SQL with SQLite's authorizer: what a role may read, write and call.
+//!
+//! The model: a role reaches data only through objects granted to it in `_ichibase_grants`
+//! (policy views and explicitly public tables). Whatever an admin-defined view granted to the
+//! role, or any trigger, reads or writes on its behalf is the admin's decision and is allowed.
+//! Everything else is denied: base tables behind policies, engine tables, `sqlite_schema`,
+//! table-valued pragmas, `ATTACH`, `PRAGMA`, DDL (unless the role holds the `ddl` grant, which
+//! still never covers views, triggers or engine tables), and functions outside an allow list.
+//!
+//! SQLite names the inner-most view, trigger *or CTE* as the "accessor" of an access, so a CTE
+//! named like a granted view could pose as it; the SQL layer refuses such CTE names for
+//! non-admin roles ([`Authz::is_schema_object`]).
+//!
+//! The grant and schema snapshot is reloaded when `PRAGMA schema_version` or the
+//! `authz_version` counter (bumped by triggers on `_ichibase_grants`) changes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::RwLock;
+
+use rusqlite::Connection;
+use rusqlite::hooks::{AuthAction, AuthContext};
+
+pub const SELECT: u8 = 1;
+pub const INSERT: u8 = 2;
+pub const UPDATE: u8 = 4;
+pub const DELETE: u8 = 8;
+pub const DDL: u8 = 16;
+
+/// Privilege bit of a grant's `privilege` column.
+pub fn privilege_bit(name: &str) -> Option<u8> {
+    Some(match name {
+        "select" => SELECT,
+        "insert" => INSERT,
+        "update" => UPDATE,
+        "delete" => DELETE,
+        "ddl" => DDL,
+        _ => return None,
+    })
+}
+
+/// Objects everybody may read: table-valued functions that only look at their arguments.
+const PUBLIC_OBJECTS: &[&str] = &["json_each", "json_tree", "jsonb_each", "jsonb_tree"];
+
+/// Functions top-level SQL of a non-admin role may call.
+const ALLOWED_FUNCTIONS: &[&str] = &[
+    "abs",
+    "avg",
+    "char",
+    "coalesce",
+    "concat",
+    "concat_ws",
+    "count",
+    "date",
+    "datetime",
+    "format",
+    "glob",
+    "group_concat",
+    "hex",
+    "ifnull",
+    "iif",
+    "if",
+    "instr",
+    "julianday",
+    "length",
+    "like",
+    "likelihood",
+    "likely",
+    "lower",
+    "ltrim",
+    "max",
+    "min",
+    "nullif",
+    "octet_length",
+    "printf",
+    "quote",
+    "random",
+    "randomblob",
+    "replace",
+    "round",
+    "rtrim",
+    "sign",
+    "strftime",
+    "string_agg",
+    "substr",
+    "substring",
+    "sum",
+    "time",
+    "timediff",
+    "total",
+    "trim",
+    "typeof",
+    "unhex",
+    "unicode",
+    "unistr",
+    "unixepoch",
+    "unlikely",
+    "upper",
+    "zeroblob",
+    "acos",
+    "acosh",
+    "asin",
+    "asinh",
+    "atan",
+    "atan2",
+    "atanh",
+    "ceil",
+    "ceiling",
+    "cos",
+    "cosh",
+    "degrees",
+    "exp",
+    "floor",
+    "ln",
+    "log",
+    "log10",
+    "log2",
+    "mod",
+    "pi",
+    "pow",
+    "power",
+    "radians",
+    "sin",
+    "sinh",
+    "sqrt",
+    "tan",
+    "tanh",
+    "trunc",
+    "row_number",
+    "rank",
+    "dense_rank",
+    "percent_rank",
+    "cume_dist",
+    "ntile",
+    "lag",
+    "lead",
+    "first_value",
+    "last_value",
+    "nth_value",
+    "auth_userid",
+    "auth_role",
+    "auth_claim",
+];
+
+fn function_allowed(name: &str) -> bool {
+    let n = name.to_ascii_lowercase();
+    ALLOWED_FUNCTIONS.contains(&n.as_str())
+        || n.starts_with("json_")
+        || n.starts_with("jsonb_")
+        || n == "json"
+        || n == "jsonb"
+}
+
+#[derive(Default)]
+struct Snapshot {
+    key: Option<(i64, String)>,
+    generation: u64,
+    /// role -> object (lower-case) -> privilege bits
+    grants: HashMap<String, HashMap<String, u8>>,
+    views: HashSet<String>,
+    triggers: HashSet<String>,
+}
+
+impl Snapshot {
+    fn allows(&self, role: &str, object: &str, bit: u8) -> bool {
+        self.grants
+            .get(role)
+            .and_then(|g| g.get(object))
+            .is_some_and(|p| p & bit != 0)
+    }
+}
+
+/// Shared grant/schema snapshot used by every connection's authorizer.
+#[derive(Default)]
+pub struct Authz {
+    snap: RwLock<Snapshot>,
+}
+
+impl Authz {
+    /// Reload the snapshot if the schema or the grants changed. Must run with no request
+    /// checked out on `conn` (the engine tables are read). Returns the snapshot generation.
+    pub fn refresh(&self, conn: &Connection) -> rusqlite::Result<u64> {
+        let key: (i64, String) = conn.query_row(
+            "SELECT (SELECT schema_version FROM pragma_schema_version), coalesce((SELECT value FROM _ichibase_meta WHERE key = 'authz_version'), '0')",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        {
+            let s = self.snap.read().unwrap();
+            if s.key.as_ref() == Some(&key) {
+                return Ok(s.generation);
+            }
+        }
+        let mut grants: HashMap<String, HashMap<String, u8>> = HashMap::new();
+        let mut st =
+            conn.prepare_cached("SELECT lower(object), role, privilege FROM _ichibase_grants")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let (object, role, privilege): (String, String, String) =
+                (r.get(0)?, r.get(1)?, r.get(2)?);
+            if let Some(bit) = privilege_bit(&privilege) {
+                *grants.entry(role).or_default().entry(object).or_default() |= bit;
+            }
+        }
+        let mut views = HashSet::new();
+        let mut triggers = HashSet::new();
+        let mut st = conn.prepare_cached(
+            "SELECT type, lower(name) FROM sqlite_schema WHERE type IN ('view', 'trigger')",
+        )?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let (ty, name): (String, String) = (r.get(0)?, r.get(1)?);
+            if ty == "view" {
+                views.insert(name)
+            } else {
+                triggers.insert(name)
+            };
+        }
+        let mut s = self.snap.write().unwrap();
+        if s.key.as_ref() != Some(&key) {
+            s.generation += 1;
+            s.key = Some(key);
+            s.grants = grants;
+            s.views = views;
+            s.triggers = triggers;
+        }
+        Ok(s.generation)
+    }
+
+    /// True when `name` is a view or trigger: a CTE of that name could pose as it.
+    pub fn is_schema_object(&self, name: &str) -> bool {
+        let n = name.to_ascii_lowercase();
+        let s = self.snap.read().unwrap();
+        s.views.contains(&n) || s.triggers.contains(&n)
+    }
+
+    /// Decide one authorizer callback for a non-admin `role`; `Err` carries the reason.
+    pub fn decide(&self, role: &str, a: &AuthContext<'_>) -> Result<(), String> {
+        let s = self.snap.read().unwrap();
+        if let Some(acc) = a.accessor {
+            let acc_l = acc.to_ascii_lowercase();
+            if s.triggers.contains(&acc_l) {
+                return Ok(());
+            }
+            if s.views.contains(&acc_l) {
+                return if s.allows(role, &acc_l, SELECT) {
+                    Ok(())
+                } else {
+                    Err(format!("role '{role}' may not read view {acc}"))
+                };
+            }
+            // Otherwise the accessor is a CTE of the statement itself: judge it as top-level SQL.
+        }
+        let need = |object: &str, bit: u8, verb: &str| -> Result<(), String> {
+            let o = object.to_ascii_lowercase();
+            if bit != SELECT
+                && (o == "sqlite_master" || o == "sqlite_schema" || o == "sqlite_temp_master")
+            {
+                return Err(format!("role '{role}' may not change the schema"));
+            }
+            if s.allows(role, &o, bit) || (bit == SELECT && PUBLIC_OBJECTS.contains(&o.as_str())) {
+                Ok(())
+            } else {
+                Err(format!("role '{role}' may not {verb} {object}"))
+            }
+        };
+        match &a.action {
+            AuthAction::Select
+            | AuthAction::Recursive
+            | AuthAction::Transaction { .. }
+            | AuthAction::Savepoint { .. } => Ok(()),
+            AuthAction::Read { table_name, .. } => need(table_name, SELECT, "read"),
+            AuthAction::Insert { table_name } => need(table_name, INSERT, "insert into"),
+            AuthAction::Update { table_name, .. } => need(table_name, UPDATE, "update"),
+            AuthAction::Delete { table_name } => need(table_name, DELETE, "delete from"),
+            AuthAction::Function { function_name } => {
+                if function_allowed(function_name) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "function {function_name}() is not allowed for role '{role}'"
+                    ))
+                }
+            }
+            AuthAction::CreateTable { table_name }
+            | AuthAction::DropTable { table_name }
+            | AuthAction::AlterTable { table_name, .. }
+            | AuthAction::CreateIndex { table_name, .. }
+            | AuthAction::DropIndex { table_name, .. }
+            | AuthAction::Reindex {
+                index_name: table_name,
+            }
+            | AuthAction::Analyze { table_name } => {
+                let engine = table_name.to_ascii_lowercase().starts_with("_ichibase")
+                    || table_name.to_ascii_lowercase().starts_with("sqlite_");
+                if !engine && s.allows(role, "*", DDL) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "role '{role}' may not change the schema ({table_name})"
+                    ))
+                }
+            }
+            AuthAction::Pragma { pragma_name, .. } => Err(format!(
+                "PRAGMA {pragma_name} is not allowed for role '{role}'"
+            )),
+            other => Err(format!("{other:?} is not allowed for role '{role}'")),
+        }
+    }
+}
