@@ -91,6 +91,7 @@ struct Bound {
     values: Vec<Value>,
     verb: String,
     ctes: Vec<String>,
+    or_replace: bool,
 }
 
 /// The plan for one request, built before touching storage.
@@ -193,6 +194,7 @@ fn plan(text: &str, settings: &QuerySettings) -> Result<Plan> {
             values,
             verb: st.verb,
             ctes: st.ctes,
+            or_replace: st.or_replace,
         });
     }
     let insert = match parsed.insert {
@@ -238,7 +240,7 @@ async fn run(
         let authz = Arc::clone(storage.authz());
         let needs_writer = storage
             .read(ctx, Arc::clone(&control), move |conn| {
-                check_cte_names(&authz, is_admin, &statements)?;
+                check_role_rules(&authz, is_admin, &statements)?;
                 if statements.len() == 1 && !conn.prepare_cached(&statements[0].sql)?.readonly() {
                     return if s.readonly {
                         Err(readonly_error())
@@ -278,7 +280,15 @@ async fn run(
     let authz = Arc::clone(storage.authz());
     let (body, summary) = storage
         .write(ctx, control, move |conn| {
-            check_cte_names(&authz, is_admin, &plan.statements)?;
+            check_role_rules(&authz, is_admin, &plan.statements)?;
+            if let Some((target, _)) = &plan.insert {
+                if !is_admin && target.head.to_ascii_uppercase().contains("REPLACE") {
+                    return Err(Error::new(
+                        ErrorCode::AccessDenied,
+                        "REPLACE conflict resolution is not allowed for this role",
+                    ));
+                }
+            }
             let mut out = Output::new(format, &s, started, None);
             let wrap = plan.statements.len() > 1
                 || plan.insert.is_some()
@@ -311,17 +321,33 @@ async fn run(
     Ok(())
 }
 
-/// A CTE named like a view or trigger would pose as it in SQLite's authorizer (which names the
-/// inner-most view, trigger or CTE as the accessor); refuse such names for non-admin roles.
-fn check_cte_names(authz: &Authz, is_admin: bool, statements: &[Bound]) -> Result<()> {
+/// Statement-level rules for non-admin roles that SQLite's authorizer cannot express:
+/// - a CTE named like a view or trigger would pose as it (the authorizer names the inner-most
+///   view, trigger *or CTE* as the accessor);
+/// - REPLACE conflict resolution carries into the INSTEAD OF triggers of policy views, where it
+///   would delete rows the role cannot see;
+/// - VACUUM (and `VACUUM INTO 'file'`) is the admin's.
+fn check_role_rules(authz: &Authz, is_admin: bool, statements: &[Bound]) -> Result<()> {
     if is_admin {
         return Ok(());
     }
-    for name in statements.iter().flat_map(|b| b.ctes.iter()) {
-        if authz.is_schema_object(name) {
+    for b in statements {
+        if let Some(name) = b.ctes.iter().find(|n| authz.is_schema_object(n)) {
             return Err(Error::new(
                 ErrorCode::AccessDenied,
                 format!("A CTE or window may not be named like the view or trigger '{name}'"),
+            ));
+        }
+        if b.or_replace {
+            return Err(Error::new(
+                ErrorCode::AccessDenied,
+                "REPLACE conflict resolution is not allowed for this role; use INSERT, UPDATE or INSERT ... ON CONFLICT on a table",
+            ));
+        }
+        if b.verb == "VACUUM" {
+            return Err(Error::new(
+                ErrorCode::AccessDenied,
+                "VACUUM is reserved for the admin",
             ));
         }
     }

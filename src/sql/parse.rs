@@ -26,6 +26,9 @@ pub struct Statement {
     pub verb: String,
     /// Names the statement defines with `name [(cols)] AS (` (CTEs, and window names).
     pub ctes: Vec<String>,
+    /// The statement asks for the REPLACE conflict resolution (`REPLACE INTO`,
+    /// `INSERT OR REPLACE`, `UPDATE OR REPLACE`), which SQLite also applies inside triggers.
+    pub or_replace: bool,
 }
 
 /// Target of an `INSERT ... FORMAT X` with data.
@@ -284,11 +287,16 @@ fn finish(text: &str, start: usize, end: usize, toks: &[Token]) -> Result<Statem
         .first()
         .map(|t| t.text(text).to_ascii_uppercase())
         .unwrap_or_default();
+    let or_replace = verb == "REPLACE"
+        || toks
+            .windows(2)
+            .any(|w| w[0].is_word(text, "OR") && w[1].is_word(text, "REPLACE"));
     Ok(Statement {
         sql: sql.trim().to_string(),
         params,
         verb,
         ctes: cte_names(text, toks),
+        or_replace,
     })
 }
 

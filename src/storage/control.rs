@@ -237,7 +237,9 @@ impl ConnState {
     /// Replace SQLite's bare "not authorized" with the authorizer's reason.
     pub fn explain(&self, e: Error) -> Error {
         match self.denial.lock().unwrap().take() {
-            Some(why) if e.message.contains("not authorized") => {
+            Some(why)
+                if e.message.contains("not authorized") || e.message.contains("prohibited") =>
+            {
                 Error::new(ErrorCode::AccessDenied, why)
             }
             _ => e,

@@ -1,0 +1,702 @@
+//! Identities and row-level security over HTTP: two users and an anonymous client, policies as
+//! views, WITH CHECK, sessions and tokens, and an adversarial suite of attempts to reach rows
+//! or engine tables a role must not reach.
+
+mod common;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use common::{Resp, Server, anon_client, client, client_with_token, post};
+use serde_json::{Value, json};
+
+async fn call(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+) -> Resp {
+    let mut rb = c.request(method, url);
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    Resp {
+        status,
+        headers,
+        body: r.text().await.unwrap(),
+    }
+}
+
+async fn jpost(c: &reqwest::Client, base: &str, path: &str, body: Value) -> Resp {
+    call(
+        c,
+        reqwest::Method::POST,
+        format!("{base}{path}"),
+        Some(body),
+    )
+    .await
+}
+
+async fn sql_ok(c: &reqwest::Client, base: &str, sql: &str) -> String {
+    let r = post(c, base, &[], sql).await;
+    assert_eq!(r.status, 200, "{sql}: {}", r.body);
+    r.body
+}
+
+struct User {
+    id: String,
+    token: String,
+    refresh: String,
+    client: reqwest::Client,
+}
+
+async fn signup(base: &str, email: &str) -> User {
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/signup",
+        json!({"email": email, "password": format!("password-of-{email}"), "device": "test"}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "signup {email}: {}", r.body);
+    let j = r.json();
+    let token = j["access_token"].as_str().unwrap().to_string();
+    User {
+        id: j["user"]["id"].as_str().unwrap().to_string(),
+        refresh: j["refresh_token"].as_str().unwrap().to_string(),
+        client: client_with_token(&token),
+        token,
+    }
+}
+
+/// A notes app: each user sees only their notes; anonymous clients see public ones; a shared
+/// team table visible to members.
+async fn notes_app(extra: &[&str]) -> (Server, reqwest::Client, User, User) {
+    let mut flags = vec!["--signup-open", "true"];
+    flags.extend_from_slice(extra);
+    let s = Server::start(&flags);
+    let admin = client();
+    let base = s.url.clone();
+    let r = post(
+        &admin,
+        &base,
+        &[("transaction", "1")],
+        "CREATE TABLE notes(id INTEGER PRIMARY KEY, owner TEXT NOT NULL, body TEXT NOT NULL, public INTEGER NOT NULL DEFAULT 0);
+         CREATE TABLE team_members(user_id TEXT NOT NULL, team TEXT NOT NULL, PRIMARY KEY (user_id, team));
+         CREATE TABLE team_docs(id INTEGER PRIMARY KEY, team TEXT NOT NULL, body TEXT NOT NULL);
+         CREATE TABLE lookup(code TEXT PRIMARY KEY, label TEXT)",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    sql_ok(
+        &admin,
+        &base,
+        "INSERT INTO lookup VALUES ('jp', 'Japan'), ('fr', 'France')",
+    )
+    .await;
+    for (name, body) in [
+        (
+            "my_notes",
+            json!({"name": "my_notes", "table": "notes", "roles": ["user"], "using": "owner = auth_userid()", "defaults": {"owner": "auth_userid()"}}),
+        ),
+        (
+            "public_notes",
+            json!({"name": "public_notes", "table": "notes", "roles": ["anon", "user"], "operations": ["select"], "using": "public = 1"}),
+        ),
+        (
+            "my_team_docs",
+            json!({"name": "my_team_docs", "table": "team_docs", "roles": ["user"], "using": "team IN (SELECT team FROM team_members WHERE user_id = auth_userid())"}),
+        ),
+    ] {
+        let r = jpost(&admin, &base, "/admin/policies", body).await;
+        assert_eq!(r.status, 200, "policy {name}: {}", r.body);
+    }
+    let r = jpost(
+        &admin,
+        &base,
+        "/admin/grants",
+        json!({"object": "lookup", "role": "anon", "privileges": ["select"]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = jpost(
+        &admin,
+        &base,
+        "/admin/grants",
+        json!({"object": "lookup", "role": "user", "privileges": ["select"]}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let alice = signup(&base, "alice@example.com").await;
+    let bob = signup(&base, "bob@example.com").await;
+    for (u, n) in [(&alice, "alice"), (&bob, "bob")] {
+        for i in 0..3 {
+            let r = post(
+                &u.client,
+                &base,
+                &[
+                    ("param_b", &format!("{n} note {i}")),
+                    ("param_p", if i == 0 { "1" } else { "0" }),
+                ],
+                "INSERT INTO my_notes(body, public) VALUES ({b:String}, {p:Int64})",
+            )
+            .await;
+            assert_eq!(r.status, 200, "{n} insert: {}", r.body);
+        }
+    }
+    sql_ok(
+        &bob.client,
+        &base,
+        "INSERT INTO my_notes(body) VALUES ('BOB-SECRET-7f3a')",
+    )
+    .await;
+    sql_ok(
+        &admin,
+        &base,
+        &format!(
+            "INSERT INTO team_members VALUES ('{}', 'red'), ('{}', 'blue')",
+            alice.id, bob.id
+        ),
+    )
+    .await;
+    sql_ok(
+        &admin,
+        &base,
+        "INSERT INTO team_docs(team, body) VALUES ('red', 'red plan'), ('blue', 'BOB-SECRET-team')",
+    )
+    .await;
+    (s, admin, alice, bob)
+}
+
+#[tokio::test]
+async fn each_identity_sees_only_its_rows() {
+    let (s, admin, alice, bob) = notes_app(&[]).await;
+    let base = &s.url;
+    assert_eq!(
+        sql_ok(&alice.client, base, "SELECT body FROM my_notes ORDER BY id").await,
+        "alice note 0\nalice note 1\nalice note 2\n"
+    );
+    assert_eq!(
+        sql_ok(&bob.client, base, "SELECT body FROM my_notes ORDER BY id").await,
+        "bob note 0\nbob note 1\nbob note 2\nBOB-SECRET-7f3a\n"
+    );
+    assert_eq!(
+        sql_ok(
+            &anon_client(),
+            base,
+            "SELECT body FROM public_notes ORDER BY id"
+        )
+        .await,
+        "alice note 0\nbob note 0\n"
+    );
+    assert_eq!(
+        sql_ok(&alice.client, base, "SELECT body FROM my_team_docs").await,
+        "red plan\n"
+    );
+    assert_eq!(
+        sql_ok(&bob.client, base, "SELECT body FROM my_team_docs").await,
+        "BOB-SECRET-team\n"
+    );
+    assert_eq!(
+        sql_ok(
+            &anon_client(),
+            base,
+            "SELECT label FROM lookup ORDER BY code"
+        )
+        .await,
+        "France\nJapan\n"
+    );
+    assert_eq!(
+        sql_ok(&admin, base, "SELECT count(*) FROM notes").await,
+        "7\n"
+    );
+    // Identity functions.
+    assert_eq!(
+        sql_ok(
+            &alice.client,
+            base,
+            "SELECT auth_userid(), auth_role(), auth_claim('email')"
+        )
+        .await,
+        format!("{}\tuser\talice@example.com\n", alice.id)
+    );
+    assert_eq!(
+        sql_ok(
+            &anon_client(),
+            base,
+            "SELECT auth_userid(), auth_role(), auth_claim('email')"
+        )
+        .await,
+        "\\N\tanon\t\\N\n"
+    );
+    // Defaults: owner filled from auth_userid(), public from the table DEFAULT.
+    let r = post(
+        &alice.client,
+        base,
+        &[],
+        "INSERT INTO my_notes(body) VALUES ('defaults')",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(sql_ok(&admin, base, "SELECT owner = (SELECT id FROM _ichibase_users WHERE email = 'alice@example.com'), public FROM notes WHERE body = 'defaults'").await, "1\t0\n");
+    // Anonymous clients cannot use user views.
+    let r = post(&anon_client(), base, &[], "SELECT * FROM my_notes").await;
+    assert_eq!((r.status, r.code()), (403, Some(497)), "{}", r.body);
+    assert!(r.body.contains("my_notes"), "{}", r.body);
+    let r = post(
+        &anon_client(),
+        base,
+        &[],
+        "INSERT INTO public_notes(owner, body) VALUES ('x', 'y')",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    drop(bob);
+}
+
+#[tokio::test]
+async fn with_check_refuses_bad_writes() {
+    let (s, admin, alice, bob) = notes_app(&[]).await;
+    let base = &s.url;
+    let bob_note = sql_ok(
+        &admin,
+        base,
+        "SELECT id FROM notes WHERE body = 'BOB-SECRET-7f3a'",
+    )
+    .await
+    .trim()
+    .to_string();
+    // Inserting a row owned by someone else.
+    let r = post(
+        &alice.client,
+        base,
+        &[("param_o", &bob.id)],
+        "INSERT INTO my_notes(owner, body) VALUES ({o:String}, 'forged')",
+    )
+    .await;
+    assert_eq!((r.status, r.code()), (403, Some(497)), "{}", r.body);
+    assert!(r.body.contains("violates WITH CHECK"), "{}", r.body);
+    // Giving one's own rows away.
+    let r = post(
+        &alice.client,
+        base,
+        &[("param_o", &bob.id)],
+        "UPDATE my_notes SET owner = {o:String}",
+    )
+    .await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    // Rows of others are invisible to update and delete.
+    let r = post(
+        &alice.client,
+        base,
+        &[("param_i", &bob_note)],
+        "UPDATE my_notes SET body = 'pwned' WHERE id = {i:Int64}",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(
+        &alice.client,
+        base,
+        &[],
+        "DELETE FROM my_notes WHERE owner != auth_userid()",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        sql_ok(
+            &admin,
+            base,
+            &format!("SELECT body FROM notes WHERE id = {bob_note}")
+        )
+        .await,
+        "BOB-SECRET-7f3a\n"
+    );
+    assert_eq!(
+        sql_ok(&admin, base, "SELECT count(*) FROM notes").await,
+        "7\n"
+    );
+    // Own rows can be changed and deleted; a multi-statement transaction fails as a whole.
+    sql_ok(
+        &alice.client,
+        base,
+        "UPDATE my_notes SET body = 'edited' WHERE body = 'alice note 1'",
+    )
+    .await;
+    assert_eq!(
+        sql_ok(
+            &alice.client,
+            base,
+            "SELECT count(*) FROM my_notes WHERE body = 'edited'"
+        )
+        .await,
+        "1\n"
+    );
+    sql_ok(
+        &alice.client,
+        base,
+        "DELETE FROM my_notes WHERE body = 'edited'",
+    )
+    .await;
+    let r = post(&alice.client, base, &[("transaction", "1"), ("param_o", &bob.id)],
+        "INSERT INTO my_notes(body) VALUES ('kept?'); INSERT INTO my_notes(owner, body) VALUES ({o:String}, 'forged')").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        sql_ok(&alice.client, base, "SELECT count(*) FROM my_notes").await,
+        "2\n"
+    );
+}
+
+#[tokio::test]
+async fn policies_survive_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = client();
+    let s = Server::start_in(dir.path(), &["--signup-open", "true"], &[]);
+    sql_ok(
+        &admin,
+        &s.url,
+        "CREATE TABLE notes(id INTEGER PRIMARY KEY, owner TEXT, body TEXT)",
+    )
+    .await;
+    let r = jpost(&admin, &s.url, "/admin/policies", json!({"name": "my_notes", "table": "notes", "roles": ["user"], "using": "owner = auth_userid()", "defaults": {"owner": "auth_userid()"}})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let alice = signup(&s.url, "alice@example.com").await;
+    sql_ok(
+        &alice.client,
+        &s.url,
+        "INSERT INTO my_notes(body) VALUES ('persisted')",
+    )
+    .await;
+    sql_ok(
+        &admin,
+        &s.url,
+        "INSERT INTO notes(owner, body) VALUES ('someone-else', 'hidden')",
+    )
+    .await;
+    drop(s);
+    let s = Server::start_in(dir.path(), &[], &[]);
+    // The same access token still works (the key ring is in the data dir) and the policy holds.
+    assert_eq!(
+        sql_ok(&alice.client, &s.url, "SELECT body FROM my_notes").await,
+        "persisted\n"
+    );
+    assert_eq!(
+        post(&alice.client, &s.url, &[], "SELECT body FROM notes")
+            .await
+            .status,
+        403
+    );
+    let r = call(
+        &admin,
+        reqwest::Method::GET,
+        format!("{}/admin/policies", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(r.json()["policies"][0]["using"], "owner = auth_userid()");
+}
+
+#[tokio::test]
+async fn sessions_tokens_and_keys() {
+    let s = Server::start(&["--signup-open", "true"]);
+    let base = &s.url;
+    let admin = client();
+    let alice = signup(base, "alice@example.com").await;
+    // Sign-in on a second device; both sessions are listed.
+    let r = jpost(&anon_client(), base, "/auth/signin", json!({"email": "alice@example.com", "password": "password-of-alice@example.com", "device": "phone"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.header("set-cookie").unwrap().contains("HttpOnly"));
+    let phone = r.json();
+    let phone_client = client_with_token(phone["access_token"].as_str().unwrap());
+    let r = call(
+        &alice.client,
+        reqwest::Method::GET,
+        format!("{base}/auth/sessions"),
+        None,
+    )
+    .await;
+    let sessions = r.json()["sessions"].as_array().unwrap().clone();
+    assert_eq!(sessions.len(), 2, "{}", r.body);
+    assert_eq!(sessions.iter().filter(|s| s["current"] == true).count(), 1);
+    // Revoking the phone session takes effect at once.
+    let sid = phone["session_id"].as_str().unwrap();
+    let r = call(
+        &alice.client,
+        reqwest::Method::DELETE,
+        format!("{base}/auth/sessions/{sid}"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(&phone_client, base, &[], "SELECT 1").await;
+    assert_eq!((r.status, r.code()), (401, Some(516)), "{}", r.body);
+    assert!(r.header("www-authenticate").is_some());
+    assert_eq!(post(&alice.client, base, &[], "SELECT 1").await.status, 200);
+    // Refresh rotates the refresh token.
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/refresh",
+        json!({"refresh_token": alice.refresh}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let refreshed = r.json();
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/refresh",
+        json!({"refresh_token": alice.refresh}),
+    )
+    .await;
+    assert_eq!(r.status, 401, "a used refresh token is dead");
+    let new_client = client_with_token(refreshed["access_token"].as_str().unwrap());
+    assert_eq!(
+        sql_ok(&new_client, base, "SELECT auth_userid()")
+            .await
+            .trim(),
+        alice.id
+    );
+    // The browser cookie identifies the session too.
+    let cookie = format!(
+        "ichibase_session={}",
+        refreshed["refresh_token"].as_str().unwrap()
+    );
+    let r = anon_client()
+        .post(format!("{base}/"))
+        .header("Cookie", &cookie)
+        .body("SELECT auth_userid()")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap().trim(), alice.id);
+    // Sign-out revokes the session: access token and cookie stop working.
+    let r = jpost(&new_client, base, "/auth/signout", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(post(&new_client, base, &[], "SELECT 1").await.status, 401);
+    let r = anon_client()
+        .post(format!("{base}/"))
+        .header("Cookie", &cookie)
+        .body("SELECT 1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // Password change revokes other sessions; the new password works, the old one not.
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/signin",
+        json!({"email": "alice@example.com", "password": "password-of-alice@example.com"}),
+    )
+    .await;
+    let a = r.json();
+    let a_client = client_with_token(a["access_token"].as_str().unwrap());
+    let other = jpost(
+        &anon_client(),
+        base,
+        "/auth/signin",
+        json!({"email": "alice@example.com", "password": "password-of-alice@example.com"}),
+    )
+    .await
+    .json();
+    let r = jpost(&a_client, base, "/auth/password", json!({"old_password": "password-of-alice@example.com", "new_password": "a brand new secret"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        post(
+            &client_with_token(other["access_token"].as_str().unwrap()),
+            base,
+            &[],
+            "SELECT 1"
+        )
+        .await
+        .status,
+        401
+    );
+    assert_eq!(
+        post(&a_client, base, &[], "SELECT 1").await.status,
+        200,
+        "the session that changed the password stays"
+    );
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/signin",
+        json!({"email": "alice@example.com", "password": "password-of-alice@example.com"}),
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    // Basic auth (ClickHouse clients) with email and password.
+    let r = anon_client()
+        .post(format!("{base}/"))
+        .basic_auth("alice@example.com", Some("a brand new secret"))
+        .body("SELECT auth_role()")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "user\n");
+    let r = anon_client()
+        .post(format!("{base}/"))
+        .basic_auth("alice@example.com", Some("wrong"))
+        .body("SELECT 1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // API keys: scoped to a role, acting as a user, revocable.
+    let r = jpost(
+        &admin,
+        base,
+        "/admin/keys",
+        json!({"name": "alice's script", "role": "user", "user_id": alice.id}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let key = r.json()["key"].as_str().unwrap().to_string();
+    let key_id = r.json()["info"]["id"].as_str().unwrap().to_string();
+    let kc = client_with_token(&key);
+    assert_eq!(
+        sql_ok(&kc, base, "SELECT auth_userid(), auth_role()").await,
+        format!("{}\tuser\n", alice.id)
+    );
+    let r = anon_client()
+        .post(format!("{base}/"))
+        .header("X-ClickHouse-User", "default")
+        .header("X-ClickHouse-Key", &key)
+        .body("SELECT auth_role()")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "user\n");
+    let r = call(
+        &admin,
+        reqwest::Method::DELETE,
+        format!("{base}/admin/keys/{key_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(post(&kc, base, &[], "SELECT 1").await.status, 401);
+    // Disabling a user cuts them off at once.
+    let bob = signup(base, "bob@example.com").await;
+    let r = call(
+        &admin,
+        reqwest::Method::PATCH,
+        format!("{base}/admin/users/{}", bob.id),
+        Some(json!({"disabled": true})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(post(&bob.client, base, &[], "SELECT 1").await.status, 401);
+    // Sign-up closed / bad input.
+    let closed = Server::start(&[]);
+    let r = jpost(
+        &anon_client(),
+        &closed.url,
+        "/auth/signup",
+        json!({"email": "x@example.com", "password": "long enough"}),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/signup",
+        json!({"email": "not-an-email", "password": "long enough"}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/signup",
+        json!({"email": "c@example.com", "password": "short"}),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/signup",
+        json!({"email": "ALICE@example.com", "password": "long enough!"}),
+    )
+    .await;
+    assert_eq!(r.status, 409, "emails are case-insensitive: {}", r.body);
+    // Key rotation keeps existing tokens valid.
+    let r = jpost(&admin, base, "/admin/jwt/rotate", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(post(&a_client, base, &[], "SELECT 1").await.status, 200);
+    let _ = URL_SAFE_NO_PAD.encode("x");
+    let _ = base64::engine::general_purpose::STANDARD.encode("x");
+}
+
+#[tokio::test]
+async fn expired_tokens_are_refused() {
+    let s = Server::start(&["--signup-open", "true", "--access-token-ttl-secs", "1"]);
+    let alice = signup(&s.url, "alice@example.com").await;
+    assert_eq!(
+        post(&alice.client, &s.url, &[], "SELECT 1").await.status,
+        200
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let r = post(&alice.client, &s.url, &[], "SELECT 1").await;
+    assert_eq!(r.status, 401);
+    assert!(r.body.contains("expired"), "{}", r.body);
+    let _ = alice.token;
+}
+
+#[tokio::test]
+async fn concurrent_users_never_see_each_others_identity() {
+    let s = Server::start(&["--signup-open", "true", "--readers", "3"]);
+    let admin = client();
+    sql_ok(
+        &admin,
+        &s.url,
+        "CREATE TABLE notes(id INTEGER PRIMARY KEY, owner TEXT, body TEXT)",
+    )
+    .await;
+    let r = jpost(&admin, &s.url, "/admin/policies", json!({"name": "my_notes", "table": "notes", "roles": ["user"], "using": "owner = auth_userid()", "defaults": {"owner": "auth_userid()"}})).await;
+    assert_eq!(r.status, 200);
+    let mut users = Vec::new();
+    for i in 0..8 {
+        let u = signup(&s.url, &format!("user{i}@example.com")).await;
+        for _ in 0..=i {
+            sql_ok(&u.client, &s.url, "INSERT INTO my_notes(body) VALUES ('n')").await;
+        }
+        users.push((u, i + 1));
+    }
+    let mut tasks = Vec::new();
+    for (u, n) in users {
+        let url = s.url.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..40 {
+                let sql = if round % 2 == 0 {
+                    "SELECT auth_userid(), (SELECT count(*) FROM my_notes), auth_claim('email')"
+                } else {
+                    "SELECT auth_userid(), count(*), auth_claim('email') FROM my_notes"
+                };
+                let r = post(&u.client, &url, &[], sql).await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                let want = format!("{}\t{n}\tuser{}@example.com\n", u.id, n - 1);
+                assert_eq!(r.body, want, "a request saw another identity");
+                // Interleave anonymous and admin requests on the same pooled connections.
+                let a = post(
+                    &anon_client(),
+                    &url,
+                    &[],
+                    "SELECT auth_userid(), auth_role()",
+                )
+                .await;
+                assert_eq!(a.body, "\\N\tanon\n");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        sql_ok(&admin, &s.url, "SELECT auth_userid() IS NULL, auth_role()").await,
+        "1\tadmin\n"
+    );
+}
