@@ -700,3 +700,203 @@ async fn concurrent_users_never_see_each_others_identity() {
         "1\tadmin\n"
     );
 }
+
+fn b64json(part: &str) -> Value {
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).unwrap()).unwrap()
+}
+
+fn enc(v: &Value) -> String {
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap())
+}
+
+#[tokio::test]
+async fn adversarial_suite() {
+    let (s, admin, alice, bob) = notes_app(&[]).await;
+    let base = &s.url;
+    let bob_note = sql_ok(&admin, base, "SELECT id FROM notes WHERE body = 'BOB-SECRET-7f3a'").await.trim().to_string();
+    let before_notes = sql_ok(&admin, base, "SELECT id, owner, body, public FROM notes ORDER BY id FORMAT JSONCompactEachRow").await;
+    let before_engine = sql_ok(&admin, base, "SELECT (SELECT count(*) FROM _ichibase_users), (SELECT group_concat(role) FROM _ichibase_users), (SELECT count(*) FROM _ichibase_grants), (SELECT count(*) FROM _ichibase_policies), (SELECT count(*) FROM sqlite_schema)").await;
+
+    // SQL that alice (role `user`) must not be able to run.
+    let refused: Vec<String> = vec![
+        "SELECT * FROM notes".into(),
+        "SELECT body FROM notes WHERE owner != auth_userid()".into(),
+        "SELECT count(*) FROM notes".into(),
+        "SELECT * FROM \"notes\"".into(),
+        "SELECT * FROM main.notes".into(),
+        "SELECT * FROM NOTES".into(),
+        "SELECT * FROM [notes]".into(),
+        "SELECT name, sql FROM sqlite_master".into(),
+        "SELECT sql FROM sqlite_schema WHERE name = 'notes'".into(),
+        "SELECT * FROM sqlite_temp_master".into(),
+        "SELECT * FROM pragma_table_info('notes')".into(),
+        "PRAGMA table_info(notes)".into(),
+        "PRAGMA writable_schema = ON".into(),
+        "PRAGMA query_only = OFF".into(),
+        "PRAGMA foreign_keys".into(),
+        "ATTACH DATABASE 'ichibase.db' AS other".into(),
+        "WITH my_notes AS (SELECT * FROM notes) SELECT * FROM my_notes".into(),
+        "WITH \"MY_NOTES\"(a, b, c, d) AS (SELECT * FROM notes) SELECT * FROM my_notes".into(),
+        "WITH my_notes__insert AS (SELECT * FROM notes) SELECT * FROM my_notes__insert".into(),
+        "WITH x AS (SELECT * FROM notes) SELECT * FROM x".into(),
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < (SELECT count(*) FROM notes)) SELECT max(n) FROM r".into(),
+        "SELECT row_number() OVER my_notes FROM my_notes WINDOW my_notes AS (ORDER BY id)".into(),
+        "SELECT * FROM my_notes UNION ALL SELECT * FROM notes".into(),
+        "SELECT (SELECT body FROM notes WHERE owner != auth_userid() LIMIT 1)".into(),
+        "SELECT * FROM my_notes WHERE EXISTS (SELECT 1 FROM notes WHERE body LIKE 'BOB%')".into(),
+        "SELECT * FROM my_notes JOIN notes USING (id)".into(),
+        "SELECT * FROM json_each((SELECT json_group_array(body) FROM notes))".into(),
+        "SELECT * FROM (SELECT * FROM notes) AS my_notes".into(),
+        "INSERT INTO my_notes(body) SELECT body FROM notes".into(),
+        "UPDATE my_notes SET body = (SELECT body FROM notes WHERE owner != auth_userid() LIMIT 1)".into(),
+        "INSERT INTO notes(owner, body) VALUES ('x', 'direct')".into(),
+        "UPDATE notes SET body = 'pwned'".into(),
+        "DELETE FROM notes".into(),
+        "CREATE VIEW steal AS SELECT * FROM notes".into(),
+        "CREATE TEMP VIEW steal AS SELECT * FROM notes".into(),
+        "CREATE TRIGGER steal AFTER INSERT ON notes BEGIN SELECT 1; END".into(),
+        "CREATE TEMP TRIGGER steal AFTER INSERT ON notes BEGIN SELECT 1; END".into(),
+        "CREATE TABLE stolen AS SELECT * FROM notes".into(),
+        "CREATE TABLE evil(x)".into(),
+        "CREATE INDEX evil ON notes(body)".into(),
+        "CREATE VIRTUAL TABLE evil USING fts5(a)".into(),
+        "DROP VIEW my_notes".into(),
+        "DROP TABLE notes".into(),
+        "ALTER TABLE notes RENAME TO n2".into(),
+        "ANALYZE".into(),
+        "VACUUM".into(),
+        "VACUUM INTO '/tmp/ichibase-steal.db'".into(),
+        "SELECT * FROM _ichibase_users".into(),
+        "SELECT password_hash FROM _ichibase_users".into(),
+        "SELECT * FROM _ichibase_sessions".into(),
+        "SELECT key_hash FROM _ichibase_api_keys".into(),
+        "SELECT * FROM _ichibase_meta".into(),
+        "INSERT INTO _ichibase_grants VALUES ('notes', 'user', 'select')".into(),
+        "UPDATE _ichibase_users SET role = 'admin'".into(),
+        "DELETE FROM _ichibase_policies".into(),
+        "SELECT load_extension('/tmp/x.so')".into(),
+        "SELECT fts3_tokenizer('simple')".into(),
+        "SELECT sqlite_compileoption_get(0)".into(),
+        format!("REPLACE INTO my_notes(id, body) VALUES ({bob_note}, 'hijack')"),
+        format!("INSERT OR REPLACE INTO my_notes(id, body) VALUES ({bob_note}, 'hijack')"),
+        format!("UPDATE OR REPLACE my_notes SET id = {bob_note}"),
+        format!("INSERT INTO my_notes(id, body) VALUES ({bob_note}, 'dup')"),
+        "DELETE FROM lookup".into(),
+        "UPDATE lookup SET label = 'x'".into(),
+        "INSERT INTO public_notes(owner, body, public) VALUES (auth_userid(), 'x', 1)".into(),
+        "DELETE FROM public_notes".into(),
+        "SELECT * FROM my_notes; SELECT * FROM notes".into(),
+        "BEGIN; SELECT * FROM notes; COMMIT".into(),
+    ];
+    let mut attempts = 0;
+    for sql in &refused {
+        let tx = if sql.matches(';').count() > 0 && !sql.contains("BEGIN SELECT") { "1" } else { "0" };
+        let r = post(&alice.client, base, &[("transaction", tx)], sql).await;
+        attempts += 1;
+        assert!(r.status >= 400 && r.status < 500, "NOT REFUSED ({}): {sql}\n{}", r.status, r.body);
+        assert!(!r.body.contains("BOB-SECRET"), "leak in the error of {sql}: {}", r.body);
+    }
+    // Anonymous clients: the same families of attacks.
+    for sql in ["SELECT * FROM notes", "SELECT * FROM my_notes", "SELECT * FROM my_team_docs", "SELECT * FROM _ichibase_users", "INSERT INTO my_notes(body) VALUES ('x')", "UPDATE public_notes SET body = 'x'", "WITH public_notes AS (SELECT * FROM notes) SELECT * FROM public_notes", "CREATE TABLE anon_t(x)"] {
+        let r = post(&anon_client(), base, &[], sql).await;
+        attempts += 1;
+        assert!(r.status >= 400 && r.status < 500, "NOT REFUSED for anon ({}): {sql}\n{}", r.status, r.body);
+        assert!(!r.body.contains("BOB-SECRET"));
+    }
+    // Allowed statements that must still not reveal or change other users' rows.
+    for (sql, args) in [
+        ("SELECT body FROM my_notes WHERE body = {b:String}", vec![("param_b", "x' OR '1'='1".to_string())]),
+        ("SELECT body FROM my_notes WHERE body = {b:String}", vec![("param_b", "') UNION SELECT body FROM notes --".to_string())]),
+        ("SELECT body FROM my_notes WHERE owner = {o:String}", vec![("param_o", bob.id.clone())]),
+        ("SELECT body FROM my_team_docs WHERE team = 'blue'", vec![]),
+        ("SELECT * FROM public_notes", vec![]),
+        ("UPDATE my_notes SET body = 'pwned' WHERE id = {i:Int64}", vec![("param_i", bob_note.clone())]),
+        ("DELETE FROM my_notes WHERE id = {i:Int64}", vec![("param_i", bob_note.clone())]),
+        ("SELECT count(*) FROM my_notes WHERE owner != auth_userid()", vec![]),
+        ("SELECT * FROM lookup", vec![]),
+    ] {
+        let args: Vec<(&str, &str)> = args.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let r = post(&alice.client, base, &args, sql).await;
+        attempts += 1;
+        assert_eq!(r.status, 200, "{sql}: {}", r.body);
+        assert!(!r.body.contains("BOB-SECRET") && !r.body.contains("bob note 1"), "LEAK: {sql}: {}", r.body);
+    }
+    let r = post(&alice.client, base, &[("param_t", "notes")], "SELECT * FROM {t:Identifier}").await;
+    attempts += 1;
+    assert_eq!(r.status, 501, "{}", r.body);
+
+    // Credentials that must be refused (401), never treated as anonymous or as someone else.
+    let parts: Vec<&str> = alice.token.split('.').collect();
+    let mut payload = b64json(parts[1]);
+    payload["sub"] = json!(bob.id);
+    payload["role"] = json!("admin");
+    let forged = format!("{}.{}.{}", parts[0], enc(&payload), parts[2]);
+    let none_token = format!("{}.{}.", enc(&json!({"alg": "none", "typ": "JWT"})), enc(&payload));
+    let kid = b64json(parts[0])["kid"].as_str().unwrap().to_string();
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = Some(kid);
+    let other_key = jsonwebtoken::encode(&header, &payload, &jsonwebtoken::EncodingKey::from_secret(b"not the server's key")).unwrap();
+    let unknown_kid = jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &payload, &jsonwebtoken::EncodingKey::from_secret(b"x")).unwrap();
+    let rs_header = format!("{}.{}.{}", enc(&json!({"alg": "RS256", "typ": "JWT", "kid": b64json(parts[0])["kid"]})), enc(&payload), parts[2]);
+    let bearer_attempts = vec![
+        forged,
+        none_token,
+        other_key,
+        unknown_kid,
+        rs_header,
+        "abc".to_string(),
+        "".to_string(),
+        alice.refresh.clone(),
+        "ik_guessed-key-0000000000000000".to_string(),
+        format!("{}.{}", parts[0], parts[1]),
+    ];
+    for t in &bearer_attempts {
+        let r = anon_client().post(format!("{base}/")).header("Authorization", format!("Bearer {t}")).body("SELECT auth_userid(), auth_role()").send().await.unwrap();
+        attempts += 1;
+        assert_eq!(r.status(), 401, "token accepted: {t}");
+    }
+    let sid = b64json(parts[1])["sid"].as_str().unwrap().to_string();
+    for req in [
+        anon_client().post(format!("{base}/")).basic_auth("alice@example.com", Some("wrong password")),
+        anon_client().post(format!("{base}/")).basic_auth("nobody@example.com", Some("whatever-password")),
+        anon_client().post(format!("{base}/?user=alice@example.com&password=wrong")),
+        anon_client().post(format!("{base}/")).header("X-ClickHouse-User", "alice@example.com").header("X-ClickHouse-Key", "nope"),
+        anon_client().post(format!("{base}/")).header("Cookie", format!("ichibase_session=ir_{sid}.forged-secret")),
+        anon_client().post(format!("{base}/")).header("Cookie", "ichibase_session=garbage"),
+        anon_client().post(format!("{base}/")).header("Authorization", "Digest abc"),
+    ] {
+        let r = req.body("SELECT auth_userid()").send().await.unwrap();
+        attempts += 1;
+        assert_eq!(r.status(), 401);
+    }
+    // Admin endpoints as a user.
+    for (m, path, body) in [
+        (reqwest::Method::GET, "/admin/users".to_string(), None),
+        (reqwest::Method::POST, "/admin/policies".to_string(), Some(json!({"name": "all", "table": "notes", "roles": ["user"], "using": "1"}))),
+        (reqwest::Method::POST, "/admin/grants".to_string(), Some(json!({"object": "notes", "role": "user", "privileges": ["select"]}))),
+        (reqwest::Method::PATCH, format!("/admin/users/{}", alice.id), Some(json!({"role": "admin"}))),
+        (reqwest::Method::POST, "/admin/keys".to_string(), Some(json!({"name": "k", "role": "admin"}))),
+        (reqwest::Method::POST, "/admin/jwt/rotate".to_string(), Some(json!({}))),
+    ] {
+        let r = call(&alice.client, m.clone(), format!("{base}{path}"), body.clone()).await;
+        attempts += 1;
+        assert_eq!(r.status, 403, "{m} {path}: {}", r.body);
+        let r = call(&anon_client(), m, format!("{base}{path}"), body).await;
+        attempts += 1;
+        assert_eq!(r.status, 403, "anon {path}: {}", r.body);
+    }
+    // A revoked session.
+    let r = jpost(&alice.client, base, "/auth/signout", json!({})).await;
+    assert_eq!(r.status, 200);
+    let r = post(&alice.client, base, &[], "SELECT body FROM my_notes").await;
+    attempts += 1;
+    assert_eq!(r.status, 401);
+
+    // Nothing changed, nothing leaked.
+    assert_eq!(sql_ok(&admin, base, "SELECT id, owner, body, public FROM notes ORDER BY id FORMAT JSONCompactEachRow").await, before_notes);
+    let after_engine = sql_ok(&admin, base, "SELECT (SELECT count(*) FROM _ichibase_users), (SELECT group_concat(role) FROM _ichibase_users), (SELECT count(*) FROM _ichibase_grants), (SELECT count(*) FROM _ichibase_policies), (SELECT count(*) FROM sqlite_schema)").await;
+    assert_eq!(after_engine, before_engine);
+    assert!(!std::path::Path::new("/tmp/ichibase-steal.db").exists());
+    eprintln!("{attempts} attack attempts refused or contained");
+    assert!(attempts >= 40);
+}
