@@ -271,7 +271,13 @@ async fn handle(
     } else {
         match read_body(body, &headers, st.config.limits.max_body_size).await {
             Ok(b) => b,
-            Err(e) => return error_response(&e, req.wants_json, Some(&ctx.query_id)),
+            Err(e) => {
+                // The unread rest of the body makes the connection unusable: say so, so clients
+                // do not send their next request on it.
+                let mut r = error_response(&e, req.wants_json, Some(&ctx.query_id));
+                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return r;
+            }
         }
     };
     let text = match compose_text(req.query.as_deref(), &body, &method) {

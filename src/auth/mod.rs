@@ -415,11 +415,11 @@ impl Auth {
         let (uid, role, email) = match hit {
             Some((u, r, e, _)) => (u, r, e),
             None => {
-                let found = self.storage_lookup_user(user)?;
+                let found = blocking(|| self.storage_lookup_user(user))?;
                 let ok = match &found {
-                    Some((_, hash, _, _, disabled)) => verify_password(pass, hash) && !disabled,
+                    Some((_, hash, _, _, disabled)) => blocking(|| verify_password(pass, hash)) && !disabled,
                     None => {
-                        let _ = verify_password(pass, dummy_hash());
+                        let _ = blocking(|| verify_password(pass, dummy_hash()));
                         false
                     }
                 };
@@ -460,6 +460,10 @@ impl Auth {
     }
 
     fn apply_session_cookie(&self, ctx: &mut RequestContext, cookie: &str) -> Result<()> {
+        blocking(|| self.apply_session_cookie_inner(ctx, cookie))
+    }
+
+    fn apply_session_cookie_inner(&self, ctx: &mut RequestContext, cookie: &str) -> Result<()> {
         let (sid, secret) =
             parse_refresh(cookie).ok_or_else(|| auth_failed("Malformed session cookie"))?;
         if self.cache.read().unwrap().revoked_sessions.contains(sid) {
@@ -541,11 +545,11 @@ impl Auth {
         password: &str,
         device: Option<String>,
     ) -> Result<Tokens> {
-        let found = self.storage_lookup_user(email)?;
+        let found = blocking(|| self.storage_lookup_user(email))?;
         let ok = match &found {
-            Some((_, hash, _, _, _)) => verify_password(password, hash),
+            Some((_, hash, _, _, _)) => blocking(|| verify_password(password, hash)),
             None => {
-                let _ = verify_password(password, dummy_hash());
+                let _ = blocking(|| verify_password(password, dummy_hash()));
                 false
             }
         };
@@ -736,10 +740,10 @@ impl Auth {
                 .optional()?)
             })
             .await?;
-        if !hash.is_some_and(|h| verify_password(old, &h)) {
+        if !hash.is_some_and(|h| blocking(|| verify_password(old, &h))) {
             return Err(auth_failed("The current password is wrong"));
         }
-        let new_hash = hash_password(new)?;
+        let new_hash = blocking(|| hash_password(new))?;
         let uid2 = uid.clone();
         self.sys_write(move |c| {
             c.execute(
@@ -772,7 +776,7 @@ impl Auth {
         } else {
             validate_role(role)?
         };
-        let hash = hash_password(password)?;
+        let hash = blocking(|| hash_password(password))?;
         let id = uuid::Uuid::new_v4().to_string();
         let (id2, email2, role2) = (id.clone(), email.clone(), role.clone());
         let created_at = self
@@ -966,6 +970,15 @@ impl Auth {
             .rotate()
             .map_err(|e| Error::internal(format!("rotating the JWT key: {e}")))?;
         Ok((kid, ring.kids()))
+    }
+}
+
+/// Run CPU- or IO-heavy work (argon2, opening a connection) without stalling the async
+/// runtime's other tasks.
+fn blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 
