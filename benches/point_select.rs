@@ -349,6 +349,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let only_rls = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "rls");
     rt.block_on(async move {
         let running = ichibase::server::start(config).await.expect("start server");
         let base = format!("http://{}/", running.addr);
@@ -382,47 +383,49 @@ fn main() {
         println!("- {secs} s per measurement (BENCH_SECS)");
         println!();
 
-        // Warm-up: open the client connections and the server's reader connections.
-        run_http(&client, &base, SELECT_HTTP, *LEVELS.last().unwrap(), (secs / 6.0).min(0.5), 0xBEEF).await;
+        if !only_rls {
+            // Warm-up: open the client connections and the server's reader connections.
+            run_http(&client, &base, SELECT_HTTP, *LEVELS.last().unwrap(), (secs / 6.0).min(0.5), 0xBEEF).await;
 
-        let path = running.storage.path().to_path_buf();
-        let single = {
-            let p = path.clone();
-            tokio::task::spawn_blocking(move || run_inprocess(&p, 1, secs, 0x5EED)).await.expect("in-process run")
-        };
-
-        let mut rows = Vec::new();
-        for (i, &n) in LEVELS.iter().enumerate() {
-            let http = run_http(&client, &base, SELECT_HTTP, n, secs, 0xC0FFEE + i as u64).await;
-            let threads = n.min(MAX_THREADS);
-            let inproc = if threads == 1 {
-                single
-            } else {
+            let path = running.storage.path().to_path_buf();
+            let single = {
                 let p = path.clone();
-                tokio::task::spawn_blocking(move || run_inprocess(&p, threads, secs, 0xF00D + i as u64)).await.expect("in-process run")
+                tokio::task::spawn_blocking(move || run_inprocess(&p, 1, secs, 0x5EED)).await.expect("in-process run")
             };
-            rows.push((n, threads, http, inproc));
-        }
 
-        println!("| N | HTTP req/s | HTTP p50 µs | HTTP p99 µs | in-process req/s (threads) | ratio HTTP/in-process |");
-        println!("|---:|---:|---:|---:|---:|---:|");
-        for (n, threads, http, inproc) in &rows {
+            let mut rows = Vec::new();
+            for (i, &n) in LEVELS.iter().enumerate() {
+                let http = run_http(&client, &base, SELECT_HTTP, n, secs, 0xC0FFEE + i as u64).await;
+                let threads = n.min(MAX_THREADS);
+                let inproc = if threads == 1 {
+                    single
+                } else {
+                    let p = path.clone();
+                    tokio::task::spawn_blocking(move || run_inprocess(&p, threads, secs, 0xF00D + i as u64)).await.expect("in-process run")
+                };
+                rows.push((n, threads, http, inproc));
+            }
+
+            println!("| N | HTTP req/s | HTTP p50 µs | HTTP p99 µs | in-process req/s (threads) | ratio HTTP/in-process |");
+            println!("|---:|---:|---:|---:|---:|---:|");
+            for (n, threads, http, inproc) in &rows {
+                println!(
+                    "| {n} | {} | {:.0} | {:.0} | {} ({threads}) | {:.4} (1/{:.0}) |",
+                    fmt_int(http.rps),
+                    http.p50_us,
+                    http.p99_us,
+                    fmt_int(*inproc),
+                    http.rps / inproc,
+                    inproc / http.rps
+                );
+            }
+            println!();
+            println!("In-process, single thread: {} req/s ({:.2} µs per SELECT).", fmt_int(single), 1e6 / single);
             println!(
-                "| {n} | {} | {:.0} | {:.0} | {} ({threads}) | {:.4} (1/{:.0}) |",
-                fmt_int(http.rps),
-                http.p50_us,
-                http.p99_us,
-                fmt_int(*inproc),
-                http.rps / inproc,
-                inproc / http.rps
+                "N = concurrent HTTP client tasks; the in-process column uses min(N, {MAX_THREADS}) threads. \
+                 Ratio = HTTP req/s ÷ in-process req/s at the same N."
             );
         }
-        println!();
-        println!("In-process, single thread: {} req/s ({:.2} µs per SELECT).", fmt_int(single), 1e6 / single);
-        println!(
-            "N = concurrent HTTP client tasks; the in-process column uses min(N, {MAX_THREADS}) threads. \
-             Ratio = HTTP req/s ÷ in-process req/s at the same N."
-        );
 
         rls_section(&client, &base, secs).await;
 

@@ -41,6 +41,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let auth =
         Arc::new(Auth::open(storage.clone(), &config.data_dir, auth_options(&config)).await?);
+    if let Some(key) = auth.first_start_admin_key().await? {
+        println!(
+            "ichibase: no admin existed, so an admin API key was created. It is shown only now:"
+        );
+        println!("ichibase:   {key}");
+        println!(
+            "ichibase: use it as `Authorization: Bearer <key>`; more with `ichibase admin create-key` or POST /admin/keys"
+        );
+    }
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;

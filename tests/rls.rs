@@ -713,8 +713,20 @@ fn enc(v: &Value) -> String {
 async fn adversarial_suite() {
     let (s, admin, alice, bob) = notes_app(&[]).await;
     let base = &s.url;
-    let bob_note = sql_ok(&admin, base, "SELECT id FROM notes WHERE body = 'BOB-SECRET-7f3a'").await.trim().to_string();
-    let before_notes = sql_ok(&admin, base, "SELECT id, owner, body, public FROM notes ORDER BY id FORMAT JSONCompactEachRow").await;
+    let bob_note = sql_ok(
+        &admin,
+        base,
+        "SELECT id FROM notes WHERE body = 'BOB-SECRET-7f3a'",
+    )
+    .await
+    .trim()
+    .to_string();
+    let before_notes = sql_ok(
+        &admin,
+        base,
+        "SELECT id, owner, body, public FROM notes ORDER BY id FORMAT JSONCompactEachRow",
+    )
+    .await;
     let before_engine = sql_ok(&admin, base, "SELECT (SELECT count(*) FROM _ichibase_users), (SELECT group_concat(role) FROM _ichibase_users), (SELECT count(*) FROM _ichibase_grants), (SELECT count(*) FROM _ichibase_policies), (SELECT count(*) FROM sqlite_schema)").await;
 
     // SQL that alice (role `user`) must not be able to run.
@@ -790,38 +802,93 @@ async fn adversarial_suite() {
     ];
     let mut attempts = 0;
     for sql in &refused {
-        let tx = if sql.matches(';').count() > 0 && !sql.contains("BEGIN SELECT") { "1" } else { "0" };
+        let tx = if sql.matches(';').count() > 0 && !sql.contains("BEGIN SELECT") {
+            "1"
+        } else {
+            "0"
+        };
         let r = post(&alice.client, base, &[("transaction", tx)], sql).await;
         attempts += 1;
-        assert!(r.status >= 400 && r.status < 500, "NOT REFUSED ({}): {sql}\n{}", r.status, r.body);
-        assert!(!r.body.contains("BOB-SECRET"), "leak in the error of {sql}: {}", r.body);
+        assert!(
+            r.status >= 400 && r.status < 500,
+            "NOT REFUSED ({}): {sql}\n{}",
+            r.status,
+            r.body
+        );
+        assert!(
+            !r.body.contains("BOB-SECRET"),
+            "leak in the error of {sql}: {}",
+            r.body
+        );
     }
     // Anonymous clients: the same families of attacks.
-    for sql in ["SELECT * FROM notes", "SELECT * FROM my_notes", "SELECT * FROM my_team_docs", "SELECT * FROM _ichibase_users", "INSERT INTO my_notes(body) VALUES ('x')", "UPDATE public_notes SET body = 'x'", "WITH public_notes AS (SELECT * FROM notes) SELECT * FROM public_notes", "CREATE TABLE anon_t(x)"] {
+    for sql in [
+        "SELECT * FROM notes",
+        "SELECT * FROM my_notes",
+        "SELECT * FROM my_team_docs",
+        "SELECT * FROM _ichibase_users",
+        "INSERT INTO my_notes(body) VALUES ('x')",
+        "UPDATE public_notes SET body = 'x'",
+        "WITH public_notes AS (SELECT * FROM notes) SELECT * FROM public_notes",
+        "CREATE TABLE anon_t(x)",
+    ] {
         let r = post(&anon_client(), base, &[], sql).await;
         attempts += 1;
-        assert!(r.status >= 400 && r.status < 500, "NOT REFUSED for anon ({}): {sql}\n{}", r.status, r.body);
+        assert!(
+            r.status >= 400 && r.status < 500,
+            "NOT REFUSED for anon ({}): {sql}\n{}",
+            r.status,
+            r.body
+        );
         assert!(!r.body.contains("BOB-SECRET"));
     }
     // Allowed statements that must still not reveal or change other users' rows.
     for (sql, args) in [
-        ("SELECT body FROM my_notes WHERE body = {b:String}", vec![("param_b", "x' OR '1'='1".to_string())]),
-        ("SELECT body FROM my_notes WHERE body = {b:String}", vec![("param_b", "') UNION SELECT body FROM notes --".to_string())]),
-        ("SELECT body FROM my_notes WHERE owner = {o:String}", vec![("param_o", bob.id.clone())]),
+        (
+            "SELECT body FROM my_notes WHERE body = {b:String}",
+            vec![("param_b", "x' OR '1'='1".to_string())],
+        ),
+        (
+            "SELECT body FROM my_notes WHERE body = {b:String}",
+            vec![("param_b", "') UNION SELECT body FROM notes --".to_string())],
+        ),
+        (
+            "SELECT body FROM my_notes WHERE owner = {o:String}",
+            vec![("param_o", bob.id.clone())],
+        ),
         ("SELECT body FROM my_team_docs WHERE team = 'blue'", vec![]),
         ("SELECT * FROM public_notes", vec![]),
-        ("UPDATE my_notes SET body = 'pwned' WHERE id = {i:Int64}", vec![("param_i", bob_note.clone())]),
-        ("DELETE FROM my_notes WHERE id = {i:Int64}", vec![("param_i", bob_note.clone())]),
-        ("SELECT count(*) FROM my_notes WHERE owner != auth_userid()", vec![]),
+        (
+            "UPDATE my_notes SET body = 'pwned' WHERE id = {i:Int64}",
+            vec![("param_i", bob_note.clone())],
+        ),
+        (
+            "DELETE FROM my_notes WHERE id = {i:Int64}",
+            vec![("param_i", bob_note.clone())],
+        ),
+        (
+            "SELECT count(*) FROM my_notes WHERE owner != auth_userid()",
+            vec![],
+        ),
         ("SELECT * FROM lookup", vec![]),
     ] {
         let args: Vec<(&str, &str)> = args.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let r = post(&alice.client, base, &args, sql).await;
         attempts += 1;
         assert_eq!(r.status, 200, "{sql}: {}", r.body);
-        assert!(!r.body.contains("BOB-SECRET") && !r.body.contains("bob note 1"), "LEAK: {sql}: {}", r.body);
+        assert!(
+            !r.body.contains("BOB-SECRET") && !r.body.contains("bob note 1"),
+            "LEAK: {sql}: {}",
+            r.body
+        );
     }
-    let r = post(&alice.client, base, &[("param_t", "notes")], "SELECT * FROM {t:Identifier}").await;
+    let r = post(
+        &alice.client,
+        base,
+        &[("param_t", "notes")],
+        "SELECT * FROM {t:Identifier}",
+    )
+    .await;
     attempts += 1;
     assert_eq!(r.status, 501, "{}", r.body);
 
@@ -831,13 +898,32 @@ async fn adversarial_suite() {
     payload["sub"] = json!(bob.id);
     payload["role"] = json!("admin");
     let forged = format!("{}.{}.{}", parts[0], enc(&payload), parts[2]);
-    let none_token = format!("{}.{}.", enc(&json!({"alg": "none", "typ": "JWT"})), enc(&payload));
+    let none_token = format!(
+        "{}.{}.",
+        enc(&json!({"alg": "none", "typ": "JWT"})),
+        enc(&payload)
+    );
     let kid = b64json(parts[0])["kid"].as_str().unwrap().to_string();
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     header.kid = Some(kid);
-    let other_key = jsonwebtoken::encode(&header, &payload, &jsonwebtoken::EncodingKey::from_secret(b"not the server's key")).unwrap();
-    let unknown_kid = jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &payload, &jsonwebtoken::EncodingKey::from_secret(b"x")).unwrap();
-    let rs_header = format!("{}.{}.{}", enc(&json!({"alg": "RS256", "typ": "JWT", "kid": b64json(parts[0])["kid"]})), enc(&payload), parts[2]);
+    let other_key = jsonwebtoken::encode(
+        &header,
+        &payload,
+        &jsonwebtoken::EncodingKey::from_secret(b"not the server's key"),
+    )
+    .unwrap();
+    let unknown_kid = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &payload,
+        &jsonwebtoken::EncodingKey::from_secret(b"x"),
+    )
+    .unwrap();
+    let rs_header = format!(
+        "{}.{}.{}",
+        enc(&json!({"alg": "RS256", "typ": "JWT", "kid": b64json(parts[0])["kid"]})),
+        enc(&payload),
+        parts[2]
+    );
     let bearer_attempts = vec![
         forged,
         none_token,
@@ -851,19 +937,38 @@ async fn adversarial_suite() {
         format!("{}.{}", parts[0], parts[1]),
     ];
     for t in &bearer_attempts {
-        let r = anon_client().post(format!("{base}/")).header("Authorization", format!("Bearer {t}")).body("SELECT auth_userid(), auth_role()").send().await.unwrap();
+        let r = anon_client()
+            .post(format!("{base}/"))
+            .header("Authorization", format!("Bearer {t}"))
+            .body("SELECT auth_userid(), auth_role()")
+            .send()
+            .await
+            .unwrap();
         attempts += 1;
         assert_eq!(r.status(), 401, "token accepted: {t}");
     }
     let sid = b64json(parts[1])["sid"].as_str().unwrap().to_string();
     for req in [
-        anon_client().post(format!("{base}/")).basic_auth("alice@example.com", Some("wrong password")),
-        anon_client().post(format!("{base}/")).basic_auth("nobody@example.com", Some("whatever-password")),
+        anon_client()
+            .post(format!("{base}/"))
+            .basic_auth("alice@example.com", Some("wrong password")),
+        anon_client()
+            .post(format!("{base}/"))
+            .basic_auth("nobody@example.com", Some("whatever-password")),
         anon_client().post(format!("{base}/?user=alice@example.com&password=wrong")),
-        anon_client().post(format!("{base}/")).header("X-ClickHouse-User", "alice@example.com").header("X-ClickHouse-Key", "nope"),
-        anon_client().post(format!("{base}/")).header("Cookie", format!("ichibase_session=ir_{sid}.forged-secret")),
-        anon_client().post(format!("{base}/")).header("Cookie", "ichibase_session=garbage"),
-        anon_client().post(format!("{base}/")).header("Authorization", "Digest abc"),
+        anon_client()
+            .post(format!("{base}/"))
+            .header("X-ClickHouse-User", "alice@example.com")
+            .header("X-ClickHouse-Key", "nope"),
+        anon_client()
+            .post(format!("{base}/"))
+            .header("Cookie", format!("ichibase_session=ir_{sid}.forged-secret")),
+        anon_client()
+            .post(format!("{base}/"))
+            .header("Cookie", "ichibase_session=garbage"),
+        anon_client()
+            .post(format!("{base}/"))
+            .header("Authorization", "Digest abc"),
     ] {
         let r = req.body("SELECT auth_userid()").send().await.unwrap();
         attempts += 1;
@@ -872,13 +977,39 @@ async fn adversarial_suite() {
     // Admin endpoints as a user.
     for (m, path, body) in [
         (reqwest::Method::GET, "/admin/users".to_string(), None),
-        (reqwest::Method::POST, "/admin/policies".to_string(), Some(json!({"name": "all", "table": "notes", "roles": ["user"], "using": "1"}))),
-        (reqwest::Method::POST, "/admin/grants".to_string(), Some(json!({"object": "notes", "role": "user", "privileges": ["select"]}))),
-        (reqwest::Method::PATCH, format!("/admin/users/{}", alice.id), Some(json!({"role": "admin"}))),
-        (reqwest::Method::POST, "/admin/keys".to_string(), Some(json!({"name": "k", "role": "admin"}))),
-        (reqwest::Method::POST, "/admin/jwt/rotate".to_string(), Some(json!({}))),
+        (
+            reqwest::Method::POST,
+            "/admin/policies".to_string(),
+            Some(json!({"name": "all", "table": "notes", "roles": ["user"], "using": "1"})),
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/grants".to_string(),
+            Some(json!({"object": "notes", "role": "user", "privileges": ["select"]})),
+        ),
+        (
+            reqwest::Method::PATCH,
+            format!("/admin/users/{}", alice.id),
+            Some(json!({"role": "admin"})),
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/keys".to_string(),
+            Some(json!({"name": "k", "role": "admin"})),
+        ),
+        (
+            reqwest::Method::POST,
+            "/admin/jwt/rotate".to_string(),
+            Some(json!({})),
+        ),
     ] {
-        let r = call(&alice.client, m.clone(), format!("{base}{path}"), body.clone()).await;
+        let r = call(
+            &alice.client,
+            m.clone(),
+            format!("{base}{path}"),
+            body.clone(),
+        )
+        .await;
         attempts += 1;
         assert_eq!(r.status, 403, "{m} {path}: {}", r.body);
         let r = call(&anon_client(), m, format!("{base}{path}"), body).await;
@@ -893,7 +1024,15 @@ async fn adversarial_suite() {
     assert_eq!(r.status, 401);
 
     // Nothing changed, nothing leaked.
-    assert_eq!(sql_ok(&admin, base, "SELECT id, owner, body, public FROM notes ORDER BY id FORMAT JSONCompactEachRow").await, before_notes);
+    assert_eq!(
+        sql_ok(
+            &admin,
+            base,
+            "SELECT id, owner, body, public FROM notes ORDER BY id FORMAT JSONCompactEachRow"
+        )
+        .await,
+        before_notes
+    );
     let after_engine = sql_ok(&admin, base, "SELECT (SELECT count(*) FROM _ichibase_users), (SELECT group_concat(role) FROM _ichibase_users), (SELECT count(*) FROM _ichibase_grants), (SELECT count(*) FROM _ichibase_policies), (SELECT count(*) FROM sqlite_schema)").await;
     assert_eq!(after_engine, before_engine);
     assert!(!std::path::Path::new("/tmp/ichibase-steal.db").exists());

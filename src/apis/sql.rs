@@ -275,7 +275,8 @@ async fn handle(
                 // The unread rest of the body makes the connection unusable: say so, so clients
                 // do not send their next request on it.
                 let mut r = error_response(&e, req.wants_json, Some(&ctx.query_id));
-                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                r.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 return r;
             }
         }

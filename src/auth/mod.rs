@@ -188,8 +188,8 @@ impl Auth {
         auth.reload_cache().await?;
         if let Some(key) = auth.opts.admin_key.clone() {
             anyhow::ensure!(
-                key.len() >= 16,
-                "ICHIBASE_ADMIN_KEY must be at least 16 characters"
+                key.starts_with("ik_") && key.len() >= 24,
+                "ICHIBASE_ADMIN_KEY must start with 'ik_' and be at least 24 characters"
             );
             auth.ensure_key("bootstrap admin key", &key, "admin")
                 .await?;
@@ -202,6 +202,28 @@ impl Auth {
             }
         }
         Ok(auth)
+    }
+
+    /// On a fresh data directory nobody could administer the server: create an admin API key
+    /// and return it (to be shown once). `None` when an admin user or key exists.
+    pub async fn first_start_admin_key(&self) -> Result<Option<String>> {
+        let admins: i64 = self
+            .sys_read(|c| {
+                Ok(c.query_row(
+                    "SELECT (SELECT count(*) FROM _ichibase_users WHERE role = 'admin' AND disabled_at IS NULL)
+                          + (SELECT count(*) FROM _ichibase_api_keys WHERE role = 'admin' AND revoked_at IS NULL)",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .await?;
+        if admins > 0 {
+            return Ok(None);
+        }
+        let (_, key) = self
+            .create_api_key("first-start admin key", "admin", None)
+            .await?;
+        Ok(Some(key))
     }
 
     async fn sys_read<F, R>(&self, f: F) -> Result<R>
@@ -417,7 +439,9 @@ impl Auth {
             None => {
                 let found = blocking(|| self.storage_lookup_user(user))?;
                 let ok = match &found {
-                    Some((_, hash, _, _, disabled)) => blocking(|| verify_password(pass, hash)) && !disabled,
+                    Some((_, hash, _, _, disabled)) => {
+                        blocking(|| verify_password(pass, hash)) && !disabled
+                    }
                     None => {
                         let _ = blocking(|| verify_password(pass, dummy_hash()));
                         false
@@ -977,7 +1001,9 @@ impl Auth {
 /// runtime's other tasks.
 fn blocking<R>(f: impl FnOnce() -> R) -> R {
     match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
         _ => f(),
     }
 }

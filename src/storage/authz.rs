@@ -179,11 +179,11 @@ impl Authz {
     /// Reload the snapshot if the schema or the grants changed. Must run with no request
     /// checked out on `conn` (the engine tables are read). Returns the snapshot generation.
     pub fn refresh(&self, conn: &Connection) -> rusqlite::Result<u64> {
-        let key: (i64, String) = conn.query_row(
-            "SELECT (SELECT schema_version FROM pragma_schema_version), coalesce((SELECT value FROM _ichibase_meta WHERE key = 'authz_version'), '0')",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        let key: (i64, String) = conn
+            .prepare_cached(
+                "SELECT (SELECT schema_version FROM pragma_schema_version), coalesce((SELECT value FROM _ichibase_meta WHERE key = 'authz_version'), '0')",
+            )?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         {
             let s = self.snap.read().unwrap();
             if s.key.as_ref() == Some(&key) {
