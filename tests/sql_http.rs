@@ -989,26 +989,147 @@ fn cli_help_and_version() {
     );
 }
 
-#[tokio::test]
-async fn default_data_dir_is_created() {
-    let dir = tempfile::tempdir().unwrap();
+/// Kills the child process when dropped (also when an assertion fails).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Start the binary with defaults in `dir`; returns the process, its URL and the stdout lines
+/// printed before it listened.
+fn start_plain(dir: &std::path::Path) -> (KillOnDrop, String, Vec<String>) {
+    use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase"))
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
+        .current_dir(dir)
         .env_remove("ICHIBASE_DATA_DIR")
+        .env_remove("ICHIBASE_ADMIN_KEY")
+        .env("ICHIBASE_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    use std::io::BufRead;
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.starts_with("ichibase listening on http://127.0.0.1:"),
-        "{line}"
-    );
+    let stdout = child.stdout.take().unwrap();
+    let guard = KillOnDrop(child);
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut before = Vec::new();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(u) = line.strip_prefix("ichibase listening on ") {
+            break u.to_string();
+        }
+        before.push(line);
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (guard, url, before)
+}
+
+#[tokio::test]
+async fn first_start_creates_data_dir_and_prints_an_admin_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, url, printed) = start_plain(dir.path());
     assert!(dir.path().join("ichibase-data/ichibase.db").exists());
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert!(dir.path().join("ichibase-data/jwt-keys.json").exists());
+    let key = printed
+        .iter()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("ichibase:")
+                .map(str::trim)
+                .filter(|k| k.starts_with("ik_"))
+        })
+        .unwrap_or_else(|| panic!("no admin key printed: {printed:?}"))
+        .to_string();
+    let c = common::client_with_token(&key);
+    assert_eq!(ok(&c, &url, "SELECT auth_role()").await, "admin\n");
+    let r = post(&common::anon_client(), &url, &[], "CREATE TABLE t(x)").await;
+    assert_eq!(
+        r.status, 403,
+        "anonymous clients get nothing by default: {}",
+        r.body
+    );
+    drop(server);
+    // An admin exists now: a restart prints no new key, and the old one still works.
+    let (_server, url, printed) = start_plain(dir.path());
+    assert!(printed.iter().all(|l| !l.contains("ik_")), "{printed:?}");
+    assert_eq!(ok(&c, &url, "SELECT auth_role()").await, "admin\n");
+}
+
+#[tokio::test]
+async fn cli_admin_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase"))
+            .arg("admin")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = run(&[
+        "create-user",
+        "--email",
+        "root@example.com",
+        "--password",
+        "root password",
+    ]);
+    assert!(out.contains("root@example.com"), "{out}");
+    let key = run(&["create-key", "--name", "ci", "--role", "admin"])
+        .trim()
+        .to_string();
+    assert!(key.starts_with("ik_"), "{key}");
+    let out = run(&["rotate-jwt-key"]);
+    assert!(out.contains("new signing key"), "{out}");
+    let s = Server::start_in(&data, &[], &[]);
+    let r = common::anon_client()
+        .post(format!("{}/", s.url))
+        .basic_auth("root@example.com", Some("root password"))
+        .body("SELECT auth_role()")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap(), "admin\n");
+    assert_eq!(
+        ok(
+            &common::client_with_token(&key),
+            &s.url,
+            "SELECT auth_role()"
+        )
+        .await,
+        "admin\n"
+    );
+    // A duplicate user is a clear error, not a crash.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase"))
+        .args([
+            "admin",
+            "create-user",
+            "--email",
+            "ROOT@example.com",
+            "--password",
+            "another password",
+        ])
+        .arg("--data-dir")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exists already"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
