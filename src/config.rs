@@ -57,6 +57,27 @@ pub struct Config {
     pub log_format: LogFormat,
     pub log_level: String,
     pub auth: AuthSettings,
+    pub lua: LuaSettings,
+}
+
+/// Limits of the Lua sandbox.
+#[derive(Debug, Clone)]
+pub struct LuaSettings {
+    pub instruction_limit: u64,
+    pub memory_limit: usize,
+    pub timeout_secs: f64,
+    pub max_trace_steps: usize,
+}
+
+impl Default for LuaSettings {
+    fn default() -> Self {
+        LuaSettings {
+            instruction_limit: 200_000_000,
+            memory_limit: 64 * 1024 * 1024,
+            timeout_secs: 10.0,
+            max_trace_steps: 100_000,
+        }
+    }
 }
 
 /// Identity settings.
@@ -133,6 +154,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             auth: AuthSettings::default(),
+            lua: LuaSettings::default(),
         }
     }
 }
@@ -214,6 +236,18 @@ pub struct Settings {
     /// Password of that admin user
     #[arg(long, env = "ICHIBASE_ADMIN_PASSWORD", hide_env_values = true)]
     pub admin_password: Option<String>,
+    /// Lua: VM instructions one invocation may run [default: 200000000]
+    #[arg(long, env = "ICHIBASE_LUA_INSTRUCTION_LIMIT")]
+    pub lua_instruction_limit: Option<u64>,
+    /// Lua: bytes of memory one invocation may hold [default: 67108864]
+    #[arg(long, env = "ICHIBASE_LUA_MEMORY_LIMIT")]
+    pub lua_memory_limit: Option<usize>,
+    /// Lua: seconds one invocation may run [default: 10]
+    #[arg(long, env = "ICHIBASE_LUA_TIMEOUT_SECS")]
+    pub lua_timeout_secs: Option<f64>,
+    /// Lua: most steps recorded in one trace [default: 100000]
+    #[arg(long, env = "ICHIBASE_LUA_MAX_TRACE_STEPS")]
+    pub lua_max_trace_steps: Option<usize>,
 }
 
 impl Settings {
@@ -251,6 +285,10 @@ impl Settings {
             admin_key: self.admin_key.or(lower.admin_key),
             admin_email: self.admin_email.or(lower.admin_email),
             admin_password: self.admin_password.or(lower.admin_password),
+            lua_instruction_limit: self.lua_instruction_limit.or(lower.lua_instruction_limit),
+            lua_memory_limit: self.lua_memory_limit.or(lower.lua_memory_limit),
+            lua_timeout_secs: self.lua_timeout_secs.or(lower.lua_timeout_secs),
+            lua_max_trace_steps: self.lua_max_trace_steps.or(lower.lua_max_trace_steps),
         }
     }
 
@@ -290,7 +328,23 @@ impl Settings {
                 admin_email: self.admin_email,
                 admin_password: self.admin_password,
             },
+            lua: LuaSettings {
+                instruction_limit: self
+                    .lua_instruction_limit
+                    .unwrap_or(d.lua.instruction_limit),
+                memory_limit: self.lua_memory_limit.unwrap_or(d.lua.memory_limit),
+                timeout_secs: self.lua_timeout_secs.unwrap_or(d.lua.timeout_secs),
+                max_trace_steps: self.lua_max_trace_steps.unwrap_or(d.lua.max_trace_steps),
+            },
         };
+        if cfg.lua.instruction_limit == 0
+            || cfg.lua.memory_limit < 1024 * 1024
+            || !(cfg.lua.timeout_secs > 0.0 && cfg.lua.timeout_secs.is_finite())
+        {
+            bail!(
+                "lua_instruction_limit must be positive, lua_memory_limit at least 1 MiB, lua_timeout_secs a positive number"
+            );
+        }
         if cfg.auth.admin_email.is_some() != cfg.auth.admin_password.is_some() {
             bail!("admin_email and admin_password go together");
         }

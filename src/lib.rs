@@ -13,6 +13,7 @@ pub mod apis;
 pub mod auth;
 pub mod config;
 pub mod core;
+pub mod lua;
 pub mod server;
 pub mod sql;
 pub mod storage;

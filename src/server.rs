@@ -58,6 +58,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let state = AppState {
         storage: storage.clone(),
         auth,
+        lua: lua_options(&config),
         config: Arc::new(config),
     };
     let app = apis::router(state);
@@ -96,6 +97,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stop: Some(stop_tx),
         task,
     })
+}
+
+pub fn lua_options(config: &Config) -> crate::lua::LuaOptions {
+    let l = &config.lua;
+    crate::lua::LuaOptions {
+        instruction_limit: l.instruction_limit,
+        memory_limit: l.memory_limit,
+        timeout: Duration::from_secs_f64(l.timeout_secs),
+        max_trace_steps: l.max_trace_steps,
+        max_rows: config.limits.max_result_rows,
+    }
 }
 
 pub fn auth_options(config: &Config) -> AuthOptions {

@@ -6,6 +6,7 @@
 
 mod admin;
 mod auth;
+mod functions;
 mod sql;
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ pub struct AppState {
     pub storage: Storage,
     pub auth: Arc<Auth>,
     pub config: Arc<Config>,
+    pub lua: crate::lua::LuaOptions,
 }
 
 /// The identity of a request from its headers (JSON error response when the credentials are bad).
@@ -72,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .merge(sql::routes())
         .merge(auth::routes())
         .merge(admin::routes())
+        .merge(functions::routes())
         .fallback(not_found)
         .with_state(state)
 }

@@ -36,6 +36,8 @@ pub enum ErrorCode {
     ShuttingDown,
     NotFound,
     AuthenticationFailed,
+    LuaError,
+    LuaLimit,
     Internal,
 }
 
@@ -70,6 +72,8 @@ impl ErrorCode {
             ShuttingDown => 1005,
             NotFound => 1006,
             AuthenticationFailed => 516,
+            LuaError => 1010,
+            LuaLimit => 1011,
         }
     }
 
@@ -103,6 +107,8 @@ impl ErrorCode {
             ShuttingDown => "SHUTTING_DOWN",
             NotFound => "NOT_FOUND",
             AuthenticationFailed => "AUTHENTICATION_FAILED",
+            LuaError => "LUA_ERROR",
+            LuaLimit => "LUA_LIMIT_EXCEEDED",
         }
     }
 
@@ -119,6 +125,7 @@ impl ErrorCode {
             | IncorrectData
             | TooManyRowsOrBytes => 400,
             AuthenticationFailed => 401,
+            LuaError | LuaLimit => 422,
             AccessDenied | Readonly => 403,
             UnknownTable | UnknownFunction | UnknownFormat | UnknownSetting | UnknownDatabase
             | NotFound => 404,

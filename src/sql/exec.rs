@@ -86,12 +86,24 @@ pub enum Msg {
 
 /// A statement with its parameters bound.
 #[derive(Debug, Clone)]
-struct Bound {
-    sql: String,
-    values: Vec<Value>,
-    verb: String,
-    ctes: Vec<String>,
-    or_replace: bool,
+pub(crate) struct Bound {
+    pub(crate) sql: String,
+    pub(crate) values: Vec<Value>,
+    pub(crate) verb: String,
+    pub(crate) ctes: Vec<String>,
+    pub(crate) or_replace: bool,
+}
+
+impl Bound {
+    pub(crate) fn new(st: super::parse::Statement, values: Vec<Value>) -> Bound {
+        Bound {
+            sql: st.sql,
+            values,
+            verb: st.verb,
+            ctes: st.ctes,
+            or_replace: st.or_replace,
+        }
+    }
 }
 
 /// The plan for one request, built before touching storage.
@@ -327,7 +339,7 @@ async fn run(
 /// - REPLACE conflict resolution carries into the INSTEAD OF triggers of policy views, where it
 ///   would delete rows the role cannot see;
 /// - VACUUM (and `VACUUM INTO 'file'`) is the admin's.
-fn check_role_rules(authz: &Authz, is_admin: bool, statements: &[Bound]) -> Result<()> {
+pub(crate) fn check_role_rules(authz: &Authz, is_admin: bool, statements: &[Bound]) -> Result<()> {
     if is_admin {
         return Ok(());
     }

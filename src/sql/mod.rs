@@ -4,6 +4,7 @@
 //! Owns everything between "the text of a request" and "bytes of an answer". Must not know
 //! about HTTP (status codes, headers): the `apis` layer maps [`exec::Msg`] onto responses.
 
+pub mod embedded;
 pub mod exec;
 pub mod format;
 pub mod input;

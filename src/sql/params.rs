@@ -312,6 +312,69 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// Bind a JSON value (from Lua, or a JSON API) to parameter `name` declared as `ty_text`.
+pub fn bind_json(name: &str, ty_text: &str, v: &Json) -> Result<Value> {
+    let ty = ParamType::parse(ty_text)?;
+    json_typed(name, ty_text, &ty, v)
+}
+
+fn json_typed(name: &str, ty_text: &str, ty: &ParamType, v: &Json) -> Result<Value> {
+    let shown = || v.to_string().chars().take(64).collect::<String>();
+    let err = |why: &str| bad(name, ty_text, &shown(), why);
+    match (ty, v) {
+        (ParamType::Nullable(_), Json::Null) => Ok(Value::Null),
+        (_, Json::Null) => Err(err("NULL is only allowed for Nullable(...) types")),
+        (ParamType::Nullable(inner), _) => json_typed(name, ty_text, inner, v),
+        (ParamType::Array(elem), Json::Array(items)) => {
+            let items = items
+                .iter()
+                .map(|i| {
+                    Ok(match json_typed(name, ty_text, elem, i)? {
+                        Value::Null => Json::Null,
+                        Value::Integer(n) if **elem == ParamType::Bool => Json::Bool(n != 0),
+                        Value::Integer(n) => Json::from(n),
+                        Value::Real(f) => serde_json::Number::from_f64(f)
+                            .map(Json::Number)
+                            .unwrap_or(Json::Null),
+                        Value::Text(t)
+                            if matches!(**elem, ParamType::Json | ParamType::Array(_)) =>
+                        {
+                            serde_json::from_str(&t).unwrap_or(Json::Null)
+                        }
+                        Value::Text(t) => Json::String(t),
+                        Value::Blob(_) => Json::Null,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Value::Text(Json::Array(items).to_string()))
+        }
+        (ParamType::Array(_), _) => Err(err("expected an array")),
+        (ParamType::Json, v) => Ok(Value::Text(v.to_string())),
+        (ParamType::Bool, Json::Bool(b)) => Ok(Value::Integer(*b as i64)),
+        (ParamType::Int { bits, signed }, Json::Number(n)) => match n.as_i64() {
+            Some(i) => Ok(Value::Integer(
+                parse_int(&i.to_string(), *bits, *signed).map_err(|w| err(&w))?,
+            )),
+            None if n
+                .as_f64()
+                .is_some_and(|f| f.fract() == 0.0 && f.abs() < 9.0e15) =>
+            {
+                Ok(Value::Integer(
+                    parse_int(&(n.as_f64().unwrap() as i64).to_string(), *bits, *signed)
+                        .map_err(|w| err(&w))?,
+                ))
+            }
+            None => Err(err("not an integer")),
+        },
+        (ParamType::Float, Json::Number(n)) => Ok(Value::Real(n.as_f64().unwrap_or(f64::NAN))),
+        (_, Json::String(s)) => typed_text(name, ty_text, ty, s).map_err(|w| err(&w)),
+        (ParamType::String | ParamType::FixedString(_), Json::Number(n)) => {
+            Ok(Value::Text(n.to_string()))
+        }
+        _ => Err(err("wrong kind of value")),
+    }
+}
+
 /// One element of an array literal before typing.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {

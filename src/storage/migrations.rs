@@ -79,6 +79,54 @@ pub const MIGRATIONS: &[Migration] = &[
                   UPDATE _ichibase_meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'authz_version';
               END;",
     },
+    Migration {
+        version: 3,
+        name: "Lua functions and traces",
+        sql: "CREATE TABLE _ichibase_functions (
+                  name TEXT NOT NULL,
+                  version INTEGER NOT NULL,
+                  source TEXT NOT NULL,
+                  trace INTEGER NOT NULL DEFAULT 0,
+                  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+                  created_by TEXT,
+                  PRIMARY KEY (name, version)
+              ) STRICT;
+              CREATE TABLE _ichibase_function_heads (
+                  name TEXT PRIMARY KEY,
+                  version INTEGER NOT NULL,
+                  updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+              ) STRICT;
+              CREATE TABLE _ichibase_traces (
+                  id TEXT PRIMARY KEY,
+                  function TEXT NOT NULL,
+                  version INTEGER NOT NULL,
+                  user_id TEXT,
+                  role TEXT NOT NULL,
+                  started_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+                  elapsed_ms REAL NOT NULL,
+                  outcome TEXT NOT NULL,
+                  error TEXT,
+                  error_line INTEGER,
+                  instructions INTEGER NOT NULL,
+                  peak_memory INTEGER NOT NULL,
+                  steps INTEGER NOT NULL,
+                  truncated INTEGER NOT NULL,
+                  result TEXT,
+                  logs TEXT
+              ) STRICT;
+              CREATE TABLE _ichibase_trace_steps (
+                  trace_id TEXT NOT NULL REFERENCES _ichibase_traces(id) ON DELETE CASCADE,
+                  step INTEGER NOT NULL,
+                  line INTEGER NOT NULL,
+                  depth INTEGER NOT NULL,
+                  function TEXT NOT NULL,
+                  source TEXT NOT NULL,
+                  locals TEXT NOT NULL,
+                  upvalues TEXT NOT NULL,
+                  after INTEGER NOT NULL,
+                  PRIMARY KEY (trace_id, step)
+              ) STRICT, WITHOUT ROWID;",
+    },
 ];
 
 /// Apply every migration not yet recorded. Returns how many ran.

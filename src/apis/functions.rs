@@ -1,0 +1,396 @@
+//! Lua services over HTTP: deploy and manage versioned functions (admin), invoke them (any
+//! role; the function runs as the caller), fetch traces and hover over traced variables.
+//!
+//! `PUT /fn/{name}` (source in the body, `?trace=1` traces every call), `GET /fn`,
+//! `GET /fn/{name}[?version=N]`, `GET /fn/{name}/versions`, `POST /fn/{name}/rollback`
+//! (`{"version": N}` or the previous one), `DELETE /fn/{name}`, `POST /fn/{name}[?trace=1]`
+//! (JSON body → the function's argument, its return value → the JSON answer),
+//! `GET /trace/{id}`, `GET /trace/{id}/hover?name=x[&step=N]`.
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value as JsonValue, json};
+
+use super::{AppState, error_response, identify};
+use crate::core::{Error, ErrorCode, RequestContext, Result};
+use crate::lua::{self, Invocation, store};
+use crate::storage::ExecControl;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/fn", get(list))
+        .route(
+            "/fn/{name}",
+            get(fetch).put(deploy).post(invoke).delete(remove),
+        )
+        .route("/fn/{name}/versions", get(versions))
+        .route("/fn/{name}/rollback", post(rollback))
+        .route("/trace/{id}", get(trace))
+        .route("/trace/{id}/hover", get(hover))
+}
+
+fn reply<T: serde::Serialize>(r: Result<T>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error_response(&e, true, None),
+    }
+}
+
+fn admin(st: &AppState, h: &HeaderMap) -> std::result::Result<RequestContext, Response> {
+    let ctx = identify(st, h)?;
+    if !ctx.is_admin() {
+        return Err(error_response(
+            &Error::new(
+                ErrorCode::AccessDenied,
+                "managing functions needs the admin role",
+            ),
+            true,
+            None,
+        ));
+    }
+    Ok(ctx)
+}
+
+macro_rules! try_resp {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(r) => return r,
+        }
+    };
+}
+
+fn no_deadline() -> std::sync::Arc<ExecControl> {
+    ExecControl::new(Instant::now(), 0.0)
+}
+
+async fn list(State(st): State<AppState>, h: HeaderMap) -> Response {
+    let ctx = try_resp!(admin(&st, &h));
+    reply(
+        st.storage
+            .read(&ctx, no_deadline(), |c| store::list(c))
+            .await
+            .map(|f| json!({"functions": f})),
+    )
+}
+
+#[derive(Deserialize)]
+struct VersionQuery {
+    version: Option<i64>,
+}
+
+async fn fetch(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<VersionQuery>,
+) -> Response {
+    let ctx = try_resp!(admin(&st, &h));
+    reply(
+        st.storage
+            .read(&ctx, no_deadline(), move |c| {
+                store::get(c, &name, q.version)
+            })
+            .await,
+    )
+}
+
+async fn versions(State(st): State<AppState>, h: HeaderMap, Path(name): Path<String>) -> Response {
+    let ctx = try_resp!(admin(&st, &h));
+    reply(
+        st.storage
+            .read(&ctx, no_deadline(), move |c| store::versions(c, &name))
+            .await
+            .map(|v| json!({"versions": v})),
+    )
+}
+
+#[derive(Deserialize)]
+struct TraceFlag {
+    trace: Option<String>,
+}
+
+fn flag(v: &Option<String>) -> bool {
+    v.as_deref()
+        .is_some_and(|s| s == "1" || s.eq_ignore_ascii_case("true"))
+}
+
+async fn deploy(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<TraceFlag>,
+    body: Bytes,
+) -> Response {
+    let ctx = try_resp!(admin(&st, &h));
+    let r = async {
+        store::check_name(&name)?;
+        if body.len() > store::MAX_SOURCE {
+            return Err(Error::new(
+                ErrorCode::RequestTooLarge,
+                format!("Function source is larger than {} bytes", store::MAX_SOURCE),
+            ));
+        }
+        let source = String::from_utf8(body.to_vec()).map_err(|_| {
+            Error::new(
+                ErrorCode::BadArguments,
+                "Function source must be UTF-8 text",
+            )
+        })?;
+        Ok(source)
+    }
+    .await;
+    let source = match r {
+        Ok(s) => s,
+        Err(e) => return error_response(&e, true, None),
+    };
+    if let Err((e, line)) = lua::compile_check(&name, &source) {
+        return syntax_error(&e, line);
+    }
+    let trace = flag(&q.trace);
+    let by = ctx.user_id.clone().or_else(|| {
+        ctx.claim("key_name")
+            .and_then(|v| v.as_str())
+            .map(str::to_string)
+    });
+    let n = name.clone();
+    reply(
+        st.storage
+            .write(&ctx, no_deadline(), move |c| {
+                store::deploy(c, &n, &source, trace, by.as_deref())
+            })
+            .await
+            .map(|v| json!({"name": name, "version": v, "trace": trace})),
+    )
+}
+
+fn syntax_error(e: &Error, line: Option<i64>) -> Response {
+    let mut r = error_response(e, true, None);
+    let body = json!({"error": {"code": e.code.number(), "name": e.code.name(), "message": e.message, "line": line}, "exception": e.to_string()});
+    *r.body_mut() = axum::body::Body::from(format!("{body}\n"));
+    r.headers_mut().remove(axum::http::header::CONTENT_LENGTH);
+    r
+}
+
+async fn remove(State(st): State<AppState>, h: HeaderMap, Path(name): Path<String>) -> Response {
+    let ctx = try_resp!(admin(&st, &h));
+    let n = name.clone();
+    reply(
+        st.storage
+            .write(&ctx, no_deadline(), move |c| store::delete(c, &n))
+            .await
+            .map(|_| json!({"deleted": name})),
+    )
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    version: Option<i64>,
+}
+
+async fn rollback(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let ctx = try_resp!(admin(&st, &h));
+    let b: RollbackBody = if body.is_empty() {
+        RollbackBody::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(b) => b,
+            Err(e) => {
+                return error_response(
+                    &Error::new(ErrorCode::BadArguments, format!("Invalid JSON body: {e}")),
+                    true,
+                    None,
+                );
+            }
+        }
+    };
+    let n = name.clone();
+    reply(
+        st.storage
+            .write(&ctx, no_deadline(), move |c| {
+                store::rollback(c, &n, b.version)
+            })
+            .await
+            .map(|v| json!({"name": name, "version": v})),
+    )
+}
+
+async fn invoke(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    Query(q): Query<TraceFlag>,
+    body: Bytes,
+) -> Response {
+    let ctx = try_resp!(identify(&st, &h));
+    let input: JsonValue = if body.iter().all(u8::is_ascii_whitespace) {
+        JsonValue::Null
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => {
+                return error_response(
+                    &Error::new(
+                        ErrorCode::BadArguments,
+                        format!("The request body must be JSON: {e}"),
+                    ),
+                    true,
+                    Some(&ctx.query_id),
+                );
+            }
+        }
+    };
+    let n = name.clone();
+    let f = match st
+        .storage
+        .read(&RequestContext::system(), no_deadline(), move |c| {
+            store::get(c, &n, None)
+        })
+        .await
+    {
+        Ok(f) => f,
+        Err(e) => return error_response(&e, true, Some(&ctx.query_id)),
+    };
+    let trace = flag(&q.trace) || f.trace;
+    let inv = Invocation {
+        function: name.clone(),
+        version: f.version,
+        source: f.source,
+        input,
+        trace,
+    };
+    let (storage, options, rt) = (
+        st.storage.clone(),
+        st.lua,
+        tokio::runtime::Handle::current(),
+    );
+    let c2 = ctx.clone();
+    let outcome =
+        match tokio::task::spawn_blocking(move || lua::invoke(storage, c2, rt, options, inv)).await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                return error_response(
+                    &Error::internal(format!("Lua invocation task failed: {e}")),
+                    true,
+                    Some(&ctx.query_id),
+                );
+            }
+        };
+    tracing::info!(function = %name, version = f.version, trace_id = %ctx.trace_id, role = ctx.role.as_str(),
+        ok = outcome.result.is_ok(), instructions = outcome.instructions, peak_memory = outcome.peak_memory,
+        elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3, "lua invocation");
+    let trace_id = ctx.trace_id.clone();
+    if trace {
+        let (id, fname, version, uid, role) = (
+            trace_id.clone(),
+            name.clone(),
+            f.version,
+            ctx.user_id.clone(),
+            ctx.role.as_str().to_string(),
+        );
+        let saved = st
+            .storage
+            .write(&RequestContext::system(), no_deadline(), {
+                let o = outcome.clone();
+                move |c| store::save_trace(c, &id, &fname, version, uid.as_deref(), &role, &o)
+            })
+            .await;
+        if let Err(e) = saved {
+            tracing::error!(error = %e, "saving a trace failed");
+        }
+    }
+    let mut resp = match outcome.result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => {
+            let mut r = error_response(&e, true, Some(&ctx.query_id));
+            let body = json!({
+                "error": {"code": e.code.number(), "name": e.code.name(), "message": e.message, "line": outcome.error_line,
+                          "function": name, "version": f.version, "trace_id": trace_id},
+                "exception": e.to_string(),
+            });
+            *r.body_mut() = axum::body::Body::from(format!("{body}\n"));
+            r.headers_mut().remove(axum::http::header::CONTENT_LENGTH);
+            r
+        }
+    };
+    let hdrs = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&trace_id) {
+        hdrs.insert("x-ichibase-trace-id", v);
+    }
+    hdrs.insert("x-ichibase-function-version", HeaderValue::from(f.version));
+    if trace {
+        if let Ok(v) = HeaderValue::from_str(&format!("/trace/{trace_id}")) {
+            hdrs.insert("x-ichibase-trace", v);
+        }
+    }
+    resp
+}
+
+/// The admin, or the user who ran the traced invocation.
+async fn may_see_trace(st: &AppState, ctx: &RequestContext, id: &str) -> Result<()> {
+    let i = id.to_string();
+    let owner = st
+        .storage
+        .read(&RequestContext::system(), no_deadline(), move |c| {
+            store::trace_owner(c, &i)
+        })
+        .await?;
+    if ctx.is_admin() || (owner.is_some() && owner == ctx.user_id) {
+        Ok(())
+    } else {
+        Err(Error::new(ErrorCode::NotFound, format!("No trace {id}")))
+    }
+}
+
+async fn trace(State(st): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Response {
+    let ctx = try_resp!(identify(&st, &h));
+    if let Err(e) = may_see_trace(&st, &ctx, &id).await {
+        return error_response(&e, true, None);
+    }
+    reply(
+        st.storage
+            .read(&RequestContext::system(), no_deadline(), move |c| {
+                store::get_trace(c, &id)
+            })
+            .await,
+    )
+}
+
+#[derive(Deserialize)]
+struct HoverQuery {
+    name: String,
+    step: Option<i64>,
+}
+
+async fn hover(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    Path(id): Path<String>,
+    Query(q): Query<HoverQuery>,
+) -> Response {
+    let ctx = try_resp!(identify(&st, &h));
+    if let Err(e) = may_see_trace(&st, &ctx, &id).await {
+        return error_response(&e, true, None);
+    }
+    reply(
+        st.storage
+            .read(&RequestContext::system(), no_deadline(), move |c| {
+                store::hover(c, &id, &q.name, q.step)
+            })
+            .await,
+    )
+}

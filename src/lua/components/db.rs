@@ -1,0 +1,227 @@
+//! `db`: SQL from Lua, as the caller, so policies and the authorizer apply exactly as over HTTP.
+//!
+//! - `db.query(sql, params?)` → array of rows (tables keyed by column name)
+//! - `db.one(sql, params?)` → the first row or nil
+//! - `db.exec(sql, params?)` → `{changes = n, last_insert_id = n}`
+//! - `db.tx(function() ... end)` → runs the function in one write transaction: commit when it
+//!   returns, rollback when it raises; the function's results are returned
+//! - `db.migrate(sql)` → several statements in one transaction (admin only)
+//!
+//! Parameters are `{name:Type}` placeholders bound from the `params` table. Outside `db.tx`,
+//! reads run on a pooled reader and writes on the writer (one statement, autocommitted).
+//! Inside `db.tx`, every statement goes to one writer session held open for the transaction
+//! (bounded by the invocation's deadline).
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use mlua::{Function, Lua, LuaSerdeExt, MultiValue, Table, Value};
+use rusqlite::types::Value as Sql;
+
+use super::{Component, lua_err};
+use crate::core::{Error, ErrorCode, Result};
+use crate::lua::{Env, to_json};
+use crate::sql::embedded::{self, Prepared, Rows};
+
+pub struct Db;
+
+enum TxOp {
+    Run(Prepared, mpsc::Sender<Result<Rows>>),
+    Finish(bool, mpsc::Sender<Result<()>>),
+}
+
+/// An open write transaction on the writer thread, fed statements from the Lua thread.
+pub struct TxSession {
+    ops: mpsc::Sender<TxOp>,
+}
+
+fn params_json(p: Option<Table>) -> mlua::Result<serde_json::Map<String, serde_json::Value>> {
+    match p {
+        None => Ok(serde_json::Map::new()),
+        Some(t) => match to_json(&Value::Table(t))
+            .map_err(|e| mlua::Error::runtime(format!("db: parameters: {e}")))?
+        {
+            serde_json::Value::Object(m) => Ok(m),
+            serde_json::Value::Array(a) if a.is_empty() => Ok(serde_json::Map::new()),
+            _ => Err(mlua::Error::runtime(
+                "db: parameters must be a table of name = value (for {name:Type} placeholders)",
+            )),
+        },
+    }
+}
+
+fn run(env: &Env, prepared: Prepared) -> Result<Rows> {
+    if let Some(tx) = env.tx.borrow().as_ref() {
+        let (reply, rx) = mpsc::channel();
+        tx.ops
+            .send(TxOp::Run(prepared, reply))
+            .map_err(|_| Error::internal("the transaction session ended"))?;
+        return rx
+            .recv()
+            .map_err(|_| Error::internal("the transaction session ended"))?;
+    }
+    let authz = Arc::clone(env.storage.authz());
+    let is_admin = env.ctx.is_admin();
+    let max_rows = env.options.max_rows;
+    let p = prepared.clone();
+    let a = Arc::clone(&authz);
+    let read = env.rt.block_on(
+        env.storage
+            .read(&env.ctx, Arc::clone(&env.control), move |c| {
+                if p.readonly(c)? {
+                    Ok(Some(p.run(c, &a, is_admin, max_rows)?))
+                } else {
+                    Ok(None)
+                }
+            }),
+    )?;
+    match read {
+        Some(rows) => Ok(rows),
+        None => env.rt.block_on(
+            env.storage
+                .write(&env.ctx, Arc::clone(&env.control), move |c| {
+                    prepared.run(c, &authz, is_admin, max_rows)
+                }),
+        ),
+    }
+}
+
+fn to_lua_rows(lua: &Lua, rows: Rows) -> mlua::Result<Table> {
+    let out = lua.create_table_with_capacity(rows.rows.len(), 0)?;
+    for (i, r) in rows.rows.into_iter().enumerate() {
+        let t = lua.create_table_with_capacity(0, rows.columns.len())?;
+        for (name, v) in rows.columns.iter().zip(r) {
+            let lv = match v {
+                Sql::Null => continue,
+                Sql::Integer(n) => Value::Integer(n),
+                Sql::Real(f) => Value::Number(f),
+                Sql::Text(s) => Value::String(lua.create_string(&s)?),
+                Sql::Blob(b) => Value::String(lua.create_string(&b)?),
+            };
+            t.raw_set(name.as_str(), lv)?;
+        }
+        out.raw_set(i + 1, t)?;
+    }
+    Ok(out)
+}
+
+impl Component for Db {
+    fn name(&self) -> &'static str {
+        "db"
+    }
+
+    fn install(&self, lua: &Lua, env: &Rc<Env>) -> mlua::Result<()> {
+        let t = lua.create_table()?;
+        let e = Rc::clone(env);
+        t.set(
+            "query",
+            lua.create_function(move |lua, (sql, p): (String, Option<Table>)| {
+                let prepared = embedded::prepare(&sql, &params_json(p)?, false).map_err(lua_err)?;
+                to_lua_rows(lua, run(&e, prepared).map_err(lua_err)?)
+            })?,
+        )?;
+        let e = Rc::clone(env);
+        t.set(
+            "one",
+            lua.create_function(move |lua, (sql, p): (String, Option<Table>)| {
+                let prepared = embedded::prepare(&sql, &params_json(p)?, false).map_err(lua_err)?;
+                let rows = to_lua_rows(lua, run(&e, prepared).map_err(lua_err)?)?;
+                rows.raw_get::<Value>(1)
+            })?,
+        )?;
+        let e = Rc::clone(env);
+        t.set(
+            "exec",
+            lua.create_function(move |lua, (sql, p): (String, Option<Table>)| {
+                let prepared = embedded::prepare(&sql, &params_json(p)?, false).map_err(lua_err)?;
+                let rows = run(&e, prepared).map_err(lua_err)?;
+                let out = lua.create_table()?;
+                out.set("changes", rows.changes)?;
+                out.set("last_insert_id", rows.last_insert_rowid)?;
+                Ok(out)
+            })?,
+        )?;
+        let e = Rc::clone(env);
+        t.set(
+            "tx",
+            lua.create_function(move |_, f: Function| {
+                if e.tx.borrow().is_some() {
+                    return f.call::<MultiValue>(()); // nested: part of the open transaction
+                }
+                let (ops, rx) = mpsc::channel::<TxOp>();
+                let authz = Arc::clone(e.storage.authz());
+                let is_admin = e.ctx.is_admin();
+                let max_rows = e.options.max_rows;
+                let deadline = e.control.deadline.unwrap_or_else(|| Instant::now() + e.options.timeout);
+                let (storage, ctx, control) = (e.storage.clone(), e.ctx.clone(), Arc::clone(&e.control));
+                let job = async move { storage.write(&ctx, control, move |c| {
+                    c.execute_batch("BEGIN IMMEDIATE")?;
+                    loop {
+                        let wait = deadline.saturating_duration_since(Instant::now());
+                        match rx.recv_timeout(wait) {
+                            Ok(TxOp::Run(p, reply)) => {
+                                let _ = reply.send(p.run(c, &authz, is_admin, max_rows));
+                            }
+                            Ok(TxOp::Finish(commit, reply)) => {
+                                let r = c.execute_batch(if commit { "COMMIT" } else { "ROLLBACK" }).map_err(Error::from);
+                                if r.is_err() {
+                                    let _ = c.execute_batch("ROLLBACK");
+                                }
+                                let _ = reply.send(r);
+                                return Ok(());
+                            }
+                            Err(_) => {
+                                let _ = c.execute_batch("ROLLBACK");
+                                return Err(Error::new(ErrorCode::TimeoutExceeded, "db.tx: the transaction was abandoned or ran past the deadline; rolled back"));
+                            }
+                        }
+                    }
+                }).await };
+                let handle = e.rt.spawn(job);
+                *e.tx.borrow_mut() = Some(TxSession { ops: ops.clone() });
+                let result = f.call::<MultiValue>(());
+                e.tx.borrow_mut().take();
+                let (reply, done) = mpsc::channel();
+                let _ = ops.send(TxOp::Finish(result.is_ok(), reply));
+                let finished = done.recv().unwrap_or_else(|_| Err(Error::internal("the transaction session ended early")));
+                let _ = e.rt.block_on(handle);
+                match (result, finished) {
+                    (Ok(v), Ok(())) => Ok(v),
+                    (Ok(_), Err(err)) => Err(lua_err(err)),
+                    (Err(err), _) => Err(err),
+                }
+            })?,
+        )?;
+        let e = Rc::clone(env);
+        t.set(
+            "migrate",
+            lua.create_function(move |_, sql: String| {
+                if !e.ctx.is_admin() {
+                    return Err(lua_err(Error::new(
+                        ErrorCode::AccessDenied,
+                        "db.migrate is for the admin role",
+                    )));
+                }
+                let prepared =
+                    embedded::prepare(&sql, &serde_json::Map::new(), true).map_err(lua_err)?;
+                let authz = Arc::clone(e.storage.authz());
+                let max_rows = e.options.max_rows;
+                e.rt.block_on(e.storage.write(&e.ctx, Arc::clone(&e.control), move |c| {
+                    c.execute_batch("BEGIN IMMEDIATE")?;
+                    match prepared.run(c, &authz, true, max_rows) {
+                        Ok(_) => c.execute_batch("COMMIT").map_err(Error::from),
+                        Err(err) => {
+                            let _ = c.execute_batch("ROLLBACK");
+                            Err(err)
+                        }
+                    }
+                }))
+                .map_err(lua_err)
+            })?,
+        )?;
+        let _ = lua.null();
+        lua.globals().set(self.name(), t)
+    }
+}

@@ -1,0 +1,34 @@
+//! The component registry: every global module Lua code can use, attached per invocation.
+//!
+//! A component is one module implementing [`Component`] plus one line in [`registry`]. Each
+//! receives the invocation's [`Env`] (identity, role, trace id, storage, limits, tracer) and
+//! must do everything as that identity: `db` runs SQL through the same authorizer and
+//! policies as SQL-over-HTTP.
+
+pub mod db;
+pub mod debug;
+pub mod json;
+pub mod log;
+
+use std::rc::Rc;
+
+use mlua::Lua;
+
+use super::Env;
+
+pub trait Component: Sync {
+    /// The global name in Lua.
+    fn name(&self) -> &'static str;
+    /// Create the component's table (or functions) in `lua`'s globals.
+    fn install(&self, lua: &Lua, env: &Rc<Env>) -> mlua::Result<()>;
+}
+
+/// Every component, in installation order. Add new components here.
+pub fn registry() -> &'static [&'static dyn Component] {
+    &[&db::Db, &json::Json, &log::Log, &debug::Debug]
+}
+
+/// Turn an engine error into a Lua error that keeps its code for the HTTP answer.
+pub fn lua_err(e: crate::core::Error) -> mlua::Error {
+    mlua::Error::external(e)
+}

@@ -1,0 +1,356 @@
+//! The Lua runtime: sandboxed invocations of deployed functions, the component registry, the
+//! deep tracer and the function store.
+//!
+//! Owns: creating the per-invocation sandbox (`sandbox`), attaching components
+//! (`components::registry`), turning values between Lua and JSON, mapping Lua failures to
+//! [`Error`]s with line numbers, and the engine tables of functions and traces (`store`).
+//! Must not touch HTTP: `apis::functions` calls [`invoke`] from a blocking thread.
+
+pub mod components;
+pub mod sandbox;
+pub mod store;
+pub mod trace;
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mlua::{Function, Lua, LuaSerdeExt, Value};
+use serde_json::{Map, Value as Json};
+
+use crate::core::{Error, ErrorCode, RequestContext};
+use crate::storage::{ExecControl, Storage};
+use sandbox::{Limit, Limits, Meter};
+use trace::{Step, Tracer};
+
+/// Limits and sizes of the Lua runtime.
+#[derive(Debug, Clone, Copy)]
+pub struct LuaOptions {
+    pub instruction_limit: u64,
+    pub memory_limit: usize,
+    pub timeout: Duration,
+    pub max_trace_steps: usize,
+    /// Most rows one `db.query` may return.
+    pub max_rows: u64,
+}
+
+impl Default for LuaOptions {
+    fn default() -> Self {
+        LuaOptions {
+            instruction_limit: 200_000_000,
+            memory_limit: 64 * 1024 * 1024,
+            timeout: Duration::from_secs(10),
+            max_trace_steps: 100_000,
+            max_rows: 100_000,
+        }
+    }
+}
+
+/// What one invocation runs.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub function: String,
+    pub version: i64,
+    pub source: String,
+    pub input: Json,
+    pub trace: bool,
+}
+
+/// What components get: the caller's identity, storage, the limits and the tracer.
+pub struct Env {
+    pub storage: Storage,
+    pub ctx: RequestContext,
+    pub rt: tokio::runtime::Handle,
+    pub control: Arc<ExecControl>,
+    pub options: LuaOptions,
+    pub function: String,
+    pub tracer: Option<Rc<RefCell<Tracer>>>,
+    pub logs: RefCell<Vec<Json>>,
+    /// The open `db.tx` session, if any.
+    pub tx: RefCell<Option<components::db::TxSession>>,
+}
+
+/// The result of one invocation.
+#[derive(Clone)]
+pub struct Outcome {
+    pub result: Result<Json, Error>,
+    /// Line of the failure in the function's source, when known.
+    pub error_line: Option<i64>,
+    pub instructions: u64,
+    pub peak_memory: usize,
+    pub elapsed: Duration,
+    pub steps: Option<(Vec<Step>, bool)>,
+    pub logs: Vec<Json>,
+}
+
+/// Run `inv` in a fresh sandbox as `ctx`. Blocking: call it from a blocking thread; `rt` is
+/// the runtime the storage lives on.
+pub fn invoke(
+    storage: Storage,
+    ctx: RequestContext,
+    rt: tokio::runtime::Handle,
+    options: LuaOptions,
+    inv: Invocation,
+) -> Outcome {
+    let started = Instant::now();
+    let deadline = started + options.timeout;
+    let meter = Rc::new(Meter::default());
+    let tracer = inv
+        .trace
+        .then(|| Rc::new(RefCell::new(Tracer::new(options.max_trace_steps))));
+    let limits = Limits {
+        instructions: options.instruction_limit,
+        memory: options.memory_limit,
+        deadline,
+    };
+    let env = Rc::new(Env {
+        storage,
+        control: ExecControl::new(started, options.timeout.as_secs_f64()),
+        ctx,
+        rt,
+        options,
+        function: inv.function.clone(),
+        tracer: tracer.clone(),
+        logs: RefCell::new(Vec::new()),
+        tx: RefCell::new(None),
+    });
+    let run = || -> mlua::Result<Json> {
+        let (lua, _host_debug) = sandbox::new_state(limits, Rc::clone(&meter), tracer.clone())?;
+        for c in components::registry() {
+            c.install(&lua, &env)?;
+        }
+        let chunk = lua
+            .load(&inv.source)
+            .set_name(format!("={}", inv.function))
+            .set_mode(mlua::ChunkMode::Text);
+        let returned: Value = chunk.call(())?;
+        let handler: Function = match returned {
+            Value::Function(f) => f,
+            _ => match lua.globals().get::<Value>("handler")? {
+                Value::Function(f) => f,
+                _ => {
+                    return Err(mlua::Error::runtime(
+                        "the function's source must return a function, or define handler(input, ctx)",
+                    ));
+                }
+            },
+        };
+        let input = lua.to_value_with(
+            &inv.input,
+            mlua::SerializeOptions::new()
+                .serialize_none_to_null(false)
+                .serialize_unit_to_null(false),
+        )?;
+        let ctx_t = lua.create_table()?;
+        ctx_t.set("user_id", env.ctx.user_id.clone())?;
+        ctx_t.set("role", env.ctx.role.as_str())?;
+        ctx_t.set("trace_id", env.ctx.trace_id.clone())?;
+        ctx_t.set("function", inv.function.clone())?;
+        ctx_t.set("version", inv.version)?;
+        let out: Value = handler.call((input, ctx_t))?;
+        meter
+            .peak_memory
+            .set(meter.peak_memory.get().max(lua.used_memory()));
+        to_json(&out).map_err(mlua::Error::runtime)
+    };
+    let result = run();
+    // A db.tx left open by an error is rolled back by its session when the sender drops.
+    env.tx.borrow_mut().take();
+    let (result, error_line) = match result {
+        Ok(v) => (Ok(v), None),
+        Err(e) => {
+            let (err, line) = describe(&e, &inv.function, &meter, &options);
+            (Err(err), line)
+        }
+    };
+    let steps = tracer.map(|t| std::mem::replace(&mut *t.borrow_mut(), Tracer::new(0)).finish());
+    Outcome {
+        result,
+        error_line,
+        instructions: meter.instructions.get(),
+        peak_memory: meter.peak_memory.get(),
+        elapsed: started.elapsed(),
+        steps,
+        logs: env.logs.take(),
+    }
+}
+
+/// Syntax check at deploy time; the error names the line.
+pub fn compile_check(name: &str, source: &str) -> Result<(), (Error, Option<i64>)> {
+    let lua = Lua::new();
+    match lua
+        .load(source)
+        .set_name(format!("={name}"))
+        .set_mode(mlua::ChunkMode::Text)
+        .into_function()
+    {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let (msg, line) = message_and_line(&e, name);
+            Err((
+                Error::new(ErrorCode::SyntaxError, format!("Lua syntax error: {msg}")),
+                line,
+            ))
+        }
+    }
+}
+
+/// The user-facing message of a Lua error and the line in chunk `name` it points at.
+fn message_and_line(e: &mlua::Error, name: &str) -> (String, Option<i64>) {
+    let prefix = format!("{name}:");
+    let parse = |text: &str| -> (String, Option<i64>) {
+        let first = text.lines().next().unwrap_or(text);
+        if let Some(rest) = first.strip_prefix(&prefix) {
+            if let Some((n, msg)) = rest.split_once(':') {
+                if let Ok(line) = n.trim().parse::<i64>() {
+                    return (msg.trim().to_string(), Some(line));
+                }
+            }
+        }
+        (first.to_string(), None)
+    };
+    let line_in = |text: &str| -> Option<i64> {
+        text.match_indices(&prefix).find_map(|(i, _)| {
+            let rest = &text[i + prefix.len()..];
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+    };
+    match e {
+        mlua::Error::SyntaxError { message, .. } => parse(message),
+        mlua::Error::RuntimeError(m) => parse(m),
+        mlua::Error::CallbackError { traceback, cause } => {
+            let (msg, line) = message_and_line(cause, name);
+            (msg, line.or_else(|| line_in(traceback)))
+        }
+        mlua::Error::WithContext { context, cause } => {
+            let (msg, line) = message_and_line(cause, name);
+            (format!("{context}: {msg}"), line)
+        }
+        mlua::Error::ExternalError(x) => {
+            let t = x.to_string();
+            let (m, l) = parse(&t);
+            (m, l)
+        }
+        other => parse(&other.to_string()),
+    }
+}
+
+fn describe(e: &mlua::Error, name: &str, meter: &Meter, o: &LuaOptions) -> (Error, Option<i64>) {
+    let (msg, line) = message_and_line(e, name);
+    let limit = sandbox::limit_of(e).or(meter.tripped.get());
+    let err = match limit {
+        Some(Limit::Time) => Error::new(
+            ErrorCode::TimeoutExceeded,
+            format!("Lua time limit exceeded ({} s)", o.timeout.as_secs_f64()),
+        ),
+        Some(Limit::Instructions) => Error::new(
+            ErrorCode::LuaLimit,
+            format!(
+                "Lua instruction limit exceeded ({} instructions)",
+                o.instruction_limit
+            ),
+        ),
+        Some(Limit::Memory) => Error::new(
+            ErrorCode::LuaLimit,
+            format!("Lua memory limit exceeded ({} bytes)", o.memory_limit),
+        ),
+        None => {
+            if let Some(inner) = find_engine_error(e) {
+                inner
+            } else {
+                Error::new(ErrorCode::LuaError, msg)
+            }
+        }
+    };
+    (err, line)
+}
+
+/// An engine [`Error`] raised by a component (e.g. a SQL error from `db.query`) keeps its code.
+fn find_engine_error(e: &mlua::Error) -> Option<Error> {
+    match e {
+        mlua::Error::ExternalError(x) => x.downcast_ref::<Error>().cloned(),
+        mlua::Error::CallbackError { cause, .. } | mlua::Error::WithContext { cause, .. } => {
+            find_engine_error(cause)
+        }
+        _ => None,
+    }
+}
+
+/// A Lua value as JSON: sequences become arrays, string-keyed tables objects; functions,
+/// userdata, cycles and mixed tables are errors.
+pub fn to_json(v: &Value) -> Result<Json, String> {
+    fn go(v: &Value, depth: usize, seen: &mut HashSet<usize>) -> Result<Json, String> {
+        if depth > 64 {
+            return Err("value nested deeper than 64 levels".into());
+        }
+        Ok(match v {
+            Value::Nil => Json::Null,
+            Value::Boolean(b) => Json::Bool(*b),
+            Value::Integer(i) => Json::from(*i),
+            Value::Number(n) => serde_json::Number::from_f64(*n)
+                .map(Json::Number)
+                .ok_or("NaN and infinities cannot be encoded as JSON")?,
+            Value::String(s) => Json::String(
+                s.to_str()
+                    .map_err(|_| "strings must be UTF-8 to be encoded as JSON".to_string())?
+                    .to_string(),
+            ),
+            Value::LightUserData(p) if p.0.is_null() => Json::Null,
+            Value::Table(t) => {
+                let ptr = t.to_pointer() as usize;
+                if !seen.insert(ptr) {
+                    return Err("a table refers to itself".into());
+                }
+                let len = t.raw_len();
+                let mut count = 0usize;
+                let mut obj = Map::new();
+                let mut arr = vec![Json::Null; len];
+                let mut all_index = true;
+                for pair in t.clone().pairs::<Value, Value>() {
+                    let (k, val) = pair.map_err(|e| e.to_string())?;
+                    count += 1;
+                    let jv = go(&val, depth + 1, seen)?;
+                    match k {
+                        Value::Integer(i) if i >= 1 && (i as usize) <= len => {
+                            arr[i as usize - 1] = jv
+                        }
+                        Value::String(s) => {
+                            all_index = false;
+                            obj.insert(
+                                s.to_str()
+                                    .map_err(|_| "table keys must be UTF-8".to_string())?
+                                    .to_string(),
+                                jv,
+                            );
+                        }
+                        Value::Integer(i) => {
+                            all_index = false;
+                            obj.insert(i.to_string(), jv);
+                        }
+                        other => {
+                            return Err(format!(
+                                "table keys of type {} cannot be encoded as JSON",
+                                other.type_name()
+                            ));
+                        }
+                    }
+                }
+                seen.remove(&ptr);
+                if count == 0 {
+                    Json::Object(Map::new())
+                } else if all_index {
+                    Json::Array(arr)
+                } else if len > 0 {
+                    return Err("a table mixes array items and named keys".into());
+                } else {
+                    Json::Object(obj)
+                }
+            }
+            other => return Err(format!("a {} cannot be encoded as JSON", other.type_name())),
+        })
+    }
+    go(v, 0, &mut HashSet::new())
+}

@@ -1,0 +1,378 @@
+//! Deployed functions (versioned) and recorded traces, in engine tables.
+//!
+//! `_ichibase_functions` keeps every version's source; `_ichibase_function_heads` names the
+//! live version of each function (deploy moves it forward, rollback moves it back).
+//! `_ichibase_traces` and `_ichibase_trace_steps` hold deep traces. Everything here runs on
+//! storage connections as the engine (admin), after the API layer checked the caller.
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use serde_json::{Value as Json, json};
+
+use super::Outcome;
+use crate::core::{Error, ErrorCode, Result};
+
+pub const MAX_SOURCE: usize = 1024 * 1024;
+
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            format!(
+                "function name '{name}' must be 1-64 characters of letters, digits, '_' and '-'"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionInfo {
+    pub name: String,
+    pub version: i64,
+    pub versions: i64,
+    pub trace: bool,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FunctionSource {
+    pub name: String,
+    pub version: i64,
+    pub live: bool,
+    pub trace: bool,
+    pub created_at: String,
+    pub created_by: Option<String>,
+    pub source: String,
+}
+
+/// Store a new version and make it live. Returns its number.
+pub fn deploy(
+    c: &mut Connection,
+    name: &str,
+    source: &str,
+    trace: bool,
+    by: Option<&str>,
+) -> Result<i64> {
+    let tx = c.transaction()?;
+    let v: i64 = tx.query_row(
+        "SELECT coalesce(max(version), 0) + 1 FROM _ichibase_functions WHERE name = ?1",
+        [name],
+        |r| r.get(0),
+    )?;
+    tx.execute("INSERT INTO _ichibase_functions (name, version, source, trace, created_by) VALUES (?1, ?2, ?3, ?4, ?5)", params![name, v, source, trace, by])?;
+    tx.execute(
+        "INSERT INTO _ichibase_function_heads (name, version) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET version = excluded.version, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')",
+        params![name, v],
+    )?;
+    tx.commit()?;
+    Ok(v)
+}
+
+pub fn list(c: &Connection) -> Result<Vec<FunctionInfo>> {
+    let mut st = c.prepare(
+        "SELECT h.name, h.version, (SELECT count(*) FROM _ichibase_functions f WHERE f.name = h.name), f.trace, h.updated_at
+         FROM _ichibase_function_heads h JOIN _ichibase_functions f ON f.name = h.name AND f.version = h.version ORDER BY h.name",
+    )?;
+    let rows = st
+        .query_map([], |r| {
+            Ok(FunctionInfo {
+                name: r.get(0)?,
+                version: r.get(1)?,
+                versions: r.get(2)?,
+                trace: r.get(3)?,
+                updated_at: r.get(4)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+/// A version's source (`None`: the live one).
+pub fn get(c: &Connection, name: &str, version: Option<i64>) -> Result<FunctionSource> {
+    let row = c
+        .query_row(
+            "SELECT f.version, f.version = h.version, f.trace, f.created_at, f.created_by, f.source
+             FROM _ichibase_functions f JOIN _ichibase_function_heads h ON h.name = f.name
+             WHERE f.name = ?1 AND f.version = coalesce(?2, h.version)",
+            params![name, version],
+            |r| {
+                Ok(FunctionSource {
+                    name: name.to_string(),
+                    version: r.get(0)?,
+                    live: r.get(1)?,
+                    trace: r.get(2)?,
+                    created_at: r.get(3)?,
+                    created_by: r.get(4)?,
+                    source: r.get(5)?,
+                })
+            },
+        )
+        .optional()?;
+    row.ok_or_else(|| match version {
+        Some(v) => Error::new(
+            ErrorCode::NotFound,
+            format!("No version {v} of function '{name}'"),
+        ),
+        None => Error::new(ErrorCode::NotFound, format!("No function '{name}'")),
+    })
+}
+
+pub fn versions(c: &Connection, name: &str) -> Result<Vec<Json>> {
+    let mut st = c.prepare(
+        "SELECT f.version, f.created_at, f.created_by, f.trace, f.version = h.version, length(f.source)
+         FROM _ichibase_functions f JOIN _ichibase_function_heads h ON h.name = f.name WHERE f.name = ?1 ORDER BY f.version",
+    )?;
+    let rows: Vec<Json> = st
+        .query_map([name], |r| {
+            Ok(json!({"version": r.get::<_, i64>(0)?, "created_at": r.get::<_, String>(1)?, "created_by": r.get::<_, Option<String>>(2)?,
+                      "trace": r.get::<_, bool>(3)?, "live": r.get::<_, bool>(4)?, "bytes": r.get::<_, i64>(5)?}))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    if rows.is_empty() {
+        return Err(Error::new(
+            ErrorCode::NotFound,
+            format!("No function '{name}'"),
+        ));
+    }
+    Ok(rows)
+}
+
+/// Make `to` (default: the version before the live one) live again.
+pub fn rollback(c: &mut Connection, name: &str, to: Option<i64>) -> Result<i64> {
+    let tx = c.transaction()?;
+    let live: Option<i64> = tx
+        .query_row(
+            "SELECT version FROM _ichibase_function_heads WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(live) = live else {
+        return Err(Error::new(
+            ErrorCode::NotFound,
+            format!("No function '{name}'"),
+        ));
+    };
+    let target: Option<i64> = match to {
+        Some(v) => tx
+            .query_row(
+                "SELECT version FROM _ichibase_functions WHERE name = ?1 AND version = ?2",
+                params![name, v],
+                |r| r.get(0),
+            )
+            .optional()?,
+        None => tx.query_row(
+            "SELECT max(version) FROM _ichibase_functions WHERE name = ?1 AND version < ?2",
+            params![name, live],
+            |r| r.get(0),
+        )?,
+    };
+    let Some(target) = target else {
+        return Err(Error::new(
+            ErrorCode::NotFound,
+            match to {
+                Some(v) => format!("No version {v} of function '{name}'"),
+                None => format!("Function '{name}' has no version before {live}"),
+            },
+        ));
+    };
+    tx.execute("UPDATE _ichibase_function_heads SET version = ?1, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE name = ?2", params![target, name])?;
+    tx.commit()?;
+    Ok(target)
+}
+
+pub fn delete(c: &mut Connection, name: &str) -> Result<()> {
+    let tx = c.transaction()?;
+    let n = tx.execute(
+        "DELETE FROM _ichibase_function_heads WHERE name = ?1",
+        [name],
+    )?;
+    tx.execute("DELETE FROM _ichibase_functions WHERE name = ?1", [name])?;
+    tx.commit()?;
+    if n == 0 {
+        return Err(Error::new(
+            ErrorCode::NotFound,
+            format!("No function '{name}'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Persist a traced invocation.
+pub fn save_trace(
+    c: &mut Connection,
+    id: &str,
+    function: &str,
+    version: i64,
+    user_id: Option<&str>,
+    role: &str,
+    o: &Outcome,
+) -> Result<()> {
+    let tx = c.transaction()?;
+    let (steps, truncated) = o
+        .steps
+        .as_ref()
+        .map(|(s, t)| (s.as_slice(), *t))
+        .unwrap_or((&[], false));
+    let (outcome, error, result) = match &o.result {
+        Ok(v) => ("ok", None, Some(v.to_string())),
+        Err(e) => ("error", Some(e.to_string()), None),
+    };
+    tx.execute(
+        "INSERT INTO _ichibase_traces (id, function, version, user_id, role, elapsed_ms, outcome, error, error_line, instructions, peak_memory, steps, truncated, result, logs)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        params![
+            id,
+            function,
+            version,
+            user_id,
+            role,
+            o.elapsed.as_secs_f64() * 1e3,
+            outcome,
+            error,
+            o.error_line,
+            o.instructions as i64,
+            o.peak_memory as i64,
+            steps.len() as i64,
+            truncated,
+            result,
+            serde_json::to_string(&o.logs).unwrap_or_default()
+        ],
+    )?;
+    {
+        let mut st = tx.prepare("INSERT INTO _ichibase_trace_steps (trace_id, step, line, depth, function, source, locals, upvalues, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?;
+        for s in steps {
+            st.execute(params![
+                id,
+                s.step,
+                s.line,
+                s.depth,
+                s.function,
+                s.source,
+                serde_json::to_string(&s.locals).unwrap_or_default(),
+                serde_json::to_string(&s.upvalues).unwrap_or_default(),
+                s.after
+            ])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Trace header (who ran it) — for the access check.
+pub fn trace_owner(c: &Connection, id: &str) -> Result<Option<String>> {
+    let row: Option<Option<String>> = c
+        .query_row(
+            "SELECT user_id FROM _ichibase_traces WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    row.ok_or_else(|| Error::new(ErrorCode::NotFound, format!("No trace {id}")))
+}
+
+pub fn get_trace(c: &Connection, id: &str) -> Result<Json> {
+    let meta = c
+        .query_row(
+            "SELECT function, version, user_id, role, started_at, elapsed_ms, outcome, error, error_line, instructions, peak_memory, steps, truncated, result, logs
+             FROM _ichibase_traces WHERE id = ?1",
+            [id],
+            |r| {
+                Ok(json!({
+                    "id": id, "function": r.get::<_, String>(0)?, "version": r.get::<_, i64>(1)?, "user_id": r.get::<_, Option<String>>(2)?,
+                    "role": r.get::<_, String>(3)?, "started_at": r.get::<_, String>(4)?, "elapsed_ms": r.get::<_, f64>(5)?,
+                    "outcome": r.get::<_, String>(6)?, "error": r.get::<_, Option<String>>(7)?, "error_line": r.get::<_, Option<i64>>(8)?,
+                    "instructions": r.get::<_, i64>(9)?, "peak_memory": r.get::<_, i64>(10)?, "steps": r.get::<_, i64>(11)?,
+                    "truncated": r.get::<_, bool>(12)?,
+                    "result": r.get::<_, Option<String>>(13)?.and_then(|s| serde_json::from_str::<Json>(&s).ok()),
+                    "logs": r.get::<_, Option<String>>(14)?.and_then(|s| serde_json::from_str::<Json>(&s).ok()),
+                }))
+            },
+        )
+        .optional()?
+        .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("No trace {id}")))?;
+    let mut st = c.prepare("SELECT step, line, depth, function, source, locals, upvalues, after FROM _ichibase_trace_steps WHERE trace_id = ?1 ORDER BY step")?;
+    let steps: Vec<Json> = st
+        .query_map([id], |r| {
+            Ok(json!({
+                "step": r.get::<_, i64>(0)?, "line": r.get::<_, i64>(1)?, "depth": r.get::<_, i64>(2)?, "function": r.get::<_, String>(3)?,
+                "source": r.get::<_, String>(4)?,
+                "locals": serde_json::from_str::<Json>(&r.get::<_, String>(5)?).unwrap_or(Json::Null),
+                "upvalues": serde_json::from_str::<Json>(&r.get::<_, String>(6)?).unwrap_or(Json::Null),
+                "after": r.get::<_, bool>(7)?,
+            }))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(json!({"trace": meta, "steps": steps}))
+}
+
+/// Hover: the value of variable `name` at `step` (the innermost binding: local, then upvalue),
+/// or, without a step, its history — every step where its value changed.
+pub fn hover(c: &Connection, id: &str, name: &str, step: Option<i64>) -> Result<Json> {
+    let path = format!("$.\"{}\"", name.replace('"', "\\\""));
+    let mut st = c.prepare(
+        "SELECT step, line, function, depth,
+                json_type(locals, ?2) IS NOT NULL, json_extract(locals, ?2), json(locals) -> ?2,
+                json_type(upvalues, ?2) IS NOT NULL, json(upvalues) -> ?2
+         FROM _ichibase_trace_steps WHERE trace_id = ?1 AND (?3 IS NULL OR step = ?3) ORDER BY step",
+    )?;
+    let rows: Vec<(i64, i64, String, i64, Option<(String, Json)>)> = st
+        .query_map(params![id, path, step], |r| {
+            let in_locals: bool = r.get(4)?;
+            let in_up: bool = r.get(7)?;
+            let parse = |s: Option<String>| {
+                s.and_then(|s| serde_json::from_str::<Json>(&s).ok())
+                    .unwrap_or(Json::Null)
+            };
+            let v = if in_locals {
+                Some(("local".to_string(), parse(r.get(6)?)))
+            } else if in_up {
+                Some(("upvalue".to_string(), parse(r.get(8)?)))
+            } else {
+                None
+            };
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, v))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    if rows.is_empty() {
+        trace_owner(c, id)?;
+        if let Some(s) = step {
+            return Err(Error::new(
+                ErrorCode::NotFound,
+                format!("Trace {id} has no step {s}"),
+            ));
+        }
+    }
+    if step.is_some() {
+        let (s, line, function, depth, v) = rows.into_iter().next().expect("checked above");
+        return Ok(match v {
+            Some((scope, value)) => {
+                json!({"name": name, "step": s, "line": line, "function": function, "depth": depth, "scope": scope, "value": value, "defined": true})
+            }
+            None => {
+                json!({"name": name, "step": s, "line": line, "function": function, "depth": depth, "defined": false, "value": null})
+            }
+        });
+    }
+    let mut history = Vec::new();
+    let mut last: Option<(i64, Json)> = None;
+    for (s, line, function, depth, v) in rows {
+        if let Some((scope, value)) = v {
+            let changed = last
+                .as_ref()
+                .is_none_or(|(d, lv)| *d != depth || *lv != value);
+            if changed {
+                history.push(json!({"step": s, "line": line, "function": function, "depth": depth, "scope": scope, "value": value}));
+            }
+            last = Some((depth, value));
+        }
+    }
+    Ok(json!({"name": name, "history": history}))
+}

@@ -1,0 +1,286 @@
+//! The deep trace: every executed line of a traced invocation with the values of the
+//! function's locals and upvalues *after* the line ran.
+//!
+//! A line hook fires before a line runs, so the state it sees is the state after the previous
+//! line of the same frame: each step stays pending until the next line (or the return) of its
+//! frame completes it. Values are serialised safely: depth, entry and length limits, cycles
+//! marked, functions/userdata/threads shown by type. Reading locals uses Lua's `debug` library,
+//! which only the host holds.
+
+use std::collections::HashSet;
+
+use mlua::{Function, Lua, Table, Value};
+use serde::Serialize;
+use serde_json::{Map, Value as Json};
+
+/// Limits of one serialised snapshot.
+const MAX_DEPTH: usize = 3;
+const MAX_ENTRIES: usize = 50;
+const MAX_STRING: usize = 256;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub step: u32,
+    pub line: i32,
+    pub depth: u32,
+    pub function: String,
+    pub source: String,
+    pub locals: Map<String, Json>,
+    pub upvalues: Map<String, Json>,
+    /// The values were read after the line ran (false: before, when the frame ended by error).
+    pub after: bool,
+}
+
+pub struct Tracer {
+    getlocal: Option<Function>,
+    getinfo: Option<Function>,
+    getupvalue: Option<Function>,
+    steps: Vec<Step>,
+    /// pending step per stack depth
+    pending: Vec<Option<Step>>,
+    seq: u32,
+    max_steps: usize,
+    pub truncated: bool,
+    /// Stack level of the hooked function as seen from a host call of `debug.getlocal`.
+    level: i64,
+}
+
+impl Tracer {
+    pub fn new(max_steps: usize) -> Self {
+        Tracer {
+            getlocal: None,
+            getinfo: None,
+            getupvalue: None,
+            steps: Vec::new(),
+            pending: Vec::new(),
+            seq: 0,
+            max_steps,
+            truncated: false,
+            level: 1,
+        }
+    }
+
+    pub fn attach(&mut self, host_debug: &Table) -> mlua::Result<()> {
+        self.getlocal = Some(host_debug.get("getlocal")?);
+        self.getinfo = Some(host_debug.get("getinfo")?);
+        self.getupvalue = Some(host_debug.get("getupvalue")?);
+        Ok(())
+    }
+
+    fn depth(lua: &Lua) -> u32 {
+        let mut d = 0;
+        while lua.inspect_stack(d as usize, |_| ()).is_some() {
+            d += 1;
+        }
+        d
+    }
+
+    /// Locals and upvalues of the hooked frame now.
+    fn snapshot(&self) -> mlua::Result<(Map<String, Json>, Map<String, Json>)> {
+        let (Some(getlocal), Some(getinfo), Some(getupvalue)) =
+            (&self.getlocal, &self.getinfo, &self.getupvalue)
+        else {
+            return Ok((Map::new(), Map::new()));
+        };
+        let mut locals = Map::new();
+        let mut budget = 500usize;
+        for i in 1..=200 {
+            let (name, value): (Option<String>, Value) = getlocal.call((self.level, i))?;
+            let Some(name) = name else { break };
+            if name.starts_with('(') {
+                continue;
+            }
+            let mut seen = HashSet::new();
+            locals.insert(name, serialize(&value, 0, &mut seen, &mut budget));
+        }
+        let mut upvalues = Map::new();
+        let info: Value = getinfo.call((self.level, "f"))?;
+        if let Value::Table(info) = info {
+            if let Ok(Value::Function(f)) = info.get::<Value>("func") {
+                for i in 1..=60 {
+                    let (name, value): (Option<String>, Value) = getupvalue.call((f.clone(), i))?;
+                    let Some(name) = name else { break };
+                    if name == "_ENV" || name.is_empty() {
+                        continue;
+                    }
+                    let mut seen = HashSet::new();
+                    upvalues.insert(name, serialize(&value, 0, &mut seen, &mut budget));
+                }
+            }
+        }
+        Ok((locals, upvalues))
+    }
+
+    fn emit(&mut self, s: Step) {
+        self.steps.push(s);
+    }
+
+    fn flush_deeper(&mut self, depth: u32) {
+        while self.pending.len() > depth as usize + 1 {
+            if let Some(Some(s)) = self.pending.pop() {
+                self.emit(s);
+            }
+        }
+    }
+
+    pub fn on_line(&mut self, lua: &Lua, d: &mlua::Debug) -> mlua::Result<()> {
+        let depth = Self::depth(lua);
+        self.flush_deeper(depth);
+        let (locals, upvalues) = self.snapshot()?;
+        if let Some(Some(mut prev)) = self.pending.get_mut(depth as usize).map(Option::take) {
+            prev.locals = locals.clone();
+            prev.upvalues = upvalues.clone();
+            prev.after = true;
+            self.emit(prev);
+        }
+        if self.seq as usize >= self.max_steps {
+            self.truncated = true;
+            return Ok(());
+        }
+        let names = d.names();
+        let source = d.source();
+        let step = Step {
+            step: self.seq,
+            line: d.current_line().map(|n| n as i32).unwrap_or(-1),
+            depth,
+            function: match (names.name, source.what) {
+                (Some(n), _) => n.to_string(),
+                (None, "main") => "main chunk".into(),
+                (None, _) => format!("function@{}", source.line_defined.unwrap_or(0)),
+            },
+            source: source.short_src.map(|s| s.to_string()).unwrap_or_default(),
+            locals,
+            upvalues,
+            after: false,
+        };
+        self.seq += 1;
+        if self.pending.len() <= depth as usize {
+            self.pending.resize(depth as usize + 1, None);
+        }
+        self.pending[depth as usize] = Some(step);
+        Ok(())
+    }
+
+    pub fn on_return(&mut self, lua: &Lua, _d: &mlua::Debug) -> mlua::Result<()> {
+        let depth = Self::depth(lua);
+        self.flush_deeper(depth);
+        if let Some(Some(mut prev)) = self.pending.get_mut(depth as usize).map(Option::take) {
+            let (locals, upvalues) = self.snapshot()?;
+            prev.locals = locals;
+            prev.upvalues = upvalues;
+            prev.after = true;
+            self.emit(prev);
+        }
+        Ok(())
+    }
+
+    /// All steps in execution order.
+    pub fn finish(mut self) -> (Vec<Step>, bool) {
+        for s in self.pending.drain(..).flatten() {
+            self.steps.push(s);
+        }
+        self.steps.sort_by_key(|s| s.step);
+        (self.steps, self.truncated)
+    }
+
+    /// Annotate the trace from the `debug` component (`debug.checkpoint(label, value)`).
+    pub fn checkpoint(&mut self, line: i32, label: String, value: Json) {
+        if self.seq as usize >= self.max_steps {
+            self.truncated = true;
+            return;
+        }
+        let mut locals = Map::new();
+        locals.insert(label, value);
+        self.steps.push(Step {
+            step: self.seq,
+            line,
+            depth: 0,
+            function: "checkpoint".into(),
+            source: String::new(),
+            locals,
+            upvalues: Map::new(),
+            after: true,
+        });
+        self.seq += 1;
+    }
+}
+
+/// A Lua value as JSON for traces and hover, within limits.
+pub fn serialize(v: &Value, depth: usize, seen: &mut HashSet<usize>, budget: &mut usize) -> Json {
+    if *budget == 0 {
+        return Json::String("…".into());
+    }
+    *budget -= 1;
+    match v {
+        Value::Nil => Json::Null,
+        Value::Boolean(b) => Json::Bool(*b),
+        Value::Integer(i) => Json::from(*i),
+        Value::Number(n) => serde_json::Number::from_f64(*n)
+            .map(Json::Number)
+            .unwrap_or_else(|| Json::String(n.to_string())),
+        Value::String(s) => {
+            let t = s.to_string_lossy();
+            if t.chars().count() > MAX_STRING {
+                Json::String(format!(
+                    "{}… ({} bytes)",
+                    t.chars().take(MAX_STRING).collect::<String>(),
+                    s.as_bytes().len()
+                ))
+            } else {
+                Json::String(t.to_string())
+            }
+        }
+        Value::Table(t) => {
+            let ptr = t.to_pointer() as usize;
+            if !seen.insert(ptr) {
+                return Json::String("<cycle>".into());
+            }
+            if depth >= MAX_DEPTH {
+                seen.remove(&ptr);
+                return Json::String(format!("<table: {} entries>", t.raw_len()));
+            }
+            let len = t.raw_len();
+            let mut out = if len > 0 {
+                let mut arr = Vec::new();
+                for i in 1..=len.min(MAX_ENTRIES) {
+                    let item: Value = t.raw_get(i).unwrap_or(Value::Nil);
+                    arr.push(serialize(&item, depth + 1, seen, budget));
+                }
+                if len > MAX_ENTRIES {
+                    arr.push(Json::String(format!("… {} more", len - MAX_ENTRIES)));
+                }
+                Json::Array(arr)
+            } else {
+                let mut obj = Map::new();
+                for (n, pair) in t.clone().pairs::<Value, Value>().enumerate() {
+                    let Ok((k, val)) = pair else { break };
+                    if n >= MAX_ENTRIES {
+                        obj.insert("…".into(), Json::String("more entries".into()));
+                        break;
+                    }
+                    let key = match &k {
+                        Value::String(s) => s.to_string_lossy().to_string(),
+                        Value::Integer(i) => i.to_string(),
+                        Value::Number(n) => n.to_string(),
+                        Value::Boolean(b) => b.to_string(),
+                        other => format!("<{}>", other.type_name()),
+                    };
+                    obj.insert(key, serialize(&val, depth + 1, seen, budget));
+                }
+                Json::Object(obj)
+            };
+            seen.remove(&ptr);
+            if let Json::Object(o) = &mut out {
+                if o.is_empty() && len == 0 {
+                    return Json::Object(Map::new());
+                }
+            }
+            out
+        }
+        Value::Function(_) => Json::String("<function>".into()),
+        Value::Thread(_) => Json::String("<thread>".into()),
+        Value::UserData(_) | Value::LightUserData(_) => Json::String("<userdata>".into()),
+        Value::Error(e) => Json::String(format!("<error: {e}>")),
+        other => Json::String(format!("<{}>", other.type_name())),
+    }
+}
