@@ -29,6 +29,38 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Lua functions in the data directory (the running server picks changes up at once).
+    Fn {
+        #[command(subcommand)]
+        command: FnCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum FnCommand {
+    /// Deploy FILE as a new version of function NAME (syntax is checked first).
+    Deploy {
+        name: String,
+        file: PathBuf,
+        /// Trace every invocation of this version
+        #[arg(long)]
+        trace: bool,
+        #[arg(long, env = "ICHIBASE_DATA_DIR", default_value = "./ichibase-data")]
+        data_dir: PathBuf,
+    },
+    /// List deployed functions.
+    List {
+        #[arg(long, env = "ICHIBASE_DATA_DIR", default_value = "./ichibase-data")]
+        data_dir: PathBuf,
+    },
+    /// Make an earlier version live again (default: the one before the live one).
+    Rollback {
+        name: String,
+        #[arg(long)]
+        version: Option<i64>,
+        #[arg(long, env = "ICHIBASE_DATA_DIR", default_value = "./ichibase-data")]
+        data_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -95,6 +127,81 @@ async fn open_auth(
     Ok((storage, auth))
 }
 
+async fn open_storage(data_dir: PathBuf) -> anyhow::Result<ichibase::storage::Storage> {
+    let cfg = Settings {
+        data_dir: Some(data_dir),
+        ..Default::default()
+    }
+    .resolve()?;
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let opts = ichibase::storage::StorageOptions::from_config(&cfg);
+    Ok(tokio::task::spawn_blocking(move || ichibase::storage::Storage::open(&opts)).await??)
+}
+
+async fn functions(cmd: FnCommand) -> anyhow::Result<()> {
+    use ichibase::core::RequestContext;
+    use ichibase::lua::store;
+    use ichibase::storage::ExecControl;
+    let sys = RequestContext::system;
+    let ctl = || ExecControl::new(std::time::Instant::now(), 0.0);
+    match cmd {
+        FnCommand::Deploy {
+            name,
+            file,
+            trace,
+            data_dir,
+        } => {
+            store::check_name(&name)?;
+            let source = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+            if let Err((e, line)) = ichibase::lua::compile_check(&name, &source) {
+                anyhow::bail!(
+                    "{}:{}: {}",
+                    file.display(),
+                    line.map(|l| l.to_string()).unwrap_or_else(|| "?".into()),
+                    e.message
+                );
+            }
+            let storage = open_storage(data_dir).await?;
+            let n = name.clone();
+            let v = storage
+                .write(&sys(), ctl(), move |c| {
+                    store::deploy(c, &n, &source, trace, Some("cli"))
+                })
+                .await?;
+            println!("deployed {name} version {v}");
+            storage.close().await?;
+        }
+        FnCommand::List { data_dir } => {
+            let storage = open_storage(data_dir).await?;
+            for f in storage.read(&sys(), ctl(), |c| store::list(c)).await? {
+                println!(
+                    "{}\tversion {}\t({} versions){}",
+                    f.name,
+                    f.version,
+                    f.versions,
+                    if f.trace { "\ttraced" } else { "" }
+                );
+            }
+            storage.close().await?;
+        }
+        FnCommand::Rollback {
+            name,
+            version,
+            data_dir,
+        } => {
+            let storage = open_storage(data_dir).await?;
+            let n = name.clone();
+            let v = storage
+                .write(&sys(), ctl(), move |c| store::rollback(c, &n, version))
+                .await?;
+            println!("{name} is at version {v}");
+            storage.close().await?;
+        }
+    }
+    Ok(())
+}
+
 async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
     match cmd {
         AdminCommand::CreateUser {
@@ -144,6 +251,13 @@ fn main() -> anyhow::Result<()> {
                 rusqlite::version()
             );
             Ok(())
+        }
+        Command::Fn { command } => {
+            init_logging("warn", LogFormat::Text);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(functions(command))
         }
         Command::Admin { command } => {
             init_logging("warn", LogFormat::Text);

@@ -361,17 +361,17 @@ pub fn hover(c: &Connection, id: &str, name: &str, step: Option<i64>) -> Result<
             }
         });
     }
+    // A change is judged per frame (function and depth): a variable of the same name in a
+    // called function is another variable.
     let mut history = Vec::new();
-    let mut last: Option<(i64, Json)> = None;
+    let mut last: std::collections::HashMap<(String, i64), Json> = std::collections::HashMap::new();
     for (s, line, function, depth, v) in rows {
         if let Some((scope, value)) = v {
-            let changed = last
-                .as_ref()
-                .is_none_or(|(d, lv)| *d != depth || *lv != value);
-            if changed {
+            let key = (function.clone(), depth);
+            if last.get(&key) != Some(&value) {
                 history.push(json!({"step": s, "line": line, "function": function, "depth": depth, "scope": scope, "value": value}));
+                last.insert(key, value);
             }
-            last = Some((depth, value));
         }
     }
     Ok(json!({"name": name, "history": history}))
