@@ -1,0 +1,167 @@
+//! Lua runtime benchmarks, each a ratio against a baseline measured in the same run:
+//! 1. CPU-bound scripts (recursive fib, string building, table sort) in the ichibase sandbox
+//!    (count hook, memory limit, wrapped globals) vs the stock `lua5.4` interpreter (Debian),
+//!    both timed with `os.clock()` inside the script around the same work;
+//! 2. the same scripts with deep tracing on vs off (smaller inputs: tracing records every line);
+//! 3. invocation overhead over HTTP: `POST /fn/empty` vs `GET /ping`, same client, same server.
+//!
+//! `cargo bench --bench lua`; `BENCH_SECS` sets the seconds per HTTP measurement (default 3).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ichibase::config::Config;
+use ichibase::core::RequestContext;
+use ichibase::lua::{Invocation, LuaOptions, invoke};
+use ichibase::storage::{Storage, StorageOptions};
+
+const ADMIN_KEY: &str = "ik_bench-admin-key-0123456789abcdef";
+
+/// (name, setup + work returning nothing, inputs for plain / traced runs)
+const SCRIPTS: &[(&str, &str, u32, u32)] = &[
+    (
+        "fib (recursive)",
+        "local function fib(n) if n < 2 then return n end return fib(n-1) + fib(n-2) end\nlocal function work(n) return fib(n) end",
+        27,
+        15,
+    ),
+    (
+        "string building",
+        "local function work(n) local t = {} for i = 1, n do t[#t+1] = tostring(i) .. ',' end local s = table.concat(t) return #s end",
+        300000,
+        2000,
+    ),
+    (
+        "table sort",
+        "local function work(n) local t = {} local x = 12345 for i = 1, n do x = (x * 1103515245 + 12345) % 2147483648 t[i] = x end table.sort(t) return t[1] end",
+        200000,
+        1500,
+    ),
+];
+
+fn timed_source(body: &str, n: u32, as_function: bool) -> String {
+    let run = format!("local c0 = os.clock() local r = work({n}) local dt = os.clock() - c0");
+    if as_function {
+        format!("{body}\nreturn function() {run} return {{seconds = dt, result = r}} end")
+    } else {
+        format!("{body}\n{run} print(string.format('%.6f', dt))")
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn sandbox_seconds(storage: &Storage, rt: &tokio::runtime::Runtime, body: &str, n: u32, trace: bool) -> f64 {
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        let inv = Invocation { function: "bench".into(), version: 1, source: timed_source(body, n, true), input: serde_json::Value::Null, trace };
+        let opts = LuaOptions { instruction_limit: u64::MAX / 2, timeout: Duration::from_secs(600), max_trace_steps: 10_000_000, ..LuaOptions::default() };
+        let out = invoke(storage.clone(), RequestContext::system(), rt.handle().clone(), opts, inv);
+        let v = out.result.unwrap_or_else(|e| panic!("sandbox run failed: {e}"));
+        runs.push(v["seconds"].as_f64().unwrap());
+    }
+    median(runs)
+}
+
+fn stock_seconds(body: &str, n: u32) -> Option<f64> {
+    let dir = tempfile::tempdir().ok()?;
+    let file = dir.path().join("bench.lua");
+    std::fs::write(&file, timed_source(body, n, false)).ok()?;
+    let mut runs = Vec::new();
+    for _ in 0..5 {
+        let out = Command::new("lua5.4").arg(&file).output().ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        runs.push(String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().ok()?);
+    }
+    Some(median(runs))
+}
+
+async fn http_rate(client: &reqwest::Client, n: usize, secs: f64, req: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder + Send + Sync + Clone + 'static) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (c, req) = (client.clone(), req.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                let r = req(&c).send().await.expect("request");
+                assert!(r.status().is_success(), "{}", r.status());
+                r.bytes().await.unwrap();
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    total as f64 / secs
+}
+
+fn main() {
+    let secs: f64 = std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let mut config = Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: tmp.path().to_path_buf(), ..Config::default() };
+    config.auth.admin_key = Some(ADMIN_KEY.into());
+    let storage = {
+        let opts = StorageOptions::from_config(&config);
+        Storage::open(&opts).expect("storage")
+    };
+
+    println!("# ichibase {} Lua runtime benchmarks", ichibase::VERSION);
+    println!();
+    println!("- machine: {} cores; Lua 5.4 vendored by mlua vs Debian `lua5.4` ({})", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), Command::new("lua5.4").arg("-v").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_else(|_| "not installed".into()));
+    println!("- CPU time of the work measured with os.clock() inside the script, median of 5 runs");
+    println!();
+    println!("## Sandbox vs stock interpreter");
+    println!();
+    println!("| script | input | stock lua5.4 s | ichibase sandbox s | ratio sandbox/stock |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, body, n, _) in SCRIPTS {
+        let sb = sandbox_seconds(&storage, &rt, body, *n, false);
+        match stock_seconds(body, *n) {
+            Some(st) => println!("| {name} | {n} | {st:.4} | {sb:.4} | {:.2} |", sb / st),
+            None => println!("| {name} | {n} | (lua5.4 not installed) | {sb:.4} | - |"),
+        }
+    }
+    println!();
+    println!("## Deep tracing on vs off (every line recorded with locals and upvalues)");
+    println!();
+    println!("| script | input | off s | on s | ratio on/off |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, body, _, n) in SCRIPTS {
+        let off = sandbox_seconds(&storage, &rt, body, *n, false);
+        let on = sandbox_seconds(&storage, &rt, body, *n, true);
+        println!("| {name} | {n} | {off:.5} | {on:.4} | {:.0} |", on / off);
+    }
+    drop(storage);
+
+    rt.block_on(async move {
+        let running = ichibase::server::start(config).await.expect("server");
+        let base = format!("http://{}", running.addr);
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {ADMIN_KEY}").parse().unwrap());
+        let client = reqwest::Client::builder().default_headers(h).pool_max_idle_per_host(64).build().unwrap();
+        let r = client.put(format!("{base}/fn/empty")).body("return function() return 1 end").send().await.unwrap();
+        assert!(r.status().is_success());
+        println!();
+        println!("## Invocation overhead over HTTP: empty function vs /ping");
+        println!();
+        println!("| N | GET /ping req/s | POST /fn/empty req/s | ratio fn/ping |");
+        println!("|---:|---:|---:|---:|");
+        for n in [1usize, 4] {
+            let b = base.clone();
+            let ping = http_rate(&client, n, secs, move |c| c.get(format!("{b}/ping"))).await;
+            let b = base.clone();
+            let f = http_rate(&client, n, secs, move |c| c.post(format!("{b}/fn/empty"))).await;
+            println!("| {n} | {ping:.0} | {f:.0} | {:.3} |", f / ping);
+        }
+        running.shutdown().await.unwrap();
+    });
+}
