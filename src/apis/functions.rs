@@ -253,43 +253,42 @@ async fn invoke(
             }
         }
     };
-    let n = name.clone();
-    let f = match st
-        .storage
-        .read(&RequestContext::system(), no_deadline(), move |c| {
-            store::get(c, &n, None)
-        })
-        .await
-    {
-        Ok(f) => f,
-        Err(e) => return error_response(&e, true, Some(&ctx.query_id)),
-    };
-    let trace = flag(&q.trace) || f.trace;
-    let inv = Invocation {
-        function: name.clone(),
-        version: f.version,
-        source: f.source,
-        input,
-        trace,
-    };
+    // One hop to a blocking thread: look the function up and run it there.
     let (storage, options, rt) = (
         st.storage.clone(),
         st.lua,
         tokio::runtime::Handle::current(),
     );
-    let c2 = ctx.clone();
-    let outcome =
-        match tokio::task::spawn_blocking(move || lua::invoke(storage, c2, rt, options, inv)).await
-        {
-            Ok(o) => o,
-            Err(e) => {
-                return error_response(
-                    &Error::internal(format!("Lua invocation task failed: {e}")),
-                    true,
-                    Some(&ctx.query_id),
-                );
-            }
-        };
+    let (c2, n, trace_flag) = (ctx.clone(), name.clone(), flag(&q.trace));
+    let ran = tokio::task::spawn_blocking(
+        move || -> Result<(store::FunctionSource, bool, lua::Outcome)> {
+            let f = storage.read_blocking(&rt, &RequestContext::system(), no_deadline(), |c| {
+                store::get(c, &n, None)
+            })?;
+            let trace = trace_flag || f.trace;
+            let inv = Invocation {
+                function: n,
+                version: f.version,
+                source: f.source.clone(),
+                input,
+                trace,
+            };
+            let outcome = lua::invoke(storage, c2, rt, options, inv);
+            Ok((f, trace, outcome))
+        },
+    )
+    .await;
+    let (f, trace, outcome) = match ran {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => return error_response(&e, true, Some(&ctx.query_id)),
+        Err(e) => {
+            return error_response(
+                &Error::internal(format!("Lua invocation task failed: {e}")),
+                true,
+                Some(&ctx.query_id),
+            );
+        }
+    };
     tracing::info!(function = %name, version = f.version, trace_id = %ctx.trace_id, role = ctx.role.as_str(),
         ok = outcome.result.is_ok(), instructions = outcome.instructions, peak_memory = outcome.peak_memory,
         elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3, "lua invocation");

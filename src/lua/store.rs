@@ -97,23 +97,22 @@ pub fn list(c: &Connection) -> Result<Vec<FunctionInfo>> {
 /// A version's source (`None`: the live one).
 pub fn get(c: &Connection, name: &str, version: Option<i64>) -> Result<FunctionSource> {
     let row = c
-        .query_row(
+        .prepare_cached(
             "SELECT f.version, f.version = h.version, f.trace, f.created_at, f.created_by, f.source
              FROM _ichibase_functions f JOIN _ichibase_function_heads h ON h.name = f.name
              WHERE f.name = ?1 AND f.version = coalesce(?2, h.version)",
-            params![name, version],
-            |r| {
-                Ok(FunctionSource {
-                    name: name.to_string(),
-                    version: r.get(0)?,
-                    live: r.get(1)?,
-                    trace: r.get(2)?,
-                    created_at: r.get(3)?,
-                    created_by: r.get(4)?,
-                    source: r.get(5)?,
-                })
-            },
-        )
+        )?
+        .query_row(params![name, version], |r| {
+            Ok(FunctionSource {
+                name: name.to_string(),
+                version: r.get(0)?,
+                live: r.get(1)?,
+                trace: r.get(2)?,
+                created_at: r.get(3)?,
+                created_by: r.get(4)?,
+                source: r.get(5)?,
+            })
+        })
         .optional()?;
     row.ok_or_else(|| match version {
         Some(v) => Error::new(

@@ -134,6 +134,21 @@ impl Storage {
         self.inner.readers.run(ctx.clone(), control, f).await
     }
 
+    /// [`read`](Self::read) on the calling thread, which must be a blocking thread (not an async
+    /// worker); `rt` is the runtime storage lives on.
+    pub fn read_blocking<F, R>(
+        &self,
+        rt: &tokio::runtime::Handle,
+        ctx: &RequestContext,
+        control: Arc<ExecControl>,
+        f: F,
+    ) -> Result<R>
+    where
+        F: FnOnce(&Connection) -> Result<R>,
+    {
+        self.inner.readers.run_blocking(rt, ctx.clone(), control, f)
+    }
+
     /// Queue `f` to the writer; it runs after every write queued before it.
     pub async fn write<F, R>(
         &self,

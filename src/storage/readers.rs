@@ -27,36 +27,27 @@ impl ReaderPool {
         }
     }
 
-    pub async fn run<F, R>(&self, ctx: RequestContext, control: Arc<ExecControl>, f: F) -> Result<R>
-    where
-        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
-        R: Send + 'static,
-    {
+    async fn acquire(&self, control: &ExecControl) -> Result<tokio::sync::OwnedSemaphorePermit> {
         let acquire = Arc::clone(&self.free).acquire_owned();
-        let permit = match control.deadline {
+        match control.deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), acquire).await {
                 Ok(p) => p,
                 Err(_) => return Err(control.stop_error()),
             },
             None => acquire.await,
         }
-        .map_err(|_| super::shutting_down())?;
+        .map_err(|_| super::shutting_down())
+    }
+
+    pub async fn run<F, R>(&self, ctx: RequestContext, control: Arc<ExecControl>, f: F) -> Result<R>
+    where
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let permit = self.acquire(&control).await?;
         let conns = Arc::clone(&self.conns);
         let joined = tokio::task::spawn_blocking(move || {
-            let (conn, st) = conns
-                .lock()
-                .unwrap()
-                .pop()
-                .expect("a permit guarantees a free connection");
-            let out = match control.check() {
-                Ok(()) => match st.check_out(&conn, ctx, Arc::clone(&control)) {
-                    Ok(()) => f(&conn).map_err(|e| control.map_error(st.explain(e))),
-                    Err(e) => Err(e),
-                },
-                Err(e) => Err(e),
-            };
-            reset(&conn, &st);
-            conns.lock().unwrap().push((conn, st));
+            let out = with_conn(&conns, ctx, control, f);
             drop(permit);
             out
         })
@@ -69,6 +60,24 @@ impl ReaderPool {
         })
     }
 
+    /// Like [`run`](Self::run), on the calling thread, which must be a blocking thread (not an
+    /// async worker): saves a thread hop for work that is already off the runtime (Lua).
+    pub fn run_blocking<F, R>(
+        &self,
+        rt: &tokio::runtime::Handle,
+        ctx: RequestContext,
+        control: Arc<ExecControl>,
+        f: F,
+    ) -> Result<R>
+    where
+        F: FnOnce(&Connection) -> Result<R>,
+    {
+        let permit = rt.block_on(self.acquire(&control))?;
+        let out = with_conn(&self.conns, ctx, control, f);
+        drop(permit);
+        out
+    }
+
     /// Wait for every connection to come back, then close them all.
     pub async fn close(&self) {
         if let Ok(all) = self.free.acquire_many(self.size).await {
@@ -78,4 +87,31 @@ impl ReaderPool {
         let conns = std::mem::take(&mut *self.conns.lock().unwrap());
         drop(conns);
     }
+}
+
+/// Check a connection out (a permit is held by the caller), run `f`, check it back in.
+fn with_conn<F, R>(
+    conns: &Mutex<Vec<Pooled>>,
+    ctx: RequestContext,
+    control: Arc<ExecControl>,
+    f: F,
+) -> Result<R>
+where
+    F: FnOnce(&Connection) -> Result<R>,
+{
+    let (conn, st) = conns
+        .lock()
+        .unwrap()
+        .pop()
+        .expect("a permit guarantees a free connection");
+    let out = match control.check() {
+        Ok(()) => match st.check_out(&conn, ctx, Arc::clone(&control)) {
+            Ok(()) => f(&conn).map_err(|e| control.map_error(st.explain(e))),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    reset(&conn, &st);
+    conns.lock().unwrap().push((conn, st));
+    out
 }

@@ -65,18 +65,15 @@ fn run(env: &Env, prepared: Prepared) -> Result<Rows> {
     let authz = Arc::clone(env.storage.authz());
     let is_admin = env.ctx.is_admin();
     let max_rows = env.options.max_rows;
-    let p = prepared.clone();
-    let a = Arc::clone(&authz);
-    let read = env.rt.block_on(
-        env.storage
-            .read(&env.ctx, Arc::clone(&env.control), move |c| {
-                if p.readonly(c)? {
-                    Ok(Some(p.run(c, &a, is_admin, max_rows)?))
-                } else {
-                    Ok(None)
-                }
-            }),
-    )?;
+    let read = env
+        .storage
+        .read_blocking(&env.rt, &env.ctx, Arc::clone(&env.control), |c| {
+            if prepared.readonly(c)? {
+                Ok(Some(prepared.run(c, &authz, is_admin, max_rows)?))
+            } else {
+                Ok(None)
+            }
+        })?;
     match read {
         Some(rows) => Ok(rows),
         None => env.rt.block_on(
