@@ -2,17 +2,17 @@
 
 use std::time::Instant;
 
+use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{delete, patch, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{AppState, JsonBody, error_response, identify};
+use super::{AppState, JsonBody, reply, require_admin};
 use crate::auth::policy::{self, GrantSpec, PolicySpec};
-use crate::core::{Error, ErrorCode, RequestContext, Result};
+use crate::core::{RequestContext, Result};
 use crate::storage::ExecControl;
 
 pub fn routes() -> Router<AppState> {
@@ -31,34 +31,10 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// The caller's context, or the error response if it is not an admin.
-fn admin(st: &AppState, headers: &HeaderMap) -> std::result::Result<RequestContext, Response> {
-    let ctx = identify(st, headers)?;
-    if !ctx.is_admin() {
-        return Err(error_response(
-            &Error::new(
-                ErrorCode::AccessDenied,
-                format!(
-                    "/admin needs the admin role; this request runs as '{}'",
-                    ctx.role.as_str()
-                ),
-            ),
-            true,
-            None,
-        ));
-    }
-    Ok(ctx)
-}
-
-fn reply<T: serde::Serialize>(r: Result<T>) -> Response {
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => error_response(&e, true, None),
-    }
-}
 
 macro_rules! require_admin {
     ($st:expr, $h:expr) => {
-        match admin(&$st, &$h) {
+        match require_admin(&$st, &$h, "/admin") {
             Ok(c) => c,
             Err(r) => return r,
         }

@@ -18,7 +18,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
-use super::{AppState, error_response, identify};
+use super::{AppState, error_response, identify, reply, require_admin};
 use crate::core::{Error, ErrorCode, RequestContext, Result};
 use crate::lua::{self, Invocation, store};
 use crate::storage::ExecControl;
@@ -36,28 +36,6 @@ pub fn routes() -> Router<AppState> {
         .route("/trace/{id}/hover", get(hover))
 }
 
-fn reply<T: serde::Serialize>(r: Result<T>) -> Response {
-    match r {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => error_response(&e, true, None),
-    }
-}
-
-fn admin(st: &AppState, h: &HeaderMap) -> std::result::Result<RequestContext, Response> {
-    let ctx = identify(st, h)?;
-    if !ctx.is_admin() {
-        return Err(error_response(
-            &Error::new(
-                ErrorCode::AccessDenied,
-                "managing functions needs the admin role",
-            ),
-            true,
-            None,
-        ));
-    }
-    Ok(ctx)
-}
-
 macro_rules! try_resp {
     ($e:expr) => {
         match $e {
@@ -72,7 +50,7 @@ fn no_deadline() -> std::sync::Arc<ExecControl> {
 }
 
 async fn list(State(st): State<AppState>, h: HeaderMap) -> Response {
-    let ctx = try_resp!(admin(&st, &h));
+    let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     reply(
         st.storage
             .read(&ctx, no_deadline(), |c| store::list(c))
@@ -92,7 +70,7 @@ async fn fetch(
     Path(name): Path<String>,
     Query(q): Query<VersionQuery>,
 ) -> Response {
-    let ctx = try_resp!(admin(&st, &h));
+    let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     reply(
         st.storage
             .read(&ctx, no_deadline(), move |c| {
@@ -103,7 +81,7 @@ async fn fetch(
 }
 
 async fn versions(State(st): State<AppState>, h: HeaderMap, Path(name): Path<String>) -> Response {
-    let ctx = try_resp!(admin(&st, &h));
+    let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     reply(
         st.storage
             .read(&ctx, no_deadline(), move |c| store::versions(c, &name))
@@ -129,7 +107,7 @@ async fn deploy(
     Query(q): Query<TraceFlag>,
     body: Bytes,
 ) -> Response {
-    let ctx = try_resp!(admin(&st, &h));
+    let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     let r = async {
         store::check_name(&name)?;
         if body.len() > store::MAX_SOURCE {
@@ -180,7 +158,7 @@ fn syntax_error(e: &Error, line: Option<i64>) -> Response {
 }
 
 async fn remove(State(st): State<AppState>, h: HeaderMap, Path(name): Path<String>) -> Response {
-    let ctx = try_resp!(admin(&st, &h));
+    let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     let n = name.clone();
     reply(
         st.storage
@@ -202,7 +180,7 @@ async fn rollback(
     Path(name): Path<String>,
     body: Bytes,
 ) -> Response {
-    let ctx = try_resp!(admin(&st, &h));
+    let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     let b: RollbackBody = if body.is_empty() {
         RollbackBody::default()
     } else {

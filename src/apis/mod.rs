@@ -38,6 +38,34 @@ pub fn identify(st: &AppState, headers: &HeaderMap) -> Result<RequestContext, Re
         .map_err(|e| error_response(&e, true, None))
 }
 
+/// The caller's context if it is the admin, else a 403 naming `what` needs the admin role.
+pub fn require_admin(
+    st: &AppState,
+    headers: &HeaderMap,
+    what: &str,
+) -> Result<RequestContext, Response> {
+    let ctx = identify(st, headers)?;
+    if !ctx.is_admin() {
+        let e = Error::new(
+            ErrorCode::AccessDenied,
+            format!(
+                "{what} needs the admin role; this request runs as '{}'",
+                ctx.role.as_str()
+            ),
+        );
+        return Err(error_response(&e, true, None));
+    }
+    Ok(ctx)
+}
+
+/// A JSON answer, or the error in the JSON error shape.
+pub fn reply<T: serde::Serialize>(r: crate::core::Result<T>) -> Response {
+    match r {
+        Ok(v) => axum::Json(v).into_response(),
+        Err(e) => error_response(&e, true, None),
+    }
+}
+
 /// A JSON request body whose errors are answered in ichibase's JSON error shape.
 pub struct JsonBody<T>(pub T);
 

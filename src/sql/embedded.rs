@@ -6,7 +6,7 @@ use rusqlite::Connection;
 use rusqlite::types::Value;
 use serde_json::{Map, Value as Json};
 
-use super::exec::{Bound, check_role_rules};
+use super::exec::{Bound, bind, check_role_rules};
 use super::params;
 use super::parse;
 use crate::core::{Error, ErrorCode, Result};
@@ -42,32 +42,18 @@ pub fn prepare(sql: &str, params: &Map<String, Json>, multi: bool) -> Result<Pre
             "One statement per call; use db.tx(...) or db.migrate(...) for several",
         ));
     }
-    let mut statements = Vec::with_capacity(parsed.statements.len());
-    for st in parsed.statements {
-        if matches!(
-            st.verb.as_str(),
-            "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "SAVEPOINT" | "RELEASE"
-        ) {
-            return Err(Error::new(
-                ErrorCode::BadArguments,
-                format!("{} is not allowed: use db.tx(function() ... end)", st.verb),
-            ));
-        }
-        let mut values = Vec::with_capacity(st.params.len());
-        for p in &st.params {
-            let v = params.get(&p.name).ok_or_else(|| {
-                Error::new(
-                    ErrorCode::UnknownQueryParameter,
-                    format!(
-                        "Parameter `{}` ({}) is missing from the parameters table",
-                        p.name, p.ty
-                    ),
-                )
-            })?;
-            values.push(params::bind_json(&p.name, &p.ty, v)?);
-        }
-        statements.push(Bound::new(st, values));
-    }
+    let statements = bind(parsed.statements, "use db.tx(function() ... end)", |p| {
+        let v = params.get(&p.name).ok_or_else(|| {
+            Error::new(
+                ErrorCode::UnknownQueryParameter,
+                format!(
+                    "Parameter `{}` ({}) is missing from the parameters table",
+                    p.name, p.ty
+                ),
+            )
+        })?;
+        params::bind_json(&p.name, &p.ty, v)
+    })?;
     Ok(Prepared { statements })
 }
 

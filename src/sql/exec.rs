@@ -141,6 +141,37 @@ pub fn start(
     (format, rx)
 }
 
+/// Bind every statement's placeholders with `value_of`, refusing transaction control (a request
+/// or a Lua call is its own transaction; `how` says what to do instead).
+pub(crate) fn bind(
+    statements: Vec<super::parse::Statement>,
+    how: &str,
+    mut value_of: impl FnMut(&super::parse::Placeholder) -> Result<Value>,
+) -> Result<Vec<Bound>> {
+    let mut out = Vec::with_capacity(statements.len());
+    for st in statements {
+        if matches!(
+            st.verb.as_str(),
+            "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "SAVEPOINT" | "RELEASE"
+        ) {
+            return Err(Error::new(
+                ErrorCode::BadArguments,
+                format!(
+                    "{} is not allowed: each call is its own transaction; {how}",
+                    st.verb
+                ),
+            ));
+        }
+        let values = st
+            .params
+            .iter()
+            .map(&mut value_of)
+            .collect::<Result<Vec<_>>>()?;
+        out.push(Bound::new(st, values));
+    }
+    Ok(out)
+}
+
 /// Best-effort `FORMAT X` at the end of text that failed to parse, so its error can still be
 /// rendered in the format the client asked for.
 fn sniff_format(text: &str) -> Option<Format> {
@@ -174,22 +205,10 @@ fn plan(text: &str, settings: &QuerySettings) -> Result<Plan> {
             "Multi-statements are not allowed; pass transaction=1 to run several statements in one transaction",
         ));
     }
-    let mut statements = Vec::with_capacity(parsed.statements.len());
-    for st in parsed.statements {
-        if matches!(
-            st.verb.as_str(),
-            "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "SAVEPOINT" | "RELEASE"
-        ) {
-            return Err(Error::new(
-                ErrorCode::BadArguments,
-                format!(
-                    "{} is not allowed: each request is its own transaction; send several statements with transaction=1",
-                    st.verb
-                ),
-            ));
-        }
-        let mut values = Vec::with_capacity(st.params.len());
-        for p in &st.params {
+    let statements = bind(
+        parsed.statements,
+        "send several statements with transaction=1",
+        |p| {
             let raw = settings.params.get(&p.name).ok_or_else(|| {
                 Error::new(
                     ErrorCode::UnknownQueryParameter,
@@ -199,16 +218,9 @@ fn plan(text: &str, settings: &QuerySettings) -> Result<Plan> {
                     ),
                 )
             })?;
-            values.push(params::bind_value(&p.name, &p.ty, raw)?);
-        }
-        statements.push(Bound {
-            sql: st.sql,
-            values,
-            verb: st.verb,
-            ctes: st.ctes,
-            or_replace: st.or_replace,
-        });
-    }
+            params::bind_value(&p.name, &p.ty, raw)
+        },
+    )?;
     let insert = match parsed.insert {
         Some((target, data)) => {
             if settings.readonly {
