@@ -53,13 +53,38 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn sandbox_seconds(storage: &Storage, rt: &tokio::runtime::Runtime, body: &str, n: u32, trace: bool) -> f64 {
+fn sandbox_seconds(
+    storage: &Storage,
+    rt: &tokio::runtime::Runtime,
+    body: &str,
+    n: u32,
+    trace: bool,
+) -> f64 {
     let mut runs = Vec::new();
     for _ in 0..5 {
-        let inv = Invocation { function: "bench".into(), version: 1, source: timed_source(body, n, true), input: serde_json::Value::Null, trace };
-        let opts = LuaOptions { instruction_limit: u64::MAX / 2, timeout: Duration::from_secs(600), max_trace_steps: 10_000_000, ..LuaOptions::default() };
-        let out = invoke(storage.clone(), RequestContext::system(), rt.handle().clone(), opts, inv);
-        let v = out.result.unwrap_or_else(|e| panic!("sandbox run failed: {e}"));
+        let inv = Invocation {
+            function: "bench".into(),
+            version: 1,
+            source: timed_source(body, n, true),
+            input: serde_json::Value::Null,
+            trace,
+        };
+        let opts = LuaOptions {
+            instruction_limit: u64::MAX / 2,
+            timeout: Duration::from_secs(600),
+            max_trace_steps: 10_000_000,
+            ..LuaOptions::default()
+        };
+        let out = invoke(
+            storage.clone(),
+            RequestContext::system(),
+            rt.handle().clone(),
+            opts,
+            inv,
+        );
+        let v = out
+            .result
+            .unwrap_or_else(|e| panic!("sandbox run failed: {e}"));
         runs.push(v["seconds"].as_f64().unwrap());
     }
     median(runs)
@@ -75,12 +100,22 @@ fn stock_seconds(body: &str, n: u32) -> Option<f64> {
         if !out.status.success() {
             return None;
         }
-        runs.push(String::from_utf8_lossy(&out.stdout).trim().parse::<f64>().ok()?);
+        runs.push(
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<f64>()
+                .ok()?,
+        );
     }
     Some(median(runs))
 }
 
-async fn http_rate(client: &reqwest::Client, n: usize, secs: f64, req: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder + Send + Sync + Clone + 'static) -> f64 {
+async fn http_rate(
+    client: &reqwest::Client,
+    n: usize,
+    secs: f64,
+    req: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder + Send + Sync + Clone + 'static,
+) -> f64 {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let mut tasks = Vec::new();
     for _ in 0..n {
@@ -104,10 +139,20 @@ async fn http_rate(client: &reqwest::Client, n: usize, secs: f64, req: impl Fn(&
 }
 
 fn main() {
-    let secs: f64 = std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let secs: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     let tmp = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
-    let mut config = Config { listen: "127.0.0.1:0".parse().unwrap(), data_dir: tmp.path().to_path_buf(), ..Config::default() };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: tmp.path().to_path_buf(),
+        ..Config::default()
+    };
     config.auth.admin_key = Some(ADMIN_KEY.into());
     let storage = {
         let opts = StorageOptions::from_config(&config);
@@ -116,7 +161,17 @@ fn main() {
 
     println!("# ichibase {} Lua runtime benchmarks", ichibase::VERSION);
     println!();
-    println!("- machine: {} cores; Lua 5.4 vendored by mlua vs Debian `lua5.4` ({})", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), Command::new("lua5.4").arg("-v").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_else(|_| "not installed".into()));
+    println!(
+        "- machine: {} cores; Lua 5.4 vendored by mlua vs Debian `lua5.4` ({})",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        Command::new("lua5.4")
+            .arg("-v")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_else(|_| "not installed".into())
+    );
     println!("- CPU time of the work measured with os.clock() inside the script, median of 5 runs");
     println!();
     println!("## Sandbox vs stock interpreter");
@@ -146,9 +201,21 @@ fn main() {
         let running = ichibase::server::start(config).await.expect("server");
         let base = format!("http://{}", running.addr);
         let mut h = reqwest::header::HeaderMap::new();
-        h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {ADMIN_KEY}").parse().unwrap());
-        let client = reqwest::Client::builder().default_headers(h).pool_max_idle_per_host(64).build().unwrap();
-        let r = client.put(format!("{base}/fn/empty")).body("return function() return 1 end").send().await.unwrap();
+        h.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {ADMIN_KEY}").parse().unwrap(),
+        );
+        let client = reqwest::Client::builder()
+            .default_headers(h)
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap();
+        let r = client
+            .put(format!("{base}/fn/empty"))
+            .body("return function() return 1 end")
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success());
         println!();
         println!("## Invocation overhead over HTTP: empty function vs /ping");
