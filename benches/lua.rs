@@ -80,6 +80,7 @@ fn sandbox_seconds(
             RequestContext::system(),
             rt.handle().clone(),
             opts,
+            None,
             inv,
         );
         let v = out

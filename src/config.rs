@@ -58,6 +58,30 @@ pub struct Config {
     pub log_level: String,
     pub auth: AuthSettings,
     pub lua: LuaSettings,
+    pub ws: WsSettings,
+}
+
+/// WebSocket and change-capture settings.
+#[derive(Debug, Clone)]
+pub struct WsSettings {
+    /// Frames queued per connection before a slow client is disconnected.
+    pub queue: usize,
+    pub heartbeat_secs: f64,
+    /// Largest frame a client may send, bytes.
+    pub max_message: usize,
+    /// Changes kept for clients that reconnect.
+    pub cdc_retention: i64,
+}
+
+impl Default for WsSettings {
+    fn default() -> Self {
+        WsSettings {
+            queue: 1024,
+            heartbeat_secs: 30.0,
+            max_message: 1024 * 1024,
+            cdc_retention: 10_000,
+        }
+    }
 }
 
 /// Limits of the Lua sandbox.
@@ -155,6 +179,7 @@ impl Default for Config {
             log_level: "info".into(),
             auth: AuthSettings::default(),
             lua: LuaSettings::default(),
+            ws: WsSettings::default(),
         }
     }
 }
@@ -248,6 +273,18 @@ pub struct Settings {
     /// Lua: most steps recorded in one trace [default: 100000]
     #[arg(long, env = "ICHIBASE_LUA_MAX_TRACE_STEPS")]
     pub lua_max_trace_steps: Option<usize>,
+    /// WebSocket: frames queued per connection before a slow client is cut off [default: 1024]
+    #[arg(long, env = "ICHIBASE_WS_QUEUE")]
+    pub ws_queue: Option<usize>,
+    /// WebSocket: seconds between server pings; 2x without a frame closes [default: 30]
+    #[arg(long, env = "ICHIBASE_WS_HEARTBEAT_SECS")]
+    pub ws_heartbeat_secs: Option<f64>,
+    /// WebSocket: largest client frame in bytes [default: 1048576]
+    #[arg(long, env = "ICHIBASE_WS_MAX_MESSAGE")]
+    pub ws_max_message: Option<usize>,
+    /// Change capture: changes kept for reconnecting clients [default: 10000]
+    #[arg(long, env = "ICHIBASE_CDC_RETENTION")]
+    pub cdc_retention: Option<i64>,
 }
 
 impl Settings {
@@ -289,6 +326,10 @@ impl Settings {
             lua_memory_limit: self.lua_memory_limit.or(lower.lua_memory_limit),
             lua_timeout_secs: self.lua_timeout_secs.or(lower.lua_timeout_secs),
             lua_max_trace_steps: self.lua_max_trace_steps.or(lower.lua_max_trace_steps),
+            ws_queue: self.ws_queue.or(lower.ws_queue),
+            ws_heartbeat_secs: self.ws_heartbeat_secs.or(lower.ws_heartbeat_secs),
+            ws_max_message: self.ws_max_message.or(lower.ws_max_message),
+            cdc_retention: self.cdc_retention.or(lower.cdc_retention),
         }
     }
 
@@ -336,7 +377,19 @@ impl Settings {
                 timeout_secs: self.lua_timeout_secs.unwrap_or(d.lua.timeout_secs),
                 max_trace_steps: self.lua_max_trace_steps.unwrap_or(d.lua.max_trace_steps),
             },
+            ws: WsSettings {
+                queue: self.ws_queue.unwrap_or(d.ws.queue),
+                heartbeat_secs: self.ws_heartbeat_secs.unwrap_or(d.ws.heartbeat_secs),
+                max_message: self.ws_max_message.unwrap_or(d.ws.max_message),
+                cdc_retention: self.cdc_retention.unwrap_or(d.ws.cdc_retention),
+            },
         };
+        if cfg.ws.queue == 0
+            || !(cfg.ws.heartbeat_secs > 0.0 && cfg.ws.heartbeat_secs.is_finite())
+            || cfg.ws.cdc_retention < 1
+        {
+            bail!("ws_queue, ws_heartbeat_secs and cdc_retention must be positive");
+        }
         if cfg.lua.instruction_limit == 0
             || cfg.lua.memory_limit < 1024 * 1024
             || !(cfg.lua.timeout_secs > 0.0 && cfg.lua.timeout_secs.is_finite())

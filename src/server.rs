@@ -55,10 +55,17 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let grace = Duration::from_secs_f64(config.shutdown_grace_secs);
+    let hub = crate::realtime::Hub::new(config.ws.queue);
     let state = AppState {
         storage: storage.clone(),
         auth,
         lua: lua_options(&config),
+        hub: Arc::clone(&hub),
+        cdc: crate::realtime::cdc::Cdc::start(
+            storage.clone(),
+            Arc::clone(&hub),
+            config.ws.cdc_retention,
+        ),
         config: Arc::new(config),
     };
     let app = apis::router(state);

@@ -28,6 +28,8 @@ pub fn routes() -> Router<AppState> {
             "/admin/grants",
             post(grant).get(list_grants).delete(revoke_grant),
         )
+        .route("/admin/cdc", post(cdc_enable).get(cdc_list))
+        .route("/admin/cdc/{table}", delete(cdc_disable))
 }
 
 /// The caller's context, or the error response if it is not an admin.
@@ -231,5 +233,51 @@ async fn revoke_grant(
         on_writer(&st, &ctx, move |c| policy::revoke(c, &q.object, &q.role))
             .await
             .map(|n| json!({"revoked": n})),
+    )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CdcBody {
+    table: String,
+}
+
+async fn cdc_enable(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    JsonBody(b): JsonBody<CdcBody>,
+) -> Response {
+    let ctx = require_admin!(st, h);
+    let t = b.table.clone();
+    reply(
+        on_writer(&st, &ctx, move |c| crate::realtime::cdc::enable(c, &t))
+            .await
+            .map(|_| json!({"capturing": b.table})),
+    )
+}
+
+async fn cdc_list(State(st): State<AppState>, h: HeaderMap) -> Response {
+    let ctx = require_admin!(st, h);
+    reply(
+        st.storage
+            .read(&ctx, ExecControl::new(Instant::now(), 0.0), |c| {
+                crate::realtime::cdc::list(c)
+            })
+            .await
+            .map(|t| json!({"tables": t})),
+    )
+}
+
+async fn cdc_disable(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    Path(table): Path<String>,
+) -> Response {
+    let ctx = require_admin!(st, h);
+    let t = table.clone();
+    reply(
+        on_writer(&st, &ctx, move |c| crate::realtime::cdc::disable(c, &t))
+            .await
+            .map(|_| json!({"stopped": table})),
     )
 }

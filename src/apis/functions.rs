@@ -237,7 +237,12 @@ async fn invoke(
         st.lua,
         tokio::runtime::Handle::current(),
     );
-    let (c2, n, trace_flag) = (ctx.clone(), name.clone(), flag(&q.trace));
+    let (c2, n, trace_flag, hub) = (
+        ctx.clone(),
+        name.clone(),
+        flag(&q.trace),
+        Some(std::sync::Arc::clone(&st.hub)),
+    );
     let ran = tokio::task::spawn_blocking(
         move || -> Result<(store::FunctionSource, bool, lua::Outcome)> {
             let f = storage.read_blocking(&rt, &RequestContext::system(), no_deadline(), |c| {
@@ -251,7 +256,7 @@ async fn invoke(
                 input,
                 trace,
             };
-            let outcome = lua::invoke(storage, c2, rt, options, inv);
+            let outcome = lua::invoke(storage, c2, rt, options, hub, inv);
             Ok((f, trace, outcome))
         },
     )

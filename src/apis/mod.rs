@@ -8,6 +8,7 @@ mod admin;
 mod auth;
 mod functions;
 mod sql;
+mod ws;
 
 use std::sync::Arc;
 
@@ -29,6 +30,8 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     pub config: Arc<Config>,
     pub lua: crate::lua::LuaOptions,
+    pub hub: Arc<crate::realtime::Hub>,
+    pub cdc: crate::realtime::cdc::Cdc,
 }
 
 /// The identity of a request from its headers (JSON error response when the credentials are bad).
@@ -103,6 +106,7 @@ pub fn router(state: AppState) -> Router {
         .merge(auth::routes())
         .merge(admin::routes())
         .merge(functions::routes())
+        .merge(ws::routes())
         .fallback(not_found)
         .with_state(state)
 }

@@ -53,6 +53,9 @@ pub struct RequestContext {
     pub claims: Option<Arc<serde_json::Map<String, serde_json::Value>>>,
     /// The server-side session behind the credential, when there is one.
     pub session_id: Option<String>,
+    /// The engine evaluates admin-written SQL (a policy predicate) with this identity: the
+    /// authorizer allows it, while `auth_*()` still return the identity.
+    pub elevated: bool,
     pub started: Instant,
 }
 
@@ -66,6 +69,7 @@ impl RequestContext {
             role,
             claims: None,
             session_id: None,
+            elevated: false,
             started: Instant::now(),
         }
     }

@@ -68,6 +68,8 @@ pub struct Env {
     pub function: String,
     pub tracer: Option<Rc<RefCell<Tracer>>>,
     pub logs: RefCell<Vec<Json>>,
+    /// Live connections, for `notify` (None outside a server).
+    pub hub: Option<Arc<crate::realtime::Hub>>,
     /// The open `db.tx` session, if any.
     pub tx: RefCell<Option<components::db::TxSession>>,
 }
@@ -92,6 +94,7 @@ pub fn invoke(
     ctx: RequestContext,
     rt: tokio::runtime::Handle,
     options: LuaOptions,
+    hub: Option<Arc<crate::realtime::Hub>>,
     inv: Invocation,
 ) -> Outcome {
     let started = Instant::now();
@@ -114,6 +117,7 @@ pub fn invoke(
         function: inv.function.clone(),
         tracer: tracer.clone(),
         logs: RefCell::new(Vec::new()),
+        hub,
         tx: RefCell::new(None),
     });
     let run = || -> mlua::Result<Json> {

@@ -127,6 +127,20 @@ pub const MIGRATIONS: &[Migration] = &[
                   PRIMARY KEY (trace_id, step)
               ) STRICT, WITHOUT ROWID;",
     },
+    Migration {
+        version: 4,
+        name: "change data capture",
+        sql: "CREATE TABLE _ichibase_changes (
+                  id INTEGER PRIMARY KEY AUTOINCREMENT,
+                  tbl TEXT NOT NULL,
+                  op TEXT NOT NULL,
+                  pk TEXT NOT NULL,
+                  old TEXT,
+                  new TEXT,
+                  at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+              );
+              CREATE TABLE _ichibase_cdc_tables (name TEXT PRIMARY KEY, enabled_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))) STRICT;",
+    },
 ];
 
 /// Apply every migration not yet recorded. Returns how many ran.

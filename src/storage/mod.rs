@@ -114,6 +114,11 @@ impl Storage {
         &self.inner.path
     }
 
+    /// Signalled after every write job finished (its changes are committed or rolled back).
+    pub fn committed(&self) -> Arc<tokio::sync::Notify> {
+        Arc::clone(&self.inner.writer.committed)
+    }
+
     /// The authorization snapshot shared by every connection.
     pub fn authz(&self) -> &Arc<Authz> {
         &self.inner.authz

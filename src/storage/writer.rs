@@ -17,6 +17,8 @@ type Job = Box<dyn FnOnce(&mut Connection, &ConnState) + Send>;
 const QUEUE: usize = 1024;
 
 pub(super) struct Writer {
+    /// Signalled after every write job (change-data-capture picks committed changes up).
+    pub(super) committed: Arc<tokio::sync::Notify>,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<Result<()>>>>,
 }
@@ -24,10 +26,13 @@ pub(super) struct Writer {
 impl Writer {
     pub fn start(conn: Connection, state: Arc<ConnState>) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel::<Job>(QUEUE);
+        let committed = Arc::new(tokio::sync::Notify::new());
+        let c2 = Arc::clone(&committed);
         let thread = std::thread::Builder::new()
             .name("ichibase-writer".into())
-            .spawn(move || writer_loop(conn, state, rx))?;
+            .spawn(move || writer_loop(conn, state, rx, c2))?;
         Ok(Writer {
+            committed,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
         })
@@ -89,6 +94,7 @@ fn writer_loop(
     mut conn: Connection,
     state: Arc<ConnState>,
     mut rx: mpsc::Receiver<Job>,
+    committed: Arc<tokio::sync::Notify>,
 ) -> Result<()> {
     while let Some(job) = rx.blocking_recv() {
         // A panicking job must not take the writer (and with it every future write) down.
@@ -97,6 +103,7 @@ fn writer_loop(
             tracing::error!("a write job panicked; its transaction was rolled back");
             reset(&conn, &state);
         }
+        committed.notify_one();
     }
     let (busy, log, done): (i64, i64, i64) =
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {

@@ -9,6 +9,7 @@ pub mod db;
 pub mod debug;
 pub mod json;
 pub mod log;
+pub mod notify;
 
 use std::rc::Rc;
 
@@ -25,7 +26,13 @@ pub trait Component: Sync {
 
 /// Every component, in installation order. Add new components here.
 pub fn registry() -> &'static [&'static dyn Component] {
-    &[&db::Db, &json::Json, &log::Log, &debug::Debug]
+    &[
+        &db::Db,
+        &json::Json,
+        &log::Log,
+        &debug::Debug,
+        &notify::Notify,
+    ]
 }
 
 /// Turn an engine error into a Lua error that keeps its code for the HTTP answer.

@@ -1,0 +1,269 @@
+//! `GET /ws`: the WebSocket endpoint and its JSON protocol (version [`PROTOCOL_VERSION`]).
+//!
+//! Authenticated like HTTP (Authorization header, session cookie, or `?access_token=` since
+//! browsers cannot set headers on WebSockets). Every frame is a JSON object with a `type`; a
+//! client may add `ref`, echoed in the reply. Replies, broadcasts, presence diffs and change
+//! events share one bounded queue per connection, so their order is kept and a slow client is
+//! cut off (close code 1008 with the reason) instead of slowing anyone down.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Map, Value as Json, json};
+
+use super::{AppState, JsonBody, error_response, reply, require_admin};
+use crate::core::{Error, ErrorCode, RequestContext};
+use crate::realtime::PROTOCOL_VERSION;
+use crate::realtime::cdc::SubscribeReq;
+use crate::realtime::hub::Out;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/ws", get(upgrade))
+        .route("/broadcast", post(http_broadcast))
+}
+
+#[derive(Deserialize)]
+struct WsQuery {
+    access_token: Option<String>,
+    device: Option<String>,
+}
+
+async fn upgrade(
+    State(st): State<AppState>,
+    mut headers: HeaderMap,
+    Query(q): Query<WsQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    if let Some(t) = &q.access_token {
+        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {t}")) {
+            headers.insert(header::AUTHORIZATION, v);
+        }
+    }
+    let ctx = match st.auth.identify(&headers, None, None, None) {
+        Ok(c) => c,
+        Err(e) => return error_response(&e, true, None),
+    };
+    let device = q.device.or_else(|| {
+        headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    });
+    ws.max_message_size(st.config.ws.max_message)
+        .on_upgrade(move |socket| session(st, ctx, device, socket))
+        .into_response()
+}
+
+fn err_frame(e: &Error, r#ref: &Json) -> Json {
+    json!({"type": "error", "ref": r#ref, "code": e.code.number(), "name": e.code.name(), "message": e.message})
+}
+
+async fn session(st: AppState, ctx: RequestContext, device: Option<String>, socket: WebSocket) {
+    let hub = Arc::clone(&st.hub);
+    let reg = hub.connect(
+        ctx.clone(),
+        device.clone().map(|d| d.chars().take(200).collect()),
+    );
+    let id = reg.id;
+    let (mut sink, mut stream) = socket.split();
+    let heartbeat = Duration::from_secs_f64(st.config.ws.heartbeat_secs);
+    hub.send_json(id, &json!({"type": "hello", "protocol": PROTOCOL_VERSION, "conn_id": id, "user_id": ctx.user_id, "role": ctx.role.as_str(), "heartbeat_secs": heartbeat.as_secs_f64()}));
+    let mut rx = reg.rx;
+    let mut kill = reg.kill;
+    let last_seen = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let seen = Arc::clone(&last_seen);
+    let writer = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(Out::Text(t)) => if sink.send(Message::Text(t.as_ref().into())).await.is_err() { break },
+                    None => break,
+                },
+                _ = kill.changed() => {
+                    let reason = kill.borrow().clone().unwrap_or_default();
+                    let _ = sink.send(Message::Close(Some(CloseFrame { code: 1008, reason: reason.chars().take(120).collect::<String>().into() }))).await;
+                    break;
+                }
+                _ = tick.tick() => {
+                    if seen.lock().unwrap().elapsed() > heartbeat * 2 {
+                        let _ = sink.send(Message::Close(Some(CloseFrame { code: 1001, reason: "heartbeat timeout".into() }))).await;
+                        break;
+                    }
+                    if sink.send(Message::Ping(Default::default())).await.is_err() { break }
+                }
+            }
+        }
+    });
+    while let Some(Ok(msg)) = stream.next().await {
+        *last_seen.lock().unwrap() = Instant::now();
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Close(_) => break,
+            Message::Binary(_) => {
+                hub.send_json(
+                    id,
+                    &err_frame(
+                        &Error::new(ErrorCode::BadArguments, "frames are JSON text"),
+                        &Json::Null,
+                    ),
+                );
+                continue;
+            }
+            _ => continue,
+        };
+        let v: Json = match serde_json::from_str(&text) {
+            Ok(v) => v,
+            Err(e) => {
+                hub.send_json(
+                    id,
+                    &err_frame(
+                        &Error::new(ErrorCode::BadArguments, format!("invalid JSON: {e}")),
+                        &Json::Null,
+                    ),
+                );
+                continue;
+            }
+        };
+        let r = v.get("ref").cloned().unwrap_or(Json::Null);
+        match handle(&st, &ctx, id, &v).await {
+            Ok(Some(mut out)) => {
+                out["ref"] = r;
+                hub.send_json(id, &out);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                hub.send_json(id, &err_frame(&e, &r));
+            }
+        }
+        if writer.is_finished() {
+            break;
+        }
+    }
+    hub.disconnect(id, "connection closed");
+    st.cdc.closed(id);
+    let _ = writer.await;
+}
+
+fn str_field<'a>(v: &'a Json, k: &str) -> Result<&'a str, Error> {
+    v.get(k).and_then(Json::as_str).ok_or_else(|| {
+        Error::new(
+            ErrorCode::BadArguments,
+            format!("'{k}' (a string) is required"),
+        )
+    })
+}
+
+async fn handle(
+    st: &AppState,
+    ctx: &RequestContext,
+    id: u64,
+    v: &Json,
+) -> Result<Option<Json>, Error> {
+    let ty = str_field(v, "type")?;
+    Ok(Some(match ty {
+        "ping" => json!({"type": "pong"}),
+        "join" => {
+            let ch = str_field(v, "channel")?;
+            let presence = st
+                .hub
+                .join(id, ch, v.get("meta").cloned().unwrap_or(Json::Null))?;
+            json!({"type": "joined", "channel": ch, "presence": presence})
+        }
+        "leave" => {
+            let ch = str_field(v, "channel")?;
+            st.hub.leave(id, ch)?;
+            json!({"type": "left", "channel": ch})
+        }
+        "presence" => {
+            let ch = str_field(v, "channel")?;
+            json!({"type": "presence", "channel": ch, "presence": st.hub.presence(ctx, ch)?})
+        }
+        "broadcast" => {
+            let ch = str_field(v, "channel")?;
+            if !st.hub.is_member(id, ch) {
+                return Err(Error::new(
+                    ErrorCode::AccessDenied,
+                    format!("join '{ch}' before broadcasting to it"),
+                ));
+            }
+            let msg = json!({"type": "broadcast", "channel": ch, "payload": v.get("payload").cloned().unwrap_or(Json::Null), "from": {"conn_id": id, "user_id": ctx.user_id, "role": ctx.role.as_str()}});
+            let n = st.hub.publish(ch, &msg, Some(id));
+            json!({"type": "ok", "delivered": n})
+        }
+        "subscribe" => {
+            let filter = match v.get("filter") {
+                None | Some(Json::Null) => Map::new(),
+                Some(Json::Object(m)) => m.clone(),
+                Some(_) => {
+                    return Err(Error::new(
+                        ErrorCode::BadArguments,
+                        "'filter' is an object of column: value",
+                    ));
+                }
+            };
+            let since = match v.get("since") {
+                None | Some(Json::Null) => None,
+                Some(s) => Some(s.as_i64().ok_or_else(|| {
+                    Error::new(ErrorCode::BadArguments, "'since' is a change id")
+                })?),
+            };
+            let req = SubscribeReq {
+                conn: id,
+                ctx: ctx.clone(),
+                sub: str_field(v, "sub")?.to_string(),
+                object: str_field(v, "object")?.to_string(),
+                filter,
+                since,
+            };
+            st.cdc.subscribe(req).await?
+        }
+        "unsubscribe" => {
+            let sub = str_field(v, "sub")?.to_string();
+            st.cdc.unsubscribe(id, sub.clone());
+            json!({"type": "unsubscribed", "sub": sub})
+        }
+        other => {
+            return Err(Error::new(
+                ErrorCode::BadArguments,
+                format!(
+                    "unknown message type '{other}' (join, leave, presence, broadcast, subscribe, unsubscribe, ping)"
+                ),
+            ));
+        }
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BroadcastBody {
+    channel: String,
+    #[serde(default)]
+    payload: Json,
+}
+
+async fn http_broadcast(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    JsonBody(b): JsonBody<BroadcastBody>,
+) -> Response {
+    let ctx = match require_admin(&st, &h, "POST /broadcast") {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    reply(
+        st.hub
+            .broadcast(&ctx, &b.channel, b.payload)
+            .map(|n| json!({"delivered": n})),
+    )
+}

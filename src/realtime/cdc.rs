@@ -1,0 +1,596 @@
+//! Change-data-capture: committed row changes of chosen tables as events, in commit order,
+//! delivered to WebSocket subscribers through their row-level security.
+//!
+//! Capture uses triggers: enabling CDC on a table (`POST /admin/cdc`) adds AFTER INSERT /
+//! UPDATE / DELETE triggers that append `(table, op, key, old row, new row)` as JSON to
+//! `_ichibase_changes`. The change rows commit (or roll back) with the data itself, so an event
+//! exists only after commit, and the AUTOINCREMENT id is the commit order. (SQLite's update hook
+//! reports only rowids, and its pre-update hook needs a special build; triggers see whole rows,
+//! also for deletes, which the RLS check below needs.)
+//!
+//! One dispatcher task reads new changes after every write job (and every second, for writers in
+//! other processes), and for each subscription decides visibility by evaluating the policy's
+//! USING predicate on the old and the new row *as the subscriber* (so `auth_userid()` is theirs):
+//! an insert or update is sent when the new row is visible, an update whose row left the view is
+//! sent as a delete, a delete only when the old row was visible. Base tables are subscribable by
+//! the admin and by roles holding a select grant on them. A client that reconnects with its last
+//! change id gets what it missed while the log still holds it (the last `retention` changes),
+//! else a `refetch` message.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rusqlite::types::Value as Sql;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde_json::{Map, Value as Json, json};
+use tokio::sync::{mpsc, oneshot};
+
+use super::hub::Hub;
+use crate::core::{Error, ErrorCode, RequestContext, Result};
+use crate::sql::parse::quote_ident;
+use crate::storage::{ExecControl, Storage};
+
+fn lit(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Add the capture triggers to `table` (replacing earlier ones, e.g. after ALTER TABLE).
+pub fn enable(c: &mut Connection, table: &str) -> Result<()> {
+    let kind: Option<String> = c
+        .query_row(
+            "SELECT type FROM sqlite_schema WHERE name = ?1",
+            [table],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if kind.as_deref() != Some("table") {
+        return Err(Error::new(
+            ErrorCode::UnknownTable,
+            format!("No table '{table}' (names are case-sensitive here)"),
+        ));
+    }
+    if table.starts_with("_ichibase") || table.starts_with("sqlite_") {
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            "engine tables cannot be captured",
+        ));
+    }
+    let cols: Vec<(String, bool)> = c
+        .prepare("SELECT name, pk > 0 FROM pragma_table_info(?1) ORDER BY cid")?
+        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let obj = |prefix: &str, only_pk: bool| -> String {
+        let chosen: Vec<&(String, bool)> = cols.iter().filter(|(_, pk)| !only_pk || *pk).collect();
+        if only_pk && chosen.is_empty() {
+            return format!("json_object('rowid', {prefix}.rowid)");
+        }
+        let parts: Vec<String> = chosen
+            .iter()
+            .map(|(n, _)| {
+                let v = format!("{prefix}.{}", quote_ident(n));
+                format!(
+                    "{}, CASE WHEN typeof({v}) = 'blob' THEN hex({v}) ELSE {v} END",
+                    lit(n)
+                )
+            })
+            .collect();
+        format!("json_object({})", parts.join(", "))
+    };
+    let t = quote_ident(table);
+    let tx = c.transaction()?;
+    for op in ["insert", "update", "delete"] {
+        let name = quote_ident(&format!("_ichibase_cdc_{table}_{op}"));
+        let (pk, old, new) = match op {
+            "insert" => (obj("NEW", true), "NULL".to_string(), obj("NEW", false)),
+            "update" => (obj("NEW", true), obj("OLD", false), obj("NEW", false)),
+            _ => (obj("OLD", true), obj("OLD", false), "NULL".to_string()),
+        };
+        tx.execute_batch(&format!("DROP TRIGGER IF EXISTS {name}"))?;
+        tx.execute_batch(&format!(
+            "CREATE TRIGGER {name} AFTER {} ON {t} BEGIN
+                 INSERT INTO _ichibase_changes (tbl, op, pk, old, new) VALUES ({}, '{op}', {pk}, {old}, {new});
+             END",
+            op.to_ascii_uppercase(),
+            lit(table)
+        ))?;
+    }
+    tx.execute(
+        "INSERT OR IGNORE INTO _ichibase_cdc_tables (name) VALUES (?1)",
+        [table],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+pub fn disable(c: &mut Connection, table: &str) -> Result<()> {
+    let tx = c.transaction()?;
+    if tx.execute("DELETE FROM _ichibase_cdc_tables WHERE name = ?1", [table])? == 0 {
+        return Err(Error::new(
+            ErrorCode::NotFound,
+            format!("CDC is not enabled on '{table}'"),
+        ));
+    }
+    for op in ["insert", "update", "delete"] {
+        tx.execute_batch(&format!(
+            "DROP TRIGGER IF EXISTS {}",
+            quote_ident(&format!("_ichibase_cdc_{table}_{op}"))
+        ))?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+pub fn list(c: &Connection) -> Result<Vec<String>> {
+    Ok(
+        c.prepare("SELECT name FROM _ichibase_cdc_tables ORDER BY name")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?,
+    )
+}
+
+/// A subscription request from a socket.
+pub struct SubscribeReq {
+    pub conn: u64,
+    pub ctx: RequestContext,
+    pub sub: String,
+    /// A policy view (or, for the admin / granted roles, a table).
+    pub object: String,
+    /// Column = value equalities the row must match.
+    pub filter: Map<String, Json>,
+    /// Last change id the client saw.
+    pub since: Option<i64>,
+}
+
+enum Cmd {
+    Subscribe(SubscribeReq, oneshot::Sender<Result<Json>>),
+    Unsubscribe { conn: u64, sub: String },
+    Closed(u64),
+}
+
+/// Handle to the dispatcher.
+#[derive(Clone)]
+pub struct Cdc {
+    cmd: mpsc::UnboundedSender<Cmd>,
+}
+
+struct Sub {
+    conn: u64,
+    id: String,
+    ctx: RequestContext,
+    object: String,
+    table: String,
+    columns: Vec<String>,
+    predicate: Option<String>,
+    filter: Map<String, Json>,
+}
+
+#[derive(Debug, Clone)]
+struct Event {
+    id: i64,
+    table: String,
+    op: String,
+    key: Json,
+    old: Option<Map<String, Json>>,
+    new: Option<Map<String, Json>>,
+}
+
+fn sys() -> RequestContext {
+    RequestContext::system()
+}
+
+fn ctl() -> Arc<ExecControl> {
+    ExecControl::new(Instant::now(), 30.0)
+}
+
+impl Cdc {
+    /// Start the dispatcher on the current runtime.
+    pub fn start(storage: Storage, hub: Arc<Hub>, retention: i64) -> Cdc {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(dispatch(storage, hub, retention.max(100), rx));
+        Cdc { cmd: tx }
+    }
+
+    pub async fn subscribe(&self, req: SubscribeReq) -> Result<Json> {
+        let (tx, rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::Subscribe(req, tx))
+            .map_err(|_| Error::new(ErrorCode::ShuttingDown, "change capture stopped"))?;
+        rx.await
+            .map_err(|_| Error::new(ErrorCode::ShuttingDown, "change capture stopped"))?
+    }
+
+    pub fn unsubscribe(&self, conn: u64, sub: String) {
+        let _ = self.cmd.send(Cmd::Unsubscribe { conn, sub });
+    }
+
+    pub fn closed(&self, conn: u64) {
+        let _ = self.cmd.send(Cmd::Closed(conn));
+    }
+}
+
+fn parse_obj(s: Option<String>) -> Option<Map<String, Json>> {
+    s.and_then(|s| match serde_json::from_str(&s) {
+        Ok(Json::Object(m)) => Some(m),
+        _ => None,
+    })
+}
+
+fn read_events(c: &Connection, after: i64, upto: Option<i64>, limit: i64) -> Result<Vec<Event>> {
+    let mut st = c.prepare_cached(
+        "SELECT id, tbl, op, pk, old, new FROM _ichibase_changes WHERE id > ?1 AND (?2 IS NULL OR id <= ?2) ORDER BY id LIMIT ?3",
+    )?;
+    let rows = st
+        .query_map(params![after, upto, limit], |r| {
+            Ok(Event {
+                id: r.get(0)?,
+                table: r.get(1)?,
+                op: r.get(2)?,
+                key: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or(Json::Null),
+                old: parse_obj(r.get(4)?),
+                new: parse_obj(r.get(5)?),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+fn to_sql(v: Option<&Json>) -> Sql {
+    match v {
+        None | Some(Json::Null) => Sql::Null,
+        Some(Json::Bool(b)) => Sql::Integer(*b as i64),
+        Some(Json::Number(n)) => n
+            .as_i64()
+            .map(Sql::Integer)
+            .unwrap_or_else(|| Sql::Real(n.as_f64().unwrap_or(0.0))),
+        Some(Json::String(s)) => Sql::Text(s.clone()),
+        Some(other) => Sql::Text(other.to_string()),
+    }
+}
+
+/// Does `row` pass `predicate` for the identity checked out on `c`?
+fn visible(
+    c: &Connection,
+    predicate: &str,
+    columns: &[String],
+    row: &Map<String, Json>,
+) -> Result<bool> {
+    let cols: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("?{} AS {}", i + 1, quote_ident(n)))
+        .collect();
+    let sql = format!(
+        "SELECT coalesce(({predicate}), 0) FROM (SELECT {})",
+        cols.join(", ")
+    );
+    let mut st = c.prepare_cached(&sql)?;
+    for (i, n) in columns.iter().enumerate() {
+        st.raw_bind_parameter(i + 1, to_sql(row.get(n)))?;
+    }
+    let mut rows = st.raw_query();
+    Ok(match rows.next()? {
+        Some(r) => match r.get_ref(0)? {
+            rusqlite::types::ValueRef::Integer(n) => n != 0,
+            rusqlite::types::ValueRef::Real(f) => f != 0.0,
+            _ => false,
+        },
+        None => false,
+    })
+}
+
+fn matches_filter(filter: &Map<String, Json>, row: &Map<String, Json>) -> bool {
+    filter
+        .iter()
+        .all(|(k, v)| row.get(k) == Some(v) || (v.is_null() && row.get(k).is_none()))
+}
+
+/// The message `sub` gets for `ev`, if any (visibility given for old/new rows).
+fn message(sub: &Sub, ev: &Event, old_vis: bool, new_vis: bool) -> Option<Json> {
+    let row_ok =
+        |r: &Option<Map<String, Json>>| r.as_ref().is_some_and(|r| matches_filter(&sub.filter, r));
+    let old_ok = old_vis && row_ok(&ev.old);
+    let new_ok = new_vis && row_ok(&ev.new);
+    let (op, old, new) = match ev.op.as_str() {
+        "insert" if new_ok => ("insert", None, ev.new.clone()),
+        "update" if new_ok => (
+            "update",
+            if old_ok { ev.old.clone() } else { None },
+            ev.new.clone(),
+        ),
+        "update" if old_ok => ("delete", ev.old.clone(), None),
+        "delete" if old_ok => ("delete", ev.old.clone(), None),
+        _ => return None,
+    };
+    Some(
+        json!({"type": "change", "sub": sub.id, "object": sub.object, "table": ev.table, "change_id": ev.id, "op": op, "key": ev.key, "old": old, "new": new}),
+    )
+}
+
+/// Deliver `events` to `subs`, evaluating predicates once per identity for the whole batch.
+async fn deliver(storage: &Storage, hub: &Hub, subs: &[&Sub], events: &[Event]) {
+    // (sub index, event index) -> (old visible, new visible)
+    let mut vis: HashMap<(usize, usize), (bool, bool)> = HashMap::new();
+    let mut by_identity: HashMap<(Option<String>, String), Vec<usize>> = HashMap::new();
+    for (i, s) in subs.iter().enumerate() {
+        if s.predicate.is_some() {
+            by_identity
+                .entry((s.ctx.user_id.clone(), s.ctx.role.as_str().to_string()))
+                .or_default()
+                .push(i);
+        } else {
+            for (j, e) in events.iter().enumerate() {
+                if e.table == s.table {
+                    vis.insert((i, j), (e.old.is_some(), e.new.is_some()));
+                }
+            }
+        }
+    }
+    for (_, idxs) in by_identity {
+        let mut ctx = subs[idxs[0]].ctx.clone();
+        ctx.elevated = true;
+        let work: Vec<(usize, String, Vec<String>)> = idxs
+            .iter()
+            .map(|i| (*i, subs[*i].table.clone(), subs[*i].columns.clone()))
+            .collect();
+        let preds: Vec<String> = idxs
+            .iter()
+            .map(|i| subs[*i].predicate.clone().unwrap_or_default())
+            .collect();
+        let evs = events.to_vec();
+        let r = storage
+            .read(&ctx, ctl(), move |c| {
+                let mut out = Vec::new();
+                for ((i, table, columns), pred) in work.iter().zip(&preds) {
+                    for (j, e) in evs.iter().enumerate() {
+                        if &e.table != table {
+                            continue;
+                        }
+                        let o = match &e.old {
+                            Some(r) => visible(c, pred, columns, r)?,
+                            None => false,
+                        };
+                        let n = match &e.new {
+                            Some(r) => visible(c, pred, columns, r)?,
+                            None => false,
+                        };
+                        out.push(((*i, j), (o, n)));
+                    }
+                }
+                Ok(out)
+            })
+            .await;
+        match r {
+            Ok(v) => vis.extend(v),
+            Err(e) => {
+                tracing::error!(error = %e, "CDC visibility check failed; events withheld from that identity")
+            }
+        }
+    }
+    for (j, e) in events.iter().enumerate() {
+        for (i, s) in subs.iter().enumerate() {
+            if let Some((o, n)) = vis.get(&(i, j)) {
+                if let Some(m) = message(s, e, *o, *n) {
+                    hub.send_json(s.conn, &m);
+                }
+            }
+        }
+    }
+}
+
+/// Resolve what a subscription reads and check the role may read it.
+fn resolve(c: &Connection, req: &SubscribeReq) -> Result<(String, Option<String>, Vec<String>)> {
+    let policy: Option<(String, String)> = c
+        .query_row(
+            "SELECT table_name, using_expr FROM _ichibase_policies WHERE name = ?1",
+            [&req.object],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let role = req.ctx.role.as_str();
+    let granted: bool = c.query_row(
+        "SELECT count(*) > 0 FROM _ichibase_grants WHERE lower(object) = lower(?1) AND role = ?2 AND privilege = 'select'",
+        params![req.object, role],
+        |r| r.get(0),
+    )?;
+    let (table, predicate) = match policy {
+        Some((t, using)) => (
+            t,
+            if req.ctx.is_admin() {
+                None
+            } else {
+                Some(using)
+            },
+        ),
+        None => (req.object.clone(), None),
+    };
+    if !req.ctx.is_admin() && !granted {
+        return Err(Error::new(
+            ErrorCode::AccessDenied,
+            format!("role '{role}' may not read {}", req.object),
+        ));
+    }
+    let enabled: bool = c.query_row(
+        "SELECT count(*) > 0 FROM _ichibase_cdc_tables WHERE name = ?1",
+        [&table],
+        |r| r.get(0),
+    )?;
+    if !enabled {
+        return Err(Error::new(
+            ErrorCode::NotFound,
+            format!("change capture is not enabled on table '{table}' (POST /admin/cdc)"),
+        ));
+    }
+    let columns: Vec<String> = c
+        .prepare("SELECT name FROM pragma_table_info(?1) ORDER BY cid")?
+        .query_map([&table], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok((table, predicate, columns))
+}
+
+async fn dispatch(
+    storage: Storage,
+    hub: Arc<Hub>,
+    retention: i64,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+) {
+    let committed = storage.committed();
+    let mut cursor: i64 = match storage
+        .read(&sys(), ctl(), |c| {
+            Ok(c.query_row(
+                "SELECT coalesce(max(id), 0) FROM _ichibase_changes",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(error = %e, "CDC dispatcher could not start");
+            return;
+        }
+    };
+    let mut subs: Vec<Sub> = Vec::new();
+    let mut last_prune = Instant::now();
+    let mut pruned_at = cursor;
+    loop {
+        let mut cmds = Vec::new();
+        tokio::select! {
+            c = rx.recv() => match c {
+                Some(c) => cmds.push(c),
+                None => return,
+            },
+            _ = committed.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        while let Ok(c) = rx.try_recv() {
+            cmds.push(c);
+        }
+        // Live events first, so a new subscription's replay ends exactly where live delivery starts.
+        loop {
+            let after = cursor;
+            let events = match storage
+                .read(&sys(), ctl(), move |c| read_events(c, after, None, 500))
+                .await
+            {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the change log failed");
+                    break;
+                }
+            };
+            let Some(last) = events.last().map(|e| e.id) else {
+                break;
+            };
+            let refs: Vec<&Sub> = subs.iter().collect();
+            deliver(&storage, &hub, &refs, &events).await;
+            cursor = last;
+            if events.len() < 500 {
+                break;
+            }
+        }
+        for c in cmds {
+            match c {
+                Cmd::Subscribe(req, reply) => {
+                    let r = subscribe(&storage, &hub, &mut subs, req, cursor).await;
+                    let _ = reply.send(r);
+                }
+                Cmd::Unsubscribe { conn, sub } => subs.retain(|s| !(s.conn == conn && s.id == sub)),
+                Cmd::Closed(conn) => subs.retain(|s| s.conn != conn),
+            }
+        }
+        if last_prune.elapsed() > Duration::from_secs(10) || cursor - pruned_at >= retention {
+            last_prune = Instant::now();
+            pruned_at = cursor;
+            let keep_from = cursor - retention;
+            if keep_from > 0 {
+                let r = storage
+                    .write(&sys(), ctl(), move |c| {
+                        Ok(c.execute("DELETE FROM _ichibase_changes WHERE id <= ?1", [keep_from])?)
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "pruning the change log failed");
+                }
+            }
+        }
+    }
+}
+
+async fn subscribe(
+    storage: &Storage,
+    hub: &Hub,
+    subs: &mut Vec<Sub>,
+    req: SubscribeReq,
+    cursor: i64,
+) -> Result<Json> {
+    if req.sub.is_empty() || req.sub.len() > 100 {
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            "a subscription needs an id of 1-100 characters",
+        ));
+    }
+    if subs.iter().any(|s| s.conn == req.conn && s.id == req.sub) {
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            format!(
+                "subscription '{}' exists already on this connection",
+                req.sub
+            ),
+        ));
+    }
+    let r2 = SubscribeReq {
+        conn: req.conn,
+        ctx: req.ctx.clone(),
+        sub: req.sub.clone(),
+        object: req.object.clone(),
+        filter: req.filter.clone(),
+        since: req.since,
+    };
+    let (table, predicate, columns) = storage
+        .read(&sys(), ctl(), move |c| resolve(c, &r2))
+        .await?;
+    let sub = Sub {
+        conn: req.conn,
+        id: req.sub.clone(),
+        ctx: req.ctx,
+        object: req.object,
+        table,
+        columns,
+        predicate,
+        filter: req.filter,
+    };
+    let mut reply = json!({"type": "subscribed", "sub": sub.id, "object": sub.object, "table": sub.table, "cursor": cursor});
+    if let Some(since) = req.since.filter(|s| *s < cursor) {
+        let min: Option<i64> = storage
+            .read(&sys(), ctl(), |c| {
+                Ok(c.query_row("SELECT min(id) FROM _ichibase_changes", [], |r| r.get(0))?)
+            })
+            .await?;
+        if min.is_none_or(|m| m > since + 1) {
+            reply["refetch"] = json!(true);
+            reply["reason"] = json!(format!(
+                "changes after {since} are no longer kept; fetch the current rows, then follow from change {cursor}"
+            ));
+        } else {
+            let mut after = since;
+            loop {
+                let events = storage
+                    .read(&sys(), ctl(), move |c| {
+                        read_events(c, after, Some(cursor), 500)
+                    })
+                    .await?;
+                let Some(last) = events.last().map(|e| e.id) else {
+                    break;
+                };
+                // Replayed events go out before the reply's own delivery, in order.
+                deliver(storage, hub, &[&sub], &events).await;
+                after = last;
+            }
+            reply["replayed_from"] = json!(since);
+        }
+    }
+    subs.push(sub);
+    Ok(reply)
+}

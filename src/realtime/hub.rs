@@ -1,0 +1,322 @@
+//! Connections, channels and presence.
+//!
+//! Every connection has a bounded outgoing queue. A message that does not fit means the client
+//! is too slow: it is disconnected with a reason, and nobody else (no writer, no other client)
+//! ever waits for it. Presence lists who is in a channel (user, role, device, metadata) and is
+//! diffed on join and leave, including when a socket dies.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value as Json, json};
+use tokio::sync::{mpsc, watch};
+
+use crate::core::{Error, ErrorCode, RequestContext, Result, Role};
+
+/// A frame for one connection.
+#[derive(Debug, Clone)]
+pub enum Out {
+    Text(Arc<str>),
+}
+
+struct Conn {
+    ctx: RequestContext,
+    device: Option<String>,
+    tx: mpsc::Sender<Out>,
+    /// Set to a reason to make the socket task close the connection.
+    kill: watch::Sender<Option<String>>,
+    /// channel -> metadata given at join
+    channels: BTreeMap<String, Json>,
+    joined_at: String,
+}
+
+#[derive(Default)]
+struct State {
+    conns: HashMap<u64, Conn>,
+    channels: HashMap<String, HashSet<u64>>,
+}
+
+/// What a new connection gets back from [`Hub::connect`].
+pub struct Registered {
+    pub id: u64,
+    pub rx: mpsc::Receiver<Out>,
+    pub kill: watch::Receiver<Option<String>>,
+}
+
+pub struct Hub {
+    state: Mutex<State>,
+    next: AtomicU64,
+    queue: usize,
+}
+
+/// Who may join a channel, by its name:
+/// `public:*` everyone (also anonymous), `user:<id>` that user only (their devices),
+/// `role:<name>` that role, `private:*` the admin only, anything else any signed-in role.
+pub fn may_join(ctx: &RequestContext, channel: &str) -> Result<()> {
+    if channel.is_empty() || channel.len() > 200 || channel.chars().any(char::is_control) {
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            "channel names are 1-200 characters without control characters",
+        ));
+    }
+    if ctx.is_admin() {
+        return Ok(());
+    }
+    let deny = |why: &str| {
+        Err(Error::new(
+            ErrorCode::AccessDenied,
+            format!("may not join '{channel}': {why}"),
+        ))
+    };
+    if channel.starts_with("public:") {
+        Ok(())
+    } else if let Some(uid) = channel.strip_prefix("user:") {
+        if ctx.user_id.as_deref() == Some(uid) {
+            Ok(())
+        } else {
+            deny("user channels are their owner's")
+        }
+    } else if let Some(role) = channel.strip_prefix("role:") {
+        if ctx.role.as_str() == role {
+            Ok(())
+        } else {
+            deny("role channels are that role's")
+        }
+    } else if channel.starts_with("private:") {
+        deny("private channels are the admin's")
+    } else if ctx.role == Role::Anon {
+        deny("sign in first (anonymous clients may join public: channels)")
+    } else {
+        Ok(())
+    }
+}
+
+fn now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+}
+
+impl Hub {
+    pub fn new(queue: usize) -> Arc<Hub> {
+        Arc::new(Hub {
+            state: Mutex::new(State::default()),
+            next: AtomicU64::new(1),
+            queue: queue.max(1),
+        })
+    }
+
+    pub fn connect(&self, ctx: RequestContext, device: Option<String>) -> Registered {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(self.queue);
+        let (kill_tx, kill) = watch::channel(None);
+        self.state.lock().unwrap().conns.insert(
+            id,
+            Conn {
+                ctx,
+                device,
+                tx,
+                kill: kill_tx,
+                channels: BTreeMap::new(),
+                joined_at: now(),
+            },
+        );
+        Registered { id, rx, kill }
+    }
+
+    pub fn connections(&self) -> usize {
+        self.state.lock().unwrap().conns.len()
+    }
+
+    /// Queue a frame for one connection; a full queue disconnects it. False if it is gone.
+    pub fn send(&self, id: u64, msg: Out) -> bool {
+        let full = {
+            let st = self.state.lock().unwrap();
+            let Some(c) = st.conns.get(&id) else {
+                return false;
+            };
+            match c.tx.try_send(msg) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Full(_)) => true,
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        };
+        if full {
+            self.disconnect(
+                id,
+                &format!("slow consumer: {} messages queued and not read", self.queue),
+            );
+        }
+        false
+    }
+
+    pub fn send_json(&self, id: u64, v: &Json) -> bool {
+        self.send(id, Out::Text(Arc::from(v.to_string())))
+    }
+
+    /// Remove a connection, leave its channels (with presence diffs), and close its socket.
+    pub fn disconnect(&self, id: u64, reason: &str) {
+        let (conn, notices) = {
+            let mut st = self.state.lock().unwrap();
+            let Some(conn) = st.conns.remove(&id) else {
+                return;
+            };
+            let mut notices = Vec::new();
+            for ch in conn.channels.keys() {
+                if let Some(m) = st.channels.get_mut(ch) {
+                    m.remove(&id);
+                    if m.is_empty() {
+                        st.channels.remove(ch);
+                    }
+                }
+                notices.push((ch.clone(), presence_entry(id, &conn, ch)));
+            }
+            (conn, notices)
+        };
+        let _ = conn.kill.send(Some(reason.to_string()));
+        for (ch, entry) in notices {
+            self.publish(
+                &ch,
+                &json!({"type": "presence_diff", "channel": ch, "joins": [], "leaves": [entry]}),
+                None,
+            );
+        }
+    }
+
+    /// Join `channel` with presence `meta`; returns the channel's presence list.
+    pub fn join(&self, id: u64, channel: &str, meta: Json) -> Result<Vec<Json>> {
+        let (entry, list) = {
+            let mut st = self.state.lock().unwrap();
+            let conn = st
+                .conns
+                .get(&id)
+                .ok_or_else(|| Error::internal("connection gone"))?;
+            may_join(&conn.ctx, channel)?;
+            let st = &mut *st;
+            let conn = st.conns.get_mut(&id).expect("checked above");
+            conn.channels.insert(channel.to_string(), meta);
+            st.channels
+                .entry(channel.to_string())
+                .or_default()
+                .insert(id);
+            let conn = &st.conns[&id];
+            let entry = presence_entry(id, conn, channel);
+            (entry, Self::presence_locked(st, channel))
+        };
+        self.publish(
+            channel,
+            &json!({"type": "presence_diff", "channel": channel, "joins": [entry], "leaves": []}),
+            Some(id),
+        );
+        Ok(list)
+    }
+
+    pub fn leave(&self, id: u64, channel: &str) -> Result<()> {
+        let entry = {
+            let mut st = self.state.lock().unwrap();
+            let st = &mut *st;
+            let conn = st
+                .conns
+                .get_mut(&id)
+                .ok_or_else(|| Error::internal("connection gone"))?;
+            if !conn.channels.contains_key(channel) {
+                return Err(Error::new(
+                    ErrorCode::NotFound,
+                    format!("not in channel '{channel}'"),
+                ));
+            }
+            let entry = presence_entry(id, conn, channel);
+            conn.channels.remove(channel);
+            if let Some(m) = st.channels.get_mut(channel) {
+                m.remove(&id);
+                if m.is_empty() {
+                    st.channels.remove(channel);
+                }
+            }
+            entry
+        };
+        self.publish(
+            channel,
+            &json!({"type": "presence_diff", "channel": channel, "joins": [], "leaves": [entry]}),
+            None,
+        );
+        Ok(())
+    }
+
+    fn presence_locked(st: &State, channel: &str) -> Vec<Json> {
+        let mut v: Vec<Json> = st
+            .channels
+            .get(channel)
+            .map(|m| {
+                m.iter()
+                    .filter_map(|id| st.conns.get(id).map(|c| presence_entry(*id, c, channel)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort_by_key(|e| e["conn_id"].as_u64());
+        v
+    }
+
+    /// Who is in `channel` (the caller must be allowed to join it).
+    pub fn presence(&self, ctx: &RequestContext, channel: &str) -> Result<Vec<Json>> {
+        may_join(ctx, channel)?;
+        Ok(Self::presence_locked(&self.state.lock().unwrap(), channel))
+    }
+
+    pub fn is_member(&self, id: u64, channel: &str) -> bool {
+        self.state
+            .lock()
+            .unwrap()
+            .conns
+            .get(&id)
+            .is_some_and(|c| c.channels.contains_key(channel))
+    }
+
+    /// Send `msg` to every member of `channel` (except `skip`). Returns how many got it.
+    pub fn publish(&self, channel: &str, msg: &Json, skip: Option<u64>) -> usize {
+        let text: Arc<str> = Arc::from(msg.to_string());
+        let members: Vec<u64> = self
+            .state
+            .lock()
+            .unwrap()
+            .channels
+            .get(channel)
+            .map(|m| m.iter().copied().collect())
+            .unwrap_or_default();
+        members
+            .into_iter()
+            .filter(|id| Some(*id) != skip)
+            .filter(|id| self.send(*id, Out::Text(Arc::clone(&text))))
+            .count()
+    }
+
+    /// A broadcast from `ctx` (a member, the admin over HTTP, or Lua code).
+    pub fn broadcast(&self, from: &RequestContext, channel: &str, payload: Json) -> Result<usize> {
+        may_join(from, channel)?;
+        let msg = json!({"type": "broadcast", "channel": channel, "payload": payload, "from": {"user_id": from.user_id, "role": from.role.as_str()}});
+        Ok(self.publish(channel, &msg, None))
+    }
+
+    /// The identity of a connection.
+    pub fn identity(&self, id: u64) -> Option<RequestContext> {
+        self.state
+            .lock()
+            .unwrap()
+            .conns
+            .get(&id)
+            .map(|c| c.ctx.clone())
+    }
+}
+
+fn presence_entry(id: u64, c: &Conn, channel: &str) -> Json {
+    json!({
+        "conn_id": id,
+        "user_id": c.ctx.user_id,
+        "role": c.ctx.role.as_str(),
+        "device": c.device,
+        "meta": c.channels.get(channel).cloned().unwrap_or(Json::Null),
+        "connected_at": c.joined_at,
+    })
+}
