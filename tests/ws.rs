@@ -225,6 +225,35 @@ async fn broadcast_presence_and_join_rules() {
             .len(),
         1
     );
+    // A member that opts out of presence gets broadcasts but is neither listed nor announced.
+    let mut quiet_member = connect(base, Some(common::ADMIN_KEY)).await;
+    send(
+        &mut quiet_member,
+        json!({"type": "join", "channel": "room1", "presence": false}),
+    )
+    .await;
+    assert_eq!(recv(&mut quiet_member).await["type"], "joined");
+    quiet(&mut a, 200).await;
+    send(
+        &mut a,
+        json!({"type": "broadcast", "channel": "room1", "payload": "to all"}),
+    )
+    .await;
+    assert_eq!(
+        recv_type(&mut quiet_member, "broadcast").await["payload"],
+        "to all"
+    );
+    assert_eq!(recv(&mut a).await["delivered"], 1);
+    send(&mut a, json!({"type": "presence", "channel": "room1"})).await;
+    assert_eq!(
+        recv_type(&mut a, "presence").await["presence"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    drop(quiet_member);
+    quiet(&mut a, 200).await;
     // Protocol errors are frames, not disconnects.
     a.send(Message::Text("{nope".into())).await.unwrap();
     assert_eq!(recv_type(&mut a, "error").await["name"], "BAD_ARGUMENTS");

@@ -175,9 +175,12 @@ async fn handle(
         "ping" => json!({"type": "pong"}),
         "join" => {
             let ch = str_field(v, "channel")?;
-            let presence = st
-                .hub
-                .join(id, ch, v.get("meta").cloned().unwrap_or(Json::Null))?;
+            let presence = st.hub.join(
+                id,
+                ch,
+                v.get("meta").cloned().unwrap_or(Json::Null),
+                v.get("presence").and_then(Json::as_bool).unwrap_or(true),
+            )?;
             json!({"type": "joined", "channel": ch, "presence": presence})
         }
         "leave" => {

@@ -26,8 +26,8 @@ struct Conn {
     tx: mpsc::Sender<Out>,
     /// Set to a reason to make the socket task close the connection.
     kill: watch::Sender<Option<String>>,
-    /// channel -> metadata given at join
-    channels: BTreeMap<String, Json>,
+    /// channel -> (metadata given at join, tracked in presence)
+    channels: BTreeMap<String, (Json, bool)>,
     joined_at: String,
 }
 
@@ -164,20 +164,22 @@ impl Hub {
                 return;
             };
             let mut notices = Vec::new();
-            for ch in conn.channels.keys() {
+            for (ch, (_, tracked)) in &conn.channels {
                 if let Some(m) = st.channels.get_mut(ch) {
                     m.remove(&id);
                     if m.is_empty() {
                         st.channels.remove(ch);
                     }
                 }
-                notices.push((ch.clone(), presence_entry(id, &conn, ch)));
+                if *tracked {
+                    notices.push((ch.clone(), presence_entry(id, &conn, ch)));
+                }
             }
             (conn, notices)
         };
         let _ = conn.kill.send(Some(reason.to_string()));
         for (ch, entry) in notices {
-            self.publish(
+            self.publish_presence(
                 &ch,
                 &json!({"type": "presence_diff", "channel": ch, "joins": [], "leaves": [entry]}),
                 None,
@@ -186,7 +188,7 @@ impl Hub {
     }
 
     /// Join `channel` with presence `meta`; returns the channel's presence list.
-    pub fn join(&self, id: u64, channel: &str, meta: Json) -> Result<Vec<Json>> {
+    pub fn join(&self, id: u64, channel: &str, meta: Json, tracked: bool) -> Result<Vec<Json>> {
         let (entry, list) = {
             let mut st = self.state.lock().unwrap();
             let conn = st
@@ -196,7 +198,7 @@ impl Hub {
             may_join(&conn.ctx, channel)?;
             let st = &mut *st;
             let conn = st.conns.get_mut(&id).expect("checked above");
-            conn.channels.insert(channel.to_string(), meta);
+            conn.channels.insert(channel.to_string(), (meta, tracked));
             st.channels
                 .entry(channel.to_string())
                 .or_default()
@@ -205,11 +207,9 @@ impl Hub {
             let entry = presence_entry(id, conn, channel);
             (entry, Self::presence_locked(st, channel))
         };
-        self.publish(
-            channel,
-            &json!({"type": "presence_diff", "channel": channel, "joins": [entry], "leaves": []}),
-            Some(id),
-        );
+        if tracked {
+            self.publish_presence(channel, &json!({"type": "presence_diff", "channel": channel, "joins": [entry], "leaves": []}), Some(id));
+        }
         Ok(list)
     }
 
@@ -228,20 +228,18 @@ impl Hub {
                 ));
             }
             let entry = presence_entry(id, conn, channel);
-            conn.channels.remove(channel);
+            let tracked = conn.channels.remove(channel).is_some_and(|(_, t)| t);
             if let Some(m) = st.channels.get_mut(channel) {
                 m.remove(&id);
                 if m.is_empty() {
                     st.channels.remove(channel);
                 }
             }
-            entry
+            tracked.then_some(entry)
         };
-        self.publish(
-            channel,
-            &json!({"type": "presence_diff", "channel": channel, "joins": [], "leaves": [entry]}),
-            None,
-        );
+        if let Some(entry) = entry {
+            self.publish_presence(channel, &json!({"type": "presence_diff", "channel": channel, "joins": [], "leaves": [entry]}), None);
+        }
         Ok(())
     }
 
@@ -251,7 +249,12 @@ impl Hub {
             .get(channel)
             .map(|m| {
                 m.iter()
-                    .filter_map(|id| st.conns.get(id).map(|c| presence_entry(*id, c, channel)))
+                    .filter_map(|id| {
+                        st.conns
+                            .get(id)
+                            .filter(|c| tracked(c, channel))
+                            .map(|c| presence_entry(*id, c, channel))
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -292,6 +295,28 @@ impl Hub {
             .count()
     }
 
+    /// A presence diff goes to the members that follow presence only.
+    fn publish_presence(&self, channel: &str, msg: &Json, skip: Option<u64>) -> usize {
+        let text: Arc<str> = Arc::from(msg.to_string());
+        let members: Vec<u64> = {
+            let st = self.state.lock().unwrap();
+            st.channels
+                .get(channel)
+                .map(|m| {
+                    m.iter()
+                        .copied()
+                        .filter(|id| st.conns.get(id).is_some_and(|c| tracked(c, channel)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        members
+            .into_iter()
+            .filter(|id| Some(*id) != skip)
+            .filter(|id| self.send(*id, Out::Text(Arc::clone(&text))))
+            .count()
+    }
+
     /// A broadcast from `ctx` (a member, the admin over HTTP, or Lua code).
     pub fn broadcast(&self, from: &RequestContext, channel: &str, payload: Json) -> Result<usize> {
         may_join(from, channel)?;
@@ -316,7 +341,12 @@ fn presence_entry(id: u64, c: &Conn, channel: &str) -> Json {
         "user_id": c.ctx.user_id,
         "role": c.ctx.role.as_str(),
         "device": c.device,
-        "meta": c.channels.get(channel).cloned().unwrap_or(Json::Null),
+        "meta": c.channels.get(channel).map(|m| m.0.clone()).unwrap_or(Json::Null),
         "connected_at": c.joined_at,
     })
+}
+
+/// Whether `c` takes part in `channel`'s presence (joined without `"presence": false`).
+fn tracked(c: &Conn, channel: &str) -> bool {
+    c.channels.get(channel).is_some_and(|(_, t)| *t)
 }
