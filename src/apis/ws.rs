@@ -58,7 +58,7 @@ async fn upgrade(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     });
-    ws.max_message_size(st.config.ws.max_message)
+    ws.max_message_size(st.config.ws.max_message).read_buffer_size(8 * 1024)
         .on_upgrade(move |socket| session(st, ctx, device, socket))
         .into_response()
 }
