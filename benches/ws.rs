@@ -23,7 +23,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 const KEY: &str = "ik_bench-admin-key-0123456789abcdef";
 
 fn now_ns() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }
 
 fn pct(sorted: &[u64], p: f64) -> f64 {
@@ -33,15 +36,27 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
     sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1] as f64 / 1e3
 }
 
-async fn ws_connect(url: &str) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+async fn ws_connect(
+    url: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
     let mut req = url.into_client_request().unwrap();
-    req.headers_mut().insert("authorization", format!("Bearer {KEY}").parse().unwrap());
-    let cfg = WebSocketConfig::default().read_buffer_size(8 * 1024).write_buffer_size(0);
-    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(cfg), true).await.expect("connect");
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+    let cfg = WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0);
+    let (ws, _) = tokio_tungstenite::connect_async_with_config(req, Some(cfg), true)
+        .await
+        .expect("connect");
     ws
 }
 
-async fn fanout(http: &reqwest::Client, base: &str, clients: usize, rounds: usize) -> (Vec<u64>, f64) {
+async fn fanout(
+    http: &reqwest::Client,
+    base: &str,
+    clients: usize,
+    rounds: usize,
+) -> (Vec<u64>, f64) {
     let url = base.replace("http://", "ws://") + "/ws";
     let received = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(clients);
@@ -51,7 +66,13 @@ async fn fanout(http: &reqwest::Client, base: &str, clients: usize, rounds: usiz
         let url = url.clone();
         pending.push(tokio::spawn(async move {
             let mut ws = ws_connect(&url).await;
-            ws.send(Message::Text(json!({"type": "join", "channel": "bench", "presence": false}).to_string().into())).await.unwrap();
+            ws.send(Message::Text(
+                json!({"type": "join", "channel": "bench", "presence": false})
+                    .to_string()
+                    .into(),
+            ))
+            .await
+            .unwrap();
             loop {
                 if let Some(Ok(Message::Text(t))) = ws.next().await {
                     if t.contains("\"joined\"") {
@@ -95,8 +116,15 @@ async fn fanout(http: &reqwest::Client, base: &str, clients: usize, rounds: usiz
         }));
     }
     for _ in 0..rounds {
-        let r = http.post(format!("{base}/broadcast")).json(&json!({"channel": "bench", "payload": {"t": now_ns()}})).send().await.unwrap();
-        let delivered = r.json::<Value>().await.unwrap()["delivered"].as_u64().unwrap();
+        let r = http
+            .post(format!("{base}/broadcast"))
+            .json(&json!({"channel": "bench", "payload": {"t": now_ns()}}))
+            .send()
+            .await
+            .unwrap();
+        let delivered = r.json::<Value>().await.unwrap()["delivered"]
+            .as_u64()
+            .unwrap();
         assert_eq!(delivered as usize, clients, "every client must be reached");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -110,14 +138,21 @@ async fn fanout(http: &reqwest::Client, base: &str, clients: usize, rounds: usiz
 
 async fn writer_rate(http: &reqwest::Client, base: &str, table: &str, secs: f64) -> f64 {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
-    let sql = format!("INSERT INTO {table}(v) SELECT 'payload-' || n FROM (WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 100) SELECT n FROM c)");
+    let sql = format!(
+        "INSERT INTO {table}(v) SELECT 'payload-' || n FROM (WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 100) SELECT n FROM c)"
+    );
     let mut tasks = Vec::new();
     for _ in 0..4 {
         let (c, b, sql) = (http.clone(), base.to_string(), sql.clone());
         tasks.push(tokio::spawn(async move {
             let mut rows = 0u64;
             while Instant::now() < deadline {
-                let r = c.post(format!("{b}/")).body(sql.clone()).send().await.unwrap();
+                let r = c
+                    .post(format!("{b}/"))
+                    .body(sql.clone())
+                    .send()
+                    .await
+                    .unwrap();
                 assert!(r.status().is_success(), "{}", r.text().await.unwrap());
                 r.bytes().await.unwrap();
                 rows += 100;
@@ -133,11 +168,24 @@ async fn writer_rate(http: &reqwest::Client, base: &str, table: &str, secs: f64)
 }
 
 fn main() {
-    let secs: f64 = std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
-    let sizes: Vec<usize> = std::env::var("BENCH_CLIENTS").ok().map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect()).unwrap_or_else(|| vec![1000, 10000]);
+    let secs: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let sizes: Vec<usize> = std::env::var("BENCH_CLIENTS")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1000, 10000]);
     let tmp = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_ichibase"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--ws-queue", "4096", "--data-dir"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--ws-queue",
+            "200000",
+            "--data-dir",
+        ])
         .arg(tmp.path())
         .env("ICHIBASE_ADMIN_KEY", KEY)
         .env("ICHIBASE_LOG", "warn")
@@ -152,7 +200,10 @@ fn main() {
         }
     };
     std::thread::spawn(move || for _ in lines {});
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {KEY}").parse().unwrap());

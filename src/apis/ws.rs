@@ -58,7 +58,8 @@ async fn upgrade(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     });
-    ws.max_message_size(st.config.ws.max_message).read_buffer_size(8 * 1024)
+    ws.max_message_size(st.config.ws.max_message)
+        .read_buffer_size(8 * 1024)
         .on_upgrade(move |socket| session(st, ctx, device, socket))
         .into_response()
 }
@@ -87,7 +88,19 @@ async fn session(st: AppState, ctx: RequestContext, device: Option<String>, sock
         loop {
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some(Out::Text(t)) => if sink.send(Message::Text(t.as_ref().into())).await.is_err() { break },
+                    Some(Out::Text(t)) => {
+                        // Write what is queued in one go: one flush (one syscall) per burst.
+                        let mut ok = sink.feed(Message::Text(t.as_ref().into())).await.is_ok();
+                        let mut n = 1;
+                        while ok && n < 256 {
+                            match rx.try_recv() {
+                                Ok(Out::Text(t)) => ok = sink.feed(Message::Text(t.as_ref().into())).await.is_ok(),
+                                Err(_) => break,
+                            }
+                            n += 1;
+                        }
+                        if !ok || sink.flush().await.is_err() { break }
+                    }
                     None => break,
                 },
                 _ = kill.changed() => {

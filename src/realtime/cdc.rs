@@ -4,7 +4,8 @@
 //! Capture uses triggers: enabling CDC on a table (`POST /admin/cdc`) adds AFTER INSERT /
 //! UPDATE / DELETE triggers that append `(table, op, key, old row, new row)` as JSON to
 //! `_ichibase_changes`. The change rows commit (or roll back) with the data itself, so an event
-//! exists only after commit, and the AUTOINCREMENT id is the commit order. (SQLite's update hook
+//! exists only after commit, and its id is the commit order (ids only grow: pruning removes the
+//! oldest rows and always keeps the newest `retention`, so the largest id never goes away). (SQLite's update hook
 //! reports only rowids, and its pre-update hook needs a special build; triggers see whole rows,
 //! also for deletes, which the RLS check below needs.)
 //!

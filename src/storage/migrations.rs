@@ -131,7 +131,7 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "change data capture",
         sql: "CREATE TABLE _ichibase_changes (
-                  id INTEGER PRIMARY KEY AUTOINCREMENT,
+                  id INTEGER PRIMARY KEY,
                   tbl TEXT NOT NULL,
                   op TEXT NOT NULL,
                   pk TEXT NOT NULL,
