@@ -85,37 +85,69 @@ async fn session(st: AppState, ctx: RequestContext, device: Option<String>, sock
     let writer = tokio::spawn(async move {
         let mut tick = tokio::time::interval(heartbeat);
         tick.tick().await;
+        let reason_of = |kill: &tokio::sync::watch::Receiver<Option<String>>| {
+            kill.borrow()
+                .clone()
+                .unwrap_or_else(|| "closed by the server".into())
+        };
+        let mut close: Option<(u16, String)> = None;
         loop {
             tokio::select! {
-                m = rx.recv() => match m {
-                    Some(Out::Text(t)) => {
-                        // Write what is queued in one go: one flush (one syscall) per burst.
-                        let mut ok = sink.feed(Message::Text(t.as_ref().into())).await.is_ok();
-                        let mut n = 1;
-                        while ok && n < 256 {
-                            match rx.try_recv() {
-                                Ok(Out::Text(t)) => ok = sink.feed(Message::Text(t.as_ref().into())).await.is_ok(),
-                                Err(_) => break,
-                            }
-                            n += 1;
-                        }
-                        if !ok || sink.flush().await.is_err() { break }
-                    }
-                    None => break,
-                },
+                biased;
                 _ = kill.changed() => {
-                    let reason = kill.borrow().clone().unwrap_or_default();
-                    let _ = sink.send(Message::Close(Some(CloseFrame { code: 1008, reason: reason.chars().take(120).collect::<String>().into() }))).await;
+                    close = Some((1008, reason_of(&kill)));
                     break;
                 }
+                m = rx.recv() => match m {
+                    Some(Out::Text(t)) => {
+                        // Write what is queued in one go: one flush (one syscall) per burst. A
+                        // kill while the client does not read interrupts the wait.
+                        let burst = async {
+                            let mut ok = sink.feed(Message::Text(t.as_ref().into())).await.is_ok();
+                            let mut n = 1;
+                            while ok && n < 256 {
+                                match rx.try_recv() {
+                                    Ok(Out::Text(t)) => ok = sink.feed(Message::Text(t.as_ref().into())).await.is_ok(),
+                                    Err(_) => break,
+                                }
+                                n += 1;
+                            }
+                            ok && sink.flush().await.is_ok()
+                        };
+                        tokio::select! {
+                            biased;
+                            _ = kill.changed() => {
+                                close = Some((1008, reason_of(&kill)));
+                                break;
+                            }
+                            ok = burst => if !ok { break },
+                        }
+                    }
+                    None => {
+                        close = Some((1008, reason_of(&kill)));
+                        break;
+                    }
+                },
                 _ = tick.tick() => {
                     if seen.lock().unwrap().elapsed() > heartbeat * 2 {
-                        let _ = sink.send(Message::Close(Some(CloseFrame { code: 1001, reason: "heartbeat timeout".into() }))).await;
+                        close = Some((1001, "heartbeat timeout".into()));
                         break;
                     }
                     if sink.send(Message::Ping(Default::default())).await.is_err() { break }
                 }
             }
+        }
+        // Say why, after what is already buffered, if the client reads within 10 s.
+        if let Some((code, reason)) = close {
+            let frame = CloseFrame {
+                code: code.into(),
+                reason: reason.chars().take(120).collect::<String>().into(),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                let _ = sink.flush().await;
+                let _ = sink.send(Message::Close(Some(frame))).await;
+            })
+            .await;
         }
     });
     while let Some(Ok(msg)) = stream.next().await {
