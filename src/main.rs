@@ -269,8 +269,10 @@ fn main() -> anyhow::Result<()> {
         Command::Serve { settings } => {
             let cfg = config::load(settings, cli.config.as_deref())?;
             init_logging(&cfg.log_level, cfg.log_format);
+            // Lua and its callbacks recurse on blocking threads: give them room (debug builds need it).
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
+                .thread_stack_size(8 * 1024 * 1024)
                 .build()?;
             rt.block_on(ichibase::server::run(cfg))
         }

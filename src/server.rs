@@ -114,6 +114,7 @@ pub fn lua_options(config: &Config) -> crate::lua::LuaOptions {
         timeout: Duration::from_secs_f64(l.timeout_secs),
         max_trace_steps: l.max_trace_steps,
         max_rows: config.limits.max_result_rows,
+        max_sql: config.limits.max_query_size,
     }
 }
 

@@ -261,7 +261,7 @@ async fn invoke(
         },
     )
     .await;
-    let (f, trace, outcome) = match ran {
+    let (f, trace, mut outcome) = match ran {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => return error_response(&e, true, Some(&ctx.query_id)),
         Err(e) => {
@@ -287,13 +287,19 @@ async fn invoke(
         let saved = st
             .storage
             .write(&RequestContext::system(), no_deadline(), {
-                let o = outcome.clone();
+                // The steps move to the writer; only the small rest is copied.
+                let steps = outcome.steps.take();
+                let o = lua::Outcome {
+                    steps,
+                    ..outcome.clone()
+                };
                 move |c| store::save_trace(c, &id, &fname, version, uid.as_deref(), &role, &o)
             })
             .await;
         if let Err(e) = saved {
             tracing::error!(error = %e, "saving a trace failed");
         }
+        lua::release_freed_memory();
     }
     let mut resp = match outcome.result {
         Ok(v) => Json(v).into_response(),

@@ -34,6 +34,8 @@ pub struct LuaOptions {
     pub max_trace_steps: usize,
     /// Most rows one `db.query` may return.
     pub max_rows: u64,
+    /// Largest SQL text one `db` call may send.
+    pub max_sql: usize,
 }
 
 impl Default for LuaOptions {
@@ -44,6 +46,7 @@ impl Default for LuaOptions {
             timeout: Duration::from_secs(10),
             max_trace_steps: 100_000,
             max_rows: 100_000,
+            max_sql: 1024 * 1024,
         }
     }
 }
@@ -110,7 +113,11 @@ pub fn invoke(
     };
     let env = Rc::new(Env {
         storage,
-        control: ExecControl::new(started, options.timeout.as_secs_f64()),
+        control: ExecControl::with_value_limit(
+            started,
+            options.timeout.as_secs_f64(),
+            options.memory_limit,
+        ),
         ctx,
         rt,
         options,
@@ -124,6 +131,11 @@ pub fn invoke(
         let (lua, _host_debug) = sandbox::new_state(limits, Rc::clone(&meter), tracer.clone())?;
         for c in components::registry() {
             c.install(&lua, &env)?;
+        }
+        if sandbox::has_close_attribute(&inv.source) {
+            return Err(mlua::Error::runtime(
+                "to-be-closed variables (<close>) are not available in the sandbox",
+            ));
         }
         let chunk = lua
             .load(&inv.source)
@@ -170,6 +182,9 @@ pub fn invoke(
         }
     };
     let steps = tracer.map(|t| std::mem::replace(&mut *t.borrow_mut(), Tracer::new(0)).finish());
+    if meter.peak_memory.get() > 8 * 1024 * 1024 {
+        release_freed_memory();
+    }
     Outcome {
         result,
         error_line,
@@ -183,6 +198,15 @@ pub fn invoke(
 
 /// Syntax check at deploy time; the error names the line.
 pub fn compile_check(name: &str, source: &str) -> Result<(), (Error, Option<i64>)> {
+    if sandbox::has_close_attribute(source) {
+        return Err((
+            Error::new(
+                ErrorCode::SyntaxError,
+                "to-be-closed variables (<close>) are not available in the sandbox: their handlers would run outside its limits",
+            ),
+            None,
+        ));
+    }
     let lua = Lua::new();
     match lua
         .load(source)
@@ -286,10 +310,19 @@ fn find_engine_error(e: &mlua::Error) -> Option<Error> {
 /// A Lua value as JSON: sequences become arrays, string-keyed tables objects; functions,
 /// userdata, cycles and mixed tables are errors.
 pub fn to_json(v: &Value) -> Result<Json, String> {
-    fn go(v: &Value, depth: usize, seen: &mut HashSet<usize>) -> Result<Json, String> {
+    fn go(
+        v: &Value,
+        depth: usize,
+        seen: &mut HashSet<usize>,
+        budget: &mut usize,
+    ) -> Result<Json, String> {
         if depth > 64 {
             return Err("value nested deeper than 64 levels".into());
         }
+        if *budget == 0 {
+            return Err("value has more than 1,000,000 parts (shared subtables count every time they appear)".into());
+        }
+        *budget -= 1;
         Ok(match v {
             Value::Nil => Json::Null,
             Value::Boolean(b) => Json::Bool(*b),
@@ -316,7 +349,7 @@ pub fn to_json(v: &Value) -> Result<Json, String> {
                 for pair in t.clone().pairs::<Value, Value>() {
                     let (k, val) = pair.map_err(|e| e.to_string())?;
                     count += 1;
-                    let jv = go(&val, depth + 1, seen)?;
+                    let jv = go(&val, depth + 1, seen, budget)?;
                     match k {
                         Value::Integer(i) if i >= 1 && (i as usize) <= len => {
                             arr[i as usize - 1] = jv
@@ -356,5 +389,20 @@ pub fn to_json(v: &Value) -> Result<Json, String> {
             other => return Err(format!("a {} cannot be encoded as JSON", other.type_name())),
         })
     }
-    go(v, 0, &mut HashSet::new())
+    go(v, 0, &mut HashSet::new(), &mut 1_000_000)
+}
+
+/// Give memory a large invocation freed back to the OS (glibc keeps it in per-thread arenas
+/// otherwise, and the server's resident size would stay at its peak).
+pub fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
 }

@@ -17,7 +17,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Instant;
 
-use mlua::{Function, HookTriggers, Lua, LuaOptions, MultiValue, StdLib, Table, Value, VmState};
+use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
 
 /// VM instructions between two checks of the budget and the deadline.
 pub const HOOK_EVERY: u32 = 1000;
@@ -91,14 +91,12 @@ pub fn new_state(
     };
     let g = lua.globals();
     let host_debug: Table = g.get("debug")?;
-    let real_load: Function = g.get("load")?;
     for name in [
         "dofile",
         "loadfile",
         "require",
         "debug",
         "collectgarbage",
-        "load",
         "print",
         "package",
         "io",
@@ -119,7 +117,6 @@ pub fn new_state(
         .get::<Function>("getmetatable")?
         .call(lua.create_string("")?)?;
     smt.raw_set("__metatable", false)?;
-    guard_patterns(&lua, &string)?;
     // collectgarbage: reading the count only.
     g.raw_set(
         "collectgarbage",
@@ -129,23 +126,6 @@ pub fn new_state(
                 "collectgarbage: only collectgarbage('count') is available in the sandbox",
             )),
         })?,
-    )?;
-    // load: text chunks only, in the sandbox's globals unless an environment is given.
-    let g2 = g.clone();
-    g.raw_set(
-        "load",
-        lua.create_function(
-            move |_,
-                  (chunk, name, _mode, env): (
-                Value,
-                Option<String>,
-                Option<String>,
-                Option<Value>,
-            )| {
-                let env = env.unwrap_or(Value::Table(g2.clone()));
-                real_load.call::<MultiValue>((chunk, name, "t", env))
-            },
-        )?,
     )?;
     // setmetatable without __gc (finalizers run with hooks off).
     let real_setmt: Function = g.get("setmetatable")?;
@@ -162,7 +142,30 @@ pub fn new_state(
             real_setmt.call::<Value>((t, mt))
         })?,
     )?;
-    wrap_protected_calls(&lua, &g, &meter)?;
+    // Host helpers for the prelude: raise a tripped limit / the deadline; did a limit trip?
+    let (m1, m2, m3) = (Rc::clone(&meter), Rc::clone(&meter), Rc::clone(&meter));
+    let guard = lua.create_function(move |_, ()| check_deadline(&m1, &limits))?;
+    let tripped = lua.create_function(move |_, ()| Ok(m2.tripped.get().is_some()))?;
+    let out_of_memory = lua.create_function(move |_, ()| -> mlua::Result<()> {
+        m3.tripped.set(Some(Limit::Memory));
+        Err(mlua::Error::external(Limit::Memory))
+    })?;
+    let pattern_ok = lua.create_function(
+        |_, (name, s, p, plain): (String, mlua::String, mlua::String, bool)| {
+            pattern_guard(&name, s.as_bytes().len(), &p.as_bytes(), plain)
+        },
+    )?;
+    lua.load(PRELUDE)
+        .set_name("=sandbox")
+        .set_mode(mlua::ChunkMode::Text)
+        .call::<()>((
+            guard,
+            tripped,
+            out_of_memory,
+            pattern_ok,
+            limits.memory as i64,
+            MAX_LOAD as i64,
+        ))?;
     lua.set_memory_limit(limits.memory)?;
     let m = Rc::clone(&meter);
     match tracer {
@@ -183,9 +186,7 @@ pub fn new_state(
                 match d.event() {
                     mlua::DebugEvent::Count => check(lua, &m, &limits)?,
                     mlua::DebugEvent::Line => {
-                        if let Some(l) = m.tripped.get() {
-                            return Err(mlua::Error::external(l));
-                        }
+                        check_deadline(&m, &limits)?;
                         t.borrow_mut().on_line(lua, d)?
                     }
                     mlua::DebugEvent::Ret => t.borrow_mut().on_return(lua, d)?,
@@ -196,6 +197,172 @@ pub fn new_state(
         }
     }
     Ok((lua, host_debug))
+}
+
+/// Largest chunk `load` accepts at run time (parsing runs in C, out of the hook's reach).
+pub const MAX_LOAD: usize = 64 * 1024;
+
+/// Wrappers installed by the host before user code runs. They capture the real functions as
+/// upvalues; user code only ever sees the wrappers. `guard()` raises a tripped limit or the
+/// deadline (C functions below do not run the count hook, so their wrappers check first).
+const PRELUDE: &str = r#"
+local guard, tripped, out_of_memory, pattern_ok, memory_limit, max_load = ...
+local type, select, error, tostring = type, select, error, tostring
+local real_pcall, real_xpcall = pcall, xpcall
+local co_resume, co_close = coroutine.resume, coroutine.close
+local s_rep, s_find, s_match, s_gmatch, s_gsub = string.rep, string.find, string.match, string.gmatch, string.gsub
+local t_move, t_insert, t_remove, t_concat = table.move, table.insert, table.remove, table.concat
+local real_load, sandbox_env = load, _G
+
+-- A limit that fired stays fired: protected calls re-raise it instead of catching it.
+local function pass(ok, ...)
+  if tripped() then guard() end
+  -- A caught memory error is the memory limit: it ends the invocation.
+  if ok == false and ... == "not enough memory" then out_of_memory() end
+  return ok, ...
+end
+pcall = function(f, ...) guard() return pass(real_pcall(f, ...)) end
+xpcall = function(f, handler, ...)
+  guard()
+  -- Message handlers run inside error handling, where a limit raised by the hook turns hooks
+  -- off: once a limit fired the handler is not called at all.
+  local function h(e) if tripped() then return e end return handler(e) end
+  return pass(real_xpcall(f, h, ...))
+end
+coroutine.resume = function(co, ...) guard() return pass(co_resume(co, ...)) end
+coroutine.close = function(co) guard() return pass(co_close(co)) end
+
+-- C functions whose loops the count hook cannot see.
+string.rep = function(s, n, sep)
+  guard()
+  if type(n) == "number" and n > 0 then
+    local unit = (type(s) == "string" and #s or 0) + (type(sep) == "string" and #sep or 0)
+    if n > 1e7 and unit == 0 or unit * n > memory_limit then out_of_memory() end
+  end
+  return s_rep(s, n, sep)
+end
+local function guarded(name, real)
+  return function(s, p, init, plain)
+    guard()
+    if type(s) == "string" and type(p) == "string" then pattern_ok(name, s, p, plain == true) end
+    return real(s, p, init, plain)
+  end
+end
+string.find = guarded("find", s_find)
+string.match = guarded("match", s_match)
+string.gmatch = guarded("gmatch", s_gmatch)
+string.gsub = function(s, p, repl, n)
+  guard()
+  if type(s) == "string" and type(p) == "string" then pattern_ok("gsub", s, p, false) end
+  return s_gsub(s, p, repl, n)
+end
+table.move = function(a1, f, e, t, ...)
+  guard()
+  if type(f) == "number" and type(e) == "number" and e - f > 1e7 then
+    error("table.move: more than 10,000,000 elements", 2)
+  end
+  return t_move(a1, f, e, t, ...)
+end
+table.insert = function(t, ...)
+  guard()
+  if #t > 1e7 then error("table.insert: table longer than 10,000,000", 2) end
+  return t_insert(t, ...)
+end
+table.remove = function(t, ...)
+  guard()
+  if #t > 1e7 then error("table.remove: table longer than 10,000,000", 2) end
+  return t_remove(t, ...)
+end
+table.concat = function(t, sep, i, j)
+  guard()
+  if type(i) == "number" and type(j) == "number" and j - i > 1e7 then
+    error("table.concat: more than 10,000,000 elements", 2)
+  end
+  return t_concat(t, sep, i, j)
+end
+
+-- load: text only, bounded size, no to-be-closed variables, in the sandbox unless given an env.
+load = function(chunk, name, mode, env)
+  guard()
+  if type(chunk) == "function" then
+    local parts, size = {}, 0
+    while true do
+      guard()
+      local piece = chunk()
+      if piece == nil or piece == "" then break end
+      if type(piece) ~= "string" then error("load: the reader must return strings", 2) end
+      size = size + #piece
+      if size > max_load then error("load: chunks are limited to " .. max_load .. " bytes", 2) end
+      parts[#parts + 1] = piece
+    end
+    chunk = t_concat(parts)
+  end
+  if type(chunk) ~= "string" then error("load: the chunk must be a string or a reader function", 2) end
+  if #chunk > max_load then error("load: chunks are limited to " .. max_load .. " bytes", 2) end
+  if s_find(chunk, "<%s*close%s*>") then error("load: to-be-closed variables (<close>) are not available in the sandbox", 2) end
+  local f, err = real_load(chunk, name, "t", env or sandbox_env)
+  if f == nil and type(err) == "string" and s_find(err, "not enough memory", 1, true) then out_of_memory() end
+  return f, err
+end
+"#;
+
+/// True when Lua source declares a to-be-closed variable (`<close>`): their `__close`
+/// handlers run during error unwinding with hooks off, out of the limits' reach.
+pub fn has_close_attribute(source: &str) -> bool {
+    let b = source.as_bytes();
+    let mut i = 0;
+    while let Some(p) = b[i..].iter().position(|c| *c == b'<') {
+        let mut j = i + p + 1;
+        while j < b.len() && b[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        if b[j..].starts_with(b"close") {
+            let mut k = j + 5;
+            while k < b.len() && b[k].is_ascii_whitespace() {
+                k += 1;
+            }
+            if b.get(k) == Some(&b'>') {
+                return true;
+            }
+        }
+        i = i + p + 1;
+    }
+    false
+}
+
+/// Raise a tripped limit, or trip the time limit when the deadline passed.
+pub fn check_deadline(m: &Meter, limits: &Limits) -> mlua::Result<()> {
+    if let Some(l) = m.tripped.get() {
+        return Err(mlua::Error::external(l));
+    }
+    if Instant::now() >= limits.deadline {
+        m.tripped.set(Some(Limit::Time));
+        return Err(mlua::Error::external(Limit::Time));
+    }
+    Ok(())
+}
+
+/// Work budget for one pattern call, in simple steps (about a second of C time).
+const PATTERN_BUDGET: f64 = 2e8;
+
+/// Lua patterns backtrack in C, where no hook runs. Estimate the worst case as
+/// (subject length + 1) ^ (backtracking items + 1) x pattern length (`find`/`gmatch`/`gsub`
+/// try every start position) and refuse calls over [`PATTERN_BUDGET`].
+fn pattern_guard(name: &str, subject: usize, pattern: &[u8], plain: bool) -> mlua::Result<()> {
+    let n = subject as f64 + 1.0;
+    let m = pattern.len().max(1) as f64;
+    let specials = pattern.iter().any(|c| b"^$*+?.([%-".contains(c));
+    let cost = if plain || !specials {
+        n * m
+    } else {
+        n.powi(quantifiers(pattern).min(16) as i32 + 1) * m
+    };
+    if cost > PATTERN_BUDGET {
+        return Err(mlua::Error::runtime(format!(
+            "string.{name}: a {subject}-byte subject with this pattern could run unbounded (patterns backtrack outside the sandbox's limits); use a simpler pattern or split the input"
+        )));
+    }
+    Ok(())
 }
 
 /// Count, sample memory, enforce the limits. Called from the hook(s).
@@ -220,84 +387,18 @@ pub fn check(lua: &Lua, m: &Meter, limits: &Limits) -> mlua::Result<()> {
     Ok(())
 }
 
-/// `pcall`, `xpcall` and `coroutine.resume` that cannot swallow a tripped limit.
-fn wrap_protected_calls(lua: &Lua, g: &Table, meter: &Rc<Meter>) -> mlua::Result<()> {
-    for (table, name) in [
-        (None, "pcall"),
-        (None, "xpcall"),
-        (Some("coroutine"), "resume"),
-    ] {
-        let holder: Table = match table {
-            Some(t) => g.get(t)?,
-            None => g.clone(),
-        };
-        let real: Function = holder.get(name)?;
-        let m = Rc::clone(meter);
-        let what = name.to_string();
-        holder.raw_set(
-            name,
-            lua.create_function(move |lua, args: MultiValue| {
-                let out = real.call::<MultiValue>(args)?;
-                if let Some(l) = m.tripped.get() {
-                    return Err(mlua::Error::external(l));
-                }
-                // A memory error caught here would let a program keep probing the limit.
-                if out.front() == Some(&Value::Boolean(false)) {
-                    if let Some(Value::Error(e)) = out.get(1) {
-                        if let Some(l) = limit_of(e) {
-                            m.tripped.set(Some(l));
-                            return Err(mlua::Error::external(l));
-                        }
-                    }
-                    if let Some(Value::String(s)) = out.get(1) {
-                        if s.to_str().is_ok_and(|s| s.contains("not enough memory"))
-                            && lua.used_memory() > 0
-                        {
-                            m.tripped.set(Some(Limit::Memory));
-                            return Err(mlua::Error::external(Limit::Memory));
-                        }
-                    }
-                }
-                let _ = &what;
-                Ok(out)
-            })?,
-        )?;
-    }
-    Ok(())
-}
-
-/// Lua patterns backtrack in C, where no hook runs: refuse combinations that could take
-/// longer than the limits allow (roughly subject length ^ quantifiers > 1e8).
-fn guard_patterns(lua: &Lua, string: &Table) -> mlua::Result<()> {
-    for name in ["find", "match", "gmatch", "gsub"] {
-        let real: Function = string.get(name)?;
-        let n = name.to_string();
-        string.raw_set(
-            name,
-            lua.create_function(move |_, args: MultiValue| {
-                let subject = args.front().and_then(|v| v.as_string().map(|s| s.as_bytes().len())).unwrap_or(0);
-                let plain = n == "find" && args.get(3).is_some_and(|v| v.as_boolean() == Some(true));
-                if let (false, Some(Value::String(p))) = (plain, args.get(1)) {
-                    let q = quantifiers(&p.as_bytes());
-                    if q >= 2 && (subject as f64).powi(q.min(16) as i32) > 1e8 {
-                        return Err(mlua::Error::runtime(format!(
-                            "string.{n}: pattern with {q} backtracking quantifiers on a {subject}-byte subject could run unbounded; simplify the pattern or split the input"
-                        )));
-                    }
-                }
-                real.call::<MultiValue>(args)
-            })?,
-        )?;
-    }
-    Ok(())
-}
-
-/// Number of `*`, `+`, `-`, `?` quantifiers in a Lua pattern (outside `%` escapes and sets).
+/// Backtracking items of a Lua pattern: `*`, `+`, `-`, `?` quantifiers and `%b` (outside `%`
+/// escapes and sets).
 fn quantifiers(p: &[u8]) -> u32 {
     let (mut i, mut q) = (0, 0);
     while i < p.len() {
         match p[i] {
-            b'%' => i += 1,
+            b'%' => {
+                if p.get(i + 1) == Some(&b'b') {
+                    q += 1;
+                }
+                i += 1;
+            }
             b'[' => {
                 i += 1;
                 if p.get(i) == Some(&b'^') {

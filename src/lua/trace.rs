@@ -13,6 +13,21 @@ use mlua::{Function, Lua, Table, Value};
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
 
+/// Most bytes of values one trace records (then it is marked truncated).
+const MAX_TRACE_BYTES: usize = 16 * 1024 * 1024;
+
+fn approx_size(m: &Map<String, Json>) -> usize {
+    fn go(v: &Json) -> usize {
+        match v {
+            Json::String(s) => s.len() + 2,
+            Json::Array(a) => 2 + a.iter().map(go).sum::<usize>(),
+            Json::Object(o) => 2 + o.iter().map(|(k, v)| k.len() + 3 + go(v)).sum::<usize>(),
+            _ => 8,
+        }
+    }
+    m.iter().map(|(k, v)| k.len() + 3 + go(v)).sum()
+}
+
 /// Limits of one serialised snapshot.
 const MAX_DEPTH: usize = 3;
 const MAX_ENTRIES: usize = 50;
@@ -41,6 +56,8 @@ pub struct Tracer {
     seq: u32,
     max_steps: usize,
     pub truncated: bool,
+    /// Approximate bytes of recorded values so far.
+    bytes: usize,
     /// Stack level of the hooked function as seen from a host call of `debug.getlocal`.
     level: i64,
 }
@@ -56,6 +73,7 @@ impl Tracer {
             seq: 0,
             max_steps,
             truncated: false,
+            bytes: 0,
             level: 1,
         }
     }
@@ -124,6 +142,9 @@ impl Tracer {
     }
 
     pub fn on_line(&mut self, lua: &Lua, d: &mlua::Debug) -> mlua::Result<()> {
+        if self.truncated && self.pending.iter().all(Option::is_none) {
+            return Ok(());
+        }
         let depth = Self::depth(lua);
         self.flush_deeper(depth);
         let (locals, upvalues) = self.snapshot()?;
@@ -133,10 +154,11 @@ impl Tracer {
             prev.after = true;
             self.emit(prev);
         }
-        if self.seq as usize >= self.max_steps {
+        if self.seq as usize >= self.max_steps || self.bytes > MAX_TRACE_BYTES {
             self.truncated = true;
             return Ok(());
         }
+        self.bytes += approx_size(&locals) + approx_size(&upvalues);
         let names = d.names();
         let source = d.source();
         let step = Step {
@@ -219,15 +241,18 @@ pub fn serialize(v: &Value, depth: usize, seen: &mut HashSet<usize>, budget: &mu
             .map(Json::Number)
             .unwrap_or_else(|| Json::String(n.to_string())),
         Value::String(s) => {
-            let t = s.to_string_lossy();
-            if t.chars().count() > MAX_STRING {
+            // Only a prefix is read: a local holding megabytes must not be copied per line.
+            let bytes = s.as_bytes();
+            let head =
+                String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_STRING * 4)]).into_owned();
+            if head.chars().count() > MAX_STRING || bytes.len() > MAX_STRING * 4 {
                 Json::String(format!(
                     "{}… ({} bytes)",
-                    t.chars().take(MAX_STRING).collect::<String>(),
-                    s.as_bytes().len()
+                    head.chars().take(MAX_STRING).collect::<String>(),
+                    bytes.len()
                 ))
             } else {
-                Json::String(t.to_string())
+                Json::String(head)
             }
         }
         Value::Table(t) => {

@@ -29,7 +29,21 @@ pub struct Rows {
 
 /// Parse `sql` and bind its placeholders from `params`. Several statements are allowed only
 /// when `multi` is set; `FORMAT` clauses and insert data are not (the caller gets values).
-pub fn prepare(sql: &str, params: &Map<String, Json>, multi: bool) -> Result<Prepared> {
+pub fn prepare(
+    sql: &str,
+    params: &Map<String, Json>,
+    multi: bool,
+    max_size: usize,
+) -> Result<Prepared> {
+    if sql.len() > max_size {
+        return Err(Error::new(
+            ErrorCode::RequestTooLarge,
+            format!(
+                "SQL of {} bytes is over the limit of {max_size} (max_query_size)",
+                sql.len()
+            ),
+        ));
+    }
     let parsed = parse::parse(sql)?;
     if parsed.insert.is_some() || parsed.format.is_some() {
         return Err(Error::new(
@@ -61,7 +75,7 @@ impl Prepared {
     /// True when every statement only reads (decided by SQLite on `conn`).
     pub fn readonly(&self, conn: &Connection) -> Result<bool> {
         for b in &self.statements {
-            if !conn.prepare_cached(&b.sql)?.readonly() {
+            if !with_statement(conn, &b.sql, |st| Ok(st.readonly()))? {
                 return Ok(false);
             }
         }
@@ -69,49 +83,92 @@ impl Prepared {
     }
 
     /// Run every statement on `conn` (inside whatever transaction the caller holds), returning
-    /// the rows of the last one; more than `max_rows` rows is an error.
+    /// the rows of the last one; more than `max_rows` rows or `max_bytes` of values is an error.
     pub fn run(
         &self,
         conn: &Connection,
         authz: &Authz,
         is_admin: bool,
         max_rows: u64,
+        max_bytes: u64,
     ) -> Result<Rows> {
         check_role_rules(authz, is_admin, &self.statements)?;
         let mut out = Rows::default();
         for b in &self.statements {
-            let mut stmt = conn.prepare_cached(&b.sql)?;
-            for (i, v) in b.values.iter().enumerate() {
-                stmt.raw_bind_parameter(i + 1, v)?;
-            }
-            let columns: Vec<String> = stmt
-                .column_names()
-                .into_iter()
-                .map(str::to_string)
-                .collect();
-            let n = columns.len();
             let before = conn.total_changes();
-            let mut rows = stmt.raw_query();
-            let mut collected = Vec::new();
-            while let Some(r) = rows.next()? {
-                if max_rows > 0 && collected.len() as u64 >= max_rows {
-                    return Err(Error::new(
-                        ErrorCode::TooManyRowsOrBytes,
-                        format!("More than {max_rows} rows; add a LIMIT"),
-                    ));
+            let (columns, collected) = with_statement(conn, &b.sql, |stmt| {
+                for (i, v) in b.values.iter().enumerate() {
+                    stmt.raw_bind_parameter(i + 1, v)?;
                 }
-                collected.push(
-                    (0..n)
-                        .map(|i| r.get::<_, Value>(i))
-                        .collect::<rusqlite::Result<Vec<_>>>()?,
-                );
-            }
-            drop(rows);
+                let columns: Vec<String> = stmt
+                    .column_names()
+                    .into_iter()
+                    .map(str::to_string)
+                    .collect();
+                let n = columns.len();
+                let mut rows = stmt.raw_query();
+                let mut collected = Vec::new();
+                let mut bytes = 0u64;
+                while let Some(r) = rows.next()? {
+                    if max_rows > 0 && collected.len() as u64 >= max_rows {
+                        return Err(Error::new(
+                            ErrorCode::TooManyRowsOrBytes,
+                            format!("More than {max_rows} rows; add a LIMIT"),
+                        ));
+                    }
+                    // Sizes are checked on SQLite's copy before one is made here.
+                    let mut row = Vec::with_capacity(n);
+                    for i in 0..n {
+                        let v = r.get_ref(i)?;
+                        bytes += match v {
+                            rusqlite::types::ValueRef::Text(t)
+                            | rusqlite::types::ValueRef::Blob(t) => t.len() as u64,
+                            _ => 8,
+                        };
+                        if max_bytes > 0 && bytes > max_bytes {
+                            return Err(Error::new(
+                                ErrorCode::TooManyRowsOrBytes,
+                                format!(
+                                    "Result larger than {max_bytes} bytes; select fewer rows or columns"
+                                ),
+                            ));
+                        }
+                        row.push(match v {
+                            rusqlite::types::ValueRef::Null => Value::Null,
+                            rusqlite::types::ValueRef::Integer(i) => Value::Integer(i),
+                            rusqlite::types::ValueRef::Real(f) => Value::Real(f),
+                            rusqlite::types::ValueRef::Text(t) => {
+                                Value::Text(String::from_utf8_lossy(t).into_owned())
+                            }
+                            rusqlite::types::ValueRef::Blob(b) => Value::Blob(b.to_vec()),
+                        });
+                    }
+                    collected.push(row);
+                }
+                Ok((columns, collected))
+            })?;
             out.changes += conn.total_changes() - before;
             out.columns = columns;
             out.rows = collected;
         }
         out.last_insert_rowid = conn.last_insert_rowid();
         Ok(out)
+    }
+}
+
+/// Statements longer than this are prepared afresh instead of staying in the statement cache.
+const CACHE_SQL_UP_TO: usize = 16 * 1024;
+
+fn with_statement<R>(
+    conn: &Connection,
+    sql: &str,
+    f: impl FnOnce(&mut rusqlite::Statement<'_>) -> Result<R>,
+) -> Result<R> {
+    if sql.len() <= CACHE_SQL_UP_TO {
+        let mut st = conn.prepare_cached(sql)?;
+        f(&mut st)
+    } else {
+        let mut st = conn.prepare(sql)?;
+        f(&mut st)
     }
 }

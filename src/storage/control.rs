@@ -21,6 +21,8 @@ use crate::core::{Error, ErrorCode, RequestContext};
 pub struct ExecControl {
     pub deadline: Option<Instant>,
     pub max_execution_time: f64,
+    /// Largest string or blob SQLite may build for this execution (0: SQLite's default).
+    pub value_limit: usize,
     cancelled: AtomicBool,
     timed_out: AtomicBool,
 }
@@ -33,9 +35,21 @@ impl ExecControl {
         Arc::new(ExecControl {
             deadline,
             max_execution_time,
+            value_limit: 0,
             cancelled: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
         })
+    }
+
+    /// The same limits with a cap on the size of values SQLite builds (e.g. `zeroblob(1e9)`).
+    pub fn with_value_limit(
+        start: Instant,
+        max_execution_time: f64,
+        value_limit: usize,
+    ) -> Arc<Self> {
+        let mut c = Arc::into_inner(Self::new(start, max_execution_time)).expect("fresh");
+        c.value_limit = value_limit;
+        Arc::new(c)
     }
 
     pub fn cancel(&self) {
@@ -113,6 +127,9 @@ pub struct ConnState {
     /// statement cache is flushed whenever the role changes.
     last_role: Mutex<Option<String>>,
 }
+
+/// SQLite's default SQLITE_LIMIT_LENGTH (restored for executions without a value limit).
+const DEFAULT_MAX_LENGTH: i32 = 1_000_000_000;
 
 /// PRAGMAs that take an argument without changing connection state.
 const ARGUMENT_PRAGMAS: &[&str] = &[
@@ -230,6 +247,12 @@ impl ConnState {
             conn.flush_prepared_statement_cache();
         }
         *self.denial.lock().unwrap() = None;
+        let length = if control.value_limit > 0 {
+            control.value_limit.min(i32::MAX as usize) as i32
+        } else {
+            DEFAULT_MAX_LENGTH
+        };
+        let _ = conn.set_limit(rusqlite::limits::Limit::SQLITE_LIMIT_LENGTH, length);
         *self.ctx.lock().unwrap() = Some(ctx);
         *self.control.lock().unwrap() = Some(control);
         Ok(())

@@ -4,20 +4,22 @@
 //! - `db.one(sql, params?)` → the first row or nil
 //! - `db.exec(sql, params?)` → `{changes = n, last_insert_id = n}`
 //! - `db.tx(function() ... end)` → runs the function in one write transaction: commit when it
-//!   returns, rollback when it raises; the function's results are returned
+//!   returns, rollback when it raises; the function's results are returned. A nested `db.tx`
+//!   is a savepoint: its error undoes only its own writes.
 //! - `db.migrate(sql)` → several statements in one transaction (admin only)
 //!
 //! Parameters are `{name:Type}` placeholders bound from the `params` table. Outside `db.tx`,
 //! reads run on a pooled reader and writes on the writer (one statement, autocommitted).
 //! Inside `db.tx`, every statement goes to one writer session held open for the transaction
-//! (bounded by the invocation's deadline).
+//! (bounded by the invocation's deadline). Results are bounded in rows and bytes.
 
+use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use mlua::{Function, Lua, LuaSerdeExt, MultiValue, Table, Value};
+use mlua::{Function, Lua, MultiValue, Table, Value};
 use rusqlite::types::Value as Sql;
 
 use super::{Component, lua_err};
@@ -27,14 +29,31 @@ use crate::sql::embedded::{self, Prepared, Rows};
 
 pub struct Db;
 
+/// Deepest `db.tx` nesting.
+const MAX_TX_DEPTH: u32 = 32;
+
 enum TxOp {
     Run(Prepared, mpsc::Sender<Result<Rows>>),
+    /// Savepoint control inside the session (`SAVEPOINT`, `RELEASE`, `ROLLBACK TO`).
+    Raw(String, mpsc::Sender<Result<()>>),
     Finish(bool, mpsc::Sender<Result<()>>),
 }
 
 /// An open write transaction on the writer thread, fed statements from the Lua thread.
 pub struct TxSession {
     ops: mpsc::Sender<TxOp>,
+    depth: Cell<u32>,
+}
+
+impl TxSession {
+    fn raw(&self, sql: String) -> Result<()> {
+        let (reply, rx) = mpsc::channel();
+        self.ops
+            .send(TxOp::Raw(sql, reply))
+            .map_err(|_| Error::internal("the transaction session ended"))?;
+        rx.recv()
+            .map_err(|_| Error::internal("the transaction session ended"))?
+    }
 }
 
 fn params_json(p: Option<Table>) -> mlua::Result<serde_json::Map<String, serde_json::Value>> {
@@ -52,6 +71,10 @@ fn params_json(p: Option<Table>) -> mlua::Result<serde_json::Map<String, serde_j
     }
 }
 
+fn prepare(env: &Env, sql: &str, p: Option<Table>) -> mlua::Result<Prepared> {
+    embedded::prepare(sql, &params_json(p)?, false, env.options.max_sql).map_err(lua_err)
+}
+
 fn run(env: &Env, prepared: Prepared) -> Result<Rows> {
     if let Some(tx) = env.tx.borrow().as_ref() {
         let (reply, rx) = mpsc::channel();
@@ -64,12 +87,14 @@ fn run(env: &Env, prepared: Prepared) -> Result<Rows> {
     }
     let authz = Arc::clone(env.storage.authz());
     let is_admin = env.ctx.is_admin();
-    let max_rows = env.options.max_rows;
+    let (max_rows, max_bytes) = (env.options.max_rows, env.options.memory_limit as u64);
     let read = env
         .storage
         .read_blocking(&env.rt, &env.ctx, Arc::clone(&env.control), |c| {
             if prepared.readonly(c)? {
-                Ok(Some(prepared.run(c, &authz, is_admin, max_rows)?))
+                Ok(Some(
+                    prepared.run(c, &authz, is_admin, max_rows, max_bytes)?,
+                ))
             } else {
                 Ok(None)
             }
@@ -79,7 +104,7 @@ fn run(env: &Env, prepared: Prepared) -> Result<Rows> {
         None => env.rt.block_on(
             env.storage
                 .write(&env.ctx, Arc::clone(&env.control), move |c| {
-                    prepared.run(c, &authz, is_admin, max_rows)
+                    prepared.run(c, &authz, is_admin, max_rows, max_bytes)
                 }),
         ),
     }
@@ -104,6 +129,100 @@ fn to_lua_rows(lua: &Lua, rows: Rows) -> mlua::Result<Table> {
     Ok(out)
 }
 
+/// `db.tx(f)` at the outermost level: open a writer session, run `f`, commit or roll back.
+fn outer_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
+    let (ops, rx) = mpsc::channel::<TxOp>();
+    let authz = Arc::clone(e.storage.authz());
+    let is_admin = e.ctx.is_admin();
+    let (max_rows, max_bytes) = (e.options.max_rows, e.options.memory_limit as u64);
+    let deadline = e
+        .control
+        .deadline
+        .unwrap_or_else(|| Instant::now() + e.options.timeout);
+    let (storage, ctx, control) = (e.storage.clone(), e.ctx.clone(), Arc::clone(&e.control));
+    let job = async move {
+        storage
+            .write(&ctx, control, move |c| {
+                c.execute_batch("BEGIN IMMEDIATE")?;
+                loop {
+                    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                        Ok(TxOp::Run(p, reply)) => {
+                            let _ = reply.send(p.run(c, &authz, is_admin, max_rows, max_bytes));
+                        }
+                        Ok(TxOp::Raw(sql, reply)) => {
+                            let _ = reply.send(c.execute_batch(&sql).map_err(Error::from));
+                        }
+                        Ok(TxOp::Finish(commit, reply)) => {
+                            let r = c.execute_batch(if commit { "COMMIT" } else { "ROLLBACK" }).map_err(Error::from);
+                            if r.is_err() {
+                                let _ = c.execute_batch("ROLLBACK");
+                            }
+                            let _ = reply.send(r);
+                            return Ok(());
+                        }
+                        Err(_) => {
+                            let _ = c.execute_batch("ROLLBACK");
+                            return Err(Error::new(ErrorCode::TimeoutExceeded, "db.tx: the transaction was abandoned or ran past the deadline; rolled back"));
+                        }
+                    }
+                }
+            })
+            .await
+    };
+    let handle = e.rt.spawn(job);
+    *e.tx.borrow_mut() = Some(TxSession {
+        ops: ops.clone(),
+        depth: Cell::new(0),
+    });
+    let result = f.call::<MultiValue>(());
+    e.tx.borrow_mut().take();
+    let (reply, done) = mpsc::channel();
+    let _ = ops.send(TxOp::Finish(result.is_ok(), reply));
+    let finished = done
+        .recv()
+        .unwrap_or_else(|_| Err(Error::internal("the transaction session ended early")));
+    let _ = e.rt.block_on(handle);
+    match (result, finished) {
+        (Ok(v), Ok(())) => Ok(v),
+        (Ok(_), Err(err)) => Err(lua_err(err)),
+        (Err(err), _) => Err(err),
+    }
+}
+
+/// A nested `db.tx(f)`: a savepoint inside the open transaction.
+fn nested_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
+    let depth = {
+        let tx = e.tx.borrow();
+        let tx = tx.as_ref().expect("called inside a transaction");
+        let d = tx.depth.get() + 1;
+        if d > MAX_TX_DEPTH {
+            return Err(lua_err(Error::new(
+                ErrorCode::BadArguments,
+                format!("db.tx: nested more than {MAX_TX_DEPTH} levels"),
+            )));
+        }
+        tx.depth.set(d);
+        tx.raw(format!("SAVEPOINT ichibase_tx_{d}"))
+            .map_err(lua_err)?;
+        d
+    };
+    let result = f.call::<MultiValue>(());
+    let tx = e.tx.borrow();
+    let Some(tx) = tx.as_ref() else { return result };
+    tx.depth.set(depth - 1);
+    let end = match &result {
+        Ok(_) => tx.raw(format!("RELEASE ichibase_tx_{depth}")),
+        Err(_) => tx
+            .raw(format!("ROLLBACK TO ichibase_tx_{depth}"))
+            .and_then(|_| tx.raw(format!("RELEASE ichibase_tx_{depth}"))),
+    };
+    match (result, end) {
+        (Ok(v), Ok(())) => Ok(v),
+        (Ok(_), Err(err)) => Err(lua_err(err)),
+        (Err(err), _) => Err(err),
+    }
+}
+
 impl Component for Db {
     fn name(&self) -> &'static str {
         "db"
@@ -115,7 +234,7 @@ impl Component for Db {
         t.set(
             "query",
             lua.create_function(move |lua, (sql, p): (String, Option<Table>)| {
-                let prepared = embedded::prepare(&sql, &params_json(p)?, false).map_err(lua_err)?;
+                let prepared = prepare(&e, &sql, p)?;
                 to_lua_rows(lua, run(&e, prepared).map_err(lua_err)?)
             })?,
         )?;
@@ -123,7 +242,7 @@ impl Component for Db {
         t.set(
             "one",
             lua.create_function(move |lua, (sql, p): (String, Option<Table>)| {
-                let prepared = embedded::prepare(&sql, &params_json(p)?, false).map_err(lua_err)?;
+                let prepared = prepare(&e, &sql, p)?;
                 let rows = to_lua_rows(lua, run(&e, prepared).map_err(lua_err)?)?;
                 rows.raw_get::<Value>(1)
             })?,
@@ -132,7 +251,7 @@ impl Component for Db {
         t.set(
             "exec",
             lua.create_function(move |lua, (sql, p): (String, Option<Table>)| {
-                let prepared = embedded::prepare(&sql, &params_json(p)?, false).map_err(lua_err)?;
+                let prepared = prepare(&e, &sql, p)?;
                 let rows = run(&e, prepared).map_err(lua_err)?;
                 let out = lua.create_table()?;
                 out.set("changes", rows.changes)?;
@@ -145,49 +264,9 @@ impl Component for Db {
             "tx",
             lua.create_function(move |_, f: Function| {
                 if e.tx.borrow().is_some() {
-                    return f.call::<MultiValue>(()); // nested: part of the open transaction
-                }
-                let (ops, rx) = mpsc::channel::<TxOp>();
-                let authz = Arc::clone(e.storage.authz());
-                let is_admin = e.ctx.is_admin();
-                let max_rows = e.options.max_rows;
-                let deadline = e.control.deadline.unwrap_or_else(|| Instant::now() + e.options.timeout);
-                let (storage, ctx, control) = (e.storage.clone(), e.ctx.clone(), Arc::clone(&e.control));
-                let job = async move { storage.write(&ctx, control, move |c| {
-                    c.execute_batch("BEGIN IMMEDIATE")?;
-                    loop {
-                        let wait = deadline.saturating_duration_since(Instant::now());
-                        match rx.recv_timeout(wait) {
-                            Ok(TxOp::Run(p, reply)) => {
-                                let _ = reply.send(p.run(c, &authz, is_admin, max_rows));
-                            }
-                            Ok(TxOp::Finish(commit, reply)) => {
-                                let r = c.execute_batch(if commit { "COMMIT" } else { "ROLLBACK" }).map_err(Error::from);
-                                if r.is_err() {
-                                    let _ = c.execute_batch("ROLLBACK");
-                                }
-                                let _ = reply.send(r);
-                                return Ok(());
-                            }
-                            Err(_) => {
-                                let _ = c.execute_batch("ROLLBACK");
-                                return Err(Error::new(ErrorCode::TimeoutExceeded, "db.tx: the transaction was abandoned or ran past the deadline; rolled back"));
-                            }
-                        }
-                    }
-                }).await };
-                let handle = e.rt.spawn(job);
-                *e.tx.borrow_mut() = Some(TxSession { ops: ops.clone() });
-                let result = f.call::<MultiValue>(());
-                e.tx.borrow_mut().take();
-                let (reply, done) = mpsc::channel();
-                let _ = ops.send(TxOp::Finish(result.is_ok(), reply));
-                let finished = done.recv().unwrap_or_else(|_| Err(Error::internal("the transaction session ended early")));
-                let _ = e.rt.block_on(handle);
-                match (result, finished) {
-                    (Ok(v), Ok(())) => Ok(v),
-                    (Ok(_), Err(err)) => Err(lua_err(err)),
-                    (Err(err), _) => Err(err),
+                    nested_tx(&e, f)
+                } else {
+                    outer_tx(&e, f)
                 }
             })?,
         )?;
@@ -201,13 +280,20 @@ impl Component for Db {
                         "db.migrate is for the admin role",
                     )));
                 }
+                if e.tx.borrow().is_some() {
+                    return Err(lua_err(Error::new(
+                        ErrorCode::BadArguments,
+                        "db.migrate cannot run inside db.tx",
+                    )));
+                }
                 let prepared =
-                    embedded::prepare(&sql, &serde_json::Map::new(), true).map_err(lua_err)?;
+                    embedded::prepare(&sql, &serde_json::Map::new(), true, e.options.max_sql)
+                        .map_err(lua_err)?;
                 let authz = Arc::clone(e.storage.authz());
-                let max_rows = e.options.max_rows;
+                let (max_rows, max_bytes) = (e.options.max_rows, e.options.memory_limit as u64);
                 e.rt.block_on(e.storage.write(&e.ctx, Arc::clone(&e.control), move |c| {
                     c.execute_batch("BEGIN IMMEDIATE")?;
-                    match prepared.run(c, &authz, true, max_rows) {
+                    match prepared.run(c, &authz, true, max_rows, max_bytes) {
                         Ok(_) => c.execute_batch("COMMIT").map_err(Error::from),
                         Err(err) => {
                             let _ = c.execute_batch("ROLLBACK");
@@ -218,7 +304,6 @@ impl Component for Db {
                 .map_err(lua_err)
             })?,
         )?;
-        let _ = lua.null();
         lua.globals().set(self.name(), t)
     }
 }

@@ -14,7 +14,9 @@ impl Component for Json {
         "json"
     }
 
-    fn install(&self, lua: &Lua, _env: &Rc<Env>) -> mlua::Result<()> {
+    fn install(&self, lua: &Lua, env: &Rc<Env>) -> mlua::Result<()> {
+        // A decoded document takes several times its text in memory outside Lua's allocator.
+        let max_decode = (env.options.memory_limit / 8).max(64 * 1024);
         let t = lua.create_table()?;
         t.set(
             "encode",
@@ -26,7 +28,12 @@ impl Component for Json {
         )?;
         t.set(
             "decode",
-            lua.create_function(|lua, s: mlua::String| {
+            lua.create_function(move |lua, s: mlua::String| {
+                if s.as_bytes().len() > max_decode {
+                    return Err(mlua::Error::runtime(format!(
+                        "json.decode: documents are limited to {max_decode} bytes in the sandbox"
+                    )));
+                }
                 let v: serde_json::Value = serde_json::from_slice(&s.as_bytes())
                     .map_err(|e| mlua::Error::runtime(format!("json.decode: {e}")))?;
                 lua.to_value_with(

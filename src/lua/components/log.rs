@@ -11,7 +11,26 @@ use crate::lua::{Env, to_json};
 
 pub struct Log;
 
+/// Longest message and fields (as JSON) kept per log line.
+const MAX_LINE: usize = 8 * 1024;
+
+fn clip(s: &str) -> String {
+    if s.len() <= MAX_LINE {
+        return s.to_string();
+    }
+    let mut end = MAX_LINE;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len())
+}
+
 fn emit(env: &Env, level: &str, msg: &str, fields: serde_json::Value) {
+    let msg = &clip(msg);
+    let fields = match fields.to_string() {
+        f if f.len() > MAX_LINE => serde_json::Value::String(clip(&f)),
+        _ => fields,
+    };
     let (trace_id, function) = (&env.ctx.trace_id, &env.function);
     match level {
         "debug" => tracing::debug!(%trace_id, %function, %fields, "lua: {msg}"),
@@ -19,6 +38,7 @@ fn emit(env: &Env, level: &str, msg: &str, fields: serde_json::Value) {
         "error" => tracing::error!(%trace_id, %function, %fields, "lua: {msg}"),
         _ => tracing::info!(%trace_id, %function, %fields, "lua: {msg}"),
     }
+    // Kept with the trace: bounded in count and size, so logging cannot outgrow the sandbox.
     let mut logs = env.logs.borrow_mut();
     if logs.len() < 1000 {
         logs.push(json!({"level": level, "message": msg, "fields": fields}));
@@ -55,11 +75,8 @@ impl Component for Log {
             lua.create_function(move |_, args: MultiValue| {
                 let parts: Vec<String> = args
                     .iter()
-                    .map(|v| {
-                        v.to_string()
-                            .unwrap_or_else(|_| format!("<{}>", v.type_name()))
-                    })
-                    .collect();
+                    .map(|v| v.to_string())
+                    .collect::<mlua::Result<_>>()?;
                 emit(&env, "info", &parts.join("\t"), serde_json::Value::Null);
                 Ok(())
             })?,
