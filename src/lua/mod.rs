@@ -182,7 +182,7 @@ pub fn invoke(
         }
     };
     let steps = tracer.map(|t| std::mem::replace(&mut *t.borrow_mut(), Tracer::new(0)).finish());
-    if meter.peak_memory.get() > 8 * 1024 * 1024 {
+    if meter.peak_memory.get() > 8 * 1024 * 1024 || HEAVY.with(|h| h.replace(false)) {
         release_freed_memory();
     }
     Outcome {
@@ -389,7 +389,22 @@ pub fn to_json(v: &Value) -> Result<Json, String> {
             other => return Err(format!("a {} cannot be encoded as JSON", other.type_name())),
         })
     }
-    go(v, 0, &mut HashSet::new(), &mut 1_000_000)
+    let mut budget = 1_000_000;
+    let out = go(v, 0, &mut HashSet::new(), &mut budget);
+    if budget < 900_000 {
+        mark_heavy();
+    }
+    out
+}
+
+thread_local! {
+    /// Set when an invocation made large allocations outside Lua's allocator (JSON, rows).
+    static HEAVY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Note that this invocation allocated a lot outside Lua (its end returns memory to the OS).
+pub fn mark_heavy() {
+    HEAVY.with(|h| h.set(true));
 }
 
 /// Give memory a large invocation freed back to the OS (glibc keeps it in per-thread arenas

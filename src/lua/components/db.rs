@@ -111,6 +111,9 @@ fn run(env: &Env, prepared: Prepared) -> Result<Rows> {
 }
 
 fn to_lua_rows(lua: &Lua, rows: Rows) -> mlua::Result<Table> {
+    if rows.rows.len() > 10_000 {
+        crate::lua::mark_heavy();
+    }
     let out = lua.create_table_with_capacity(rows.rows.len(), 0)?;
     for (i, r) in rows.rows.into_iter().enumerate() {
         let t = lua.create_table_with_capacity(0, rows.columns.len())?;

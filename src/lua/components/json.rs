@@ -34,6 +34,9 @@ impl Component for Json {
                         "json.decode: documents are limited to {max_decode} bytes in the sandbox"
                     )));
                 }
+                if s.as_bytes().len() > 1024 * 1024 {
+                    crate::lua::mark_heavy();
+                }
                 let v: serde_json::Value = serde_json::from_slice(&s.as_bytes())
                     .map_err(|e| mlua::Error::runtime(format!("json.decode: {e}")))?;
                 lua.to_value_with(
