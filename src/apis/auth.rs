@@ -42,12 +42,17 @@ fn device_of(c: &Credentials, headers: &HeaderMap) -> Option<String> {
     })
 }
 
-fn with_cookie(st: &AppState, tokens: &crate::auth::Tokens) -> Response {
-    let mut r = Json(tokens).into_response();
+/// Tokens as JSON plus the session cookie, or the error.
+fn session_reply(st: &AppState, r: crate::core::Result<crate::auth::Tokens>) -> Response {
+    let tokens = match r {
+        Ok(t) => t,
+        Err(e) => return error_response(&e, true, None),
+    };
+    let mut resp = Json(&tokens).into_response();
     if let Ok(v) = HeaderValue::from_str(&st.auth.cookie_header(&tokens.refresh_token)) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
+        resp.headers_mut().insert(header::SET_COOKIE, v);
     }
-    r
+    resp
 }
 
 async fn signup(
@@ -55,14 +60,11 @@ async fn signup(
     headers: HeaderMap,
     JsonBody(c): JsonBody<Credentials>,
 ) -> Response {
-    match st
+    let r = st
         .auth
         .signup(&c.email, &c.password, device_of(&c, &headers))
-        .await
-    {
-        Ok(t) => with_cookie(&st, &t),
-        Err(e) => error_response(&e, true, None),
-    }
+        .await;
+    session_reply(&st, r)
 }
 
 async fn signin(
@@ -70,14 +72,11 @@ async fn signin(
     headers: HeaderMap,
     JsonBody(c): JsonBody<Credentials>,
 ) -> Response {
-    match st
+    let r = st
         .auth
         .signin(&c.email, &c.password, device_of(&c, &headers))
-        .await
-    {
-        Ok(t) => with_cookie(&st, &t),
-        Err(e) => error_response(&e, true, None),
-    }
+        .await;
+    session_reply(&st, r)
 }
 
 #[derive(Deserialize)]
@@ -87,10 +86,8 @@ struct RefreshBody {
 }
 
 async fn refresh(State(st): State<AppState>, JsonBody(b): JsonBody<RefreshBody>) -> Response {
-    match st.auth.refresh(&b.refresh_token).await {
-        Ok(t) => with_cookie(&st, &t),
-        Err(e) => error_response(&e, true, None),
-    }
+    let r = st.auth.refresh(&b.refresh_token).await;
+    session_reply(&st, r)
 }
 
 async fn signout(State(st): State<AppState>, headers: HeaderMap) -> Response {
