@@ -59,6 +59,71 @@ pub struct Config {
     pub auth: AuthSettings,
     pub lua: LuaSettings,
     pub ws: WsSettings,
+    pub llm: LlmSettings,
+    pub generate: GenerateSettings,
+}
+
+/// Which wire protocol the model provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmProvider {
+    /// Anthropic when the URL names anthropic.com, else OpenAI-compatible.
+    Auto,
+    /// OpenAI-compatible chat completions (OpenAI, OpenRouter, Ollama, vLLM, llama.cpp).
+    Openai,
+    /// Anthropic's messages API.
+    Anthropic,
+}
+
+/// The language-model provider used by `generate`.
+#[derive(Debug, Clone)]
+pub struct LlmSettings {
+    /// Base URL, e.g. `https://api.openai.com/v1` or `https://api.anthropic.com/v1`.
+    pub url: Option<String>,
+    pub api_key: Option<String>,
+    pub model: Option<String>,
+    pub provider: LlmProvider,
+    /// Seconds one model call may take (the whole HTTP exchange).
+    pub timeout_secs: f64,
+    /// Retries after a failed call (connection errors, 408, 429, 5xx), with back-off.
+    pub max_retries: u32,
+    /// Most tokens the model may answer with.
+    pub max_tokens: u32,
+}
+
+impl Default for LlmSettings {
+    fn default() -> Self {
+        LlmSettings {
+            url: None,
+            api_key: None,
+            model: None,
+            provider: LlmProvider::Auto,
+            timeout_secs: 180.0,
+            max_retries: 3,
+            max_tokens: 8192,
+        }
+    }
+}
+
+/// The intent-to-service loop.
+#[derive(Debug, Clone)]
+pub struct GenerateSettings {
+    /// Model answers tried before giving up.
+    pub max_rounds: u32,
+    /// Keep a verified bundle in its branch until an admin approves it (no automatic merge).
+    pub require_approval: bool,
+    /// Cases a property check tries unless it says otherwise.
+    pub property_runs: u32,
+}
+
+impl Default for GenerateSettings {
+    fn default() -> Self {
+        GenerateSettings {
+            max_rounds: 4,
+            require_approval: false,
+            property_runs: 100,
+        }
+    }
 }
 
 /// WebSocket and change-capture settings.
@@ -180,6 +245,8 @@ impl Default for Config {
             auth: AuthSettings::default(),
             lua: LuaSettings::default(),
             ws: WsSettings::default(),
+            llm: LlmSettings::default(),
+            generate: GenerateSettings::default(),
         }
     }
 }
@@ -285,6 +352,36 @@ pub struct Settings {
     /// Change capture: changes kept for reconnecting clients [default: 10000]
     #[arg(long, env = "ICHIBASE_CDC_RETENTION")]
     pub cdc_retention: Option<i64>,
+    /// LLM: base URL of the provider, e.g. https://api.openai.com/v1
+    #[arg(long, env = "ICHIBASE_LLM_URL", value_name = "URL")]
+    pub llm_url: Option<String>,
+    /// LLM: API key (sent as Bearer, or x-api-key for Anthropic)
+    #[arg(long, env = "ICHIBASE_LLM_KEY", hide_env_values = true)]
+    pub llm_key: Option<String>,
+    /// LLM: model name, e.g. gpt-4.1 or claude-sonnet-4-5
+    #[arg(long, env = "ICHIBASE_LLM_MODEL")]
+    pub llm_model: Option<String>,
+    /// LLM: wire protocol [default: auto]
+    #[arg(long, env = "ICHIBASE_LLM_PROVIDER", value_enum)]
+    pub llm_provider: Option<LlmProvider>,
+    /// LLM: seconds one model call may take [default: 180]
+    #[arg(long, env = "ICHIBASE_LLM_TIMEOUT_SECS")]
+    pub llm_timeout_secs: Option<f64>,
+    /// LLM: retries of a failed call, with back-off [default: 3]
+    #[arg(long, env = "ICHIBASE_LLM_MAX_RETRIES")]
+    pub llm_max_retries: Option<u32>,
+    /// LLM: most tokens in one answer [default: 8192]
+    #[arg(long, env = "ICHIBASE_LLM_MAX_TOKENS")]
+    pub llm_max_tokens: Option<u32>,
+    /// Generate: model answers tried before giving up [default: 4]
+    #[arg(long, env = "ICHIBASE_GENERATE_MAX_ROUNDS")]
+    pub generate_max_rounds: Option<u32>,
+    /// Generate: wait for an admin's approval instead of merging a verified bundle [default: false]
+    #[arg(long, env = "ICHIBASE_GENERATE_REQUIRE_APPROVAL")]
+    pub generate_require_approval: Option<bool>,
+    /// Property checks: cases tried unless a check says otherwise [default: 100]
+    #[arg(long, env = "ICHIBASE_PROPERTY_RUNS")]
+    pub property_runs: Option<u32>,
 }
 
 impl Settings {
@@ -330,6 +427,18 @@ impl Settings {
             ws_heartbeat_secs: self.ws_heartbeat_secs.or(lower.ws_heartbeat_secs),
             ws_max_message: self.ws_max_message.or(lower.ws_max_message),
             cdc_retention: self.cdc_retention.or(lower.cdc_retention),
+            llm_url: self.llm_url.or(lower.llm_url),
+            llm_key: self.llm_key.or(lower.llm_key),
+            llm_model: self.llm_model.or(lower.llm_model),
+            llm_provider: self.llm_provider.or(lower.llm_provider),
+            llm_timeout_secs: self.llm_timeout_secs.or(lower.llm_timeout_secs),
+            llm_max_retries: self.llm_max_retries.or(lower.llm_max_retries),
+            llm_max_tokens: self.llm_max_tokens.or(lower.llm_max_tokens),
+            generate_max_rounds: self.generate_max_rounds.or(lower.generate_max_rounds),
+            generate_require_approval: self
+                .generate_require_approval
+                .or(lower.generate_require_approval),
+            property_runs: self.property_runs.or(lower.property_runs),
         }
     }
 
@@ -383,7 +492,32 @@ impl Settings {
                 max_message: self.ws_max_message.unwrap_or(d.ws.max_message),
                 cdc_retention: self.cdc_retention.unwrap_or(d.ws.cdc_retention),
             },
+            llm: LlmSettings {
+                url: self.llm_url.filter(|s| !s.is_empty()),
+                api_key: self.llm_key.filter(|s| !s.is_empty()),
+                model: self.llm_model.filter(|s| !s.is_empty()),
+                provider: self.llm_provider.unwrap_or(d.llm.provider),
+                timeout_secs: self.llm_timeout_secs.unwrap_or(d.llm.timeout_secs),
+                max_retries: self.llm_max_retries.unwrap_or(d.llm.max_retries),
+                max_tokens: self.llm_max_tokens.unwrap_or(d.llm.max_tokens),
+            },
+            generate: GenerateSettings {
+                max_rounds: self.generate_max_rounds.unwrap_or(d.generate.max_rounds),
+                require_approval: self
+                    .generate_require_approval
+                    .unwrap_or(d.generate.require_approval),
+                property_runs: self.property_runs.unwrap_or(d.generate.property_runs),
+            },
         };
+        if !(cfg.llm.timeout_secs > 0.0 && cfg.llm.timeout_secs.is_finite())
+            || cfg.llm.max_tokens == 0
+            || cfg.generate.max_rounds == 0
+            || cfg.generate.property_runs == 0
+        {
+            bail!(
+                "llm_timeout_secs, llm_max_tokens, generate_max_rounds and property_runs must be positive"
+            );
+        }
         if cfg.ws.queue == 0
             || !(cfg.ws.heartbeat_secs > 0.0 && cfg.ws.heartbeat_secs.is_finite())
             || cfg.ws.cdc_retention < 1

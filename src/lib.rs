@@ -6,13 +6,21 @@
 //! - [`storage`]: SQLite — one writer thread, a pool of readers, engine migrations.
 //! - [`sql`]: ClickHouse-style SQL: placeholders, formats, execution over storage.
 //! - [`auth`]: identities, sessions, JWT, API keys, policies as views.
+//! - [`lua`]: the Lua sandbox, its components and deep traces.
+//! - [`realtime`]: WebSockets, presence and change-data-capture.
+//! - [`llm`]: the language-model client; [`bundle`]: app bundles, applied and checked;
+//!   [`branch`]: SQLite branches; [`generate`]: the intent-to-service repair loop.
 //! - [`apis`]: the HTTP router where components attach their routes.
 //! - [`server`]: start, serve and shut down gracefully.
 
 pub mod apis;
 pub mod auth;
+pub mod branch;
+pub mod bundle;
 pub mod config;
 pub mod core;
+pub mod generate;
+pub mod llm;
 pub mod lua;
 pub mod realtime;
 pub mod server;

@@ -1,4 +1,4 @@
-//! The `ichibase` command line: `serve`, `version`.
+//! The `ichibase` command line: `serve`, `version`, `admin`, `fn`, `generate`.
 
 use std::path::PathBuf;
 
@@ -28,6 +28,20 @@ enum Command {
     Admin {
         #[command(subcommand)]
         command: AdminCommand,
+    },
+    /// Turn an intent into a verified service: ask the configured model for a bundle, verify it
+    /// in a branch, feed failures back, merge the first bundle that passes.
+    Generate {
+        /// What the app should do (any language)
+        intent: String,
+        /// Model answers tried before giving up [default: generate_max_rounds]
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// Keep the verified bundle in its branch; approve with POST /generate/{id}/approve
+        #[arg(long)]
+        no_merge: bool,
+        #[command(flatten)]
+        settings: Settings,
     },
     /// Lua functions in the data directory (the running server picks changes up at once).
     Fn {
@@ -241,6 +255,69 @@ async fn admin(cmd: AdminCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn generate(
+    cfg: ichibase::config::Config,
+    intent: String,
+    rounds: Option<u32>,
+    no_merge: bool,
+) -> anyhow::Result<()> {
+    use ichibase::generate::{Generator, Request};
+    let llm = ichibase::llm::LlmClient::from_settings(&cfg.llm).map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let opts = ichibase::storage::StorageOptions::from_config(&cfg);
+    let o2 = opts.clone();
+    let live = tokio::task::spawn_blocking(move || ichibase::storage::Storage::open(&o2)).await??;
+    let branches = std::sync::Arc::new(ichibase::branch::Branches::new(&cfg.data_dir, &opts));
+    eprintln!("ichibase: asking {} at {}", llm.model(), llm.endpoint());
+    let g = Generator {
+        live: live.clone(),
+        branches: branches.clone(),
+        lua: ichibase::server::lua_options(&cfg),
+        settings: cfg.generate.clone(),
+        llm,
+    };
+    let res = g
+        .run(
+            Request {
+                intent,
+                max_rounds: rounds,
+                require_approval: no_merge.then_some(true),
+                by: None,
+            },
+            &|r| {
+                eprintln!(
+                    "round {}: {}{} ({} ms, {} + {} tokens)",
+                    r.round,
+                    r.outcome,
+                    r.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default(),
+                    r.elapsed_ms,
+                    r.input_tokens,
+                    r.output_tokens
+                );
+                for c in r.checks.iter().filter(|c| !c.ok) {
+                    eprintln!("  check '{}': {}", c.name, c.error.as_deref().unwrap_or("failed"));
+                }
+            },
+        )
+        .await;
+    branches.close_all().await;
+    live.close().await?;
+    let g = res.map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("{}", serde_json::to_string_pretty(&g)?);
+    eprintln!(
+        "ichibase: generation {} {} after {} round(s); details: GET /generate/{}",
+        g.id,
+        g.status,
+        g.rounds.len(),
+        g.id
+    );
+    if g.status == "merged" || g.status == "awaiting_approval" {
+        Ok(())
+    } else {
+        anyhow::bail!("generation {} ended {}", g.id, g.status)
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -265,6 +342,20 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(admin(command))
+        }
+        Command::Generate {
+            intent,
+            rounds,
+            no_merge,
+            settings,
+        } => {
+            let cfg = config::load(settings, cli.config.as_deref())?;
+            init_logging("warn", LogFormat::Text);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_stack_size(8 * 1024 * 1024)
+                .build()?;
+            rt.block_on(generate(cfg, intent, rounds, no_merge))
         }
         Command::Serve { settings } => {
             let cfg = config::load(settings, cli.config.as_deref())?;

@@ -56,6 +56,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     let grace = Duration::from_secs_f64(config.shutdown_grace_secs);
     let hub = crate::realtime::Hub::new(config.ws.queue);
+    let branches = Arc::new(crate::branch::Branches::new(
+        &config.data_dir,
+        &StorageOptions::from_config(&config),
+    ));
     let state = AppState {
         storage: storage.clone(),
         auth,
@@ -66,6 +70,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Arc::clone(&hub),
             config.ws.cdc_retention,
         ),
+        branches: Arc::clone(&branches),
         config: Arc::new(config),
     };
     let app = apis::router(state);
@@ -91,6 +96,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 }
             }
         }
+        branches.close_all().await;
         match tokio::time::timeout(grace.max(Duration::from_secs(5)), st.close()).await {
             Ok(r) => r?,
             Err(_) => anyhow::bail!("storage did not close in time"),
@@ -115,6 +121,7 @@ pub fn lua_options(config: &Config) -> crate::lua::LuaOptions {
         max_trace_steps: l.max_trace_steps,
         max_rows: config.limits.max_result_rows,
         max_sql: config.limits.max_query_size,
+        property_runs: config.generate.property_runs,
     }
 }
 

@@ -255,6 +255,7 @@ async fn invoke(
                 source: f.source.clone(),
                 input,
                 trace,
+                check: None,
             };
             let outcome = lua::invoke(storage, c2, rt, options, hub, inv);
             Ok((f, trace, outcome))

@@ -6,7 +6,9 @@
 
 mod admin;
 mod auth;
+mod branches;
 mod functions;
+mod generate;
 mod sql;
 mod ws;
 
@@ -32,6 +34,7 @@ pub struct AppState {
     pub lua: crate::lua::LuaOptions,
     pub hub: Arc<crate::realtime::Hub>,
     pub cdc: crate::realtime::cdc::Cdc,
+    pub branches: Arc<crate::branch::Branches>,
 }
 
 /// The identity of a request from its headers (JSON error response when the credentials are bad).
@@ -107,6 +110,8 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::routes())
         .merge(functions::routes())
         .merge(ws::routes())
+        .merge(branches::routes())
+        .merge(generate::routes())
         .fallback(not_found)
         .with_state(state)
 }

@@ -45,6 +45,8 @@ struct Request {
     settings: QuerySettings,
     max_execution_time: f64,
     wants_json: bool,
+    /// `branch=name`: run against a branch instead of the live database (admin only).
+    branch: Option<String>,
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool> {
@@ -116,6 +118,7 @@ fn parse_request(
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("application/json")),
+        branch: None,
     };
     if let Some(f) = headers
         .get("x-clickhouse-format")
@@ -131,6 +134,7 @@ fn parse_request(
             "password" => r.password = Some(v.into_owned()),
             "query_id" if !v.is_empty() => r.query_id = Some(v.into_owned()),
             "query_id" => {}
+            "branch" => r.branch = Some(v.into_owned()).filter(|b| !b.is_empty()),
             "default_format" => s.default_format = Some(Format::parse(&v)?),
             "transaction" => s.transaction = parse_bool(&k, &v)?,
             "readonly" => {
@@ -285,10 +289,30 @@ async fn handle(
         Ok(t) => t,
         Err(e) => return error_response(&e, req.wants_json, Some(&ctx.query_id)),
     };
+    let storage = match &req.branch {
+        None => st.storage.clone(),
+        Some(name) => {
+            let target = if ctx.is_admin() {
+                st.branches.get(name).await
+            } else {
+                Err(Error::new(
+                    ErrorCode::AccessDenied,
+                    format!(
+                        "Querying branches needs the admin role; this request runs as '{}'",
+                        ctx.role.as_str()
+                    ),
+                ))
+            };
+            match target {
+                Ok(s) => s,
+                Err(e) => return error_response(&e, req.wants_json, Some(&ctx.query_id)),
+            }
+        }
+    };
     let control = ExecControl::new(ctx.started, req.max_execution_time);
     let guard = CancelOnDrop(Arc::clone(&control));
     let (format, mut rx) =
-        exec::start(st.storage.clone(), ctx.clone(), control, text, req.settings);
+        exec::start(storage, ctx.clone(), control, text, req.settings);
     let wants_json = req.wants_json;
     let first = rx
         .recv()

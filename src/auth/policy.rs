@@ -188,7 +188,7 @@ pub fn create(c: &mut Connection, spec: &PolicySpec) -> Result<()> {
         .clone()
         .unwrap_or_else(|| spec.using_expr.clone());
     check_expr("check", &check)?;
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?; // nests inside a bundle merge
     // Replacing: the name may not belong to something else.
     let existing: Option<String> = tx
         .query_row(
@@ -433,7 +433,7 @@ pub fn grant(c: &mut Connection, g: &GrantSpec) -> Result<()> {
             ));
         }
     }
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?;
     for p in &g.privileges {
         tx.execute(
             "INSERT OR IGNORE INTO _ichibase_grants (object, role, privilege) VALUES (?1, ?2, ?3)",

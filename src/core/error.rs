@@ -38,6 +38,14 @@ pub enum ErrorCode {
     AuthenticationFailed,
     LuaError,
     LuaLimit,
+    /// A name is taken or an object is not in the state the request needs.
+    Conflict,
+    /// The language-model provider failed or answered something unusable.
+    LlmUnavailable,
+    /// No language-model provider is configured.
+    LlmNotConfigured,
+    /// A bundle's migrations or checks failed when verified.
+    CheckFailed,
     Internal,
 }
 
@@ -74,6 +82,10 @@ impl ErrorCode {
             AuthenticationFailed => 516,
             LuaError => 1010,
             LuaLimit => 1011,
+            Conflict => 1007,
+            LlmUnavailable => 1020,
+            LlmNotConfigured => 1021,
+            CheckFailed => 1022,
         }
     }
 
@@ -109,6 +121,10 @@ impl ErrorCode {
             AuthenticationFailed => "AUTHENTICATION_FAILED",
             LuaError => "LUA_ERROR",
             LuaLimit => "LUA_LIMIT_EXCEEDED",
+            Conflict => "CONFLICT",
+            LlmUnavailable => "LLM_UNAVAILABLE",
+            LlmNotConfigured => "LLM_NOT_CONFIGURED",
+            CheckFailed => "CHECK_FAILED",
         }
     }
 
@@ -125,7 +141,10 @@ impl ErrorCode {
             | IncorrectData
             | TooManyRowsOrBytes => 400,
             AuthenticationFailed => 401,
-            LuaError | LuaLimit => 422,
+            LuaError | LuaLimit | CheckFailed => 422,
+            Conflict => 409,
+            LlmUnavailable => 502,
+            LlmNotConfigured => 503,
             AccessDenied | Readonly => 403,
             UnknownTable | UnknownFunction | UnknownFormat | UnknownSetting | UnknownDatabase
             | NotFound => 404,

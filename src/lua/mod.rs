@@ -36,6 +36,8 @@ pub struct LuaOptions {
     pub max_rows: u64,
     /// Largest SQL text one `db` call may send.
     pub max_sql: usize,
+    /// Cases `prop.check` tries unless the check says otherwise.
+    pub property_runs: u32,
 }
 
 impl Default for LuaOptions {
@@ -47,6 +49,7 @@ impl Default for LuaOptions {
             max_trace_steps: 100_000,
             max_rows: 100_000,
             max_sql: 1024 * 1024,
+            property_runs: 100,
         }
     }
 }
@@ -59,6 +62,18 @@ pub struct Invocation {
     pub source: String,
     pub input: Json,
     pub trace: bool,
+    /// Set when the source is a check (a chunk whose own return value is the result) rather
+    /// than a function.
+    pub check: Option<CheckMode>,
+}
+
+/// How a check runs.
+#[derive(Debug, Clone, Default)]
+pub struct CheckMode {
+    /// Seed of `prop.check`'s random source.
+    pub seed: i64,
+    /// Run only property `.0`, once, on value `.1` (to trace a known counterexample).
+    pub replay: Option<(String, Json)>,
 }
 
 /// What components get: the caller's identity, storage, the limits and the tracer.
@@ -75,6 +90,9 @@ pub struct Env {
     pub hub: Option<Arc<crate::realtime::Hub>>,
     /// The open `db.tx` session, if any.
     pub tx: RefCell<Option<components::db::TxSession>>,
+    /// Outcomes `prop.check` reported.
+    pub reports: RefCell<Vec<Json>>,
+    pub check: Option<CheckMode>,
 }
 
 /// The result of one invocation.
@@ -88,6 +106,9 @@ pub struct Outcome {
     pub elapsed: Duration,
     pub steps: Option<(Vec<Step>, bool)>,
     pub logs: Vec<Json>,
+    /// What property checks reported (each with `property`, `ok`, and for a failure the shrunk
+    /// `counterexample`).
+    pub reports: Vec<Json>,
 }
 
 /// Run `inv` in a fresh sandbox as `ctx`. Blocking: call it from a blocking thread; `rt` is
@@ -126,6 +147,8 @@ pub fn invoke(
         logs: RefCell::new(Vec::new()),
         hub,
         tx: RefCell::new(None),
+        reports: RefCell::new(Vec::new()),
+        check: inv.check.clone(),
     });
     let run = || -> mlua::Result<Json> {
         let (lua, _host_debug) = sandbox::new_state(limits, Rc::clone(&meter), tracer.clone())?;
@@ -142,6 +165,15 @@ pub fn invoke(
             .set_name(format!("={}", inv.function))
             .set_mode(mlua::ChunkMode::Text);
         let returned: Value = chunk.call(())?;
+        if inv.check.is_some() {
+            // A check's chunk is the test itself: it passes unless it raises (or returns false).
+            if returned == Value::Boolean(false) {
+                return Err(mlua::Error::runtime("the check returned false"));
+            }
+            if !matches!(returned, Value::Function(_)) {
+                return to_json(&returned).map_err(mlua::Error::runtime);
+            }
+        }
         let handler: Function = match returned {
             Value::Function(f) => f,
             _ => match lua.globals().get::<Value>("handler")? {
@@ -193,6 +225,7 @@ pub fn invoke(
         elapsed: started.elapsed(),
         steps,
         logs: env.logs.take(),
+        reports: env.reports.take(),
     }
 }
 

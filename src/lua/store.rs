@@ -59,7 +59,7 @@ pub fn deploy(
     trace: bool,
     by: Option<&str>,
 ) -> Result<i64> {
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?; // a savepoint, so a bundle merge can deploy inside its own transaction
     let v: i64 = tx.query_row(
         "SELECT coalesce(max(version), 0) + 1 FROM _ichibase_functions WHERE name = ?1",
         [name],

@@ -141,6 +141,47 @@ pub const MIGRATIONS: &[Migration] = &[
               );
               CREATE TABLE _ichibase_cdc_tables (name TEXT PRIMARY KEY, enabled_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))) STRICT;",
     },
+    Migration {
+        version: 5,
+        name: "bundles, generations and their rounds",
+        sql: "CREATE TABLE _ichibase_bundles (
+                  id INTEGER PRIMARY KEY,
+                  name TEXT NOT NULL,
+                  bundle TEXT NOT NULL,
+                  applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+                  applied_by TEXT,
+                  generation_id TEXT
+              ) STRICT;
+              CREATE TABLE _ichibase_generations (
+                  id TEXT PRIMARY KEY,
+                  intent TEXT NOT NULL,
+                  status TEXT NOT NULL,
+                  model TEXT,
+                  branch TEXT,
+                  rounds INTEGER NOT NULL DEFAULT 0,
+                  input_tokens INTEGER NOT NULL DEFAULT 0,
+                  output_tokens INTEGER NOT NULL DEFAULT 0,
+                  bundle TEXT,
+                  error TEXT,
+                  created_by TEXT,
+                  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+                  finished_at TEXT
+              ) STRICT;
+              CREATE TABLE _ichibase_generation_rounds (
+                  generation_id TEXT NOT NULL REFERENCES _ichibase_generations(id) ON DELETE CASCADE,
+                  round INTEGER NOT NULL,
+                  prompt TEXT NOT NULL,
+                  answer TEXT,
+                  outcome TEXT NOT NULL,
+                  error TEXT,
+                  checks TEXT,
+                  input_tokens INTEGER NOT NULL DEFAULT 0,
+                  output_tokens INTEGER NOT NULL DEFAULT 0,
+                  elapsed_ms INTEGER NOT NULL,
+                  created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+                  PRIMARY KEY (generation_id, round)
+              ) STRICT;",
+    },
 ];
 
 /// Apply every migration not yet recorded. Returns how many ran.

@@ -7,9 +7,11 @@
 
 pub mod db;
 pub mod debug;
+pub mod fns;
 pub mod json;
 pub mod log;
 pub mod notify;
+pub mod prop;
 
 use std::rc::Rc;
 
@@ -32,6 +34,8 @@ pub fn registry() -> &'static [&'static dyn Component] {
         &log::Log,
         &debug::Debug,
         &notify::Notify,
+        &prop::Prop,
+        &fns::Fns,
     ]
 }
 

@@ -1,0 +1,86 @@
+//! The intent-to-service loop over HTTP (admin only): `POST /generate`
+//! (`{"intent", "max_rounds"?, "require_approval"?}`; answers when the loop ends, with every
+//! round), `GET /generate`, `GET /generate/{id}` (rounds with prompts, answers, outcomes, tokens,
+//! time), `POST /generate/{id}/approve`, `POST /generate/{id}/discard`.
+
+use axum::extract::{Path, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{AppState, JsonBody, reply, require_admin};
+use crate::generate::{self, Generator, Request};
+use crate::llm::LlmClient;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/generate", get(list).post(run))
+        .route("/generate/{id}", get(fetch))
+        .route("/generate/{id}/approve", post(approve))
+        .route("/generate/{id}/discard", post(discard))
+}
+
+macro_rules! admin {
+    ($st:expr, $h:expr) => {
+        match require_admin(&$st, &$h, "generating services") {
+            Ok(c) => c,
+            Err(r) => return r,
+        }
+    };
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunBody {
+    intent: String,
+    max_rounds: Option<u32>,
+    require_approval: Option<bool>,
+}
+
+async fn run(State(st): State<AppState>, h: HeaderMap, JsonBody(b): JsonBody<RunBody>) -> Response {
+    let ctx = admin!(st, h);
+    let r = async {
+        let g = Generator {
+            live: st.storage.clone(),
+            branches: st.branches.clone(),
+            lua: st.lua,
+            settings: st.config.generate.clone(),
+            llm: LlmClient::from_settings(&st.config.llm)?,
+        };
+        g.run(
+            Request {
+                intent: b.intent,
+                max_rounds: b.max_rounds,
+                require_approval: b.require_approval,
+                by: ctx.user_id.clone(),
+            },
+            &|r| tracing::info!(round = r.round, outcome = %r.outcome, "generate round"),
+        )
+        .await
+    }
+    .await;
+    reply(r)
+}
+
+async fn list(State(st): State<AppState>, h: HeaderMap) -> Response {
+    admin!(st, h);
+    reply(generate::list(&st.storage).await.map(|g| json!({"generations": g})))
+}
+
+async fn fetch(State(st): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Response {
+    admin!(st, h);
+    reply(generate::get(&st.storage, &id).await)
+}
+
+async fn approve(State(st): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Response {
+    let ctx = admin!(st, h);
+    reply(generate::decide(&st.storage, &st.branches, &id, true, ctx.user_id.clone()).await)
+}
+
+async fn discard(State(st): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Response {
+    let ctx = admin!(st, h);
+    reply(generate::decide(&st.storage, &st.branches, &id, false, ctx.user_id.clone()).await)
+}

@@ -1,0 +1,328 @@
+//! SQLite branches: named copies of the live database to try changes in isolation.
+//!
+//! Owns `<data_dir>/branches/<name>.db`: creating a branch (`VACUUM INTO` from a read
+//! transaction on the live file, so writers are never blocked: the copy is the snapshot the read
+//! transaction saw), opening it as its own [`Storage`] (own writer, readers and authorization
+//! snapshot), listing and deleting branches. A branch remembers, in its own `_ichibase_meta`,
+//! when it was taken and which applied bundles it already had, so a merge knows what to replay.
+//!
+//! Must not touch the live database beyond reading it: merging is `bundle::merge`, which replays
+//! a branch's bundles on the live storage in one transaction.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use crate::core::{Error, ErrorCode, Result};
+use crate::storage::{Storage, StorageOptions};
+
+/// What `GET /branches` shows of one branch.
+#[derive(Debug, Clone, Serialize)]
+pub struct BranchInfo {
+    pub name: String,
+    pub created_at: Option<String>,
+    pub bytes: u64,
+    /// Bundles applied to the branch since it was taken (what a merge would replay).
+    pub pending_bundles: Vec<String>,
+    pub open: bool,
+}
+
+/// Every branch of one live database.
+pub struct Branches {
+    dir: PathBuf,
+    live_path: PathBuf,
+    template: StorageOptions,
+    open: Mutex<HashMap<String, Storage>>,
+}
+
+pub fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            format!("branch name '{name}' must be 1-64 characters of letters, digits, '_' and '-'"),
+        ));
+    }
+    Ok(())
+}
+
+fn not_found(name: &str) -> Error {
+    Error::new(ErrorCode::NotFound, format!("No branch '{name}'"))
+}
+
+fn storage_err(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(ErrorCode::StorageError, format!("{what}: {e}"))
+}
+
+impl Branches {
+    /// Branches of the database opened with `live` options, kept under `data_dir/branches`.
+    pub fn new(data_dir: &Path, live: &StorageOptions) -> Branches {
+        let mut template = live.clone();
+        template.readers = template.readers.clamp(1, 2);
+        Branches {
+            dir: data_dir.join("branches"),
+            live_path: live.path.clone(),
+            template,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.db"))
+    }
+
+    /// Take a branch of the live database as it is now (one consistent snapshot).
+    pub async fn create(&self, name: &str) -> Result<BranchInfo> {
+        check_name(name)?;
+        let open = self.open.lock().await;
+        let path = self.path(name);
+        if open.contains_key(name) || path.exists() {
+            return Err(Error::new(
+                ErrorCode::Conflict,
+                format!("Branch '{name}' exists; delete it first or pick another name"),
+            ));
+        }
+        std::fs::create_dir_all(&self.dir).map_err(|e| storage_err("creating the branch dir", e))?;
+        let live = self.live_path.clone();
+        let (name_s, dest) = (name.to_string(), path.clone());
+        let timeout = self.template.busy_timeout;
+        let made = tokio::task::spawn_blocking(move || -> Result<()> {
+            let tmp = dest.with_extension("db.partial");
+            let _ = std::fs::remove_file(&tmp);
+            let src = Connection::open_with_flags(
+                &live,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| storage_err("opening the live database", e))?;
+            src.busy_timeout(timeout)
+                .map_err(|e| storage_err("busy timeout", e))?;
+            // The bundles the live database already has: a merge replays only later ones.
+            let base: i64 = src
+                .query_row(
+                    "SELECT coalesce(max(id), 0) FROM _ichibase_bundles",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(|e| storage_err("reading applied bundles", e))?;
+            src.execute("VACUUM INTO ?1", [tmp.to_string_lossy().as_ref()])
+                .map_err(|e| storage_err("copying the live database", e))?;
+            drop(src);
+            // The copy is in rollback-journal mode until the branch's storage opens it.
+            let c = Connection::open(&tmp).map_err(|e| storage_err("opening the copy", e))?;
+            c.execute(
+                "INSERT OR REPLACE INTO _ichibase_meta (key, value) VALUES
+                     ('branch_name', ?1),
+                     ('branched_at', strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+                     ('branch_base_bundle', ?2)",
+                rusqlite::params![name_s, base.to_string()],
+            )
+            .map_err(|e| storage_err("marking the branch", e))?;
+            drop(c);
+            // Rename only a complete copy into place (a crash leaves a `.partial` behind).
+            std::fs::rename(&tmp, &dest).map_err(|e| storage_err("placing the branch", e))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::internal(format!("branch task failed: {e}")))?;
+        made?;
+        drop(open);
+        self.info(name).await
+    }
+
+    /// The branch's storage, opened on first use.
+    pub async fn get(&self, name: &str) -> Result<Storage> {
+        check_name(name)?;
+        let mut open = self.open.lock().await;
+        if let Some(s) = open.get(name) {
+            return Ok(s.clone());
+        }
+        let path = self.path(name);
+        if !path.exists() {
+            return Err(not_found(name));
+        }
+        let mut opts = self.template.clone();
+        opts.path = path;
+        let s = tokio::task::spawn_blocking(move || Storage::open(&opts))
+            .await
+            .map_err(|e| Error::internal(format!("branch task failed: {e}")))?
+            .map_err(|e| storage_err("opening the branch", e))?;
+        open.insert(name.to_string(), s.clone());
+        Ok(s)
+    }
+
+    pub async fn info(&self, name: &str) -> Result<BranchInfo> {
+        check_name(name)?;
+        let path = self.path(name);
+        if !path.exists() {
+            return Err(not_found(name));
+        }
+        let is_open = self.open.lock().await.contains_key(name);
+        let n = name.to_string();
+        tokio::task::spawn_blocking(move || read_info(&path, &n, is_open))
+            .await
+            .map_err(|e| Error::internal(format!("branch task failed: {e}")))?
+    }
+
+    pub async fn list(&self) -> Result<Vec<BranchInfo>> {
+        let mut names = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
+            for e in rd.flatten() {
+                let f = e.file_name().to_string_lossy().to_string();
+                if let Some(n) = f.strip_suffix(".db") {
+                    if check_name(n).is_ok() {
+                        names.push(n.to_string());
+                    }
+                }
+            }
+        }
+        names.sort();
+        let mut out = Vec::new();
+        for n in names {
+            if let Ok(i) = self.info(&n).await {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Close and remove a branch.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        check_name(name)?;
+        let mut open = self.open.lock().await;
+        let path = self.path(name);
+        if let Some(s) = open.remove(name) {
+            s.close().await?;
+        }
+        if !path.exists() {
+            return Err(not_found(name));
+        }
+        for p in [
+            path.clone(),
+            path.with_extension("db-wal"),
+            path.with_extension("db-shm"),
+        ] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(storage_err("removing the branch", e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Replay the bundles applied to branch `name` on `live` in one transaction; the branch is
+    /// deleted afterwards unless `keep`. Returns what was merged.
+    pub async fn merge(
+        &self,
+        name: &str,
+        live: &Storage,
+        by: Option<String>,
+        keep: bool,
+    ) -> Result<serde_json::Value> {
+        let storage = self.get(name).await?;
+        let pending_rows = storage
+            .read(
+                &crate::core::RequestContext::system(),
+                crate::storage::ExecControl::new(std::time::Instant::now(), 0.0),
+                |c| pending(c, base_of(c)?),
+            )
+            .await?;
+        if pending_rows.is_empty() {
+            return Err(Error::new(
+                ErrorCode::Conflict,
+                format!("Branch '{name}' has no applied bundles to merge"),
+            ));
+        }
+        let mut bundles = Vec::new();
+        for (_, _, text) in &pending_rows {
+            bundles.push(crate::bundle::Bundle::from_json(text)?);
+        }
+        let names: Vec<String> = bundles.iter().map(|b| b.name.clone()).collect();
+        let ids = crate::bundle::apply(live, bundles, by, None).await?;
+        if !keep {
+            self.delete(name).await?;
+        }
+        Ok(serde_json::json!({"branch": name, "merged": names, "bundle_ids": ids, "deleted": !keep}))
+    }
+
+    /// Close every open branch (server shutdown).
+    pub async fn close_all(&self) {
+        let mut open = self.open.lock().await;
+        for (_, s) in open.drain() {
+            let _ = s.close().await;
+        }
+    }
+}
+
+fn read_info(path: &Path, name: &str, open: bool) -> Result<BranchInfo> {
+    let c = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| storage_err("opening the branch", e))?;
+    c.busy_timeout(std::time::Duration::from_secs(5))
+        .map_err(|e| storage_err("busy timeout", e))?;
+    let meta = |k: &str| -> Result<Option<String>> {
+        c.query_row("SELECT value FROM _ichibase_meta WHERE key = ?1", [k], |r| {
+            r.get(0)
+        })
+        .optional()
+        .map_err(|e| storage_err("reading the branch", e))
+    };
+    let created_at = meta("branched_at")?;
+    let base: i64 = meta("branch_base_bundle")?
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let pending_bundles = pending(&c, base)?
+        .into_iter()
+        .map(|(_, name, _)| name)
+        .collect();
+    let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+        + std::fs::metadata(path.with_extension("db-wal"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+    Ok(BranchInfo {
+        name: name.to_string(),
+        created_at,
+        bytes,
+        pending_bundles,
+        open,
+    })
+}
+
+/// Bundles applied to a branch after it was taken: `(id, name, bundle JSON)` in order.
+pub fn pending(c: &Connection, base: i64) -> Result<Vec<(i64, String, String)>> {
+    let mut st = c
+        .prepare("SELECT id, name, bundle FROM _ichibase_bundles WHERE id > ?1 ORDER BY id")
+        .map_err(|e| storage_err("reading the branch's bundles", e))?;
+    let rows = st
+        .query_map([base], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .map_err(|e| storage_err("reading the branch's bundles", e))?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(|e| storage_err("reading the branch's bundles", e))?;
+    Ok(rows)
+}
+
+/// The bundle id the branch was taken at (from its own metadata).
+pub fn base_of(c: &Connection) -> Result<i64> {
+    let v: Option<String> = c
+        .query_row(
+            "SELECT value FROM _ichibase_meta WHERE key = 'branch_base_bundle'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| storage_err("reading the branch", e))?;
+    Ok(v.and_then(|s| s.parse().ok()).unwrap_or(0))
+}
+
+/// Keep a handle type for the API state.
+pub type SharedBranches = Arc<Branches>;

@@ -1,0 +1,57 @@
+//! `prop`: property-based testing inside the sandbox — generators (ints, numbers, booleans,
+//! strings incl. Japanese text, lists, records, tuples, elements), `prop.check` with a seeded
+//! run count, and shrinking of a failing case to a minimal counterexample.
+//!
+//! The module itself is Lua (`prop.lua`), so generators, properties and shrinking all run under
+//! the invocation's instruction, memory and time limits. The host side only hands it the default
+//! run count and seed, collects each check's outcome into [`Env::reports`], and, when a check is
+//! replayed for a trace, tells `prop.check` which counterexample to run once.
+
+use std::rc::Rc;
+
+use mlua::{Lua, LuaSerdeExt, Table, Value};
+
+use super::Component;
+use crate::lua::{Env, to_json};
+
+const SOURCE: &str = include_str!("prop.lua");
+
+pub struct Prop;
+
+impl Component for Prop {
+    fn name(&self) -> &'static str {
+        "prop"
+    }
+
+    fn install(&self, lua: &Lua, env: &Rc<Env>) -> mlua::Result<()> {
+        let e = Rc::clone(env);
+        let report = lua.create_function(move |_, v: Value| {
+            let j = to_json(&v).map_err(mlua::Error::runtime)?;
+            e.reports.borrow_mut().push(j);
+            Ok(())
+        })?;
+        let e = Rc::clone(env);
+        let replay = lua.create_function(move |lua, name: String| {
+            Ok(match &e.check.as_ref().and_then(|c| c.replay.as_ref()) {
+                None => (Value::Nil, Value::Nil),
+                Some((n, v)) if *n == name => (
+                    Value::Boolean(true),
+                    lua.to_value_with(
+                        v,
+                        mlua::SerializeOptions::new()
+                            .serialize_none_to_null(false)
+                            .serialize_unit_to_null(false),
+                    )?,
+                ),
+                Some(_) => (Value::Boolean(false), Value::Nil),
+            })
+        })?;
+        let seed = env.check.as_ref().map(|c| c.seed).unwrap_or(1);
+        let m: Table = lua
+            .load(SOURCE)
+            .set_name("=prop")
+            .set_mode(mlua::ChunkMode::Text)
+            .call((report, replay, env.options.property_runs, seed))?;
+        lua.globals().set(self.name(), m)
+    }
+}
