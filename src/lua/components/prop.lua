@@ -231,7 +231,7 @@ function M.list(elem, opts)
       return shrink_seq(items, min, function(_, x)
         local s = elem.shrink(x)
         local firsts = {}
-        for k = 1, math.min(#s, 2) do firsts[k] = s[k] end
+        for k = 1, math.min(#s, 32) do firsts[k] = s[k] end
         return firsts
       end)
     end,
