@@ -262,7 +262,8 @@ async fn generate(
     no_merge: bool,
 ) -> anyhow::Result<()> {
     use ichibase::generate::{Generator, Request};
-    let llm = ichibase::llm::LlmClient::from_settings(&cfg.llm).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let llm =
+        ichibase::llm::LlmClient::from_settings(&cfg.llm).map_err(|e| anyhow::anyhow!("{e}"))?;
     std::fs::create_dir_all(&cfg.data_dir)?;
     let opts = ichibase::storage::StorageOptions::from_config(&cfg);
     let o2 = opts.clone();
@@ -289,13 +290,20 @@ async fn generate(
                     "round {}: {}{} ({} ms, {} + {} tokens)",
                     r.round,
                     r.outcome,
-                    r.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default(),
+                    r.error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default(),
                     r.elapsed_ms,
                     r.input_tokens,
                     r.output_tokens
                 );
                 for c in r.checks.iter().filter(|c| !c.ok) {
-                    eprintln!("  check '{}': {}", c.name, c.error.as_deref().unwrap_or("failed"));
+                    eprintln!(
+                        "  check '{}': {}",
+                        c.name,
+                        c.error.as_deref().unwrap_or("failed")
+                    );
                 }
             },
         )

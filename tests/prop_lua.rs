@@ -53,8 +53,16 @@ async fn check(e: &Env, source: &str, seed: i64) -> Outcome {
 
 /// The one failed property report of an outcome that must have failed.
 fn failure(o: &Outcome) -> Value {
-    assert!(o.result.is_err(), "the property should fail: {:?}", o.result);
-    let f: Vec<&Value> = o.reports.iter().filter(|r| r["ok"] == json!(false)).collect();
+    assert!(
+        o.result.is_err(),
+        "the property should fail: {:?}",
+        o.result
+    );
+    let f: Vec<&Value> = o
+        .reports
+        .iter()
+        .filter(|r| r["ok"] == json!(false))
+        .collect();
     assert_eq!(f.len(), 1, "one failed report: {:?}", o.reports);
     f[0].clone()
 }

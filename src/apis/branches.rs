@@ -5,12 +5,12 @@
 //! (replay the branch's bundles on the live database in one transaction). SQL reaches a branch
 //! with `POST /?branch=name` (see `apis::sql`).
 
+use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{get, post};
-use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -46,7 +46,11 @@ struct CreateBody {
     name: String,
 }
 
-async fn create(State(st): State<AppState>, h: HeaderMap, JsonBody(b): JsonBody<CreateBody>) -> Response {
+async fn create(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    JsonBody(b): JsonBody<CreateBody>,
+) -> Response {
     admin!(st, h);
     reply(st.branches.create(&b.name).await)
 }
@@ -58,10 +62,20 @@ async fn info(State(st): State<AppState>, h: HeaderMap, Path(name): Path<String>
 
 async fn remove(State(st): State<AppState>, h: HeaderMap, Path(name): Path<String>) -> Response {
     admin!(st, h);
-    reply(st.branches.delete(&name).await.map(|_| json!({"deleted": name})))
+    reply(
+        st.branches
+            .delete(&name)
+            .await
+            .map(|_| json!({"deleted": name})),
+    )
 }
 
-async fn apply(State(st): State<AppState>, h: HeaderMap, Path(name): Path<String>, body: Bytes) -> Response {
+async fn apply(
+    State(st): State<AppState>,
+    h: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
     let ctx = admin!(st, h);
     let r = async {
         let text = std::str::from_utf8(&body)
@@ -102,5 +116,9 @@ async fn merge(
 ) -> Response {
     let ctx = admin!(st, h);
     let keep = q.keep.as_deref().is_some_and(|v| v == "1" || v == "true");
-    reply(st.branches.merge(&name, &st.storage, ctx.user_id.clone(), keep).await)
+    reply(
+        st.branches
+            .merge(&name, &st.storage, ctx.user_id.clone(), keep)
+            .await,
+    )
 }

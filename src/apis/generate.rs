@@ -3,11 +3,11 @@
 //! round), `GET /generate`, `GET /generate/{id}` (rounds with prompts, answers, outcomes, tokens,
 //! time), `POST /generate/{id}/approve`, `POST /generate/{id}/discard`.
 
+use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{get, post};
-use axum::Router;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -67,7 +67,11 @@ async fn run(State(st): State<AppState>, h: HeaderMap, JsonBody(b): JsonBody<Run
 
 async fn list(State(st): State<AppState>, h: HeaderMap) -> Response {
     admin!(st, h);
-    reply(generate::list(&st.storage).await.map(|g| json!({"generations": g})))
+    reply(
+        generate::list(&st.storage)
+            .await
+            .map(|g| json!({"generations": g})),
+    )
 }
 
 async fn fetch(State(st): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Response {

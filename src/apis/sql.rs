@@ -311,8 +311,7 @@ async fn handle(
     };
     let control = ExecControl::new(ctx.started, req.max_execution_time);
     let guard = CancelOnDrop(Arc::clone(&control));
-    let (format, mut rx) =
-        exec::start(storage, ctx.clone(), control, text, req.settings);
+    let (format, mut rx) = exec::start(storage, ctx.clone(), control, text, req.settings);
     let wants_json = req.wants_json;
     let first = rx
         .recv()

@@ -90,7 +90,8 @@ impl Branches {
                 format!("Branch '{name}' exists; delete it first or pick another name"),
             ));
         }
-        std::fs::create_dir_all(&self.dir).map_err(|e| storage_err("creating the branch dir", e))?;
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| storage_err("creating the branch dir", e))?;
         let live = self.live_path.clone();
         let (name_s, dest) = (name.to_string(), path.clone());
         let timeout = self.template.busy_timeout;
@@ -250,7 +251,9 @@ impl Branches {
         if !keep {
             self.delete(name).await?;
         }
-        Ok(serde_json::json!({"branch": name, "merged": names, "bundle_ids": ids, "deleted": !keep}))
+        Ok(
+            serde_json::json!({"branch": name, "merged": names, "bundle_ids": ids, "deleted": !keep}),
+        )
     }
 
     /// Close every open branch (server shutdown).
@@ -271,9 +274,11 @@ fn read_info(path: &Path, name: &str, open: bool) -> Result<BranchInfo> {
     c.busy_timeout(std::time::Duration::from_secs(5))
         .map_err(|e| storage_err("busy timeout", e))?;
     let meta = |k: &str| -> Result<Option<String>> {
-        c.query_row("SELECT value FROM _ichibase_meta WHERE key = ?1", [k], |r| {
-            r.get(0)
-        })
+        c.query_row(
+            "SELECT value FROM _ichibase_meta WHERE key = ?1",
+            [k],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(|e| storage_err("reading the branch", e))
     };

@@ -112,7 +112,15 @@ fn bad(msg: impl Into<String>) -> Error {
 /// Statements a migration may not contain: they would break the one-transaction guarantee or
 /// reach outside the database.
 const REFUSED_VERBS: &[&str] = &[
-    "BEGIN", "COMMIT", "END", "ROLLBACK", "SAVEPOINT", "RELEASE", "ATTACH", "DETACH", "VACUUM",
+    "BEGIN",
+    "COMMIT",
+    "END",
+    "ROLLBACK",
+    "SAVEPOINT",
+    "RELEASE",
+    "ATTACH",
+    "DETACH",
+    "VACUUM",
     "PRAGMA",
 ];
 
@@ -144,10 +152,7 @@ impl Bundle {
             }
             lua::compile_check(&f.name, &f.source).map_err(|(e, line)| {
                 let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
-                Error::new(
-                    e.code,
-                    format!("function '{}'{at}: {}", f.name, e.message),
-                )
+                Error::new(e.code, format!("function '{}'{at}: {}", f.name, e.message))
             })?;
         }
         let mut names = std::collections::HashSet::new();
@@ -188,7 +193,9 @@ fn check_migration(sql: &str) -> Result<()> {
         return Err(bad("empty migration"));
     }
     if parsed.insert.is_some() || parsed.format.is_some() {
-        return Err(bad("FORMAT clauses and inline data are not allowed in migrations"));
+        return Err(bad(
+            "FORMAT clauses and inline data are not allowed in migrations",
+        ));
     }
     for st in &parsed.statements {
         if REFUSED_VERBS.contains(&st.verb.as_str()) {
@@ -202,7 +209,9 @@ fn check_migration(sql: &str) -> Result<()> {
         }
     }
     for t in crate::sql::lexer::tokenize(sql)? {
-        let text = t.text(sql).trim_matches(|c| c == '"' || c == '`' || c == '[' || c == ']');
+        let text = t
+            .text(sql)
+            .trim_matches(|c| c == '"' || c == '`' || c == '[' || c == ']');
         let lower = text.to_ascii_lowercase();
         if lower.starts_with("_ichibase") || lower.starts_with("sqlite_") {
             return Err(bad(format!(
@@ -222,7 +231,9 @@ pub fn apply_all(
     generation: Option<&str>,
 ) -> Result<Vec<i64>> {
     if !c.is_autocommit() {
-        return Err(Error::internal("apply_all needs a connection outside a transaction"));
+        return Err(Error::internal(
+            "apply_all needs a connection outside a transaction",
+        ));
     }
     c.execute_batch("BEGIN IMMEDIATE")?;
     let r = (|| -> Result<Vec<i64>> {
@@ -249,7 +260,12 @@ pub fn apply_all(
     }
 }
 
-fn apply_one(c: &mut Connection, b: &Bundle, by: Option<&str>, generation: Option<&str>) -> Result<i64> {
+fn apply_one(
+    c: &mut Connection,
+    b: &Bundle,
+    by: Option<&str>,
+    generation: Option<&str>,
+) -> Result<i64> {
     b.validate()?;
     let ctx = |what: String| move |e: Error| Error::new(e.code, format!("{what}: {}", e.message));
     for (i, m) in b.migrations.iter().enumerate() {
@@ -446,7 +462,9 @@ async fn run_check(env: &CheckEnv, c: &CheckSpec) -> CheckResult {
                         }
                         (Ok(v), None, Some(msg)) => {
                             res.result = Some(v.clone());
-                            Some(format!("returned {v}, expected an error containing '{msg}'"))
+                            Some(format!(
+                                "returned {v}, expected an error containing '{msg}'"
+                            ))
                         }
                         (Ok(v), None, None) => {
                             res.result = Some(v.clone());

@@ -158,7 +158,11 @@ pub async fn describe_app(live: &Storage) -> Result<String> {
 
 impl Generator {
     /// Run the loop for `req`; `progress` sees each round as it ends.
-    pub async fn run(&self, req: Request, progress: &(dyn Fn(&Round) + Sync)) -> Result<Generation> {
+    pub async fn run(
+        &self,
+        req: Request,
+        progress: &(dyn Fn(&Round) + Sync),
+    ) -> Result<Generation> {
         let intent = req.intent.trim().to_string();
         if intent.is_empty() {
             return Err(Error::new(ErrorCode::BadArguments, "The intent is empty"));
@@ -169,8 +173,13 @@ impl Generator {
                 format!("The intent is longer than {MAX_INTENT} bytes"),
             ));
         }
-        let max_rounds = req.max_rounds.unwrap_or(self.settings.max_rounds).clamp(1, 20);
-        let approval = req.require_approval.unwrap_or(self.settings.require_approval);
+        let max_rounds = req
+            .max_rounds
+            .unwrap_or(self.settings.max_rounds)
+            .clamp(1, 20);
+        let approval = req
+            .require_approval
+            .unwrap_or(self.settings.require_approval);
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let branch = format!("gen-{id}");
         {
@@ -210,7 +219,10 @@ impl Generator {
         let mut verified: Option<Bundle> = None;
         for round in 1..=max_rounds {
             let started = Instant::now();
-            let prompt = messages.last().map(|m| m.content.clone()).unwrap_or_default();
+            let prompt = messages
+                .last()
+                .map(|m| m.content.clone())
+                .unwrap_or_default();
             let prompt_record = if round == 1 {
                 format!("SYSTEM:\n{system}\n\nUSER:\n{prompt}")
             } else {
@@ -239,8 +251,10 @@ impl Generator {
             };
             out.input_tokens += reply.usage.input_tokens;
             out.output_tokens += reply.usage.output_tokens;
-            let (outcome, error, checks, feedback, bundle) = self.verify(&reply.text, &branch).await;
-            out.branch = Some(branch.clone()).filter(|_| outcome != "invalid_answer" && outcome != "invalid_bundle");
+            let (outcome, error, checks, feedback, bundle) =
+                self.verify(&reply.text, &branch).await;
+            out.branch = Some(branch.clone())
+                .filter(|_| outcome != "invalid_answer" && outcome != "invalid_bundle");
             let r = Round {
                 round,
                 outcome: outcome.to_string(),
@@ -250,7 +264,8 @@ impl Generator {
                 output_tokens: reply.usage.output_tokens,
                 elapsed_ms: started.elapsed().as_millis() as u64,
             };
-            self.record(&id, &prompt_record, Some(&reply.text), &r).await?;
+            self.record(&id, &prompt_record, Some(&reply.text), &r)
+                .await?;
             progress(&r);
             out.rounds.push(r);
             if let Some(b) = bundle {
@@ -273,7 +288,8 @@ impl Generator {
                 if approval {
                     out.status = "awaiting_approval".into();
                 } else {
-                    match bundle::apply(&self.live, vec![b], req.by.clone(), Some(id.clone())).await {
+                    match bundle::apply(&self.live, vec![b], req.by.clone(), Some(id.clone())).await
+                    {
                         Ok(_) => {
                             out.status = "merged".into();
                             let _ = self.branches.delete(&branch).await;
@@ -296,7 +312,13 @@ impl Generator {
         &self,
         answer: &str,
         branch: &str,
-    ) -> (&'static str, Option<String>, Vec<CheckResult>, String, Option<Bundle>) {
+    ) -> (
+        &'static str,
+        Option<String>,
+        Vec<CheckResult>,
+        String,
+        Option<Bundle>,
+    ) {
         let Some(text) = extract_json(answer) else {
             let e = "the answer contains no JSON object".to_string();
             return ("invalid_answer", Some(e.clone()), vec![], e, None);
@@ -304,7 +326,13 @@ impl Generator {
         let b = match Bundle::from_json(text) {
             Ok(b) => b,
             Err(e) => {
-                return ("invalid_bundle", Some(e.message.clone()), vec![], e.message, None);
+                return (
+                    "invalid_bundle",
+                    Some(e.message.clone()),
+                    vec![],
+                    e.message,
+                    None,
+                );
             }
         };
         if b.checks.is_empty() {
@@ -313,14 +341,31 @@ impl Generator {
         }
         let _ = self.branches.delete(branch).await;
         if let Err(e) = self.branches.create(branch).await {
-            return ("apply_failed", Some(e.message.clone()), vec![], e.message, None);
+            return (
+                "apply_failed",
+                Some(e.message.clone()),
+                vec![],
+                e.message,
+                None,
+            );
         }
         let storage = match self.branches.get(branch).await {
             Ok(s) => s,
-            Err(e) => return ("apply_failed", Some(e.message.clone()), vec![], e.message, None),
+            Err(e) => {
+                return (
+                    "apply_failed",
+                    Some(e.message.clone()),
+                    vec![],
+                    e.message,
+                    None,
+                );
+            }
         };
         if let Err(e) = bundle::apply(&storage, vec![b.clone()], None, None).await {
-            let fb = format!("Applying the bundle failed (nothing of it was kept): {}", e.message);
+            let fb = format!(
+                "Applying the bundle failed (nothing of it was kept): {}",
+                e.message
+            );
             return ("apply_failed", Some(e.message), vec![], fb, None);
         }
         let env = CheckEnv {
@@ -337,14 +382,25 @@ impl Generator {
                 results.len(),
                 bundle::describe_failures(&results)
             );
-            return ("checks_failed", Some(format!("{failed} check(s) failed")), results, fb, None);
+            return (
+                "checks_failed",
+                Some(format!("{failed} check(s) failed")),
+                results,
+                fb,
+                None,
+            );
         }
         ("verified", None, results, String::new(), Some(b))
     }
 
     async fn record(&self, id: &str, prompt: &str, answer: Option<&str>, r: &Round) -> Result<()> {
-        let (id, prompt, answer) = (id.to_string(), prompt.to_string(), answer.map(str::to_string));
-        let checks = (!r.checks.is_empty()).then(|| serde_json::to_string(&r.checks).unwrap_or_default());
+        let (id, prompt, answer) = (
+            id.to_string(),
+            prompt.to_string(),
+            answer.map(str::to_string),
+        );
+        let checks =
+            (!r.checks.is_empty()).then(|| serde_json::to_string(&r.checks).unwrap_or_default());
         let r = r.clone();
         self.live
             .write(&sys(), no_deadline(), move |c| {
@@ -464,7 +520,10 @@ pub async fn decide(
     if g["status"] != "awaiting_approval" {
         return Err(Error::new(
             ErrorCode::Conflict,
-            format!("Generation '{id}' is {}, not awaiting_approval", g["status"]),
+            format!(
+                "Generation '{id}' is {}, not awaiting_approval",
+                g["status"]
+            ),
         ));
     }
     let branch = g["branch"].as_str().map(str::to_string);

@@ -228,7 +228,9 @@ impl LlmClient {
             }
             let backoff = Duration::from_millis(500u64.saturating_mul(1 << (attempt - 1).min(6)));
             let jitter = Duration::from_millis(u64::from(rand_u16()) % 250);
-            let wait = wait.unwrap_or(backoff + jitter).min(Duration::from_secs(60));
+            let wait = wait
+                .unwrap_or(backoff + jitter)
+                .min(Duration::from_secs(60));
             tracing::warn!(attempt, wait_ms = wait.as_millis() as u64, error = %err.message, "model call failed; retrying");
             tokio::time::sleep(wait).await;
         }
@@ -352,14 +354,13 @@ mod tests {
 
     #[test]
     fn endpoints_follow_the_provider() {
-        let c = LlmClient::from_settings(&settings("https://api.openai.com/v1/", LlmProvider::Auto))
-            .unwrap();
+        let c =
+            LlmClient::from_settings(&settings("https://api.openai.com/v1/", LlmProvider::Auto))
+                .unwrap();
         assert_eq!(c.endpoint(), "https://api.openai.com/v1/chat/completions");
-        let c = LlmClient::from_settings(&settings(
-            "https://api.anthropic.com/v1",
-            LlmProvider::Auto,
-        ))
-        .unwrap();
+        let c =
+            LlmClient::from_settings(&settings("https://api.anthropic.com/v1", LlmProvider::Auto))
+                .unwrap();
         assert_eq!(c.endpoint(), "https://api.anthropic.com/v1/messages");
         let c = LlmClient::from_settings(&settings(
             "http://127.0.0.1:11434/v1/chat/completions",
