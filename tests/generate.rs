@@ -476,3 +476,47 @@ async fn approval_and_a_failing_merge_leave_the_live_app_as_it_was() {
             .contains("ICHIBASE_LLM_URL")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cli_generates_into_a_data_dir() {
+    let (model, url) = start_model(vec![
+        (200, answer(&bundle(COUNT_V2))),
+        (200, answer(&bundle(COUNT_V3))),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_path_buf();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ichibase"))
+            .args(["generate", "文字数を数える", "--rounds", "2", "--data-dir"])
+            .arg(&data)
+            .env_remove("ICHIBASE_CONFIG")
+            .env("ICHIBASE_LLM_URL", &url)
+            .env("ICHIBASE_LLM_MODEL", "scripted-1")
+            .current_dir(&data)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("round 1: checks_failed"), "{stderr}");
+    assert!(stderr.contains("round 2: verified"), "{stderr}");
+    let g: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(g["status"], "merged");
+    assert_eq!(model.seen.lock().unwrap().len(), 2);
+    assert!(
+        model.seen.lock().unwrap()[0].0.get("authorization").is_none(),
+        "no key configured, none sent"
+    );
+    // The server on that data dir serves the merged functions.
+    let s = Server::start_in(dir.path(), &[], &[]);
+    let r = client()
+        .post(format!("{}/fn/count_chars", s.url))
+        .json(&json!({"text": "ありがとう"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.json::<Value>().await.unwrap(), json!({"count": 5}));
+}

@@ -334,7 +334,14 @@ local function run_case(gen, fn, v)
   else
     ok, res = pcall(fn, arg)
   end
-  if not ok then return false, tostring(res) end
+  if not ok then
+    -- The message alone: no "runtime error:" prefix, no host traceback.
+    local msg = tostring(res)
+    if msg:sub(1, 15) == "runtime error: " then msg = msg:sub(16) end
+    local cut = msg:find("\nstack traceback:", 1, true)
+    if cut then msg = msg:sub(1, cut - 1) end
+    return false, msg
+  end
   if res == false then return false, "the property returned false" end
   return true
 end

@@ -5,7 +5,8 @@
 //! The module itself is Lua (`prop.lua`), so generators, properties and shrinking all run under
 //! the invocation's instruction, memory and time limits. The host side only hands it the default
 //! run count and seed, collects each check's outcome into [`Env::reports`], and, when a check is
-//! replayed for a trace, tells `prop.check` which counterexample to run once.
+//! replayed for a trace, tells `prop.check` which counterexample to run once. The module is
+//! parsed on the first access to `prop`, so invocations that do not use it pay nothing.
 
 use std::rc::Rc;
 
@@ -47,11 +48,28 @@ impl Component for Prop {
             })
         })?;
         let seed = env.check.as_ref().map(|c| c.seed).unwrap_or(1);
-        let m: Table = lua
-            .load(SOURCE)
-            .set_name("=prop")
-            .set_mode(mlua::ChunkMode::Text)
-            .call((report, replay, env.options.property_runs, seed))?;
-        lua.globals().set(self.name(), m)
+        let runs = env.options.property_runs;
+        // Loaded on first use: most invocations never touch `prop`, and parsing the module
+        // costs more than the rest of a small call.
+        let placeholder = lua.create_table()?;
+        let meta = lua.create_table()?;
+        meta.set(
+            "__index",
+            lua.create_function(move |lua, (t, key): (Table, Value)| {
+                let m: Table = lua
+                    .load(SOURCE)
+                    .set_name("=prop")
+                    .set_mode(mlua::ChunkMode::Text)
+                    .call((report.clone(), replay.clone(), runs, seed))?;
+                t.set_metatable(None)?;
+                for pair in m.pairs::<Value, Value>() {
+                    let (k, v) = pair?;
+                    t.raw_set(k, v)?;
+                }
+                t.raw_get::<Value>(key)
+            })?,
+        )?;
+        placeholder.set_metatable(Some(meta))?;
+        lua.globals().set(self.name(), placeholder)
     }
 }
