@@ -507,7 +507,10 @@ async fn the_cli_generates_into_a_data_dir() {
     assert_eq!(g["status"], "merged");
     assert_eq!(model.seen.lock().unwrap().len(), 2);
     assert!(
-        model.seen.lock().unwrap()[0].0.get("authorization").is_none(),
+        model.seen.lock().unwrap()[0]
+            .0
+            .get("authorization")
+            .is_none(),
         "no key configured, none sent"
     );
     // The server on that data dir serves the merged functions.

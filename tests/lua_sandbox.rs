@@ -1530,6 +1530,76 @@ fn cases() -> Vec<Case> {
         .refused_before_lua(),
     );
 
+    // --- fn: calling other functions --------------------------------------------------------
+    v.push(case(
+        "fn_call_self_recursion",
+        r#"return function() return fn.call("fn_call_self_recursion", {}) end"#,
+        Expect::Error(STOPPED),
+    ));
+    v.push(case(
+        "fn_load_bad_name",
+        r#"return function() return fn.load("../../etc/passwd") end"#,
+        Expect::Error(&["BAD_ARGUMENTS"]),
+    ));
+    v.push(case(
+        "fn_call_missing",
+        r#"return function() return fn.call("no_such_function", {}) end"#,
+        Expect::Error(&["NOT_FOUND"]),
+    ));
+    v.push(
+        case(
+            "fn_call_runs_as_the_caller",
+            r#"return function() return fn.call("normal", {x = 1}) end"#,
+            Expect::Value(json!({"ok": true, "echo": {"x": 1}, "role": "user"})),
+        )
+        .who(Who::Alice),
+    );
+    v.push(case(
+        "fn_loaded_function_globals_stay_its_own",
+        r#"return function()
+             local h = fn.load("normal")
+             handler = nil
+             return {type(h), type(handler), h({}, {role = "x"}).role}
+           end"#,
+        Expect::Value(json!(["function", "nil", "x"])),
+    ));
+
+    // --- prop: property testing inside the limits --------------------------------------------
+    v.push(case(
+        "prop_host_hooks_unreachable",
+        r#"return function()
+             local _ = prop.int
+             return {type(report), type(replay_for), type(prop.report), type(rawget(prop, "replay"))}
+           end"#,
+        Expect::Value(json!(["nil", "nil", "nil", "nil"])),
+    ));
+    v.push(case(
+        "prop_endless_runs_hit_the_limit",
+        r#"return function() return prop.check("t", prop.int(), function() return true end, {runs = 1 << 50}) end"#,
+        Expect::Error(LIMIT),
+    ));
+    v.push(case(
+        "prop_huge_strings_hit_a_limit",
+        r#"return function() return prop.sample(prop.string{min = 50000000, max = 50000000}, 1) end"#,
+        Expect::Error(STOPPED),
+    ));
+    v.push(case(
+        "prop_shrinking_is_bounded",
+        r#"return function()
+             local n = 0
+             return prop.check("never", prop.list(prop.int(), {max = 32}), function() n = n + 1; return false end, {max_shrinks = 1 << 40})
+           end"#,
+        Expect::Survive,
+    ));
+    v.push(
+        case(
+            "prop_traced_run_is_bounded",
+            r#"return function() return prop.check("t", prop.list(prop.string()), function(xs) return #xs >= 0 end, {runs = 100000}) end"#,
+            Expect::Survive,
+        )
+        .traced(),
+    );
+
     v
 }
 

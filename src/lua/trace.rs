@@ -145,6 +145,11 @@ impl Tracer {
         if self.truncated && self.pending.iter().all(Option::is_none) {
             return Ok(());
         }
+        // The engine's own Lua modules (the `prop` library) are not the user's code: their
+        // lines would only bury the user's steps (and cost memory).
+        if d.source().short_src.as_deref() == Some("prop") {
+            return Ok(());
+        }
         let depth = Self::depth(lua);
         self.flush_deeper(depth);
         let (locals, upvalues) = self.snapshot()?;
