@@ -56,7 +56,10 @@ async fn openai(State(m): State<Model>, h: HeaderMap, body: String) -> impl Into
     m.seen.lock().unwrap().push((h, v));
     probe_live(&m).await;
     let (status, text) = next_reply(&m);
-    if status != 200 {
+    if status == 999 {
+        // A provider that hangs: answers only after the client's time-out.
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    } else if status != 200 {
         return (StatusCode::from_u16(status).unwrap(), text).into_response();
     }
     axum::Json(json!({
@@ -522,4 +525,43 @@ async fn the_cli_generates_into_a_data_dir() {
         .await
         .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap(), json!({"count": 5}));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hanging_provider_times_out_is_retried_and_reported() {
+    let (model, url) = start_model(vec![(999, String::new()), (999, String::new())]).await;
+    let (s, _dir) = server_for(
+        &url,
+        &[
+            ("ICHIBASE_LLM_TIMEOUT_SECS", "0.5"),
+            ("ICHIBASE_LLM_MAX_RETRIES", "1"),
+        ],
+    );
+    let g: Value = client()
+        .post(format!("{}/generate", s.url))
+        .json(&json!({"intent": "anything"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(g["status"], "failed", "{g:#}");
+    assert_eq!(g["rounds"][0]["outcome"], "llm_error");
+    let err = g["error"].as_str().unwrap();
+    assert!(
+        err.contains("timed out") && err.contains("after 2 attempts"),
+        "{err}"
+    );
+    assert_eq!(model.seen.lock().unwrap().len(), 2);
+    let rec: Value = client()
+        .get(format!("{}/generate/{}", s.url, g["id"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(rec["status"], "failed");
+    assert_eq!(rec["rounds"][0]["outcome"], "llm_error");
 }
