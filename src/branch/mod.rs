@@ -65,6 +65,14 @@ fn storage_err(what: &str, e: impl std::fmt::Display) -> Error {
 impl Branches {
     /// Branches of the database opened with `live` options, kept under `data_dir/branches`.
     pub fn new(data_dir: &Path, live: &StorageOptions) -> Branches {
+        // Copies a crash interrupted are never complete branches.
+        if let Ok(rd) = std::fs::read_dir(data_dir.join("branches")) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".db.partial") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let mut template = live.clone();
         template.readers = template.readers.clamp(1, 2);
         Branches {

@@ -319,6 +319,8 @@ impl Generator {
         String,
         Option<Bundle>,
     ) {
+        // The previous round's branch goes first: a branch always holds the latest attempt.
+        let _ = self.branches.delete(branch).await;
         let Some(text) = extract_json(answer) else {
             let e = "the answer contains no JSON object".to_string();
             return ("invalid_answer", Some(e.clone()), vec![], e, None);
@@ -339,7 +341,6 @@ impl Generator {
             let e = "the bundle has no checks: add example checks and property checks".to_string();
             return ("invalid_bundle", Some(e.clone()), vec![], e, None);
         }
-        let _ = self.branches.delete(branch).await;
         if let Err(e) = self.branches.create(branch).await {
             return (
                 "apply_failed",
@@ -517,11 +518,11 @@ pub async fn decide(
     by: Option<String>,
 ) -> Result<Json> {
     let g = get(live, id).await?;
-    if g["status"] != "awaiting_approval" {
+    if g["status"] != "awaiting_approval" && g["status"] != "merge_failed" {
         return Err(Error::new(
             ErrorCode::Conflict,
             format!(
-                "Generation '{id}' is {}, not awaiting_approval",
+                "Generation '{id}' is {}; only awaiting_approval or merge_failed ones can be approved or discarded",
                 g["status"]
             ),
         ));
