@@ -185,10 +185,10 @@ impl Branches {
         if let Ok(rd) = std::fs::read_dir(&self.dir) {
             for e in rd.flatten() {
                 let f = e.file_name().to_string_lossy().to_string();
-                if let Some(n) = f.strip_suffix(".db") {
-                    if check_name(n).is_ok() {
-                        names.push(n.to_string());
-                    }
+                if let Some(n) = f.strip_suffix(".db")
+                    && check_name(n).is_ok()
+                {
+                    names.push(n.to_string());
                 }
             }
         }
