@@ -100,6 +100,10 @@ async fn start_model(replies: Vec<(u16, String)>) -> (Model, String) {
     (m, format!("http://{addr}/v1"))
 }
 
+async fn json_of(rb: reqwest::RequestBuilder) -> Value {
+    rb.send().await.unwrap().json().await.unwrap()
+}
+
 fn server_for(model_url: &str, extra_env: &[(&str, &str)]) -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut env = vec![
@@ -265,26 +269,13 @@ async fn three_rounds_lua_error_then_property_then_merge() {
         r.json::<Value>().await.unwrap(),
         json!({"id": 1, "chars": 5})
     );
-    let branches: Value = c
-        .get(format!("{}/branches", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let branches: Value = json_of(c.get(format!("{}/branches", s.url))).await;
     assert_eq!(branches["branches"], json!([]), "the merged branch is gone");
 
     // Every round is recorded with prompt, answer, outcome, tokens and time, and the failing
     // runs' traces are kept.
-    let rec: Value = c
-        .get(format!("{}/generate/{}", s.url, g["id"].as_str().unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rec: Value =
+        json_of(c.get(format!("{}/generate/{}", s.url, g["id"].as_str().unwrap()))).await;
     assert_eq!(rec["status"], "merged");
     let rr = rec["rounds"].as_array().unwrap();
     assert_eq!(rr.len(), 3);
@@ -299,14 +290,7 @@ async fn three_rounds_lua_error_then_property_then_merge() {
         .await
         .unwrap();
     assert_eq!(t.status(), 200);
-    let list: Value = c
-        .get(format!("{}/generate", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = json_of(c.get(format!("{}/generate", s.url))).await;
     assert_eq!(list["generations"][0]["id"], g["id"]);
 }
 
@@ -332,15 +316,11 @@ async fn anthropic_protocol_retries_and_bad_answers_are_fed_back() {
         ],
     );
     let c = client();
-    let g: Value = c
-        .post(format!("{}/generate", s.url))
-        .json(&json!({"intent": "notes", "max_rounds": 3}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let g: Value = json_of(
+        c.post(format!("{}/generate", s.url))
+            .json(&json!({"intent": "notes", "max_rounds": 3})),
+    )
+    .await;
     assert_eq!(g["status"], "merged", "{g:#}");
     let outcomes: Vec<&str> = g["rounds"]
         .as_array()
@@ -376,15 +356,11 @@ async fn approval_and_a_failing_merge_leave_the_live_app_as_it_was() {
     let (_model, url) = start_model(vec![(200, answer(&b)), (200, answer(&b))]).await;
     let (s, _dir) = server_for(&url, &[("ICHIBASE_GENERATE_REQUIRE_APPROVAL", "true")]);
     let c = client();
-    let g: Value = c
-        .post(format!("{}/generate", s.url))
-        .json(&json!({"intent": "notes"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let g: Value = json_of(
+        c.post(format!("{}/generate", s.url))
+            .json(&json!({"intent": "notes"})),
+    )
+    .await;
     assert_eq!(g["status"], "awaiting_approval", "{g:#}");
     let id = g["id"].as_str().unwrap().to_string();
     let branch = g["branch"].as_str().unwrap().to_string();
@@ -426,14 +402,7 @@ async fn approval_and_a_failing_merge_leave_the_live_app_as_it_was() {
         serde_json::from_str::<Value>(state.trim()).unwrap(),
         json!({"tags": 0, "fns": 0, "bundles": 0, "notes": "kept"})
     );
-    let rec: Value = c
-        .get(format!("{}/generate/{id}", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rec: Value = json_of(c.get(format!("{}/generate/{id}", s.url))).await;
     assert_eq!(
         rec["status"], "awaiting_approval",
         "still waiting after a failed merge"
@@ -537,15 +506,12 @@ async fn a_hanging_provider_times_out_is_retried_and_reported() {
             ("ICHIBASE_LLM_MAX_RETRIES", "1"),
         ],
     );
-    let g: Value = client()
-        .post(format!("{}/generate", s.url))
-        .json(&json!({"intent": "anything"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let g: Value = json_of(
+        client()
+            .post(format!("{}/generate", s.url))
+            .json(&json!({"intent": "anything"})),
+    )
+    .await;
     assert_eq!(g["status"], "failed", "{g:#}");
     assert_eq!(g["rounds"][0]["outcome"], "llm_error");
     let err = g["error"].as_str().unwrap();
@@ -554,14 +520,8 @@ async fn a_hanging_provider_times_out_is_retried_and_reported() {
         "{err}"
     );
     assert_eq!(model.seen.lock().unwrap().len(), 2);
-    let rec: Value = client()
-        .get(format!("{}/generate/{}", s.url, g["id"].as_str().unwrap()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rec: Value =
+        json_of(client().get(format!("{}/generate/{}", s.url, g["id"].as_str().unwrap()))).await;
     assert_eq!(rec["status"], "failed");
     assert_eq!(rec["rounds"][0]["outcome"], "llm_error");
 }

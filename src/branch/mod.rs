@@ -40,18 +40,7 @@ pub struct Branches {
 }
 
 pub fn check_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(Error::new(
-            ErrorCode::BadArguments,
-            format!("branch name '{name}' must be 1-64 characters of letters, digits, '_' and '-'"),
-        ));
-    }
-    Ok(())
+    crate::core::check_name("branch name", name)
 }
 
 fn not_found(name: &str) -> Error {

@@ -10,3 +10,20 @@ pub mod error;
 
 pub use context::{RequestContext, Role};
 pub use error::{Error, ErrorCode, Result};
+
+/// Names that become URL path segments and file names (functions, branches): 1-64 characters of
+/// ASCII letters, digits, `_` and `-`. `what` names the thing in the error.
+pub fn check_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            format!("{what} '{name}' must be 1-64 characters of letters, digits, '_' and '-'"),
+        ));
+    }
+    Ok(())
+}

@@ -15,20 +15,7 @@ use crate::core::{Error, ErrorCode, Result};
 pub const MAX_SOURCE: usize = 1024 * 1024;
 
 pub fn check_name(name: &str) -> Result<()> {
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-    {
-        return Err(Error::new(
-            ErrorCode::BadArguments,
-            format!(
-                "function name '{name}' must be 1-64 characters of letters, digits, '_' and '-'"
-            ),
-        ));
-    }
-    Ok(())
+    crate::core::check_name("function name", name)
 }
 
 #[derive(Debug, Clone, Serialize)]
