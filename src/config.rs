@@ -59,6 +59,37 @@ pub struct Config {
     pub auth: AuthSettings,
     pub lua: LuaSettings,
     pub ws: WsSettings,
+    pub posterity: PosteritySettings,
+}
+
+/// The posterity log (DuckDB) and its archive.
+#[derive(Debug, Clone)]
+pub struct PosteritySettings {
+    /// Record requests, statements and invocations.
+    pub enabled: bool,
+    /// Seconds between commits of the log; a crash loses at most this much.
+    pub flush_secs: f64,
+    /// Events queued before new ones are dropped (and counted).
+    pub queue: usize,
+    /// Rows that trigger a commit before the interval is over.
+    pub batch_rows: usize,
+    /// Complete days older than this go to the Parquet archive.
+    pub archive_after_days: u32,
+    /// Seconds between scheduled archive runs (0: only on demand).
+    pub archive_interval_secs: f64,
+}
+
+impl Default for PosteritySettings {
+    fn default() -> Self {
+        PosteritySettings {
+            enabled: true,
+            flush_secs: 1.0,
+            queue: 65_536,
+            batch_rows: 50_000,
+            archive_after_days: 7,
+            archive_interval_secs: 3600.0,
+        }
+    }
 }
 
 /// WebSocket and change-capture settings.
@@ -180,6 +211,7 @@ impl Default for Config {
             auth: AuthSettings::default(),
             lua: LuaSettings::default(),
             ws: WsSettings::default(),
+            posterity: PosteritySettings::default(),
         }
     }
 }
@@ -285,6 +317,24 @@ pub struct Settings {
     /// Change capture: changes kept for reconnecting clients [default: 10000]
     #[arg(long, env = "ICHIBASE_CDC_RETENTION")]
     pub cdc_retention: Option<i64>,
+    /// Posterity: log requests, statements and Lua invocations to DuckDB [default: true]
+    #[arg(long, env = "ICHIBASE_POSTERITY")]
+    pub posterity: Option<bool>,
+    /// Posterity: seconds between commits of the log (a crash loses at most this) [default: 1]
+    #[arg(long, env = "ICHIBASE_POSTERITY_FLUSH_SECS")]
+    pub posterity_flush_secs: Option<f64>,
+    /// Posterity: events queued before new ones are dropped and counted [default: 65536]
+    #[arg(long, env = "ICHIBASE_POSTERITY_QUEUE")]
+    pub posterity_queue: Option<usize>,
+    /// Posterity: rows that trigger a commit before the interval is over [default: 50000]
+    #[arg(long, env = "ICHIBASE_POSTERITY_BATCH_ROWS")]
+    pub posterity_batch_rows: Option<usize>,
+    /// Archive: complete days older than this many days go to Parquet [default: 7]
+    #[arg(long, env = "ICHIBASE_ARCHIVE_AFTER_DAYS")]
+    pub archive_after_days: Option<u32>,
+    /// Archive: seconds between scheduled runs, 0 = only on demand [default: 3600]
+    #[arg(long, env = "ICHIBASE_ARCHIVE_INTERVAL_SECS")]
+    pub archive_interval_secs: Option<f64>,
 }
 
 impl Settings {
@@ -330,6 +380,12 @@ impl Settings {
             ws_heartbeat_secs: self.ws_heartbeat_secs.or(lower.ws_heartbeat_secs),
             ws_max_message: self.ws_max_message.or(lower.ws_max_message),
             cdc_retention: self.cdc_retention.or(lower.cdc_retention),
+            posterity: self.posterity.or(lower.posterity),
+            posterity_flush_secs: self.posterity_flush_secs.or(lower.posterity_flush_secs),
+            posterity_queue: self.posterity_queue.or(lower.posterity_queue),
+            posterity_batch_rows: self.posterity_batch_rows.or(lower.posterity_batch_rows),
+            archive_after_days: self.archive_after_days.or(lower.archive_after_days),
+            archive_interval_secs: self.archive_interval_secs.or(lower.archive_interval_secs),
         }
     }
 
@@ -383,7 +439,29 @@ impl Settings {
                 max_message: self.ws_max_message.unwrap_or(d.ws.max_message),
                 cdc_retention: self.cdc_retention.unwrap_or(d.ws.cdc_retention),
             },
+            posterity: PosteritySettings {
+                enabled: self.posterity.unwrap_or(d.posterity.enabled),
+                flush_secs: self.posterity_flush_secs.unwrap_or(d.posterity.flush_secs),
+                queue: self.posterity_queue.unwrap_or(d.posterity.queue),
+                batch_rows: self.posterity_batch_rows.unwrap_or(d.posterity.batch_rows),
+                archive_after_days: self
+                    .archive_after_days
+                    .unwrap_or(d.posterity.archive_after_days),
+                archive_interval_secs: self
+                    .archive_interval_secs
+                    .unwrap_or(d.posterity.archive_interval_secs),
+            },
         };
+        let p = &cfg.posterity;
+        if !(p.flush_secs > 0.0 && p.flush_secs.is_finite())
+            || p.queue == 0
+            || p.batch_rows == 0
+            || !(p.archive_interval_secs >= 0.0 && p.archive_interval_secs.is_finite())
+        {
+            bail!(
+                "posterity_flush_secs, posterity_queue and posterity_batch_rows must be positive, archive_interval_secs non-negative"
+            );
+        }
         if cfg.ws.queue == 0
             || !(cfg.ws.heartbeat_secs > 0.0 && cfg.ws.heartbeat_secs.is_finite())
             || cfg.ws.cdc_retention < 1

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod config;
 pub mod core;
 pub mod lua;
+pub mod posterity;
 pub mod realtime;
 pub mod server;
 pub mod sql;

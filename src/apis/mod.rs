@@ -5,6 +5,7 @@
 //! [`router`]; request handling delegates to `sql`, `storage` and later components.
 
 mod admin;
+mod analytics;
 mod auth;
 mod functions;
 mod sql;
@@ -32,6 +33,8 @@ pub struct AppState {
     pub lua: crate::lua::LuaOptions,
     pub hub: Arc<crate::realtime::Hub>,
     pub cdc: crate::realtime::cdc::Cdc,
+    /// The posterity log and analytics database (DuckDB).
+    pub posterity: crate::posterity::Posterity,
 }
 
 /// The identity of a request from its headers (JSON error response when the credentials are bad).
@@ -107,7 +110,12 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::routes())
         .merge(functions::routes())
         .merge(ws::routes())
+        .merge(analytics::routes())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            analytics::record_request,
+        ))
         .with_state(state)
 }
 

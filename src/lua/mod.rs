@@ -73,6 +73,8 @@ pub struct Env {
     pub logs: RefCell<Vec<Json>>,
     /// Live connections, for `notify` (None outside a server).
     pub hub: Option<Arc<crate::realtime::Hub>>,
+    /// The analytics database, for `analytics` (None outside a server).
+    pub analytics: Option<crate::posterity::Posterity>,
     /// The open `db.tx` session, if any.
     pub tx: RefCell<Option<components::db::TxSession>>,
 }
@@ -98,6 +100,7 @@ pub fn invoke(
     rt: tokio::runtime::Handle,
     options: LuaOptions,
     hub: Option<Arc<crate::realtime::Hub>>,
+    analytics: Option<crate::posterity::Posterity>,
     inv: Invocation,
 ) -> Outcome {
     let started = Instant::now();
@@ -125,6 +128,7 @@ pub fn invoke(
         tracer: tracer.clone(),
         logs: RefCell::new(Vec::new()),
         hub,
+        analytics,
         tx: RefCell::new(None),
     });
     let run = || -> mlua::Result<Json> {

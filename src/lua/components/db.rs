@@ -56,7 +56,7 @@ impl TxSession {
     }
 }
 
-fn params_json(p: Option<Table>) -> mlua::Result<serde_json::Map<String, serde_json::Value>> {
+pub(crate) fn params_json(p: Option<Table>) -> mlua::Result<serde_json::Map<String, serde_json::Value>> {
     match p {
         None => Ok(serde_json::Map::new()),
         Some(t) => match to_json(&Value::Table(t))
@@ -110,7 +110,7 @@ fn run(env: &Env, prepared: Prepared) -> Result<Rows> {
     }
 }
 
-fn to_lua_rows(lua: &Lua, rows: Rows) -> mlua::Result<Table> {
+pub(crate) fn to_lua_rows(lua: &Lua, rows: Rows) -> mlua::Result<Table> {
     if rows.rows.len() > 10_000 {
         crate::lua::mark_heavy();
     }

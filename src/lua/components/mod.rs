@@ -5,6 +5,7 @@
 //! must do everything as that identity: `db` runs SQL through the same authorizer and
 //! policies as SQL-over-HTTP.
 
+pub mod analytics;
 pub mod db;
 pub mod debug;
 pub mod json;
@@ -32,6 +33,7 @@ pub fn registry() -> &'static [&'static dyn Component] {
         &log::Log,
         &debug::Debug,
         &notify::Notify,
+        &analytics::Analytics,
     ]
 }
 
