@@ -81,6 +81,7 @@ fn sandbox_seconds(
             rt.handle().clone(),
             opts,
             None,
+            None,
             inv,
         );
         let v = out
