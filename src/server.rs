@@ -137,7 +137,11 @@ fn schedule_archive(
             let p2 = p.clone();
             match tokio::task::spawn_blocking(move || p2.archive(None)).await {
                 Ok(Ok(files)) if !files.is_empty() => {
-                    tracing::info!(files = files.len(), rows = files.iter().map(|f| f.rows).sum::<u64>(), "archive: days rolled into Parquet")
+                    tracing::info!(
+                        files = files.len(),
+                        rows = files.iter().map(|f| f.rows).sum::<u64>(),
+                        "archive: days rolled into Parquet"
+                    )
                 }
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "archive run failed"),

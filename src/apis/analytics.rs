@@ -88,20 +88,16 @@ async fn drop_view(State(st): State<AppState>, h: HeaderMap, Path(name): Path<St
     admin!(st, h, "/admin/analytics/views");
     let p = st.posterity.clone();
     let n = name.clone();
-    reply(
-        blocking(move || p.drop_view(&n))
-            .await
-            .and_then(|found| {
-                if found {
-                    Ok(serde_json::json!({"dropped": name}))
-                } else {
-                    Err(Error::new(
-                        ErrorCode::NotFound,
-                        format!("No analytics view '{name}'"),
-                    ))
-                }
-            }),
-    )
+    reply(blocking(move || p.drop_view(&n)).await.and_then(|found| {
+        if found {
+            Ok(serde_json::json!({"dropped": name}))
+        } else {
+            Err(Error::new(
+                ErrorCode::NotFound,
+                format!("No analytics view '{name}'"),
+            ))
+        }
+    }))
 }
 
 #[derive(Deserialize)]

@@ -281,7 +281,11 @@ async fn invoke(
         let mut e = crate::posterity::Event::now("lua", Some(&ctx));
         e.name = Some(name.clone());
         e.version = Some(f.version);
-        e.outcome = Some(if outcome.result.is_ok() { "ok" } else { "error" });
+        e.outcome = Some(if outcome.result.is_ok() {
+            "ok"
+        } else {
+            "error"
+        });
         e.error = outcome
             .result
             .as_ref()

@@ -77,7 +77,11 @@ pub fn compile(text: &str) -> Result<Compiled> {
                         None => {
                             return Err(Error::syntax(format!(
                                 "Unterminated {} starting at offset {start}",
-                                if c == b'\'' { "string literal" } else { "quoted identifier" }
+                                if c == b'\'' {
+                                    "string literal"
+                                } else {
+                                    "quoted identifier"
+                                }
                             )));
                         }
                         Some(k) => {
@@ -270,12 +274,16 @@ fn to_json(v: &DValue) -> Json {
         DValue::UBigInt(i) => (*i).into(),
         DValue::HugeInt(i) => Json::String(i.to_string()),
         DValue::UHugeInt(i) => Json::String(i.to_string()),
-        DValue::Float(f) => serde_json::Number::from_f64(f64::from(*f)).map_or(Json::Null, Json::Number),
+        DValue::Float(f) => {
+            serde_json::Number::from_f64(f64::from(*f)).map_or(Json::Null, Json::Number)
+        }
         DValue::Double(f) => serde_json::Number::from_f64(*f).map_or(Json::Null, Json::Number),
         DValue::Decimal(d) => Json::String(d.to_string()),
         DValue::Timestamp(u, t) => Json::String(timestamp_text(*u, *t)),
         DValue::Text(s) | DValue::Enum(s) => Json::String(s.clone()),
-        DValue::Blob(b) | DValue::Geometry(b) => Json::String(String::from_utf8_lossy(b).into_owned()),
+        DValue::Blob(b) | DValue::Geometry(b) => {
+            Json::String(String::from_utf8_lossy(b).into_owned())
+        }
         DValue::Date32(d) => Json::String(date_text(i64::from(*d))),
         DValue::List(l) | DValue::Array(l) => Json::Array(l.iter().map(to_json).collect()),
         DValue::Struct(m) => Json::Object(m.iter().map(|(k, v)| (k.clone(), to_json(v))).collect()),
@@ -301,9 +309,15 @@ fn to_sql(v: DRef<'_>) -> SqlValue {
         DRef::UTinyInt(i) => SqlValue::Integer(i64::from(i)),
         DRef::USmallInt(i) => SqlValue::Integer(i64::from(i)),
         DRef::UInt(i) => SqlValue::Integer(i64::from(i)),
-        DRef::UBigInt(i) => i64::try_from(i).map_or_else(|_| SqlValue::Text(i.to_string()), SqlValue::Integer),
-        DRef::HugeInt(i) => i64::try_from(i).map_or_else(|_| SqlValue::Text(i.to_string()), SqlValue::Integer),
-        DRef::UHugeInt(i) => i64::try_from(i).map_or_else(|_| SqlValue::Text(i.to_string()), SqlValue::Integer),
+        DRef::UBigInt(i) => {
+            i64::try_from(i).map_or_else(|_| SqlValue::Text(i.to_string()), SqlValue::Integer)
+        }
+        DRef::HugeInt(i) => {
+            i64::try_from(i).map_or_else(|_| SqlValue::Text(i.to_string()), SqlValue::Integer)
+        }
+        DRef::UHugeInt(i) => {
+            i64::try_from(i).map_or_else(|_| SqlValue::Text(i.to_string()), SqlValue::Integer)
+        }
         DRef::Float(f) => SqlValue::Real(f64::from(f)),
         DRef::Double(f) => SqlValue::Real(f),
         DRef::Decimal(d) => d
@@ -402,7 +416,11 @@ fn check_role(conn: &duckdb::Connection, ctx: &RequestContext, ast: &Json) -> Re
 }
 
 /// Collect CTE names and table references; refuse table functions and other sources.
-fn walk(v: &Json, ctes: &mut HashSet<String>, refs: &mut Vec<(String, String, String)>) -> Result<()> {
+fn walk(
+    v: &Json,
+    ctes: &mut HashSet<String>,
+    refs: &mut Vec<(String, String, String)>,
+) -> Result<()> {
     match v {
         Json::Object(o) => {
             if let Some(Json::Object(cm)) = o.get("cte_map") {
@@ -416,12 +434,7 @@ fn walk(v: &Json, ctes: &mut HashSet<String>, refs: &mut Vec<(String, String, St
             }
             match o.get("type").and_then(Json::as_str) {
                 Some("BASE_TABLE") => {
-                    let s = |k: &str| {
-                        o.get(k)
-                            .and_then(Json::as_str)
-                            .unwrap_or("")
-                            .to_lowercase()
-                    };
+                    let s = |k: &str| o.get(k).and_then(Json::as_str).unwrap_or("").to_lowercase();
                     refs.push((s("catalog_name"), s("schema_name"), s("table_name")));
                 }
                 Some("TABLE_FUNCTION") | Some("SHOW_REF") | Some("COLUMN_DATA") => {
@@ -456,9 +469,11 @@ fn walk(v: &Json, ctes: &mut HashSet<String>, refs: &mut Vec<(String, String, St
 /// Parse with DuckDB: one SELECT, and what this role may reference.
 fn check(conn: &duckdb::Connection, ctx: &RequestContext, sql: &str) -> Result<()> {
     let text: String = conn
-        .query_row(&format!("SELECT json_serialize_sql({})", sql_str(sql)), [], |r| {
-            r.get(0)
-        })
+        .query_row(
+            &format!("SELECT json_serialize_sql({})", sql_str(sql)),
+            [],
+            |r| r.get(0),
+        )
         .map_err(duck_err)?;
     let ast: Json = serde_json::from_str(&text)
         .map_err(|e| Error::internal(format!("json_serialize_sql: {e}")))?;
@@ -538,7 +553,9 @@ pub fn execute(
             .map_err(duck_err)?;
         let ncols;
         {
-            let stmt = rows.as_ref().ok_or_else(|| Error::internal("no statement"))?;
+            let stmt = rows
+                .as_ref()
+                .ok_or_else(|| Error::internal("no statement"))?;
             ncols = stmt.column_count();
             let cols = (0..ncols)
                 .map(|i| Column {
@@ -662,7 +679,10 @@ pub fn query_json(
     if sql.len() > max_sql {
         return Err(Error::new(
             ErrorCode::RequestTooLarge,
-            format!("SQL of {} bytes is over the limit of {max_sql} (max_query_size)", sql.len()),
+            format!(
+                "SQL of {} bytes is over the limit of {max_sql} (max_query_size)",
+                sql.len()
+            ),
         ));
     }
     let c = compile(sql)?;
@@ -722,7 +742,10 @@ mod tests {
     #[test]
     fn placeholders_and_format() {
         let c = compile("SELECT {a:Int64} + {a:Int64}, {b:String}, {'x': 1}, 1::INT, '{c:String}' FROM t FORMAT JSON;").unwrap();
-        assert_eq!(c.sql, "SELECT ?1 + ?1, ?2, {'x': 1}, 1::INT, '{c:String}' FROM t");
+        assert_eq!(
+            c.sql,
+            "SELECT ?1 + ?1, ?2, {'x': 1}, 1::INT, '{c:String}' FROM t"
+        );
         assert_eq!(c.params.len(), 2);
         assert_eq!(c.format.as_deref(), Some("JSON"));
         let c = compile("SELECT 'FORMAT JSON' -- FORMAT CSV\n").unwrap();
@@ -766,7 +789,10 @@ fn check_view_name(name: &str) -> Result<()> {
             format!("View name '{name}' must be lower-case letters, digits and '_' (not first)"),
         ));
     }
-    if super::ENGINE_OBJECTS.contains(&name) || name.starts_with("duckdb_") || name.starts_with("pg_") {
+    if super::ENGINE_OBJECTS.contains(&name)
+        || name.starts_with("duckdb_")
+        || name.starts_with("pg_")
+    {
         return Err(Error::new(
             ErrorCode::BadArguments,
             format!("'{name}' is the name of one of the engine's own objects"),

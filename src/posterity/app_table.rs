@@ -193,7 +193,7 @@ impl VTab for AppTable {
 }
 
 /// Register `app_table(name)` on the database of `conn`, reading `app_db`.
-pub(super) fn register(conn: &duckdb::Connection, app_db: &std::path::Path) -> anyhow::Result<()> {
+pub fn register(conn: &duckdb::Connection, app_db: &std::path::Path) -> anyhow::Result<()> {
     conn.register_table_function_with_extra_info::<AppTable, PathBuf>(
         "app_table",
         &app_db.to_path_buf(),

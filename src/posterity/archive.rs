@@ -125,7 +125,12 @@ impl Posterity {
         let cutoff: String = match before {
             Some(d) => conn
                 .query_row("SELECT CAST(CAST(? AS DATE) AS VARCHAR)", [d], |r| r.get(0))
-                .map_err(|e| Error::new(crate::core::ErrorCode::BadArguments, format!("archive: '{d}' is not a date (YYYY-MM-DD): {e}")))?,
+                .map_err(|e| {
+                    Error::new(
+                        crate::core::ErrorCode::BadArguments,
+                        format!("archive: '{d}' is not a date (YYYY-MM-DD): {e}"),
+                    )
+                })?,
             None => {
                 let today = super::now_us().div_euclid(86_400_000_000);
                 conn.query_row(
@@ -162,16 +167,24 @@ impl Posterity {
             }
         }
         if !written.is_empty() {
-            create_views(&conn, &dir).map_err(|e| Error::internal(format!("archive views: {e}")))?;
+            create_views(&conn, &dir)
+                .map_err(|e| Error::internal(format!("archive views: {e}")))?;
             let _ = conn.execute_batch("CHECKPOINT");
         }
         Ok(written)
     }
 }
 
-fn archive_partition(conn: &Connection, dir: &Path, kind: &str, day: &str) -> Result<Option<ArchivedFile>> {
+fn archive_partition(
+    conn: &Connection,
+    dir: &Path,
+    kind: &str,
+    day: &str,
+) -> Result<Option<ArchivedFile>> {
     if !kind.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(Error::internal(format!("archive: unexpected kind '{kind}'")));
+        return Err(Error::internal(format!(
+            "archive: unexpected kind '{kind}'"
+        )));
     }
     let pdir = dir.join(format!("kind={kind}")).join(format!("date={day}"));
     std::fs::create_dir_all(&pdir).map_err(|e| Error::internal(format!("archive: {e}")))?;
@@ -185,9 +198,11 @@ fn archive_partition(conn: &Connection, dir: &Path, kind: &str, day: &str) -> Re
     );
     conn.execute_batch("BEGIN TRANSACTION").map_err(duck_err)?;
     let rows: u64 = conn
-        .query_row(&format!("SELECT count(*) FROM log WHERE {filter}"), [], |r| {
-            r.get::<_, i64>(0)
-        })
+        .query_row(
+            &format!("SELECT count(*) FROM log WHERE {filter}"),
+            [],
+            |r| r.get::<_, i64>(0),
+        )
         .map_err(duck_err)? as u64;
     if rows == 0 {
         conn.execute_batch("ROLLBACK").map_err(duck_err)?;
@@ -200,7 +215,9 @@ fn archive_partition(conn: &Connection, dir: &Path, kind: &str, day: &str) -> Re
     ))
     .map_err(duck_err)?;
     let io = |e: std::io::Error| Error::internal(format!("archive: {}: {e}", file.display()));
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(io)?;
     std::fs::rename(&tmp, &file).map_err(io)?;
     fsync_dir(&pdir).map_err(io)?;
     let bytes = std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
@@ -216,7 +233,13 @@ fn archive_partition(conn: &Connection, dir: &Path, kind: &str, day: &str) -> Re
     }
     conn.execute(
         "INSERT INTO archive_files VALUES (?, ?, CAST(? AS DATE), ?, ?, now())",
-        duckdb::params![file.display().to_string(), kind, day, rows as i64, bytes as i64],
+        duckdb::params![
+            file.display().to_string(),
+            kind,
+            day,
+            rows as i64,
+            bytes as i64
+        ],
     )
     .map_err(duck_err)?;
     conn.execute_batch("COMMIT").map_err(duck_err)?;

@@ -132,7 +132,10 @@ impl StmtLog {
         e.elapsed_ms = elapsed.as_secs_f64() * 1e3;
         e.outcome = Some(if err.is_some() { "error" } else { "ok" });
         e.error = err.map(|e| e.message.chars().take(1000).collect());
-        e.detail = Some(format!("{{\"verb\":{}}}", serde_json::Value::from(b.verb.as_str())));
+        e.detail = Some(format!(
+            "{{\"verb\":{}}}",
+            serde_json::Value::from(b.verb.as_str())
+        ));
         self.sink.record(e);
     }
 }
