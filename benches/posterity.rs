@@ -16,7 +16,8 @@
 //!
 //! `cargo bench --bench posterity` (add `--no-default-features` with DUCKDB_LIB_DIR set to skip
 //! compiling DuckDB, see README). `BENCH_SECS` sets the seconds per latency round set
-//! (default 4); `BENCH_ROWS` the aggregate's rows (default 10 000 000).
+//! (default 4); `BENCH_ROWS` the aggregate's rows (default 10 000 000); `BENCH_ONLY=latency`
+//! or `aggregate` runs one part.
 
 use std::time::{Duration, Instant};
 
@@ -385,6 +386,11 @@ fn main() {
             .unwrap_or(1)
     );
     println!();
-    logging_cost(secs);
-    aggregates(rows);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only.is_empty() || only == "latency" {
+        logging_cost(secs);
+    }
+    if only.is_empty() || only == "aggregate" {
+        aggregates(rows);
+    }
 }

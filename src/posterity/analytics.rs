@@ -70,6 +70,7 @@ pub fn compile(text: &str) -> Result<Compiled> {
         let c = b[i];
         let start = i;
         match c {
+            // (each arm advances `i` by at least one character)
             b'\'' | b'"' => {
                 let mut j = i + 1;
                 loop {
@@ -155,7 +156,11 @@ pub fn compile(text: &str) -> Result<Compiled> {
                 }
                 last_code_end = out.len();
             }
-            c if (c as char).is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+            _ if text[i..]
+                .chars()
+                .next()
+                .is_some_and(|ch| ch.is_alphabetic() || ch == '_') =>
+            {
                 let j = text[i..]
                     .char_indices()
                     .find(|(_, ch)| !is_ident(*ch))
@@ -166,7 +171,7 @@ pub fn compile(text: &str) -> Result<Compiled> {
                 i = j;
                 last_code_end = out.len();
             }
-            c if (c as char).is_whitespace() || c == b';' => {
+            c if c.is_ascii_whitespace() || c == b';' => {
                 out.push(c as char);
                 i += 1;
             }
@@ -748,12 +753,55 @@ mod tests {
         );
         assert_eq!(c.params.len(), 2);
         assert_eq!(c.format.as_deref(), Some("JSON"));
+        let c =
+            compile("SELECT 'é' AS café,\u{a0}1 → 2, '{x:Int8}' || {y:Int8} FORMAT CSV").unwrap();
+        assert_eq!(c.sql, "SELECT 'é' AS café,\u{a0}1 → 2, '{x:Int8}' || ?1");
+        assert_eq!(c.format.as_deref(), Some("CSV"));
         let c = compile("SELECT 'FORMAT JSON' -- FORMAT CSV\n").unwrap();
         assert_eq!(c.format, None);
         let c = compile("SELECT $$ {x:String} $$, x AS format").unwrap();
         assert!(c.params.is_empty());
         assert_eq!(c.format, None);
         assert!(compile("SELECT 'abc").is_err());
+    }
+
+    #[test]
+    fn scanner_never_panics() {
+        let parts = [
+            "",
+            "{",
+            "{a:",
+            "}",
+            "$",
+            "$$",
+            "$a",
+            "$a$",
+            "'",
+            "\"",
+            "é",
+            "{é:String}",
+            "--",
+            "/*",
+            "*/",
+            "\u{a0}",
+            "\u{85}",
+            "→",
+            ";",
+            "FORMAT",
+            " ",
+            "x",
+            "{b:Int8}",
+            "\n",
+            "日本",
+        ];
+        for a in parts {
+            for b in parts {
+                for c in parts {
+                    let _ = compile(&format!("{a}{b}{c}"));
+                    let _ = compile(&format!("SELECT {a} {b}{c}"));
+                }
+            }
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub mod archive;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -530,58 +530,57 @@ fn writer_loop(
         }
         *pending = 0;
     };
+    // The writer polls: it sleeps a short tick and drains the queue, never blocking in `recv`,
+    // so a request recording an event never pays for waking this thread up.
+    let tick = flush_every
+        .min(Duration::from_millis(20))
+        .max(Duration::from_millis(1));
     loop {
-        let wait = next_flush.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(wait) {
-            Ok(Cmd::Row(e)) => {
-                if let (Some(text), Some(hash), Some(t)) = (&e.sql_text, &e.name, texts.as_mut()) {
-                    if seen.len() < 1_000_000 && seen.insert(hash.clone()) {
-                        let text: String = text.chars().take(8192).collect();
-                        let _ = t.append_row(duckdb::params![hash, text, ts_value(e.ts_us)]);
-                    }
-                }
-                match append(&mut log, &e) {
-                    Ok(()) => pending += 1,
-                    Err(err) => {
-                        counters.failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(error = %err, "posterity: cannot append an event");
-                    }
-                }
-                if pending >= batch as u64 {
-                    flush(&mut log, &mut texts, &mut pending);
-                }
-            }
-            Ok(Cmd::Flush(ack)) => {
-                // Everything queued before the request is part of it.
-                while let Ok(cmd) = rx.try_recv() {
-                    match cmd {
-                        Cmd::Row(e) => {
-                            if append(&mut log, &e).is_ok() {
-                                pending += 1;
-                            }
+        std::thread::sleep(tick);
+        let mut acks = Vec::new();
+        let mut stop = false;
+        loop {
+            match rx.try_recv() {
+                Ok(Cmd::Row(e)) => {
+                    if let (Some(text), Some(hash), Some(t)) =
+                        (&e.sql_text, &e.name, texts.as_mut())
+                    {
+                        if seen.len() < 1_000_000 && seen.insert(hash.clone()) {
+                            let text: String = text.chars().take(8192).collect();
+                            let _ = t.append_row(duckdb::params![hash, text, ts_value(e.ts_us)]);
                         }
-                        Cmd::Flush(a) => {
-                            let _ = a.send(());
+                    }
+                    match append(&mut log, &e) {
+                        Ok(()) => pending += 1,
+                        Err(err) => {
+                            counters.failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %err, "posterity: cannot append an event");
                         }
-                        Cmd::Stop => {}
+                    }
+                    if pending >= batch as u64 {
+                        flush(&mut log, &mut texts, &mut pending);
+                        next_flush = Instant::now() + flush_every;
                     }
                 }
-                flush(&mut log, &mut texts, &mut pending);
-                let _ = ack.send(());
-            }
-            Ok(Cmd::Stop) | Err(RecvTimeoutError::Disconnected) => {
-                while let Ok(Cmd::Row(e)) = rx.try_recv() {
-                    if append(&mut log, &e).is_ok() {
-                        pending += 1;
-                    }
+                Ok(Cmd::Flush(ack)) => acks.push(ack),
+                // A stop still takes what was queued before it.
+                Ok(Cmd::Stop) => stop = true,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    stop = true;
+                    break;
                 }
-                flush(&mut log, &mut texts, &mut pending);
-                break;
             }
-            Err(RecvTimeoutError::Timeout) => {
-                flush(&mut log, &mut texts, &mut pending);
-                next_flush = Instant::now() + flush_every;
+        }
+        if stop || !acks.is_empty() || Instant::now() >= next_flush {
+            flush(&mut log, &mut texts, &mut pending);
+            next_flush = Instant::now() + flush_every;
+            for a in acks {
+                let _ = a.send(());
             }
+        }
+        if stop {
+            break;
         }
     }
 }
