@@ -139,8 +139,14 @@ pub fn now_us() -> i64 {
 /// First 16 hex digits of the SHA-256 of a statement's text.
 pub fn sql_hash(sql: &str) -> String {
     use sha2::Digest;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let d = sha2::Sha256::digest(sql.as_bytes());
-    d[..8].iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = String::with_capacity(16);
+    for b in &d[..8] {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
+    out
 }
 
 enum Cmd {
@@ -460,6 +466,7 @@ fn writer_loop(
     flush_every: Duration,
     batch: usize,
 ) {
+    lower_priority();
     let mut seen: HashSet<String> = HashSet::new();
     if let Ok(mut st) = conn.prepare("SELECT DISTINCT hash FROM sql_texts") {
         if let Ok(rows) = st.query_map([], |r| r.get::<_, String>(0)) {
@@ -545,7 +552,8 @@ fn writer_loop(
                     if let (Some(text), Some(hash), Some(t)) =
                         (&e.sql_text, &e.name, texts.as_mut())
                     {
-                        if seen.len() < 1_000_000 && seen.insert(hash.clone()) {
+                        if !seen.contains(hash) && seen.len() < 1_000_000 {
+                            seen.insert(hash.clone());
                             let text: String = text.chars().take(8192).collect();
                             let _ = t.append_row(duckdb::params![hash, text, ts_value(e.ts_us)]);
                         }
@@ -582,6 +590,18 @@ fn writer_loop(
         if stop {
             break;
         }
+    }
+}
+
+/// Run this thread at nice 10: under CPU contention request threads go first and the writer
+/// catches up in idle moments (the queue absorbs the difference; past it, events are dropped
+/// and counted, never waited for).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread (Linux nice values are per thread).
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
 }
 
