@@ -180,6 +180,44 @@ fn logging_cost(secs: f64) {
     });
 }
 
+/// The writer alone: events per second it appends and commits (one core, nice 10).
+fn writer_rate() -> f64 {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = ichibase::posterity::Posterity::open(ichibase::posterity::PosterityOptions {
+        data_dir: tmp.path().to_path_buf(),
+        app_db: tmp.path().join("ichibase.db"),
+        enabled: true,
+        flush_interval: Duration::from_secs(1),
+        queue: 65_536,
+        batch_rows: 50_000,
+        archive_after_days: 7,
+    })
+    .unwrap();
+    let sink = p.sink();
+    let n = 40_000;
+    let t = Instant::now();
+    for round in 0..10 {
+        for i in 0..n {
+            let mut e = ichibase::posterity::Event::now("http", None);
+            e.method = Some("GET".into());
+            e.name = Some(format!("/api/{}", i % 20));
+            e.status = Some(200);
+            e.outcome = Some("ok");
+            e.query_id = Some(format!("q-{round}-{i}"));
+            e.trace_id = Some("0123456789abcdef0123456789abcdef".into());
+            e.role = Some("user".into());
+            e.elapsed_ms = 0.1;
+            e.bytes = Some(100);
+            sink.record(e);
+        }
+        p.flush();
+    }
+    let rate = f64::from(10 * n) / t.elapsed().as_secs_f64();
+    assert_eq!(p.stats().dropped, 0);
+    p.close();
+    rate
+}
+
 const DUCK_AGG: &str = "SELECT path, date_trunc('hour', ts) AS hour, count(*) AS n, avg(latency_ms) AS avg_ms,
     quantile_disc(latency_ms, 0.5) AS p50, quantile_disc(latency_ms, 0.95) AS p95, quantile_disc(latency_ms, 0.99) AS p99
   FROM {T} GROUP BY path, hour";
@@ -389,6 +427,11 @@ fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only == "latency" {
         logging_cost(secs);
+        println!();
+        println!(
+            "The writer alone appends and commits {:.0} events/s (one thread, DuckDB appender).",
+            writer_rate()
+        );
     }
     if only.is_empty() || only == "aggregate" {
         aggregates(rows);
