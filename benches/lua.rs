@@ -68,6 +68,7 @@ fn sandbox_seconds(
             source: timed_source(body, n, true),
             input: serde_json::Value::Null,
             trace,
+            check: None,
         };
         let opts = LuaOptions {
             instruction_limit: u64::MAX / 2,
@@ -80,6 +81,7 @@ fn sandbox_seconds(
             RequestContext::system(),
             rt.handle().clone(),
             opts,
+            None,
             None,
             inv,
         );

@@ -61,6 +61,7 @@ pub struct Config {
     pub ws: WsSettings,
     pub llm: LlmSettings,
     pub generate: GenerateSettings,
+    pub posterity: PosteritySettings,
 }
 
 /// Which wire protocol the model provider speaks.
@@ -122,6 +123,36 @@ impl Default for GenerateSettings {
             max_rounds: 4,
             require_approval: false,
             property_runs: 100,
+        }
+    }
+}
+
+/// The posterity log (DuckDB) and its archive.
+#[derive(Debug, Clone)]
+pub struct PosteritySettings {
+    /// Record requests, statements and invocations.
+    pub enabled: bool,
+    /// Seconds between commits of the log; a crash loses at most this much.
+    pub flush_secs: f64,
+    /// Events queued before new ones are dropped (and counted).
+    pub queue: usize,
+    /// Rows that trigger a commit before the interval is over.
+    pub batch_rows: usize,
+    /// Complete days older than this go to the Parquet archive.
+    pub archive_after_days: u32,
+    /// Seconds between scheduled archive runs (0: only on demand).
+    pub archive_interval_secs: f64,
+}
+
+impl Default for PosteritySettings {
+    fn default() -> Self {
+        PosteritySettings {
+            enabled: true,
+            flush_secs: 1.0,
+            queue: 65_536,
+            batch_rows: 50_000,
+            archive_after_days: 7,
+            archive_interval_secs: 3600.0,
         }
     }
 }
@@ -247,6 +278,7 @@ impl Default for Config {
             ws: WsSettings::default(),
             llm: LlmSettings::default(),
             generate: GenerateSettings::default(),
+            posterity: PosteritySettings::default(),
         }
     }
 }
@@ -382,6 +414,24 @@ pub struct Settings {
     /// Property checks: cases tried unless a check says otherwise [default: 100]
     #[arg(long, env = "ICHIBASE_PROPERTY_RUNS")]
     pub property_runs: Option<u32>,
+    /// Posterity: log requests, statements and Lua invocations to DuckDB [default: true]
+    #[arg(long, env = "ICHIBASE_POSTERITY")]
+    pub posterity: Option<bool>,
+    /// Posterity: seconds between commits of the log (a crash loses at most this) [default: 1]
+    #[arg(long, env = "ICHIBASE_POSTERITY_FLUSH_SECS")]
+    pub posterity_flush_secs: Option<f64>,
+    /// Posterity: events queued before new ones are dropped and counted [default: 65536]
+    #[arg(long, env = "ICHIBASE_POSTERITY_QUEUE")]
+    pub posterity_queue: Option<usize>,
+    /// Posterity: rows that trigger a commit before the interval is over [default: 50000]
+    #[arg(long, env = "ICHIBASE_POSTERITY_BATCH_ROWS")]
+    pub posterity_batch_rows: Option<usize>,
+    /// Archive: complete days older than this many days go to Parquet [default: 7]
+    #[arg(long, env = "ICHIBASE_ARCHIVE_AFTER_DAYS")]
+    pub archive_after_days: Option<u32>,
+    /// Archive: seconds between scheduled runs, 0 = only on demand [default: 3600]
+    #[arg(long, env = "ICHIBASE_ARCHIVE_INTERVAL_SECS")]
+    pub archive_interval_secs: Option<f64>,
 }
 
 impl Settings {
@@ -439,6 +489,12 @@ impl Settings {
                 .generate_require_approval
                 .or(lower.generate_require_approval),
             property_runs: self.property_runs.or(lower.property_runs),
+            posterity: self.posterity.or(lower.posterity),
+            posterity_flush_secs: self.posterity_flush_secs.or(lower.posterity_flush_secs),
+            posterity_queue: self.posterity_queue.or(lower.posterity_queue),
+            posterity_batch_rows: self.posterity_batch_rows.or(lower.posterity_batch_rows),
+            archive_after_days: self.archive_after_days.or(lower.archive_after_days),
+            archive_interval_secs: self.archive_interval_secs.or(lower.archive_interval_secs),
         }
     }
 
@@ -508,6 +564,18 @@ impl Settings {
                     .unwrap_or(d.generate.require_approval),
                 property_runs: self.property_runs.unwrap_or(d.generate.property_runs),
             },
+            posterity: PosteritySettings {
+                enabled: self.posterity.unwrap_or(d.posterity.enabled),
+                flush_secs: self.posterity_flush_secs.unwrap_or(d.posterity.flush_secs),
+                queue: self.posterity_queue.unwrap_or(d.posterity.queue),
+                batch_rows: self.posterity_batch_rows.unwrap_or(d.posterity.batch_rows),
+                archive_after_days: self
+                    .archive_after_days
+                    .unwrap_or(d.posterity.archive_after_days),
+                archive_interval_secs: self
+                    .archive_interval_secs
+                    .unwrap_or(d.posterity.archive_interval_secs),
+            },
         };
         if !(cfg.llm.timeout_secs > 0.0 && cfg.llm.timeout_secs.is_finite())
             || cfg.llm.max_tokens == 0
@@ -516,6 +584,16 @@ impl Settings {
         {
             bail!(
                 "llm_timeout_secs, llm_max_tokens, generate_max_rounds and property_runs must be positive"
+            );
+        }
+        let p = &cfg.posterity;
+        if !(p.flush_secs > 0.0 && p.flush_secs.is_finite())
+            || p.queue == 0
+            || p.batch_rows == 0
+            || !(p.archive_interval_secs >= 0.0 && p.archive_interval_secs.is_finite())
+        {
+            bail!(
+                "posterity_flush_secs, posterity_queue and posterity_batch_rows must be positive, archive_interval_secs non-negative"
             );
         }
         if cfg.ws.queue == 0

@@ -22,6 +22,7 @@ pub mod core;
 pub mod generate;
 pub mod llm;
 pub mod lua;
+pub mod posterity;
 pub mod realtime;
 pub mod server;
 pub mod sql;

@@ -43,6 +43,19 @@ enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Roll posterity log rows into Parquet files under <data_dir>/archive (complete days older
+    /// than archive_after_days, or everything before --before). Works on the data directory of
+    /// a stopped server; a running server archives on its schedule or with POST /admin/archive.
+    Archive {
+        #[arg(long, env = "ICHIBASE_DATA_DIR", default_value = "./ichibase-data")]
+        data_dir: PathBuf,
+        /// Archive every row before this date (YYYY-MM-DD, UTC), today's included
+        #[arg(long)]
+        before: Option<String>,
+        /// Complete days older than this many days [default: 7, or the config's archive_after_days]
+        #[arg(long, env = "ICHIBASE_ARCHIVE_AFTER_DAYS")]
+        older_than_days: Option<u32>,
+    },
     /// Lua functions in the data directory (the running server picks changes up at once).
     Fn {
         #[command(subcommand)]
@@ -335,6 +348,30 @@ fn main() -> anyhow::Result<()> {
                 ichibase::VERSION,
                 rusqlite::version()
             );
+            Ok(())
+        }
+        Command::Archive {
+            data_dir,
+            before,
+            older_than_days,
+        } => {
+            init_logging("warn", LogFormat::Text);
+            let cfg = Settings {
+                data_dir: Some(data_dir),
+                archive_after_days: older_than_days,
+                ..Default::default()
+            }
+            .resolve()?;
+            let p = ichibase::posterity::Posterity::open(
+                ichibase::posterity::PosterityOptions::from_config(&cfg),
+            )?;
+            let files = p.archive(before.as_deref());
+            p.close();
+            let files = files?;
+            for f in &files {
+                println!("{}\t{} rows\t{} bytes", f.path.display(), f.rows, f.bytes);
+            }
+            println!("archived {} files", files.len());
             Ok(())
         }
         Command::Fn { command } => {

@@ -50,6 +50,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             "ichibase: use it as `Authorization: Bearer <key>`; more with `ichibase admin create-key` or POST /admin/keys"
         );
     }
+    let posterity = {
+        let opts = crate::posterity::PosterityOptions::from_config(&config);
+        tokio::task::spawn_blocking(move || crate::posterity::Posterity::open(opts)).await??
+    };
+    let archiver = schedule_archive(&posterity, config.posterity.archive_interval_secs);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -71,6 +76,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             config.ws.cdc_retention,
         ),
         branches: Arc::clone(&branches),
+        posterity: posterity.clone(),
         config: Arc::new(config),
     };
     let app = apis::router(state);
@@ -97,6 +103,12 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             }
         }
         branches.close_all().await;
+        if let Some(a) = archiver {
+            a.abort();
+        }
+        // The log's last rows (the requests just finished) are committed before exit.
+        let p = posterity.clone();
+        let _ = tokio::task::spawn_blocking(move || p.close()).await;
         match tokio::time::timeout(grace.max(Duration::from_secs(5)), st.close()).await {
             Ok(r) => r?,
             Err(_) => anyhow::bail!("storage did not close in time"),
@@ -110,6 +122,39 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stop: Some(stop_tx),
         task,
     })
+}
+
+/// Archive complete days past the retention every `interval_secs` (0: never; first run after
+/// one interval).
+fn schedule_archive(
+    p: &crate::posterity::Posterity,
+    interval_secs: f64,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if interval_secs <= 0.0 {
+        return None;
+    }
+    let p = p.clone();
+    let every = Duration::from_secs_f64(interval_secs);
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let p2 = p.clone();
+            match tokio::task::spawn_blocking(move || p2.archive(None)).await {
+                Ok(Ok(files)) if !files.is_empty() => {
+                    tracing::info!(
+                        files = files.len(),
+                        rows = files.iter().map(|f| f.rows).sum::<u64>(),
+                        "archive: days rolled into Parquet"
+                    )
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "archive run failed"),
+                Err(e) => tracing::warn!(error = %e, "archive task failed"),
+            }
+        }
+    }))
 }
 
 pub fn lua_options(config: &Config) -> crate::lua::LuaOptions {

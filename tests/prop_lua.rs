@@ -37,6 +37,7 @@ async fn check(e: &Env, source: &str, seed: i64) -> Outcome {
             rt,
             LuaOptions::default(),
             None,
+            None,
             Invocation {
                 function: "check".into(),
                 version: 0,

@@ -237,11 +237,12 @@ async fn invoke(
         st.lua,
         tokio::runtime::Handle::current(),
     );
-    let (c2, n, trace_flag, hub) = (
+    let (c2, n, trace_flag, hub, analytics) = (
         ctx.clone(),
         name.clone(),
         flag(&q.trace),
         Some(std::sync::Arc::clone(&st.hub)),
+        Some(st.posterity.clone()),
     );
     let ran = tokio::task::spawn_blocking(
         move || -> Result<(store::FunctionSource, bool, lua::Outcome)> {
@@ -257,7 +258,7 @@ async fn invoke(
                 trace,
                 check: None,
             };
-            let outcome = lua::invoke(storage, c2, rt, options, hub, inv);
+            let outcome = lua::invoke(storage, c2, rt, options, hub, analytics, inv);
             Ok((f, trace, outcome))
         },
     )
@@ -276,6 +277,29 @@ async fn invoke(
     tracing::info!(function = %name, version = f.version, trace_id = %ctx.trace_id, role = ctx.role.as_str(),
         ok = outcome.result.is_ok(), instructions = outcome.instructions, peak_memory = outcome.peak_memory,
         elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3, "lua invocation");
+    let sink = st.posterity.sink();
+    if sink.enabled() {
+        let mut e = crate::posterity::Event::now("lua", Some(&ctx));
+        e.name = Some(name.clone());
+        e.version = Some(f.version);
+        e.outcome = Some(if outcome.result.is_ok() {
+            "ok"
+        } else {
+            "error"
+        });
+        e.error = outcome
+            .result
+            .as_ref()
+            .err()
+            .map(|e| e.message.chars().take(1000).collect());
+        e.elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3;
+        e.detail = Some(
+            json!({"instructions": outcome.instructions, "memory": outcome.peak_memory,
+                   "traced": trace, "error_line": outcome.error_line})
+            .to_string(),
+        );
+        sink.record(e);
+    }
     let trace_id = ctx.trace_id.clone();
     if trace {
         let (id, fname, version, uid, role) = (

@@ -5,6 +5,7 @@
 //! [`router`]; request handling delegates to `sql`, `storage` and later components.
 
 mod admin;
+mod analytics;
 mod auth;
 mod branches;
 mod functions;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub hub: Arc<crate::realtime::Hub>,
     pub cdc: crate::realtime::cdc::Cdc,
     pub branches: Arc<crate::branch::Branches>,
+    /// The posterity log and analytics database (DuckDB).
+    pub posterity: crate::posterity::Posterity,
 }
 
 /// The identity of a request from its headers (JSON error response when the credentials are bad).
@@ -112,7 +115,12 @@ pub fn router(state: AppState) -> Router {
         .merge(ws::routes())
         .merge(branches::routes())
         .merge(generate::routes())
+        .merge(analytics::routes())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            analytics::record_request,
+        ))
         .with_state(state)
 }
 

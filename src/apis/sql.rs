@@ -112,6 +112,7 @@ fn parse_request(
             params: HashMap::new(),
             max_query_size: lim.max_query_size,
             buffer_size: cfg.http_buffer_size,
+            log: st.posterity.sink(),
         },
         max_execution_time: lim.max_execution_time,
         wants_json: headers
@@ -234,12 +235,34 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// Which database a ClickHouse-style request runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// The app's SQLite database (`/`).
+    Sqlite,
+    /// The read-only analytics database, DuckDB (`/analytics`).
+    Analytics,
+}
+
 async fn handle(
     State(st): State<AppState>,
     method: Method,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
     body: Body,
+) -> Response {
+    serve(st, method, headers, raw, body, Engine::Sqlite).await
+}
+
+/// Serve one ClickHouse-style request on `engine`: the same settings, parameters, formats,
+/// limits, headers and streaming for both.
+pub async fn serve(
+    st: AppState,
+    method: Method,
+    headers: HeaderMap,
+    raw: Option<String>,
+    body: Body,
+    engine: Engine,
 ) -> Response {
     let req = match parse_request(&st, &method, &headers, raw.as_deref()) {
         Ok(r) => r,
@@ -311,7 +334,16 @@ async fn handle(
     };
     let control = ExecControl::new(ctx.started, req.max_execution_time);
     let guard = CancelOnDrop(Arc::clone(&control));
-    let (format, mut rx) = exec::start(storage, ctx.clone(), control, text, req.settings);
+    let (format, mut rx) = match engine {
+        Engine::Sqlite => exec::start(storage, ctx.clone(), control, text, req.settings),
+        Engine::Analytics => crate::posterity::analytics::start(
+            st.posterity.clone(),
+            ctx.clone(),
+            control,
+            text,
+            req.settings,
+        ),
+    };
     let wants_json = req.wants_json;
     let first = rx
         .recv()

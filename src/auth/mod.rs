@@ -292,6 +292,19 @@ impl Auth {
         url_password: Option<&str>,
         query_id: Option<String>,
     ) -> Result<RequestContext> {
+        let ctx = self.identify_inner(headers, url_user, url_password, query_id)?;
+        // The request's posterity row carries who it ran as.
+        crate::posterity::note_caller(&ctx);
+        Ok(ctx)
+    }
+
+    fn identify_inner(
+        &self,
+        headers: &HeaderMap,
+        url_user: Option<&str>,
+        url_password: Option<&str>,
+        query_id: Option<String>,
+    ) -> Result<RequestContext> {
         let mut ctx = RequestContext::anon(query_id);
         let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
         if let Some(authz) = header("authorization") {

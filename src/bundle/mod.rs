@@ -367,7 +367,7 @@ fn ctx_for(run_as: &Option<RunAs>) -> RequestContext {
 
 async fn invoke(env: &CheckEnv, ctx: RequestContext, inv: Invocation) -> Result<lua::Outcome> {
     let (storage, rt, opts) = (env.storage.clone(), env.rt.clone(), env.lua);
-    tokio::task::spawn_blocking(move || lua::invoke(storage, ctx, rt, opts, None, inv))
+    tokio::task::spawn_blocking(move || lua::invoke(storage, ctx, rt, opts, None, None, inv))
         .await
         .map_err(|e| Error::internal(format!("check task failed: {e}")))
 }

@@ -88,6 +88,8 @@ pub struct Env {
     pub logs: RefCell<Vec<Json>>,
     /// Live connections, for `notify` (None outside a server).
     pub hub: Option<Arc<crate::realtime::Hub>>,
+    /// The analytics database, for `analytics` (None outside a server).
+    pub analytics: Option<crate::posterity::Posterity>,
     /// The open `db.tx` session, if any.
     pub tx: RefCell<Option<components::db::TxSession>>,
     /// Outcomes `prop.check` reported.
@@ -119,6 +121,7 @@ pub fn invoke(
     rt: tokio::runtime::Handle,
     options: LuaOptions,
     hub: Option<Arc<crate::realtime::Hub>>,
+    analytics: Option<crate::posterity::Posterity>,
     inv: Invocation,
 ) -> Outcome {
     let started = Instant::now();
@@ -146,6 +149,7 @@ pub fn invoke(
         tracer: tracer.clone(),
         logs: RefCell::new(Vec::new()),
         hub,
+        analytics,
         tx: RefCell::new(None),
         reports: RefCell::new(Vec::new()),
         check: inv.check.clone(),

@@ -72,6 +72,22 @@ pub fn prepare(
 }
 
 impl Prepared {
+    /// The statements' text (joined by `;\n`) and the first one's verb, for the log.
+    pub fn describe(&self) -> (String, String) {
+        let text = self
+            .statements
+            .iter()
+            .map(|b| b.sql.as_str())
+            .collect::<Vec<_>>()
+            .join(";\n");
+        let verb = self
+            .statements
+            .first()
+            .map(|b| b.verb.clone())
+            .unwrap_or_default();
+        (text, verb)
+    }
+
     /// True when every statement only reads (decided by SQLite on `conn`).
     pub fn readonly(&self, conn: &Connection) -> Result<bool> {
         for b in &self.statements {

@@ -45,6 +45,8 @@ pub struct QuerySettings {
     pub max_query_size: usize,
     /// Output buffered before streaming starts.
     pub buffer_size: usize,
+    /// Where statement-level rows of the posterity log go.
+    pub log: crate::posterity::Sink,
 }
 
 /// ClickHouse's `X-ClickHouse-Summary` counters.
@@ -103,6 +105,38 @@ impl Bound {
             ctes: st.ctes,
             or_replace: st.or_replace,
         }
+    }
+}
+
+/// Records one posterity row per statement run (text hash, rows, elapsed, outcome).
+#[derive(Clone)]
+pub(crate) struct StmtLog {
+    sink: crate::posterity::Sink,
+    ctx: Option<Arc<RequestContext>>,
+}
+
+impl StmtLog {
+    pub(crate) fn new(sink: crate::posterity::Sink, ctx: &RequestContext) -> StmtLog {
+        let ctx = sink.enabled().then(|| Arc::new(ctx.clone()));
+        StmtLog { sink, ctx }
+    }
+
+    fn record(&self, b: &Bound, rows: u64, elapsed: std::time::Duration, err: Option<&Error>) {
+        if !self.sink.enabled() {
+            return;
+        }
+        let mut e = crate::posterity::Event::now("sql", self.ctx.as_deref());
+        e.name = Some(crate::posterity::sql_hash(&b.sql));
+        e.sql_text = Some(b.sql.clone());
+        e.rows = Some(rows as i64);
+        e.elapsed_ms = elapsed.as_secs_f64() * 1e3;
+        e.outcome = Some(if err.is_some() { "error" } else { "ok" });
+        e.error = err.map(|e| e.message.chars().take(1000).collect());
+        e.detail = Some(format!(
+            "{{\"verb\":{}}}",
+            serde_json::Value::from(b.verb.as_str())
+        ));
+        self.sink.record(e);
     }
 }
 
@@ -255,6 +289,8 @@ async fn run(
 ) -> Result<()> {
     let started = ctx.started;
     let is_admin = ctx.is_admin();
+    let slog = StmtLog::new(settings.log.clone(), ctx);
+    let slog2 = slog.clone();
     // Single statements and read-only transactions try a reader first.
     if plan.insert.is_none() && (plan.statements.len() == 1 || settings.readonly) {
         let s = settings.clone();
@@ -279,10 +315,11 @@ async fn run(
                         &statements[0],
                         Some(&mut out),
                         &mut Summary::default(),
+                        &slog2,
                     )
                 } else {
                     conn.execute_batch("BEGIN")?;
-                    let r = run_all(conn, &statements, &mut out);
+                    let r = run_all(conn, &statements, &mut out, &slog2);
                     let _ = conn.execute_batch("ROLLBACK");
                     r
                 };
@@ -323,7 +360,7 @@ async fn run(
                 conn.execute_batch("BEGIN IMMEDIATE")?;
             }
             let r = (|| -> Result<()> {
-                run_all(conn, &plan.statements, &mut out)?;
+                run_all(conn, &plan.statements, &mut out, &slog)?;
                 if let Some((target, data)) = &plan.insert {
                     run_insert(conn, target, data, &mut out.summary)?;
                 }
@@ -383,23 +420,43 @@ fn returns_rows(conn: &Connection, b: &Bound) -> Result<bool> {
 }
 
 /// Run every statement; only the last one's rows are returned.
-fn run_all(conn: &Connection, statements: &[Bound], out: &mut Output<'_>) -> Result<()> {
+fn run_all(
+    conn: &Connection,
+    statements: &[Bound],
+    out: &mut Output<'_>,
+    log: &StmtLog,
+) -> Result<()> {
     for (i, b) in statements.iter().enumerate() {
         if i + 1 == statements.len() {
-            run_statement(conn, b, Some(out), &mut Summary::default())?;
+            run_statement(conn, b, Some(out), &mut Summary::default(), log)?;
         } else {
-            run_statement(conn, b, None, &mut out.summary)?;
+            run_statement(conn, b, None, &mut out.summary, log)?;
         }
     }
     Ok(())
 }
 
-/// Step one statement, formatting its rows into `out` (or discarding them).
+/// Step one statement, formatting its rows into `out` (or discarding them), and log it.
 fn run_statement(
     conn: &Connection,
     b: &Bound,
     out: Option<&mut Output<'_>>,
     side: &mut Summary,
+    log: &StmtLog,
+) -> Result<()> {
+    let t = Instant::now();
+    let mut rows = 0u64;
+    let r = step_statement(conn, b, out, side, &mut rows);
+    log.record(b, rows, t.elapsed(), r.as_ref().err());
+    r
+}
+
+fn step_statement(
+    conn: &Connection,
+    b: &Bound,
+    out: Option<&mut Output<'_>>,
+    side: &mut Summary,
+    counted: &mut u64,
 ) -> Result<()> {
     let mut stmt = conn.prepare_cached(&b.sql)?;
     for (i, v) in b.values.iter().enumerate() {
@@ -422,30 +479,40 @@ fn run_statement(
                 Some(first) => {
                     let cols = column_meta(&decls, Some(first));
                     out.header(cols);
+                    *counted += 1;
                     more = out.row(first)?;
                 }
                 None => out.header(column_meta(&decls, None)),
             }
             while more {
                 match rows.next()? {
-                    Some(r) => more = out.row(r)?,
+                    Some(r) => {
+                        *counted += 1;
+                        more = out.row(r)?
+                    }
                     None => break,
                 }
             }
             &mut out.summary
         }
         Some(out) => {
-            while rows.next()?.is_some() {}
+            while rows.next()?.is_some() {
+                *counted += 1;
+            }
             &mut out.summary
         }
         None => {
-            while rows.next()?.is_some() {}
+            while rows.next()?.is_some() {
+                *counted += 1;
+            }
             side
         }
     };
     drop(rows);
     if dml {
-        summary.written_rows += conn.total_changes() - before;
+        let changed = conn.total_changes() - before;
+        summary.written_rows += changed;
+        *counted = (*counted).max(changed);
     }
     Ok(())
 }
@@ -511,7 +578,7 @@ fn run_insert(
 }
 
 /// Formats rows, enforces result limits and hands bytes to the HTTP layer.
-struct Output<'s> {
+pub(crate) struct Output<'s> {
     writer: format::Writer,
     buf: Vec<u8>,
     settings: &'s QuerySettings,
@@ -527,7 +594,7 @@ struct Output<'s> {
 }
 
 impl<'s> Output<'s> {
-    fn new(
+    pub(crate) fn new(
         format: Format,
         settings: &'s QuerySettings,
         started: Instant,
@@ -546,13 +613,13 @@ impl<'s> Output<'s> {
         }
     }
 
-    fn header(&mut self, cols: Vec<Column>) {
+    pub(crate) fn header(&mut self, cols: Vec<Column>) {
         self.has_header = true;
         self.writer.header(cols, &mut self.buf);
     }
 
     /// Write one row; `Ok(false)` once a limit stops the result in break mode.
-    fn row(&mut self, r: &rusqlite::Row<'_>) -> Result<bool> {
+    pub(crate) fn row<R: format::RowValues + ?Sized>(&mut self, r: &R) -> Result<bool> {
         let s = self.settings;
         if s.max_result_rows > 0 && self.summary.result_rows >= s.max_result_rows {
             return self.limit(format!(
@@ -632,7 +699,7 @@ impl<'s> Output<'s> {
     }
 
     /// Finish on a reader: send the rest as `Done`.
-    fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         self.write_footer();
         if let Some(tx) = self.tx.take() {
             let _ = tx.blocking_send(Msg::Done(

@@ -117,6 +117,26 @@ pub struct Stats {
     pub bytes_read: u64,
 }
 
+/// One result row as the writers read it: SQLite rows, or rows of values converted from
+/// another engine (the analytics database).
+pub trait RowValues {
+    fn value_at(&self, i: usize) -> Result<ValueRef<'_>>;
+}
+
+impl RowValues for rusqlite::Row<'_> {
+    fn value_at(&self, i: usize) -> Result<ValueRef<'_>> {
+        self.get_ref(i).map_err(Error::from)
+    }
+}
+
+impl RowValues for [rusqlite::types::Value] {
+    fn value_at(&self, i: usize) -> Result<ValueRef<'_>> {
+        self.get(i)
+            .map(ValueRef::from)
+            .ok_or_else(|| Error::internal(format!("row has no column {i}")))
+    }
+}
+
 /// Writes one result set.
 pub struct Writer {
     format: Format,
@@ -172,7 +192,7 @@ impl Writer {
         }
     }
 
-    pub fn row(&mut self, row: &rusqlite::Row<'_>, out: &mut Vec<u8>) -> Result<u64> {
+    pub fn row<R: RowValues + ?Sized>(&mut self, row: &R, out: &mut Vec<u8>) -> Result<u64> {
         let mut bytes = 0u64;
         let n = self.cols.len();
         match self.format {
@@ -188,7 +208,7 @@ impl Writer {
         };
         out.extend_from_slice(open);
         for i in 0..n {
-            let v = row.get_ref(i).map_err(Error::from)?;
+            let v = row.value_at(i)?;
             bytes += value_size(v);
             match self.format {
                 Format::TabSeparated | Format::TabSeparatedWithNames => {

@@ -56,7 +56,9 @@ impl TxSession {
     }
 }
 
-fn params_json(p: Option<Table>) -> mlua::Result<serde_json::Map<String, serde_json::Value>> {
+pub(crate) fn params_json(
+    p: Option<Table>,
+) -> mlua::Result<serde_json::Map<String, serde_json::Value>> {
     match p {
         None => Ok(serde_json::Map::new()),
         Some(t) => match to_json(&Value::Table(t))
@@ -75,7 +77,36 @@ fn prepare(env: &Env, sql: &str, p: Option<Table>) -> mlua::Result<Prepared> {
     embedded::prepare(sql, &params_json(p)?, false, env.options.max_sql).map_err(lua_err)
 }
 
+/// Run `prepared` and record it in the posterity log (one `sql` row per call).
 fn run(env: &Env, prepared: Prepared) -> Result<Rows> {
+    let sink = env
+        .analytics
+        .as_ref()
+        .map(|a| a.sink())
+        .filter(|s| s.enabled());
+    let Some(sink) = sink else {
+        return run_unlogged(env, prepared);
+    };
+    let (text, verb) = prepared.describe();
+    let t = Instant::now();
+    let r = run_unlogged(env, prepared);
+    let mut e = crate::posterity::Event::now("sql", Some(&env.ctx));
+    e.name = Some(crate::posterity::sql_hash(&text));
+    e.elapsed_ms = t.elapsed().as_secs_f64() * 1e3;
+    e.outcome = Some(if r.is_ok() { "ok" } else { "error" });
+    match &r {
+        Ok(rows) => e.rows = Some(rows.rows.len().max(rows.changes as usize) as i64),
+        Err(err) => e.error = Some(err.message.chars().take(1000).collect()),
+    }
+    e.detail = Some(
+        serde_json::json!({"verb": verb, "from": "lua", "function": env.function}).to_string(),
+    );
+    e.sql_text = Some(text);
+    sink.record(e);
+    r
+}
+
+fn run_unlogged(env: &Env, prepared: Prepared) -> Result<Rows> {
     if let Some(tx) = env.tx.borrow().as_ref() {
         let (reply, rx) = mpsc::channel();
         tx.ops
@@ -110,7 +141,7 @@ fn run(env: &Env, prepared: Prepared) -> Result<Rows> {
     }
 }
 
-fn to_lua_rows(lua: &Lua, rows: Rows) -> mlua::Result<Table> {
+pub(crate) fn to_lua_rows(lua: &Lua, rows: Rows) -> mlua::Result<Table> {
     if rows.rows.len() > 10_000 {
         crate::lua::mark_heavy();
     }

@@ -5,6 +5,7 @@
 //! must do everything as that identity: `db` runs SQL through the same authorizer and
 //! policies as SQL-over-HTTP.
 
+pub mod analytics;
 pub mod db;
 pub mod debug;
 pub mod fns;
@@ -36,6 +37,7 @@ pub fn registry() -> &'static [&'static dyn Component] {
         &notify::Notify,
         &prop::Prop,
         &fns::Fns,
+        &analytics::Analytics,
     ]
 }
 

@@ -1,0 +1,667 @@
+//! Posterity: everything the engine does, remembered cheaply in DuckDB and queryable fast.
+//!
+//! Owns the analytical database `<data_dir>/posterity.duckdb` and everything that touches
+//! DuckDB (nothing outside this module links to it):
+//! - the **log** ([`Sink`]): one row per HTTP request, SQL statement and Lua invocation (and,
+//!   later, AI calls and notifications), appended by one writer thread through a bounded queue;
+//! - **analytics** ([`analytics`]): read-only SQL over the log, the Parquet archive and the app's
+//!   SQLite tables, for `POST /analytics` and Lua's `analytics.query`;
+//! - the **archive** ([`archive`]): complete days rolled into hive-partitioned Parquet files.
+//!
+//! Nothing in SQLite depends on this database: losing it loses history, never app data.
+//!
+//! ## The queue
+//! [`Sink::record`] never blocks and never allocates beyond the event itself: the event goes
+//! into a bounded channel (`posterity_queue` events). When the channel is full the event is
+//! **dropped and counted**; the count is reported by `GET /admin/posterity` and written into the
+//! log itself as a `kind = 'posterity'` row (`name = 'dropped'`, `rows` = events lost) at the
+//! next flush, so a gap in the history is visible in the history. The writer thread appends
+//! events with DuckDB's appender and commits every `posterity_flush_secs` (default 1 s) or every
+//! `posterity_batch_rows` rows, whichever comes first: a crash loses at most the events of the
+//! last flush interval. A graceful shutdown flushes everything queued.
+
+pub mod analytics;
+pub mod app_table;
+pub mod archive;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use duckdb::Connection;
+use duckdb::types::{TimeUnit, Value};
+
+use crate::core::{Error, ErrorCode, RequestContext, Result};
+
+/// File name of the analytical database in the data directory.
+pub const DB_FILE: &str = "posterity.duckdb";
+
+/// Settings of the posterity service.
+#[derive(Debug, Clone)]
+pub struct PosterityOptions {
+    pub data_dir: PathBuf,
+    /// The app's SQLite database, readable from DuckDB with `app_table('name')` (admin only).
+    pub app_db: PathBuf,
+    /// Record events (off: nothing is appended; analytics and the archive still work).
+    pub enabled: bool,
+    pub flush_interval: Duration,
+    /// Events queued before new ones are dropped.
+    pub queue: usize,
+    /// Rows appended before a flush even within the interval.
+    pub batch_rows: usize,
+    /// Complete days older than this many days go to the archive.
+    pub archive_after_days: u32,
+}
+
+impl PosterityOptions {
+    pub fn from_config(cfg: &crate::config::Config) -> Self {
+        let p = &cfg.posterity;
+        PosterityOptions {
+            data_dir: cfg.data_dir.clone(),
+            app_db: cfg.db_path(),
+            enabled: p.enabled,
+            flush_interval: Duration::from_secs_f64(p.flush_secs),
+            queue: p.queue,
+            batch_rows: p.batch_rows,
+            archive_after_days: p.archive_after_days,
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join(DB_FILE)
+    }
+
+    pub fn archive_dir(&self) -> PathBuf {
+        self.data_dir.join("archive")
+    }
+}
+
+/// One remembered event. `kind` says what it is (`http`, `sql`, `lua`, and later `ai`,
+/// `notify`); the common columns are filled as far as they apply and anything else goes into
+/// `detail` (JSON), so new kinds need no schema change.
+#[derive(Debug, Clone, Default)]
+pub struct Event {
+    /// Microseconds since the Unix epoch (UTC).
+    pub ts_us: i64,
+    pub kind: &'static str,
+    pub trace_id: Option<String>,
+    pub query_id: Option<String>,
+    pub user_id: Option<String>,
+    pub role: Option<String>,
+    /// HTTP method.
+    pub method: Option<String>,
+    /// Path (http), statement hash (sql), function (lua).
+    pub name: Option<String>,
+    /// Function version (lua).
+    pub version: Option<i64>,
+    /// HTTP status.
+    pub status: Option<i32>,
+    /// `ok` or `error`.
+    pub outcome: Option<&'static str>,
+    pub error: Option<String>,
+    pub elapsed_ms: f64,
+    pub rows: Option<i64>,
+    pub bytes: Option<i64>,
+    /// JSON object text.
+    pub detail: Option<String>,
+    /// Text of a SQL statement, stored once per hash in `sql_texts`.
+    pub sql_text: Option<String>,
+}
+
+impl Event {
+    /// An event of `kind` stamped now, with the identity of `ctx`.
+    pub fn now(kind: &'static str, ctx: Option<&RequestContext>) -> Event {
+        let mut e = Event {
+            ts_us: now_us(),
+            kind,
+            ..Default::default()
+        };
+        if let Some(c) = ctx {
+            e.trace_id = Some(c.trace_id.clone());
+            e.query_id = Some(c.query_id.clone());
+            e.user_id = c.user_id.clone();
+            e.role = Some(c.role.as_str().to_string());
+        }
+        e
+    }
+}
+
+pub fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+/// First 16 hex digits of the SHA-256 of a statement's text.
+pub fn sql_hash(sql: &str) -> String {
+    use sha2::Digest;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let d = sha2::Sha256::digest(sql.as_bytes());
+    let mut out = String::with_capacity(16);
+    for b in &d[..8] {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
+    out
+}
+
+enum Cmd {
+    Row(Box<Event>),
+    Flush(SyncSender<()>),
+    Stop,
+}
+
+/// Counters of the log, shared between recorders and the writer.
+#[derive(Debug, Default)]
+struct Counters {
+    recorded: AtomicU64,
+    dropped: AtomicU64,
+    written: AtomicU64,
+    flushes: AtomicU64,
+    failed: AtomicU64,
+}
+
+/// Where events are recorded; cheap to clone. A disabled sink ignores everything.
+#[derive(Clone, Default)]
+pub struct Sink {
+    inner: Option<Arc<SinkInner>>,
+}
+
+struct SinkInner {
+    tx: SyncSender<Cmd>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Sink({})", if self.enabled() { "on" } else { "off" })
+    }
+}
+
+impl Sink {
+    /// A sink that records nothing.
+    pub fn disabled() -> Sink {
+        Sink { inner: None }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.inner.is_some()
+    }
+
+    /// Queue `e` without waiting; when the queue is full the event is dropped and counted.
+    pub fn record(&self, e: Event) {
+        let Some(s) = &self.inner else { return };
+        match s.tx.try_send(Cmd::Row(Box::new(e))) {
+            Ok(()) => {
+                s.counters.recorded.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                s.counters.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Counters reported by `GET /admin/posterity`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Stats {
+    pub enabled: bool,
+    /// Events accepted into the queue.
+    pub recorded: u64,
+    /// Events dropped because the queue was full.
+    pub dropped: u64,
+    /// Rows committed to the log.
+    pub written: u64,
+    pub flushes: u64,
+    /// Rows lost to a failed flush (DuckDB error).
+    pub failed: u64,
+    pub queue_capacity: usize,
+    pub flush_interval_secs: f64,
+    pub database: String,
+}
+
+/// The posterity service: the DuckDB database, its writer thread and its query connections.
+#[derive(Clone)]
+pub struct Posterity {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    opts: PosterityOptions,
+    sink: Sink,
+    counters: Arc<Counters>,
+    /// Source of fresh connections for queries (a DuckDB connection is not shared across threads).
+    base: Mutex<Connection>,
+    writer: Mutex<Option<(SyncSender<Cmd>, std::thread::JoinHandle<()>)>>,
+    /// Serialises archive runs.
+    archiving: Mutex<()>,
+}
+
+/// Columns of the log, in table order.
+pub(crate) const LOG_COLUMNS: &str = "ts, kind, trace_id, query_id, user_id, role, method, name, version, status, outcome, error, elapsed_ms, rows, bytes, detail";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS log (
+    ts TIMESTAMP NOT NULL,
+    kind VARCHAR NOT NULL,
+    trace_id VARCHAR,
+    query_id VARCHAR,
+    user_id VARCHAR,
+    role VARCHAR,
+    method VARCHAR,
+    name VARCHAR,
+    version BIGINT,
+    status INTEGER,
+    outcome VARCHAR,
+    error VARCHAR,
+    elapsed_ms DOUBLE,
+    rows BIGINT,
+    bytes BIGINT,
+    detail JSON
+);
+CREATE TABLE IF NOT EXISTS sql_texts (hash VARCHAR NOT NULL, text VARCHAR, first_seen TIMESTAMP);
+CREATE TABLE IF NOT EXISTS archive_files (
+    path VARCHAR NOT NULL, kind VARCHAR, day DATE, rows BIGINT, bytes BIGINT, created TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS analytics_grants (view_name VARCHAR NOT NULL, role VARCHAR NOT NULL, granted TIMESTAMP);
+";
+
+/// Names of the engine's own objects (an admin view may not take them).
+pub const ENGINE_OBJECTS: &[&str] = &[
+    "log",
+    "log_all",
+    "sql_texts",
+    "archive_files",
+    "analytics_grants",
+    "http_requests",
+    "sql_statements",
+    "lua_invocations",
+    "app_table",
+];
+
+/// Map a DuckDB error onto the engine's error codes.
+pub fn duck_err(e: duckdb::Error) -> Error {
+    let msg = e.to_string();
+    let code = if msg.starts_with("Parser Error") {
+        ErrorCode::SyntaxError
+    } else if msg.starts_with("Catalog Error") {
+        if msg.contains("Function") || msg.contains("function") {
+            ErrorCode::UnknownFunction
+        } else {
+            ErrorCode::UnknownTable
+        }
+    } else if msg.starts_with("Binder Error") {
+        ErrorCode::UnknownIdentifier
+    } else if msg.starts_with("Permission Error") {
+        ErrorCode::AccessDenied
+    } else if msg.contains("read-only mode") || msg.contains("read-only transaction") {
+        ErrorCode::Readonly
+    } else if msg.starts_with("INTERRUPT") || msg.contains("Interrupted") {
+        ErrorCode::QueryWasCancelled
+    } else if msg.starts_with("Conversion Error")
+        || msg.starts_with("Invalid Input Error")
+        || msg.starts_with("Out of Range Error")
+        || msg.contains("Invalid Parameter")
+    {
+        ErrorCode::BadArguments
+    } else if msg.starts_with("IO Error") && msg.contains("lock") {
+        ErrorCode::DatabaseBusy
+    } else {
+        ErrorCode::StorageError
+    };
+    Error::new(code, msg)
+}
+
+fn sql_str(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+impl Posterity {
+    /// Open (creating if needed) the posterity database, recover an interrupted archive run,
+    /// lock down file access and start the writer thread.
+    pub fn open(opts: PosterityOptions) -> anyhow::Result<Posterity> {
+        std::fs::create_dir_all(&opts.data_dir)?;
+        let archive_dir = opts.archive_dir();
+        std::fs::create_dir_all(&archive_dir)?;
+        let temp_dir = opts.data_dir.join("posterity.tmp");
+        std::fs::create_dir_all(&temp_dir)?;
+        let path = opts.db_path();
+        let conn = Connection::open(&path).map_err(|e| {
+            let m = e.to_string();
+            if m.contains("lock") {
+                anyhow::anyhow!(
+                    "{} is in use by another process (a running server?): {m}",
+                    path.display()
+                )
+            } else {
+                anyhow::anyhow!("opening {}: {m}", path.display())
+            }
+        })?;
+        // Queries may touch no file but the archive (and DuckDB's own spill directory): no
+        // read_csv('/etc/passwd'), no COPY TO elsewhere, no ATTACH, no extension downloads.
+        conn.execute_batch(&format!(
+            "SET temp_directory = {t};
+             SET allowed_directories = [{a}, {t}];
+             SET enable_external_access = false;
+             SET autoinstall_known_extensions = false;
+             SET autoload_known_extensions = false;",
+            t = sql_str(&format!("{}/", temp_dir.display())),
+            a = sql_str(&format!("{}/", archive_dir.display())),
+        ))?;
+        conn.execute_batch(SCHEMA)?;
+        app_table::register(&conn, &opts.app_db)?;
+        archive::recover(&conn, &archive_dir)?;
+        archive::create_views(&conn, &archive_dir)?;
+        conn.execute_batch("SET lock_configuration = true;")?;
+
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = sync_channel(opts.queue.max(1));
+        let wconn = conn.try_clone()?;
+        let c2 = Arc::clone(&counters);
+        let (flush_every, batch) = (opts.flush_interval, opts.batch_rows.max(1));
+        let handle = std::thread::Builder::new()
+            .name("posterity".into())
+            .spawn(move || writer_loop(wconn, rx, c2, flush_every, batch))?;
+        let sink = if opts.enabled {
+            Sink {
+                inner: Some(Arc::new(SinkInner {
+                    tx: tx.clone(),
+                    counters: Arc::clone(&counters),
+                })),
+            }
+        } else {
+            Sink::disabled()
+        };
+        Ok(Posterity {
+            inner: Arc::new(Inner {
+                opts,
+                sink,
+                counters,
+                base: Mutex::new(conn),
+                writer: Mutex::new(Some((tx, handle))),
+                archiving: Mutex::new(()),
+            }),
+        })
+    }
+
+    pub fn options(&self) -> &PosterityOptions {
+        &self.inner.opts
+    }
+
+    /// The recording handle (disabled when logging is off).
+    pub fn sink(&self) -> Sink {
+        self.inner.sink.clone()
+    }
+
+    /// A fresh connection to the database (for one query or one archive run).
+    pub(crate) fn connect(&self) -> Result<Connection> {
+        self.inner
+            .base
+            .lock()
+            .map_err(|_| Error::internal("posterity connection lock poisoned"))?
+            .try_clone()
+            .map_err(duck_err)
+    }
+
+    /// Commit everything queued so far (blocking).
+    pub fn flush(&self) {
+        let tx = match &*self.inner.writer.lock().expect("writer lock") {
+            Some((tx, _)) => tx.clone(),
+            None => return,
+        };
+        let (ack_tx, ack_rx) = sync_channel(1);
+        if tx.send(Cmd::Flush(ack_tx)).is_ok() {
+            let _ = ack_rx.recv_timeout(Duration::from_secs(30));
+        }
+    }
+
+    /// Flush and stop the writer (blocking). Events recorded afterwards are dropped.
+    pub fn close(&self) {
+        let w = self.inner.writer.lock().expect("writer lock").take();
+        if let Some((tx, handle)) = w {
+            let _ = tx.send(Cmd::Stop);
+            drop(tx);
+            let _ = handle.join();
+        }
+        if let Ok(c) = self.inner.base.lock() {
+            let _ = c.execute_batch("CHECKPOINT");
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.counters;
+        Stats {
+            enabled: self.inner.sink.enabled(),
+            recorded: c.recorded.load(Ordering::Relaxed),
+            dropped: c.dropped.load(Ordering::Relaxed),
+            written: c.written.load(Ordering::Relaxed),
+            flushes: c.flushes.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            queue_capacity: self.inner.opts.queue,
+            flush_interval_secs: self.inner.opts.flush_interval.as_secs_f64(),
+            database: self.inner.opts.db_path().display().to_string(),
+        }
+    }
+
+    pub(crate) fn archive_lock(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .archiving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn ts_value(us: i64) -> Value {
+    Value::Timestamp(TimeUnit::Microsecond, us)
+}
+
+fn writer_loop(
+    conn: Connection,
+    rx: Receiver<Cmd>,
+    counters: Arc<Counters>,
+    flush_every: Duration,
+    batch: usize,
+) {
+    lower_priority();
+    let mut seen: HashSet<String> = HashSet::new();
+    if let Ok(mut st) = conn.prepare("SELECT DISTINCT hash FROM sql_texts") {
+        if let Ok(rows) = st.query_map([], |r| r.get::<_, String>(0)) {
+            seen.extend(rows.flatten());
+        }
+    }
+    let mut log = match conn.appender("log") {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "posterity: cannot append to the log; events are discarded");
+            while let Ok(cmd) = rx.recv() {
+                match cmd {
+                    Cmd::Stop => break,
+                    Cmd::Flush(ack) => {
+                        let _ = ack.send(());
+                    }
+                    Cmd::Row(_) => {
+                        counters.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            return;
+        }
+    };
+    let mut texts = conn.appender("sql_texts").ok();
+    let mut pending = 0u64;
+    let mut reported_drops = counters.dropped.load(Ordering::Relaxed);
+    let mut next_flush = Instant::now() + flush_every;
+    let mut flush = |log: &mut duckdb::Appender<'_>,
+                     texts: &mut Option<duckdb::Appender<'_>>,
+                     pending: &mut u64| {
+        let dropped = counters.dropped.load(Ordering::Relaxed);
+        if dropped > reported_drops {
+            let n = (dropped - reported_drops) as i64;
+            reported_drops = dropped;
+            let _ = append(
+                log,
+                &Event {
+                    ts_us: now_us(),
+                    kind: "posterity",
+                    name: Some("dropped".into()),
+                    rows: Some(n),
+                    detail: Some(format!(
+                        "{{\"dropped_total\":{dropped},\"reason\":\"queue full\"}}"
+                    )),
+                    ..Default::default()
+                },
+            );
+            *pending += 1;
+        }
+        if *pending == 0 {
+            return;
+        }
+        if let Some(t) = texts.as_mut() {
+            if let Err(e) = t.flush() {
+                tracing::warn!(error = %e, "posterity: sql_texts flush failed");
+            }
+        }
+        match log.flush() {
+            Ok(()) => {
+                counters.written.fetch_add(*pending, Ordering::Relaxed);
+                counters.flushes.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                counters.failed.fetch_add(*pending, Ordering::Relaxed);
+                tracing::warn!(error = %e, rows = *pending, "posterity: flush failed; rows lost");
+            }
+        }
+        *pending = 0;
+    };
+    // The writer polls: it sleeps a short tick and drains the queue, never blocking in `recv`,
+    // so a request recording an event never pays for waking this thread up.
+    let tick = flush_every
+        .min(Duration::from_millis(20))
+        .max(Duration::from_millis(1));
+    loop {
+        std::thread::sleep(tick);
+        let mut acks = Vec::new();
+        let mut stop = false;
+        loop {
+            match rx.try_recv() {
+                Ok(Cmd::Row(e)) => {
+                    if let (Some(text), Some(hash), Some(t)) =
+                        (&e.sql_text, &e.name, texts.as_mut())
+                    {
+                        if !seen.contains(hash) && seen.len() < 1_000_000 {
+                            seen.insert(hash.clone());
+                            let text: String = text.chars().take(8192).collect();
+                            let _ = t.append_row(duckdb::params![hash, text, ts_value(e.ts_us)]);
+                        }
+                    }
+                    match append(&mut log, &e) {
+                        Ok(()) => pending += 1,
+                        Err(err) => {
+                            counters.failed.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(error = %err, "posterity: cannot append an event");
+                        }
+                    }
+                    if pending >= batch as u64 {
+                        flush(&mut log, &mut texts, &mut pending);
+                        next_flush = Instant::now() + flush_every;
+                    }
+                }
+                Ok(Cmd::Flush(ack)) => acks.push(ack),
+                // A stop still takes what was queued before it.
+                Ok(Cmd::Stop) => stop = true,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    stop = true;
+                    break;
+                }
+            }
+        }
+        if stop || !acks.is_empty() || Instant::now() >= next_flush {
+            flush(&mut log, &mut texts, &mut pending);
+            next_flush = Instant::now() + flush_every;
+            for a in acks {
+                let _ = a.send(());
+            }
+        }
+        if stop {
+            break;
+        }
+    }
+}
+
+/// Run this thread at nice 10: under CPU contention request threads go first and the writer
+/// catches up in idle moments (the queue absorbs the difference; past it, events are dropped
+/// and counted, never waited for).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: plain syscalls on the calling thread (Linux nice values are per thread).
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
+fn append(log: &mut duckdb::Appender<'_>, e: &Event) -> duckdb::Result<()> {
+    log.append_row(duckdb::params![
+        ts_value(e.ts_us),
+        e.kind,
+        e.trace_id,
+        e.query_id,
+        e.user_id,
+        e.role,
+        e.method,
+        e.name,
+        e.version,
+        e.status,
+        e.outcome,
+        e.error,
+        e.elapsed_ms,
+        e.rows,
+        e.bytes,
+        e.detail,
+    ])
+}
+
+/// Path of `p` for DuckDB SQL text.
+pub(crate) fn path_literal(p: &Path) -> String {
+    sql_str(&p.display().to_string())
+}
+
+/// The identity a request ran as, noted by the auth layer for the request's HTTP log row.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub user_id: Option<String>,
+    pub role: String,
+    pub query_id: String,
+    pub trace_id: String,
+}
+
+/// Where the identity of the request being served is noted (one per HTTP request).
+pub type CallerSlot = Arc<Mutex<Option<Caller>>>;
+
+tokio::task_local! {
+    static CALLER: CallerSlot;
+}
+
+/// Note that the current request runs as `ctx` (no-op outside a logged HTTP request).
+pub fn note_caller(ctx: &RequestContext) {
+    let _ = CALLER.try_with(|slot| {
+        if let Ok(mut g) = slot.lock() {
+            *g = Some(Caller {
+                user_id: ctx.user_id.clone(),
+                role: ctx.role.as_str().to_string(),
+                query_id: ctx.query_id.clone(),
+                trace_id: ctx.trace_id.clone(),
+            });
+        }
+    });
+}
+
+/// Run `f` (a request's handling) with `slot` receiving its caller.
+pub async fn with_caller_slot<F: std::future::Future>(slot: CallerSlot, f: F) -> F::Output {
+    CALLER.scope(slot, f).await
+}
