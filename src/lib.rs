@@ -6,6 +6,7 @@
 //! - [`storage`]: SQLite — one writer thread, a pool of readers, engine migrations.
 //! - [`sql`]: ClickHouse-style SQL: placeholders, formats, execution over storage.
 //! - [`auth`]: identities, sessions, JWT, API keys, policies as views.
+//! - [`replication`]: continuous WAL backup to S3 or a directory, snapshots, restore.
 //! - [`apis`]: the HTTP router where components attach their routes.
 //! - [`server`]: start, serve and shut down gracefully.
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod core;
 pub mod lua;
 pub mod realtime;
+pub mod replication;
 pub mod server;
 pub mod sql;
 pub mod storage;

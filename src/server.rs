@@ -39,6 +39,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let opts = StorageOptions::from_config(&config);
         tokio::task::spawn_blocking(move || Storage::open(&opts)).await??
     };
+    let replication = match &config.replication {
+        Some(_) => Some(crate::replication::Replicator::start(storage.clone(), &config).await?),
+        None => None,
+    };
     let auth =
         Arc::new(Auth::open(storage.clone(), &config.data_dir, auth_options(&config)).await?);
     if let Some(key) = auth.first_start_admin_key().await? {
@@ -67,6 +71,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             config.ws.cdc_retention,
         ),
         config: Arc::new(config),
+        replication: replication.clone(),
     };
     let app = apis::router(state);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -94,6 +99,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         match tokio::time::timeout(grace.max(Duration::from_secs(5)), st.close()).await {
             Ok(r) => r?,
             Err(_) => anyhow::bail!("storage did not close in time"),
+        }
+        if let Some(r) = replication {
+            r.finish(grace.max(Duration::from_secs(10))).await;
         }
         tracing::info!("storage closed; bye");
         Ok(())

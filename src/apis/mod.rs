@@ -32,6 +32,8 @@ pub struct AppState {
     pub lua: crate::lua::LuaOptions,
     pub hub: Arc<crate::realtime::Hub>,
     pub cdc: crate::realtime::cdc::Cdc,
+    /// The WAL replicator when replication is configured.
+    pub replication: Option<crate::replication::Replicator>,
 }
 
 /// The identity of a request from its headers (JSON error response when the credentials are bad).
@@ -107,8 +109,25 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::routes())
         .merge(functions::routes())
         .merge(ws::routes())
+        .route("/admin/backup/status", get(backup_status))
         .fallback(not_found)
         .with_state(state)
+}
+
+/// `GET /admin/backup/status`: the replicator's position, lag and errors (admin only).
+async fn backup_status(
+    axum::extract::State(st): axum::extract::State<AppState>,
+    h: HeaderMap,
+) -> Response {
+    if let Err(r) = require_admin(&st, &h, "/admin/backup/status") {
+        return r;
+    }
+    match &st.replication {
+        Some(r) => {
+            axum::Json(serde_json::json!({"enabled": true, "status": r.status()})).into_response()
+        }
+        None => axum::Json(serde_json::json!({"enabled": false})).into_response(),
+    }
 }
 
 async fn ping() -> &'static str {
