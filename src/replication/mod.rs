@@ -8,7 +8,8 @@
 //!   local spool directory (`<data_dir>/replication/spool`), fsync'd, then record the new
 //!   position in `<data_dir>/replication/state.json`. Capture runs every half sync interval
 //!   when the WAL changed, so a commit is captured within half an interval.
-//! - **Upload** (async task): spool files go to `<prefix>/ltx/<level>/<min>-<max>.ltx` in
+//! - **Upload** (async task): spool files go to `<prefix>/ltx/<level>/<min>-<max>.ltx` on a directory, `<prefix>/<level as %04x>/<min>-<max>.ltx`
+//!   on S3 (both as Litestream 0.5.17 keys them) in
 //!   order, with retries and exponential back-off; a file leaves the spool only once stored.
 //!   S3 being down never blocks or loses local writes: capture continues into the spool.
 //! - **Checkpoints** belong to the replicator: SQLite's automatic checkpoint is off and a
@@ -409,7 +410,7 @@ impl Shared {
         let remote_max = {
             let mut m = 0;
             for level in [0, 1, SNAPSHOT_LEVEL] {
-                for f in self.target.list(&format!("ltx/{level}")).await? {
+                for f in self.target.list(&self.target.level_dir(level)).await? {
                     if let Some((_, max)) = f.name.rsplit('/').next().and_then(ltx::parse_file_name)
                     {
                         m = m.max(max);
@@ -826,7 +827,11 @@ impl Shared {
 
     async fn upload_one(&self, f: &Spooled) -> anyhow::Result<()> {
         let data = tokio::fs::read(&f.path).await?;
-        let rel = format!("ltx/{}/{}", f.level, ltx::file_name(f.min, f.max));
+        let rel = format!(
+            "{}/{}",
+            self.target.level_dir(f.level),
+            ltx::file_name(f.min, f.max)
+        );
         self.target.put(&rel, Bytes::from(data)).await?;
         tokio::fs::remove_file(&f.path).await?;
         if f.level == 0 {
@@ -860,7 +865,11 @@ impl Shared {
     async fn retention(&self) -> anyhow::Result<()> {
         let keep_ms = (self.opts.retention_secs * 1000.0) as i64;
         let mut snaps = Vec::new();
-        for f in self.target.list(&format!("ltx/{SNAPSHOT_LEVEL}")).await? {
+        for f in self
+            .target
+            .list(&self.target.level_dir(SNAPSHOT_LEVEL))
+            .await?
+        {
             let Some((_, max)) = f.name.rsplit('/').next().and_then(ltx::parse_file_name) else {
                 continue;
             };
@@ -887,7 +896,7 @@ impl Shared {
             }
         }
         for level in 0..SNAPSHOT_LEVEL {
-            for f in self.target.list(&format!("ltx/{level}")).await? {
+            for f in self.target.list(&self.target.level_dir(level)).await? {
                 if let Some((_, max)) = f.name.rsplit('/').next().and_then(ltx::parse_file_name)
                     && max <= oldest_kept
                 {

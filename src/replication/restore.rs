@@ -59,14 +59,11 @@ pub struct RemoteFile {
 /// Every LTX file of the replica, by level.
 pub async fn list_files(target: &Target) -> anyhow::Result<Vec<RemoteFile>> {
     let mut out = Vec::new();
-    for f in target.list("ltx").await? {
-        let parts: Vec<&str> = f.name.split('/').collect();
-        if parts.len() != 3 {
+    for f in target.list("").await? {
+        let Some((level, name)) = target.parse_level_path(&f.name) else {
             continue;
-        }
-        let (Ok(level), Some((min, max))) =
-            (parts[1].parse::<u32>(), ltx::parse_file_name(parts[2]))
-        else {
+        };
+        let Some((min, max)) = ltx::parse_file_name(name) else {
             continue;
         };
         out.push(RemoteFile {

@@ -57,6 +57,9 @@ pub struct Target {
     prefix: ObjPath,
     url: String,
     cipher: Option<Arc<Aes256Gcm>>,
+    /// Litestream v0.5 keys levels differently per backend: `ltx/<level>/` on a directory,
+    /// `<level as %04x>/` on S3.
+    s3_layout: bool,
 }
 
 impl Target {
@@ -111,6 +114,7 @@ impl Target {
                 bail!("replication url {url}: expected s3://BUCKET/PREFIX or file:///DIR");
             };
         Ok(Target {
+            s3_layout: url.starts_with("s3://"),
             store,
             prefix: ObjPath::from(prefix),
             url,
@@ -118,6 +122,25 @@ impl Target {
                 .encryption_key
                 .map(|k| Arc::new(Aes256Gcm::new_from_slice(&k).expect("32-byte key"))),
         })
+    }
+
+    /// The directory (relative to the prefix) of LTX files of `level`.
+    pub fn level_dir(&self, level: u32) -> String {
+        if self.s3_layout {
+            format!("{level:04x}")
+        } else {
+            format!("ltx/{level}")
+        }
+    }
+
+    /// The level and file name of an object named by [`level_dir`](Self::level_dir).
+    pub fn parse_level_path<'a>(&self, rel: &'a str) -> Option<(u32, &'a str)> {
+        let parts: Vec<&str> = rel.split('/').collect();
+        match (self.s3_layout, parts.as_slice()) {
+            (true, [l, name]) if l.len() == 4 => Some((u32::from_str_radix(l, 16).ok()?, name)),
+            (false, ["ltx", l, name]) => Some((l.parse().ok()?, name)),
+            _ => None,
+        }
     }
 
     pub fn url(&self) -> &str {
