@@ -137,6 +137,9 @@ struct State {
     closed_db: Option<(u64, i128)>,
     last_snapshot_txid: u64,
     last_snapshot_ms: i64,
+    /// Transaction id of the snapshot that started the current generation.
+    #[serde(default)]
+    generation: u64,
 }
 
 /// Replication status, as `GET /admin/backup/status` and `ichibase backup status` show it.
@@ -268,7 +271,11 @@ struct Shared {
     state: Mutex<State>,
     status: Mutex<Status>,
     upload_wake: tokio::sync::Notify,
+    snapshot_wake: tokio::sync::Notify,
     stopping: AtomicBool,
+    snapshot_running: AtomicBool,
+    /// After a failed snapshot, the next attempt waits until then.
+    snapshot_retry_at: Mutex<Option<Instant>>,
     /// Capture tick before each captured txid (for lag samples).
     tick_before: Mutex<VecDeque<(u64, i64)>>,
     lags: Mutex<VecDeque<u64>>,
@@ -309,7 +316,10 @@ impl Replicator {
             state: Mutex::new(state),
             status: Mutex::new(Status::default()),
             upload_wake: tokio::sync::Notify::new(),
+            snapshot_wake: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
+            snapshot_running: AtomicBool::new(false),
+            snapshot_retry_at: Mutex::new(None),
             tick_before: Mutex::new(VecDeque::new()),
             lags: Mutex::new(VecDeque::new()),
         });
@@ -345,9 +355,11 @@ impl Replicator {
         };
         let s1 = Arc::clone(&sh);
         let s2 = Arc::clone(&sh);
+        let s3 = Arc::clone(&sh);
         let mut tasks = r.tasks.lock().unwrap();
         tasks.push(tokio::spawn(async move { s1.sync_loop(resync).await }));
-        tasks.push(tokio::spawn(async move { s2.upload_loop().await }));
+        tasks.push(tokio::spawn(async move { s2.upload_loop(false).await }));
+        tasks.push(tokio::spawn(async move { s3.upload_loop(true).await }));
         drop(tasks);
         tracing::info!(target = %sh.target.url(), "replication started");
         Ok(r)
@@ -375,6 +387,7 @@ impl Replicator {
             }
         }
         self.sh.upload_wake.notify_one();
+        self.sh.snapshot_wake.notify_one();
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap());
         let all = futures_util::future::join_all(tasks);
         if tokio::time::timeout(deadline, all).await.is_err() {
@@ -629,6 +642,7 @@ impl Shared {
                             Some(h) => wal::scan(&sh.wal_path, &h, h.start())?.end,
                         };
                         st.txid += 1;
+                        st.generation = st.txid;
                         st.checkpointed = false;
                         st.clean_close = false;
                         sh.save_state(&st)?;
@@ -646,10 +660,14 @@ impl Shared {
             })
             .await
             .map_err(|e| anyhow::anyhow!("snapshot job: {e}"))??;
+        // The page image is copied and encoded in the background: captures go on meanwhile
+        // (the pinned read transaction only holds checkpoints back).
         let sh = Arc::clone(self);
-        let txid = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let txid = pinned.1;
+        self.snapshot_running.store(true, Ordering::SeqCst);
+        let work = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
             let (src, txid) = pinned;
-            let tmp = sh.dir.join("snapshot.tmp.db");
+            let tmp = sh.dir.join(format!("snapshot-{txid:016x}.tmp.db"));
             let _ = std::fs::remove_file(&tmp);
             {
                 let mut dst = Connection::open(&tmp)?;
@@ -699,10 +717,22 @@ impl Shared {
             s.last_snapshot_at = Some(iso(st.last_snapshot_ms));
             s.captured_txid = st.txid;
             Ok(txid)
-        })
-        .await??;
-        self.upload_wake.notify_one();
-        tracing::info!(txid, "replication: snapshot taken");
+        });
+        let sh = Arc::clone(self);
+        tokio::spawn(async move {
+            match work.await.map_err(anyhow::Error::from).and_then(|r| r) {
+                Ok(txid) => {
+                    sh.snapshot_wake.notify_one();
+                    tracing::info!(txid, "replication: snapshot taken");
+                }
+                Err(e) => {
+                    *sh.snapshot_retry_at.lock().unwrap() =
+                        Some(Instant::now() + Duration::from_secs(5));
+                    sh.error("snapshot", &e);
+                }
+            }
+            sh.snapshot_running.store(false, Ordering::SeqCst);
+        });
         Ok(txid)
     }
 
@@ -720,13 +750,23 @@ impl Shared {
         let snapshot_every = (self.opts.snapshot_interval_secs * 1000.0) as i64;
         let mut last_wal = None;
         let mut last_tick_ms = now_ms();
-        let mut last_retention = Instant::now() - Duration::from_secs(3600);
+        let mut last_retention = Instant::now();
         let mut failures = 0u32;
+        let mut ticker = tokio::time::interval(tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let retention_every =
+            Duration::from_secs_f64((self.opts.snapshot_interval_secs / 2.0).clamp(1.0, 600.0));
         while !self.stopping.load(Ordering::SeqCst) {
-            let due_snapshot = {
-                let st = self.state.lock().unwrap();
-                st.last_snapshot_ms == 0 || now_ms() - st.last_snapshot_ms >= snapshot_every
-            };
+            let due_snapshot = !self.snapshot_running.load(Ordering::SeqCst)
+                && self
+                    .snapshot_retry_at
+                    .lock()
+                    .unwrap()
+                    .is_none_or(|t| Instant::now() >= t)
+                && {
+                    let st = self.state.lock().unwrap();
+                    st.last_snapshot_ms == 0 || now_ms() - st.last_snapshot_ms >= snapshot_every
+                };
             if resync || due_snapshot {
                 match self.snapshot(resync).await {
                     Ok(_) => {
@@ -763,7 +803,7 @@ impl Shared {
                     }
                 }
             }
-            if last_retention.elapsed() >= Duration::from_secs(600)
+            if last_retention.elapsed() >= retention_every
                 && list_spool(&self.spool)
                     .map(|s| s.is_empty())
                     .unwrap_or(false)
@@ -776,15 +816,25 @@ impl Shared {
             self.refresh_status();
             self.write_status_file();
             last_tick_ms = now_ms();
-            tokio::time::sleep(tick).await;
+            ticker.tick().await;
         }
     }
 
-    async fn upload_loop(self: Arc<Self>) {
+    /// Uploads spool files in order: one task for change files, one for snapshots, so a
+    /// large snapshot never delays the changes behind it.
+    async fn upload_loop(self: Arc<Self>, snapshots: bool) {
         let mut backoff = Duration::from_millis(250);
+        let wake = if snapshots {
+            &self.snapshot_wake
+        } else {
+            &self.upload_wake
+        };
         loop {
             let files = match list_spool(&self.spool) {
-                Ok(f) => f,
+                Ok(f) => f
+                    .into_iter()
+                    .filter(|f| (f.level == SNAPSHOT_LEVEL) == snapshots)
+                    .collect::<Vec<_>>(),
                 Err(e) => {
                     self.error("listing the spool", &e);
                     Vec::new()
@@ -794,9 +844,7 @@ impl Shared {
                 if self.stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(500), self.upload_wake.notified())
-                        .await;
+                let _ = tokio::time::timeout(Duration::from_millis(500), wake.notified()).await;
                 continue;
             }
             let mut failed = false;
@@ -816,9 +864,7 @@ impl Shared {
                 }
             }
             if failed {
-                if self.stopping.load(Ordering::SeqCst) {
-                    // finish() bounds how long we keep trying.
-                }
+                // (finish() bounds how long we keep trying at shutdown.)
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
@@ -826,14 +872,24 @@ impl Shared {
     }
 
     async fn upload_one(&self, f: &Spooled) -> anyhow::Result<()> {
+        let started = Instant::now();
         let data = tokio::fs::read(&f.path).await?;
         let rel = format!(
             "{}/{}",
             self.target.level_dir(f.level),
             ltx::file_name(f.min, f.max)
         );
+        let data_len = data.len();
         self.target.put(&rel, Bytes::from(data)).await?;
         tokio::fs::remove_file(&f.path).await?;
+        if started.elapsed().as_secs_f64() > self.opts.sync_interval_secs {
+            tracing::warn!(
+                file = %rel,
+                bytes = data_len,
+                secs = started.elapsed().as_secs_f64(),
+                "replication: slow upload (longer than the sync interval)"
+            );
+        }
         if f.level == 0 {
             let tick = {
                 let mut t = self.tick_before.lock().unwrap();
@@ -913,7 +969,13 @@ impl Shared {
         let wal_len = std::fs::metadata(&self.wal_path)
             .map(|m| m.len())
             .unwrap_or(0);
-        let uncaptured = wal_len.saturating_sub(st.pos.offset.max(wal::WAL_HEADER));
+        let uncaptured = match wal::read_header(&self.wal_path).ok().flatten() {
+            Some(h) if (h.salt1, h.salt2) == (st.pos.salt1, st.pos.salt2) => {
+                wal_len.saturating_sub(st.pos.offset)
+            }
+            Some(_) => wal_len.saturating_sub(wal::WAL_HEADER),
+            None => 0,
+        };
         let oldest = spool
             .iter()
             .filter_map(|f| std::fs::metadata(&f.path).ok()?.modified().ok())
@@ -927,6 +989,7 @@ impl Shared {
         s.captured_txid = st.txid;
         s.shipped_txid = spool
             .iter()
+            .filter(|f| f.level != SNAPSHOT_LEVEL)
             .map(|f| f.min.saturating_sub(1))
             .min()
             .unwrap_or(st.txid);
@@ -939,7 +1002,7 @@ impl Shared {
             .unwrap_or(0.0);
         s.lag_ms_p50 = pct(0.5);
         s.lag_ms_p99 = pct(0.99);
-        s.generation = st.last_snapshot_txid;
+        s.generation = st.generation;
         s.updated_at = iso(now_ms());
     }
 
