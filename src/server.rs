@@ -18,6 +18,8 @@ use crate::storage::{Storage, StorageOptions};
 pub struct Running {
     pub addr: SocketAddr,
     pub storage: Storage,
+    /// The WAL replicator when replication is configured.
+    pub replication: Option<crate::replication::Replicator>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -81,6 +83,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let _ = drain_tx.send(());
     });
     let st = storage.clone();
+    let repl = replication.clone();
     let task = tokio::spawn(async move {
         let mut serve = tokio::spawn(async move { server.await });
         tokio::select! {
@@ -96,11 +99,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 }
             }
         }
+        if let Some(r) = &repl {
+            r.stop_capturing();
+        }
         match tokio::time::timeout(grace.max(Duration::from_secs(5)), st.close()).await {
             Ok(r) => r?,
             Err(_) => anyhow::bail!("storage did not close in time"),
         }
-        if let Some(r) = replication {
+        if let Some(r) = repl {
             r.finish(grace.max(Duration::from_secs(10))).await;
         }
         tracing::info!("storage closed; bye");
@@ -109,6 +115,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running {
         addr,
         storage,
+        replication,
         stop: Some(stop_tx),
         task,
     })

@@ -273,6 +273,7 @@ struct Shared {
     upload_wake: tokio::sync::Notify,
     snapshot_wake: tokio::sync::Notify,
     stopping: AtomicBool,
+    capture_stop: AtomicBool,
     snapshot_running: AtomicBool,
     /// After a failed snapshot, the next attempt waits until then.
     snapshot_retry_at: Mutex<Option<Instant>>,
@@ -318,6 +319,7 @@ impl Replicator {
             upload_wake: tokio::sync::Notify::new(),
             snapshot_wake: tokio::sync::Notify::new(),
             stopping: AtomicBool::new(false),
+            capture_stop: AtomicBool::new(false),
             snapshot_running: AtomicBool::new(false),
             snapshot_retry_at: Mutex::new(None),
             tick_before: Mutex::new(VecDeque::new()),
@@ -373,6 +375,11 @@ impl Replicator {
     pub fn status(&self) -> Status {
         self.sh.refresh_status();
         self.sh.status.lock().unwrap().clone()
+    }
+
+    /// Stop capturing (before storage closes; the writer's close hook captures the tail).
+    pub fn stop_capturing(&self) {
+        self.sh.capture_stop.store(true, Ordering::SeqCst);
     }
 
     /// After storage closed: upload what is left in the spool (for at most `deadline`) and stop.
@@ -756,7 +763,7 @@ impl Shared {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let retention_every =
             Duration::from_secs_f64((self.opts.snapshot_interval_secs / 2.0).clamp(1.0, 600.0));
-        while !self.stopping.load(Ordering::SeqCst) {
+        while !self.stopping.load(Ordering::SeqCst) && !self.capture_stop.load(Ordering::SeqCst) {
             let due_snapshot = !self.snapshot_running.load(Ordering::SeqCst)
                 && self
                     .snapshot_retry_at
