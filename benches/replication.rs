@@ -108,7 +108,12 @@ fn client() -> reqwest::Client {
 }
 
 async fn sql(c: &reqwest::Client, base: &str, q: &str) {
-    let r = c.post(format!("{base}/")).body(q.to_string()).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/"))
+        .body(q.to_string())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "{q}: {}", r.text().await.unwrap());
 }
 
@@ -147,14 +152,17 @@ async fn throughput(base: &str, secs: f64) -> f64 {
     done / el
 }
 
-const SCHEMA: &str = "CREATE TABLE events(id INTEGER PRIMARY KEY, at INTEGER, kind TEXT, body TEXT)";
+const SCHEMA: &str =
+    "CREATE TABLE events(id INTEGER PRIMARY KEY, at INTEGER, kind TEXT, body TEXT)";
 
 async fn run_server(
     dir: &Path,
     replicate: Option<(&str, Option<&str>)>,
 ) -> ichibase::server::Running {
     std::fs::create_dir_all(dir).unwrap();
-    ichibase::server::start(settings(dir, replicate)).await.unwrap()
+    ichibase::server::start(settings(dir, replicate))
+        .await
+        .unwrap()
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -227,9 +235,7 @@ async fn main() {
             .unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let r = throughput(&base, secs).await;
-        let _ = Command::new("kill")
-            .arg(child.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg(child.id().to_string()).status();
         let _ = child.wait();
         srv.shutdown().await.unwrap();
         r
@@ -256,8 +262,10 @@ async fn main() {
     let build = Instant::now();
     {
         let c = rusqlite::Connection::open(dir.join("ichibase.db")).unwrap();
-        c.execute_batch("PRAGMA journal_mode=WAL; CREATE TABLE blobs(id INTEGER PRIMARY KEY, r BLOB, t TEXT);")
-            .unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode=WAL; CREATE TABLE blobs(id INTEGER PRIMARY KEY, r BLOB, t TEXT);",
+        )
+        .unwrap();
         let rows = restore_mb * 1024 * 1024 / 1100;
         let mut done = 0;
         while done < rows {

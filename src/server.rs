@@ -107,7 +107,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             Err(_) => anyhow::bail!("storage did not close in time"),
         }
         if let Some(r) = repl {
-            r.finish(grace.max(Duration::from_secs(10))).await;
+            r.finish(grace).await;
         }
         tracing::info!("storage closed; bye");
         Ok(())

@@ -427,17 +427,21 @@ impl Shared {
     /// Resume from the saved state if it matches the target and the WAL; else ask for a
     /// snapshot (returns true).
     async fn decide_resume(&self) -> anyhow::Result<bool> {
-        let remote_max = {
-            let mut m = 0;
-            for level in [0, 1, SNAPSHOT_LEVEL] {
-                for f in self.target.list(&self.target.level_dir(level)).await? {
-                    if let Some((_, max)) = f.name.rsplit('/').next().and_then(ltx::parse_file_name)
-                    {
-                        m = m.max(max);
-                    }
-                }
+        // S3 being unreachable must not keep the server from starting: then trust the local
+        // state about what the replica holds (the spool keeps everything not yet uploaded).
+        let limit = Duration::from_secs_f64(self.opts.timeout_secs.min(5.0));
+        let listed = tokio::time::timeout(limit, self.remote_max_txid())
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {limit:?}")));
+        let remote_max = match listed {
+            Ok(m) => Some(m),
+            Err(e) => {
+                self.error(
+                    "listing the replica at start (continuing from local state)",
+                    &e,
+                );
+                None
             }
-            m
         };
         let spool_max = list_spool(&self.spool)?
             .iter()
@@ -445,6 +449,7 @@ impl Shared {
             .max()
             .unwrap_or(0);
         let mut st = self.state.lock().unwrap();
+        let remote_max = remote_max.unwrap_or(st.txid);
         let known = remote_max.max(spool_max);
         let trusted = st.target == self.target.url() && st.txid > 0 && st.txid == known;
         let mut resync = !trusted;
@@ -478,6 +483,18 @@ impl Shared {
         s.last_snapshot_txid = st.last_snapshot_txid;
         s.last_snapshot_at = (st.last_snapshot_ms > 0).then(|| iso(st.last_snapshot_ms));
         Ok(resync)
+    }
+
+    async fn remote_max_txid(&self) -> anyhow::Result<u64> {
+        let mut m = 0;
+        for level in [0, 1, SNAPSHOT_LEVEL] {
+            for f in self.target.list(&self.target.level_dir(level)).await? {
+                if let Some((_, max)) = f.name.rsplit('/').next().and_then(ltx::parse_file_name) {
+                    m = m.max(max);
+                }
+            }
+        }
+        Ok(m)
     }
 
     /// Capture committed WAL frames into a spool file. Must run on the writer thread.
