@@ -897,14 +897,12 @@ impl Shared {
 
     async fn upload_one(&self, f: &Spooled) -> anyhow::Result<()> {
         let started = Instant::now();
-        let data = tokio::fs::read(&f.path).await?;
         let rel = format!(
             "{}/{}",
             self.target.level_dir(f.level),
             ltx::file_name(f.min, f.max)
         );
-        let data_len = data.len();
-        self.target.put(&rel, Bytes::from(data)).await?;
+        let data_len = self.target.put_file(&rel, &f.path).await?;
         tokio::fs::remove_file(&f.path).await?;
         if started.elapsed().as_secs_f64() > self.opts.sync_interval_secs {
             tracing::warn!(

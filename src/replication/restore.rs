@@ -237,21 +237,29 @@ pub async fn restore(
             .open(&scratch)
             .with_context(|| format!("creating {}", scratch.display()))?,
     ));
-    let mut downloads = futures_util::stream::iter(plan.iter().cloned())
-        .map(|f| async move { target.get(&f.name).await.map(|b| (f, b)) })
+    // Downloads go to scratch files (a snapshot may be larger than memory), 8 at a time.
+    let parts = PathBuf::from(format!("{}.parts", to.display()));
+    let _ = std::fs::remove_dir_all(&parts);
+    std::fs::create_dir_all(&parts)?;
+    let parts2 = parts.clone();
+    let mut downloads = futures_util::stream::iter(plan.iter().cloned().enumerate())
+        .map(|(i, f)| {
+            let p = parts2.join(format!("{i}.ltx"));
+            async move { target.get_to_file(&f.name, &p).await.map(|n| (f, p, n)) }
+        })
         .buffered(8);
     let mut last = None;
     let mut pages = 0u64;
     while let Some(r) = downloads.next().await {
-        let (f, data) = r?;
+        let (f, part, n) = r?;
         bar.set_message(f.name.clone());
         let out2 = std::sync::Arc::clone(&out);
-        let n = data.len() as u64;
         let d = tokio::task::spawn_blocking(move || -> anyhow::Result<(ltx::Decoded, u64)> {
             let mut out = out2.lock().unwrap();
             let mut n = 0u64;
             let mut ps = 0u64;
-            let dec = ltx::decode(&data[..], |pgno, page| {
+            let input = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&part)?);
+            let dec = ltx::decode(input, |pgno, page| {
                 ps = page.len() as u64;
                 out.seek(SeekFrom::Start((pgno as u64 - 1) * ps))?;
                 out.write_all(page)?;
@@ -260,6 +268,7 @@ pub async fn restore(
             })
             .with_context(|| format!("applying {}", f.name))?;
             out.set_len(dec.header.commit as u64 * dec.header.page_size as u64)?;
+            let _ = std::fs::remove_file(&part);
             Ok((dec, n))
         })
         .await??;
@@ -268,6 +277,7 @@ pub async fn restore(
         last = Some(d.0.header);
     }
     bar.finish_and_clear();
+    let _ = std::fs::remove_dir_all(&parts);
     out.lock().unwrap().sync_all()?;
     drop(out);
     let last = last.context("nothing was applied")?;
@@ -306,4 +316,75 @@ pub async fn restore(
         pages,
         integrity,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(level: u32, min: u64, max: u64, ts: i64) -> RemoteFile {
+        RemoteFile {
+            name: format!("{level}/{}", ltx::file_name(min, max)),
+            level,
+            min,
+            max,
+            size: 1,
+            timestamp_ms: Some(ts),
+        }
+    }
+
+    #[test]
+    fn plan_takes_the_newest_snapshot_then_the_longest_steps() {
+        let files = vec![
+            f(SNAPSHOT_LEVEL, 1, 1, 10),
+            f(SNAPSHOT_LEVEL, 1, 4, 40),
+            f(0, 2, 2, 20),
+            f(0, 3, 3, 30),
+            f(0, 4, 4, 40),
+            f(0, 5, 5, 50),
+            f(1, 5, 7, 70),
+            f(0, 6, 6, 60),
+            f(0, 7, 7, 70),
+            f(0, 8, 8, 80),
+        ];
+        let p: Vec<(u32, u64, u64)> = plan(&files, None, None)
+            .unwrap()
+            .iter()
+            .map(|f| (f.level, f.min, f.max))
+            .collect();
+        assert_eq!(p, vec![(9, 1, 4), (1, 5, 7), (0, 8, 8)]);
+        // Up to a transaction id: the compacted file would overshoot, so level 0 is used.
+        let p: Vec<u64> = plan(&files, Some(6), None)
+            .unwrap()
+            .iter()
+            .map(|f| f.max)
+            .collect();
+        assert_eq!(p, vec![4, 5, 6]);
+        // Before a timestamp: the older snapshot and the changes captured before it.
+        let p: Vec<u64> = plan(&files, None, Some(35))
+            .unwrap()
+            .iter()
+            .map(|f| f.max)
+            .collect();
+        assert_eq!(p, vec![1, 2, 3]);
+        assert!(plan(&files, None, Some(5)).is_err());
+    }
+
+    #[test]
+    fn a_gap_fails_a_newest_restore_and_generations_are_found() {
+        let files = vec![
+            f(SNAPSHOT_LEVEL, 1, 1, 10),
+            f(0, 2, 2, 20),
+            f(0, 4, 4, 40),
+            f(SNAPSHOT_LEVEL, 1, 6, 60),
+            f(0, 7, 7, 70),
+        ];
+        // Newest: the second generation's snapshot, no gap after it.
+        assert_eq!(plan(&files, None, None).unwrap().len(), 2);
+        assert_eq!(generations(&files), vec![1, 6]);
+        let without_second = &files[..3];
+        let e = plan(without_second, None, None).unwrap_err().to_string();
+        assert!(e.contains("not contiguous"), "{e}");
+        assert_eq!(plan(without_second, Some(2), None).unwrap().len(), 2);
+    }
 }

@@ -17,6 +17,9 @@ use object_store::path::Path as ObjPath;
 use object_store::{ObjectStore, PutPayload};
 
 const ENVELOPE: &[u8; 4] = b"IBX1";
+/// Files larger than this are uploaded in parts.
+const STREAM_ABOVE: u64 = 64 * 1024 * 1024;
+const PART: u64 = 16 * 1024 * 1024;
 
 /// Settings of a target (from [`crate::config::ReplicationSettings`]).
 #[derive(Clone, Default)]
@@ -205,6 +208,68 @@ impl Target {
             .await
             .with_context(|| format!("uploading {rel} to {}", self.url))?;
         Ok(())
+    }
+
+    /// Upload a local file; large unencrypted files stream in 16 MiB parts (multipart upload)
+    /// instead of being held in memory.
+    pub async fn put_file(&self, rel: &str, file: &std::path::Path) -> anyhow::Result<u64> {
+        use tokio::io::AsyncReadExt;
+        let len = tokio::fs::metadata(file).await?.len();
+        if self.cipher.is_some() || len <= STREAM_ABOVE {
+            let data = tokio::fs::read(file).await?;
+            self.put(rel, Bytes::from(data)).await?;
+            return Ok(len);
+        }
+        let upload = self
+            .store
+            .put_multipart(&self.path(rel))
+            .await
+            .with_context(|| format!("starting the upload of {rel} to {}", self.url))?;
+        let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, PART as usize);
+        let mut f = tokio::fs::File::open(file).await?;
+        let mut buf = vec![0u8; PART as usize];
+        loop {
+            let n = f.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            w.wait_for_capacity(4)
+                .await
+                .with_context(|| format!("uploading {rel} to {}", self.url))?;
+            w.write(&buf[..n]);
+        }
+        w.finish()
+            .await
+            .with_context(|| format!("uploading {rel} to {}", self.url))?;
+        Ok(len)
+    }
+
+    /// Download an object into a local file (streamed when unencrypted).
+    pub async fn get_to_file(&self, rel: &str, file: &std::path::Path) -> anyhow::Result<u64> {
+        use tokio::io::AsyncWriteExt;
+        if self.cipher.is_some() {
+            let data = self.get(rel).await?;
+            tokio::fs::write(file, &data).await?;
+            return Ok(data.len() as u64);
+        }
+        let mut s = self
+            .store
+            .get(&self.path(rel))
+            .await
+            .with_context(|| format!("downloading {rel} from {}", self.url))?
+            .into_stream();
+        let mut f = tokio::io::BufWriter::new(tokio::fs::File::create(file).await?);
+        let mut n = 0u64;
+        while let Some(chunk) = s.next().await {
+            let chunk = chunk.with_context(|| format!("downloading {rel} from {}", self.url))?;
+            if n == 0 && chunk.starts_with(ENVELOPE) {
+                bail!("{rel} is encrypted but no replication encryption key is configured");
+            }
+            n += chunk.len() as u64;
+            f.write_all(&chunk).await?;
+        }
+        f.flush().await?;
+        Ok(n)
     }
 
     pub async fn get(&self, rel: &str) -> anyhow::Result<Bytes> {
