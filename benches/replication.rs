@@ -5,7 +5,7 @@
 //!    one row per request (each an fsync-free WAL commit, `synchronous=normal`):
 //!    a. replication off; b. replication on to an S3 server (moto, on 127.0.0.1);
 //!    c. replication off in ichibase and the stock `litestream replicate` process beside it,
-//!       replicating the same database file to the same S3 server.
+//!    replicating the same database file to the same S3 server.
 //!    Printed: inserts/s and the ratios b/a and c/a.
 //! 2. **Replication lag** under a steady load of 200 inserts/s for `BENCH_SECS`: the time
 //!    from the capture tick before a commit to the moment its file is stored in S3 (an upper

@@ -650,14 +650,9 @@ impl Shared {
                 let go = || -> anyhow::Result<(Connection, u64)> {
                     let mut st = sh.state.lock().unwrap();
                     let mut resync = resync;
-                    if !resync {
-                        match sh.capture_locked(&mut st)? {
-                            Captured::NeedResync(why) => {
-                                tracing::warn!(%why, "replication: starting a new generation");
-                                resync = true;
-                            }
-                            _ => {}
-                        }
+                    if !resync && let Captured::NeedResync(why) = sh.capture_locked(&mut st)? {
+                        tracing::warn!(%why, "replication: starting a new generation");
+                        resync = true;
                     }
                     if resync {
                         // Skip to the end of what is committed in the WAL now.
@@ -773,6 +768,7 @@ impl Shared {
         let tick = Duration::from_secs_f64(self.opts.sync_interval_secs / 2.0);
         let snapshot_every = (self.opts.snapshot_interval_secs * 1000.0) as i64;
         let mut last_wal = None;
+        let mut idle_ticks = 0u32;
         let mut last_tick_ms = now_ms();
         let mut last_retention = Instant::now();
         let mut failures = 0u32;
@@ -811,7 +807,10 @@ impl Shared {
                         continue;
                     }
                 }
-            } else if self.wal_changed(&mut last_wal) {
+            } else if self.wal_changed(&mut last_wal) || idle_ticks >= 2 {
+                // (A capture at least once per sync interval even when size and mtime look
+                // unchanged: file times are coarse and a restarted WAL keeps its size.)
+                idle_ticks = 0;
                 match self.capture(last_tick_ms).await {
                     Ok(Captured::NeedResync(why)) => {
                         tracing::warn!(%why, "replication: starting a new generation");
@@ -840,6 +839,7 @@ impl Shared {
             self.refresh_status();
             self.write_status_file();
             last_tick_ms = now_ms();
+            idle_ticks += 1;
             ticker.tick().await;
         }
     }

@@ -156,18 +156,18 @@ pub fn plan(
     if out.is_empty() {
         bail!("the replica holds no snapshot at or before the requested point");
     }
-    if txid.is_none() && timestamp_ms.is_none() {
-        if let Some(beyond) = files
+    if txid.is_none()
+        && timestamp_ms.is_none()
+        && let Some(beyond) = files
             .iter()
             .filter(|f| f.level < SNAPSHOT_LEVEL && f.max > cur)
             .min_by_key(|f| f.min)
-        {
-            bail!(
-                "the replica is not contiguous: it restores up to transaction {cur:016x} but {} starts at {:016x}; restore with --txid or --timestamp to accept the older state",
-                beyond.name,
-                beyond.min
-            );
-        }
+    {
+        bail!(
+            "the replica is not contiguous: it restores up to transaction {cur:016x} but {} starts at {:016x}; restore with --txid or --timestamp to accept the older state",
+            beyond.name,
+            beyond.min
+        );
     }
     Ok(out)
 }

@@ -289,11 +289,10 @@ impl Target {
         if self.cipher.is_some() {
             return self.get(rel).await;
         }
-        Ok(self
-            .store
+        self.store
             .get_range(&self.path(rel), 0..n)
             .await
-            .with_context(|| format!("reading the header of {rel} from {}", self.url))?)
+            .with_context(|| format!("reading the header of {rel} from {}", self.url))
     }
 
     pub async fn delete(&self, rel: &str) -> anyhow::Result<()> {
