@@ -76,6 +76,8 @@ pub struct ReplicationSettings {
     pub snapshot_interval_secs: f64,
     pub retention_secs: f64,
     pub checkpoint_pages: u64,
+    /// Seconds between compactions of change files into level 1.
+    pub compaction_interval_secs: f64,
     pub timeout_secs: f64,
     /// AES-256-GCM key (64 hex digits in the settings).
     pub encryption_key: Option<[u8; 32]>,
@@ -337,6 +339,9 @@ pub struct Settings {
     /// WAL pages after which the replicator checkpoints (once they are captured) [default: 1000]
     #[arg(long, env = "ICHIBASE_REPLICATE_CHECKPOINT_PAGES")]
     pub replicate_checkpoint_pages: Option<u64>,
+    /// Seconds between compactions of change files into one level-1 file [default: 300]
+    #[arg(long, env = "ICHIBASE_REPLICATE_COMPACTION_INTERVAL_SECS")]
+    pub replicate_compaction_interval_secs: Option<f64>,
     /// Timeout of one request to the replica target, seconds [default: 30]
     #[arg(long, env = "ICHIBASE_REPLICATE_TIMEOUT_SECS")]
     pub replicate_timeout_secs: Option<f64>,
@@ -414,6 +419,9 @@ impl Settings {
                 .replicate_checkpoint_pages
                 .or(lower.replicate_checkpoint_pages),
             replicate_timeout_secs: self.replicate_timeout_secs.or(lower.replicate_timeout_secs),
+            replicate_compaction_interval_secs: self
+                .replicate_compaction_interval_secs
+                .or(lower.replicate_compaction_interval_secs),
             replicate_encryption_key: self
                 .replicate_encryption_key
                 .or(lower.replicate_encryption_key),
@@ -485,6 +493,9 @@ impl Settings {
                     retention_secs: self.replicate_retention_secs.unwrap_or(259_200.0),
                     checkpoint_pages: self.replicate_checkpoint_pages.unwrap_or(1000),
                     timeout_secs: self.replicate_timeout_secs.unwrap_or(30.0),
+                    compaction_interval_secs: self
+                        .replicate_compaction_interval_secs
+                        .unwrap_or(300.0),
                     encryption_key: match self.replicate_encryption_key {
                         None => None,
                         Some(k) => Some(parse_key(&k)?),
@@ -497,11 +508,12 @@ impl Settings {
             if !(pos(r.sync_interval_secs)
                 && pos(r.snapshot_interval_secs)
                 && pos(r.retention_secs)
-                && pos(r.timeout_secs))
+                && pos(r.timeout_secs)
+                && pos(r.compaction_interval_secs))
                 || r.checkpoint_pages == 0
             {
                 bail!(
-                    "replicate_sync_interval_secs, replicate_snapshot_interval_secs, replicate_retention_secs, replicate_timeout_secs and replicate_checkpoint_pages must be positive"
+                    "replicate_sync_interval_secs, replicate_snapshot_interval_secs, replicate_retention_secs, replicate_timeout_secs, replicate_compaction_interval_secs and replicate_checkpoint_pages must be positive"
                 );
             }
         }

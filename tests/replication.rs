@@ -184,7 +184,11 @@ fn epoch_ms() -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_replica_restores_with_ichibase_and_with_stock_litestream() {
     let s3 = S3::start();
-    let env = s3.env("apps/main");
+    let mut env = s3.env("apps/main");
+    env.push((
+        "ICHIBASE_REPLICATE_COMPACTION_INTERVAL_SECS".into(),
+        "1".into(),
+    ));
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -215,7 +219,14 @@ async fn s3_replica_restores_with_ichibase_and_with_stock_litestream() {
     )
     .await;
     ok(&c, &srv.url, "DELETE FROM t WHERE id BETWEEN 1100 AND 1200").await;
-    let s = wait_shipped(&srv.url).await;
+    let mut s = wait_shipped(&srv.url).await;
+    // Wait for change files to be compacted into level 1 too: both restores then use it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s["compacted_txid"].as_u64().unwrap() < 3 {
+        assert!(Instant::now() < deadline, "no compaction: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s = status(&srv.url).await;
+    }
     assert!(s["captured_txid"].as_u64().unwrap() >= 2, "{s}");
     assert_eq!(s["last_error"], serde_json::Value::Null, "{s}");
     let want = ok(
@@ -309,6 +320,10 @@ async fn kill_nine_rounds_lose_no_acknowledged_transaction() {
         "2".into(),
     ));
     env.push(("ICHIBASE_REPLICATE_RETENTION_SECS".into(), "4".into()));
+    env.push((
+        "ICHIBASE_REPLICATE_COMPACTION_INTERVAL_SECS".into(),
+        "1".into(),
+    ));
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -425,7 +440,13 @@ async fn kill_nine_rounds_lose_no_acknowledged_transaction() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_to_a_timestamp_between_two_writes_gives_exactly_the_first() {
     let s3 = S3::start();
-    let env = s3.env("pitr");
+    let mut env = s3.env("pitr");
+    // The first compaction (at 4 s) usually merges both writes into one level-1 file; a
+    // restore between them must then fall back to the level-0 files.
+    env.push((
+        "ICHIBASE_REPLICATE_COMPACTION_INTERVAL_SECS".into(),
+        "4".into(),
+    ));
     let tmp = tempfile::tempdir().unwrap();
     let srv = start(tmp.path(), &env, &[]);
     let c = client();
@@ -435,7 +456,13 @@ async fn restore_to_a_timestamp_between_two_writes_gives_exactly_the_first() {
     let between = epoch_ms();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     ok(&c, &srv.url, "INSERT INTO t VALUES (2)").await;
-    let s = wait_shipped(&srv.url).await;
+    let mut s = wait_shipped(&srv.url).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while s["compacted_txid"].as_u64().unwrap() < 3 {
+        assert!(Instant::now() < deadline, "no compaction: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s = status(&srv.url).await;
+    }
 
     let at = tmp.path().join("at.db");
     let out = restore(

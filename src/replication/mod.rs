@@ -165,6 +165,8 @@ pub struct Status {
     pub last_snapshot_txid: u64,
     pub last_snapshot_at: Option<String>,
     pub generation: u64,
+    /// Change files up to this transaction id are also merged into level-1 files.
+    pub compacted_txid: u64,
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,
     pub errors_total: u64,
@@ -275,6 +277,7 @@ struct Shared {
     stopping: AtomicBool,
     capture_stop: AtomicBool,
     snapshot_running: AtomicBool,
+    compaction_running: AtomicBool,
     /// After a failed snapshot, the next attempt waits until then.
     snapshot_retry_at: Mutex<Option<Instant>>,
     /// Capture tick before each captured txid (for lag samples).
@@ -321,6 +324,7 @@ impl Replicator {
             stopping: AtomicBool::new(false),
             capture_stop: AtomicBool::new(false),
             snapshot_running: AtomicBool::new(false),
+            compaction_running: AtomicBool::new(false),
             snapshot_retry_at: Mutex::new(None),
             tick_before: Mutex::new(VecDeque::new()),
             lags: Mutex::new(VecDeque::new()),
@@ -774,6 +778,8 @@ impl Shared {
         let mut failures = 0u32;
         let mut ticker = tokio::time::interval(tick);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let compaction_every = Duration::from_secs_f64(self.opts.compaction_interval_secs);
+        let mut last_compaction = Instant::now();
         let retention_every =
             Duration::from_secs_f64((self.opts.snapshot_interval_secs / 2.0).clamp(1.0, 600.0));
         while !self.stopping.load(Ordering::SeqCst) && !self.capture_stop.load(Ordering::SeqCst) {
@@ -835,6 +841,18 @@ impl Shared {
                 if let Err(e) = self.retention().await {
                     self.error("retention", &e);
                 }
+            }
+            if last_compaction.elapsed() >= compaction_every
+                && !self.compaction_running.swap(true, Ordering::SeqCst)
+            {
+                last_compaction = Instant::now();
+                let sh = Arc::clone(&self);
+                tokio::spawn(async move {
+                    if let Err(e) = sh.compact().await {
+                        sh.error("compaction", &e);
+                    }
+                    sh.compaction_running.store(false, Ordering::SeqCst);
+                });
             }
             self.refresh_status();
             self.write_status_file();
@@ -935,6 +953,109 @@ impl Shared {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Merge the level-0 files stored after the last level-1 file into one level-1 file (the
+    /// newest version of each page), so a restore downloads a few files instead of one per
+    /// capture. Level-0 files stay until retention prunes them: they keep point-in-time
+    /// resolution.
+    async fn compact(&self) -> anyhow::Result<()> {
+        let mut l1_max = 0;
+        for f in self.target.list(&self.target.level_dir(1)).await? {
+            if let Some((_, max)) = f.name.rsplit('/').next().and_then(ltx::parse_file_name) {
+                l1_max = l1_max.max(max);
+            }
+        }
+        let mut l0: Vec<(u64, u64, String)> = Vec::new();
+        for f in self.target.list(&self.target.level_dir(0)).await? {
+            if let Some((min, max)) = f.name.rsplit('/').next().and_then(ltx::parse_file_name)
+                && min > l1_max
+            {
+                l0.push((min, max, f.name));
+            }
+        }
+        l0.sort();
+        // The contiguous run from the first candidate (a new generation breaks the run).
+        let mut run = Vec::new();
+        for f in l0 {
+            if run
+                .last()
+                .is_none_or(|p: &(u64, u64, String)| f.0 == p.1 + 1)
+            {
+                run.push(f);
+            } else {
+                break;
+            }
+        }
+        if run.len() < 2 {
+            return Ok(());
+        }
+        let (min, max) = (run[0].0, run.last().unwrap().1);
+        let scratch = self.dir.join(format!("compact-{max:016x}.tmp"));
+        let part = self.dir.join(format!("compact-{max:016x}.part"));
+        let out = self.dir.join(format!("compact-{max:016x}.ltx"));
+        let mut pages = std::collections::BTreeSet::new();
+        let mut last: Option<ltx::Header> = None;
+        {
+            let mut sf = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .read(true)
+                .write(true)
+                .open(&scratch)?;
+            for (_, _, name) in &run {
+                self.target.get_to_file(name, &part).await?;
+                let input = std::io::BufReader::new(File::open(&part)?);
+                let d = ltx::decode(input, |pgno, data| {
+                    use std::io::{Seek, SeekFrom};
+                    sf.seek(SeekFrom::Start((pgno as u64 - 1) * data.len() as u64))?;
+                    sf.write_all(data)?;
+                    pages.insert(pgno);
+                    Ok(())
+                })
+                .with_context(|| format!("compacting {name}"))?;
+                if last
+                    .as_ref()
+                    .is_some_and(|h| h.page_size != d.header.page_size)
+                {
+                    anyhow::bail!("page size changed within {name}");
+                }
+                last = Some(d.header);
+            }
+            let last = last.context("nothing to compact")?;
+            let header = ltx::Header {
+                flags: ltx::FLAG_NO_CHECKSUM,
+                page_size: last.page_size,
+                commit: last.commit,
+                min_txid: min,
+                max_txid: max,
+                timestamp_ms: last.timestamp_ms,
+                ..Default::default()
+            };
+            let mut enc = ltx::Encoder::new(BufWriter::new(File::create(&out)?), &header)?;
+            let mut buf = vec![0u8; last.page_size as usize];
+            for &pgno in pages.range(..=last.commit) {
+                use std::io::{Seek, SeekFrom};
+                sf.seek(SeekFrom::Start((pgno as u64 - 1) * buf.len() as u64))?;
+                sf.read_exact(&mut buf)?;
+                enc.page(pgno, &buf)?;
+            }
+            enc.finish()?.flush()?;
+        }
+        let rel = format!("{}/{}", self.target.level_dir(1), ltx::file_name(min, max));
+        let r = self.target.put_file(&rel, &out).await;
+        for p in [&scratch, &part, &out] {
+            let _ = std::fs::remove_file(p);
+        }
+        r?;
+        self.status.lock().unwrap().compacted_txid = max;
+        tracing::debug!(
+            min,
+            max,
+            files = run.len(),
+            "replication: compacted into level 1"
+        );
         Ok(())
     }
 
