@@ -62,6 +62,8 @@ pub struct Config {
     pub llm: LlmSettings,
     pub generate: GenerateSettings,
     pub posterity: PosteritySettings,
+    /// Continuous backup to S3 or a directory; `None` when no `replicate_url` is set.
+    pub replication: Option<ReplicationSettings>,
 }
 
 /// Which wire protocol the model provider speaks.
@@ -155,6 +157,26 @@ impl Default for PosteritySettings {
             archive_interval_secs: 3600.0,
         }
     }
+}
+
+/// WAL replication settings (see `crate::replication`).
+#[derive(Debug, Clone)]
+pub struct ReplicationSettings {
+    /// `s3://bucket/prefix` or `file:///dir`.
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub sync_interval_secs: f64,
+    pub snapshot_interval_secs: f64,
+    pub retention_secs: f64,
+    pub checkpoint_pages: u64,
+    /// Seconds between compactions of change files into level 1.
+    pub compaction_interval_secs: f64,
+    pub timeout_secs: f64,
+    /// AES-256-GCM key (64 hex digits in the settings).
+    pub encryption_key: Option<[u8; 32]>,
 }
 
 /// WebSocket and change-capture settings.
@@ -279,6 +301,7 @@ impl Default for Config {
             llm: LlmSettings::default(),
             generate: GenerateSettings::default(),
             posterity: PosteritySettings::default(),
+            replication: None,
         }
     }
 }
@@ -432,6 +455,50 @@ pub struct Settings {
     /// Archive: seconds between scheduled runs, 0 = only on demand [default: 3600]
     #[arg(long, env = "ICHIBASE_ARCHIVE_INTERVAL_SECS")]
     pub archive_interval_secs: Option<f64>,
+    /// Replicate the database continuously to `s3://BUCKET/PREFIX` or `file:///DIR` [default: off]
+    #[arg(long, env = "ICHIBASE_REPLICATE_URL", value_name = "URL")]
+    pub replicate_url: Option<String>,
+    /// S3 endpoint for S3-compatible servers, e.g. http://127.0.0.1:9000 [default: AWS]
+    #[arg(long, env = "ICHIBASE_REPLICATE_ENDPOINT", value_name = "URL")]
+    pub replicate_endpoint: Option<String>,
+    /// S3 region [default: us-east-1 or AWS_REGION]
+    #[arg(long, env = "ICHIBASE_REPLICATE_REGION")]
+    pub replicate_region: Option<String>,
+    /// S3 access key id [default: AWS_ACCESS_KEY_ID]
+    #[arg(long, env = "ICHIBASE_REPLICATE_ACCESS_KEY_ID", hide_env_values = true)]
+    pub replicate_access_key_id: Option<String>,
+    /// S3 secret access key [default: AWS_SECRET_ACCESS_KEY]
+    #[arg(
+        long,
+        env = "ICHIBASE_REPLICATE_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
+    pub replicate_secret_access_key: Option<String>,
+    /// Seconds within which a commit is shipped [default: 1]
+    #[arg(long, env = "ICHIBASE_REPLICATE_SYNC_INTERVAL_SECS")]
+    pub replicate_sync_interval_secs: Option<f64>,
+    /// Seconds between full snapshots [default: 86400]
+    #[arg(long, env = "ICHIBASE_REPLICATE_SNAPSHOT_INTERVAL_SECS")]
+    pub replicate_snapshot_interval_secs: Option<f64>,
+    /// Seconds of history kept in the replica (older snapshots and changes are pruned) [default: 259200]
+    #[arg(long, env = "ICHIBASE_REPLICATE_RETENTION_SECS")]
+    pub replicate_retention_secs: Option<f64>,
+    /// WAL pages after which the replicator checkpoints (once they are captured) [default: 1000]
+    #[arg(long, env = "ICHIBASE_REPLICATE_CHECKPOINT_PAGES")]
+    pub replicate_checkpoint_pages: Option<u64>,
+    /// Seconds between compactions of change files into one level-1 file [default: 300]
+    #[arg(long, env = "ICHIBASE_REPLICATE_COMPACTION_INTERVAL_SECS")]
+    pub replicate_compaction_interval_secs: Option<f64>,
+    /// Timeout of one request to the replica target, seconds [default: 30]
+    #[arg(long, env = "ICHIBASE_REPLICATE_TIMEOUT_SECS")]
+    pub replicate_timeout_secs: Option<f64>,
+    /// Encrypt replica objects with AES-256-GCM under this key (64 hex digits) [default: off]
+    #[arg(
+        long,
+        env = "ICHIBASE_REPLICATE_ENCRYPTION_KEY",
+        hide_env_values = true
+    )]
+    pub replicate_encryption_key: Option<String>,
 }
 
 impl Settings {
@@ -495,6 +562,34 @@ impl Settings {
             posterity_batch_rows: self.posterity_batch_rows.or(lower.posterity_batch_rows),
             archive_after_days: self.archive_after_days.or(lower.archive_after_days),
             archive_interval_secs: self.archive_interval_secs.or(lower.archive_interval_secs),
+            replicate_url: self.replicate_url.or(lower.replicate_url),
+            replicate_endpoint: self.replicate_endpoint.or(lower.replicate_endpoint),
+            replicate_region: self.replicate_region.or(lower.replicate_region),
+            replicate_access_key_id: self
+                .replicate_access_key_id
+                .or(lower.replicate_access_key_id),
+            replicate_secret_access_key: self
+                .replicate_secret_access_key
+                .or(lower.replicate_secret_access_key),
+            replicate_sync_interval_secs: self
+                .replicate_sync_interval_secs
+                .or(lower.replicate_sync_interval_secs),
+            replicate_snapshot_interval_secs: self
+                .replicate_snapshot_interval_secs
+                .or(lower.replicate_snapshot_interval_secs),
+            replicate_retention_secs: self
+                .replicate_retention_secs
+                .or(lower.replicate_retention_secs),
+            replicate_checkpoint_pages: self
+                .replicate_checkpoint_pages
+                .or(lower.replicate_checkpoint_pages),
+            replicate_timeout_secs: self.replicate_timeout_secs.or(lower.replicate_timeout_secs),
+            replicate_compaction_interval_secs: self
+                .replicate_compaction_interval_secs
+                .or(lower.replicate_compaction_interval_secs),
+            replicate_encryption_key: self
+                .replicate_encryption_key
+                .or(lower.replicate_encryption_key),
         }
     }
 
@@ -576,6 +671,30 @@ impl Settings {
                     .archive_interval_secs
                     .unwrap_or(d.posterity.archive_interval_secs),
             },
+            replication: match self.replicate_url {
+                None => None,
+                Some(url) => Some(ReplicationSettings {
+                    url,
+                    endpoint: self.replicate_endpoint,
+                    region: self.replicate_region,
+                    access_key_id: self.replicate_access_key_id,
+                    secret_access_key: self.replicate_secret_access_key,
+                    sync_interval_secs: self.replicate_sync_interval_secs.unwrap_or(1.0),
+                    snapshot_interval_secs: self
+                        .replicate_snapshot_interval_secs
+                        .unwrap_or(86_400.0),
+                    retention_secs: self.replicate_retention_secs.unwrap_or(259_200.0),
+                    checkpoint_pages: self.replicate_checkpoint_pages.unwrap_or(1000),
+                    timeout_secs: self.replicate_timeout_secs.unwrap_or(30.0),
+                    compaction_interval_secs: self
+                        .replicate_compaction_interval_secs
+                        .unwrap_or(300.0),
+                    encryption_key: match self.replicate_encryption_key {
+                        None => None,
+                        Some(k) => Some(parse_key(&k)?),
+                    },
+                }),
+            },
         };
         if !(cfg.llm.timeout_secs > 0.0 && cfg.llm.timeout_secs.is_finite())
             || cfg.llm.max_tokens == 0
@@ -595,6 +714,20 @@ impl Settings {
             bail!(
                 "posterity_flush_secs, posterity_queue and posterity_batch_rows must be positive, archive_interval_secs non-negative"
             );
+        }
+        if let Some(r) = &cfg.replication {
+            let pos = |v: f64| v > 0.0 && v.is_finite();
+            if !(pos(r.sync_interval_secs)
+                && pos(r.snapshot_interval_secs)
+                && pos(r.retention_secs)
+                && pos(r.timeout_secs)
+                && pos(r.compaction_interval_secs))
+                || r.checkpoint_pages == 0
+            {
+                bail!(
+                    "replicate_sync_interval_secs, replicate_snapshot_interval_secs, replicate_retention_secs, replicate_timeout_secs, replicate_compaction_interval_secs and replicate_checkpoint_pages must be positive"
+                );
+            }
         }
         if cfg.ws.queue == 0
             || !(cfg.ws.heartbeat_secs > 0.0 && cfg.ws.heartbeat_secs.is_finite())
@@ -630,6 +763,21 @@ impl Settings {
         }
         Ok(cfg)
     }
+}
+
+/// A 32-byte key written as 64 hex digits.
+fn parse_key(k: &str) -> anyhow::Result<[u8; 32]> {
+    let k = k.trim();
+    if k.len() != 64 || !k.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!(
+            "replicate_encryption_key must be 64 hex digits (32 bytes), e.g. from `openssl rand -hex 32`"
+        );
+    }
+    let mut out = [0u8; 32];
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = u8::from_str_radix(&k[2 * i..2 * i + 2], 16)?;
+    }
+    Ok(out)
 }
 
 /// Resolve the layers: `flags_and_env` (from clap) over the TOML file over defaults.

@@ -10,6 +10,7 @@
 //! - [`realtime`]: WebSockets, presence and change-data-capture.
 //! - [`llm`]: the language-model client; [`bundle`]: app bundles, applied and checked;
 //!   [`branch`]: SQLite branches; [`generate`]: the intent-to-service repair loop.
+//! - [`replication`]: continuous WAL backup to S3 or a directory, snapshots, restore.
 //! - [`apis`]: the HTTP router where components attach their routes.
 //! - [`server`]: start, serve and shut down gracefully.
 
@@ -24,6 +25,7 @@ pub mod llm;
 pub mod lua;
 pub mod posterity;
 pub mod realtime;
+pub mod replication;
 pub mod server;
 pub mod sql;
 pub mod storage;

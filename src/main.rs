@@ -21,6 +21,34 @@ enum Command {
     Serve {
         #[command(flatten)]
         settings: Settings,
+        /// Restore the database from the replica first when the data directory has none
+        #[arg(long)]
+        restore_if_missing: bool,
+    },
+    /// Rebuild a database from its replica (replicate_* settings name the replica).
+    Restore {
+        #[command(flatten)]
+        settings: Settings,
+        /// Path of the database file to write
+        #[arg(long, value_name = "PATH")]
+        to: PathBuf,
+        /// Restore the state as of this instant (RFC 3339, or seconds since the epoch)
+        #[arg(long, conflicts_with_all = ["generation", "txid"])]
+        timestamp: Option<String>,
+        /// Restore the newest state of this generation (hex id, see `backup status`)
+        #[arg(long, conflicts_with = "txid")]
+        generation: Option<String>,
+        /// Restore up to this transaction id (hex)
+        #[arg(long)]
+        txid: Option<String>,
+        /// Overwrite an existing file at --to
+        #[arg(long)]
+        force: bool,
+    },
+    /// Continuous backup (replication).
+    Backup {
+        #[command(subcommand)]
+        command: BackupCommand,
     },
     /// Print the version.
     Version,
@@ -60,6 +88,19 @@ enum Command {
     Fn {
         #[command(subcommand)]
         command: FnCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// Where replication stands: last shipped transaction, lag, last snapshot, errors; and the
+    /// generations in the replica when replicate_url is set.
+    Status {
+        #[command(flatten)]
+        settings: Settings,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -339,6 +380,135 @@ async fn generate(
     }
 }
 
+fn parse_hex(s: &str) -> anyhow::Result<u64> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|_| anyhow::anyhow!("{s:?} is not a hexadecimal id"))
+}
+
+fn parse_time(s: &str) -> anyhow::Result<i64> {
+    if let Ok(secs) = s.parse::<f64>() {
+        return Ok((secs * 1000.0) as i64);
+    }
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| anyhow::anyhow!("--timestamp {s:?}: {e} (use RFC 3339 or epoch seconds)"))
+}
+
+fn replica_target(cfg: &ichibase::config::Config) -> anyhow::Result<ichibase::replication::Target> {
+    let r = cfg.replication.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("no replica configured: set --replicate-url or ICHIBASE_REPLICATE_URL")
+    })?;
+    ichibase::replication::Target::open(&ichibase::replication::target_options(r))
+}
+
+async fn restore_cmd(
+    cfg: ichibase::config::Config,
+    to: PathBuf,
+    opts: ichibase::replication::restore::RestoreOptions,
+) -> anyhow::Result<()> {
+    let target = replica_target(&cfg)?;
+    let started = std::time::Instant::now();
+    let r = ichibase::replication::restore::restore(&target, &to, &opts).await?;
+    println!(
+        "restored {} up to transaction {:016x} (captured {}) from {} files, {} bytes, in {:.1} s; integrity_check: {}",
+        r.path.display(),
+        r.txid,
+        r.timestamp,
+        r.files,
+        r.bytes,
+        started.elapsed().as_secs_f64(),
+        r.integrity
+    );
+    Ok(())
+}
+
+async fn backup(cmd: BackupCommand, config_file: Option<PathBuf>) -> anyhow::Result<()> {
+    match cmd {
+        BackupCommand::Status { settings, json } => {
+            let cfg = config::load(settings, config_file.as_deref())?;
+            let path = cfg.data_dir.join("replication").join("status.json");
+            let status: Option<serde_json::Value> = std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            let age = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .map(|d| d.as_secs_f64());
+            let mut gens = Vec::new();
+            if cfg.replication.is_some() {
+                let target = replica_target(&cfg)?;
+                let files = ichibase::replication::restore::list_files(&target).await?;
+                gens = ichibase::replication::restore::generations(&files)
+                    .into_iter()
+                    .map(|g| format!("{g:016x}"))
+                    .collect();
+            }
+            let out = serde_json::json!({
+                "status": status,
+                "status_age_seconds": age,
+                "generations": gens,
+            });
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                match &status {
+                    None => println!(
+                        "no replication status in {} (replication never ran here)",
+                        path.display()
+                    ),
+                    Some(s) => {
+                        println!("target:          {}", s["target"].as_str().unwrap_or(""));
+                        println!(
+                            "captured txid:   {:016x}",
+                            s["captured_txid"].as_u64().unwrap_or(0)
+                        );
+                        println!(
+                            "shipped txid:    {:016x}",
+                            s["shipped_txid"].as_u64().unwrap_or(0)
+                        );
+                        println!(
+                            "lag:             {:.1} s, {} bytes ({} files pending)",
+                            s["lag_seconds"].as_f64().unwrap_or(0.0),
+                            s["lag_bytes"],
+                            s["pending_files"]
+                        );
+                        println!(
+                            "last shipped at: {}",
+                            s["last_shipped_at"].as_str().unwrap_or("never")
+                        );
+                        println!(
+                            "last snapshot:   {:016x} at {}",
+                            s["last_snapshot_txid"].as_u64().unwrap_or(0),
+                            s["last_snapshot_at"].as_str().unwrap_or("never")
+                        );
+                        println!(
+                            "errors:          {} ({} in a row); last: {}",
+                            s["errors_total"],
+                            s["consecutive_errors"],
+                            s["last_error"].as_str().unwrap_or("none")
+                        );
+                        if let Some(a) = age {
+                            println!(
+                                "status written {a:.1} s ago{}",
+                                if a > 10.0 {
+                                    " (is the server running?)"
+                                } else {
+                                    ""
+                                }
+                            );
+                        }
+                    }
+                }
+                if !gens.is_empty() {
+                    println!("generations:     {}", gens.join(", "));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -402,7 +572,10 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(generate(cfg, intent, rounds, no_merge))
         }
-        Command::Serve { settings } => {
+        Command::Serve {
+            settings,
+            restore_if_missing,
+        } => {
             let cfg = config::load(settings, cli.config.as_deref())?;
             init_logging(&cfg.log_level, cfg.log_format);
             // Lua and its callbacks recurse on blocking threads: give them room (debug builds need it).
@@ -410,7 +583,56 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .thread_stack_size(8 * 1024 * 1024)
                 .build()?;
-            rt.block_on(ichibase::server::run(cfg))
+            rt.block_on(async {
+                if restore_if_missing && !cfg.db_path().exists() {
+                    let target = replica_target(&cfg)?;
+                    if ichibase::replication::restore::list_files(&target)
+                        .await?
+                        .is_empty()
+                    {
+                        println!(
+                            "ichibase: no replica at {} yet; starting with a new database",
+                            target.url()
+                        );
+                    } else {
+                        let opts = ichibase::replication::restore::RestoreOptions {
+                            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                            ..Default::default()
+                        };
+                        restore_cmd(cfg.clone(), cfg.db_path(), opts).await?;
+                    }
+                }
+                ichibase::server::run(cfg).await
+            })
+        }
+        Command::Restore {
+            settings,
+            to,
+            timestamp,
+            generation,
+            txid,
+            force,
+        } => {
+            let cfg = config::load(settings, cli.config.as_deref())?;
+            init_logging("warn", LogFormat::Text);
+            let opts = ichibase::replication::restore::RestoreOptions {
+                timestamp_ms: timestamp.as_deref().map(parse_time).transpose()?,
+                txid: txid.as_deref().map(parse_hex).transpose()?,
+                generation: generation.as_deref().map(parse_hex).transpose()?,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                force,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(restore_cmd(cfg, to, opts))
+        }
+        Command::Backup { command } => {
+            init_logging("warn", LogFormat::Text);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(backup(command, cli.config.clone()))
         }
     }
 }

@@ -18,6 +18,8 @@ use crate::storage::{Storage, StorageOptions};
 pub struct Running {
     pub addr: SocketAddr,
     pub storage: Storage,
+    /// The WAL replicator when replication is configured.
+    pub replication: Option<crate::replication::Replicator>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -38,6 +40,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let storage = {
         let opts = StorageOptions::from_config(&config);
         tokio::task::spawn_blocking(move || Storage::open(&opts)).await??
+    };
+    let replication = match &config.replication {
+        Some(_) => Some(crate::replication::Replicator::start(storage.clone(), &config).await?),
+        None => None,
     };
     let auth =
         Arc::new(Auth::open(storage.clone(), &config.data_dir, auth_options(&config)).await?);
@@ -78,6 +84,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         branches: Arc::clone(&branches),
         posterity: posterity.clone(),
         config: Arc::new(config),
+        replication: replication.clone(),
     };
     let app = apis::router(state);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -87,6 +94,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let _ = drain_tx.send(());
     });
     let st = storage.clone();
+    let repl = replication.clone();
     let task = tokio::spawn(async move {
         let mut serve = tokio::spawn(async move { server.await });
         tokio::select! {
@@ -109,9 +117,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         // The log's last rows (the requests just finished) are committed before exit.
         let p = posterity.clone();
         let _ = tokio::task::spawn_blocking(move || p.close()).await;
+        if let Some(r) = &repl {
+            r.stop_capturing();
+        }
         match tokio::time::timeout(grace.max(Duration::from_secs(5)), st.close()).await {
             Ok(r) => r?,
             Err(_) => anyhow::bail!("storage did not close in time"),
+        }
+        if let Some(r) = repl {
+            r.finish(grace).await;
         }
         tracing::info!("storage closed; bye");
         Ok(())
@@ -119,6 +133,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running {
         addr,
         storage,
+        replication,
         stop: Some(stop_tx),
         task,
     })

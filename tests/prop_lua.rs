@@ -22,6 +22,7 @@ fn env() -> Env {
         synchronous: Synchronous::Normal,
         busy_timeout: Duration::from_secs(5),
         readers: 2,
+        replicated: false,
     })
     .unwrap();
     Env { storage, _dir: dir }

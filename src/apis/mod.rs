@@ -38,6 +38,8 @@ pub struct AppState {
     pub branches: Arc<crate::branch::Branches>,
     /// The posterity log and analytics database (DuckDB).
     pub posterity: crate::posterity::Posterity,
+    /// The WAL replicator when replication is configured.
+    pub replication: Option<crate::replication::Replicator>,
 }
 
 /// The identity of a request from its headers (JSON error response when the credentials are bad).
@@ -116,12 +118,29 @@ pub fn router(state: AppState) -> Router {
         .merge(branches::routes())
         .merge(generate::routes())
         .merge(analytics::routes())
+        .route("/admin/backup/status", get(backup_status))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             analytics::record_request,
         ))
         .with_state(state)
+}
+
+/// `GET /admin/backup/status`: the replicator's position, lag and errors (admin only).
+async fn backup_status(
+    axum::extract::State(st): axum::extract::State<AppState>,
+    h: HeaderMap,
+) -> Response {
+    if let Err(r) = require_admin(&st, &h, "/admin/backup/status") {
+        return r;
+    }
+    match &st.replication {
+        Some(r) => {
+            axum::Json(serde_json::json!({"enabled": true, "status": r.status()})).into_response()
+        }
+        None => axum::Json(serde_json::json!({"enabled": false})).into_response(),
+    }
 }
 
 async fn ping() -> &'static str {

@@ -64,6 +64,8 @@ impl Branches {
         }
         let mut template = live.clone();
         template.readers = template.readers.clamp(1, 2);
+        // Branches are scratch copies: never replicated, SQLite checkpoints them itself.
+        template.replicated = false;
         Branches {
             dir: data_dir.join("branches"),
             live_path: live.path.clone(),

@@ -36,6 +36,9 @@ pub struct StorageOptions {
     pub synchronous: Synchronous,
     pub busy_timeout: Duration,
     pub readers: usize,
+    /// WAL replication is on: SQLite's automatic checkpoint is off and the replicator runs
+    /// checkpoints only after it captured the frames (see `crate::replication`).
+    pub replicated: bool,
 }
 
 impl StorageOptions {
@@ -45,6 +48,7 @@ impl StorageOptions {
             synchronous: cfg.synchronous,
             busy_timeout: Duration::from_millis(cfg.busy_timeout_ms),
             readers: cfg.readers,
+            replicated: cfg.replication.is_some(),
         }
     }
 }
@@ -81,6 +85,9 @@ impl Storage {
             opts.path.display()
         );
         wconn.pragma_update(None, "synchronous", opts.synchronous.pragma_value())?;
+        if opts.replicated {
+            wconn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        }
         migrations::apply(&mut wconn)?;
         let authz = Arc::new(Authz::default());
         authz.refresh(&wconn)?;
@@ -166,6 +173,12 @@ impl Storage {
         R: Send + 'static,
     {
         self.inner.writer.run(ctx.clone(), control, f).await
+    }
+
+    /// Register `f` to run on the writer thread after the last write and just before the final
+    /// checkpoint on close (the replicator captures the WAL tail there).
+    pub fn before_close_checkpoint(&self, f: Box<dyn FnOnce(&Connection) + Send>) {
+        *self.inner.writer.before_close.lock().unwrap() = Some(f);
     }
 
     /// Stop accepting work, let queued writes finish, close the readers and checkpoint the WAL

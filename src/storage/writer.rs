@@ -12,6 +12,8 @@ use super::control::{ConnState, ExecControl, reset};
 use crate::core::{Error, ErrorCode, RequestContext, Result};
 
 type Job = Box<dyn FnOnce(&mut Connection, &ConnState) + Send>;
+/// Runs once on the writer thread before the final checkpoint on close.
+pub(super) type CloseHook = Box<dyn FnOnce(&Connection) + Send>;
 
 /// Queue depth before callers wait for the writer.
 const QUEUE: usize = 1024;
@@ -19,6 +21,7 @@ const QUEUE: usize = 1024;
 pub(super) struct Writer {
     /// Signalled after every write job (change-data-capture picks committed changes up).
     pub(super) committed: Arc<tokio::sync::Notify>,
+    pub(super) before_close: Arc<Mutex<Option<CloseHook>>>,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<Result<()>>>>,
 }
@@ -28,11 +31,14 @@ impl Writer {
         let (tx, rx) = mpsc::channel::<Job>(QUEUE);
         let committed = Arc::new(tokio::sync::Notify::new());
         let c2 = Arc::clone(&committed);
+        let before_close: Arc<Mutex<Option<CloseHook>>> = Arc::default();
+        let h2 = Arc::clone(&before_close);
         let thread = std::thread::Builder::new()
             .name("ichibase-writer".into())
-            .spawn(move || writer_loop(conn, state, rx, c2))?;
+            .spawn(move || writer_loop(conn, state, rx, c2, h2))?;
         Ok(Writer {
             committed,
+            before_close,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
         })
@@ -95,6 +101,7 @@ fn writer_loop(
     state: Arc<ConnState>,
     mut rx: mpsc::Receiver<Job>,
     committed: Arc<tokio::sync::Notify>,
+    before_close: Arc<Mutex<Option<CloseHook>>>,
 ) -> Result<()> {
     while let Some(job) = rx.blocking_recv() {
         // A panicking job must not take the writer (and with it every future write) down.
@@ -104,6 +111,9 @@ fn writer_loop(
             reset(&conn, &state);
         }
         committed.notify_one();
+    }
+    if let Some(hook) = before_close.lock().unwrap().take() {
+        hook(&conn);
     }
     let (busy, log, done): (i64, i64, i64) =
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
