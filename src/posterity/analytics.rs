@@ -886,8 +886,8 @@ impl Posterity {
                 .map_err(duck_err)?;
             for r in roles {
                 conn.execute(
-                    "INSERT INTO analytics_grants VALUES (?, ?, now())",
-                    [name, r.as_str()],
+                    "INSERT INTO analytics_grants VALUES (?, ?, ?)",
+                    duckdb::params![name, r.as_str(), super::ts_value(super::now_us())],
                 )
                 .map_err(duck_err)?;
             }

@@ -232,13 +232,14 @@ fn archive_partition(
         )));
     }
     conn.execute(
-        "INSERT INTO archive_files VALUES (?, ?, CAST(? AS DATE), ?, ?, now())",
+        "INSERT INTO archive_files VALUES (?, ?, CAST(? AS DATE), ?, ?, ?)",
         duckdb::params![
             file.display().to_string(),
             kind,
             day,
             rows as i64,
-            bytes as i64
+            bytes as i64,
+            super::ts_value(super::now_us())
         ],
     )
     .map_err(duck_err)?;
