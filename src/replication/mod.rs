@@ -1161,11 +1161,13 @@ impl Shared {
         s.updated_at = iso(now_ms());
     }
 
+    /// Informational, rewritten every tick: renamed into place but not fsync'd.
     fn write_status_file(&self) {
         let s = self.status.lock().unwrap().clone();
-        let _ = write_atomic(
-            &self.dir.join("status.json"),
-            &serde_json::to_vec_pretty(&s).unwrap(),
-        );
+        let path = self.dir.join("status.json");
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, serde_json::to_vec_pretty(&s).unwrap()).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
     }
 }
