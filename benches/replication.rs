@@ -314,4 +314,33 @@ async fn main() {
         snap_secs,
         build.elapsed().as_secs_f64() - restore_secs - snap_secs
     );
+    // The same replica copied to the S3 server, restored from there.
+    let s3 = ichibase::replication::Target::open(&ichibase::replication::TargetOptions {
+        url: format!("s3://{BUCKET}/big"),
+        endpoint: Some(moto.endpoint.clone()),
+        access_key_id: Some("bench".into()),
+        secret_access_key: Some("bench".into()),
+        timeout: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .unwrap();
+    for obj in target.list("").await.unwrap() {
+        let (level, name) = target.parse_level_path(&obj.name).unwrap();
+        s3.put_file(
+            &format!("{}/{name}", s3.level_dir(level)),
+            &rep.join(&obj.name),
+        )
+        .await
+        .unwrap();
+    }
+    let to = tmp.path().join("restored-s3.db");
+    let t = Instant::now();
+    let report = ichibase::replication::restore::restore(&s3, &to, &Default::default())
+        .await
+        .unwrap();
+    println!(
+        "restore of the same database from the S3 server on 127.0.0.1 (moto): {:.1} s ({} files)",
+        t.elapsed().as_secs_f64(),
+        report.files
+    );
 }

@@ -1080,7 +1080,7 @@ impl Shared {
             snaps.push((max, h.timestamp_ms, f.name));
         }
         snaps.sort();
-        if snaps.len() < 2 {
+        if snaps.is_empty() {
             return Ok(());
         }
         let cutoff = now_ms() - keep_ms;
@@ -1094,11 +1094,23 @@ impl Shared {
                 oldest_kept = oldest_kept.min(*max);
             }
         }
-        for level in 0..SNAPSHOT_LEVEL {
+        let mut l1_max = 0;
+        for level in (0..SNAPSHOT_LEVEL).rev() {
             for f in self.target.list(&self.target.level_dir(level)).await? {
-                if let Some((_, max)) = f.name.rsplit('/').next().and_then(ltx::parse_file_name)
-                    && max <= oldest_kept
-                {
+                let Some((_, max)) = f.name.rsplit('/').next().and_then(ltx::parse_file_name)
+                else {
+                    continue;
+                };
+                if level == 1 {
+                    l1_max = l1_max.max(max);
+                }
+                // Level-0 files merged into level 1 are kept for an hour (twelve compaction
+                // intervals) of capture-tick resolution, then level 1 takes over.
+                let merged_and_old = level == 0
+                    && max <= l1_max
+                    && f.modified_ms
+                        < now_ms() - (self.opts.compaction_interval_secs * 12_000.0) as i64;
+                if max <= oldest_kept || merged_and_old {
                     self.target.delete(&f.name).await?;
                 }
             }
@@ -1149,11 +1161,13 @@ impl Shared {
         s.updated_at = iso(now_ms());
     }
 
+    /// Informational, rewritten every tick: renamed into place but not fsync'd.
     fn write_status_file(&self) {
         let s = self.status.lock().unwrap().clone();
-        let _ = write_atomic(
-            &self.dir.join("status.json"),
-            &serde_json::to_vec_pretty(&s).unwrap(),
-        );
+        let path = self.dir.join("status.json");
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, serde_json::to_vec_pretty(&s).unwrap()).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
     }
 }

@@ -206,8 +206,22 @@ pub async fn restore(
         // Start from this generation's snapshots, not an older generation's.
         files.retain(|f| !(f.level == SNAPSHOT_LEVEL && f.max < g));
     }
-    if opts.timestamp_ms.is_some() {
-        load_timestamps(target, &mut files).await?;
+    if let Some(t) = opts.timestamp_ms {
+        // Timestamps live in the LTX headers: read the snapshots' first, then only those of
+        // the files after the snapshot the restore starts from.
+        let (mut snaps, mut rest): (Vec<_>, Vec<_>) =
+            files.into_iter().partition(|f| f.level == SNAPSHOT_LEVEL);
+        load_timestamps(target, &mut snaps).await?;
+        let from = snaps
+            .iter()
+            .filter(|f| f.timestamp_ms.is_some_and(|ts| ts < t))
+            .map(|f| f.max)
+            .max()
+            .unwrap_or(0);
+        rest.retain(|f| f.max > from);
+        load_timestamps(target, &mut rest).await?;
+        files = snaps;
+        files.extend(rest);
     }
     let plan = plan(&files, txid, opts.timestamp_ms)?;
     let total: u64 = plan.iter().map(|f| f.size).sum();

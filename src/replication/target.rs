@@ -52,6 +52,8 @@ pub struct Listed {
     /// Path relative to the target's prefix.
     pub name: String,
     pub size: u64,
+    /// When the object was stored (ms since the epoch).
+    pub modified_ms: i64,
 }
 
 #[derive(Clone)]
@@ -315,6 +317,7 @@ impl Target {
             out.push(Listed {
                 name: rel,
                 size: m.size,
+                modified_ms: m.last_modified.timestamp_millis(),
             });
         }
         Ok(out)
