@@ -60,7 +60,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let opts = crate::posterity::PosterityOptions::from_config(&config);
         tokio::task::spawn_blocking(move || crate::posterity::Posterity::open(opts)).await??
     };
-    let archiver = schedule_archive(&posterity, config.posterity.archive_interval_secs);
+    let offload = replication.as_ref().map(|r| r.target().clone());
+    if let Some(t) = offload.clone() {
+        // Archive files this box lacks come back from the replica (a fresh box after a
+        // restore); files the replica lacks (archived during an outage) go up.
+        let p = posterity.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::replication::offload::sync(&t, &p).await {
+                tracing::warn!(error = %format!("{e:#}"), "archive: sync with the replica target failed; retried after the next archive run");
+            }
+        });
+    }
+    let archiver = schedule_archive(&posterity, config.posterity.archive_interval_secs, offload);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
@@ -144,6 +155,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 fn schedule_archive(
     p: &crate::posterity::Posterity,
     interval_secs: f64,
+    offload: Option<crate::replication::Target>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     if interval_secs <= 0.0 {
         return None;
@@ -167,6 +179,12 @@ fn schedule_archive(
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "archive run failed"),
                 Err(e) => tracing::warn!(error = %e, "archive task failed"),
+            }
+            // Ship new files (and any an earlier outage left behind) to the replica target.
+            if let Some(t) = &offload {
+                if let Err(e) = crate::replication::offload::sync(t, &p).await {
+                    tracing::warn!(error = %format!("{e:#}"), "archive: upload to the replica target failed; retried next run");
+                }
             }
         }
     }))

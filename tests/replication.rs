@@ -674,3 +674,106 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archived_parquet_goes_to_s3_and_comes_back_on_a_fresh_box() {
+    let s3 = S3::start();
+    let env = s3.env("apps/archive");
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, fresh) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&fresh).unwrap();
+    let mut srv = start(&data, &env, &[]);
+    let c = client();
+    ok(&c, &srv.url, "CREATE TABLE t (x INTEGER)").await;
+    for i in 0..7 {
+        let r = post(
+            &c,
+            &srv.url,
+            &[("query_id", &format!("offload-{i}"))],
+            "SELECT 1",
+        )
+        .await;
+        assert_eq!(r.status, 200);
+    }
+    // The posterity log commits every second; then archive everything before tomorrow.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let tomorrow = (chrono::Utc::now() + chrono::Duration::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+    let r = c
+        .post(format!("{}/admin/archive?before={tomorrow}", srv.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let a: serde_json::Value = r.json().await.unwrap();
+    assert!(!a["files"].as_array().unwrap().is_empty(), "{a}");
+    let uploaded = a["offload"]["uploaded"]
+        .as_array()
+        .expect("offload report")
+        .clone();
+    assert_eq!(uploaded.len(), a["files"].as_array().unwrap().len(), "{a}");
+    assert!(
+        uploaded
+            .iter()
+            .all(|k| k.as_str().unwrap().starts_with("archive/kind=")),
+        "{a}"
+    );
+    // A second sync has nothing to do.
+    let r = c
+        .post(format!("{}/admin/archive/sync", srv.url))
+        .send()
+        .await
+        .unwrap();
+    let again: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(again, serde_json::json!({"uploaded": [], "downloaded": []}));
+    wait_shipped(&srv.url).await;
+    srv.terminate();
+
+    // A fresh box: the database comes back from the replica, the archive from its prefix, and
+    // analytics sees the first box's requests (the live log there is new and empty of them).
+    let srv2 = start(&fresh, &env, &["--restore-if-missing"]);
+    let count = "SELECT count(*) FROM http_requests WHERE query_id LIKE 'offload-%'";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c
+            .post(format!("{}/analytics", srv2.url))
+            .body(count)
+            .send()
+            .await
+            .unwrap();
+        let body = r.text().await.unwrap();
+        if body.trim() == "7" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "archive not back on the fresh box: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        ok(&c, &srv2.url, "SELECT count(*) FROM t").await.trim(),
+        "0"
+    );
+    // The fetched files are the archive's now: they survive a restart (start-up recovery
+    // only removes files of interrupted archive runs).
+    let files: Vec<PathBuf> = walk(&fresh.join("archive"))
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+        .collect();
+    assert!(!files.is_empty());
+    drop(srv2);
+    let srv3 = start(&fresh, &env, &[]);
+    for f in &files {
+        assert!(f.exists(), "{} removed at restart", f.display());
+    }
+    let r = c
+        .post(format!("{}/analytics", srv3.url))
+        .body(count)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.text().await.unwrap().trim(), "7");
+}

@@ -30,6 +30,7 @@ pub fn routes() -> Router<AppState> {
             put(define_view).delete(drop_view),
         )
         .route("/admin/archive", axum::routing::post(archive))
+        .route("/admin/archive/sync", axum::routing::post(archive_sync))
         .route("/admin/posterity", get(stats))
 }
 
@@ -113,11 +114,37 @@ async fn archive(
 ) -> Response {
     admin!(st, h, "/admin/archive");
     let p = st.posterity.clone();
-    reply(
-        blocking(move || p.archive(a.before.as_deref()))
+    let r = async {
+        let files = blocking(move || p.archive(a.before.as_deref())).await?;
+        // With replication on, new files go to the replica target at once.
+        let offload = match &st.replication {
+            None => serde_json::Value::Null,
+            Some(r) => match crate::replication::offload::sync(r.target(), &st.posterity).await {
+                Ok(rep) => serde_json::json!(rep),
+                Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
+            },
+        };
+        Ok(serde_json::json!({ "files": files, "offload": offload }))
+    }
+    .await;
+    reply(r)
+}
+
+/// Sync the Parquet archive with the replica target: fetch missing files (and adopt them),
+/// upload files the target lacks.
+async fn archive_sync(State(st): State<AppState>, h: HeaderMap) -> Response {
+    admin!(st, h, "/admin/archive/sync");
+    let r = match &st.replication {
+        None => Err(Error::new(
+            ErrorCode::BadArguments,
+            "Archive sync needs replication: set replicate_url (ICHIBASE_REPLICATE_URL)",
+        )),
+        Some(r) => crate::replication::offload::sync(r.target(), &st.posterity)
             .await
-            .map(|files| serde_json::json!({ "files": files })),
-    )
+            .map(|rep| serde_json::json!(rep))
+            .map_err(|e| Error::new(ErrorCode::StorageError, format!("archive sync: {e:#}"))),
+    };
+    reply(r)
 }
 
 async fn stats(State(st): State<AppState>, h: HeaderMap) -> Response {

@@ -173,6 +173,71 @@ impl Posterity {
         }
         Ok(written)
     }
+
+    /// Take archive files that arrived from elsewhere (fetched back from the replica target)
+    /// into the archive: recorded in `archive_files` (so start-up recovery keeps them) and
+    /// visible through `log_all`. Files already recorded are skipped. Blocking.
+    pub fn adopt_archive_files(&self, files: &[PathBuf]) -> Result<usize> {
+        let _one_at_a_time = self.archive_lock();
+        let conn = self.connect()?;
+        let dir = self.options().archive_dir();
+        let mut adopted = 0;
+        for f in files {
+            let path = f.display().to_string();
+            let known: i64 = conn
+                .query_row(
+                    "SELECT count(*) FROM archive_files WHERE path = ?",
+                    [&path],
+                    |r| r.get(0),
+                )
+                .map_err(duck_err)?;
+            if known > 0 {
+                continue;
+            }
+            let part = |prefix: &str| -> Option<String> {
+                f.ancestors()
+                    .filter_map(|a| {
+                        a.file_name()?
+                            .to_str()?
+                            .strip_prefix(prefix)
+                            .map(str::to_string)
+                    })
+                    .next()
+            };
+            let (Some(kind), Some(day)) = (part("kind="), part("date=")) else {
+                return Err(Error::new(
+                    crate::core::ErrorCode::BadArguments,
+                    format!("archive: {path} is not under kind=…/date=…"),
+                ));
+            };
+            let rows: i64 = conn
+                .query_row(
+                    &format!("SELECT count(*) FROM read_parquet({})", path_literal(f)),
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(duck_err)?;
+            let bytes = std::fs::metadata(f).map(|m| m.len()).unwrap_or(0) as i64;
+            conn.execute(
+                "INSERT INTO archive_files VALUES (?, ?, CAST(? AS DATE), ?, ?, ?)",
+                duckdb::params![
+                    path,
+                    kind,
+                    day,
+                    rows,
+                    bytes,
+                    super::ts_value(super::now_us())
+                ],
+            )
+            .map_err(duck_err)?;
+            adopted += 1;
+        }
+        if adopted > 0 {
+            create_views(&conn, &dir)
+                .map_err(|e| Error::internal(format!("archive views: {e}")))?;
+        }
+        Ok(adopted)
+    }
 }
 
 fn archive_partition(

@@ -27,6 +27,7 @@
 //! touch the database other than through `Storage` jobs and reading the WAL file.
 
 pub mod ltx;
+pub mod offload;
 pub mod restore;
 pub mod target;
 pub mod wal;
