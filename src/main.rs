@@ -325,6 +325,8 @@ async fn generate(
     let branches = std::sync::Arc::new(ichibase::branch::Branches::new(&cfg.data_dir, &opts));
     eprintln!("ichibase: asking {} at {}", llm.model(), llm.endpoint());
     let g = Generator {
+        // The CLI works beside a possibly running server, which holds the posterity database.
+        log: ichibase::posterity::Sink::disabled(),
         live: live.clone(),
         branches: branches.clone(),
         lua: ichibase::server::lua_options(&cfg),

@@ -292,6 +292,29 @@ async fn three_rounds_lua_error_then_property_then_merge() {
     assert_eq!(t.status(), 200);
     let list: Value = json_of(c.get(format!("{}/generate", s.url))).await;
     assert_eq!(list["generations"][0]["id"], g["id"]);
+
+    // Each model call is an `ai` row of the posterity log (committed within a second).
+    let q = format!(
+        "SELECT count(*), sum(input_tokens), sum(output_tokens), max(round), min(model) FROM ai_calls WHERE generation = '{}' AND outcome = 'ok'",
+        g["id"].as_str().unwrap()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let body = c
+            .post(format!("{}/analytics", s.url))
+            .body(q.clone())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if body == "3\t3000\t600\t3\tscripted-1\n" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "ai_calls: {body:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

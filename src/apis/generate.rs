@@ -44,6 +44,7 @@ async fn run(State(st): State<AppState>, h: HeaderMap, JsonBody(b): JsonBody<Run
     let ctx = admin!(st, h);
     let r = async {
         let g = Generator {
+            log: st.posterity.sink(),
             live: st.storage.clone(),
             branches: st.branches.clone(),
             lua: st.lua,

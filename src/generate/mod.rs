@@ -85,6 +85,8 @@ pub struct Request {
 }
 
 pub struct Generator {
+    /// Where model calls are logged (`ai` rows of the posterity log).
+    pub log: crate::posterity::Sink,
     pub live: Storage,
     pub branches: Arc<Branches>,
     pub lua: LuaOptions,
@@ -228,7 +230,9 @@ impl Generator {
             } else {
                 prompt
             };
-            let reply = match self.llm.chat(&system, &messages).await {
+            let called = self.llm.chat(&system, &messages).await;
+            self.log_call(&req, &id, round, &called, started);
+            let reply = match called {
                 Ok(r) => r,
                 Err(e) => {
                     let r = Round {
@@ -392,6 +396,40 @@ impl Generator {
             );
         }
         ("verified", None, results, String::new(), Some(b))
+    }
+
+    /// One `ai` row in the posterity log per model call (tokens, attempts, time, outcome).
+    fn log_call(
+        &self,
+        req: &Request,
+        generation: &str,
+        round: u32,
+        called: &Result<crate::llm::Reply>,
+        started: Instant,
+    ) {
+        if !self.log.enabled() {
+            return;
+        }
+        let mut e = crate::posterity::Event::now("ai", None);
+        e.user_id = req.by.clone();
+        e.name = Some(self.llm.model().to_string());
+        e.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+        let mut detail = json!({"purpose": "generate", "generation": generation, "round": round, "endpoint": self.llm.endpoint()});
+        match called {
+            Ok(r) => {
+                e.outcome = Some("ok");
+                detail["input_tokens"] = json!(r.usage.input_tokens);
+                detail["output_tokens"] = json!(r.usage.output_tokens);
+                detail["attempts"] = json!(r.attempts);
+                detail["truncated"] = json!(r.truncated);
+            }
+            Err(err) => {
+                e.outcome = Some("error");
+                e.error = Some(err.message.clone());
+            }
+        }
+        e.detail = Some(detail.to_string());
+        self.log.record(e);
     }
 
     async fn record(&self, id: &str, prompt: &str, answer: Option<&str>, r: &Round) -> Result<()> {

@@ -106,7 +106,15 @@ pub(super) fn create_views(conn: &Connection, dir: &Path) -> anyhow::Result<()> 
                   CAST(detail->>'instructions' AS BIGINT) AS instructions,
                   CAST(detail->>'memory' AS BIGINT) AS memory,
                   elapsed_ms, trace_id, user_id, role
-           FROM log_all WHERE kind = 'lua';"
+           FROM log_all WHERE kind = 'lua';
+         CREATE OR REPLACE VIEW ai_calls AS
+           SELECT ts, name AS model, outcome, error, elapsed_ms,
+                  CAST(detail->>'input_tokens' AS BIGINT) AS input_tokens,
+                  CAST(detail->>'output_tokens' AS BIGINT) AS output_tokens,
+                  CAST(detail->>'attempts' AS INTEGER) AS attempts,
+                  detail->>'purpose' AS purpose, detail->>'generation' AS generation,
+                  CAST(detail->>'round' AS INTEGER) AS round, user_id, role
+           FROM log_all WHERE kind = 'ai';"
     ))?;
     Ok(())
 }

@@ -280,6 +280,7 @@ pub const ENGINE_OBJECTS: &[&str] = &[
     "http_requests",
     "sql_statements",
     "lua_invocations",
+    "ai_calls",
     "app_table",
 ];
 
