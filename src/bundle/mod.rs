@@ -628,3 +628,49 @@ pub fn describe_failures(results: &[CheckResult]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_is_a_valid_bundle() {
+        let doc = include_str!("../../docs/bundles.md");
+        let start = doc.find("```json\n").unwrap() + 8;
+        let end = start + doc[start..].find("\n```").unwrap();
+        let b = Bundle::from_json(&doc[start..end]).unwrap();
+        assert_eq!(b.checks.len(), 4);
+        assert!(
+            b.checks
+                .iter()
+                .any(|c| c.lua.as_deref().is_some_and(|l| l.contains("prop.check")))
+        );
+    }
+
+    #[test]
+    fn migrations_refuse_transaction_control_and_engine_tables() {
+        for bad in [
+            "BEGIN; CREATE TABLE a (x)",
+            "CREATE TABLE a (x); COMMIT",
+            "ATTACH 'x.db' AS x",
+            "PRAGMA writable_schema = 1",
+            "DROP TABLE _ichibase_users",
+            "CREATE TABLE a AS SELECT * FROM \"_ichibase_sessions\"",
+            "DELETE FROM sqlite_schema",
+            "INSERT INTO t VALUES ({x:String})",
+            "",
+        ] {
+            assert!(check_migration(bad).is_err(), "{bad}");
+        }
+        check_migration("CREATE TABLE a (x TEXT DEFAULT '_ichibase'); CREATE INDEX a_x ON a (x)")
+            .unwrap();
+    }
+
+    #[test]
+    fn results_compare_numbers_by_value() {
+        assert!(same(&json!({"a": [1, 2.0]}), &json!({"a": [1.0, 2]})));
+        assert!(same(&json!({}), &json!([])));
+        assert!(!same(&json!({"a": 1}), &json!({"a": 1, "b": 2})));
+        assert!(!same(&json!("1"), &json!(1)));
+    }
+}
