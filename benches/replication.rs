@@ -61,12 +61,23 @@ impl Moto {
             std::thread::sleep(Duration::from_millis(50));
         }
         let endpoint = format!("http://127.0.0.1:{port}");
-        let ok = Command::new("curl")
-            .args(["-s", "-X", "PUT"])
-            .arg(format!("{endpoint}/{BUCKET}"))
-            .status()
+        // Create the bucket with one unsigned request (no curl on a fresh machine).
+        {
+            use std::io::{Read, Write};
+            let host = endpoint.trim_start_matches("http://");
+            let mut s = std::net::TcpStream::connect(host).expect("connect to moto");
+            write!(
+                s,
+                "PUT /{BUCKET} HTTP/1.0\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n"
+            )
             .unwrap();
-        assert!(ok.success());
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            assert!(
+                out.starts_with("HTTP/1.1 200") || out.starts_with("HTTP/1.0 200"),
+                "create bucket: {out}"
+            );
+        }
         Moto { child, endpoint }
     }
 }

@@ -63,12 +63,8 @@ impl S3 {
         }
         let s3 = S3 { child, endpoint };
         // Create the bucket (moto accepts unsigned requests).
-        let st = Command::new("curl")
-            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
-            .arg(format!("{}/{BUCKET}", s3.endpoint))
-            .output()
-            .expect("curl");
-        assert_eq!(String::from_utf8_lossy(&st.stdout), "200", "create bucket");
+        let (st, body) = raw_http(&s3.endpoint, "PUT", &format!("/{BUCKET}"));
+        assert_eq!(st, 200, "create bucket: {body}");
         s3
     }
 
@@ -100,6 +96,30 @@ impl Drop for S3 {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One unsigned HTTP/1.0 request to moto (no curl on a fresh machine): (status, body).
+fn raw_http(endpoint: &str, method: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let host = endpoint.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(host).expect("connect to moto");
+    write!(
+        s,
+        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
 fn start(dir: &Path, env: &[(String, String)], extra: &[&str]) -> Server {
@@ -420,17 +440,12 @@ async fn kill_nine_rounds_lose_no_acknowledged_transaction() {
     restore(&env, &to, &[]);
     assert!(ids(&to).contains(&999999999));
     // Old snapshots were pruned; the replica still restores with the stock Litestream too.
-    let listing = Command::new("curl")
-        .args(["-s"])
-        .arg(format!(
-            "{}/{BUCKET}?list-type=2&prefix=durability/0009/",
-            s3.endpoint
-        ))
-        .output()
-        .unwrap();
-    let snapshots = String::from_utf8_lossy(&listing.stdout)
-        .matches("<Key>")
-        .count();
+    let (_, listing) = raw_http(
+        &s3.endpoint,
+        "GET",
+        &format!("/{BUCKET}?list-type=2&prefix=durability/0009/"),
+    );
+    let snapshots = listing.matches("<Key>").count();
     assert!(
         (1..=5).contains(&snapshots),
         "retention keeps a few snapshots, not every one: {snapshots}"
