@@ -7,15 +7,14 @@
 //!
 //! `cargo bench --bench branch`; `BENCH_MB=200` (database size) and `BENCH_SECS=5` adjust it.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-const KEY: &str = "ik_bench-admin-key-0123456789abcdef";
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 fn pct(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
@@ -63,39 +62,24 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
-    let tmp = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ichibase"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(tmp.path())
-        .env("ICHIBASE_ADMIN_KEY", KEY)
-        .env("ICHIBASE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the server");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = loop {
-        let l = lines.next().expect("server exited").unwrap();
-        if let Some(u) = l.strip_prefix("ichibase listening on ") {
-            break u.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    // The release server in its own process, started by the tests' harness.
+    let server = common::Server::start(&[]);
+    let base = server.url.clone();
+    let data_dir = server.data_dir.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut h = reqwest::header::HeaderMap::new();
-        h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {KEY}").parse().unwrap());
-        let http = reqwest::Client::builder().default_headers(h).build().unwrap();
+        let http = common::client();
         sql(&http, &base, "CREATE TABLE big (id INTEGER PRIMARY KEY, payload BLOB)").await;
         sql(&http, &base, "CREATE TABLE events (id INTEGER PRIMARY KEY, body TEXT)").await;
         let chunks = mb.div_ceil(50);
         for _ in 0..chunks {
             sql(&http, &base, "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 50000) INSERT INTO big (payload) SELECT randomblob(1000) FROM c").await;
         }
-        let db_bytes = std::fs::metadata(tmp.path().join("ichibase.db")).map(|m| m.len()).unwrap_or(0)
-            + std::fs::metadata(tmp.path().join("ichibase.db-wal")).map(|m| m.len()).unwrap_or(0);
+        let db_bytes = std::fs::metadata(data_dir.join("ichibase.db")).map(|m| m.len()).unwrap_or(0)
+            + std::fs::metadata(data_dir.join("ichibase.db-wal")).map(|m| m.len()).unwrap_or(0);
         println!("# ichibase {} branch benchmark", ichibase::VERSION);
         println!();
         println!(
@@ -178,6 +162,5 @@ fn main() {
         let merge = t.elapsed().as_secs_f64();
         println!("- bundle (column + index on the big table, one function, one check): apply + checks in the branch {apply:.2} s, merge into live {merge:.2} s");
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
 }

@@ -414,7 +414,10 @@ async fn run_check(env: &CheckEnv, c: &CheckSpec) -> CheckResult {
         trace_excerpt: None,
         elapsed_ms: 0,
     };
-    let seed = c.seed.unwrap_or_else(|| i64::from(rand_u32()));
+    let seed = c.seed.unwrap_or_else(|| {
+        let r = crate::auth::secrets::random_bytes(4);
+        i64::from(u32::from_le_bytes([r[0], r[1], r[2], r[3]]) >> 1)
+    });
     match (&c.function, &c.lua) {
         (Some(function), _) => {
             let src = env
@@ -588,12 +591,6 @@ pub fn excerpt(steps: &[lua::trace::Step], n: usize) -> String {
         out.push_str(&format!("{}:{} {}\n", s.source, s.line, locals));
     }
     out
-}
-
-fn rand_u32() -> u32 {
-    let mut b = [0u8; 4];
-    let _ = getrandom::fill(&mut b);
-    u32::from_le_bytes(b) >> 1
 }
 
 /// A short, model-readable account of failed checks.

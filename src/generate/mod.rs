@@ -56,6 +56,31 @@ pub struct Round {
     pub elapsed_ms: u64,
 }
 
+/// What verifying one answer found.
+struct Verdict {
+    outcome: &'static str,
+    error: Option<String>,
+    checks: Vec<CheckResult>,
+    /// What the model is told.
+    feedback: String,
+    /// The bundle, when it passed.
+    bundle: Option<Bundle>,
+}
+
+impl Verdict {
+    /// A failure before any check ran: the error is also the feedback.
+    fn failed(outcome: &'static str, error: impl Into<String>) -> Verdict {
+        let error = error.into();
+        Verdict {
+            outcome,
+            feedback: error.clone(),
+            error: Some(error),
+            checks: Vec::new(),
+            bundle: None,
+        }
+    }
+}
+
 /// The result of `generate`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Generation {
@@ -145,12 +170,18 @@ pub async fn describe_app(live: &Storage) -> Result<String> {
                 out.push_str(&format!("{}\n", serde_json::to_string(&p).unwrap_or_default()));
             }
         }
-        let fns = crate::lua::store::list(c)?;
+        // The live version of every function, in one query.
+        let mut st = c.prepare(
+            "SELECT h.name, h.version, f.source FROM _ichibase_function_heads h
+             JOIN _ichibase_functions f ON f.name = h.name AND f.version = h.version ORDER BY h.name",
+        )?;
+        let fns: Vec<(String, i64, String)> = st
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<rusqlite::Result<_>>()?;
         if !fns.is_empty() {
             out.push_str("Deployed functions (a bundle function with the same name replaces it):\n");
-            for f in fns {
-                let src = crate::lua::store::get(c, &f.name, None)?;
-                out.push_str(&format!("-- {} (version {})\n{}\n", f.name, f.version, clip(&src.source, 4000)));
+            for (name, version, source) in fns {
+                out.push_str(&format!("-- {name} (version {version})\n{}\n", clip(&source, 4000)));
             }
         }
         Ok(out)
@@ -255,15 +286,15 @@ impl Generator {
             };
             out.input_tokens += reply.usage.input_tokens;
             out.output_tokens += reply.usage.output_tokens;
-            let (outcome, error, checks, feedback, bundle) =
-                self.verify(&reply.text, &branch).await;
+            let v = self.verify(&reply.text, &branch).await;
+            let outcome = v.outcome;
             out.branch = Some(branch.clone())
                 .filter(|_| outcome != "invalid_answer" && outcome != "invalid_bundle");
             let r = Round {
                 round,
                 outcome: outcome.to_string(),
-                error,
-                checks,
+                error: v.error,
+                checks: v.checks,
                 input_tokens: reply.usage.input_tokens,
                 output_tokens: reply.usage.output_tokens,
                 elapsed_ms: started.elapsed().as_millis() as u64,
@@ -272,13 +303,14 @@ impl Generator {
                 .await?;
             progress(&r);
             out.rounds.push(r);
-            if let Some(b) = bundle {
+            if let Some(b) = v.bundle {
                 verified = Some(b);
                 break;
             }
             messages.push(Message::assistant(reply.text));
             messages.push(Message::user(format!(
-                "Round {round} failed ({outcome}). Fix the bundle and answer with the complete corrected bundle JSON.\n\n{feedback}{}",
+                "Round {round} failed ({outcome}). Fix the bundle and answer with the complete corrected bundle JSON.\n\n{}{}",
+                v.feedback,
                 if reply.truncated { "\nNote: your answer was cut off at the token limit; keep it shorter." } else { "" }
             )));
         }
@@ -311,67 +343,37 @@ impl Generator {
         Ok(out)
     }
 
-    /// Verify one answer in a fresh branch: (outcome, error, checks, feedback, verified bundle).
-    async fn verify(
-        &self,
-        answer: &str,
-        branch: &str,
-    ) -> (
-        &'static str,
-        Option<String>,
-        Vec<CheckResult>,
-        String,
-        Option<Bundle>,
-    ) {
+    /// Verify one answer in a fresh branch.
+    async fn verify(&self, answer: &str, branch: &str) -> Verdict {
         // The previous round's branch goes first: a branch always holds the latest attempt.
         let _ = self.branches.delete(branch).await;
         let Some(text) = extract_json(answer) else {
-            let e = "the answer contains no JSON object".to_string();
-            return ("invalid_answer", Some(e.clone()), vec![], e, None);
+            return Verdict::failed("invalid_answer", "the answer contains no JSON object");
         };
         let b = match Bundle::from_json(text) {
             Ok(b) => b,
-            Err(e) => {
-                return (
-                    "invalid_bundle",
-                    Some(e.message.clone()),
-                    vec![],
-                    e.message,
-                    None,
-                );
-            }
+            Err(e) => return Verdict::failed("invalid_bundle", e.message),
         };
         if b.checks.is_empty() {
-            let e = "the bundle has no checks: add example checks and property checks".to_string();
-            return ("invalid_bundle", Some(e.clone()), vec![], e, None);
-        }
-        if let Err(e) = self.branches.create(branch).await {
-            return (
-                "apply_failed",
-                Some(e.message.clone()),
-                vec![],
-                e.message,
-                None,
+            return Verdict::failed(
+                "invalid_bundle",
+                "the bundle has no checks: add example checks and property checks",
             );
         }
-        let storage = match self.branches.get(branch).await {
-            Ok(s) => s,
-            Err(e) => {
-                return (
-                    "apply_failed",
-                    Some(e.message.clone()),
-                    vec![],
-                    e.message,
-                    None,
-                );
-            }
+        let storage = match self.branches.create(branch).await {
+            Ok(_) => match self.branches.get(branch).await {
+                Ok(s) => s,
+                Err(e) => return Verdict::failed("apply_failed", e.message),
+            },
+            Err(e) => return Verdict::failed("apply_failed", e.message),
         };
         if let Err(e) = bundle::apply(&storage, vec![b.clone()], None, None).await {
-            let fb = format!(
+            let mut v = Verdict::failed("apply_failed", e.message);
+            v.feedback = format!(
                 "Applying the bundle failed (nothing of it was kept): {}",
-                e.message
+                v.feedback
             );
-            return ("apply_failed", Some(e.message), vec![], fb, None);
+            return v;
         }
         let env = CheckEnv {
             storage,
@@ -379,23 +381,28 @@ impl Generator {
             lua: self.lua,
             rt: tokio::runtime::Handle::current(),
         };
-        let results = bundle::run_checks(&env, &b).await;
-        let failed = results.iter().filter(|r| !r.ok).count();
+        let checks = bundle::run_checks(&env, &b).await;
+        let failed = checks.iter().filter(|r| !r.ok).count();
         if failed > 0 {
-            let fb = format!(
-                "{failed} of {} checks failed:\n{}",
-                results.len(),
-                bundle::describe_failures(&results)
-            );
-            return (
-                "checks_failed",
-                Some(format!("{failed} check(s) failed")),
-                results,
-                fb,
-                None,
-            );
+            return Verdict {
+                outcome: "checks_failed",
+                error: Some(format!("{failed} check(s) failed")),
+                feedback: format!(
+                    "{failed} of {} checks failed:\n{}",
+                    checks.len(),
+                    bundle::describe_failures(&checks)
+                ),
+                checks,
+                bundle: None,
+            };
         }
-        ("verified", None, results, String::new(), Some(b))
+        Verdict {
+            outcome: "verified",
+            error: None,
+            checks,
+            feedback: String::new(),
+            bundle: Some(b),
+        }
     }
 
     /// One `ai` row in the posterity log per model call (tokens, attempts, time, outcome).

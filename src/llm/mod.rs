@@ -227,7 +227,8 @@ impl LlmClient {
                 return Err(err);
             }
             let backoff = Duration::from_millis(500u64.saturating_mul(1 << (attempt - 1).min(6)));
-            let jitter = Duration::from_millis(u64::from(rand_u16()) % 250);
+            let r = crate::auth::secrets::random_bytes(2);
+            let jitter = Duration::from_millis(u64::from(u16::from_le_bytes([r[0], r[1]])) % 250);
             let wait = wait
                 .unwrap_or(backoff + jitter)
                 .min(Duration::from_secs(60));
@@ -320,12 +321,6 @@ impl LlmClient {
             }
         }
     }
-}
-
-fn rand_u16() -> u16 {
-    let mut b = [0u8; 2];
-    let _ = getrandom::fill(&mut b);
-    u16::from_le_bytes(b)
 }
 
 /// At most `n` characters of `s`, marked when cut.

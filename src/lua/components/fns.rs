@@ -9,6 +9,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use mlua::{Function, Lua, Value};
 
@@ -58,8 +59,6 @@ fn load(lua: &Lua, env: &Env, name: &str) -> mlua::Result<Function> {
         },
     }
 }
-
-use std::sync::Arc;
 
 impl Component for Fns {
     fn name(&self) -> &'static str {
