@@ -64,7 +64,15 @@ pub struct Config {
     pub posterity: PosteritySettings,
     /// Continuous backup to S3 or a directory; `None` when no `replicate_url` is set.
     pub replication: Option<ReplicationSettings>,
+    /// Module sections (`[name]` tables of ichibase.toml, with `ICHIBASE_<NAME>__<KEY>`
+    /// environment overrides applied); each module reads its own with [`Config::section`].
+    pub sections: std::collections::BTreeMap<String, toml::Table>,
 }
+
+/// Sections a module owns in ichibase.toml. A module declares its settings once, as a struct
+/// with `#[serde(default, deny_unknown_fields)]` and a `Default`, and reads them with
+/// [`Config::section`]; adding a section is one line here.
+pub const SECTIONS: &[&str] = &["http", "sql_guard", "auth_guard", "ws_limits", "analytics", "traces"];
 
 /// Which wire protocol the model provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -302,11 +310,26 @@ impl Default for Config {
             generate: GenerateSettings::default(),
             posterity: PosteritySettings::default(),
             replication: None,
+            sections: Default::default(),
         }
     }
 }
 
 impl Config {
+    /// A module's settings section: the `[name]` table of the config file with its environment
+    /// overrides, over the struct's defaults. Unknown keys and wrong types are errors naming the
+    /// section.
+    pub fn section<T: serde::de::DeserializeOwned + Default>(&self, name: &str) -> anyhow::Result<T> {
+        debug_assert!(SECTIONS.contains(&name), "section {name} is not registered in SECTIONS");
+        match self.sections.get(name) {
+            None => Ok(T::default()),
+            Some(t) => t
+                .clone()
+                .try_into()
+                .with_context(|| format!("in the [{name}] section of the configuration")),
+        }
+    }
+
     /// The SQLite database file of the app.
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("ichibase.db")
@@ -504,9 +527,28 @@ pub struct Settings {
 impl Settings {
     /// Read one TOML layer.
     pub fn from_toml_file(path: &Path) -> anyhow::Result<Settings> {
+        Ok(Self::from_toml_file_with_sections(path)?.0)
+    }
+
+    /// Read one TOML layer and its module sections (`[name]` tables named in [`SECTIONS`]).
+    pub fn from_toml_file_with_sections(path: &Path) -> anyhow::Result<(Settings, Sections)> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config file {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+        let mut table: toml::Table = toml::from_str(&text)
+            .with_context(|| format!("parsing config file {}", path.display()))?;
+        let mut sections = Sections::new();
+        for name in SECTIONS {
+            match table.remove(*name) {
+                Some(toml::Value::Table(t)) => {
+                    sections.insert(name.to_string(), t);
+                }
+                Some(_) => bail!("{}: `{name}` must be a [{name}] table", path.display()),
+                None => {}
+            }
+        }
+        let settings = Settings::deserialize(table)
+            .with_context(|| format!("parsing config file {}", path.display()))?;
+        Ok((settings, sections))
     }
 
     /// Fill every unset field of `self` from `lower`.
@@ -695,6 +737,7 @@ impl Settings {
                     },
                 }),
             },
+            sections: Default::default(),
         };
         if !(cfg.llm.timeout_secs > 0.0 && cfg.llm.timeout_secs.is_finite())
             || cfg.llm.max_tokens == 0
@@ -783,23 +826,87 @@ fn parse_key(k: &str) -> anyhow::Result<[u8; 32]> {
 /// Resolve the layers: `flags_and_env` (from clap) over the TOML file over defaults.
 /// An explicit `config_file` must exist; otherwise `./ichibase.toml` is read when present.
 pub fn load(flags_and_env: Settings, config_file: Option<&Path>) -> anyhow::Result<Config> {
-    let file_layer = match config_file {
-        Some(p) => Settings::from_toml_file(p)?,
+    let (file_layer, mut sections) = match config_file {
+        Some(p) => Settings::from_toml_file_with_sections(p)?,
         None => {
             let p = Path::new("ichibase.toml");
             if p.exists() {
-                Settings::from_toml_file(p)?
+                Settings::from_toml_file_with_sections(p)?
             } else {
-                Settings::default()
+                Default::default()
             }
         }
     };
-    flags_and_env.or(file_layer).resolve()
+    apply_section_env(&mut sections, std::env::vars())?;
+    let mut cfg = flags_and_env.or(file_layer).resolve()?;
+    cfg.sections = sections;
+    Ok(cfg)
+}
+
+/// Module sections by name.
+pub type Sections = std::collections::BTreeMap<String, toml::Table>;
+
+/// `ICHIBASE_<SECTION>__<KEY>=value` sets `key` of `[section]`; the value is read as a TOML
+/// value (`30`, `true`, `1.5`, `["a"]`) and otherwise taken as a string.
+fn apply_section_env(
+    sections: &mut Sections,
+    vars: impl Iterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
+    for (k, v) in vars {
+        let Some(rest) = k.strip_prefix("ICHIBASE_") else { continue };
+        let Some((sec, key)) = rest.split_once("__") else { continue };
+        let sec = sec.to_ascii_lowercase();
+        if !SECTIONS.contains(&sec.as_str()) {
+            bail!("{k}: there is no [{sec}] section (sections: {})", SECTIONS.join(", "));
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or(toml::Value::String(v));
+        sections
+            .entry(sec)
+            .or_default()
+            .insert(key.to_ascii_lowercase(), value);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Debug, Default, serde::Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Demo {
+        max_connections: u32,
+        name: String,
+    }
+
+    #[test]
+    fn module_sections_from_file_and_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ichibase.toml");
+        std::fs::write(&p, "readers = 3\n[http]\nmax_connections = 5\nname = \"a\"\n").unwrap();
+        let (settings, mut sections) = Settings::from_toml_file_with_sections(&p).unwrap();
+        assert_eq!(settings.readers, Some(3));
+        apply_section_env(
+            &mut sections,
+            [("ICHIBASE_HTTP__MAX_CONNECTIONS".to_string(), "7".to_string())].into_iter(),
+        )
+        .unwrap();
+        let mut cfg = Config::default();
+        cfg.sections = sections;
+        let d: Demo = cfg.section("http").unwrap();
+        assert_eq!(d, Demo { max_connections: 7, name: "a".into() });
+        let d: Demo = cfg.section("traces").unwrap();
+        assert_eq!(d, Demo::default());
+        assert!(apply_section_env(&mut Sections::new(), [("ICHIBASE_NOPE__X".to_string(), "1".to_string())].into_iter()).is_err());
+        std::fs::write(&p, "[http]\nmax_conections = 5\n").unwrap();
+        let (_, sections) = Settings::from_toml_file_with_sections(&p).unwrap();
+        cfg.sections = sections;
+        let err = format!("{:#}", cfg.section::<Demo>("http").unwrap_err());
+        assert!(err.contains("[http]") && err.contains("max_conections"), "{err}");
+    }
 
     #[test]
     fn layers_apply_in_order() {

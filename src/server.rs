@@ -82,7 +82,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         &config.data_dir,
         &StorageOptions::from_config(&config),
     ));
+    let http = Arc::new(apis::limits::HttpLimits::new(config.section("http")?)?);
     let state = AppState {
+        http,
         storage: storage.clone(),
         auth,
         lua: lua_options(&config),

@@ -1039,3 +1039,88 @@ async fn adversarial_suite() {
     eprintln!("{attempts} attack attempts refused or contained");
     assert!(attempts >= 40);
 }
+
+/// Issue 12.1: SQLite compiles every expression of an UPDATE/DELETE on a view with the view as
+/// the authorizer's accessor. None of these may read what the caller's role cannot read, over
+/// HTTP or from Lua, and none may serve as a yes/no oracle through `written_rows`.
+#[tokio::test]
+async fn writes_through_policy_views_cannot_read_other_tables() {
+    let (s, admin, alice, _bob) = notes_app(&[]).await;
+    let base = &s.url;
+    let alice_first: String = sql_ok(&alice.client, base, "SELECT min(id) FROM my_notes")
+        .await
+        .trim()
+        .to_string();
+    let id = alice_first.as_str();
+    let attacks = [
+        format!("UPDATE my_notes SET body=(SELECT group_concat(email||' '||password_hash,' | ') FROM _ichibase_users) FROM (SELECT 1) AS d WHERE my_notes.id={id}"),
+        format!("UPDATE my_notes SET body=(SELECT group_concat(email||' '||password_hash,' | ') FROM _ichibase_users) WHERE id={id}"),
+        format!("UPDATE my_notes SET body=(SELECT group_concat(body, ',') FROM notes) WHERE id={id}"),
+        format!("UPDATE my_notes SET body=x.body FROM notes AS x WHERE my_notes.id={id} AND x.body LIKE 'BOB-SECRET%'"),
+        format!("UPDATE my_notes SET body=x.body FROM team_docs AS x WHERE my_notes.id={id}"),
+        format!("UPDATE my_notes SET body=(VALUES ((SELECT password_hash FROM _ichibase_users LIMIT 1))) WHERE id={id}"),
+        format!("UPDATE my_notes SET body='x' WHERE id={id} RETURNING (SELECT group_concat(body, ',') FROM notes)"),
+        format!("WITH s AS (SELECT group_concat(body, ',') AS b FROM notes) UPDATE my_notes SET body=(SELECT b FROM s) WHERE id={id}"),
+        format!("UPDATE my_notes SET body='oracle' WHERE id={id} AND (SELECT count(*) FROM notes WHERE body LIKE 'BOB-SECRET%') > 0"),
+        format!("UPDATE my_notes SET body='oracle' WHERE id={id} AND EXISTS (SELECT 1 FROM _ichibase_users WHERE email LIKE 'bob%')"),
+        format!("UPDATE my_notes SET body='oracle' WHERE id={id} AND body IN _ichibase_meta"),
+        format!("UPDATE my_notes SET body='oracle' WHERE id={id} AND 'x' IN json_each((SELECT group_concat(body) FROM notes))"),
+        "DELETE FROM my_notes WHERE id=999999 OR (SELECT count(*) FROM notes WHERE body LIKE 'BOB-SECRET%') > 100".to_string(),
+        "DELETE FROM my_notes WHERE id IN (SELECT id FROM notes WHERE body LIKE 'BOB-SECRET%')".to_string(),
+        "DELETE FROM main.my_notes WHERE EXISTS (SELECT 1 FROM _ichibase_users)".to_string(),
+        "WITH x(v) AS (VALUES (1)) DELETE FROM my_notes WHERE id IN x".to_string(),
+        format!("UPDATE \"my_notes\" SET body=(SELECT group_concat(body) FROM team_docs) WHERE id={id}"),
+        format!("UPDATE OR ABORT My_Notes SET body=(SELECT group_concat(body) FROM notes) WHERE id={id}"),
+    ];
+    let before = sql_ok(&alice.client, base, "SELECT group_concat(body, '|') FROM my_notes").await;
+    for sql in &attacks {
+        let r = post(&alice.client, base, &[], sql).await;
+        assert_eq!(r.status, 403, "{sql} must be refused: {}", r.body);
+        assert!(!r.body.contains("BOB-SECRET") && !r.body.contains("argon2"), "{sql}: {}", r.body);
+        let summary = r.header("x-clickhouse-summary").unwrap_or("");
+        assert!(!summary.contains("\"written_rows\":\"1\""), "{sql}: {summary}");
+    }
+    let after = sql_ok(&alice.client, base, "SELECT group_concat(body, '|') FROM my_notes").await;
+    assert_eq!(before, after, "nothing was written");
+    for leak in ["BOB-SECRET", "argon2", "bob@example.com", "red plan"] {
+        assert!(!after.contains(leak), "{leak} leaked: {after}");
+    }
+
+    // The same through Lua's db.exec / db.query, run as the caller.
+    let r = common::put_fn(
+        &admin,
+        base,
+        "sneaky",
+        "return function(input) return db.exec(input.sql, {}) end",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for sql in &attacks[..6] {
+        let r = common::call_fn(&alice.client, base, "sneaky", json!({ "sql": sql })).await;
+        assert_ne!(r.status, 200, "Lua {sql}: {}", r.body);
+        assert!(r.body.contains("through the view"), "Lua {sql}: {}", r.body);
+    }
+    let after = sql_ok(&alice.client, base, "SELECT group_concat(body, '|') FROM my_notes").await;
+    assert_eq!(before, after, "nothing was written from Lua");
+
+    // Ordinary writes through the view still work, with the view's columns and functions.
+    let r = post(
+        &alice.client,
+        base,
+        &[("param_id", id)],
+        "UPDATE my_notes SET body = upper(body) || ' ' || length(body) WHERE id = {id:Int64} AND body IS NOT DISTINCT FROM body",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.header("x-clickhouse-summary").unwrap().contains("\"written_rows\":\"1\""));
+    let r = post(&alice.client, base, &[], "DELETE FROM my_notes WHERE id IN (1, 2, 3) AND body LIKE 'alice note 2'").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A view granted only for select cannot be written through, whatever the accessor.
+    let r = post(&anon_client(), base, &[], "DELETE FROM public_notes").await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = post(&anon_client(), base, &[], "UPDATE public_notes SET body = 'x'").await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    // The admin is not restricted.
+    let r = post(&admin, base, &[], &format!("UPDATE my_notes SET body=(SELECT 'by admin') WHERE id={id}")).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}

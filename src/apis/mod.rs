@@ -10,6 +10,7 @@ mod auth;
 mod branches;
 mod functions;
 mod generate;
+pub mod limits;
 mod sql;
 mod ws;
 
@@ -40,6 +41,8 @@ pub struct AppState {
     pub posterity: crate::posterity::Posterity,
     /// The WAL replicator when replication is configured.
     pub replication: Option<crate::replication::Replicator>,
+    /// The `[http]` limits and their shared counters.
+    pub http: Arc<limits::HttpLimits>,
 }
 
 /// The identity of a request from its headers (JSON error response when the credentials are bad).

@@ -113,6 +113,7 @@ fn parse_request(
             max_query_size: lim.max_query_size,
             buffer_size: cfg.http_buffer_size,
             log: st.posterity.sink(),
+            spool: st.http.spool(),
         },
         max_execution_time: lim.max_execution_time,
         wants_json: headers

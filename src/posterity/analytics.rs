@@ -650,7 +650,8 @@ pub fn start(
                 return;
             }
         };
-        let mut out = Output::new(format, &settings, ctx.started, Some(tx.clone()));
+        let spool = crate::sql::spool::Spool::new(tx.clone(), settings.spool.clone());
+        let mut out = Output::new(format, &settings, ctx.started, Some(spool));
         let out_cell = std::cell::RefCell::new(&mut out);
         let r = execute(
             &p,
@@ -661,11 +662,22 @@ pub fn start(
             &mut |cols| out_cell.borrow_mut().header(cols),
             &mut |row| out_cell.borrow_mut().row(row),
         );
+        // A slow client's chunks drain on the runtime, not on this thread.
+        let rt = tokio::runtime::Handle::current();
         match r {
-            Ok(_) => out.finish(),
-            Err(e) => {
-                let _ = tx.blocking_send(Msg::Error(e));
+            Ok(_) => {
+                if let Some((spool, last)) = out.finish() {
+                    rt.spawn(spool.drain(last));
+                }
             }
+            Err(e) => match out.take_spool() {
+                Some(spool) if !spool.is_idle() => {
+                    rt.spawn(spool.drain(Msg::Error(e)));
+                }
+                _ => {
+                    let _ = tx.blocking_send(Msg::Error(e));
+                }
+            },
         }
     });
     (format, rx)

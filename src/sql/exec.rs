@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use super::format::{self, Column, Format, Stats};
 use super::input;
 use super::params;
+use super::spool::Spool;
 use super::parse::{self, InsertTarget, quote_ident};
 use crate::core::{Error, ErrorCode, RequestContext, Result};
 use crate::storage::{Authz, ExecControl, Storage};
@@ -47,6 +48,8 @@ pub struct QuerySettings {
     pub buffer_size: usize,
     /// Where statement-level rows of the posterity log go.
     pub log: crate::posterity::Sink,
+    /// Bounds of the queue between a streaming query and a slow client.
+    pub spool: super::spool::SpoolLimits,
 }
 
 /// ClickHouse's `X-ClickHouse-Summary` counters.
@@ -94,6 +97,7 @@ pub(crate) struct Bound {
     pub(crate) verb: String,
     pub(crate) ctes: Vec<String>,
     pub(crate) or_replace: bool,
+    pub(crate) write_target: Option<parse::WriteTarget>,
 }
 
 impl Bound {
@@ -104,6 +108,7 @@ impl Bound {
             verb: st.verb,
             ctes: st.ctes,
             or_replace: st.or_replace,
+            write_target: st.write_target,
         }
     }
 }
@@ -298,7 +303,11 @@ async fn run(
         let statements = plan.statements.clone();
         let format = plan.format;
         let authz = Arc::clone(storage.authz());
-        let needs_writer = storage
+        // Chunks a slow client has not taken yet, handed out of the reader so that the
+        // connection goes back to the pool before the network is waited for.
+        let leftover: Arc<std::sync::Mutex<Option<(Spool, Option<Msg>)>>> = Arc::default();
+        let slot = Arc::clone(&leftover);
+        let read = storage
             .read(ctx, Arc::clone(&control), move |conn| {
                 check_role_rules(&authz, is_admin, &statements)?;
                 if statements.len() == 1 && !conn.prepare_cached(&statements[0].sql)?.readonly() {
@@ -308,7 +317,8 @@ async fn run(
                         Ok(true)
                     };
                 }
-                let mut out = Output::new(format, &s, started, Some(tx2));
+                let spool = Spool::new(tx2, s.spool.clone());
+                let mut out = Output::new(format, &s, started, Some(spool));
                 let r = if statements.len() == 1 {
                     run_statement(
                         conn,
@@ -323,14 +333,31 @@ async fn run(
                     let _ = conn.execute_batch("ROLLBACK");
                     r
                 };
-                // Errors go back through storage, which maps interrupts and authorizer denials.
-                r?;
-                out.finish();
+                match r {
+                    Ok(()) => *slot.lock().unwrap() = out.finish().map(|(sp, m)| (sp, Some(m))),
+                    Err(e) => {
+                        *slot.lock().unwrap() = out.take_spool().map(|sp| (sp, None));
+                        // Errors go back through storage, which maps interrupts and
+                        // authorizer denials.
+                        return Err(e);
+                    }
+                }
                 Ok(false)
             })
-            .await?;
-        if !needs_writer {
-            return Ok(());
+            .await;
+        let leftover = leftover.lock().unwrap().take();
+        match (read, leftover) {
+            (Ok(false), Some((spool, Some(last)))) => {
+                spool.drain(last).await;
+                return Ok(());
+            }
+            (Err(e), Some((spool, _))) if !spool.is_idle() => {
+                spool.drain(Msg::Error(e)).await;
+                return Ok(());
+            }
+            (Ok(false), _) => return Ok(()),
+            (Ok(true), _) => {}
+            (Err(e), _) => return Err(e),
         }
     } else if settings.readonly {
         return Err(readonly_error());
@@ -387,12 +414,28 @@ async fn run(
 ///   view, trigger *or CTE* as the accessor);
 /// - REPLACE conflict resolution carries into the INSTEAD OF triggers of policy views, where it
 ///   would delete rows the role cannot see;
-/// - VACUUM (and `VACUUM INTO 'file'`) is the admin's.
+/// - VACUUM (and `VACUUM INTO 'file'`) is the admin's;
+/// - SQLite compiles *every* expression of an UPDATE/DELETE on a view (SET, FROM, WHERE,
+///   RETURNING) with the view as the accessor, so the authorizer cannot tell the view's own reads
+///   from the caller's: such a statement may only use the view's columns, literals, parameters and
+///   functions. Subqueries, CTEs, `UPDATE ... FROM` and `IN table` are refused; read first, then
+///   write with the values.
 pub(crate) fn check_role_rules(authz: &Authz, is_admin: bool, statements: &[Bound]) -> Result<()> {
     if is_admin {
         return Ok(());
     }
     for b in statements {
+        if let Some(t) = &b.write_target {
+            if t.reads_other && authz.is_view(&t.name) {
+                return Err(Error::new(
+                    ErrorCode::AccessDenied,
+                    format!(
+                        "An UPDATE or DELETE through the view '{}' may only use the view's own columns, values and parameters: subqueries, CTEs, UPDATE ... FROM and IN <table> are not allowed for this role (read first, then write with the values)",
+                        t.name
+                    ),
+                ));
+            }
+        }
         if let Some(name) = b.ctes.iter().find(|n| authz.is_schema_object(n)) {
             return Err(Error::new(
                 ErrorCode::AccessDenied,
@@ -584,7 +627,7 @@ pub(crate) struct Output<'s> {
     settings: &'s QuerySettings,
     started: Instant,
     /// `None` on the writer: everything is buffered and sent after commit.
-    tx: Option<mpsc::Sender<Msg>>,
+    tx: Option<Spool>,
     streaming: bool,
     /// A result set was started (header written), so a footer belongs at the end.
     has_header: bool,
@@ -598,7 +641,7 @@ impl<'s> Output<'s> {
         format: Format,
         settings: &'s QuerySettings,
         started: Instant,
-        tx: Option<mpsc::Sender<Msg>>,
+        tx: Option<Spool>,
     ) -> Self {
         Output {
             writer: format::Writer::new(format, settings.quote_i64),
@@ -670,19 +713,20 @@ impl<'s> Output<'s> {
             return Ok(());
         }
         self.elapsed();
-        let tx = self.tx.as_ref().expect("checked above");
+        let summary = self.summary;
+        let tx = self.tx.as_mut().expect("checked above");
         let bytes = Bytes::from(std::mem::replace(
             &mut self.buf,
             Vec::with_capacity(CHUNK + 4096),
         ));
         self.streaming = true;
-        tx.blocking_send(Msg::Data(bytes, self.summary))
-            .map_err(|_| {
-                Error::new(
-                    ErrorCode::QueryWasCancelled,
-                    "Client went away while the result was streaming",
-                )
-            })
+        // Never blocks: a slow client's chunks queue in the spool, not on this connection.
+        tx.push(bytes, summary)
+    }
+
+    /// The spool, when the query failed: chunks already queued still go out before the error.
+    pub(crate) fn take_spool(&mut self) -> Option<Spool> {
+        self.tx.take()
     }
 
     fn write_footer(&mut self) {
@@ -698,15 +742,14 @@ impl<'s> Output<'s> {
         self.writer.footer(&stats, &mut self.buf);
     }
 
-    /// Finish on a reader: send the rest as `Done`.
-    pub(crate) fn finish(mut self) {
+    /// Finish on a reader: send the rest as `Done`. When a slow client still has chunks
+    /// queued, the spool and the final message come back to be drained once the connection is
+    /// free again.
+    pub(crate) fn finish(mut self) -> Option<(Spool, Msg)> {
         self.write_footer();
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.blocking_send(Msg::Done(
-                Bytes::from(std::mem::take(&mut self.buf)),
-                self.summary,
-            ));
-        }
+        let mut spool = self.tx.take()?;
+        let last = Msg::Done(Bytes::from(std::mem::take(&mut self.buf)), self.summary);
+        spool.try_finish(last).map(|m| (spool, m))
     }
 
     /// Finish on the writer: the whole answer, sent after commit.

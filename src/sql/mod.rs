@@ -11,6 +11,7 @@ pub mod input;
 pub mod lexer;
 pub mod params;
 pub mod parse;
+pub mod spool;
 
 pub use exec::{Msg, QuerySettings, Summary};
 pub use format::Format;

@@ -29,6 +29,19 @@ pub struct Statement {
     /// The statement asks for the REPLACE conflict resolution (`REPLACE INTO`,
     /// `INSERT OR REPLACE`, `UPDATE OR REPLACE`), which SQLite also applies inside triggers.
     pub or_replace: bool,
+    /// For `UPDATE`/`DELETE` (after an optional `WITH`): the target's name, unquoted and without
+    /// its schema, and whether the statement could read anything but the target: a subquery
+    /// (`SELECT`/`VALUES`), a CTE, `UPDATE ... FROM`, or `IN table`. SQLite compiles every part
+    /// of an UPDATE/DELETE on a *view* with the view as the authorizer's accessor, so such reads
+    /// would pass as the view's own; the SQL layer refuses them for non-admin roles.
+    pub write_target: Option<WriteTarget>,
+}
+
+/// Target of an UPDATE or DELETE statement; see [`Statement::write_target`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteTarget {
+    pub name: String,
+    pub reads_other: bool,
 }
 
 /// Target of an `INSERT ... FORMAT X` with data.
@@ -297,7 +310,79 @@ fn finish(text: &str, start: usize, end: usize, toks: &[Token]) -> Result<Statem
         verb,
         ctes: cte_names(text, toks),
         or_replace,
+        write_target: write_target(text, toks),
     })
+}
+
+/// Find the target of an UPDATE/DELETE and whether anything else could be read; see
+/// [`Statement::write_target`]. Conservative: when in doubt, `reads_other` is true.
+fn write_target(text: &str, toks: &[Token]) -> Option<WriteTarget> {
+    let first = toks.first()?;
+    let with = first.is_word(text, "WITH");
+    // The main verb: the first depth-0 UPDATE/DELETE (CTE bodies are inside parentheses).
+    let mut depth = 0i64;
+    let mut verb_at = None;
+    for (i, t) in toks.iter().enumerate() {
+        match t.kind {
+            TokKind::LParen => depth += 1,
+            TokKind::RParen => depth -= 1,
+            TokKind::Word if depth == 0 => {
+                if t.is_word(text, "UPDATE") || t.is_word(text, "DELETE") {
+                    verb_at = Some(i);
+                    break;
+                }
+                if t.is_word(text, "SELECT")
+                    || t.is_word(text, "INSERT")
+                    || t.is_word(text, "REPLACE")
+                    || t.is_word(text, "VALUES")
+                {
+                    return None;
+                }
+            }
+            _ => {}
+        }
+        if !with && i > 0 {
+            return None;
+        }
+    }
+    let v = verb_at?;
+    let is_update = toks[v].is_word(text, "UPDATE");
+    let mut i = v + 1;
+    if is_update {
+        if toks.get(i).is_some_and(|t| t.is_word(text, "OR")) {
+            i += 2;
+        }
+    } else if toks.get(i).is_some_and(|t| t.is_word(text, "FROM")) {
+        i += 1;
+    }
+    let is_name = |t: &Token| matches!(t.kind, TokKind::Word | TokKind::QuotedIdent);
+    let mut name = unquote(toks.get(i).filter(|t| is_name(t))?.text(text));
+    let mut target_end = i + 1;
+    if toks.get(i + 1).is_some_and(|t| t.kind == TokKind::Punct && t.text(text) == ".") {
+        name = unquote(toks.get(i + 2).filter(|t| is_name(t))?.text(text));
+        target_end = i + 3;
+    }
+    let mut reads_other = with;
+    for (k, t) in toks.iter().enumerate() {
+        if t.kind != TokKind::Word {
+            continue;
+        }
+        if t.is_word(text, "SELECT") || t.is_word(text, "VALUES") {
+            reads_other = true;
+        }
+        // `UPDATE v ... FROM x` and a second FROM in DELETE; `IS [NOT] DISTINCT FROM` is not one.
+        if t.is_word(text, "FROM")
+            && k >= target_end
+            && !(k > 0 && toks[k - 1].is_word(text, "DISTINCT"))
+        {
+            reads_other = true;
+        }
+        // `x IN table` / `x IN schema.table` / `x IN table_function(...)`.
+        if t.is_word(text, "IN") && toks.get(k + 1).is_some_and(|n| is_name(n)) {
+            reads_other = true;
+        }
+    }
+    Some(WriteTarget { name, reads_other })
 }
 
 /// Every `name [(cols)] AS [NOT] [MATERIALIZED] (` in the statement: the names of its CTEs
@@ -397,6 +482,30 @@ mod tests {
         );
         let p = parse("SELECT CAST(x AS TEXT) FROM t").unwrap();
         assert!(p.statements[0].ctes.is_empty());
+    }
+
+    #[test]
+    fn write_targets() {
+        let t = |sql: &str| parse(sql).unwrap().statements[0].write_target.clone();
+        let plain = |name: &str| Some(WriteTarget { name: name.into(), reads_other: false });
+        let reads = |name: &str| Some(WriteTarget { name: name.into(), reads_other: true });
+        assert_eq!(t("UPDATE my_notes SET body = upper(body) WHERE id = 1"), plain("my_notes"));
+        assert_eq!(t("update or abort main.\"My Notes\" set a=1"), plain("My Notes"));
+        assert_eq!(t("DELETE FROM v WHERE a IS NOT DISTINCT FROM b"), plain("v"));
+        assert_eq!(t("DELETE FROM v WHERE id IN (1, 2)"), plain("v"));
+        assert_eq!(t("UPDATE v SET b = (SELECT x FROM s)"), reads("v"));
+        assert_eq!(t("UPDATE v SET b = d.x FROM (SELECT 1 AS x) AS d"), reads("v"));
+        assert_eq!(t("UPDATE v SET b = 1 FROM s"), reads("v"));
+        assert_eq!(t("DELETE FROM v WHERE id IN s"), reads("v"));
+        assert_eq!(t("DELETE FROM v WHERE id IN main.s"), reads("v"));
+        assert_eq!(t("DELETE FROM v WHERE id IN json_each('[1]')"), reads("v"));
+        assert_eq!(t("DELETE FROM v WHERE EXISTS (VALUES (1))"), reads("v"));
+        assert_eq!(t("UPDATE v SET b = 1 RETURNING (SELECT 1)"), reads("v"));
+        assert_eq!(t("WITH c AS (SELECT 1) UPDATE v SET b = 1"), reads("v"));
+        assert_eq!(t("WITH c(x) AS (SELECT 1) DELETE FROM v"), reads("v"));
+        assert_eq!(t("SELECT * FROM v"), None);
+        assert_eq!(t("INSERT INTO v SELECT 1"), None);
+        assert_eq!(t("WITH c AS (SELECT 1) SELECT * FROM c"), None);
     }
 
     #[test]

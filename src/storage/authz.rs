@@ -233,6 +233,11 @@ impl Authz {
         s.views.contains(&n) || s.triggers.contains(&n)
     }
 
+    /// True when `name` is a view.
+    pub fn is_view(&self, name: &str) -> bool {
+        self.snap.read().unwrap().views.contains(&name.to_ascii_lowercase())
+    }
+
     /// Decide one authorizer callback for a non-admin `role`; `Err` carries the reason.
     pub fn decide(&self, role: &str, a: &AuthContext<'_>) -> Result<(), String> {
         let s = self.snap.read().unwrap();
@@ -242,11 +247,17 @@ impl Authz {
                 return Ok(());
             }
             if s.views.contains(&acc_l) {
-                return if s.allows(role, &acc_l, SELECT) {
-                    Ok(())
-                } else {
-                    Err(format!("role '{role}' may not read view {acc}"))
-                };
+                if !s.allows(role, &acc_l, SELECT) {
+                    return Err(format!("role '{role}' may not read view {acc}"));
+                }
+                // What the granted view reads is the admin's decision; a write is never
+                // covered by it (the view's INSTEAD OF triggers run as their own accessor).
+                match &a.action {
+                    AuthAction::Insert { .. }
+                    | AuthAction::Update { .. }
+                    | AuthAction::Delete { .. } => {}
+                    _ => return Ok(()),
+                }
             }
             // Otherwise the accessor is a CTE of the statement itself: judge it as top-level SQL.
         }

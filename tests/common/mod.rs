@@ -199,3 +199,20 @@ pub async fn ok(c: &reqwest::Client, base: &str, sql: &str) -> String {
     assert_eq!(r.status, 200, "{sql}: {}", r.body);
     r.body
 }
+
+/// Deploy a Lua function (`PUT /fn/{name}`).
+pub async fn put_fn(c: &reqwest::Client, base: &str, name: &str, src: &str) -> Resp {
+    read(c.put(format!("{base}/fn/{name}")).body(src.to_string()).send().await.unwrap()).await
+}
+
+/// Call a Lua function (`POST /fn/{name}`) with a JSON input.
+pub async fn call_fn(c: &reqwest::Client, base: &str, name: &str, input: serde_json::Value) -> Resp {
+    read(
+        c.post(format!("{base}/fn/{name}"))
+            .body(input.to_string())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
