@@ -46,6 +46,10 @@ pub enum ErrorCode {
     LlmNotConfigured,
     /// A bundle's migrations or checks failed when verified.
     CheckFailed,
+    /// A rate or concurrency limit of the caller (identity or address) was reached; retry later.
+    TooManyRequests,
+    /// A memory budget (per request or server-wide) would be exceeded.
+    MemoryLimitExceeded,
     Internal,
 }
 
@@ -86,6 +90,8 @@ impl ErrorCode {
             LlmUnavailable => 1020,
             LlmNotConfigured => 1021,
             CheckFailed => 1022,
+            TooManyRequests => 202,
+            MemoryLimitExceeded => 241,
         }
     }
 
@@ -125,6 +131,8 @@ impl ErrorCode {
             LlmUnavailable => "LLM_UNAVAILABLE",
             LlmNotConfigured => "LLM_NOT_CONFIGURED",
             CheckFailed => "CHECK_FAILED",
+            TooManyRequests => "TOO_MANY_SIMULTANEOUS_QUERIES",
+            MemoryLimitExceeded => "MEMORY_LIMIT_EXCEEDED",
         }
     }
 
@@ -149,6 +157,8 @@ impl ErrorCode {
             UnknownTable | UnknownFunction | UnknownFormat | UnknownSetting | UnknownDatabase
             | NotFound => 404,
             TimeoutExceeded => 408,
+            TooManyRequests => 429,
+            MemoryLimitExceeded => 503,
             ConstraintViolation => 409,
             RequestTooLarge => 413,
             QueryWasCancelled => 499,
