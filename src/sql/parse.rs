@@ -356,9 +356,17 @@ fn write_target(text: &str, toks: &[Token]) -> Option<WriteTarget> {
         i += 1;
     }
     let is_name = |t: &Token| matches!(t.kind, TokKind::Word | TokKind::QuotedIdent);
-    let mut name = unquote(toks.get(i).filter(|t| is_name(t))?.text(text));
+    // The lexer keeps `main.t` (and `main.` before a quoted name) in one word.
+    let head = toks.get(i).filter(|t| is_name(t))?;
+    let mut name = match head.kind {
+        TokKind::Word => head.text(text).rsplit('.').next().unwrap_or("").to_string(),
+        _ => unquote(head.text(text)),
+    };
     let mut target_end = i + 1;
-    if toks.get(i + 1).is_some_and(|t| t.kind == TokKind::Punct && t.text(text) == ".") {
+    if name.is_empty() {
+        name = unquote(toks.get(i + 1).filter(|t| is_name(t))?.text(text));
+        target_end = i + 2;
+    } else if toks.get(i + 1).is_some_and(|t| t.kind == TokKind::Punct && t.text(text) == ".") {
         name = unquote(toks.get(i + 2).filter(|t| is_name(t))?.text(text));
         target_end = i + 3;
     }
@@ -492,6 +500,9 @@ mod tests {
         assert_eq!(t("UPDATE my_notes SET body = upper(body) WHERE id = 1"), plain("my_notes"));
         assert_eq!(t("update or abort main.\"My Notes\" set a=1"), plain("My Notes"));
         assert_eq!(t("DELETE FROM v WHERE a IS NOT DISTINCT FROM b"), plain("v"));
+        assert_eq!(t("DELETE FROM main.v WHERE EXISTS (SELECT 1)"), reads("v"));
+        assert_eq!(t("DELETE FROM \"main\".v"), plain("v"));
+        assert_eq!(t("DELETE FROM main.\"V w\""), plain("V w"));
         assert_eq!(t("DELETE FROM v WHERE id IN (1, 2)"), plain("v"));
         assert_eq!(t("UPDATE v SET b = (SELECT x FROM s)"), reads("v"));
         assert_eq!(t("UPDATE v SET b = d.x FROM (SELECT 1 AS x) AS d"), reads("v"));
