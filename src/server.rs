@@ -83,8 +83,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         &StorageOptions::from_config(&config),
     ));
     let http = Arc::new(apis::limits::HttpLimits::new(config.section("http")?)?);
+    let sql_guard = Arc::new(apis::limits::SqlGuard::new(config.section("sql_guard")?, config.readers)?);
+    sql_guard.apply_heap_limit();
     let state = AppState {
         http,
+        sql_guard,
         storage: storage.clone(),
         auth,
         lua: lua_options(&config),

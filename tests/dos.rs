@@ -134,3 +134,201 @@ async fn a_slow_reader_still_gets_its_whole_answer() {
     assert!(text.contains("200000\t00000000000000000000000000000000000000000000200000\n"));
     assert!(!text.contains("Exception"), "the answer ended cleanly");
 }
+
+async fn grant(c: &reqwest::Client, base: &str, object: &str, role: &str, privileges: &[&str]) {
+    let r = c
+        .post(format!("{base}/admin/grants"))
+        .json(&serde_json::json!({"object": object, "role": role, "privileges": privileges}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// A query any role may run that takes far longer than its deadline: a 10^12-row cross join of
+/// table-valued functions over literals.
+const ENDLESS: &str = "SELECT count(*) FROM json_each('[' || replace(hex(zeroblob(9999)), '00', '0,') || '0]') a, \
+     json_each('[' || replace(hex(zeroblob(9999)), '00', '0,') || '0]') b, \
+     json_each('[' || replace(hex(zeroblob(9999)), '00', '0,') || '0]') c";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_only_batches_never_take_the_writer() {
+    let s = Server::start(&["--readers", "4"]);
+    let base = s.url.clone();
+    let c = client();
+    common::ok(&c, &base, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)").await;
+    let b2 = base.clone();
+    let batch = tokio::spawn(async move {
+        let sql = format!("SELECT 1; {ENDLESS}");
+        post(
+            &common::anon_client(),
+            &b2,
+            &[("transaction", "1"), ("max_execution_time", "8")],
+            &sql,
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    for i in 0..5 {
+        let r = post(&c, &base, &[], &format!("INSERT INTO t(v) VALUES ('w{i}')")).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let took = t.elapsed();
+    let r = batch.await.unwrap();
+    assert_eq!(r.status, 408, "the batch ran until its deadline: {}", r.body);
+    assert!(
+        took < Duration::from_secs(6),
+        "inserts waited {took:?} behind a read-only batch (before the fix: the batch held the writer for 8 s)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_identity_cannot_take_the_whole_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        &["--readers", "4", "--signup-open", "true"],
+        &[("ICHIBASE_SQL_GUARD__QUEUE_WAIT_SECS", "1")],
+    );
+    let base = s.url.clone();
+    // Eight CPU-heavy anonymous queries at once, each allowed to run 10 s.
+    let mut heavy = Vec::new();
+    for _ in 0..8 {
+        let b = base.clone();
+        heavy.push(tokio::spawn(async move {
+            post(&common::anon_client(), &b, &[("max_execution_time", "10")], ENDLESS).await
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A signed-in user and the admin still get answers at once.
+    let r = reqwest::Client::new()
+        .post(format!("{base}/auth/signup"))
+        .json(&serde_json::json!({"email": "carol@example.com", "password": "correct horse battery staple"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let token = r.json::<serde_json::Value>().await.unwrap()["access_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let user = common::client_with_token(&token);
+    let mut times = Vec::new();
+    for _ in 0..10 {
+        for c in [&user, &client()] {
+            let t = Instant::now();
+            let r = post(c, &base, &[], "SELECT 42").await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            times.push(t.elapsed());
+        }
+    }
+    times.sort();
+    let worst = *times.last().unwrap();
+    assert!(worst < Duration::from_secs(5), "small queries took up to {worst:?} during the flood");
+    let mut refused = 0;
+    for h in heavy {
+        let r = h.await.unwrap();
+        match r.status {
+            429 => {
+                refused += 1;
+                assert_eq!(r.header("retry-after"), Some("1"));
+                assert!(r.body.contains("max_anon_queries"), "{}", r.body);
+            }
+            408 => {}
+            other => panic!("unexpected {other}: {}", r.body),
+        }
+    }
+    assert!(refused >= 4, "at most half the pool ran anonymous work ({refused} refused)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_cannot_hold_the_writer_for_long() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        &[],
+        &[("ICHIBASE_SQL_GUARD__WRITE_TIMEOUT_SECS", "2")],
+    );
+    let base = s.url.clone();
+    let c = client();
+    common::ok(&c, &base, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)").await;
+    grant(&c, &base, "t", "anon", &["select", "insert"]).await;
+    let b2 = base.clone();
+    let started = Instant::now();
+    let hog = tokio::spawn(async move {
+        post(
+            &common::anon_client(),
+            &b2,
+            &[("max_execution_time", "30")],
+            "INSERT INTO t(v) SELECT a.key FROM json_each('[' || replace(hex(zeroblob(9999)), '00', '0,') || '0]') a, \
+             json_each('[' || replace(hex(zeroblob(9999)), '00', '0,') || '0]') b",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = post(&c, &base, &[], "INSERT INTO t(v) VALUES ('admin')").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = hog.await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.status, 408, "{}", r.body);
+    assert!(r.body.contains("write_timeout_secs"), "{}", r.body);
+    assert!(took < Duration::from_secs(30), "the write held the writer {took:?}");
+    assert_eq!(common::ok(&c, &base, "SELECT count(*) FROM t").await.trim(), "1", "rolled back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_is_bounded_per_statement_and_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        &[],
+        &[("ICHIBASE_SQL_GUARD__MAX_BUFFERED_RESULT_BYTES", "1048576")],
+    );
+    let base = s.url.clone();
+    let c = client();
+    let anon = common::anon_client();
+    for sql in [
+        "SELECT length(randomblob(600000000))",
+        "SELECT length(zeroblob(1000000000))",
+        "SELECT length(printf('%.*c', 900000000, 'x'))",
+        "SELECT length(hex(randomblob(40000000)))",
+        "SELECT length(replace(printf('%.*c', 1000000, 'x'), 'x', printf('%.*c', 100, 'y')))",
+    ] {
+        let before = s.rss();
+        let r = post(&anon, &base, &[], sql).await;
+        assert_ne!(r.status, 200, "{sql}: {}", r.body);
+        assert!(r.body.contains("too big") || r.body.contains("TOO_MANY") || r.body.contains("too large"), "{sql}: {}", r.body);
+        assert!(s.rss() < before + (200 << 20), "{sql} grew the server by {} MB", (s.rss() - before) >> 20);
+    }
+    // Answers held whole in memory are capped: RETURNING on the writer, wait_end_of_query=1.
+    common::ok(&c, &base, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)").await;
+    let r = post(
+        &c,
+        &base,
+        &[],
+        "INSERT INTO t(v) SELECT printf('%01000d', x) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 5000) SELECT x FROM c) RETURNING v",
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("max_buffered_result_bytes"), "{}", r.body);
+    assert_eq!(common::ok(&c, &base, "SELECT count(*) FROM t").await.trim(), "0", "rolled back");
+    let r = post(
+        &c,
+        &base,
+        &[("wait_end_of_query", "1")],
+        "SELECT printf('%01000d', x) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 5000) SELECT x FROM c)",
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    // Without wait_end_of_query the same answer streams.
+    let r = post(
+        &c,
+        &base,
+        &[],
+        "SELECT printf('%01000d', x) FROM (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c LIMIT 5000) SELECT x FROM c)",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.lines().count(), 5000);
+}

@@ -7,7 +7,6 @@
 //! (JSON body → the function's argument, its return value → the JSON answer),
 //! `GET /trace/{id}`, `GET /trace/{id}/hover?name=x[&step=N]`.
 
-use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -45,8 +44,9 @@ macro_rules! try_resp {
     };
 }
 
+/// Look-ups wait for a connection at most 30 s, never without a deadline.
 fn no_deadline() -> std::sync::Arc<ExecControl> {
-    ExecControl::new(Instant::now(), 0.0)
+    ExecControl::lookup()
 }
 
 async fn list(State(st): State<AppState>, h: HeaderMap) -> Response {

@@ -1,14 +1,19 @@
-//! The `[http]` section: limits of the HTTP front (connections, timeouts, streaming to slow
-//! clients, fair use of the database per identity) and the state they share across requests.
+//! The `[http]` and `[sql_guard]` sections: limits of the HTTP front (connections, timeouts,
+//! streaming to slow clients) and of SQL requests (fair share of the connection pool per
+//! identity, how long a write may hold the writer, value and buffer sizes, SQLite's heap), and
+//! the state they share across requests.
 //!
 //! Owns these settings and their counters; it does not serve requests itself.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::core::{Error, ErrorCode, RequestContext, Role};
 use crate::sql::spool::SpoolLimits;
 
 /// `[http]` in ichibase.toml (or `ICHIBASE_HTTP__<KEY>`).
@@ -69,6 +74,132 @@ impl HttpLimits {
             total: Arc::clone(&self.spooled),
             total_limit: s.spool_total,
             send_timeout: Duration::from_secs_f64(s.send_timeout_secs),
+        }
+    }
+}
+
+/// `[sql_guard]` in ichibase.toml (or `ICHIBASE_SQL_GUARD__<KEY>`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqlGuardSettings {
+    /// Seconds a non-admin write may hold the single writer once it starts (the rest of the
+    /// request's `max_execution_time` does not extend it).
+    pub write_timeout_secs: f64,
+    /// Largest string or blob a non-admin statement may build (`randomblob`, `zeroblob`,
+    /// concatenation), bytes.
+    pub max_value_bytes: usize,
+    /// Largest answer held whole in memory (writes with RETURNING, `wait_end_of_query=1`),
+    /// bytes; larger answers of reads stream.
+    pub max_buffered_result_bytes: usize,
+    /// SQLite's hard heap limit for the whole process, bytes (0: none). An allocation over it
+    /// fails the statement with MEMORY_LIMIT_EXCEEDED instead of growing the process.
+    pub sqlite_heap_limit: i64,
+    /// Queries one identity (a user, or a non-admin API key) may run at once; 0: half the reader
+    /// pool (at least 1). The admin is not limited.
+    pub max_queries_per_identity: usize,
+    /// Queries all anonymous clients together may run at once; 0: half the reader pool.
+    pub max_anon_queries: usize,
+    /// Seconds a query waits for its identity's turn before 429 TOO_MANY_SIMULTANEOUS_QUERIES.
+    pub queue_wait_secs: f64,
+}
+
+impl Default for SqlGuardSettings {
+    fn default() -> Self {
+        SqlGuardSettings {
+            write_timeout_secs: 5.0,
+            max_value_bytes: 64 << 20,
+            max_buffered_result_bytes: 64 << 20,
+            sqlite_heap_limit: 2 << 30,
+            max_queries_per_identity: 0,
+            max_anon_queries: 0,
+            queue_wait_secs: 5.0,
+        }
+    }
+}
+
+/// Per-identity concurrency of SQL requests: a semaphore per identity, so that no single
+/// client (and not all anonymous clients together) can occupy the whole connection pool.
+#[derive(Debug)]
+pub struct SqlGuard {
+    pub settings: SqlGuardSettings,
+    per_identity: usize,
+    anon: usize,
+    slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl SqlGuard {
+    pub fn new(settings: SqlGuardSettings, readers: usize) -> anyhow::Result<SqlGuard> {
+        let pos = |v: f64| v > 0.0 && v.is_finite();
+        anyhow::ensure!(
+            pos(settings.write_timeout_secs) && pos(settings.queue_wait_secs),
+            "[sql_guard] write_timeout_secs and queue_wait_secs must be positive numbers of seconds"
+        );
+        anyhow::ensure!(
+            settings.max_value_bytes >= 1024 && settings.max_buffered_result_bytes >= 1024,
+            "[sql_guard] max_value_bytes and max_buffered_result_bytes must be at least 1024"
+        );
+        anyhow::ensure!(
+            settings.sqlite_heap_limit == 0 || settings.sqlite_heap_limit >= 64 << 20,
+            "[sql_guard] sqlite_heap_limit must be 0 (none) or at least 64 MiB"
+        );
+        let half = (readers / 2).max(1);
+        let pick = |v: usize| if v == 0 { half } else { v };
+        Ok(SqlGuard {
+            per_identity: pick(settings.max_queries_per_identity),
+            anon: pick(settings.max_anon_queries),
+            settings,
+            slots: Mutex::default(),
+        })
+    }
+
+    /// Install the process-wide SQLite heap limit.
+    pub fn apply_heap_limit(&self) {
+        if self.settings.sqlite_heap_limit > 0 {
+            // SAFETY: sets a process-wide SQLite setting; safe to call at any time.
+            unsafe { rusqlite::ffi::sqlite3_hard_heap_limit64(self.settings.sqlite_heap_limit) };
+        }
+    }
+
+    /// How long a non-admin write may hold the writer.
+    pub fn write_limit(&self, ctx: &RequestContext) -> Option<Duration> {
+        (!ctx.is_admin()).then(|| Duration::from_secs_f64(self.settings.write_timeout_secs))
+    }
+
+    /// Largest value a statement of `ctx` may build (0: SQLite's default, for the admin).
+    pub fn value_limit(&self, ctx: &RequestContext) -> usize {
+        if ctx.is_admin() { 0 } else { self.settings.max_value_bytes }
+    }
+
+    /// Wait for the caller's turn; `None` for the admin (not limited).
+    pub async fn admit(&self, ctx: &RequestContext) -> Result<Option<OwnedSemaphorePermit>, Error> {
+        let (key, n) = match (&ctx.role, &ctx.user_id) {
+            (Role::Admin, _) => return Ok(None),
+            (Role::Anon, _) => ("anon".to_string(), self.anon),
+            (_, Some(u)) => (format!("user:{u}"), self.per_identity),
+            (r, None) => (
+                format!("role:{}:{}", r.as_str(), ctx.session_id.as_deref().unwrap_or("")),
+                self.per_identity,
+            ),
+        };
+        let sem = {
+            let mut slots = self.slots.lock().unwrap();
+            // Forget identities with nothing running (keeps the map small).
+            if slots.len() > 4096 {
+                slots.retain(|_, s| Arc::strong_count(s) > 1 || s.available_permits() == 0);
+            }
+            Arc::clone(slots.entry(key).or_insert_with(|| Arc::new(Semaphore::new(n))))
+        };
+        let wait = Duration::from_secs_f64(self.settings.queue_wait_secs);
+        match tokio::time::timeout(wait, sem.acquire_owned()).await {
+            Ok(Ok(p)) => Ok(Some(p)),
+            _ => Err(Error::new(
+                ErrorCode::TooManyRequests,
+                format!(
+                    "Too many simultaneous queries for this {}: at most {n} at once ({} in the [sql_guard] section); retry later",
+                    if ctx.role == Role::Anon { "server's anonymous clients" } else { "identity" },
+                    if ctx.role == Role::Anon { "max_anon_queries" } else { "max_queries_per_identity" },
+                ),
+            )),
         }
     }
 }

@@ -43,6 +43,8 @@ pub struct AppState {
     pub replication: Option<crate::replication::Replicator>,
     /// The `[http]` limits and their shared counters.
     pub http: Arc<limits::HttpLimits>,
+    /// The `[sql_guard]` limits: fair share of the pool, write and memory bounds.
+    pub sql_guard: Arc<limits::SqlGuard>,
 }
 
 /// The identity of a request from its headers (JSON error response when the credentials are bad).

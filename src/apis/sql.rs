@@ -114,6 +114,7 @@ fn parse_request(
             buffer_size: cfg.http_buffer_size,
             log: st.posterity.sink(),
             spool: st.http.spool(),
+            max_buffered: st.sql_guard.settings.max_buffered_result_bytes,
         },
         max_execution_time: lim.max_execution_time,
         wants_json: headers
@@ -333,10 +334,26 @@ pub async fn serve(
             }
         }
     };
-    let control = ExecControl::new(ctx.started, req.max_execution_time);
+    let control = ExecControl::for_request(
+        ctx.started,
+        req.max_execution_time,
+        st.sql_guard.value_limit(&ctx),
+        st.sql_guard.write_limit(&ctx),
+    );
     let guard = CancelOnDrop(Arc::clone(&control));
+    // A fair share of the connection pool per identity (all anonymous clients count as one).
+    let turn = match st.sql_guard.admit(&ctx).await {
+        Ok(t) => t,
+        Err(e) => {
+            log(&ctx, &method, e.code.http_status(), None, Some(&e));
+            let mut r = error_response(&e, req.wants_json, Some(&ctx.query_id));
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return r;
+        }
+    };
     let (format, mut rx) = match engine {
-        Engine::Sqlite => exec::start(storage, ctx.clone(), control, text, req.settings),
+        Engine::Sqlite => exec::start(storage, ctx.clone(), control, text, req.settings, turn),
         Engine::Analytics => crate::posterity::analytics::start(
             st.posterity.clone(),
             ctx.clone(),

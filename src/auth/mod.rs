@@ -232,11 +232,7 @@ impl Auth {
         R: Send + 'static,
     {
         self.storage
-            .read(
-                &RequestContext::system(),
-                ExecControl::new(Instant::now(), 0.0),
-                f,
-            )
+            .read(&RequestContext::system(), ExecControl::lookup(), f)
             .await
     }
 

@@ -50,6 +50,8 @@ pub struct QuerySettings {
     pub log: crate::posterity::Sink,
     /// Bounds of the queue between a streaming query and a slow client.
     pub spool: super::spool::SpoolLimits,
+    /// Largest answer held whole in memory (on the writer, or with `wait_end_of_query=1`).
+    pub max_buffered: usize,
 }
 
 /// ClickHouse's `X-ClickHouse-Summary` counters.
@@ -159,6 +161,7 @@ pub fn start(
     control: Arc<ExecControl>,
     text: String,
     settings: QuerySettings,
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> (Format, mpsc::Receiver<Msg>) {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     let plan = plan(&text, &settings);
@@ -170,7 +173,7 @@ pub fn start(
     };
     tokio::spawn(async move {
         let result = match plan {
-            Ok(plan) => run(&storage, &ctx, control, plan, settings, tx.clone()).await,
+            Ok(plan) => run(&storage, &ctx, control, plan, settings, tx.clone(), turn).await,
             Err(e) => Err(e),
         };
         if let Err(e) = result {
@@ -291,13 +294,16 @@ async fn run(
     plan: Plan,
     settings: QuerySettings,
     tx: mpsc::Sender<Msg>,
+    mut turn: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<()> {
     let started = ctx.started;
     let is_admin = ctx.is_admin();
     let slog = StmtLog::new(settings.log.clone(), ctx);
     let slog2 = slog.clone();
     // Single statements and read-only transactions try a reader first.
-    if plan.insert.is_none() && (plan.statements.len() == 1 || settings.readonly) {
+    // Batches (`transaction=1`) whose every statement only reads run there too: reading never
+    // takes the single writer.
+    if plan.insert.is_none() {
         let s = settings.clone();
         let tx2 = tx.clone();
         let statements = plan.statements.clone();
@@ -316,6 +322,18 @@ async fn run(
                     } else {
                         Ok(true)
                     };
+                }
+                if statements.len() > 1 {
+                    for b in &statements {
+                        // A statement that needs an earlier one's effect (a table it creates)
+                        // does not prepare here: the writer runs the batch and reports.
+                        match conn.prepare_cached(&b.sql) {
+                            Ok(st) if st.readonly() => {}
+                            Ok(_) if s.readonly => return Err(readonly_error()),
+                            Err(e) if s.readonly => return Err(e.into()),
+                            _ => return Ok(true),
+                        }
+                    }
                 }
                 let spool = Spool::new(tx2, s.spool.clone());
                 let mut out = Output::new(format, &s, started, Some(spool));
@@ -346,6 +364,11 @@ async fn run(
             })
             .await;
         let leftover = leftover.lock().unwrap().take();
+        if !matches!(read, Ok(true)) {
+            // The database work is over: the caller's turn goes to the next query while a slow
+            // client is still being served.
+            turn = None;
+        }
         match (read, leftover) {
             (Ok(false), Some((spool, Some(last)))) => {
                 spool.drain(last).await;
@@ -366,7 +389,7 @@ async fn run(
     let s = settings.clone();
     let format = plan.format;
     let authz = Arc::clone(storage.authz());
-    let (body, summary) = storage
+    let written = storage
         .write(ctx, control, move |conn| {
             check_role_rules(&authz, is_admin, &plan.statements)?;
             if let Some((target, _)) = &plan.insert {
@@ -404,7 +427,9 @@ async fn run(
             r?;
             Ok(out.into_buffer())
         })
-        .await?;
+        .await;
+    drop(turn);
+    let (body, summary) = written?;
     let _ = tx.send(Msg::Done(body, summary)).await;
     Ok(())
 }
@@ -683,6 +708,15 @@ impl<'s> Output<'s> {
             ));
         }
         self.flush()?;
+        if self.buf.len() > s.max_buffered {
+            return Err(Error::new(
+                ErrorCode::MemoryLimitExceeded,
+                format!(
+                    "The answer held in memory exceeds {} bytes (max_buffered_result_bytes in the [sql_guard] section): a write's RETURNING rows and wait_end_of_query=1 answers are held whole; stream a SELECT instead",
+                    s.max_buffered
+                ),
+            ));
+        }
         Ok(true)
     }
 

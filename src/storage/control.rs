@@ -23,8 +23,15 @@ pub struct ExecControl {
     pub max_execution_time: f64,
     /// Largest string or blob SQLite may build for this execution (0: SQLite's default).
     pub value_limit: usize,
+    /// Longest this execution may hold the single writer once its write job starts (`None`:
+    /// only the overall deadline applies). Set for non-admin requests so one client cannot
+    /// keep everyone's writes waiting until the global time-out.
+    pub write_limit: Option<Duration>,
+    /// The writer-hold deadline, set when the write job starts.
+    write_deadline: Mutex<Option<Instant>>,
     cancelled: AtomicBool,
     timed_out: AtomicBool,
+    write_timed_out: AtomicBool,
 }
 
 impl ExecControl {
@@ -36,9 +43,39 @@ impl ExecControl {
             deadline,
             max_execution_time,
             value_limit: 0,
+            write_limit: None,
+            write_deadline: Mutex::new(None),
             cancelled: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
+            write_timed_out: AtomicBool::new(false),
         })
+    }
+
+    /// Limits of a request's own work: the overall deadline, a cap on value sizes (0: SQLite's
+    /// default) and on how long a write job may hold the writer (`None`: no cap).
+    pub fn for_request(
+        start: Instant,
+        max_execution_time: f64,
+        value_limit: usize,
+        write_limit: Option<Duration>,
+    ) -> Arc<Self> {
+        let mut c = Arc::into_inner(Self::new(start, max_execution_time)).expect("fresh");
+        c.value_limit = value_limit;
+        c.write_limit = write_limit;
+        Arc::new(c)
+    }
+
+    /// The engine's own look-ups done for a request (identities, function sources): they wait
+    /// for a connection at most this long, never without a deadline.
+    pub fn lookup() -> Arc<Self> {
+        Self::new(Instant::now(), LOOKUP_SECS)
+    }
+
+    /// Called when the write job starts on the writer: from now on the write limit runs.
+    pub fn begin_write(&self) {
+        if let Some(l) = self.write_limit {
+            *self.write_deadline.lock().unwrap() = Some(Instant::now() + l);
+        }
     }
 
     /// The same limits with a cap on the size of values SQLite builds (e.g. `zeroblob(1e9)`).
@@ -65,6 +102,14 @@ impl ExecControl {
         if self.cancelled.load(Ordering::Relaxed) {
             return true;
         }
+        if self.write_limit.is_some() {
+            if let Some(d) = *self.write_deadline.lock().unwrap() {
+                if Instant::now() >= d {
+                    self.write_timed_out.store(true, Ordering::Relaxed);
+                    return true;
+                }
+            }
+        }
         if let Some(d) = self.deadline {
             if Instant::now() >= d {
                 self.timed_out.store(true, Ordering::Relaxed);
@@ -85,6 +130,15 @@ impl ExecControl {
 
     /// The error to report once [`should_stop`](Self::should_stop) fired.
     pub fn stop_error(&self) -> Error {
+        if self.write_timed_out.load(Ordering::Relaxed) && !self.is_cancelled() {
+            return Error::new(
+                ErrorCode::TimeoutExceeded,
+                format!(
+                    "Timeout exceeded: a write may hold the database writer for at most {} seconds (write_timeout_secs in the [sql_guard] section); the transaction was rolled back",
+                    self.write_limit.unwrap_or_default().as_secs_f64()
+                ),
+            );
+        }
         if self.timed_out.load(Ordering::Relaxed)
             || (!self.is_cancelled() && self.deadline.is_some_and(|d| Instant::now() >= d))
         {
@@ -127,6 +181,9 @@ pub struct ConnState {
     /// statement cache is flushed whenever the role changes.
     last_role: Mutex<Option<String>>,
 }
+
+/// Seconds an engine look-up for a request waits for a connection at most.
+const LOOKUP_SECS: f64 = 30.0;
 
 /// SQLite's default SQLITE_LIMIT_LENGTH (restored for executions without a value limit).
 const DEFAULT_MAX_LENGTH: i32 = 1_000_000_000;

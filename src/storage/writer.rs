@@ -58,6 +58,7 @@ impl Writer {
         let (done_tx, done_rx) = oneshot::channel();
         let job_control = Arc::clone(&control);
         let job: Job = Box::new(move |conn, st| {
+            job_control.begin_write();
             let out = match job_control.check() {
                 Ok(()) => match st.check_out(conn, ctx, Arc::clone(&job_control)) {
                     Ok(()) => f(conn).map_err(|e| job_control.map_error(st.explain(e))),
