@@ -187,7 +187,9 @@ async fn branch_queries_bundles_merge_and_delete() {
     let r = post(&c, &s.url, &[], "SELECT tags FROM notes").await;
     assert_eq!(r.status, 400, "no such column on live: {}", r.body);
     let (_, info) = api(&c, "GET", format!("{}/branches/try-tags", s.url), None).await;
-    assert_eq!(info["pending_bundles"], json!(["tags"]));
+    assert_eq!(info["pending_bundles"].as_array().unwrap().len(), 1, "{info}");
+    assert_eq!(info["pending_bundles"][0]["name"], "tags");
+    assert_eq!(info["pending_bundles"][0]["checks_ok"], true);
 
     // A failing bundle is rolled back in the branch and reported with its check details.
     let mut broken = bundle.clone();
@@ -330,4 +332,83 @@ async fn branch_queries_bundles_merge_and_delete() {
     let (_, list) = api(&c, "GET", format!("{}/branches", s.url), None).await;
     assert_eq!(list["branches"], json!([]));
     assert!(!s.data_dir.join("branches/b2.db").exists());
+}
+
+/// Issue 14.1: "verified before it goes live" holds at merge: a bundle whose checks fail on the
+/// branch is not merged unless an admin forces it, and the override is recorded.
+#[tokio::test(flavor = "multi_thread")]
+async fn merge_refuses_bundles_whose_checks_fail() {
+    let s = Server::start(&[]);
+    let c = client();
+    ok(&c, &s.url, "CREATE TABLE items (id INTEGER PRIMARY KEY, n INTEGER NOT NULL)").await;
+    let (st, _) = api(&c, "POST", format!("{}/branches", s.url), Some(json!({"name": "b"}))).await;
+    assert_eq!(st, 200);
+    // No checks at all: refused at apply.
+    let (st, r) = api(
+        &c,
+        "POST",
+        format!("{}/branches/b/apply", s.url),
+        Some(json!({"name": "unchecked", "functions": [{"name": "f", "source": "return function() return 1 end"}]})),
+    )
+    .await;
+    assert_eq!(st, 400, "{r}");
+    assert!(r.to_string().contains("at least one check"), "{r}");
+    let (st, r) = api(
+        &c,
+        "POST",
+        format!("{}/branches/b/apply", s.url),
+        Some(json!({"name": "double", "checks": [],
+            "functions": [{"name": "double", "source": "return function(i) return {n = i.n * 3} end"}]})),
+    )
+    .await;
+    assert_eq!(st, 400, "empty checks are no checks: {r}");
+    // A bundle whose check fails is applied to the branch (to inspect) but reported failing.
+    let (st, r) = api(
+        &c,
+        "POST",
+        format!("{}/branches/b/apply", s.url),
+        Some(json!({"name": "double",
+            "functions": [{"name": "double", "source": "return function(i) return {n = i.n * 3} end"}],
+            "checks": [{"name": "doubles two", "function": "double", "input": {"n": 2}, "expect": {"n": 4}}]})),
+    )
+    .await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["ok"], false, "{r}");
+    let (_, info) = api(&c, "GET", format!("{}/branches/b", s.url), None).await;
+    assert_eq!(info["pending_bundles"][0]["name"], "double", "{info}");
+    assert_eq!(info["pending_bundles"][0]["checks_ok"], false, "{info}");
+    // Merge refuses, naming the bundle and the check; nothing goes live.
+    let (st, r) = api(&c, "POST", format!("{}/branches/b/merge", s.url), None).await;
+    assert_eq!(st, 422, "{r}");
+    let msg = r.to_string();
+    assert!(msg.contains("double") && msg.contains("doubles two") && msg.contains("CHECK_FAILED"), "{msg}");
+    let (st, _) = api(&c, "POST", format!("{}/fn/double", s.url), Some(json!({"n": 2}))).await;
+    assert_eq!(st, 404, "the function did not go live");
+    let (st, _) = api(&c, "GET", format!("{}/branches/b", s.url), None).await;
+    assert_eq!(st, 200, "a refused merge keeps the branch");
+    // An explicit override merges and is recorded.
+    let (st, r) = api(&c, "POST", format!("{}/branches/b/merge?force=1", s.url), None).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["override"]["forced"], true, "{r}");
+    assert_eq!(
+        ok(&c, &s.url, "SELECT count(*) FROM _ichibase_meta WHERE key LIKE 'merge_override:b:%'").await.trim(),
+        "1"
+    );
+
+    // A bundle that passed when applied but is broken by a later one is refused at merge.
+    let (st, _) = api(&c, "POST", format!("{}/branches", s.url), Some(json!({"name": "c2"}))).await;
+    assert_eq!(st, 200);
+    let good = json!({"name": "count", "functions": [{"name": "count_items", "source": "return function() return db.one('SELECT count(*) AS n FROM items') end"}],
+        "checks": [{"name": "counts", "function": "count_items", "input": {}, "expect": {"n": 0}}]});
+    let (st, r) = api(&c, "POST", format!("{}/branches/c2/apply", s.url), Some(good)).await;
+    assert_eq!((st, r["ok"].clone()), (200, json!(true)), "{r}");
+    let breaker = json!({"name": "rename", "migrations": ["ALTER TABLE items RENAME TO things"],
+        "checks": [{"name": "things exist", "lua": "assert(db.one('SELECT count(*) AS n FROM things').n == 0)"}]});
+    let (st, r) = api(&c, "POST", format!("{}/branches/c2/apply", s.url), Some(breaker)).await;
+    assert_eq!((st, r["ok"].clone()), (200, json!(true)), "{r}");
+    let (st, r) = api(&c, "POST", format!("{}/branches/c2/merge", s.url), None).await;
+    assert_eq!(st, 422, "{r}");
+    assert!(r.to_string().contains("counts"), "{r}");
+    let r = post(&c, &s.url, &[], "SELECT count(*) FROM things").await;
+    assert_eq!(r.status, 404, "live untouched: {}", r.body);
 }

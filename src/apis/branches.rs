@@ -2,8 +2,10 @@
 //! (`{"name"}`: take a branch of the live database), `GET /branches/{name}`,
 //! `DELETE /branches/{name}`, `POST /branches/{name}/apply` (a bundle in the body: applied to the
 //! branch in one transaction, then its checks run there), `POST /branches/{name}/merge[?keep=1]`
-//! (replay the branch's bundles on the live database in one transaction). SQL reaches a branch
-//! with `POST /?branch=name` (see `apis::sql`).
+//! (every pending bundle's checks run again on the branch's current state; only if all pass are
+//! the bundles replayed on the live database in one transaction; `force=1` overrides a failure
+//! and the override is recorded). SQL reaches a branch with `POST /?branch=name` (see
+//! `apis::sql`).
 
 use axum::Router;
 use axum::body::Bytes;
@@ -83,14 +85,18 @@ async fn apply(
         let b = Bundle::from_json(text)?;
         let storage = st.branches.get(&name).await?;
         let ids = bundle::apply(&storage, vec![b.clone()], ctx.user_id.clone(), None).await?;
-        let env = CheckEnv {
-            storage,
-            traces: Some(st.storage.clone()),
-            lua: st.lua,
-            rt: tokio::runtime::Handle::current(),
-        };
-        let checks = bundle::run_checks(&env, &b).await;
+        let checks = checks_on_copy(&st, &name, &b).await?;
         let ok = checks.iter().all(|c| c.ok);
+        if let Some(&id) = ids.first() {
+            let failures = (!ok).then(|| bundle::describe_failures(&checks));
+            storage
+                .write(
+                    &crate::core::RequestContext::system(),
+                    crate::storage::ExecControl::lookup(),
+                    move |c| crate::branch::record_checks(c, id, ok, failures.as_deref()),
+                )
+                .await?;
+        }
         Ok(json!({
             "branch": name,
             "bundle_id": ids.first(),
@@ -106,6 +112,62 @@ async fn apply(
 #[derive(Deserialize)]
 struct MergeQuery {
     keep: Option<String>,
+    /// Merge although checks failed (recorded in `_ichibase_meta` as a merge override).
+    force: Option<String>,
+}
+
+fn truthy(v: &Option<String>) -> bool {
+    v.as_deref().is_some_and(|v| v == "1" || v == "true")
+}
+
+/// Run `b`'s checks on a throw-away copy of the branch, so checks never change the branch and
+/// give the same verdict when they run again at merge.
+async fn checks_on_copy(
+    st: &AppState,
+    name: &str,
+    b: &Bundle,
+) -> crate::core::Result<Vec<bundle::CheckResult>> {
+    let scratch = st.branches.scratch(name).await?;
+    let env = CheckEnv {
+        storage: scratch.storage.clone(),
+        traces: Some(st.storage.clone()),
+        lua: st.lua,
+        rt: tokio::runtime::Handle::current(),
+    };
+    let checks = bundle::run_checks(&env, b).await;
+    scratch.discard().await;
+    Ok(checks)
+}
+
+/// Run every pending bundle's checks on the branch as it is now. Returns one entry per bundle:
+/// `{"bundle", "ok", "checks", "failures"}`.
+async fn verify_pending(st: &AppState, name: &str) -> crate::core::Result<Vec<serde_json::Value>> {
+    let storage = st.branches.get(name).await?;
+    let rows = storage
+        .read(
+            &crate::core::RequestContext::system(),
+            crate::storage::ExecControl::lookup(),
+            |c| crate::branch::pending(c, crate::branch::base_of(c)?),
+        )
+        .await?;
+    let mut out = Vec::new();
+    for (_, bname, text) in rows {
+        let b = Bundle::from_json_unchecked(&text)?;
+        if b.checks.is_empty() {
+            out.push(json!({"bundle": bname, "ok": false, "checks": [],
+                "failures": "the bundle has no checks; a bundle needs at least one (docs/bundles.md)"}));
+            continue;
+        }
+        let checks = checks_on_copy(st, name, &b).await?;
+        let ok = checks.iter().all(|c| c.ok);
+        out.push(json!({
+            "bundle": bname,
+            "ok": ok,
+            "checks": checks,
+            "failures": (!ok).then(|| bundle::describe_failures(&checks)),
+        }));
+    }
+    Ok(out)
 }
 
 async fn merge(
@@ -115,10 +177,65 @@ async fn merge(
     Query(q): Query<MergeQuery>,
 ) -> Response {
     let ctx = admin!(st, h);
-    let keep = q.keep.as_deref().is_some_and(|v| v == "1" || v == "true");
-    reply(
-        st.branches
+    let keep = truthy(&q.keep);
+    let force = truthy(&q.force);
+    let r = async {
+        let verdicts = verify_pending(&st, &name).await?;
+        let failed: Vec<&serde_json::Value> = verdicts.iter().filter(|v| v["ok"] != true).collect();
+        if !failed.is_empty() && !force {
+            let what: Vec<String> = failed
+                .iter()
+                .map(|v| {
+                    let bad: Vec<&str> = v["checks"]
+                        .as_array()
+                        .map(|cs| {
+                            cs.iter()
+                                .filter(|c| c["ok"] != true)
+                                .filter_map(|c| c["name"].as_str())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if bad.is_empty() {
+                        format!("bundle '{}' ({})", v["bundle"].as_str().unwrap_or("?"), v["failures"].as_str().unwrap_or("failed"))
+                    } else {
+                        format!("bundle '{}' failed check(s) {}", v["bundle"].as_str().unwrap_or("?"), bad.join(", "))
+                    }
+                })
+                .collect();
+            return Err(Error::new(
+                ErrorCode::CheckFailed,
+                format!(
+                    "Branch '{name}' was not merged: {}. Fix the bundle and apply it again, or merge with force=1 to override (recorded)",
+                    what.join("; ")
+                ),
+            ));
+        }
+        let mut merged = st
+            .branches
             .merge(&name, &st.storage, ctx.user_id.clone(), keep)
-            .await,
-    )
+            .await?;
+        if !failed.is_empty() {
+            // The override is part of the live database's history.
+            let record = json!({
+                "branch": name,
+                "by": ctx.user_id,
+                "at": chrono::Utc::now().to_rfc3339(),
+                "failed": failed,
+            });
+            let key = format!("merge_override:{}:{}", name, uuid::Uuid::new_v4().simple());
+            let value = record.to_string();
+            st.storage
+                .write(&crate::core::RequestContext::system(), crate::storage::ExecControl::lookup(), move |c| {
+                    c.execute("INSERT INTO _ichibase_meta(key, value) VALUES (?1, ?2)", [key, value])?;
+                    Ok(())
+                })
+                .await?;
+            tracing::warn!(branch = %name, by = ?ctx.user_id, "branch merged with failing checks (force=1)");
+            merged["override"] = json!({"forced": true, "failed": failed});
+        }
+        merged["checks"] = json!(verdicts);
+        Ok(merged)
+    }
+    .await;
+    reply(r)
 }

@@ -26,9 +26,52 @@ pub struct BranchInfo {
     pub name: String,
     pub created_at: Option<String>,
     pub bytes: u64,
-    /// Bundles applied to the branch since it was taken (what a merge would replay).
-    pub pending_bundles: Vec<String>,
+    /// Bundles applied to the branch since it was taken (what a merge would replay), each with
+    /// the outcome of its checks when it was applied (a merge runs them again).
+    pub pending_bundles: Vec<PendingBundle>,
     pub open: bool,
+}
+
+/// A bundle waiting in a branch.
+#[derive(Debug, Clone, Serialize)]
+pub struct PendingBundle {
+    pub id: i64,
+    pub name: String,
+    /// `true`/`false` once its checks ran on the branch (at apply); `null` if they never did.
+    pub checks_ok: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failures: Option<String>,
+}
+
+/// Record the outcome of a bundle's checks in the branch (shown by `pending_bundles`).
+pub fn record_checks(c: &Connection, bundle_id: i64, ok: bool, failures: Option<&str>) -> Result<()> {
+    let v = serde_json::json!({"ok": ok, "failures": failures}).to_string();
+    c.execute(
+        "INSERT INTO _ichibase_meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        rusqlite::params![format!("checks:{bundle_id}"), v],
+    )
+    .map_err(|e| storage_err("recording the checks", e))?;
+    Ok(())
+}
+
+/// A throw-away copy of a branch (see [`Branches::scratch`]).
+pub struct Scratch {
+    pub storage: Storage,
+    path: PathBuf,
+}
+
+impl Scratch {
+    /// Close the copy and delete its files.
+    pub async fn discard(self) {
+        let _ = self.storage.close().await;
+        remove_db_files(&self.path);
+    }
+}
+
+fn remove_db_files(path: &Path) {
+    for ext in ["db", "db-wal", "db-shm"] {
+        let _ = std::fs::remove_file(path.with_extension(ext));
+    }
 }
 
 /// Every branch of one live database.
@@ -57,7 +100,12 @@ impl Branches {
         // Copies a crash interrupted are never complete branches.
         if let Ok(rd) = std::fs::read_dir(data_dir.join("branches")) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().ends_with(".db.partial") {
+                let f = e.file_name().to_string_lossy().to_string();
+                if f.starts_with(".scratch-") {
+                    let _ = std::fs::remove_file(e.path());
+                    continue;
+                }
+                if f.ends_with(".db.partial") {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -135,6 +183,47 @@ impl Branches {
         made?;
         drop(open);
         self.info(name).await
+    }
+
+    /// A throw-away copy of branch `name` as it is now, for checks: they may write whatever
+    /// they like without changing the branch, so running them again (at merge) sees the same
+    /// state. Discard it with [`Scratch::discard`].
+    pub async fn scratch(&self, name: &str) -> Result<Scratch> {
+        self.get(name).await?; // exists, and its WAL is in a consistent state
+        let src = self.path(name);
+        let dest = self
+            .dir
+            .join(format!(".scratch-{}.db", uuid::Uuid::new_v4().simple()));
+        let timeout = self.template.busy_timeout;
+        let d2 = dest.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let c = Connection::open_with_flags(
+                &src,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(|e| storage_err("opening the branch", e))?;
+            c.busy_timeout(timeout)
+                .map_err(|e| storage_err("busy timeout", e))?;
+            c.execute("VACUUM INTO ?1", [d2.to_string_lossy().as_ref()])
+                .map_err(|e| storage_err("copying the branch for its checks", e))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::internal(format!("branch task failed: {e}")))??;
+        let mut opts = self.template.clone();
+        opts.path = dest.clone();
+        let storage = match tokio::task::spawn_blocking(move || Storage::open(&opts)).await {
+            Ok(Ok(s)) => s,
+            other => {
+                remove_db_files(&dest);
+                return Err(match other {
+                    Ok(Err(e)) => storage_err("opening the check copy", e),
+                    Err(e) => Error::internal(format!("branch task failed: {e}")),
+                    Ok(Ok(_)) => unreachable!(),
+                });
+            }
+        };
+        Ok(Scratch { storage, path: dest })
     }
 
     /// The branch's storage, opened on first use.
@@ -285,10 +374,17 @@ fn read_info(path: &Path, name: &str, open: bool) -> Result<BranchInfo> {
     let base: i64 = meta("branch_base_bundle")?
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let pending_bundles = pending(&c, base)?
-        .into_iter()
-        .map(|(_, name, _)| name)
-        .collect();
+    let mut pending_bundles = Vec::new();
+    for (id, name, _) in pending(&c, base)? {
+        let rec: Option<serde_json::Value> = meta(&format!("checks:{id}"))?
+            .and_then(|v| serde_json::from_str(&v).ok());
+        pending_bundles.push(PendingBundle {
+            id,
+            name,
+            checks_ok: rec.as_ref().and_then(|r| r["ok"].as_bool()),
+            failures: rec.as_ref().and_then(|r| r["failures"].as_str().map(str::to_string)),
+        });
+    }
     let bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
         + std::fs::metadata(path.with_extension("db-wal"))
             .map(|m| m.len())
