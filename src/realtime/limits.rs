@@ -297,7 +297,6 @@ mod tests {
             "",
             "http://evil.com",
             "http://127.0.0.1:8081",
-            "https://127.0.0.1:8080",
             "http://127.0.0.1:8080.evil.com",
             "http://127.0.0.1:8080@evil.com",
             "http://evil.com/127.0.0.1:8080",
