@@ -1234,14 +1234,6 @@ async fn per_socket_caps_on_channels_presence_and_subscriptions() {
         assert_eq!(recv(&mut big).await["name"], "ACCESS_DENIED", "not a member");
     }
 
-    // Many joins with big metadata on one socket leave no memory behind.
-    let before = s.rss();
-    for i in 0..100 {
-        send(&mut big, json!({"type": "join", "channel": format!("public:m{i}"), "meta": meta(900_000)})).await;
-        assert_eq!(recv(&mut big).await["type"], "error");
-    }
-    let grown = s.rss().saturating_sub(before);
-    assert!(grown < 45 << 20, "100 refused 900 KB joins grew RSS by {} MB", grown >> 20);
     close(big).await;
 
     // Change subscriptions per socket (the admin too).
@@ -1272,4 +1264,41 @@ async fn per_socket_caps_on_channels_presence_and_subscriptions() {
     ];
     got.sort();
     assert_eq!(got, vec!["s2", "s3"]);
+}
+
+#[tokio::test]
+async fn big_presence_metadata_cannot_pile_up_in_memory() {
+    // Default [ws_limits]: metadata up to 4 KB per join, 100 channels per socket.
+    let s = Server::start(&[]);
+    let base = &s.url;
+    let pad = "x".repeat(900_000);
+    let before = s.rss();
+    // Three anonymous sockets, each trying 40 joins with 900 KB of metadata (108 MB in all).
+    let mut socks = Vec::new();
+    for _ in 0..3 {
+        socks.push(must_connect(base, "", &[]).await.0);
+    }
+    for (n, ws) in socks.iter_mut().enumerate() {
+        for i in 0..40 {
+            send(ws, json!({"type": "join", "channel": format!("public:{n}-{i}"), "meta": {"pad": pad}})).await;
+            let r = recv(ws).await;
+            assert_eq!(r["type"], "error", "900 KB of presence metadata accepted");
+        }
+    }
+    let grown = s.rss().saturating_sub(before);
+    assert!(grown < 45 << 20, "120 refused 900 KB joins grew RSS by {} MB", grown >> 20);
+    // Nobody is listed with it.
+    let (mut probe, _) = must_connect(base, "", &[]).await;
+    send(&mut probe, json!({"type": "presence", "channel": "public:0-0"})).await;
+    assert_eq!(recv_type(&mut probe, "presence").await["presence"], json!([]));
+    // Metadata at the cap is fine, and closing gives everything back to a fresh socket.
+    for ws in socks {
+        close(ws).await;
+    }
+    let (mut ws, _) = must_connect(base, "", &[]).await;
+    let ok_meta = json!({"pad": "y".repeat(4000)});
+    send(&mut ws, json!({"type": "join", "channel": "public:fits", "meta": ok_meta})).await;
+    assert_eq!(recv_type(&mut ws, "joined").await["presence"][0]["meta"], ok_meta);
+    let grown = s.rss().saturating_sub(before);
+    assert!(grown < 45 << 20, "after closing, RSS is {} MB above the start", grown >> 20);
 }
