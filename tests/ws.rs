@@ -741,7 +741,9 @@ async fn reach(base: &str, channel: &str) -> u64 {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    r.json::<Value>().await.unwrap()["delivered"].as_u64().unwrap()
+    r.json::<Value>().await.unwrap()["delivered"]
+        .as_u64()
+        .unwrap()
 }
 
 /// The server closes the socket (code 1008) with a reason naming the revocation, within 15 s;
@@ -801,17 +803,27 @@ async fn revoked_credentials_close_sockets_at_once() {
     expect_revoked(&mut q, "signout: ?access_token socket").await;
     expect_revoked(&mut c, "signout: cookie socket").await;
     assert_eq!(reach(base, "room-a").await, 0, "no broadcast reaches them");
-    let e = try_connect(base, "", &[bearer(a_tok)]).await.err().expect("revoked token refused");
+    let e = try_connect(base, "", &[bearer(a_tok)])
+        .await
+        .err()
+        .expect("revoked token refused");
     assert_eq!(e.0, 401);
 
     // 2. Sign-out by the cookie alone.
     let a2 = signin_full(base, "a@example.com", "long password").await;
     let (mut t, _) = must_connect(base, "", &[bearer(a2["access_token"].as_str().unwrap())]).await;
-    let (mut c, _) =
-        must_connect(base, "", &[cookie(a2["refresh_token"].as_str().unwrap()), own.clone()]).await;
+    let (mut c, _) = must_connect(
+        base,
+        "",
+        &[cookie(a2["refresh_token"].as_str().unwrap()), own.clone()],
+    )
+    .await;
     let r = anon_client()
         .post(format!("{base}/auth/signout"))
-        .header("cookie", format!("ichibase_session={}", a2["refresh_token"].as_str().unwrap()))
+        .header(
+            "cookie",
+            format!("ichibase_session={}", a2["refresh_token"].as_str().unwrap()),
+        )
         .send()
         .await
         .unwrap();
@@ -825,7 +837,10 @@ async fn revoked_credentials_close_sockets_at_once() {
     let (mut w2, _) = must_connect(base, "", &[bearer(d2["access_token"].as_str().unwrap())]).await;
     let (mut w1, _) = must_connect(base, "", &[bearer(d1["access_token"].as_str().unwrap())]).await;
     let r = anon_client()
-        .delete(format!("{base}/auth/sessions/{}", d2["session_id"].as_str().unwrap()))
+        .delete(format!(
+            "{base}/auth/sessions/{}",
+            d2["session_id"].as_str().unwrap()
+        ))
         .bearer_auth(d1["access_token"].as_str().unwrap())
         .send()
         .await
@@ -837,12 +852,19 @@ async fn revoked_credentials_close_sockets_at_once() {
     // 4. A password change closes the user's other sessions and password-authenticated
     //    sockets; the session that changed it keeps its socket.
     let p_other = signin_full(base, "a@example.com", "long password").await;
-    let (mut other_tok, _) =
-        must_connect(base, "", &[bearer(p_other["access_token"].as_str().unwrap())]).await;
+    let (mut other_tok, _) = must_connect(
+        base,
+        "",
+        &[bearer(p_other["access_token"].as_str().unwrap())],
+    )
+    .await;
     let (mut other_cookie, _) = must_connect(
         base,
         "",
-        &[cookie(p_other["refresh_token"].as_str().unwrap()), own.clone()],
+        &[
+            cookie(p_other["refresh_token"].as_str().unwrap()),
+            own.clone(),
+        ],
     )
     .await;
     let (mut by_password, hello) =
@@ -862,7 +884,11 @@ async fn revoked_credentials_close_sockets_at_once() {
     expect_revoked(&mut other_tok, "password change: other session (token)").await;
     expect_revoked(&mut other_cookie, "password change: other session (cookie)").await;
     expect_revoked(&mut by_password, "password change: old password socket").await;
-    assert_eq!(reach(base, "room-p").await, 1, "only the changing session's socket remains");
+    assert_eq!(
+        reach(base, "room-p").await,
+        1,
+        "only the changing session's socket remains"
+    );
     assert_eq!(recv_type(&mut w1, "broadcast").await["channel"], "room-p");
 
     // 5. An admin disabling a user closes all of them: token, cookie, password, the user's key.
@@ -879,8 +905,12 @@ async fn revoked_credentials_close_sockets_at_once() {
         .unwrap();
     let b_key = key["key"].as_str().unwrap();
     let (mut bt, _) = must_connect(base, "", &[bearer(b["access_token"].as_str().unwrap())]).await;
-    let (mut bc, _) =
-        must_connect(base, "", &[cookie(b["refresh_token"].as_str().unwrap()), own.clone()]).await;
+    let (mut bc, _) = must_connect(
+        base,
+        "",
+        &[cookie(b["refresh_token"].as_str().unwrap()), own.clone()],
+    )
+    .await;
     let (mut bp, _) = must_connect(base, "", &[basic("b@example.com", "long password")]).await;
     let (mut bk, hello) = must_connect(base, &format!("access_token={b_key}"), &[]).await;
     assert_eq!(hello["user_id"], b_id);
@@ -899,14 +929,28 @@ async fn revoked_credentials_close_sockets_at_once() {
     expect_revoked(&mut bp, "disabled: password").await;
     expect_revoked(&mut bk, "disabled: the user's API key").await;
     assert_eq!(reach(base, &format!("user:{b_id}")).await, 0);
-    assert_eq!(try_connect(base, &format!("access_token={b_key}"), &[]).await.err().unwrap().0, 401);
+    assert_eq!(
+        try_connect(base, &format!("access_token={b_key}"), &[])
+            .await
+            .err()
+            .unwrap()
+            .0,
+        401
+    );
 
     // 6. A role change (its sessions are revoked) closes the sockets carrying the old role.
     let c_user = signup_full(base, "c@example.com").await;
-    let (mut cw, _) =
-        must_connect(base, "", &[bearer(c_user["access_token"].as_str().unwrap())]).await;
+    let (mut cw, _) = must_connect(
+        base,
+        "",
+        &[bearer(c_user["access_token"].as_str().unwrap())],
+    )
+    .await;
     let r = client()
-        .patch(format!("{base}/admin/users/{}", c_user["user"]["id"].as_str().unwrap()))
+        .patch(format!(
+            "{base}/admin/users/{}",
+            c_user["user"]["id"].as_str().unwrap()
+        ))
         .json(&json!({"role": "editor"}))
         .send()
         .await
@@ -915,7 +959,11 @@ async fn revoked_credentials_close_sockets_at_once() {
     expect_revoked(&mut cw, "role change").await;
 
     // 7. Revoking an API key closes its sockets, CDC subscribers included; no change reaches them.
-    admin_sql(base, "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT)").await;
+    admin_sql(
+        base,
+        "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT)",
+    )
+    .await;
     let r = client()
         .post(format!("{base}/admin/cdc"))
         .json(&json!({"table": "items"}))
@@ -932,11 +980,18 @@ async fn revoked_credentials_close_sockets_at_once() {
         .json()
         .await
         .unwrap();
-    let (k, kid) = (key["key"].as_str().unwrap(), key["info"]["id"].as_str().unwrap());
+    let (k, kid) = (
+        key["key"].as_str().unwrap(),
+        key["info"]["id"].as_str().unwrap(),
+    );
     let (mut kw, _) = must_connect(base, "", &[bearer(k)]).await;
     let (mut kq, _) = must_connect(base, &format!("access_token={k}"), &[]).await;
     for ws in [&mut kw, &mut kq] {
-        send(ws, json!({"type": "subscribe", "sub": "s", "object": "items"})).await;
+        send(
+            ws,
+            json!({"type": "subscribe", "sub": "s", "object": "items"}),
+        )
+        .await;
         recv_type(ws, "subscribed").await;
     }
     admin_sql(base, "INSERT INTO items VALUES (1, 'before')").await;
@@ -955,7 +1010,10 @@ async fn revoked_credentials_close_sockets_at_once() {
             match tokio::time::timeout_at(deadline, ws.next()).await {
                 Err(_) => panic!("{what}: still open 15 s after the key was revoked"),
                 Ok(Some(Ok(Message::Text(t)))) => {
-                    assert!(!t.contains("after"), "{what}: a change after revocation: {t}")
+                    assert!(
+                        !t.contains("after"),
+                        "{what}: a change after revocation: {t}"
+                    )
                 }
                 Ok(Some(Ok(Message::Close(Some(f))))) => {
                     assert!(f.reason.contains("revoked"), "{what}: {f:?}");
@@ -966,7 +1024,10 @@ async fn revoked_credentials_close_sockets_at_once() {
             }
         }
     }
-    assert_eq!(try_connect(base, "", &[bearer(k)]).await.err().unwrap().0, 401);
+    assert_eq!(
+        try_connect(base, "", &[bearer(k)]).await.err().unwrap().0,
+        401
+    );
 }
 
 #[tokio::test]
@@ -975,7 +1036,10 @@ async fn cookie_upgrades_check_origin() {
     let s = Server::start_in(
         tmp.path(),
         &["--signup-open", "true"],
-        &[("ICHIBASE_WS_LIMITS__ALLOWED_ORIGINS", r#"["https://app.example.com"]"#)],
+        &[(
+            "ICHIBASE_WS_LIMITS__ALLOWED_ORIGINS",
+            r#"["https://app.example.com"]"#,
+        )],
     );
     let base = &s.url;
     let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
@@ -1018,7 +1082,11 @@ async fn cookie_upgrades_check_origin() {
         // Twice the cookie (a second, attacker-planted one) changes nothing.
         let mut h2 = h.clone();
         h2[0].1 = format!("x=1; ichibase_session={refresh}");
-        assert_eq!(try_connect(base, "", &h2).await.err().map(|e| e.0), Some(403), "{o:?}");
+        assert_eq!(
+            try_connect(base, "", &h2).await.err().map(|e| e.0),
+            Some(403),
+            "{o:?}"
+        );
     }
 
     // Same origin (any case of the scheme) and configured origins are accepted.
@@ -1054,12 +1122,36 @@ async fn cookie_upgrades_check_origin() {
 #[test]
 fn bad_ws_limits_fail_start() {
     for (k, v, says) in [
-        ("ICHIBASE_WS_LIMITS__ALLOWED_ORIGINS", r#"["*"]"#, "allowed_origins"),
-        ("ICHIBASE_WS_LIMITS__ALLOWED_ORIGINS", r#"["app.example.com"]"#, "allowed_origins"),
-        ("ICHIBASE_WS_LIMITS__ALLOWED_ORIGINS", r#"["https://a.example/x"]"#, "allowed_origins"),
-        ("ICHIBASE_WS_LIMITS__MAX_SOCKETS_PER_IP", "0", "max_sockets_per_ip"),
-        ("ICHIBASE_WS_LIMITS__MAX_CHANNELS_PER_SOCKET", "0", "max_channels_per_socket"),
-        ("ICHIBASE_WS_LIMITS__REVALIDATE_SECS", "-1", "revalidate_secs"),
+        (
+            "ICHIBASE_WS_LIMITS__ALLOWED_ORIGINS",
+            r#"["*"]"#,
+            "allowed_origins",
+        ),
+        (
+            "ICHIBASE_WS_LIMITS__ALLOWED_ORIGINS",
+            r#"["app.example.com"]"#,
+            "allowed_origins",
+        ),
+        (
+            "ICHIBASE_WS_LIMITS__ALLOWED_ORIGINS",
+            r#"["https://a.example/x"]"#,
+            "allowed_origins",
+        ),
+        (
+            "ICHIBASE_WS_LIMITS__MAX_SOCKETS_PER_IP",
+            "0",
+            "max_sockets_per_ip",
+        ),
+        (
+            "ICHIBASE_WS_LIMITS__MAX_CHANNELS_PER_SOCKET",
+            "0",
+            "max_channels_per_socket",
+        ),
+        (
+            "ICHIBASE_WS_LIMITS__REVALIDATE_SECS",
+            "-1",
+            "revalidate_secs",
+        ),
         ("ICHIBASE_WS_LIMITS__MAX_JOINZ", "3", "max_joinz"),
     ] {
         let tmp = tempfile::tempdir().unwrap();
@@ -1087,7 +1179,10 @@ fn bad_ws_limits_fail_start() {
             + &String::from_utf8_lossy(&out.stdout);
         assert!(!out.status.success(), "{k}={v}: {text}");
         assert!(!text.contains("listening on"), "{k}={v}: {text}");
-        assert!(text.contains(says), "{k}={v}: the message should name {says}: {text}");
+        assert!(
+            text.contains(says),
+            "{k}={v}: the message should name {says}: {text}"
+        );
     }
 }
 
@@ -1120,18 +1215,45 @@ async fn socket_caps_per_ip_identity_and_total() {
     for _ in 0..3 {
         anon.push(must_connect(base, "", &[]).await.0);
     }
-    let (status, body) = try_connect(base, "", &[]).await.err().expect("4th anon socket refused");
+    let (status, body) = try_connect(base, "", &[])
+        .await
+        .err()
+        .expect("4th anon socket refused");
     assert_eq!(status, 429, "{body}");
-    assert!(body["error"]["message"].as_str().unwrap().contains("max_sockets_per_ip"), "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_sockets_per_ip"),
+        "{body}"
+    );
     // Junk credentials do not dodge it (they are refused outright), nor does a foreign Origin.
-    assert_eq!(try_connect(base, "", &[origin("http://evil.example")]).await.err().unwrap().0, 429);
-    assert_eq!(try_connect(base, "access_token=junk", &[]).await.err().unwrap().0, 401);
+    assert_eq!(
+        try_connect(base, "", &[origin("http://evil.example")])
+            .await
+            .err()
+            .unwrap()
+            .0,
+        429
+    );
+    assert_eq!(
+        try_connect(base, "access_token=junk", &[])
+            .await
+            .err()
+            .unwrap()
+            .0,
+        401
+    );
 
     // Reconnect loop: slots come back on close, so a client never locks itself out.
     close(anon.pop().unwrap()).await;
     for i in 0..25 {
         let (mut ws, _) = connect_eventually(base, "", &[]).await;
-        send(&mut ws, json!({"type": "join", "channel": format!("public:{i}"), "meta": {"i": i}})).await;
+        send(
+            &mut ws,
+            json!({"type": "join", "channel": format!("public:{i}"), "meta": {"i": i}}),
+        )
+        .await;
         recv_type(&mut ws, "joined").await;
         if i % 2 == 0 {
             close(ws).await;
@@ -1140,33 +1262,56 @@ async fn socket_caps_per_ip_identity_and_total() {
         }
     }
     anon.push(connect_eventually(base, "", &[]).await.0);
-    assert_eq!(try_connect(base, "", &[]).await.err().map(|e| e.0), Some(429));
+    assert_eq!(
+        try_connect(base, "", &[]).await.err().map(|e| e.0),
+        Some(429)
+    );
 
     // Per identity: token, ?access_token= and cookie sockets of one user count together.
     let u = signup_full(base, "u@example.com").await;
-    let (tok, refresh) = (u["access_token"].as_str().unwrap(), u["refresh_token"].as_str().unwrap());
+    let (tok, refresh) = (
+        u["access_token"].as_str().unwrap(),
+        u["refresh_token"].as_str().unwrap(),
+    );
     let mut mine = vec![
         must_connect(base, "", &[bearer(tok)]).await.0,
-        must_connect(base, "", &[cookie(refresh), own.clone()]).await.0,
+        must_connect(base, "", &[cookie(refresh), own.clone()])
+            .await
+            .0,
     ];
     for (q, h) in [
         ("".to_string(), vec![bearer(tok)]),
         (format!("access_token={tok}"), vec![]),
         ("".to_string(), vec![cookie(refresh), own.clone()]),
     ] {
-        let (status, body) = try_connect(base, &q, &h).await.err().expect("3rd socket of a user refused");
+        let (status, body) = try_connect(base, &q, &h)
+            .await
+            .err()
+            .expect("3rd socket of a user refused");
         assert_eq!(status, 429, "{body}");
-        assert!(body["error"]["message"].as_str().unwrap().contains("max_sockets_per_identity"));
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("max_sockets_per_identity")
+        );
     }
     // A second session of the same user is the same identity.
     let u2 = signin_full(base, "u@example.com", "long password").await;
     assert_eq!(
-        try_connect(base, "", &[bearer(u2["access_token"].as_str().unwrap())]).await.err().map(|e| e.0),
+        try_connect(base, "", &[bearer(u2["access_token"].as_str().unwrap())])
+            .await
+            .err()
+            .map(|e| e.0),
         Some(429)
     );
     // Another user has their own allowance.
     let v = signup_full(base, "v@example.com").await;
-    mine.push(must_connect(base, "", &[bearer(v["access_token"].as_str().unwrap())]).await.0);
+    mine.push(
+        must_connect(base, "", &[bearer(v["access_token"].as_str().unwrap())])
+            .await
+            .0,
+    );
 
     // The admin is not capped per identity, but everyone is under the total (12).
     // Open now: 3 anon + 2 u + 1 v = 6.
@@ -1180,10 +1325,19 @@ async fn socket_caps_per_ip_identity_and_total() {
     };
     assert_eq!(admin.len(), 6, "admin sockets until the total cap");
     assert_eq!(refused.0, 429, "{:?}", refused.1);
-    assert!(refused.1["error"]["message"].as_str().unwrap().contains("max_total_sockets"));
+    assert!(
+        refused.1["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_total_sockets")
+    );
     // Closing one frees a place for anyone under their own cap.
     close(admin.pop().unwrap()).await;
-    mine.push(connect_eventually(base, "", &[bearer(common::ADMIN_KEY)]).await.0);
+    mine.push(
+        connect_eventually(base, "", &[bearer(common::ADMIN_KEY)])
+            .await
+            .0,
+    );
     drop((anon, mine, admin));
 }
 
@@ -1205,15 +1359,37 @@ async fn per_socket_caps_on_channels_presence_and_subscriptions() {
     // Channels per socket: five, the sixth refused; re-joining one is not a new channel.
     let (mut ws, _) = must_connect(base, "", &[]).await;
     for i in 0..5 {
-        send(&mut ws, json!({"type": "join", "channel": format!("public:{i}"), "meta": meta(900)})).await;
+        send(
+            &mut ws,
+            json!({"type": "join", "channel": format!("public:{i}"), "meta": meta(900)}),
+        )
+        .await;
         recv_type(&mut ws, "joined").await;
     }
-    send(&mut ws, json!({"type": "join", "channel": "public:5", "ref": "six"})).await;
+    send(
+        &mut ws,
+        json!({"type": "join", "channel": "public:5", "ref": "six"}),
+    )
+    .await;
     let e = recv(&mut ws).await;
-    assert_eq!((e["type"].as_str(), e["ref"].as_str()), (Some("error"), Some("six")), "{e}");
+    assert_eq!(
+        (e["type"].as_str(), e["ref"].as_str()),
+        (Some("error"), Some("six")),
+        "{e}"
+    );
     assert_eq!(e["name"], "TOO_MANY_SIMULTANEOUS_QUERIES", "{e}");
-    assert!(e["message"].as_str().unwrap().contains("max_channels_per_socket"), "{e}");
-    send(&mut ws, json!({"type": "join", "channel": "public:0", "meta": {"again": true}})).await;
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_channels_per_socket"),
+        "{e}"
+    );
+    send(
+        &mut ws,
+        json!({"type": "join", "channel": "public:0", "meta": {"again": true}}),
+    )
+    .await;
     recv_type(&mut ws, "joined").await;
     send(&mut ws, json!({"type": "leave", "channel": "public:1"})).await;
     recv_type(&mut ws, "left").await;
@@ -1223,21 +1399,39 @@ async fn per_socket_caps_on_channels_presence_and_subscriptions() {
     // Presence metadata: big in one join is refused and never listed.
     let (mut big, _) = must_connect(base, "", &[]).await;
     for (n, ch) in [(2_000, "public:big"), (900_000, "public:bigger")] {
-        send(&mut big, json!({"type": "join", "channel": ch, "meta": meta(n), "ref": n})).await;
+        send(
+            &mut big,
+            json!({"type": "join", "channel": ch, "meta": meta(n), "ref": n}),
+        )
+        .await;
         let e = recv(&mut big).await;
         assert_eq!(e["type"], "error", "{n} bytes of metadata accepted");
         assert_eq!(e["name"], "REQUEST_TOO_LARGE", "{e}");
-        assert!(e["message"].as_str().unwrap().contains("max_presence_bytes"), "{e}");
+        assert!(
+            e["message"]
+                .as_str()
+                .unwrap()
+                .contains("max_presence_bytes"),
+            "{e}"
+        );
         send(&mut big, json!({"type": "presence", "channel": ch})).await;
         assert_eq!(recv_type(&mut big, "presence").await["presence"], json!([]));
         send(&mut big, json!({"type": "broadcast", "channel": ch})).await;
-        assert_eq!(recv(&mut big).await["name"], "ACCESS_DENIED", "not a member");
+        assert_eq!(
+            recv(&mut big).await["name"],
+            "ACCESS_DENIED",
+            "not a member"
+        );
     }
 
     close(big).await;
 
     // Change subscriptions per socket (the admin too).
-    admin_sql(base, "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT)").await;
+    admin_sql(
+        base,
+        "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT)",
+    )
+    .await;
     let r = client()
         .post(format!("{base}/admin/cdc"))
         .json(&json!({"table": "items"}))
@@ -1247,20 +1441,42 @@ async fn per_socket_caps_on_channels_presence_and_subscriptions() {
     assert_eq!(r.status(), 200);
     let mut a = connect(base, Some(common::ADMIN_KEY)).await;
     for sub in ["s1", "s2"] {
-        send(&mut a, json!({"type": "subscribe", "sub": sub, "object": "items"})).await;
+        send(
+            &mut a,
+            json!({"type": "subscribe", "sub": sub, "object": "items"}),
+        )
+        .await;
         recv_type(&mut a, "subscribed").await;
     }
-    send(&mut a, json!({"type": "subscribe", "sub": "s3", "object": "items", "ref": 3})).await;
+    send(
+        &mut a,
+        json!({"type": "subscribe", "sub": "s3", "object": "items", "ref": 3}),
+    )
+    .await;
     let e = recv(&mut a).await;
-    assert_eq!((e["type"].as_str(), e["name"].as_str()), (Some("error"), Some("TOO_MANY_SIMULTANEOUS_QUERIES")), "{e}");
+    assert_eq!(
+        (e["type"].as_str(), e["name"].as_str()),
+        (Some("error"), Some("TOO_MANY_SIMULTANEOUS_QUERIES")),
+        "{e}"
+    );
     send(&mut a, json!({"type": "unsubscribe", "sub": "s1"})).await;
     recv_type(&mut a, "unsubscribed").await;
-    send(&mut a, json!({"type": "subscribe", "sub": "s3", "object": "items"})).await;
+    send(
+        &mut a,
+        json!({"type": "subscribe", "sub": "s3", "object": "items"}),
+    )
+    .await;
     recv_type(&mut a, "subscribed").await;
     admin_sql(base, "INSERT INTO items VALUES (1, 'x')").await;
     let mut got = vec![
-        recv_type(&mut a, "change").await["sub"].as_str().unwrap().to_string(),
-        recv_type(&mut a, "change").await["sub"].as_str().unwrap().to_string(),
+        recv_type(&mut a, "change").await["sub"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        recv_type(&mut a, "change").await["sub"]
+            .as_str()
+            .unwrap()
+            .to_string(),
     ];
     got.sort();
     assert_eq!(got, vec!["s2", "s3"]);
@@ -1280,25 +1496,51 @@ async fn big_presence_metadata_cannot_pile_up_in_memory() {
     }
     for (n, ws) in socks.iter_mut().enumerate() {
         for i in 0..40 {
-            send(ws, json!({"type": "join", "channel": format!("public:{n}-{i}"), "meta": {"pad": pad}})).await;
+            send(
+                ws,
+                json!({"type": "join", "channel": format!("public:{n}-{i}"), "meta": {"pad": pad}}),
+            )
+            .await;
             let r = recv(ws).await;
             assert_eq!(r["type"], "error", "900 KB of presence metadata accepted");
         }
     }
     let grown = s.rss().saturating_sub(before);
-    assert!(grown < 45 << 20, "120 refused 900 KB joins grew RSS by {} MB", grown >> 20);
+    assert!(
+        grown < 45 << 20,
+        "120 refused 900 KB joins grew RSS by {} MB",
+        grown >> 20
+    );
     // Nobody is listed with it.
     let (mut probe, _) = must_connect(base, "", &[]).await;
-    send(&mut probe, json!({"type": "presence", "channel": "public:0-0"})).await;
-    assert_eq!(recv_type(&mut probe, "presence").await["presence"], json!([]));
+    send(
+        &mut probe,
+        json!({"type": "presence", "channel": "public:0-0"}),
+    )
+    .await;
+    assert_eq!(
+        recv_type(&mut probe, "presence").await["presence"],
+        json!([])
+    );
     // Metadata at the cap is fine, and closing gives everything back to a fresh socket.
     for ws in socks {
         close(ws).await;
     }
     let (mut ws, _) = must_connect(base, "", &[]).await;
     let ok_meta = json!({"pad": "y".repeat(4000)});
-    send(&mut ws, json!({"type": "join", "channel": "public:fits", "meta": ok_meta})).await;
-    assert_eq!(recv_type(&mut ws, "joined").await["presence"][0]["meta"], ok_meta);
+    send(
+        &mut ws,
+        json!({"type": "join", "channel": "public:fits", "meta": ok_meta}),
+    )
+    .await;
+    assert_eq!(
+        recv_type(&mut ws, "joined").await["presence"][0]["meta"],
+        ok_meta
+    );
     let grown = s.rss().saturating_sub(before);
-    assert!(grown < 45 << 20, "after closing, RSS is {} MB above the start", grown >> 20);
+    assert!(
+        grown < 45 << 20,
+        "after closing, RSS is {} MB above the start",
+        grown >> 20
+    );
 }

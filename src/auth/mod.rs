@@ -298,10 +298,20 @@ impl Auth {
             .and_then(Json::as_str);
         {
             let c = self.cache.read().unwrap();
-            if ctx.session_id.as_ref().is_some_and(|s| c.revoked_sessions.contains(s)) {
-                return Err(auth_failed("Session was revoked (signed out); sign in again"));
+            if ctx
+                .session_id
+                .as_ref()
+                .is_some_and(|s| c.revoked_sessions.contains(s))
+            {
+                return Err(auth_failed(
+                    "Session was revoked (signed out); sign in again",
+                ));
             }
-            if ctx.user_id.as_ref().is_some_and(|u| c.disabled_users.contains(u)) {
+            if ctx
+                .user_id
+                .as_ref()
+                .is_some_and(|u| c.disabled_users.contains(u))
+            {
                 return Err(auth_failed("User is disabled"));
             }
             if key_id.is_some_and(|k| !c.api_keys.values().any(|i| i.id == k)) {

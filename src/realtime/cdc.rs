@@ -536,7 +536,10 @@ async fn subscribe(
     }
     if hub.identity(req.conn).is_none() {
         // Closed (or cut off) while the request waited: never keep a subscription nobody reads.
-        return Err(Error::new(ErrorCode::BadArguments, "the connection is closed"));
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            "the connection is closed",
+        ));
     }
     if subs.iter().filter(|s| s.conn == req.conn).count() >= req.max_per_conn {
         return Err(Error::new(

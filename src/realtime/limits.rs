@@ -100,7 +100,10 @@ impl WsLimits {
             ("max_sockets_per_identity", s.max_sockets_per_identity),
             ("max_sockets_per_ip", s.max_sockets_per_ip),
             ("max_channels_per_socket", s.max_channels_per_socket),
-            ("max_subscriptions_per_socket", s.max_subscriptions_per_socket),
+            (
+                "max_subscriptions_per_socket",
+                s.max_subscriptions_per_socket,
+            ),
         ] {
             anyhow::ensure!(v >= 1, "[ws_limits] {name} must be at least 1");
         }
@@ -181,12 +184,24 @@ impl WsLimits {
         let (key, cap, what) = if ctx.is_admin() {
             (None, usize::MAX, "")
         } else if let Some(u) = &ctx.user_id {
-            (Some(format!("user:{u}")), s.max_sockets_per_identity, "max_sockets_per_identity")
+            (
+                Some(format!("user:{u}")),
+                s.max_sockets_per_identity,
+                "max_sockets_per_identity",
+            )
         } else if let Some(k) = key_id {
-            (Some(format!("key:{k}")), s.max_sockets_per_identity, "max_sockets_per_identity")
+            (
+                Some(format!("key:{k}")),
+                s.max_sockets_per_identity,
+                "max_sockets_per_identity",
+            )
         } else {
             let ip = ip.map_or_else(|| "unknown".to_string(), |i| i.to_string());
-            (Some(format!("ip:{ip}")), s.max_sockets_per_ip, "max_sockets_per_ip")
+            (
+                Some(format!("ip:{ip}")),
+                s.max_sockets_per_ip,
+                "max_sockets_per_ip",
+            )
         };
         let mut c = self.counts.lock().unwrap();
         if c.total >= s.max_total_sockets {
@@ -208,7 +223,9 @@ impl WsLimits {
                 };
                 return Err(Error::new(
                     ErrorCode::TooManyRequests,
-                    format!("too many {who}: at most {cap} at once ([ws_limits] {what}); close one first"),
+                    format!(
+                        "too many {who}: at most {cap} at once ([ws_limits] {what}); close one first"
+                    ),
                 ));
             }
             *c.by_key.entry(k.clone()).or_default() += 1;
@@ -251,9 +268,11 @@ pub fn normalize_origin(o: &str) -> Option<String> {
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     if rest.is_empty()
-        || rest
-            .chars()
-            .any(|c| matches!(c, '/' | '@' | '?' | '#' | '\\' | '*' | '%') || c.is_whitespace() || c.is_control())
+        || rest.chars().any(|c| {
+            matches!(c, '/' | '@' | '?' | '#' | '\\' | '*' | '%')
+                || c.is_whitespace()
+                || c.is_control()
+        })
     {
         return None;
     }
@@ -315,7 +334,13 @@ mod tests {
 
     #[test]
     fn bad_settings_fail() {
-        for o in ["*", "app.example.com", "https://*.example.com", "https://a.com/path", "ftp://a.com"] {
+        for o in [
+            "*",
+            "app.example.com",
+            "https://*.example.com",
+            "https://a.com/path",
+            "ftp://a.com",
+        ] {
             assert!(
                 WsLimits::new(WsLimitsSettings {
                     allowed_origins: vec![o.into()],
@@ -345,7 +370,10 @@ mod tests {
         let ip = Some("10.0.0.1".parse().unwrap());
         let a = l.admit(&anon, ip).unwrap();
         let _b = l.admit(&anon, ip).unwrap();
-        assert_eq!(l.admit(&anon, ip).unwrap_err().code, ErrorCode::TooManyRequests);
+        assert_eq!(
+            l.admit(&anon, ip).unwrap_err().code,
+            ErrorCode::TooManyRequests
+        );
         assert!(l.admit(&anon, Some("10.0.0.2".parse().unwrap())).is_ok());
         drop(a);
         assert!(l.admit(&anon, ip).is_ok());
