@@ -77,7 +77,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr()?;
     let grace = Duration::from_secs_f64(config.shutdown_grace_secs);
-    let hub = crate::realtime::Hub::new(config.ws.queue);
+    let hub = crate::realtime::Hub::new(
+        config.ws.queue,
+        crate::realtime::limits::WsLimits::new(config.section("ws_limits")?)?,
+    );
     let branches = Arc::new(crate::branch::Branches::new(
         &config.data_dir,
         &StorageOptions::from_config(&config),
@@ -105,6 +108,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let app = apis::router(state);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
+    // The peer address: per-IP caps (anonymous WebSockets).
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stop_rx.await;
         let _ = drain_tx.send(());

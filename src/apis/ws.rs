@@ -5,13 +5,23 @@
 //! client may add `ref`, echoed in the reply. Replies, broadcasts, presence diffs and change
 //! events share one bounded queue per connection, so their order is kept and a slow client is
 //! cut off (close code 1008 with the reason) instead of slowing anyone down.
+//!
+//! Security (`[ws_limits]`, see `realtime::limits`): an upgrade authenticated by the session
+//! cookie must come from an allowed `Origin` (cross-site WebSocket hijacking); sockets are
+//! capped in all, per identity and per anonymous client IP (429 before the upgrade); channels,
+//! presence bytes and subscriptions are capped per socket (error frames). A socket whose
+//! credential is revoked (sign-out, password change, user disabled or re-roled, API key
+//! revoked) is closed at once with code 1008 and the reason, and stops receiving anything.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use axum::Extension;
 use axum::Router;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,6 +34,7 @@ use crate::core::{Error, ErrorCode, RequestContext};
 use crate::realtime::PROTOCOL_VERSION;
 use crate::realtime::cdc::SubscribeReq;
 use crate::realtime::hub::Out;
+use crate::realtime::limits::Slot;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -37,10 +48,34 @@ struct WsQuery {
     device: Option<String>,
 }
 
+/// Whether the request carries the session cookie and no other credential (so `identify`
+/// authenticates it by the cookie, which a browser attaches for any page that opens a socket).
+fn cookie_authenticated(headers: &HeaderMap) -> bool {
+    let other = [
+        header::AUTHORIZATION.as_str(),
+        "x-clickhouse-user",
+        "x-clickhouse-key",
+    ]
+    .iter()
+    .any(|h| headers.contains_key(*h));
+    !other
+        && headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .any(|kv| {
+                kv.trim()
+                    .split_once('=')
+                    .is_some_and(|(k, v)| k == crate::auth::COOKIE && !v.is_empty())
+            })
+}
+
 async fn upgrade(
     State(st): State<AppState>,
     mut headers: HeaderMap,
     Query(q): Query<WsQuery>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     ws: WebSocketUpgrade,
 ) -> Response {
     if let Some(t) = &q.access_token {
@@ -48,8 +83,21 @@ async fn upgrade(
             headers.insert(header::AUTHORIZATION, v);
         }
     }
+    let limits = st.hub.limits();
+    if cookie_authenticated(&headers) {
+        let h = |n: header::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
+        if let Err(e) = limits.check_origin(h(header::ORIGIN), h(header::HOST)) {
+            return error_response(&e, true, None);
+        }
+    }
+    // Taken before authenticating: a revocation racing this upgrade is seen by the socket.
+    let generation = st.auth.revocations.generation();
     let ctx = match st.auth.identify(&headers, None, None, None) {
         Ok(c) => c,
+        Err(e) => return error_response(&e, true, None),
+    };
+    let slot = match limits.admit(&ctx, peer.map(|Extension(ConnectInfo(a))| a.ip())) {
+        Ok(s) => s,
         Err(e) => return error_response(&e, true, None),
     };
     let device = q.device.or_else(|| {
@@ -60,7 +108,7 @@ async fn upgrade(
     });
     ws.max_message_size(st.config.ws.max_message)
         .read_buffer_size(8 * 1024)
-        .on_upgrade(move |socket| session(st, ctx, device, socket))
+        .on_upgrade(move |socket| session(st, ctx, generation, slot, device, socket))
         .into_response()
 }
 
@@ -68,13 +116,48 @@ fn err_frame(e: &Error, r#ref: &Json) -> Json {
     json!({"type": "error", "ref": r#ref, "code": e.code.number(), "name": e.code.name(), "message": e.message})
 }
 
-async fn session(st: AppState, ctx: RequestContext, device: Option<String>, socket: WebSocket) {
+/// Give freed memory back to the OS after a socket that moved a lot of data closes (glibc
+/// keeps it otherwise), at most once a second.
+fn release_memory_after(bytes_in: u64) {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    if bytes_in < (1 << 20) {
+        return;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    if LAST.swap(now, Ordering::Relaxed) != now {
+        crate::lua::release_freed_memory();
+    }
+}
+
+/// Why a socket is closed when its credential is no longer valid.
+fn revoked_reason(e: &Error) -> String {
+    format!("credentials revoked: {}", e.message)
+}
+
+async fn session(
+    st: AppState,
+    ctx: RequestContext,
+    generation: u64,
+    slot: Slot,
+    device: Option<String>,
+    socket: WebSocket,
+) {
     let hub = Arc::clone(&st.hub);
     let reg = hub.connect(
         ctx.clone(),
         device.clone().map(|d| d.chars().take(200).collect()),
     );
     let id = reg.id;
+    let mut revocations = st.auth.revocations.subscribe();
+    // A revocation between the upgrade request and now found no socket to close: check once.
+    if let Err(e) = st.auth.still_valid(&ctx, generation) {
+        hub.disconnect(id, &revoked_reason(&e));
+    }
+    let mut killed = reg.kill.clone();
+    let revalidate = st.hub.limits().settings.revalidate_secs;
     let (mut sink, mut stream) = socket.split();
     let heartbeat = Duration::from_secs_f64(st.config.ws.heartbeat_secs);
     hub.send_json(id, &json!({"type": "hello", "protocol": PROTOCOL_VERSION, "conn_id": id, "user_id": ctx.user_id, "role": ctx.role.as_str(), "heartbeat_secs": heartbeat.as_secs_f64()}));
@@ -150,8 +233,48 @@ async fn session(st: AppState, ctx: RequestContext, device: Option<String>, sock
             .await;
         }
     });
-    while let Some(Ok(msg)) = stream.next().await {
+    let mut recheck = (revalidate > 0.0).then(|| {
+        let every = Duration::from_secs_f64(revalidate);
+        tokio::time::interval_at(tokio::time::Instant::now() + every, every)
+    });
+    let mut bytes_in: u64 = 0;
+    loop {
+        let msg = tokio::select! {
+            biased;
+            // Closed by the hub (slow consumer, revoked): read nothing more from the client.
+            _ = killed.changed() => break,
+            r = revocations.changed() => {
+                if r.is_ok() {
+                    if let Err(e) = st.auth.still_valid(&ctx, generation) {
+                        hub.disconnect(id, &revoked_reason(&e));
+                        break;
+                    }
+                }
+                continue;
+            }
+            _ = async {
+                match recheck.as_mut() {
+                    Some(t) => { t.tick().await; }
+                    None => std::future::pending::<()>().await,
+                }
+            } => {
+                if let Err(e) = st.auth.still_valid(&ctx, generation) {
+                    hub.disconnect(id, &revoked_reason(&e));
+                    break;
+                }
+                continue;
+            }
+            m = stream.next() => match m {
+                Some(Ok(m)) => m,
+                _ => break,
+            },
+        };
         *last_seen.lock().unwrap() = Instant::now();
+        bytes_in += match &msg {
+            Message::Text(t) => t.len(),
+            Message::Binary(b) => b.len(),
+            _ => 0,
+        } as u64;
         let text = match msg {
             Message::Text(t) => t,
             Message::Close(_) => break,
@@ -198,6 +321,8 @@ async fn session(st: AppState, ctx: RequestContext, device: Option<String>, sock
     hub.disconnect(id, "connection closed");
     st.cdc.closed(id);
     let _ = writer.await;
+    drop(slot);
+    release_memory_after(bytes_in);
 }
 
 fn str_field<'a>(v: &'a Json, k: &str) -> Result<&'a str, Error> {
@@ -273,6 +398,7 @@ async fn handle(
                 object: str_field(v, "object")?.to_string(),
                 filter,
                 since,
+                max_per_conn: st.hub.limits().settings.max_subscriptions_per_socket,
             };
             st.cdc.subscribe(req).await?
         }

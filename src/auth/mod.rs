@@ -16,6 +16,7 @@
 
 pub mod jwt;
 pub mod policy;
+pub mod revocation;
 pub mod secrets;
 
 use std::collections::{HashMap, HashSet};
@@ -117,6 +118,8 @@ pub struct Auth {
     keys: RwLock<KeyRing>,
     cache: RwLock<Cache>,
     opts: AuthOptions,
+    /// Wakes long-lived connections (WebSockets) when a credential is revoked.
+    pub revocations: revocation::Revocations,
 }
 
 fn auth_failed(msg: impl Into<String>) -> Error {
@@ -184,6 +187,7 @@ impl Auth {
             keys: RwLock::new(keys),
             cache: RwLock::new(Cache::default()),
             opts,
+            revocations: Default::default(),
         };
         auth.reload_cache().await?;
         if let Some(key) = auth.opts.admin_key.clone() {
@@ -278,6 +282,45 @@ impl Auth {
     }
 
     // ----- identity -----
+
+    /// Whether a context authenticated at revocation generation `since` (see
+    /// [`revocation::Revocations::generation`]) is still valid: its session not revoked, its
+    /// user not disabled, its API key not revoked, its password-credentials not changed since.
+    pub fn still_valid(&self, ctx: &RequestContext, since: u64) -> Result<()> {
+        let key_id = ctx
+            .claims
+            .as_ref()
+            .and_then(|c| c.get("key_id"))
+            .and_then(Json::as_str);
+        {
+            let c = self.cache.read().unwrap();
+            if ctx
+                .session_id
+                .as_ref()
+                .is_some_and(|s| c.revoked_sessions.contains(s))
+            {
+                return Err(auth_failed(
+                    "Session was revoked (signed out); sign in again",
+                ));
+            }
+            if ctx
+                .user_id
+                .as_ref()
+                .is_some_and(|u| c.disabled_users.contains(u))
+            {
+                return Err(auth_failed("User is disabled"));
+            }
+            if key_id.is_some_and(|k| !c.api_keys.values().any(|i| i.id == k)) {
+                return Err(auth_failed("The API key was revoked"));
+            }
+        }
+        if let (None, None, Some(uid)) = (&ctx.session_id, key_id, &ctx.user_id) {
+            if self.revocations.user_changed_since(uid, since) {
+                return Err(auth_failed("The user's credentials changed; sign in again"));
+            }
+        }
+        Ok(())
+    }
 
     /// Turn the credentials of a request into its context. `url_user`/`url_password` are the
     /// ClickHouse-style `user`/`password` URL arguments.
@@ -701,6 +744,7 @@ impl Auth {
             .unwrap()
             .revoked_sessions
             .insert(sid.to_string());
+        self.revocations.changed();
         Ok(())
     }
 
@@ -722,6 +766,8 @@ impl Auth {
         let mut c = self.cache.write().unwrap();
         c.revoked_sessions.extend(ids);
         c.passwords.retain(|_, v| v.0 != uid);
+        drop(c);
+        self.revocations.user_changed(uid);
         Ok(())
     }
 
@@ -993,6 +1039,7 @@ impl Auth {
             .unwrap()
             .api_keys
             .retain(|_, k| k.id != id);
+        self.revocations.changed();
         Ok(())
     }
 

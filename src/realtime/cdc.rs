@@ -141,6 +141,8 @@ pub struct SubscribeReq {
     pub filter: Map<String, Json>,
     /// Last change id the client saw.
     pub since: Option<i64>,
+    /// How many subscriptions one connection may hold (`[ws_limits] max_subscriptions_per_socket`).
+    pub max_per_conn: usize,
 }
 
 enum Cmd {
@@ -532,6 +534,22 @@ async fn subscribe(
             "a subscription needs an id of 1-100 characters",
         ));
     }
+    if hub.identity(req.conn).is_none() {
+        // Closed (or cut off) while the request waited: never keep a subscription nobody reads.
+        return Err(Error::new(
+            ErrorCode::BadArguments,
+            "the connection is closed",
+        ));
+    }
+    if subs.iter().filter(|s| s.conn == req.conn).count() >= req.max_per_conn {
+        return Err(Error::new(
+            ErrorCode::TooManyRequests,
+            format!(
+                "at most {} subscriptions per connection ([ws_limits] max_subscriptions_per_socket)",
+                req.max_per_conn
+            ),
+        ));
+    }
     if subs.iter().any(|s| s.conn == req.conn && s.id == req.sub) {
         return Err(Error::new(
             ErrorCode::BadArguments,
@@ -548,6 +566,7 @@ async fn subscribe(
         object: req.object.clone(),
         filter: req.filter.clone(),
         since: req.since,
+        max_per_conn: req.max_per_conn,
     };
     let (table, predicate, columns) = storage
         .read(&sys(), ctl(), move |c| resolve(c, &r2))

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Value as Json, json};
 use tokio::sync::{mpsc, watch};
 
+use super::limits::WsLimits;
 use crate::core::{Error, ErrorCode, RequestContext, Result, Role};
 
 /// A frame for one connection.
@@ -48,6 +49,8 @@ pub struct Hub {
     state: Mutex<State>,
     next: AtomicU64,
     queue: usize,
+    /// `[ws_limits]`: caps per socket (channels, presence bytes) and the socket slots.
+    limits: WsLimits,
 }
 
 /// Who may join a channel, by its name:
@@ -100,12 +103,17 @@ fn now() -> String {
 }
 
 impl Hub {
-    pub fn new(queue: usize) -> Arc<Hub> {
+    pub fn new(queue: usize, limits: WsLimits) -> Arc<Hub> {
         Arc::new(Hub {
             state: Mutex::new(State::default()),
             next: AtomicU64::new(1),
             queue: queue.max(1),
+            limits,
         })
+    }
+
+    pub fn limits(&self) -> &WsLimits {
+        &self.limits
     }
 
     pub fn connect(&self, ctx: RequestContext, device: Option<String>) -> Registered {
@@ -187,8 +195,20 @@ impl Hub {
         }
     }
 
-    /// Join `channel` with presence `meta`; returns the channel's presence list.
+    /// Join `channel` with presence `meta`; returns the channel's presence list. Joining a
+    /// channel again replaces the metadata. Refused past `[ws_limits] max_presence_bytes` of
+    /// metadata or `max_channels_per_socket` channels.
     pub fn join(&self, id: u64, channel: &str, meta: Json, tracked: bool) -> Result<Vec<Json>> {
+        let max_bytes = self.limits.settings.max_presence_bytes;
+        let size = serde_json::to_string(&meta).map_or(usize::MAX, |s| s.len());
+        if size > max_bytes {
+            return Err(Error::new(
+                ErrorCode::RequestTooLarge,
+                format!(
+                    "presence metadata is {size} bytes as JSON; at most {max_bytes} ([ws_limits] max_presence_bytes)"
+                ),
+            ));
+        }
         let (entry, list) = {
             let mut st = self.state.lock().unwrap();
             let conn = st
@@ -196,6 +216,15 @@ impl Hub {
                 .get(&id)
                 .ok_or_else(|| Error::internal("connection gone"))?;
             may_join(&conn.ctx, channel)?;
+            let max = self.limits.settings.max_channels_per_socket;
+            if !conn.channels.contains_key(channel) && conn.channels.len() >= max {
+                return Err(Error::new(
+                    ErrorCode::TooManyRequests,
+                    format!(
+                        "a connection may be in at most {max} channels ([ws_limits] max_channels_per_socket); leave one first"
+                    ),
+                ));
+            }
             let st = &mut *st;
             let conn = st.conns.get_mut(&id).expect("checked above");
             conn.channels.insert(channel.to_string(), (meta, tracked));
