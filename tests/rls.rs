@@ -1125,3 +1125,31 @@ async fn writes_through_policy_views_cannot_read_other_tables() {
     let r = post(&admin, base, &[], &format!("UPDATE my_notes SET body=(SELECT 'by admin') WHERE id={id}")).await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// Issue 14.2: no grant is accepted and silently ignored; schema changes stay the admin's.
+#[tokio::test]
+async fn ddl_grants_are_refused_not_ignored() {
+    let (s, admin, alice, _bob) = notes_app(&[]).await;
+    let base = &s.url;
+    for body in [
+        json!({"object": "*", "role": "user", "privileges": ["ddl"]}),
+        json!({"object": "notes", "role": "user", "privileges": ["ddl"]}),
+        json!({"object": "lookup", "role": "user", "privileges": ["select", "ddl"]}),
+        json!({"object": "lookup", "role": "user", "privileges": ["drop"]}),
+    ] {
+        let r = jpost(&admin, base, "/admin/grants", body.clone()).await;
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+    }
+    let r = jpost(&admin, base, "/admin/grants", json!({"object": "*", "role": "user", "privileges": ["ddl"]})).await;
+    assert!(r.body.contains("schema changes are the admin's"), "{}", r.body);
+    for sql in [
+        "CREATE TABLE mine(x)",
+        "ALTER TABLE lookup ADD COLUMN y",
+        "DROP TABLE lookup",
+        "CREATE INDEX i ON lookup(label)",
+        "CREATE VIEW v AS SELECT 1",
+    ] {
+        let r = post(&alice.client, base, &[], sql).await;
+        assert_eq!(r.status, 403, "{sql}: {}", r.body);
+    }
+}

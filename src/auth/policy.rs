@@ -398,7 +398,7 @@ pub fn list(c: &Connection) -> Result<Vec<PolicySpec>> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrantSpec {
-    /// Table or view name, or `*` with privilege `ddl`.
+    /// Table or view name.
     pub object: String,
     pub role: String,
     pub privileges: Vec<String>,
@@ -408,22 +408,21 @@ pub fn grant(c: &mut Connection, g: &GrantSpec) -> Result<()> {
     check_role(&g.role)?;
     if g.privileges.is_empty() {
         return Err(bad(
-            "give at least one privilege: select, insert, update, delete (or ddl on '*')",
+            "give at least one privilege: select, insert, update, delete",
         ));
     }
     for p in &g.privileges {
-        match (g.object.as_str(), p.as_str()) {
-            ("*", "ddl") => {}
-            ("*", _) | (_, "ddl") => {
+        match p.as_str() {
+            "select" | "insert" | "update" | "delete" => {}
+            "ddl" => {
                 return Err(bad(
-                    "the ddl privilege is granted on object '*' only, and '*' takes no other privilege",
+                    "there is no ddl privilege: schema changes are the admin's (SQL as the admin, or a bundle's migrations verified on a branch)",
                 ));
             }
-            (_, "select" | "insert" | "update" | "delete") => {}
-            _ => return Err(bad(format!("unknown privilege '{p}'"))),
+            _ => return Err(bad(format!("unknown privilege '{p}' (select, insert, update, delete)"))),
         }
     }
-    if g.object != "*" {
+    {
         check_name("object", &g.object)?;
         let exists: bool = c.query_row("SELECT count(*) FROM sqlite_schema WHERE type IN ('table', 'view') AND name = ?1 COLLATE NOCASE", [&g.object], |r| r.get::<_, i64>(0))? > 0;
         if !exists {

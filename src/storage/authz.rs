@@ -4,8 +4,8 @@
 //! (policy views and explicitly public tables). Whatever an admin-defined view granted to the
 //! role, or any trigger, reads or writes on its behalf is the admin's decision and is allowed.
 //! Everything else is denied: base tables behind policies, engine tables, `sqlite_schema`,
-//! table-valued pragmas, `ATTACH`, `PRAGMA`, DDL (unless the role holds the `ddl` grant, which
-//! still never covers views, triggers or engine tables), and functions outside an allow list.
+//! table-valued pragmas, `ATTACH`, `PRAGMA`, DDL (schema changes are the admin's), and functions
+//! outside an allow list.
 //!
 //! SQLite names the inner-most view, trigger *or CTE* as the "accessor" of an access, so a CTE
 //! named like a granted view could pose as it; the SQL layer refuses such CTE names for
@@ -24,7 +24,6 @@ pub const SELECT: u8 = 1;
 pub const INSERT: u8 = 2;
 pub const UPDATE: u8 = 4;
 pub const DELETE: u8 = 8;
-pub const DDL: u8 = 16;
 
 /// Privilege bit of a grant's `privilege` column.
 pub fn privilege_bit(name: &str) -> Option<u8> {
@@ -33,7 +32,7 @@ pub fn privilege_bit(name: &str) -> Option<u8> {
         "insert" => INSERT,
         "update" => UPDATE,
         "delete" => DELETE,
-        "ddl" => DDL,
+        // A `ddl` row of an older version grants nothing.
         _ => return None,
     })
 }
@@ -300,17 +299,9 @@ impl Authz {
             | AuthAction::Reindex {
                 index_name: table_name,
             }
-            | AuthAction::Analyze { table_name } => {
-                let engine = table_name.to_ascii_lowercase().starts_with("_ichibase")
-                    || table_name.to_ascii_lowercase().starts_with("sqlite_");
-                if !engine && s.allows(role, "*", DDL) {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "role '{role}' may not change the schema ({table_name})"
-                    ))
-                }
-            }
+            | AuthAction::Analyze { table_name } => Err(format!(
+                "role '{role}' may not change the schema ({table_name}): schema changes are the admin's"
+            )),
             AuthAction::Pragma { pragma_name, .. } => Err(format!(
                 "PRAGMA {pragma_name} is not allowed for role '{role}'"
             )),
