@@ -8,10 +8,13 @@
 # "bundled"), so the image needs only Rust and a C compiler, both in rust:*-bookworm.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
-# Cargo.toml declares [[bench]] point_select, so benches/ must be present for the manifest to load.
-COPY Cargo.toml Cargo.lock ./
+# Cargo.toml declares [[bench]] point_select, so benches/ must be present for the manifest to load;
+# docs/bundles.md is compiled into the binary (the model's bundle guide). tests/dockerfile.rs
+# checks that every file the build reads is copied here.
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY benches ./benches
+COPY docs ./docs
 # Cache mounts keep the registry and compiled dependencies between builds (BuildKit); the
 # binary is copied out of the cached target directory so it lands in the image layer.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
