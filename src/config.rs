@@ -123,6 +123,9 @@ pub struct GenerateSettings {
     pub max_rounds: u32,
     /// Keep a verified bundle in its branch until an admin approves it (no automatic merge).
     pub require_approval: bool,
+    /// Keep the branch of the most recent failed generation for inspection (older failed
+    /// generations' branches are deleted either way).
+    pub keep_failed_branch: bool,
     /// Cases a property check tries unless it says otherwise.
     pub property_runs: u32,
 }
@@ -132,6 +135,7 @@ impl Default for GenerateSettings {
         GenerateSettings {
             max_rounds: 4,
             require_approval: false,
+            keep_failed_branch: false,
             property_runs: 100,
         }
     }
@@ -457,6 +461,9 @@ pub struct Settings {
     /// Generate: wait for an admin's approval instead of merging a verified bundle [default: false]
     #[arg(long, env = "ICHIBASE_GENERATE_REQUIRE_APPROVAL")]
     pub generate_require_approval: Option<bool>,
+    /// Generate: keep the branch of the last failed generation for inspection [default: false]
+    #[arg(long, env = "ICHIBASE_GENERATE_KEEP_FAILED_BRANCH")]
+    pub generate_keep_failed_branch: Option<bool>,
     /// Property checks: cases tried unless a check says otherwise [default: 100]
     #[arg(long, env = "ICHIBASE_PROPERTY_RUNS")]
     pub property_runs: Option<u32>,
@@ -597,6 +604,9 @@ impl Settings {
             generate_require_approval: self
                 .generate_require_approval
                 .or(lower.generate_require_approval),
+            generate_keep_failed_branch: self
+                .generate_keep_failed_branch
+                .or(lower.generate_keep_failed_branch),
             property_runs: self.property_runs.or(lower.property_runs),
             posterity: self.posterity.or(lower.posterity),
             posterity_flush_secs: self.posterity_flush_secs.or(lower.posterity_flush_secs),
@@ -699,6 +709,9 @@ impl Settings {
                 require_approval: self
                     .generate_require_approval
                     .unwrap_or(d.generate.require_approval),
+                keep_failed_branch: self
+                    .generate_keep_failed_branch
+                    .unwrap_or(d.generate.keep_failed_branch),
                 property_runs: self.property_runs.unwrap_or(d.generate.property_runs),
             },
             posterity: PosteritySettings {

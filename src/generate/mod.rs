@@ -89,7 +89,8 @@ pub struct Generation {
     /// `merged`, `awaiting_approval`, `failed`, `merge_failed`, `discarded`, `running`.
     pub status: String,
     pub model: String,
-    /// The branch the last round ran in (kept unless merged).
+    /// The branch the last round ran in: kept while awaiting approval (or after a failure with
+    /// `generate_keep_failed_branch`), deleted once merged or failed.
     pub branch: Option<String>,
     pub rounds: Vec<Round>,
     pub input_tokens: u64,
@@ -280,6 +281,7 @@ impl Generator {
                     out.rounds.push(r);
                     out.status = "failed".into();
                     out.error = Some(e.message.clone());
+                    self.clean_failed_branches(&id, &mut out).await;
                     self.finish(&out).await?;
                     return Ok(out);
                 }
@@ -339,8 +341,50 @@ impl Generator {
                 }
             }
         }
+        if out.status == "failed" || out.status == "merge_failed" {
+            self.clean_failed_branches(&id, &mut out).await;
+        }
         self.finish(&out).await?;
         Ok(out)
+    }
+
+    /// A failed generation's branch goes, unless `keep_failed_branch` keeps the latest one for
+    /// inspection; older failed generations' branches go either way.
+    async fn clean_failed_branches(&self, id: &str, out: &mut Generation) {
+        let id2 = id.to_string();
+        let older: Vec<String> = self
+            .live
+            .read(&sys(), crate::storage::ExecControl::lookup(), move |c| {
+                let mut st = c.prepare(
+                    "SELECT branch FROM _ichibase_generations WHERE id <> ?1 AND branch IS NOT NULL AND status IN ('failed', 'merge_failed')",
+                )?;
+                let rows = st
+                    .query_map([id2], |r| r.get::<_, String>(0))?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok(rows)
+            })
+            .await
+            .unwrap_or_default();
+        for b in &older {
+            let _ = self.branches.delete(b).await;
+        }
+        if !older.is_empty() {
+            let _ = self
+                .live
+                .write(&sys(), crate::storage::ExecControl::lookup(), move |c| {
+                    c.execute(
+                        "UPDATE _ichibase_generations SET branch = NULL WHERE branch IS NOT NULL AND status IN ('failed', 'merge_failed')",
+                        [],
+                    )?;
+                    Ok(())
+                })
+                .await;
+        }
+        if !self.settings.keep_failed_branch {
+            if let Some(b) = out.branch.take() {
+                let _ = self.branches.delete(&b).await;
+            }
+        }
     }
 
     /// Verify one answer in a fresh branch.
