@@ -40,7 +40,14 @@ async fn read(r: reqwest::Response) -> Resp {
 }
 
 async fn jpost(c: &reqwest::Client, base: &str, path: &str, body: Value) -> Resp {
-    read(c.post(format!("{base}{path}")).json(&body).send().await.unwrap()).await
+    read(
+        c.post(format!("{base}{path}"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
 }
 
 async fn signin(c: &reqwest::Client, base: &str, email: &str, password: &str) -> Resp {
@@ -124,21 +131,42 @@ async fn signin_backs_off_per_account_across_ips() {
     account(base, "bob@example.com").await;
     // Three wrong passwords, each from another IP: all checked, all 401.
     for i in 0..3u8 {
-        let r = signin(&from_ip(10 + i), base, "alice@example.com", "wrong password!").await;
+        let r = signin(
+            &from_ip(10 + i),
+            base,
+            "alice@example.com",
+            "wrong password!",
+        )
+        .await;
         assert_eq!(r.status, 401, "attempt {i}: {}", r.body);
     }
     // Now the account is locked, whichever IP asks and whatever the password.
     let r = signin(&from_ip(20), base, "alice@example.com", "wrong again!!").await;
     let secs = assert_locked(&r, "a 4th wrong password");
     assert!(secs <= 4, "first back-off is about the base (3 s): {secs}");
-    let r = signin(&from_ip(21), base, "alice@example.com", &password_of("alice@example.com")).await;
+    let r = signin(
+        &from_ip(21),
+        base,
+        "alice@example.com",
+        &password_of("alice@example.com"),
+    )
+    .await;
     assert_locked(&r, "the right password while locked");
-    let r = basic(&from_ip(22), base, "alice@example.com", &password_of("alice@example.com")).await;
+    let r = basic(
+        &from_ip(22),
+        base,
+        "alice@example.com",
+        &password_of("alice@example.com"),
+    )
+    .await;
     assert_locked(&r, "Basic auth with the right password while locked");
     let r = read(
         from_ip(23)
             .post(format!("{base}/"))
-            .query(&[("user", "alice@example.com"), ("password", &password_of("alice@example.com"))])
+            .query(&[
+                ("user", "alice@example.com"),
+                ("password", &password_of("alice@example.com")),
+            ])
             .body("SELECT 1")
             .send()
             .await
@@ -147,21 +175,45 @@ async fn signin_backs_off_per_account_across_ips() {
     .await;
     assert_locked(&r, "URL user/password while locked");
     // Case and spaces do not make another account.
-    let r = signin(&from_ip(24), base, " ALICE@example.com ", &password_of("alice@example.com")).await;
+    let r = signin(
+        &from_ip(24),
+        base,
+        " ALICE@example.com ",
+        &password_of("alice@example.com"),
+    )
+    .await;
     assert_locked(&r, "the same account spelled differently");
     // Other accounts, from the same IPs, are untouched.
-    let r = signin(&from_ip(10), base, "bob@example.com", &password_of("bob@example.com")).await;
+    let r = signin(
+        &from_ip(10),
+        base,
+        "bob@example.com",
+        &password_of("bob@example.com"),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     // Unknown accounts lock the same way (no enumeration by lockout behaviour).
     for i in 0..3u8 {
-        let r = signin(&from_ip(30 + i), base, "nobody@example.com", "wrong password!").await;
+        let r = signin(
+            &from_ip(30 + i),
+            base,
+            "nobody@example.com",
+            "wrong password!",
+        )
+        .await;
         assert_eq!(r.status, 401, "{}", r.body);
     }
     let r = signin(&from_ip(40), base, "nobody@example.com", "wrong password!").await;
     assert_locked(&r, "an unknown account");
     // After Retry-After the right password works again, and resets the count.
     tokio::time::sleep(Duration::from_millis(secs * 1000 + 300)).await;
-    let r = signin(&from_ip(41), base, "alice@example.com", &password_of("alice@example.com")).await;
+    let r = signin(
+        &from_ip(41),
+        base,
+        "alice@example.com",
+        &password_of("alice@example.com"),
+    )
+    .await;
     assert_eq!(r.status, 200, "after the back-off: {}", r.body);
     let r = signin(&from_ip(41), base, "alice@example.com", "wrong password!").await;
     assert_eq!(r.status, 401, "a success resets the count: {}", r.body);
@@ -182,9 +234,14 @@ async fn a_burst_of_wrong_passwords_checks_only_the_allowance() {
     for i in 0..40u8 {
         let base = base.clone();
         tasks.push(tokio::spawn(async move {
-            signin(&from_ip(50 + i), &base, "alice@example.com", &format!("guess number {i}"))
-                .await
-                .status
+            signin(
+                &from_ip(50 + i),
+                &base,
+                "alice@example.com",
+                &format!("guess number {i}"),
+            )
+            .await
+            .status
         }));
     }
     let mut statuses = Vec::new();
@@ -194,15 +251,27 @@ async fn a_burst_of_wrong_passwords_checks_only_the_allowance() {
     let checked = statuses.iter().filter(|s| **s == 401).count();
     let refused = statuses.iter().filter(|s| **s == 429).count();
     assert_eq!(checked + refused, 40, "{statuses:?}");
-    assert!(checked <= 5, "at most the allowance is checked, concurrently too: {statuses:?}");
-    let r = signin(&from_ip(99), &base, "alice@example.com", &password_of("alice@example.com")).await;
+    assert!(
+        checked <= 5,
+        "at most the allowance is checked, concurrently too: {statuses:?}"
+    );
+    let r = signin(
+        &from_ip(99),
+        &base,
+        "alice@example.com",
+        &password_of("alice@example.com"),
+    )
+    .await;
     assert_locked(&r, "the right password after the burst");
 }
 
 #[tokio::test]
 async fn signin_backs_off_per_ip_across_accounts() {
     let env = guard_env(&[
-        ("ICHIBASE_AUTH_GUARD__SIGNIN_FAILURES_BEFORE_BACKOFF", "100000"),
+        (
+            "ICHIBASE_AUTH_GUARD__SIGNIN_FAILURES_BEFORE_BACKOFF",
+            "100000",
+        ),
         ("ICHIBASE_AUTH_GUARD__IP_FAILURES_BEFORE_BACKOFF", "4"),
         ("ICHIBASE_AUTH_GUARD__BACKOFF_BASE_SECS", "30"),
     ]);
@@ -213,27 +282,59 @@ async fn signin_backs_off_per_ip_across_accounts() {
     }
     let attacker = from_ip(30);
     // Spraying one guess over many accounts (known and unknown) from one IP.
-    for e in ["dan@example.com", "x1@example.com", "x2@example.com", "carol@example.com"] {
+    for e in [
+        "dan@example.com",
+        "x1@example.com",
+        "x2@example.com",
+        "carol@example.com",
+    ] {
         let r = signin(&attacker, base, e, "Summer2024!!").await;
         assert_eq!(r.status, 401, "{e}: {}", r.body);
     }
     let r = signin(&attacker, base, "x3@example.com", "Summer2024!!").await;
     assert_locked(&r, "a 5th account from the same IP");
-    let r = signin(&attacker, base, "carol@example.com", &password_of("carol@example.com")).await;
+    let r = signin(
+        &attacker,
+        base,
+        "carol@example.com",
+        &password_of("carol@example.com"),
+    )
+    .await;
     assert_locked(&r, "a right password from the locked IP");
-    let r = basic(&attacker, base, "dan@example.com", &password_of("dan@example.com")).await;
+    let r = basic(
+        &attacker,
+        base,
+        "dan@example.com",
+        &password_of("dan@example.com"),
+    )
+    .await;
     assert_locked(&r, "Basic auth from the locked IP");
     // The same accounts from another IP are fine: the IP was blamed, not the accounts.
-    let r = signin(&from_ip(31), base, "carol@example.com", &password_of("carol@example.com")).await;
+    let r = signin(
+        &from_ip(31),
+        base,
+        "carol@example.com",
+        &password_of("carol@example.com"),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = basic(&from_ip(31), base, "dan@example.com", &password_of("dan@example.com")).await;
+    let r = basic(
+        &from_ip(31),
+        base,
+        "dan@example.com",
+        &password_of("dan@example.com"),
+    )
+    .await;
     assert_eq!((r.status, r.body.as_str()), (200, "user\n"));
     // Credentials that need no password check still work from the locked IP.
     let admin_from_attacker_ip = reqwest::Client::builder()
         .local_address(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 30)))
         .default_headers({
             let mut h = reqwest::header::HeaderMap::new();
-            h.insert("authorization", format!("Bearer {ADMIN_KEY}").parse().unwrap());
+            h.insert(
+                "authorization",
+                format!("Bearer {ADMIN_KEY}").parse().unwrap(),
+            );
             h
         })
         .build()
@@ -251,7 +352,10 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 async fn a_signin_flood_does_not_starve_small_queries() {
     // Back-off out of the way: only the bounded hashing pool protects the other users here.
     let env = guard_env(&[
-        ("ICHIBASE_AUTH_GUARD__SIGNIN_FAILURES_BEFORE_BACKOFF", "1000000"),
+        (
+            "ICHIBASE_AUTH_GUARD__SIGNIN_FAILURES_BEFORE_BACKOFF",
+            "1000000",
+        ),
         ("ICHIBASE_AUTH_GUARD__IP_FAILURES_BEFORE_BACKOFF", "1000000"),
     ]);
     let (s, _tmp) = start(&env);
@@ -262,7 +366,10 @@ async fn a_signin_flood_does_not_starve_small_queries() {
     let mut quiet = Vec::new();
     for _ in 0..40 {
         let t = Instant::now();
-        assert_eq!(post(&alice_client, &base, &[], "SELECT 1").await.status, 200);
+        assert_eq!(
+            post(&alice_client, &base, &[], "SELECT 1").await.status,
+            200
+        );
         quiet.push(t.elapsed().as_secs_f64());
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -277,7 +384,11 @@ async fn a_signin_flood_does_not_starve_small_queries() {
             let mut n = 0u32;
             while Instant::now() < stop {
                 n += 1;
-                let email = if n % 2 == 0 { "alice@example.com".to_string() } else { format!("f{i}-{n}@example.com") };
+                let email = if n % 2 == 0 {
+                    "alice@example.com".to_string()
+                } else {
+                    format!("f{i}-{n}@example.com")
+                };
                 match signin(&c, &base, &email, "not the password").await.status {
                     401 => checked += 1,
                     429 | 503 => busy += 1,
@@ -308,14 +419,20 @@ async fn a_signin_flood_does_not_starve_small_queries() {
         "flood: {checked} password checks, {busy} refused busy; small queries: n={} p50={p50:.3}s p99={p99:.3}s (quiet p50={quiet_p50:.3}s)",
         lat.len()
     );
-    assert!(checked >= 20, "the flood did reach the password check ({checked})");
+    assert!(
+        checked >= 20,
+        "the flood did reach the password check ({checked})"
+    );
     assert!(lat.len() >= 10, "too few samples: {}", lat.len());
     // Generous margins (a shared 2-core box): hashing may take a core, not the machine.
     assert!(
         p50 < 3.0 * quiet_p50 + 0.015,
         "median of a small query during the flood: {p50:.3}s (quiet: {quiet_p50:.3}s)"
     );
-    assert!(p99 < 1.0, "p99 of a small query during the flood: {p99:.3}s");
+    assert!(
+        p99 < 1.0,
+        "p99 of a small query during the flood: {p99:.3}s"
+    );
 }
 
 #[tokio::test]
@@ -323,25 +440,56 @@ async fn refresh_token_reuse_revokes_the_session() {
     let (s, _tmp) = start(&[]);
     let base = &s.url;
     let first = account(base, "alice@example.com").await;
-    let other = signin(&anon_client(), base, "alice@example.com", &password_of("alice@example.com"))
-        .await
-        .json();
+    let other = signin(
+        &anon_client(),
+        base,
+        "alice@example.com",
+        &password_of("alice@example.com"),
+    )
+    .await
+    .json();
     let r0 = first["refresh_token"].as_str().unwrap().to_string();
-    let r = jpost(&anon_client(), base, "/auth/refresh", json!({"refresh_token": r0})).await;
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/refresh",
+        json!({"refresh_token": r0}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let second = r.json();
     let r1 = second["refresh_token"].as_str().unwrap().to_string();
-    let r = jpost(&anon_client(), base, "/auth/refresh", json!({"refresh_token": r1})).await;
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/refresh",
+        json!({"refresh_token": r1}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let third = r.json();
     let a2 = client_with_token(third["access_token"].as_str().unwrap());
     assert_eq!(post(&a2, base, &[], "SELECT 1").await.status, 200);
     // A thief replays the first (long spent) refresh token: refused, and the whole session is
     // revoked, so the holder of the newest tokens (maybe the thief) is cut off too.
-    let r = jpost(&anon_client(), base, "/auth/refresh", json!({"refresh_token": r0})).await;
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/refresh",
+        json!({"refresh_token": r0}),
+    )
+    .await;
     assert_eq!(r.status, 401, "{}", r.body);
-    assert!(r.body.contains("reuse") || r.body.contains("used"), "{}", r.body);
-    assert_eq!(post(&a2, base, &[], "SELECT 1").await.status, 401, "newest access token");
+    assert!(
+        r.body.contains("reuse") || r.body.contains("used"),
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        post(&a2, base, &[], "SELECT 1").await.status,
+        401,
+        "newest access token"
+    );
     let r = jpost(
         &anon_client(),
         base,
@@ -350,7 +498,10 @@ async fn refresh_token_reuse_revokes_the_session() {
     )
     .await;
     assert_eq!(r.status, 401, "newest refresh token: {}", r.body);
-    let cookie = format!("ichibase_session={}", third["refresh_token"].as_str().unwrap());
+    let cookie = format!(
+        "ichibase_session={}",
+        third["refresh_token"].as_str().unwrap()
+    );
     let r = read(
         anon_client()
             .post(format!("{base}/"))
@@ -366,20 +517,43 @@ async fn refresh_token_reuse_revokes_the_session() {
     let oc = client_with_token(other["access_token"].as_str().unwrap());
     assert_eq!(post(&oc, base, &[], "SELECT 1").await.status, 200);
     // Replaying the immediately previous token after a single rotation is caught the same way.
-    let r = jpost(&anon_client(), base, "/auth/refresh", json!({"refresh_token": other["refresh_token"]})).await;
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/refresh",
+        json!({"refresh_token": other["refresh_token"]}),
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let newer = r.json();
-    let r = jpost(&anon_client(), base, "/auth/refresh", json!({"refresh_token": other["refresh_token"]})).await;
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/refresh",
+        json!({"refresh_token": other["refresh_token"]}),
+    )
+    .await;
     assert_eq!(r.status, 401, "{}", r.body);
     let nc = client_with_token(newer["access_token"].as_str().unwrap());
     assert_eq!(post(&nc, base, &[], "SELECT 1").await.status, 401);
     // A forged secret for a live session id is just refused (it proves nothing was stolen) and
     // does not let anyone who knows a session id revoke it.
-    let fresh = signin(&anon_client(), base, "alice@example.com", &password_of("alice@example.com"))
-        .await
-        .json();
+    let fresh = signin(
+        &anon_client(),
+        base,
+        "alice@example.com",
+        &password_of("alice@example.com"),
+    )
+    .await
+    .json();
     let sid = fresh["session_id"].as_str().unwrap();
-    let r = jpost(&anon_client(), base, "/auth/refresh", json!({"refresh_token": format!("ir_{sid}.forged")})).await;
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/refresh",
+        json!({"refresh_token": format!("ir_{sid}.forged")}),
+    )
+    .await;
     assert_eq!(r.status, 401);
     let fc = client_with_token(fresh["access_token"].as_str().unwrap());
     assert_eq!(post(&fc, base, &[], "SELECT 1").await.status, 200);
@@ -389,7 +563,13 @@ async fn refresh_token_reuse_revokes_the_session() {
 async fn empty_basic_credentials_are_refused() {
     let (s, _tmp) = start(&[]);
     let base = &s.url;
-    for h in ["Basic ", "Basic", "basic    ", "Basic Og==", "Basic OmFueXRoaW5n"] {
+    for h in [
+        "Basic ",
+        "Basic",
+        "basic    ",
+        "Basic Og==",
+        "Basic OmFueXRoaW5n",
+    ] {
         let r = read(
             anon_client()
                 .post(format!("{base}/"))
@@ -427,27 +607,65 @@ async fn signup_does_not_reveal_existing_accounts() {
         ("ALICE@example.com", "the first password"),
         ("bob@example.com", "bob's own password"),
     ] {
-        answers.push((email, jpost(&anon_client(), base, "/auth/signup", json!({"email": email, "password": pw})).await));
+        answers.push((
+            email,
+            jpost(
+                &anon_client(),
+                base,
+                "/auth/signup",
+                json!({"email": email, "password": pw}),
+            )
+            .await,
+        ));
     }
     let shape = |r: &Resp, email: &str| {
         assert_eq!(r.status, 200, "{email}: {}", r.body);
-        assert!(r.header("set-cookie").is_none(), "{email}: a cookie gives it away");
+        assert!(
+            r.header("set-cookie").is_none(),
+            "{email}: a cookie gives it away"
+        );
         assert!(!r.body.contains("token"), "{email}: {}", r.body);
-        r.body.to_lowercase().replace(&email.to_lowercase(), "EMAIL")
+        r.body
+            .to_lowercase()
+            .replace(&email.to_lowercase(), "EMAIL")
     };
     let reference = shape(&new, "alice@example.com");
     for (email, r) in &answers {
         assert_eq!(shape(r, email), reference, "{email}: the answer differs");
     }
     // Signing up again did not change the existing account.
-    let r = signin(&anon_client(), base, "alice@example.com", "a different password").await;
+    let r = signin(
+        &anon_client(),
+        base,
+        "alice@example.com",
+        "a different password",
+    )
+    .await;
     assert_eq!(r.status, 401);
-    let r = signin(&anon_client(), base, "alice@example.com", "the first password").await;
+    let r = signin(
+        &anon_client(),
+        base,
+        "alice@example.com",
+        "the first password",
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = signin(&anon_client(), base, "bob@example.com", "bob's own password").await;
+    let r = signin(
+        &anon_client(),
+        base,
+        "bob@example.com",
+        "bob's own password",
+    )
+    .await;
     assert_eq!(r.status, 200, "{}", r.body);
     // Bad input is still refused before anything is looked up.
-    let r = jpost(&anon_client(), base, "/auth/signup", json!({"email": "not-an-email", "password": "long enough!"})).await;
+    let r = jpost(
+        &anon_client(),
+        base,
+        "/auth/signup",
+        json!({"email": "not-an-email", "password": "long enough!"}),
+    )
+    .await;
     assert_eq!(r.status, 400);
 }
 
@@ -472,25 +690,54 @@ async fn trivial_passwords_are_refused() {
         "DAVE@EXAMPLE.COM",
         "short",
     ] {
-        let r = jpost(&anon_client(), base, "/auth/signup", json!({"email": "dave@example.com", "password": pw})).await;
+        let r = jpost(
+            &anon_client(),
+            base,
+            "/auth/signup",
+            json!({"email": "dave@example.com", "password": pw}),
+        )
+        .await;
         assert_eq!(r.status, 400, "{pw:?} was accepted: {}", r.body);
         assert!(r.body.contains("password"), "{}", r.body);
     }
-    for (i, pw) in ["long enough!", "correct horse battery", "password-of-dave@example.com", "correcthorsebatterystaple"]
-        .iter()
-        .enumerate()
+    for (i, pw) in [
+        "long enough!",
+        "correct horse battery",
+        "password-of-dave@example.com",
+        "correcthorsebatterystaple",
+    ]
+    .iter()
+    .enumerate()
     {
-        let r = jpost(&anon_client(), base, "/auth/signup", json!({"email": format!("ok{i}@example.com"), "password": pw})).await;
+        let r = jpost(
+            &anon_client(),
+            base,
+            "/auth/signup",
+            json!({"email": format!("ok{i}@example.com"), "password": pw}),
+        )
+        .await;
         assert_eq!(r.status, 200, "{pw:?}: {}", r.body);
     }
     // Changing to a trivial password is refused too.
     let a = account(base, "erin@example.com").await;
     let c = client_with_token(a["access_token"].as_str().unwrap());
-    let r = jpost(&c, base, "/auth/password", json!({"old_password": password_of("erin@example.com"), "new_password": "12345678"})).await;
+    let r = jpost(
+        &c,
+        base,
+        "/auth/password",
+        json!({"old_password": password_of("erin@example.com"), "new_password": "12345678"}),
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.body);
     // The minimum length is a setting.
     let (s2, _tmp2) = start(&[("ICHIBASE_AUTH_GUARD__MIN_PASSWORD_LENGTH", "14")]);
-    let r = jpost(&anon_client(), &s2.url, "/auth/signup", json!({"email": "f@example.com", "password": "long enough!"})).await;
+    let r = jpost(
+        &anon_client(),
+        &s2.url,
+        "/auth/signup",
+        json!({"email": "f@example.com", "password": "long enough!"}),
+    )
+    .await;
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("14"), "{}", r.body);
 }
@@ -512,7 +759,13 @@ async fn data_files_are_private() {
     };
     let check = |dir: &std::path::Path| {
         assert_eq!(mode(dir), 0o700, "data dir");
-        for f in ["ichibase.db", "ichibase.db-wal", "ichibase.db-shm", "posterity.duckdb", "jwt-keys.json"] {
+        for f in [
+            "ichibase.db",
+            "ichibase.db-wal",
+            "ichibase.db-shm",
+            "posterity.duckdb",
+            "jwt-keys.json",
+        ] {
             let p = dir.join(f);
             if f.ends_with("-shm") && !p.exists() {
                 continue;
@@ -543,7 +796,12 @@ async fn data_files_are_private() {
     }
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let s = Server::start_in(&dir, &[], &[]);
-    assert_eq!(post(&common::client(), &s.url, &[], "SELECT 1").await.status, 200);
+    assert_eq!(
+        post(&common::client(), &s.url, &[], "SELECT 1")
+            .await
+            .status,
+        200
+    );
     check(&dir);
 }
 

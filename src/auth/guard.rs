@@ -191,7 +191,14 @@ impl<K: Hash + Eq + Clone> Tracker<K> {
             .pending += 1;
     }
 
-    fn end(&mut self, k: &K, outcome: Option<bool>, now: Instant, s: &AuthGuardSettings, clear_on_success: bool) {
+    fn end(
+        &mut self,
+        k: &K,
+        outcome: Option<bool>,
+        now: Instant,
+        s: &AuthGuardSettings,
+        clear_on_success: bool,
+    ) {
         let Some(e) = self.map.get_mut(k) else { return };
         e.pending = e.pending.saturating_sub(1);
         match outcome {
@@ -200,7 +207,8 @@ impl<K: Hash + Eq + Clone> Tracker<K> {
                 e.last_failure = now;
                 if e.failures >= self.allowance {
                     let doublings = (e.failures - self.allowance).min(30);
-                    let secs = (s.backoff_base_secs * f64::from(1u32 << doublings)).min(s.backoff_max_secs);
+                    let secs = (s.backoff_base_secs * f64::from(1u32 << doublings))
+                        .min(s.backoff_max_secs);
                     e.locked_until = Some(now + Duration::from_secs_f64(secs));
                 }
             }
@@ -264,7 +272,8 @@ impl Ticket {
         }
         let now = Instant::now();
         let mut st = self.state.lock().unwrap();
-        st.accounts.end(&self.account, outcome, now, &self.settings, true);
+        st.accounts
+            .end(&self.account, outcome, now, &self.settings, true);
         if let Some(ip) = self.ip {
             st.ips.end(&ip, outcome, now, &self.settings, false);
         }
@@ -387,13 +396,18 @@ impl HashPool {
     fn submit(&self, job: Job) -> Result<()> {
         self.tx.try_send(job).map_err(|e| match e {
             mpsc::TrySendError::Full(_) => busy(),
-            mpsc::TrySendError::Disconnected(_) => Error::internal("the password hashing pool stopped"),
+            mpsc::TrySendError::Disconnected(_) => {
+                Error::internal("the password hashing pool stopped")
+            }
         })
     }
 
     /// Run `f` on the pool and wait for it without holding a runtime thread. Work whose caller
     /// went away before a thread was free is skipped.
-    pub async fn run<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R> {
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.submit(Box::new(move || {
             if !tx.is_closed() {
@@ -405,7 +419,10 @@ impl HashPool {
     }
 
     /// [`HashPool::run`] for synchronous callers (credential checks inside `identify`).
-    pub fn run_blocking<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> Result<R> {
+    pub fn run_blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.submit(Box::new(move || {
             let _ = tx.send(f());
@@ -420,22 +437,118 @@ impl HashPool {
 /// The most common passwords of 8 or more characters (lower case), from the public breach
 /// top lists; shorter ones are refused by length anyway.
 const COMMON: &[&str] = &[
-    "password", "password1", "password12", "password123", "password1234", "passw0rd", "p@ssw0rd",
-    "p@ssword", "pa$$word", "12345678", "123456789", "1234567890", "0123456789", "87654321",
-    "11111111", "00000000", "12341234", "11223344", "12344321", "123123123", "123456abc",
-    "abc12345", "abcd1234", "1234abcd", "a1b2c3d4", "qwertyui", "qwertyuiop", "qwerty123",
-    "qwerty12", "1qaz2wsx", "1q2w3e4r", "1q2w3e4r5t", "zaq12wsx", "zaq1zaq1", "qazwsxedc",
-    "asdfghjk", "asdfghjkl", "zxcvbnm1", "iloveyou", "iloveyou1", "sunshine", "princess",
-    "football", "baseball", "basketball", "superman", "starwars", "whatever", "trustno1",
-    "letmein1", "welcome1", "welcome123", "admin123", "administrator", "changeme", "changeme1",
-    "computer", "internet", "michelle", "jennifer", "jordan23", "charlie1", "mustang1", "dragon12",
-    "master12", "monkey12", "shadow12", "killer12", "jessica1", "michael1", "anthony1",
-    "football1", "baseball1", "sunshine1", "princess1", "default1", "secret12", "letmeinnow",
-    "lovely12", "liverpool", "chelsea1", "arsenal1", "pokemon1", "blink182", "samsung1",
-    "asdf1234", "qwer1234", "1qazxsw2", "q1w2e3r4", "q1w2e3r4t5", "passpass", "testtest",
-    "test1234", "test12345", "access14", "corvette", "mercedes", "maverick", "hello123",
-    "freedom1", "whatever1", "trustnoone", "qwertyuiop123", "1234qwer", "unknown1",
-    "google123", "summer2024", "winter2024", "spring2024", "autumn2024", "ichibase", "ichibase1",
+    "password",
+    "password1",
+    "password12",
+    "password123",
+    "password1234",
+    "passw0rd",
+    "p@ssw0rd",
+    "p@ssword",
+    "pa$$word",
+    "12345678",
+    "123456789",
+    "1234567890",
+    "0123456789",
+    "87654321",
+    "11111111",
+    "00000000",
+    "12341234",
+    "11223344",
+    "12344321",
+    "123123123",
+    "123456abc",
+    "abc12345",
+    "abcd1234",
+    "1234abcd",
+    "a1b2c3d4",
+    "qwertyui",
+    "qwertyuiop",
+    "qwerty123",
+    "qwerty12",
+    "1qaz2wsx",
+    "1q2w3e4r",
+    "1q2w3e4r5t",
+    "zaq12wsx",
+    "zaq1zaq1",
+    "qazwsxedc",
+    "asdfghjk",
+    "asdfghjkl",
+    "zxcvbnm1",
+    "iloveyou",
+    "iloveyou1",
+    "sunshine",
+    "princess",
+    "football",
+    "baseball",
+    "basketball",
+    "superman",
+    "starwars",
+    "whatever",
+    "trustno1",
+    "letmein1",
+    "welcome1",
+    "welcome123",
+    "admin123",
+    "administrator",
+    "changeme",
+    "changeme1",
+    "computer",
+    "internet",
+    "michelle",
+    "jennifer",
+    "jordan23",
+    "charlie1",
+    "mustang1",
+    "dragon12",
+    "master12",
+    "monkey12",
+    "shadow12",
+    "killer12",
+    "jessica1",
+    "michael1",
+    "anthony1",
+    "football1",
+    "baseball1",
+    "sunshine1",
+    "princess1",
+    "default1",
+    "secret12",
+    "letmeinnow",
+    "lovely12",
+    "liverpool",
+    "chelsea1",
+    "arsenal1",
+    "pokemon1",
+    "blink182",
+    "samsung1",
+    "asdf1234",
+    "qwer1234",
+    "1qazxsw2",
+    "q1w2e3r4",
+    "q1w2e3r4t5",
+    "passpass",
+    "testtest",
+    "test1234",
+    "test12345",
+    "access14",
+    "corvette",
+    "mercedes",
+    "maverick",
+    "hello123",
+    "freedom1",
+    "whatever1",
+    "trustnoone",
+    "qwertyuiop123",
+    "1234qwer",
+    "unknown1",
+    "google123",
+    "summer2024",
+    "winter2024",
+    "spring2024",
+    "autumn2024",
+    "ichibase",
+    "ichibase1",
 ];
 
 #[derive(PartialEq, Eq, Clone, Copy)]
@@ -507,10 +620,27 @@ mod tests {
     #[test]
     fn strength() {
         let bad = |p: &str| password_problem(p, "dave@example.com", 8).is_some();
-        for p in ["12345678", "        ", "aaaaaaaa", "abababab", "a1a1a1a1", "Password1", "dave@example.com", "DAVE", "abcdefgh", "short"] {
+        for p in [
+            "12345678",
+            "        ",
+            "aaaaaaaa",
+            "abababab",
+            "a1a1a1a1",
+            "Password1",
+            "dave@example.com",
+            "DAVE",
+            "abcdefgh",
+            "short",
+        ] {
             assert!(bad(p), "{p}");
         }
-        for p in ["long enough!", "password-of-dave@example.com", "correcthorsebatterystaple", "a brand new secret", "日本語のパスワード"] {
+        for p in [
+            "long enough!",
+            "password-of-dave@example.com",
+            "correcthorsebatterystaple",
+            "a brand new secret",
+            "日本語のパスワード",
+        ] {
             assert!(!bad(p), "{p}");
         }
     }
@@ -524,7 +654,10 @@ mod tests {
         });
         let a = g.admit("a@x", None).unwrap();
         let b = g.admit("A@x ", None).unwrap();
-        assert!(g.admit("a@x", None).is_err(), "two in flight use the allowance");
+        assert!(
+            g.admit("a@x", None).is_err(),
+            "two in flight use the allowance"
+        );
         drop(b);
         a.finish(false);
         g.admit("a@x", None).unwrap().finish(false);
@@ -542,14 +675,23 @@ mod tests {
         assert!(g.admit("c@x", None).is_err());
         std::thread::sleep(Duration::from_millis(80));
         let t = g.admit("c@x", None).unwrap();
-        assert!(g.admit("c@x", None).is_err(), "one at a time after a lock-out");
+        assert!(
+            g.admit("c@x", None).is_err(),
+            "one at a time after a lock-out"
+        );
         t.finish(false);
         std::thread::sleep(Duration::from_millis(80));
-        assert!(g.admit("c@x", None).is_err(), "the second lock-out is twice as long");
+        assert!(
+            g.admit("c@x", None).is_err(),
+            "the second lock-out is twice as long"
+        );
         std::thread::sleep(Duration::from_millis(40));
         g.admit("c@x", None).unwrap().finish(true);
         g.admit("c@x", None).unwrap().finish(false);
-        assert!(g.admit("c@x", None).is_err(), "a success resets the count, not the allowance");
+        assert!(
+            g.admit("c@x", None).is_err(),
+            "a success resets the count, not the allowance"
+        );
     }
 
     #[test]
