@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Resp, Server, anon_client, client, client_with_token, post};
+use common::{Resp, Server, client, client_with_token, post};
 use serde_json::{Value, json};
 
 async fn req(c: &reqwest::Client, m: reqwest::Method, url: String, body: Option<String>) -> Resp {

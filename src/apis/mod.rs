@@ -127,17 +127,21 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             analytics::record_request,
         ))
-        .layer(axum::middleware::from_fn(note_peer))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), note_peer))
         .with_state(state)
 }
 
 /// Make the client's address known to the sign-in guard ([`crate::auth::guard::peer`]) from
-/// the connection info the server is served with.
-async fn note_peer(req: Request, next: axum::middleware::Next) -> Response {
+/// the connection info the server is served with (and a trusted proxy's `X-Forwarded-For`).
+async fn note_peer(
+    axum::extract::State(st): axum::extract::State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
     let ip = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
+        .map(|c| st.auth.client_ip(c.0.ip(), req.headers()));
     crate::auth::guard::with_peer(ip, next.run(req)).await
 }
 

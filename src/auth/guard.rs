@@ -43,6 +43,9 @@ pub struct AuthGuardSettings {
     pub hash_queue: usize,
     /// Shortest password accepted at sign-up and password change, characters.
     pub min_password_length: usize,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (its last address is used);
+    /// from anyone else the header is ignored.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 impl Default for AuthGuardSettings {
@@ -57,6 +60,7 @@ impl Default for AuthGuardSettings {
             hash_workers: 0,
             hash_queue: 64,
             min_password_length: 8,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -113,6 +117,18 @@ pub async fn with_peer<F: std::future::Future>(ip: Option<IpAddr>, f: F) -> F::O
 /// server is served without connection info).
 pub fn peer() -> Option<IpAddr> {
     PEER.try_with(|p| *p).ok().flatten()
+}
+
+/// The client of a connection from `peer`: the last `X-Forwarded-For` address when `peer` is
+/// a trusted proxy, else `peer`.
+pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    forwarded_for
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or(peer)
 }
 
 /// IPv4 as is (also when mapped into IPv6); IPv6 by its /64, what one host usually gets.
@@ -692,6 +708,16 @@ mod tests {
             g.admit("c@x", None).is_err(),
             "a success resets the count, not the allowance"
         );
+    }
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        let xff = Some("1.2.3.4, 5.6.7.8");
+        assert_eq!(client_ip(proxy, xff, &[proxy]), "5.6.7.8".parse::<IpAddr>().unwrap());
+        assert_eq!(client_ip(other, xff, &[proxy]), other);
+        assert_eq!(client_ip(proxy, Some("junk"), &[proxy]), proxy);
     }
 
     #[test]

@@ -549,6 +549,12 @@ impl Auth {
         Ok(())
     }
 
+    /// The client address of a connection from `peer` (see `[auth_guard] trusted_proxies`).
+    pub fn client_ip(&self, peer: std::net::IpAddr, headers: &HeaderMap) -> std::net::IpAddr {
+        let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        guard::client_ip(peer, xff, &self.guard.settings().trusted_proxies)
+    }
+
     // ----- sign-up, sign-in, sessions -----
 
     /// The password rule of `[auth_guard]` (length, variety, common passwords, not the email).
