@@ -961,6 +961,15 @@ mod tests {
     }
 
     #[test]
+    fn guessable_keys() {
+        for k in ["ik_aaaaaaaaaaaaaaaaaaaaa", "ik_test-admin-key-0123456789abcdef", "ik_xyzxyzxyzxyzxyzxyzxyzxyz", "ik_short"] {
+            assert!(key_weakness(k).is_some(), "{k}");
+        }
+        let made = format!("ik_{}", crate::auth::secrets::random_token(32));
+        assert_eq!(key_weakness(&made), None, "{made}");
+    }
+
+    #[test]
     fn module_sections_from_file_and_env() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("ichibase.toml");
