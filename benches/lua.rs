@@ -15,7 +15,7 @@ use ichibase::core::RequestContext;
 use ichibase::lua::{Invocation, LuaOptions, invoke};
 use ichibase::storage::{Storage, StorageOptions};
 
-const ADMIN_KEY: &str = "ik_bench-admin-key-0123456789abcdef";
+const ADMIN_KEY: &str = "ik_eb5c967dcec6c482647c5735ec562c922d770cd2795af1e0";
 
 /// (name, setup + work returning nothing, inputs for plain / traced runs)
 const SCRIPTS: &[(&str, &str, u32, u32)] = &[

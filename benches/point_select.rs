@@ -78,7 +78,7 @@ fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
     sorted_ns[rank - 1] as f64 / 1e3
 }
 
-const ADMIN_KEY: &str = "ik_bench-admin-key-0123456789abcdef";
+const ADMIN_KEY: &str = "ik_eb5c967dcec6c482647c5735ec562c922d770cd2795af1e0";
 const SELECT_BASE: &str = "SELECT v FROM notes WHERE id = {id:Int64}";
 const SELECT_VIEW: &str = "SELECT v FROM my_notes WHERE id = {id:Int64}";
 

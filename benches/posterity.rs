@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use ichibase::config::Config;
 
-const ADMIN_KEY: &str = "ik_bench-admin-key-0123456789abcdef";
+const ADMIN_KEY: &str = "ik_eb5c967dcec6c482647c5735ec562c922d770cd2795af1e0";
 
 struct Rng(u64);
 

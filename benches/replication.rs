@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use ichibase::config::Settings;
 
-const ADMIN_KEY: &str = "ik_bench-admin-key-0123456789abcdef";
+const ADMIN_KEY: &str = "ik_eb5c967dcec6c482647c5735ec562c922d770cd2795af1e0";
 const BUCKET: &str = "bench-bucket";
 
 fn tool(env: &str, name: &str) -> PathBuf {

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-const KEY: &str = "ik_bench-admin-key-0123456789abcdef";
+const KEY: &str = "ik_eb5c967dcec6c482647c5735ec562c922d770cd2795af1e0";
 
 fn now_ns() -> u64 {
     SystemTime::now()

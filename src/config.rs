@@ -401,7 +401,7 @@ pub struct Settings {
     /// Mark the session cookie Secure (serve behind HTTPS) [default: false]
     #[arg(long, env = "ICHIBASE_COOKIE_SECURE")]
     pub cookie_secure: Option<bool>,
-    /// An API key with the admin role, created at start if missing ('ik_' + at least 21 characters)
+    /// An API key with the admin role, created at start if missing ('ik_' + random characters, at least ~100 bits: no repeats or runs)
     #[arg(long, env = "ICHIBASE_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
     /// Email of an admin user created at start if missing (with --admin-password)
@@ -799,6 +799,14 @@ impl Settings {
                 "lua_instruction_limit must be positive, lua_memory_limit at least 1 MiB, lua_timeout_secs a positive number"
             );
         }
+        if let Some(key) = &cfg.auth.admin_key {
+            if !key.starts_with("ik_") {
+                bail!("admin_key (ICHIBASE_ADMIN_KEY) must start with 'ik_'. {KEY_ADVICE}");
+            }
+            if let Some(why) = key_weakness(key) {
+                bail!("admin_key (ICHIBASE_ADMIN_KEY) is too easy to guess: {why}. {KEY_ADVICE}");
+            }
+        }
         if cfg.auth.admin_email.is_some() != cfg.auth.admin_password.is_some() {
             bail!("admin_email and admin_password go together");
         }
@@ -819,6 +827,76 @@ impl Settings {
         }
         Ok(cfg)
     }
+}
+
+/// How to make a good key, for error messages.
+pub const KEY_ADVICE: &str = "Use 'ik_' followed by 32 random bytes, e.g. `echo ik_$(openssl rand -hex 32)`, or leave it unset: on a fresh data directory the server creates and prints one";
+
+/// Why a configured API key is too guessable, if it is: at least ~100 bits estimated (length ×
+/// the lesser of the bits per character of its alphabet and of its actual letter frequencies),
+/// no runs of 4 repeated or consecutive characters. Keys the server makes (`ik_` + 43 random
+/// base64url characters) have about 200. Used for `ICHIBASE_ADMIN_KEY` at start.
+pub fn key_weakness(key: &str) -> Option<String> {
+    let body = key.strip_prefix("ik_").unwrap_or(key);
+    let chars: Vec<char> = body.chars().collect();
+    if chars.len() < 21 {
+        return Some(format!(
+            "it is {} characters after 'ik_'; use at least 21 random ones",
+            chars.len()
+        ));
+    }
+    for period in 1..=chars.len() / 2 {
+        if chars.len() % period == 0 && chars.chunks(period).all(|c| c == &chars[..period]) {
+            let unit: String = chars[..period].iter().collect();
+            return Some(format!("it repeats '{unit}'"));
+        }
+    }
+    for w in chars.windows(4) {
+        let d: Vec<i64> = w.windows(2).map(|p| p[1] as i64 - p[0] as i64).collect();
+        if d.iter().all(|&x| x == 0) {
+            return Some(format!(
+                "it repeats a character ('{}')",
+                w.iter().collect::<String>()
+            ));
+        }
+        if d.iter().all(|&x| x == 1) || d.iter().all(|&x| x == -1) {
+            return Some(format!(
+                "it has a run of consecutive characters ('{}')",
+                w.iter().collect::<String>()
+            ));
+        }
+    }
+    let mut alphabet = 0u32;
+    let has = |f: fn(&char) -> bool| chars.iter().any(f);
+    for (present, size) in [
+        (has(|c| c.is_ascii_lowercase()), 26),
+        (has(|c| c.is_ascii_uppercase()), 26),
+        (has(|c| c.is_ascii_digit()), 10),
+        (has(|c| !c.is_ascii_alphanumeric()), 16),
+    ] {
+        if present {
+            alphabet += size;
+        }
+    }
+    let mut freq = std::collections::HashMap::new();
+    for c in &chars {
+        *freq.entry(*c).or_insert(0usize) += 1;
+    }
+    let n = chars.len() as f64;
+    let shannon: f64 = freq
+        .values()
+        .map(|&k| {
+            let p = k as f64 / n;
+            -p * p.log2()
+        })
+        .sum();
+    let bits = n * shannon.min(f64::from(alphabet).log2());
+    if bits < 100.0 {
+        return Some(format!(
+            "it has about {bits:.0} bits of entropy; at least 100 are needed"
+        ));
+    }
+    None
 }
 
 /// A 32-byte key written as 64 hex digits.
@@ -893,6 +971,15 @@ mod tests {
     struct Demo {
         max_connections: u32,
         name: String,
+    }
+
+    #[test]
+    fn guessable_keys() {
+        for k in ["ik_aaaaaaaaaaaaaaaaaaaaa", "ik_test-admin-key-0123456789abcdef", "ik_xyzxyzxyzxyzxyzxyzxyzxyz", "ik_short"] {
+            assert!(key_weakness(k).is_some(), "{k}");
+        }
+        let made = format!("ik_{}", crate::auth::secrets::random_token(32));
+        assert_eq!(key_weakness(&made), None, "{made}");
     }
 
     #[test]

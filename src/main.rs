@@ -189,7 +189,7 @@ async fn open_auth(
     let auth = ichibase::auth::Auth::open(
         storage.clone(),
         &cfg.data_dir,
-        ichibase::server::auth_options(&cfg),
+        ichibase::server::auth_options(&cfg)?,
     )
     .await?;
     Ok((storage, auth))

@@ -36,7 +36,13 @@ impl Running {
 
 /// Open storage, bind `config.listen` and start serving in the background.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
-    std::fs::create_dir_all(&config.data_dir)?;
+    // Files the server makes (databases and their WAL files, the request log, archives,
+    // branches, spill files) are for this user only.
+    #[cfg(unix)]
+    unsafe {
+        libc::umask(0o077);
+    }
+    crate::storage::private_dir(&config.data_dir)?;
     let storage = {
         let opts = StorageOptions::from_config(&config);
         tokio::task::spawn_blocking(move || Storage::open(&opts)).await??
@@ -46,7 +52,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         None => None,
     };
     let auth =
-        Arc::new(Auth::open(storage.clone(), &config.data_dir, auth_options(&config)).await?);
+        Arc::new(Auth::open(storage.clone(), &config.data_dir, auth_options(&config)?).await?);
     if let Some(key) = auth.first_start_admin_key().await? {
         println!(
             "ichibase: no admin existed, so an admin API key was created. It is shown only now:"
@@ -108,7 +114,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let app = apis::router(state);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
-    // The peer address: per-IP caps (anonymous WebSockets).
+    // The peer address: per-IP caps (anonymous WebSockets, the sign-in guard's back-off).
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         let _ = stop_rx.await;
@@ -213,16 +219,17 @@ pub fn lua_options(config: &Config) -> crate::lua::LuaOptions {
     }
 }
 
-pub fn auth_options(config: &Config) -> AuthOptions {
+pub fn auth_options(config: &Config) -> anyhow::Result<AuthOptions> {
     let a = &config.auth;
-    AuthOptions {
+    Ok(AuthOptions {
         signup_open: a.signup_open,
         access_ttl: Duration::from_secs(a.access_token_ttl_secs),
         session_ttl: Duration::from_secs(a.session_ttl_secs),
         cookie_secure: a.cookie_secure,
         admin_key: a.admin_key.clone(),
         admin_user: a.admin_email.clone().zip(a.admin_password.clone()),
-    }
+        guard: config.section("auth_guard")?,
+    })
 }
 
 /// Run until SIGINT or SIGTERM.

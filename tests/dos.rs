@@ -202,17 +202,8 @@ async fn one_identity_cannot_take_the_whole_pool() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     // A signed-in user and the admin still get answers at once.
-    let r = reqwest::Client::new()
-        .post(format!("{base}/auth/signup"))
-        .json(&serde_json::json!({"email": "carol@example.com", "password": "correct horse battery staple"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let token = r.json::<serde_json::Value>().await.unwrap()["access_token"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let j = common::signup_and_signin(&base, "carol@example.com", "correct horse battery staple").await;
+    let token = j["access_token"].as_str().unwrap().to_string();
     let user = common::client_with_token(&token);
     let mut times = Vec::new();
     for _ in 0..10 {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Resp, Server, anon_client, client, client_with_token, post};
+use common::{Resp, Server, client, client_with_token, post};
 use serde_json::{Value, json};
 
 async fn req(c: &reqwest::Client, m: reqwest::Method, url: String, body: Option<String>) -> Resp {
@@ -309,13 +309,7 @@ end"#;
     assert_eq!(deploy(&admin, base, "notes", src).await.status, 200);
     let mut users = Vec::new();
     for email in ["a@example.com", "b@example.com"] {
-        let r = anon_client()
-            .post(format!("{base}/auth/signup"))
-            .json(&json!({"email": email, "password": "long password"}))
-            .send()
-            .await
-            .unwrap();
-        let j: Value = r.json().await.unwrap();
+        let j = common::signup_and_signin(base, email, "long password").await;
         users.push((
             j["user"]["id"].as_str().unwrap().to_string(),
             client_with_token(j["access_token"].as_str().unwrap()),
@@ -608,17 +602,8 @@ async fn deep_trace_and_hover() {
     )
     .await;
     assert_eq!(r.json()["trace"], true);
-    let signup = anon_client()
-        .post(format!("{base}/auth/signup"))
-        .json(&json!({"email": "u@example.com", "password": "long password"}))
-        .send()
-        .await
-        .unwrap();
-    let user = client_with_token(
-        signup.json::<Value>().await.unwrap()["access_token"]
-            .as_str()
-            .unwrap(),
-    );
+    let signup = common::signup_and_signin(base, "u@example.com", "long password").await;
+    let user = client_with_token(signup["access_token"].as_str().unwrap());
     let r = call(&user, base, "always", json!(7)).await;
     let tpath = r
         .header("x-ichibase-trace")
@@ -631,17 +616,8 @@ async fn deep_trace_and_hover() {
         200,
         "the caller sees their own trace"
     );
-    let other = anon_client()
-        .post(format!("{base}/auth/signup"))
-        .json(&json!({"email": "v@example.com", "password": "long password"}))
-        .send()
-        .await
-        .unwrap();
-    let other = client_with_token(
-        other.json::<Value>().await.unwrap()["access_token"]
-            .as_str()
-            .unwrap(),
-    );
+    let other = common::signup_and_signin(base, "v@example.com", "long password").await;
+    let other = client_with_token(other["access_token"].as_str().unwrap());
     assert_eq!(
         req(&other, reqwest::Method::GET, format!("{base}{tpath}"), None)
             .await

@@ -1640,16 +1640,7 @@ async fn sql_ok(c: &reqwest::Client, base: &str, sql: &str) -> String {
 }
 
 async fn signup(base: &str, email: &str) -> (String, String) {
-    let r = http(None)
-        .post(format!("{base}/auth/signup"))
-        .json(
-            &json!({"email": email, "password": format!("password-of-{email}"), "device": "test"}),
-        )
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200, "signup {email}");
-    let j: Json = r.json().await.unwrap();
+    let j = common::signup_and_signin(base, email, &format!("password-of-{email}")).await;
     (
         j["user"]["id"].as_str().unwrap().to_string(),
         j["access_token"].as_str().unwrap().to_string(),

@@ -71,15 +71,7 @@ async fn jreq(c: &reqwest::Client, m: reqwest::Method, url: String, body: Option
 }
 
 async fn signup(base: &str, email: &str) -> (String, reqwest::Client) {
-    let r = jreq(
-        &anon_client(),
-        reqwest::Method::POST,
-        format!("{base}/auth/signup"),
-        Some(json!({"email": email, "password": format!("password-of-{email}"), "device": "t"})),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let j = r.json();
+    let j = common::signup_and_signin(base, email, &format!("password-of-{email}")).await;
     (
         j["user"]["id"].as_str().unwrap().to_string(),
         client_with_token(j["access_token"].as_str().unwrap()),

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, anon_client, client, post};
+use common::{Server, client, post};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -72,13 +72,7 @@ async fn quiet(ws: &mut Ws, ms: u64) {
 }
 
 async fn signup(base: &str, email: &str) -> (String, String) {
-    let r = anon_client()
-        .post(format!("{base}/auth/signup"))
-        .json(&json!({"email": email, "password": "long password"}))
-        .send()
-        .await
-        .unwrap();
-    let j: Value = r.json().await.unwrap();
+    let j = common::signup_and_signin(base, email, "long password").await;
     (
         j["user"]["id"].as_str().unwrap().to_string(),
         j["access_token"].as_str().unwrap().to_string(),

@@ -129,7 +129,22 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             analytics::record_request,
         ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), note_peer))
         .with_state(state)
+}
+
+/// Make the client's address known to the sign-in guard ([`crate::auth::guard::peer`]) from
+/// the connection info the server is served with (and a trusted proxy's `X-Forwarded-For`).
+async fn note_peer(
+    axum::extract::State(st): axum::extract::State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let ip = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| st.auth.client_ip(c.0.ip(), req.headers()));
+    crate::auth::guard::with_peer(ip, next.run(req)).await
 }
 
 /// `GET /admin/backup/status`: the replicator's position, lag and errors (admin only).
@@ -196,5 +211,17 @@ pub fn error_response(e: &Error, json: bool, query_id: Option<&str>) -> Response
     if let Some(q) = query_id.and_then(|q| HeaderValue::from_str(q).ok()) {
         h.insert("x-clickhouse-query-id", q);
     }
+    if let Some(secs) = retry_after(e) {
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     resp
+}
+
+/// A 429 whose message ends "retry after N s" is answered with `Retry-After: N`.
+fn retry_after(e: &Error) -> Option<u64> {
+    if e.code != ErrorCode::TooManyRequests {
+        return None;
+    }
+    let rest = &e.message[e.message.rfind("retry after ")? + "retry after ".len()..];
+    rest.split(' ').next()?.parse().ok()
 }

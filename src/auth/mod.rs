@@ -14,6 +14,7 @@
 //! Revocation takes effect at once: revoked sessions, disabled users and API keys are held in
 //! memory (loaded at start, updated by every change made through this process).
 
+pub mod guard;
 pub mod jwt;
 pub mod policy;
 pub mod revocation;
@@ -50,6 +51,8 @@ pub struct AuthOptions {
     pub admin_key: Option<String>,
     /// An admin user ensured at start (`ICHIBASE_ADMIN_EMAIL` + `ICHIBASE_ADMIN_PASSWORD`).
     pub admin_user: Option<(String, String)>,
+    /// Sign-in back-off, the hashing pool and the password rule (`[auth_guard]`).
+    pub guard: guard::AuthGuardSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +123,8 @@ pub struct Auth {
     opts: AuthOptions,
     /// Wakes long-lived connections (WebSockets) when a credential is revoked.
     pub revocations: revocation::Revocations,
+    guard: guard::Guard,
+    hashes: guard::HashPool,
 }
 
 fn auth_failed(msg: impl Into<String>) -> Error {
@@ -142,15 +147,8 @@ fn validate_email(email: &str) -> Result<String> {
     Ok(e.to_string())
 }
 
-fn validate_password(p: &str) -> Result<()> {
-    if p.chars().count() < 8 || p.len() > 1024 {
-        return Err(Error::new(
-            ErrorCode::BadArguments,
-            "password must be 8 to 1024 characters",
-        ));
-    }
-    Ok(())
-}
+/// What sign-up answers, whether or not the email had an account (which it must not reveal).
+pub const SIGNUP_ANSWER: &str = "If this email address had no account, one was created with this password: sign in with POST /auth/signin. An existing account is left unchanged.";
 
 fn validate_role(r: &str) -> Result<String> {
     let r = r.trim();
@@ -182,10 +180,13 @@ impl Auth {
         opts: AuthOptions,
     ) -> anyhow::Result<Auth> {
         let keys = KeyRing::open(&data_dir.join("jwt-keys.json"))?;
+        opts.guard.validate()?;
         let auth = Auth {
             storage,
             keys: RwLock::new(keys),
             cache: RwLock::new(Cache::default()),
+            guard: guard::Guard::new(opts.guard.clone()),
+            hashes: guard::HashPool::new(opts.guard.workers(), opts.guard.hash_queue),
             opts,
             revocations: Default::default(),
         };
@@ -195,6 +196,9 @@ impl Auth {
                 key.starts_with("ik_") && key.len() >= 24,
                 "ICHIBASE_ADMIN_KEY must start with 'ik_' and be at least 24 characters"
             );
+            if let Some(why) = crate::config::key_weakness(&key) {
+                anyhow::bail!("ICHIBASE_ADMIN_KEY is too easy to guess: {why}. {}", crate::config::KEY_ADVICE);
+            }
             auth.ensure_key("bootstrap admin key", &key, "admin")
                 .await?;
         }
@@ -364,6 +368,11 @@ impl Auth {
                     .and_then(|b| String::from_utf8(b).ok())
                     .ok_or_else(|| auth_failed("Malformed Basic credentials"))?;
                 let (user, pass) = raw.split_once(':').unwrap_or((raw.as_str(), ""));
+                // An Authorization header that names nobody is a client bug or a probe, not a
+                // request for anonymous access (send no header for that).
+                if user.trim().is_empty() {
+                    return Err(auth_failed("Empty Basic credentials: send a user name (or no Authorization header to run as anon)"));
+                }
                 self.apply_user_password(&mut ctx, user, pass)?;
                 return Ok(ctx);
             }
@@ -477,6 +486,9 @@ impl Auth {
         if (user.is_empty() || user == "default") && pass.is_empty() {
             return Ok(()); // ClickHouse clients' default user without a password: anonymous.
         }
+        // Back-off before anything else: a locked account or address gets no answer about its
+        // password, not even from the cache.
+        let ticket = self.guard.admit(user, guard::peer())?;
         let cache_key = hash_secret(&format!("{}\0{pass}", user.to_ascii_lowercase()));
         let hit = self
             .cache
@@ -487,18 +499,17 @@ impl Auth {
             .filter(|e| e.3.elapsed() < PASSWORD_CACHE_TTL)
             .cloned();
         let (uid, role, email) = match hit {
-            Some((u, r, e, _)) => (u, r, e),
+            Some((u, r, e, _)) => {
+                ticket.finish(true);
+                (u, r, e)
+            }
             None => {
                 let found = blocking(|| self.storage_lookup_user(user))?;
-                let ok = match &found {
-                    Some((_, hash, _, _, disabled)) => {
-                        blocking(|| verify_password(pass, hash)) && !disabled
-                    }
-                    None => {
-                        let _ = blocking(|| verify_password(pass, dummy_hash()));
-                        false
-                    }
-                };
+                let hash = found.as_ref().map(|f| f.1.clone());
+                let pw = pass.to_string();
+                let matches = self.hashes.run_blocking(move || check_password(&pw, hash.as_deref()))?;
+                ticket.finish(matches);
+                let ok = matches && found.as_ref().is_some_and(|f| !f.4);
                 let Some((uid, _, role, email, _)) = found.filter(|_| ok) else {
                     return Err(auth_failed("Wrong email or password"));
                 };
@@ -577,7 +588,21 @@ impl Auth {
         Ok(())
     }
 
+    /// The client address of a connection from `peer` (see `[auth_guard] trusted_proxies`).
+    pub fn client_ip(&self, peer: std::net::IpAddr, headers: &HeaderMap) -> std::net::IpAddr {
+        let xff = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+        guard::client_ip(peer, xff, &self.guard.settings().trusted_proxies)
+    }
+
     // ----- sign-up, sign-in, sessions -----
+
+    /// The password rule of `[auth_guard]` (length, variety, common passwords, not the email).
+    fn validate_password(&self, password: &str, email: &str) -> Result<()> {
+        match guard::password_problem(password, email, self.guard.settings().min_password_length) {
+            Some(why) => Err(Error::new(ErrorCode::BadArguments, why)),
+            None => Ok(()),
+        }
+    }
 
     pub fn signup_open(&self) -> bool {
         self.opts.signup_open
@@ -599,20 +624,22 @@ impl Auth {
         format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0")
     }
 
-    pub async fn signup(
-        &self,
-        email: &str,
-        password: &str,
-        device: Option<String>,
-    ) -> Result<Tokens> {
+    /// Create a `user` account if the email has none. The answer is the same either way (and
+    /// takes the same work: the password is hashed in both cases), so sign-up does not tell
+    /// who has an account; the client signs in next. With a mailer, the existing-account case
+    /// would mail the owner instead; there is none yet.
+    pub async fn signup(&self, email: &str, password: &str) -> Result<&'static str> {
         if !self.opts.signup_open {
             return Err(Error::new(
                 ErrorCode::AccessDenied,
                 "Sign-up is closed on this server; ask an admin for an account",
             ));
         }
-        let user = self.create_user(email, password, "user").await?;
-        self.start_session(user, device).await
+        match self.create_user(email, password, "user").await {
+            Ok(_) => Ok(SIGNUP_ANSWER),
+            Err(e) if e.code == ErrorCode::ConstraintViolation => Ok(SIGNUP_ANSWER),
+            Err(e) => Err(e),
+        }
     }
 
     pub async fn signin(
@@ -621,14 +648,12 @@ impl Auth {
         password: &str,
         device: Option<String>,
     ) -> Result<Tokens> {
+        let ticket = self.guard.admit(email, guard::peer())?;
         let found = blocking(|| self.storage_lookup_user(email))?;
-        let ok = match &found {
-            Some((_, hash, _, _, _)) => blocking(|| verify_password(password, hash)),
-            None => {
-                let _ = blocking(|| verify_password(password, dummy_hash()));
-                false
-            }
-        };
+        let hash = found.as_ref().map(|f| f.1.clone());
+        let pw = password.to_string();
+        let ok = self.hashes.run(move || check_password(&pw, hash.as_deref())).await?;
+        ticket.finish(ok);
         let Some((id, _, role, email, disabled)) = found.filter(|_| ok) else {
             return Err(auth_failed("Wrong email or password"));
         };
@@ -693,8 +718,9 @@ impl Auth {
         let new_secret = random_token(32);
         let new_hash = hash_secret(&new_secret);
         let t = now() as i64;
+        let spent_ttl = self.opts.session_ttl.as_secs() as i64;
         let sid2 = sid.clone();
-        let user = self
+        let outcome = self
             .sys_write(move |c| {
                 let row: Option<(String, String, String, String)> = c
                     .query_row(
@@ -705,16 +731,47 @@ impl Auth {
                     )
                     .optional()?;
                 let Some((id, email, role, created_at)) = row else {
-                    return Err(auth_failed("Refresh token is invalid, used already, expired or revoked"));
+                    // A token this session already rotated away from: it was copied, and
+                    // either copy may be the thief's. End the session for both.
+                    let reused: bool = c.query_row(
+                        "SELECT EXISTS (SELECT 1 FROM _ichibase_refresh_spent WHERE secret_hash = ?1 AND session_id = ?2)",
+                        params![old_hash, sid2],
+                        |r| r.get(0),
+                    )?;
+                    if reused {
+                        c.execute(
+                            "UPDATE _ichibase_sessions SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1 AND revoked_at IS NULL",
+                            [&sid2],
+                        )?;
+                    }
+                    return Ok(Err(reused));
                 };
                 c.execute(
                     "UPDATE _ichibase_sessions SET secret_hash = ?1, last_used_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?2",
                     params![new_hash, sid2],
                 )?;
-                Ok(UserInfo { id, email, role, created_at, disabled: false })
+                // Remember the spent secret (for reuse detection) as long as a session lives.
+                c.execute(
+                    "INSERT OR IGNORE INTO _ichibase_refresh_spent (secret_hash, session_id, spent_at) VALUES (?1, ?2, ?3)",
+                    params![old_hash, sid2, t],
+                )?;
+                c.execute("DELETE FROM _ichibase_refresh_spent WHERE spent_at < ?1", [t - spent_ttl])?;
+                Ok(Ok(UserInfo { id, email, role, created_at, disabled: false }))
             })
             .await?;
-        self.issue(user, sid, new_secret)
+        match outcome {
+            Ok(user) => self.issue(user, sid, new_secret),
+            Err(true) => {
+                self.cache.write().unwrap().revoked_sessions.insert(sid.clone());
+                // Sockets on that session close at once.
+                self.revocations.changed();
+                tracing::warn!(session = %sid, "refresh token reuse: the session is revoked");
+                Err(auth_failed(
+                    "Refresh token reuse detected: this token was used already, so its session is revoked; sign in again",
+                ))
+            }
+            Err(false) => Err(auth_failed("Refresh token is invalid, used already, expired or revoked")),
+        }
     }
 
     /// Revoke one session (at once: tokens carrying it stop working on their next request).
@@ -807,22 +864,30 @@ impl Auth {
             .user_id
             .clone()
             .ok_or_else(|| auth_failed("Sign in first"))?;
-        validate_password(new)?;
         let uid2 = uid.clone();
-        let hash: Option<String> = self
+        let row: Option<(String, String)> = self
             .sys_read(move |c| {
                 Ok(c.query_row(
-                    "SELECT password_hash FROM _ichibase_users WHERE id = ?1",
+                    "SELECT password_hash, email FROM _ichibase_users WHERE id = ?1",
                     [uid2],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?)
             })
             .await?;
-        if !hash.is_some_and(|h| blocking(|| verify_password(old, &h))) {
+        let Some((hash, email)) = row else {
+            return Err(auth_failed("The current password is wrong"));
+        };
+        self.validate_password(new, &email)?;
+        let ticket = self.guard.admit(&email, guard::peer())?;
+        let old = old.to_string();
+        let ok = self.hashes.run(move || check_password(&old, Some(&hash))).await?;
+        ticket.finish(ok);
+        if !ok {
             return Err(auth_failed("The current password is wrong"));
         }
-        let new_hash = blocking(|| hash_password(new))?;
+        let new = new.to_string();
+        let new_hash = self.hashes.run(move || hash_password(&new)).await??;
         let uid2 = uid.clone();
         self.sys_write(move |c| {
             c.execute(
@@ -849,13 +914,14 @@ impl Auth {
 
     pub async fn create_user(&self, email: &str, password: &str, role: &str) -> Result<UserInfo> {
         let email = validate_email(email)?;
-        validate_password(password)?;
+        self.validate_password(password, &email)?;
         let role = if role == "admin" {
             role.to_string()
         } else {
             validate_role(role)?
         };
-        let hash = blocking(|| hash_password(password))?;
+        let pw = password.to_string();
+        let hash = self.hashes.run(move || hash_password(&pw)).await??;
         let id = uuid::Uuid::new_v4().to_string();
         let (id2, email2, role2) = (id.clone(), email.clone(), role.clone());
         let created_at = self
@@ -1061,6 +1127,18 @@ fn blocking<R>(f: impl FnOnce() -> R) -> R {
             tokio::task::block_in_place(f)
         }
         _ => f(),
+    }
+}
+
+/// Verify `password` against `hash`, or against a hash nobody knows when there is no account
+/// (the same work either way, so timing does not tell which emails have accounts).
+fn check_password(password: &str, hash: Option<&str>) -> bool {
+    match hash {
+        Some(h) => verify_password(password, h),
+        None => {
+            let _ = verify_password(password, dummy_hash());
+            false
+        }
     }
 }
 

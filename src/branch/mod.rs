@@ -137,7 +137,7 @@ impl Branches {
                 format!("Branch '{name}' exists; delete it first or pick another name"),
             ));
         }
-        std::fs::create_dir_all(&self.dir)
+        crate::storage::private_dir(&self.dir)
             .map_err(|e| storage_err("creating the branch dir", e))?;
         let live = self.live_path.clone();
         let (name_s, dest) = (name.to_string(), path.clone());
@@ -174,6 +174,7 @@ impl Branches {
             )
             .map_err(|e| storage_err("marking the branch", e))?;
             drop(c);
+            crate::storage::private_file(&tmp).map_err(|e| storage_err("making the copy private", e))?;
             // Rename only a complete copy into place (a crash leaves a `.partial` behind).
             std::fs::rename(&tmp, &dest).map_err(|e| storage_err("placing the branch", e))?;
             Ok(())

@@ -325,11 +325,11 @@ impl Posterity {
     /// Open (creating if needed) the posterity database, recover an interrupted archive run,
     /// lock down file access and start the writer thread.
     pub fn open(opts: PosterityOptions) -> anyhow::Result<Posterity> {
-        std::fs::create_dir_all(&opts.data_dir)?;
+        crate::storage::private_dir(&opts.data_dir)?;
         let archive_dir = opts.archive_dir();
-        std::fs::create_dir_all(&archive_dir)?;
+        crate::storage::private_dir(&archive_dir)?;
         let temp_dir = opts.data_dir.join("posterity.tmp");
-        std::fs::create_dir_all(&temp_dir)?;
+        crate::storage::private_dir(&temp_dir)?;
         let path = opts.db_path();
         let conn = Connection::open(&path).map_err(|e| {
             let m = e.to_string();
@@ -342,6 +342,12 @@ impl Posterity {
                 anyhow::anyhow!("opening {}: {m}", path.display())
             }
         })?;
+        // The request log (who asked what) is for this user only, its WAL too.
+        crate::storage::private_file(&path)?;
+        let wal = PathBuf::from(format!("{}.wal", path.display()));
+        if wal.exists() {
+            crate::storage::private_file(&wal)?;
+        }
         // Queries may touch no file but the archive (and DuckDB's own spill directory): no
         // read_csv('/etc/passwd'), no COPY TO elsewhere, no ATTACH, no extension downloads.
         conn.execute_batch(&format!(

@@ -182,6 +182,16 @@ pub const MIGRATIONS: &[Migration] = &[
                   PRIMARY KEY (generation_id, round)
               ) STRICT;",
     },
+    Migration {
+        version: 6,
+        name: "spent refresh tokens (reuse detection)",
+        sql: "CREATE TABLE _ichibase_refresh_spent (
+                  secret_hash TEXT PRIMARY KEY,
+                  session_id TEXT NOT NULL,
+                  spent_at INTEGER NOT NULL
+              ) STRICT, WITHOUT ROWID;
+              CREATE INDEX _ichibase_refresh_spent_at ON _ichibase_refresh_spent(spent_at);",
+    },
 ];
 
 /// Apply every migration not yet recorded. Returns how many ran.

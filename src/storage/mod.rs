@@ -69,13 +69,67 @@ struct Inner {
 /// How many SQLite VM instructions run between two checks of the deadline / cancel flag.
 const PROGRESS_OPS: i32 = 1000;
 
+/// Create `dir` (with its parents) for this user only (0700), or tighten an existing one that
+/// others could enter (with a warning): the data directory holds the database, the key ring
+/// and the request log.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        if !dir.exists() {
+            return std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir);
+        }
+        let mode = std::fs::metadata(dir)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(dir = %dir.display(), mode = format!("{:o}", mode & 0o777), "the data directory was open to other users; setting it to 0700");
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    std::fs::create_dir_all(dir)
+}
+
+/// Create `path` empty for this user only (0600) if it is missing, or tighten it to 0600.
+pub fn private_file(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if std::fs::metadata(path)?.permissions().mode() & 0o077 != 0 {
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        Ok(())
+    }
+}
+
 impl Storage {
     /// Open (creating if needed) the database, apply the engine's migrations, start the writer
     /// thread and fill the reader pool.
     pub fn open(opts: &StorageOptions) -> anyhow::Result<Storage> {
-        if let Some(dir) = opts.path.parent() {
-            std::fs::create_dir_all(dir)?;
+        if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            private_dir(dir)?;
         }
+        // SQLite gives the -wal and -shm files the database file's mode: 0600 for all three.
+        private_file(&opts.path)?;
         let mut wconn = Connection::open(&opts.path)?;
         configure(&wconn, opts, false)?;
         let journal: String = wconn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
@@ -84,6 +138,14 @@ impl Storage {
             "could not switch {} to WAL (got {journal})",
             opts.path.display()
         );
+        for suffix in ["-wal", "-shm"] {
+            let mut p = opts.path.clone().into_os_string();
+            p.push(suffix);
+            let p = PathBuf::from(p);
+            if p.exists() {
+                private_file(&p)?;
+            }
+        }
         wconn.pragma_update(None, "synchronous", opts.synchronous.pragma_value())?;
         if opts.replicated {
             wconn.pragma_update(None, "wal_autocheckpoint", 0)?;

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The admin API key every test server is started with (`ICHIBASE_ADMIN_KEY`).
-pub const ADMIN_KEY: &str = "ik_test-admin-key-0123456789abcdef";
+pub const ADMIN_KEY: &str = "ik_af0594b7328f76f30193e94c1a44db3255d62438036389ec";
 
 pub struct Server {
     pub child: Child,
@@ -215,4 +215,17 @@ pub async fn call_fn(c: &reqwest::Client, base: &str, name: &str, input: serde_j
             .unwrap(),
     )
     .await
+}
+
+/// Create an account and sign in: `POST /auth/signup` (which answers the same whether or not
+/// the email had an account, without tokens), then `POST /auth/signin`. Returns the sign-in
+/// answer (`access_token`, `refresh_token`, `session_id`, `user`).
+pub async fn signup_and_signin(base: &str, email: &str, password: &str) -> serde_json::Value {
+    let c = anon_client();
+    let body = serde_json::json!({"email": email, "password": password, "device": "test"});
+    let r = read(c.post(format!("{base}/auth/signup")).json(&body).send().await.unwrap()).await;
+    assert_eq!(r.status, 200, "signup {email}: {}", r.body);
+    let r = read(c.post(format!("{base}/auth/signin")).json(&body).send().await.unwrap()).await;
+    assert_eq!(r.status, 200, "signin {email}: {}", r.body);
+    r.json()
 }
