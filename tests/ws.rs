@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, client, post};
+use common::{Server, client, post, anon_client};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -697,7 +697,8 @@ fn basic(email: &str, password: &str) -> (&'static str, String) {
     ("authorization", format!("Basic {b}"))
 }
 
-/// Sign up; the whole answer (tokens, session id, user).
+/// Sign up, then sign in (sign-up answers alike for new and existing emails, without tokens);
+/// the whole sign-in answer (tokens, session id, user).
 async fn signup_full(base: &str, email: &str) -> Value {
     let r = anon_client()
         .post(format!("{base}/auth/signup"))
@@ -706,7 +707,7 @@ async fn signup_full(base: &str, email: &str) -> Value {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    signin_full(base, email, "long password").await
 }
 
 async fn signin_full(base: &str, email: &str, password: &str) -> Value {
