@@ -1101,7 +1101,7 @@ async fn lua_memory_budget_refuses_beyond_the_budget() {
             s => panic!("unexpected {s}: {}", r.body),
         }
     }
-    assert!(ok >= 1 && ok <= 5, "{ok} admitted with room for 2");
+    assert!((1..=5).contains(&ok), "{ok} admitted with room for 2");
     assert!(refused >= 5, "{refused} refused");
     let grown = peak.saturating_sub(rss0);
     assert!(grown < 400 << 20, "RSS grew by {grown} bytes");

@@ -237,8 +237,14 @@ async fn invoke(
         }
     };
     // Each invocation reserves its memory limit from the server-wide budget first: concurrent
-    // Lua cannot together exceed `[lua_limits] memory_total`.
-    let _reserved = match st.lua_limits.budget.reserve(st.lua.memory_limit as u64).await {
+    // Lua cannot together exceed `[lua_limits] memory_total`. The reservation moves into the
+    // blocking task, so a client that goes away does not free it while its Lua still runs.
+    let reserved = match st
+        .lua_limits
+        .budget
+        .reserve(st.lua.memory_limit as u64)
+        .await
+    {
         Ok(p) => p,
         Err(e) => return error_response(&e, true, Some(&ctx.query_id)),
     };
@@ -289,6 +295,7 @@ async fn invoke(
                 check: None,
             };
             let outcome = lua::invoke(storage, c2, rt, options, hub, analytics, inv);
+            drop(reserved);
             Ok((f, trace, owner, outcome))
         },
     )

@@ -571,7 +571,9 @@ async fn keep_trace(
                 &RequestContext::system(),
                 ExecControl::new(Instant::now(), 0.0),
                 // A check's trace is the admin's (the check ran on their behalf).
-                move |c| store::save_trace(c, &id, &f, 0, user.as_deref(), &role, None, &limits, &o2),
+                move |c| {
+                    store::save_trace(c, &id, &f, 0, user.as_deref(), &role, None, &limits, &o2)
+                },
             )
             .await;
         if saved.is_ok() {

@@ -177,7 +177,8 @@ impl MemoryBudget {
                 ErrorCode::MemoryLimitExceeded,
                 format!(
                     "Lua memory budget exhausted: concurrent invocations hold {} of {} bytes ([lua_limits] memory_total) and none freed {} bytes within {} s ([lua_limits] memory_wait_secs); try again later",
-                    self.total.saturating_sub(self.sem.available_permits() as u64 * UNIT),
+                    self.total
+                        .saturating_sub(self.sem.available_permits() as u64 * UNIT),
                     self.total,
                     bytes,
                     self.wait.as_secs_f64()

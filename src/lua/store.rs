@@ -242,9 +242,8 @@ pub fn save_trace(
         }
     };
     let logs = keep(serde_json::to_string(&o.logs).unwrap_or_default(), "logs");
-    let mut bytes = result.as_ref().map_or(0, String::len)
-        + logs.len()
-        + error.as_ref().map_or(0, String::len);
+    let mut bytes =
+        result.as_ref().map_or(0, String::len) + logs.len() + error.as_ref().map_or(0, String::len);
     tx.execute(
         "INSERT INTO _ichibase_traces (id, function, version, user_id, role, elapsed_ms, outcome, error, error_line, instructions, peak_memory, steps, truncated, result, logs, owner, bytes)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 0, ?12, ?13, ?14, ?15, 0)",

@@ -30,8 +30,8 @@ use super::{Component, lua_err};
 use crate::core::{Error, ErrorCode, Result};
 use crate::lua::sandbox::Limit;
 use crate::lua::{Env, to_json};
-use crate::storage::ExecControl;
 use crate::sql::embedded::{self, Prepared, Rows};
+use crate::storage::ExecControl;
 
 pub struct Db;
 
@@ -87,7 +87,10 @@ fn write_deadline(env: &Env) -> Instant {
 /// An execution control for writes that must end by `deadline`.
 fn write_control(env: &Env, deadline: Instant) -> Arc<ExecControl> {
     let now = Instant::now();
-    let secs = deadline.saturating_duration_since(now).as_secs_f64().max(0.001);
+    let secs = deadline
+        .saturating_duration_since(now)
+        .as_secs_f64()
+        .max(0.001);
     ExecControl::with_value_limit(now, secs, env.control.value_limit)
 }
 
@@ -386,16 +389,19 @@ impl Component for Db {
                 let authz = Arc::clone(e.storage.authz());
                 let (max_rows, max_bytes) = (e.options.max_rows, e.options.memory_limit as u64);
                 let deadline = write_deadline(&e);
-                e.rt.block_on(e.storage.write(&e.ctx, write_control(&e, deadline), move |c| {
-                    c.execute_batch("BEGIN IMMEDIATE")?;
-                    match prepared.run(c, &authz, true, max_rows, max_bytes) {
-                        Ok(_) => c.execute_batch("COMMIT").map_err(Error::from),
-                        Err(err) => {
-                            let _ = c.execute_batch("ROLLBACK");
-                            Err(err)
-                        }
-                    }
-                }))
+                e.rt.block_on(
+                    e.storage
+                        .write(&e.ctx, write_control(&e, deadline), move |c| {
+                            c.execute_batch("BEGIN IMMEDIATE")?;
+                            match prepared.run(c, &authz, true, max_rows, max_bytes) {
+                                Ok(_) => c.execute_batch("COMMIT").map_err(Error::from),
+                                Err(err) => {
+                                    let _ = c.execute_batch("ROLLBACK");
+                                    Err(err)
+                                }
+                            }
+                        }),
+                )
                 .map_err(|err| lua_err(write_failed(&e, deadline, err)))
             })?,
         )?;
