@@ -72,7 +72,7 @@ pub struct Config {
 /// Sections a module owns in ichibase.toml. A module declares its settings once, as a struct
 /// with `#[serde(default, deny_unknown_fields)]` and a `Default`, and reads them with
 /// [`Config::section`]; adding a section is one line here.
-pub const SECTIONS: &[&str] = &["http", "sql_guard", "auth_guard", "ws_limits", "analytics", "traces"];
+pub const SECTIONS: &[&str] = &["http", "sql_guard", "auth_guard", "ws_limits", "analytics", "traces", "lua_limits"];
 
 /// Which wire protocol the model provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]

@@ -94,12 +94,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let http = Arc::new(apis::limits::HttpLimits::new(config.section("http")?)?);
     let sql_guard = Arc::new(apis::limits::SqlGuard::new(config.section("sql_guard")?, config.readers)?);
     sql_guard.apply_heap_limit();
+    let trace_settings: crate::lua::limits::TraceSettings = config.section("traces")?;
+    trace_settings.validate()?;
+    let lua_limit_settings: crate::lua::limits::LuaLimitSettings = config.section("lua_limits")?;
+    lua_limit_settings.validate(config.lua.memory_limit)?;
+    let pruner = schedule_trace_pruning(&storage, &trace_settings);
+    let lua_limits = Arc::new(crate::lua::limits::LuaLimits::new(
+        trace_settings,
+        &lua_limit_settings,
+    ));
     let state = AppState {
         http,
         sql_guard,
         storage: storage.clone(),
         auth,
         lua: lua_options(&config),
+        lua_limits,
         hub: Arc::clone(&hub),
         cdc: crate::realtime::cdc::Cdc::start(
             storage.clone(),
@@ -141,6 +151,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         if let Some(a) = archiver {
             a.abort();
         }
+        pruner.abort();
         // The log's last rows (the requests just finished) are committed before exit.
         let p = posterity.clone();
         let _ = tokio::task::spawn_blocking(move || p.close()).await;
@@ -206,7 +217,41 @@ fn schedule_archive(
     }))
 }
 
+/// Delete traces past their retention every `[traces] prune_interval_secs`.
+fn schedule_trace_pruning(
+    storage: &Storage,
+    s: &crate::lua::limits::TraceSettings,
+) -> tokio::task::JoinHandle<()> {
+    let storage = storage.clone();
+    let limits = crate::lua::limits::TraceLimits::from(s);
+    let every = Duration::from_secs_f64(s.prune_interval_secs);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let r = storage
+                .write(
+                    &crate::core::RequestContext::system(),
+                    crate::storage::ExecControl::new(std::time::Instant::now(), 0.0),
+                    move |c| crate::lua::store::prune_traces(c, &limits),
+                )
+                .await;
+            match r {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(traces = n, "pruned traces past their retention"),
+                Err(e) => tracing::warn!(error = %e, "pruning traces failed"),
+            }
+        }
+    })
+}
+
+/// The Lua runtime's options: the flat `lua_*` settings, `[lua_limits]` and `[traces]` (invalid
+/// sections fall back to their defaults here; `start` refuses them first).
 pub fn lua_options(config: &Config) -> crate::lua::LuaOptions {
+    let traces: crate::lua::limits::TraceSettings = config.section("traces").unwrap_or_default();
+    let limits: crate::lua::limits::LuaLimitSettings =
+        config.section("lua_limits").unwrap_or_default();
     let l = &config.lua;
     crate::lua::LuaOptions {
         instruction_limit: l.instruction_limit,
@@ -216,6 +261,8 @@ pub fn lua_options(config: &Config) -> crate::lua::LuaOptions {
         max_rows: config.limits.max_result_rows,
         max_sql: config.limits.max_query_size,
         property_runs: config.generate.property_runs,
+        tx_timeout: Duration::from_secs_f64(limits.tx_timeout_secs),
+        traces: (&traces).into(),
     }
 }
 

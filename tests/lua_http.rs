@@ -609,12 +609,14 @@ async fn deep_trace_and_hover() {
         .header("x-ichibase-trace")
         .expect("traced by the function's flag")
         .to_string();
+    // Changed (issue 12): a trace holds the function's locals and upvalues, so a caller who
+    // may not trace the function does not read the trace the function's flag recorded.
     assert_eq!(
         req(&user, reqwest::Method::GET, format!("{base}{tpath}"), None)
             .await
             .status,
-        200,
-        "the caller sees their own trace"
+        404,
+        "the caller does not see a trace they could not have asked for"
     );
     let other = common::signup_and_signin(base, "v@example.com", "long password").await;
     let other = client_with_token(other["access_token"].as_str().unwrap());
@@ -683,4 +685,436 @@ async fn cli_deploys_functions() {
             .json(),
         json!("hi cli")
     );
+}
+
+// --- Security (issue 12): traces, db.tx time limit, memory budget ----------------------------
+
+/// Sign up `email` and return a client carrying its access token.
+async fn user(base: &str, email: &str) -> reqwest::Client {
+    let r = anon_client()
+        .post(format!("{base}/auth/signup"))
+        .json(&json!({"email": email, "password": "a long enough password 42"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    client_with_token(
+        r.json::<Value>().await.unwrap()["access_token"]
+            .as_str()
+            .unwrap(),
+    )
+}
+
+async fn get_url(c: &reqwest::Client, url: String) -> Resp {
+    req(c, reqwest::Method::GET, url, None).await
+}
+
+/// POST /fn/{name}{suffix} with extra headers.
+async fn call_with(
+    c: &reqwest::Client,
+    base: &str,
+    name: &str,
+    suffix: &str,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let mut rb = c.post(format!("{base}/fn/{name}{suffix}")).body("{}");
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let r = rb.send().await.unwrap();
+    Resp {
+        status: r.status().as_u16(),
+        headers: r.headers().clone(),
+        body: r.text().await.unwrap(),
+    }
+}
+
+const SECRET_FN: &str = r#"local API_KEY = "sk-live-very-secret"
+return function(input)
+  local token = API_KEY .. "-derived"
+  return {ok = #token}
+end"#;
+
+#[tokio::test]
+async fn traces_only_for_admin_owner_or_debug_roles() {
+    let s = Server::start(&["--signup-open", "true"]);
+    let (admin, anon, base) = (client(), anon_client(), s.url.clone());
+    let alice = user(&base, "alice@example.com").await;
+    let bob = user(&base, "bob@example.com").await;
+    assert_eq!(deploy(&admin, &base, "secret", SECRET_FN).await.status, 200);
+    // Every way a non-admin could ask for a trace: refused before anything runs, nothing kept.
+    let asks: &[(&str, &[(&str, &str)])] = &[
+        ("?trace=1", &[]),
+        ("?trace=true", &[]),
+        ("?trace=TRUE", &[]),
+        ("?trace=True&x=1", &[]),
+        ("?trace=1", &[("x-ichibase-trace", "1")]),
+    ];
+    for (who, c) in [("anon", &anon), ("alice", &alice)] {
+        for (suffix, headers) in asks {
+            let r = call_with(c, &base, "secret", suffix, headers).await;
+            assert_eq!(r.status, 403, "{who} {suffix}: {}", r.body);
+            assert_eq!(r.json()["error"]["name"], "ACCESS_DENIED", "{who} {suffix}");
+            assert!(r.header("x-ichibase-trace").is_none(), "{who} {suffix}");
+            assert!(!r.body.contains("sk-live"), "{who} {suffix}: {}", r.body);
+        }
+        // Headers or other spellings are not a way in: the call runs untraced.
+        for (suffix, headers) in [
+            ("", &[("x-ichibase-trace", "1")][..]),
+            ("?debug=1", &[][..]),
+            ("?trace=yes", &[][..]),
+            ("?tracing=1", &[][..]),
+        ] {
+            let r = call_with(c, &base, "secret", suffix, headers).await;
+            assert_eq!(r.status, 200, "{who} {suffix}: {}", r.body);
+            assert!(r.header("x-ichibase-trace").is_none(), "{who} {suffix}");
+            let id = r.header("x-ichibase-trace-id").unwrap();
+            assert_eq!(get_url(&admin, format!("{base}/trace/{id}")).await.status, 404, "{who} {suffix}: nothing stored");
+        }
+    }
+    // The admin may trace; nobody else reads the trace or hovers over its secrets.
+    let r = call_with(&admin, &base, "secret", "?trace=1", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.header("x-ichibase-trace-id").unwrap().to_string();
+    let t = get_url(&admin, format!("{base}/trace/{id}")).await;
+    assert_eq!(t.status, 200);
+    assert!(t.body.contains("sk-live-very-secret"), "the admin sees the upvalue");
+    for (who, c) in [("anon", &anon), ("alice", &alice), ("bob", &bob)] {
+        for path in [
+            format!("/trace/{id}"),
+            format!("/trace/{id}/hover?name=API_KEY"),
+            format!("/trace/{id}/hover?name=token&step=1"),
+            format!("/trace/{id}/hover?name=API_KEY&step=0"),
+        ] {
+            let r = get_url(c, format!("{base}{path}")).await;
+            assert_eq!(r.status, 404, "{who} {path}: {}", r.body);
+            assert!(!r.body.contains("sk-live"), "{who} {path}");
+        }
+    }
+    // A function the admin traces on every call: a user's call is traced for the admin, and
+    // the caller does not read it (it holds the function's upvalues).
+    let r = req(&admin, reqwest::Method::PUT, format!("{base}/fn/secret?trace=1"), Some(SECRET_FN.into())).await;
+    assert_eq!(r.json()["trace"], true);
+    let r = call(&alice, &base, "secret", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let tpath = r.header("x-ichibase-trace").expect("traced by the function's flag").to_string();
+    for (who, c) in [("anon", &anon), ("alice", &alice), ("bob", &bob)] {
+        assert_eq!(get_url(c, format!("{base}{tpath}")).await.status, 404, "{who}");
+        assert_eq!(get_url(c, format!("{base}{tpath}/hover?name=API_KEY")).await.status, 404, "{who}");
+    }
+    let t = get_url(&admin, format!("{base}{tpath}")).await;
+    assert_eq!(t.status, 200);
+    assert_eq!(t.json()["trace"]["owner"], Value::Null);
+    // Made-up and malformed ids.
+    for id in ["nope", "%27%20OR%201%3D1--", "../trace"] {
+        assert_eq!(get_url(&alice, format!("{base}/trace/{id}")).await.status, 404, "{id}");
+    }
+}
+
+#[tokio::test]
+async fn debug_roles_may_trace_and_read_only_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        &["--signup-open", "true"],
+        &[("ICHIBASE_TRACES__DEBUG_ROLES", r#"["user"]"#)],
+    );
+    let (admin, anon, base) = (client(), anon_client(), s.url.clone());
+    let alice = user(&base, "alice@example.com").await;
+    let bob = user(&base, "bob@example.com").await;
+    deploy(&admin, &base, "secret", SECRET_FN).await;
+    let r = call_with(&alice, &base, "secret", "?trace=1", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.header("x-ichibase-trace-id").unwrap().to_string();
+    assert_eq!(get_url(&alice, format!("{base}/trace/{id}")).await.status, 200);
+    assert_eq!(get_url(&alice, format!("{base}/trace/{id}/hover?name=API_KEY")).await.status, 200);
+    assert_eq!(get_url(&admin, format!("{base}/trace/{id}")).await.status, 200);
+    for (who, c) in [("anon", &anon), ("bob", &bob)] {
+        assert_eq!(get_url(c, format!("{base}/trace/{id}")).await.status, 404, "{who}");
+        assert_eq!(get_url(c, format!("{base}/trace/{id}/hover?name=API_KEY")).await.status, 404, "{who}");
+    }
+    // anon is not a debug role.
+    assert_eq!(call_with(&anon, &base, "secret", "?trace=1", &[]).await.status, 403);
+}
+
+/// A function whose every line holds ~10 KB of locals.
+const BIG_TRACE_FN: &str = r#"return function()
+  local t = {}
+  for i = 1, 50 do t[i] = string.rep(string.char(65 + i % 26), 200) end
+  local sum = 0
+  for i = 1, 3000 do
+    sum = sum + #t[(i % 50) + 1]
+  end
+  return sum
+end"#;
+
+fn db_bytes(dir: &std::path::Path) -> u64 {
+    ["ichibase.db", "ichibase.db-wal"]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+#[tokio::test]
+async fn trace_storage_is_capped_per_trace_and_in_total() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        &[],
+        &[
+            ("ICHIBASE_TRACES__MAX_BYTES", "65536"),
+            ("ICHIBASE_TRACES__TOTAL_BYTES", "262144"),
+        ],
+    );
+    let (admin, base) = (client(), s.url.clone());
+    deploy(&admin, &base, "big", BIG_TRACE_FN).await;
+    let before = db_bytes(dir.path());
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        let r = call_with(&admin, &base, "big", "?trace=1", &[]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json(), json!(600000));
+        let id = r.header("x-ichibase-trace-id").unwrap().to_string();
+        let t = get_url(&admin, format!("{base}/trace/{id}")).await;
+        assert_eq!(t.status, 200);
+        let t = t.json();
+        let bytes = t["trace"]["bytes"].as_i64().expect("a trace records its size");
+        assert!(bytes > 0 && bytes <= 65536, "one trace is capped: {bytes}");
+        assert_eq!(t["trace"]["truncated"], true);
+        assert!(t.to_string().len() < 4 * 65536, "the stored trace is small");
+        ids.push(id);
+    }
+    // The oldest are pruned to keep the total within its budget; the newest remain.
+    let mut kept = 0;
+    let mut total = 0;
+    for (i, id) in ids.iter().enumerate() {
+        let r = get_url(&admin, format!("{base}/trace/{id}")).await;
+        if r.status == 200 {
+            kept += 1;
+            total += r.json()["trace"]["bytes"].as_i64().unwrap();
+        } else {
+            assert_eq!(r.status, 404);
+            assert!(i < 6, "trace {i} (of the newest) was pruned");
+        }
+    }
+    assert!(total <= 262144, "traces hold {total} bytes");
+    assert!((3..=8).contains(&kept), "{kept} traces kept");
+    assert_eq!(get_url(&admin, format!("{base}/trace/{}", ids[0])).await.status, 404, "the oldest went first");
+    assert_eq!(get_url(&admin, format!("{base}/trace/{}", ids[9])).await.status, 200);
+    let grown = db_bytes(dir.path()).saturating_sub(before);
+    assert!(grown < 24 << 20, "the database grew by {grown} bytes for ten traced calls");
+}
+
+#[tokio::test]
+async fn traces_expire_after_their_retention() {
+    // Pruned by the periodic task.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        &[],
+        &[
+            ("ICHIBASE_TRACES__RETENTION_SECS", "2"),
+            ("ICHIBASE_TRACES__PRUNE_INTERVAL_SECS", "0.5"),
+        ],
+    );
+    let (admin, base) = (client(), s.url.clone());
+    deploy(&admin, &base, "secret", SECRET_FN).await;
+    let r = call_with(&admin, &base, "secret", "?trace=1", &[]).await;
+    let id = r.header("x-ichibase-trace-id").unwrap().to_string();
+    assert_eq!(get_url(&admin, format!("{base}/trace/{id}")).await.status, 200);
+    let gone_by = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if get_url(&admin, format!("{base}/trace/{id}")).await.status == 404 {
+            break;
+        }
+        assert!(std::time::Instant::now() < gone_by, "trace still kept 20 s after a 2 s retention");
+    }
+    // Pruned when the next trace is saved (no periodic run in between).
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        &[],
+        &[
+            ("ICHIBASE_TRACES__RETENTION_SECS", "2"),
+            ("ICHIBASE_TRACES__PRUNE_INTERVAL_SECS", "3600"),
+        ],
+    );
+    let base = s.url.clone();
+    deploy(&admin, &base, "secret", SECRET_FN).await;
+    let r = call_with(&admin, &base, "secret", "?trace=1", &[]).await;
+    let old = r.header("x-ichibase-trace-id").unwrap().to_string();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let r = call_with(&admin, &base, "secret", "?trace=1", &[]).await;
+    let new = r.header("x-ichibase-trace-id").unwrap().to_string();
+    assert_eq!(get_url(&admin, format!("{base}/trace/{old}")).await.status, 404);
+    assert_eq!(get_url(&admin, format!("{base}/trace/{new}")).await.status, 200);
+}
+
+#[tokio::test]
+async fn db_tx_has_its_own_short_time_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        &["--lua-timeout-secs", "40", "--lua-instruction-limit", "1000000000000"],
+        &[("ICHIBASE_LUA_LIMITS__TX_TIMEOUT_SECS", "1")],
+    );
+    let (admin, base) = (client(), s.url.clone());
+    common::ok(&admin, &base, "CREATE TABLE tx_t (id INTEGER PRIMARY KEY, v TEXT)").await;
+    let variants = [
+        ("tx_write_loop", r#"return function()
+            return db.tx(function()
+              while true do db.exec("INSERT INTO tx_t (v) VALUES ('lua')") end
+            end)
+          end"#),
+        ("tx_nested_write_loop", r#"return function()
+            return db.tx(function()
+              db.exec("INSERT INTO tx_t (v) VALUES ('lua')")
+              return db.tx(function()
+                while true do db.exec("INSERT INTO tx_t (v) VALUES ('lua')") end
+              end)
+            end)
+          end"#),
+        ("tx_cpu_loop", r#"return function()
+            return db.tx(function()
+              db.exec("INSERT INTO tx_t (v) VALUES ('lua')")
+              local x = 0
+              while true do x = x + 1 end
+            end)
+          end"#),
+        ("tx_pcall_again", r#"return function()
+            for i = 1, 1000 do
+              pcall(db.tx, function()
+                db.exec("INSERT INTO tx_t (v) VALUES ('lua')")
+                while true do end
+              end)
+            end
+            return "escaped"
+          end"#),
+        ("tx_slow_statement", r#"return function()
+            return db.tx(function()
+              return db.query("WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c")
+            end)
+          end"#),
+    ];
+    for (name, src) in variants {
+        assert_eq!(deploy(&admin, &base, name, src).await.status, 200, "{name}");
+        let started = std::time::Instant::now();
+        let (c, b, n) = (admin.clone(), base.clone(), name.to_string());
+        let lua = tokio::spawn(async move { call(&c, &b, &n, json!({})).await });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // The writer stays available to others.
+        let w = std::time::Instant::now();
+        let r = common::post(&admin, &base, &[], "INSERT INTO tx_t (v) VALUES ('http')").await;
+        let waited = w.elapsed();
+        assert_eq!(r.status, 200, "{name}: {}", r.body);
+        assert!(waited < std::time::Duration::from_secs(10), "{name}: an INSERT waited {waited:?} for the writer");
+        let r = lua.await.unwrap();
+        let took = started.elapsed();
+        assert!(took < std::time::Duration::from_secs(20), "{name}: ran {took:?} (the Lua limit is 40 s)");
+        assert_eq!(r.status, 408, "{name}: {}", r.body);
+        assert_eq!(r.json()["error"]["name"], "TIMEOUT_EXCEEDED", "{name}");
+        if name != "tx_slow_statement" {
+            assert!(r.body.contains("tx_timeout_secs"), "{name}: {}", r.body);
+        }
+    }
+    // Everything the functions wrote was rolled back; every HTTP insert is there.
+    let out = common::ok(&admin, &base, "SELECT v, count(*) FROM tx_t GROUP BY v ORDER BY v FORMAT TSV").await;
+    assert_eq!(out, "http\t5\n");
+    // A short transaction still commits.
+    deploy(&admin, &base, "tx_short", r#"return function()
+        return db.tx(function() return db.exec("INSERT INTO tx_t (v) VALUES ('short')").changes end)
+      end"#).await;
+    let r = call(&admin, &base, "tx_short", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Allocates ~40 MB, then holds it for a second or two; returns its start and end (ms).
+const HUNGRY_FN: &str = r#"return function()
+  local now = function() return db.one("SELECT julianday('now') * 86400000.0 AS t").t end
+  local s = now()
+  local t = {}
+  for i = 1, 40 do t[i] = string.rep(string.char(65 + i % 26), 1000000) end
+  local t0 = os.time()
+  while os.time() < t0 + 2 do end
+  return {s, now()}
+end"#;
+
+#[tokio::test]
+async fn lua_memory_budget_refuses_beyond_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        &["--lua-memory-limit", "67108864"],
+        &[
+            ("ICHIBASE_LUA_LIMITS__MEMORY_TOTAL", "134217728"),
+            ("ICHIBASE_LUA_LIMITS__MEMORY_WAIT_SECS", "0.3"),
+        ],
+    );
+    let (admin, anon, base) = (client(), anon_client(), s.url.clone());
+    deploy(&admin, &base, "hungry", HUNGRY_FN).await;
+    let rss0 = s.rss();
+    let mut calls = Vec::new();
+    for _ in 0..10 {
+        let (c, b) = (anon.clone(), base.clone());
+        calls.push(tokio::spawn(async move { call(&c, &b, "hungry", json!({})).await }));
+    }
+    let mut peak = 0;
+    while !calls.iter().all(|c| c.is_finished()) {
+        peak = peak.max(s.rss());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let (mut ok, mut refused) = (0, 0);
+    for c in calls {
+        let r = c.await.unwrap();
+        match r.status {
+            200 => ok += 1,
+            503 => {
+                assert_eq!(r.json()["error"]["name"], "MEMORY_LIMIT_EXCEEDED", "{}", r.body);
+                assert!(r.body.contains("memory_total"), "{}", r.body);
+                refused += 1;
+            }
+            s => panic!("unexpected {s}: {}", r.body),
+        }
+    }
+    assert!((1..=5).contains(&ok), "{ok} admitted with room for 2");
+    assert!(refused >= 5, "{refused} refused");
+    let grown = peak.saturating_sub(rss0);
+    assert!(grown < 400 << 20, "RSS grew by {grown} bytes");
+    // Room again once they finished.
+    assert_eq!(call(&anon, &base, "hungry", json!({})).await.status, 200);
+}
+
+#[tokio::test]
+async fn lua_memory_budget_queues_within_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        &["--lua-memory-limit", "67108864"],
+        &[
+            ("ICHIBASE_LUA_LIMITS__MEMORY_TOTAL", "134217728"),
+            ("ICHIBASE_LUA_LIMITS__MEMORY_WAIT_SECS", "120"),
+        ],
+    );
+    let (admin, base) = (client(), s.url.clone());
+    deploy(&admin, &base, "hungry", HUNGRY_FN).await;
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        let (c, b) = (admin.clone(), base.clone());
+        calls.push(tokio::spawn(async move { call(&c, &b, "hungry", json!({})).await }));
+    }
+    let mut spans = Vec::new();
+    for c in calls {
+        let r = c.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        spans.push((v[0].as_f64().unwrap(), v[1].as_f64().unwrap()));
+    }
+    // Never more than two ran at once.
+    let most = spans
+        .iter()
+        .map(|(s, _)| spans.iter().filter(|(a, b)| a <= s && s < b).count())
+        .max()
+        .unwrap();
+    assert!(most <= 2, "{most} ran at once: {spans:?}");
 }

@@ -1364,7 +1364,7 @@ fn cases() -> Vec<Case> {
         .who(Who::Anon),
     );
 
-    // --- Traced invocations (any caller may ask for ?trace=1) ---------------------------------
+    // --- Traced invocations (the admin asks for ?trace=1) ---------------------------------------
     v.push(
         case(
             "trace_checkpoint_cyclic",
@@ -1398,8 +1398,29 @@ fn cases() -> Vec<Case> {
         end"#,
             Expect::Error(LIMIT),
         )
-        .who(Who::Alice)
         .traced(),
+    );
+    // Changed (issue 12): tracing is for the admin, the function's owner and [traces]
+    // debug_roles; a user's ?trace=1 is refused before any Lua runs.
+    v.push(
+        case(
+            "trace_refused_to_users",
+            r#"return function() local secret = "s3cr3t" return secret end"#,
+            Expect::Error(ACCESS_DENIED),
+        )
+        .who(Who::Alice)
+        .traced()
+        .refused_before_lua(),
+    );
+    v.push(
+        case(
+            "trace_refused_to_anon",
+            r#"return function() local secret = "s3cr3t" return secret end"#,
+            Expect::Error(ACCESS_DENIED),
+        )
+        .who(Who::Anon)
+        .traced()
+        .refused_before_lua(),
     );
 
     // --- Host stack ---------------------------------------------------------------------------

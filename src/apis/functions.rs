@@ -6,6 +6,11 @@
 //! (`{"version": N}` or the previous one), `DELETE /fn/{name}`, `POST /fn/{name}[?trace=1]`
 //! (JSON body → the function's argument, its return value → the JSON answer),
 //! `GET /trace/{id}`, `GET /trace/{id}/hover?name=x[&step=N]`.
+//!
+//! Traces show a function's locals and upvalues, so asking for one (`?trace=1`) is for the
+//! admin, the function's owner and `[traces] debug_roles`; a trace is read by the admin and its
+//! owner only. Each invocation first reserves its memory limit from `[lua_limits]
+//! memory_total`.
 
 
 use axum::body::Bytes;
@@ -231,25 +236,56 @@ async fn invoke(
             }
         }
     };
+    // Each invocation reserves its memory limit from the server-wide budget first: concurrent
+    // Lua cannot together exceed `[lua_limits] memory_total`. The reservation moves into the
+    // blocking task, so a client that goes away does not free it while its Lua still runs.
+    let reserved = match st
+        .lua_limits
+        .budget
+        .reserve(st.lua.memory_limit as u64)
+        .await
+    {
+        Ok(p) => p,
+        Err(e) => return error_response(&e, true, Some(&ctx.query_id)),
+    };
     // One hop to a blocking thread: look the function up and run it there.
     let (storage, options, rt) = (
         st.storage.clone(),
         st.lua,
         tokio::runtime::Handle::current(),
     );
-    let (c2, n, trace_flag, hub, analytics) = (
+    let (c2, n, trace_flag, hub, analytics, limits) = (
         ctx.clone(),
         name.clone(),
         flag(&q.trace),
         Some(std::sync::Arc::clone(&st.hub)),
         Some(st.posterity.clone()),
+        std::sync::Arc::clone(&st.lua_limits),
     );
     let ran = tokio::task::spawn_blocking(
-        move || -> Result<(store::FunctionSource, bool, lua::Outcome)> {
+        move || -> Result<(store::FunctionSource, bool, Option<String>, lua::Outcome)> {
             let f = storage.read_blocking(&rt, &RequestContext::system(), no_deadline(), |c| {
                 store::get(c, &n, None)
             })?;
+            // A trace shows the function's locals and upvalues (its secrets too): only its
+            // owner, the admin and `[traces] debug_roles` may ask for one.
+            let may_trace = limits.traces.may_trace(&c2, f.created_by.as_deref());
+            if trace_flag && !may_trace {
+                return Err(Error::new(
+                    ErrorCode::AccessDenied,
+                    format!(
+                        "tracing function '{n}' needs the admin role, ownership of the function or a role in [traces] debug_roles; this request runs as '{}'",
+                        c2.role.as_str()
+                    ),
+                ));
+            }
             let trace = trace_flag || f.trace;
+            // Who may read the trace besides the admin: the caller, if they may trace it.
+            let owner = if may_trace && !c2.is_admin() {
+                c2.user_id.clone()
+            } else {
+                None
+            };
             let inv = Invocation {
                 function: n,
                 version: f.version,
@@ -259,11 +295,12 @@ async fn invoke(
                 check: None,
             };
             let outcome = lua::invoke(storage, c2, rt, options, hub, analytics, inv);
-            Ok((f, trace, outcome))
+            drop(reserved);
+            Ok((f, trace, owner, outcome))
         },
     )
     .await;
-    let (f, trace, mut outcome) = match ran {
+    let (f, trace, owner, mut outcome) = match ran {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => return error_response(&e, true, Some(&ctx.query_id)),
         Err(e) => {
@@ -302,12 +339,13 @@ async fn invoke(
     }
     let trace_id = ctx.trace_id.clone();
     if trace {
-        let (id, fname, version, uid, role) = (
+        let (id, fname, version, uid, role, limits) = (
             trace_id.clone(),
             name.clone(),
             f.version,
             ctx.user_id.clone(),
             ctx.role.as_str().to_string(),
+            st.lua.traces,
         );
         let saved = st
             .storage
@@ -318,7 +356,19 @@ async fn invoke(
                     steps,
                     ..outcome.clone()
                 };
-                move |c| store::save_trace(c, &id, &fname, version, uid.as_deref(), &role, &o)
+                move |c| {
+                    store::save_trace(
+                        c,
+                        &id,
+                        &fname,
+                        version,
+                        uid.as_deref(),
+                        &role,
+                        owner.as_deref(),
+                        &limits,
+                        &o,
+                    )
+                }
             })
             .await;
         if let Err(e) = saved {
@@ -353,7 +403,8 @@ async fn invoke(
     resp
 }
 
-/// The admin, or the user who ran the traced invocation.
+/// The admin, or the trace's owner (the user who ran the traced invocation, when they were
+/// allowed to trace the function). Anyone else is told there is no such trace.
 async fn may_see_trace(st: &AppState, ctx: &RequestContext, id: &str) -> Result<()> {
     let i = id.to_string();
     let owner = st

@@ -34,6 +34,8 @@ pub struct AppState {
     pub auth: Arc<Auth>,
     pub config: Arc<Config>,
     pub lua: crate::lua::LuaOptions,
+    /// Who may trace, and the memory budget of concurrent Lua invocations.
+    pub lua_limits: Arc<crate::lua::limits::LuaLimits>,
     pub hub: Arc<crate::realtime::Hub>,
     pub cdc: crate::realtime::cdc::Cdc,
     pub branches: Arc<crate::branch::Branches>,

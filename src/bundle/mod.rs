@@ -567,18 +567,22 @@ async fn keep_trace(
     let Some((steps, _)) = &o.steps else { return };
     res.trace_excerpt = Some(excerpt(steps, 24));
     if let Some(traces) = &env.traces {
-        let (id, f, user, role, o2) = (
+        let (id, f, user, role, o2, limits) = (
             trace_id.to_string(),
             function.to_string(),
             ctx.user_id.clone(),
             ctx.role.as_str().to_string(),
             o.clone(),
+            env.lua.traces,
         );
         let saved = traces
             .write(
                 &RequestContext::system(),
                 ExecControl::new(Instant::now(), 0.0),
-                move |c| store::save_trace(c, &id, &f, 0, user.as_deref(), &role, &o2),
+                // A check's trace is the admin's (the check ran on their behalf).
+                move |c| {
+                    store::save_trace(c, &id, &f, 0, user.as_deref(), &role, None, &limits, &o2)
+                },
             )
             .await;
         if saved.is_ok() {

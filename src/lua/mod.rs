@@ -7,6 +7,7 @@
 //! Must not touch HTTP: `apis::functions` calls [`invoke`] from a blocking thread.
 
 pub mod components;
+pub mod limits;
 pub mod sandbox;
 pub mod store;
 pub mod trace;
@@ -38,6 +39,10 @@ pub struct LuaOptions {
     pub max_sql: usize,
     /// Cases `prop.check` tries unless the check says otherwise.
     pub property_runs: u32,
+    /// Longest a write transaction from Lua may hold the writer (`[lua_limits] tx_timeout_secs`).
+    pub tx_timeout: Duration,
+    /// Bounds of stored traces (`[traces]`).
+    pub traces: limits::TraceLimits,
 }
 
 impl Default for LuaOptions {
@@ -50,6 +55,8 @@ impl Default for LuaOptions {
             max_rows: 100_000,
             max_sql: 1024 * 1024,
             property_runs: 100,
+            tx_timeout: Duration::from_secs_f64(limits::LuaLimitSettings::default().tx_timeout_secs),
+            traces: limits::TraceLimits::default(),
         }
     }
 }
@@ -94,6 +101,8 @@ pub struct Env {
     pub tx: RefCell<Option<components::db::TxSession>>,
     /// Outcomes `prop.check` reported.
     pub reports: RefCell<Vec<Json>>,
+    /// The invocation's meter (`db.tx` sets its own deadline there for the hook to enforce).
+    pub meter: Rc<Meter>,
     pub check: Option<CheckMode>,
 }
 
@@ -129,7 +138,12 @@ pub fn invoke(
     let meter = Rc::new(Meter::default());
     let tracer = inv
         .trace
-        .then(|| Rc::new(RefCell::new(Tracer::new(options.max_trace_steps))));
+        .then(|| {
+            Rc::new(RefCell::new(Tracer::new(
+                options.max_trace_steps,
+                options.traces.max_bytes as usize,
+            )))
+        });
     let limits = Limits {
         instructions: options.instruction_limit,
         memory: options.memory_limit,
@@ -153,6 +167,7 @@ pub fn invoke(
         tx: RefCell::new(None),
         reports: RefCell::new(Vec::new()),
         check: inv.check.clone(),
+        meter: Rc::clone(&meter),
     });
     let run = || -> mlua::Result<Json> {
         let (lua, _host_debug) = sandbox::new_state(limits, Rc::clone(&meter), tracer.clone())?;
@@ -217,7 +232,7 @@ pub fn invoke(
             (Err(err), line)
         }
     };
-    let steps = tracer.map(|t| std::mem::replace(&mut *t.borrow_mut(), Tracer::new(0)).finish());
+    let steps = tracer.map(|t| std::mem::replace(&mut *t.borrow_mut(), Tracer::new(0, 0)).finish());
     if meter.peak_memory.get() > 8 * 1024 * 1024 || HEAVY.with(|h| h.replace(false)) {
         release_freed_memory();
     }
@@ -321,6 +336,13 @@ fn describe(e: &mlua::Error, name: &str, meter: &Meter, o: &LuaOptions) -> (Erro
         Some(Limit::Memory) => Error::new(
             ErrorCode::LuaLimit,
             format!("Lua memory limit exceeded ({} bytes)", o.memory_limit),
+        ),
+        Some(Limit::Transaction) => Error::new(
+            ErrorCode::TimeoutExceeded,
+            format!(
+                "db.tx held the writer past its time limit ({} s, [lua_limits] tx_timeout_secs); the transaction was rolled back",
+                o.tx_timeout.as_secs_f64()
+            ),
         ),
         None => {
             if let Some(inner) = find_engine_error(e) {

@@ -28,6 +28,8 @@ pub enum Limit {
     Instructions,
     Time,
     Memory,
+    /// A `db.tx` (or an autocommitted write) ran past `[lua_limits] tx_timeout_secs`.
+    Transaction,
 }
 
 impl std::fmt::Display for Limit {
@@ -36,6 +38,7 @@ impl std::fmt::Display for Limit {
             Limit::Instructions => "instruction limit exceeded",
             Limit::Time => "time limit exceeded",
             Limit::Memory => "memory limit exceeded",
+            Limit::Transaction => "transaction time limit exceeded",
         })
     }
 }
@@ -56,6 +59,8 @@ pub struct Meter {
     pub instructions: Cell<u64>,
     pub peak_memory: Cell<usize>,
     pub tripped: Cell<Option<Limit>>,
+    /// Deadline of the open `db.tx`, if any: the hook ends the invocation past it.
+    pub tx_deadline: Cell<Option<Instant>>,
 }
 
 /// Find a [`Limit`] inside an mlua error chain.
@@ -335,9 +340,14 @@ pub fn check_deadline(m: &Meter, limits: &Limits) -> mlua::Result<()> {
     if let Some(l) = m.tripped.get() {
         return Err(mlua::Error::external(l));
     }
-    if Instant::now() >= limits.deadline {
+    let now = Instant::now();
+    if now >= limits.deadline {
         m.tripped.set(Some(Limit::Time));
         return Err(mlua::Error::external(Limit::Time));
+    }
+    if m.tx_deadline.get().is_some_and(|d| now >= d) {
+        m.tripped.set(Some(Limit::Transaction));
+        return Err(mlua::Error::external(Limit::Transaction));
     }
     Ok(())
 }
@@ -373,10 +383,13 @@ pub fn check(lua: &Lua, m: &Meter, limits: &Limits) -> mlua::Result<()> {
     m.instructions.set(m.instructions.get() + HOOK_EVERY as u64);
     m.peak_memory
         .set(m.peak_memory.get().max(lua.used_memory()));
+    let now = Instant::now();
     let tripped = if m.instructions.get() > limits.instructions {
         Some(Limit::Instructions)
-    } else if Instant::now() >= limits.deadline {
+    } else if now >= limits.deadline {
         Some(Limit::Time)
+    } else if m.tx_deadline.get().is_some_and(|d| now >= d) {
+        Some(Limit::Transaction)
     } else {
         None
     };

@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::{Value as Json, json};
 
 use super::Outcome;
+use super::limits::TraceLimits;
 use crate::core::{Error, ErrorCode, Result};
 
 pub const MAX_SOURCE: usize = 1024 * 1024;
@@ -191,7 +192,10 @@ pub fn delete(c: &mut Connection, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Persist a traced invocation.
+/// Persist a traced invocation, within `[traces] max_bytes` (later steps are dropped and the
+/// trace marked truncated), then prune traces past the retention and, oldest first, beyond
+/// `[traces] total_bytes`. `owner` is who may read it besides the admin (none: the admin only).
+#[allow(clippy::too_many_arguments)]
 pub fn save_trace(
     c: &mut Connection,
     id: &str,
@@ -199,21 +203,50 @@ pub fn save_trace(
     version: i64,
     user_id: Option<&str>,
     role: &str,
+    owner: Option<&str>,
+    limits: &TraceLimits,
     o: &Outcome,
 ) -> Result<()> {
+    let max = limits.max_bytes as usize;
     let tx = c.transaction()?;
-    let (steps, truncated) = o
+    let (steps, mut truncated) = o
         .steps
         .as_ref()
         .map(|(s, t)| (s.as_slice(), *t))
         .unwrap_or((&[], false));
-    let (outcome, error, result) = match &o.result {
-        Ok(v) => ("ok", None, Some(v.to_string())),
-        Err(e) => ("error", Some(e.to_string()), None),
+    // A result or log bigger than a quarter of the budget is not kept (only its size).
+    let keep = |text: String, what: &str| -> String {
+        if text.len() > max / 4 {
+            Json::String(format!(
+                "<{what} of {} bytes not kept: larger than a quarter of [traces] max_bytes>",
+                text.len()
+            ))
+            .to_string()
+        } else {
+            text
+        }
     };
+    let (outcome, error, result) = match &o.result {
+        Ok(v) => ("ok", None, Some(keep(v.to_string(), "result"))),
+        Err(e) => {
+            let mut t = e.to_string();
+            if t.len() > max / 4 {
+                let mut end = max / 4;
+                while !t.is_char_boundary(end) {
+                    end -= 1;
+                }
+                t.truncate(end);
+                t.push_str("… (cut: [traces] max_bytes)");
+            }
+            ("error", Some(t), None)
+        }
+    };
+    let logs = keep(serde_json::to_string(&o.logs).unwrap_or_default(), "logs");
+    let mut bytes =
+        result.as_ref().map_or(0, String::len) + logs.len() + error.as_ref().map_or(0, String::len);
     tx.execute(
-        "INSERT INTO _ichibase_traces (id, function, version, user_id, role, elapsed_ms, outcome, error, error_line, instructions, peak_memory, steps, truncated, result, logs)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+        "INSERT INTO _ichibase_traces (id, function, version, user_id, role, elapsed_ms, outcome, error, error_line, instructions, peak_memory, steps, truncated, result, logs, owner, bytes)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 0, ?12, ?13, ?14, ?15, 0)",
         params![
             id,
             function,
@@ -226,37 +259,88 @@ pub fn save_trace(
             o.error_line,
             o.instructions as i64,
             o.peak_memory as i64,
-            steps.len() as i64,
             truncated,
             result,
-            serde_json::to_string(&o.logs).unwrap_or_default()
+            logs,
+            owner,
         ],
     )?;
+    let mut kept = 0i64;
     {
         let mut st = tx.prepare("INSERT INTO _ichibase_trace_steps (trace_id, step, line, depth, function, source, locals, upvalues, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?;
         for s in steps {
+            let locals = serde_json::to_string(&s.locals).unwrap_or_default();
+            let upvalues = serde_json::to_string(&s.upvalues).unwrap_or_default();
+            let size = 48 + s.function.len() + s.source.len() + locals.len() + upvalues.len();
+            if bytes + size > max {
+                truncated = true;
+                break;
+            }
+            bytes += size;
+            kept += 1;
             st.execute(params![
-                id,
-                s.step,
-                s.line,
-                s.depth,
-                s.function,
-                s.source,
-                serde_json::to_string(&s.locals).unwrap_or_default(),
-                serde_json::to_string(&s.upvalues).unwrap_or_default(),
-                s.after
+                id, s.step, s.line, s.depth, s.function, s.source, locals, upvalues, s.after
             ])?;
         }
     }
+    tx.execute(
+        "UPDATE _ichibase_traces SET steps = ?2, truncated = ?3, bytes = ?4 WHERE id = ?1",
+        params![id, kept, truncated, bytes as i64],
+    )?;
+    prune_in(&tx, limits)?;
     tx.commit()?;
     Ok(())
 }
 
-/// Trace header (who ran it) — for the access check.
+/// Delete traces past the retention and, oldest first, those beyond the total budget.
+/// Returns how many were deleted.
+pub fn prune_traces(c: &mut Connection, limits: &TraceLimits) -> Result<usize> {
+    let tx = c.transaction()?;
+    let n = prune_in(&tx, limits)?;
+    tx.commit()?;
+    Ok(n)
+}
+
+fn prune_in(c: &Connection, limits: &TraceLimits) -> Result<usize> {
+    let modifier = format!("-{:.3} seconds", limits.retention_secs);
+    let mut doomed: Vec<String> = c
+        .prepare_cached(
+            "SELECT id FROM _ichibase_traces WHERE started_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1)",
+        )?
+        .query_map([&modifier], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let total: i64 = c.query_row(
+        "SELECT coalesce(sum(bytes), 0) FROM _ichibase_traces WHERE started_at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1)",
+        [&modifier],
+        |r| r.get(0),
+    )?;
+    let mut excess = total - limits.total_bytes as i64;
+    if excess > 0 {
+        let mut st = c.prepare_cached(
+            "SELECT id, bytes FROM _ichibase_traces WHERE started_at >= strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1) ORDER BY started_at, rowid",
+        )?;
+        let mut rows = st.query([&modifier])?;
+        while excess > 0 {
+            let Some(r) = rows.next()? else { break };
+            doomed.push(r.get(0)?);
+            excess -= r.get::<_, i64>(1)?;
+        }
+    }
+    let mut del_steps =
+        c.prepare_cached("DELETE FROM _ichibase_trace_steps WHERE trace_id = ?1")?;
+    let mut del = c.prepare_cached("DELETE FROM _ichibase_traces WHERE id = ?1")?;
+    for id in &doomed {
+        del_steps.execute([id])?;
+        del.execute([id])?;
+    }
+    Ok(doomed.len())
+}
+
+/// Who may read trace `id` besides the admin (`None`: the admin only); NotFound when absent.
 pub fn trace_owner(c: &Connection, id: &str) -> Result<Option<String>> {
     let row: Option<Option<String>> = c
         .query_row(
-            "SELECT user_id FROM _ichibase_traces WHERE id = ?1",
+            "SELECT owner FROM _ichibase_traces WHERE id = ?1",
             [id],
             |r| r.get(0),
         )
@@ -267,7 +351,7 @@ pub fn trace_owner(c: &Connection, id: &str) -> Result<Option<String>> {
 pub fn get_trace(c: &Connection, id: &str) -> Result<Json> {
     let meta = c
         .query_row(
-            "SELECT function, version, user_id, role, started_at, elapsed_ms, outcome, error, error_line, instructions, peak_memory, steps, truncated, result, logs
+            "SELECT function, version, user_id, role, started_at, elapsed_ms, outcome, error, error_line, instructions, peak_memory, steps, truncated, result, logs, owner, bytes
              FROM _ichibase_traces WHERE id = ?1",
             [id],
             |r| {
@@ -279,6 +363,7 @@ pub fn get_trace(c: &Connection, id: &str) -> Result<Json> {
                     "truncated": r.get::<_, bool>(12)?,
                     "result": r.get::<_, Option<String>>(13)?.and_then(|s| serde_json::from_str::<Json>(&s).ok()),
                     "logs": r.get::<_, Option<String>>(14)?.and_then(|s| serde_json::from_str::<Json>(&s).ok()),
+                    "owner": r.get::<_, Option<String>>(15)?, "bytes": r.get::<_, i64>(16)?,
                 }))
             },
         )

@@ -13,9 +13,6 @@ use mlua::{Function, Lua, Table, Value};
 use serde::Serialize;
 use serde_json::{Map, Value as Json};
 
-/// Most bytes of values one trace records (then it is marked truncated).
-const MAX_TRACE_BYTES: usize = 16 * 1024 * 1024;
-
 fn approx_size(m: &Map<String, Json>) -> usize {
     fn go(v: &Json) -> usize {
         match v {
@@ -26,6 +23,11 @@ fn approx_size(m: &Map<String, Json>) -> usize {
         }
     }
     m.iter().map(|(k, v)| k.len() + 3 + go(v)).sum()
+}
+
+/// Approximate bytes one step takes once stored.
+pub fn step_size(s: &Step) -> usize {
+    48 + s.function.len() + s.source.len() + approx_size(&s.locals) + approx_size(&s.upvalues)
 }
 
 /// Limits of one serialised snapshot.
@@ -56,14 +58,16 @@ pub struct Tracer {
     seq: u32,
     max_steps: usize,
     pub truncated: bool,
-    /// Approximate bytes of recorded values so far.
+    /// Approximate bytes of recorded steps so far.
     bytes: usize,
+    /// Most bytes of steps one trace records (then it is marked truncated): `[traces] max_bytes`.
+    max_bytes: usize,
     /// Stack level of the hooked function as seen from a host call of `debug.getlocal`.
     level: i64,
 }
 
 impl Tracer {
-    pub fn new(max_steps: usize) -> Self {
+    pub fn new(max_steps: usize, max_bytes: usize) -> Self {
         Tracer {
             getlocal: None,
             getinfo: None,
@@ -74,6 +78,7 @@ impl Tracer {
             max_steps,
             truncated: false,
             bytes: 0,
+            max_bytes,
             level: 1,
         }
     }
@@ -130,6 +135,7 @@ impl Tracer {
     }
 
     fn emit(&mut self, s: Step) {
+        self.bytes += step_size(&s);
         self.steps.push(s);
     }
 
@@ -159,11 +165,10 @@ impl Tracer {
             prev.after = true;
             self.emit(prev);
         }
-        if self.seq as usize >= self.max_steps || self.bytes > MAX_TRACE_BYTES {
+        if self.seq as usize >= self.max_steps || self.bytes >= self.max_bytes {
             self.truncated = true;
             return Ok(());
         }
-        self.bytes += approx_size(&locals) + approx_size(&upvalues);
         let names = d.names();
         let source = d.source();
         let step = Step {
@@ -212,13 +217,13 @@ impl Tracer {
 
     /// Annotate the trace from the `debug` component (`debug.checkpoint(label, value)`).
     pub fn checkpoint(&mut self, line: i32, label: String, value: Json) {
-        if self.seq as usize >= self.max_steps {
+        if self.seq as usize >= self.max_steps || self.bytes >= self.max_bytes {
             self.truncated = true;
             return;
         }
         let mut locals = Map::new();
         locals.insert(label, value);
-        self.steps.push(Step {
+        self.emit(Step {
             step: self.seq,
             line,
             depth: 0,

@@ -192,6 +192,16 @@ pub const MIGRATIONS: &[Migration] = &[
               ) STRICT, WITHOUT ROWID;
               CREATE INDEX _ichibase_refresh_spent_at ON _ichibase_refresh_spent(spent_at);",
     },
+    Migration {
+        version: 7,
+        name: "trace owners and sizes",
+        sql: "ALTER TABLE _ichibase_traces ADD COLUMN owner TEXT;
+              ALTER TABLE _ichibase_traces ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+              UPDATE _ichibase_traces SET bytes = coalesce(length(result), 0) + coalesce(length(logs), 0)
+                  + coalesce((SELECT sum(48 + length(function) + length(source) + length(locals) + length(upvalues))
+                              FROM _ichibase_trace_steps s WHERE s.trace_id = _ichibase_traces.id), 0);
+              CREATE INDEX _ichibase_traces_started ON _ichibase_traces (started_at);",
+    },
 ];
 
 /// Apply every migration not yet recorded. Returns how many ran.

@@ -10,8 +10,12 @@
 //!
 //! Parameters are `{name:Type}` placeholders bound from the `params` table. Outside `db.tx`,
 //! reads run on a pooled reader and writes on the writer (one statement, autocommitted).
-//! Inside `db.tx`, every statement goes to one writer session held open for the transaction
-//! (bounded by the invocation's deadline). Results are bounded in rows and bytes.
+//! Inside `db.tx`, every statement goes to one writer session held open for the transaction.
+//! A write transaction has its own time limit, shorter than the invocation's:
+//! `[lua_limits] tx_timeout_secs` from the outer `db.tx`'s start (or from an autocommitted
+//! write's start) to its commit. Past it the writer rolls back and is free for others, and the
+//! invocation ends with `TIMEOUT_EXCEEDED` (the limit stays fired, like the invocation's own:
+//! `pcall` cannot catch it to open another transaction). Results are bounded in rows and bytes.
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -24,8 +28,10 @@ use rusqlite::types::Value as Sql;
 
 use super::{Component, lua_err};
 use crate::core::{Error, ErrorCode, Result};
+use crate::lua::sandbox::Limit;
 use crate::lua::{Env, to_json};
 use crate::sql::embedded::{self, Prepared, Rows};
+use crate::storage::ExecControl;
 
 pub struct Db;
 
@@ -46,13 +52,12 @@ pub struct TxSession {
 }
 
 impl TxSession {
-    fn raw(&self, sql: String) -> Result<()> {
+    fn raw(&self, env: &Env, sql: String) -> Result<()> {
         let (reply, rx) = mpsc::channel();
         self.ops
             .send(TxOp::Raw(sql, reply))
-            .map_err(|_| Error::internal("the transaction session ended"))?;
-        rx.recv()
-            .map_err(|_| Error::internal("the transaction session ended"))?
+            .map_err(|_| session_ended(env))?;
+        rx.recv().map_err(|_| session_ended(env))?
     }
 }
 
@@ -70,6 +75,57 @@ pub(crate) fn params_json(
                 "db: parameters must be a table of name = value (for {name:Type} placeholders)",
             )),
         },
+    }
+}
+
+/// When a write transaction started now must end: its own limit, within the invocation's.
+fn write_deadline(env: &Env) -> Instant {
+    let own = Instant::now() + env.options.tx_timeout;
+    env.control.deadline.map_or(own, |d| d.min(own))
+}
+
+/// An execution control for writes that must end by `deadline`.
+fn write_control(env: &Env, deadline: Instant) -> Arc<ExecControl> {
+    let now = Instant::now();
+    let secs = deadline
+        .saturating_duration_since(now)
+        .as_secs_f64()
+        .max(0.001);
+    ExecControl::with_value_limit(now, secs, env.control.value_limit)
+}
+
+/// After a write failed: past the transaction's deadline, the failure is the transaction
+/// limit, which ends the invocation.
+fn write_failed(env: &Env, deadline: Instant, e: Error) -> Error {
+    if Instant::now() >= deadline && env.control.deadline.is_none_or(|d| deadline < d) {
+        env.meter.tripped.set(Some(Limit::Transaction));
+        Error::new(
+            ErrorCode::TimeoutExceeded,
+            format!(
+                "db: the write ran past its time limit ({} s, [lua_limits] tx_timeout_secs) and was rolled back",
+                env.options.tx_timeout.as_secs_f64()
+            ),
+        )
+    } else {
+        e
+    }
+}
+
+/// Inside `db.tx`: a session that ended (the writer gave up at the deadline) is the
+/// transaction limit once the deadline passed.
+fn session_ended(env: &Env) -> Error {
+    match env.meter.tx_deadline.get() {
+        Some(d) if Instant::now() >= d => {
+            env.meter.tripped.set(Some(Limit::Transaction));
+            Error::new(
+                ErrorCode::TimeoutExceeded,
+                format!(
+                    "db.tx ran past its time limit ({} s, [lua_limits] tx_timeout_secs); the transaction was rolled back",
+                    env.options.tx_timeout.as_secs_f64()
+                ),
+            )
+        }
+        _ => Error::internal("the transaction session ended"),
     }
 }
 
@@ -111,10 +167,12 @@ fn run_unlogged(env: &Env, prepared: Prepared) -> Result<Rows> {
         let (reply, rx) = mpsc::channel();
         tx.ops
             .send(TxOp::Run(prepared, reply))
-            .map_err(|_| Error::internal("the transaction session ended"))?;
-        return rx
-            .recv()
-            .map_err(|_| Error::internal("the transaction session ended"))?;
+            .map_err(|_| session_ended(env))?;
+        let r = rx.recv().map_err(|_| session_ended(env))?;
+        return match (r, env.meter.tx_deadline.get()) {
+            (Err(e), Some(d)) => Err(write_failed(env, d, e)),
+            (r, _) => r,
+        };
     }
     let authz = Arc::clone(env.storage.authz());
     let is_admin = env.ctx.is_admin();
@@ -132,12 +190,17 @@ fn run_unlogged(env: &Env, prepared: Prepared) -> Result<Rows> {
         })?;
     match read {
         Some(rows) => Ok(rows),
-        None => env.rt.block_on(
-            env.storage
-                .write(&env.ctx, Arc::clone(&env.control), move |c| {
-                    prepared.run(c, &authz, is_admin, max_rows, max_bytes)
-                }),
-        ),
+        None => {
+            let deadline = write_deadline(env);
+            env.rt
+                .block_on(
+                    env.storage
+                        .write(&env.ctx, write_control(env, deadline), move |c| {
+                            prepared.run(c, &authz, is_admin, max_rows, max_bytes)
+                        }),
+                )
+                .map_err(|e| write_failed(env, deadline, e))
+        }
     }
 }
 
@@ -169,11 +232,11 @@ fn outer_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
     let authz = Arc::clone(e.storage.authz());
     let is_admin = e.ctx.is_admin();
     let (max_rows, max_bytes) = (e.options.max_rows, e.options.memory_limit as u64);
-    let deadline = e
-        .control
-        .deadline
-        .unwrap_or_else(|| Instant::now() + e.options.timeout);
-    let (storage, ctx, control) = (e.storage.clone(), e.ctx.clone(), Arc::clone(&e.control));
+    // The transaction's own limit: the writer rolls back past it, and the hook ends the
+    // invocation (a pure-CPU loop inside the transaction sends the writer nothing).
+    let deadline = write_deadline(e);
+    e.meter.tx_deadline.set(Some(deadline));
+    let (storage, ctx, control) = (e.storage.clone(), e.ctx.clone(), write_control(e, deadline));
     let job = async move {
         storage
             .write(&ctx, control, move |c| {
@@ -196,7 +259,7 @@ fn outer_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
                         }
                         Err(_) => {
                             let _ = c.execute_batch("ROLLBACK");
-                            return Err(Error::new(ErrorCode::TimeoutExceeded, "db.tx: the transaction was abandoned or ran past the deadline; rolled back"));
+                            return Err(Error::new(ErrorCode::TimeoutExceeded, "db.tx: the transaction was abandoned or ran past its time limit; rolled back"));
                         }
                     }
                 }
@@ -212,10 +275,10 @@ fn outer_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
     e.tx.borrow_mut().take();
     let (reply, done) = mpsc::channel();
     let _ = ops.send(TxOp::Finish(result.is_ok(), reply));
-    let finished = done
-        .recv()
-        .unwrap_or_else(|_| Err(Error::internal("the transaction session ended early")));
+    let finished = done.recv().unwrap_or_else(|_| Err(session_ended(e)));
     let _ = e.rt.block_on(handle);
+    e.meter.tx_deadline.set(None);
+    let finished = finished.map_err(|err| write_failed(e, deadline, err));
     match (result, finished) {
         (Ok(v), Ok(())) => Ok(v),
         (Ok(_), Err(err)) => Err(lua_err(err)),
@@ -236,7 +299,7 @@ fn nested_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
             )));
         }
         tx.depth.set(d);
-        tx.raw(format!("SAVEPOINT ichibase_tx_{d}"))
+        tx.raw(e, format!("SAVEPOINT ichibase_tx_{d}"))
             .map_err(lua_err)?;
         d
     };
@@ -245,10 +308,10 @@ fn nested_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
     let Some(tx) = tx.as_ref() else { return result };
     tx.depth.set(depth - 1);
     let end = match &result {
-        Ok(_) => tx.raw(format!("RELEASE ichibase_tx_{depth}")),
+        Ok(_) => tx.raw(e, format!("RELEASE ichibase_tx_{depth}")),
         Err(_) => tx
-            .raw(format!("ROLLBACK TO ichibase_tx_{depth}"))
-            .and_then(|_| tx.raw(format!("RELEASE ichibase_tx_{depth}"))),
+            .raw(e, format!("ROLLBACK TO ichibase_tx_{depth}"))
+            .and_then(|_| tx.raw(e, format!("RELEASE ichibase_tx_{depth}"))),
     };
     match (result, end) {
         (Ok(v), Ok(())) => Ok(v),
@@ -325,17 +388,21 @@ impl Component for Db {
                         .map_err(lua_err)?;
                 let authz = Arc::clone(e.storage.authz());
                 let (max_rows, max_bytes) = (e.options.max_rows, e.options.memory_limit as u64);
-                e.rt.block_on(e.storage.write(&e.ctx, Arc::clone(&e.control), move |c| {
-                    c.execute_batch("BEGIN IMMEDIATE")?;
-                    match prepared.run(c, &authz, true, max_rows, max_bytes) {
-                        Ok(_) => c.execute_batch("COMMIT").map_err(Error::from),
-                        Err(err) => {
-                            let _ = c.execute_batch("ROLLBACK");
-                            Err(err)
-                        }
-                    }
-                }))
-                .map_err(lua_err)
+                let deadline = write_deadline(&e);
+                e.rt.block_on(
+                    e.storage
+                        .write(&e.ctx, write_control(&e, deadline), move |c| {
+                            c.execute_batch("BEGIN IMMEDIATE")?;
+                            match prepared.run(c, &authz, true, max_rows, max_bytes) {
+                                Ok(_) => c.execute_batch("COMMIT").map_err(Error::from),
+                                Err(err) => {
+                                    let _ = c.execute_batch("ROLLBACK");
+                                    Err(err)
+                                }
+                            }
+                        }),
+                )
+                .map_err(|err| lua_err(write_failed(&e, deadline, err)))
             })?,
         )?;
         lua.globals().set(self.name(), t)

@@ -1,0 +1,214 @@
+//! Server-wide limits of the Lua runtime, read once at start from two module sections:
+//!
+//! - `[traces]` ([`TraceSettings`]): who may ask for a deep trace besides the admin and the
+//!   function's owner, how large one stored trace may be, how many bytes all traces together
+//!   may take (the oldest are pruned), and how long traces are kept.
+//! - `[lua_limits]` ([`LuaLimitSettings`]): the time limit of a write transaction opened from
+//!   Lua (`db.tx`, and each autocommitted write), and the memory budget all concurrent
+//!   invocations share: each invocation reserves its memory limit before it starts, waiting up
+//!   to a bound, and is refused with `MEMORY_LIMIT_EXCEEDED` (HTTP 503) otherwise.
+//!
+//! Owns these settings and the budget's counter ([`MemoryBudget`]); it runs nothing itself.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::core::{Error, ErrorCode, RequestContext, Result};
+
+/// `[traces]` in ichibase.toml (or `ICHIBASE_TRACES__<KEY>`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TraceSettings {
+    /// Roles besides `admin` that may trace any function (`?trace=1`) and read the traces they
+    /// asked for. The function's owner (who deployed its live version) may always trace it.
+    pub debug_roles: Vec<String>,
+    /// Most bytes of one stored trace (steps' locals and upvalues, result and logs); the rest
+    /// of the run is not recorded and the trace is marked truncated.
+    pub max_bytes: u64,
+    /// Most bytes all stored traces together may take; saving a trace prunes the oldest ones.
+    pub total_bytes: u64,
+    /// Seconds a trace is kept.
+    pub retention_secs: f64,
+    /// Seconds between two prunings of traces past their retention (saving a trace prunes too).
+    pub prune_interval_secs: f64,
+}
+
+impl Default for TraceSettings {
+    fn default() -> Self {
+        TraceSettings {
+            debug_roles: Vec::new(),
+            max_bytes: 4 << 20,
+            total_bytes: 256 << 20,
+            retention_secs: 3.0 * 86400.0,
+            prune_interval_secs: 300.0,
+        }
+    }
+}
+
+impl TraceSettings {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_bytes >= 1024 && self.max_bytes <= self.total_bytes,
+            "[traces] needs 1024 <= max_bytes <= total_bytes"
+        );
+        anyhow::ensure!(
+            self.retention_secs > 0.0 && self.retention_secs.is_finite(),
+            "[traces] retention_secs must be a positive number of seconds"
+        );
+        anyhow::ensure!(
+            self.prune_interval_secs > 0.0 && self.prune_interval_secs.is_finite(),
+            "[traces] prune_interval_secs must be a positive number of seconds"
+        );
+        Ok(())
+    }
+
+    /// May `ctx` trace a function whose live version `created_by` deployed?
+    pub fn may_trace(&self, ctx: &RequestContext, created_by: Option<&str>) -> bool {
+        if ctx.is_admin() || self.debug_roles.iter().any(|r| r == ctx.role.as_str()) {
+            return true;
+        }
+        created_by.is_some_and(|by| ctx.user_id.as_deref() == Some(by))
+    }
+}
+
+/// The bounds of stored traces, as the store applies them.
+#[derive(Debug, Clone, Copy)]
+pub struct TraceLimits {
+    pub max_bytes: u64,
+    pub total_bytes: u64,
+    pub retention_secs: f64,
+}
+
+impl From<&TraceSettings> for TraceLimits {
+    fn from(s: &TraceSettings) -> Self {
+        TraceLimits {
+            max_bytes: s.max_bytes,
+            total_bytes: s.total_bytes,
+            retention_secs: s.retention_secs,
+        }
+    }
+}
+
+impl Default for TraceLimits {
+    fn default() -> Self {
+        (&TraceSettings::default()).into()
+    }
+}
+
+/// `[lua_limits]` in ichibase.toml (or `ICHIBASE_LUA_LIMITS__<KEY>`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LuaLimitSettings {
+    /// Seconds a write transaction from Lua may hold the writer: a `db.tx` from its start
+    /// (waiting for the writer included) to its commit, and each autocommitted write. Past it
+    /// the transaction is rolled back and the invocation ends with `TIMEOUT_EXCEEDED`.
+    pub tx_timeout_secs: f64,
+    /// Bytes of Lua memory all concurrent invocations may reserve together; each reserves its
+    /// memory limit (`lua_memory_limit`) before it starts.
+    pub memory_total: u64,
+    /// Seconds an invocation waits for its reservation before it is refused (HTTP 503).
+    pub memory_wait_secs: f64,
+}
+
+impl Default for LuaLimitSettings {
+    fn default() -> Self {
+        LuaLimitSettings {
+            tx_timeout_secs: 3.0,
+            memory_total: 1 << 30,
+            memory_wait_secs: 2.0,
+        }
+    }
+}
+
+impl LuaLimitSettings {
+    pub fn validate(&self, memory_limit: usize) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.tx_timeout_secs > 0.0 && self.tx_timeout_secs.is_finite(),
+            "[lua_limits] tx_timeout_secs must be a positive number of seconds"
+        );
+        anyhow::ensure!(
+            self.memory_wait_secs >= 0.0 && self.memory_wait_secs.is_finite(),
+            "[lua_limits] memory_wait_secs must be zero or a positive number of seconds"
+        );
+        anyhow::ensure!(
+            self.memory_total >= memory_limit as u64,
+            "[lua_limits] memory_total ({}) must be at least lua_memory_limit ({memory_limit})",
+            self.memory_total
+        );
+        Ok(())
+    }
+}
+
+/// Reservations are counted in units of this many bytes.
+const UNIT: u64 = 1 << 20;
+
+/// The memory budget concurrent invocations share.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    sem: Arc<Semaphore>,
+    total: u64,
+    wait: Duration,
+}
+
+impl MemoryBudget {
+    pub fn new(total: u64, wait: Duration) -> MemoryBudget {
+        let units = (total / UNIT).clamp(1, Semaphore::MAX_PERMITS as u64);
+        MemoryBudget {
+            sem: Arc::new(Semaphore::new(units as usize)),
+            total,
+            wait,
+        }
+    }
+
+    /// Reserve `bytes` until the returned permit drops; waits up to the configured bound.
+    pub async fn reserve(&self, bytes: u64) -> Result<OwnedSemaphorePermit> {
+        let units = bytes
+            .div_ceil(UNIT)
+            .clamp(1, (self.total / UNIT).max(1))
+            .min(u32::MAX as u64) as u32;
+        let acquire = Arc::clone(&self.sem).acquire_many_owned(units);
+        match tokio::time::timeout(self.wait, acquire).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(Error::internal("the Lua memory budget is closed")),
+            Err(_) => Err(Error::new(
+                ErrorCode::MemoryLimitExceeded,
+                format!(
+                    "Lua memory budget exhausted: concurrent invocations hold {} of {} bytes ([lua_limits] memory_total) and none freed {} bytes within {} s ([lua_limits] memory_wait_secs); try again later",
+                    self.total
+                        .saturating_sub(self.sem.available_permits() as u64 * UNIT),
+                    self.total,
+                    bytes,
+                    self.wait.as_secs_f64()
+                ),
+            )),
+        }
+    }
+}
+
+/// The Lua limits the API layer needs at run time.
+#[derive(Debug)]
+pub struct LuaLimits {
+    pub traces: TraceSettings,
+    pub budget: MemoryBudget,
+}
+
+impl LuaLimits {
+    pub fn new(traces: TraceSettings, lua: &LuaLimitSettings) -> LuaLimits {
+        LuaLimits {
+            traces,
+            budget: MemoryBudget::new(
+                lua.memory_total,
+                Duration::from_secs_f64(lua.memory_wait_secs),
+            ),
+        }
+    }
+}
+
+impl Default for LuaLimits {
+    fn default() -> Self {
+        LuaLimits::new(TraceSettings::default(), &LuaLimitSettings::default())
+    }
+}
