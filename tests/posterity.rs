@@ -1197,6 +1197,7 @@ async fn analytics_memory_is_bounded_and_runaways_stop_on_disconnect() {
             ("ICHIBASE_ANALYTICS__MAX_TEMP_DIRECTORY_SIZE", "256MB"),
             ("ICHIBASE_ANALYTICS__THREADS", "2"),
             ("ICHIBASE_ANALYTICS__MAX_RESULT_ROWS", "5000"),
+            ("ICHIBASE_ANALYTICS__MEMORY_GUARD_BYTES", "268435456"),
         ],
     );
     let admin = client();
@@ -1277,6 +1278,21 @@ async fn analytics_memory_is_bounded_and_runaways_stop_on_disconnect() {
     }
     let r = analytics(&alice, &base, &[], "SELECT count(*) FROM nums").await;
     assert_eq!(r.status, 200, "{}", r.body);
+
+    // Values that grow by composition (no single generator is large) outside DuckDB's own
+    // accounting: the memory guard interrupts them.
+    let compose = "WITH a AS (SELECT range(1000000) l), b AS (SELECT flatten([l,l,l,l,l,l,l,l,l,l]) l FROM a), c AS (SELECT flatten([l,l,l,l,l,l,l,l,l,l]) l FROM b) SELECT len(l) FROM c";
+    let t = Instant::now();
+    let r = analytics(&alice, &base, &[("max_execution_time", "25")], compose).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.code(), Some(241), "{}", r.body);
+    assert!(t.elapsed() < Duration::from_secs(60), "answered after {:?}", t.elapsed());
+    assert!(
+        watch.peak() < before + 2560 * MB,
+        "RSS went from {} MB to {} MB with a 256 MB memory guard",
+        before / MB,
+        watch.peak() / MB
+    );
     // Results are capped by [analytics] max_result_rows; a request cannot raise the cap.
     for c in [&alice, &admin] {
         let r = analytics(c, &base, &[("max_result_rows", "1000000")], "SELECT n FROM nums").await;

@@ -221,7 +221,9 @@ impl Walker {
     }
 
     fn function(&mut self, name: &str, o: &serde_json::Map<String, Json>) -> Result<()> {
-        if SETTINGS_FUNCTIONS.contains(&name) || SETTINGS_PREFIXES.iter().any(|p| name.starts_with(p)) {
+        if SETTINGS_FUNCTIONS.contains(&name)
+            || (SETTINGS_PREFIXES.iter().any(|p| name.starts_with(p)) && name != "pg_typeof")
+        {
             return Err(denied(format!(
                 "The function {name}() is for the admin (it reveals the server's configuration or files)"
             )));
