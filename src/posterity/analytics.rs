@@ -45,8 +45,8 @@ use rusqlite::types::Value as SqlValue;
 use serde_json::{Map, Value as Json};
 use tokio::sync::mpsc;
 
-use super::{Posterity, duck_err, sql_str};
 use super::AnalyticsSettings;
+use super::{Posterity, duck_err, sql_str};
 use crate::core::{Error, ErrorCode, RequestContext, Result, Role};
 use crate::sql::exec::{Msg, Output, QuerySettings};
 use crate::sql::format::{Column, Format};
@@ -905,7 +905,12 @@ impl Posterity {
         }
         let conn = self.connect()?;
         let sql = sql.trim().trim_end_matches(';').trim();
-        check(&conn, &RequestContext::system(), sql, &self.inner.opts.analytics)?;
+        check(
+            &conn,
+            &RequestContext::system(),
+            sql,
+            &self.inner.opts.analytics,
+        )?;
         let exists_as_table: i64 = conn
             .query_row(
                 "SELECT count(*) FROM duckdb_tables() WHERE lower(table_name) = ?",

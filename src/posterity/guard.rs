@@ -59,7 +59,14 @@ const SETTINGS_FUNCTIONS: &[&str] = &[
 const SETTINGS_PREFIXES: &[&str] = &["duckdb_", "pragma_", "pg_", "has_", "read_", "parquet_"];
 
 /// Table-ref types that only read real tables/views or values.
-const ALLOWED_REFS: &[&str] = &["BASE_TABLE", "JOIN", "SUBQUERY", "EXPRESSION_LIST", "EMPTY", "PIVOT"];
+const ALLOWED_REFS: &[&str] = &[
+    "BASE_TABLE",
+    "JOIN",
+    "SUBQUERY",
+    "EXPRESSION_LIST",
+    "EMPTY",
+    "PIVOT",
+];
 
 fn denied(msg: String) -> Error {
     Error::new(ErrorCode::AccessDenied, msg)
@@ -90,9 +97,12 @@ struct Walker {
 
 fn looks_like_path(name: &str) -> bool {
     name.is_empty()
-        || name
-            .chars()
-            .any(|c| matches!(c, '/' | '\\' | '.' | '*' | '?' | '[' | ']' | '{' | '}' | ':' | '~' | '$' | '\'' | '"') || c.is_control())
+        || name.chars().any(|c| {
+            matches!(
+                c,
+                '/' | '\\' | '.' | '*' | '?' | '[' | ']' | '{' | '}' | ':' | '~' | '$' | '\'' | '"'
+            ) || c.is_control()
+        })
 }
 
 impl Walker {
@@ -204,7 +214,11 @@ impl Walker {
             _ => {}
         }
         // A table ref of a type not known to be harmless is refused.
-        if o.contains_key("sample") && !ty.is_empty() && !ty.ends_with("_NODE") && !ALLOWED_REFS.contains(&ty) {
+        if o.contains_key("sample")
+            && !ty.is_empty()
+            && !ty.ends_with("_NODE")
+            && !ALLOWED_REFS.contains(&ty)
+        {
             return Err(denied(format!(
                 "Table source of type {ty} is for the admin"
             )));
@@ -234,13 +248,11 @@ impl Walker {
             .map(|a| a.iter().collect())
             .unwrap_or_default();
         let size = |i: usize| -> Result<i128> {
-            args.get(i)
-                .and_then(|a| const_int(a))
-                .ok_or_else(|| {
-                    denied(format!(
-                        "{name}(): the size argument must be an integer constant for non-admin roles"
-                    ))
-                })
+            args.get(i).and_then(|a| const_int(a)).ok_or_else(|| {
+                denied(format!(
+                    "{name}(): the size argument must be an integer constant for non-admin roles"
+                ))
+            })
         };
         let n: Option<i128> = match name {
             "range" | "generate_series" => {
@@ -339,7 +351,9 @@ fn const_int(v: &Json) -> Option<i128> {
                 return Some(f.ceil() as i128);
             }
             // HUGEINT and others arrive as objects or text: too big or not a number.
-            x.as_str().and_then(|s| s.trim().parse::<f64>().ok()).map(|f| f.ceil() as i128)
+            x.as_str()
+                .and_then(|s| s.trim().parse::<f64>().ok())
+                .map(|f| f.ceil() as i128)
         }
         "CAST" => const_int(v.get("child")?),
         "FUNCTION" => {
@@ -373,6 +387,70 @@ fn const_text(v: &Json) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(sql: &str) -> Json {
+        let c = duckdb::Connection::open_in_memory().unwrap();
+        let text: String = c
+            .query_row("SELECT json_serialize_sql(?::VARCHAR)", [sql], |r| r.get(0))
+            .unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn refs(sql: &str) -> Vec<String> {
+        scan(&parse(sql), 1_000_000)
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+            .refs
+            .into_iter()
+            .map(|(_, _, n)| n)
+            .collect()
+    }
+
+    #[test]
+    fn ctes_resolve_by_scope() {
+        // In scope: no reference left to check.
+        assert!(refs("WITH a AS (SELECT 1), b AS (SELECT * FROM a) SELECT * FROM b UNION ALL SELECT * FROM a").is_empty());
+        assert!(refs("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT * FROM r").is_empty());
+        assert!(refs("WITH x AS (SELECT 1) SELECT (SELECT count(*) FROM x) FROM (WITH y AS (SELECT * FROM x) SELECT * FROM y)").is_empty());
+        // Out of scope: the name is a catalog object or a file.
+        assert_eq!(
+            refs("SELECT * FROM t UNION ALL (WITH t AS (SELECT 1) SELECT * FROM t)"),
+            ["t"]
+        );
+        assert_eq!(refs("WITH t AS (SELECT * FROM t) SELECT * FROM t"), ["t"]);
+        assert_eq!(
+            refs("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a"),
+            ["b"]
+        );
+        assert_eq!(
+            refs(
+                "WITH RECURSIVE r(n) AS (SELECT * FROM r UNION ALL SELECT n FROM r) SELECT * FROM r"
+            ),
+            ["r"]
+        );
+        assert_eq!(
+            refs("SELECT (WITH t AS (SELECT 1) SELECT 1), (SELECT 1 FROM t)"),
+            ["t"]
+        );
+        assert_eq!(refs("WITH t AS (SELECT 1) SELECT * FROM main.t"), ["t"]);
+    }
+
+    #[test]
+    fn refusals() {
+        let refused = |sql: &str| scan(&parse(sql), 1_000_000).is_err();
+        assert!(refused(
+            "WITH \"a/*.parquet\" AS (SELECT 1) SELECT * FROM \"a/*.parquet\""
+        ));
+        assert!(refused("SELECT current_setting('threads')"));
+        assert!(refused("SELECT * FROM read_parquet('x')"));
+        assert!(refused("SELECT len(range(150000000))"));
+        assert!(refused("SELECT len(range(n)) FROM (SELECT 5 AS n)"));
+        assert!(refused(
+            "SELECT list_transform(range(2000), x -> range(2000))"
+        ));
+        assert!(!refused(
+            "SELECT len(range(1000)), repeat('ab', 10), lpad('x', 5, ' ')"
+        ));
+    }
 
     #[test]
     fn paths_are_not_cte_names() {
