@@ -535,7 +535,7 @@ fn main() -> anyhow::Result<()> {
             }
             .resolve()?;
             let p = ichibase::posterity::Posterity::open(
-                ichibase::posterity::PosterityOptions::from_config(&cfg),
+                ichibase::posterity::PosterityOptions::from_config(&cfg)?,
             )?;
             let files = p.archive(before.as_deref());
             p.close();

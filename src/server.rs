@@ -63,7 +63,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         );
     }
     let posterity = {
-        let opts = crate::posterity::PosterityOptions::from_config(&config);
+        let opts = crate::posterity::PosterityOptions::from_config(&config)?;
         tokio::task::spawn_blocking(move || crate::posterity::Posterity::open(opts)).await??
     };
     let offload = replication.as_ref().map(|r| r.target().clone());

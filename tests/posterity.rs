@@ -764,3 +764,536 @@ async fn kill_9_during_a_burst_loses_at_most_the_flush_interval() {
     .await;
     assert_eq!(r.body.trim().parse::<usize>().unwrap(), old.len());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 12, items 3 and 4: analytics names resolved by scope, settings and files out of reach of
+// non-admins, anonymous clients refused, and runaway queries bounded.
+
+async fn put_view(admin: &reqwest::Client, base: &str, name: &str, sql: &str, roles: &[&str]) {
+    let r = jreq(
+        admin,
+        reqwest::Method::PUT,
+        format!("{base}/admin/analytics/views/{name}"),
+        Some(json!({"sql": sql, "roles": roles})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "view {name}: {}", r.body);
+}
+
+/// A server with archived history (Parquet files under `<data>/archive`), a user `alice`
+/// with the view `my_requests`, and the glob of the archive (absolute, and relative to the
+/// server's working directory, which is its data directory).
+async fn archived_server() -> (Server, reqwest::Client, String, Vec<String>) {
+    let s = Server::start(&["--posterity-flush-secs", "0.2", "--signup-open", "true"]);
+    let (admin, base) = (client(), s.url.clone());
+    let (_id, alice) = signup(&base, "alice@example.com").await;
+    for i in 0..5 {
+        post(&admin, &base, &[("query_id", &format!("secret-{i}"))], "SELECT 1").await;
+        post(&alice, &base, &[], "SELECT 1").await;
+    }
+    wait_count(&admin, &base, "SELECT count(*) FROM log WHERE kind = 'http'", 10).await;
+    let r = jreq(
+        &admin,
+        reqwest::Method::POST,
+        format!("{base}/admin/archive?before=2999-01-01"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    put_view(
+        &admin,
+        &base,
+        "my_requests",
+        "SELECT ts, method, path, status, user_id FROM http_requests WHERE user_id = getvariable('user_id')",
+        &["user"],
+    )
+    .await;
+    let abs = format!("{}/archive/*/*/*.parquet", s.data_dir.display());
+    // The archive really is there and readable by the admin through each spelling.
+    for g in [abs.as_str(), "archive/*/*/*.parquet"] {
+        let r = analytics(&admin, &base, &[], &format!("SELECT count(*) FROM '{g}'")).await;
+        assert_eq!(r.status, 200, "{g}: {}", r.body);
+        assert!(r.body.trim().parse::<i64>().unwrap() >= 10, "{g}: {}", r.body);
+    }
+    let globs = vec![
+        abs,
+        "archive/*/*/*.parquet".to_string(),
+        "archive/kind=http/*/*.parquet".to_string(),
+    ];
+    (s, alice, base, globs)
+}
+
+/// Queries that would read the archive (or the log) if CTE names leaked out of their scope.
+fn scope_leaks(g: &str) -> Vec<String> {
+    vec![
+        // A UNION branch's CTE does not cover the other branch.
+        format!("SELECT * FROM (SELECT count(*) FROM \"{g}\") UNION ALL (WITH \"{g}\" AS (SELECT 42) SELECT * FROM \"{g}\")"),
+        format!("(WITH \"{g}\" AS (SELECT 42) SELECT * FROM \"{g}\") UNION ALL SELECT count(*) FROM \"{g}\""),
+        format!("SELECT count(*) FROM '{g}' UNION ALL (WITH \"{g}\" AS (SELECT 1) SELECT 1)"),
+        format!("SELECT count(*) FROM \"{g}\" INTERSECT (WITH \"{g}\" AS (SELECT 1) SELECT 1) "),
+        // A CTE's own (non-recursive) body sees the file, not itself.
+        format!("WITH \"{g}\" AS (SELECT count(*) AS n FROM \"{g}\") SELECT * FROM \"{g}\""),
+        format!("WITH \"{g}\" AS (SELECT * FROM \"{g}\") SELECT user_id, path FROM \"{g}\""),
+        // An earlier sibling does not see a later CTE.
+        format!("WITH a AS (SELECT count(*) AS n FROM \"{g}\"), \"{g}\" AS (SELECT 1) SELECT * FROM a"),
+        // The anchor of a recursive CTE does not see the CTE.
+        format!("WITH RECURSIVE \"{g}\"(n) AS (SELECT count(*) FROM \"{g}\" UNION ALL SELECT n FROM \"{g}\" WHERE false) SELECT * FROM \"{g}\""),
+        // An inner CTE does not cover the enclosing query.
+        format!("SELECT (SELECT count(*) FROM \"{g}\") FROM (WITH \"{g}\" AS (SELECT 1) SELECT * FROM \"{g}\")"),
+        format!("WITH x AS (WITH \"{g}\" AS (SELECT 1) SELECT 1) SELECT count(*) FROM \"{g}\", x"),
+        format!("SELECT count(*) FROM \"{g}\" WHERE EXISTS (WITH \"{g}\" AS (SELECT 1) SELECT * FROM \"{g}\")"),
+        format!("SELECT * FROM my_requests WHERE path IN (SELECT path FROM \"{g}\") OR EXISTS (WITH \"{g}\" AS (SELECT 1) SELECT 1)"),
+        format!("SELECT * FROM my_requests m, LATERAL (SELECT count(*) FROM \"{g}\") x, (WITH \"{g}\" AS (SELECT 1) SELECT 1) y"),
+        format!("SELECT * FROM (WITH \"{g}\" AS (SELECT 1) SELECT 1) a JOIN (SELECT count(*) FROM \"{g}\") b ON true"),
+        // A sibling subquery's CTE does not cover its neighbour.
+        format!("SELECT (WITH \"{g}\" AS (SELECT 1) SELECT 1), (SELECT count(*) FROM \"{g}\")"),
+        // Same name, other quoting/case.
+        format!("WITH \"{g}\" AS (SELECT 1) SELECT count(*) FROM '{g}'"),
+        format!("WITH \"{}\" AS (SELECT 1) SELECT count(*) FROM \"{g}\"", g.to_uppercase()),
+        // A CTE named like a table, in every position.
+        "WITH log AS (SELECT count(*) FROM log) SELECT * FROM log".to_string(),
+        "SELECT * FROM (SELECT count(*) FROM log) UNION ALL (WITH log AS (SELECT 1) SELECT * FROM log)".to_string(),
+        "WITH m AS (SELECT * FROM my_requests) SELECT * FROM m, (WITH x AS (SELECT 1) SELECT * FROM log_all) z".to_string(),
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT * FROM r, sql_texts".to_string(),
+    ]
+}
+
+/// Files, table functions, settings and engine objects, with no CTE at all.
+fn sources(g: &str) -> Vec<String> {
+    vec![
+        format!("SELECT * FROM '{g}'"),
+        format!("FROM '{g}'"),
+        format!("SELECT count(*) FROM \"{g}\""),
+        format!("SELECT * FROM read_parquet('{g}')"),
+        format!("SELECT * FROM read_parquet(['{g}'])"),
+        format!("SELECT * FROM parquet_scan('{g}')"),
+        format!("SELECT * FROM parquet_metadata('{g}')"),
+        format!("SELECT * FROM parquet_schema('{g}')"),
+        format!("SELECT * FROM read_text('{g}')"),
+        format!("SELECT * FROM read_blob('{g}')"),
+        format!("SELECT * FROM read_csv('{g}')"),
+        format!("SELECT * FROM read_csv_auto('{g}')"),
+        format!("SELECT * FROM read_json_auto('{g}')"),
+        format!("SELECT * FROM glob('{g}')"),
+        format!("SELECT * FROM my_requests, glob('{g}')"),
+        format!("SELECT (SELECT count(*) FROM read_parquet('{g}'))"),
+        format!("SELECT * FROM my_requests WHERE path IN (SELECT path FROM '{g}')"),
+        format!("SELECT * FROM query('SELECT * FROM ''{g}''')"),
+        format!("SELECT * FROM query_table('{g}')"),
+        "SELECT * FROM read_csv('/etc/passwd')".to_string(),
+        "SELECT * FROM 'posterity.tmp/x.csv'".to_string(),
+        "SELECT * FROM app_table('_ichibase_users')".to_string(),
+        "SELECT * FROM range(10)".to_string(),
+        "SELECT * FROM generate_series(1, 3)".to_string(),
+        // Settings, pragmas, the environment.
+        "SELECT current_setting('allowed_directories')".to_string(),
+        "SELECT current_setting('temp_directory')".to_string(),
+        "SELECT CURRENT_SETTING('memory_limit')".to_string(),
+        "SELECT main.current_setting('threads')".to_string(),
+        "SELECT * FROM my_requests WHERE current_setting('allowed_directories') IS NOT NULL".to_string(),
+        "SELECT list_transform([1], x -> current_setting('temp_directory'))".to_string(),
+        "SELECT getenv('HOME')".to_string(),
+        "SELECT * FROM duckdb_settings()".to_string(),
+        "SELECT * FROM duckdb_databases()".to_string(),
+        "SELECT * FROM duckdb_tables()".to_string(),
+        "SELECT * FROM duckdb_settings".to_string(),
+        "SELECT * FROM pragma_database_list()".to_string(),
+        "SELECT * FROM pragma_table_info('log')".to_string(),
+        "SELECT * FROM pragma_version()".to_string(),
+        "SELECT * FROM which_secret('s3://x/y', 's3')".to_string(),
+        "SELECT * FROM information_schema.tables".to_string(),
+        "SELECT * FROM pg_catalog.pg_settings".to_string(),
+        "SELECT * FROM pg_settings".to_string(),
+        "SELECT current_database()".to_string(),
+        "SELECT version()".to_string(),
+        "SELECT * FROM log".to_string(),
+        "SELECT * FROM main.my_requests, posterity.main.log".to_string(),
+        "DESCRIBE my_requests".to_string(),
+        "SHOW TABLES".to_string(),
+        "SUMMARIZE my_requests".to_string(),
+    ]
+}
+
+/// Statements that are not a SELECT: refused to everyone (400 or 403).
+const STATEMENTS: &[&str] = &[
+    "ATTACH 'x.db' AS x",
+    "ATTACH ':memory:' AS m",
+    "DETACH posterity",
+    "COPY (SELECT 1) TO 'archive/x.csv'",
+    "COPY log TO 'archive/x.parquet'",
+    "EXPORT DATABASE 'archive/x'",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "LOAD parquet",
+    "SET memory_limit = '100GB'",
+    "SET enable_external_access = true",
+    "RESET lock_configuration",
+    "PRAGMA database_list",
+    "CALL pragma_version()",
+    "CREATE TABLE t AS SELECT 1",
+    "CREATE MACRO m() AS 1",
+    "USE memory",
+    "CHECKPOINT",
+    "SELECT 1; ATTACH ':memory:' AS m",
+];
+
+fn assert_refused(sql: &str, r: &Resp, statuses: &[u16], secrets: &[&str]) {
+    assert!(
+        statuses.contains(&r.status),
+        "{sql} must be refused with one of {statuses:?}, got {}: {}",
+        r.status,
+        r.body
+    );
+    for s in secrets {
+        // (a refusal may quote what the caller typed)
+        if !sql.contains(s) {
+            assert!(!r.body.contains(s), "{sql} revealed {s}: {}", r.body);
+        }
+    }
+}
+
+#[tokio::test]
+async fn analytics_names_resolve_by_scope_for_every_role() {
+    let (s, alice, base, globs) = archived_server().await;
+    let admin = client();
+    let anon = anon_client();
+    let data_dir = s.data_dir.display().to_string();
+    let secrets = [data_dir.as_str(), "secret-"];
+
+    let r = analytics(&alice, &base, &[], "SELECT count(*) FROM my_requests").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A signed-in user: every CTE-scope trick, file, table function and setting is refused.
+    for g in &globs {
+        for sql in scope_leaks(g).iter().chain(sources(g).iter()) {
+            let r = analytics(&alice, &base, &[], sql).await;
+            assert_refused(sql, &r, &[403], &secrets);
+        }
+    }
+    // Anonymous clients: nothing at all while no view is granted to `anon`.
+    for sql in ["SELECT 1", "SELECT getvariable('role')", "SELECT current_setting('allowed_directories')"]
+    {
+        let r = analytics(&anon, &base, &[], sql).await;
+        assert_refused(sql, &r, &[403], &secrets);
+    }
+    for g in &globs {
+        for sql in scope_leaks(g).iter().chain(sources(g).iter()) {
+            let r = analytics(&anon, &base, &[], sql).await;
+            assert_refused(sql, &r, &[403], &secrets);
+        }
+    }
+    for sql in STATEMENTS {
+        for c in [&alice, &anon, &admin] {
+            let r = analytics(c, &base, &[], sql).await;
+            assert_refused(sql, &r, &[400, 403], &[]);
+        }
+    }
+
+    // With a view granted to `anon`, anonymous clients may read that view, and nothing more.
+    put_view(&admin, &base, "public_stats", "SELECT count(*) AS n FROM http_requests", &["anon"]).await;
+    let r = analytics(&anon, &base, &[], "SELECT n > 0 FROM public_stats").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body.trim(), "1");
+    for g in &globs {
+        for sql in scope_leaks(g).iter().chain(sources(g).iter()) {
+            let r = analytics(&anon, &base, &[], sql).await;
+            assert_refused(sql, &r, &[403], &secrets);
+        }
+    }
+    let r = analytics(&anon, &base, &[], "SELECT count(*) FROM my_requests").await;
+    assert_refused("anon on a user view", &r, &[403], &secrets);
+    let r = analytics(&alice, &base, &[], "SELECT * FROM public_stats").await;
+    assert_refused("user on an anon view", &r, &[403], &secrets);
+
+    // CTEs used as CTEs still work, in every scope DuckDB gives them.
+    for (sql, want) in [
+        ("WITH m AS (SELECT * FROM my_requests), n AS (SELECT * FROM m) SELECT count(*) > 0 FROM n", "1"),
+        ("WITH m AS (SELECT 1 AS a) SELECT (SELECT count(*) FROM m) FROM (SELECT * FROM m)", "1"),
+        ("WITH m AS (SELECT 1 AS a) SELECT * FROM m UNION ALL SELECT * FROM m", "1\n1"),
+        ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) SELECT sum(n) FROM r", "15"),
+        ("WITH x AS (SELECT 2 AS v) SELECT * FROM (WITH y AS (SELECT v + 1 AS v FROM x) SELECT v FROM y)", "3"),
+        ("WITH \"My Data\" AS (SELECT 4 AS v) SELECT v FROM \"my data\"", "4"),
+        ("SELECT len(range(10)), length(repeat('ab', 3)), lpad('x', 3, '-')", "10\t6\t--x"),
+        ("SELECT list_sum(list_transform(range(100), x -> x))", "4950"),
+    ] {
+        let r = analytics(&alice, &base, &[], sql).await;
+        assert_eq!(r.status, 200, "{sql}: {}", r.body);
+        assert_eq!(r.body.trim(), want, "{sql}");
+    }
+
+    // The admin keeps every means.
+    for sql in [
+        format!("SELECT count(*) > 0 FROM read_parquet('{}')", globs[0]),
+        "SELECT current_setting('threads')".to_string(),
+        "WITH log AS (SELECT count(*) FROM log) SELECT * FROM log".to_string(),
+    ] {
+        let r = analytics(&admin, &base, &[], &sql).await;
+        assert_eq!(r.status, 200, "{sql}: {}", r.body);
+    }
+}
+
+/// CPU seconds the live threads of the process have used (user + system), summed per thread
+/// (some kernels do not aggregate threads in `/proc/<pid>/stat`).
+fn cpu_secs(pid: u32) -> f64 {
+    let mut total = 0.0;
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = after.split_whitespace().collect();
+        let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        total += (tick(11) + tick(12)) / 100.0;
+    }
+    total
+}
+
+/// Samples the server's RSS every 50 ms; `peak()` is the highest seen.
+struct RssWatch {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RssWatch {
+    /// Panics (failing the test, and killing the server with it) past `ceiling` bytes, so a
+    /// runaway never takes the whole machine down.
+    fn start(pid: u32, ceiling: u64) -> RssWatch {
+        use std::sync::atomic::Ordering;
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p2, s2) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s2.load(Ordering::Relaxed) {
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let rss = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    .map_or(0, |kb| kb * 1024);
+                p2.fetch_max(rss, Ordering::Relaxed);
+                if rss > ceiling {
+                    let _ = std::process::Command::new("kill").arg("-9").arg(pid.to_string()).status();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        RssWatch { peak, stop }
+    }
+    fn peak(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for RssWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+const MB: u64 = 1024 * 1024;
+
+/// Generators of huge values: refused to non-admins before DuckDB plans them (DuckDB folds
+/// constants while planning, where no interrupt reaches).
+const GENERATORS: &[&str] = &[
+    "SELECT sum(len(x)) FROM (SELECT range(150000000) AS x)",
+    "SELECT len(range(150000000))",
+    "SELECT len(range(150000000::BIGINT))",
+    "SELECT len(range(-150000000, 0))",
+    "SELECT len(range(0, 150000000, 1))",
+    "SELECT len(range(150000000::HUGEINT))",
+    "SELECT len(range(1e9::BIGINT))",
+    "SELECT len(generate_series(1, 1000000000))",
+    "SELECT sum(len(x)) FROM (SELECT generate_series(150000000) AS x)",
+    "SELECT len(range(n)) FROM (SELECT 150000000 AS n)",
+    "SELECT len(range((SELECT 150000000)))",
+    "SELECT string_agg(x::VARCHAR, ',') FROM (SELECT unnest(range(150000000)) AS x)",
+    "SELECT length(repeat('x', 2000000000))",
+    "SELECT length(repeat('abcdefghij', 200000000))",
+    "SELECT length(repeat(repeat('x', 100000), 100000))",
+    "SELECT len(repeat([1, 2, 3], 100000000))",
+    "SELECT len(list_resize([1], 1000000000))",
+    "SELECT len(array_resize([1], 1000000000, 0))",
+    "SELECT length(lpad('x', 1000000000, 'y'))",
+    "SELECT length(rpad('x', 1000000000, 'y'))",
+    "SELECT len(list_transform(range(100000), x -> range(100000)))",
+    "SELECT len(flatten(list_transform(range(10000), x -> range(10000))))",
+    "SELECT length(printf('%01000000000d', 1))",
+    "SELECT length(format('{:>1000000000}', 'x'))",
+    "SELECT length(to_base(1, 2, 1000000000))",
+    "SELECT length(bar(1, 0, 1, 1000000000))",
+    "WITH a AS (SELECT range(150000000) AS x) SELECT len(x) FROM a",
+    "SELECT len(x) FROM my_requests, (SELECT range(150000000) AS x)",
+];
+
+#[tokio::test]
+async fn analytics_runaway_queries_are_refused_or_bounded() {
+    let (s, alice, base, _) = archived_server().await;
+    let admin = client();
+    let anon = anon_client();
+    let pid = s.pid();
+    let ceiling = s.rss() + 3 * 1024 * MB;
+    let watch = RssWatch::start(pid, ceiling);
+    let quick = |c: &reqwest::Client, sql: &str| {
+        c.post(format!("{base}/analytics"))
+            .body(sql.to_string())
+            .timeout(Duration::from_secs(60))
+            .send()
+    };
+
+    // The issue's query as anon, and every generator as anon and as a user.
+    for sql in GENERATORS {
+        for (who, c) in [("anon", &anon), ("user", &alice)] {
+            let t = Instant::now();
+            let r = read(quick(c, sql).await.unwrap_or_else(|e| panic!("{who}: {sql}: {e}"))).await;
+            assert!(
+                matches!(r.status, 403 | 503 | 400),
+                "{who}: {sql} must be refused, got {}: {}",
+                r.status,
+                r.body
+            );
+            assert!(t.elapsed() < Duration::from_secs(30), "{who}: {sql} took {:?}", t.elapsed());
+        }
+    }
+    let r = analytics(&alice, &base, &[], GENERATORS[0]).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.code(), Some(241), "{}", r.body);
+    let base_rss = s.rss();
+    assert!(
+        watch.peak() < base_rss.max(200 * MB) + 1024 * MB,
+        "refused generators still grew the server to {} MB",
+        watch.peak() / MB
+    );
+
+    // A big cross join over a granted view: it runs, and stops at the deadline.
+    put_view(&admin, &base, "nums", "SELECT range AS n FROM range(1000000)", &["user"]).await;
+    let cross = "SELECT count(*) FROM nums a, nums b, nums c";
+    let t = Instant::now();
+    let r = analytics(&alice, &base, &[("max_execution_time", "2")], cross).await;
+    assert_eq!(r.status, 408, "{}", r.body);
+    assert!(t.elapsed() < Duration::from_secs(40), "deadline of 2 s answered after {:?}", t.elapsed());
+    // ... and the work really stopped (no CPU burnt once it answered).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c0 = cpu_secs(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let burnt = cpu_secs(pid) - c0;
+    assert!(burnt < 1.5, "the server kept burning CPU after the deadline: {burnt:.2} s in 3 s");
+    drop(watch);
+}
+
+#[tokio::test]
+async fn analytics_memory_is_bounded_and_runaways_stop_on_disconnect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        tmp.path(),
+        &["--posterity-flush-secs", "0.2", "--signup-open", "true"],
+        &[
+            ("ICHIBASE_ANALYTICS__MEMORY_LIMIT", "256MB"),
+            ("ICHIBASE_ANALYTICS__MAX_TEMP_DIRECTORY_SIZE", "256MB"),
+            ("ICHIBASE_ANALYTICS__THREADS", "2"),
+            ("ICHIBASE_ANALYTICS__MAX_RESULT_ROWS", "5000"),
+            ("ICHIBASE_ANALYTICS__MEMORY_GUARD_BYTES", "268435456"),
+        ],
+    );
+    let admin = client();
+    let base = s.url.clone();
+    let (_id, alice) = signup(&base, "alice@example.com").await;
+    put_view(&admin, &base, "nums", "SELECT range AS n FROM range(1000000)", &["user"]).await;
+    let pid = s.pid();
+    let before = s.rss();
+    let watch = RssWatch::start(pid, before + 3 * 1024 * MB);
+
+    // A hash aggregate of 10^12 distinct values, and a cross product DuckDB materialises:
+    // DuckDB's memory_limit (and the temporary directory's cap) hold them.
+    let distinct = "SELECT count(DISTINCT a.n * 1000000 + b.n) FROM nums a, nums b";
+    let bushy = "SELECT count(*) FROM nums a, nums b, nums c, nums d";
+    for (who, c, sql) in [
+        ("user", &alice, distinct),
+        ("admin", &admin, distinct),
+        ("user", &alice, bushy),
+        ("admin", &admin, bushy),
+    ] {
+        let t = Instant::now();
+        let r = analytics(c, &base, &[("max_execution_time", "8")], sql).await;
+        assert!(
+            matches!(r.status, 408 | 503),
+            "{who}: want a time-out or a memory error, got {}: {}",
+            r.status,
+            r.body
+        );
+        assert!(t.elapsed() < Duration::from_secs(60), "{who}: answered after {:?}", t.elapsed());
+        assert!(
+            watch.peak() < before + 1536 * MB,
+            "{who}: RSS went from {} MB to {} MB with memory_limit 256MB",
+            before / MB,
+            watch.peak() / MB
+        );
+    }
+
+    // A runaway whose client goes away stops soon after.
+    let addr = base.trim_start_matches("http://").to_string();
+    let token = ADMIN_KEY;
+    let cross = "SELECT count(*) FROM nums a, nums b WHERE (a.n + b.n) % 7 = 3";
+    for who in ["admin", "user"] {
+        let auth = if who == "admin" {
+            format!("Authorization: Bearer {token}\r\n")
+        } else {
+            // The user's token, taken from a fresh sign-in.
+            let r = jreq(
+                &anon_client(),
+                reqwest::Method::POST,
+                format!("{base}/auth/signin"),
+                Some(json!({"email": "alice@example.com", "password": "password-of-alice@example.com", "device": "t"})),
+            )
+            .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            format!("Authorization: Bearer {}\r\n", r.json()["access_token"].as_str().unwrap())
+        };
+        let mut sock = std::net::TcpStream::connect(&addr).unwrap();
+        let req = format!(
+            "POST /analytics?max_execution_time=25 HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: {}\r\n\r\n{cross}",
+            cross.len()
+        );
+        std::io::Write::write_all(&mut sock, req.as_bytes()).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let c0 = cpu_secs(pid);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let running = cpu_secs(pid) - c0;
+        let mut early = [0u8; 512];
+        sock.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+        let n = std::io::Read::read(&mut sock, &mut early).unwrap_or(0);
+        assert_eq!(n, 0, "{who}: answered early: {}", String::from_utf8_lossy(&early[..n]));
+        assert!(running > 0.5, "{who}: the runaway was not running ({running:.2} s CPU in 2 s)");
+        drop(sock);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let c0 = cpu_secs(pid);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let burnt = cpu_secs(pid) - c0;
+        assert!(burnt < 1.5, "{who}: the query kept running after the client left: {burnt:.2} s CPU in 3 s");
+    }
+    let r = analytics(&alice, &base, &[], "SELECT count(*) FROM nums").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Values that grow by composition (no single generator is large) outside DuckDB's own
+    // accounting: the memory guard interrupts them.
+    let compose = "WITH a AS (SELECT range(1000000) l), b AS (SELECT flatten([l,l,l,l,l,l,l,l,l,l]) l FROM a), c AS (SELECT flatten([l,l,l,l,l,l,l,l,l,l]) l FROM b) SELECT len(l) FROM c";
+    let t = Instant::now();
+    let r = analytics(&alice, &base, &[("max_execution_time", "25")], compose).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.code(), Some(241), "{}", r.body);
+    assert!(t.elapsed() < Duration::from_secs(60), "answered after {:?}", t.elapsed());
+    assert!(
+        watch.peak() < before + 2560 * MB,
+        "RSS went from {} MB to {} MB with a 256 MB memory guard",
+        before / MB,
+        watch.peak() / MB
+    );
+    // Results are capped by [analytics] max_result_rows; a request cannot raise the cap.
+    for c in [&alice, &admin] {
+        let r = analytics(c, &base, &[("max_result_rows", "1000000")], "SELECT n FROM nums").await;
+        assert!(
+            r.status != 200 || r.body.contains("max_result_rows"),
+            "1000000 rows went out past a cap of 5000: {} lines",
+            r.body.lines().count()
+        );
+        assert!(r.body.lines().count() <= 5001, "{} lines", r.body.lines().count());
+    }
+    drop(watch);
+}

@@ -14,16 +14,28 @@
 //!
 //! ## Who may query what
 //! The admin may query everything. Another role may reference **only views an admin granted to
-//! it** (`PUT /admin/analytics/views/{name}` with `roles`), plus its own CTEs: the query's
-//! syntax tree is walked and any other table, view or table function (`read_parquet`,
-//! `app_table`, `duckdb_tables()`...) is refused, as is a CTE named like an existing table or
-//! view. Granted views usually filter on the caller, which every query can read with
-//! `getvariable('user_id')` and `getvariable('role')` — set by the engine on the query's own
-//! connection before the query runs, out of the caller's reach (`SET` is not a `SELECT`).
+//! it** (`PUT /admin/analytics/views/{name}` with `roles`), plus its own CTEs where they are in
+//! scope: the query's syntax tree is walked by scope ([`super::guard`]), and any other table,
+//! view, file (`FROM 'x.parquet'`) or table function (`read_parquet`, `app_table`,
+//! `duckdb_tables()`...) is refused, as are functions that reveal settings (`current_setting`,
+//! `duckdb_*`...), a CTE named like an existing table or view or like a path, and sizes of
+//! generated values (`range(150000000)`) past `max_generated_elements`. Anonymous clients are
+//! refused outright unless a view is granted to `anon` (and `anon_allowed`). Granted views
+//! usually filter on the caller, which every query can read with `getvariable('user_id')` and
+//! `getvariable('role')` — set by the engine on the query's own connection before the query
+//! runs, out of the caller's reach (`SET` is not a `SELECT`).
+//!
+//! ## Resources
+//! DuckDB runs with the `[analytics]` section's `memory_limit`, `threads` and
+//! `max_temp_directory_size` (see [`super::AnalyticsSettings`]). A watchdog thread interrupts
+//! the query (DuckDB's interrupt) at the request deadline, when the client disconnects, and when
+//! the server's resident memory grew by `memory_guard_bytes` since the query started. Results
+//! are capped at `max_result_rows`/`max_result_bytes` (a request may only lower them).
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{RecvTimeoutError, sync_channel};
 use std::time::Duration;
 
@@ -33,8 +45,9 @@ use rusqlite::types::Value as SqlValue;
 use serde_json::{Map, Value as Json};
 use tokio::sync::mpsc;
 
+use super::AnalyticsSettings;
 use super::{Posterity, duck_err, sql_str};
-use crate::core::{Error, ErrorCode, RequestContext, Result};
+use crate::core::{Error, ErrorCode, RequestContext, Result, Role};
 use crate::sql::exec::{Msg, Output, QuerySettings};
 use crate::sql::format::{Column, Format};
 use crate::sql::params;
@@ -364,22 +377,30 @@ fn type_name(id: LogicalTypeId) -> &'static str {
     }
 }
 
-/// Refuse what a non-admin role may not reference (see the module docs).
-fn check_role(conn: &duckdb::Connection, ctx: &RequestContext, ast: &Json) -> Result<()> {
+/// Views granted to `role`, lower-cased.
+fn granted_views(conn: &duckdb::Connection, role: &str) -> Result<HashSet<String>> {
+    let mut st = conn
+        .prepare("SELECT lower(view_name) FROM analytics_grants WHERE role = ?")
+        .map_err(duck_err)?;
+    let views = st
+        .query_map([role], |r| r.get::<_, String>(0))
+        .map_err(duck_err)?
+        .flatten()
+        .collect();
+    Ok(views)
+}
+
+/// Refuse what a non-admin role may not reference (see the module docs and [`super::guard`]).
+fn check_role(
+    conn: &duckdb::Connection,
+    ctx: &RequestContext,
+    ast: &Json,
+    granted: &HashSet<String>,
+    limits: &AnalyticsSettings,
+) -> Result<()> {
     let role = ctx.role.as_str();
-    let granted: HashSet<String> = {
-        let mut st = conn
-            .prepare("SELECT lower(view_name) FROM analytics_grants WHERE role = ?")
-            .map_err(duck_err)?;
-        st.query_map([role], |r| r.get::<_, String>(0))
-            .map_err(duck_err)?
-            .flatten()
-            .collect()
-    };
-    let mut ctes = HashSet::new();
-    let mut refs = Vec::new();
-    walk(ast, &mut ctes, &mut refs)?;
-    if !ctes.is_empty() {
+    let found = super::guard::scan(ast, limits.max_generated_elements)?;
+    if !found.ctes.is_empty() {
         let mut st = conn
             .prepare(
                 "SELECT lower(table_name) FROM duckdb_tables() UNION SELECT lower(view_name) FROM duckdb_views()",
@@ -390,18 +411,15 @@ fn check_role(conn: &duckdb::Connection, ctx: &RequestContext, ast: &Json) -> Re
             .map_err(duck_err)?
             .flatten()
             .collect();
-        if let Some(c) = ctes.iter().find(|c| objects.contains(*c)) {
+        if let Some(c) = found.ctes.iter().find(|c| objects.contains(*c)) {
             return Err(Error::new(
                 ErrorCode::AccessDenied,
                 format!("A CTE may not be named like the table or view '{c}'"),
             ));
         }
     }
-    for (catalog, schema, name) in refs {
+    for (catalog, schema, name) in found.refs {
         let plain = catalog.is_empty() && (schema.is_empty() || schema == "main");
-        if plain && ctes.contains(&name) {
-            continue;
-        }
         if !(plain && granted.contains(&name)) {
             let shown = [catalog.as_str(), schema.as_str(), name.as_str()]
                 .iter()
@@ -420,59 +438,25 @@ fn check_role(conn: &duckdb::Connection, ctx: &RequestContext, ast: &Json) -> Re
     Ok(())
 }
 
-/// Collect CTE names and table references; refuse table functions and other sources.
-fn walk(
-    v: &Json,
-    ctes: &mut HashSet<String>,
-    refs: &mut Vec<(String, String, String)>,
-) -> Result<()> {
-    match v {
-        Json::Object(o) => {
-            if let Some(Json::Object(cm)) = o.get("cte_map") {
-                if let Some(Json::Array(map)) = cm.get("map") {
-                    for e in map {
-                        if let Some(k) = e.get("key").and_then(Json::as_str) {
-                            ctes.insert(k.to_lowercase());
-                        }
-                    }
-                }
-            }
-            match o.get("type").and_then(Json::as_str) {
-                Some("BASE_TABLE") => {
-                    let s = |k: &str| o.get(k).and_then(Json::as_str).unwrap_or("").to_lowercase();
-                    refs.push((s("catalog_name"), s("schema_name"), s("table_name")));
-                }
-                Some("TABLE_FUNCTION") | Some("SHOW_REF") | Some("COLUMN_DATA") => {
-                    let what = o
-                        .get("function")
-                        .and_then(|f| f.get("function_name"))
-                        .and_then(Json::as_str)
-                        .unwrap_or("this source");
-                    return Err(Error::new(
-                        ErrorCode::AccessDenied,
-                        format!(
-                            "Table functions ({what}) and DESCRIBE/SUMMARIZE are for the admin; query the views granted to your role"
-                        ),
-                    ));
-                }
-                _ => {}
-            }
-            for (_, child) in o {
-                walk(child, ctes, refs)?;
-            }
-        }
-        Json::Array(a) => {
-            for child in a {
-                walk(child, ctes, refs)?;
-            }
-        }
-        _ => {}
-    }
-    Ok(())
-}
-
 /// Parse with DuckDB: one SELECT, and what this role may reference.
-fn check(conn: &duckdb::Connection, ctx: &RequestContext, sql: &str) -> Result<()> {
+fn check(
+    conn: &duckdb::Connection,
+    ctx: &RequestContext,
+    sql: &str,
+    limits: &AnalyticsSettings,
+) -> Result<()> {
+    // Anonymous clients get nothing unless a view is granted to them (before any parsing).
+    let granted = if ctx.is_admin() {
+        HashSet::new()
+    } else {
+        granted_views(conn, ctx.role.as_str())?
+    };
+    if ctx.role == Role::Anon && (!limits.anon_allowed || granted.is_empty()) {
+        return Err(Error::new(
+            ErrorCode::AccessDenied,
+            "Analytics needs signing in: no analytics view is granted to anonymous clients",
+        ));
+    }
     let text: String = conn
         .query_row(
             &format!("SELECT json_serialize_sql({})", sql_str(sql)),
@@ -505,7 +489,7 @@ fn check(conn: &duckdb::Connection, ctx: &RequestContext, sql: &str) -> Result<(
         )));
     }
     if !ctx.is_admin() {
-        check_role(conn, ctx, &ast)?;
+        check_role(conn, ctx, &ast, &granted, limits)?;
     }
     Ok(())
 }
@@ -522,8 +506,9 @@ pub fn execute(
     on_row: &mut dyn FnMut(&[SqlValue]) -> Result<bool>,
 ) -> Result<u64> {
     control.check()?;
+    let limits = &p.options().analytics;
     let conn = p.connect()?;
-    check(&conn, ctx, sql)?;
+    check(&conn, ctx, sql, limits)?;
     conn.execute_batch(&format!(
         "SET VARIABLE user_id = {}; SET VARIABLE role = {}; SET VARIABLE trace_id = {}; BEGIN TRANSACTION READ ONLY;",
         ctx.user_id.as_deref().map_or("NULL".to_string(), sql_str),
@@ -531,19 +516,33 @@ pub fn execute(
         sql_str(&ctx.trace_id),
     ))
     .map_err(duck_err)?;
-    // Interrupt the query at the deadline or when the client goes away.
+    // Interrupt the query at the deadline, when the client goes away, or when the server's
+    // memory grows past the guard (allocations DuckDB's memory_limit does not see).
     let (done_tx, done_rx) = sync_channel::<()>(1);
     let ih = conn.interrupt_handle();
     let c2 = Arc::clone(control);
+    let guard = limits.memory_guard_bytes;
+    let over_memory = Arc::new(AtomicBool::new(false));
+    let over2 = Arc::clone(&over_memory);
     let watchdog = std::thread::Builder::new()
         .name("analytics-watchdog".into())
         .spawn(move || {
+            let base = resident_bytes();
             loop {
                 match done_rx.recv_timeout(Duration::from_millis(50)) {
                     Err(RecvTimeoutError::Timeout) => {
                         if c2.should_stop() {
                             ih.interrupt();
                             return;
+                        }
+                        if guard > 0 {
+                            if let (Some(b), Some(now)) = (base, resident_bytes()) {
+                                if now > b.saturating_add(guard) {
+                                    over2.store(true, Ordering::Relaxed);
+                                    ih.interrupt();
+                                    return;
+                                }
+                            }
                         }
                     }
                     _ => return,
@@ -588,12 +587,38 @@ pub fn execute(
     let _ = watchdog.join();
     let _ = conn.execute_batch("ROLLBACK");
     result.map_err(|e| {
-        if e.code == ErrorCode::QueryWasCancelled || control.should_stop() {
+        if over_memory.load(Ordering::Relaxed) {
+            Error::new(
+                ErrorCode::MemoryLimitExceeded,
+                format!(
+                    "Memory limit exceeded: the server grew by more than {} bytes during this analytics query (memory_guard_bytes)",
+                    guard
+                ),
+            )
+        } else if e.code == ErrorCode::QueryWasCancelled || control.should_stop() {
             control.stop_error()
         } else {
             e
         }
     })
+}
+
+/// Resident memory of this process (Linux), bytes.
+fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).unwrap_or(4096))
+}
+
+/// The lower of a requested limit and a configured cap (0 means none).
+fn capped(requested: u64, cap: u64) -> u64 {
+    match (requested, cap) {
+        (r, 0) => r,
+        (0, c) => c,
+        (r, c) => r.min(c),
+    }
 }
 
 /// Start an analytics request; output arrives as the SQL endpoint's messages.
@@ -602,9 +627,12 @@ pub fn start(
     ctx: RequestContext,
     control: Arc<ExecControl>,
     text: String,
-    settings: QuerySettings,
+    mut settings: QuerySettings,
 ) -> (Format, mpsc::Receiver<Msg>) {
     let (tx, rx) = mpsc::channel(8);
+    let limits = &p.options().analytics;
+    settings.max_result_rows = capped(settings.max_result_rows, limits.max_result_rows);
+    settings.max_result_bytes = capped(settings.max_result_bytes, limits.max_result_bytes);
     let compiled = compile(&text).and_then(|c| {
         if c.sql.len() > settings.max_query_size {
             return Err(Error::new(
@@ -702,6 +730,7 @@ pub fn query_json(
             ),
         ));
     }
+    let max_rows = capped(max_rows, p.options().analytics.max_result_rows);
     let c = compile(sql)?;
     if c.format.is_some() {
         return Err(Error::new(
@@ -876,7 +905,12 @@ impl Posterity {
         }
         let conn = self.connect()?;
         let sql = sql.trim().trim_end_matches(';').trim();
-        check(&conn, &RequestContext::system(), sql)?;
+        check(
+            &conn,
+            &RequestContext::system(),
+            sql,
+            &self.inner.opts.analytics,
+        )?;
         let exists_as_table: i64 = conn
             .query_row(
                 "SELECT count(*) FROM duckdb_tables() WHERE lower(table_name) = ?",

@@ -23,6 +23,7 @@
 pub mod analytics;
 pub mod app_table;
 pub mod archive;
+pub mod guard;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -54,12 +55,80 @@ pub struct PosterityOptions {
     pub batch_rows: usize,
     /// Complete days older than this many days go to the archive.
     pub archive_after_days: u32,
+    /// The `[analytics]` section: DuckDB's resources and what non-admins may do.
+    pub analytics: AnalyticsSettings,
+}
+
+/// The `[analytics]` configuration section (`ICHIBASE_ANALYTICS__<KEY>` in the environment):
+/// the resources DuckDB may take and the limits of `POST /analytics` and `analytics.query`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AnalyticsSettings {
+    /// DuckDB's `memory_limit` (its buffer manager: hash tables, sorts, caches; spills to the
+    /// temporary directory past it). DuckDB syntax: `"1GB"`, `"512MB"`.
+    pub memory_limit: String,
+    /// DuckDB's worker `threads` for analytics queries.
+    pub threads: u32,
+    /// DuckDB's `max_temp_directory_size`: disk a query may spill to.
+    pub max_temp_directory_size: String,
+    /// Rows an analytics result may have (a request's `max_result_rows` can only lower it; 0: no cap).
+    pub max_result_rows: u64,
+    /// Bytes an analytics result may have (a request's `max_result_bytes` can only lower it; 0: no cap).
+    pub max_result_bytes: u64,
+    /// Product of the sizes of `range`/`generate_series`/`repeat`/`lpad`... in one non-admin
+    /// query (DuckDB folds such constants while planning, out of reach of any interrupt).
+    pub max_generated_elements: u64,
+    /// Interrupt an analytics query once the server's resident memory has grown by this many
+    /// bytes since the query started (memory DuckDB does not account; 0: off).
+    pub memory_guard_bytes: u64,
+    /// Anonymous clients may query the views granted to the `anon` role; when false, or when
+    /// no view is granted to `anon`, analytics refuses anonymous clients outright.
+    pub anon_allowed: bool,
+}
+
+impl Default for AnalyticsSettings {
+    fn default() -> Self {
+        AnalyticsSettings {
+            memory_limit: "1GB".into(),
+            threads: 2,
+            max_temp_directory_size: "4GB".into(),
+            max_result_rows: 1_000_000,
+            max_result_bytes: 256 * 1024 * 1024,
+            max_generated_elements: 10_000_000,
+            memory_guard_bytes: 2 * 1024 * 1024 * 1024,
+            anon_allowed: true,
+        }
+    }
+}
+
+impl AnalyticsSettings {
+    fn check(&self) -> anyhow::Result<()> {
+        let size_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == ' ' || c == '%')
+        };
+        if !size_ok(&self.memory_limit) {
+            anyhow::bail!("[analytics] memory_limit '{}' is not a size like \"1GB\"", self.memory_limit);
+        }
+        if !size_ok(&self.max_temp_directory_size) {
+            anyhow::bail!(
+                "[analytics] max_temp_directory_size '{}' is not a size like \"4GB\"",
+                self.max_temp_directory_size
+            );
+        }
+        if self.threads == 0 {
+            anyhow::bail!("[analytics] threads must be at least 1");
+        }
+        Ok(())
+    }
 }
 
 impl PosterityOptions {
-    pub fn from_config(cfg: &crate::config::Config) -> Self {
+    pub fn from_config(cfg: &crate::config::Config) -> anyhow::Result<Self> {
         let p = &cfg.posterity;
-        PosterityOptions {
+        let analytics: AnalyticsSettings = cfg.section("analytics")?;
+        analytics.check()?;
+        Ok(PosterityOptions {
             data_dir: cfg.data_dir.clone(),
             app_db: cfg.db_path(),
             enabled: p.enabled,
@@ -67,7 +136,8 @@ impl PosterityOptions {
             queue: p.queue,
             batch_rows: p.batch_rows,
             archive_after_days: p.archive_after_days,
-        }
+            analytics,
+        })
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -301,6 +371,8 @@ pub fn duck_err(e: duckdb::Error) -> Error {
         ErrorCode::AccessDenied
     } else if msg.contains("read-only mode") || msg.contains("read-only transaction") {
         ErrorCode::Readonly
+    } else if msg.starts_with("Out of Memory Error") {
+        ErrorCode::MemoryLimitExceeded
     } else if msg.starts_with("INTERRUPT") || msg.contains("Interrupted") {
         ErrorCode::QueryWasCancelled
     } else if msg.starts_with("Conversion Error")
@@ -355,10 +427,17 @@ impl Posterity {
              SET allowed_directories = [{a}, {t}];
              SET enable_external_access = false;
              SET autoinstall_known_extensions = false;
-             SET autoload_known_extensions = false;",
+             SET autoload_known_extensions = false;
+             SET memory_limit = {m};
+             SET threads = {n};
+             SET max_temp_directory_size = {d};",
             t = sql_str(&format!("{}/", temp_dir.display())),
             a = sql_str(&format!("{}/", archive_dir.display())),
-        ))?;
+            m = sql_str(&opts.analytics.memory_limit),
+            n = opts.analytics.threads,
+            d = sql_str(&opts.analytics.max_temp_directory_size),
+        ))
+        .map_err(|e| anyhow::anyhow!("posterity: DuckDB settings of [analytics]: {e}"))?;
         conn.execute_batch(SCHEMA)?;
         app_table::register(&conn, &opts.app_db)?;
         archive::recover(&conn, &archive_dir)?;
