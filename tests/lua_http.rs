@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Resp, Server, client, client_with_token, post};
+use common::{Resp, Server, client, client_with_token, post, anon_client};
 use serde_json::{Value, json};
 
 async fn req(c: &reqwest::Client, m: reqwest::Method, url: String, body: Option<String>) -> Resp {
@@ -689,20 +689,10 @@ async fn cli_deploys_functions() {
 
 // --- Security (issue 12): traces, db.tx time limit, memory budget ----------------------------
 
-/// Sign up `email` and return a client carrying its access token.
+/// Sign up `email` (then sign in) and return a client carrying its access token.
 async fn user(base: &str, email: &str) -> reqwest::Client {
-    let r = anon_client()
-        .post(format!("{base}/auth/signup"))
-        .json(&json!({"email": email, "password": "a long enough password 42"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    client_with_token(
-        r.json::<Value>().await.unwrap()["access_token"]
-            .as_str()
-            .unwrap(),
-    )
+    let j = common::signup_and_signin(base, email, "a long enough password 42").await;
+    client_with_token(j["access_token"].as_str().unwrap())
 }
 
 async fn get_url(c: &reqwest::Client, url: String) -> Resp {
