@@ -11,10 +11,13 @@
 //! - [`llm`]: the language-model client; [`bundle`]: app bundles, applied and checked;
 //!   [`branch`]: SQLite branches; [`generate`]: the intent-to-service repair loop.
 //! - [`replication`]: continuous WAL backup to S3 or a directory, snapshots, restore.
-//! - [`apis`]: the HTTP router where components attach their routes.
+//! - [`app`]: the `App` handle (shared state with accessors, modules' services).
+//! - [`modules`]: the module contract and the one registry that names every module.
+//! - [`apis`]: the HTTP front: request context, identity extractors, request log, errors.
 //! - [`server`]: start, serve and shut down gracefully.
 
 pub mod apis;
+pub mod app;
 pub mod auth;
 pub mod branch;
 pub mod bundle;
@@ -23,6 +26,7 @@ pub mod core;
 pub mod generate;
 pub mod llm;
 pub mod lua;
+pub mod modules;
 pub mod posterity;
 pub mod realtime;
 pub mod replication;

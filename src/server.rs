@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use crate::apis::{self, AppState};
+use crate::apis;
 use crate::auth::{Auth, AuthOptions};
 use crate::config::Config;
 use crate::storage::{Storage, StorageOptions};
@@ -103,7 +103,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         trace_settings,
         &lua_limit_settings,
     ));
-    let state = AppState {
+    let state = crate::app::AppBuilder::new(crate::app::Core {
         http,
         sql_guard,
         storage: storage.clone(),
@@ -120,7 +120,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         posterity: posterity.clone(),
         config: Arc::new(config),
         replication: replication.clone(),
-    };
+    })
+    .build();
     let app = apis::router(state);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (drain_tx, drain_rx) = oneshot::channel::<()>();

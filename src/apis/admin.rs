@@ -10,12 +10,12 @@ use axum::routing::{delete, patch, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{AppState, JsonBody, reply, require_admin};
+use super::{App, JsonBody, reply, require_admin};
 use crate::auth::policy::{self, GrantSpec, PolicySpec};
 use crate::core::{RequestContext, Result};
 use crate::storage::ExecControl;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<App> {
     Router::new()
         .route("/admin/users", post(create_user).get(list_users))
         .route("/admin/users/{id}", patch(update_user))
@@ -57,17 +57,17 @@ fn default_role() -> String {
 }
 
 async fn create_user(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     JsonBody(u): JsonBody<NewUser>,
 ) -> Response {
     require_admin!(st, h);
-    reply(st.auth.create_user(&u.email, &u.password, &u.role).await)
+    reply(st.auth().create_user(&u.email, &u.password, &u.role).await)
 }
 
-async fn list_users(State(st): State<AppState>, h: HeaderMap) -> Response {
+async fn list_users(State(st): State<App>, h: HeaderMap) -> Response {
     require_admin!(st, h);
-    reply(st.auth.list_users().await.map(|u| json!({"users": u})))
+    reply(st.auth().list_users().await.map(|u| json!({"users": u})))
 }
 
 #[derive(Deserialize)]
@@ -80,14 +80,14 @@ struct UserPatch {
 }
 
 async fn update_user(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Path(id): Path<String>,
     JsonBody(p): JsonBody<UserPatch>,
 ) -> Response {
     require_admin!(st, h);
     reply(
-        st.auth
+        st.auth()
             .update_user(&id, p.role.as_deref(), p.disabled)
             .await
             .map(|_| json!({"updated": id})),
@@ -104,55 +104,55 @@ struct NewKey {
 }
 
 async fn create_key(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     JsonBody(k): JsonBody<NewKey>,
 ) -> Response {
     require_admin!(st, h);
     reply(
-        st.auth
+        st.auth()
             .create_api_key(&k.name, &k.role, k.user_id)
             .await
             .map(|(info, key)| json!({"key": key, "info": info})),
     )
 }
 
-async fn list_keys(State(st): State<AppState>, h: HeaderMap) -> Response {
+async fn list_keys(State(st): State<App>, h: HeaderMap) -> Response {
     require_admin!(st, h);
-    reply(st.auth.list_api_keys().await.map(|k| json!({"keys": k})))
+    reply(st.auth().list_api_keys().await.map(|k| json!({"keys": k})))
 }
 
-async fn revoke_key(State(st): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Response {
+async fn revoke_key(State(st): State<App>, h: HeaderMap, Path(id): Path<String>) -> Response {
     require_admin!(st, h);
     reply(
-        st.auth
+        st.auth()
             .revoke_api_key(&id)
             .await
             .map(|_| json!({"revoked": id})),
     )
 }
 
-async fn rotate(State(st): State<AppState>, h: HeaderMap) -> Response {
+async fn rotate(State(st): State<App>, h: HeaderMap) -> Response {
     require_admin!(st, h);
     reply(
-        st.auth
+        st.auth()
             .rotate_signing_key()
             .map(|(kid, kids)| json!({"signing_key": kid, "verifying_keys": kids})),
     )
 }
 
 async fn on_writer<R: Send + 'static>(
-    st: &AppState,
+    st: &App,
     ctx: &RequestContext,
     f: impl FnOnce(&mut rusqlite::Connection) -> Result<R> + Send + 'static,
 ) -> Result<R> {
-    st.storage
+    st.storage()
         .write(ctx, ExecControl::new(Instant::now(), 0.0), f)
         .await
 }
 
 async fn create_policy(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     JsonBody(p): JsonBody<PolicySpec>,
 ) -> Response {
@@ -165,10 +165,10 @@ async fn create_policy(
     )
 }
 
-async fn list_policies(State(st): State<AppState>, h: HeaderMap) -> Response {
+async fn list_policies(State(st): State<App>, h: HeaderMap) -> Response {
     let ctx = require_admin!(st, h);
     reply(
-        st.storage
+        st.storage()
             .read(&ctx, ExecControl::new(Instant::now(), 0.0), |c| {
                 policy::list(c)
             })
@@ -178,7 +178,7 @@ async fn list_policies(State(st): State<AppState>, h: HeaderMap) -> Response {
 }
 
 async fn drop_policy(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
@@ -192,7 +192,7 @@ async fn drop_policy(
 }
 
 async fn grant(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     JsonBody(g): JsonBody<GrantSpec>,
 ) -> Response {
@@ -205,10 +205,10 @@ async fn grant(
     )
 }
 
-async fn list_grants(State(st): State<AppState>, h: HeaderMap) -> Response {
+async fn list_grants(State(st): State<App>, h: HeaderMap) -> Response {
     let ctx = require_admin!(st, h);
     reply(
-        st.storage
+        st.storage()
             .read(&ctx, ExecControl::new(Instant::now(), 0.0), |c| {
                 policy::list_grants(c)
             })
@@ -224,7 +224,7 @@ struct RevokeQuery {
 }
 
 async fn revoke_grant(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Query(q): Query<RevokeQuery>,
 ) -> Response {
@@ -243,7 +243,7 @@ struct CdcBody {
 }
 
 async fn cdc_enable(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     JsonBody(b): JsonBody<CdcBody>,
 ) -> Response {
@@ -256,10 +256,10 @@ async fn cdc_enable(
     )
 }
 
-async fn cdc_list(State(st): State<AppState>, h: HeaderMap) -> Response {
+async fn cdc_list(State(st): State<App>, h: HeaderMap) -> Response {
     let ctx = require_admin!(st, h);
     reply(
-        st.storage
+        st.storage()
             .read(&ctx, ExecControl::new(Instant::now(), 0.0), |c| {
                 crate::realtime::cdc::list(c)
             })
@@ -269,7 +269,7 @@ async fn cdc_list(State(st): State<AppState>, h: HeaderMap) -> Response {
 }
 
 async fn cdc_disable(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Path(table): Path<String>,
 ) -> Response {

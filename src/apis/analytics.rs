@@ -17,11 +17,11 @@ use axum::routing::{get, put};
 use serde::Deserialize;
 
 use super::sql::{Engine, serve};
-use super::{AppState, JsonBody, reply, require_admin};
+use super::{App, JsonBody, reply, require_admin};
 use crate::core::{Error, ErrorCode};
 use crate::posterity::{CallerSlot, Event, Sink};
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<App> {
     Router::new()
         .route("/analytics", get(analytics).post(analytics))
         .route("/admin/analytics/views", get(list_views))
@@ -35,7 +35,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 async fn analytics(
-    State(st): State<AppState>,
+    State(st): State<App>,
     method: Method,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -61,9 +61,9 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::internal(format!("analytics task failed: {e}")))?
 }
 
-async fn list_views(State(st): State<AppState>, h: HeaderMap) -> Response {
+async fn list_views(State(st): State<App>, h: HeaderMap) -> Response {
     admin!(st, h, "/admin/analytics/views");
-    let p = st.posterity.clone();
+    let p = st.posterity().clone();
     reply(blocking(move || p.list_views()).await)
 }
 
@@ -75,19 +75,19 @@ struct ViewBody {
 }
 
 async fn define_view(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
     JsonBody(b): JsonBody<ViewBody>,
 ) -> Response {
     admin!(st, h, "/admin/analytics/views");
-    let p = st.posterity.clone();
+    let p = st.posterity().clone();
     reply(blocking(move || p.define_view(&name, &b.sql, &b.roles)).await)
 }
 
-async fn drop_view(State(st): State<AppState>, h: HeaderMap, Path(name): Path<String>) -> Response {
+async fn drop_view(State(st): State<App>, h: HeaderMap, Path(name): Path<String>) -> Response {
     admin!(st, h, "/admin/analytics/views");
-    let p = st.posterity.clone();
+    let p = st.posterity().clone();
     let n = name.clone();
     reply(blocking(move || p.drop_view(&n)).await.and_then(|found| {
         if found {
@@ -108,18 +108,18 @@ struct ArchiveArgs {
 }
 
 async fn archive(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Query(a): Query<ArchiveArgs>,
 ) -> Response {
     admin!(st, h, "/admin/archive");
-    let p = st.posterity.clone();
+    let p = st.posterity().clone();
     let r = async {
         let files = blocking(move || p.archive(a.before.as_deref())).await?;
         // With replication on, new files go to the replica target at once.
-        let offload = match &st.replication {
+        let offload = match &st.replication() {
             None => serde_json::Value::Null,
-            Some(r) => match crate::replication::offload::sync(r.target(), &st.posterity).await {
+            Some(r) => match crate::replication::offload::sync(r.target(), &st.posterity()).await {
                 Ok(rep) => serde_json::json!(rep),
                 Err(e) => serde_json::json!({ "error": format!("{e:#}") }),
             },
@@ -132,14 +132,14 @@ async fn archive(
 
 /// Sync the Parquet archive with the replica target: fetch missing files (and adopt them),
 /// upload files the target lacks.
-async fn archive_sync(State(st): State<AppState>, h: HeaderMap) -> Response {
+async fn archive_sync(State(st): State<App>, h: HeaderMap) -> Response {
     admin!(st, h, "/admin/archive/sync");
-    let r = match &st.replication {
+    let r = match &st.replication() {
         None => Err(Error::new(
             ErrorCode::BadArguments,
             "Archive sync needs replication: set replicate_url (ICHIBASE_REPLICATE_URL)",
         )),
-        Some(r) => crate::replication::offload::sync(r.target(), &st.posterity)
+        Some(r) => crate::replication::offload::sync(r.target(), &st.posterity())
             .await
             .map(|rep| serde_json::json!(rep))
             .map_err(|e| Error::new(ErrorCode::StorageError, format!("archive sync: {e:#}"))),
@@ -147,15 +147,15 @@ async fn archive_sync(State(st): State<AppState>, h: HeaderMap) -> Response {
     reply(r)
 }
 
-async fn stats(State(st): State<AppState>, h: HeaderMap) -> Response {
+async fn stats(State(st): State<App>, h: HeaderMap) -> Response {
     admin!(st, h, "/admin/posterity");
-    reply(Ok(st.posterity.stats()))
+    reply(Ok(st.posterity().stats()))
 }
 
 /// Middleware: one `http` row per request — method, path, status, latency (until the body is
 /// fully sent or dropped), bytes sent, and the identity / query id / trace id it ran with.
-pub async fn record_request(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let sink = st.posterity.sink();
+pub async fn record_request(State(st): State<App>, req: Request, next: Next) -> Response {
+    let sink = st.posterity().sink();
     if !sink.enabled() {
         return next.run(req).await;
     }

@@ -9,10 +9,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{AppState, JsonBody, error_response, identify};
+use super::{App, JsonBody, error_response, identify};
 use crate::core::{Error, ErrorCode};
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<App> {
     Router::new()
         .route("/auth/signup", post(signup))
         .route("/auth/signin", post(signin))
@@ -43,33 +43,33 @@ fn device_of(c: &Credentials, headers: &HeaderMap) -> Option<String> {
 }
 
 /// Tokens as JSON plus the session cookie, or the error.
-fn session_reply(st: &AppState, r: crate::core::Result<crate::auth::Tokens>) -> Response {
+fn session_reply(st: &App, r: crate::core::Result<crate::auth::Tokens>) -> Response {
     let tokens = match r {
         Ok(t) => t,
         Err(e) => return error_response(&e, true, None),
     };
     let mut resp = Json(&tokens).into_response();
-    if let Ok(v) = HeaderValue::from_str(&st.auth.cookie_header(&tokens.refresh_token)) {
+    if let Ok(v) = HeaderValue::from_str(&st.auth().cookie_header(&tokens.refresh_token)) {
         resp.headers_mut().insert(header::SET_COOKIE, v);
     }
     resp
 }
 
-async fn signup(State(st): State<AppState>, JsonBody(c): JsonBody<Credentials>) -> Response {
+async fn signup(State(st): State<App>, JsonBody(c): JsonBody<Credentials>) -> Response {
     // The same answer whether or not the email had an account: no tokens, no cookie.
-    match st.auth.signup(&c.email, &c.password).await {
+    match st.auth().signup(&c.email, &c.password).await {
         Ok(msg) => Json(json!({"status": "accepted", "message": msg})).into_response(),
         Err(e) => error_response(&e, true, None),
     }
 }
 
 async fn signin(
-    State(st): State<AppState>,
+    State(st): State<App>,
     headers: HeaderMap,
     JsonBody(c): JsonBody<Credentials>,
 ) -> Response {
     let r = st
-        .auth
+        .auth()
         .signin(&c.email, &c.password, device_of(&c, &headers))
         .await;
     session_reply(&st, r)
@@ -81,12 +81,12 @@ struct RefreshBody {
     refresh_token: String,
 }
 
-async fn refresh(State(st): State<AppState>, JsonBody(b): JsonBody<RefreshBody>) -> Response {
-    let r = st.auth.refresh(&b.refresh_token).await;
+async fn refresh(State(st): State<App>, JsonBody(b): JsonBody<RefreshBody>) -> Response {
+    let r = st.auth().refresh(&b.refresh_token).await;
     session_reply(&st, r)
 }
 
-async fn signout(State(st): State<AppState>, headers: HeaderMap) -> Response {
+async fn signout(State(st): State<App>, headers: HeaderMap) -> Response {
     let ctx = match identify(&st, &headers) {
         Ok(c) => c,
         Err(r) => return r,
@@ -101,10 +101,10 @@ async fn signout(State(st): State<AppState>, headers: HeaderMap) -> Response {
             None,
         );
     };
-    match st.auth.revoke_session(&ctx, &sid).await {
+    match st.auth().revoke_session(&ctx, &sid).await {
         Ok(()) => {
             let mut r = Json(json!({"signed_out": sid})).into_response();
-            if let Ok(v) = HeaderValue::from_str(&st.auth.clear_cookie_header()) {
+            if let Ok(v) = HeaderValue::from_str(&st.auth().clear_cookie_header()) {
                 r.headers_mut().insert(header::SET_COOKIE, v);
             }
             r
@@ -121,7 +121,7 @@ struct PasswordBody {
 }
 
 async fn password(
-    State(st): State<AppState>,
+    State(st): State<App>,
     headers: HeaderMap,
     JsonBody(b): JsonBody<PasswordBody>,
 ) -> Response {
@@ -130,7 +130,7 @@ async fn password(
         Err(r) => return r,
     };
     match st
-        .auth
+        .auth()
         .change_password(&ctx, &b.old_password, &b.new_password)
         .await
     {
@@ -139,9 +139,9 @@ async fn password(
     }
 }
 
-async fn me(State(st): State<AppState>, headers: HeaderMap) -> Response {
+async fn me(State(st): State<App>, headers: HeaderMap) -> Response {
     match identify(&st, &headers) {
-        Ok(ctx) => match st.auth.me(&ctx).await {
+        Ok(ctx) => match st.auth().me(&ctx).await {
             Ok(v) => Json(v).into_response(),
             Err(e) => error_response(&e, true, None),
         },
@@ -149,19 +149,19 @@ async fn me(State(st): State<AppState>, headers: HeaderMap) -> Response {
     }
 }
 
-async fn sessions(State(st): State<AppState>, headers: HeaderMap) -> Response {
+async fn sessions(State(st): State<App>, headers: HeaderMap) -> Response {
     let ctx = match identify(&st, &headers) {
         Ok(c) => c,
         Err(r) => return r,
     };
-    match st.auth.sessions(&ctx).await {
+    match st.auth().sessions(&ctx).await {
         Ok(v) => Json(json!({"sessions": v})).into_response(),
         Err(e) => error_response(&e, true, None),
     }
 }
 
 async fn revoke(
-    State(st): State<AppState>,
+    State(st): State<App>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
@@ -169,7 +169,7 @@ async fn revoke(
         Ok(c) => c,
         Err(r) => return r,
     };
-    match st.auth.revoke_session(&ctx, &id).await {
+    match st.auth().revoke_session(&ctx, &id).await {
         Ok(()) => Json(json!({"revoked": id})).into_response(),
         Err(e) => error_response(&e, true, None),
     }

@@ -16,11 +16,11 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{AppState, JsonBody, reply, require_admin};
+use super::{App, JsonBody, reply, require_admin};
 use crate::bundle::{self, Bundle, CheckEnv};
 use crate::core::{Error, ErrorCode};
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<App> {
     Router::new()
         .route("/branches", get(list).post(create))
         .route("/branches/{name}", get(info).delete(remove))
@@ -37,9 +37,9 @@ macro_rules! admin {
     };
 }
 
-async fn list(State(st): State<AppState>, h: HeaderMap) -> Response {
+async fn list(State(st): State<App>, h: HeaderMap) -> Response {
     admin!(st, h);
-    reply(st.branches.list().await.map(|b| json!({"branches": b})))
+    reply(st.branches().list().await.map(|b| json!({"branches": b})))
 }
 
 #[derive(Deserialize)]
@@ -49,23 +49,23 @@ struct CreateBody {
 }
 
 async fn create(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     JsonBody(b): JsonBody<CreateBody>,
 ) -> Response {
     admin!(st, h);
-    reply(st.branches.create(&b.name).await)
+    reply(st.branches().create(&b.name).await)
 }
 
-async fn info(State(st): State<AppState>, h: HeaderMap, Path(name): Path<String>) -> Response {
+async fn info(State(st): State<App>, h: HeaderMap, Path(name): Path<String>) -> Response {
     admin!(st, h);
-    reply(st.branches.info(&name).await)
+    reply(st.branches().info(&name).await)
 }
 
-async fn remove(State(st): State<AppState>, h: HeaderMap, Path(name): Path<String>) -> Response {
+async fn remove(State(st): State<App>, h: HeaderMap, Path(name): Path<String>) -> Response {
     admin!(st, h);
     reply(
-        st.branches
+        st.branches()
             .delete(&name)
             .await
             .map(|_| json!({"deleted": name})),
@@ -73,7 +73,7 @@ async fn remove(State(st): State<AppState>, h: HeaderMap, Path(name): Path<Strin
 }
 
 async fn apply(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
     body: Bytes,
@@ -83,7 +83,7 @@ async fn apply(
         let text = std::str::from_utf8(&body)
             .map_err(|_| Error::new(ErrorCode::BadArguments, "The bundle must be UTF-8 JSON"))?;
         let b = Bundle::from_json(text)?;
-        let storage = st.branches.get(&name).await?;
+        let storage = st.branches().get(&name).await?;
         let ids = bundle::apply(&storage, vec![b.clone()], ctx.user_id.clone(), None).await?;
         let checks = checks_on_copy(&st, &name, &b).await?;
         let ok = checks.iter().all(|c| c.ok);
@@ -123,15 +123,15 @@ fn truthy(v: &Option<String>) -> bool {
 /// Run `b`'s checks on a throw-away copy of the branch, so checks never change the branch and
 /// give the same verdict when they run again at merge.
 async fn checks_on_copy(
-    st: &AppState,
+    st: &App,
     name: &str,
     b: &Bundle,
 ) -> crate::core::Result<Vec<bundle::CheckResult>> {
-    let scratch = st.branches.scratch(name).await?;
+    let scratch = st.branches().scratch(name).await?;
     let env = CheckEnv {
         storage: scratch.storage.clone(),
-        traces: Some(st.storage.clone()),
-        lua: st.lua,
+        traces: Some(st.storage().clone()),
+        lua: st.lua(),
         rt: tokio::runtime::Handle::current(),
     };
     let checks = bundle::run_checks(&env, b).await;
@@ -141,8 +141,8 @@ async fn checks_on_copy(
 
 /// Run every pending bundle's checks on the branch as it is now. Returns one entry per bundle:
 /// `{"bundle", "ok", "checks", "failures"}`.
-async fn verify_pending(st: &AppState, name: &str) -> crate::core::Result<Vec<serde_json::Value>> {
-    let storage = st.branches.get(name).await?;
+async fn verify_pending(st: &App, name: &str) -> crate::core::Result<Vec<serde_json::Value>> {
+    let storage = st.branches().get(name).await?;
     let rows = storage
         .read(
             &crate::core::RequestContext::system(),
@@ -171,7 +171,7 @@ async fn verify_pending(st: &AppState, name: &str) -> crate::core::Result<Vec<se
 }
 
 async fn merge(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<MergeQuery>,
@@ -211,8 +211,8 @@ async fn merge(
             ));
         }
         let mut merged = st
-            .branches
-            .merge(&name, &st.storage, ctx.user_id.clone(), keep)
+            .branches()
+            .merge(&name, &st.storage(), ctx.user_id.clone(), keep)
             .await?;
         if !failed.is_empty() {
             // The override is part of the live database's history.
@@ -224,7 +224,7 @@ async fn merge(
             });
             let key = format!("merge_override:{}:{}", name, uuid::Uuid::new_v4().simple());
             let value = record.to_string();
-            st.storage
+            st.storage()
                 .write(&crate::core::RequestContext::system(), crate::storage::ExecControl::lookup(), move |c| {
                     c.execute("INSERT INTO _ichibase_meta(key, value) VALUES (?1, ?2)", [key, value])?;
                     Ok(())

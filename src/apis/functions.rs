@@ -22,12 +22,12 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
-use super::{AppState, error_response, identify, reply, require_admin};
+use super::{App, error_response, identify, reply, require_admin};
 use crate::core::{Error, ErrorCode, RequestContext, Result};
 use crate::lua::{self, Invocation, store};
 use crate::storage::ExecControl;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<App> {
     Router::new()
         .route("/fn", get(list))
         .route(
@@ -54,10 +54,10 @@ fn no_deadline() -> std::sync::Arc<ExecControl> {
     ExecControl::lookup()
 }
 
-async fn list(State(st): State<AppState>, h: HeaderMap) -> Response {
+async fn list(State(st): State<App>, h: HeaderMap) -> Response {
     let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     reply(
-        st.storage
+        st.storage()
             .read(&ctx, no_deadline(), |c| store::list(c))
             .await
             .map(|f| json!({"functions": f})),
@@ -70,14 +70,14 @@ struct VersionQuery {
 }
 
 async fn fetch(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<VersionQuery>,
 ) -> Response {
     let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     reply(
-        st.storage
+        st.storage()
             .read(&ctx, no_deadline(), move |c| {
                 store::get(c, &name, q.version)
             })
@@ -85,10 +85,10 @@ async fn fetch(
     )
 }
 
-async fn versions(State(st): State<AppState>, h: HeaderMap, Path(name): Path<String>) -> Response {
+async fn versions(State(st): State<App>, h: HeaderMap, Path(name): Path<String>) -> Response {
     let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     reply(
-        st.storage
+        st.storage()
             .read(&ctx, no_deadline(), move |c| store::versions(c, &name))
             .await
             .map(|v| json!({"versions": v})),
@@ -106,7 +106,7 @@ fn flag(v: &Option<String>) -> bool {
 }
 
 async fn deploy(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<TraceFlag>,
@@ -145,7 +145,7 @@ async fn deploy(
     });
     let n = name.clone();
     reply(
-        st.storage
+        st.storage()
             .write(&ctx, no_deadline(), move |c| {
                 store::deploy(c, &n, &source, trace, by.as_deref())
             })
@@ -162,11 +162,11 @@ fn syntax_error(e: &Error, line: Option<i64>) -> Response {
     r
 }
 
-async fn remove(State(st): State<AppState>, h: HeaderMap, Path(name): Path<String>) -> Response {
+async fn remove(State(st): State<App>, h: HeaderMap, Path(name): Path<String>) -> Response {
     let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     let n = name.clone();
     reply(
-        st.storage
+        st.storage()
             .write(&ctx, no_deadline(), move |c| store::delete(c, &n))
             .await
             .map(|_| json!({"deleted": name})),
@@ -180,7 +180,7 @@ struct RollbackBody {
 }
 
 async fn rollback(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
     body: Bytes,
@@ -202,7 +202,7 @@ async fn rollback(
     };
     let n = name.clone();
     reply(
-        st.storage
+        st.storage()
             .write(&ctx, no_deadline(), move |c| {
                 store::rollback(c, &n, b.version)
             })
@@ -212,7 +212,7 @@ async fn rollback(
 }
 
 async fn invoke(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<TraceFlag>,
@@ -240,9 +240,9 @@ async fn invoke(
     // Lua cannot together exceed `[lua_limits] memory_total`. The reservation moves into the
     // blocking task, so a client that goes away does not free it while its Lua still runs.
     let reserved = match st
-        .lua_limits
+        .lua_limits()
         .budget
-        .reserve(st.lua.memory_limit as u64)
+        .reserve(st.lua().memory_limit as u64)
         .await
     {
         Ok(p) => p,
@@ -250,17 +250,17 @@ async fn invoke(
     };
     // One hop to a blocking thread: look the function up and run it there.
     let (storage, options, rt) = (
-        st.storage.clone(),
-        st.lua,
+        st.storage().clone(),
+        st.lua(),
         tokio::runtime::Handle::current(),
     );
     let (c2, n, trace_flag, hub, analytics, limits) = (
         ctx.clone(),
         name.clone(),
         flag(&q.trace),
-        Some(std::sync::Arc::clone(&st.hub)),
-        Some(st.posterity.clone()),
-        std::sync::Arc::clone(&st.lua_limits),
+        Some(std::sync::Arc::clone(&st.hub())),
+        Some(st.posterity().clone()),
+        std::sync::Arc::clone(&st.lua_limits()),
     );
     let ran = tokio::task::spawn_blocking(
         move || -> Result<(store::FunctionSource, bool, Option<String>, lua::Outcome)> {
@@ -314,7 +314,7 @@ async fn invoke(
     tracing::info!(function = %name, version = f.version, trace_id = %ctx.trace_id, role = ctx.role.as_str(),
         ok = outcome.result.is_ok(), instructions = outcome.instructions, peak_memory = outcome.peak_memory,
         elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3, "lua invocation");
-    let sink = st.posterity.sink();
+    let sink = st.posterity().sink();
     if sink.enabled() {
         let mut e = crate::posterity::Event::now("lua", Some(&ctx));
         e.name = Some(name.clone());
@@ -345,10 +345,10 @@ async fn invoke(
             f.version,
             ctx.user_id.clone(),
             ctx.role.as_str().to_string(),
-            st.lua.traces,
+            st.lua().traces,
         );
         let saved = st
-            .storage
+            .storage()
             .write(&RequestContext::system(), no_deadline(), {
                 // The steps move to the writer; only the small rest is copied.
                 let steps = outcome.steps.take();
@@ -405,10 +405,10 @@ async fn invoke(
 
 /// The admin, or the trace's owner (the user who ran the traced invocation, when they were
 /// allowed to trace the function). Anyone else is told there is no such trace.
-async fn may_see_trace(st: &AppState, ctx: &RequestContext, id: &str) -> Result<()> {
+async fn may_see_trace(st: &App, ctx: &RequestContext, id: &str) -> Result<()> {
     let i = id.to_string();
     let owner = st
-        .storage
+        .storage()
         .read(&RequestContext::system(), no_deadline(), move |c| {
             store::trace_owner(c, &i)
         })
@@ -420,13 +420,13 @@ async fn may_see_trace(st: &AppState, ctx: &RequestContext, id: &str) -> Result<
     }
 }
 
-async fn trace(State(st): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Response {
+async fn trace(State(st): State<App>, h: HeaderMap, Path(id): Path<String>) -> Response {
     let ctx = try_resp!(identify(&st, &h));
     if let Err(e) = may_see_trace(&st, &ctx, &id).await {
         return error_response(&e, true, None);
     }
     reply(
-        st.storage
+        st.storage()
             .read(&RequestContext::system(), no_deadline(), move |c| {
                 store::get_trace(c, &id)
             })
@@ -441,7 +441,7 @@ struct HoverQuery {
 }
 
 async fn hover(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<HoverQuery>,
@@ -451,7 +451,7 @@ async fn hover(
         return error_response(&e, true, None);
     }
     reply(
-        st.storage
+        st.storage()
             .read(&RequestContext::system(), no_deadline(), move |c| {
                 store::hover(c, &id, &q.name, q.step)
             })

@@ -11,11 +11,11 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{AppState, JsonBody, reply, require_admin};
+use super::{App, JsonBody, reply, require_admin};
 use crate::generate::{self, Generator, Request};
 use crate::llm::LlmClient;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<App> {
     Router::new()
         .route("/generate", get(list).post(run))
         .route("/generate/{id}", get(fetch))
@@ -40,16 +40,16 @@ struct RunBody {
     require_approval: Option<bool>,
 }
 
-async fn run(State(st): State<AppState>, h: HeaderMap, JsonBody(b): JsonBody<RunBody>) -> Response {
+async fn run(State(st): State<App>, h: HeaderMap, JsonBody(b): JsonBody<RunBody>) -> Response {
     let ctx = admin!(st, h);
     let r = async {
         let g = Generator {
-            log: st.posterity.sink(),
-            live: st.storage.clone(),
-            branches: st.branches.clone(),
-            lua: st.lua,
-            settings: st.config.generate.clone(),
-            llm: LlmClient::from_settings(&st.config.llm)?,
+            log: st.posterity().sink(),
+            live: st.storage().clone(),
+            branches: st.branches().clone(),
+            lua: st.lua(),
+            settings: st.config().generate.clone(),
+            llm: LlmClient::from_settings(&st.config().llm)?,
         };
         g.run(
             Request {
@@ -66,26 +66,26 @@ async fn run(State(st): State<AppState>, h: HeaderMap, JsonBody(b): JsonBody<Run
     reply(r)
 }
 
-async fn list(State(st): State<AppState>, h: HeaderMap) -> Response {
+async fn list(State(st): State<App>, h: HeaderMap) -> Response {
     admin!(st, h);
     reply(
-        generate::list(&st.storage)
+        generate::list(&st.storage())
             .await
             .map(|g| json!({"generations": g})),
     )
 }
 
-async fn fetch(State(st): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Response {
+async fn fetch(State(st): State<App>, h: HeaderMap, Path(id): Path<String>) -> Response {
     admin!(st, h);
-    reply(generate::get(&st.storage, &id).await)
+    reply(generate::get(&st.storage(), &id).await)
 }
 
-async fn approve(State(st): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Response {
+async fn approve(State(st): State<App>, h: HeaderMap, Path(id): Path<String>) -> Response {
     let ctx = admin!(st, h);
-    reply(generate::decide(&st.storage, &st.branches, &id, true, ctx.user_id.clone()).await)
+    reply(generate::decide(&st.storage(), &st.branches(), &id, true, ctx.user_id.clone()).await)
 }
 
-async fn discard(State(st): State<AppState>, h: HeaderMap, Path(id): Path<String>) -> Response {
+async fn discard(State(st): State<App>, h: HeaderMap, Path(id): Path<String>) -> Response {
     let ctx = admin!(st, h);
-    reply(generate::decide(&st.storage, &st.branches, &id, false, ctx.user_id.clone()).await)
+    reply(generate::decide(&st.storage(), &st.branches(), &id, false, ctx.user_id.clone()).await)
 }

@@ -14,7 +14,6 @@ pub mod limits;
 mod sql;
 mod ws;
 
-use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{FromRequest, Request};
@@ -22,43 +21,20 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::auth::Auth;
-use crate::config::Config;
 use crate::core::{Error, ErrorCode, RequestContext};
-use crate::storage::Storage;
 
-/// State shared by every handler.
-#[derive(Clone)]
-pub struct AppState {
-    pub storage: Storage,
-    pub auth: Arc<Auth>,
-    pub config: Arc<Config>,
-    pub lua: crate::lua::LuaOptions,
-    /// Who may trace, and the memory budget of concurrent Lua invocations.
-    pub lua_limits: Arc<crate::lua::limits::LuaLimits>,
-    pub hub: Arc<crate::realtime::Hub>,
-    pub cdc: crate::realtime::cdc::Cdc,
-    pub branches: Arc<crate::branch::Branches>,
-    /// The posterity log and analytics database (DuckDB).
-    pub posterity: crate::posterity::Posterity,
-    /// The WAL replicator when replication is configured.
-    pub replication: Option<crate::replication::Replicator>,
-    /// The `[http]` limits and their shared counters.
-    pub http: Arc<limits::HttpLimits>,
-    /// The `[sql_guard]` limits: fair share of the pool, write and memory bounds.
-    pub sql_guard: Arc<limits::SqlGuard>,
-}
+pub use crate::app::App;
 
 /// The identity of a request from its headers (JSON error response when the credentials are bad).
-pub fn identify(st: &AppState, headers: &HeaderMap) -> Result<RequestContext, Response> {
-    st.auth
+pub fn identify(st: &App, headers: &HeaderMap) -> Result<RequestContext, Response> {
+    st.auth()
         .identify(headers, None, None, None)
         .map_err(|e| error_response(&e, true, None))
 }
 
 /// The caller's context if it is the admin, else a 403 naming `what` needs the admin role.
 pub fn require_admin(
-    st: &AppState,
+    st: &App,
     headers: &HeaderMap,
     what: &str,
 ) -> Result<RequestContext, Response> {
@@ -114,7 +90,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
 }
 
 /// Every HTTP route of the engine. Add a component's routes here, one `.merge()` per component.
-pub fn router(state: AppState) -> Router {
+pub fn router(state: App) -> Router {
     Router::new()
         .route("/ping", get(ping).head(ping))
         .merge(sql::routes())
@@ -138,26 +114,26 @@ pub fn router(state: AppState) -> Router {
 /// Make the client's address known to the sign-in guard ([`crate::auth::guard::peer`]) from
 /// the connection info the server is served with (and a trusted proxy's `X-Forwarded-For`).
 async fn note_peer(
-    axum::extract::State(st): axum::extract::State<AppState>,
+    axum::extract::State(st): axum::extract::State<App>,
     req: Request,
     next: axum::middleware::Next,
 ) -> Response {
     let ip = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| st.auth.client_ip(c.0.ip(), req.headers()));
+        .map(|c| st.auth().client_ip(c.0.ip(), req.headers()));
     crate::auth::guard::with_peer(ip, next.run(req)).await
 }
 
 /// `GET /admin/backup/status`: the replicator's position, lag and errors (admin only).
 async fn backup_status(
-    axum::extract::State(st): axum::extract::State<AppState>,
+    axum::extract::State(st): axum::extract::State<App>,
     h: HeaderMap,
 ) -> Response {
     if let Err(r) = require_admin(&st, &h, "/admin/backup/status") {
         return r;
     }
-    match &st.replication {
+    match &st.replication() {
         Some(r) => {
             axum::Json(serde_json::json!({"enabled": true, "status": r.status()})).into_response()
         }

@@ -14,13 +14,13 @@ use axum::routing::get;
 use futures_util::stream;
 use tokio::sync::mpsc;
 
-use super::{AppState, error_response};
+use super::{App, error_response};
 use crate::core::{Error, ErrorCode, RequestContext, Result};
 use crate::sql::Format;
 use crate::sql::exec::{self, Msg, QuerySettings, Summary};
 use crate::storage::ExecControl;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<App> {
     Router::new().route("/", get(handle).post(handle))
 }
 
@@ -89,12 +89,12 @@ fn lower_only<T: PartialOrd + Copy + Default + std::fmt::Display>(
 }
 
 fn parse_request(
-    st: &AppState,
+    st: &App,
     method: &Method,
     headers: &HeaderMap,
     raw: Option<&str>,
 ) -> Result<Request> {
-    let cfg = &st.config;
+    let cfg = &st.config();
     let lim = cfg.limits;
     let mut r = Request {
         query: None,
@@ -112,9 +112,9 @@ fn parse_request(
             params: HashMap::new(),
             max_query_size: lim.max_query_size,
             buffer_size: cfg.http_buffer_size,
-            log: st.posterity.sink(),
-            spool: st.http.spool(),
-            max_buffered: st.sql_guard.settings.max_buffered_result_bytes,
+            log: st.posterity().sink(),
+            spool: st.http().spool(),
+            max_buffered: st.sql_guard().settings.max_buffered_result_bytes,
         },
         max_execution_time: lim.max_execution_time,
         wants_json: headers
@@ -247,7 +247,7 @@ pub enum Engine {
 }
 
 async fn handle(
-    State(st): State<AppState>,
+    State(st): State<App>,
     method: Method,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
@@ -259,7 +259,7 @@ async fn handle(
 /// Serve one ClickHouse-style request on `engine`: the same settings, parameters, formats,
 /// limits, headers and streaming for both.
 pub async fn serve(
-    st: AppState,
+    st: App,
     method: Method,
     headers: HeaderMap,
     raw: Option<String>,
@@ -279,7 +279,7 @@ pub async fn serve(
     if method == Method::GET && req.query.is_none() {
         return "Ok.\n".into_response();
     }
-    let ctx = match st.auth.identify(
+    let ctx = match st.auth().identify(
         &headers,
         req.user.as_deref(),
         req.password.as_deref(),
@@ -298,7 +298,7 @@ pub async fn serve(
     let body = if method == Method::GET {
         Bytes::new()
     } else {
-        match read_body(body, &headers, st.config.limits.max_body_size).await {
+        match read_body(body, &headers, st.config().limits.max_body_size).await {
             Ok(b) => b,
             Err(e) => {
                 // The unread rest of the body makes the connection unusable: say so, so clients
@@ -315,10 +315,10 @@ pub async fn serve(
         Err(e) => return error_response(&e, req.wants_json, Some(&ctx.query_id)),
     };
     let storage = match &req.branch {
-        None => st.storage.clone(),
+        None => st.storage().clone(),
         Some(name) => {
             let target = if ctx.is_admin() {
-                st.branches.get(name).await
+                st.branches().get(name).await
             } else {
                 Err(Error::new(
                     ErrorCode::AccessDenied,
@@ -337,12 +337,12 @@ pub async fn serve(
     let control = ExecControl::for_request(
         ctx.started,
         req.max_execution_time,
-        st.sql_guard.value_limit(&ctx),
-        st.sql_guard.write_limit(&ctx),
+        st.sql_guard().value_limit(&ctx),
+        st.sql_guard().write_limit(&ctx),
     );
     let guard = CancelOnDrop(Arc::clone(&control));
     // A fair share of the connection pool per identity (all anonymous clients count as one).
-    let turn = match st.sql_guard.admit(&ctx).await {
+    let turn = match st.sql_guard().admit(&ctx).await {
         Ok(t) => t,
         Err(e) => {
             log(&ctx, &method, e.code.http_status(), None, Some(&e));
@@ -355,7 +355,7 @@ pub async fn serve(
     let (format, mut rx) = match engine {
         Engine::Sqlite => exec::start(storage, ctx.clone(), control, text, req.settings, turn),
         Engine::Analytics => crate::posterity::analytics::start(
-            st.posterity.clone(),
+            st.posterity().clone(),
             ctx.clone(),
             control,
             text,

@@ -29,14 +29,14 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json, json};
 
-use super::{AppState, JsonBody, error_response, reply, require_admin};
+use super::{App, JsonBody, error_response, reply, require_admin};
 use crate::core::{Error, ErrorCode, RequestContext};
 use crate::realtime::PROTOCOL_VERSION;
 use crate::realtime::cdc::SubscribeReq;
 use crate::realtime::hub::Out;
 use crate::realtime::limits::Slot;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<App> {
     Router::new()
         .route("/ws", get(upgrade))
         .route("/broadcast", post(http_broadcast))
@@ -72,7 +72,7 @@ fn cookie_authenticated(headers: &HeaderMap) -> bool {
 }
 
 async fn upgrade(
-    State(st): State<AppState>,
+    State(st): State<App>,
     mut headers: HeaderMap,
     Query(q): Query<WsQuery>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -83,7 +83,7 @@ async fn upgrade(
             headers.insert(header::AUTHORIZATION, v);
         }
     }
-    let limits = st.hub.limits();
+    let limits = st.hub().limits();
     if cookie_authenticated(&headers) {
         let h = |n: header::HeaderName| headers.get(n).and_then(|v| v.to_str().ok());
         if let Err(e) = limits.check_origin(h(header::ORIGIN), h(header::HOST)) {
@@ -91,8 +91,8 @@ async fn upgrade(
         }
     }
     // Taken before authenticating: a revocation racing this upgrade is seen by the socket.
-    let generation = st.auth.revocations.generation();
-    let ctx = match st.auth.identify(&headers, None, None, None) {
+    let generation = st.auth().revocations.generation();
+    let ctx = match st.auth().identify(&headers, None, None, None) {
         Ok(c) => c,
         Err(e) => return error_response(&e, true, None),
     };
@@ -106,7 +106,7 @@ async fn upgrade(
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     });
-    ws.max_message_size(st.config.ws.max_message)
+    ws.max_message_size(st.config().ws.max_message)
         .read_buffer_size(8 * 1024)
         .on_upgrade(move |socket| session(st, ctx, generation, slot, device, socket))
         .into_response()
@@ -138,28 +138,28 @@ fn revoked_reason(e: &Error) -> String {
 }
 
 async fn session(
-    st: AppState,
+    st: App,
     ctx: RequestContext,
     generation: u64,
     slot: Slot,
     device: Option<String>,
     socket: WebSocket,
 ) {
-    let hub = Arc::clone(&st.hub);
+    let hub = Arc::clone(&st.hub());
     let reg = hub.connect(
         ctx.clone(),
         device.clone().map(|d| d.chars().take(200).collect()),
     );
     let id = reg.id;
-    let mut revocations = st.auth.revocations.subscribe();
+    let mut revocations = st.auth().revocations.subscribe();
     // A revocation between the upgrade request and now found no socket to close: check once.
-    if let Err(e) = st.auth.still_valid(&ctx, generation) {
+    if let Err(e) = st.auth().still_valid(&ctx, generation) {
         hub.disconnect(id, &revoked_reason(&e));
     }
     let mut killed = reg.kill.clone();
-    let revalidate = st.hub.limits().settings.revalidate_secs;
+    let revalidate = st.hub().limits().settings.revalidate_secs;
     let (mut sink, mut stream) = socket.split();
-    let heartbeat = Duration::from_secs_f64(st.config.ws.heartbeat_secs);
+    let heartbeat = Duration::from_secs_f64(st.config().ws.heartbeat_secs);
     hub.send_json(id, &json!({"type": "hello", "protocol": PROTOCOL_VERSION, "conn_id": id, "user_id": ctx.user_id, "role": ctx.role.as_str(), "heartbeat_secs": heartbeat.as_secs_f64()}));
     let mut rx = reg.rx;
     let mut kill = reg.kill;
@@ -245,7 +245,7 @@ async fn session(
             _ = killed.changed() => break,
             r = revocations.changed() => {
                 if r.is_ok() {
-                    if let Err(e) = st.auth.still_valid(&ctx, generation) {
+                    if let Err(e) = st.auth().still_valid(&ctx, generation) {
                         hub.disconnect(id, &revoked_reason(&e));
                         break;
                     }
@@ -258,7 +258,7 @@ async fn session(
                     None => std::future::pending::<()>().await,
                 }
             } => {
-                if let Err(e) = st.auth.still_valid(&ctx, generation) {
+                if let Err(e) = st.auth().still_valid(&ctx, generation) {
                     hub.disconnect(id, &revoked_reason(&e));
                     break;
                 }
@@ -319,7 +319,7 @@ async fn session(
         }
     }
     hub.disconnect(id, "connection closed");
-    st.cdc.closed(id);
+    st.cdc().closed(id);
     let _ = writer.await;
     drop(slot);
     release_memory_after(bytes_in);
@@ -335,7 +335,7 @@ fn str_field<'a>(v: &'a Json, k: &str) -> Result<&'a str, Error> {
 }
 
 async fn handle(
-    st: &AppState,
+    st: &App,
     ctx: &RequestContext,
     id: u64,
     v: &Json,
@@ -345,7 +345,7 @@ async fn handle(
         "ping" => json!({"type": "pong"}),
         "join" => {
             let ch = str_field(v, "channel")?;
-            let presence = st.hub.join(
+            let presence = st.hub().join(
                 id,
                 ch,
                 v.get("meta").cloned().unwrap_or(Json::Null),
@@ -355,23 +355,23 @@ async fn handle(
         }
         "leave" => {
             let ch = str_field(v, "channel")?;
-            st.hub.leave(id, ch)?;
+            st.hub().leave(id, ch)?;
             json!({"type": "left", "channel": ch})
         }
         "presence" => {
             let ch = str_field(v, "channel")?;
-            json!({"type": "presence", "channel": ch, "presence": st.hub.presence(ctx, ch)?})
+            json!({"type": "presence", "channel": ch, "presence": st.hub().presence(ctx, ch)?})
         }
         "broadcast" => {
             let ch = str_field(v, "channel")?;
-            if !st.hub.is_member(id, ch) {
+            if !st.hub().is_member(id, ch) {
                 return Err(Error::new(
                     ErrorCode::AccessDenied,
                     format!("join '{ch}' before broadcasting to it"),
                 ));
             }
             let msg = json!({"type": "broadcast", "channel": ch, "payload": v.get("payload").cloned().unwrap_or(Json::Null), "from": {"conn_id": id, "user_id": ctx.user_id, "role": ctx.role.as_str()}});
-            let n = st.hub.publish(ch, &msg, Some(id));
+            let n = st.hub().publish(ch, &msg, Some(id));
             json!({"type": "ok", "delivered": n})
         }
         "subscribe" => {
@@ -398,13 +398,13 @@ async fn handle(
                 object: str_field(v, "object")?.to_string(),
                 filter,
                 since,
-                max_per_conn: st.hub.limits().settings.max_subscriptions_per_socket,
+                max_per_conn: st.hub().limits().settings.max_subscriptions_per_socket,
             };
-            st.cdc.subscribe(req).await?
+            st.cdc().subscribe(req).await?
         }
         "unsubscribe" => {
             let sub = str_field(v, "sub")?.to_string();
-            st.cdc.unsubscribe(id, sub.clone());
+            st.cdc().unsubscribe(id, sub.clone());
             json!({"type": "unsubscribed", "sub": sub})
         }
         other => {
@@ -427,7 +427,7 @@ struct BroadcastBody {
 }
 
 async fn http_broadcast(
-    State(st): State<AppState>,
+    State(st): State<App>,
     h: HeaderMap,
     JsonBody(b): JsonBody<BroadcastBody>,
 ) -> Response {
@@ -436,7 +436,7 @@ async fn http_broadcast(
         Err(r) => return r,
     };
     reply(
-        st.hub
+        st.hub()
             .broadcast(&ctx, &b.channel, b.payload)
             .map(|n| json!({"delivered": n})),
     )
