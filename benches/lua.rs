@@ -69,6 +69,7 @@ fn sandbox_seconds(
             input: serde_json::Value::Null,
             trace,
             check: None,
+            trace_owner: None,
         };
         let opts = LuaOptions {
             instruction_limit: u64::MAX / 2,
@@ -77,12 +78,8 @@ fn sandbox_seconds(
             ..LuaOptions::default()
         };
         let out = invoke(
-            storage.clone(),
+            &ichibase::lua::Runtime::bare(storage.clone(), rt.handle().clone(), opts),
             RequestContext::system(),
-            rt.handle().clone(),
-            opts,
-            None,
-            None,
             inv,
         );
         let v = out

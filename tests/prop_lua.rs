@@ -33,12 +33,8 @@ async fn check(e: &Env, source: &str, seed: i64) -> Outcome {
     let rt = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || {
         lua::invoke(
-            storage,
+            &lua::Runtime::bare(storage, rt, LuaOptions::default()),
             RequestContext::system(),
-            rt,
-            LuaOptions::default(),
-            None,
-            None,
             Invocation {
                 function: "check".into(),
                 version: 0,
@@ -46,6 +42,7 @@ async fn check(e: &Env, source: &str, seed: i64) -> Outcome {
                 input: json!({}),
                 trace: false,
                 check: Some(CheckMode { seed, replay: None }),
+                trace_owner: None,
             },
         )
     })

@@ -133,6 +133,7 @@ async fn checks_on_copy(
         traces: Some(st.storage().clone()),
         lua: st.lua(),
         rt: tokio::runtime::Handle::current(),
+        app: Some(st.clone()),
     };
     let checks = bundle::run_checks(&env, b).await;
     scratch.discard().await;

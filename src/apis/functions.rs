@@ -248,23 +248,18 @@ async fn invoke(
         Ok(p) => p,
         Err(e) => return error_response(&e, true, Some(&ctx.query_id)),
     };
-    // One hop to a blocking thread: look the function up and run it there.
-    let (storage, options, rt) = (
-        st.storage().clone(),
-        st.lua(),
-        tokio::runtime::Handle::current(),
-    );
-    let (c2, n, trace_flag, hub, analytics, limits) = (
+    // One hop to a blocking thread: look the function up and run it there. `lua::invoke`
+    // logs the run and keeps its trace.
+    let runtime = lua::Runtime::of_app(&st, tokio::runtime::Handle::current());
+    let (c2, n, trace_flag, limits) = (
         ctx.clone(),
         name.clone(),
         flag(&q.trace),
-        Some(std::sync::Arc::clone(&st.hub())),
-        Some(st.posterity().clone()),
-        std::sync::Arc::clone(&st.lua_limits()),
+        std::sync::Arc::clone(st.lua_limits()),
     );
     let ran = tokio::task::spawn_blocking(
-        move || -> Result<(store::FunctionSource, bool, Option<String>, lua::Outcome)> {
-            let f = storage.read_blocking(&rt, &RequestContext::system(), no_deadline(), |c| {
+        move || -> Result<(store::FunctionSource, bool, lua::Outcome)> {
+            let f = runtime.storage.read_blocking(&runtime.rt, &RequestContext::system(), no_deadline(), |c| {
                 store::get(c, &n, None)
             })?;
             // A trace shows the function's locals and upvalues (its secrets too): only its
@@ -293,14 +288,15 @@ async fn invoke(
                 input,
                 trace,
                 check: None,
+                trace_owner: owner,
             };
-            let outcome = lua::invoke(storage, c2, rt, options, hub, analytics, inv);
+            let outcome = lua::invoke(&runtime, c2, inv);
             drop(reserved);
-            Ok((f, trace, owner, outcome))
+            Ok((f, trace, outcome))
         },
     )
     .await;
-    let (f, trace, owner, mut outcome) = match ran {
+    let (f, trace, outcome) = match ran {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => return error_response(&e, true, Some(&ctx.query_id)),
         Err(e) => {
@@ -311,71 +307,7 @@ async fn invoke(
             );
         }
     };
-    tracing::info!(function = %name, version = f.version, trace_id = %ctx.trace_id, role = ctx.role.as_str(),
-        ok = outcome.result.is_ok(), instructions = outcome.instructions, peak_memory = outcome.peak_memory,
-        elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3, "lua invocation");
-    let sink = st.posterity().sink();
-    if sink.enabled() {
-        let mut e = crate::posterity::Event::now("lua", Some(&ctx));
-        e.name = Some(name.clone());
-        e.version = Some(f.version);
-        e.outcome = Some(if outcome.result.is_ok() {
-            "ok"
-        } else {
-            "error"
-        });
-        e.error = outcome
-            .result
-            .as_ref()
-            .err()
-            .map(|e| e.message.chars().take(1000).collect());
-        e.elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3;
-        e.detail = Some(
-            json!({"instructions": outcome.instructions, "memory": outcome.peak_memory,
-                   "traced": trace, "error_line": outcome.error_line})
-            .to_string(),
-        );
-        sink.record(e);
-    }
     let trace_id = ctx.trace_id.clone();
-    if trace {
-        let (id, fname, version, uid, role, limits) = (
-            trace_id.clone(),
-            name.clone(),
-            f.version,
-            ctx.user_id.clone(),
-            ctx.role.as_str().to_string(),
-            st.lua().traces,
-        );
-        let saved = st
-            .storage()
-            .write(&RequestContext::system(), no_deadline(), {
-                // The steps move to the writer; only the small rest is copied.
-                let steps = outcome.steps.take();
-                let o = lua::Outcome {
-                    steps,
-                    ..outcome.clone()
-                };
-                move |c| {
-                    store::save_trace(
-                        c,
-                        &id,
-                        &fname,
-                        version,
-                        uid.as_deref(),
-                        &role,
-                        owner.as_deref(),
-                        &limits,
-                        &o,
-                    )
-                }
-            })
-            .await;
-        if let Err(e) = saved {
-            tracing::error!(error = %e, "saving a trace failed");
-        }
-        lua::release_freed_memory();
-    }
     let mut resp = match outcome.result {
         Ok(v) => Json(v).into_response(),
         Err(e) => {

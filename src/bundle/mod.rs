@@ -361,6 +361,8 @@ pub struct CheckEnv {
     pub traces: Option<Storage>,
     pub lua: LuaOptions,
     pub rt: tokio::runtime::Handle,
+    /// The server's services (posterity log, hub); `None` outside a server.
+    pub app: Option<crate::app::App>,
 }
 
 fn ctx_for(run_as: &Option<RunAs>) -> RequestContext {
@@ -375,8 +377,14 @@ fn ctx_for(run_as: &Option<RunAs>) -> RequestContext {
 }
 
 async fn invoke(env: &CheckEnv, ctx: RequestContext, inv: Invocation) -> Result<lua::Outcome> {
-    let (storage, rt, opts) = (env.storage.clone(), env.rt.clone(), env.lua);
-    tokio::task::spawn_blocking(move || lua::invoke(storage, ctx, rt, opts, None, None, inv))
+    let runtime = lua::Runtime {
+        storage: env.storage.clone(),
+        traces: env.traces.clone(),
+        rt: env.rt.clone(),
+        options: env.lua,
+        app: env.app.clone(),
+    };
+    tokio::task::spawn_blocking(move || lua::invoke(&runtime, ctx, inv))
         .await
         .map_err(|e| Error::internal(format!("check task failed: {e}")))
 }
@@ -458,6 +466,7 @@ async fn run_check(env: &CheckEnv, c: &CheckSpec) -> CheckResult {
                 input: c.input.clone().unwrap_or(Json::Object(Default::default())),
                 trace: true,
                 check: None,
+                trace_owner: None,
             };
             match invoke(env, ctx.clone(), inv).await {
                 Err(e) => res.error = Some(e.message),
@@ -493,7 +502,7 @@ async fn run_check(env: &CheckEnv, c: &CheckSpec) -> CheckResult {
                         None => res.ok = true,
                         Some(msg) => {
                             res.error = Some(msg);
-                            keep_trace(env, &ctx, function, &o, &mut res, &trace_id).await;
+                            keep_trace(env, &o, &mut res, &trace_id);
                         }
                     }
                 }
@@ -509,6 +518,7 @@ async fn run_check(env: &CheckEnv, c: &CheckSpec) -> CheckResult {
                 input: Json::Object(Default::default()),
                 trace: false,
                 check: Some(CheckMode { seed, replay: None }),
+                trace_owner: None,
             };
             match invoke(env, ctx.clone(), inv.clone()).await {
                 Err(e) => res.error = Some(e.message),
@@ -540,7 +550,7 @@ async fn run_check(env: &CheckEnv, c: &CheckSpec) -> CheckResult {
                             tinv.trace = true;
                             tinv.check = Some(CheckMode { seed, replay });
                             if let Ok(t) = invoke(env, rctx.clone(), tinv).await {
-                                keep_trace(env, &rctx, &name, &t, &mut res, &trace_id).await;
+                                keep_trace(env, &t, &mut res, &trace_id);
                             }
                         }
                     }
@@ -555,39 +565,13 @@ async fn run_check(env: &CheckEnv, c: &CheckSpec) -> CheckResult {
     res
 }
 
-/// Save the trace of a failing run (to the live database when configured) and excerpt it.
-async fn keep_trace(
-    env: &CheckEnv,
-    ctx: &RequestContext,
-    function: &str,
-    o: &lua::Outcome,
-    res: &mut CheckResult,
-    trace_id: &str,
-) {
+/// Excerpt the trace of a failing run; [`lua::invoke`] saved it (to the live database when
+/// configured) under the run's trace id.
+fn keep_trace(env: &CheckEnv, o: &lua::Outcome, res: &mut CheckResult, trace_id: &str) {
     let Some((steps, _)) = &o.steps else { return };
     res.trace_excerpt = Some(excerpt(steps, 24));
-    if let Some(traces) = &env.traces {
-        let (id, f, user, role, o2, limits) = (
-            trace_id.to_string(),
-            function.to_string(),
-            ctx.user_id.clone(),
-            ctx.role.as_str().to_string(),
-            o.clone(),
-            env.lua.traces,
-        );
-        let saved = traces
-            .write(
-                &RequestContext::system(),
-                ExecControl::new(Instant::now(), 0.0),
-                // A check's trace is the admin's (the check ran on their behalf).
-                move |c| {
-                    store::save_trace(c, &id, &f, 0, user.as_deref(), &role, None, &limits, &o2)
-                },
-            )
-            .await;
-        if saved.is_ok() {
-            res.trace_id = Some(trace_id.to_string());
-        }
+    if env.traces.is_some() {
+        res.trace_id = Some(trace_id.to_string());
     }
 }
 

@@ -424,6 +424,7 @@ impl Generator {
             traces: Some(self.live.clone()),
             lua: self.lua,
             rt: tokio::runtime::Handle::current(),
+            app: None,
         };
         let checks = bundle::run_checks(&env, &b).await;
         let failed = checks.iter().filter(|r| !r.ok).count();

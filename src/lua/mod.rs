@@ -62,13 +62,15 @@ impl Default for LuaOptions {
 }
 
 /// What one invocation runs.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Invocation {
     pub function: String,
     pub version: i64,
     pub source: String,
     pub input: Json,
     pub trace: bool,
+    /// Who may read the trace besides the admin (a non-admin caller allowed to trace).
+    pub trace_owner: Option<String>,
     /// Set when the source is a check (a chunk whose own return value is the result) rather
     /// than a function.
     pub check: Option<CheckMode>,
@@ -93,10 +95,9 @@ pub struct Env {
     pub function: String,
     pub tracer: Option<Rc<RefCell<Tracer>>>,
     pub logs: RefCell<Vec<Json>>,
-    /// Live connections, for `notify` (None outside a server).
-    pub hub: Option<Arc<crate::realtime::Hub>>,
-    /// The analytics database, for `analytics` (None outside a server).
-    pub analytics: Option<crate::posterity::Posterity>,
+    /// The app's services for components (`hub`, `posterity`, modules' services through
+    /// `App::get`); `None` outside a server (tests and benchmarks on bare storage).
+    pub app: Option<crate::app::App>,
     /// The open `db.tx` session, if any.
     pub tx: RefCell<Option<components::db::TxSession>>,
     /// Outcomes `prop.check` reported.
@@ -122,17 +123,132 @@ pub struct Outcome {
     pub reports: Vec<Json>,
 }
 
-/// Run `inv` in a fresh sandbox as `ctx`. Blocking: call it from a blocking thread; `rt` is
-/// the runtime the storage lives on.
-pub fn invoke(
-    storage: Storage,
-    ctx: RequestContext,
-    rt: tokio::runtime::Handle,
-    options: LuaOptions,
-    hub: Option<Arc<crate::realtime::Hub>>,
-    analytics: Option<crate::posterity::Posterity>,
-    inv: Invocation,
-) -> Outcome {
+/// Where and with what invocations run: the storage their SQL uses, where their traces are
+/// kept, the runtime storage lives on, the sandbox limits, and the app's services.
+#[derive(Clone)]
+pub struct Runtime {
+    pub storage: Storage,
+    /// Where traces are saved (the live database, also for checks run on a branch copy);
+    /// `None`: traces are returned in the outcome only.
+    pub traces: Option<Storage>,
+    pub rt: tokio::runtime::Handle,
+    pub options: LuaOptions,
+    /// Services for components and the posterity log; `None` on bare storage.
+    pub app: Option<crate::app::App>,
+}
+
+impl Runtime {
+    /// Invocations on bare `storage` (no server around it: tests, benchmarks, the CLI).
+    pub fn bare(storage: Storage, rt: tokio::runtime::Handle, options: LuaOptions) -> Runtime {
+        Runtime {
+            traces: Some(storage.clone()),
+            storage,
+            rt,
+            options,
+            app: None,
+        }
+    }
+
+    /// Invocations of a running server on its live database.
+    pub fn of_app(app: &crate::app::App, rt: tokio::runtime::Handle) -> Runtime {
+        Runtime {
+            storage: app.storage().clone(),
+            traces: Some(app.storage().clone()),
+            rt,
+            options: app.lua(),
+            app: Some(app.clone()),
+        }
+    }
+}
+
+/// Run `inv` in a fresh sandbox as `ctx`, then record it wherever it came from (HTTP, a
+/// bundle check, the CLI): one `lua` row in the posterity log, and the trace saved (to
+/// `runtime.traces`) under `ctx.trace_id` when `inv.trace` is set. Blocking: call it from a
+/// blocking thread.
+pub fn invoke(runtime: &Runtime, ctx: RequestContext, inv: Invocation) -> Outcome {
+    let mut outcome = run_sandbox(runtime, ctx.clone(), &inv);
+    record(runtime, &ctx, &inv, &mut outcome);
+    outcome
+}
+
+/// The one place a Lua run is logged and its trace kept.
+fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &mut Outcome) {
+    tracing::info!(function = %inv.function, version = inv.version, trace_id = %ctx.trace_id, role = ctx.role.as_str(),
+        ok = outcome.result.is_ok(), instructions = outcome.instructions, peak_memory = outcome.peak_memory,
+        elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3, "lua invocation");
+    if let Some(app) = &runtime.app {
+        let sink = app.posterity().sink();
+        if sink.enabled() {
+            let mut e = crate::posterity::Event::now("lua", Some(ctx));
+            e.name = Some(inv.function.clone());
+            e.version = Some(inv.version);
+            e.outcome = Some(if outcome.result.is_ok() { "ok" } else { "error" });
+            e.error = outcome
+                .result
+                .as_ref()
+                .err()
+                .map(|e| e.message.chars().take(1000).collect());
+            e.elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3;
+            e.detail = Some(
+                serde_json::json!({"instructions": outcome.instructions, "memory": outcome.peak_memory,
+                       "traced": inv.trace, "error_line": outcome.error_line,
+                       "check": inv.check.is_some()})
+                .to_string(),
+            );
+            sink.record(e);
+        }
+    }
+    if !inv.trace || outcome.steps.is_none() {
+        return;
+    }
+    let Some(traces) = &runtime.traces else { return };
+    // The steps travel to the writer and come back (callers excerpt them).
+    let steps = outcome.steps.take();
+    let o = Outcome {
+        steps,
+        ..outcome.clone()
+    };
+    let (id, fname, version, uid, role, owner, limits) = (
+        ctx.trace_id.clone(),
+        inv.function.clone(),
+        inv.version,
+        ctx.user_id.clone(),
+        ctx.role.as_str().to_string(),
+        inv.trace_owner.clone(),
+        runtime.options.traces,
+    );
+    let saved = runtime.rt.block_on(traces.write(
+        &RequestContext::system(),
+        ExecControl::lookup(),
+        move |c| {
+            let r = store::save_trace(
+                c,
+                &id,
+                &fname,
+                version,
+                uid.as_deref(),
+                &role,
+                owner.as_deref(),
+                &limits,
+                &o,
+            );
+            Ok((r, o.steps))
+        },
+    ));
+    match saved {
+        Ok((r, steps)) => {
+            outcome.steps = steps;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "saving a trace failed");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "saving a trace failed"),
+    }
+    release_freed_memory();
+}
+
+fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outcome {
+    let (storage, rt, options) = (runtime.storage.clone(), runtime.rt.clone(), runtime.options);
     let started = Instant::now();
     let deadline = started + options.timeout;
     let meter = Rc::new(Meter::default());
@@ -162,8 +278,7 @@ pub fn invoke(
         function: inv.function.clone(),
         tracer: tracer.clone(),
         logs: RefCell::new(Vec::new()),
-        hub,
-        analytics,
+        app: runtime.app.clone(),
         tx: RefCell::new(None),
         reports: RefCell::new(Vec::new()),
         check: inv.check.clone(),

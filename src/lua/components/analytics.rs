@@ -29,7 +29,7 @@ impl Component for Analytics {
         t.set(
             "query",
             lua.create_function(move |lua, (sql, p): (String, Option<Table>)| {
-                let a = e.analytics.as_ref().ok_or_else(|| {
+                let a = e.app.as_ref().map(|a| a.posterity()).ok_or_else(|| {
                     lua_err(Error::new(
                         ErrorCode::NotImplemented,
                         "analytics: no analytics database in this context",

@@ -136,9 +136,9 @@ fn prepare(env: &Env, sql: &str, p: Option<Table>) -> mlua::Result<Prepared> {
 /// Run `prepared` and record it in the posterity log (one `sql` row per call).
 fn run(env: &Env, prepared: Prepared) -> Result<Rows> {
     let sink = env
-        .analytics
+        .app
         .as_ref()
-        .map(|a| a.sink())
+        .map(|a| a.posterity().sink())
         .filter(|s| s.enabled());
     let Some(sink) = sink else {
         return run_unlogged(env, prepared);

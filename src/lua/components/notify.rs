@@ -23,7 +23,7 @@ impl Component for Notify {
         t.set(
             "broadcast",
             lua.create_function(move |_, (channel, payload): (String, Value)| {
-                let hub = e.hub.as_ref().ok_or_else(|| {
+                let hub = e.app.as_ref().map(|a| a.hub()).ok_or_else(|| {
                     lua_err(Error::new(
                         ErrorCode::NotImplemented,
                         "notify: no live connections in this context",
@@ -38,7 +38,7 @@ impl Component for Notify {
         t.set(
             "presence",
             lua.create_function(move |lua, channel: String| {
-                let hub = e.hub.as_ref().ok_or_else(|| {
+                let hub = e.app.as_ref().map(|a| a.hub()).ok_or_else(|| {
                     lua_err(Error::new(
                         ErrorCode::NotImplemented,
                         "notify: no live connections in this context",
