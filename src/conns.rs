@@ -1,0 +1,521 @@
+//! The connection front: accepts TCP connections and serves the router on each with hyper
+//! (HTTP/1.1 with upgrades for WebSockets, HTTP/2 with prior knowledge), under the `[http]`
+//! connection limits:
+//!
+//! - at most `cap` connections are open at once (a semaphore whose permit lives inside the
+//!   socket, so an upgraded WebSocket keeps counting until it closes); the cap stays below the
+//!   file-descriptor limit, whose soft value [`raise_fd_limit`] lifts to the hard one at start;
+//! - a connection arriving at the cap makes room by closing the oldest connection that has no
+//!   request in flight (idle keep-alive, unfinished head, never sent a byte); if every
+//!   connection is busy it waits up to `cap_wait` for a slot, then is answered 503 and closed;
+//! - a request head must be complete within `header_read_timeout` of the connection's opening
+//!   or of the first byte after an idle period (slowloris, sockets that never send);
+//! - a keep-alive connection with no request in flight is closed after `idle_timeout`;
+//! - graceful shutdown: stop accepting, close idle connections, let requests in flight finish.
+//!
+//! A connection with a request in flight is never closed by these limits: slow readers of a
+//! streamed answer are `sql::spool`'s concern. This module owns the listener, the per-connection
+//! tasks and the process's RLIMIT_NOFILE; it must not touch request handling (the router),
+//! response streaming or WebSocket traffic after the upgrade (`realtime`).
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
+
+/// The connection limits in force (from `[http]`, see `apis::limits::HttpSettings`).
+#[derive(Debug, Clone)]
+pub struct ConnLimits {
+    /// Open connections at most (after lowering to the fd limit).
+    pub cap: usize,
+    /// `max_connections` as configured.
+    pub configured: usize,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub cap_wait: Duration,
+}
+
+/// The process's open-file limit before and after [`raise_fd_limit`].
+#[derive(Debug, Clone, Copy)]
+pub struct FdLimit {
+    pub soft_before: u64,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit (or the most the system grants below it).
+#[cfg(unix)]
+pub fn raise_fd_limit() -> std::io::Result<FdLimit> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let before = r.rlim_cur;
+    let hard = r.rlim_max;
+    // An unlimited hard limit is not a valid soft value on Linux (capped by fs.nr_open) nor
+    // on macOS (OPEN_MAX): try the hard limit, then smaller round values.
+    let mut soft = before;
+    for want in [hard, 1 << 20, 1 << 16, 10240] {
+        if want <= before || want > hard {
+            continue;
+        }
+        let n = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit reads the struct we pass.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &n) } == 0 {
+            soft = want;
+            break;
+        }
+    }
+    let as_u64 = |v: libc::rlim_t| if v == libc::RLIM_INFINITY { u64::MAX } else { v as u64 };
+    Ok(FdLimit {
+        soft_before: as_u64(before),
+        soft: as_u64(soft),
+        hard: as_u64(hard),
+    })
+}
+
+#[cfg(not(unix))]
+pub fn raise_fd_limit() -> std::io::Result<FdLimit> {
+    Ok(FdLimit {
+        soft_before: u64::MAX,
+        soft: u64::MAX,
+        hard: u64::MAX,
+    })
+}
+
+/// Serve `app` on `listener` under `limits` until `shutdown` completes; then stop accepting,
+/// close idle connections and return once every connection with a request in flight finished.
+pub async fn serve<F>(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnLimits,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let front = Arc::new(Front {
+        limits,
+        slots: Arc::new(Semaphore::new(0)),
+        conns: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(0),
+    });
+    front.slots.add_permits(front.limits.cap);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, done_rx) = watch::channel(());
+    let svc = TowerToHyperService::new(app);
+    tokio::pin!(shutdown);
+    let mut refused = Refusals::default();
+    loop {
+        let (stream, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    accept_error(&front, e).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let permit = match Arc::clone(&front.slots).try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // At the cap: close the oldest idle connection and wait for its slot.
+                front.evict_oldest_idle();
+                let wait = tokio::time::timeout(
+                    front.limits.cap_wait,
+                    Arc::clone(&front.slots).acquire_owned(),
+                );
+                tokio::select! {
+                    r = wait => match r {
+                        Ok(Ok(p)) => p,
+                        _ => {
+                            refused.refuse(stream, front.limits.cap);
+                            continue;
+                        }
+                    },
+                    _ = &mut shutdown => break,
+                }
+            }
+        };
+        front.spawn_connection(stream, permit, svc.clone(), stop_rx.clone(), done_rx.clone());
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(done_rx);
+    tracing::debug!(
+        connections = front.conns.lock().map(|c| c.len()).unwrap_or(0),
+        "not accepting; waiting for connections to finish"
+    );
+    done_tx.closed().await;
+    Ok(())
+}
+
+/// State shared by the accept loop and the connection tasks.
+struct Front {
+    limits: ConnLimits,
+    slots: Arc<Semaphore>,
+    /// Connections being served over HTTP (not upgraded ones), by id: candidates for eviction.
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    next_id: AtomicU64,
+}
+
+impl Front {
+    /// Ask the connection idle (no request in flight) the longest to close; false if none is.
+    fn evict_oldest_idle(&self) -> bool {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let victim = conns
+            .values()
+            .filter(|c| !c.evicted.load(Ordering::Relaxed))
+            .filter_map(|c| c.idle_since().map(|t| (t, c)))
+            .min_by_key(|(t, _)| *t)
+            .map(|(_, c)| Arc::clone(c));
+        drop(conns);
+        match victim {
+            Some(c) => {
+                c.evicted.store(true, Ordering::Relaxed);
+                c.wake.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn spawn_connection(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        permit: OwnedSemaphorePermit,
+        svc: TowerToHyperService<Router>,
+        mut stop: watch::Receiver<bool>,
+        done: watch::Receiver<()>,
+    ) {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn::new());
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Arc::clone(&conn));
+        let front = Arc::clone(self);
+        tokio::spawn(async move {
+            let _done = done;
+            let _registered = Registered { front: &front, id };
+            let io = TokioIo::new(Tracked {
+                inner: stream,
+                conn: Arc::clone(&conn),
+                _slot: permit,
+            });
+            let service = {
+                let conn = Arc::clone(&conn);
+                hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    let in_flight = InFlight::begin(&conn);
+                    let fut = hyper::service::Service::call(&svc, req.map(Body::new));
+                    async move {
+                        let resp = fut.await?;
+                        Ok::<_, std::convert::Infallible>(resp.map(|body| GuardedBody {
+                            inner: body,
+                            _in_flight: in_flight,
+                        }))
+                    }
+                })
+            };
+            let mut builder = Builder::new(TokioExecutor::new());
+            // The CONNECT protocol, for WebSockets over HTTP/2 (as axum::serve does).
+            builder.http2().enable_connect_protocol();
+            let served = builder.serve_connection_with_upgrades(io, service);
+            tokio::pin!(served);
+            let limits = &front.limits;
+            let mut stopping = false;
+            loop {
+                let deadline = conn.deadline(limits);
+                let sleep = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = served.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::trace!(error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = sleep => {
+                        if conn.deadline(limits).is_some_and(|d| d <= Instant::now()) {
+                            tracing::debug!("closing a connection: header-read or idle timeout");
+                            break;
+                        }
+                    }
+                    _ = conn.wake.notified() => {
+                        if conn.evicted.load(Ordering::Relaxed) {
+                            if conn.idle_since().is_some() {
+                                tracing::debug!("closing the oldest idle connection to make room");
+                                break;
+                            }
+                            // A request arrived meanwhile: it is served, and eligible again later.
+                            conn.evicted.store(false, Ordering::Relaxed);
+                        }
+                    }
+                    _ = stop.wait_for(|s| *s), if !stopping => {
+                        stopping = true;
+                        served.as_mut().graceful_shutdown();
+                        if conn.idle_since().is_some() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Removes a connection from the eviction candidates when its task ends.
+struct Registered<'a> {
+    front: &'a Front,
+    id: u64,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.front
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+/// What the limits need to know about one connection.
+struct Conn {
+    state: Mutex<ConnState>,
+    /// Wakes the connection's task: its state changed or it was chosen for eviction.
+    wake: Notify,
+    evicted: AtomicBool,
+}
+
+struct ConnState {
+    /// Requests received and not yet answered to the last byte.
+    in_flight: usize,
+    /// With nothing in flight: a head is being read (or the connection is new) since `since`,
+    /// else the connection has been idle since `since`.
+    reading_head: bool,
+    since: Instant,
+}
+
+impl Conn {
+    fn new() -> Conn {
+        Conn {
+            state: Mutex::new(ConnState {
+                in_flight: 0,
+                reading_head: true,
+                since: Instant::now(),
+            }),
+            wake: Notify::new(),
+            evicted: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ConnState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When the connection is due to close, or None while a request is in flight.
+    fn deadline(&self, l: &ConnLimits) -> Option<Instant> {
+        let s = self.lock();
+        if s.in_flight > 0 {
+            return None;
+        }
+        let limit = if s.reading_head {
+            l.header_read_timeout
+        } else {
+            l.idle_timeout
+        };
+        Some(s.since + limit)
+    }
+
+    /// Since when nothing has been in flight (None while a request is).
+    fn idle_since(&self) -> Option<Instant> {
+        let s = self.lock();
+        (s.in_flight == 0).then_some(s.since)
+    }
+
+    /// Bytes arrived: after an idle period they start the next head's clock.
+    fn on_bytes(&self) {
+        let mut s = self.lock();
+        if s.in_flight == 0 && !s.reading_head {
+            s.reading_head = true;
+            s.since = Instant::now();
+            drop(s);
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// A request in flight on a connection, from its head until its answer's body is dropped.
+struct InFlight(Arc<Conn>);
+
+impl InFlight {
+    fn begin(conn: &Arc<Conn>) -> InFlight {
+        conn.lock().in_flight += 1;
+        InFlight(Arc::clone(conn))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.in_flight -= 1;
+        if s.in_flight == 0 {
+            s.reading_head = false;
+            s.since = Instant::now();
+            drop(s);
+            self.0.wake.notify_one();
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is dropped.
+struct GuardedBody {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The accepted socket: reports arriving bytes to its [`Conn`] and holds the connection's slot
+/// under the cap until it is closed (also after an upgrade to WebSocket).
+struct Tracked {
+    inner: TcpStream,
+    conn: Arc<Conn>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Tracked {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.conn.on_bytes();
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Tracked {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Connections refused at the cap: answered 503 and closed, with a warning at most every 10 s.
+#[derive(Default)]
+struct Refusals {
+    count: u64,
+    last_warn: Option<Instant>,
+}
+
+impl Refusals {
+    fn refuse(&mut self, stream: TcpStream, cap: usize) {
+        const BODY: &str = "Too many connections: every connection is busy; retry shortly.\n";
+        let answer = format!(
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
+             retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
+            BODY.len()
+        );
+        // Best effort and never blocking: the socket is new, its send buffer empty.
+        let _ = stream.try_write(answer.as_bytes());
+        drop(stream);
+        self.count += 1;
+        if self.last_warn.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            tracing::warn!(
+                cap,
+                refused = self.count,
+                "connection cap reached with every connection busy: answering 503"
+            );
+            self.last_warn = Some(Instant::now());
+            self.count = 0;
+        }
+    }
+}
+
+/// An error from `accept`: a failed handshake is skipped; running out of descriptors closes the
+/// oldest idle connection and pauses briefly (as axum::serve does, without the full second).
+async fn accept_error(front: &Front, e: std::io::Error) {
+    use std::io::ErrorKind::*;
+    if matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::warn!(error = %e, "accept failed");
+    front.evict_oldest_idle();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
