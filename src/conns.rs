@@ -19,6 +19,7 @@
 //! response streaming or WebSocket traffic after the upgrade (`realtime`).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -47,6 +48,8 @@ pub struct ConnLimits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub cap_wait: Duration,
+    /// Length of the kernel's queue of connections waiting to be accepted.
+    pub backlog: u32,
 }
 
 /// The process's open-file limit before and after [`raise_fd_limit`].
@@ -118,17 +121,18 @@ where
     let front = Arc::new(Front {
         limits,
         slots: Arc::new(Semaphore::new(0)),
-        conns: Mutex::new(HashMap::new()),
+        conns: Mutex::new(Registry::default()),
         next_id: AtomicU64::new(0),
     });
     front.slots.add_permits(front.limits.cap);
+    tune_listener(&listener, &front.limits);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, done_rx) = watch::channel(());
     let svc = TowerToHyperService::new(app);
     tokio::pin!(shutdown);
     let mut refused = Refusals::default();
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -141,8 +145,14 @@ where
         let permit = match Arc::clone(&front.slots).try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                // At the cap: close the oldest idle connection and wait for its slot.
-                front.evict_oldest_idle();
+                // At the cap: make room by closing an older connection without a request in
+                // flight, if the newcomer deserves it, then wait for that slot.
+                let bytes = has_bytes(&stream);
+                let room = front.make_room(peer.ip(), bytes);
+                if room.is_none() && front.slots.available_permits() == 0 && !bytes {
+                    refused.refuse(stream, front.limits.cap, "nothing sent yet");
+                    continue;
+                }
                 let wait = tokio::time::timeout(
                     front.limits.cap_wait,
                     Arc::clone(&front.slots).acquire_owned(),
@@ -151,7 +161,7 @@ where
                     r = wait => match r {
                         Ok(Ok(p)) => p,
                         _ => {
-                            refused.refuse(stream, front.limits.cap);
+                            refused.refuse(stream, front.limits.cap, "every connection busy");
                             continue;
                         }
                     },
@@ -159,13 +169,13 @@ where
                 }
             }
         };
-        front.spawn_connection(stream, permit, svc.clone(), stop_rx.clone(), done_rx.clone());
+        front.spawn_connection(stream, peer.ip(), permit, svc.clone(), stop_rx.clone(), done_rx.clone());
     }
     drop(listener);
     let _ = stop_tx.send(true);
     drop(done_rx);
     tracing::debug!(
-        connections = front.conns.lock().map(|c| c.len()).unwrap_or(0),
+        connections = front.conns.lock().map(|c| c.conns.len()).unwrap_or(0),
         "not accepting; waiting for connections to finish"
     );
     done_tx.closed().await;
@@ -176,46 +186,78 @@ where
 struct Front {
     limits: ConnLimits,
     slots: Arc<Semaphore>,
-    /// Connections being served over HTTP (not upgraded ones), by id: candidates for eviction.
-    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    /// Connections being served over HTTP (not upgraded ones): candidates for eviction.
+    conns: Mutex<Registry>,
     next_id: AtomicU64,
 }
 
 impl Front {
-    /// Ask the connection idle (no request in flight) the longest to close; false if none is.
-    fn evict_oldest_idle(&self) -> bool {
-        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        let victim = conns
-            .values()
-            .filter(|c| !c.evicted.load(Ordering::Relaxed))
-            .filter_map(|c| c.idle_since().map(|t| (t, c)))
-            .min_by_key(|(t, _)| *t)
-            .map(|(_, c)| Arc::clone(c));
-        drop(conns);
-        match victim {
-            Some(c) => {
-                c.evicted.store(true, Ordering::Relaxed);
-                c.wake.notify_one();
-                true
+    /// The age below which a connection is closed to make room only for a newcomer whose
+    /// request is already waiting: a quarter of the header-read timeout, at most 250 ms.
+    fn young(&self) -> Duration {
+        (self.limits.header_read_timeout / 4).min(Duration::from_millis(250))
+    }
+
+    /// Close a connection with no request in flight to make room for a newcomer from `ip`
+    /// (`bytes`: its request is already waiting). Candidates are ranked by how many
+    /// connections their client address holds (most first), then by how long their current
+    /// state (new, reading a head, idle) lasted (oldest first); the first that qualifies goes:
+    ///
+    /// 1. any candidate whose address holds more than one connection more than the
+    ///    newcomer's: a lighter client displaces a heavier one;
+    /// 2. else one at least [`Front::young`] old (it had its chance to send a request);
+    /// 3. else, when the newcomer's request is waiting, any.
+    ///
+    /// Connections not yet read from are never candidates. Returns the victim's address.
+    fn make_room(&self, ip: IpAddr, bytes: bool) -> Option<IpAddr> {
+        let now = Instant::now();
+        let young = self.young();
+        let reg = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mine = reg.per_ip.get(&ip).copied().unwrap_or(0);
+        let mut best: [Option<(usize, Instant, &Arc<Conn>)>; 3] = [None, None, None];
+        for c in reg.conns.values() {
+            if !c.polled.load(Ordering::Relaxed) || c.evicted.load(Ordering::Relaxed) {
+                continue;
             }
-            None => false,
+            let Some(since) = c.idle_since() else { continue };
+            let n = reg.per_ip.get(&c.ip).copied().unwrap_or(0);
+            let better = |b: &Option<(usize, Instant, &Arc<Conn>)>| match b {
+                None => true,
+                Some((bn, bt, _)) => n > *bn || (n == *bn && since < *bt),
+            };
+            if n > mine + 1 && better(&best[0]) {
+                best[0] = Some((n, since, c));
+            }
+            if now.saturating_duration_since(since) >= young && better(&best[1]) {
+                best[1] = Some((n, since, c));
+            }
+            if bytes && better(&best[2]) {
+                best[2] = Some((n, since, c));
+            }
         }
+        let victim = best.into_iter().flatten().next().map(|(_, _, c)| Arc::clone(c))?;
+        drop(reg);
+        victim.evicted.store(true, Ordering::Relaxed);
+        victim.wake.notify_one();
+        Some(victim.ip)
     }
 
     fn spawn_connection(
         self: &Arc<Self>,
         stream: TcpStream,
+        ip: IpAddr,
         permit: OwnedSemaphorePermit,
         svc: TowerToHyperService<Router>,
         mut stop: watch::Receiver<bool>,
         done: watch::Receiver<()>,
     ) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let conn = Arc::new(Conn::new());
-        self.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Arc::clone(&conn));
+        let conn = Arc::new(Conn::new(ip));
+        {
+            let mut reg = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            reg.conns.insert(id, Arc::clone(&conn));
+            *reg.per_ip.entry(ip).or_default() += 1;
+        }
         let front = Arc::clone(self);
         tokio::spawn(async move {
             let _done = done;
@@ -298,20 +340,35 @@ struct Registered<'a> {
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
-        self.front
-            .conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        let mut reg = self.front.conns.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = reg.conns.remove(&self.id) {
+            if let Some(n) = reg.per_ip.get_mut(&c.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    reg.per_ip.remove(&c.ip);
+                }
+            }
+        }
     }
+}
+
+/// The connections being served over HTTP, and how many each client address holds.
+#[derive(Default)]
+struct Registry {
+    conns: HashMap<u64, Arc<Conn>>,
+    per_ip: HashMap<IpAddr, usize>,
 }
 
 /// What the limits need to know about one connection.
 struct Conn {
+    ip: IpAddr,
     state: Mutex<ConnState>,
     /// Wakes the connection's task: its state changed or it was chosen for eviction.
     wake: Notify,
     evicted: AtomicBool,
+    /// The connection was read from at least once: a connection is never closed to make
+    /// room before it had the chance to read the request that may already be waiting.
+    polled: AtomicBool,
 }
 
 struct ConnState {
@@ -324,8 +381,9 @@ struct ConnState {
 }
 
 impl Conn {
-    fn new() -> Conn {
+    fn new(ip: IpAddr) -> Conn {
         Conn {
+            ip,
             state: Mutex::new(ConnState {
                 in_flight: 0,
                 reading_head: true,
@@ -333,6 +391,7 @@ impl Conn {
             }),
             wake: Notify::new(),
             evicted: AtomicBool::new(false),
+            polled: AtomicBool::new(false),
         }
     }
 
@@ -437,6 +496,7 @@ impl AsyncRead for Tracked {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.conn.polled.store(true, Ordering::Relaxed);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
             self.conn.on_bytes();
         }
@@ -482,8 +542,8 @@ struct Refusals {
 }
 
 impl Refusals {
-    fn refuse(&mut self, stream: TcpStream, cap: usize) {
-        const BODY: &str = "Too many connections: every connection is busy; retry shortly.\n";
+    fn refuse(&mut self, stream: TcpStream, cap: usize, why: &'static str) {
+        const BODY: &str = "Too many connections; retry shortly.\n";
         let answer = format!(
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n\
              retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{BODY}",
@@ -497,12 +557,72 @@ impl Refusals {
             tracing::warn!(
                 cap,
                 refused = self.count,
-                "connection cap reached with every connection busy: answering 503"
+                last_reason = why,
+                "connection cap reached: refusing new connections (503)"
             );
             self.last_warn = Some(Instant::now());
             self.count = 0;
         }
     }
+}
+
+/// Tune the listening socket: a deeper accept queue (`listen_backlog`; the standard library
+/// asks for 128, which a burst of connections overflows, dropping SYNs and costing clients a
+/// one-second retransmission), and on Linux TCP_DEFER_ACCEPT, so the kernel holds a new
+/// connection until its first bytes arrive (up to the header-read timeout): sockets that never
+/// send cost no descriptor, and a connection accepted at the cap has usually sent its request.
+#[cfg(unix)]
+fn tune_listener(listener: &TcpListener, limits: &ConnLimits) {
+    use std::os::fd::AsRawFd;
+    let fd = listener.as_raw_fd();
+    let backlog = limits.backlog.min(i32::MAX as u32) as libc::c_int;
+    // SAFETY: listen on our own listening socket only changes its queue length.
+    if unsafe { libc::listen(fd, backlog) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), backlog, "could not set the listen backlog");
+    }
+    #[cfg(target_os = "linux")]
+    {
+        let secs = limits.header_read_timeout.as_secs_f64().ceil().clamp(1.0, 3600.0) as libc::c_int;
+        // SAFETY: setsockopt reads one c_int from a live stack variable.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_DEFER_ACCEPT,
+                (&secs as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            tracing::warn!(error = %std::io::Error::last_os_error(), "TCP_DEFER_ACCEPT not set on the listener");
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn tune_listener(_: &TcpListener, _: &ConnLimits) {}
+
+/// Whether the client already sent bytes (a request waits in the socket), without reading them.
+#[cfg(unix)]
+fn has_bytes(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut b = [0u8; 1];
+    // SAFETY: recv writes at most one byte into `b`; MSG_PEEK leaves it in the socket and
+    // MSG_DONTWAIT never blocks.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
+}
+
+#[cfg(not(unix))]
+fn has_bytes(_: &TcpStream) -> bool {
+    true
 }
 
 /// An error from `accept`: a failed handshake is skipped; running out of descriptors closes the
@@ -516,6 +636,6 @@ async fn accept_error(front: &Front, e: std::io::Error) {
         return;
     }
     tracing::warn!(error = %e, "accept failed");
-    front.evict_oldest_idle();
+    front.make_room(IpAddr::from([0, 0, 0, 0]), false);
     tokio::time::sleep(Duration::from_millis(50)).await;
 }

@@ -39,6 +39,9 @@ pub struct HttpSettings {
     /// is closed to make room) before it is answered 503 and closed; the listener accepts
     /// nothing else meanwhile.
     pub cap_wait_secs: f64,
+    /// Connections the kernel queues for the server to accept (capped by the system, e.g.
+    /// net.core.somaxconn); a short queue drops new connections during a burst.
+    pub listen_backlog: u32,
 }
 
 impl Default for HttpSettings {
@@ -53,6 +56,7 @@ impl Default for HttpSettings {
             header_read_timeout_secs: 10.0,
             idle_timeout_secs: 60.0,
             cap_wait_secs: 1.0,
+            listen_backlog: 4096,
         }
     }
 }
@@ -88,6 +92,11 @@ impl HttpLimits {
             "[http] cap_wait_secs must be zero or a positive number of seconds"
         );
         anyhow::ensure!(settings.max_connections >= 1, "[http] max_connections must be at least 1");
+        anyhow::ensure!(
+            (1..=i32::MAX as u32).contains(&settings.listen_backlog),
+            "[http] listen_backlog must be between 1 and {}",
+            i32::MAX
+        );
         Ok(HttpLimits {
             settings,
             spooled: Arc::default(),
@@ -112,6 +121,7 @@ impl HttpLimits {
             header_read_timeout: Duration::from_secs_f64(s.header_read_timeout_secs),
             idle_timeout: Duration::from_secs_f64(s.idle_timeout_secs),
             cap_wait: Duration::from_secs_f64(s.cap_wait_secs),
+            backlog: s.listen_backlog,
         })
     }
 
