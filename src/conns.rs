@@ -5,18 +5,27 @@
 //! - at most `cap` connections are open at once (a semaphore whose permit lives inside the
 //!   socket, so an upgraded WebSocket keeps counting until it closes); the cap stays below the
 //!   file-descriptor limit, whose soft value [`raise_fd_limit`] lifts to the hard one at start;
-//! - a connection arriving at the cap makes room by closing the oldest connection that has no
-//!   request in flight (idle keep-alive, unfinished head, never sent a byte); if every
-//!   connection is busy it waits up to `cap_wait` for a slot, then is answered 503 and closed;
+//! - a connection arriving at the cap makes room by closing an older connection that has no
+//!   request in flight (idle keep-alive, unfinished head, never sent a byte), chosen by
+//!   [`Front::make_room`]: first from the client address holding the most connections, so one
+//!   address cannot crowd others out; a newcomer that has sent nothing yet only displaces a
+//!   connection that had its chance; if no connection can give way the newcomer waits up to
+//!   `cap_wait` for a slot (or is refused at once when it has sent nothing), then is answered
+//!   503 and closed;
 //! - a request head must be complete within `header_read_timeout` of the connection's opening
 //!   or of the first byte after an idle period (slowloris, sockets that never send);
 //! - a keep-alive connection with no request in flight is closed after `idle_timeout`;
+//! - the listener has a deep accept queue and, on Linux, TCP_DEFER_ACCEPT;
 //! - graceful shutdown: stop accepting, close idle connections, let requests in flight finish.
 //!
 //! A connection with a request in flight is never closed by these limits: slow readers of a
-//! streamed answer are `sql::spool`'s concern. This module owns the listener, the per-connection
-//! tasks and the process's RLIMIT_NOFILE; it must not touch request handling (the router),
-//! response streaming or WebSocket traffic after the upgrade (`realtime`).
+//! streamed answer are `sql::spool`'s concern. Over HTTP/2 any frame (a PING too) after an idle
+//! period starts the header-read clock, so an idle HTTP/2 connection that pings is closed after
+//! the header-read timeout rather than the idle one.
+//!
+//! This module owns the listener, the per-connection tasks and the process's RLIMIT_NOFILE; it
+//! must not touch request handling (the router), response streaming or WebSocket traffic after
+//! the upgrade (`realtime`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;

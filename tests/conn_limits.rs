@@ -488,3 +488,21 @@ async fn over_cap_mixed_flood() {
     let st = s.terminate();
     assert!(st.success(), "server exit after SIGTERM: {st:?}");
 }
+
+/// HTTP/2 with prior knowledge is still served by the connection front (as axum::serve did):
+/// the server answers the client preface with a SETTINGS frame. (A guard, not an attack.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_prior_knowledge_still_served() {
+    let _g = serial();
+    let (s, _dir) = start_limited();
+    let mut sock = TcpStream::connect(host_port(&s.url)).await.unwrap();
+    sock.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(15), sock.read_exact(&mut head))
+        .await
+        .expect("no HTTP/2 frame from the server")
+        .unwrap();
+    assert_eq!(head[3], 0x04, "first frame is not SETTINGS: {head:?}");
+}
