@@ -99,6 +99,8 @@ pub fn raise_fd_limit() -> std::io::Result<FdLimit> {
             break;
         }
     }
+    // rlim_t is u64 on Linux and macOS, not necessarily elsewhere.
+    #[allow(clippy::unnecessary_cast)]
     let as_u64 = |v: libc::rlim_t| if v == libc::RLIM_INFINITY { u64::MAX } else { v as u64 };
     Ok(FdLimit {
         soft_before: as_u64(before),
@@ -350,12 +352,12 @@ struct Registered<'a> {
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         let mut reg = self.front.conns.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = reg.conns.remove(&self.id) {
-            if let Some(n) = reg.per_ip.get_mut(&c.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    reg.per_ip.remove(&c.ip);
-                }
+        if let Some(c) = reg.conns.remove(&self.id)
+            && let Some(n) = reg.per_ip.get_mut(&c.ip)
+        {
+            *n -= 1;
+            if *n == 0 {
+                reg.per_ip.remove(&c.ip);
             }
         }
     }

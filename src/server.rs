@@ -111,7 +111,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let st = storage.clone();
     let repl = replication.clone();
     let task = tokio::spawn(async move {
-        let mut serve = tokio::spawn(async move { server.await });
+        let mut serve = tokio::spawn(server);
         tokio::select! {
             r = &mut serve => r??,
             _ = drain_rx => {

@@ -9,6 +9,10 @@
 //!
 //! Timing assertions are one-sided with wide margins: the machine running them is busy.
 
+// Each test holds SERIAL (a std mutex) for its whole run, awaits included: tests run one at a
+// time, each on its own runtime, so nothing else waits on that lock from the same thread.
+#![allow(clippy::await_holding_lock)]
+
 mod common;
 
 use std::sync::Mutex;
@@ -39,6 +43,7 @@ fn nofile() -> (u64, u64) {
         rlim_max: 0,
     };
     assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) }, 0);
+    #[allow(clippy::unnecessary_cast)] // rlim_t is u64 on Linux, not everywhere
     (r.rlim_cur as u64, r.rlim_max as u64)
 }
 
@@ -180,6 +185,10 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
 async fn attacker_connect(addr: &str) -> std::io::Result<TcpStream> {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let ip = std::net::Ipv4Addr::new(127, 0, 0, 2 + (NEXT.fetch_add(1, Ordering::Relaxed) % 8) as u8);
+    connect_from(ip, addr).await
+}
+
+async fn connect_from(ip: std::net::Ipv4Addr, addr: &str) -> std::io::Result<TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.bind(std::net::SocketAddr::from((ip, 0)))?;
     sock.connect(addr.parse().unwrap()).await
@@ -259,6 +268,11 @@ async fn behave(s: &mut TcpStream, attack: Attack, stop: &AtomicBool) {
 
 impl Flood {
     fn start(addr: &str, n: usize, attack: Attack) -> Flood {
+        Flood::start_from(addr, n, attack, None)
+    }
+
+    /// The same flood from one address (`None`: spread over the attackers' addresses).
+    fn start_from(addr: &str, n: usize, attack: Attack, from: Option<std::net::Ipv4Addr>) -> Flood {
         let stop = Arc::new(AtomicBool::new(false));
         let made = Arc::new(AtomicUsize::new(0));
         let mut tasks = tokio::task::JoinSet::new();
@@ -266,7 +280,10 @@ impl Flood {
             let (a, stop, made) = (addr.to_string(), Arc::clone(&stop), Arc::clone(&made));
             tasks.spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
-                    let c = tokio::time::timeout(Duration::from_secs(5), attacker_connect(&a)).await;
+                    let c = match from {
+                        Some(ip) => tokio::time::timeout(Duration::from_secs(5), connect_from(ip, &a)).await,
+                        None => tokio::time::timeout(Duration::from_secs(5), attacker_connect(&a)).await,
+                    };
                     let Ok(Ok(mut s)) = c else {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         continue;
@@ -505,4 +522,28 @@ async fn http2_prior_knowledge_still_served() {
         .expect("no HTTP/2 frame from the server")
         .unwrap();
     assert_eq!(head[3], 0x04, "first frame is not SETTINGS: {head:?}");
+}
+
+/// The attack from the user's own address (one NAT, one host): fairness by address cannot tell
+/// them apart, yet a client that sends its request at once still gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_address_flood() {
+    let _g = serial();
+    let (s, _dir) = start_limited();
+    let addr = host_port(&s.url);
+    let me = Some(std::net::Ipv4Addr::LOCALHOST);
+    let floods = [
+        Flood::start_from(&addr, 200, Attack::Silent, me),
+        Flood::start_from(&addr, 200, Attack::Slowloris, me),
+        Flood::start_from(&addr, 200, Attack::KeepAliveIdle, me),
+    ];
+    let c = legit_user(&s.url).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lat = measure(&c, &s.url, 60).await;
+    let peak = server_sockets(s.pid());
+    for f in floods {
+        f.stop().await;
+    }
+    assert!(peak <= CAP + 24, "the server held {peak} sockets, over the cap of {CAP}");
+    assert_p99(lat, "same-address flood");
 }
