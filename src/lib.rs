@@ -22,6 +22,7 @@ pub mod auth;
 pub mod branch;
 pub mod bundle;
 pub mod config;
+pub mod conns;
 pub mod core;
 pub mod generate;
 pub mod llm;

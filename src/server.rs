@@ -1,4 +1,5 @@
-//! Server life cycle: open storage, bind, serve the router, and shut down gracefully
+//! Server life cycle: open storage, bind, serve the router (through the connection front,
+//! `crate::conns`, under the `[http]` connection limits), and shut down gracefully
 //! (stop accepting, let in-flight requests finish within the grace period, then close storage,
 //! which drains queued writes and checkpoints the WAL).
 
@@ -92,6 +93,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         &StorageOptions::from_config(&config),
     ));
     let http = Arc::new(apis::limits::HttpLimits::new(config.section("http")?)?);
+    let conn_limits = connection_limits(&http)?;
     let sql_guard = Arc::new(apis::limits::SqlGuard::new(config.section("sql_guard")?, config.readers)?);
     sql_guard.apply_heap_limit();
     let trace_settings: crate::lua::limits::TraceSettings = config.section("traces")?;
@@ -125,16 +127,14 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let app = apis::router(state);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
-    // The peer address: per-IP caps (anonymous WebSockets, the sign-in guard's back-off).
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let server = crate::conns::serve(listener, app, conn_limits, async move {
         let _ = stop_rx.await;
         let _ = drain_tx.send(());
     });
     let st = storage.clone();
     let repl = replication.clone();
     let task = tokio::spawn(async move {
-        let mut serve = tokio::spawn(async move { server.await });
+        let mut serve = tokio::spawn(server);
         tokio::select! {
             r = &mut serve => r??,
             _ = drain_rx => {
@@ -176,6 +176,33 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         stop: Some(stop_tx),
         task,
     })
+}
+
+/// Raise the soft fd limit to the hard one and fit the connection cap under it (logged).
+fn connection_limits(http: &apis::limits::HttpLimits) -> anyhow::Result<crate::conns::ConnLimits> {
+    let fds = crate::conns::raise_fd_limit()
+        .map_err(|e| anyhow::anyhow!("cannot read or raise the open-file limit: {e}"))?;
+    let limits = http.connections(fds.soft)?;
+    tracing::info!(
+        fd_soft_before = fds.soft_before,
+        fd_limit = fds.soft,
+        fd_hard = fds.hard,
+        reserved_fds = http.settings.reserved_fds,
+        max_connections = limits.configured,
+        connection_cap = limits.cap,
+        header_read_timeout_secs = limits.header_read_timeout.as_secs_f64(),
+        idle_timeout_secs = limits.idle_timeout.as_secs_f64(),
+        "connection limits"
+    );
+    if limits.cap < limits.configured {
+        tracing::warn!(
+            max_connections = limits.configured,
+            connection_cap = limits.cap,
+            fd_limit = fds.soft,
+            "[http] max_connections lowered to fit under the open-file limit (raise it with ulimit -n)"
+        );
+    }
+    Ok(limits)
 }
 
 /// Archive complete days past the retention every `interval_secs` (0: never; first run after
