@@ -3,6 +3,10 @@
 //! clap resolves the first two layers (every flag declares its env var); this module reads the
 //! TOML file and fills what is still unset, then applies the defaults. It owns the [`Config`]
 //! struct that the rest of the engine reads; it must not open files other than the TOML file.
+//!
+//! Each flat setting is declared once, in the `settings!` table below (flag, env var, TOML key,
+//! default, help text, check, and the [`Config`] field it fills). A component's own settings go
+//! in its own section instead (see [`SECTIONS`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -203,7 +207,6 @@ pub struct Limits {
     /// Longest a request may run, seconds (0 = unlimited).
     pub max_execution_time: f64,
 }
-
 
 impl Config {
     /// A module's settings section: the `[name]` table of the config file with its environment
@@ -635,11 +638,23 @@ impl Positive for f64 {
 }
 
 fn positive<T: Positive>(msg: &'static str) -> impl Fn(&T) -> anyhow::Result<()> {
-    move |v| if v.is_positive() { Ok(()) } else { bail!("{msg}") }
+    move |v| {
+        if v.is_positive() {
+            Ok(())
+        } else {
+            bail!("{msg}")
+        }
+    }
 }
 
 fn non_negative(msg: &'static str) -> impl Fn(&f64) -> anyhow::Result<()> {
-    move |v| if *v >= 0.0 && v.is_finite() { Ok(()) } else { bail!("{msg}") }
+    move |v| {
+        if *v >= 0.0 && v.is_finite() {
+            Ok(())
+        } else {
+            bail!("{msg}")
+        }
+    }
 }
 
 fn at_least(min: usize, msg: &'static str) -> impl Fn(&usize) -> anyhow::Result<()> {
@@ -662,7 +677,6 @@ fn admin_key_ok(key: &Option<String>) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
 
 /// How to make a good key, for error messages.
 pub const KEY_ADVICE: &str = "Use 'ik_' followed by 32 random bytes, e.g. `echo ik_$(openssl rand -hex 32)`, or leave it unset: on a fresh data directory the server creates and prints one";
@@ -892,7 +906,10 @@ mod tests {
         let d = Config::default();
         assert_eq!(d.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(d.data_dir, PathBuf::from("./ichibase-data"));
-        assert_eq!((d.synchronous, d.busy_timeout_ms), (Synchronous::Normal, 5_000));
+        assert_eq!(
+            (d.synchronous, d.busy_timeout_ms),
+            (Synchronous::Normal, 5_000)
+        );
         assert!(d.readers >= 4);
         assert_eq!(
             d.limits,
@@ -904,37 +921,98 @@ mod tests {
                 max_execution_time: 30.0,
             }
         );
-        assert_eq!((d.http_buffer_size, d.json_quote_64bit_integers, d.shutdown_grace_secs), (1 << 20, true, 30.0));
-        assert_eq!((d.log_format, d.log_level.as_str()), (LogFormat::Text, "info"));
+        assert_eq!(
+            (
+                d.http_buffer_size,
+                d.json_quote_64bit_integers,
+                d.shutdown_grace_secs
+            ),
+            (1 << 20, true, 30.0)
+        );
+        assert_eq!(
+            (d.log_format, d.log_level.as_str()),
+            (LogFormat::Text, "info")
+        );
         let a = &d.auth;
-        assert_eq!((a.signup_open, a.access_token_ttl_secs, a.session_ttl_secs, a.cookie_secure), (false, 900, 2_592_000, false));
+        assert_eq!(
+            (
+                a.signup_open,
+                a.access_token_ttl_secs,
+                a.session_ttl_secs,
+                a.cookie_secure
+            ),
+            (false, 900, 2_592_000, false)
+        );
         assert!(a.admin_key.is_none() && a.admin_email.is_none() && a.admin_password.is_none());
         let l = &d.lua;
-        assert_eq!((l.instruction_limit, l.memory_limit, l.timeout_secs, l.max_trace_steps), (200_000_000, 64 << 20, 10.0, 100_000));
+        assert_eq!(
+            (
+                l.instruction_limit,
+                l.memory_limit,
+                l.timeout_secs,
+                l.max_trace_steps
+            ),
+            (200_000_000, 64 << 20, 10.0, 100_000)
+        );
         let w = &d.ws;
-        assert_eq!((w.queue, w.heartbeat_secs, w.max_message, w.cdc_retention), (1024, 30.0, 1 << 20, 10_000));
+        assert_eq!(
+            (w.queue, w.heartbeat_secs, w.max_message, w.cdc_retention),
+            (1024, 30.0, 1 << 20, 10_000)
+        );
         let m = &d.llm;
         assert!(m.url.is_none() && m.api_key.is_none() && m.model.is_none());
-        assert_eq!((m.provider, m.timeout_secs, m.max_retries, m.max_tokens), (LlmProvider::Auto, 180.0, 3, 8192));
+        assert_eq!(
+            (m.provider, m.timeout_secs, m.max_retries, m.max_tokens),
+            (LlmProvider::Auto, 180.0, 3, 8192)
+        );
         let g = &d.generate;
-        assert_eq!((g.max_rounds, g.require_approval, g.keep_failed_branch, g.property_runs), (4, false, false, 100));
+        assert_eq!(
+            (
+                g.max_rounds,
+                g.require_approval,
+                g.keep_failed_branch,
+                g.property_runs
+            ),
+            (4, false, false, 100)
+        );
         let p = &d.posterity;
         assert_eq!(
-            (p.enabled, p.flush_secs, p.queue, p.batch_rows, p.archive_after_days, p.archive_interval_secs),
+            (
+                p.enabled,
+                p.flush_secs,
+                p.queue,
+                p.batch_rows,
+                p.archive_after_days,
+                p.archive_interval_secs
+            ),
             (true, 1.0, 65_536, 50_000, 7, 3600.0)
         );
         assert!(d.replication.is_none() && d.sections.is_empty());
-        assert_eq!(format!("{d:?}"), format!("{:?}", Settings::default().resolve().unwrap()));
-        assert_eq!(format!("{:?}", LuaSettings::default()), format!("{:?}", d.lua));
+        assert_eq!(
+            format!("{d:?}"),
+            format!("{:?}", Settings::default().resolve().unwrap())
+        );
+        assert_eq!(
+            format!("{:?}", LuaSettings::default()),
+            format!("{:?}", d.lua)
+        );
         // The replication section exists once its URL is set, with its own defaults.
-        let r = Settings { replicate_url: Some("file:///tmp/r".into()), ..Default::default() }
-            .resolve()
-            .unwrap()
-            .replication
-            .unwrap();
+        let r = Settings {
+            replicate_url: Some("file:///tmp/r".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .replication
+        .unwrap();
         assert_eq!(r.url, "file:///tmp/r");
         assert_eq!(
-            (r.sync_interval_secs, r.snapshot_interval_secs, r.retention_secs, r.checkpoint_pages),
+            (
+                r.sync_interval_secs,
+                r.snapshot_interval_secs,
+                r.retention_secs,
+                r.checkpoint_pages
+            ),
             (1.0, 86_400.0, 259_200.0, 1000)
         );
         assert_eq!((r.compaction_interval_secs, r.timeout_secs), (300.0, 30.0));
@@ -956,17 +1034,35 @@ mod tests {
             assert_eq!(*env, expected_env);
             assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(*env));
             assert!(envs.insert(*env), "{env} twice");
-            assert!(!arg.get_help().unwrap().to_string().is_empty(), "{name} has no help");
+            assert!(
+                !arg.get_help().unwrap().to_string().is_empty(),
+                "{name} has no help"
+            );
         }
         let help = |name: &str| {
             let i = SETTINGS.iter().position(|(n, _)| *n == name).unwrap();
             args[i].get_help().unwrap().to_string()
         };
-        assert_eq!(help("max_result_bytes"), "Most bytes in one result, 0 = unlimited [default: 4294967296]");
-        assert_eq!(help("synchronous"), "SQLite synchronous mode [default: normal]");
-        assert_eq!(help("max_execution_time"), "Longest a query may run in seconds, 0 = unlimited [default: 30]");
-        assert_eq!(help("readers"), "Number of pooled read-only connections [default: 2 x cores, at least 4]");
-        assert_eq!(help("llm_url"), "LLM: base URL of the provider, e.g. https://api.openai.com/v1");
+        assert_eq!(
+            help("max_result_bytes"),
+            "Most bytes in one result, 0 = unlimited [default: 4294967296]"
+        );
+        assert_eq!(
+            help("synchronous"),
+            "SQLite synchronous mode [default: normal]"
+        );
+        assert_eq!(
+            help("max_execution_time"),
+            "Longest a query may run in seconds, 0 = unlimited [default: 30]"
+        );
+        assert_eq!(
+            help("readers"),
+            "Number of pooled read-only connections [default: 2 x cores, at least 4]"
+        );
+        assert_eq!(
+            help("llm_url"),
+            "LLM: base URL of the provider, e.g. https://api.openai.com/v1"
+        );
         assert_eq!(
             help("replicate_encryption_key"),
             "Encrypt replica objects with AES-256-GCM under this key (64 hex digits) [default: off]"
@@ -975,34 +1071,137 @@ mod tests {
 
     #[test]
     fn readme_lists_every_setting() {
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
         let section = &readme[readme.find("## Configuration").unwrap()..];
         for (name, env) in SETTINGS {
             let flag = format!("`--{}`", name.replace('_', "-"));
-            assert!(section.contains(&flag), "README's configuration table misses {flag}");
-            assert!(section.contains(&format!("`{env}`")), "README's configuration table misses {env}");
+            assert!(
+                section.contains(&flag),
+                "README's configuration table misses {flag}"
+            );
+            assert!(
+                section.contains(&format!("`{env}`")),
+                "README's configuration table misses {env}"
+            );
         }
     }
 
     #[test]
     fn each_check_keeps_its_message() {
         let cases: Vec<(Settings, &str)> = vec![
-            (Settings { llm_max_tokens: Some(0), ..Default::default() }, LLM_POSITIVE),
-            (Settings { property_runs: Some(0), ..Default::default() }, LLM_POSITIVE),
-            (Settings { llm_timeout_secs: Some(f64::INFINITY), ..Default::default() }, LLM_POSITIVE),
-            (Settings { posterity_queue: Some(0), ..Default::default() }, POSTERITY_POSITIVE),
-            (Settings { archive_interval_secs: Some(-1.0), ..Default::default() }, POSTERITY_POSITIVE),
-            (Settings { ws_queue: Some(0), ..Default::default() }, WS_POSITIVE),
-            (Settings { cdc_retention: Some(0), ..Default::default() }, WS_POSITIVE),
-            (Settings { lua_memory_limit: Some(1000), ..Default::default() }, LUA_LIMITS),
-            (Settings { lua_timeout_secs: Some(0.0), ..Default::default() }, LUA_LIMITS),
-            (Settings { session_ttl_secs: Some(0), ..Default::default() }, TTL_POSITIVE),
-            (Settings { max_query_size: Some(0), ..Default::default() }, SIZES_POSITIVE),
-            (Settings { readers: Some(0), ..Default::default() }, "readers must be at least 1"),
-            (Settings { shutdown_grace_secs: Some(-1.0), ..Default::default() }, "shutdown_grace_secs must be"),
-            (Settings { admin_key: Some("nope".into()), ..Default::default() }, "must start with 'ik_'"),
-            (Settings { admin_key: Some("ik_short".into()), ..Default::default() }, "too easy to guess"),
-            (Settings { admin_email: Some("a@b.c".into()), ..Default::default() }, "admin_email and admin_password go together"),
+            (
+                Settings {
+                    llm_max_tokens: Some(0),
+                    ..Default::default()
+                },
+                LLM_POSITIVE,
+            ),
+            (
+                Settings {
+                    property_runs: Some(0),
+                    ..Default::default()
+                },
+                LLM_POSITIVE,
+            ),
+            (
+                Settings {
+                    llm_timeout_secs: Some(f64::INFINITY),
+                    ..Default::default()
+                },
+                LLM_POSITIVE,
+            ),
+            (
+                Settings {
+                    posterity_queue: Some(0),
+                    ..Default::default()
+                },
+                POSTERITY_POSITIVE,
+            ),
+            (
+                Settings {
+                    archive_interval_secs: Some(-1.0),
+                    ..Default::default()
+                },
+                POSTERITY_POSITIVE,
+            ),
+            (
+                Settings {
+                    ws_queue: Some(0),
+                    ..Default::default()
+                },
+                WS_POSITIVE,
+            ),
+            (
+                Settings {
+                    cdc_retention: Some(0),
+                    ..Default::default()
+                },
+                WS_POSITIVE,
+            ),
+            (
+                Settings {
+                    lua_memory_limit: Some(1000),
+                    ..Default::default()
+                },
+                LUA_LIMITS,
+            ),
+            (
+                Settings {
+                    lua_timeout_secs: Some(0.0),
+                    ..Default::default()
+                },
+                LUA_LIMITS,
+            ),
+            (
+                Settings {
+                    session_ttl_secs: Some(0),
+                    ..Default::default()
+                },
+                TTL_POSITIVE,
+            ),
+            (
+                Settings {
+                    max_query_size: Some(0),
+                    ..Default::default()
+                },
+                SIZES_POSITIVE,
+            ),
+            (
+                Settings {
+                    readers: Some(0),
+                    ..Default::default()
+                },
+                "readers must be at least 1",
+            ),
+            (
+                Settings {
+                    shutdown_grace_secs: Some(-1.0),
+                    ..Default::default()
+                },
+                "shutdown_grace_secs must be",
+            ),
+            (
+                Settings {
+                    admin_key: Some("nope".into()),
+                    ..Default::default()
+                },
+                "must start with 'ik_'",
+            ),
+            (
+                Settings {
+                    admin_key: Some("ik_short".into()),
+                    ..Default::default()
+                },
+                "too easy to guess",
+            ),
+            (
+                Settings {
+                    admin_email: Some("a@b.c".into()),
+                    ..Default::default()
+                },
+                "admin_email and admin_password go together",
+            ),
             (
                 Settings {
                     replicate_url: Some("file:///r".into()),
@@ -1025,7 +1224,12 @@ mod tests {
             assert!(err.contains(msg), "{s:?}: {err}");
         }
         // Replication settings are only checked when replication is on, as before.
-        let cfg = Settings { replicate_sync_interval_secs: Some(-1.0), ..Default::default() }.resolve().unwrap();
+        let cfg = Settings {
+            replicate_sync_interval_secs: Some(-1.0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
         assert!(cfg.replication.is_none());
         // Empty LLM strings count as unset; a good key is accepted.
         let cfg = Settings {
@@ -1045,13 +1249,25 @@ mod tests {
     fn toml_keys_are_the_setting_names() {
         for (name, _) in SETTINGS {
             // A known key with a value of the wrong type: a type error, not an unknown field.
-            let err = toml::from_str::<Settings>(&format!("{name} = [[]]")).unwrap_err().to_string();
+            let err = toml::from_str::<Settings>(&format!("{name} = [[]]"))
+                .unwrap_err()
+                .to_string();
             assert!(!err.contains("unknown field"), "{name}: {err}");
         }
-        let err = toml::from_str::<Settings>("nope = [[]]").unwrap_err().to_string();
-        assert!(err.contains("unknown field") && err.contains("nope"), "{err}");
-        let s: Settings = toml::from_str("ws_queue = 5\nllm_provider = \"anthropic\"\nposterity = false\n").unwrap();
+        let err = toml::from_str::<Settings>("nope = [[]]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown field") && err.contains("nope"),
+            "{err}"
+        );
+        let s: Settings =
+            toml::from_str("ws_queue = 5\nllm_provider = \"anthropic\"\nposterity = false\n")
+                .unwrap();
         let cfg = s.resolve().unwrap();
-        assert_eq!((cfg.ws.queue, cfg.llm.provider, cfg.posterity.enabled), (5, LlmProvider::Anthropic, false));
+        assert_eq!(
+            (cfg.ws.queue, cfg.llm.provider, cfg.posterity.enabled),
+            (5, LlmProvider::Anthropic, false)
+        );
     }
 }

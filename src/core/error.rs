@@ -250,7 +250,11 @@ mod tests {
         let mut numbers = std::collections::HashSet::new();
         let mut names = std::collections::HashSet::new();
         for c in ErrorCode::ALL {
-            assert!(numbers.insert(c.number()), "number {} is used twice", c.number());
+            assert!(
+                numbers.insert(c.number()),
+                "number {} is used twice",
+                c.number()
+            );
             assert!(names.insert(c.name()), "name {} is used twice", c.name());
             assert!((400..600).contains(&c.http_status()), "{c:?}");
         }
@@ -278,7 +282,8 @@ mod tests {
 
     #[test]
     fn readme_lists_every_code() {
-        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
         let table = readme_table();
         assert!(
             readme.contains(&table),
