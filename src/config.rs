@@ -3,6 +3,10 @@
 //! clap resolves the first two layers (every flag declares its env var); this module reads the
 //! TOML file and fills what is still unset, then applies the defaults. It owns the [`Config`]
 //! struct that the rest of the engine reads; it must not open files other than the TOML file.
+//!
+//! Each flat setting is declared once, in the `settings!` table below (flag, env var, TOML key,
+//! default, help text, check, and the [`Config`] field it fills). A component's own settings go
+//! in its own section instead (see [`SECTIONS`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -102,20 +106,6 @@ pub struct LlmSettings {
     pub max_tokens: u32,
 }
 
-impl Default for LlmSettings {
-    fn default() -> Self {
-        LlmSettings {
-            url: None,
-            api_key: None,
-            model: None,
-            provider: LlmProvider::Auto,
-            timeout_secs: 180.0,
-            max_retries: 3,
-            max_tokens: 8192,
-        }
-    }
-}
-
 /// The intent-to-service loop.
 #[derive(Debug, Clone)]
 pub struct GenerateSettings {
@@ -128,17 +118,6 @@ pub struct GenerateSettings {
     pub keep_failed_branch: bool,
     /// Cases a property check tries unless it says otherwise.
     pub property_runs: u32,
-}
-
-impl Default for GenerateSettings {
-    fn default() -> Self {
-        GenerateSettings {
-            max_rounds: 4,
-            require_approval: false,
-            keep_failed_branch: false,
-            property_runs: 100,
-        }
-    }
 }
 
 /// The posterity log (DuckDB) and its archive.
@@ -156,19 +135,6 @@ pub struct PosteritySettings {
     pub archive_after_days: u32,
     /// Seconds between scheduled archive runs (0: only on demand).
     pub archive_interval_secs: f64,
-}
-
-impl Default for PosteritySettings {
-    fn default() -> Self {
-        PosteritySettings {
-            enabled: true,
-            flush_secs: 1.0,
-            queue: 65_536,
-            batch_rows: 50_000,
-            archive_after_days: 7,
-            archive_interval_secs: 3600.0,
-        }
-    }
 }
 
 /// WAL replication settings (see `crate::replication`).
@@ -203,17 +169,6 @@ pub struct WsSettings {
     pub cdc_retention: i64,
 }
 
-impl Default for WsSettings {
-    fn default() -> Self {
-        WsSettings {
-            queue: 1024,
-            heartbeat_secs: 30.0,
-            max_message: 1024 * 1024,
-            cdc_retention: 10_000,
-        }
-    }
-}
-
 /// Limits of the Lua sandbox.
 #[derive(Debug, Clone)]
 pub struct LuaSettings {
@@ -221,17 +176,6 @@ pub struct LuaSettings {
     pub memory_limit: usize,
     pub timeout_secs: f64,
     pub max_trace_steps: usize,
-}
-
-impl Default for LuaSettings {
-    fn default() -> Self {
-        LuaSettings {
-            instruction_limit: 200_000_000,
-            memory_limit: 64 * 1024 * 1024,
-            timeout_secs: 10.0,
-            max_trace_steps: 100_000,
-        }
-    }
 }
 
 /// Identity settings.
@@ -249,20 +193,6 @@ pub struct AuthSettings {
     pub admin_password: Option<String>,
 }
 
-impl Default for AuthSettings {
-    fn default() -> Self {
-        AuthSettings {
-            signup_open: false,
-            access_token_ttl_secs: 15 * 60,
-            session_ttl_secs: 30 * 24 * 3600,
-            cookie_secure: false,
-            admin_key: None,
-            admin_email: None,
-            admin_password: None,
-        }
-    }
-}
-
 /// Server-wide limits; requests may lower them with URL settings, never raise them.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
@@ -276,47 +206,6 @@ pub struct Limits {
     pub max_result_bytes: u64,
     /// Longest a request may run, seconds (0 = unlimited).
     pub max_execution_time: f64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_body_size: 64 * 1024 * 1024,
-            max_query_size: 1024 * 1024,
-            max_result_rows: 10_000_000,
-            max_result_bytes: 4 * 1024 * 1024 * 1024,
-            max_execution_time: 30.0,
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: "127.0.0.1:8080".parse().unwrap(),
-            data_dir: PathBuf::from("./ichibase-data"),
-            synchronous: Synchronous::Normal,
-            busy_timeout_ms: 5_000,
-            readers: std::thread::available_parallelism()
-                .map(|n| n.get() * 2)
-                .unwrap_or(4)
-                .max(4),
-            limits: Limits::default(),
-            http_buffer_size: 1024 * 1024,
-            json_quote_64bit_integers: true,
-            shutdown_grace_secs: 30.0,
-            log_format: LogFormat::Text,
-            log_level: "info".into(),
-            auth: AuthSettings::default(),
-            lua: LuaSettings::default(),
-            ws: WsSettings::default(),
-            llm: LlmSettings::default(),
-            generate: GenerateSettings::default(),
-            posterity: PosteritySettings::default(),
-            replication: None,
-            sections: Default::default(),
-        }
-    }
 }
 
 impl Config {
@@ -340,195 +229,318 @@ impl Config {
     }
 }
 
-/// Every setting, optional: one layer of configuration (flags+env from clap, or the TOML file).
-#[derive(Debug, Clone, Default, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// Address to listen on [default: 127.0.0.1:8080]
-    #[arg(long, env = "ICHIBASE_LISTEN", value_name = "ADDR:PORT")]
-    pub listen: Option<SocketAddr>,
-    /// Data directory, created on first start [default: ./ichibase-data]
-    #[arg(long, env = "ICHIBASE_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// SQLite synchronous mode [default: normal]
-    #[arg(long, env = "ICHIBASE_SYNCHRONOUS", value_enum)]
-    pub synchronous: Option<Synchronous>,
-    /// SQLite busy timeout in milliseconds [default: 5000]
-    #[arg(long, env = "ICHIBASE_BUSY_TIMEOUT_MS")]
-    pub busy_timeout_ms: Option<u64>,
-    /// Number of pooled read-only connections [default: 2 x cores, at least 4]
-    #[arg(long, env = "ICHIBASE_READERS")]
-    pub readers: Option<usize>,
-    /// Largest request body in bytes [default: 67108864]
-    #[arg(long, env = "ICHIBASE_MAX_BODY_SIZE")]
-    pub max_body_size: Option<usize>,
-    /// Largest SQL text in bytes [default: 1048576]
-    #[arg(long, env = "ICHIBASE_MAX_QUERY_SIZE")]
-    pub max_query_size: Option<usize>,
-    /// Most rows in one result, 0 = unlimited [default: 10000000]
-    #[arg(long, env = "ICHIBASE_MAX_RESULT_ROWS")]
-    pub max_result_rows: Option<u64>,
-    /// Most bytes in one result, 0 = unlimited [default: 4294967296]
-    #[arg(long, env = "ICHIBASE_MAX_RESULT_BYTES")]
-    pub max_result_bytes: Option<u64>,
-    /// Longest a query may run in seconds, 0 = unlimited [default: 30]
-    #[arg(long, env = "ICHIBASE_MAX_EXECUTION_TIME")]
-    pub max_execution_time: Option<f64>,
-    /// Bytes of output buffered before a response starts streaming [default: 1048576]
-    #[arg(long, env = "ICHIBASE_HTTP_BUFFER_SIZE")]
-    pub http_buffer_size: Option<usize>,
-    /// Quote 64-bit integers in JSON output, as ClickHouse does [default: true]
-    #[arg(long, env = "ICHIBASE_JSON_QUOTE_64BIT_INTEGERS")]
-    pub json_quote_64bit_integers: Option<bool>,
-    /// Seconds shutdown waits for in-flight requests [default: 30]
-    #[arg(long, env = "ICHIBASE_SHUTDOWN_GRACE_SECS")]
-    pub shutdown_grace_secs: Option<f64>,
-    /// Log format [default: text]
-    #[arg(long, env = "ICHIBASE_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Log filter, e.g. `info` or `ichibase=debug` [default: info]
-    #[arg(long, env = "ICHIBASE_LOG", value_name = "FILTER")]
-    pub log_level: Option<String>,
-    /// Let anyone sign up with POST /auth/signup [default: false]
-    #[arg(long, env = "ICHIBASE_SIGNUP_OPEN")]
-    pub signup_open: Option<bool>,
-    /// Lifetime of access tokens (JWT) in seconds [default: 900]
-    #[arg(long, env = "ICHIBASE_ACCESS_TOKEN_TTL_SECS")]
-    pub access_token_ttl_secs: Option<u64>,
-    /// Lifetime of sessions / refresh tokens in seconds [default: 2592000]
-    #[arg(long, env = "ICHIBASE_SESSION_TTL_SECS")]
-    pub session_ttl_secs: Option<u64>,
-    /// Mark the session cookie Secure (serve behind HTTPS) [default: false]
-    #[arg(long, env = "ICHIBASE_COOKIE_SECURE")]
-    pub cookie_secure: Option<bool>,
-    /// An API key with the admin role, created at start if missing ('ik_' + random characters, at least ~100 bits: no repeats or runs)
-    #[arg(long, env = "ICHIBASE_ADMIN_KEY", hide_env_values = true)]
-    pub admin_key: Option<String>,
-    /// Email of an admin user created at start if missing (with --admin-password)
-    #[arg(long, env = "ICHIBASE_ADMIN_EMAIL")]
-    pub admin_email: Option<String>,
-    /// Password of that admin user
-    #[arg(long, env = "ICHIBASE_ADMIN_PASSWORD", hide_env_values = true)]
-    pub admin_password: Option<String>,
-    /// Lua: VM instructions one invocation may run [default: 200000000]
-    #[arg(long, env = "ICHIBASE_LUA_INSTRUCTION_LIMIT")]
-    pub lua_instruction_limit: Option<u64>,
-    /// Lua: bytes of memory one invocation may hold [default: 67108864]
-    #[arg(long, env = "ICHIBASE_LUA_MEMORY_LIMIT")]
-    pub lua_memory_limit: Option<usize>,
-    /// Lua: seconds one invocation may run [default: 10]
-    #[arg(long, env = "ICHIBASE_LUA_TIMEOUT_SECS")]
-    pub lua_timeout_secs: Option<f64>,
-    /// Lua: most steps recorded in one trace [default: 100000]
-    #[arg(long, env = "ICHIBASE_LUA_MAX_TRACE_STEPS")]
-    pub lua_max_trace_steps: Option<usize>,
-    /// WebSocket: frames queued per connection before a slow client is cut off [default: 1024]
-    #[arg(long, env = "ICHIBASE_WS_QUEUE")]
-    pub ws_queue: Option<usize>,
-    /// WebSocket: seconds between server pings; 2x without a frame closes [default: 30]
-    #[arg(long, env = "ICHIBASE_WS_HEARTBEAT_SECS")]
-    pub ws_heartbeat_secs: Option<f64>,
-    /// WebSocket: largest client frame in bytes [default: 1048576]
-    #[arg(long, env = "ICHIBASE_WS_MAX_MESSAGE")]
-    pub ws_max_message: Option<usize>,
-    /// Change capture: changes kept for reconnecting clients [default: 10000]
-    #[arg(long, env = "ICHIBASE_CDC_RETENTION")]
-    pub cdc_retention: Option<i64>,
-    /// LLM: base URL of the provider, e.g. https://api.openai.com/v1
-    #[arg(long, env = "ICHIBASE_LLM_URL", value_name = "URL")]
-    pub llm_url: Option<String>,
-    /// LLM: API key (sent as Bearer, or x-api-key for Anthropic)
-    #[arg(long, env = "ICHIBASE_LLM_KEY", hide_env_values = true)]
-    pub llm_key: Option<String>,
-    /// LLM: model name, e.g. gpt-4.1 or claude-sonnet-4-5
-    #[arg(long, env = "ICHIBASE_LLM_MODEL")]
-    pub llm_model: Option<String>,
-    /// LLM: wire protocol [default: auto]
-    #[arg(long, env = "ICHIBASE_LLM_PROVIDER", value_enum)]
-    pub llm_provider: Option<LlmProvider>,
-    /// LLM: seconds one model call may take [default: 180]
-    #[arg(long, env = "ICHIBASE_LLM_TIMEOUT_SECS")]
-    pub llm_timeout_secs: Option<f64>,
-    /// LLM: retries of a failed call, with back-off [default: 3]
-    #[arg(long, env = "ICHIBASE_LLM_MAX_RETRIES")]
-    pub llm_max_retries: Option<u32>,
-    /// LLM: most tokens in one answer [default: 8192]
-    #[arg(long, env = "ICHIBASE_LLM_MAX_TOKENS")]
-    pub llm_max_tokens: Option<u32>,
-    /// Generate: model answers tried before giving up [default: 4]
-    #[arg(long, env = "ICHIBASE_GENERATE_MAX_ROUNDS")]
-    pub generate_max_rounds: Option<u32>,
-    /// Generate: wait for an admin's approval instead of merging a verified bundle [default: false]
-    #[arg(long, env = "ICHIBASE_GENERATE_REQUIRE_APPROVAL")]
-    pub generate_require_approval: Option<bool>,
-    /// Generate: keep the branch of the last failed generation for inspection [default: false]
-    #[arg(long, env = "ICHIBASE_GENERATE_KEEP_FAILED_BRANCH")]
-    pub generate_keep_failed_branch: Option<bool>,
-    /// Property checks: cases tried unless a check says otherwise [default: 100]
-    #[arg(long, env = "ICHIBASE_PROPERTY_RUNS")]
-    pub property_runs: Option<u32>,
-    /// Posterity: log requests, statements and Lua invocations to DuckDB [default: true]
-    #[arg(long, env = "ICHIBASE_POSTERITY")]
-    pub posterity: Option<bool>,
-    /// Posterity: seconds between commits of the log (a crash loses at most this) [default: 1]
-    #[arg(long, env = "ICHIBASE_POSTERITY_FLUSH_SECS")]
-    pub posterity_flush_secs: Option<f64>,
-    /// Posterity: events queued before new ones are dropped and counted [default: 65536]
-    #[arg(long, env = "ICHIBASE_POSTERITY_QUEUE")]
-    pub posterity_queue: Option<usize>,
-    /// Posterity: rows that trigger a commit before the interval is over [default: 50000]
-    #[arg(long, env = "ICHIBASE_POSTERITY_BATCH_ROWS")]
-    pub posterity_batch_rows: Option<usize>,
-    /// Archive: complete days older than this many days go to Parquet [default: 7]
-    #[arg(long, env = "ICHIBASE_ARCHIVE_AFTER_DAYS")]
-    pub archive_after_days: Option<u32>,
-    /// Archive: seconds between scheduled runs, 0 = only on demand [default: 3600]
-    #[arg(long, env = "ICHIBASE_ARCHIVE_INTERVAL_SECS")]
-    pub archive_interval_secs: Option<f64>,
-    /// Replicate the database continuously to `s3://BUCKET/PREFIX` or `file:///DIR` [default: off]
-    #[arg(long, env = "ICHIBASE_REPLICATE_URL", value_name = "URL")]
-    pub replicate_url: Option<String>,
-    /// S3 endpoint for S3-compatible servers, e.g. http://127.0.0.1:9000 [default: AWS]
-    #[arg(long, env = "ICHIBASE_REPLICATE_ENDPOINT", value_name = "URL")]
-    pub replicate_endpoint: Option<String>,
-    /// S3 region [default: us-east-1 or AWS_REGION]
-    #[arg(long, env = "ICHIBASE_REPLICATE_REGION")]
-    pub replicate_region: Option<String>,
-    /// S3 access key id [default: AWS_ACCESS_KEY_ID]
-    #[arg(long, env = "ICHIBASE_REPLICATE_ACCESS_KEY_ID", hide_env_values = true)]
-    pub replicate_access_key_id: Option<String>,
-    /// S3 secret access key [default: AWS_SECRET_ACCESS_KEY]
-    #[arg(
-        long,
-        env = "ICHIBASE_REPLICATE_SECRET_ACCESS_KEY",
-        hide_env_values = true
-    )]
-    pub replicate_secret_access_key: Option<String>,
-    /// Seconds within which a commit is shipped [default: 1]
-    #[arg(long, env = "ICHIBASE_REPLICATE_SYNC_INTERVAL_SECS")]
-    pub replicate_sync_interval_secs: Option<f64>,
-    /// Seconds between full snapshots [default: 86400]
-    #[arg(long, env = "ICHIBASE_REPLICATE_SNAPSHOT_INTERVAL_SECS")]
-    pub replicate_snapshot_interval_secs: Option<f64>,
-    /// Seconds of history kept in the replica (older snapshots and changes are pruned) [default: 259200]
-    #[arg(long, env = "ICHIBASE_REPLICATE_RETENTION_SECS")]
-    pub replicate_retention_secs: Option<f64>,
-    /// WAL pages after which the replicator checkpoints (once they are captured) [default: 1000]
-    #[arg(long, env = "ICHIBASE_REPLICATE_CHECKPOINT_PAGES")]
-    pub replicate_checkpoint_pages: Option<u64>,
-    /// Seconds between compactions of change files into one level-1 file [default: 300]
-    #[arg(long, env = "ICHIBASE_REPLICATE_COMPACTION_INTERVAL_SECS")]
-    pub replicate_compaction_interval_secs: Option<f64>,
-    /// Timeout of one request to the replica target, seconds [default: 30]
-    #[arg(long, env = "ICHIBASE_REPLICATE_TIMEOUT_SECS")]
-    pub replicate_timeout_secs: Option<f64>,
-    /// Encrypt replica objects with AES-256-GCM under this key (64 hex digits) [default: off]
-    #[arg(
-        long,
-        env = "ICHIBASE_REPLICATE_ENCRYPTION_KEY",
-        hide_env_values = true
-    )]
-    pub replicate_encryption_key: Option<String>,
+/// Declares every flat setting once. An entry reads
+///
+/// ```text
+/// /// Help text (also the flag's --help line; "[default: X]" is appended from the default)
+/// name: Type ["ICHIBASE_ENV", extra clap args] => config_field = default, shown "text",
+///     map fn(Option<Type>) -> Result<..>, valid fn(&value) -> Result<()>;
+/// ```
+///
+/// `name` is the TOML key and, with `-` for `_`, the flag. Without `= default` the resolved
+/// value stays an `Option`. `shown` replaces the default in the help text, `map` converts the
+/// optional value before the default applies, `valid` checks the resolved value. Entries sit in
+/// the [`Config`] struct they fill: a `{ ... }` block of top-level fields, then a `group: Type`
+/// struct; the last group is optional and exists when its `when` setting is set.
+///
+/// From this the macro generates the [`Settings`] layer (clap flags + env, serde TOML keys),
+/// [`Settings::or`], the defaults ([`Config::default`] and each group's `Default`), the
+/// resolution with validation, and [`SETTINGS`] (names and env vars, for checks).
+macro_rules! settings {
+    (
+        $(
+            { $( $(#[doc = $rdoc:literal])* $rname:ident : $rty:ty [$renv:literal $(, $($rarg:tt)*)?]
+                 => $rfield:ident $(= $rdef:expr)? $(, shown $rshown:literal)? $(, map $rmap:expr)? $(, valid $rvalid:expr)? ; )* }
+            $group:ident : $gty:ident {
+                $( $(#[doc = $gdoc:literal])* $gname:ident : $gtyp:ty [$genv:literal $(, $($garg:tt)*)?]
+                   => $gfield:ident $(= $gdef:expr)? $(, shown $gshown:literal)? $(, map $gmap:expr)? $(, valid $gvalid:expr)? ; )*
+            }
+        )*
+        $ogroup:ident : Option<$oty:ident> when $okey:ident {
+            $( $(#[doc = $odoc:literal])* $oname:ident : $otyp:ty [$oenv:literal $(, $($oarg:tt)*)?]
+               => $ofield:ident $(= $odef:expr)? $(, shown $oshown:literal)? $(, map $omap:expr)? $(, valid $ovalid:expr)? ; )*
+        }
+    ) => {
+        /// Every setting, optional: one layer of configuration (flags+env from clap, or the TOML
+        /// file). Generated from the `settings!` table.
+        #[derive(Debug, Clone, Default, Deserialize, clap::Args)]
+        #[serde(deny_unknown_fields)]
+        pub struct Settings {
+            $(
+                $( $(#[doc = $rdoc])*
+                   #[arg(long, env = $renv, help = help_text(&[$($rdoc),*], shown!($rty: $(default $rdef)? $(; shown $rshown)?)) $(, $($rarg)*)?)]
+                   pub $rname: Option<$rty>, )*
+                $( $(#[doc = $gdoc])*
+                   #[arg(long, env = $genv, help = help_text(&[$($gdoc),*], shown!($gtyp: $(default $gdef)? $(; shown $gshown)?)) $(, $($garg)*)?)]
+                   pub $gname: Option<$gtyp>, )*
+            )*
+            $( $(#[doc = $odoc])*
+               #[arg(long, env = $oenv, help = help_text(&[$($odoc),*], shown!($otyp: $(default $odef)? $(; shown $oshown)?)) $(, $($oarg)*)?)]
+               pub $oname: Option<$otyp>, )*
+        }
+
+        /// Every setting's TOML key and environment variable, in declaration (and `--help`) order.
+        pub const SETTINGS: &[(&str, &str)] = &[
+            $( $( (stringify!($rname), $renv), )* $( (stringify!($gname), $genv), )* )*
+            $( (stringify!($oname), $oenv), )*
+        ];
+
+        impl Settings {
+            /// Fill every unset field of `self` from `lower`.
+            pub fn or(self, lower: Settings) -> Settings {
+                Settings {
+                    $( $( $rname: self.$rname.or(lower.$rname), )* $( $gname: self.$gname.or(lower.$gname), )* )*
+                    $( $oname: self.$oname.or(lower.$oname), )*
+                }
+            }
+
+            /// Apply the defaults and each setting's own check.
+            fn resolve_each(self) -> anyhow::Result<Config> {
+                let s = self;
+                let $ogroup = if s.$okey.is_some() {
+                    Some($oty {
+                        $( $ofield: resolve!(s.$oname $(, map $omap)? $(, default $odef)? $(, valid $ovalid)?), )*
+                    })
+                } else {
+                    None
+                };
+                Ok(Config {
+                    $(
+                        $( $rfield: resolve!(s.$rname $(, map $rmap)? $(, default $rdef)? $(, valid $rvalid)?), )*
+                        $group: $gty {
+                            $( $gfield: resolve!(s.$gname $(, map $gmap)? $(, default $gdef)? $(, valid $gvalid)?), )*
+                        },
+                    )*
+                    $ogroup,
+                    sections: Default::default(),
+                })
+            }
+        }
+
+        impl Default for Config {
+            fn default() -> Self {
+                Config {
+                    $( $( $rfield: default!($($rdef)?), )* $group: $gty::default(), )*
+                    $ogroup: None,
+                    sections: Default::default(),
+                }
+            }
+        }
+
+        $(
+            impl Default for $gty {
+                fn default() -> Self {
+                    $gty { $( $gfield: default!($($gdef)?), )* }
+                }
+            }
+        )*
+    };
+}
+
+/// One setting's resolved value: the layered `Option`, mapped, defaulted, checked.
+macro_rules! resolve {
+    ($v:expr $(, map $map:expr)? $(, default $def:expr)? $(, valid $valid:expr)?) => {{
+        let v = $v;
+        $( let v = ($map)(v)?; )?
+        $( let v = v.unwrap_or_else(|| $def); )?
+        $( ($valid)(&v)?; )?
+        v
+    }};
+}
+
+/// A setting's default: its declared value, or `None` for settings without one.
+macro_rules! default {
+    ($def:expr) => {
+        $def
+    };
+    () => {
+        None
+    };
+}
+
+/// The default as the help text shows it.
+macro_rules! shown {
+    ($t:ty : $(default $def:expr)? ; shown $shown:literal) => {
+        Some(String::from($shown))
+    };
+    ($t:ty : default $def:expr) => {
+        Some(ShowDefault::show(&{
+            let d: $t = $def;
+            d
+        }))
+    };
+    ($t:ty :) => {
+        None
+    };
+}
+
+const LLM_POSITIVE: &str =
+    "llm_timeout_secs, llm_max_tokens, generate_max_rounds and property_runs must be positive";
+const POSTERITY_POSITIVE: &str = "posterity_flush_secs, posterity_queue and posterity_batch_rows must be positive, archive_interval_secs non-negative";
+const REPLICATE_POSITIVE: &str = "replicate_sync_interval_secs, replicate_snapshot_interval_secs, replicate_retention_secs, replicate_timeout_secs, replicate_compaction_interval_secs and replicate_checkpoint_pages must be positive";
+const WS_POSITIVE: &str = "ws_queue, ws_heartbeat_secs and cdc_retention must be positive";
+const LUA_LIMITS: &str = "lua_instruction_limit must be positive, lua_memory_limit at least 1 MiB, lua_timeout_secs a positive number";
+const TTL_POSITIVE: &str = "access_token_ttl_secs and session_ttl_secs must be positive";
+const SIZES_POSITIVE: &str = "max_body_size and max_query_size must be positive";
+
+settings! {
+    {
+        /// Address to listen on
+        listen: SocketAddr ["ICHIBASE_LISTEN", value_name = "ADDR:PORT"] => listen = "127.0.0.1:8080".parse().unwrap();
+        /// Data directory, created on first start
+        data_dir: PathBuf ["ICHIBASE_DATA_DIR", value_name = "DIR"] => data_dir = PathBuf::from("./ichibase-data");
+        /// SQLite synchronous mode
+        synchronous: Synchronous ["ICHIBASE_SYNCHRONOUS", value_enum] => synchronous = Synchronous::Normal;
+        /// SQLite busy timeout in milliseconds
+        busy_timeout_ms: u64 ["ICHIBASE_BUSY_TIMEOUT_MS"] => busy_timeout_ms = 5_000;
+        /// Number of pooled read-only connections
+        readers: usize ["ICHIBASE_READERS"] => readers = default_readers(), shown "2 x cores, at least 4",
+            valid positive("readers must be at least 1");
+    }
+    limits: Limits {
+        /// Largest request body in bytes
+        max_body_size: usize ["ICHIBASE_MAX_BODY_SIZE"] => max_body_size = 64 * 1024 * 1024, valid positive(SIZES_POSITIVE);
+        /// Largest SQL text in bytes
+        max_query_size: usize ["ICHIBASE_MAX_QUERY_SIZE"] => max_query_size = 1024 * 1024, valid positive(SIZES_POSITIVE);
+        /// Most rows in one result, 0 = unlimited
+        max_result_rows: u64 ["ICHIBASE_MAX_RESULT_ROWS"] => max_result_rows = 10_000_000;
+        /// Most bytes in one result, 0 = unlimited
+        max_result_bytes: u64 ["ICHIBASE_MAX_RESULT_BYTES"] => max_result_bytes = 4 * 1024 * 1024 * 1024;
+        /// Longest a query may run in seconds, 0 = unlimited
+        max_execution_time: f64 ["ICHIBASE_MAX_EXECUTION_TIME"] => max_execution_time = 30.0,
+            valid non_negative("max_execution_time must be a non-negative number of seconds");
+    }
+    {
+        /// Bytes of output buffered before a response starts streaming
+        http_buffer_size: usize ["ICHIBASE_HTTP_BUFFER_SIZE"] => http_buffer_size = 1024 * 1024;
+        /// Quote 64-bit integers in JSON output, as ClickHouse does
+        json_quote_64bit_integers: bool ["ICHIBASE_JSON_QUOTE_64BIT_INTEGERS"] => json_quote_64bit_integers = true;
+        /// Seconds shutdown waits for in-flight requests
+        shutdown_grace_secs: f64 ["ICHIBASE_SHUTDOWN_GRACE_SECS"] => shutdown_grace_secs = 30.0,
+            valid non_negative("shutdown_grace_secs must be a non-negative number of seconds");
+        /// Log format
+        log_format: LogFormat ["ICHIBASE_LOG_FORMAT", value_enum] => log_format = LogFormat::Text;
+        /// Log filter, e.g. `info` or `ichibase=debug`
+        log_level: String ["ICHIBASE_LOG", value_name = "FILTER"] => log_level = "info".into();
+    }
+    auth: AuthSettings {
+        /// Let anyone sign up with POST /auth/signup
+        signup_open: bool ["ICHIBASE_SIGNUP_OPEN"] => signup_open = false;
+        /// Lifetime of access tokens (JWT) in seconds
+        access_token_ttl_secs: u64 ["ICHIBASE_ACCESS_TOKEN_TTL_SECS"] => access_token_ttl_secs = 15 * 60, valid positive(TTL_POSITIVE);
+        /// Lifetime of sessions / refresh tokens in seconds
+        session_ttl_secs: u64 ["ICHIBASE_SESSION_TTL_SECS"] => session_ttl_secs = 30 * 24 * 3600, valid positive(TTL_POSITIVE);
+        /// Mark the session cookie Secure (serve behind HTTPS)
+        cookie_secure: bool ["ICHIBASE_COOKIE_SECURE"] => cookie_secure = false;
+        /// An API key with the admin role, created at start if missing ('ik_' + random characters, at least ~100 bits: no repeats or runs)
+        admin_key: String ["ICHIBASE_ADMIN_KEY", hide_env_values = true] => admin_key, valid admin_key_ok;
+        /// Email of an admin user created at start if missing (with --admin-password)
+        admin_email: String ["ICHIBASE_ADMIN_EMAIL"] => admin_email;
+        /// Password of that admin user
+        admin_password: String ["ICHIBASE_ADMIN_PASSWORD", hide_env_values = true] => admin_password;
+    }
+    {}
+    lua: LuaSettings {
+        /// Lua: VM instructions one invocation may run
+        lua_instruction_limit: u64 ["ICHIBASE_LUA_INSTRUCTION_LIMIT"] => instruction_limit = 200_000_000, valid positive(LUA_LIMITS);
+        /// Lua: bytes of memory one invocation may hold
+        lua_memory_limit: usize ["ICHIBASE_LUA_MEMORY_LIMIT"] => memory_limit = 64 * 1024 * 1024, valid at_least(1024 * 1024, LUA_LIMITS);
+        /// Lua: seconds one invocation may run
+        lua_timeout_secs: f64 ["ICHIBASE_LUA_TIMEOUT_SECS"] => timeout_secs = 10.0, valid positive(LUA_LIMITS);
+        /// Lua: most steps recorded in one trace
+        lua_max_trace_steps: usize ["ICHIBASE_LUA_MAX_TRACE_STEPS"] => max_trace_steps = 100_000;
+    }
+    {}
+    ws: WsSettings {
+        /// WebSocket: frames queued per connection before a slow client is cut off
+        ws_queue: usize ["ICHIBASE_WS_QUEUE"] => queue = 1024, valid positive(WS_POSITIVE);
+        /// WebSocket: seconds between server pings; 2x without a frame closes
+        ws_heartbeat_secs: f64 ["ICHIBASE_WS_HEARTBEAT_SECS"] => heartbeat_secs = 30.0, valid positive(WS_POSITIVE);
+        /// WebSocket: largest client frame in bytes
+        ws_max_message: usize ["ICHIBASE_WS_MAX_MESSAGE"] => max_message = 1024 * 1024;
+        /// Change capture: changes kept for reconnecting clients
+        cdc_retention: i64 ["ICHIBASE_CDC_RETENTION"] => cdc_retention = 10_000, valid positive(WS_POSITIVE);
+    }
+    {}
+    llm: LlmSettings {
+        /// LLM: base URL of the provider, e.g. https://api.openai.com/v1
+        llm_url: String ["ICHIBASE_LLM_URL", value_name = "URL"] => url, map non_empty;
+        /// LLM: API key (sent as Bearer, or x-api-key for Anthropic)
+        llm_key: String ["ICHIBASE_LLM_KEY", hide_env_values = true] => api_key, map non_empty;
+        /// LLM: model name, e.g. gpt-4.1 or claude-sonnet-4-5
+        llm_model: String ["ICHIBASE_LLM_MODEL"] => model, map non_empty;
+        /// LLM: wire protocol
+        llm_provider: LlmProvider ["ICHIBASE_LLM_PROVIDER", value_enum] => provider = LlmProvider::Auto;
+        /// LLM: seconds one model call may take
+        llm_timeout_secs: f64 ["ICHIBASE_LLM_TIMEOUT_SECS"] => timeout_secs = 180.0, valid positive(LLM_POSITIVE);
+        /// LLM: retries of a failed call, with back-off
+        llm_max_retries: u32 ["ICHIBASE_LLM_MAX_RETRIES"] => max_retries = 3;
+        /// LLM: most tokens in one answer
+        llm_max_tokens: u32 ["ICHIBASE_LLM_MAX_TOKENS"] => max_tokens = 8192, valid positive(LLM_POSITIVE);
+    }
+    {}
+    generate: GenerateSettings {
+        /// Generate: model answers tried before giving up
+        generate_max_rounds: u32 ["ICHIBASE_GENERATE_MAX_ROUNDS"] => max_rounds = 4, valid positive(LLM_POSITIVE);
+        /// Generate: wait for an admin's approval instead of merging a verified bundle
+        generate_require_approval: bool ["ICHIBASE_GENERATE_REQUIRE_APPROVAL"] => require_approval = false;
+        /// Generate: keep the branch of the last failed generation for inspection
+        generate_keep_failed_branch: bool ["ICHIBASE_GENERATE_KEEP_FAILED_BRANCH"] => keep_failed_branch = false;
+        /// Property checks: cases tried unless a check says otherwise
+        property_runs: u32 ["ICHIBASE_PROPERTY_RUNS"] => property_runs = 100, valid positive(LLM_POSITIVE);
+    }
+    {}
+    posterity: PosteritySettings {
+        /// Posterity: log requests, statements and Lua invocations to DuckDB
+        posterity: bool ["ICHIBASE_POSTERITY"] => enabled = true;
+        /// Posterity: seconds between commits of the log (a crash loses at most this)
+        posterity_flush_secs: f64 ["ICHIBASE_POSTERITY_FLUSH_SECS"] => flush_secs = 1.0, valid positive(POSTERITY_POSITIVE);
+        /// Posterity: events queued before new ones are dropped and counted
+        posterity_queue: usize ["ICHIBASE_POSTERITY_QUEUE"] => queue = 65_536, valid positive(POSTERITY_POSITIVE);
+        /// Posterity: rows that trigger a commit before the interval is over
+        posterity_batch_rows: usize ["ICHIBASE_POSTERITY_BATCH_ROWS"] => batch_rows = 50_000, valid positive(POSTERITY_POSITIVE);
+        /// Archive: complete days older than this many days go to Parquet
+        archive_after_days: u32 ["ICHIBASE_ARCHIVE_AFTER_DAYS"] => archive_after_days = 7;
+        /// Archive: seconds between scheduled runs, 0 = only on demand
+        archive_interval_secs: f64 ["ICHIBASE_ARCHIVE_INTERVAL_SECS"] => archive_interval_secs = 3600.0,
+            valid non_negative(POSTERITY_POSITIVE);
+    }
+    replication: Option<ReplicationSettings> when replicate_url {
+        /// Replicate the database continuously to `s3://BUCKET/PREFIX` or `file:///DIR`
+        // Never defaulted: the section exists only when this is set.
+        replicate_url: String ["ICHIBASE_REPLICATE_URL", value_name = "URL"] => url = String::new(), shown "off";
+        /// S3 endpoint for S3-compatible servers, e.g. http://127.0.0.1:9000
+        replicate_endpoint: String ["ICHIBASE_REPLICATE_ENDPOINT", value_name = "URL"] => endpoint, shown "AWS";
+        /// S3 region
+        replicate_region: String ["ICHIBASE_REPLICATE_REGION"] => region, shown "us-east-1 or AWS_REGION";
+        /// S3 access key id
+        replicate_access_key_id: String ["ICHIBASE_REPLICATE_ACCESS_KEY_ID", hide_env_values = true] => access_key_id,
+            shown "AWS_ACCESS_KEY_ID";
+        /// S3 secret access key
+        replicate_secret_access_key: String ["ICHIBASE_REPLICATE_SECRET_ACCESS_KEY", hide_env_values = true]
+            => secret_access_key, shown "AWS_SECRET_ACCESS_KEY";
+        /// Seconds within which a commit is shipped
+        replicate_sync_interval_secs: f64 ["ICHIBASE_REPLICATE_SYNC_INTERVAL_SECS"] => sync_interval_secs = 1.0,
+            valid positive(REPLICATE_POSITIVE);
+        /// Seconds between full snapshots
+        replicate_snapshot_interval_secs: f64 ["ICHIBASE_REPLICATE_SNAPSHOT_INTERVAL_SECS"] => snapshot_interval_secs = 86_400.0,
+            valid positive(REPLICATE_POSITIVE);
+        /// Seconds of history kept in the replica (older snapshots and changes are pruned)
+        replicate_retention_secs: f64 ["ICHIBASE_REPLICATE_RETENTION_SECS"] => retention_secs = 259_200.0,
+            valid positive(REPLICATE_POSITIVE);
+        /// WAL pages after which the replicator checkpoints (once they are captured)
+        replicate_checkpoint_pages: u64 ["ICHIBASE_REPLICATE_CHECKPOINT_PAGES"] => checkpoint_pages = 1000,
+            valid positive(REPLICATE_POSITIVE);
+        /// Seconds between compactions of change files into one level-1 file
+        replicate_compaction_interval_secs: f64 ["ICHIBASE_REPLICATE_COMPACTION_INTERVAL_SECS"] => compaction_interval_secs = 300.0,
+            valid positive(REPLICATE_POSITIVE);
+        /// Timeout of one request to the replica target, seconds
+        replicate_timeout_secs: f64 ["ICHIBASE_REPLICATE_TIMEOUT_SECS"] => timeout_secs = 30.0,
+            valid positive(REPLICATE_POSITIVE);
+        /// Encrypt replica objects with AES-256-GCM under this key (64 hex digits)
+        replicate_encryption_key: String ["ICHIBASE_REPLICATE_ENCRYPTION_KEY", hide_env_values = true]
+            => encryption_key, shown "off", map |k: Option<String>| k.as_deref().map(parse_key).transpose();
+    }
 }
 
 impl Settings {
@@ -558,275 +570,112 @@ impl Settings {
         Ok((settings, sections))
     }
 
-    /// Fill every unset field of `self` from `lower`.
-    pub fn or(self, lower: Settings) -> Settings {
-        Settings {
-            listen: self.listen.or(lower.listen),
-            data_dir: self.data_dir.or(lower.data_dir),
-            synchronous: self.synchronous.or(lower.synchronous),
-            busy_timeout_ms: self.busy_timeout_ms.or(lower.busy_timeout_ms),
-            readers: self.readers.or(lower.readers),
-            max_body_size: self.max_body_size.or(lower.max_body_size),
-            max_query_size: self.max_query_size.or(lower.max_query_size),
-            max_result_rows: self.max_result_rows.or(lower.max_result_rows),
-            max_result_bytes: self.max_result_bytes.or(lower.max_result_bytes),
-            max_execution_time: self.max_execution_time.or(lower.max_execution_time),
-            http_buffer_size: self.http_buffer_size.or(lower.http_buffer_size),
-            json_quote_64bit_integers: self
-                .json_quote_64bit_integers
-                .or(lower.json_quote_64bit_integers),
-            shutdown_grace_secs: self.shutdown_grace_secs.or(lower.shutdown_grace_secs),
-            log_format: self.log_format.or(lower.log_format),
-            log_level: self.log_level.or(lower.log_level),
-            signup_open: self.signup_open.or(lower.signup_open),
-            access_token_ttl_secs: self.access_token_ttl_secs.or(lower.access_token_ttl_secs),
-            session_ttl_secs: self.session_ttl_secs.or(lower.session_ttl_secs),
-            cookie_secure: self.cookie_secure.or(lower.cookie_secure),
-            admin_key: self.admin_key.or(lower.admin_key),
-            admin_email: self.admin_email.or(lower.admin_email),
-            admin_password: self.admin_password.or(lower.admin_password),
-            lua_instruction_limit: self.lua_instruction_limit.or(lower.lua_instruction_limit),
-            lua_memory_limit: self.lua_memory_limit.or(lower.lua_memory_limit),
-            lua_timeout_secs: self.lua_timeout_secs.or(lower.lua_timeout_secs),
-            lua_max_trace_steps: self.lua_max_trace_steps.or(lower.lua_max_trace_steps),
-            ws_queue: self.ws_queue.or(lower.ws_queue),
-            ws_heartbeat_secs: self.ws_heartbeat_secs.or(lower.ws_heartbeat_secs),
-            ws_max_message: self.ws_max_message.or(lower.ws_max_message),
-            cdc_retention: self.cdc_retention.or(lower.cdc_retention),
-            llm_url: self.llm_url.or(lower.llm_url),
-            llm_key: self.llm_key.or(lower.llm_key),
-            llm_model: self.llm_model.or(lower.llm_model),
-            llm_provider: self.llm_provider.or(lower.llm_provider),
-            llm_timeout_secs: self.llm_timeout_secs.or(lower.llm_timeout_secs),
-            llm_max_retries: self.llm_max_retries.or(lower.llm_max_retries),
-            llm_max_tokens: self.llm_max_tokens.or(lower.llm_max_tokens),
-            generate_max_rounds: self.generate_max_rounds.or(lower.generate_max_rounds),
-            generate_require_approval: self
-                .generate_require_approval
-                .or(lower.generate_require_approval),
-            generate_keep_failed_branch: self
-                .generate_keep_failed_branch
-                .or(lower.generate_keep_failed_branch),
-            property_runs: self.property_runs.or(lower.property_runs),
-            posterity: self.posterity.or(lower.posterity),
-            posterity_flush_secs: self.posterity_flush_secs.or(lower.posterity_flush_secs),
-            posterity_queue: self.posterity_queue.or(lower.posterity_queue),
-            posterity_batch_rows: self.posterity_batch_rows.or(lower.posterity_batch_rows),
-            archive_after_days: self.archive_after_days.or(lower.archive_after_days),
-            archive_interval_secs: self.archive_interval_secs.or(lower.archive_interval_secs),
-            replicate_url: self.replicate_url.or(lower.replicate_url),
-            replicate_endpoint: self.replicate_endpoint.or(lower.replicate_endpoint),
-            replicate_region: self.replicate_region.or(lower.replicate_region),
-            replicate_access_key_id: self
-                .replicate_access_key_id
-                .or(lower.replicate_access_key_id),
-            replicate_secret_access_key: self
-                .replicate_secret_access_key
-                .or(lower.replicate_secret_access_key),
-            replicate_sync_interval_secs: self
-                .replicate_sync_interval_secs
-                .or(lower.replicate_sync_interval_secs),
-            replicate_snapshot_interval_secs: self
-                .replicate_snapshot_interval_secs
-                .or(lower.replicate_snapshot_interval_secs),
-            replicate_retention_secs: self
-                .replicate_retention_secs
-                .or(lower.replicate_retention_secs),
-            replicate_checkpoint_pages: self
-                .replicate_checkpoint_pages
-                .or(lower.replicate_checkpoint_pages),
-            replicate_timeout_secs: self.replicate_timeout_secs.or(lower.replicate_timeout_secs),
-            replicate_compaction_interval_secs: self
-                .replicate_compaction_interval_secs
-                .or(lower.replicate_compaction_interval_secs),
-            replicate_encryption_key: self
-                .replicate_encryption_key
-                .or(lower.replicate_encryption_key),
-        }
-    }
-
     /// Apply defaults and validate.
     pub fn resolve(self) -> anyhow::Result<Config> {
-        let d = Config::default();
-        let cfg = Config {
-            listen: self.listen.unwrap_or(d.listen),
-            data_dir: self.data_dir.unwrap_or(d.data_dir),
-            synchronous: self.synchronous.unwrap_or(d.synchronous),
-            busy_timeout_ms: self.busy_timeout_ms.unwrap_or(d.busy_timeout_ms),
-            readers: self.readers.unwrap_or(d.readers),
-            limits: Limits {
-                max_body_size: self.max_body_size.unwrap_or(d.limits.max_body_size),
-                max_query_size: self.max_query_size.unwrap_or(d.limits.max_query_size),
-                max_result_rows: self.max_result_rows.unwrap_or(d.limits.max_result_rows),
-                max_result_bytes: self.max_result_bytes.unwrap_or(d.limits.max_result_bytes),
-                max_execution_time: self
-                    .max_execution_time
-                    .unwrap_or(d.limits.max_execution_time),
-            },
-            http_buffer_size: self.http_buffer_size.unwrap_or(d.http_buffer_size),
-            json_quote_64bit_integers: self
-                .json_quote_64bit_integers
-                .unwrap_or(d.json_quote_64bit_integers),
-            shutdown_grace_secs: self.shutdown_grace_secs.unwrap_or(d.shutdown_grace_secs),
-            log_format: self.log_format.unwrap_or(d.log_format),
-            log_level: self.log_level.unwrap_or(d.log_level),
-            auth: AuthSettings {
-                signup_open: self.signup_open.unwrap_or(d.auth.signup_open),
-                access_token_ttl_secs: self
-                    .access_token_ttl_secs
-                    .unwrap_or(d.auth.access_token_ttl_secs),
-                session_ttl_secs: self.session_ttl_secs.unwrap_or(d.auth.session_ttl_secs),
-                cookie_secure: self.cookie_secure.unwrap_or(d.auth.cookie_secure),
-                admin_key: self.admin_key,
-                admin_email: self.admin_email,
-                admin_password: self.admin_password,
-            },
-            lua: LuaSettings {
-                instruction_limit: self
-                    .lua_instruction_limit
-                    .unwrap_or(d.lua.instruction_limit),
-                memory_limit: self.lua_memory_limit.unwrap_or(d.lua.memory_limit),
-                timeout_secs: self.lua_timeout_secs.unwrap_or(d.lua.timeout_secs),
-                max_trace_steps: self.lua_max_trace_steps.unwrap_or(d.lua.max_trace_steps),
-            },
-            ws: WsSettings {
-                queue: self.ws_queue.unwrap_or(d.ws.queue),
-                heartbeat_secs: self.ws_heartbeat_secs.unwrap_or(d.ws.heartbeat_secs),
-                max_message: self.ws_max_message.unwrap_or(d.ws.max_message),
-                cdc_retention: self.cdc_retention.unwrap_or(d.ws.cdc_retention),
-            },
-            llm: LlmSettings {
-                url: self.llm_url.filter(|s| !s.is_empty()),
-                api_key: self.llm_key.filter(|s| !s.is_empty()),
-                model: self.llm_model.filter(|s| !s.is_empty()),
-                provider: self.llm_provider.unwrap_or(d.llm.provider),
-                timeout_secs: self.llm_timeout_secs.unwrap_or(d.llm.timeout_secs),
-                max_retries: self.llm_max_retries.unwrap_or(d.llm.max_retries),
-                max_tokens: self.llm_max_tokens.unwrap_or(d.llm.max_tokens),
-            },
-            generate: GenerateSettings {
-                max_rounds: self.generate_max_rounds.unwrap_or(d.generate.max_rounds),
-                require_approval: self
-                    .generate_require_approval
-                    .unwrap_or(d.generate.require_approval),
-                keep_failed_branch: self
-                    .generate_keep_failed_branch
-                    .unwrap_or(d.generate.keep_failed_branch),
-                property_runs: self.property_runs.unwrap_or(d.generate.property_runs),
-            },
-            posterity: PosteritySettings {
-                enabled: self.posterity.unwrap_or(d.posterity.enabled),
-                flush_secs: self.posterity_flush_secs.unwrap_or(d.posterity.flush_secs),
-                queue: self.posterity_queue.unwrap_or(d.posterity.queue),
-                batch_rows: self.posterity_batch_rows.unwrap_or(d.posterity.batch_rows),
-                archive_after_days: self
-                    .archive_after_days
-                    .unwrap_or(d.posterity.archive_after_days),
-                archive_interval_secs: self
-                    .archive_interval_secs
-                    .unwrap_or(d.posterity.archive_interval_secs),
-            },
-            replication: match self.replicate_url {
-                None => None,
-                Some(url) => Some(ReplicationSettings {
-                    url,
-                    endpoint: self.replicate_endpoint,
-                    region: self.replicate_region,
-                    access_key_id: self.replicate_access_key_id,
-                    secret_access_key: self.replicate_secret_access_key,
-                    sync_interval_secs: self.replicate_sync_interval_secs.unwrap_or(1.0),
-                    snapshot_interval_secs: self
-                        .replicate_snapshot_interval_secs
-                        .unwrap_or(86_400.0),
-                    retention_secs: self.replicate_retention_secs.unwrap_or(259_200.0),
-                    checkpoint_pages: self.replicate_checkpoint_pages.unwrap_or(1000),
-                    timeout_secs: self.replicate_timeout_secs.unwrap_or(30.0),
-                    compaction_interval_secs: self
-                        .replicate_compaction_interval_secs
-                        .unwrap_or(300.0),
-                    encryption_key: match self.replicate_encryption_key {
-                        None => None,
-                        Some(k) => Some(parse_key(&k)?),
-                    },
-                }),
-            },
-            sections: Default::default(),
-        };
-        if !(cfg.llm.timeout_secs > 0.0 && cfg.llm.timeout_secs.is_finite())
-            || cfg.llm.max_tokens == 0
-            || cfg.generate.max_rounds == 0
-            || cfg.generate.property_runs == 0
-        {
-            bail!(
-                "llm_timeout_secs, llm_max_tokens, generate_max_rounds and property_runs must be positive"
-            );
-        }
-        let p = &cfg.posterity;
-        if !(p.flush_secs > 0.0 && p.flush_secs.is_finite())
-            || p.queue == 0
-            || p.batch_rows == 0
-            || !(p.archive_interval_secs >= 0.0 && p.archive_interval_secs.is_finite())
-        {
-            bail!(
-                "posterity_flush_secs, posterity_queue and posterity_batch_rows must be positive, archive_interval_secs non-negative"
-            );
-        }
-        if let Some(r) = &cfg.replication {
-            let pos = |v: f64| v > 0.0 && v.is_finite();
-            if !(pos(r.sync_interval_secs)
-                && pos(r.snapshot_interval_secs)
-                && pos(r.retention_secs)
-                && pos(r.timeout_secs)
-                && pos(r.compaction_interval_secs))
-                || r.checkpoint_pages == 0
-            {
-                bail!(
-                    "replicate_sync_interval_secs, replicate_snapshot_interval_secs, replicate_retention_secs, replicate_timeout_secs, replicate_compaction_interval_secs and replicate_checkpoint_pages must be positive"
-                );
-            }
-        }
-        if cfg.ws.queue == 0
-            || !(cfg.ws.heartbeat_secs > 0.0 && cfg.ws.heartbeat_secs.is_finite())
-            || cfg.ws.cdc_retention < 1
-        {
-            bail!("ws_queue, ws_heartbeat_secs and cdc_retention must be positive");
-        }
-        if cfg.lua.instruction_limit == 0
-            || cfg.lua.memory_limit < 1024 * 1024
-            || !(cfg.lua.timeout_secs > 0.0 && cfg.lua.timeout_secs.is_finite())
-        {
-            bail!(
-                "lua_instruction_limit must be positive, lua_memory_limit at least 1 MiB, lua_timeout_secs a positive number"
-            );
-        }
-        if let Some(key) = &cfg.auth.admin_key {
-            if !key.starts_with("ik_") {
-                bail!("admin_key (ICHIBASE_ADMIN_KEY) must start with 'ik_'. {KEY_ADVICE}");
-            }
-            if let Some(why) = key_weakness(key) {
-                bail!("admin_key (ICHIBASE_ADMIN_KEY) is too easy to guess: {why}. {KEY_ADVICE}");
-            }
-        }
+        let cfg = self.resolve_each()?;
         if cfg.auth.admin_email.is_some() != cfg.auth.admin_password.is_some() {
             bail!("admin_email and admin_password go together");
         }
-        if cfg.auth.access_token_ttl_secs == 0 || cfg.auth.session_ttl_secs == 0 {
-            bail!("access_token_ttl_secs and session_ttl_secs must be positive");
-        }
-        if cfg.readers == 0 {
-            bail!("readers must be at least 1");
-        }
-        if !(cfg.limits.max_execution_time >= 0.0 && cfg.limits.max_execution_time.is_finite()) {
-            bail!("max_execution_time must be a non-negative number of seconds");
-        }
-        if !(cfg.shutdown_grace_secs >= 0.0 && cfg.shutdown_grace_secs.is_finite()) {
-            bail!("shutdown_grace_secs must be a non-negative number of seconds");
-        }
-        if cfg.limits.max_body_size == 0 || cfg.limits.max_query_size == 0 {
-            bail!("max_body_size and max_query_size must be positive");
-        }
         Ok(cfg)
     }
+}
+
+fn default_readers() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get() * 2)
+        .unwrap_or(4)
+        .max(4)
+}
+
+/// A setting's help line: its doc comment and, when it has one, `[default: ...]`.
+fn help_text(doc: &[&str], default: Option<String>) -> String {
+    let text = doc.iter().map(|l| l.trim()).collect::<Vec<_>>().join(" ");
+    match default {
+        Some(d) => format!("{text} [default: {d}]"),
+        None => text,
+    }
+}
+
+/// How a default value reads in `--help`.
+trait ShowDefault {
+    fn show(&self) -> String;
+}
+
+macro_rules! show_display {
+    ($($t:ty),*) => { $( impl ShowDefault for $t { fn show(&self) -> String { self.to_string() } } )* };
+}
+show_display!(u32, u64, usize, i64, f64, bool, String, SocketAddr);
+
+impl ShowDefault for PathBuf {
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+macro_rules! show_value_enum {
+    ($($t:ty),*) => { $( impl ShowDefault for $t {
+        fn show(&self) -> String {
+            clap::ValueEnum::to_possible_value(self).map(|v| v.get_name().to_string()).unwrap_or_default()
+        }
+    } )* };
+}
+show_value_enum!(Synchronous, LogFormat, LlmProvider);
+
+/// Numbers a setting can require to be positive (floats also finite).
+trait Positive {
+    fn is_positive(&self) -> bool;
+}
+
+macro_rules! positive_int {
+    ($($t:ty),*) => { $( impl Positive for $t { fn is_positive(&self) -> bool { *self > 0 } } )* };
+}
+positive_int!(u32, u64, usize, i64);
+
+impl Positive for f64 {
+    fn is_positive(&self) -> bool {
+        *self > 0.0 && self.is_finite()
+    }
+}
+
+fn positive<T: Positive>(msg: &'static str) -> impl Fn(&T) -> anyhow::Result<()> {
+    move |v| {
+        if v.is_positive() {
+            Ok(())
+        } else {
+            bail!("{msg}")
+        }
+    }
+}
+
+fn non_negative(msg: &'static str) -> impl Fn(&f64) -> anyhow::Result<()> {
+    move |v| {
+        if *v >= 0.0 && v.is_finite() {
+            Ok(())
+        } else {
+            bail!("{msg}")
+        }
+    }
+}
+
+fn at_least(min: usize, msg: &'static str) -> impl Fn(&usize) -> anyhow::Result<()> {
+    move |v| if *v >= min { Ok(()) } else { bail!("{msg}") }
+}
+
+/// Empty strings count as unset.
+fn non_empty(v: Option<String>) -> anyhow::Result<Option<String>> {
+    Ok(v.filter(|s| !s.is_empty()))
+}
+
+fn admin_key_ok(key: &Option<String>) -> anyhow::Result<()> {
+    if let Some(key) = key {
+        if !key.starts_with("ik_") {
+            bail!("admin_key (ICHIBASE_ADMIN_KEY) must start with 'ik_'. {KEY_ADVICE}");
+        }
+        if let Some(why) = key_weakness(key) {
+            bail!("admin_key (ICHIBASE_ADMIN_KEY) is too easy to guess: {why}. {KEY_ADVICE}");
+        }
+    }
+    Ok(())
 }
 
 /// How to make a good key, for error messages.
@@ -1049,6 +898,376 @@ mod tests {
             }
             .resolve()
             .is_err()
+        );
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let d = Config::default();
+        assert_eq!(d.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(d.data_dir, PathBuf::from("./ichibase-data"));
+        assert_eq!(
+            (d.synchronous, d.busy_timeout_ms),
+            (Synchronous::Normal, 5_000)
+        );
+        assert!(d.readers >= 4);
+        assert_eq!(
+            d.limits,
+            Limits {
+                max_body_size: 64 << 20,
+                max_query_size: 1 << 20,
+                max_result_rows: 10_000_000,
+                max_result_bytes: 4 << 30,
+                max_execution_time: 30.0,
+            }
+        );
+        assert_eq!(
+            (
+                d.http_buffer_size,
+                d.json_quote_64bit_integers,
+                d.shutdown_grace_secs
+            ),
+            (1 << 20, true, 30.0)
+        );
+        assert_eq!(
+            (d.log_format, d.log_level.as_str()),
+            (LogFormat::Text, "info")
+        );
+        let a = &d.auth;
+        assert_eq!(
+            (
+                a.signup_open,
+                a.access_token_ttl_secs,
+                a.session_ttl_secs,
+                a.cookie_secure
+            ),
+            (false, 900, 2_592_000, false)
+        );
+        assert!(a.admin_key.is_none() && a.admin_email.is_none() && a.admin_password.is_none());
+        let l = &d.lua;
+        assert_eq!(
+            (
+                l.instruction_limit,
+                l.memory_limit,
+                l.timeout_secs,
+                l.max_trace_steps
+            ),
+            (200_000_000, 64 << 20, 10.0, 100_000)
+        );
+        let w = &d.ws;
+        assert_eq!(
+            (w.queue, w.heartbeat_secs, w.max_message, w.cdc_retention),
+            (1024, 30.0, 1 << 20, 10_000)
+        );
+        let m = &d.llm;
+        assert!(m.url.is_none() && m.api_key.is_none() && m.model.is_none());
+        assert_eq!(
+            (m.provider, m.timeout_secs, m.max_retries, m.max_tokens),
+            (LlmProvider::Auto, 180.0, 3, 8192)
+        );
+        let g = &d.generate;
+        assert_eq!(
+            (
+                g.max_rounds,
+                g.require_approval,
+                g.keep_failed_branch,
+                g.property_runs
+            ),
+            (4, false, false, 100)
+        );
+        let p = &d.posterity;
+        assert_eq!(
+            (
+                p.enabled,
+                p.flush_secs,
+                p.queue,
+                p.batch_rows,
+                p.archive_after_days,
+                p.archive_interval_secs
+            ),
+            (true, 1.0, 65_536, 50_000, 7, 3600.0)
+        );
+        assert!(d.replication.is_none() && d.sections.is_empty());
+        assert_eq!(
+            format!("{d:?}"),
+            format!("{:?}", Settings::default().resolve().unwrap())
+        );
+        assert_eq!(
+            format!("{:?}", LuaSettings::default()),
+            format!("{:?}", d.lua)
+        );
+        // The replication section exists once its URL is set, with its own defaults.
+        let r = Settings {
+            replicate_url: Some("file:///tmp/r".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .replication
+        .unwrap();
+        assert_eq!(r.url, "file:///tmp/r");
+        assert_eq!(
+            (
+                r.sync_interval_secs,
+                r.snapshot_interval_secs,
+                r.retention_secs,
+                r.checkpoint_pages
+            ),
+            (1.0, 86_400.0, 259_200.0, 1000)
+        );
+        assert_eq!((r.compaction_interval_secs, r.timeout_secs), (300.0, 30.0));
+        assert!(r.endpoint.is_none() && r.region.is_none() && r.encryption_key.is_none());
+    }
+
+    #[test]
+    fn every_setting_has_a_flag_env_var_and_help() {
+        let cmd = <Settings as clap::Args>::augment_args(clap::Command::new("t"));
+        let args: Vec<_> = cmd.get_arguments().collect();
+        assert_eq!(args.len(), SETTINGS.len());
+        let mut envs = std::collections::HashSet::new();
+        for ((name, env), arg) in SETTINGS.iter().zip(&args) {
+            assert_eq!(arg.get_long(), Some(name.replace('_', "-").as_str()));
+            let expected_env = match *name {
+                "log_level" => "ICHIBASE_LOG".to_string(),
+                n => format!("ICHIBASE_{}", n.to_ascii_uppercase()),
+            };
+            assert_eq!(*env, expected_env);
+            assert_eq!(arg.get_env().and_then(|e| e.to_str()), Some(*env));
+            assert!(envs.insert(*env), "{env} twice");
+            assert!(
+                !arg.get_help().unwrap().to_string().is_empty(),
+                "{name} has no help"
+            );
+        }
+        let help = |name: &str| {
+            let i = SETTINGS.iter().position(|(n, _)| *n == name).unwrap();
+            args[i].get_help().unwrap().to_string()
+        };
+        assert_eq!(
+            help("max_result_bytes"),
+            "Most bytes in one result, 0 = unlimited [default: 4294967296]"
+        );
+        assert_eq!(
+            help("synchronous"),
+            "SQLite synchronous mode [default: normal]"
+        );
+        assert_eq!(
+            help("max_execution_time"),
+            "Longest a query may run in seconds, 0 = unlimited [default: 30]"
+        );
+        assert_eq!(
+            help("readers"),
+            "Number of pooled read-only connections [default: 2 x cores, at least 4]"
+        );
+        assert_eq!(
+            help("llm_url"),
+            "LLM: base URL of the provider, e.g. https://api.openai.com/v1"
+        );
+        assert_eq!(
+            help("replicate_encryption_key"),
+            "Encrypt replica objects with AES-256-GCM under this key (64 hex digits) [default: off]"
+        );
+    }
+
+    #[test]
+    fn readme_lists_every_setting() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let section = &readme[readme.find("## Configuration").unwrap()..];
+        for (name, env) in SETTINGS {
+            let flag = format!("`--{}`", name.replace('_', "-"));
+            assert!(
+                section.contains(&flag),
+                "README's configuration table misses {flag}"
+            );
+            assert!(
+                section.contains(&format!("`{env}`")),
+                "README's configuration table misses {env}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_check_keeps_its_message() {
+        let cases: Vec<(Settings, &str)> = vec![
+            (
+                Settings {
+                    llm_max_tokens: Some(0),
+                    ..Default::default()
+                },
+                LLM_POSITIVE,
+            ),
+            (
+                Settings {
+                    property_runs: Some(0),
+                    ..Default::default()
+                },
+                LLM_POSITIVE,
+            ),
+            (
+                Settings {
+                    llm_timeout_secs: Some(f64::INFINITY),
+                    ..Default::default()
+                },
+                LLM_POSITIVE,
+            ),
+            (
+                Settings {
+                    posterity_queue: Some(0),
+                    ..Default::default()
+                },
+                POSTERITY_POSITIVE,
+            ),
+            (
+                Settings {
+                    archive_interval_secs: Some(-1.0),
+                    ..Default::default()
+                },
+                POSTERITY_POSITIVE,
+            ),
+            (
+                Settings {
+                    ws_queue: Some(0),
+                    ..Default::default()
+                },
+                WS_POSITIVE,
+            ),
+            (
+                Settings {
+                    cdc_retention: Some(0),
+                    ..Default::default()
+                },
+                WS_POSITIVE,
+            ),
+            (
+                Settings {
+                    lua_memory_limit: Some(1000),
+                    ..Default::default()
+                },
+                LUA_LIMITS,
+            ),
+            (
+                Settings {
+                    lua_timeout_secs: Some(0.0),
+                    ..Default::default()
+                },
+                LUA_LIMITS,
+            ),
+            (
+                Settings {
+                    session_ttl_secs: Some(0),
+                    ..Default::default()
+                },
+                TTL_POSITIVE,
+            ),
+            (
+                Settings {
+                    max_query_size: Some(0),
+                    ..Default::default()
+                },
+                SIZES_POSITIVE,
+            ),
+            (
+                Settings {
+                    readers: Some(0),
+                    ..Default::default()
+                },
+                "readers must be at least 1",
+            ),
+            (
+                Settings {
+                    shutdown_grace_secs: Some(-1.0),
+                    ..Default::default()
+                },
+                "shutdown_grace_secs must be",
+            ),
+            (
+                Settings {
+                    admin_key: Some("nope".into()),
+                    ..Default::default()
+                },
+                "must start with 'ik_'",
+            ),
+            (
+                Settings {
+                    admin_key: Some("ik_short".into()),
+                    ..Default::default()
+                },
+                "too easy to guess",
+            ),
+            (
+                Settings {
+                    admin_email: Some("a@b.c".into()),
+                    ..Default::default()
+                },
+                "admin_email and admin_password go together",
+            ),
+            (
+                Settings {
+                    replicate_url: Some("file:///r".into()),
+                    replicate_checkpoint_pages: Some(0),
+                    ..Default::default()
+                },
+                REPLICATE_POSITIVE,
+            ),
+            (
+                Settings {
+                    replicate_url: Some("file:///r".into()),
+                    replicate_encryption_key: Some("abc".into()),
+                    ..Default::default()
+                },
+                "replicate_encryption_key must be 64 hex digits",
+            ),
+        ];
+        for (s, msg) in cases {
+            let err = format!("{:#}", s.clone().resolve().unwrap_err());
+            assert!(err.contains(msg), "{s:?}: {err}");
+        }
+        // Replication settings are only checked when replication is on, as before.
+        let cfg = Settings {
+            replicate_sync_interval_secs: Some(-1.0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert!(cfg.replication.is_none());
+        // Empty LLM strings count as unset; a good key is accepted.
+        let cfg = Settings {
+            llm_url: Some(String::new()),
+            llm_model: Some("m".into()),
+            replicate_url: Some("file:///r".into()),
+            replicate_encryption_key: Some("ab".repeat(32)),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!((cfg.llm.url, cfg.llm.model.as_deref()), (None, Some("m")));
+        assert_eq!(cfg.replication.unwrap().encryption_key, Some([0xab; 32]));
+    }
+
+    #[test]
+    fn toml_keys_are_the_setting_names() {
+        for (name, _) in SETTINGS {
+            // A known key with a value of the wrong type: a type error, not an unknown field.
+            let err = toml::from_str::<Settings>(&format!("{name} = [[]]"))
+                .unwrap_err()
+                .to_string();
+            assert!(!err.contains("unknown field"), "{name}: {err}");
+        }
+        let err = toml::from_str::<Settings>("nope = [[]]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown field") && err.contains("nope"),
+            "{err}"
+        );
+        let s: Settings =
+            toml::from_str("ws_queue = 5\nllm_provider = \"anthropic\"\nposterity = false\n")
+                .unwrap();
+        let cfg = s.resolve().unwrap();
+        assert_eq!(
+            (cfg.ws.queue, cfg.llm.provider, cfg.posterity.enabled),
+            (5, LlmProvider::Anthropic, false)
         );
     }
 }

@@ -8,165 +8,84 @@
 
 use std::fmt;
 
-/// A failure category: ClickHouse-compatible numeric code, symbolic name and HTTP status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    SyntaxError,
-    UnknownTable,
-    UnknownIdentifier,
-    UnknownFunction,
-    UnknownFormat,
-    UnknownSetting,
-    UnknownDatabase,
-    UnknownType,
-    BadArguments,
-    UnknownQueryParameter,
-    BadQueryParameter,
-    IncorrectData,
-    TimeoutExceeded,
-    QueryWasCancelled,
-    TooManyRowsOrBytes,
-    Readonly,
-    AccessDenied,
-    NotImplemented,
-    RequestTooLarge,
-    ConstraintViolation,
-    DatabaseBusy,
-    StorageError,
-    ShuttingDown,
-    NotFound,
-    AuthenticationFailed,
-    LuaError,
-    LuaLimit,
-    /// A name is taken or an object is not in the state the request needs.
-    Conflict,
-    /// The language-model provider failed or answered something unusable.
-    LlmUnavailable,
-    /// No language-model provider is configured.
-    LlmNotConfigured,
-    /// A bundle's migrations or checks failed when verified.
-    CheckFailed,
-    /// A rate or concurrency limit of the caller (identity or address) was reached; retry later.
-    TooManyRequests,
-    /// A memory budget (per request or server-wide) would be exceeded.
-    MemoryLimitExceeded,
-    Internal,
+/// Declares [`ErrorCode`] from one table: each variant once, with its numeric code, symbolic
+/// name, HTTP status and (optionally) a short note for the README's table of codes.
+macro_rules! error_codes {
+    ( $( $(#[doc = $doc:literal])* $variant:ident = $number:literal, $name:literal, $status:literal $(, $note:literal)? ; )* ) => {
+        /// A failure category: ClickHouse-compatible numeric code, symbolic name and HTTP status.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ErrorCode {
+            $( $(#[doc = $doc])* $variant, )*
+        }
+
+        impl ErrorCode {
+            /// Every code, in declaration order.
+            pub const ALL: &[ErrorCode] = &[ $( ErrorCode::$variant, )* ];
+
+            /// Numeric code (ClickHouse's where one exists).
+            pub fn number(self) -> u32 {
+                match self { $( ErrorCode::$variant => $number, )* }
+            }
+
+            /// Symbolic name, as ClickHouse prints it in parentheses after the message.
+            pub fn name(self) -> &'static str {
+                match self { $( ErrorCode::$variant => $name, )* }
+            }
+
+            /// HTTP status the error is answered with.
+            pub fn http_status(self) -> u16 {
+                match self { $( ErrorCode::$variant => $status, )* }
+            }
+
+            /// What the code covers, when the name alone does not say (for documentation).
+            pub fn note(self) -> Option<&'static str> {
+                match self { $( ErrorCode::$variant => None $( .or(Some($note)) )?, )* }
+            }
+        }
+    };
 }
 
-impl ErrorCode {
-    /// Numeric code (ClickHouse's where one exists).
-    pub fn number(self) -> u32 {
-        use ErrorCode::*;
-        match self {
-            SyntaxError => 62,
-            UnknownTable => 60,
-            UnknownIdentifier => 47,
-            UnknownFunction => 46,
-            UnknownFormat => 73,
-            UnknownSetting => 115,
-            UnknownDatabase => 81,
-            UnknownType => 50,
-            BadArguments => 36,
-            UnknownQueryParameter => 456,
-            BadQueryParameter => 457,
-            IncorrectData => 117,
-            TimeoutExceeded => 159,
-            QueryWasCancelled => 394,
-            TooManyRowsOrBytes => 396,
-            Readonly => 164,
-            AccessDenied => 497,
-            NotImplemented => 48,
-            Internal => 1000,
-            RequestTooLarge => 1001,
-            ConstraintViolation => 1002,
-            DatabaseBusy => 1003,
-            StorageError => 1004,
-            ShuttingDown => 1005,
-            NotFound => 1006,
-            AuthenticationFailed => 516,
-            LuaError => 1010,
-            LuaLimit => 1011,
-            Conflict => 1007,
-            LlmUnavailable => 1020,
-            LlmNotConfigured => 1021,
-            CheckFailed => 1022,
-            TooManyRequests => 202,
-            MemoryLimitExceeded => 241,
-        }
-    }
-
-    /// Symbolic name, as ClickHouse prints it in parentheses after the message.
-    pub fn name(self) -> &'static str {
-        use ErrorCode::*;
-        match self {
-            SyntaxError => "SYNTAX_ERROR",
-            UnknownTable => "UNKNOWN_TABLE",
-            UnknownIdentifier => "UNKNOWN_IDENTIFIER",
-            UnknownFunction => "UNKNOWN_FUNCTION",
-            UnknownFormat => "UNKNOWN_FORMAT",
-            UnknownSetting => "UNKNOWN_SETTING",
-            UnknownDatabase => "UNKNOWN_DATABASE",
-            UnknownType => "UNKNOWN_TYPE",
-            BadArguments => "BAD_ARGUMENTS",
-            UnknownQueryParameter => "UNKNOWN_QUERY_PARAMETER",
-            BadQueryParameter => "BAD_QUERY_PARAMETER",
-            IncorrectData => "INCORRECT_DATA",
-            TimeoutExceeded => "TIMEOUT_EXCEEDED",
-            QueryWasCancelled => "QUERY_WAS_CANCELLED",
-            TooManyRowsOrBytes => "TOO_MANY_ROWS_OR_BYTES",
-            Readonly => "READONLY",
-            AccessDenied => "ACCESS_DENIED",
-            NotImplemented => "NOT_IMPLEMENTED",
-            Internal => "INTERNAL_ERROR",
-            RequestTooLarge => "REQUEST_TOO_LARGE",
-            ConstraintViolation => "CONSTRAINT_VIOLATION",
-            DatabaseBusy => "DATABASE_BUSY",
-            StorageError => "STORAGE_ERROR",
-            ShuttingDown => "SHUTTING_DOWN",
-            NotFound => "NOT_FOUND",
-            AuthenticationFailed => "AUTHENTICATION_FAILED",
-            LuaError => "LUA_ERROR",
-            LuaLimit => "LUA_LIMIT_EXCEEDED",
-            Conflict => "CONFLICT",
-            LlmUnavailable => "LLM_UNAVAILABLE",
-            LlmNotConfigured => "LLM_NOT_CONFIGURED",
-            CheckFailed => "CHECK_FAILED",
-            TooManyRequests => "TOO_MANY_SIMULTANEOUS_QUERIES",
-            MemoryLimitExceeded => "MEMORY_LIMIT_EXCEEDED",
-        }
-    }
-
-    /// HTTP status the error is answered with.
-    pub fn http_status(self) -> u16 {
-        use ErrorCode::*;
-        match self {
-            SyntaxError
-            | UnknownIdentifier
-            | UnknownType
-            | BadArguments
-            | UnknownQueryParameter
-            | BadQueryParameter
-            | IncorrectData
-            | TooManyRowsOrBytes => 400,
-            AuthenticationFailed => 401,
-            LuaError | LuaLimit | CheckFailed => 422,
-            Conflict => 409,
-            LlmUnavailable => 502,
-            LlmNotConfigured => 503,
-            AccessDenied | Readonly => 403,
-            UnknownTable | UnknownFunction | UnknownFormat | UnknownSetting | UnknownDatabase
-            | NotFound => 404,
-            TimeoutExceeded => 408,
-            TooManyRequests => 429,
-            MemoryLimitExceeded => 503,
-            ConstraintViolation => 409,
-            RequestTooLarge => 413,
-            QueryWasCancelled => 499,
-            NotImplemented => 501,
-            DatabaseBusy | ShuttingDown => 503,
-            StorageError | Internal => 500,
-        }
-    }
+error_codes! {
+    SyntaxError = 62, "SYNTAX_ERROR", 400;
+    UnknownTable = 60, "UNKNOWN_TABLE", 404;
+    UnknownIdentifier = 47, "UNKNOWN_IDENTIFIER", 400;
+    UnknownFunction = 46, "UNKNOWN_FUNCTION", 404;
+    UnknownFormat = 73, "UNKNOWN_FORMAT", 404;
+    UnknownSetting = 115, "UNKNOWN_SETTING", 404;
+    UnknownDatabase = 81, "UNKNOWN_DATABASE", 404;
+    UnknownType = 50, "UNKNOWN_TYPE", 400;
+    BadArguments = 36, "BAD_ARGUMENTS", 400;
+    UnknownQueryParameter = 456, "UNKNOWN_QUERY_PARAMETER", 400;
+    BadQueryParameter = 457, "BAD_QUERY_PARAMETER", 400;
+    IncorrectData = 117, "INCORRECT_DATA", 400;
+    TimeoutExceeded = 159, "TIMEOUT_EXCEEDED", 408;
+    QueryWasCancelled = 394, "QUERY_WAS_CANCELLED", 499, "client went away";
+    TooManyRowsOrBytes = 396, "TOO_MANY_ROWS_OR_BYTES", 400;
+    Readonly = 164, "READONLY", 403;
+    AccessDenied = 497, "ACCESS_DENIED", 403;
+    NotImplemented = 48, "NOT_IMPLEMENTED", 501;
+    RequestTooLarge = 1001, "REQUEST_TOO_LARGE", 413, "body over `max_body_size`, SQL over `max_query_size`";
+    ConstraintViolation = 1002, "CONSTRAINT_VIOLATION", 409, "UNIQUE, NOT NULL, CHECK, FOREIGN KEY";
+    DatabaseBusy = 1003, "DATABASE_BUSY", 503;
+    StorageError = 1004, "STORAGE_ERROR", 500, "I/O, corruption, disk full";
+    ShuttingDown = 1005, "SHUTTING_DOWN", 503;
+    NotFound = 1006, "NOT_FOUND", 404;
+    AuthenticationFailed = 516, "AUTHENTICATION_FAILED", 401, "wrong, expired or revoked credentials";
+    LuaError = 1010, "LUA_ERROR", 422, "a Lua function failed";
+    LuaLimit = 1011, "LUA_LIMIT_EXCEEDED", 422, "instruction or memory limit of a Lua run";
+    /// A name is taken or an object is not in the state the request needs.
+    Conflict = 1007, "CONFLICT", 409, "a name is taken or an object is not in the state needed";
+    /// The language-model provider failed or answered something unusable.
+    LlmUnavailable = 1020, "LLM_UNAVAILABLE", 502, "the model provider failed or answered something unusable";
+    /// No language-model provider is configured.
+    LlmNotConfigured = 1021, "LLM_NOT_CONFIGURED", 503, "no `llm_url` set";
+    /// A bundle's migrations or checks failed when verified.
+    CheckFailed = 1022, "CHECK_FAILED", 422, "a bundle's migrations or checks failed";
+    /// A rate or concurrency limit of the caller (identity or address) was reached; retry later.
+    TooManyRequests = 202, "TOO_MANY_SIMULTANEOUS_QUERIES", 429, "rate or concurrency limit of the caller; retry later";
+    /// A memory budget (per request or server-wide) would be exceeded.
+    MemoryLimitExceeded = 241, "MEMORY_LIMIT_EXCEEDED", 503, "a memory budget, per request or server-wide";
+    Internal = 1000, "INTERNAL_ERROR", 500, "bugs";
 }
 
 /// An error a client can see: a code and a message naming the problem.
@@ -324,5 +243,51 @@ mod tests {
             .unwrap_err()
             .into();
         assert_eq!(e.code, ErrorCode::ConstraintViolation);
+    }
+
+    #[test]
+    fn numbers_and_names_are_unique() {
+        let mut numbers = std::collections::HashSet::new();
+        let mut names = std::collections::HashSet::new();
+        for c in ErrorCode::ALL {
+            assert!(
+                numbers.insert(c.number()),
+                "number {} is used twice",
+                c.number()
+            );
+            assert!(names.insert(c.name()), "name {} is used twice", c.name());
+            assert!((400..600).contains(&c.http_status()), "{c:?}");
+        }
+    }
+
+    /// The README's table of codes, one row per HTTP status, generated from the declaration.
+    fn readme_table() -> String {
+        let mut statuses: Vec<u16> = ErrorCode::ALL.iter().map(|c| c.http_status()).collect();
+        statuses.sort_unstable();
+        statuses.dedup();
+        let mut out = String::from("| status | codes |\n|---|---|\n");
+        for s in statuses {
+            let codes: Vec<String> = ErrorCode::ALL
+                .iter()
+                .filter(|c| c.http_status() == s)
+                .map(|c| match c.note() {
+                    Some(n) => format!("`{}` {} ({n})", c.name(), c.number()),
+                    None => format!("`{}` {}", c.name(), c.number()),
+                })
+                .collect();
+            out.push_str(&format!("| {s} | {} |\n", codes.join(", ")));
+        }
+        out
+    }
+
+    #[test]
+    fn readme_lists_every_code() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let table = readme_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's table of error codes is out of date; replace it with:\n\n{table}"
+        );
     }
 }
