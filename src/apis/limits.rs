@@ -265,6 +265,10 @@ impl SqlGuard {
                     if ctx.role == Role::Anon { "max_anon_queries" } else { "max_queries_per_identity" },
                 ),
             )),
+        }
+    }
+}
+
 /// Why no connection cap fits under the file-descriptor limit.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnCapError {
