@@ -103,14 +103,7 @@ fn server_sockets(pid: u32) -> usize {
 async fn legit_user(base: &str) -> reqwest::Client {
     static N: AtomicUsize = AtomicUsize::new(0);
     let email = format!("legit{}@example.com", N.fetch_add(1, Ordering::Relaxed));
-    let r = anon_client()
-        .post(format!("{base}/auth/signup"))
-        .json(&json!({"email": email, "password": "a long legit passphrase 42", "device": "t"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200, "signup");
-    let j: serde_json::Value = r.json().await.unwrap();
+    let j = common::signup_and_signin(base, &email, "a long legit passphrase 42").await;
     let token = j["access_token"].as_str().unwrap().to_string();
     let mut h = reqwest::header::HeaderMap::new();
     h.insert(

@@ -296,7 +296,7 @@ async fn invoke(
         },
     )
     .await;
-    let (f, trace, outcome) = match ran {
+    let (f, trace, mut outcome) = match ran {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => return error_response(&e, true, Some(&ctx.query_id)),
         Err(e) => {
@@ -308,6 +308,10 @@ async fn invoke(
         }
     };
     let trace_id = ctx.trace_id.clone();
+    if outcome.steps.take().is_some() {
+        // The trace is saved; its steps are big and go back to the system now.
+        lua::release_freed_memory();
+    }
     let mut resp = match outcome.result {
         Ok(v) => Json(v).into_response(),
         Err(e) => {
