@@ -292,8 +292,13 @@ async fn errors_are_typed() {
     let r = post(&c, &s.url, &[("default_format", "JSONEachRow")], "SELEC").await;
     assert_eq!(r.json()["error"]["name"], "SYNTAX_ERROR");
     // Query id is echoed on success and on error.
+    // HTTP sessions: a session_id opens a session; session_check=1 needs one opened before.
     let r = post(&c, &s.url, &[("session_id", "abc")], "SELECT 1").await;
-    assert_eq!(r.status, 501, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(&c, &s.url, &[("session_id", "abc"), ("session_check", "1")], "SELECT 1").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(&c, &s.url, &[("session_id", "nope"), ("session_check", "1")], "SELECT 1").await;
+    assert_eq!(r.status, 404, "{}", r.body);
     let r = post(&c, &s.url, &[("query_id", "my-query-1")], "SELECT 1").await;
     assert_eq!(r.header("x-clickhouse-query-id"), Some("my-query-1"));
     let summary: serde_json::Value =
