@@ -21,8 +21,25 @@ use crate::sql::exec::{self, Msg, QuerySettings, Summary};
 use crate::storage::ExecControl;
 
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/", get(handle).post(handle))
+    // ClickHouse compresses a response only when the request sets enable_http_compression=1
+    // (marked on the response by `serve`), in an encoding Accept-Encoding names.
+    use tower_http::compression::Predicate as _;
+    let compression = tower_http::compression::CompressionLayer::new()
+        .compress_when(
+            tower_http::compression::predicate::DefaultPredicate::new().and(
+                |_: axum::http::StatusCode, _: axum::http::Version, _: &HeaderMap, ext: &axum::http::Extensions| {
+                    ext.get::<CompressResponse>().is_some()
+                },
+            ),
+        );
+    Router::new()
+        .route("/", get(handle).post(handle))
+        .layer(compression)
 }
+
+/// Response extension: the request asked for `enable_http_compression=1`.
+#[derive(Debug, Clone, Copy)]
+struct CompressResponse;
 
 /// URL arguments ClickHouse clients send that do not change results here.
 const IGNORED_SETTINGS: &[&str] = &[
@@ -270,6 +287,23 @@ pub async fn serve(
     body: Body,
     engine: Engine,
 ) -> Response {
+    let compress = form_urlencoded::parse(raw.as_deref().unwrap_or("").as_bytes())
+        .any(|(k, v)| k == "enable_http_compression" && matches!(v.as_ref(), "1" | "true"));
+    let mut resp = serve_inner(st, method, headers, raw, body, engine).await;
+    if compress {
+        resp.extensions_mut().insert(CompressResponse);
+    }
+    resp
+}
+
+async fn serve_inner(
+    st: AppState,
+    method: Method,
+    headers: HeaderMap,
+    raw: Option<String>,
+    body: Body,
+    engine: Engine,
+) -> Response {
     let req = match parse_request(&st, &method, &headers, raw.as_deref()) {
         Ok(r) => r,
         Err(e) => {
@@ -443,7 +477,12 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
             return Err(too_large());
         }
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
         let inner = e.into_inner();
         if inner.is::<http_body_util::LengthLimitError>() {
             too_large()
@@ -453,7 +492,8 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
                 format!("Could not read the request body: {inner}"),
             )
         }
-    })
+    })?;
+    crate::sql::compress::decode(&encoding, bytes, limit)
 }
 
 /// ClickHouse's rule: `?query=` text, then a newline and the body (insert data), or the body
@@ -597,5 +637,6 @@ fn streaming_body(first: Bytes, rx: mpsc::Receiver<Msg>, guard: CancelOnDrop, ta
             }
         },
     );
-    Body::from_stream(s)
+    // Fused: the compression layer may poll once more after the end.
+    Body::from_stream(futures_util::StreamExt::fuse(s))
 }

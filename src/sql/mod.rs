@@ -5,6 +5,7 @@
 //! about HTTP (status codes, headers): the `apis` layer maps [`exec::Msg`] onto responses.
 
 pub mod binary;
+pub mod compress;
 pub mod embedded;
 pub mod exec;
 pub mod format;

@@ -501,7 +501,18 @@ fn replace_system_tables(sql: &str, cat: &Catalog, settings: &[SettingRow]) -> R
     let toks = tokenize(sql)?;
     let mut out = String::with_capacity(sql.len());
     let mut copied = 0;
+    let select = toks
+        .first()
+        .is_some_and(|t| t.is_word(sql, "SELECT") || t.is_word(sql, "WITH"));
     for (i, t) in toks.iter().enumerate() {
+        // ClickHouse's column `table` (system.columns) is a keyword to SQLite, and never one in
+        // a SELECT: quote it.
+        if select && t.is_word(sql, "table") {
+            out.push_str(&sql[copied..t.start]);
+            out.push_str("\"table\"");
+            copied = t.end;
+            continue;
+        }
         if !is_system_word(t, sql) {
             continue;
         }
@@ -722,6 +733,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(run(&sql), vec![vec!["t".to_string()]]);
+        let sql = replace_system_tables(
+            "SELECT name FROM system.columns WHERE table = 't'",
+            &cat(),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(run(&sql), vec![vec!["a".to_string()]]);
         let sql = replace_system_tables("SELECT count(*) FROM system.settings s", &cat(), &[]).unwrap();
         assert_eq!(run(&sql), vec![vec!["0".to_string()]]);
     }
