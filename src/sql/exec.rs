@@ -562,9 +562,13 @@ fn step_statement(
         .columns()
         .map(|c| (c.name().to_string(), c.decl_type().map(str::to_string)))
         .collect();
-    // A SELECT without FROM, UNION or VALUES has at most one row: its literals get ClickHouse's
-    // narrow types (`SELECT 1` is UInt8).
-    let single_row = b.verb == "SELECT" && single_row(&b.sql);
+    // A SELECT without FROM, UNION or VALUES has at most one row: its integer literals get
+    // ClickHouse's narrow types (`SELECT 1` is UInt8).
+    let literals = if b.verb == "SELECT" {
+        literal_columns(&b.sql, decls.len())
+    } else {
+        Vec::new()
+    };
     let dml = matches!(
         b.verb.as_str(),
         "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "WITH"
@@ -576,12 +580,12 @@ fn step_statement(
             let mut more = true;
             match rows.next()? {
                 Some(first) => {
-                    let cols = column_meta(&decls, Some(first), single_row);
+                    let cols = column_meta(&decls, Some(first), &literals);
                     out.header(cols);
                     *counted += 1;
                     more = out.row(first)?;
                 }
-                None => out.header(column_meta(&decls, None, false)),
+                None => out.header(column_meta(&decls, None, &[])),
             }
             while more {
                 match rows.next()? {
@@ -619,7 +623,7 @@ fn step_statement(
 fn column_meta(
     decls: &[(String, Option<String>)],
     first: Option<&rusqlite::Row<'_>>,
-    single_row: bool,
+    literals: &[bool],
 ) -> Vec<Column> {
     decls
         .iter()
@@ -629,7 +633,9 @@ fn column_meta(
             Column {
                 name: name.clone(),
                 ty: match v {
-                    Some(v) if single_row && decl.is_none() => format::literal_type(v),
+                    Some(v) if literals.get(i) == Some(&true) && decl.is_none() => {
+                        format::literal_type(v)
+                    }
                     _ => format::column_type(decl.as_deref(), v),
                 },
             }
@@ -637,15 +643,56 @@ fn column_meta(
         .collect()
 }
 
-/// True when `sql` (a SELECT) names no table and combines no selects: one row at most.
-fn single_row(sql: &str) -> bool {
-    super::lexer::tokenize(sql).is_ok_and(|toks| {
-        !toks.iter().any(|t| {
-            ["FROM", "UNION", "VALUES", "INTERSECT", "EXCEPT"]
-                .iter()
-                .any(|w| t.is_word(sql, w))
+/// For a SELECT that names no table and combines no selects (one row at most): which of its
+/// `n` result columns are integer literals (`1`, `-3`, `42 AS x`). Empty otherwise.
+fn literal_columns(sql: &str, n: usize) -> Vec<bool> {
+    use super::lexer::TokKind;
+    let Ok(toks) = super::lexer::tokenize(sql) else {
+        return Vec::new();
+    };
+    if toks.iter().any(|t| {
+        ["FROM", "UNION", "VALUES", "INTERSECT", "EXCEPT", "WITH"]
+            .iter()
+            .any(|w| t.is_word(sql, w))
+    }) {
+        return Vec::new();
+    }
+    let mut items: Vec<Vec<&super::lexer::Token>> = vec![Vec::new()];
+    let mut depth = 0i32;
+    for t in toks.iter().skip(1) {
+        match t.kind {
+            TokKind::LParen => depth += 1,
+            TokKind::RParen => depth -= 1,
+            TokKind::Punct if depth == 0 && t.text(sql) == "," => {
+                items.push(Vec::new());
+                continue;
+            }
+            _ => {}
+        }
+        items.last_mut().unwrap().push(t);
+    }
+    if items.len() != n {
+        return Vec::new();
+    }
+    items
+        .iter()
+        .map(|item| {
+            let mut it = item.iter().peekable();
+            if it.peek().is_some_and(|t| t.kind == TokKind::Punct && t.text(sql) == "-") {
+                it.next();
+            }
+            let Some(num) = it.next() else { return false };
+            let is_int = num.kind == TokKind::Word && num.text(sql).bytes().all(|b| b.is_ascii_digit());
+            let rest: Vec<_> = it.collect();
+            let alias_ok = match rest.as_slice() {
+                [] => true,
+                [a] => a.kind == TokKind::Word || a.kind == TokKind::QuotedIdent,
+                [as_, a] => as_.is_word(sql, "AS") && matches!(a.kind, TokKind::Word | TokKind::QuotedIdent),
+                _ => false,
+            };
+            is_int && alias_ok
         })
-    })
+        .collect()
 }
 
 /// Insert rows of `data` (in the target's format) into the target table.
