@@ -263,7 +263,8 @@ pub(crate) fn needed(statements: &[Bound]) -> bool {
     })
 }
 
-/// Read the schema the caller may see (elevated: the caller's own SQL never reads it).
+/// Read the schema the caller may see (elevated: the caller's own SQL never reads it). The
+/// engine's own `_ichibase_*` tables are not listed (the admin may still query them).
 pub async fn load(storage: &Storage, ctx: &RequestContext, control: Arc<ExecControl>) -> Result<Catalog> {
     let mut elevated = ctx.clone();
     elevated.elevated = true;
@@ -282,6 +283,7 @@ fn read_catalog(conn: &Connection, authz: &Authz, role: Option<&str>) -> Result<
         "SELECT m.type, m.name, p.name, coalesce(p.type, ''), p.\"notnull\", p.dflt_value, p.pk
          FROM sqlite_schema m JOIN pragma_table_info(m.name) p
          WHERE m.type IN ('table', 'view') AND m.name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
+           AND m.name NOT LIKE '\\_ichibase\\_%' ESCAPE '\\'
          ORDER BY m.name, p.cid",
     )?;
     let mut rows = st.query([])?;
