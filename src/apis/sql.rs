@@ -493,7 +493,13 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
             )
         }
     })?;
-    crate::sql::compress::decode(&encoding, bytes, limit)
+    if encoding.is_empty() {
+        return Ok(bytes);
+    }
+    // Decompressing up to max_body_size is CPU work: off the async workers.
+    tokio::task::spawn_blocking(move || crate::sql::compress::decode(&encoding, bytes, limit))
+        .await
+        .map_err(|e| Error::internal(format!("decompression task failed: {e}")))?
 }
 
 /// ClickHouse's rule: `?query=` text, then a newline and the body (insert data), or the body

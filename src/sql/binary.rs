@@ -145,7 +145,10 @@ impl BinType {
 }
 
 fn strip_call<'a>(s: &'a str, f: &str) -> Option<&'a str> {
-    s.strip_prefix(f)?.trim_start().strip_prefix('(')?.strip_suffix(')')
+    s.strip_prefix(f)?
+        .trim_start()
+        .strip_prefix('(')?
+        .strip_suffix(')')
 }
 
 fn unknown_type(n: &str) -> Error {
@@ -245,7 +248,9 @@ fn write_value(col: &str, ty: &BinType, v: ValueRef<'_>, out: &mut Vec<u8>) -> R
             let i = as_int(v).ok_or_else(bad)?;
             out.push(u8::from(i != 0));
         }
-        Base::Float32 => out.extend_from_slice(&(as_float(v).ok_or_else(bad)? as f32).to_le_bytes()),
+        Base::Float32 => {
+            out.extend_from_slice(&(as_float(v).ok_or_else(bad)? as f32).to_le_bytes())
+        }
         Base::Float64 => out.extend_from_slice(&as_float(v).ok_or_else(bad)?.to_le_bytes()),
         Base::String | Base::Nothing => match v {
             ValueRef::Text(t) | ValueRef::Blob(t) => write_str(t, out),
@@ -301,7 +306,11 @@ impl NativeWriter {
         }
     }
 
-    pub fn row<'r>(&mut self, values: &mut dyn FnMut(usize) -> Result<ValueRef<'r>>, out: &mut Vec<u8>) -> Result<()> {
+    pub fn row<'r>(
+        &mut self,
+        values: &mut dyn FnMut(usize) -> Result<ValueRef<'r>>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         let mut bytes = 0;
         for (i, c) in self.cols.iter_mut().enumerate() {
             let v = values(i)?;
@@ -369,7 +378,11 @@ impl RowBinaryWriter {
         RowBinaryWriter { cols }
     }
 
-    pub fn row<'r>(&mut self, values: &mut dyn FnMut(usize) -> Result<ValueRef<'r>>, out: &mut Vec<u8>) -> Result<()> {
+    pub fn row<'r>(
+        &mut self,
+        values: &mut dyn FnMut(usize) -> Result<ValueRef<'r>>,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
         for (i, (name, ty)) in self.cols.iter().enumerate() {
             let v = values(i)?;
             if ty.nullable {
@@ -423,7 +436,10 @@ impl<'a> Reader<'a> {
                 return Ok(v);
             }
         }
-        Err(Error::new(ErrorCode::IncorrectData, format!("Malformed length in {what}")))
+        Err(Error::new(
+            ErrorCode::IncorrectData,
+            format!("Malformed length in {what}"),
+        ))
     }
 
     fn string(&mut self, what: &str) -> Result<&'a [u8]> {
@@ -533,7 +549,10 @@ pub fn read_native(
         }
         let mut iters: Vec<_> = columns.into_iter().map(|c| c.into_iter()).collect();
         for _ in 0..nrows {
-            let row: Vec<Value> = iters.iter_mut().map(|c| c.next().unwrap_or(Value::Null)).collect();
+            let row: Vec<Value> = iters
+                .iter_mut()
+                .map(|c| c.next().unwrap_or(Value::Null))
+                .collect();
             n += 1;
             f(&names, row)?;
         }
@@ -558,7 +577,9 @@ pub fn read_row_binary(
         }
         let mut types = Vec::new();
         for _ in 0..n {
-            types.push(BinType::parse(&String::from_utf8_lossy(r.string("the header")?))?);
+            types.push(BinType::parse(&String::from_utf8_lossy(
+                r.string("the header")?,
+            ))?);
         }
         (names, types)
     } else {
@@ -598,7 +619,11 @@ mod tests {
         ]);
         let mut out = Vec::new();
         let rows: Vec<Vec<Value>> = vec![
-            vec![Value::Integer(7), Value::Text("x".into()), Value::Integer(1)],
+            vec![
+                Value::Integer(7),
+                Value::Text("x".into()),
+                Value::Integer(1),
+            ],
             vec![Value::Null, Value::Null, Value::Integer(2)],
         ];
         for r in &rows {

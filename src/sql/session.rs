@@ -94,7 +94,9 @@ pub fn enter(args: &SessionArgs, ctx: &RequestContext) -> Result<()> {
         if map.len() >= MAX_SESSIONS {
             return Err(Error::new(
                 ErrorCode::TooManyRequests,
-                format!("Too many open HTTP sessions (at most {MAX_SESSIONS}); retry later or send requests without session_id"),
+                format!(
+                    "Too many open HTTP sessions (at most {MAX_SESSIONS}); retry later or send requests without session_id"
+                ),
             ));
         }
     }

@@ -46,9 +46,7 @@ pub fn register_functions(
 ) -> rusqlite::Result<()> {
     let flags = FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_INNOCUOUS;
     let det = flags | FunctionFlags::SQLITE_DETERMINISTIC;
-    conn.create_scalar_function("version", 0, det, |_c: &mut Context<'_>| {
-        Ok(SERVER_VERSION)
-    })?;
+    conn.create_scalar_function("version", 0, det, |_c: &mut Context<'_>| Ok(SERVER_VERSION))?;
     conn.create_scalar_function("timezone", 0, det, |_c: &mut Context<'_>| {
         Ok(SERVER_TIMEZONE)
     })?;
@@ -218,8 +216,7 @@ pub fn base_type(decl: &str) -> &'static str {
         "String"
     } else if d.contains("REAL") || d.contains("FLOA") || d.contains("DOUB") {
         "Float64"
-    } else if d.contains("DATE") || d.contains("TIME") || d.contains("UUID") || d.contains("JSON")
-    {
+    } else if d.contains("DATE") || d.contains("TIME") || d.contains("UUID") || d.contains("JSON") {
         "String"
     } else if d.contains("BOOL") {
         "Int64"
@@ -239,7 +236,9 @@ pub fn column_ch_type(decl: &str) -> String {
 }
 
 fn is_system_word(t: &Token, sql: &str) -> bool {
-    t.kind == TokKind::Word && t.text(sql).len() > 7 && t.text(sql)[..7].eq_ignore_ascii_case("system.")
+    t.kind == TokKind::Word
+        && t.text(sql).len() > 7
+        && t.text(sql)[..7].eq_ignore_ascii_case("system.")
 }
 
 fn first_word(toks: &[Token], sql: &str) -> String {
@@ -252,20 +251,22 @@ fn first_word(toks: &[Token], sql: &str) -> String {
 /// True when some statement needs the catalog.
 pub(crate) fn needed(statements: &[Bound]) -> bool {
     statements.iter().any(|b| {
-        matches!(
-            b.verb.as_str(),
-            "SHOW" | "DESCRIBE" | "DESC" | "EXISTS"
-        ) || (b.sql.len() > 7
-            && b.sql.to_ascii_lowercase().contains("system.")
-            && tokenize(&b.sql)
-                .map(|toks| toks.iter().any(|t| is_system_word(t, &b.sql)))
-                .unwrap_or(false))
+        matches!(b.verb.as_str(), "SHOW" | "DESCRIBE" | "DESC" | "EXISTS")
+            || (b.sql.len() > 7
+                && b.sql.to_ascii_lowercase().contains("system.")
+                && tokenize(&b.sql)
+                    .map(|toks| toks.iter().any(|t| is_system_word(t, &b.sql)))
+                    .unwrap_or(false))
     })
 }
 
 /// Read the schema the caller may see (elevated: the caller's own SQL never reads it). The
 /// engine's own `_ichibase_*` tables are not listed (the admin may still query them).
-pub async fn load(storage: &Storage, ctx: &RequestContext, control: Arc<ExecControl>) -> Result<Catalog> {
+pub async fn load(
+    storage: &Storage,
+    ctx: &RequestContext,
+    control: Arc<ExecControl>,
+) -> Result<Catalog> {
     let mut elevated = ctx.clone();
     elevated.elevated = true;
     let authz = Arc::clone(storage.authz());
@@ -273,7 +274,9 @@ pub async fn load(storage: &Storage, ctx: &RequestContext, control: Arc<ExecCont
     let role = (!ctx.is_admin()).then_some(role);
     // Checking out a reader as a non-admin role refreshes the grant snapshot first.
     storage
-        .read(&elevated, control, move |conn| read_catalog(conn, &authz, role.as_deref()))
+        .read(&elevated, control, move |conn| {
+            read_catalog(conn, &authz, role.as_deref())
+        })
         .await
 }
 
@@ -312,7 +315,8 @@ fn read_catalog(conn: &Connection, authz: &Authz, role: Option<&str>) -> Result<
     }
     drop(rows);
     let mut functions: Vec<String> = Vec::new();
-    let mut st = conn.prepare_cached("SELECT DISTINCT name FROM pragma_function_list ORDER BY name")?;
+    let mut st =
+        conn.prepare_cached("SELECT DISTINCT name FROM pragma_function_list ORDER BY name")?;
     let mut rows = st.query([])?;
     while let Some(r) = rows.next()? {
         let name: String = r.get(0)?;
@@ -388,7 +392,14 @@ fn rows_subquery(cols: &[&str], rows: &[Vec<Lit>]) -> String {
 fn system_table(name: &str, cat: &Catalog, settings: &[SettingRow]) -> Result<String> {
     Ok(match name {
         "tables" => rows_subquery(
-            &["database", "name", "engine", "is_temporary", "comment", "uuid"],
+            &[
+                "database",
+                "name",
+                "engine",
+                "is_temporary",
+                "comment",
+                "uuid",
+            ],
             &cat.tables
                 .iter()
                 .map(|t| {
@@ -444,7 +455,14 @@ fn system_table(name: &str, cat: &Catalog, settings: &[SettingRow]) -> Result<St
             &[vec![s(DATABASE), s("SQLite"), s("")]],
         ),
         "settings" => rows_subquery(
-            &["name", "value", "changed", "description", "readonly", "type"],
+            &[
+                "name",
+                "value",
+                "changed",
+                "description",
+                "readonly",
+                "type",
+            ],
             &settings
                 .iter()
                 .map(|r| {
@@ -466,7 +484,14 @@ fn system_table(name: &str, cat: &Catalog, settings: &[SettingRow]) -> Result<St
                 .map(|f| {
                     let agg = matches!(
                         f.as_str(),
-                        "avg" | "count" | "group_concat" | "max" | "min" | "sum" | "total" | "string_agg"
+                        "avg"
+                            | "count"
+                            | "group_concat"
+                            | "max"
+                            | "min"
+                            | "sum"
+                            | "total"
+                            | "string_agg"
                     );
                     vec![s(f.clone()), Lit::Int(agg as i64), Lit::Int(1), s("")]
                 })
@@ -493,9 +518,28 @@ fn system_table(name: &str, cat: &Catalog, settings: &[SettingRow]) -> Result<St
 
 /// Words after a table name that are not an alias.
 const NOT_ALIAS: &[&str] = &[
-    "WHERE", "LIMIT", "ORDER", "GROUP", "JOIN", "LEFT", "RIGHT", "INNER", "CROSS", "FULL",
-    "NATURAL", "ON", "USING", "UNION", "INTERSECT", "EXCEPT", "HAVING", "WINDOW", "OFFSET",
-    "FORMAT", "SETTINGS", "OUTER",
+    "WHERE",
+    "LIMIT",
+    "ORDER",
+    "GROUP",
+    "JOIN",
+    "LEFT",
+    "RIGHT",
+    "INNER",
+    "CROSS",
+    "FULL",
+    "NATURAL",
+    "ON",
+    "USING",
+    "UNION",
+    "INTERSECT",
+    "EXCEPT",
+    "HAVING",
+    "WINDOW",
+    "OFFSET",
+    "FORMAT",
+    "SETTINGS",
+    "OUTER",
 ];
 
 /// Replace `system.X` names by their rows.
@@ -524,7 +568,9 @@ fn replace_system_tables(sql: &str, cat: &Catalog, settings: &[SettingRow]) -> R
         let aliased = toks.get(i + 1).is_some_and(|n| {
             n.kind == TokKind::QuotedIdent
                 || (n.kind == TokKind::Word
-                    && !NOT_ALIAS.iter().any(|k| n.text(sql).eq_ignore_ascii_case(k)))
+                    && !NOT_ALIAS
+                        .iter()
+                        .any(|k| n.text(sql).eq_ignore_ascii_case(k)))
         });
         if !aliased {
             out.push_str(&format!(" AS \"{name}\""));
@@ -537,7 +583,11 @@ fn replace_system_tables(sql: &str, cat: &Catalog, settings: &[SettingRow]) -> R
 
 /// `name`, `"name"`, `default.name`: the table name, or an error naming another database.
 fn table_name(toks: &[Token], sql: &str) -> Result<String> {
-    let text: String = toks.iter().map(|t| t.text(sql)).collect::<Vec<_>>().join("");
+    let text: String = toks
+        .iter()
+        .map(|t| t.text(sql))
+        .collect::<Vec<_>>()
+        .join("");
     let text = text.trim();
     if text.is_empty() {
         return Err(Error::syntax("Expected a table name"));
@@ -574,11 +624,16 @@ fn rewrite_statement(sql: &str, cat: &Catalog) -> Result<Option<String>> {
                 // SHOW TABLES [FROM|IN db] [[NOT] LIKE 'pattern']
                 let mut i = 2;
                 if matches!(word(i).as_str(), "FROM" | "IN") {
-                    let db = toks.get(i + 1).map(|t| unquote(t.text(sql))).unwrap_or_default();
+                    let db = toks
+                        .get(i + 1)
+                        .map(|t| unquote(t.text(sql)))
+                        .unwrap_or_default();
                     if !matches!(db.as_str(), "default" | "main") {
                         return Err(Error::new(
                             ErrorCode::UnknownDatabase,
-                            format!("Database {db} does not exist; ichibase has one database, 'default'"),
+                            format!(
+                                "Database {db} does not exist; ichibase has one database, 'default'"
+                            ),
                         ));
                     }
                     i += 2;
@@ -603,7 +658,9 @@ fn rewrite_statement(sql: &str, cat: &Catalog) -> Result<Option<String>> {
                         "Expected SHOW TABLES [FROM default] [[NOT] LIKE 'pattern']",
                     ));
                 }
-                Some(format!("SELECT name FROM system.tables{filter} ORDER BY name"))
+                Some(format!(
+                    "SELECT name FROM system.tables{filter} ORDER BY name"
+                ))
             }
             "DATABASES" => Some("SELECT name FROM system.databases".to_string()),
             _ => None,
@@ -666,7 +723,11 @@ fn rewrite_statement(sql: &str, cat: &Catalog) -> Result<Option<String>> {
 }
 
 /// Rewrite every statement that needs the catalog.
-pub(crate) fn expand(statements: &mut [Bound], cat: &Catalog, settings: &[SettingRow]) -> Result<()> {
+pub(crate) fn expand(
+    statements: &mut [Bound],
+    cat: &Catalog,
+    settings: &[SettingRow],
+) -> Result<()> {
     for b in statements.iter_mut() {
         if let Some(sql) = rewrite_statement(&b.sql, cat)? {
             if !b.values.is_empty() {
@@ -742,19 +803,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(run(&sql), vec![vec!["a".to_string()]]);
-        let sql = replace_system_tables("SELECT count(*) FROM system.settings s", &cat(), &[]).unwrap();
+        let sql =
+            replace_system_tables("SELECT count(*) FROM system.settings s", &cat(), &[]).unwrap();
         assert_eq!(run(&sql), vec![vec!["0".to_string()]]);
     }
 
     #[test]
     fn describe_and_exists() {
-        let sql = rewrite_statement("DESCRIBE TABLE default.\"t\"", &cat()).unwrap().unwrap();
-        assert_eq!(run(&sql)[0][..2], ["a".to_string(), "Nullable(Int64)".to_string()]);
-        let sql = rewrite_statement("EXISTS TABLE nope", &cat()).unwrap().unwrap();
+        let sql = rewrite_statement("DESCRIBE TABLE default.\"t\"", &cat())
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            run(&sql)[0][..2],
+            ["a".to_string(), "Nullable(Int64)".to_string()]
+        );
+        let sql = rewrite_statement("EXISTS TABLE nope", &cat())
+            .unwrap()
+            .unwrap();
         assert_eq!(run(&sql), vec![vec!["0".to_string()]]);
         let e = rewrite_statement("DESC nope", &cat()).unwrap_err();
         assert_eq!(e.code, ErrorCode::UnknownTable);
-        let sql = rewrite_statement("SHOW TABLES LIKE 't%'", &cat()).unwrap().unwrap();
+        let sql = rewrite_statement("SHOW TABLES LIKE 't%'", &cat())
+            .unwrap()
+            .unwrap();
         let sql = replace_system_tables(&sql, &cat(), &[]).unwrap();
         assert_eq!(run(&sql), vec![vec!["t".to_string()]]);
     }
