@@ -512,6 +512,7 @@ async fn backup(cmd: BackupCommand, config_file: Option<PathBuf>) -> anyhow::Res
 }
 
 fn main() -> anyhow::Result<()> {
+    ichibase::sql::system::mark_start();
     let cli = Cli::parse();
     match cli.command {
         Command::Version => {

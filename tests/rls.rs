@@ -1146,3 +1146,54 @@ async fn ddl_grants_are_refused_not_ignored() {
         assert_eq!(r.status, 403, "{sql}: {}", r.body);
     }
 }
+
+/// ClickHouse clients' probes for non-admin roles: system tables, DESCRIBE and EXISTS show only
+/// granted objects; CTEs and subqueries are not tables (`count(*)` over them works) while a CTE
+/// or eponymous table never stands in for a real object.
+#[tokio::test]
+async fn clickhouse_probes_and_ctes_for_roles() {
+    let (s, _admin, alice, _bob) = notes_app(&[]).await;
+    let base = &s.url;
+    let c = &alice.client;
+    assert_eq!(
+        sql_ok(c, base, "WITH c(x) AS (SELECT 1 UNION ALL SELECT 2) SELECT count(*) FROM c").await,
+        "2\n"
+    );
+    assert_eq!(
+        sql_ok(c, base, "WITH c AS (SELECT * FROM my_notes) SELECT count(*) FROM c").await,
+        "3\n"
+    );
+    assert_eq!(sql_ok(c, base, "SELECT count(*) FROM (SELECT 1)").await, "1\n");
+    for sql in [
+        "WITH notes AS (SELECT 1) SELECT count(*) FROM notes",
+        "SELECT count(*) FROM notes",
+        "SELECT count(*) FROM pragma_table_info('notes')",
+        "SELECT count(*) FROM sqlite_schema",
+        "WITH my_notes AS (SELECT * FROM notes) SELECT count(*) FROM my_notes",
+    ] {
+        let r = post(c, base, &[], sql).await;
+        assert_ne!(r.status, 200, "{sql}: {}", r.body);
+    }
+    assert_eq!(
+        sql_ok(c, base, "SELECT name FROM system.tables ORDER BY name").await,
+        "lookup\nmy_notes\nmy_team_docs\npublic_notes\n"
+    );
+    assert_eq!(
+        sql_ok(c, base, "SELECT count(*) FROM system.columns WHERE table = 'notes'").await,
+        "0\n"
+    );
+    assert_eq!(sql_ok(c, base, "EXISTS TABLE notes").await, "0\n");
+    assert_eq!(sql_ok(c, base, "EXISTS TABLE my_notes").await, "1\n");
+    let r = post(c, base, &[], "DESCRIBE TABLE notes").await;
+    assert_eq!(r.code(), Some(60), "{}", r.body);
+    assert!(sql_ok(c, base, "DESCRIBE my_notes").await.starts_with("id\tNullable(Int64)"));
+    assert_eq!(
+        sql_ok(c, base, "SELECT version(), currentUser(), currentDatabase()").await,
+        "24.8.0.0\talice@example.com\tdefault\n"
+    );
+    let anon = common::anon_client();
+    assert_eq!(
+        sql_ok(&anon, base, "SHOW TABLES").await,
+        "lookup\npublic_notes\n"
+    );
+}

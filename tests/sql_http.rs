@@ -87,7 +87,8 @@ async fn every_output_format() {
         "SELECT 1",
     )
     .await;
-    assert_eq!(r.body, "[\"1\"]\n");
+    // An integer literal is UInt8, never quoted (as ClickHouse).
+    assert_eq!(r.body, "[1]\n");
     assert_eq!(r.header("x-clickhouse-format"), Some("JSONCompactEachRow"));
     assert_eq!(
         r.header("content-type"),
@@ -292,8 +293,13 @@ async fn errors_are_typed() {
     let r = post(&c, &s.url, &[("default_format", "JSONEachRow")], "SELEC").await;
     assert_eq!(r.json()["error"]["name"], "SYNTAX_ERROR");
     // Query id is echoed on success and on error.
+    // HTTP sessions: a session_id opens a session; session_check=1 needs one opened before.
     let r = post(&c, &s.url, &[("session_id", "abc")], "SELECT 1").await;
-    assert_eq!(r.status, 501, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(&c, &s.url, &[("session_id", "abc"), ("session_check", "1")], "SELECT 1").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(&c, &s.url, &[("session_id", "nope"), ("session_check", "1")], "SELECT 1").await;
+    assert_eq!(r.status, 404, "{}", r.body);
     let r = post(&c, &s.url, &[("query_id", "my-query-1")], "SELECT 1").await;
     assert_eq!(r.header("x-clickhouse-query-id"), Some("my-query-1"));
     let summary: serde_json::Value =
@@ -1132,4 +1138,111 @@ async fn cli_admin_commands() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// POST raw bytes with URL arguments and extra headers; the body comes back as bytes.
+async fn post_bytes(
+    c: &reqwest::Client,
+    base: &str,
+    args: &[(&str, &str)],
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut rb = c.post(format!("{base}/")).query(args).body(body);
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let h = r.headers().clone();
+    (status, h, r.bytes().await.unwrap().to_vec())
+}
+
+/// ClickHouse's binary formats, probes and compression (issue 17).
+#[tokio::test]
+async fn binary_formats_probes_and_compression() {
+    use std::io::{Read, Write};
+    let s = Server::start(&[]);
+    let c = client();
+    ok(&c, &s.url, "CREATE TABLE b(id INTEGER PRIMARY KEY, name TEXT, score REAL)").await;
+    // Native output: one block of 3 columns and 2 rows, Nullable table columns.
+    ok(&c, &s.url, "INSERT INTO b VALUES (1, 'x', 0.5), (2, NULL, NULL)").await;
+    let (st, h, body) = post_bytes(&c, &s.url, &[], &[], b"SELECT id, name FROM b ORDER BY id FORMAT Native".to_vec()).await;
+    assert_eq!(st, 200);
+    assert_eq!(h.get("x-clickhouse-format").unwrap(), "Native");
+    let mut want = vec![2u8, 2, 2, b'i', b'd', 15];
+    want.extend_from_slice(b"Nullable(Int64)");
+    want.extend_from_slice(&[0, 0]);
+    want.extend_from_slice(&1i64.to_le_bytes());
+    want.extend_from_slice(&2i64.to_le_bytes());
+    want.extend_from_slice(&[4, b'n', b'a', b'm', b'e', 16]);
+    want.extend_from_slice(b"Nullable(String)");
+    want.extend_from_slice(&[0, 1, 1, b'x', 0]);
+    assert_eq!(body, want);
+    // RowBinaryWithNamesAndTypes of literals: narrow types.
+    let (_, _, body) = post_bytes(&c, &s.url, &[], &[], b"SELECT 1 AS a, -2 AS b FORMAT RowBinaryWithNamesAndTypes".to_vec()).await;
+    assert_eq!(body, b"\x02\x01a\x01b\x05UInt8\x04Int8\x01\xfe");
+    // A Native insert whose data is not UTF-8, after the SQL in the body and after ?query=.
+    let mut block = vec![2u8, 1, 2, b'i', b'd', 5];
+    block.extend_from_slice(b"Int64");
+    block.extend_from_slice(&3i64.to_le_bytes());
+    block.extend_from_slice(&[4, b'n', b'a', b'm', b'e', 6]);
+    block.extend_from_slice(b"String");
+    block.extend_from_slice(&[2, 0xff, 0xfe]);
+    let mut body = b"INSERT INTO b (id, name) FORMAT Native\n".to_vec();
+    body.extend_from_slice(&block);
+    let (st, _, out) = post_bytes(&c, &s.url, &[], &[], body).await;
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&out));
+    let mut block2 = block.clone();
+    let at = 6 + 5;
+    block2[at..at + 8].copy_from_slice(&4i64.to_le_bytes());
+    let (st, _, out) = post_bytes(&c, &s.url, &[("query", "INSERT INTO b FORMAT Native")], &[], block2).await;
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&out));
+    assert_eq!(ok(&c, &s.url, "SELECT id, hex(name) FROM b WHERE id > 2 ORDER BY id").await, "3\tFFFE\n4\tFFFE\n");
+    // Bytes that are neither UTF-8 nor binary insert data: a clear error.
+    let (st, _, out) = post_bytes(&c, &s.url, &[], &[], vec![b'S', 0xff]).await;
+    assert_eq!(st, 400);
+    assert!(String::from_utf8_lossy(&out).contains("not valid UTF-8"));
+    // Compressed request bodies: gzip, zstd, lz4 frames.
+    let sql = b"INSERT INTO b (id, name) FORMAT CSV\n10,\"gz\"\n".to_vec();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&sql).unwrap();
+    let (st, _, out) = post_bytes(&c, &s.url, &[], &[("content-encoding", "gzip")], gz.finish().unwrap()).await;
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&out));
+    let z = zstd::encode_all(&b"INSERT INTO b (id, name) FORMAT CSV\n11,\"zs\"\n"[..], 1).unwrap();
+    let (st, _, _) = post_bytes(&c, &s.url, &[], &[("content-encoding", "zstd")], z).await;
+    assert_eq!(st, 200);
+    let mut l = lz4_flex::frame::FrameEncoder::new(Vec::new());
+    l.write_all(b"INSERT INTO b (id, name) FORMAT CSV\n12,\"lz\"\n").unwrap();
+    let (st, _, _) = post_bytes(&c, &s.url, &[], &[("content-encoding", "lz4")], l.finish().unwrap()).await;
+    assert_eq!(st, 200);
+    assert_eq!(ok(&c, &s.url, "SELECT group_concat(name) FROM b WHERE id >= 10").await, "gz,zs,lz\n");
+    // Responses compressed only with enable_http_compression=1.
+    let q = b"SELECT group_concat(name, ',') FROM (SELECT 'some text to compress' AS name FROM b)".to_vec();
+    let (_, h, _) = post_bytes(&c, &s.url, &[], &[("accept-encoding", "gzip")], q.clone()).await;
+    assert!(h.get("content-encoding").is_none());
+    let (st, h, out) = post_bytes(&c, &s.url, &[("enable_http_compression", "1")], &[("accept-encoding", "gzip")], q).await;
+    assert_eq!(st, 200);
+    assert_eq!(h.get("content-encoding").unwrap(), "gzip");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&out[..]).read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("some text to compress,"), "{text}");
+    // Probes.
+    assert_eq!(
+        ok(&c, &s.url, "SELECT version(), timezone(), currentDatabase(), currentUser(), uptime() >= 0").await,
+        "24.8.0.0\tUTC\tdefault\tadmin\t1\n"
+    );
+    assert_eq!(ok(&c, &s.url, "SELECT name FROM system.tables").await, "b\n");
+    assert!(ok(&c, &s.url, "SELECT name, value, readonly FROM system.settings LIMIT 10000").await.contains("max_result_rows\t"));
+    assert_eq!(ok(&c, &s.url, "SELECT count(*) FROM system.formats WHERE name = 'Native'").await, "1\n");
+    assert_eq!(
+        ok(&c, &s.url, "DESCRIBE TABLE b").await,
+        "id\tNullable(Int64)\t\t\t\t\t\nname\tNullable(String)\t\t\t\t\t\nscore\tNullable(Float64)\t\t\t\t\t\n"
+    );
+    assert_eq!(ok(&c, &s.url, "EXISTS TABLE b").await, "1\n");
+    let r = post(&c, &s.url, &[], "SELECT * FROM system.nope").await;
+    assert_eq!(r.code(), Some(60), "{}", r.body);
+    // ClickHouse's max_result_rows=0 ("no limit") means the server's limit.
+    let r = post(&c, &s.url, &[("max_result_rows", "0"), ("max_execution_time", "0")], "SELECT 1").await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }

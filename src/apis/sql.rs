@@ -21,8 +21,25 @@ use crate::sql::exec::{self, Msg, QuerySettings, Summary};
 use crate::storage::ExecControl;
 
 pub fn routes() -> Router<App> {
-    Router::new().route("/", get(handle).post(handle))
+    // ClickHouse compresses a response only when the request sets enable_http_compression=1
+    // (marked on the response by `serve`), in an encoding Accept-Encoding names.
+    use tower_http::compression::Predicate as _;
+    let compression = tower_http::compression::CompressionLayer::new()
+        .compress_when(
+            tower_http::compression::predicate::DefaultPredicate::new().and(
+                |_: axum::http::StatusCode, _: axum::http::Version, _: &HeaderMap, ext: &axum::http::Extensions| {
+                    ext.get::<CompressResponse>().is_some()
+                },
+            ),
+        );
+    Router::new()
+        .route("/", get(handle).post(handle))
+        .layer(compression)
 }
+
+/// Response extension: the request asked for `enable_http_compression=1`.
+#[derive(Debug, Clone, Copy)]
+struct CompressResponse;
 
 /// URL arguments ClickHouse clients send that do not change results here.
 const IGNORED_SETTINGS: &[&str] = &[
@@ -34,6 +51,8 @@ const IGNORED_SETTINGS: &[&str] = &[
     "output_format_json_quote_denormals",
     "date_time_output_format",
     "log_comment",
+    // Native output here never carries block info or LowCardinality: protocol version 0.
+    "client_protocol_version",
 ];
 
 /// What the URL and headers asked for.
@@ -47,6 +66,7 @@ struct Request {
     wants_json: bool,
     /// `branch=name`: run against a branch instead of the live database (admin only).
     branch: Option<String>,
+    session: crate::sql::session::SessionArgs,
 }
 
 fn parse_bool(name: &str, v: &str) -> Result<bool> {
@@ -69,14 +89,17 @@ fn parse_num<T: std::str::FromStr>(name: &str, v: &str) -> Result<T> {
     })
 }
 
-/// A request may lower a server limit (0 = unlimited) but never raise it.
+/// A request may lower a server limit (0 = unlimited) but never raise it; asking 0 (ClickHouse's
+/// default, "no limit") keeps the server's limit.
 fn lower_only<T: PartialOrd + Copy + Default + std::fmt::Display>(
     name: &str,
     asked: T,
     server: T,
 ) -> Result<T> {
     let zero = T::default();
-    if server == zero || (asked != zero && asked <= server) {
+    if asked == zero {
+        Ok(server)
+    } else if server == zero || asked <= server {
         Ok(asked)
     } else {
         Err(Error::new(
@@ -122,6 +145,7 @@ fn parse_request(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.contains("application/json")),
         branch: None,
+        session: Default::default(),
     };
     if let Some(f) = headers
         .get("x-clickhouse-format")
@@ -191,12 +215,9 @@ fn parse_request(
                     s.buffer_size = usize::MAX;
                 }
             }
-            "session_id" | "session_timeout" | "session_check" => {
-                return Err(Error::new(
-                    ErrorCode::NotImplemented,
-                    "HTTP sessions (session_id) are not supported: every request is independent; use transaction=1 to group statements",
-                ));
-            }
+            "session_id" => r.session.id = Some(v.into_owned()),
+            "session_timeout" => r.session.timeout = Some(parse_num(&k, &v)?),
+            "session_check" => r.session.check = parse_bool(&k, &v)?,
             "database" => {
                 if !matches!(v.as_ref(), "default" | "main" | "") {
                     return Err(Error::new(
@@ -266,6 +287,23 @@ pub async fn serve(
     body: Body,
     engine: Engine,
 ) -> Response {
+    let compress = form_urlencoded::parse(raw.as_deref().unwrap_or("").as_bytes())
+        .any(|(k, v)| k == "enable_http_compression" && matches!(v.as_ref(), "1" | "true"));
+    let mut resp = serve_inner(st, method, headers, raw, body, engine).await;
+    if compress {
+        resp.extensions_mut().insert(CompressResponse);
+    }
+    resp
+}
+
+async fn serve_inner(
+    st: App,
+    method: Method,
+    headers: HeaderMap,
+    raw: Option<String>,
+    body: Body,
+    engine: Engine,
+) -> Response {
     let req = match parse_request(&st, &method, &headers, raw.as_deref()) {
         Ok(r) => r,
         Err(e) => {
@@ -295,6 +333,9 @@ pub async fn serve(
             return r;
         }
     };
+    if let Err(e) = crate::sql::session::enter(&req.session, &ctx) {
+        return error_response(&e, req.wants_json, Some(&ctx.query_id));
+    }
     let body = if method == Method::GET {
         Bytes::new()
     } else {
@@ -310,7 +351,7 @@ pub async fn serve(
             }
         }
     };
-    let text = match compose_text(req.query.as_deref(), &body, &method) {
+    let (text, data) = match compose_text(req.query.as_deref(), &body, &method) {
         Ok(t) => t,
         Err(e) => return error_response(&e, req.wants_json, Some(&ctx.query_id)),
     };
@@ -353,7 +394,11 @@ pub async fn serve(
         }
     };
     let (format, mut rx) = match engine {
-        Engine::Sqlite => exec::start(storage, ctx.clone(), control, text, req.settings, turn),
+        Engine::Sqlite => exec::start(storage, ctx.clone(), control, text, data, req.settings, turn),
+        Engine::Analytics if data.is_some() => {
+            let e = Error::new(ErrorCode::Readonly, "The analytics database is read-only");
+            return error_response(&e, req.wants_json, Some(&ctx.query_id));
+        }
         Engine::Analytics => crate::posterity::analytics::start(
             st.posterity().clone(),
             ctx.clone(),
@@ -432,7 +477,12 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
             return Err(too_large());
         }
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
         let inner = e.into_inner();
         if inner.is::<http_body_util::LengthLimitError>() {
             too_large()
@@ -442,21 +492,55 @@ async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Byte
                 format!("Could not read the request body: {inner}"),
             )
         }
-    })
+    })?;
+    if encoding.is_empty() {
+        return Ok(bytes);
+    }
+    // Decompressing up to max_body_size is CPU work: off the async workers.
+    tokio::task::spawn_blocking(move || crate::sql::compress::decode(&encoding, bytes, limit))
+        .await
+        .map_err(|e| Error::internal(format!("decompression task failed: {e}")))?
 }
 
 /// ClickHouse's rule: `?query=` text, then a newline and the body (insert data), or the body
-/// alone when there is no `query` argument.
-fn compose_text(url_query: Option<&str>, body: &[u8], method: &Method) -> Result<String> {
-    let body = std::str::from_utf8(body).map_err(|e| {
-        Error::new(
-            ErrorCode::BadArguments,
-            format!(
-                "Request body is not valid UTF-8 (at byte {})",
-                e.valid_up_to()
-            ),
-        )
-    })?;
+/// alone when there is no `query` argument. Binary insert data (Native, RowBinary) comes back
+/// apart from the text: after `?query=INSERT ... FORMAT Native`, or after that SQL at the start
+/// of the body.
+fn compose_text(
+    url_query: Option<&str>,
+    body: &Bytes,
+    method: &Method,
+) -> Result<(String, Option<Bytes>)> {
+    let binary_insert = |sql: &str| {
+        crate::sql::parse::parse(sql).ok().and_then(|p| p.insert).and_then(|(t, data)| {
+            Format::parse(&t.format)
+                .is_ok_and(Format::is_binary)
+                .then_some(sql.len() - data.len())
+        })
+    };
+    if let (Some(q), false) = (url_query, body.is_empty()) {
+        if binary_insert(q).is_some() {
+            return Ok((q.to_string(), Some(body.clone())));
+        }
+    }
+    let body = match std::str::from_utf8(body) {
+        Ok(b) => b,
+        Err(e) => {
+            let prefix = std::str::from_utf8(&body[..e.valid_up_to()]).unwrap_or("");
+            if url_query.is_none() {
+                if let Some(start) = binary_insert(prefix) {
+                    return Ok((prefix[..start].to_string(), Some(body.slice(start..))));
+                }
+            }
+            return Err(Error::new(
+                ErrorCode::BadArguments,
+                format!(
+                    "Request body is not valid UTF-8 (at byte {}); binary data must follow INSERT ... FORMAT Native, RowBinary or RowBinaryWithNamesAndTypes",
+                    e.valid_up_to()
+                ),
+            ));
+        }
+    };
     let text = match (url_query, body.is_empty()) {
         (Some(q), true) => q.to_string(),
         (Some(q), false) => format!("{q}\n{body}"),
@@ -473,7 +557,7 @@ fn compose_text(url_query: Option<&str>, body: &[u8], method: &Method) -> Result
     if text.trim().is_empty() {
         return Err(Error::syntax("Empty query"));
     }
-    Ok(text)
+    Ok((text, None))
 }
 
 fn ok_response(body: Body, format: Format, ctx: &RequestContext, summary: &Summary) -> Response {
@@ -559,5 +643,6 @@ fn streaming_body(first: Bytes, rx: mpsc::Receiver<Msg>, guard: CancelOnDrop, ta
             }
         },
     );
-    Body::from_stream(s)
+    // Fused: the compression layer may poll once more after the end.
+    Body::from_stream(futures_util::StreamExt::fuse(s))
 }

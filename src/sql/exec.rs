@@ -151,7 +151,8 @@ impl StmtLog {
 struct Plan {
     statements: Vec<Bound>,
     format: Format,
-    insert: Option<(InsertTarget, String)>,
+    /// The insert target and its data (bytes: binary formats are not text).
+    insert: Option<(InsertTarget, Bytes)>,
 }
 
 /// Start executing `text`; output arrives on the returned receiver.
@@ -160,11 +161,12 @@ pub fn start(
     ctx: RequestContext,
     control: Arc<ExecControl>,
     text: String,
+    data: Option<Bytes>,
     settings: QuerySettings,
     turn: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> (Format, mpsc::Receiver<Msg>) {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
-    let plan = plan(&text, &settings);
+    let plan = plan(&text, data, &settings);
     let format = match &plan {
         Ok(p) => p.format,
         Err(_) => sniff_format(&text)
@@ -226,7 +228,9 @@ fn sniff_format(text: &str) -> Option<Format> {
     Format::parse(name).ok()
 }
 
-fn plan(text: &str, settings: &QuerySettings) -> Result<Plan> {
+/// `data`: insert data sent apart from the text (binary, not UTF-8), which then ends with the
+/// `FORMAT X` of an INSERT.
+fn plan(text: &str, data: Option<Bytes>, settings: &QuerySettings) -> Result<Plan> {
     let parsed = parse::parse(text)?;
     let sql_len = text.len() - parsed.insert.as_ref().map_or(0, |(_, data)| data.len());
     if sql_len > settings.max_query_size {
@@ -264,12 +268,27 @@ fn plan(text: &str, settings: &QuerySettings) -> Result<Plan> {
         },
     )?;
     let insert = match parsed.insert {
-        Some((target, data)) => {
+        Some((target, inline)) => {
             if settings.readonly {
                 return Err(readonly_error());
             }
             Format::parse(&target.format)?;
-            Some((target, data.to_string()))
+            let bytes = match data {
+                Some(d) if inline.is_empty() => d,
+                Some(_) => {
+                    return Err(Error::syntax(
+                        "Insert data in both the query text and the body",
+                    ));
+                }
+                None => Bytes::copy_from_slice(inline.as_bytes()),
+            };
+            Some((target, bytes))
+        }
+        None if data.is_some() => {
+            return Err(Error::new(
+                ErrorCode::BadArguments,
+                "Request body is not valid UTF-8 and is not the data of an INSERT ... FORMAT <binary format> (Native, RowBinary, RowBinaryWithNamesAndTypes)",
+            ));
         }
         None => None,
     };
@@ -298,6 +317,15 @@ async fn run(
 ) -> Result<()> {
     let started = ctx.started;
     let is_admin = ctx.is_admin();
+    let mut plan = plan;
+    if super::system::needed(&plan.statements) {
+        let catalog = super::system::load(storage, ctx, Arc::clone(&control)).await?;
+        super::system::expand(
+            &mut plan.statements,
+            &catalog,
+            &super::system::settings_rows(&settings),
+        )?;
+    }
     let slog = StmtLog::new(settings.log.clone(), ctx);
     let slog2 = slog.clone();
     // Single statements and read-only transactions try a reader first.
@@ -534,6 +562,13 @@ fn step_statement(
         .columns()
         .map(|c| (c.name().to_string(), c.decl_type().map(str::to_string)))
         .collect();
+    // A SELECT without FROM, UNION or VALUES has at most one row: its integer literals get
+    // ClickHouse's narrow types (`SELECT 1` is UInt8).
+    let literals = if b.verb == "SELECT" {
+        literal_columns(&b.sql, decls.len())
+    } else {
+        Vec::new()
+    };
     let dml = matches!(
         b.verb.as_str(),
         "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "WITH"
@@ -545,12 +580,12 @@ fn step_statement(
             let mut more = true;
             match rows.next()? {
                 Some(first) => {
-                    let cols = column_meta(&decls, Some(first));
+                    let cols = column_meta(&decls, Some(first), &literals);
                     out.header(cols);
                     *counted += 1;
                     more = out.row(first)?;
                 }
-                None => out.header(column_meta(&decls, None)),
+                None => out.header(column_meta(&decls, None, &[])),
             }
             while more {
                 match rows.next()? {
@@ -588,13 +623,74 @@ fn step_statement(
 fn column_meta(
     decls: &[(String, Option<String>)],
     first: Option<&rusqlite::Row<'_>>,
+    literals: &[bool],
 ) -> Vec<Column> {
     decls
         .iter()
         .enumerate()
-        .map(|(i, (name, decl))| Column {
-            name: name.clone(),
-            ty: format::column_type(decl.as_deref(), first.and_then(|r| r.get_ref(i).ok())),
+        .map(|(i, (name, decl))| {
+            let v = first.and_then(|r| r.get_ref(i).ok());
+            Column {
+                name: name.clone(),
+                ty: match v {
+                    Some(v) if literals.get(i) == Some(&true) && decl.is_none() => {
+                        format::literal_type(v)
+                    }
+                    _ => format::column_type(decl.as_deref(), v),
+                },
+            }
+        })
+        .collect()
+}
+
+/// For a SELECT that names no table and combines no selects (one row at most): which of its
+/// `n` result columns are integer literals (`1`, `-3`, `42 AS x`). Empty otherwise.
+fn literal_columns(sql: &str, n: usize) -> Vec<bool> {
+    use super::lexer::TokKind;
+    let Ok(toks) = super::lexer::tokenize(sql) else {
+        return Vec::new();
+    };
+    if toks.iter().any(|t| {
+        ["FROM", "UNION", "VALUES", "INTERSECT", "EXCEPT", "WITH"]
+            .iter()
+            .any(|w| t.is_word(sql, w))
+    }) {
+        return Vec::new();
+    }
+    let mut items: Vec<Vec<&super::lexer::Token>> = vec![Vec::new()];
+    let mut depth = 0i32;
+    for t in toks.iter().skip(1) {
+        match t.kind {
+            TokKind::LParen => depth += 1,
+            TokKind::RParen => depth -= 1,
+            TokKind::Punct if depth == 0 && t.text(sql) == "," => {
+                items.push(Vec::new());
+                continue;
+            }
+            _ => {}
+        }
+        items.last_mut().unwrap().push(t);
+    }
+    if items.len() != n {
+        return Vec::new();
+    }
+    items
+        .iter()
+        .map(|item| {
+            let mut it = item.iter().peekable();
+            if it.peek().is_some_and(|t| t.kind == TokKind::Punct && t.text(sql) == "-") {
+                it.next();
+            }
+            let Some(num) = it.next() else { return false };
+            let is_int = num.kind == TokKind::Word && num.text(sql).bytes().all(|b| b.is_ascii_digit());
+            let rest: Vec<_> = it.collect();
+            let alias_ok = match rest.as_slice() {
+                [] => true,
+                [a] => a.kind == TokKind::Word || a.kind == TokKind::QuotedIdent,
+                [as_, a] => as_.is_word(sql, "AS") && matches!(a.kind, TokKind::Word | TokKind::QuotedIdent),
+                _ => false,
+            };
+            is_int && alias_ok
         })
         .collect()
 }
@@ -603,10 +699,41 @@ fn column_meta(
 fn run_insert(
     conn: &Connection,
     target: &InsertTarget,
-    data: &str,
+    data: &[u8],
     summary: &mut Summary,
 ) -> Result<()> {
     let fmt = Format::parse(&target.format)?;
+    // RowBinary without names: the INSERT's columns (or the table's), typed as DESCRIBE says.
+    let mut table_types = || -> Result<Vec<(String, String)>> {
+        let st = conn.prepare(&format!("SELECT * FROM {} LIMIT 0", target.table))?;
+        let all: Vec<(String, String)> = st
+            .columns()
+            .into_iter()
+            .map(|c| {
+                (
+                    c.name().to_string(),
+                    super::system::column_ch_type(c.decl_type().unwrap_or("")),
+                )
+            })
+            .collect();
+        match target.columns.as_deref() {
+            None => Ok(all),
+            Some(names) => names
+                .iter()
+                .map(|n| {
+                    all.iter()
+                        .find(|(c, _)| c.eq_ignore_ascii_case(n))
+                        .cloned()
+                        .ok_or_else(|| {
+                            Error::new(
+                                ErrorCode::UnknownIdentifier,
+                                format!("No column {n} in table {}", target.table),
+                            )
+                        })
+                })
+                .collect(),
+        }
+    };
     let mut table_columns = || -> Result<Vec<String>> {
         let st = conn.prepare(&format!("SELECT * FROM {} LIMIT 0", target.table))?;
         Ok(st.column_names().into_iter().map(str::to_string).collect())
@@ -634,13 +761,34 @@ fn run_insert(
         st.raw_execute()?;
         Ok(())
     };
-    let n = input::for_each_row(
-        fmt,
-        data,
-        target.columns.as_deref(),
-        &mut table_columns,
-        &mut insert_row,
-    )?;
+    let n = match fmt {
+        Format::Native => super::binary::read_native(data, &mut insert_row)?,
+        Format::RowBinary | Format::RowBinaryWithNamesAndTypes => super::binary::read_row_binary(
+            data,
+            fmt == Format::RowBinaryWithNamesAndTypes,
+            &mut table_types,
+            &mut insert_row,
+        )?,
+        _ => {
+            let text = std::str::from_utf8(data).map_err(|e| {
+                Error::new(
+                    ErrorCode::IncorrectData,
+                    format!(
+                        "Insert data in format {} is not valid UTF-8 (at byte {})",
+                        fmt.name(),
+                        e.valid_up_to()
+                    ),
+                )
+            })?;
+            input::for_each_row(
+                fmt,
+                text,
+                target.columns.as_deref(),
+                &mut table_columns,
+                &mut insert_row,
+            )?
+        }
+    };
     summary.written_rows += n;
     Ok(())
 }

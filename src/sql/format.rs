@@ -20,6 +20,9 @@ pub enum Format {
     JsonCompact,
     JsonEachRow,
     JsonCompactEachRow,
+    Native,
+    RowBinary,
+    RowBinaryWithNamesAndTypes,
 }
 
 impl Format {
@@ -34,11 +37,14 @@ impl Format {
             "jsoncompact" => Format::JsonCompact,
             "jsoneachrow" | "jsonlines" | "ndjson" => Format::JsonEachRow,
             "jsoncompacteachrow" => Format::JsonCompactEachRow,
+            "native" => Format::Native,
+            "rowbinary" => Format::RowBinary,
+            "rowbinarywithnamesandtypes" => Format::RowBinaryWithNamesAndTypes,
             _ => {
                 return Err(Error::new(
                     ErrorCode::UnknownFormat,
                     format!(
-                        "Unknown format {name}; supported: TabSeparated (TSV), TabSeparatedWithNames, CSV, CSVWithNames, JSON, JSONCompact, JSONEachRow, JSONCompactEachRow"
+                        "Unknown format {name}; supported: TabSeparated (TSV), TabSeparatedWithNames, CSV, CSVWithNames, JSON, JSONCompact, JSONEachRow, JSONCompactEachRow, Native, RowBinary, RowBinaryWithNamesAndTypes"
                     ),
                 ));
             }
@@ -55,7 +61,33 @@ impl Format {
             Format::JsonCompact => "JSONCompact",
             Format::JsonEachRow => "JSONEachRow",
             Format::JsonCompactEachRow => "JSONCompactEachRow",
+            Format::Native => "Native",
+            Format::RowBinary => "RowBinary",
+            Format::RowBinaryWithNamesAndTypes => "RowBinaryWithNamesAndTypes",
         }
+    }
+
+    /// Every format (for `system.formats`).
+    pub const ALL: &'static [Format] = &[
+        Format::TabSeparated,
+        Format::TabSeparatedWithNames,
+        Format::Csv,
+        Format::CsvWithNames,
+        Format::Json,
+        Format::JsonCompact,
+        Format::JsonEachRow,
+        Format::JsonCompactEachRow,
+        Format::Native,
+        Format::RowBinary,
+        Format::RowBinaryWithNamesAndTypes,
+    ];
+
+    /// ClickHouse's binary formats (bytes, not text).
+    pub fn is_binary(self) -> bool {
+        matches!(
+            self,
+            Format::Native | Format::RowBinary | Format::RowBinaryWithNamesAndTypes
+        )
     }
 
     pub fn content_type(self) -> &'static str {
@@ -68,6 +100,9 @@ impl Format {
             Format::Json | Format::JsonCompact => "application/json; charset=UTF-8",
             Format::JsonEachRow | Format::JsonCompactEachRow => {
                 "application/x-ndjson; charset=UTF-8"
+            }
+            Format::Native | Format::RowBinary | Format::RowBinaryWithNamesAndTypes => {
+                "application/octet-stream"
             }
         }
     }
@@ -109,6 +144,33 @@ pub fn column_type(decl: Option<&str>, first: Option<ValueRef<'_>>) -> String {
     }
 }
 
+/// ClickHouse's type of a literal (the only row of a SELECT without FROM): the narrowest
+/// integer type that holds it, as ClickHouse types `SELECT 1` (`UInt8`).
+pub fn literal_type(v: ValueRef<'_>) -> String {
+    match v {
+        ValueRef::Integer(i) => match i {
+            0..=255 => "UInt8",
+            256..=65_535 => "UInt16",
+            65_536..=4_294_967_295 => "UInt32",
+            4_294_967_296.. => "UInt64",
+            -128..=-1 => "Int8",
+            -32_768..=-129 => "Int16",
+            -2_147_483_648..=-32_769 => "Int32",
+            _ => "Int64",
+        }
+        .into(),
+        other => column_type(None, Some(other)),
+    }
+}
+
+/// Integer types whose values JSON formats never quote (ClickHouse quotes only 64-bit ones).
+fn narrow_int(ty: &str) -> bool {
+    matches!(
+        ty,
+        "UInt8" | "UInt16" | "UInt32" | "Int8" | "Int16" | "Int32" | "Bool"
+    )
+}
+
 /// Counters reported in JSON `statistics` and the summary header.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Stats {
@@ -143,6 +205,8 @@ pub struct Writer {
     quote_i64: bool,
     cols: Vec<Column>,
     rows: u64,
+    native: Option<super::binary::NativeWriter>,
+    row_binary: Option<super::binary::RowBinaryWriter>,
 }
 
 impl Writer {
@@ -152,6 +216,8 @@ impl Writer {
             quote_i64,
             cols: Vec::new(),
             rows: 0,
+            native: None,
+            row_binary: None,
         }
     }
 
@@ -188,13 +254,44 @@ impl Writer {
                 }
                 out.extend_from_slice(b"\n\t],\n\n\t\"data\":\n\t[");
             }
+            Format::Native => {
+                self.native = Some(super::binary::NativeWriter::new(&self.name_types()));
+            }
+            Format::RowBinary | Format::RowBinaryWithNamesAndTypes => {
+                self.row_binary = Some(super::binary::RowBinaryWriter::new(
+                    &self.name_types(),
+                    self.format == Format::RowBinaryWithNamesAndTypes,
+                    out,
+                ));
+            }
             _ => {}
         }
+    }
+
+    fn name_types(&self) -> Vec<(String, String)> {
+        self.cols
+            .iter()
+            .map(|c| (c.name.clone(), c.ty.clone()))
+            .collect()
     }
 
     pub fn row<R: RowValues + ?Sized>(&mut self, row: &R, out: &mut Vec<u8>) -> Result<u64> {
         let mut bytes = 0u64;
         let n = self.cols.len();
+        if self.format.is_binary() {
+            let mut get = |i: usize| {
+                let v = row.value_at(i)?;
+                bytes += value_size(v);
+                Ok(v)
+            };
+            if let Some(w) = self.native.as_mut() {
+                w.row(&mut get, out)?;
+            } else if let Some(w) = self.row_binary.as_mut() {
+                w.row(&mut get, out)?;
+            }
+            self.rows += 1;
+            return Ok(bytes);
+        }
         match self.format {
             Format::Json | Format::JsonCompact => {
                 out.extend_from_slice(if self.rows > 0 { b",\n\t\t" } else { b"\n\t\t" });
@@ -229,13 +326,16 @@ impl Writer {
                     }
                     json_str(self.cols[i].name.as_bytes(), out);
                     out.push(b':');
-                    json_value(v, self.quote_i64, out);
+                    json_value(v, self.quote_i64 && !narrow_int(&self.cols[i].ty), out);
                 }
                 Format::JsonCompact | Format::JsonCompactEachRow => {
                     if i > 0 {
                         out.push(b',');
                     }
-                    json_value(v, self.quote_i64, out);
+                    json_value(v, self.quote_i64 && !narrow_int(&self.cols[i].ty), out);
+                }
+                Format::Native | Format::RowBinary | Format::RowBinaryWithNamesAndTypes => {
+                    unreachable!("binary formats return above")
                 }
             }
         }
@@ -248,6 +348,9 @@ impl Writer {
     }
 
     pub fn footer(&mut self, stats: &Stats, out: &mut Vec<u8>) {
+        if let Some(w) = self.native.as_mut() {
+            w.finish(out);
+        }
         if let Format::Json | Format::JsonCompact = self.format {
             let _ = write!(
                 out,
@@ -266,7 +369,7 @@ fn value_size(v: ValueRef<'_>) -> u64 {
     }
 }
 
-fn float_text(f: f64, out: &mut Vec<u8>) {
+pub(crate) fn float_text(f: f64, out: &mut Vec<u8>) {
     if f.is_nan() {
         out.extend_from_slice(b"nan");
     } else if f.is_infinite() {

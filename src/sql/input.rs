@@ -171,6 +171,12 @@ pub fn for_each_row(
                 f(cols, vals)?;
             }
         }
+        Format::Native | Format::RowBinary | Format::RowBinaryWithNamesAndTypes => {
+            return Err(Error::internal(format!(
+                "{} is binary: its rows are read by sql::binary",
+                format.name()
+            )));
+        }
         Format::Json | Format::JsonCompact => {
             return Err(Error::new(
                 ErrorCode::NotImplemented,

@@ -140,9 +140,11 @@ const ALLOWED_FUNCTIONS: &[&str] = &[
     "auth_claim",
 ];
 
-fn function_allowed(name: &str) -> bool {
+/// True when top-level SQL of a non-admin role may call `name`.
+pub fn function_allowed(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
     ALLOWED_FUNCTIONS.contains(&n.as_str())
+        || crate::sql::system::FUNCTIONS.contains(&n.as_str())
         || n.starts_with("json_")
         || n.starts_with("jsonb_")
         || n == "json"
@@ -157,9 +159,23 @@ struct Snapshot {
     grants: HashMap<String, HashMap<String, u8>>,
     views: HashSet<String>,
     triggers: HashSet<String>,
+    /// Every table and view of the schema, and every virtual-table module (eponymous tables
+    /// such as `pragma_*` or `json_each` are read under the module's name): a name outside
+    /// this set can only be a CTE or subquery of the statement itself.
+    objects: HashSet<String>,
 }
 
 impl Snapshot {
+    /// A table, view, trigger or module of the database, or a name reserved by SQLite.
+    fn is_object(&self, name: &str) -> bool {
+        let n = name.to_ascii_lowercase();
+        n.starts_with("sqlite_")
+            || n.starts_with("pragma_")
+            || self.objects.contains(&n)
+            || self.triggers.contains(&n)
+            || PUBLIC_OBJECTS.contains(&n.as_str())
+    }
+
     fn allows(&self, role: &str, object: &str, bit: u8) -> bool {
         self.grants
             .get(role)
@@ -202,17 +218,26 @@ impl Authz {
         }
         let mut views = HashSet::new();
         let mut triggers = HashSet::new();
+        let mut objects = HashSet::new();
         let mut st = conn.prepare_cached(
-            "SELECT type, lower(name) FROM sqlite_schema WHERE type IN ('view', 'trigger')",
+            "SELECT type, lower(name) FROM sqlite_schema WHERE type IN ('view', 'trigger', 'table')
+             UNION ALL SELECT 'module', lower(name) FROM pragma_module_list",
         )?;
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
             let (ty, name): (String, String) = (r.get(0)?, r.get(1)?);
-            if ty == "view" {
-                views.insert(name)
-            } else {
-                triggers.insert(name)
-            };
+            match ty.as_str() {
+                "view" => {
+                    views.insert(name.clone());
+                    objects.insert(name);
+                }
+                "trigger" => {
+                    triggers.insert(name);
+                }
+                _ => {
+                    objects.insert(name);
+                }
+            }
         }
         let mut s = self.snap.write().unwrap();
         if s.key.as_ref() != Some(&key) {
@@ -221,6 +246,7 @@ impl Authz {
             s.grants = grants;
             s.views = views;
             s.triggers = triggers;
+            s.objects = objects;
         }
         Ok(s.generation)
     }
@@ -230,6 +256,15 @@ impl Authz {
         let n = name.to_ascii_lowercase();
         let s = self.snap.read().unwrap();
         s.views.contains(&n) || s.triggers.contains(&n)
+    }
+
+    /// True when `role` holds any privilege on `object` (it may see that the object exists).
+    pub fn granted(&self, role: &str, object: &str) -> bool {
+        let s = self.snap.read().unwrap();
+        s.grants
+            .get(role)
+            .and_then(|g| g.get(&object.to_ascii_lowercase()))
+            .is_some_and(|p| *p != 0)
     }
 
     /// True when `name` is a view.
@@ -278,6 +313,16 @@ impl Authz {
             | AuthAction::Recursive
             | AuthAction::Transaction { .. }
             | AuthAction::Savepoint { .. } => Ok(()),
+            // `SELECT count(*) FROM c` reads no column of `c`: SQLite then reports a read of `c`
+            // with an empty column name, also when `c` is a CTE or subquery of the statement.
+            // Such a name is not a table, view, trigger or virtual-table module of the
+            // database (a CTE named like one is judged as that object, so it cannot pose as
+            // it), and reading it reads only what its own definition read, which the
+            // authorizer judged already.
+            AuthAction::Read {
+                table_name,
+                column_name,
+            } if column_name.is_empty() && !s.is_object(table_name) => Ok(()),
             AuthAction::Read { table_name, .. } => need(table_name, SELECT, "read"),
             AuthAction::Insert { table_name } => need(table_name, INSERT, "insert into"),
             AuthAction::Update { table_name, .. } => need(table_name, UPDATE, "update"),

@@ -232,6 +232,17 @@ impl ConnState {
         let auth = Arc::clone(&st);
         conn.authorizer(Some(move |a: AuthContext<'_>| auth.authorize(&a)))?;
         register_identity_functions(conn, &st)?;
+        let s2 = Arc::clone(&st);
+        crate::sql::system::register_functions(
+            conn,
+            Arc::new(move || {
+                s2.ctx
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .map(crate::sql::system::user_name)
+            }),
+        )?;
         Ok(st)
     }
 

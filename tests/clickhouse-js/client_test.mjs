@@ -221,7 +221,7 @@ await check('query(): query_id round-trips and the summary header is sent', asyn
   assert.equal(rs.query_id, query_id)
   assert.equal(rs.response_headers['x-clickhouse-query-id'], query_id)
   assert.ok(rs.response_headers['x-clickhouse-summary'], 'no X-ClickHouse-Summary header')
-  assert.deepEqual(await rs.json(), [{ one: '1' }])
+  assert.deepEqual(await rs.json(), [{ one: 1 }])
 })
 
 await check('query(): stream() a multi-megabyte JSONEachRow result', async () => {
@@ -347,14 +347,14 @@ await probe('use_multipart_params: true (query and param_* as multipart/form-dat
 
 await probe('session_id (query with session_id=...)', async () => {
   const rs = await client.query({ query: 'SELECT 1 AS one', format: 'JSONEachRow', session_id: 'js-session' })
-  assert.deepEqual(await rs.json(), [{ one: '1' }])
+  assert.deepEqual(await rs.json(), [{ one: 1 }])
 })
 
 await probe('database: "main" in createClient', async () => {
   const c = createClient({ url, ...auth, database: 'main', log: { level: 127 } })
   try {
     const rs = await c.query({ query: 'SELECT 1 AS one', format: 'JSONEachRow' })
-    assert.deepEqual(await rs.json(), [{ one: '1' }])
+    assert.deepEqual(await rs.json(), [{ one: 1 }])
   } finally {
     await c.close()
   }
