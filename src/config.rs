@@ -78,6 +78,12 @@ pub struct Config {
 /// [`Config::section`]; adding a section is one line here.
 pub const SECTIONS: &[&str] = &["http", "sql_guard", "auth_guard", "ws_limits", "analytics", "traces", "lua_limits"];
 
+/// Every section name: the core's [`SECTIONS`] and those registered modules declare
+/// ([`crate::modules::Module::section`]).
+pub fn all_sections() -> Vec<&'static str> {
+    SECTIONS.iter().copied().chain(crate::modules::sections()).collect()
+}
+
 /// Which wire protocol the model provider speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -213,7 +219,7 @@ impl Config {
     /// overrides, over the struct's defaults. Unknown keys and wrong types are errors naming the
     /// section.
     pub fn section<T: serde::de::DeserializeOwned + Default>(&self, name: &str) -> anyhow::Result<T> {
-        debug_assert!(SECTIONS.contains(&name), "section {name} is not registered in SECTIONS");
+        debug_assert!(all_sections().contains(&name), "section {name} is not registered");
         match self.sections.get(name) {
             None => Ok(T::default()),
             Some(t) => t
@@ -556,8 +562,8 @@ impl Settings {
         let mut table: toml::Table = toml::from_str(&text)
             .with_context(|| format!("parsing config file {}", path.display()))?;
         let mut sections = Sections::new();
-        for name in SECTIONS {
-            match table.remove(*name) {
+        for name in all_sections() {
+            match table.remove(name) {
                 Some(toml::Value::Table(t)) => {
                     sections.insert(name.to_string(), t);
                 }
@@ -796,8 +802,9 @@ fn apply_section_env(
         let Some(rest) = k.strip_prefix("ICHIBASE_") else { continue };
         let Some((sec, key)) = rest.split_once("__") else { continue };
         let sec = sec.to_ascii_lowercase();
-        if !SECTIONS.contains(&sec.as_str()) {
-            bail!("{k}: there is no [{sec}] section (sections: {})", SECTIONS.join(", "));
+        let known = all_sections();
+        if !known.contains(&sec.as_str()) {
+            bail!("{k}: there is no [{sec}] section (sections: {})", known.join(", "));
         }
         let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
             .ok()

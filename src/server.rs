@@ -105,7 +105,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         trace_settings,
         &lua_limit_settings,
     ));
-    let state = crate::app::AppBuilder::new(crate::app::Core {
+    // Every registered module's own tables (crate::modules), on the writer.
+    storage
+        .write(
+            &crate::core::RequestContext::system(),
+            crate::storage::ExecControl::new(std::time::Instant::now(), 0.0),
+            |c| crate::modules::migrate(c).map_err(|e| crate::core::Error::internal(format!("{e:#}"))),
+        )
+        .await?;
+    let mut builder = crate::app::AppBuilder::new(crate::app::Core {
         http,
         sql_guard,
         storage: storage.clone(),
@@ -123,7 +131,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         config: Arc::new(config),
         replication: replication.clone(),
     })
-    .build();
+    ;
+    crate::modules::provide(&mut builder)?;
+    let state = builder.build();
+    crate::modules::start(&state)?;
     let app = apis::router(state);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (drain_tx, drain_rx) = oneshot::channel::<()>();

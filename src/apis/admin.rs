@@ -15,6 +15,18 @@ use crate::auth::policy::{self, GrantSpec, PolicySpec};
 use crate::core::{RequestContext, Result};
 use crate::storage::ExecControl;
 
+/// Administration of users, keys, policies and grants (`/admin/*`).
+pub struct AdminModule;
+
+impl crate::modules::Module for AdminModule {
+    fn name(&self) -> &'static str {
+        "admin"
+    }
+    fn routes(&self) -> Router<App> {
+        routes()
+    }
+}
+
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/admin/users", post(create_user).get(list_users))

@@ -21,6 +21,18 @@ use super::{App, JsonBody, reply, require_admin};
 use crate::core::{Error, ErrorCode};
 use crate::posterity::{CallerSlot, Event, Sink};
 
+/// Analytics over the posterity log, the archive and the request log (`/analytics`, `/admin/analytics/*`).
+pub struct AnalyticsModule;
+
+impl crate::modules::Module for AnalyticsModule {
+    fn name(&self) -> &'static str {
+        "analytics"
+    }
+    fn routes(&self) -> Router<App> {
+        routes()
+    }
+}
+
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/analytics", get(analytics).post(analytics))

@@ -12,6 +12,18 @@ use serde_json::json;
 use super::{App, JsonBody, error_response, identify};
 use crate::core::{Error, ErrorCode};
 
+/// Identities: sign-up, sign-in, sessions, tokens (`/auth/*`).
+pub struct AuthModule;
+
+impl crate::modules::Module for AuthModule {
+    fn name(&self) -> &'static str {
+        "auth"
+    }
+    fn routes(&self) -> Router<App> {
+        routes()
+    }
+}
+
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/auth/signup", post(signup))

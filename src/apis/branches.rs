@@ -20,6 +20,18 @@ use super::{App, JsonBody, reply, require_admin};
 use crate::bundle::{self, Bundle, CheckEnv};
 use crate::core::{Error, ErrorCode};
 
+/// Branches and bundles (`/branches/*`).
+pub struct BranchesModule;
+
+impl crate::modules::Module for BranchesModule {
+    fn name(&self) -> &'static str {
+        "branches"
+    }
+    fn routes(&self) -> Router<App> {
+        routes()
+    }
+}
+
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/branches", get(list).post(create))

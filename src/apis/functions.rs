@@ -27,6 +27,18 @@ use crate::core::{Error, ErrorCode, RequestContext, Result};
 use crate::lua::{self, Invocation, store};
 use crate::storage::ExecControl;
 
+/// Lua functions: deploy, versions, invoke, traces (`/fn/*`, `/trace/*`).
+pub struct FunctionsModule;
+
+impl crate::modules::Module for FunctionsModule {
+    fn name(&self) -> &'static str {
+        "functions"
+    }
+    fn routes(&self) -> Router<App> {
+        routes()
+    }
+}
+
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/fn", get(list))

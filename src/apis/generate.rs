@@ -15,6 +15,18 @@ use super::{App, JsonBody, reply, require_admin};
 use crate::generate::{self, Generator, Request};
 use crate::llm::LlmClient;
 
+/// The intent-to-service loop (`/generate`).
+pub struct GenerateModule;
+
+impl crate::modules::Module for GenerateModule {
+    fn name(&self) -> &'static str {
+        "generate"
+    }
+    fn routes(&self) -> Router<App> {
+        routes()
+    }
+}
+
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/generate", get(list).post(run))

@@ -4,15 +4,15 @@
 //! Owns HTTP concerns only (status codes, headers, bodies). Components register their routes in
 //! [`router`]; request handling delegates to `sql`, `storage` and later components.
 
-mod admin;
-mod analytics;
-mod auth;
-mod branches;
-mod functions;
-mod generate;
+pub mod admin;
+pub mod analytics;
+pub mod auth;
+pub mod branches;
+pub mod functions;
+pub mod generate;
 pub mod limits;
-mod sql;
-mod ws;
+pub mod sql;
+pub mod ws;
 
 
 use axum::Router;
@@ -89,19 +89,24 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody
     }
 }
 
-/// Every HTTP route of the engine. Add a component's routes here, one `.merge()` per component.
+/// `GET /admin/backup/status`: replication's position, lag and errors.
+pub struct BackupModule;
+
+impl crate::modules::Module for BackupModule {
+    fn name(&self) -> &'static str {
+        "backup"
+    }
+    fn routes(&self) -> Router<App> {
+        Router::new().route("/admin/backup/status", get(backup_status))
+    }
+}
+
+/// Every HTTP route of the engine: `/ping`, then each registered module's routes
+/// ([`crate::modules::registry`]), and the layers every request passes (request log, peer).
 pub fn router(state: App) -> Router {
     Router::new()
         .route("/ping", get(ping).head(ping))
-        .merge(sql::routes())
-        .merge(auth::routes())
-        .merge(admin::routes())
-        .merge(functions::routes())
-        .merge(ws::routes())
-        .merge(branches::routes())
-        .merge(generate::routes())
-        .merge(analytics::routes())
-        .route("/admin/backup/status", get(backup_status))
+        .merge(crate::modules::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -20,6 +20,18 @@ use crate::sql::Format;
 use crate::sql::exec::{self, Msg, QuerySettings, Summary};
 use crate::storage::ExecControl;
 
+/// SQL over HTTP (`/`): ClickHouse's interface over the app's SQLite database.
+pub struct SqlModule;
+
+impl crate::modules::Module for SqlModule {
+    fn name(&self) -> &'static str {
+        "sql"
+    }
+    fn routes(&self) -> Router<App> {
+        routes()
+    }
+}
+
 pub fn routes() -> Router<App> {
     // ClickHouse compresses a response only when the request sets enable_http_compression=1
     // (marked on the response by `serve`), in an encoding Accept-Encoding names.

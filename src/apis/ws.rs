@@ -36,6 +36,18 @@ use crate::realtime::cdc::SubscribeReq;
 use crate::realtime::hub::Out;
 use crate::realtime::limits::Slot;
 
+/// WebSockets: broadcast, presence and change-data-capture (`/ws`).
+pub struct WsModule;
+
+impl crate::modules::Module for WsModule {
+    fn name(&self) -> &'static str {
+        "ws"
+    }
+    fn routes(&self) -> Router<App> {
+        routes()
+    }
+}
+
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/ws", get(upgrade))

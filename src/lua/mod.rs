@@ -286,7 +286,8 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     });
     let run = || -> mlua::Result<Json> {
         let (lua, _host_debug) = sandbox::new_state(limits, Rc::clone(&meter), tracer.clone())?;
-        for c in components::registry() {
+        // The core components, then every registered module's.
+        for c in components::registry().iter().copied().chain(crate::modules::lua_components()) {
             c.install(&lua, &env)?;
         }
         if sandbox::has_close_attribute(&inv.source) {

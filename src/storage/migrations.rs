@@ -239,6 +239,44 @@ pub fn apply(conn: &mut Connection) -> anyhow::Result<usize> {
     Ok(ran)
 }
 
+/// Apply the pending migrations of module `module` (see `crate::modules`): each step runs once
+/// per database, in its own transaction, recorded in `_ichibase_module_migrations` under the
+/// module's name. Returns how many ran.
+pub fn apply_module(conn: &mut Connection, module: &str, steps: &[Migration]) -> anyhow::Result<usize> {
+    if steps.is_empty() {
+        return Ok(0);
+    }
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS _ichibase_module_migrations (
+            module TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            name TEXT NOT NULL,
+            applied_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+            PRIMARY KEY (module, version)
+        ) STRICT",
+    )?;
+    let current: i64 = conn.query_row(
+        "SELECT coalesce(max(version), 0) FROM _ichibase_module_migrations WHERE module = ?1",
+        [module],
+        |r| r.get(0),
+    )?;
+    let mut ran = 0;
+    for m in steps.iter().filter(|m| m.version > current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(m.sql).map_err(|e| {
+            anyhow::anyhow!("migration {} ({}) of module '{module}' failed: {e}", m.version, m.name)
+        })?;
+        tx.execute(
+            "INSERT INTO _ichibase_module_migrations (module, version, name) VALUES (?1, ?2, ?3)",
+            (module, m.version, m.name),
+        )?;
+        tx.commit()?;
+        tracing::info!(module, version = m.version, name = m.name, "applied module migration");
+        ran += 1;
+    }
+    Ok(ran)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
