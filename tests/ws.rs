@@ -1539,3 +1539,44 @@ async fn big_presence_metadata_cannot_pile_up_in_memory() {
         grown >> 20
     );
 }
+
+/// Issue 14.5: change capture's own bookkeeping rows are not the statement's rows.
+#[tokio::test]
+async fn captured_tables_report_the_statements_own_row_counts() {
+    let s = Server::start(&[]);
+    let base = &s.url;
+    admin_sql(base, "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT)").await;
+    let r = client()
+        .post(format!("{base}/admin/cdc"))
+        .json(&json!({"table": "items"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let c = client();
+    for (sql, n) in [
+        ("INSERT INTO items(name) VALUES ('a')", "1"),
+        ("INSERT INTO items(name) VALUES ('b'), ('c')", "2"),
+        ("UPDATE items SET name = name || '!'", "3"),
+        ("DELETE FROM items WHERE name = 'a!'", "1"),
+    ] {
+        let r = common::post(&c, base, &[], sql).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let summary = r.header("x-clickhouse-summary").unwrap();
+        assert!(
+            summary.contains(&format!("\"written_rows\":\"{n}\"")),
+            "{sql}: {summary}"
+        );
+    }
+    let r = common::put_fn(
+        &c,
+        base,
+        "add",
+        "return function(i) return db.exec('INSERT INTO items(name) VALUES ({n:String})', {n = i.name}) end",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = common::call_fn(&c, base, "add", json!({"name": "d"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["changes"], 1, "{}", r.body);
+}

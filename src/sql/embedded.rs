@@ -111,7 +111,11 @@ impl Prepared {
         check_role_rules(authz, is_admin, &self.statements)?;
         let mut out = Rows::default();
         for b in &self.statements {
-            let before = conn.total_changes();
+            let before = matches!(
+                b.verb.as_str(),
+                "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "WITH"
+            )
+            .then(|| super::exec::WriteCount::start(conn));
             let (columns, collected) = with_statement(conn, &b.sql, |stmt| {
                 for (i, v) in b.values.iter().enumerate() {
                     stmt.raw_bind_parameter(i + 1, v)?;
@@ -163,7 +167,9 @@ impl Prepared {
                 }
                 Ok((columns, collected))
             })?;
-            out.changes += conn.total_changes() - before;
+            if let Some(before) = before {
+                out.changes += before.finish(conn);
+            }
             out.columns = columns;
             out.rows = collected;
         }

@@ -573,7 +573,7 @@ fn step_statement(
         b.verb.as_str(),
         "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "WITH"
     );
-    let before = conn.total_changes();
+    let before = dml.then(|| WriteCount::start(conn));
     let mut rows = stmt.raw_query();
     let summary = match out {
         Some(out) if !decls.is_empty() => {
@@ -612,12 +612,40 @@ fn step_statement(
         }
     };
     drop(rows);
-    if dml {
-        let changed = conn.total_changes() - before;
+    if let Some(before) = before {
+        let changed = before.finish(conn);
         summary.written_rows += changed;
         *counted = (*counted).max(changed);
     }
     Ok(())
+}
+
+/// Rows a statement wrote: SQLite's change count (which includes what triggers write, so rows
+/// written through a policy view's INSTEAD OF triggers count) minus the rows change-data-capture
+/// triggers added to `_ichibase_changes` (bookkeeping, not the statement's rows).
+pub(crate) struct WriteCount {
+    total: u64,
+    captured: i64,
+}
+
+impl WriteCount {
+    pub(crate) fn start(conn: &Connection) -> WriteCount {
+        WriteCount {
+            total: conn.total_changes(),
+            captured: captured_upto(conn),
+        }
+    }
+
+    pub(crate) fn finish(self, conn: &Connection) -> u64 {
+        let captured = (captured_upto(conn) - self.captured).max(0) as u64;
+        (conn.total_changes() - self.total).saturating_sub(captured)
+    }
+}
+
+fn captured_upto(conn: &Connection) -> i64 {
+    conn.prepare_cached("SELECT coalesce(max(id), 0) FROM _ichibase_changes")
+        .and_then(|mut st| st.query_row([], |r| r.get(0)))
+        .unwrap_or(0)
 }
 
 fn column_meta(
