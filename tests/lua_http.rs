@@ -1108,3 +1108,41 @@ async fn lua_memory_budget_queues_within_the_wait() {
         .unwrap();
     assert!(most <= 2, "{most} ran at once: {spans:?}");
 }
+
+/// Issue 14.6: arrays round-trip as JSON arrays, empty or not.
+#[tokio::test]
+async fn empty_arrays_stay_arrays() {
+    let s = Server::start(&[]);
+    let admin = client();
+    let base = &s.url;
+    let r = post(&admin, base, &[], "CREATE TABLE notes(id INTEGER PRIMARY KEY, body TEXT)").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = common::put_fn(
+        &admin,
+        base,
+        "lists",
+        r#"return function(input)
+            return {
+              notes = db.query('SELECT id, body FROM notes'),
+              decoded = json.decode('[]'),
+              nested = json.decode('{"a": [], "b": {}}'),
+              echoed = input.items,
+              plain = {},
+            }
+          end"#,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = common::call_fn(&admin, base, "lists", json!({"items": []})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let j = r.json();
+    assert_eq!(j["notes"], json!([]), "{j}");
+    assert_eq!(j["decoded"], json!([]), "{j}");
+    assert_eq!(j["nested"], json!({"a": [], "b": {}}), "{j}");
+    assert_eq!(j["echoed"], json!([]), "{j}");
+    assert_eq!(j["plain"], json!({}), "a plain empty table stays an object: {j}");
+    let r = post(&admin, base, &[], "INSERT INTO notes(body) VALUES ('x')").await;
+    assert_eq!(r.status, 200);
+    let r = common::call_fn(&admin, base, "lists", json!({"items": [1]})).await;
+    assert_eq!(r.json()["notes"], json!([{"id": 1, "body": "x"}]));
+}

@@ -286,6 +286,9 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     });
     let run = || -> mlua::Result<Json> {
         let (lua, _host_debug) = sandbox::new_state(limits, Rc::clone(&meter), tracer.clone())?;
+        // Tables carrying this metatable (query results, decoded JSON arrays) stay JSON arrays
+        // when empty; the guard restores an outer invocation's value.
+        let _array_mt = ArrayMetatable::enter(&lua);
         // The core components, then every registered module's.
         for c in components::registry().iter().copied().chain(crate::modules::lua_components()) {
             c.install(&lua, &env)?;
@@ -551,7 +554,9 @@ pub fn to_json(v: &Value) -> Result<Json, String> {
                     }
                 }
                 seen.remove(&ptr);
-                if count == 0 {
+                if count == 0 && is_array_table(t) {
+                    Json::Array(Vec::new())
+                } else if count == 0 {
                     Json::Object(Map::new())
                 } else if all_index {
                     Json::Array(arr)
@@ -570,6 +575,33 @@ pub fn to_json(v: &Value) -> Result<Json, String> {
         mark_heavy();
     }
     out
+}
+
+thread_local! {
+    /// The array metatable of the Lua state running on this thread (0: none).
+    static ARRAY_MT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the running state's array metatable for [`to_json`] while alive.
+struct ArrayMetatable(usize);
+
+impl ArrayMetatable {
+    fn enter(lua: &Lua) -> ArrayMetatable {
+        let p = lua.array_metatable().to_pointer() as usize;
+        ArrayMetatable(ARRAY_MT.with(|c| c.replace(p)))
+    }
+}
+
+impl Drop for ArrayMetatable {
+    fn drop(&mut self) {
+        ARRAY_MT.with(|c| c.set(self.0));
+    }
+}
+
+/// The table is marked as an array (empty arrays then encode as `[]`, not `{}`).
+fn is_array_table(t: &mlua::Table) -> bool {
+    let want = ARRAY_MT.with(|c| c.get());
+    want != 0 && t.metatable().is_some_and(|m| m.to_pointer() as usize == want)
 }
 
 thread_local! {

@@ -209,6 +209,8 @@ pub(crate) fn to_lua_rows(lua: &Lua, rows: Rows) -> mlua::Result<Table> {
         crate::lua::mark_heavy();
     }
     let out = lua.create_table_with_capacity(rows.rows.len(), 0)?;
+    // An array even when empty: `{"notes": []}`, not `{"notes": {}}`.
+    out.set_metatable(Some(mlua::LuaSerdeExt::array_metatable(lua)))?;
     for (i, r) in rows.rows.into_iter().enumerate() {
         let t = lua.create_table_with_capacity(0, rows.columns.len())?;
         for (name, v) in rows.columns.iter().zip(r) {
