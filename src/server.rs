@@ -54,6 +54,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     let auth =
         Arc::new(Auth::open(storage.clone(), &config.data_dir, auth_options(&config)?).await?);
+    // Credentials changed by the CLI or another process take effect within a second.
+    let _auth_watch = auth.watch(Duration::from_secs(1));
     if let Some(key) = auth.first_start_admin_key().await? {
         println!(
             "ichibase: no admin existed, so an admin API key was created. It is shown only now:"

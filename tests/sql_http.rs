@@ -1246,3 +1246,44 @@ async fn binary_formats_probes_and_compression() {
     let r = post(&c, &s.url, &[("max_result_rows", "0"), ("max_execution_time", "0")], "SELECT 1").await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// Issue 14.4: keys (and users) the CLI creates while the server runs work at once (within the
+/// watcher's second), without a restart.
+#[tokio::test]
+async fn cli_changes_reach_a_running_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let s = Server::start_in(&data, &[], &[]);
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase"))
+            .arg("admin")
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let key = run(&["create-key", "--name", "live", "--role", "admin"]).trim().to_string();
+    assert!(key.starts_with("ik_"), "{key}");
+    let c = common::client_with_token(&key);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let r = common::post(&c, &s.url, &[], "SELECT auth_role()").await;
+        if r.status == 200 {
+            assert_eq!(r.body, "admin\n");
+            break;
+        }
+        assert_eq!(r.status, 401, "{}", r.body);
+        assert!(std::time::Instant::now() < deadline, "the new key never worked without a restart");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // A JWT signing key rotated by the CLI is used by the running server too.
+    let out = run(&["rotate-jwt-key"]);
+    assert!(out.contains("new signing key"), "{out}");
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let r = common::post(&c, &s.url, &[], "SELECT 1").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}

@@ -98,6 +98,11 @@ impl KeyRing {
     }
 
     /// Add a new signing key; keeps the newest [`KEEP`]. Returns the new key id.
+    /// Where the ring is stored.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn rotate(&mut self) -> anyhow::Result<String> {
         let k = new_key();
         let kid = k.kid.clone();

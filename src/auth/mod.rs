@@ -72,6 +72,8 @@ struct Cache {
     /// sha256(email NUL password) -> (user id, role, email, verified at): spares argon2 on
     /// every request of clients that send a password each time (ClickHouse clients).
     passwords: HashMap<String, (String, String, String, Instant)>,
+    /// `auth_version` of the database when this cache was loaded.
+    version: String,
 }
 
 const PASSWORD_CACHE_TTL: Duration = Duration::from_secs(60);
@@ -258,10 +260,60 @@ impl Auth {
             .await
     }
 
+    /// Keep the cache in step with credential changes made outside this process (the CLI's
+    /// `admin create-key`, a second tool on the same database): triggers bump `auth_version`
+    /// on every change of keys, revocations, disabled users, passwords and roles; this task
+    /// polls it every `every` and reloads, closing sockets whose credentials went away.
+    pub fn watch(self: &Arc<Self>, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let me = Arc::downgrade(self);
+        let ring_path = self.keys.read().unwrap().path().to_path_buf();
+        let modified = move || std::fs::metadata(&ring_path).and_then(|m| m.modified()).ok();
+        tokio::spawn(async move {
+            let mut ring_seen = modified();
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(auth) = me.upgrade() else { return };
+                // A signing key rotated by the CLI (`admin rotate-jwt-key`): sign with it now.
+                let ring_now = modified();
+                if ring_now != ring_seen {
+                    ring_seen = ring_now;
+                    let path = auth.keys.read().unwrap().path().to_path_buf();
+                    match jwt::KeyRing::open(&path) {
+                        Ok(ring) => *auth.keys.write().unwrap() = ring,
+                        Err(e) => tracing::warn!(error = %e, "reloading the JWT key ring failed"),
+                    }
+                }
+                let v = auth
+                    .sys_read(|c| {
+                        Ok(c.query_row(
+                            "SELECT value FROM _ichibase_meta WHERE key = 'auth_version'",
+                            [],
+                            |r| r.get::<_, String>(0),
+                        )?)
+                    })
+                    .await;
+                let Ok(v) = v else { continue };
+                if auth.cache.read().unwrap().version != v {
+                    match auth.reload_cache().await {
+                        Ok(()) => auth.revocations.changed(),
+                        Err(e) => tracing::warn!(error = %e, "reloading credentials failed"),
+                    }
+                }
+            }
+        })
+    }
+
     async fn reload_cache(&self) -> Result<()> {
         let t = now() as i64;
-        let (revoked, disabled, keys) = self
+        let (revoked, disabled, keys, version) = self
             .sys_read(move |c| {
+                // Read in the same snapshot as what it versions.
+                let version: String = c
+                    .query_row(
+                        "SELECT coalesce((SELECT value FROM _ichibase_meta WHERE key = 'auth_version'), '')",
+                        [],
+                        |r| r.get(0),
+                    )?;
                 let revoked: HashSet<String> = c
                     .prepare("SELECT id FROM _ichibase_sessions WHERE revoked_at IS NOT NULL AND expires_at > ?1")?
                     .query_map([t], |r| r.get(0))?
@@ -274,10 +326,11 @@ impl Auth {
                     .prepare("SELECT key_hash, id, role, user_id, name FROM _ichibase_api_keys WHERE revoked_at IS NULL")?
                     .query_map([], |r| Ok((r.get(0)?, KeyInfo { id: r.get(1)?, role: r.get(2)?, user_id: r.get(3)?, name: r.get(4)? })))?
                     .collect::<rusqlite::Result<_>>()?;
-                Ok((revoked, disabled, keys))
+                Ok((revoked, disabled, keys, version))
             })
             .await?;
         let mut c = self.cache.write().unwrap();
+        c.version = version;
         c.revoked_sessions = revoked;
         c.disabled_users = disabled;
         c.api_keys = keys;

@@ -202,6 +202,26 @@ pub const MIGRATIONS: &[Migration] = &[
                               FROM _ichibase_trace_steps s WHERE s.trace_id = _ichibase_traces.id), 0);
               CREATE INDEX _ichibase_traces_started ON _ichibase_traces (started_at);",
     },
+    Migration {
+        version: 8,
+        name: "credential changes bump auth_version (a running server reloads what the CLI changed)",
+        sql: "INSERT OR IGNORE INTO _ichibase_meta (key, value) VALUES ('auth_version', '0');
+              CREATE TRIGGER _ichibase_auth_keys_ins AFTER INSERT ON _ichibase_api_keys BEGIN
+                  UPDATE _ichibase_meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'auth_version';
+              END;
+              CREATE TRIGGER _ichibase_auth_keys_upd AFTER UPDATE ON _ichibase_api_keys BEGIN
+                  UPDATE _ichibase_meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'auth_version';
+              END;
+              CREATE TRIGGER _ichibase_auth_keys_del AFTER DELETE ON _ichibase_api_keys BEGIN
+                  UPDATE _ichibase_meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'auth_version';
+              END;
+              CREATE TRIGGER _ichibase_auth_sessions_revoked AFTER UPDATE OF revoked_at ON _ichibase_sessions BEGIN
+                  UPDATE _ichibase_meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'auth_version';
+              END;
+              CREATE TRIGGER _ichibase_auth_users_upd AFTER UPDATE OF disabled_at, password_hash, role ON _ichibase_users BEGIN
+                  UPDATE _ichibase_meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'auth_version';
+              END;",
+    },
 ];
 
 /// Apply every migration not yet recorded. Returns how many ran.
