@@ -1,7 +1,8 @@
 //! Posterity benchmarks, each a ratio against a baseline measured in the same run:
 //!
-//! 1. **Logging cost**: request latency with the posterity log on vs off. Two servers run in
-//!    this process (default settings, one with `posterity = false`), each with the same small
+//! 1. **Logging cost**: request latency with the posterity log on vs off. Two servers run, each
+//!    the release binary in its own process started by the tests' harness (default settings,
+//!    one with `--posterity false`), each with the same small
 //!    table; a keep-alive client loops on `GET /?query=SELECT v FROM kv WHERE id = {id:Int64}`
 //!    (one HTTP row and one SQL row logged per request when on) with 1 and 16 concurrent tasks.
 //!    On and off alternate in short rounds so drift (CPU frequency, the page cache) hits both.
@@ -21,9 +22,8 @@
 
 use std::time::{Duration, Instant};
 
-use ichibase::config::Config;
-
-const ADMIN_KEY: &str = "ik_eb5c967dcec6c482647c5735ec562c922d770cd2795af1e0";
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 struct Rng(u64);
 
@@ -36,24 +36,6 @@ impl Rng {
         self.0 = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
-}
-
-fn client() -> reqwest::Client {
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {ADMIN_KEY}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .default_headers(h)
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap()
-}
-
-async fn post(c: &reqwest::Client, base: &str, sql: &str) {
-    let r = c.post(base).body(sql.to_string()).send().await.unwrap();
-    assert_eq!(r.status(), 200, "{sql}: {}", r.text().await.unwrap());
 }
 
 /// `n` tasks loop on point selects for `secs`; returns every latency in ns.
@@ -106,24 +88,14 @@ fn logging_cost(secs: f64) {
         .unwrap();
     rt.block_on(async move {
         let mut servers = Vec::new();
-        let mut dirs = Vec::new();
         for on in [true, false] {
-            let tmp = tempfile::tempdir().unwrap();
-            let mut config = Config {
-                listen: "127.0.0.1:0".parse().unwrap(),
-                data_dir: tmp.path().to_path_buf(),
-                ..Config::default()
-            };
-            config.auth.admin_key = Some(ADMIN_KEY.into());
-            config.posterity.enabled = on;
-            let running = ichibase::server::start(config).await.expect("server");
-            let base = format!("http://{}/", running.addr);
-            let c = client();
-            post(&c, &base, "CREATE TABLE kv(id INTEGER PRIMARY KEY, v TEXT)").await;
-            post(&c, &base, "INSERT INTO kv WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) SELECT i, 'value-' || i FROM n").await;
+            let server = common::Server::start(&["--posterity", if on { "true" } else { "false" }]);
+            let c = common::client();
+            common::ok(&c, &server.url, "CREATE TABLE kv(id INTEGER PRIMARY KEY, v TEXT)").await;
+            common::ok(&c, &server.url, "INSERT INTO kv WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) SELECT i, 'value-' || i FROM n").await;
+            let base = format!("{}/", server.url);
             run(&c, &base, 16, 0.3, 1).await; // warm-up
-            servers.push((running, base, c));
-            dirs.push(tmp);
+            servers.push((server, base, c));
         }
         println!("## 1. Request latency, posterity log on vs off");
         println!();
@@ -163,7 +135,7 @@ fn logging_cost(secs: f64) {
                 );
             }
         }
-        for (running, base, c) in servers {
+        for (server, base, c) in servers {
             let r = c
                 .get(format!("{base}admin/posterity"))
                 .send()
@@ -174,9 +146,8 @@ fn logging_cost(secs: f64) {
                 .unwrap();
             println!();
             println!("posterity counters: `{r}`");
-            running.shutdown().await.unwrap();
+            drop(server);
         }
-        drop(dirs);
     });
 }
 
