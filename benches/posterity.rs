@@ -162,6 +162,7 @@ fn writer_rate() -> f64 {
         queue: 65_536,
         batch_rows: 50_000,
         archive_after_days: 7,
+        analytics: Default::default(),
     })
     .unwrap();
     let sink = p.sink();
