@@ -152,11 +152,12 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let config = Config {
+    let mut config = Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: tmp.path().to_path_buf(),
         ..Config::default()
     };
+    config.auth.admin_key = Some(common::ADMIN_KEY.into());
     let storage = {
         let opts = StorageOptions::from_config(&config);
         Storage::open(&opts).expect("storage")
@@ -200,10 +201,9 @@ fn main() {
     }
     drop(storage);
 
-    // The release server in its own process, started by the tests' harness.
-    let server = common::Server::start(&[]);
-    let base = server.url.clone();
     rt.block_on(async move {
+        let running = ichibase::server::start(config).await.expect("server");
+        let base = format!("http://{}", running.addr);
         let client = common::client();
         let r = common::put_fn(&client, &base, "empty", "return function() return 1 end").await;
         assert_eq!(r.status, 200, "{}", r.body);
@@ -219,6 +219,6 @@ fn main() {
             let f = http_rate(&client, n, secs, move |c| c.post(format!("{b}/fn/empty"))).await;
             println!("| {n} | {ping:.0} | {f:.0} | {:.3} |", f / ping);
         }
+        running.shutdown().await.unwrap();
     });
-    drop(server);
 }

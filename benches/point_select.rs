@@ -2,8 +2,9 @@
 //!
 //! What is measured, all in one run and on the same database file:
 //!
-//! 1. **HTTP**: the real server binary runs in its own process (started by the tests' harness,
-//!    `tests/common`) on an ephemeral 127.0.0.1 port with default settings. A table `kv(id INTEGER PRIMARY KEY, v TEXT)` with
+//! 1. **HTTP**: the real server (`ichibase::server::start`) runs in this process on an ephemeral
+//!    127.0.0.1 port with default settings; the clients and SQL helpers are the tests' harness
+//!    (`tests/common`). A table `kv(id INTEGER PRIMARY KEY, v TEXT)` with
 //!    100 000 rows is filled over HTTP. Then, for N = 1, 4, 16, 64 concurrent client tasks sharing
 //!    one keep-alive `reqwest::Client`, each task loops for a fixed time on
 //!    `GET /?query=SELECT v FROM kv WHERE id = {id:Int64}&param_id=<random id>` (default
@@ -308,11 +309,14 @@ fn main() {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1);
-    let readers = Config::default().readers;
-    // The release server in its own process, started by the tests' harness.
-    let server = common::Server::start(&[]);
-    let root = server.url.clone();
-    let path = server.data_dir.join("ichibase.db");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: tmp.path().to_path_buf(),
+        ..Config::default()
+    };
+    config.auth.admin_key = Some(common::ADMIN_KEY.to_string());
+    let readers = config.readers;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -320,6 +324,8 @@ fn main() {
         .expect("tokio runtime");
     let only_rls = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "rls");
     rt.block_on(async move {
+        let running = ichibase::server::start(config).await.expect("start server");
+        let root = format!("http://{}", running.addr);
         let base = format!("{root}/");
         let client = common::client();
 
@@ -346,7 +352,7 @@ fn main() {
         println!("- machine: {cores} cores (available_parallelism); server, HTTP client and SQLite share them");
         println!("- table: kv(id INTEGER PRIMARY KEY, v TEXT), {} rows (populated over HTTP in {populate_s:.2} s)", fmt_int(ROWS as f64));
         println!("- HTTP: GET /?query={SELECT_HTTP}&param_id=<random>, TabSeparated, keep-alive reqwest client");
-        println!("- server: default config (reader pool = {readers} connections), the release binary in its own process (tests/common harness), log level warn");
+        println!("- server: default config (reader pool = {readers} connections), in this process, tracing not initialised");
         println!("- in-process: rusqlite read-only connection, prepare_cached(\"{SELECT_SQLITE}\"), one connection per thread");
         println!("- {secs} s per measurement (BENCH_SECS)");
         println!();
@@ -354,6 +360,8 @@ fn main() {
         if !only_rls {
             // Warm-up: open the client connections and the server's reader connections.
             run_http(&client, &base, SELECT_HTTP, *LEVELS.last().unwrap(), (secs / 6.0).min(0.5), 0xBEEF).await;
+
+            let path = running.storage.path().to_path_buf();
 
             let single = {
                 let p = path.clone();
@@ -396,6 +404,7 @@ fn main() {
 
         rls_section(&client, &base, secs).await;
 
+        running.shutdown().await.expect("server shutdown");
     });
-    drop(server);
+    drop(tmp);
 }

@@ -1,8 +1,7 @@
 //! Posterity benchmarks, each a ratio against a baseline measured in the same run:
 //!
-//! 1. **Logging cost**: request latency with the posterity log on vs off. Two servers run, each
-//!    the release binary in its own process started by the tests' harness (default settings,
-//!    one with `--posterity false`), each with the same small
+//! 1. **Logging cost**: request latency with the posterity log on vs off. Two servers run in
+//!    this process (default settings, one with `posterity = false`), each with the same small
 //!    table; a keep-alive client loops on `GET /?query=SELECT v FROM kv WHERE id = {id:Int64}`
 //!    (one HTTP row and one SQL row logged per request when on) with 1 and 16 concurrent tasks.
 //!    On and off alternate in short rounds so drift (CPU frequency, the page cache) hits both.
@@ -21,6 +20,8 @@
 //! or `aggregate` runs one part.
 
 use std::time::{Duration, Instant};
+
+use ichibase::config::Config;
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -88,14 +89,25 @@ fn logging_cost(secs: f64) {
         .unwrap();
     rt.block_on(async move {
         let mut servers = Vec::new();
+        let mut dirs = Vec::new();
         for on in [true, false] {
-            let server = common::Server::start(&["--posterity", if on { "true" } else { "false" }]);
+            let tmp = tempfile::tempdir().unwrap();
+            let mut config = Config {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                data_dir: tmp.path().to_path_buf(),
+                ..Config::default()
+            };
+            config.auth.admin_key = Some(common::ADMIN_KEY.into());
+            config.posterity.enabled = on;
+            let running = ichibase::server::start(config).await.expect("server");
+            let root = format!("http://{}", running.addr);
             let c = common::client();
-            common::ok(&c, &server.url, "CREATE TABLE kv(id INTEGER PRIMARY KEY, v TEXT)").await;
-            common::ok(&c, &server.url, "INSERT INTO kv WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) SELECT i, 'value-' || i FROM n").await;
-            let base = format!("{}/", server.url);
+            common::ok(&c, &root, "CREATE TABLE kv(id INTEGER PRIMARY KEY, v TEXT)").await;
+            common::ok(&c, &root, "INSERT INTO kv WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) SELECT i, 'value-' || i FROM n").await;
+            let base = format!("{root}/");
             run(&c, &base, 16, 0.3, 1).await; // warm-up
-            servers.push((server, base, c));
+            servers.push((running, base, c));
+            dirs.push(tmp);
         }
         println!("## 1. Request latency, posterity log on vs off");
         println!();
@@ -135,7 +147,7 @@ fn logging_cost(secs: f64) {
                 );
             }
         }
-        for (server, base, c) in servers {
+        for (running, base, c) in servers {
             let r = c
                 .get(format!("{base}admin/posterity"))
                 .send()
@@ -146,8 +158,9 @@ fn logging_cost(secs: f64) {
                 .unwrap();
             println!();
             println!("posterity counters: `{r}`");
-            drop(server);
+            running.shutdown().await.unwrap();
         }
+        drop(dirs);
     });
 }
 
