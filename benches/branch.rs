@@ -23,25 +23,12 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
-async fn sql(http: &reqwest::Client, base: &str, q: &str) -> String {
-    let r = http
-        .post(format!("{base}/"))
-        .body(q.to_string())
-        .send()
-        .await
-        .unwrap();
-    let st = r.status();
-    let t = r.text().await.unwrap();
-    assert!(st.is_success(), "{q}: {t}");
-    t
-}
-
 async fn insert_latencies(http: &reqwest::Client, base: &str, secs: f64) -> Vec<f64> {
     let mut out = Vec::new();
     let end = Instant::now() + Duration::from_secs_f64(secs);
     while Instant::now() < end {
         let t = Instant::now();
-        sql(
+        common::ok(
             http,
             base,
             "INSERT INTO events (body) VALUES (hex(randomblob(50)))",
@@ -72,11 +59,11 @@ fn main() {
         .unwrap();
     rt.block_on(async {
         let http = common::client();
-        sql(&http, &base, "CREATE TABLE big (id INTEGER PRIMARY KEY, payload BLOB)").await;
-        sql(&http, &base, "CREATE TABLE events (id INTEGER PRIMARY KEY, body TEXT)").await;
+        common::ok(&http, &base, "CREATE TABLE big (id INTEGER PRIMARY KEY, payload BLOB)").await;
+        common::ok(&http, &base, "CREATE TABLE events (id INTEGER PRIMARY KEY, body TEXT)").await;
         let chunks = mb.div_ceil(50);
         for _ in 0..chunks {
-            sql(&http, &base, "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 50000) INSERT INTO big (payload) SELECT randomblob(1000) FROM c").await;
+            common::ok(&http, &base, "WITH RECURSIVE c(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM c WHERE i < 50000) INSERT INTO big (payload) SELECT randomblob(1000) FROM c").await;
         }
         let db_bytes = std::fs::metadata(data_dir.join("ichibase.db")).map(|m| m.len()).unwrap_or(0)
             + std::fs::metadata(data_dir.join("ichibase.db-wal")).map(|m| m.len()).unwrap_or(0);

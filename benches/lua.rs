@@ -15,7 +15,8 @@ use ichibase::core::RequestContext;
 use ichibase::lua::{Invocation, LuaOptions, invoke};
 use ichibase::storage::{Storage, StorageOptions};
 
-const ADMIN_KEY: &str = "ik_eb5c967dcec6c482647c5735ec562c922d770cd2795af1e0";
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 /// (name, setup + work returning nothing, inputs for plain / traced runs)
 const SCRIPTS: &[(&str, &str, u32, u32)] = &[
@@ -153,7 +154,7 @@ fn main() {
         data_dir: tmp.path().to_path_buf(),
         ..Config::default()
     };
-    config.auth.admin_key = Some(ADMIN_KEY.into());
+    config.auth.admin_key = Some(common::ADMIN_KEY.into());
     let storage = {
         let opts = StorageOptions::from_config(&config);
         Storage::open(&opts).expect("storage")
@@ -200,23 +201,9 @@ fn main() {
     rt.block_on(async move {
         let running = ichibase::server::start(config).await.expect("server");
         let base = format!("http://{}", running.addr);
-        let mut h = reqwest::header::HeaderMap::new();
-        h.insert(
-            reqwest::header::AUTHORIZATION,
-            format!("Bearer {ADMIN_KEY}").parse().unwrap(),
-        );
-        let client = reqwest::Client::builder()
-            .default_headers(h)
-            .pool_max_idle_per_host(64)
-            .build()
-            .unwrap();
-        let r = client
-            .put(format!("{base}/fn/empty"))
-            .body("return function() return 1 end")
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success());
+        let client = common::client();
+        let r = common::put_fn(&client, &base, "empty", "return function() return 1 end").await;
+        assert_eq!(r.status, 200, "{}", r.body);
         println!();
         println!("## Invocation overhead over HTTP: empty function vs /ping");
         println!();

@@ -3,7 +3,8 @@
 //! What is measured, all in one run and on the same database file:
 //!
 //! 1. **HTTP**: the real server (`ichibase::server::start`) runs in this process on an ephemeral
-//!    127.0.0.1 port with default settings. A table `kv(id INTEGER PRIMARY KEY, v TEXT)` with
+//!    127.0.0.1 port with default settings; the clients and SQL helpers are the tests' harness
+//!    (`tests/common`). A table `kv(id INTEGER PRIMARY KEY, v TEXT)` with
 //!    100 000 rows is filled over HTTP. Then, for N = 1, 4, 16, 64 concurrent client tasks sharing
 //!    one keep-alive `reqwest::Client`, each task loops for a fixed time on
 //!    `GET /?query=SELECT v FROM kv WHERE id = {id:Int64}&param_id=<random id>` (default
@@ -78,65 +79,50 @@ fn percentile_us(sorted_ns: &[u64], p: f64) -> f64 {
     sorted_ns[rank - 1] as f64 / 1e3
 }
 
-const ADMIN_KEY: &str = "ik_eb5c967dcec6c482647c5735ec562c922d770cd2795af1e0";
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 const SELECT_BASE: &str = "SELECT v FROM notes WHERE id = {id:Int64}";
 const SELECT_VIEW: &str = "SELECT v FROM my_notes WHERE id = {id:Int64}";
 
-fn bearer_client(token: &str) -> reqwest::Client {
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {token}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .default_headers(h)
-        .pool_max_idle_per_host(128)
-        .build()
-        .expect("reqwest client")
-}
-
+/// A JSON POST to `{root}{path}` that must succeed; its JSON answer.
 async fn post_json(
     client: &reqwest::Client,
-    url: &str,
+    root: &str,
+    path: &str,
     body: serde_json::Value,
 ) -> serde_json::Value {
-    let r = client.post(url).json(&body).send().await.expect("POST");
-    let status = r.status();
-    let text = r.text().await.expect("body");
-    assert!(status.is_success(), "{url} -> {status}: {text}");
-    serde_json::from_str(&text).expect("JSON answer")
+    let r = common::jpost(client, root, path, body).await;
+    assert!((200..300).contains(&r.status), "{path} -> {}: {}", r.status, r.body);
+    r.json()
 }
 
 /// The cost of row-level security: the same point SELECT by a user through a policy view
 /// (`owner = auth_userid()`, authorizer on) and by the admin on the base table.
 async fn rls_section(admin: &reqwest::Client, base: &str, secs: f64) {
     let root = base.trim_end_matches('/');
-    let user = post_json(admin, &format!("{root}/admin/users"), serde_json::json!({"email": "bench@example.com", "password": "bench-password", "role": "user"})).await;
+    let user = post_json(admin, root, "/admin/users", serde_json::json!({"email": "bench@example.com", "password": "bench-password", "role": "user"})).await;
     let uid = user["id"].as_str().unwrap().to_string();
-    post_sql(
+    common::ok(
         admin,
-        base,
+        root,
         "CREATE TABLE notes(id INTEGER PRIMARY KEY, owner TEXT NOT NULL, v TEXT)",
     )
     .await;
-    post_sql(
+    common::ok(
         admin,
-        base,
+        root,
         &format!(
             "INSERT INTO notes SELECT value, '{uid}', printf('value-%d', value) FROM \
              (WITH RECURSIVE c(value) AS (SELECT 1 UNION ALL SELECT value+1 FROM c WHERE value < {ROWS}) SELECT value FROM c)"
         ),
     )
     .await;
-    post_sql(admin, base, "CREATE INDEX notes_owner ON notes(owner)").await;
-    post_json(admin, &format!("{root}/admin/policies"), serde_json::json!({"name": "my_notes", "table": "notes", "roles": ["user"], "using": "owner = auth_userid()"})).await;
-    let tokens = post_json(
-        &reqwest::Client::new(),
-        &format!("{root}/auth/signin"),
-        serde_json::json!({"email": "bench@example.com", "password": "bench-password"}),
-    )
-    .await;
-    let user_client = bearer_client(tokens["access_token"].as_str().unwrap());
+    common::ok(admin, root, "CREATE INDEX notes_owner ON notes(owner)").await;
+    post_json(admin, root, "/admin/policies", serde_json::json!({"name": "my_notes", "table": "notes", "roles": ["user"], "using": "owner = auth_userid()"})).await;
+    let r = common::signin(&common::anon_client(), root, "bench@example.com", "bench-password").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let user_client = common::client_with_token(r.json()["access_token"].as_str().unwrap());
     select_http(&user_client, base, SELECT_VIEW, 7).await;
     select_http(admin, base, SELECT_BASE, 7).await;
     run_http(&user_client, base, SELECT_VIEW, 4, (secs / 6.0).min(0.5), 1).await;
@@ -167,19 +153,6 @@ async fn rls_section(admin: &reqwest::Client, base: &str, secs: f64) {
             u.rps / a.rps
         );
     }
-}
-
-async fn post_sql(client: &reqwest::Client, base: &str, sql: &str) -> String {
-    let resp = client
-        .post(base)
-        .body(sql.to_string())
-        .send()
-        .await
-        .expect("POST /");
-    let status = resp.status();
-    let body = resp.text().await.expect("response body");
-    assert!(status.is_success(), "{sql}\n-> {status}: {body}");
-    body
 }
 
 async fn select_http(client: &reqwest::Client, base: &str, query: &str, id: i64) {
@@ -342,7 +315,7 @@ fn main() {
         data_dir: tmp.path().to_path_buf(),
         ..Config::default()
     };
-    config.auth.admin_key = Some(ADMIN_KEY.to_string());
+    config.auth.admin_key = Some(common::ADMIN_KEY.to_string());
     let readers = config.readers;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -352,15 +325,16 @@ fn main() {
     let only_rls = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "rls");
     rt.block_on(async move {
         let running = ichibase::server::start(config).await.expect("start server");
-        let base = format!("http://{}/", running.addr);
-        let client = bearer_client(ADMIN_KEY);
+        let root = format!("http://{}", running.addr);
+        let base = format!("{root}/");
+        let client = common::client();
 
         // Populate over HTTP.
         let t0 = Instant::now();
-        post_sql(&client, &base, "CREATE TABLE kv(id INTEGER PRIMARY KEY, v TEXT)").await;
-        post_sql(
+        common::ok(&client, &root, "CREATE TABLE kv(id INTEGER PRIMARY KEY, v TEXT)").await;
+        common::ok(
             &client,
-            &base,
+            &root,
             &format!(
                 "INSERT INTO kv SELECT value, printf('value-%d', value) FROM \
                  (WITH RECURSIVE c(value) AS (SELECT 1 UNION ALL SELECT value+1 FROM c WHERE value < {ROWS}) SELECT value FROM c)"
@@ -368,7 +342,7 @@ fn main() {
         )
         .await;
         let populate_s = t0.elapsed().as_secs_f64();
-        let count = post_sql(&client, &base, "SELECT count(*) FROM kv").await;
+        let count = common::ok(&client, &root, "SELECT count(*) FROM kv").await;
         assert_eq!(count.trim(), ROWS.to_string(), "row count after populate");
         select_http(&client, &base, SELECT_HTTP, 42).await;
         select_http(&client, &base, SELECT_HTTP, ROWS).await;
@@ -388,6 +362,7 @@ fn main() {
             run_http(&client, &base, SELECT_HTTP, *LEVELS.last().unwrap(), (secs / 6.0).min(0.5), 0xBEEF).await;
 
             let path = running.storage.path().to_path_buf();
+
             let single = {
                 let p = path.clone();
                 tokio::task::spawn_blocking(move || run_inprocess(&p, 1, secs, 0x5EED)).await.expect("in-process run")

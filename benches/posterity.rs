@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use ichibase::config::Config;
 
-const ADMIN_KEY: &str = "ik_eb5c967dcec6c482647c5735ec562c922d770cd2795af1e0";
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 struct Rng(u64);
 
@@ -36,24 +37,6 @@ impl Rng {
         self.0 = x;
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
-}
-
-fn client() -> reqwest::Client {
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {ADMIN_KEY}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .default_headers(h)
-        .pool_max_idle_per_host(64)
-        .build()
-        .unwrap()
-}
-
-async fn post(c: &reqwest::Client, base: &str, sql: &str) {
-    let r = c.post(base).body(sql.to_string()).send().await.unwrap();
-    assert_eq!(r.status(), 200, "{sql}: {}", r.text().await.unwrap());
 }
 
 /// `n` tasks loop on point selects for `secs`; returns every latency in ns.
@@ -114,13 +97,14 @@ fn logging_cost(secs: f64) {
                 data_dir: tmp.path().to_path_buf(),
                 ..Config::default()
             };
-            config.auth.admin_key = Some(ADMIN_KEY.into());
+            config.auth.admin_key = Some(common::ADMIN_KEY.into());
             config.posterity.enabled = on;
             let running = ichibase::server::start(config).await.expect("server");
-            let base = format!("http://{}/", running.addr);
-            let c = client();
-            post(&c, &base, "CREATE TABLE kv(id INTEGER PRIMARY KEY, v TEXT)").await;
-            post(&c, &base, "INSERT INTO kv WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) SELECT i, 'value-' || i FROM n").await;
+            let root = format!("http://{}", running.addr);
+            let c = common::client();
+            common::ok(&c, &root, "CREATE TABLE kv(id INTEGER PRIMARY KEY, v TEXT)").await;
+            common::ok(&c, &root, "INSERT INTO kv WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000) SELECT i, 'value-' || i FROM n").await;
+            let base = format!("{root}/");
             run(&c, &base, 16, 0.3, 1).await; // warm-up
             servers.push((running, base, c));
             dirs.push(tmp);
@@ -191,6 +175,7 @@ fn writer_rate() -> f64 {
         queue: 65_536,
         batch_rows: 50_000,
         archive_after_days: 7,
+        analytics: Default::default(),
     })
     .unwrap();
     let sink = p.sink();

@@ -26,7 +26,9 @@ use std::time::{Duration, Instant};
 
 use ichibase::config::Settings;
 
-const ADMIN_KEY: &str = "ik_eb5c967dcec6c482647c5735ec562c922d770cd2795af1e0";
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 const BUCKET: &str = "bench-bucket";
 
 fn tool(env: &str, name: &str) -> PathBuf {
@@ -93,7 +95,7 @@ fn settings(dir: &Path, replicate: Option<(&str, Option<&str>)>) -> ichibase::co
     let mut s = Settings {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         data_dir: Some(dir.to_path_buf()),
-        admin_key: Some(ADMIN_KEY.into()),
+        admin_key: Some(common::ADMIN_KEY.into()),
         log_level: Some("warn".into()),
         ..Default::default()
     };
@@ -106,28 +108,6 @@ fn settings(dir: &Path, replicate: Option<(&str, Option<&str>)>) -> ichibase::co
     s.resolve().unwrap()
 }
 
-fn client() -> reqwest::Client {
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert(
-        reqwest::header::AUTHORIZATION,
-        format!("Bearer {ADMIN_KEY}").parse().unwrap(),
-    );
-    reqwest::Client::builder()
-        .default_headers(h)
-        .build()
-        .unwrap()
-}
-
-async fn sql(c: &reqwest::Client, base: &str, q: &str) {
-    let r = c
-        .post(format!("{base}/"))
-        .body(q.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{q}: {}", r.text().await.unwrap());
-}
-
 fn insert(i: u64) -> String {
     format!(
         "INSERT INTO events(at, kind, body) VALUES ({i}, 'note', printf('%0300d', {}))",
@@ -137,7 +117,7 @@ fn insert(i: u64) -> String {
 
 /// Inserts per second with 4 concurrent clients for `secs`.
 async fn throughput(base: &str, secs: f64) -> f64 {
-    let c = client();
+    let c = common::client();
     let n = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = vec![];
@@ -146,7 +126,7 @@ async fn throughput(base: &str, secs: f64) -> f64 {
         tasks.push(tokio::spawn(async move {
             let mut i = t << 40;
             while !stop.load(Ordering::Relaxed) {
-                sql(&c, &base, &insert(i)).await;
+                common::ok(&c, &base, &insert(i)).await;
                 i += 1;
                 n.fetch_add(1, Ordering::Relaxed);
             }
@@ -193,7 +173,7 @@ async fn main() {
     let off = {
         let srv = run_server(&tmp.path().join("off"), None).await;
         let base = format!("http://{}", srv.addr);
-        sql(&client(), &base, SCHEMA).await;
+        common::ok(&common::client(), &base, SCHEMA).await;
         let r = throughput(&base, secs).await;
         srv.shutdown().await.unwrap();
         r
@@ -203,8 +183,8 @@ async fn main() {
         let url = format!("s3://{BUCKET}/ichibase");
         let srv = run_server(&tmp.path().join("on"), Some((&url, Some(&moto.endpoint)))).await;
         let base = format!("http://{}", srv.addr);
-        let c = client();
-        sql(&c, &base, SCHEMA).await;
+        let c = common::client();
+        common::ok(&c, &base, SCHEMA).await;
         let r = throughput(&base, secs).await;
         // 2. steady load: 200 inserts/s
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -213,7 +193,7 @@ async fn main() {
         let mut i = 1u64 << 50;
         while start.elapsed().as_secs_f64() < secs.max(5.0) {
             tick.tick().await;
-            sql(&c, &base, &insert(i)).await;
+            common::ok(&c, &base, &insert(i)).await;
             i += 1;
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -226,7 +206,7 @@ async fn main() {
         let dir = tmp.path().join("litestream");
         let srv = run_server(&dir, None).await;
         let base = format!("http://{}", srv.addr);
-        sql(&client(), &base, SCHEMA).await;
+        common::ok(&common::client(), &base, SCHEMA).await;
         let cfg = tmp.path().join("litestream.yml");
         std::fs::write(
             &cfg,

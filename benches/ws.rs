@@ -8,8 +8,6 @@
 //!
 //! `cargo bench --bench ws`; `BENCH_CLIENTS=1000,10000` and `BENCH_SECS=3` adjust it.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,7 +18,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-const KEY: &str = "ik_eb5c967dcec6c482647c5735ec562c922d770cd2795af1e0";
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -41,7 +40,7 @@ async fn ws_connect(
 ) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
     let mut req = url.into_client_request().unwrap();
     req.headers_mut()
-        .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+        .insert("authorization", format!("Bearer {}", common::ADMIN_KEY).parse().unwrap());
     let cfg = WebSocketConfig::default()
         .read_buffer_size(8 * 1024)
         .write_buffer_size(0);
@@ -176,38 +175,15 @@ fn main() {
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1000, 10000]);
-    let tmp = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ichibase"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--ws-queue",
-            "200000",
-            "--data-dir",
-        ])
-        .arg(tmp.path())
-        .env("ICHIBASE_ADMIN_KEY", KEY)
-        .env("ICHIBASE_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the server");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let base = loop {
-        let l = lines.next().expect("server exited").unwrap();
-        if let Some(u) = l.strip_prefix("ichibase listening on ") {
-            break u.to_string();
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
+    // The release server in its own process, started by the tests' harness.
+    let server = common::Server::start(&["--ws-queue", "200000"]);
+    let base = server.url.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut h = reqwest::header::HeaderMap::new();
-        h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {KEY}").parse().unwrap());
-        let http = reqwest::Client::builder().default_headers(h).pool_max_idle_per_host(16).build().unwrap();
+        let http = common::client();
         println!("# ichibase {} WebSocket benchmarks", ichibase::VERSION);
         println!();
         println!("- machine: {} cores; server is the release binary in its own process, clients in this one", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
@@ -223,9 +199,10 @@ fn main() {
         }
 
         for sql in ["CREATE TABLE ev(id INTEGER PRIMARY KEY, v TEXT)", "CREATE TABLE ev_plain(id INTEGER PRIMARY KEY, v TEXT)"] {
-            assert!(http.post(format!("{base}/")).body(sql).send().await.unwrap().status().is_success());
+            common::ok(&http, &base, sql).await;
         }
-        assert!(http.post(format!("{base}/admin/cdc")).json(&json!({"table": "ev"})).send().await.unwrap().status().is_success());
+        let r = common::jpost(&http, &base, "/admin/cdc", json!({"table": "ev"})).await;
+        assert!((200..300).contains(&r.status), "{}", r.body);
         let url = base.replace("http://", "ws://") + "/ws";
         let mut sub = ws_connect(&url).await;
         sub.send(Message::Text(json!({"type": "subscribe", "sub": "s", "object": "ev"}).to_string().into())).await.unwrap();
@@ -260,6 +237,5 @@ fn main() {
         println!("| {off:.0} | {on:.0} | {:.3} | {delivered} of {written} | {:.0} |", on / off, delivered as f64 / took);
         counter.abort();
     });
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
 }

@@ -12,7 +12,9 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
-use common::{ADMIN_KEY, Resp, Server, anon_client, client_with_token, post};
+use common::{
+    ADMIN_KEY, Resp, Server, anon_client, client_with_token, jpost, password_of, post, read, signin,
+};
 use serde_json::{Value, json};
 
 fn from_ip(last: u8) -> reqwest::Client {
@@ -28,55 +30,9 @@ fn from_ip4(third: u8, last: u8) -> reqwest::Client {
         .unwrap()
 }
 
-async fn read(r: reqwest::Response) -> Resp {
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    let body = r.text().await.unwrap();
-    Resp {
-        status,
-        headers,
-        body,
-    }
-}
-
-async fn jpost(c: &reqwest::Client, base: &str, path: &str, body: Value) -> Resp {
-    read(
-        c.post(format!("{base}{path}"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await
-}
-
-async fn signin(c: &reqwest::Client, base: &str, email: &str, password: &str) -> Resp {
-    jpost(
-        c,
-        base,
-        "/auth/signin",
-        json!({"email": email, "password": password}),
-    )
-    .await
-}
-
-fn password_of(email: &str) -> String {
-    format!("password-of-{email}")
-}
-
 /// Sign up (whose answer carries no tokens) and sign in; the sign-in answer.
 async fn account(base: &str, email: &str) -> Value {
-    let r = jpost(
-        &anon_client(),
-        base,
-        "/auth/signup",
-        json!({"email": email, "password": password_of(email)}),
-    )
-    .await;
-    assert_eq!(r.status, 200, "signup {email}: {}", r.body);
-    let r = signin(&anon_client(), base, email, &password_of(email)).await;
-    assert_eq!(r.status, 200, "signin {email}: {}", r.body);
-    r.json()
+    common::signup(base, email).await.signin
 }
 
 /// A 429 with a Retry-After header of a whole number of seconds; returns it.

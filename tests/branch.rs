@@ -5,26 +5,8 @@
 
 mod common;
 
-use common::{Server, client, ok, post};
+use common::{Server, api, client, ok, post};
 use serde_json::{Value, json};
-
-async fn api(c: &reqwest::Client, method: &str, url: String, body: Option<Value>) -> (u16, Value) {
-    let mut rb = match method {
-        "GET" => c.get(url),
-        "DELETE" => c.delete(url),
-        _ => c.post(url),
-    };
-    if let Some(b) = body {
-        rb = rb.json(&b);
-    }
-    let r = rb.send().await.unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or_else(|_| json!({"text": text})),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_branch_taken_during_writes_is_consistent() {

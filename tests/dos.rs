@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Server, client, post};
+use common::{Server, client, grant, post};
 
 /// Open a raw connection, send a query with a large result, and never read the answer.
 fn stalled_reader(addr: &str, sql: &str, token: Option<&str>) -> TcpStream {
@@ -133,16 +133,6 @@ async fn a_slow_reader_still_gets_its_whole_answer() {
     assert!(text.contains("1\t00000000000000000000000000000000000000000000000001\n"));
     assert!(text.contains("200000\t00000000000000000000000000000000000000000000200000\n"));
     assert!(!text.contains("Exception"), "the answer ended cleanly");
-}
-
-async fn grant(c: &reqwest::Client, base: &str, object: &str, role: &str, privileges: &[&str]) {
-    let r = c
-        .post(format!("{base}/admin/grants"))
-        .json(&serde_json::json!({"object": object, "role": role, "privileges": privileges}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
 
 /// A query any role may run that takes far longer than its deadline: a 10^12-row cross join of

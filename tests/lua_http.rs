@@ -3,50 +3,17 @@
 
 mod common;
 
-use common::{Resp, Server, client, client_with_token, post, anon_client};
+use common::{
+    Resp, Server, anon_client, call_fn, client, client_with_token, post, put_fn, read, request,
+};
 use serde_json::{Value, json};
-
-async fn req(c: &reqwest::Client, m: reqwest::Method, url: String, body: Option<String>) -> Resp {
-    let mut rb = c.request(m, url);
-    if let Some(b) = body {
-        rb = rb.body(b);
-    }
-    let r = rb.send().await.unwrap();
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    Resp {
-        status,
-        headers,
-        body: r.text().await.unwrap(),
-    }
-}
-
-async fn deploy(c: &reqwest::Client, base: &str, name: &str, src: &str) -> Resp {
-    req(
-        c,
-        reqwest::Method::PUT,
-        format!("{base}/fn/{name}"),
-        Some(src.to_string()),
-    )
-    .await
-}
-
-async fn call(c: &reqwest::Client, base: &str, name: &str, input: Value) -> Resp {
-    req(
-        c,
-        reqwest::Method::POST,
-        format!("{base}/fn/{name}"),
-        Some(input.to_string()),
-    )
-    .await
-}
 
 #[tokio::test]
 async fn deploy_invoke_versions_rollback() {
     let s = Server::start(&[]);
     let admin = client();
     let base = &s.url;
-    let r = deploy(
+    let r = put_fn(
         &admin,
         base,
         "greet",
@@ -55,13 +22,13 @@ async fn deploy_invoke_versions_rollback() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["version"], 1);
-    let r = call(&admin, base, "greet", json!({"name": "世界"})).await;
+    let r = call_fn(&admin, base, "greet", json!({"name": "世界"})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json(), json!({"hello": "世界", "n": 6}));
     assert_eq!(r.header("x-ichibase-function-version"), Some("1"));
     assert!(r.header("x-ichibase-trace-id").is_some());
     // The `handler` global form, a second version.
-    let r = deploy(
+    let r = put_fn(
         &admin,
         base,
         "greet",
@@ -70,15 +37,15 @@ async fn deploy_invoke_versions_rollback() {
     .await;
     assert_eq!(r.json()["version"], 2);
     assert_eq!(
-        call(&admin, base, "greet", json!({"name": "x"}))
+        call_fn(&admin, base, "greet", json!({"name": "x"}))
             .await
             .json(),
         json!("v2 x as admin")
     );
-    let r = req(&admin, reqwest::Method::GET, format!("{base}/fn"), None).await;
+    let r = request(&admin, reqwest::Method::GET, format!("{base}/fn"), None).await;
     assert_eq!(r.json()["functions"][0]["name"], "greet");
     assert_eq!(r.json()["functions"][0]["versions"], 2);
-    let r = req(
+    let r = request(
         &admin,
         reqwest::Method::GET,
         format!("{base}/fn/greet?version=1"),
@@ -87,7 +54,7 @@ async fn deploy_invoke_versions_rollback() {
     .await;
     assert!(r.json()["source"].as_str().unwrap().contains("hello"));
     assert_eq!(r.json()["live"], false);
-    let r = req(
+    let r = request(
         &admin,
         reqwest::Method::GET,
         format!("{base}/fn/greet/versions"),
@@ -96,7 +63,7 @@ async fn deploy_invoke_versions_rollback() {
     .await;
     assert_eq!(r.json()["versions"].as_array().unwrap().len(), 2);
     // Roll back to the previous version, then forward again by number.
-    let r = req(
+    let r = request(
         &admin,
         reqwest::Method::POST,
         format!("{base}/fn/greet/rollback"),
@@ -105,12 +72,12 @@ async fn deploy_invoke_versions_rollback() {
     .await;
     assert_eq!(r.json()["version"], 1, "{}", r.body);
     assert_eq!(
-        call(&admin, base, "greet", json!({"name": "ab"}))
+        call_fn(&admin, base, "greet", json!({"name": "ab"}))
             .await
             .json(),
         json!({"hello": "ab", "n": 2})
     );
-    let r = req(
+    let r = request(
         &admin,
         reqwest::Method::POST,
         format!("{base}/fn/greet/rollback"),
@@ -118,7 +85,7 @@ async fn deploy_invoke_versions_rollback() {
     )
     .await;
     assert_eq!(r.json()["version"], 2);
-    let r = req(
+    let r = request(
         &admin,
         reqwest::Method::POST,
         format!("{base}/fn/greet/rollback"),
@@ -128,7 +95,7 @@ async fn deploy_invoke_versions_rollback() {
     assert_eq!(r.status, 404);
     // Delete.
     assert_eq!(
-        req(
+        request(
             &admin,
             reqwest::Method::DELETE,
             format!("{base}/fn/greet"),
@@ -138,27 +105,27 @@ async fn deploy_invoke_versions_rollback() {
         .status,
         200
     );
-    assert_eq!(call(&admin, base, "greet", json!({})).await.status, 404);
+    assert_eq!(call_fn(&admin, base, "greet", json!({})).await.status, 404);
     // Bad names, bad bodies.
     assert_eq!(
-        deploy(&admin, base, "bad name", "return function() end")
+        put_fn(&admin, base, "bad name", "return function() end")
             .await
             .status,
         400
     );
     assert_eq!(
-        deploy(&admin, base, "bad%20name", "return function() end")
+        put_fn(&admin, base, "bad%20name", "return function() end")
             .await
             .status,
         400
     );
-    let r = deploy(&admin, base, "nofn", "return 42").await;
+    let r = put_fn(&admin, base, "nofn", "return 42").await;
     assert_eq!(r.status, 200);
-    let r = call(&admin, base, "nofn", json!(null)).await;
+    let r = call_fn(&admin, base, "nofn", json!(null)).await;
     assert_eq!(r.status, 422);
     assert!(r.body.contains("must return a function"), "{}", r.body);
-    deploy(&admin, base, "echo", "return function(x) return x end").await;
-    let r = req(
+    put_fn(&admin, base, "echo", "return function(x) return x end").await;
+    let r = request(
         &admin,
         reqwest::Method::POST,
         format!("{base}/fn/echo"),
@@ -167,12 +134,12 @@ async fn deploy_invoke_versions_rollback() {
     .await;
     assert_eq!(r.status, 400);
     assert_eq!(
-        call(&admin, base, "echo", json!([1, "a", {"b": [true]}]))
+        call_fn(&admin, base, "echo", json!([1, "a", {"b": [true]}]))
             .await
             .json(),
         json!([1, "a", {"b": [true]}])
     );
-    let r = req(
+    let r = request(
         &admin,
         reqwest::Method::POST,
         format!("{base}/fn/echo"),
@@ -185,7 +152,7 @@ async fn deploy_invoke_versions_rollback() {
         "an empty body is nil, answered as JSON null"
     );
     // Fresh globals on every call.
-    deploy(
+    put_fn(
         &admin,
         base,
         "counter",
@@ -194,7 +161,7 @@ async fn deploy_invoke_versions_rollback() {
     .await;
     for _ in 0..3 {
         assert_eq!(
-            call(&admin, base, "counter", json!(null)).await.json(),
+            call_fn(&admin, base, "counter", json!(null)).await.json(),
             json!(1)
         );
     }
@@ -205,7 +172,7 @@ async fn errors_carry_message_line_and_trace_id() {
     let s = Server::start(&[]);
     let admin = client();
     let base = &s.url;
-    let r = deploy(
+    let r = put_fn(
         &admin,
         base,
         "syntax",
@@ -223,12 +190,12 @@ async fn errors_carry_message_line_and_trace_id() {
             .contains("near 'end'")
     );
     assert_eq!(
-        call(&admin, base, "syntax", json!(null)).await.status,
+        call_fn(&admin, base, "syntax", json!(null)).await.status,
         404,
         "a failed deploy stores nothing"
     );
-    deploy(&admin, base, "boom", "local function inner(t)\n  return t.missing.field\nend\nreturn function(x)\n  return inner(x)\nend\n").await;
-    let r = call(&admin, base, "boom", json!({})).await;
+    put_fn(&admin, base, "boom", "local function inner(t)\n  return t.missing.field\nend\nreturn function(x)\n  return inner(x)\nend\n").await;
+    let r = call_fn(&admin, base, "boom", json!({})).await;
     assert_eq!(r.status, 422, "{}", r.body);
     let j = r.json();
     assert_eq!(j["error"]["name"], "LUA_ERROR");
@@ -245,38 +212,38 @@ async fn errors_carry_message_line_and_trace_id() {
         j["error"]["trace_id"].as_str(),
         r.header("x-ichibase-trace-id")
     );
-    deploy(
+    put_fn(
         &admin,
         base,
         "raise",
         "return function()\n  error('custom failure')\nend",
     )
     .await;
-    let j = call(&admin, base, "raise", json!(null)).await.json();
+    let j = call_fn(&admin, base, "raise", json!(null)).await.json();
     assert_eq!(
         (j["error"]["line"].clone(), j["error"]["message"].clone()),
         (json!(2), json!("custom failure"))
     );
     // SQL errors from db keep their code.
-    deploy(
+    put_fn(
         &admin,
         base,
         "sqlerr",
         "return function()\n\n  return db.query('SELECT * FROM nope')\nend",
     )
     .await;
-    let r = call(&admin, base, "sqlerr", json!(null)).await;
+    let r = call_fn(&admin, base, "sqlerr", json!(null)).await;
     assert_eq!(r.status, 404, "{}", r.body);
     assert_eq!(r.json()["error"]["name"], "UNKNOWN_TABLE");
     assert_eq!(r.json()["error"]["line"], 3);
-    deploy(
+    put_fn(
         &admin,
         base,
         "nojson",
         "return function() return function() end end",
     )
     .await;
-    let r = call(&admin, base, "nojson", json!(null)).await;
+    let r = call_fn(&admin, base, "nojson", json!(null)).await;
     assert_eq!(r.status, 422);
     assert!(r.body.contains("cannot be encoded as JSON"), "{}", r.body);
 }
@@ -306,7 +273,7 @@ return function(input, ctx)
   log.info("listed", {count = #mine})
   return {me = me.u, role = me.r, ctx_user = ctx.user_id, notes = mine, json = json.decode(json.encode({a = {1, 2}}))}
 end"#;
-    assert_eq!(deploy(&admin, base, "notes", src).await.status, 200);
+    assert_eq!(put_fn(&admin, base, "notes", src).await.status, 200);
     let mut users = Vec::new();
     for email in ["a@example.com", "b@example.com"] {
         let j = common::signup_and_signin(base, email, "long password").await;
@@ -317,8 +284,8 @@ end"#;
     }
     let (a_id, a) = &users[0];
     let (b_id, b) = &users[1];
-    call(a, base, "notes", json!({"add": "from a"})).await;
-    let r = call(b, base, "notes", json!({"add": "from b"})).await;
+    call_fn(a, base, "notes", json!({"add": "from a"})).await;
+    let r = call_fn(b, base, "notes", json!({"add": "from b"})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let j = r.json();
     assert_eq!(j["me"].as_str(), Some(b_id.as_str()));
@@ -327,35 +294,35 @@ end"#;
     assert_eq!(j["notes"], json!([{"body": "from b"}]));
     assert_eq!(j["json"], json!({"a": [1, 2]}));
     assert_eq!(
-        call(a, base, "notes", json!({})).await.json()["notes"],
+        call_fn(a, base, "notes", json!({})).await.json()["notes"],
         json!([{"body": "from a"}])
     );
     assert_eq!(
-        call(a, base, "notes", json!({})).await.json()["me"].as_str(),
+        call_fn(a, base, "notes", json!({})).await.json()["me"].as_str(),
         Some(a_id.as_str())
     );
     // Users may invoke, not deploy.
     assert_eq!(
-        deploy(a, base, "mine", "return function() end")
+        put_fn(a, base, "mine", "return function() end")
             .await
             .status,
         403
     );
     assert_eq!(
-        req(a, reqwest::Method::GET, format!("{base}/fn/notes"), None)
+        request(a, reqwest::Method::GET, format!("{base}/fn/notes"), None)
             .await
             .status,
         403
     );
     // The base table stays out of reach from Lua too.
-    deploy(
+    put_fn(
         &admin,
         base,
         "steal",
         "return function() return db.query('SELECT * FROM notes') end",
     )
     .await;
-    let r = call(a, base, "steal", json!(null)).await;
+    let r = call_fn(a, base, "steal", json!(null)).await;
     assert_eq!(r.status, 403, "{}", r.body);
     assert_eq!(r.json()["error"]["name"], "ACCESS_DENIED");
     // db.tx: commit on return, rollback on error.
@@ -367,22 +334,22 @@ return function(input)
   end)
   return {ok = ok, count = db.one("SELECT count(*) AS n FROM my_notes").n}
 end"#;
-    deploy(&admin, base, "tx", tx).await;
-    let r = call(a, base, "tx", json!({"fail": true})).await;
+    put_fn(&admin, base, "tx", tx).await;
+    let r = call_fn(a, base, "tx", json!({"fail": true})).await;
     assert_eq!(r.json(), json!({"ok": false, "count": 1}), "{}", r.body);
-    let r = call(a, base, "tx", json!({"fail": false})).await;
+    let r = call_fn(a, base, "tx", json!({"fail": false})).await;
     assert_eq!(r.json(), json!({"ok": true, "count": 2}), "{}", r.body);
     // db.migrate is the admin's.
-    deploy(
+    put_fn(
         &admin,
         base,
         "mig",
         "return function() db.migrate('CREATE TABLE m1(x); CREATE TABLE m2(y)') return 'ok' end",
     )
     .await;
-    assert_eq!(call(a, base, "mig", json!(null)).await.status, 403);
+    assert_eq!(call_fn(a, base, "mig", json!(null)).await.status, 403);
     assert_eq!(
-        call(&admin, base, "mig", json!(null)).await.json(),
+        call_fn(&admin, base, "mig", json!(null)).await.json(),
         json!("ok")
     );
     assert_eq!(
@@ -424,14 +391,14 @@ async fn deep_trace_and_hover() {
     let s = Server::start(&["--signup-open", "true"]);
     let admin = client();
     let base = &s.url;
-    deploy(&admin, base, "squares", TRACED).await;
+    put_fn(&admin, base, "squares", TRACED).await;
     // Untraced calls record nothing.
-    let r = call(&admin, base, "squares", json!({"n": 3})).await;
+    let r = call_fn(&admin, base, "squares", json!({"n": 3})).await;
     assert_eq!(r.json(), json!({"sum": 14, "items": 3}));
     assert!(r.header("x-ichibase-trace").is_none());
     let id = r.header("x-ichibase-trace-id").unwrap().to_string();
     assert_eq!(
-        req(
+        request(
             &admin,
             reqwest::Method::GET,
             format!("{base}/trace/{id}"),
@@ -442,7 +409,7 @@ async fn deep_trace_and_hover() {
         404
     );
     // Traced call.
-    let r = req(
+    let r = request(
         &admin,
         reqwest::Method::POST,
         format!("{base}/fn/squares?trace=1"),
@@ -451,7 +418,7 @@ async fn deep_trace_and_hover() {
     .await;
     assert_eq!(r.json(), json!({"sum": 14, "items": 3}));
     let path = r.header("x-ichibase-trace").unwrap().to_string();
-    let t = req(&admin, reqwest::Method::GET, format!("{base}{path}"), None)
+    let t = request(&admin, reqwest::Method::GET, format!("{base}{path}"), None)
         .await
         .json();
     assert_eq!(t["trace"]["outcome"], "ok");
@@ -504,7 +471,7 @@ async fn deep_trace_and_hover() {
             .any(|s| s["function"] == "checkpoint" && s["locals"]["sum"] == 14)
     );
     // Hover: history of `sum` and its value at one step.
-    let h = req(
+    let h = request(
         &admin,
         reqwest::Method::GET,
         format!("{base}{path}/hover?name=sum"),
@@ -521,7 +488,7 @@ async fn deep_trace_and_hover() {
         .collect();
     assert_eq!(values, vec![0, 1, 5, 14]);
     let step = h["history"][2]["step"].as_i64().unwrap();
-    let v = req(
+    let v = request(
         &admin,
         reqwest::Method::GET,
         format!("{base}{path}/hover?name=sum&step={step}"),
@@ -533,7 +500,7 @@ async fn deep_trace_and_hover() {
         (v["value"].clone(), v["scope"].clone(), v["defined"].clone()),
         (json!(5), json!("local"), json!(true))
     );
-    let v = req(
+    let v = request(
         &admin,
         reqwest::Method::GET,
         format!("{base}{path}/hover?name=nothing&step={step}"),
@@ -543,7 +510,7 @@ async fn deep_trace_and_hover() {
     .json();
     assert_eq!(v["defined"], false);
     assert_eq!(
-        req(
+        request(
             &admin,
             reqwest::Method::GET,
             format!("{base}{path}/hover?name=sum&step=99999"),
@@ -554,14 +521,14 @@ async fn deep_trace_and_hover() {
         404
     );
     // A failing traced call records the steps up to the error.
-    deploy(
+    put_fn(
         &admin,
         base,
         "fails",
         "return function()\n  local a = 1\n  local b = a + 1\n  error('stop at ' .. b)\nend",
     )
     .await;
-    let r = req(
+    let r = request(
         &admin,
         reqwest::Method::POST,
         format!("{base}/fn/fails?trace=1"),
@@ -569,7 +536,7 @@ async fn deep_trace_and_hover() {
     )
     .await;
     assert_eq!(r.status, 422);
-    let t = req(
+    let t = request(
         &admin,
         reqwest::Method::GET,
         format!("{base}{}", r.header("x-ichibase-trace").unwrap()),
@@ -587,14 +554,14 @@ async fn deep_trace_and_hover() {
             .any(|s| s["locals"]["b"] == 2)
     );
     // Per-function tracing, and who may read a trace.
-    deploy(
+    put_fn(
         &admin,
         base,
         "always",
         "return function(x) local y = x return y end",
     )
     .await;
-    let r = req(
+    let r = request(
         &admin,
         reqwest::Method::PUT,
         format!("{base}/fn/always?trace=1"),
@@ -604,7 +571,7 @@ async fn deep_trace_and_hover() {
     assert_eq!(r.json()["trace"], true);
     let signup = common::signup_and_signin(base, "u@example.com", "long password").await;
     let user = client_with_token(signup["access_token"].as_str().unwrap());
-    let r = call(&user, base, "always", json!(7)).await;
+    let r = call_fn(&user, base, "always", json!(7)).await;
     let tpath = r
         .header("x-ichibase-trace")
         .expect("traced by the function's flag")
@@ -612,7 +579,7 @@ async fn deep_trace_and_hover() {
     // Changed (issue 12): a trace holds the function's locals and upvalues, so a caller who
     // may not trace the function does not read the trace the function's flag recorded.
     assert_eq!(
-        req(&user, reqwest::Method::GET, format!("{base}{tpath}"), None)
+        request(&user, reqwest::Method::GET, format!("{base}{tpath}"), None)
             .await
             .status,
         404,
@@ -621,14 +588,14 @@ async fn deep_trace_and_hover() {
     let other = common::signup_and_signin(base, "v@example.com", "long password").await;
     let other = client_with_token(other["access_token"].as_str().unwrap());
     assert_eq!(
-        req(&other, reqwest::Method::GET, format!("{base}{tpath}"), None)
+        request(&other, reqwest::Method::GET, format!("{base}{tpath}"), None)
             .await
             .status,
         404,
         "others do not"
     );
     assert_eq!(
-        req(&admin, reqwest::Method::GET, format!("{base}{tpath}"), None)
+        request(&admin, reqwest::Method::GET, format!("{base}{tpath}"), None)
             .await
             .status,
         200
@@ -680,7 +647,7 @@ async fn cli_deploys_functions() {
     );
     let s = Server::start_in(&data, &[], &[]);
     assert_eq!(
-        call(&client(), &s.url, "hello", json!({"name": "cli"}))
+        call_fn(&client(), &s.url, "hello", json!({"name": "cli"}))
             .await
             .json(),
         json!("hi cli")
@@ -691,12 +658,11 @@ async fn cli_deploys_functions() {
 
 /// Sign up `email` (then sign in) and return a client carrying its access token.
 async fn user(base: &str, email: &str) -> reqwest::Client {
-    let j = common::signup_and_signin(base, email, "a long enough password 42").await;
-    client_with_token(j["access_token"].as_str().unwrap())
+    common::signup_with(base, email, "a long enough password 42").await.client
 }
 
 async fn get_url(c: &reqwest::Client, url: String) -> Resp {
-    req(c, reqwest::Method::GET, url, None).await
+    request(c, reqwest::Method::GET, url, None).await
 }
 
 /// POST /fn/{name}{suffix} with extra headers.
@@ -711,12 +677,7 @@ async fn call_with(
     for (k, v) in headers {
         rb = rb.header(*k, *v);
     }
-    let r = rb.send().await.unwrap();
-    Resp {
-        status: r.status().as_u16(),
-        headers: r.headers().clone(),
-        body: r.text().await.unwrap(),
-    }
+    read(rb.send().await.unwrap()).await
 }
 
 const SECRET_FN: &str = r#"local API_KEY = "sk-live-very-secret"
@@ -731,7 +692,7 @@ async fn traces_only_for_admin_owner_or_debug_roles() {
     let (admin, anon, base) = (client(), anon_client(), s.url.clone());
     let alice = user(&base, "alice@example.com").await;
     let bob = user(&base, "bob@example.com").await;
-    assert_eq!(deploy(&admin, &base, "secret", SECRET_FN).await.status, 200);
+    assert_eq!(put_fn(&admin, &base, "secret", SECRET_FN).await.status, 200);
     // Every way a non-admin could ask for a trace: refused before anything runs, nothing kept.
     let asks: &[(&str, &[(&str, &str)])] = &[
         ("?trace=1", &[]),
@@ -783,9 +744,9 @@ async fn traces_only_for_admin_owner_or_debug_roles() {
     }
     // A function the admin traces on every call: a user's call is traced for the admin, and
     // the caller does not read it (it holds the function's upvalues).
-    let r = req(&admin, reqwest::Method::PUT, format!("{base}/fn/secret?trace=1"), Some(SECRET_FN.into())).await;
+    let r = request(&admin, reqwest::Method::PUT, format!("{base}/fn/secret?trace=1"), Some(SECRET_FN.into())).await;
     assert_eq!(r.json()["trace"], true);
-    let r = call(&alice, &base, "secret", json!({})).await;
+    let r = call_fn(&alice, &base, "secret", json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let tpath = r.header("x-ichibase-trace").expect("traced by the function's flag").to_string();
     for (who, c) in [("anon", &anon), ("alice", &alice), ("bob", &bob)] {
@@ -812,7 +773,7 @@ async fn debug_roles_may_trace_and_read_only_their_own() {
     let (admin, anon, base) = (client(), anon_client(), s.url.clone());
     let alice = user(&base, "alice@example.com").await;
     let bob = user(&base, "bob@example.com").await;
-    deploy(&admin, &base, "secret", SECRET_FN).await;
+    put_fn(&admin, &base, "secret", SECRET_FN).await;
     let r = call_with(&alice, &base, "secret", "?trace=1", &[]).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let id = r.header("x-ichibase-trace-id").unwrap().to_string();
@@ -857,7 +818,7 @@ async fn trace_storage_is_capped_per_trace_and_in_total() {
         ],
     );
     let (admin, base) = (client(), s.url.clone());
-    deploy(&admin, &base, "big", BIG_TRACE_FN).await;
+    put_fn(&admin, &base, "big", BIG_TRACE_FN).await;
     let before = db_bytes(dir.path());
     let mut ids = Vec::new();
     for _ in 0..10 {
@@ -908,7 +869,7 @@ async fn traces_expire_after_their_retention() {
         ],
     );
     let (admin, base) = (client(), s.url.clone());
-    deploy(&admin, &base, "secret", SECRET_FN).await;
+    put_fn(&admin, &base, "secret", SECRET_FN).await;
     let r = call_with(&admin, &base, "secret", "?trace=1", &[]).await;
     let id = r.header("x-ichibase-trace-id").unwrap().to_string();
     assert_eq!(get_url(&admin, format!("{base}/trace/{id}")).await.status, 200);
@@ -931,7 +892,7 @@ async fn traces_expire_after_their_retention() {
         ],
     );
     let base = s.url.clone();
-    deploy(&admin, &base, "secret", SECRET_FN).await;
+    put_fn(&admin, &base, "secret", SECRET_FN).await;
     let r = call_with(&admin, &base, "secret", "?trace=1", &[]).await;
     let old = r.header("x-ichibase-trace-id").unwrap().to_string();
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
@@ -988,10 +949,10 @@ async fn db_tx_has_its_own_short_time_limit() {
           end"#),
     ];
     for (name, src) in variants {
-        assert_eq!(deploy(&admin, &base, name, src).await.status, 200, "{name}");
+        assert_eq!(put_fn(&admin, &base, name, src).await.status, 200, "{name}");
         let started = std::time::Instant::now();
         let (c, b, n) = (admin.clone(), base.clone(), name.to_string());
-        let lua = tokio::spawn(async move { call(&c, &b, &n, json!({})).await });
+        let lua = tokio::spawn(async move { call_fn(&c, &b, &n, json!({})).await });
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         // The writer stays available to others.
         let w = std::time::Instant::now();
@@ -1012,10 +973,10 @@ async fn db_tx_has_its_own_short_time_limit() {
     let out = common::ok(&admin, &base, "SELECT v, count(*) FROM tx_t GROUP BY v ORDER BY v FORMAT TSV").await;
     assert_eq!(out, "http\t5\n");
     // A short transaction still commits.
-    deploy(&admin, &base, "tx_short", r#"return function()
+    put_fn(&admin, &base, "tx_short", r#"return function()
         return db.tx(function() return db.exec("INSERT INTO tx_t (v) VALUES ('short')").changes end)
       end"#).await;
-    let r = call(&admin, &base, "tx_short", json!({})).await;
+    let r = call_fn(&admin, &base, "tx_short", json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
@@ -1042,12 +1003,12 @@ async fn lua_memory_budget_refuses_beyond_the_budget() {
         ],
     );
     let (admin, anon, base) = (client(), anon_client(), s.url.clone());
-    deploy(&admin, &base, "hungry", HUNGRY_FN).await;
+    put_fn(&admin, &base, "hungry", HUNGRY_FN).await;
     let rss0 = s.rss();
     let mut calls = Vec::new();
     for _ in 0..10 {
         let (c, b) = (anon.clone(), base.clone());
-        calls.push(tokio::spawn(async move { call(&c, &b, "hungry", json!({})).await }));
+        calls.push(tokio::spawn(async move { call_fn(&c, &b, "hungry", json!({})).await }));
     }
     let mut peak = 0;
     while !calls.iter().all(|c| c.is_finished()) {
@@ -1072,7 +1033,7 @@ async fn lua_memory_budget_refuses_beyond_the_budget() {
     let grown = peak.saturating_sub(rss0);
     assert!(grown < 400 << 20, "RSS grew by {grown} bytes");
     // Room again once they finished.
-    assert_eq!(call(&anon, &base, "hungry", json!({})).await.status, 200);
+    assert_eq!(call_fn(&anon, &base, "hungry", json!({})).await.status, 200);
 }
 
 #[tokio::test]
@@ -1087,11 +1048,11 @@ async fn lua_memory_budget_queues_within_the_wait() {
         ],
     );
     let (admin, base) = (client(), s.url.clone());
-    deploy(&admin, &base, "hungry", HUNGRY_FN).await;
+    put_fn(&admin, &base, "hungry", HUNGRY_FN).await;
     let mut calls = Vec::new();
     for _ in 0..5 {
         let (c, b) = (admin.clone(), base.clone());
-        calls.push(tokio::spawn(async move { call(&c, &b, "hungry", json!({})).await }));
+        calls.push(tokio::spawn(async move { call_fn(&c, &b, "hungry", json!({})).await }));
     }
     let mut spans = Vec::new();
     for c in calls {

@@ -15,7 +15,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ADMIN_KEY, Server, post};
+use common::{ADMIN_KEY, Server, ok, post, put_fn, signup};
 use serde_json::{Value as Json, json};
 
 /// Server limits: small, so limits are quick to hit.
@@ -1654,28 +1654,9 @@ fn http(token: Option<&str>) -> reqwest::Client {
         .unwrap()
 }
 
-async fn sql_ok(c: &reqwest::Client, base: &str, sql: &str) -> String {
-    let r = post(c, base, &[], sql).await;
-    assert_eq!(r.status, 200, "{sql}: {}", r.body);
-    r.body
-}
-
-async fn signup(base: &str, email: &str) -> (String, String) {
-    let j = common::signup_and_signin(base, email, &format!("password-of-{email}")).await;
-    (
-        j["user"]["id"].as_str().unwrap().to_string(),
-        j["access_token"].as_str().unwrap().to_string(),
-    )
-}
-
 async fn deploy(admin: &reqwest::Client, base: &str, name: &str, src: &str) -> (u16, String) {
-    let r = admin
-        .put(format!("{base}/fn/{name}"))
-        .body(src.to_string())
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.text().await.unwrap_or_default())
+    let r = put_fn(admin, base, name, src).await;
+    (r.status, r.body)
 }
 
 /// A server with the small limits, the notes app of tests/rls.rs (alice, bob, the `my_notes`
@@ -1715,13 +1696,13 @@ async fn start_env() -> Env {
         "policy: {}",
         r.text().await.unwrap()
     );
-    let (alice_id, alice_token) = signup(&base, "alice@example.com").await;
-    let (bob_id, bob_token) = signup(&base, "bob@example.com").await;
+    let common::User { id: alice_id, token: alice_token, .. } = signup(&base, "alice@example.com").await;
+    let common::User { id: bob_id, token: bob_token, .. } = signup(&base, "bob@example.com").await;
     let alice = http(Some(&alice_token));
     let bob = http(Some(&bob_token));
     for (c, n) in [(&alice, "alice"), (&bob, "bob")] {
         for i in 0..3 {
-            sql_ok(
+            ok(
                 c,
                 &base,
                 &format!("INSERT INTO my_notes(body) VALUES ('{n} note {i}')"),
@@ -1729,7 +1710,7 @@ async fn start_env() -> Env {
             .await;
         }
     }
-    sql_ok(
+    ok(
         &bob,
         &base,
         "INSERT INTO my_notes(body) VALUES ('BOB-SECRET-7f3a')",

@@ -6,18 +6,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ADMIN_KEY, Resp, Server, anon_client, client, client_with_token, post};
+use common::{
+    ADMIN_KEY, Resp, Server, anon_client, client, json_request, post, read, signup,
+};
 use serde_json::{Value, json};
-
-async fn read(r: reqwest::Response) -> Resp {
-    let status = r.status().as_u16();
-    let headers = r.headers().clone();
-    Resp {
-        status,
-        headers,
-        body: r.text().await.unwrap(),
-    }
-}
 
 /// POST `sql` to `/analytics` with URL arguments.
 async fn analytics(c: &reqwest::Client, base: &str, args: &[(&str, &str)], sql: &str) -> Resp {
@@ -60,22 +52,6 @@ async fn wait_count(c: &reqwest::Client, base: &str, sql: &str, want: i64) -> i6
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn jreq(c: &reqwest::Client, m: reqwest::Method, url: String, body: Option<Value>) -> Resp {
-    let mut rb = c.request(m, url);
-    if let Some(b) = body {
-        rb = rb.json(&b);
-    }
-    read(rb.send().await.unwrap()).await
-}
-
-async fn signup(base: &str, email: &str) -> (String, reqwest::Client) {
-    let j = common::signup_and_signin(base, email, &format!("password-of-{email}")).await;
-    (
-        j["user"]["id"].as_str().unwrap().to_string(),
-        client_with_token(j["access_token"].as_str().unwrap()),
-    )
 }
 
 const FAST: &[&str] = &["--posterity-flush-secs", "0.2"];
@@ -129,7 +105,7 @@ async fn requests_statements_and_lua_runs_are_logged() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let ok = jreq(
+    let ok = json_request(
         &c,
         reqwest::Method::POST,
         format!("{base}/fn/stats"),
@@ -140,7 +116,7 @@ async fn requests_statements_and_lua_runs_are_logged() {
     assert!(ok.json()["n"].as_i64().unwrap() >= 0);
     assert_eq!(ok.json()["c"], 3);
     let trace_ok = ok.header("x-ichibase-trace-id").unwrap().to_string();
-    let fail = jreq(
+    let fail = json_request(
         &c,
         reqwest::Method::POST,
         format!("{base}/fn/stats"),
@@ -234,7 +210,7 @@ async fn requests_statements_and_lua_runs_are_logged() {
     assert_eq!(from_lua, vec![json!({"rows": 1, "f": "stats"})]);
 
     // The counters.
-    let st = jreq(
+    let st = json_request(
         &c,
         reqwest::Method::GET,
         format!("{base}/admin/posterity"),
@@ -390,8 +366,8 @@ async fn app_tables_reach_duckdb() {
 async fn role_restriction_holds() {
     let s = Server::start(&["--posterity-flush-secs", "0.2", "--signup-open", "true"]);
     let (admin, base) = (client(), s.url.clone());
-    let (alice_id, alice) = signup(&base, "alice@example.com").await;
-    let (bob_id, bob) = signup(&base, "bob@example.com").await;
+    let common::User { id: alice_id, client: alice, .. } = signup(&base, "alice@example.com").await;
+    let common::User { id: bob_id, client: bob, .. } = signup(&base, "bob@example.com").await;
     // Each makes a few requests of their own.
     for _ in 0..3 {
         post(&alice, &base, &[], "SELECT 1").await;
@@ -399,7 +375,7 @@ async fn role_restriction_holds() {
     post(&bob, &base, &[], "SELECT 2").await;
 
     // The admin publishes "my requests" to the `user` role.
-    let r = jreq(
+    let r = json_request(
         &admin,
         reqwest::Method::PUT,
         format!("{base}/admin/analytics/views/my_requests"),
@@ -410,7 +386,7 @@ async fn role_restriction_holds() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = jreq(
+    let r = json_request(
         &admin,
         reqwest::Method::GET,
         format!("{base}/admin/analytics/views"),
@@ -420,7 +396,7 @@ async fn role_restriction_holds() {
     assert_eq!(r.json()[0]["name"], "my_requests");
     assert_eq!(r.json()[0]["roles"], json!(["user"]));
     // Engine objects cannot be replaced, and the role cannot publish views.
-    let r = jreq(
+    let r = json_request(
         &admin,
         reqwest::Method::PUT,
         format!("{base}/admin/analytics/views/log"),
@@ -428,7 +404,7 @@ async fn role_restriction_holds() {
     )
     .await;
     assert_eq!(r.status, 400, "{}", r.body);
-    let r = jreq(
+    let r = json_request(
         &alice,
         reqwest::Method::PUT,
         format!("{base}/admin/analytics/views/mine"),
@@ -501,7 +477,7 @@ async fn role_restriction_holds() {
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
     // Revoking the view ends access.
-    let r = jreq(
+    let r = json_request(
         &admin,
         reqwest::Method::DELETE,
         format!("{base}/admin/analytics/views/my_requests"),
@@ -523,7 +499,7 @@ async fn role_restriction_holds() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = jreq(
+    let r = json_request(
         &alice,
         reqwest::Method::POST,
         format!("{base}/fn/peek"),
@@ -531,7 +507,7 @@ async fn role_restriction_holds() {
     )
     .await;
     assert_eq!(r.status, 403, "{}", r.body);
-    let r = jreq(
+    let r = json_request(
         &admin,
         reqwest::Method::POST,
         format!("{base}/fn/peek"),
@@ -620,7 +596,7 @@ async fn archive_then_query_parquet_and_live_rows() {
     assert!(r.body.trim().parse::<i64>().unwrap() >= 20, "{}", r.body);
 
     // And on a running server.
-    let r = jreq(
+    let r = json_request(
         &c,
         reqwest::Method::POST,
         format!("{base}/admin/archive?before=2999-01-01"),
@@ -645,7 +621,7 @@ async fn archive_then_query_parquet_and_live_rows() {
     .await;
     assert_eq!(r.body, "0\n");
     // The default (complete days past the retention) finds nothing today.
-    let r = jreq(
+    let r = json_request(
         &c,
         reqwest::Method::POST,
         format!("{base}/admin/archive"),
@@ -770,7 +746,7 @@ async fn kill_9_during_a_burst_loses_at_most_the_flush_interval() {
 // non-admins, anonymous clients refused, and runaway queries bounded.
 
 async fn put_view(admin: &reqwest::Client, base: &str, name: &str, sql: &str, roles: &[&str]) {
-    let r = jreq(
+    let r = json_request(
         admin,
         reqwest::Method::PUT,
         format!("{base}/admin/analytics/views/{name}"),
@@ -786,13 +762,13 @@ async fn put_view(admin: &reqwest::Client, base: &str, name: &str, sql: &str, ro
 async fn archived_server() -> (Server, reqwest::Client, String, Vec<String>) {
     let s = Server::start(&["--posterity-flush-secs", "0.2", "--signup-open", "true"]);
     let (admin, base) = (client(), s.url.clone());
-    let (_id, alice) = signup(&base, "alice@example.com").await;
+    let alice = signup(&base, "alice@example.com").await.client;
     for i in 0..5 {
         post(&admin, &base, &[("query_id", &format!("secret-{i}"))], "SELECT 1").await;
         post(&alice, &base, &[], "SELECT 1").await;
     }
     wait_count(&admin, &base, "SELECT count(*) FROM log WHERE kind = 'http'", 10).await;
-    let r = jreq(
+    let r = json_request(
         &admin,
         reqwest::Method::POST,
         format!("{base}/admin/archive?before=2999-01-01"),
@@ -1194,7 +1170,7 @@ async fn analytics_memory_is_bounded_and_runaways_stop_on_disconnect() {
     );
     let admin = client();
     let base = s.url.clone();
-    let (_id, alice) = signup(&base, "alice@example.com").await;
+    let alice = signup(&base, "alice@example.com").await.client;
     put_view(&admin, &base, "nums", "SELECT range AS n FROM range(1000000)", &["user"]).await;
     let pid = s.pid();
     let before = s.rss();
@@ -1236,7 +1212,7 @@ async fn analytics_memory_is_bounded_and_runaways_stop_on_disconnect() {
             format!("Authorization: Bearer {token}\r\n")
         } else {
             // The user's token, taken from a fresh sign-in.
-            let r = jreq(
+            let r = json_request(
                 &anon_client(),
                 reqwest::Method::POST,
                 format!("{base}/auth/signin"),

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, client, post, anon_client};
+use common::{Server, anon_client, client, post, signup_with};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -71,20 +71,15 @@ async fn quiet(ws: &mut Ws, ms: u64) {
     }
 }
 
-async fn signup(base: &str, email: &str) -> (String, String) {
-    let j = common::signup_and_signin(base, email, "long password").await;
-    (
-        j["user"]["id"].as_str().unwrap().to_string(),
-        j["access_token"].as_str().unwrap().to_string(),
-    )
-}
+/// The password every test user here signs up with.
+const PASSWORD: &str = "long password";
 
 #[tokio::test]
 async fn broadcast_presence_and_join_rules() {
     let s = Server::start(&["--signup-open", "true"]);
     let base = &s.url;
-    let (a_id, a_tok) = signup(base, "a@example.com").await;
-    let (b_id, b_tok) = signup(base, "b@example.com").await;
+    let common::User { id: a_id, token: a_tok, .. } = signup_with(base, "a@example.com", PASSWORD).await;
+    let common::User { id: b_id, token: b_tok, .. } = signup_with(base, "b@example.com", PASSWORD).await;
     let mut a = connect(base, Some(&a_tok)).await;
     send(
         &mut a,
@@ -453,8 +448,8 @@ async fn change_events_respect_row_level_security() {
         .send()
         .await
         .unwrap();
-    let (a_id, a_tok) = signup(base, "a@example.com").await;
-    let (b_id, b_tok) = signup(base, "b@example.com").await;
+    let common::User { id: a_id, token: a_tok, .. } = signup_with(base, "a@example.com", PASSWORD).await;
+    let common::User { id: b_id, token: b_tok, .. } = signup_with(base, "b@example.com", PASSWORD).await;
     let mut a = connect(base, Some(&a_tok)).await;
     let mut b = connect(base, Some(&b_tok)).await;
     for (ws, n) in [(&mut a, "a"), (&mut b, "b")] {
@@ -700,25 +695,14 @@ fn basic(email: &str, password: &str) -> (&'static str, String) {
 /// Sign up, then sign in (sign-up answers alike for new and existing emails, without tokens);
 /// the whole sign-in answer (tokens, session id, user).
 async fn signup_full(base: &str, email: &str) -> Value {
-    let r = anon_client()
-        .post(format!("{base}/auth/signup"))
-        .json(&json!({"email": email, "password": "long password"}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    signin_full(base, email, "long password").await
+    signup_with(base, email, PASSWORD).await.signin
 }
 
+/// A sign-in that must succeed; its answer.
 async fn signin_full(base: &str, email: &str, password: &str) -> Value {
-    let r = anon_client()
-        .post(format!("{base}/auth/signin"))
-        .json(&json!({"email": email, "password": password}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
+    let r = common::signin(&anon_client(), base, email, password).await;
+    assert_eq!(r.status, 200);
+    r.json()
 }
 
 async fn join(ws: &mut Ws, channel: &str) {

@@ -406,3 +406,40 @@ async fn hover(
             .await,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_are_1_or_true() {
+        for (v, want) in [
+            (None, false),
+            (Some("1"), true),
+            (Some("true"), true),
+            (Some("TRUE"), true),
+            (Some("0"), false),
+            (Some(""), false),
+            (Some("yes"), false),
+        ] {
+            assert_eq!(flag(&v.map(String::from)), want, "{v:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn syntax_errors_carry_their_line() {
+        let e = Error::new(ErrorCode::LuaError, "unexpected symbol near '}'");
+        let r = syntax_error(&e, Some(3));
+        assert_eq!(r.status().as_u16(), e.code.http_status());
+        assert!(r.headers().get(axum::http::header::CONTENT_LENGTH).is_none());
+        let b = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        let v: JsonValue = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["error"]["line"], 3);
+        assert_eq!(v["error"]["name"], e.code.name());
+        assert_eq!(v["error"]["message"], "unexpected symbol near '}'");
+        assert_eq!(v["exception"], e.to_string());
+        let r = syntax_error(&e, None);
+        let b = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        assert_eq!(serde_json::from_slice::<JsonValue>(&b).unwrap()["error"]["line"], JsonValue::Null);
+    }
+}

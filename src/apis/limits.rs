@@ -314,4 +314,98 @@ mod tests {
             assert!(HttpLimits::new(s).is_err());
         }
     }
+
+    fn ctx(role: &str, user: Option<&str>, session: Option<&str>) -> RequestContext {
+        let mut c = RequestContext::new(None, Role::from_name(role));
+        c.user_id = user.map(String::from);
+        c.session_id = session.map(String::from);
+        c
+    }
+
+    #[test]
+    fn http_settings_are_validated() {
+        assert!(HttpLimits::new(HttpSettings::default()).is_ok());
+        for bad in [
+            HttpSettings { send_timeout_secs: 0.0, ..Default::default() },
+            HttpSettings { send_timeout_secs: f64::INFINITY, ..Default::default() },
+            HttpSettings { spool_memory: 2 << 30, ..Default::default() },
+            HttpSettings { spool_disk: 8 << 30, ..Default::default() },
+        ] {
+            assert!(HttpLimits::new(bad.clone()).is_err(), "{bad:?}");
+        }
+        let l = HttpLimits::new(HttpSettings::default()).unwrap();
+        let s = l.spool();
+        assert_eq!((s.memory, s.per_request, s.total_limit), (8 << 20, 1 << 30, 4 << 30));
+        assert_eq!(s.send_timeout, Duration::from_secs(60));
+        assert!(Arc::ptr_eq(&s.total, &l.spool().total), "every answer shares one counter");
+    }
+
+    #[test]
+    fn sql_guard_settings_are_validated_and_default_to_half_the_pool() {
+        for bad in [
+            SqlGuardSettings { write_timeout_secs: 0.0, ..Default::default() },
+            SqlGuardSettings { queue_wait_secs: f64::NAN, ..Default::default() },
+            SqlGuardSettings { max_value_bytes: 1023, ..Default::default() },
+            SqlGuardSettings { max_buffered_result_bytes: 10, ..Default::default() },
+            SqlGuardSettings { sqlite_heap_limit: 1 << 20, ..Default::default() },
+        ] {
+            assert!(SqlGuard::new(bad.clone(), 8).is_err(), "{bad:?}");
+        }
+        assert!(SqlGuard::new(SqlGuardSettings { sqlite_heap_limit: 0, ..Default::default() }, 8).is_ok());
+        let g = SqlGuard::new(SqlGuardSettings::default(), 8).unwrap();
+        assert_eq!((g.per_identity, g.anon), (4, 4));
+        let g = SqlGuard::new(SqlGuardSettings::default(), 1).unwrap();
+        assert_eq!((g.per_identity, g.anon), (1, 1));
+        let g = SqlGuard::new(
+            SqlGuardSettings { max_queries_per_identity: 3, max_anon_queries: 7, ..Default::default() },
+            8,
+        )
+        .unwrap();
+        assert_eq!((g.per_identity, g.anon), (3, 7));
+    }
+
+    #[test]
+    fn the_admin_is_not_limited() {
+        let g = SqlGuard::new(SqlGuardSettings::default(), 8).unwrap();
+        let admin = RequestContext::system();
+        let user = ctx("user", Some("u"), None);
+        assert_eq!(g.write_limit(&admin), None);
+        assert_eq!(g.write_limit(&user), Some(Duration::from_secs(5)));
+        assert_eq!(g.value_limit(&admin), 0);
+        assert_eq!(g.value_limit(&user), 64 << 20);
+    }
+
+    #[tokio::test]
+    async fn each_identity_gets_its_own_share_and_anonymous_clients_share_one() {
+        let g = SqlGuard::new(
+            SqlGuardSettings {
+                max_queries_per_identity: 1,
+                max_anon_queries: 1,
+                queue_wait_secs: 0.01,
+                ..Default::default()
+            },
+            8,
+        )
+        .unwrap();
+        assert!(g.admit(&RequestContext::system()).await.unwrap().is_none());
+
+        let alice = g.admit(&ctx("user", Some("alice"), None)).await.unwrap();
+        assert!(alice.is_some());
+        let e = g.admit(&ctx("editor", Some("alice"), None)).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::TooManyRequests);
+        assert!(e.message.contains("max_queries_per_identity"), "{}", e.message);
+        let _bob = g.admit(&ctx("user", Some("bob"), None)).await.unwrap();
+
+        let _anon = g.admit(&RequestContext::anon(None)).await.unwrap();
+        let e = g.admit(&RequestContext::anon(Some("other".into()))).await.unwrap_err();
+        assert!(e.message.contains("max_anon_queries"), "{}", e.message);
+
+        // Keys without a user are told apart by role and session.
+        let _k1 = g.admit(&ctx("svc", None, Some("s1"))).await.unwrap();
+        let _k2 = g.admit(&ctx("svc", None, Some("s2"))).await.unwrap();
+        assert!(g.admit(&ctx("svc", None, Some("s1"))).await.is_err());
+
+        drop(alice);
+        assert!(g.admit(&ctx("user", Some("alice"), None)).await.is_ok());
+    }
 }

@@ -208,3 +208,66 @@ fn retry_after(e: &Error) -> Option<u64> {
     let rest = &e.message[e.message.rfind("retry after ")? + "retry after ".len()..];
     rest.split(' ').next()?.parse().ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body(r: Response) -> String {
+        let b = axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap();
+        String::from_utf8(b.to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn errors_in_clickhouse_text_shape() {
+        let e = Error::new(ErrorCode::NotFound, "no such thing");
+        let r = error_response(&e, false, Some("q-1"));
+        assert_eq!(r.status().as_u16(), e.code.http_status());
+        let h = r.headers();
+        assert_eq!(h["content-type"], "text/plain; charset=UTF-8");
+        assert_eq!(h["x-clickhouse-exception-code"], e.code.number().to_string().as_str());
+        assert_eq!(h["x-clickhouse-query-id"], "q-1");
+        assert!(h.get(header::RETRY_AFTER).is_none());
+        assert_eq!(body(r).await, format!("{e}\n"));
+    }
+
+    #[tokio::test]
+    async fn errors_in_json_shape() {
+        let e = Error::new(ErrorCode::BadArguments, "bad \"thing\"");
+        let r = error_response(&e, true, None);
+        assert_eq!(r.headers()["content-type"], "application/json; charset=UTF-8");
+        assert!(r.headers().get("x-clickhouse-query-id").is_none());
+        let v: serde_json::Value = serde_json::from_str(&body(r).await).unwrap();
+        assert_eq!(v["error"]["code"], e.code.number());
+        assert_eq!(v["error"]["name"], e.code.name());
+        assert_eq!(v["error"]["message"], "bad \"thing\"");
+        assert_eq!(v["error"]["query_id"], serde_json::Value::Null);
+        assert_eq!(v["exception"], e.to_string());
+        // A query id that is not a valid header value is left out of the headers only.
+        let r = error_response(&e, true, Some("bad\nid"));
+        assert!(r.headers().get("x-clickhouse-query-id").is_none());
+    }
+
+    #[test]
+    fn only_429s_that_say_so_carry_retry_after() {
+        let too_many = |m: &str| Error::new(ErrorCode::TooManyRequests, m);
+        assert_eq!(retry_after(&too_many("slow down; retry after 7 s")), Some(7));
+        assert_eq!(retry_after(&too_many("retry after 1 s, then retry after 30 s")), Some(30));
+        assert_eq!(retry_after(&too_many("retry after 12")), Some(12));
+        assert_eq!(retry_after(&too_many("retry later")), None);
+        assert_eq!(retry_after(&too_many("retry after soon")), None);
+        assert_eq!(retry_after(&Error::new(ErrorCode::NotFound, "retry after 7 s")), None);
+        let r = error_response(&too_many("locked; retry after 42 s"), true, None);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "42");
+    }
+
+    #[tokio::test]
+    async fn replies_are_json_or_the_json_error() {
+        let r = reply(Ok(serde_json::json!({"a": 1})));
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(body(r).await, r#"{"a":1}"#);
+        let r = reply::<()>(Err(Error::new(ErrorCode::AccessDenied, "no")));
+        assert_eq!(r.status().as_u16(), ErrorCode::AccessDenied.http_status());
+        assert!(body(r).await.contains("\"name\":\"ACCESS_DENIED\""));
+    }
+}

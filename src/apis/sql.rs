@@ -658,3 +658,91 @@ fn streaming_body(first: Bytes, rx: mpsc::Receiver<Msg>, guard: CancelOnDrop, ta
     // Fused: the compression layer may poll once more after the end.
     Body::from_stream(futures_util::StreamExt::fuse(s))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boolean_settings_take_0_1_true_false() {
+        for (v, want) in [("1", true), ("true", true), ("TRUE", true), ("0", false), ("False", false)] {
+            assert_eq!(parse_bool("readonly", v).unwrap(), want, "{v}");
+        }
+        for v in ["", "yes", "2", " 1"] {
+            let e = parse_bool("readonly", v).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadArguments, "{v:?}");
+            assert!(e.message.contains("readonly must be 0 or 1"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn numeric_settings_are_trimmed_and_typed() {
+        assert_eq!(parse_num::<u64>("max_result_rows", " 42 ").unwrap(), 42);
+        assert_eq!(parse_num::<f64>("max_execution_time", "1.5").unwrap(), 1.5);
+        for v in ["", "-1", "1e3x", "ten"] {
+            let e = parse_num::<u64>("max_result_rows", v).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadArguments, "{v:?}");
+            assert!(e.message.contains("max_result_rows must be a number"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn a_request_may_lower_a_limit_but_never_raise_it() {
+        // Server limit 100.
+        assert_eq!(lower_only("max_result_rows", 10u64, 100).unwrap(), 10);
+        assert_eq!(lower_only("max_result_rows", 100u64, 100).unwrap(), 100);
+        let e = lower_only("max_result_rows", 101u64, 100).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadArguments);
+        assert!(e.message.contains("max_result_rows=101"), "{}", e.message);
+        // 0 asks for no limit: refused when the server has one.
+        assert!(lower_only("max_result_rows", 0u64, 100).is_err());
+        // A server without a limit (0) takes anything.
+        assert_eq!(lower_only("max_result_rows", 0u64, 0).unwrap(), 0);
+        assert_eq!(lower_only("max_result_rows", 5u64, 0).unwrap(), 5);
+        assert_eq!(lower_only("max_execution_time", 0.5f64, 30.0).unwrap(), 0.5);
+        assert!(lower_only("max_execution_time", 31.0f64, 30.0).is_err());
+    }
+
+    #[test]
+    fn query_text_is_the_url_query_then_the_body() {
+        let post = Method::POST;
+        let text = |q: Option<&str>, body: &'static [u8], m: &Method| {
+            compose_text(q, &Bytes::from_static(body), m)
+        };
+        assert_eq!(text(Some("SELECT 1"), b"", &post).unwrap().0, "SELECT 1");
+        assert_eq!(
+            text(Some("INSERT INTO t FORMAT CSV"), b"1,2", &post).unwrap().0,
+            "INSERT INTO t FORMAT CSV\n1,2"
+        );
+        assert_eq!(text(None, b"SELECT 2", &post).unwrap().0, "SELECT 2");
+        let e = text(None, b"", &Method::GET).unwrap_err();
+        assert_eq!(e.code, ErrorCode::SyntaxError);
+        assert!(e.message.contains("?query="), "{}", e.message);
+        let e = text(None, b"", &post).unwrap_err();
+        assert!(e.message.contains("POST body"), "{}", e.message);
+        assert_eq!(text(Some("  "), b"", &post).unwrap_err().code, ErrorCode::SyntaxError);
+        assert_eq!(text(None, b" \n", &post).unwrap_err().code, ErrorCode::SyntaxError);
+        let e = text(None, b"SELECT '\xff'", &post).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadArguments);
+        assert!(e.message.contains("at byte 8"), "{}", e.message);
+        // Binary insert data stays apart from the text.
+        let (sql, data) = text(Some("INSERT INTO t FORMAT RowBinary"), b"\x01\xff", &post).unwrap();
+        assert_eq!(sql, "INSERT INTO t FORMAT RowBinary");
+        assert_eq!(data.as_deref(), Some(&b"\x01\xff"[..]));
+    }
+
+    #[test]
+    fn the_exception_trailer_is_framed_as_clickhouse_does() {
+        let e = Error::new(ErrorCode::TimeoutExceeded, "too slow");
+        let msg = e.to_string();
+        let t = exception_trailer(&e, "abc123");
+        assert_eq!(
+            t,
+            format!("\r\n__exception__\r\nabc123\n{msg}\n{} abc123\r\n__exception__\r\n", msg.len() + 1)
+        );
+        let tag = exception_tag();
+        assert_eq!(tag.len(), 16);
+        assert!(tag.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()), "{tag}");
+        assert_ne!(tag, exception_tag());
+    }
+}

@@ -453,3 +453,57 @@ async fn http_broadcast(
             .map(|n| json!({"delivered": n})),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn only_cookie_only_upgrades_count_as_cookie_authenticated() {
+        let c = format!("{}=tok", crate::auth::COOKIE);
+        assert!(cookie_authenticated(&headers(&[("cookie", &c)])));
+        assert!(cookie_authenticated(&headers(&[("cookie", &format!("a=1; {c}; b=2"))])));
+        assert!(cookie_authenticated(&headers(&[("cookie", "a=1"), ("cookie", &c)])));
+        assert!(!cookie_authenticated(&headers(&[])));
+        assert!(!cookie_authenticated(&headers(&[("cookie", "a=1")])));
+        let empty = format!("{}=", crate::auth::COOKIE);
+        assert!(!cookie_authenticated(&headers(&[("cookie", &empty)])), "an empty cookie");
+        let prefixed = format!("x{}=tok", crate::auth::COOKIE);
+        assert!(!cookie_authenticated(&headers(&[("cookie", &prefixed)])));
+        for other in ["authorization", "x-clickhouse-user", "x-clickhouse-key"] {
+            assert!(
+                !cookie_authenticated(&headers(&[("cookie", &c), (other, "x")])),
+                "{other} wins over the cookie"
+            );
+        }
+    }
+
+    #[test]
+    fn error_frames_and_fields() {
+        let e = Error::new(ErrorCode::AccessDenied, "no");
+        let f = err_frame(&e, &json!("r1"));
+        assert_eq!(
+            f,
+            json!({"type": "error", "ref": "r1", "code": 497, "name": "ACCESS_DENIED", "message": "no"})
+        );
+        assert_eq!(revoked_reason(&e), "credentials revoked: no");
+        let v = json!({"channel": "room", "n": 1});
+        assert_eq!(str_field(&v, "channel").unwrap(), "room");
+        for k in ["n", "missing"] {
+            let e = str_field(&v, k).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadArguments);
+            assert_eq!(e.message, format!("'{k}' (a string) is required"));
+        }
+    }
+}

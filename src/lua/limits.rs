@@ -212,3 +212,92 @@ impl Default for LuaLimits {
         LuaLimits::new(TraceSettings::default(), &LuaLimitSettings::default())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::Role;
+
+    fn ctx(role: &str, user: Option<&str>) -> RequestContext {
+        let mut c = RequestContext::new(None, Role::from_name(role));
+        c.user_id = user.map(String::from);
+        c
+    }
+
+    #[test]
+    fn admin_debug_roles_and_the_owner_may_trace() {
+        let s = TraceSettings {
+            debug_roles: vec!["dev".into()],
+            ..Default::default()
+        };
+        assert!(s.may_trace(&RequestContext::system(), None));
+        assert!(s.may_trace(&ctx("dev", Some("d")), Some("someone else")));
+        assert!(s.may_trace(&ctx("user", Some("u1")), Some("u1")));
+        assert!(!s.may_trace(&ctx("user", Some("u1")), Some("u2")));
+        assert!(!s.may_trace(&ctx("user", Some("u1")), None));
+        assert!(!s.may_trace(&ctx("user", None), None));
+        assert!(!s.may_trace(&RequestContext::anon(None), Some("u1")));
+        assert!(!TraceSettings::default().may_trace(&ctx("dev", Some("d")), None));
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        assert!(TraceSettings::default().validate().is_ok());
+        for bad in [
+            TraceSettings { max_bytes: 1023, ..Default::default() },
+            TraceSettings { max_bytes: 2048, total_bytes: 1024, ..Default::default() },
+            TraceSettings { retention_secs: 0.0, ..Default::default() },
+            TraceSettings { retention_secs: f64::INFINITY, ..Default::default() },
+            TraceSettings { prune_interval_secs: -1.0, ..Default::default() },
+            TraceSettings { prune_interval_secs: f64::NAN, ..Default::default() },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        let d = LuaLimitSettings::default();
+        assert!(d.validate(64 << 20).is_ok());
+        assert!(d.validate((d.memory_total + 1) as usize).is_err());
+        for bad in [
+            LuaLimitSettings { tx_timeout_secs: 0.0, ..Default::default() },
+            LuaLimitSettings { tx_timeout_secs: f64::NAN, ..Default::default() },
+            LuaLimitSettings { memory_wait_secs: -0.5, ..Default::default() },
+        ] {
+            assert!(bad.validate(1).is_err(), "{bad:?}");
+        }
+        assert!(LuaLimitSettings { memory_wait_secs: 0.0, ..Default::default() }.validate(1).is_ok());
+        let t: TraceLimits = (&TraceSettings::default()).into();
+        assert_eq!(t.max_bytes, 4 << 20);
+    }
+
+    #[tokio::test]
+    async fn the_memory_budget_refuses_beyond_its_total_and_frees_on_drop() {
+        // 4 MiB in all, no waiting.
+        let b = MemoryBudget::new(4 * UNIT, Duration::ZERO);
+        let p1 = b.reserve(3 * UNIT).await.unwrap();
+        let e = b.reserve(2 * UNIT).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::MemoryLimitExceeded);
+        assert!(e.message.contains("memory_total"), "{}", e.message);
+        // Anything rounds up to at least one unit; one unit is left.
+        let p2 = b.reserve(1).await.unwrap();
+        assert!(b.reserve(1).await.is_err());
+        drop(p1);
+        drop(p2);
+        // A reservation above the total is capped at the total, so it can run alone.
+        let all = b.reserve(100 * UNIT).await.unwrap();
+        assert!(b.reserve(1).await.is_err());
+        drop(all);
+        assert!(b.reserve(4 * UNIT).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_reservation_gets_in_when_memory_is_freed() {
+        let b = Arc::new(MemoryBudget::new(2 * UNIT, Duration::from_secs(600)));
+        let held = b.reserve(2 * UNIT).await.unwrap();
+        let waiter = {
+            let b = Arc::clone(&b);
+            tokio::spawn(async move { b.reserve(UNIT).await.map(|_| ()) })
+        };
+        tokio::task::yield_now().await;
+        drop(held);
+        waiter.await.unwrap().unwrap();
+    }
+}

@@ -434,3 +434,137 @@ fn quantifiers(p: &[u8]) -> u32 {
     }
     q
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn close_attributes_are_found_with_any_spacing() {
+        for src in [
+            "local x <close> = nil",
+            "local x<close>= nil",
+            "local x < close > = nil",
+            "local x <\n\tclose\n> = nil",
+            "<close>",
+        ] {
+            assert!(has_close_attribute(src), "{src:?}");
+        }
+        for src in [
+            "",
+            "local x <const> = 1",
+            "if a < b then return a end",
+            "local closed = a < closeness",
+            "x = '<clos' .. 'e>'",
+            "a <close",
+            "<",
+            "<close x>",
+        ] {
+            assert!(!has_close_attribute(src), "{src:?}");
+        }
+    }
+
+    #[test]
+    fn backtracking_items_are_counted_outside_escapes_and_sets() {
+        assert_eq!(quantifiers(b"abc"), 0);
+        assert_eq!(quantifiers(b"a*b+c-d?"), 4);
+        assert_eq!(quantifiers(b"(.-)%s*=%s*(.*)"), 4);
+        assert_eq!(quantifiers(b"%*%+%-%?"), 0, "escaped quantifiers");
+        assert_eq!(quantifiers(b"[*+?-]"), 0, "quantifiers inside a set");
+        assert_eq!(quantifiers(b"[]*]"), 0, "']' first in a set is literal");
+        assert_eq!(quantifiers(b"[^]*]x"), 0);
+        assert_eq!(quantifiers(b"[%]*]"), 0, "an escaped ']' does not end the set");
+        assert_eq!(quantifiers(b"%b()"), 1);
+        assert_eq!(quantifiers(b"*a"), 0, "a leading '*' is a literal");
+        assert_eq!(quantifiers(b"[a-z]+"), 1);
+    }
+
+    #[test]
+    fn patterns_whose_worst_case_is_unbounded_are_refused() {
+        // Plain searches and patterns without specials cost subject x pattern.
+        assert!(pattern_guard("find", 10_000_000, b"needle", true).is_ok());
+        assert!(pattern_guard("find", 10_000_000, b"needle", false).is_ok());
+        // One quantifier over a large subject is fine; several are not.
+        assert!(pattern_guard("match", 1_000, b"a*b", false).is_ok());
+        let e = pattern_guard("match", 1_000, b"a*a*a*b", false).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("string.match") && msg.contains("1000-byte subject"), "{msg}");
+        // The same pattern on a short subject passes.
+        assert!(pattern_guard("match", 20, b"a*a*a*b", false).is_ok());
+        // The same pattern as a plain search is cheap.
+        assert!(pattern_guard("find", 10_000, b"a*a*a*b", true).is_ok());
+    }
+
+    #[test]
+    fn limits_are_found_anywhere_in_an_error_chain() {
+        let ext = mlua::Error::external(Limit::Time);
+        assert_eq!(limit_of(&ext), Some(Limit::Time));
+        let wrapped = mlua::Error::CallbackError {
+            traceback: String::new(),
+            cause: std::sync::Arc::new(mlua::Error::WithContext {
+                context: "ctx".into(),
+                cause: std::sync::Arc::new(mlua::Error::external(Limit::Transaction)),
+            }),
+        };
+        assert_eq!(limit_of(&wrapped), Some(Limit::Transaction));
+        assert_eq!(
+            limit_of(&mlua::Error::MemoryError("oom".into())),
+            Some(Limit::Memory)
+        );
+        assert_eq!(limit_of(&mlua::Error::runtime("boom")), None);
+        assert_eq!(limit_of(&mlua::Error::external("not a limit")), None);
+        assert_eq!(Limit::Instructions.to_string(), "instruction limit exceeded");
+        assert_eq!(Limit::Transaction.to_string(), "transaction time limit exceeded");
+    }
+
+    fn limits(deadline: Instant) -> Limits {
+        Limits {
+            instructions: 10_000,
+            memory: 1 << 20,
+            deadline,
+        }
+    }
+
+    #[test]
+    fn deadlines_trip_and_stay_tripped() {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let m = Meter::default();
+        assert!(check_deadline(&m, &limits(far)).is_ok());
+
+        // A passed transaction deadline trips the transaction limit.
+        m.tx_deadline.set(Some(Instant::now()));
+        let e = check_deadline(&m, &limits(far)).unwrap_err();
+        assert_eq!(limit_of(&e), Some(Limit::Transaction));
+        // Tripped stays tripped, even once the transaction is gone.
+        m.tx_deadline.set(None);
+        assert_eq!(
+            limit_of(&check_deadline(&m, &limits(far)).unwrap_err()),
+            Some(Limit::Transaction)
+        );
+
+        let m = Meter::default();
+        let e = check_deadline(&m, &limits(Instant::now())).unwrap_err();
+        assert_eq!(limit_of(&e), Some(Limit::Time));
+        assert_eq!(m.tripped.get(), Some(Limit::Time));
+    }
+
+    #[test]
+    fn the_hook_counts_instructions_and_samples_memory() {
+        let lua = Lua::new();
+        let far = Instant::now() + Duration::from_secs(3600);
+        let m = Meter::default();
+        let l = limits(far);
+        for _ in 0..10 {
+            check(&lua, &m, &l).unwrap();
+        }
+        assert_eq!(m.instructions.get(), 10 * HOOK_EVERY as u64);
+        assert!(m.peak_memory.get() > 0);
+        let e = check(&lua, &m, &l).unwrap_err();
+        assert_eq!(limit_of(&e), Some(Limit::Instructions));
+        assert_eq!(m.tripped.get(), Some(Limit::Instructions));
+        // Once tripped, the count no longer moves.
+        let _ = check(&lua, &m, &l);
+        assert_eq!(m.instructions.get(), 11 * HOOK_EVERY as u64);
+    }
+}

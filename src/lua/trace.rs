@@ -319,3 +319,122 @@ pub fn serialize(v: &Value, depth: usize, seen: &mut HashSet<usize>, budget: &mu
         other => Json::String(format!("<{}>", other.type_name())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// `serialize` of the value a Lua expression evaluates to, with a fresh budget.
+    fn ser(lua: &Lua, expr: &str) -> Json {
+        let v: Value = lua.load(format!("return {expr}")).eval().unwrap();
+        serialize(&v, 0, &mut HashSet::new(), &mut 500)
+    }
+
+    #[test]
+    fn scalars_serialise_as_json() {
+        let lua = Lua::new();
+        assert_eq!(ser(&lua, "nil"), Json::Null);
+        assert_eq!(ser(&lua, "true"), json!(true));
+        assert_eq!(ser(&lua, "42"), json!(42));
+        assert_eq!(ser(&lua, "1.5"), json!(1.5));
+        assert_eq!(ser(&lua, "0/0").as_str().map(|s| s.to_lowercase().contains("nan")), Some(true));
+        assert_eq!(ser(&lua, "'héllo'"), json!("héllo"));
+        assert_eq!(ser(&lua, "function() end"), json!("<function>"));
+        assert_eq!(ser(&lua, "coroutine.create(function() end)"), json!("<thread>"));
+    }
+
+    #[test]
+    fn long_strings_are_cut_with_their_size() {
+        let lua = Lua::new();
+        let s = ser(&lua, "string.rep('a', 300)");
+        let s = s.as_str().unwrap();
+        assert!(s.starts_with(&"a".repeat(MAX_STRING)), "{s}");
+        assert!(s.ends_with("… (300 bytes)"), "{s}");
+        assert_eq!(ser(&lua, "string.rep('a', 256)"), json!("a".repeat(256)));
+        // A megabyte is never copied whole, and the size is still reported.
+        let s = ser(&lua, "string.rep('é', 500000)");
+        assert!(s.as_str().unwrap().ends_with("… (1000000 bytes)"), "{s}");
+    }
+
+    #[test]
+    fn tables_arrays_cycles_depth_and_entries() {
+        let lua = Lua::new();
+        assert_eq!(ser(&lua, "{1, 'two', {3}}"), json!([1, "two", [3]]));
+        assert_eq!(ser(&lua, "{a = 1, b = {c = true}}"), json!({"a": 1, "b": {"c": true}}));
+        assert_eq!(ser(&lua, "{}"), json!({}));
+        assert_eq!(ser(&lua, "{[2] = 'x', [true] = 1}"), json!({"2": "x", "true": 1}));
+        let cyc = ser(&lua, "(function() local t = {} t.self = t return t end)()");
+        assert_eq!(cyc, json!({"self": "<cycle>"}));
+        // The same table twice side by side is not a cycle.
+        let twice = ser(&lua, "(function() local s = {1} return {s, s} end)()");
+        assert_eq!(twice, json!([[1], [1]]));
+        let deep = ser(&lua, "{{{{1, 2}}}}");
+        assert_eq!(deep, json!([[["<table: 2 entries>"]]]));
+        let many = ser(&lua, "(function() local t = {} for i = 1, 60 do t[i] = i end return t end)()");
+        let a = many.as_array().unwrap();
+        assert_eq!(a.len(), MAX_ENTRIES + 1);
+        assert_eq!(a[MAX_ENTRIES], json!("… 10 more"));
+        let wide = ser(&lua, "(function() local t = {} for i = 1, 60 do t['k' .. i] = i end return t end)()");
+        let o = wide.as_object().unwrap();
+        assert_eq!(o.len(), MAX_ENTRIES + 1);
+        assert_eq!(o["…"], json!("more entries"));
+    }
+
+    #[test]
+    fn the_budget_bounds_a_whole_snapshot() {
+        let lua = Lua::new();
+        let v: Value = lua.load("return {1, 2, 3, 4, 5}").eval().unwrap();
+        let mut budget = 3;
+        let j = serialize(&v, 0, &mut HashSet::new(), &mut budget);
+        assert_eq!(budget, 0);
+        assert_eq!(j, json!([1, 2, "…", "…", "…"]));
+        assert_eq!(serialize(&Value::Integer(1), 0, &mut HashSet::new(), &mut 0), json!("…"));
+    }
+
+    #[test]
+    fn checkpoints_are_steps_until_a_limit_truncates() {
+        let mut t = Tracer::new(2, usize::MAX);
+        t.checkpoint(3, "x".into(), json!(1));
+        t.checkpoint(4, "y".into(), json!({"a": [1, 2]}));
+        assert!(!t.truncated);
+        t.checkpoint(5, "z".into(), json!(3));
+        assert!(t.truncated);
+        let (steps, truncated) = t.finish();
+        assert!(truncated);
+        assert_eq!(steps.len(), 2);
+        assert_eq!((steps[0].step, steps[0].line), (0, 3));
+        assert_eq!(steps[1].function, "checkpoint");
+        assert_eq!(steps[1].locals["y"], json!({"a": [1, 2]}));
+        assert!(steps[1].after);
+
+        // The byte cap: once the recorded steps reach it, the next is refused.
+        let mut t = Tracer::new(100, 1);
+        t.checkpoint(1, "x".into(), json!(1));
+        t.checkpoint(2, "y".into(), json!(2));
+        let (steps, truncated) = t.finish();
+        assert_eq!(steps.len(), 1);
+        assert!(truncated);
+    }
+
+    #[test]
+    fn step_size_grows_with_names_and_values() {
+        let step = |locals: Json| Step {
+            step: 0,
+            line: 1,
+            depth: 0,
+            function: "f".into(),
+            source: "src".into(),
+            locals: locals.as_object().unwrap().clone(),
+            upvalues: Map::new(),
+            after: true,
+        };
+        let empty = step_size(&step(json!({})));
+        assert_eq!(empty, 48 + 1 + 3);
+        // "ab" (2) + 3 + "xyz" as a string (3 + 2)
+        assert_eq!(step_size(&step(json!({"ab": "xyz"}))), empty + 10);
+        assert_eq!(step_size(&step(json!({"n": 1}))), empty + 1 + 3 + 8);
+        assert_eq!(step_size(&step(json!({"a": [1, "x"]}))), empty + 1 + 3 + 2 + 8 + 3);
+        assert_eq!(step_size(&step(json!({"o": {"k": null}}))), empty + 1 + 3 + 2 + 1 + 3 + 8);
+    }
+}

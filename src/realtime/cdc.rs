@@ -614,3 +614,116 @@ async fn subscribe(
     subs.push(sub);
     Ok(reply)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(v: Json) -> Map<String, Json> {
+        v.as_object().unwrap().clone()
+    }
+
+    fn sub(filter: Json) -> Sub {
+        Sub {
+            conn: 1,
+            id: "s".into(),
+            ctx: RequestContext::system(),
+            object: "notes".into(),
+            table: "notes".into(),
+            columns: vec!["id".into(), "owner".into()],
+            predicate: None,
+            filter: obj(filter),
+        }
+    }
+
+    fn event(op: &str, old: Option<Json>, new: Option<Json>) -> Event {
+        Event {
+            id: 7,
+            table: "notes".into(),
+            op: op.into(),
+            key: json!(1),
+            old: old.map(obj),
+            new: new.map(obj),
+        }
+    }
+
+    #[test]
+    fn literals_and_stored_rows() {
+        assert_eq!(lit("notes"), "'notes'");
+        assert_eq!(lit("o'brien"), "'o''brien'");
+        assert_eq!(parse_obj(Some(r#"{"a":1}"#.into())), Some(obj(json!({"a": 1}))));
+        assert_eq!(parse_obj(Some("[1]".into())), None);
+        assert_eq!(parse_obj(Some("not json".into())), None);
+        assert_eq!(parse_obj(None), None);
+    }
+
+    #[test]
+    fn json_values_bind_as_sqlite_values() {
+        assert_eq!(to_sql(None), Sql::Null);
+        assert_eq!(to_sql(Some(&Json::Null)), Sql::Null);
+        assert_eq!(to_sql(Some(&json!(true))), Sql::Integer(1));
+        assert_eq!(to_sql(Some(&json!(-3))), Sql::Integer(-3));
+        assert_eq!(to_sql(Some(&json!(2.5))), Sql::Real(2.5));
+        assert_eq!(to_sql(Some(&json!("x"))), Sql::Text("x".into()));
+        assert_eq!(to_sql(Some(&json!([1, 2]))), Sql::Text("[1,2]".into()));
+    }
+
+    #[test]
+    fn filters_are_column_equalities() {
+        let row = obj(json!({"owner": "a", "n": 1, "gone": null}));
+        assert!(matches_filter(&Map::new(), &row));
+        assert!(matches_filter(&obj(json!({"owner": "a"})), &row));
+        assert!(matches_filter(&obj(json!({"owner": "a", "n": 1})), &row));
+        assert!(!matches_filter(&obj(json!({"owner": "b"})), &row));
+        assert!(!matches_filter(&obj(json!({"n": "1"})), &row), "no type coercion");
+        assert!(matches_filter(&obj(json!({"gone": null})), &row));
+        assert!(matches_filter(&obj(json!({"missing": null})), &row));
+        assert!(!matches_filter(&obj(json!({"missing": 1})), &row));
+    }
+
+    #[test]
+    fn changes_become_the_messages_the_subscriber_may_see() {
+        let s = sub(json!({"owner": "a"}));
+        let mine = json!({"id": 1, "owner": "a"});
+        let theirs = json!({"id": 1, "owner": "b"});
+
+        let m = message(&s, &event("insert", None, Some(mine.clone())), false, true).unwrap();
+        assert_eq!(m["type"], "change");
+        assert_eq!((m["sub"].as_str(), m["op"].as_str(), m["change_id"].as_i64()), (Some("s"), Some("insert"), Some(7)));
+        assert_eq!(m["new"], mine);
+        assert_eq!(m["old"], Json::Null);
+        assert!(message(&s, &event("insert", None, Some(mine.clone())), false, false).is_none(), "invisible");
+        assert!(message(&s, &event("insert", None, Some(theirs.clone())), false, true).is_none(), "filtered");
+
+        // An update seen on both sides; on the new side only (it moved in: no old row shown).
+        let m = message(&s, &event("update", Some(mine.clone()), Some(mine.clone())), true, true).unwrap();
+        assert_eq!((m["op"].as_str(), &m["old"]), (Some("update"), &mine));
+        let m = message(&s, &event("update", Some(theirs.clone()), Some(mine.clone())), true, true).unwrap();
+        assert_eq!((m["op"].as_str(), &m["old"]), (Some("update"), &Json::Null));
+        // A row that leaves the subscriber's view is a delete for them.
+        let m = message(&s, &event("update", Some(mine.clone()), Some(theirs.clone())), true, true).unwrap();
+        assert_eq!((m["op"].as_str(), &m["old"], &m["new"]), (Some("delete"), &mine, &Json::Null));
+        assert!(message(&s, &event("update", Some(theirs.clone()), Some(theirs.clone())), true, true).is_none());
+
+        let m = message(&s, &event("delete", Some(mine.clone()), None), true, false).unwrap();
+        assert_eq!(m["op"], "delete");
+        assert!(message(&s, &event("delete", Some(mine.clone()), None), false, false).is_none());
+        assert!(message(&s, &event("truncate", Some(mine), None), true, true).is_none());
+    }
+
+    #[test]
+    fn predicates_are_evaluated_on_the_row_values() {
+        let c = Connection::open_in_memory().unwrap();
+        let cols = vec!["id".to_string(), "owner".to_string(), "select".to_string()];
+        let row = obj(json!({"id": 3, "owner": "a", "select": 1.5}));
+        assert!(visible(&c, "owner = 'a'", &cols, &row).unwrap());
+        assert!(!visible(&c, "owner = 'b'", &cols, &row).unwrap());
+        assert!(visible(&c, "id > 2 AND \"select\" > 1", &cols, &row).unwrap());
+        assert!(visible(&c, "\"select\" * 1.0", &cols, &row).unwrap(), "a non-zero real is true");
+        assert!(!visible(&c, "NULL", &cols, &row).unwrap(), "NULL is not visible");
+        assert!(!visible(&c, "owner", &cols, &row).unwrap(), "text is not true");
+        let missing = obj(json!({"id": 3}));
+        assert!(!visible(&c, "owner = 'a'", &cols, &missing).unwrap(), "missing columns are NULL");
+        assert!(visible(&c, "no_such_column", &cols, &row).is_err());
+    }
+}

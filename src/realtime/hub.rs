@@ -379,3 +379,175 @@ fn presence_entry(id: u64, c: &Conn, channel: &str) -> Json {
 fn tracked(c: &Conn, channel: &str) -> bool {
     c.channels.get(channel).is_some_and(|(_, t)| *t)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::realtime::limits::WsLimitsSettings;
+
+    fn hub(queue: usize, s: WsLimitsSettings) -> Arc<Hub> {
+        Hub::new(queue, WsLimits::new(s).unwrap())
+    }
+
+    fn user(id: &str, role: &str) -> RequestContext {
+        let mut c = RequestContext::new(None, Role::from_name(role));
+        c.user_id = Some(id.to_string());
+        c
+    }
+
+    /// Every frame queued for a connection so far, as JSON.
+    fn drain(r: &mut Registered) -> Vec<Json> {
+        let mut v = Vec::new();
+        while let Ok(Out::Text(t)) = r.rx.try_recv() {
+            v.push(serde_json::from_str(&t).unwrap());
+        }
+        v
+    }
+
+    #[test]
+    fn channel_names_decide_who_may_join() {
+        let admin = RequestContext::system();
+        let anon = RequestContext::anon(None);
+        let alice = user("alice", "user");
+        let editor = user("bob", "editor");
+        for ch in ["public:x", "user:alice", "role:editor", "private:x", "room"] {
+            assert!(may_join(&admin, ch).is_ok(), "admin {ch}");
+        }
+        assert!(may_join(&anon, "public:lobby").is_ok());
+        for ch in ["user:alice", "role:user", "private:x", "room"] {
+            assert_eq!(may_join(&anon, ch).unwrap_err().code, ErrorCode::AccessDenied, "anon {ch}");
+        }
+        assert!(may_join(&alice, "user:alice").is_ok());
+        assert!(may_join(&alice, "role:user").is_ok());
+        assert!(may_join(&alice, "room").is_ok());
+        for ch in ["user:bob", "role:editor", "private:x"] {
+            assert_eq!(may_join(&alice, ch).unwrap_err().code, ErrorCode::AccessDenied, "alice {ch}");
+        }
+        assert!(may_join(&editor, "role:editor").is_ok());
+        let long = "a".repeat(201);
+        for bad in ["", "a\nb", long.as_str()] {
+            assert_eq!(may_join(&admin, bad).unwrap_err().code, ErrorCode::BadArguments, "{bad:?}");
+        }
+        assert!(may_join(&admin, &"a".repeat(200)).is_ok());
+    }
+
+    #[test]
+    fn join_leave_and_disconnect_keep_channels_and_presence_consistent() {
+        let h = hub(16, WsLimitsSettings::default());
+        let mut a = h.connect(user("alice", "user"), Some("phone".into()));
+        let mut b = h.connect(user("bob", "user"), None);
+        assert_eq!(h.connections(), 2);
+
+        let list = h.join(a.id, "room", json!({"x": 1}), true).unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0]["user_id"], "alice");
+        assert_eq!(list[0]["device"], "phone");
+        assert_eq!(list[0]["meta"], json!({"x": 1}));
+        assert!(h.is_member(a.id, "room"));
+        assert!(drain(&mut a).is_empty(), "no diff to the joiner itself");
+
+        let list = h.join(b.id, "room", Json::Null, true).unwrap();
+        assert_eq!(list.len(), 2);
+        assert!(list[0]["conn_id"].as_u64() < list[1]["conn_id"].as_u64(), "sorted by connection");
+        let d = drain(&mut a);
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0]["type"], "presence_diff");
+        assert_eq!(d[0]["joins"][0]["user_id"], "bob");
+
+        // Joining again replaces the metadata and does not add a member.
+        let list = h.join(a.id, "room", json!({"x": 2}), true).unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list.iter().find(|e| e["user_id"] == "alice").unwrap()["meta"], json!({"x": 2}));
+        drain(&mut b);
+
+        assert_eq!(h.publish("room", &json!({"m": 1}), Some(a.id)), 1);
+        assert_eq!(drain(&mut b), vec![json!({"m": 1})]);
+        assert!(drain(&mut a).is_empty());
+
+        h.leave(b.id, "room").unwrap();
+        assert!(!h.is_member(b.id, "room"));
+        assert_eq!(h.leave(b.id, "room").unwrap_err().code, ErrorCode::NotFound);
+        let d = drain(&mut a);
+        assert_eq!(d[0]["leaves"][0]["user_id"], "bob");
+
+        // A dying socket leaves its channels with a diff, and its kill switch says why.
+        h.join(b.id, "room", Json::Null, true).unwrap();
+        drain(&mut a);
+        h.disconnect(b.id, "bye");
+        assert_eq!(b.kill.borrow().as_deref(), Some("bye"));
+        assert_eq!(h.connections(), 1);
+        assert_eq!(drain(&mut a)[0]["leaves"][0]["user_id"], "bob");
+        let alice = user("alice", "user");
+        assert_eq!(h.presence(&alice, "room").unwrap().len(), 1);
+        assert!(!h.send_json(b.id, &json!({})), "a gone connection takes nothing");
+
+        // The last member leaving removes the channel: publishing reaches nobody.
+        h.disconnect(a.id, "done");
+        assert_eq!(h.publish("room", &json!({}), None), 0);
+        assert_eq!(h.connections(), 0);
+    }
+
+    #[test]
+    fn untracked_members_neither_appear_nor_get_diffs() {
+        let h = hub(16, WsLimitsSettings::default());
+        let mut a = h.connect(user("alice", "user"), None);
+        let b = h.connect(user("bob", "user"), None);
+        h.join(a.id, "room", Json::Null, false).unwrap();
+        let list = h.join(b.id, "room", Json::Null, true).unwrap();
+        assert_eq!(list.len(), 1, "only tracked members are listed");
+        assert_eq!(list[0]["user_id"], "bob");
+        assert!(drain(&mut a).is_empty(), "no presence diff to an untracked member");
+        assert_eq!(h.publish("room", &json!({"m": 1}), None), 2, "broadcasts reach everyone");
+    }
+
+    #[test]
+    fn a_full_queue_disconnects_the_slow_consumer() {
+        let h = hub(2, WsLimitsSettings::default());
+        let slow = h.connect(RequestContext::system(), None);
+        assert!(h.send_json(slow.id, &json!(1)));
+        assert!(h.send_json(slow.id, &json!(2)));
+        assert!(!h.send_json(slow.id, &json!(3)));
+        assert_eq!(h.connections(), 0);
+        let why = slow.kill.borrow().clone().unwrap();
+        assert!(why.contains("slow consumer"), "{why}");
+    }
+
+    #[test]
+    fn joins_are_capped_by_the_limits() {
+        let h = hub(
+            16,
+            WsLimitsSettings {
+                max_channels_per_socket: 2,
+                max_presence_bytes: 10,
+                ..Default::default()
+            },
+        );
+        let a = h.connect(user("alice", "user"), None);
+        h.join(a.id, "one", Json::Null, true).unwrap();
+        h.join(a.id, "two", Json::Null, true).unwrap();
+        assert_eq!(h.join(a.id, "three", Json::Null, true).unwrap_err().code, ErrorCode::TooManyRequests);
+        h.join(a.id, "two", json!(1), true).expect("re-joining is not a new channel");
+        assert_eq!(
+            h.join(a.id, "one", json!("more than ten bytes"), true).unwrap_err().code,
+            ErrorCode::RequestTooLarge
+        );
+        assert_eq!(h.join(a.id, "private:x", Json::Null, true).unwrap_err().code, ErrorCode::AccessDenied);
+        assert_eq!(h.join(999, "one", Json::Null, true).unwrap_err().code, ErrorCode::Internal);
+    }
+
+    #[test]
+    fn broadcasts_carry_the_sender_and_need_the_right_to_join() {
+        let h = hub(16, WsLimitsSettings::default());
+        let mut a = h.connect(user("alice", "user"), None);
+        h.join(a.id, "public:lobby", Json::Null, false).unwrap();
+        let n = h.broadcast(&user("bob", "user"), "public:lobby", json!({"hi": 1})).unwrap();
+        assert_eq!(n, 1);
+        let m = drain(&mut a).remove(0);
+        assert_eq!(m["type"], "broadcast");
+        assert_eq!(m["payload"], json!({"hi": 1}));
+        assert_eq!(m["from"], json!({"user_id": "bob", "role": "user"}));
+        assert!(h.broadcast(&RequestContext::anon(None), "room", json!(1)).is_err());
+        assert_eq!(h.identity(a.id).unwrap().user_id.as_deref(), Some("alice"));
+        assert!(h.identity(999).is_none());
+    }
+}

@@ -380,3 +380,70 @@ mod tests {
         assert_eq!(l.open_sockets(), 1);
     }
 }
+
+#[cfg(test)]
+mod origin_tests {
+    use super::*;
+
+    #[test]
+    fn origins_normalise_to_scheme_host_and_explicit_port() {
+        for (given, want) in [
+            ("https://app.example.com", "https://app.example.com:443"),
+            ("http://app.example.com", "http://app.example.com:80"),
+            ("HTTPS://App.Example.COM/", "https://app.example.com:443"),
+            ("  http://localhost:3000  ", "http://localhost:3000"),
+            ("http://localhost:03000", "http://localhost:3000"),
+            ("https://example.com:443", "https://example.com:443"),
+            ("http://[::1]", "http://[::1]:80"),
+            ("http://[::1]:9000", "http://[::1]:9000"),
+            ("http://127.0.0.1:8080/", "http://127.0.0.1:8080"),
+        ] {
+            assert_eq!(normalize_origin(given).as_deref(), Some(want), "{given}");
+        }
+    }
+
+    #[test]
+    fn anything_but_an_origin_is_refused() {
+        for bad in [
+            "",
+            "null",
+            "app.example.com",
+            "ftp://a.com",
+            "file:///etc/passwd",
+            "https://",
+            "https:///",
+            "https://a.com/path",
+            "https://a.com//",
+            "https://user@a.com",
+            "https://a.com?x=1",
+            "https://a.com#frag",
+            "https://a.com\\b",
+            "https://*.a.com",
+            "https://a%2ecom",
+            "https://a .com",
+            "https://a.com:",
+            "https://:443",
+            "https://a.com:x80",
+            "https://a.com:123456",
+            "https://a.com:65536",
+            "https://a.com:-1",
+        ] {
+            assert_eq!(normalize_origin(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn ports_are_seen_after_ipv6_brackets_only() {
+        assert!(has_port("a.com:80"));
+        assert!(has_port("[::1]:80"));
+        assert!(!has_port("[::1]"));
+        assert!(!has_port("a.com"));
+    }
+
+    #[test]
+    fn clip_keeps_at_most_100_characters() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(150);
+        assert_eq!(clip(&long).chars().count(), 100);
+    }
+}

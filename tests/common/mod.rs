@@ -1,5 +1,15 @@
-//! Test harness: run the real `ichibase` binary on an ephemeral 127.0.0.1 port with its own
-//! data directory, and talk to it with a real HTTP client.
+//! Test harness shared by every file in `tests/` and every bench in `benches/` (there as
+//! `#[path = "../tests/common/mod.rs"] mod common;`): run the real `ichibase` binary on an
+//! ephemeral 127.0.0.1 port with its own data directory, and talk to it with a real HTTP client.
+//!
+//! - server: [`Server::start`], [`Server::start_in`];
+//! - clients: [`client`] (admin), [`client_with_token`], [`anon_client`];
+//! - SQL: [`post`], [`get`], [`ok`] (must answer 200);
+//! - any endpoint: [`request`] (raw body), [`json_request`] / [`jpost`] (JSON body), [`api`]
+//!   (status and JSON answer), [`read`];
+//! - identities: [`signup`] / [`signup_with`] (a signed-in [`User`]), [`signup_and_signin`],
+//!   [`signin`], [`password_of`], [`grant`];
+//! - Lua: [`put_fn`] (deploy), [`call_fn`] (call).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -164,7 +174,8 @@ pub fn anon_client() -> reqwest::Client {
         .unwrap()
 }
 
-async fn read(r: reqwest::Response) -> Resp {
+/// Read a response whole (status, headers, body).
+pub async fn read(r: reqwest::Response) -> Resp {
     let status = r.status().as_u16();
     let headers = r.headers().clone();
     let body = r.text().await.unwrap();
@@ -193,7 +204,7 @@ pub async fn get(c: &reqwest::Client, base: &str, args: &[(&str, &str)]) -> Resp
     read(c.get(format!("{base}/")).query(args).send().await.unwrap()).await
 }
 
-/// POST that must succeed; returns the body.
+/// SQL POST to `/` that must answer 200; returns the body.
 pub async fn ok(c: &reqwest::Client, base: &str, sql: &str) -> String {
     let r = post(c, base, &[], sql).await;
     assert_eq!(r.status, 200, "{sql}: {}", r.body);
@@ -228,4 +239,115 @@ pub async fn signup_and_signin(base: &str, email: &str, password: &str) -> serde
     let r = read(c.post(format!("{base}/auth/signin")).json(&body).send().await.unwrap()).await;
     assert_eq!(r.status, 200, "signin {email}: {}", r.body);
     r.json()
+}
+
+/// `method url` with an optional raw body; the whole answer.
+pub async fn request(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<String>,
+) -> Resp {
+    let mut rb = c.request(method, url);
+    if let Some(b) = body {
+        rb = rb.body(b);
+    }
+    read(rb.send().await.unwrap()).await
+}
+
+/// `method url` with an optional JSON body; the whole answer.
+pub async fn json_request(
+    c: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<serde_json::Value>,
+) -> Resp {
+    let mut rb = c.request(method, url);
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    read(rb.send().await.unwrap()).await
+}
+
+/// POST a JSON body to `{base}{path}`; the whole answer.
+pub async fn jpost(c: &reqwest::Client, base: &str, path: &str, body: serde_json::Value) -> Resp {
+    json_request(c, reqwest::Method::POST, format!("{base}{path}"), Some(body)).await
+}
+
+/// A JSON API call (`method` is "GET", "DELETE", anything else is POST): the status and the
+/// answer as JSON, or `{"text": <body>}` when the answer is not JSON.
+pub async fn api(
+    c: &reqwest::Client,
+    method: &str,
+    url: String,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    let m = match method {
+        "GET" => reqwest::Method::GET,
+        "DELETE" => reqwest::Method::DELETE,
+        _ => reqwest::Method::POST,
+    };
+    let r = json_request(c, m, url, body).await;
+    let v = serde_json::from_str(&r.body).unwrap_or_else(|_| serde_json::json!({"text": r.body}));
+    (r.status, v)
+}
+
+/// The password tests give `email` unless they need another: `password-of-<email>`.
+pub fn password_of(email: &str) -> String {
+    format!("password-of-{email}")
+}
+
+/// `POST /auth/signin` with `{"email", "password"}` (no device); the whole answer, unchecked.
+pub async fn signin(c: &reqwest::Client, base: &str, email: &str, password: &str) -> Resp {
+    jpost(
+        c,
+        base,
+        "/auth/signin",
+        serde_json::json!({"email": email, "password": password}),
+    )
+    .await
+}
+
+/// A signed-up, signed-in user.
+pub struct User {
+    /// `user.id` of the sign-in answer.
+    pub id: String,
+    /// The access token.
+    pub token: String,
+    /// The refresh token.
+    pub refresh: String,
+    /// A client sending the access token.
+    pub client: reqwest::Client,
+    /// The whole sign-in answer.
+    pub signin: serde_json::Value,
+}
+
+/// Sign up `email` with [`password_of`] and sign in ([`signup_and_signin`]).
+pub async fn signup(base: &str, email: &str) -> User {
+    signup_with(base, email, &password_of(email)).await
+}
+
+/// Sign up `email` with `password` and sign in ([`signup_and_signin`]).
+pub async fn signup_with(base: &str, email: &str, password: &str) -> User {
+    let j = signup_and_signin(base, email, password).await;
+    let token = j["access_token"].as_str().unwrap().to_string();
+    User {
+        id: j["user"]["id"].as_str().unwrap().to_string(),
+        refresh: j["refresh_token"].as_str().unwrap().to_string(),
+        client: client_with_token(&token),
+        token,
+        signin: j,
+    }
+}
+
+/// `POST /admin/grants` that must answer 200 (`c` is an admin client).
+pub async fn grant(c: &reqwest::Client, base: &str, object: &str, role: &str, privileges: &[&str]) {
+    let r = jpost(
+        c,
+        base,
+        "/admin/grants",
+        serde_json::json!({"object": object, "role": role, "privileges": privileges}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }
