@@ -694,8 +694,8 @@ mod tests {
         let e = lower_only("max_result_rows", 101u64, 100).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadArguments);
         assert!(e.message.contains("max_result_rows=101"), "{}", e.message);
-        // 0 asks for no limit: refused when the server has one.
-        assert!(lower_only("max_result_rows", 0u64, 100).is_err());
+        // 0 (ClickHouse's default, sent by its clients) means the server's own limit, never none.
+        assert_eq!(lower_only("max_result_rows", 0u64, 100).unwrap(), 100);
         // A server without a limit (0) takes anything.
         assert_eq!(lower_only("max_result_rows", 0u64, 0).unwrap(), 0);
         assert_eq!(lower_only("max_result_rows", 5u64, 0).unwrap(), 5);
