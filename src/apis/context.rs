@@ -274,4 +274,38 @@ mod tests {
         assert_eq!(s.caller().unwrap().query_id, "q1");
         assert_eq!(s.client(), Some("10.0.0.1".parse().unwrap()));
     }
+
+    #[test]
+    fn the_http_row_prefers_the_response_ids_and_takes_the_identity() {
+        use crate::posterity::HttpRequest;
+        let mut who = RequestContext::anon(Some("q-ctx".into()));
+        who.user_id = Some("u1".into());
+        let r = HttpRequest {
+            ts_us: 7,
+            method: "POST".into(),
+            path: "/".into(),
+            status: 401,
+            query_id: Some("q-resp".into()),
+            trace_id: None,
+            exception_code: Some("516".into()),
+        };
+        let e = Event::for_request(r.clone(), Some(&who));
+        assert_eq!(
+            (e.kind, e.ts_us, e.status, e.outcome),
+            ("http", 7, Some(401), Some("error"))
+        );
+        assert_eq!(e.query_id.as_deref(), Some("q-resp"));
+        assert_eq!(e.trace_id.as_deref(), Some(who.trace_id.as_str()));
+        assert_eq!(
+            (e.user_id.as_deref(), e.role.as_deref()),
+            (Some("u1"), Some("anon"))
+        );
+        assert_eq!(e.error.as_deref(), Some("code 516"));
+        let e = Event::for_request(HttpRequest { status: 200, ..r }, None);
+        assert_eq!(
+            (e.user_id, e.role, e.trace_id, e.error),
+            (None, None, None, None)
+        );
+        assert_eq!(e.outcome, Some("ok"));
+    }
 }

@@ -181,24 +181,6 @@ pub struct Event {
     pub sql_text: Option<String>,
 }
 
-impl Event {
-    /// An event of `kind` stamped now, with the identity of `ctx`.
-    pub fn now(kind: &'static str, ctx: Option<&RequestContext>) -> Event {
-        let mut e = Event {
-            ts_us: now_us(),
-            kind,
-            ..Default::default()
-        };
-        if let Some(c) = ctx {
-            e.trace_id = Some(c.trace_id.clone());
-            e.query_id = Some(c.query_id.clone());
-            e.user_id = c.user_id.clone();
-            e.role = Some(c.role.as_str().to_string());
-        }
-        e
-    }
-}
-
 /// What the request layer knows of one finished HTTP request (see [`Event::for_request`]).
 #[derive(Debug, Clone, Default)]
 pub struct HttpRequest {
@@ -215,6 +197,22 @@ pub struct HttpRequest {
 }
 
 impl Event {
+    /// An event of `kind` stamped now, with the identity of `ctx`.
+    pub fn now(kind: &'static str, ctx: Option<&RequestContext>) -> Event {
+        let mut e = Event {
+            ts_us: now_us(),
+            kind,
+            ..Default::default()
+        };
+        if let Some(c) = ctx {
+            e.trace_id = Some(c.trace_id.clone());
+            e.query_id = Some(c.query_id.clone());
+            e.user_id = c.user_id.clone();
+            e.role = Some(c.role.as_str().to_string());
+        }
+        e
+    }
+
     /// The `http` row of one request: the response's ids when it sent them, else the ids of
     /// the identity it ran as (`caller`), which also gives the user and role.
     pub fn for_request(r: HttpRequest, caller: Option<&RequestContext>) -> Event {
@@ -235,6 +233,17 @@ impl Event {
         if r.status >= 400 {
             e.error = r.exception_code.map(|c| format!("code {c}"));
         }
+        e
+    }
+
+    /// The log's own row saying `n` events were dropped (queue full), `total` since start.
+    fn dropped(n: i64, total: u64) -> Event {
+        let mut e = Event::now("posterity", None);
+        e.name = Some("dropped".into());
+        e.rows = Some(n);
+        e.detail = Some(format!(
+            "{{\"dropped_total\":{total},\"reason\":\"queue full\"}}"
+        ));
         e
     }
 }
@@ -630,16 +639,7 @@ fn writer_loop(
             reported_drops = dropped;
             let _ = append(
                 log,
-                &Event {
-                    ts_us: now_us(),
-                    kind: "posterity",
-                    name: Some("dropped".into()),
-                    rows: Some(n),
-                    detail: Some(format!(
-                        "{{\"dropped_total\":{dropped},\"reason\":\"queue full\"}}"
-                    )),
-                    ..Default::default()
-                },
+                &Event::dropped(n, dropped),
             );
             *pending += 1;
         }
