@@ -4,13 +4,12 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{delete, patch, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{App, JsonBody, reply, require_admin};
+use super::{Admin, App, JsonBody, admin_area, reply};
 use crate::auth::policy::{self, GrantSpec, PolicySpec};
 use crate::core::{RequestContext, Result};
 use crate::storage::ExecControl;
@@ -42,17 +41,7 @@ pub fn routes() -> Router<App> {
         )
         .route("/admin/cdc", post(cdc_enable).get(cdc_list))
         .route("/admin/cdc/{table}", delete(cdc_disable))
-}
-
-/// The caller's context, or the error response if it is not an admin.
-
-macro_rules! require_admin {
-    ($st:expr, $h:expr) => {
-        match require_admin(&$st, &$h, "/admin") {
-            Ok(c) => c,
-            Err(r) => return r,
-        }
-    };
+        .route_layer(admin_area("/admin"))
 }
 
 #[derive(Deserialize)]
@@ -70,15 +59,13 @@ fn default_role() -> String {
 
 async fn create_user(
     State(st): State<App>,
-    h: HeaderMap,
+    Admin(_): Admin,
     JsonBody(u): JsonBody<NewUser>,
 ) -> Response {
-    require_admin!(st, h);
     reply(st.auth().create_user(&u.email, &u.password, &u.role).await)
 }
 
-async fn list_users(State(st): State<App>, h: HeaderMap) -> Response {
-    require_admin!(st, h);
+async fn list_users(State(st): State<App>, Admin(_): Admin) -> Response {
     reply(st.auth().list_users().await.map(|u| json!({"users": u})))
 }
 
@@ -93,11 +80,10 @@ struct UserPatch {
 
 async fn update_user(
     State(st): State<App>,
-    h: HeaderMap,
     Path(id): Path<String>,
+    Admin(_): Admin,
     JsonBody(p): JsonBody<UserPatch>,
 ) -> Response {
-    require_admin!(st, h);
     reply(
         st.auth()
             .update_user(&id, p.role.as_deref(), p.disabled)
@@ -117,10 +103,9 @@ struct NewKey {
 
 async fn create_key(
     State(st): State<App>,
-    h: HeaderMap,
+    Admin(_): Admin,
     JsonBody(k): JsonBody<NewKey>,
 ) -> Response {
-    require_admin!(st, h);
     reply(
         st.auth()
             .create_api_key(&k.name, &k.role, k.user_id)
@@ -129,13 +114,11 @@ async fn create_key(
     )
 }
 
-async fn list_keys(State(st): State<App>, h: HeaderMap) -> Response {
-    require_admin!(st, h);
+async fn list_keys(State(st): State<App>, Admin(_): Admin) -> Response {
     reply(st.auth().list_api_keys().await.map(|k| json!({"keys": k})))
 }
 
-async fn revoke_key(State(st): State<App>, h: HeaderMap, Path(id): Path<String>) -> Response {
-    require_admin!(st, h);
+async fn revoke_key(State(st): State<App>, Path(id): Path<String>, Admin(_): Admin) -> Response {
     reply(
         st.auth()
             .revoke_api_key(&id)
@@ -144,8 +127,7 @@ async fn revoke_key(State(st): State<App>, h: HeaderMap, Path(id): Path<String>)
     )
 }
 
-async fn rotate(State(st): State<App>, h: HeaderMap) -> Response {
-    require_admin!(st, h);
+async fn rotate(State(st): State<App>, Admin(_): Admin) -> Response {
     reply(
         st.auth()
             .rotate_signing_key()
@@ -165,10 +147,9 @@ async fn on_writer<R: Send + 'static>(
 
 async fn create_policy(
     State(st): State<App>,
-    h: HeaderMap,
+    Admin(ctx): Admin,
     JsonBody(p): JsonBody<PolicySpec>,
 ) -> Response {
-    let ctx = require_admin!(st, h);
     let name = p.name.clone();
     reply(
         on_writer(&st, &ctx, move |c| policy::create(c, &p))
@@ -177,8 +158,7 @@ async fn create_policy(
     )
 }
 
-async fn list_policies(State(st): State<App>, h: HeaderMap) -> Response {
-    let ctx = require_admin!(st, h);
+async fn list_policies(State(st): State<App>, Admin(ctx): Admin) -> Response {
     reply(
         st.storage()
             .read(&ctx, ExecControl::new(Instant::now(), 0.0), |c| {
@@ -191,10 +171,9 @@ async fn list_policies(State(st): State<App>, h: HeaderMap) -> Response {
 
 async fn drop_policy(
     State(st): State<App>,
-    h: HeaderMap,
     Path(name): Path<String>,
+    Admin(ctx): Admin,
 ) -> Response {
-    let ctx = require_admin!(st, h);
     let n = name.clone();
     reply(
         on_writer(&st, &ctx, move |c| policy::drop(c, &n))
@@ -205,10 +184,9 @@ async fn drop_policy(
 
 async fn grant(
     State(st): State<App>,
-    h: HeaderMap,
+    Admin(ctx): Admin,
     JsonBody(g): JsonBody<GrantSpec>,
 ) -> Response {
-    let ctx = require_admin!(st, h);
     reply(
         on_writer(&st, &ctx, move |c| {
             policy::grant(c, &g).map(|_| json!({"granted": g}))
@@ -217,8 +195,7 @@ async fn grant(
     )
 }
 
-async fn list_grants(State(st): State<App>, h: HeaderMap) -> Response {
-    let ctx = require_admin!(st, h);
+async fn list_grants(State(st): State<App>, Admin(ctx): Admin) -> Response {
     reply(
         st.storage()
             .read(&ctx, ExecControl::new(Instant::now(), 0.0), |c| {
@@ -237,10 +214,9 @@ struct RevokeQuery {
 
 async fn revoke_grant(
     State(st): State<App>,
-    h: HeaderMap,
     Query(q): Query<RevokeQuery>,
+    Admin(ctx): Admin,
 ) -> Response {
-    let ctx = require_admin!(st, h);
     reply(
         on_writer(&st, &ctx, move |c| policy::revoke(c, &q.object, &q.role))
             .await
@@ -256,10 +232,9 @@ struct CdcBody {
 
 async fn cdc_enable(
     State(st): State<App>,
-    h: HeaderMap,
+    Admin(ctx): Admin,
     JsonBody(b): JsonBody<CdcBody>,
 ) -> Response {
-    let ctx = require_admin!(st, h);
     let t = b.table.clone();
     reply(
         on_writer(&st, &ctx, move |c| crate::realtime::cdc::enable(c, &t))
@@ -268,8 +243,7 @@ async fn cdc_enable(
     )
 }
 
-async fn cdc_list(State(st): State<App>, h: HeaderMap) -> Response {
-    let ctx = require_admin!(st, h);
+async fn cdc_list(State(st): State<App>, Admin(ctx): Admin) -> Response {
     reply(
         st.storage()
             .read(&ctx, ExecControl::new(Instant::now(), 0.0), |c| {
@@ -282,10 +256,9 @@ async fn cdc_list(State(st): State<App>, h: HeaderMap) -> Response {
 
 async fn cdc_disable(
     State(st): State<App>,
-    h: HeaderMap,
     Path(table): Path<String>,
+    Admin(ctx): Admin,
 ) -> Response {
-    let ctx = require_admin!(st, h);
     let t = table.clone();
     reply(
         on_writer(&st, &ctx, move |c| crate::realtime::cdc::disable(c, &t))

@@ -1,25 +1,18 @@
 //! Posterity over HTTP: `POST /analytics` (ClickHouse-style, read-only, on DuckDB), the admin's
-//! analytics views and grants, the archive on demand, the log's counters, and the middleware
-//! that records one posterity row per HTTP request.
-
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::Instant;
+//! analytics views and grants, the archive on demand and the log's counters. (The `http` row of
+//! every request is written by the request layer, `apis::context`.)
 
 use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, RawQuery, Request, State};
+use axum::body::Body;
+use axum::extract::{Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, Method};
-use axum::middleware::Next;
 use axum::response::Response;
-use axum::routing::{get, put};
+use axum::routing::{get, post, put};
 use serde::Deserialize;
 
 use super::sql::{Engine, serve};
-use super::{App, JsonBody, reply, require_admin};
+use super::{Admin, App, JsonBody, RequestScope, admin_area, reply};
 use crate::core::{Error, ErrorCode};
-use crate::posterity::{CallerSlot, Event, Sink};
 
 /// Analytics over the posterity log, the archive and the request log (`/analytics`, `/admin/analytics/*`).
 pub struct AnalyticsModule;
@@ -36,33 +29,39 @@ impl crate::modules::Module for AnalyticsModule {
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/analytics", get(analytics).post(analytics))
-        .route("/admin/analytics/views", get(list_views))
+        .route(
+            "/admin/analytics/views",
+            get(list_views).route_layer(admin_area("/admin/analytics/views")),
+        )
         .route(
             "/admin/analytics/views/{name}",
-            put(define_view).delete(drop_view),
+            put(define_view)
+                .delete(drop_view)
+                .route_layer(admin_area("/admin/analytics/views")),
         )
-        .route("/admin/archive", axum::routing::post(archive))
-        .route("/admin/archive/sync", axum::routing::post(archive_sync))
-        .route("/admin/posterity", get(stats))
+        .route(
+            "/admin/archive",
+            post(archive).route_layer(admin_area("/admin/archive")),
+        )
+        .route(
+            "/admin/archive/sync",
+            post(archive_sync).route_layer(admin_area("/admin/archive/sync")),
+        )
+        .route(
+            "/admin/posterity",
+            get(stats).route_layer(admin_area("/admin/posterity")),
+        )
 }
 
 async fn analytics(
     State(st): State<App>,
+    scope: RequestScope,
     method: Method,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
     body: Body,
 ) -> Response {
-    serve(st, method, headers, raw, body, Engine::Analytics).await
-}
-
-macro_rules! admin {
-    ($st:expr, $h:expr, $what:expr) => {
-        match require_admin(&$st, &$h, $what) {
-            Ok(c) => c,
-            Err(r) => return r,
-        }
-    };
+    serve(st, scope, method, headers, raw, body, Engine::Analytics).await
 }
 
 async fn blocking<T: Send + 'static>(
@@ -73,8 +72,7 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::internal(format!("analytics task failed: {e}")))?
 }
 
-async fn list_views(State(st): State<App>, h: HeaderMap) -> Response {
-    admin!(st, h, "/admin/analytics/views");
+async fn list_views(State(st): State<App>, Admin(_): Admin) -> Response {
     let p = st.posterity().clone();
     reply(blocking(move || p.list_views()).await)
 }
@@ -88,17 +86,15 @@ struct ViewBody {
 
 async fn define_view(
     State(st): State<App>,
-    h: HeaderMap,
     Path(name): Path<String>,
+    Admin(_): Admin,
     JsonBody(b): JsonBody<ViewBody>,
 ) -> Response {
-    admin!(st, h, "/admin/analytics/views");
     let p = st.posterity().clone();
     reply(blocking(move || p.define_view(&name, &b.sql, &b.roles)).await)
 }
 
-async fn drop_view(State(st): State<App>, h: HeaderMap, Path(name): Path<String>) -> Response {
-    admin!(st, h, "/admin/analytics/views");
+async fn drop_view(State(st): State<App>, Path(name): Path<String>, Admin(_): Admin) -> Response {
     let p = st.posterity().clone();
     let n = name.clone();
     reply(blocking(move || p.drop_view(&n)).await.and_then(|found| {
@@ -119,12 +115,7 @@ struct ArchiveArgs {
     before: Option<String>,
 }
 
-async fn archive(
-    State(st): State<App>,
-    h: HeaderMap,
-    Query(a): Query<ArchiveArgs>,
-) -> Response {
-    admin!(st, h, "/admin/archive");
+async fn archive(State(st): State<App>, Query(a): Query<ArchiveArgs>, Admin(_): Admin) -> Response {
     let p = st.posterity().clone();
     let r = async {
         let files = blocking(move || p.archive(a.before.as_deref())).await?;
@@ -144,8 +135,7 @@ async fn archive(
 
 /// Sync the Parquet archive with the replica target: fetch missing files (and adopt them),
 /// upload files the target lacks.
-async fn archive_sync(State(st): State<App>, h: HeaderMap) -> Response {
-    admin!(st, h, "/admin/archive/sync");
+async fn archive_sync(State(st): State<App>, Admin(_): Admin) -> Response {
     let r = match &st.replication() {
         None => Err(Error::new(
             ErrorCode::BadArguments,
@@ -159,109 +149,6 @@ async fn archive_sync(State(st): State<App>, h: HeaderMap) -> Response {
     reply(r)
 }
 
-async fn stats(State(st): State<App>, h: HeaderMap) -> Response {
-    admin!(st, h, "/admin/posterity");
+async fn stats(State(st): State<App>, Admin(_): Admin) -> Response {
     reply(Ok(st.posterity().stats()))
-}
-
-/// Middleware: one `http` row per request — method, path, status, latency (until the body is
-/// fully sent or dropped), bytes sent, and the identity / query id / trace id it ran with.
-pub async fn record_request(State(st): State<App>, req: Request, next: Next) -> Response {
-    let sink = st.posterity().sink();
-    if !sink.enabled() {
-        return next.run(req).await;
-    }
-    let started = Instant::now();
-    let ts_us = crate::posterity::now_us();
-    let method = req.method().as_str().to_string();
-    let path = req.uri().path().to_string();
-    let slot: CallerSlot = Arc::new(Mutex::new(None));
-    let resp = crate::posterity::with_caller_slot(Arc::clone(&slot), next.run(req)).await;
-    let status = resp.status().as_u16();
-    let header = |n: &str| {
-        resp.headers()
-            .get(n)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    };
-    let mut e = Event::now("http", None);
-    e.ts_us = ts_us;
-    e.method = Some(method);
-    e.name = Some(path);
-    e.status = Some(i32::from(status));
-    e.outcome = Some(if status < 400 { "ok" } else { "error" });
-    e.query_id = header("x-clickhouse-query-id");
-    e.trace_id = header("x-ichibase-trace-id");
-    if let Some(c) = slot.lock().ok().and_then(|mut g| g.take()) {
-        e.user_id = c.user_id;
-        e.role = Some(c.role);
-        e.query_id = e.query_id.or(Some(c.query_id));
-        e.trace_id = e.trace_id.or(Some(c.trace_id));
-    }
-    if status >= 400 {
-        e.error = header("x-clickhouse-exception-code").map(|c| format!("code {c}"));
-    }
-    let (parts, body) = resp.into_parts();
-    Response::from_parts(
-        parts,
-        Body::new(Counted {
-            inner: body,
-            bytes: 0,
-            pending: Some((sink, e, started)),
-        }),
-    )
-}
-
-/// A response body that counts what it sends and records the request's row when it is done
-/// (or dropped, if the client went away).
-struct Counted {
-    inner: Body,
-    bytes: u64,
-    pending: Option<(Sink, Event, Instant)>,
-}
-
-impl Counted {
-    fn finish(&mut self) {
-        if let Some((sink, mut e, started)) = self.pending.take() {
-            e.bytes = Some(self.bytes as i64);
-            e.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-            sink.record(e);
-        }
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.finish();
-    }
-}
-
-impl http_body::Body for Counted {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    self.bytes += d.len() as u64;
-                }
-            }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.finish(),
-            Poll::Pending => {}
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
 }

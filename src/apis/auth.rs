@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{App, JsonBody, error_response, identify};
+use super::{App, Caller, JsonBody, RequestScope, error_response};
 use crate::core::{Error, ErrorCode};
 
 /// Identities: sign-up, sign-in, sessions, tokens (`/auth/*`).
@@ -77,12 +77,13 @@ async fn signup(State(st): State<App>, JsonBody(c): JsonBody<Credentials>) -> Re
 
 async fn signin(
     State(st): State<App>,
+    scope: RequestScope,
     headers: HeaderMap,
     JsonBody(c): JsonBody<Credentials>,
 ) -> Response {
     let r = st
         .auth()
-        .signin(&c.email, &c.password, device_of(&c, &headers))
+        .signin(&c.email, &c.password, device_of(&c, &headers), scope.client())
         .await;
     session_reply(&st, r)
 }
@@ -98,11 +99,7 @@ async fn refresh(State(st): State<App>, JsonBody(b): JsonBody<RefreshBody>) -> R
     session_reply(&st, r)
 }
 
-async fn signout(State(st): State<App>, headers: HeaderMap) -> Response {
-    let ctx = match identify(&st, &headers) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+async fn signout(State(st): State<App>, Caller(ctx): Caller) -> Response {
     let Some(sid) = ctx.session_id.clone() else {
         return error_response(
             &Error::new(
@@ -134,16 +131,13 @@ struct PasswordBody {
 
 async fn password(
     State(st): State<App>,
-    headers: HeaderMap,
+    scope: RequestScope,
+    Caller(ctx): Caller,
     JsonBody(b): JsonBody<PasswordBody>,
 ) -> Response {
-    let ctx = match identify(&st, &headers) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
     match st
         .auth()
-        .change_password(&ctx, &b.old_password, &b.new_password)
+        .change_password(&ctx, &b.old_password, &b.new_password, scope.client())
         .await
     {
         Ok(()) => Json(json!({"changed": true, "other_sessions_revoked": true})).into_response(),
@@ -151,21 +145,14 @@ async fn password(
     }
 }
 
-async fn me(State(st): State<App>, headers: HeaderMap) -> Response {
-    match identify(&st, &headers) {
-        Ok(ctx) => match st.auth().me(&ctx).await {
-            Ok(v) => Json(v).into_response(),
-            Err(e) => error_response(&e, true, None),
-        },
-        Err(r) => r,
+async fn me(State(st): State<App>, Caller(ctx): Caller) -> Response {
+    match st.auth().me(&ctx).await {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error_response(&e, true, None),
     }
 }
 
-async fn sessions(State(st): State<App>, headers: HeaderMap) -> Response {
-    let ctx = match identify(&st, &headers) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
+async fn sessions(State(st): State<App>, Caller(ctx): Caller) -> Response {
     match st.auth().sessions(&ctx).await {
         Ok(v) => Json(json!({"sessions": v})).into_response(),
         Err(e) => error_response(&e, true, None),
@@ -174,13 +161,9 @@ async fn sessions(State(st): State<App>, headers: HeaderMap) -> Response {
 
 async fn revoke(
     State(st): State<App>,
-    headers: HeaderMap,
     Path(id): Path<String>,
+    Caller(ctx): Caller,
 ) -> Response {
-    let ctx = match identify(&st, &headers) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
     match st.auth().revoke_session(&ctx, &id).await {
         Ok(()) => Json(json!({"revoked": id})).into_response(),
         Err(e) => error_response(&e, true, None),

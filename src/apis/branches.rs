@@ -10,13 +10,12 @@
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{App, JsonBody, reply, require_admin};
+use super::{Admin, App, JsonBody, admin_area, reply};
 use crate::bundle::{self, Bundle, CheckEnv};
 use crate::core::{Error, ErrorCode};
 
@@ -38,19 +37,10 @@ pub fn routes() -> Router<App> {
         .route("/branches/{name}", get(info).delete(remove))
         .route("/branches/{name}/apply", post(apply))
         .route("/branches/{name}/merge", post(merge))
+        .route_layer(admin_area("managing branches"))
 }
 
-macro_rules! admin {
-    ($st:expr, $h:expr) => {
-        match require_admin(&$st, &$h, "managing branches") {
-            Ok(c) => c,
-            Err(r) => return r,
-        }
-    };
-}
-
-async fn list(State(st): State<App>, h: HeaderMap) -> Response {
-    admin!(st, h);
+async fn list(State(st): State<App>, Admin(_): Admin) -> Response {
     reply(st.branches().list().await.map(|b| json!({"branches": b})))
 }
 
@@ -62,20 +52,17 @@ struct CreateBody {
 
 async fn create(
     State(st): State<App>,
-    h: HeaderMap,
+    Admin(_): Admin,
     JsonBody(b): JsonBody<CreateBody>,
 ) -> Response {
-    admin!(st, h);
     reply(st.branches().create(&b.name).await)
 }
 
-async fn info(State(st): State<App>, h: HeaderMap, Path(name): Path<String>) -> Response {
-    admin!(st, h);
+async fn info(State(st): State<App>, Path(name): Path<String>, Admin(_): Admin) -> Response {
     reply(st.branches().info(&name).await)
 }
 
-async fn remove(State(st): State<App>, h: HeaderMap, Path(name): Path<String>) -> Response {
-    admin!(st, h);
+async fn remove(State(st): State<App>, Path(name): Path<String>, Admin(_): Admin) -> Response {
     reply(
         st.branches()
             .delete(&name)
@@ -86,11 +73,10 @@ async fn remove(State(st): State<App>, h: HeaderMap, Path(name): Path<String>) -
 
 async fn apply(
     State(st): State<App>,
-    h: HeaderMap,
     Path(name): Path<String>,
+    Admin(ctx): Admin,
     body: Bytes,
 ) -> Response {
-    let ctx = admin!(st, h);
     let r = async {
         let text = std::str::from_utf8(&body)
             .map_err(|_| Error::new(ErrorCode::BadArguments, "The bundle must be UTF-8 JSON"))?;
@@ -167,17 +153,19 @@ async fn verify_pending(st: &App, name: &str) -> crate::core::Result<Vec<serde_j
     for (_, bname, text) in rows {
         let b = Bundle::from_json_unchecked(&text)?;
         if b.checks.is_empty() {
-            out.push(json!({"bundle": bname, "ok": false, "checks": [],
-                "failures": "the bundle has no checks; a bundle needs at least one (docs/bundles.md)"}));
+            out.push(json!({"bundle": bname,
+    "ok": false,
+    "checks": [],
+    "failures": "the bundle has no checks; a bundle needs at least one (docs/bundles.md)"}));
             continue;
         }
         let checks = checks_on_copy(st, name, &b).await?;
         let ok = checks.iter().all(|c| c.ok);
         out.push(json!({
-            "bundle": bname,
-            "ok": ok,
-            "checks": checks,
-            "failures": (!ok).then(|| bundle::describe_failures(&checks)),
+                "bundle": bname,
+        "ok": ok,
+        "checks": checks,
+        "failures": (!ok).then(|| bundle::describe_failures(&checks)),
         }));
     }
     Ok(out)
@@ -185,11 +173,10 @@ async fn verify_pending(st: &App, name: &str) -> crate::core::Result<Vec<serde_j
 
 async fn merge(
     State(st): State<App>,
-    h: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<MergeQuery>,
+    Admin(ctx): Admin,
 ) -> Response {
-    let ctx = admin!(st, h);
     let keep = truthy(&q.keep);
     let force = truthy(&q.force);
     let r = async {

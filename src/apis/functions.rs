@@ -15,14 +15,14 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue};
+use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
-use super::{App, error_response, identify, reply, require_admin};
+use super::{Admin, App, Caller, admin_area, error_response, reply};
 use crate::core::{Error, ErrorCode, RequestContext, Result};
 use crate::lua::{self, Invocation, store};
 use crate::storage::ExecControl;
@@ -40,25 +40,27 @@ impl crate::modules::Module for FunctionsModule {
 }
 
 pub fn routes() -> Router<App> {
+    const AREA: &str = "managing functions";
     Router::new()
-        .route("/fn", get(list))
+        .route("/fn", get(list).route_layer(admin_area(AREA)))
         .route(
             "/fn/{name}",
-            get(fetch).put(deploy).post(invoke).delete(remove),
+            get(fetch)
+                .put(deploy)
+                .delete(remove)
+                .route_layer(admin_area(AREA))
+                .post(invoke),
         )
-        .route("/fn/{name}/versions", get(versions))
-        .route("/fn/{name}/rollback", post(rollback))
+        .route(
+            "/fn/{name}/versions",
+            get(versions).route_layer(admin_area(AREA)),
+        )
+        .route(
+            "/fn/{name}/rollback",
+            post(rollback).route_layer(admin_area(AREA)),
+        )
         .route("/trace/{id}", get(trace))
         .route("/trace/{id}/hover", get(hover))
-}
-
-macro_rules! try_resp {
-    ($e:expr) => {
-        match $e {
-            Ok(v) => v,
-            Err(r) => return r,
-        }
-    };
 }
 
 /// Look-ups wait for a connection at most 30 s, never without a deadline.
@@ -66,8 +68,7 @@ fn no_deadline() -> std::sync::Arc<ExecControl> {
     ExecControl::lookup()
 }
 
-async fn list(State(st): State<App>, h: HeaderMap) -> Response {
-    let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
+async fn list(State(st): State<App>, Admin(ctx): Admin) -> Response {
     reply(
         st.storage()
             .read(&ctx, no_deadline(), |c| store::list(c))
@@ -83,11 +84,10 @@ struct VersionQuery {
 
 async fn fetch(
     State(st): State<App>,
-    h: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<VersionQuery>,
+    Admin(ctx): Admin,
 ) -> Response {
-    let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     reply(
         st.storage()
             .read(&ctx, no_deadline(), move |c| {
@@ -97,8 +97,7 @@ async fn fetch(
     )
 }
 
-async fn versions(State(st): State<App>, h: HeaderMap, Path(name): Path<String>) -> Response {
-    let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
+async fn versions(State(st): State<App>, Path(name): Path<String>, Admin(ctx): Admin) -> Response {
     reply(
         st.storage()
             .read(&ctx, no_deadline(), move |c| store::versions(c, &name))
@@ -119,12 +118,11 @@ fn flag(v: &Option<String>) -> bool {
 
 async fn deploy(
     State(st): State<App>,
-    h: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<TraceFlag>,
+    Admin(ctx): Admin,
     body: Bytes,
 ) -> Response {
-    let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     let r = async {
         store::check_name(&name)?;
         if body.len() > store::MAX_SOURCE {
@@ -174,8 +172,7 @@ fn syntax_error(e: &Error, line: Option<i64>) -> Response {
     r
 }
 
-async fn remove(State(st): State<App>, h: HeaderMap, Path(name): Path<String>) -> Response {
-    let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
+async fn remove(State(st): State<App>, Path(name): Path<String>, Admin(ctx): Admin) -> Response {
     let n = name.clone();
     reply(
         st.storage()
@@ -193,11 +190,10 @@ struct RollbackBody {
 
 async fn rollback(
     State(st): State<App>,
-    h: HeaderMap,
     Path(name): Path<String>,
+    Admin(ctx): Admin,
     body: Bytes,
 ) -> Response {
-    let ctx = try_resp!(require_admin(&st, &h, "managing functions"));
     let b: RollbackBody = if body.is_empty() {
         RollbackBody::default()
     } else {
@@ -225,12 +221,11 @@ async fn rollback(
 
 async fn invoke(
     State(st): State<App>,
-    h: HeaderMap,
     Path(name): Path<String>,
     Query(q): Query<TraceFlag>,
+    Caller(ctx): Caller,
     body: Bytes,
 ) -> Response {
-    let ctx = try_resp!(identify(&st, &h));
     let input: JsonValue = if body.iter().all(u8::is_ascii_whitespace) {
         JsonValue::Null
     } else {
@@ -368,8 +363,7 @@ async fn may_see_trace(st: &App, ctx: &RequestContext, id: &str) -> Result<()> {
     }
 }
 
-async fn trace(State(st): State<App>, h: HeaderMap, Path(id): Path<String>) -> Response {
-    let ctx = try_resp!(identify(&st, &h));
+async fn trace(State(st): State<App>, Path(id): Path<String>, Caller(ctx): Caller) -> Response {
     if let Err(e) = may_see_trace(&st, &ctx, &id).await {
         return error_response(&e, true, None);
     }
@@ -390,11 +384,10 @@ struct HoverQuery {
 
 async fn hover(
     State(st): State<App>,
-    h: HeaderMap,
     Path(id): Path<String>,
     Query(q): Query<HoverQuery>,
+    Caller(ctx): Caller,
 ) -> Response {
-    let ctx = try_resp!(identify(&st, &h));
     if let Err(e) = may_see_trace(&st, &ctx, &id).await {
         return error_response(&e, true, None);
     }

@@ -5,13 +5,12 @@
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{App, JsonBody, reply, require_admin};
+use super::{Admin, App, JsonBody, admin_area, reply};
 use crate::generate::{self, Generator, Request};
 use crate::llm::LlmClient;
 
@@ -33,15 +32,7 @@ pub fn routes() -> Router<App> {
         .route("/generate/{id}", get(fetch))
         .route("/generate/{id}/approve", post(approve))
         .route("/generate/{id}/discard", post(discard))
-}
-
-macro_rules! admin {
-    ($st:expr, $h:expr) => {
-        match require_admin(&$st, &$h, "generating services") {
-            Ok(c) => c,
-            Err(r) => return r,
-        }
-    };
+        .route_layer(admin_area("generating services"))
 }
 
 #[derive(Deserialize)]
@@ -52,8 +43,11 @@ struct RunBody {
     require_approval: Option<bool>,
 }
 
-async fn run(State(st): State<App>, h: HeaderMap, JsonBody(b): JsonBody<RunBody>) -> Response {
-    let ctx = admin!(st, h);
+async fn run(
+    State(st): State<App>,
+    Admin(ctx): Admin,
+    JsonBody(b): JsonBody<RunBody>,
+) -> Response {
     let r = async {
         let g = Generator {
             log: st.posterity().sink(),
@@ -78,8 +72,7 @@ async fn run(State(st): State<App>, h: HeaderMap, JsonBody(b): JsonBody<RunBody>
     reply(r)
 }
 
-async fn list(State(st): State<App>, h: HeaderMap) -> Response {
-    admin!(st, h);
+async fn list(State(st): State<App>, Admin(_): Admin) -> Response {
     reply(
         generate::list(&st.storage())
             .await
@@ -87,17 +80,14 @@ async fn list(State(st): State<App>, h: HeaderMap) -> Response {
     )
 }
 
-async fn fetch(State(st): State<App>, h: HeaderMap, Path(id): Path<String>) -> Response {
-    admin!(st, h);
+async fn fetch(State(st): State<App>, Path(id): Path<String>, Admin(_): Admin) -> Response {
     reply(generate::get(&st.storage(), &id).await)
 }
 
-async fn approve(State(st): State<App>, h: HeaderMap, Path(id): Path<String>) -> Response {
-    let ctx = admin!(st, h);
+async fn approve(State(st): State<App>, Path(id): Path<String>, Admin(ctx): Admin) -> Response {
     reply(generate::decide(&st.storage(), &st.branches(), &id, true, ctx.user_id.clone()).await)
 }
 
-async fn discard(State(st): State<App>, h: HeaderMap, Path(id): Path<String>) -> Response {
-    let ctx = admin!(st, h);
+async fn discard(State(st): State<App>, Path(id): Path<String>, Admin(ctx): Admin) -> Response {
     reply(generate::decide(&st.storage(), &st.branches(), &id, false, ctx.user_id.clone()).await)
 }

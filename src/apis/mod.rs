@@ -8,6 +8,7 @@ pub mod admin;
 pub mod analytics;
 pub mod auth;
 pub mod branches;
+pub mod context;
 pub mod functions;
 pub mod generate;
 pub mod limits;
@@ -17,40 +18,15 @@ pub mod ws;
 
 use axum::Router;
 use axum::extract::{FromRequest, Request};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::core::{Error, ErrorCode, RequestContext};
+use crate::core::{Error, ErrorCode};
+
+pub use context::{Admin, Caller, RequestScope, admin_area};
 
 pub use crate::app::App;
-
-/// The identity of a request from its headers (JSON error response when the credentials are bad).
-pub fn identify(st: &App, headers: &HeaderMap) -> Result<RequestContext, Response> {
-    st.auth()
-        .identify(headers, None, None, None)
-        .map_err(|e| error_response(&e, true, None))
-}
-
-/// The caller's context if it is the admin, else a 403 naming `what` needs the admin role.
-pub fn require_admin(
-    st: &App,
-    headers: &HeaderMap,
-    what: &str,
-) -> Result<RequestContext, Response> {
-    let ctx = identify(st, headers)?;
-    if !ctx.is_admin() {
-        let e = Error::new(
-            ErrorCode::AccessDenied,
-            format!(
-                "{what} needs the admin role; this request runs as '{}'",
-                ctx.role.as_str()
-            ),
-        );
-        return Err(error_response(&e, true, None));
-    }
-    Ok(ctx)
-}
 
 /// A JSON answer, or the error in the JSON error shape.
 pub fn reply<T: serde::Serialize>(r: crate::core::Result<T>) -> Response {
@@ -97,12 +73,15 @@ impl crate::modules::Module for BackupModule {
         "backup"
     }
     fn routes(&self) -> Router<App> {
-        Router::new().route("/admin/backup/status", get(backup_status))
+        Router::new()
+            .route("/admin/backup/status", get(backup_status))
+            .route_layer(admin_area("/admin/backup/status"))
     }
 }
 
 /// Every HTTP route of the engine: `/ping`, then each registered module's routes
-/// ([`crate::modules::registry`]), and the layers every request passes (request log, peer).
+/// ([`crate::modules::registry`]), and the one request layer every request passes
+/// ([`context::request_layer`]: the request's scope and its posterity row).
 pub fn router(state: App) -> Router {
     Router::new()
         .route("/ping", get(ping).head(ping))
@@ -110,34 +89,16 @@ pub fn router(state: App) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            analytics::record_request,
+            context::request_layer,
         ))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), note_peer))
         .with_state(state)
-}
-
-/// Make the client's address known to the sign-in guard ([`crate::auth::guard::peer`]) from
-/// the connection info the server is served with (and a trusted proxy's `X-Forwarded-For`).
-async fn note_peer(
-    axum::extract::State(st): axum::extract::State<App>,
-    req: Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let ip = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| st.auth().client_ip(c.0.ip(), req.headers()));
-    crate::auth::guard::with_peer(ip, next.run(req)).await
 }
 
 /// `GET /admin/backup/status`: the replicator's position, lag and errors (admin only).
 async fn backup_status(
     axum::extract::State(st): axum::extract::State<App>,
-    h: HeaderMap,
+    Admin(_): Admin,
 ) -> Response {
-    if let Err(r) = require_admin(&st, &h, "/admin/backup/status") {
-        return r;
-    }
     match &st.replication() {
         Some(r) => {
             axum::Json(serde_json::json!({"enabled": true, "status": r.status()})).into_response()

@@ -14,7 +14,7 @@ use axum::routing::get;
 use futures_util::stream;
 use tokio::sync::mpsc;
 
-use super::{App, error_response};
+use super::{App, RequestScope, error_response};
 use crate::core::{Error, ErrorCode, RequestContext, Result};
 use crate::sql::Format;
 use crate::sql::exec::{self, Msg, QuerySettings, Summary};
@@ -281,18 +281,21 @@ pub enum Engine {
 
 async fn handle(
     State(st): State<App>,
+    scope: RequestScope,
     method: Method,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
     body: Body,
 ) -> Response {
-    serve(st, method, headers, raw, body, Engine::Sqlite).await
+    serve(st, scope, method, headers, raw, body, Engine::Sqlite).await
 }
 
 /// Serve one ClickHouse-style request on `engine`: the same settings, parameters, formats,
-/// limits, headers and streaming for both.
+/// limits, headers and streaming for both. The request identifies through `scope` (its
+/// credentials may be URL arguments).
 pub async fn serve(
     st: App,
+    scope: RequestScope,
     method: Method,
     headers: HeaderMap,
     raw: Option<String>,
@@ -301,7 +304,7 @@ pub async fn serve(
 ) -> Response {
     let compress = form_urlencoded::parse(raw.as_deref().unwrap_or("").as_bytes())
         .any(|(k, v)| k == "enable_http_compression" && matches!(v.as_ref(), "1" | "true"));
-    let mut resp = serve_inner(st, method, headers, raw, body, engine).await;
+    let mut resp = serve_inner(st, scope, method, headers, raw, body, engine).await;
     if compress {
         resp.extensions_mut().insert(CompressResponse);
     }
@@ -310,6 +313,7 @@ pub async fn serve(
 
 async fn serve_inner(
     st: App,
+    scope: RequestScope,
     method: Method,
     headers: HeaderMap,
     raw: Option<String>,
@@ -329,7 +333,8 @@ async fn serve_inner(
     if method == Method::GET && req.query.is_none() {
         return "Ok.\n".into_response();
     }
-    let ctx = match st.auth().identify(
+    let ctx = match scope.identify(
+        &st,
         &headers,
         req.user.as_deref(),
         req.password.as_deref(),

@@ -29,7 +29,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::{Map, Value as Json, json};
 
-use super::{App, JsonBody, error_response, reply, require_admin};
+use super::{Admin, App, JsonBody, RequestScope, admin_area, error_response, reply};
 use crate::core::{Error, ErrorCode, RequestContext};
 use crate::realtime::PROTOCOL_VERSION;
 use crate::realtime::cdc::SubscribeReq;
@@ -51,7 +51,10 @@ impl crate::modules::Module for WsModule {
 pub fn routes() -> Router<App> {
     Router::new()
         .route("/ws", get(upgrade))
-        .route("/broadcast", post(http_broadcast))
+        .route(
+            "/broadcast",
+            post(http_broadcast).route_layer(admin_area("POST /broadcast")),
+        )
 }
 
 #[derive(Deserialize)]
@@ -85,6 +88,7 @@ fn cookie_authenticated(headers: &HeaderMap) -> bool {
 
 async fn upgrade(
     State(st): State<App>,
+    scope: RequestScope,
     mut headers: HeaderMap,
     Query(q): Query<WsQuery>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
@@ -104,7 +108,7 @@ async fn upgrade(
     }
     // Taken before authenticating: a revocation racing this upgrade is seen by the socket.
     let generation = st.auth().revocations.generation();
-    let ctx = match st.auth().identify(&headers, None, None, None) {
+    let ctx = match scope.identify(&st, &headers, None, None, None) {
         Ok(c) => c,
         Err(e) => return error_response(&e, true, None),
     };
@@ -440,13 +444,9 @@ struct BroadcastBody {
 
 async fn http_broadcast(
     State(st): State<App>,
-    h: HeaderMap,
+    Admin(ctx): Admin,
     JsonBody(b): JsonBody<BroadcastBody>,
 ) -> Response {
-    let ctx = match require_admin(&st, &h, "POST /broadcast") {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
     reply(
         st.hub()
             .broadcast(&ctx, &b.channel, b.payload)

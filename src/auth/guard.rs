@@ -104,21 +104,6 @@ impl AuthGuardSettings {
 
 // ----- the client's address -----
 
-tokio::task_local! {
-    static PEER: Option<IpAddr>;
-}
-
-/// Run a request's handling with its client address known to [`peer`].
-pub async fn with_peer<F: std::future::Future>(ip: Option<IpAddr>, f: F) -> F::Output {
-    PEER.scope(ip, f).await
-}
-
-/// The client address of the request being handled (None outside the HTTP front or when the
-/// server is served without connection info).
-pub fn peer() -> Option<IpAddr> {
-    PEER.try_with(|p| *p).ok().flatten()
-}
-
 /// The client of a connection from `peer`: the last `X-Forwarded-For` address when `peer` is
 /// a trusted proxy, else `peer`.
 pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpAddr]) -> IpAddr {

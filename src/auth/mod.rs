@@ -21,6 +21,7 @@ pub mod revocation;
 pub mod secrets;
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -380,26 +381,16 @@ impl Auth {
     }
 
     /// Turn the credentials of a request into its context. `url_user`/`url_password` are the
-    /// ClickHouse-style `user`/`password` URL arguments.
+    /// ClickHouse-style `user`/`password` URL arguments; `client` is the client's address, for
+    /// the sign-in back-off of password credentials. (HTTP handlers identify through
+    /// `apis::context`, which also notes the identity for the request's log row.)
     pub fn identify(
         &self,
         headers: &HeaderMap,
         url_user: Option<&str>,
         url_password: Option<&str>,
         query_id: Option<String>,
-    ) -> Result<RequestContext> {
-        let ctx = self.identify_inner(headers, url_user, url_password, query_id)?;
-        // The request's posterity row carries who it ran as.
-        crate::posterity::note_caller(&ctx);
-        Ok(ctx)
-    }
-
-    fn identify_inner(
-        &self,
-        headers: &HeaderMap,
-        url_user: Option<&str>,
-        url_password: Option<&str>,
-        query_id: Option<String>,
+        client: Option<IpAddr>,
     ) -> Result<RequestContext> {
         let mut ctx = RequestContext::anon(query_id);
         let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
@@ -426,7 +417,7 @@ impl Auth {
                 if user.trim().is_empty() {
                     return Err(auth_failed("Empty Basic credentials: send a user name (or no Authorization header to run as anon)"));
                 }
-                self.apply_user_password(&mut ctx, user, pass)?;
+                self.apply_user_password(&mut ctx, user, pass, client)?;
                 return Ok(ctx);
             }
             return Err(auth_failed(format!(
@@ -438,11 +429,17 @@ impl Auth {
                 &mut ctx,
                 header("x-clickhouse-user").unwrap_or(""),
                 header("x-clickhouse-key").unwrap_or(""),
+                client,
             )?;
             return Ok(ctx);
         }
         if url_user.is_some() || url_password.is_some() {
-            self.apply_user_password(&mut ctx, url_user.unwrap_or(""), url_password.unwrap_or(""))?;
+            self.apply_user_password(
+                &mut ctx,
+                url_user.unwrap_or(""),
+                url_password.unwrap_or(""),
+                client,
+            )?;
             return Ok(ctx);
         }
         if let Some(cookie) = cookie_value(headers, COOKIE) {
@@ -532,7 +529,13 @@ impl Auth {
         Ok(())
     }
 
-    fn apply_user_password(&self, ctx: &mut RequestContext, user: &str, pass: &str) -> Result<()> {
+    fn apply_user_password(
+        &self,
+        ctx: &mut RequestContext,
+        user: &str,
+        pass: &str,
+        client: Option<IpAddr>,
+    ) -> Result<()> {
         if pass.starts_with("ik_") && (user.is_empty() || user == "default" || user == "apikey") {
             return self.apply_api_key(ctx, pass);
         }
@@ -541,7 +544,7 @@ impl Auth {
         }
         // Back-off before anything else: a locked account or address gets no answer about its
         // password, not even from the cache.
-        let ticket = self.guard.admit(user, guard::peer())?;
+        let ticket = self.guard.admit(user, client)?;
         let cache_key = hash_secret(&format!("{}\0{pass}", user.to_ascii_lowercase()));
         let hit = self
             .cache
@@ -700,8 +703,9 @@ impl Auth {
         email: &str,
         password: &str,
         device: Option<String>,
+        client: Option<IpAddr>,
     ) -> Result<Tokens> {
-        let ticket = self.guard.admit(email, guard::peer())?;
+        let ticket = self.guard.admit(email, client)?;
         let found = blocking(|| self.storage_lookup_user(email))?;
         let hash = found.as_ref().map(|f| f.1.clone());
         let pw = password.to_string();
@@ -912,7 +916,13 @@ impl Auth {
     }
 
     /// Change a password; every other session of the user is revoked.
-    pub async fn change_password(&self, who: &RequestContext, old: &str, new: &str) -> Result<()> {
+    pub async fn change_password(
+        &self,
+        who: &RequestContext,
+        old: &str,
+        new: &str,
+        client: Option<IpAddr>,
+    ) -> Result<()> {
         let uid = who
             .user_id
             .clone()
@@ -932,7 +942,7 @@ impl Auth {
             return Err(auth_failed("The current password is wrong"));
         };
         self.validate_password(new, &email)?;
-        let ticket = self.guard.admit(&email, guard::peer())?;
+        let ticket = self.guard.admit(&email, client)?;
         let old = old.to_string();
         let ok = self.hashes.run(move || check_password(&old, Some(&hash))).await?;
         ticket.finish(ok);

@@ -181,6 +181,21 @@ pub struct Event {
     pub sql_text: Option<String>,
 }
 
+/// What the request layer knows of one finished HTTP request (see [`Event::for_request`]).
+#[derive(Debug, Clone, Default)]
+pub struct HttpRequest {
+    /// When the request arrived (microseconds since the Unix epoch).
+    pub ts_us: i64,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    /// The response's `X-ClickHouse-Query-Id`, `X-Ichibase-Trace-Id` and
+    /// `X-ClickHouse-Exception-Code` headers.
+    pub query_id: Option<String>,
+    pub trace_id: Option<String>,
+    pub exception_code: Option<String>,
+}
+
 impl Event {
     /// An event of `kind` stamped now, with the identity of `ctx`.
     pub fn now(kind: &'static str, ctx: Option<&RequestContext>) -> Event {
@@ -195,6 +210,40 @@ impl Event {
             e.user_id = c.user_id.clone();
             e.role = Some(c.role.as_str().to_string());
         }
+        e
+    }
+
+    /// The `http` row of one request: the response's ids when it sent them, else the ids of
+    /// the identity it ran as (`caller`), which also gives the user and role.
+    pub fn for_request(r: HttpRequest, caller: Option<&RequestContext>) -> Event {
+        let mut e = Event::now("http", None);
+        e.ts_us = r.ts_us;
+        e.method = Some(r.method);
+        e.name = Some(r.path);
+        e.status = Some(i32::from(r.status));
+        e.outcome = Some(if r.status < 400 { "ok" } else { "error" });
+        e.query_id = r.query_id;
+        e.trace_id = r.trace_id;
+        if let Some(c) = caller {
+            e.user_id = c.user_id.clone();
+            e.role = Some(c.role.as_str().to_string());
+            e.query_id = e.query_id.or_else(|| Some(c.query_id.clone()));
+            e.trace_id = e.trace_id.or_else(|| Some(c.trace_id.clone()));
+        }
+        if r.status >= 400 {
+            e.error = r.exception_code.map(|c| format!("code {c}"));
+        }
+        e
+    }
+
+    /// The log's own row saying `n` events were dropped (queue full), `total` since start.
+    fn dropped(n: i64, total: u64) -> Event {
+        let mut e = Event::now("posterity", None);
+        e.name = Some("dropped".into());
+        e.rows = Some(n);
+        e.detail = Some(format!(
+            "{{\"dropped_total\":{total},\"reason\":\"queue full\"}}"
+        ));
         e
     }
 }
@@ -590,16 +639,7 @@ fn writer_loop(
             reported_drops = dropped;
             let _ = append(
                 log,
-                &Event {
-                    ts_us: now_us(),
-                    kind: "posterity",
-                    name: Some("dropped".into()),
-                    rows: Some(n),
-                    detail: Some(format!(
-                        "{{\"dropped_total\":{dropped},\"reason\":\"queue full\"}}"
-                    )),
-                    ..Default::default()
-                },
+                &Event::dropped(n, dropped),
             );
             *pending += 1;
         }
@@ -715,39 +755,4 @@ fn append(log: &mut duckdb::Appender<'_>, e: &Event) -> duckdb::Result<()> {
 /// Path of `p` for DuckDB SQL text.
 pub(crate) fn path_literal(p: &Path) -> String {
     sql_str(&p.display().to_string())
-}
-
-/// The identity a request ran as, noted by the auth layer for the request's HTTP log row.
-#[derive(Debug, Clone, Default)]
-pub struct Caller {
-    pub user_id: Option<String>,
-    pub role: String,
-    pub query_id: String,
-    pub trace_id: String,
-}
-
-/// Where the identity of the request being served is noted (one per HTTP request).
-pub type CallerSlot = Arc<Mutex<Option<Caller>>>;
-
-tokio::task_local! {
-    static CALLER: CallerSlot;
-}
-
-/// Note that the current request runs as `ctx` (no-op outside a logged HTTP request).
-pub fn note_caller(ctx: &RequestContext) {
-    let _ = CALLER.try_with(|slot| {
-        if let Ok(mut g) = slot.lock() {
-            *g = Some(Caller {
-                user_id: ctx.user_id.clone(),
-                role: ctx.role.as_str().to_string(),
-                query_id: ctx.query_id.clone(),
-                trace_id: ctx.trace_id.clone(),
-            });
-        }
-    });
-}
-
-/// Run `f` (a request's handling) with `slot` receiving its caller.
-pub async fn with_caller_slot<F: std::future::Future>(slot: CallerSlot, f: F) -> F::Output {
-    CALLER.scope(slot, f).await
 }
