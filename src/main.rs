@@ -195,7 +195,23 @@ async fn open_auth(
     Ok((storage, auth))
 }
 
-async fn open_storage(data_dir: PathBuf) -> anyhow::Result<ichibase::storage::Storage> {
+/// A data directory a command reads or changes must exist: a typo must not create an empty one.
+fn existing_data_dir(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    if !data_dir.join("ichibase.db").exists() {
+        anyhow::bail!(
+            "{} is not an ichibase data directory (no ichibase.db there): check --data-dir / ICHIBASE_DATA_DIR; `ichibase serve` creates one",
+            data_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Open the data directory's database; `create`: the command makes data by design (deploying a
+/// function into a new app), else the directory must exist already.
+async fn open_storage(data_dir: PathBuf, create: bool) -> anyhow::Result<ichibase::storage::Storage> {
+    if !create {
+        existing_data_dir(&data_dir)?;
+    }
     let cfg = Settings {
         data_dir: Some(data_dir),
         ..Default::default()
@@ -230,7 +246,7 @@ async fn functions(cmd: FnCommand) -> anyhow::Result<()> {
                     e.message
                 );
             }
-            let storage = open_storage(data_dir).await?;
+            let storage = open_storage(data_dir, true).await?;
             let n = name.clone();
             let v = storage
                 .write(&sys(), ctl(), move |c| {
@@ -241,7 +257,7 @@ async fn functions(cmd: FnCommand) -> anyhow::Result<()> {
             storage.close().await?;
         }
         FnCommand::List { data_dir } => {
-            let storage = open_storage(data_dir).await?;
+            let storage = open_storage(data_dir, false).await?;
             for f in storage.read(&sys(), ctl(), |c| store::list(c)).await? {
                 println!(
                     "{}\tversion {}\t({} versions){}",
@@ -258,7 +274,7 @@ async fn functions(cmd: FnCommand) -> anyhow::Result<()> {
             version,
             data_dir,
         } => {
-            let storage = open_storage(data_dir).await?;
+            let storage = open_storage(data_dir, false).await?;
             let n = name.clone();
             let v = storage
                 .write(&sys(), ctl(), move |c| store::rollback(c, &n, version))
@@ -529,6 +545,7 @@ fn main() -> anyhow::Result<()> {
             older_than_days,
         } => {
             init_logging("warn", LogFormat::Text);
+            existing_data_dir(&data_dir)?;
             let cfg = Settings {
                 data_dir: Some(data_dir),
                 archive_after_days: older_than_days,

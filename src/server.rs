@@ -23,6 +23,8 @@ pub struct Running {
     pub replication: Option<crate::replication::Replicator>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// The data directory's exclusive lock, released with the server.
+    _dir_lock: crate::storage::DirLock,
 }
 
 impl Running {
@@ -43,7 +45,25 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     unsafe {
         libc::umask(0o077);
     }
-    crate::storage::private_dir(&config.data_dir)?;
+    // Validate every setting and bind the port before anything is created on disk: a failed
+    // start leaves no data directory and spends no one-time admin key.
+    let http = Arc::new(apis::limits::HttpLimits::new(config.section("http")?)?);
+    let sql_guard = Arc::new(apis::limits::SqlGuard::new(config.section("sql_guard")?, config.readers)?);
+    let trace_settings: crate::lua::limits::TraceSettings = config.section("traces")?;
+    trace_settings.validate()?;
+    let lua_limit_settings: crate::lua::limits::LuaLimitSettings = config.section("lua_limits")?;
+    lua_limit_settings.validate(config.lua.memory_limit)?;
+    let ws_limits = crate::realtime::limits::WsLimits::new(config.section("ws_limits")?)?;
+    let posterity_opts = crate::posterity::PosterityOptions::from_config(&config)?;
+    let auth_opts = auth_options(&config)?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let conn_limits = connection_limits(&http)?;
+    // One server per data directory: the lock is taken before SQLite, DuckDB or replication
+    // touch anything, and held until the process ends.
+    let dir_lock = crate::storage::lock_data_dir(&config.data_dir)?;
     let storage = {
         let opts = StorageOptions::from_config(&config);
         tokio::task::spawn_blocking(move || Storage::open(&opts)).await??
@@ -52,21 +72,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         Some(_) => Some(crate::replication::Replicator::start(storage.clone(), &config).await?),
         None => None,
     };
-    let auth =
-        Arc::new(Auth::open(storage.clone(), &config.data_dir, auth_options(&config)?).await?);
+    let auth = Arc::new(Auth::open(storage.clone(), &config.data_dir, auth_opts).await?);
     // Credentials changed by the CLI or another process take effect within a second.
     let _auth_watch = auth.watch(Duration::from_secs(1));
-    if let Some(key) = auth.first_start_admin_key().await? {
-        println!(
-            "ichibase: no admin existed, so an admin API key was created. It is shown only now:"
-        );
-        println!("ichibase:   {key}");
-        println!(
-            "ichibase: use it as `Authorization: Bearer <key>`; more with `ichibase admin create-key` or POST /admin/keys"
-        );
-    }
     let posterity = {
-        let opts = crate::posterity::PosterityOptions::from_config(&config)?;
+        let opts = posterity_opts;
         tokio::task::spawn_blocking(move || crate::posterity::Posterity::open(opts)).await??
     };
     let offload = replication.as_ref().map(|r| r.target().clone());
@@ -81,27 +91,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         });
     }
     let archiver = schedule_archive(&posterity, config.posterity.archive_interval_secs, offload);
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    let addr = listener.local_addr()?;
     let grace = Duration::from_secs_f64(config.shutdown_grace_secs);
-    let hub = crate::realtime::Hub::new(
-        config.ws.queue,
-        crate::realtime::limits::WsLimits::new(config.section("ws_limits")?)?,
-    );
+    let hub = crate::realtime::Hub::new(config.ws.queue, ws_limits);
     let branches = Arc::new(crate::branch::Branches::new(
         &config.data_dir,
         &StorageOptions::from_config(&config),
     ));
-    let http = Arc::new(apis::limits::HttpLimits::new(config.section("http")?)?);
-    let conn_limits = connection_limits(&http)?;
-    let sql_guard = Arc::new(apis::limits::SqlGuard::new(config.section("sql_guard")?, config.readers)?);
     sql_guard.apply_heap_limit();
-    let trace_settings: crate::lua::limits::TraceSettings = config.section("traces")?;
-    trace_settings.validate()?;
-    let lua_limit_settings: crate::lua::limits::LuaLimitSettings = config.section("lua_limits")?;
-    lua_limit_settings.validate(config.lua.memory_limit)?;
     let pruner = schedule_trace_pruning(&storage, &trace_settings);
     let lua_limits = Arc::new(crate::lua::limits::LuaLimits::new(
         trace_settings,
@@ -137,6 +133,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     crate::modules::provide(&mut builder)?;
     let state = builder.build();
     crate::modules::start(&state)?;
+    // The one-time admin key is created last, when everything else started: a key that is
+    // shown is committed and served.
+    let first_key = state.auth().first_start_admin_key().await?;
     let app = apis::router(state);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
@@ -182,12 +181,22 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         tracing::info!("storage closed; bye");
         Ok(())
     });
+    if let Some(key) = first_key {
+        println!(
+            "ichibase: no admin existed, so an admin API key was created. It is shown only now:"
+        );
+        println!("ichibase:   {key}");
+        println!(
+            "ichibase: use it as `Authorization: Bearer <key>`; more with `ichibase admin create-key` or POST /admin/keys"
+        );
+    }
     Ok(Running {
         addr,
         storage,
         replication,
         stop: Some(stop_tx),
         task,
+        _dir_lock: dir_lock,
     })
 }
 
@@ -327,6 +336,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(addr = %running.addr, data_dir = %data_dir.display(), "listening");
     println!("ichibase listening on http://{}", running.addr);
     shutdown_signal().await;
+    // Reads stop at once (as if their clients went away); writes finish or roll back within
+    // the grace period. A second signal ends the process immediately.
+    crate::storage::begin_shutdown();
+    tokio::spawn(async {
+        shutdown_signal().await;
+        eprintln!("ichibase: second signal; exiting now without waiting for requests");
+        std::process::exit(130);
+    });
     running.shutdown().await
 }
 

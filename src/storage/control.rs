@@ -15,6 +15,15 @@ use crate::core::Role;
 
 use crate::core::{Error, ErrorCode, RequestContext};
 
+/// Set once the server begins to shut down: running reads stop at once.
+static SHUTTING_DOWN: AtomicBool = AtomicBool::new(false);
+
+/// The server is shutting down: every execution that is not a write in progress stops at its
+/// next check (reads, and work waiting for a connection); writes finish or roll back.
+pub fn begin_shutdown() {
+    SHUTTING_DOWN.store(true, Ordering::Relaxed);
+}
+
 /// Limits of one execution: an absolute deadline and a cancel flag (set when the client goes
 /// away). Shared between the request's async side and the thread that runs SQLite.
 #[derive(Debug)]
@@ -32,6 +41,8 @@ pub struct ExecControl {
     cancelled: AtomicBool,
     timed_out: AtomicBool,
     write_timed_out: AtomicBool,
+    /// A write job of this execution is running on the writer.
+    writing: AtomicBool,
 }
 
 impl ExecControl {
@@ -48,6 +59,7 @@ impl ExecControl {
             cancelled: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
             write_timed_out: AtomicBool::new(false),
+            writing: AtomicBool::new(false),
         })
     }
 
@@ -73,6 +85,7 @@ impl ExecControl {
 
     /// Called when the write job starts on the writer: from now on the write limit runs.
     pub fn begin_write(&self) {
+        self.writing.store(true, Ordering::Relaxed);
         if let Some(l) = self.write_limit {
             *self.write_deadline.lock().unwrap() = Some(Instant::now() + l);
         }
@@ -100,6 +113,10 @@ impl ExecControl {
     /// True once the work should stop; remembers whether the deadline was the reason.
     pub fn should_stop(&self) -> bool {
         if self.cancelled.load(Ordering::Relaxed) {
+            return true;
+        }
+        if SHUTTING_DOWN.load(Ordering::Relaxed) && !self.writing.load(Ordering::Relaxed) {
+            self.cancelled.store(true, Ordering::Relaxed);
             return true;
         }
         if self.write_limit.is_some() {

@@ -22,7 +22,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub use authz::Authz;
-pub use control::{ConnState, ExecControl};
+pub use control::{ConnState, ExecControl, begin_shutdown};
 use readers::ReaderPool;
 use writer::Writer;
 
@@ -91,6 +91,45 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     }
     #[cfg(not(unix))]
     std::fs::create_dir_all(dir)
+}
+
+/// An exclusive lock on a data directory, held while a server (or a restore) uses it; released
+/// when dropped (or when the process dies: it is an `flock`).
+pub struct DirLock {
+    _file: std::fs::File,
+    pub path: PathBuf,
+}
+
+/// Take the data directory's exclusive lock (`<dir>/ichibase.lock`), creating the directory
+/// (0700) if needed. A second server on the same directory is refused here, before anything is
+/// opened.
+pub fn lock_data_dir(dir: &Path) -> anyhow::Result<DirLock> {
+    private_dir(dir).map_err(|e| anyhow::anyhow!("creating the data directory {}: {e}", dir.display()))?;
+    let path = dir.join("ichibase.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| anyhow::anyhow!("opening the lock file {}: {e}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a file descriptor this function owns.
+        let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if r != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                anyhow::bail!(
+                    "another ichibase process is using the data directory {} (it holds {}): stop it first, or start with another --data-dir",
+                    dir.display(),
+                    path.display()
+                );
+            }
+            anyhow::bail!("locking {}: {e}", path.display());
+        }
+    }
+    Ok(DirLock { _file: file, path })
 }
 
 /// Create `path` empty for this user only (0600) if it is missing, or tighten it to 0600.
