@@ -335,10 +335,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let running = start(config).await?;
     tracing::info!(addr = %running.addr, data_dir = %data_dir.display(), "listening");
     println!("ichibase listening on http://{}", running.addr);
-    shutdown_signal().await;
-    // Reads stop at once (as if their clients went away); writes finish or roll back within
-    // the grace period. A second signal ends the process immediately.
-    crate::storage::begin_shutdown();
+    // SIGTERM (docker stop, systemd) is graceful: requests in flight finish within the grace
+    // period. Ctrl-C is someone at a terminal: reads stop at once (as if their clients went
+    // away), writes finish or roll back. Either way a second signal ends the process at once.
+    if shutdown_signal().await {
+        crate::storage::begin_shutdown();
+    }
     tokio::spawn(async {
         shutdown_signal().await;
         eprintln!("ichibase: second signal; exiting now without waiting for requests");
@@ -347,7 +349,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     running.shutdown().await
 }
 
-async fn shutdown_signal() {
+/// Wait for SIGINT (Ctrl-C: `true`) or SIGTERM (`false`).
+async fn shutdown_signal() -> bool {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -363,7 +366,13 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! {
-        _ = ctrl_c => tracing::info!("SIGINT received"),
-        _ = term => tracing::info!("SIGTERM received"),
+        _ = ctrl_c => {
+            tracing::info!("SIGINT received");
+            true
+        }
+        _ = term => {
+            tracing::info!("SIGTERM received");
+            false
+        }
     }
 }

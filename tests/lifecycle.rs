@@ -105,7 +105,7 @@ async fn one_server_per_data_directory() {
 #[test]
 fn commands_that_read_a_data_directory_do_not_create_one() {
     let dir = tempfile::tempdir().unwrap();
-    for args in [vec!["fn", "list"], vec!["fn", "rollback", "f", "1"], vec!["archive"]] {
+    for args in [vec!["fn", "list"], vec!["fn", "rollback", "f"], vec!["archive"]] {
         let missing = dir.path().join(format!("typo-{}", args.join("-")));
         let out = ichibase().args(&args).arg("--data-dir").arg(&missing).output().unwrap();
         assert!(!out.status.success(), "{args:?}");
