@@ -478,6 +478,11 @@ async fn dispatch(
                 .await
             {
                 Ok(e) => e,
+                Err(e) if e.code == crate::core::ErrorCode::QueryWasCancelled => {
+                    // The server is shutting down (Ctrl-C stops reads).
+                    tracing::debug!(error = %e, "reading the change log stopped");
+                    break;
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "reading the change log failed");
                     break;
