@@ -168,3 +168,28 @@ async fn a_second_signal_exits_at_once() {
     assert!(sent.elapsed() < Duration::from_secs(10));
     let _ = long.await;
 }
+
+#[test]
+fn logs_written_to_a_file_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server.log");
+    let mut child = ichibase()
+        .env("ICHIBASE_LOG", "info")
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("d"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead;
+    for l in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        if l.unwrap().starts_with("ichibase listening on ") {
+            break;
+        }
+    }
+    signal(child.id(), "TERM");
+    wait_exit(&mut child, Duration::from_secs(20)).expect("stopped");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("listening"), "{text}");
+    assert!(!text.contains('\u{1b}'), "ANSI escapes in a log file: {text:?}");
+}
