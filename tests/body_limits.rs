@@ -57,6 +57,8 @@ fn json_endpoints() -> Vec<(Method, &'static str, &'static str, bool)> {
         (Method::POST, "/auth/signin", r#"{"email": "anon@example.com", "password": "pw-0123456789"}"#, true),
         (Method::POST, "/auth/refresh", r#"{"refresh_token": "x"}"#, true),
         (Method::POST, "/generate", r#"{"intent": "a notes service"}"#, false),
+        (Method::POST, "/broadcast", r#"{"channel": "c", "payload": 1}"#, false),
+        (Method::PUT, "/admin/analytics/views/v1", r#"{}"#, false),
     ]
 }
 
