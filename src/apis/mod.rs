@@ -102,10 +102,9 @@ async fn read_limited(req: Request, st: &App) -> Result<axum::body::Bytes, Respo
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok())
+        && len > bytes as u64
     {
-        if len > bytes as u64 {
-            return Err(too_large(limit, bytes));
-        }
+        return Err(too_large(limit, bytes));
     }
     axum::body::to_bytes(req.into_body(), bytes)
         .await
