@@ -9,7 +9,7 @@ use axum::routing::{delete, patch, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Admin, App, JsonBody, admin_area, reply};
+use super::{Admin, App, BodyLimit, JsonBody, admin_area, body_limit, reply};
 use crate::auth::policy::{self, GrantSpec, PolicySpec};
 use crate::core::{RequestContext, Result};
 use crate::storage::ExecControl;
@@ -42,6 +42,7 @@ pub fn routes() -> Router<App> {
         .route("/admin/cdc", post(cdc_enable).get(cdc_list))
         .route("/admin/cdc/{table}", delete(cdc_disable))
         .route_layer(admin_area("/admin"))
+        .layer(body_limit(BodyLimit::Json))
 }
 
 #[derive(Deserialize)]

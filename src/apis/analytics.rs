@@ -51,6 +51,8 @@ pub fn routes() -> Router<App> {
             "/admin/posterity",
             get(stats).route_layer(admin_area("/admin/posterity")),
         )
+        // `/analytics` reads its own body under `max_body_size`, like the SQL endpoint.
+        .layer(super::body_limit(super::BodyLimit::Json))
 }
 
 async fn analytics(

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{App, Caller, JsonBody, RequestScope, error_response};
+use super::{App, BodyLimit, Caller, JsonBody, RequestScope, body_limit, error_response};
 use crate::core::{Error, ErrorCode};
 
 /// Identities: sign-up, sign-in, sessions, tokens (`/auth/*`).
@@ -34,6 +34,7 @@ pub fn routes() -> Router<App> {
         .route("/auth/me", get(me))
         .route("/auth/sessions", get(sessions))
         .route("/auth/sessions/{id}", delete(revoke))
+        .layer(body_limit(BodyLimit::Json))
 }
 
 #[derive(Deserialize)]

@@ -8,14 +8,13 @@
 //! `apis::sql`).
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Admin, App, JsonBody, admin_area, reply};
+use super::{Admin, App, BodyBytes, BodyLimit, JsonBody, admin_area, body_limit, reply};
 use crate::bundle::{self, Bundle, CheckEnv};
 use crate::core::{Error, ErrorCode};
 
@@ -38,6 +37,7 @@ pub fn routes() -> Router<App> {
         .route("/branches/{name}/apply", post(apply))
         .route("/branches/{name}/merge", post(merge))
         .route_layer(admin_area("managing branches"))
+        .layer(body_limit(BodyLimit::Json))
 }
 
 async fn list(State(st): State<App>, Admin(_): Admin) -> Response {
@@ -75,7 +75,7 @@ async fn apply(
     State(st): State<App>,
     Path(name): Path<String>,
     Admin(ctx): Admin,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let r = async {
         let text = std::str::from_utf8(&body)

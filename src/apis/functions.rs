@@ -13,7 +13,6 @@
 //! memory_total`.
 
 
-use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
@@ -22,7 +21,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value as JsonValue, json};
 
-use super::{Admin, App, Caller, admin_area, error_response, reply};
+use super::{
+    Admin, App, BodyBytes, BodyLimit, Caller, admin_area, body_limit, error_response, reply,
+};
 use crate::core::{Error, ErrorCode, RequestContext, Result};
 use crate::lua::{self, Invocation, store};
 use crate::storage::ExecControl;
@@ -47,6 +48,7 @@ pub fn routes() -> Router<App> {
             "/fn/{name}",
             get(fetch)
                 .put(deploy)
+                .layer(body_limit(BodyLimit::FunctionSource))
                 .delete(remove)
                 .route_layer(admin_area(AREA))
                 .post(invoke),
@@ -61,6 +63,7 @@ pub fn routes() -> Router<App> {
         )
         .route("/trace/{id}", get(trace))
         .route("/trace/{id}/hover", get(hover))
+        .layer(body_limit(BodyLimit::Json))
 }
 
 /// Look-ups wait for a connection at most 30 s, never without a deadline.
@@ -121,16 +124,10 @@ async fn deploy(
     Path(name): Path<String>,
     Query(q): Query<TraceFlag>,
     Admin(ctx): Admin,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let r = async {
         store::check_name(&name)?;
-        if body.len() > store::MAX_SOURCE {
-            return Err(Error::new(
-                ErrorCode::RequestTooLarge,
-                format!("Function source is larger than {} bytes", store::MAX_SOURCE),
-            ));
-        }
         let source = String::from_utf8(body.to_vec()).map_err(|_| {
             Error::new(
                 ErrorCode::BadArguments,
@@ -192,7 +189,7 @@ async fn rollback(
     State(st): State<App>,
     Path(name): Path<String>,
     Admin(ctx): Admin,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let b: RollbackBody = if body.is_empty() {
         RollbackBody::default()
@@ -224,7 +221,7 @@ async fn invoke(
     Path(name): Path<String>,
     Query(q): Query<TraceFlag>,
     Caller(ctx): Caller,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let input: JsonValue = if body.iter().all(u8::is_ascii_whitespace) {
         JsonValue::Null

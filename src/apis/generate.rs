@@ -33,6 +33,7 @@ pub fn routes() -> Router<App> {
         .route("/generate/{id}/approve", post(approve))
         .route("/generate/{id}/discard", post(discard))
         .route_layer(admin_area("generating services"))
+        .layer(super::body_limit(super::BodyLimit::Json))
 }
 
 #[derive(Deserialize)]

@@ -47,6 +47,11 @@ pub struct HttpSettings {
     /// Connections the kernel queues for the server to accept (capped by the system, e.g.
     /// net.core.somaxconn); a short queue drops new connections during a burst.
     pub listen_backlog: u32,
+    /// Bytes of a JSON request body at most (admin, auth, branches and bundles, generate, a
+    /// function's invoke input and rollback); a larger one is refused 413 `REQUEST_TOO_LARGE`.
+    pub max_json_body: usize,
+    /// Bytes of a function's source at most (`PUT /fn/{name}`); a larger one is refused 413.
+    pub max_function_source: usize,
 }
 
 impl Default for HttpSettings {
@@ -62,6 +67,8 @@ impl Default for HttpSettings {
             idle_timeout_secs: 60.0,
             cap_wait_secs: 1.0,
             listen_backlog: 4096,
+            max_json_body: 16 << 20,
+            max_function_source: crate::lua::store::MAX_SOURCE,
         }
     }
 }
@@ -101,6 +108,11 @@ impl HttpLimits {
             (1..=i32::MAX as u32).contains(&settings.listen_backlog),
             "[http] listen_backlog must be between 1 and {}",
             i32::MAX
+        );
+        anyhow::ensure!(settings.max_json_body >= 1, "[http] max_json_body must be positive");
+        anyhow::ensure!(
+            settings.max_function_source >= 1,
+            "[http] max_function_source must be positive"
         );
         Ok(HttpLimits {
             settings,

@@ -36,25 +36,116 @@ pub fn reply<T: serde::Serialize>(r: crate::core::Result<T>) -> Response {
     }
 }
 
-/// A JSON request body whose errors are answered in ichibase's JSON error shape.
-pub struct JsonBody<T>(pub T);
+/// Which `[http]` limit bounds a request body: set on a route group (or one route) by the
+/// [`body_limit`] layer and read by the body extractors ([`JsonBody`], [`BodyBytes`]); a route
+/// without the layer gets [`BodyLimit::Json`]. The SQL endpoint reads its own body
+/// (`max_body_size`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyLimit {
+    /// `[http] max_json_body`: the JSON APIs.
+    Json,
+    /// `[http] max_function_source`: a function's source (`PUT /fn/{name}`).
+    FunctionSource,
+}
 
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for JsonBody<T> {
-    type Rejection = Response;
+impl BodyLimit {
+    /// The setting's name in `[http]`.
+    pub fn setting(self) -> &'static str {
+        match self {
+            BodyLimit::Json => "max_json_body",
+            BodyLimit::FunctionSource => "max_function_source",
+        }
+    }
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| {
+    /// The limit in bytes.
+    pub fn bytes(self, s: &limits::HttpSettings) -> usize {
+        match self {
+            BodyLimit::Json => s.max_json_body,
+            BodyLimit::FunctionSource => s.max_function_source,
+        }
+    }
+}
+
+/// The layer that bounds the bodies of a route group: `router.layer(body_limit(BodyLimit::Json))`.
+/// An inner layer (on one route) wins over the group's.
+pub fn body_limit(limit: BodyLimit) -> axum::Extension<BodyLimit> {
+    axum::Extension(limit)
+}
+
+/// The 413 of a body over `limit`, naming the setting.
+fn too_large(limit: BodyLimit, bytes: usize) -> Response {
+    error_response(
+        &Error::new(
+            ErrorCode::RequestTooLarge,
+            format!(
+                "Request body is larger than {bytes} bytes ([http] {})",
+                limit.setting()
+            ),
+        ),
+        true,
+        None,
+    )
+}
+
+/// Read a request body whole, bounded by its route's [`BodyLimit`]: over it, 413
+/// `REQUEST_TOO_LARGE` in the JSON error shape (from `Content-Length` before reading, else
+/// while reading); a body that cannot be read, 400 `BAD_ARGUMENTS`.
+async fn read_limited(req: Request, st: &App) -> Result<axum::body::Bytes, Response> {
+    let limit = req
+        .extensions()
+        .get::<BodyLimit>()
+        .copied()
+        .unwrap_or(BodyLimit::Json);
+    let bytes = limit.bytes(&st.http().settings);
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        && len > bytes as u64
+    {
+        return Err(too_large(limit, bytes));
+    }
+    axum::body::to_bytes(req.into_body(), bytes)
+        .await
+        .map_err(|e| {
+            let inner = e.into_inner();
+            if inner.is::<http_body_util::LengthLimitError>() {
+                too_large(limit, bytes)
+            } else {
                 error_response(
                     &Error::new(
                         ErrorCode::BadArguments,
-                        format!("Could not read the body: {e}"),
+                        format!("Could not read the body: {inner}"),
                     ),
                     true,
                     None,
                 )
-            })?;
+            }
+        })
+}
+
+/// A raw request body bounded by its route's [`BodyLimit`] (instead of axum's `Bytes`, whose
+/// default 2 MB limit answers in plain text).
+pub struct BodyBytes(pub axum::body::Bytes);
+
+impl FromRequest<App> for BodyBytes {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &App) -> Result<Self, Self::Rejection> {
+        read_limited(req, state).await.map(BodyBytes)
+    }
+}
+
+/// A JSON request body bounded by its route's [`BodyLimit`], whose errors are answered in
+/// ichibase's JSON error shape (413 over the limit, 400 for malformed JSON).
+pub struct JsonBody<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned> FromRequest<App> for JsonBody<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &App) -> Result<Self, Self::Rejection> {
+        let bytes = read_limited(req, state).await?;
         serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| {
             error_response(
                 &Error::new(ErrorCode::BadArguments, format!("Invalid JSON body: {e}")),

@@ -55,6 +55,7 @@ pub fn routes() -> Router<App> {
             "/broadcast",
             post(http_broadcast).route_layer(admin_area("POST /broadcast")),
         )
+        .layer(super::body_limit(super::BodyLimit::Json))
 }
 
 #[derive(Deserialize)]

@@ -64,7 +64,7 @@ error_codes! {
     Readonly = 164, "READONLY", 403;
     AccessDenied = 497, "ACCESS_DENIED", 403;
     NotImplemented = 48, "NOT_IMPLEMENTED", 501;
-    RequestTooLarge = 1001, "REQUEST_TOO_LARGE", 413, "body over `max_body_size`, SQL over `max_query_size`";
+    RequestTooLarge = 1001, "REQUEST_TOO_LARGE", 413, "SQL body over `max_body_size`, SQL over `max_query_size`, a JSON API body over `[http] max_json_body`, a function source over `[http] max_function_source`";
     ConstraintViolation = 1002, "CONSTRAINT_VIOLATION", 409, "UNIQUE, NOT NULL, CHECK, FOREIGN KEY";
     DatabaseBusy = 1003, "DATABASE_BUSY", 503;
     StorageError = 1004, "STORAGE_ERROR", 500, "I/O, corruption, disk full";
