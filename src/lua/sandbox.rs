@@ -352,6 +352,204 @@ pub fn check_deadline(m: &Meter, limits: &Limits) -> mlua::Result<()> {
     Ok(())
 }
 
+thread_local! {
+    /// The meter and deadline of the invocation running on this thread, for host code that
+    /// runs long outside the VM (serialising tables, building query results): it checks the
+    /// clock with [`time_check`] every few thousand parts.
+    static CLOCK: std::cell::RefCell<Option<(Rc<Meter>, Instant)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Marks the invocation running on this thread for [`time_check`] while alive (restores an
+/// outer invocation's clock when dropped).
+pub struct ClockGuard(Option<(Rc<Meter>, Instant)>);
+
+impl ClockGuard {
+    pub fn enter(meter: &Rc<Meter>, deadline: Instant) -> ClockGuard {
+        ClockGuard(CLOCK.with(|c| c.replace(Some((Rc::clone(meter), deadline)))))
+    }
+}
+
+impl Drop for ClockGuard {
+    fn drop(&mut self) {
+        let outer = self.0.take();
+        CLOCK.with(|c| *c.borrow_mut() = outer);
+    }
+}
+
+/// For long host loops: `Err(limit)` (and the limit tripped, so the invocation ends even if
+/// the caller swallows the error) once a limit fired or the running invocation's deadline
+/// passed. Cheap enough to call every few thousand items.
+pub fn time_check() -> Result<(), Limit> {
+    CLOCK.with(|c| {
+        let c = c.borrow();
+        let Some((m, deadline)) = c.as_ref() else {
+            return Ok(());
+        };
+        if let Some(l) = m.tripped.get() {
+            return Err(l);
+        }
+        if Instant::now() >= *deadline {
+            m.tripped.set(Some(Limit::Time));
+            return Err(Limit::Time);
+        }
+        Ok(())
+    })
+}
+
+/// Has a limit of the invocation running on this thread fired? (For host code that turns
+/// errors into values, such as `log`'s unencodable fields: it must not swallow a limit.)
+pub fn tripped_limit() -> Option<Limit> {
+    CLOCK.with(|c| c.borrow().as_ref().and_then(|(m, _)| m.tripped.get()))
+}
+
+/// Host functions (every component's) check the limits before they start: each global a
+/// component installed (a function, or a table of functions) is replaced by a wrapper that
+/// calls `guard()` first. Runs once per invocation, after the components are installed.
+pub fn guard_host_functions(lua: &Lua, meter: &Rc<Meter>, limits: &Limits, names: Vec<String>) -> mlua::Result<()> {
+    let m = Rc::clone(meter);
+    let limits = *limits;
+    let guard = lua.create_function(move |_, ()| check_deadline(&m, &limits))?;
+    lua.load(GUARD_HOST)
+        .set_name("=sandbox")
+        .set_mode(mlua::ChunkMode::Text)
+        .call::<()>((guard, names))
+}
+
+const GUARD_HOST: &str = r#"
+local guard, names = ...
+local type, next, rawget, rawset = type, next, rawget, rawset
+local function wrap(f) return function(...) guard() return f(...) end end
+for _, name in next, names do
+  local v = rawget(_G, name)
+  if type(v) == "function" then
+    rawset(_G, name, wrap(v))
+  elseif type(v) == "table" then
+    local fns = {}
+    for k, f in next, v do if type(f) == "function" then fns[k] = f end end
+    for k, f in next, fns do rawset(v, k, wrap(f)) end
+  end
+end
+"#;
+
+/// Wall-clock enforcement independent of the instruction count: one background thread for the
+/// whole process. An invocation registers its main Lua state and deadline; once the deadline
+/// passes while it is still registered, the thread turns the state's hook to fire on every
+/// instruction (`lua_sethook` keeps the hook function and only changes mask and count; Lua
+/// documents it as safe to call asynchronously), so the sandbox's hook raises the time limit at
+/// the next VM instruction, e.g. as soon as a slow host call returns. Registration and the
+/// hook change happen under one mutex, and [`Watch`] unregisters before the state is dropped,
+/// so the thread never touches a freed state.
+pub mod watchdog {
+    use std::collections::HashMap;
+    use std::sync::{Condvar, Mutex, OnceLock};
+    use std::time::Instant;
+
+    use mlua::ffi;
+
+    struct Entry {
+        state: usize,
+        deadline: Instant,
+        fired: bool,
+    }
+
+    #[derive(Default)]
+    struct Shared {
+        entries: Mutex<(u64, HashMap<u64, Entry>)>,
+        wake: Condvar,
+    }
+
+    fn shared() -> &'static Shared {
+        static S: OnceLock<&'static Shared> = OnceLock::new();
+        S.get_or_init(|| {
+            let s: &'static Shared = Box::leak(Box::default());
+            std::thread::Builder::new()
+                .name("lua-watchdog".into())
+                .spawn(move || run(s))
+                .expect("starting the Lua watchdog thread");
+            s
+        })
+    }
+
+    fn run(s: &'static Shared) {
+        let mut g = s.entries.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let now = Instant::now();
+            let mut next: Option<Instant> = None;
+            for e in g.1.values_mut() {
+                if e.fired {
+                    continue;
+                }
+                if e.deadline <= now {
+                    // SAFETY: the state is registered, so it is alive (unregistering takes this
+                    // lock before the state is dropped). lua_sethook only stores the hook
+                    // fields and sets the trap flags of the call stack.
+                    unsafe {
+                        let l = e.state as *mut ffi::lua_State;
+                        let hook = ffi::lua_gethook(l);
+                        if hook.is_some() {
+                            let mask = ffi::lua_gethookmask(l) | ffi::LUA_MASKCOUNT;
+                            ffi::lua_sethook(l, hook, mask, 1);
+                        }
+                    }
+                    e.fired = true;
+                } else {
+                    next = Some(next.map_or(e.deadline, |n| n.min(e.deadline)));
+                }
+            }
+            g = match next {
+                None => s.wake.wait(g).unwrap_or_else(|e| e.into_inner()),
+                Some(t) => {
+                    let wait = t.saturating_duration_since(Instant::now());
+                    s.wake
+                        .wait_timeout(g, wait)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// One watched invocation; dropping it unregisters the state. Must be dropped before the
+    /// `Lua` whose state it watches.
+    pub struct Watch(u64);
+
+    impl Watch {
+        /// Watch `lua`'s main state until `deadline`. Call outside any Lua callback (the state
+        /// mlua reports there is the main thread) and after the sandbox hook is installed.
+        pub fn start(lua: &mlua::Lua, deadline: Instant) -> mlua::Result<Watch> {
+            let mut state = 0usize;
+            // SAFETY: only reads the state pointer.
+            unsafe { lua.exec_raw::<()>((), |l| state = l as usize)? };
+            let s = shared();
+            let mut g = s.entries.lock().unwrap_or_else(|e| e.into_inner());
+            g.0 += 1;
+            let id = g.0;
+            g.1.insert(
+                id,
+                Entry {
+                    state,
+                    deadline,
+                    fired: false,
+                },
+            );
+            drop(g);
+            s.wake.notify_all();
+            Ok(Watch(id))
+        }
+    }
+
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            let s = shared();
+            s.entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .1
+                .remove(&self.0);
+        }
+    }
+}
+
 /// Work budget for one pattern call, in simple steps (about a second of C time).
 const PATTERN_BUDGET: f64 = 2e8;
 
