@@ -402,34 +402,56 @@ pub fn tripped_limit() -> Option<Limit> {
     CLOCK.with(|c| c.borrow().as_ref().and_then(|(m, _)| m.tripped.get()))
 }
 
-/// Host functions (every component's) check the limits before they start: each global a
-/// component installed (a function, or a table of functions) is replaced by a wrapper that
-/// calls `guard()` first. Runs once per invocation, after the components are installed.
-pub fn guard_host_functions(lua: &Lua, meter: &Rc<Meter>, limits: &Limits, names: Vec<String>) -> mlua::Result<()> {
-    let m = Rc::clone(meter);
-    let limits = *limits;
-    let guard = lua.create_function(move |_, ()| check_deadline(&m, &limits))?;
-    lua.load(GUARD_HOST)
-        .set_name("=sandbox")
-        .set_mode(mlua::ChunkMode::Text)
-        .call::<()>((guard, names))
+/// Host functions (every component's) check the limits before they start: each Rust function
+/// a component installed as a global, or in a global table, is replaced by a Rust wrapper that
+/// runs [`check_deadline`] first. (A Rust wrapper, not a Lua one: a Lua wrapper would turn the
+/// caller's `return db.query(...)` into a Lua tail call and lose the caller's line.) Runs once
+/// per invocation, after the components are installed.
+pub fn guard_host_functions(
+    lua: &Lua,
+    meter: &Rc<Meter>,
+    limits: &Limits,
+    names: Vec<String>,
+) -> mlua::Result<()> {
+    let wrap = |f: Function| -> mlua::Result<Value> {
+        // Only host (C) functions: wrapping a Lua function in a Rust call would stop it from
+        // yielding.
+        if f.info().what != "C" {
+            return Ok(Value::Function(f));
+        }
+        let (m, limits) = (Rc::clone(meter), *limits);
+        Ok(Value::Function(lua.create_function(
+            move |_, args: mlua::MultiValue| {
+                check_deadline(&m, &limits)?;
+                // The error keeps the shape it had without the wrapper (one CallbackError,
+                // whose traceback the outer call adds).
+                f.call::<mlua::MultiValue>(args).map_err(|e| match e {
+                    mlua::Error::CallbackError { cause, .. } => (*cause).clone(),
+                    e => e,
+                })
+            },
+        )?))
+    };
+    let g = lua.globals();
+    for name in names {
+        match g.raw_get::<Value>(name.as_str())? {
+            Value::Function(f) => g.raw_set(name.as_str(), wrap(f)?)?,
+            Value::Table(t) => {
+                let mut fns = Vec::new();
+                for pair in t.pairs::<Value, Value>() {
+                    if let (k, Value::Function(f)) = pair? {
+                        fns.push((k, f));
+                    }
+                }
+                for (k, f) in fns {
+                    t.raw_set(k, wrap(f)?)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
-
-const GUARD_HOST: &str = r#"
-local guard, names = ...
-local type, next, rawget, rawset = type, next, rawget, rawset
-local function wrap(f) return function(...) guard() return f(...) end end
-for _, name in next, names do
-  local v = rawget(_G, name)
-  if type(v) == "function" then
-    rawset(_G, name, wrap(v))
-  elseif type(v) == "table" then
-    local fns = {}
-    for k, f in next, v do if type(f) == "function" then fns[k] = f end end
-    for k, f in next, fns do rawset(v, k, wrap(f)) end
-  end
-end
-"#;
 
 /// Wall-clock enforcement independent of the instruction count: one background thread for the
 /// whole process. An invocation registers its main Lua state and deadline; once the deadline

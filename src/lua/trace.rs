@@ -151,9 +151,9 @@ impl Tracer {
         if self.truncated && self.pending.iter().all(Option::is_none) {
             return Ok(());
         }
-        // The engine's own Lua (the `prop` library, the sandbox's wrappers) is not the user's
-        // code: its lines would only bury the user's steps (and cost memory).
-        if matches!(d.source().short_src.as_deref(), Some("prop") | Some("sandbox")) {
+        // The engine's own Lua modules (the `prop` library) are not the user's code: their
+        // lines would only bury the user's steps (and cost memory).
+        if d.source().short_src.as_deref() == Some("prop") {
             return Ok(());
         }
         let depth = Self::depth(lua);
