@@ -468,10 +468,12 @@ pub mod watchdog {
 
     use mlua::ffi;
 
+    /// How often an overdue invocation's hook is set again while it keeps running.
+    const RETRY: std::time::Duration = std::time::Duration::from_millis(5);
+
     struct Entry {
         state: usize,
         deadline: Instant,
-        fired: bool,
     }
 
     #[derive(Default)]
@@ -498,9 +500,6 @@ pub mod watchdog {
             let now = Instant::now();
             let mut next: Option<Instant> = None;
             for e in g.1.values_mut() {
-                if e.fired {
-                    continue;
-                }
                 if e.deadline <= now {
                     // SAFETY: the state is registered, so it is alive (unregistering takes this
                     // lock before the state is dropped). lua_sethook only stores the hook
@@ -513,7 +512,11 @@ pub mod watchdog {
                             ffi::lua_sethook(l, hook, mask, 1);
                         }
                     }
-                    e.fired = true;
+                    // Again shortly while the invocation is still registered: the running VM
+                    // decrements the hook counter without synchronisation and may overwrite
+                    // this reset (it then fires at the end of the current count at worst).
+                    let again = now + RETRY;
+                    next = Some(next.map_or(again, |n| n.min(again)));
                 } else {
                     next = Some(next.map_or(e.deadline, |n| n.min(e.deadline)));
                 }
@@ -551,7 +554,6 @@ pub mod watchdog {
                 Entry {
                     state,
                     deadline,
-                    fired: false,
                 },
             );
             drop(g);
@@ -767,6 +769,63 @@ mod tests {
         let e = check_deadline(&m, &limits(Instant::now())).unwrap_err();
         assert_eq!(limit_of(&e), Some(Limit::Time));
         assert_eq!(m.tripped.get(), Some(Limit::Time));
+    }
+
+    #[test]
+    fn the_watchdog_stops_code_between_count_hook_firings() {
+        // A hook that would fire only every 2^30 instructions (tens of seconds): the watchdog
+        // makes it fire at the next instruction once the deadline passed.
+        let lua = Lua::new();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        lua.set_global_hook(
+            HookTriggers::new().every_nth_instruction(1 << 30),
+            move |_, _| {
+                if Instant::now() >= deadline {
+                    return Err(mlua::Error::external(Limit::Time));
+                }
+                Ok(VmState::Continue)
+            },
+        )
+        .unwrap();
+        let started = Instant::now();
+        let r = {
+            let _watch = watchdog::Watch::start(&lua, deadline).unwrap();
+            lua.load("local n = 0 while true do n = n + 1 end").exec()
+        };
+        assert_eq!(limit_of(&r.unwrap_err()), Some(Limit::Time));
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        // Unregistered states are left alone; a later state is watched again.
+        drop(lua);
+        let lua = Lua::new();
+        let deadline = Instant::now() + Duration::from_millis(100);
+        lua.set_global_hook(HookTriggers::new().every_nth_instruction(1 << 30), move |_, _| {
+            if Instant::now() >= deadline {
+                return Err(mlua::Error::external(Limit::Time));
+            }
+            Ok(VmState::Continue)
+        })
+        .unwrap();
+        let _watch = watchdog::Watch::start(&lua, deadline).unwrap();
+        let r = lua.load("while true do end").exec();
+        assert_eq!(limit_of(&r.unwrap_err()), Some(Limit::Time));
+    }
+
+    #[test]
+    fn long_host_loops_see_the_deadline() {
+        assert_eq!(time_check(), Ok(()), "no invocation on this thread");
+        let m = Rc::new(Meter::default());
+        {
+            let _clock = ClockGuard::enter(&m, Instant::now() + Duration::from_secs(3600));
+            assert_eq!(time_check(), Ok(()));
+            assert_eq!(tripped_limit(), None);
+        }
+        {
+            let _clock = ClockGuard::enter(&m, Instant::now());
+            assert_eq!(time_check(), Err(Limit::Time));
+            assert_eq!(tripped_limit(), Some(Limit::Time));
+            assert_eq!(m.tripped.get(), Some(Limit::Time));
+        }
+        assert_eq!(time_check(), Ok(()), "the clock is gone with its guard");
     }
 
     #[test]
