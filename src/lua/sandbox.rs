@@ -8,7 +8,10 @@
 //!
 //! Limits: an instruction budget and a wall-clock deadline checked by a count hook every
 //! [`HOOK_EVERY`] VM instructions (a global hook, so coroutines inherit it), and a memory limit
-//! enforced by the allocator. Once a limit fires it stays fired: `pcall`, `xpcall` and
+//! enforced by the allocator. Wall time does not depend on the instruction count: every host
+//! function checks the deadline before it starts ([`guard_host_functions`]), long host loops
+//! check it through [`time_check`], and the [`watchdog`] thread makes the hook fire at the next
+//! instruction of an invocation past its deadline. Once a limit fires it stays fired: `pcall`, `xpcall` and
 //! `coroutine.resume` re-raise it instead of catching it. `__gc` metamethods are refused
 //! (finalizers run with hooks disabled, so they could escape the limits); pattern matching is
 //! refused on subject/pattern combinations whose backtracking could run unbounded in C.
