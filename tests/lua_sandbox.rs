@@ -2217,3 +2217,87 @@ async fn lua_sandbox_adversarial_suite() {
         );
     }
 }
+
+/// Issue 14.12: the time limit holds while slow host calls run, on a loaded machine. Each
+/// program spends nearly all its time inside host functions (serialising a large table for
+/// `log`, `json.encode`, building `db.query` rows), where the count hook never fires; it must
+/// still stop at the 2 s limit with the time-limit error, well within 6 s, while every core
+/// is busy with a CPU burner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_host_calls_stop_at_the_time_limit_under_load() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let mem = MEMORY_LIMIT.to_string();
+    let server = Server::start(&[
+        "--lua-timeout-secs",
+        TIMEOUT_SECS,
+        "--lua-memory-limit",
+        &mem,
+        "--lua-instruction-limit",
+        INSTRUCTION_LIMIT,
+    ]);
+    let base = server.url.clone();
+    let admin = http(Some(ADMIN_KEY));
+    const BIG: &str = "local t = {} for i = 1, 20000 do t[i] = 'abcdefghij' .. i end";
+    const ROWS: &str = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 20000) SELECT x, 'abcdefghij' || x AS s FROM c";
+    let programs = [
+        ("slow_log", format!("return function() {BIG} while true do log.info('m', {{t}}) end end")),
+        ("slow_log_200", format!("return function() {BIG} for i = 1, 200 do log.info('m', {{t}}) end local n = 0 while true do n = n + 1 end end")),
+        ("slow_log_pcall", format!("return function() {BIG} while true do pcall(log.info, 'm', {{t}}) end end")),
+        ("slow_json", format!("return function() {BIG} while true do local s = json.encode({{t, t}}) end end")),
+        ("slow_db", format!("return function() while true do local r = db.query(\"{ROWS}\") end end")),
+        ("slow_json_in_coroutine", format!("return function() {BIG} local co = coroutine.wrap(function() while true do json.encode(t) end end) co() end")),
+    ];
+    for (name, src) in &programs {
+        let (st, body) = deploy(&admin, &base, name, src).await;
+        assert_eq!(st, 200, "deploying {name}: {body}");
+    }
+
+    // Keep every core busy for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let burners: Vec<_> = (0..cores)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+
+    let mut failures = Vec::new();
+    for (name, _) in &programs {
+        let started = Instant::now();
+        let r = admin.post(format!("{base}/fn/{name}")).send().await;
+        let took = started.elapsed();
+        let a = match r {
+            Ok(r) => Answer {
+                status: r.status().as_u16(),
+                body: r.text().await.unwrap_or_default(),
+            },
+            Err(e) => {
+                failures.push(format!("{name}: request failed after {took:?}: {e}"));
+                continue;
+            }
+        };
+        eprintln!("{name}: HTTP {} in {:.2} s", a.status, took.as_secs_f64());
+        if let Err(p) = check_error(&a, LIMIT, Some("time limit"), true) {
+            failures.push(format!("{name}: {p}"));
+        }
+        if took > Duration::from_secs(6) {
+            failures.push(format!(
+                "{name}: took {:.1} s against a {TIMEOUT_SECS} s time limit",
+                took.as_secs_f64()
+            ));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for b in burners {
+        b.join().unwrap();
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -286,6 +286,10 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     });
     let run = || -> mlua::Result<Json> {
         let (lua, _host_debug) = sandbox::new_state(limits, Rc::clone(&meter), tracer.clone())?;
+        // Wall time is enforced even while no count hook fires (slow host calls): declared
+        // after `lua`, so the state is unregistered before it is dropped.
+        let _watch = sandbox::watchdog::Watch::start(&lua, deadline)?;
+        let before: HashSet<String> = global_names(&lua)?;
         // Tables carrying this metatable (query results, decoded JSON arrays) stay JSON arrays
         // when empty; the guard restores an outer invocation's value.
         let _array_mt = ArrayMetatable::enter(&lua);
@@ -293,6 +297,9 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         for c in components::registry().iter().copied().chain(crate::modules::lua_components()) {
             c.install(&lua, &env)?;
         }
+        // Every host function checks the limits before it starts.
+        let installed = global_names(&lua)?.into_iter().filter(|n| !before.contains(n)).collect();
+        sandbox::guard_host_functions(&lua, &meter, &limits, installed)?;
         if sandbox::has_close_attribute(&inv.source) {
             return Err(mlua::Error::runtime(
                 "to-be-closed variables (<close>) are not available in the sandbox",
@@ -341,7 +348,10 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
             .set(meter.peak_memory.get().max(lua.used_memory()));
         to_json(&out).map_err(mlua::Error::runtime)
     };
-    let result = run();
+    let result = {
+        let _clock = sandbox::ClockGuard::enter(&meter, deadline);
+        run()
+    };
     // A db.tx left open by an error is rolled back by its session when the sender drops.
     env.tx.borrow_mut().take();
     let (result, error_line) = match result {
@@ -365,6 +375,17 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         logs: env.logs.take(),
         reports: env.reports.take(),
     }
+}
+
+/// Names of the state's globals.
+fn global_names(lua: &Lua) -> mlua::Result<HashSet<String>> {
+    let mut out = HashSet::new();
+    for pair in lua.globals().pairs::<Value, Value>() {
+        if let (Value::String(k), _) = pair? {
+            out.insert(k.to_string_lossy());
+        }
+    }
+    Ok(out)
 }
 
 /// Syntax check at deploy time; the error names the line.
@@ -501,6 +522,11 @@ pub fn to_json(v: &Value) -> Result<Json, String> {
             return Err("value has more than 1,000,000 parts (shared subtables count every time they appear)".into());
         }
         *budget -= 1;
+        // A large value takes long to serialise: the invocation's deadline is checked here
+        // too, not only between VM instructions.
+        if *budget % 4096 == 0 {
+            sandbox::time_check().map_err(|l| l.to_string())?;
+        }
         Ok(match v {
             Value::Nil => Json::Null,
             Value::Boolean(b) => Json::Bool(*b),

@@ -8,7 +8,10 @@
 //!
 //! Limits: an instruction budget and a wall-clock deadline checked by a count hook every
 //! [`HOOK_EVERY`] VM instructions (a global hook, so coroutines inherit it), and a memory limit
-//! enforced by the allocator. Once a limit fires it stays fired: `pcall`, `xpcall` and
+//! enforced by the allocator. Wall time does not depend on the instruction count: every host
+//! function checks the deadline before it starts ([`guard_host_functions`]), long host loops
+//! check it through [`time_check`], and the [`watchdog`] thread makes the hook fire at the next
+//! instruction of an invocation past its deadline. Once a limit fires it stays fired: `pcall`, `xpcall` and
 //! `coroutine.resume` re-raise it instead of catching it. `__gc` metamethods are refused
 //! (finalizers run with hooks disabled, so they could escape the limits); pattern matching is
 //! refused on subject/pattern combinations whose backtracking could run unbounded in C.
@@ -352,6 +355,228 @@ pub fn check_deadline(m: &Meter, limits: &Limits) -> mlua::Result<()> {
     Ok(())
 }
 
+thread_local! {
+    /// The meter and deadline of the invocation running on this thread, for host code that
+    /// runs long outside the VM (serialising tables, building query results): it checks the
+    /// clock with [`time_check`] every few thousand parts.
+    static CLOCK: std::cell::RefCell<Option<(Rc<Meter>, Instant)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Marks the invocation running on this thread for [`time_check`] while alive (restores an
+/// outer invocation's clock when dropped).
+pub struct ClockGuard(Option<(Rc<Meter>, Instant)>);
+
+impl ClockGuard {
+    pub fn enter(meter: &Rc<Meter>, deadline: Instant) -> ClockGuard {
+        ClockGuard(CLOCK.with(|c| c.replace(Some((Rc::clone(meter), deadline)))))
+    }
+}
+
+impl Drop for ClockGuard {
+    fn drop(&mut self) {
+        let outer = self.0.take();
+        CLOCK.with(|c| *c.borrow_mut() = outer);
+    }
+}
+
+/// For long host loops: `Err(limit)` (and the limit tripped, so the invocation ends even if
+/// the caller swallows the error) once a limit fired or the running invocation's deadline
+/// passed. Cheap enough to call every few thousand items.
+pub fn time_check() -> Result<(), Limit> {
+    CLOCK.with(|c| {
+        let c = c.borrow();
+        let Some((m, deadline)) = c.as_ref() else {
+            return Ok(());
+        };
+        if let Some(l) = m.tripped.get() {
+            return Err(l);
+        }
+        if Instant::now() >= *deadline {
+            m.tripped.set(Some(Limit::Time));
+            return Err(Limit::Time);
+        }
+        Ok(())
+    })
+}
+
+/// Has a limit of the invocation running on this thread fired? (For host code that turns
+/// errors into values, such as `log`'s unencodable fields: it must not swallow a limit.)
+pub fn tripped_limit() -> Option<Limit> {
+    CLOCK.with(|c| c.borrow().as_ref().and_then(|(m, _)| m.tripped.get()))
+}
+
+/// Host functions (every component's) check the limits before they start: each Rust function
+/// a component installed as a global, or in a global table, is replaced by a Rust wrapper that
+/// runs [`check_deadline`] first. (A Rust wrapper, not a Lua one: a Lua wrapper would turn the
+/// caller's `return db.query(...)` into a Lua tail call and lose the caller's line.) Runs once
+/// per invocation, after the components are installed.
+pub fn guard_host_functions(
+    lua: &Lua,
+    meter: &Rc<Meter>,
+    limits: &Limits,
+    names: Vec<String>,
+) -> mlua::Result<()> {
+    let wrap = |f: Function| -> mlua::Result<Value> {
+        // Only host (C) functions: wrapping a Lua function in a Rust call would stop it from
+        // yielding.
+        if f.info().what != "C" {
+            return Ok(Value::Function(f));
+        }
+        let (m, limits) = (Rc::clone(meter), *limits);
+        Ok(Value::Function(lua.create_function(
+            move |_, args: mlua::MultiValue| {
+                check_deadline(&m, &limits)?;
+                // The error keeps the shape it had without the wrapper (one CallbackError,
+                // whose traceback the outer call adds).
+                f.call::<mlua::MultiValue>(args).map_err(|e| match e {
+                    mlua::Error::CallbackError { cause, .. } => (*cause).clone(),
+                    e => e,
+                })
+            },
+        )?))
+    };
+    let g = lua.globals();
+    for name in names {
+        match g.raw_get::<Value>(name.as_str())? {
+            Value::Function(f) => g.raw_set(name.as_str(), wrap(f)?)?,
+            Value::Table(t) => {
+                let mut fns = Vec::new();
+                for pair in t.pairs::<Value, Value>() {
+                    if let (k, Value::Function(f)) = pair? {
+                        fns.push((k, f));
+                    }
+                }
+                for (k, f) in fns {
+                    t.raw_set(k, wrap(f)?)?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Wall-clock enforcement independent of the instruction count: one background thread for the
+/// whole process. An invocation registers its main Lua state and deadline; once the deadline
+/// passes while it is still registered, the thread turns the state's hook to fire on every
+/// instruction (`lua_sethook` keeps the hook function and only changes mask and count; Lua
+/// documents it as safe to call asynchronously), so the sandbox's hook raises the time limit at
+/// the next VM instruction, e.g. as soon as a slow host call returns. Registration and the
+/// hook change happen under one mutex, and [`Watch`] unregisters before the state is dropped,
+/// so the thread never touches a freed state.
+pub mod watchdog {
+    use std::collections::HashMap;
+    use std::sync::{Condvar, Mutex, OnceLock};
+    use std::time::Instant;
+
+    use mlua::ffi;
+
+    /// How often an overdue invocation's hook is set again while it keeps running.
+    const RETRY: std::time::Duration = std::time::Duration::from_millis(5);
+
+    struct Entry {
+        state: usize,
+        deadline: Instant,
+    }
+
+    #[derive(Default)]
+    struct Shared {
+        entries: Mutex<(u64, HashMap<u64, Entry>)>,
+        wake: Condvar,
+    }
+
+    fn shared() -> &'static Shared {
+        static S: OnceLock<&'static Shared> = OnceLock::new();
+        S.get_or_init(|| {
+            let s: &'static Shared = Box::leak(Box::default());
+            std::thread::Builder::new()
+                .name("lua-watchdog".into())
+                .spawn(move || run(s))
+                .expect("starting the Lua watchdog thread");
+            s
+        })
+    }
+
+    fn run(s: &'static Shared) {
+        let mut g = s.entries.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let now = Instant::now();
+            let mut next: Option<Instant> = None;
+            for e in g.1.values_mut() {
+                if e.deadline <= now {
+                    // SAFETY: the state is registered, so it is alive (unregistering takes this
+                    // lock before the state is dropped). lua_sethook only stores the hook
+                    // fields and sets the trap flags of the call stack.
+                    unsafe {
+                        let l = e.state as *mut ffi::lua_State;
+                        let hook = ffi::lua_gethook(l);
+                        if hook.is_some() {
+                            let mask = ffi::lua_gethookmask(l) | ffi::LUA_MASKCOUNT;
+                            ffi::lua_sethook(l, hook, mask, 1);
+                        }
+                    }
+                    // Again shortly while the invocation is still registered: the running VM
+                    // decrements the hook counter without synchronisation and may overwrite
+                    // this reset (it then fires at the end of the current count at worst).
+                    let again = now + RETRY;
+                    next = Some(next.map_or(again, |n| n.min(again)));
+                } else {
+                    next = Some(next.map_or(e.deadline, |n| n.min(e.deadline)));
+                }
+            }
+            g = match next {
+                None => s.wake.wait(g).unwrap_or_else(|e| e.into_inner()),
+                Some(t) => {
+                    let wait = t.saturating_duration_since(Instant::now());
+                    s.wake
+                        .wait_timeout(g, wait)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// One watched invocation; dropping it unregisters the state. Must be dropped before the
+    /// `Lua` whose state it watches.
+    pub struct Watch(u64);
+
+    impl Watch {
+        /// Watch `lua`'s main state until `deadline`. Call outside any Lua callback (the state
+        /// mlua reports there is the main thread) and after the sandbox hook is installed.
+        pub fn start(lua: &mlua::Lua, deadline: Instant) -> mlua::Result<Watch> {
+            let mut state = 0usize;
+            // SAFETY: only reads the state pointer.
+            unsafe { lua.exec_raw::<()>((), |l| state = l as usize)? };
+            let s = shared();
+            let mut g = s.entries.lock().unwrap_or_else(|e| e.into_inner());
+            g.0 += 1;
+            let id = g.0;
+            g.1.insert(
+                id,
+                Entry {
+                    state,
+                    deadline,
+                },
+            );
+            drop(g);
+            s.wake.notify_all();
+            Ok(Watch(id))
+        }
+    }
+
+    impl Drop for Watch {
+        fn drop(&mut self) {
+            let s = shared();
+            s.entries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .1
+                .remove(&self.0);
+        }
+    }
+}
+
 /// Work budget for one pattern call, in simple steps (about a second of C time).
 const PATTERN_BUDGET: f64 = 2e8;
 
@@ -547,6 +772,63 @@ mod tests {
         let e = check_deadline(&m, &limits(Instant::now())).unwrap_err();
         assert_eq!(limit_of(&e), Some(Limit::Time));
         assert_eq!(m.tripped.get(), Some(Limit::Time));
+    }
+
+    #[test]
+    fn the_watchdog_stops_code_between_count_hook_firings() {
+        // A hook that would fire only every 2^30 instructions (tens of seconds): the watchdog
+        // makes it fire at the next instruction once the deadline passed.
+        let lua = Lua::new();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        lua.set_global_hook(
+            HookTriggers::new().every_nth_instruction(1 << 30),
+            move |_, _| {
+                if Instant::now() >= deadline {
+                    return Err(mlua::Error::external(Limit::Time));
+                }
+                Ok(VmState::Continue)
+            },
+        )
+        .unwrap();
+        let started = Instant::now();
+        let r = {
+            let _watch = watchdog::Watch::start(&lua, deadline).unwrap();
+            lua.load("local n = 0 while true do n = n + 1 end").exec()
+        };
+        assert_eq!(limit_of(&r.unwrap_err()), Some(Limit::Time));
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        // Unregistered states are left alone; a later state is watched again.
+        drop(lua);
+        let lua = Lua::new();
+        let deadline = Instant::now() + Duration::from_millis(100);
+        lua.set_global_hook(HookTriggers::new().every_nth_instruction(1 << 30), move |_, _| {
+            if Instant::now() >= deadline {
+                return Err(mlua::Error::external(Limit::Time));
+            }
+            Ok(VmState::Continue)
+        })
+        .unwrap();
+        let _watch = watchdog::Watch::start(&lua, deadline).unwrap();
+        let r = lua.load("while true do end").exec();
+        assert_eq!(limit_of(&r.unwrap_err()), Some(Limit::Time));
+    }
+
+    #[test]
+    fn long_host_loops_see_the_deadline() {
+        assert_eq!(time_check(), Ok(()), "no invocation on this thread");
+        let m = Rc::new(Meter::default());
+        {
+            let _clock = ClockGuard::enter(&m, Instant::now() + Duration::from_secs(3600));
+            assert_eq!(time_check(), Ok(()));
+            assert_eq!(tripped_limit(), None);
+        }
+        {
+            let _clock = ClockGuard::enter(&m, Instant::now());
+            assert_eq!(time_check(), Err(Limit::Time));
+            assert_eq!(tripped_limit(), Some(Limit::Time));
+            assert_eq!(m.tripped.get(), Some(Limit::Time));
+        }
+        assert_eq!(time_check(), Ok(()), "the clock is gone with its guard");
     }
 
     #[test]

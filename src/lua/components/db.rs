@@ -212,6 +212,9 @@ pub(crate) fn to_lua_rows(lua: &Lua, rows: Rows) -> mlua::Result<Table> {
     // An array even when empty: `{"notes": []}`, not `{"notes": {}}`.
     out.set_metatable(Some(mlua::LuaSerdeExt::array_metatable(lua)))?;
     for (i, r) in rows.rows.into_iter().enumerate() {
+        if i % 4096 == 4095 {
+            crate::lua::sandbox::time_check().map_err(mlua::Error::external)?;
+        }
         let t = lua.create_table_with_capacity(0, rows.columns.len())?;
         for (name, v) in rows.columns.iter().zip(r) {
             let lv = match v {

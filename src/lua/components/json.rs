@@ -39,6 +39,7 @@ impl Component for Json {
                 }
                 let v: serde_json::Value = serde_json::from_slice(&s.as_bytes())
                     .map_err(|e| mlua::Error::runtime(format!("json.decode: {e}")))?;
+                crate::lua::sandbox::time_check().map_err(mlua::Error::external)?;
                 lua.to_value_with(
                     &v,
                     mlua::SerializeOptions::new()

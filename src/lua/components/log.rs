@@ -63,6 +63,10 @@ impl Component for Log {
                         }
                         None => serde_json::Value::Null,
                     };
+                    // Serialising stopped at a limit: that ends the invocation.
+                    if let Some(l) = crate::lua::sandbox::tripped_limit() {
+                        return Err(mlua::Error::external(l));
+                    }
                     emit(&env, level, &msg.to_string_lossy(), fields);
                     Ok(())
                 })?,
