@@ -94,20 +94,16 @@ impl Spool {
         }
     }
 
-    fn is_empty(&self) -> bool {
-        self.queued == 0
-    }
-
     /// Nothing is waiting for the client.
     pub(crate) fn is_idle(&self) -> bool {
-        self.is_empty()
+        self.queued == 0
     }
 
     /// Hand a chunk on without ever blocking: straight into the channel when nothing waits and
     /// there is room, else into the queue.
     pub(crate) fn push(&mut self, bytes: Bytes, summary: Summary) -> Result<()> {
         self.summary = summary;
-        if self.is_empty() {
+        if self.is_idle() {
             match self.tx.try_send(Msg::Data(bytes, summary)) {
                 Ok(()) => return Ok(()),
                 Err(TrySendError::Closed(_)) => return Err(gone()),
@@ -116,7 +112,7 @@ impl Spool {
             }
         }
         self.pump()?;
-        if self.is_empty() {
+        if self.is_idle() {
             return self.push(bytes, summary);
         }
         self.enqueue(bytes)
@@ -195,7 +191,7 @@ impl Spool {
 
     /// Move queued chunks into the channel while it has room.
     fn pump(&mut self) -> Result<()> {
-        while !self.is_empty() {
+        while !self.is_idle() {
             let tx = self.tx.clone();
             let permit = match tx.try_reserve() {
                 Ok(p) => p,
@@ -239,7 +235,7 @@ impl Spool {
     /// thread); otherwise hand it back for [`drain`](Self::drain).
     pub(crate) fn try_finish(&mut self, last: Msg) -> Option<Msg> {
         let _ = self.pump();
-        if !self.is_empty() {
+        if !self.is_idle() {
             return Some(last);
         }
         match self.tx.try_send(last) {

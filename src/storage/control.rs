@@ -97,9 +97,7 @@ impl ExecControl {
         max_execution_time: f64,
         value_limit: usize,
     ) -> Arc<Self> {
-        let mut c = Arc::into_inner(Self::new(start, max_execution_time)).expect("fresh");
-        c.value_limit = value_limit;
-        Arc::new(c)
+        Self::for_request(start, max_execution_time, value_limit, None)
     }
 
     pub fn cancel(&self) {
