@@ -1524,7 +1524,7 @@ fn cases() -> Vec<Case> {
     v.push(case(
         "source_without_handler",
         r#"return 42"#,
-        Expect::Error(LUA_ERROR),
+        Expect::Refused("must return a function"),
     ));
     v.push(case(
         "error_nil",

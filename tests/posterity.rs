@@ -393,8 +393,9 @@ async fn role_restriction_holds() {
         None,
     )
     .await;
-    assert_eq!(r.json()[0]["name"], "my_requests");
-    assert_eq!(r.json()[0]["roles"], json!(["user"]));
+    // Lists are wrapped in an object, like every other list endpoint (issue 14).
+    assert_eq!(r.json()["views"][0]["name"], "my_requests");
+    assert_eq!(r.json()["views"][0]["roles"], json!(["user"]));
     // Engine objects cannot be replaced, and the role cannot publish views.
     let r = json_request(
         &admin,

@@ -121,6 +121,9 @@ pub struct Outcome {
     /// What property checks reported (each with `property`, `ok`, and for a failure the shrunk
     /// `counterexample`).
     pub reports: Vec<Json>,
+    /// The table an uncaught `error(t)` threw, as JSON (its `message` field, if a string, is
+    /// the error's message; otherwise the message is this JSON).
+    pub error_value: Option<Json>,
 }
 
 /// Where and with what invocations run: the storage their SQL uses, where their traces are
@@ -201,6 +204,33 @@ fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &m
     if !inv.trace || outcome.steps.is_none() {
         return;
     }
+    save_trace(runtime, ctx, &inv.function, inv.version, inv.trace_owner.clone(), outcome);
+}
+
+/// Keep a minimal trace (error, line, logs, counters; no steps) of a failed untraced run, so
+/// the `trace_id` its error answer names can be opened (`GET /trace/{id}`). The caller decides
+/// who gets one (callers who may trace: the admin, the function's owner, `[traces] debug_roles`).
+pub fn keep_error_trace(
+    runtime: &Runtime,
+    ctx: &RequestContext,
+    function: &str,
+    version: i64,
+    owner: Option<String>,
+    outcome: &mut Outcome,
+) {
+    if outcome.result.is_err() && outcome.steps.is_none() {
+        save_trace(runtime, ctx, function, version, owner, outcome);
+    }
+}
+
+fn save_trace(
+    runtime: &Runtime,
+    ctx: &RequestContext,
+    function: &str,
+    version: i64,
+    owner: Option<String>,
+    outcome: &mut Outcome,
+) {
     let Some(traces) = &runtime.traces else { return };
     // The steps travel to the writer and come back (callers excerpt them).
     let steps = outcome.steps.take();
@@ -210,11 +240,11 @@ fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &m
     };
     let (id, fname, version, uid, role, owner, limits) = (
         ctx.trace_id.clone(),
-        inv.function.clone(),
-        inv.version,
+        function.to_string(),
+        version,
         ctx.user_id.clone(),
         ctx.role.as_str().to_string(),
-        inv.trace_owner.clone(),
+        owner,
         runtime.options.traces,
     );
     let saved = runtime.rt.block_on(traces.write(
@@ -284,6 +314,7 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         check: inv.check.clone(),
         meter: Rc::clone(&meter),
     });
+    let error_value: RefCell<Option<Json>> = RefCell::new(None);
     let run = || -> mlua::Result<Json> {
         let (lua, _host_debug) = sandbox::new_state(limits, Rc::clone(&meter), tracer.clone())?;
         // Wall time is enforced even while no count hook fires (slow host calls): declared
@@ -309,7 +340,9 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
             .load(&inv.source)
             .set_name(format!("={}", inv.function))
             .set_mode(mlua::ChunkMode::Text);
-        let returned: Value = chunk.call(())?;
+        let returned: Value = chunk
+            .call(())
+            .map_err(|e| thrown_error(&lua, e, &error_value))?;
         if inv.check.is_some() {
             // A check's chunk is the test itself: it passes unless it raises (or returns false).
             if returned == Value::Boolean(false) {
@@ -342,7 +375,9 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         ctx_t.set("trace_id", env.ctx.trace_id.clone())?;
         ctx_t.set("function", inv.function.clone())?;
         ctx_t.set("version", inv.version)?;
-        let out: Value = handler.call((input, ctx_t))?;
+        let out: Value = handler
+            .call((input, ctx_t))
+            .map_err(|e| thrown_error(&lua, e, &error_value))?;
         meter
             .peak_memory
             .set(meter.peak_memory.get().max(lua.used_memory()));
@@ -374,7 +409,33 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         steps,
         logs: env.logs.take(),
         reports: env.reports.take(),
+        error_value: error_value.take(),
     }
+}
+
+/// An error thrown as a table (`error({code = 42, message = "..."})`) becomes an error whose
+/// message is the table's `message` (a string) or else its JSON; the JSON is kept in `slot`.
+fn thrown_error(lua: &Lua, e: mlua::Error, slot: &RefCell<Option<Json>>) -> mlua::Error {
+    let Some(t) = sandbox::thrown_table(lua, &e) else {
+        return e;
+    };
+    let json = match to_json(&Value::Table(t)) {
+        Ok(j) => j,
+        Err(_) => return e,
+    };
+    let message = match json.get("message") {
+        Some(Json::String(m)) => m.clone(),
+        _ => {
+            let text = json.to_string();
+            if text.len() > 4000 {
+                format!("{}...", text.chars().take(4000).collect::<String>())
+            } else {
+                text
+            }
+        }
+    };
+    *slot.borrow_mut() = Some(json);
+    mlua::Error::RuntimeError(message)
 }
 
 /// Names of the state's globals.
@@ -415,6 +476,47 @@ pub fn compile_check(name: &str, source: &str) -> Result<(), (Error, Option<i64>
             ))
         }
     }
+}
+
+/// What a function's deploy checks: the syntax ([`compile_check`]) and that the chunk returns
+/// a function or defines a global `handler`. The top level runs in a bare sandbox (no
+/// components, so no `db` and no side effects) under small limits; a top level that fails there
+/// (e.g. it calls a component) is not judged: its call reports it.
+pub fn deploy_check(name: &str, source: &str) -> Result<(), (Error, Option<i64>)> {
+    compile_check(name, source)?;
+    let limits = Limits {
+        instructions: 200_000,
+        memory: 16 * 1024 * 1024,
+        deadline: Instant::now() + Duration::from_secs(1),
+    };
+    let Ok((lua, _)) = sandbox::new_state(limits, Rc::new(Meter::default()), None) else {
+        return Ok(());
+    };
+    let returned = lua
+        .load(source)
+        .set_name(format!("={name}"))
+        .set_mode(mlua::ChunkMode::Text)
+        .call::<Value>(());
+    let Ok(returned) = returned else { return Ok(()) };
+    if matches!(returned, Value::Function(_))
+        || matches!(lua.globals().raw_get::<Value>("handler"), Ok(Value::Function(_)))
+    {
+        return Ok(());
+    }
+    Err((
+        Error::new(
+            ErrorCode::BadArguments,
+            format!(
+                "the function's source must return a function, or define handler(input, ctx); its top level returned {}",
+                match &returned {
+                    Value::Nil => "nothing".to_string(),
+                    Value::Integer(_) | Value::Number(_) => "a number".to_string(),
+                    v => format!("a {}", v.type_name()),
+                }
+            ),
+        ),
+        None,
+    ))
 }
 
 /// The user-facing message of a Lua error and the line in chunk `name` it points at.

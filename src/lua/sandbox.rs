@@ -163,6 +163,8 @@ pub fn new_state(
             pattern_guard(&name, s.as_bytes().len(), &p.as_bytes(), plain)
         },
     )?;
+    let thrown = lua.create_table()?;
+    lua.set_named_registry_value(THROWN, &thrown)?;
     lua.load(PRELUDE)
         .set_name("=sandbox")
         .set_mode(mlua::ChunkMode::Text)
@@ -173,6 +175,7 @@ pub fn new_state(
             pattern_ok,
             limits.memory as i64,
             MAX_LOAD as i64,
+            thrown,
         ))?;
     lua.set_memory_limit(limits.memory)?;
     let m = Rc::clone(&meter);
@@ -186,13 +189,23 @@ pub fn new_state(
         )?,
         Some(t) => {
             t.borrow_mut().attach(&host_debug)?;
+            // Traced runs count every instruction (exactly: a short traced run does not
+            // report 0); the limits are still checked every HOOK_EVERY.
             let triggers = HookTriggers::new()
-                .every_nth_instruction(HOOK_EVERY)
+                .every_nth_instruction(1)
                 .every_line()
                 .on_returns();
             lua.set_global_hook(triggers, move |lua, d| {
                 match d.event() {
-                    mlua::DebugEvent::Count => check(lua, &m, &limits)?,
+                    mlua::DebugEvent::Count => {
+                        let n = m.instructions.get() + 1;
+                        if n % HOOK_EVERY as u64 == 0 {
+                            m.instructions.set(n - HOOK_EVERY as u64);
+                            check(lua, &m, &limits)?;
+                        } else {
+                            m.instructions.set(n);
+                        }
+                    }
                     mlua::DebugEvent::Line => {
                         check_deadline(&m, &limits)?;
                         t.borrow_mut().on_line(lua, d)?
@@ -207,6 +220,26 @@ pub fn new_state(
     Ok((lua, host_debug))
 }
 
+/// Registry name of the table holding the last table thrown with `error` or `assert`.
+const THROWN: &str = "ichibase_thrown";
+
+/// The table an uncaught error was thrown with, if `e` is such an error: mlua reports a table
+/// error value as `table: 0x...` (or `<table 0x...>`); the prelude's `error`/`assert` kept the last one thrown.
+pub fn thrown_table(lua: &Lua, e: &mlua::Error) -> Option<Table> {
+    let msg = match e {
+        mlua::Error::RuntimeError(m) => m,
+        _ => return None,
+    };
+    let first = msg.lines().next().unwrap_or("").trim();
+    let ptr = match first.strip_prefix("table: ") {
+        Some(p) => p,
+        None => first.strip_prefix("<table ")?.strip_suffix('>')?,
+    };
+    let slot: Table = lua.named_registry_value(THROWN).ok()?;
+    let t: Table = slot.raw_get(1).ok()?;
+    (format!("{:?}", t.to_pointer()) == ptr).then_some(t)
+}
+
 /// Largest chunk `load` accepts at run time (parsing runs in C, out of the hook's reach).
 pub const MAX_LOAD: usize = 64 * 1024;
 
@@ -214,7 +247,7 @@ pub const MAX_LOAD: usize = 64 * 1024;
 /// upvalues; user code only ever sees the wrappers. `guard()` raises a tripped limit or the
 /// deadline (C functions below do not run the count hook, so their wrappers check first).
 const PRELUDE: &str = r#"
-local guard, tripped, out_of_memory, pattern_ok, memory_limit, max_load = ...
+local guard, tripped, out_of_memory, pattern_ok, memory_limit, max_load, thrown = ...
 local type, select, error, tostring = type, select, error, tostring
 local real_pcall, real_xpcall = pcall, xpcall
 local co_resume, co_close = coroutine.resume, coroutine.close
@@ -311,6 +344,23 @@ load = function(chunk, name, mode, env)
   local f, err = real_load(chunk, name, "t", env or sandbox_env)
   if f == nil and type(err) == "string" and s_find(err, "not enough memory", 1, true) then out_of_memory() end
   return f, err
+end
+
+-- error / assert remember the last table thrown, so an uncaught `error({code = 42})` reaches
+-- the caller as that table's JSON instead of "table: 0x...". Strings keep their levels (the
+-- wrapper is one more frame: a positive level is moved up by one). `error` is a local above,
+-- so the globals are set through the environment table.
+local real_assert = assert
+sandbox_env.error = function(e, level)
+  if type(e) == "table" then thrown[1] = e end
+  if type(e) == "string" and (level == nil or type(level) == "number" and level > 0) then
+    error(e, (level or 1) + 1)
+  end
+  error(e, level)
+end
+sandbox_env.assert = function(v, ...)
+  if not v and type((...)) == "table" then thrown[1] = (...) end
+  return real_assert(v, ...)
 end
 "#;
 

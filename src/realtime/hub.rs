@@ -96,10 +96,11 @@ pub fn may_join(ctx: &RequestContext, channel: &str) -> Result<()> {
 }
 
 fn now() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+    // The engine's timestamp convention: RFC 3339 UTC with milliseconds, as SQLite's
+    // `strftime('%Y-%m-%dT%H:%M:%fZ')` writes `created_at` everywhere else.
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
 }
 
 impl Hub {

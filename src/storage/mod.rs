@@ -132,8 +132,19 @@ pub fn lock_data_dir(dir: &Path) -> anyhow::Result<DirLock> {
     Ok(DirLock { _file: file, path })
 }
 
+/// `e` with the path it concerns in its message (an OS error alone, "Permission denied", does
+/// not say which file).
+pub fn with_path(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
 /// Create `path` empty for this user only (0600) if it is missing, or tighten it to 0600.
+/// Errors name the path.
 pub fn private_file(path: &Path) -> std::io::Result<()> {
+    private_file_inner(path).map_err(|e| with_path(path, e))
+}
+
+fn private_file_inner(path: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -164,6 +175,16 @@ impl Storage {
     /// Open (creating if needed) the database, apply the engine's migrations, start the writer
     /// thread and fill the reader pool.
     pub fn open(opts: &StorageOptions) -> anyhow::Result<Storage> {
+        use anyhow::Context;
+        Self::open_inner(opts).with_context(|| {
+            format!(
+                "opening the database {} (with its -wal and -shm files)",
+                opts.path.display()
+            )
+        })
+    }
+
+    fn open_inner(opts: &StorageOptions) -> anyhow::Result<Storage> {
         if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             private_dir(dir)?;
         }
