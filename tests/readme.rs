@@ -203,6 +203,15 @@ fn markers_and_expectations_parse() {
 fn readme_examples_run_top_to_bottom_on_one_fresh_server() {
     let md = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
         .unwrap();
+    let have_curl = Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        have_curl,
+        "the README's examples are curl commands: install curl (e.g. apt-get install curl)"
+    );
     let server = Server::start(&[]);
     let addr = server.url.trim_start_matches("http://").to_string();
     let work = tempfile::tempdir().unwrap();
