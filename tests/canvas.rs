@@ -240,6 +240,8 @@ async fn rls_per_user_and_live_cdc() {
 
 const HOSTILE: &str = r#"import { useEffect, useState } from 'react';
 declare const SERVER: string;
+const violations: string[] = [];
+document.addEventListener('securitypolicyviolation', (e) => violations.push(e.effectiveDirective + ' ' + e.blockedURI));
 async function probe(): Promise<Record<string, string>> {
   const out: Record<string, string> = {};
   const tryIt = async (k: string, f: () => any) => {
@@ -256,6 +258,8 @@ async function probe(): Promise<Record<string, string>> {
   await tryIt('websocket', () => new Promise((res, rej) => { const w = new WebSocket(SERVER.replace('http', 'ws') + '/ws'); w.onopen = () => res('open'); w.onerror = () => rej(new Error('ws')); }));
   await tryIt('image', () => new Promise((res, rej) => { const i = new Image(); i.onload = () => res('loaded'); i.onerror = () => rej(new Error('img')); i.src = 'http://example.com/p.gif'; }));
   await tryIt('popup', () => { const w = window.open('http://example.com/'); if (!w) throw new Error('no popup'); return 'opened'; });
+  await new Promise((r) => setTimeout(r, 300));
+  out.csp = violations.join(' | ');
   return out;
 }
 export default function Hostile({ server }: { server: string }) {
@@ -265,6 +269,11 @@ export default function Hostile({ server }: { server: string }) {
   return <pre id="probe">{out ? JSON.stringify(out) : 'probing'}</pre>;
 }
 "#;
+
+/// Stopped by a Content-Security-Policy in the browser (Chromium names it either way).
+fn blocked_by_csp(r: &Value) -> bool {
+    matches!(r["failure"].as_str(), Some("csp" | "net::ERR_BLOCKED_BY_CSP"))
+}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_component_is_isolated() {
@@ -286,27 +295,47 @@ async fn hostile_component_is_isolated() {
     );
     let out: Value = serde_json::from_str(out.as_str().unwrap()).unwrap();
     for (k, v) in out.as_object().unwrap() {
-        assert!(v.as_str().unwrap().starts_with("blocked"), "{k}: {v} (all: {out})");
+        if k != "csp" {
+            assert!(v.as_str().unwrap().starts_with("blocked"), "{k}: {v} (all: {out})");
+        }
     }
-    assert_eq!(out.as_object().unwrap().len(), 11, "{out}");
+    assert_eq!(out.as_object().unwrap().len(), 12, "{out}");
+    // The frame's CSP stopped the connections and the image (not only CORS or the proxy).
+    let csp = out["csp"].as_str().unwrap();
+    for want in [format!("connect-src {base}/auth/me"), "connect-src http://10.255.255.1/steal".into(), "img-src http://example.com/p.gif".into()] {
+        assert!(csp.contains(&want), "{want} in {csp}");
+    }
     // The shell and the other UI are untouched.
     text_in(&page, "hello", "#greet", "Goodbye A v2");
     assert_eq!(page.eval(None, "document.querySelector('#ichi-status').textContent"), json!("live"));
-    // Nothing but 127.0.0.1 was even asked for; frames carried no credentials and asked only
-    // their own origin.
+    // Frames carried no credentials and asked only their own origin.
     let frame_origin = page.eval(None, "document.body.dataset.frameOrigin");
     let frame_origin = frame_origin.as_str().unwrap();
     assert_ne!(frame_origin, base, "the frame has its own origin");
+    // Nothing left 127.0.0.1: other hosts were stopped in the browser (CSP) before the network.
     for r in page.requests() {
         let url = r["url"].as_str().unwrap();
-        assert!(url.starts_with("http://127.0.0.1:") || url.starts_with("ws://127.0.0.1:"), "request left 127.0.0.1: {r}");
+        if !(url.starts_with("http://127.0.0.1:") || url.starts_with("ws://127.0.0.1:")) {
+            assert!(blocked_by_csp(&r), "a request to another host: {r}");
+            assert!(r["status"].is_null(), "{r}");
+            continue;
+        }
         let from_frame = r["frame"].as_str().is_some_and(|f| f.starts_with(frame_origin));
         if from_frame {
-            assert!(url.starts_with(frame_origin), "a frame asked another origin: {r}");
+            if !url.starts_with(frame_origin) {
+                assert!(blocked_by_csp(&r), "a frame reached another origin: {r}");
+            }
             let h = &r["headers"];
             assert!(h.get("authorization").is_none() && h.get("cookie").is_none(), "credentials from a frame: {r}");
         }
     }
+    // The browser itself reaches nothing but 127.0.0.1.
+    let other = b.page();
+    for url in ["http://example.com/", "http://10.255.255.1/", "https://localhost.invalid/"] {
+        let e = other.try_goto(url).expect_err(url);
+        assert!(e.contains("net::ERR_"), "{url}: {e}");
+    }
+    drop(other);
     // The frame origin serves no API.
     let r = request(&anon_client(), reqwest::Method::GET, format!("{frame_origin}/auth/me"), None).await;
     assert_eq!(r.status, 404);

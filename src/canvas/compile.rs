@@ -60,7 +60,7 @@ fn first_error(src: &str, diags: &[oxc::diagnostics::OxcDiagnostic], what: &str)
     let offset = d
         .labels
         .first()
-        .map(|l| l.offset())
+        .map(|l| l.offset() as usize)
         .unwrap_or(0);
     let (line, column) = line_col(src, offset);
     let mut message = format!("{what}: {}", d.message);

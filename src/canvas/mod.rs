@@ -251,8 +251,9 @@ pub fn prepare(
     if !(req.props.is_object() || req.props.is_null()) {
         return Err(Error::new(ErrorCode::BadArguments, "UI props must be an object (a table of name = value)"));
     }
-    let target = resolve_target(settings, ctx, req.to.as_deref())?;
+    // Compile first: a compile error is what a repair loop needs to hear about.
     let compiled = compile::compile(&req.name, &req.code).map_err(|e| compile_error(&req.name, &e))?;
+    let target = resolve_target(settings, ctx, req.to.as_deref())?;
     Ok((target, compiled))
 }
 

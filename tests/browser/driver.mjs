@@ -43,7 +43,16 @@ async function run(m) {
       const page = await context.newPage();
       const id = ++next;
       const rec = { page, context, requests: [], console: [] };
-      page.on('request', (r) => rec.requests.push({ url: r.url(), method: r.method(), frame: r.frame() ? r.frame().url() : null, headers: r.headers() }));
+      const entries = new WeakMap();
+      page.on('request', (r) => {
+        let frame = null;
+        try { frame = r.frame() ? r.frame().url() : null; } catch (_) { frame = null; }
+        const e = { url: r.url(), method: r.method(), frame, headers: r.headers(), failure: null, status: null };
+        entries.set(r, e);
+        rec.requests.push(e);
+      });
+      page.on('requestfailed', (r) => { const e = entries.get(r); if (e) e.failure = r.failure() ? r.failure().errorText : 'failed'; });
+      page.on('response', (r) => { const e = entries.get(r.request()); if (e) e.status = r.status(); });
       page.on('console', (c) => rec.console.push(c.type() + ': ' + c.text()));
       page.on('pageerror', (e) => rec.console.push('pageerror: ' + e.message));
       pages.set(id, rec);

@@ -153,6 +153,12 @@ impl Page<'_> {
         self.browser.cmd(m)
     }
 
+    /// Navigate; the error (e.g. `net::ERR_PROXY_CONNECTION_FAILED` for a host other than
+    /// 127.0.0.1) instead of a panic.
+    pub fn try_goto(&self, url: &str) -> Result<(), String> {
+        self.cmd(json!({"cmd": "goto", "url": url, "timeout": 30000})).map(|_| ())
+    }
+
     pub fn goto(&self, url: &str) {
         self.cmd(json!({"cmd": "goto", "url": url})).unwrap_or_else(|e| panic!("goto {url}: {e}"));
     }

@@ -304,7 +304,8 @@
 
   (async () => {
     try {
-      await api('GET', '/auth/me');
+      const { json } = await api('GET', '/auth/me');
+      if (!json || !json.user_id) { signInForm(); return; }
       await start();
     } catch (e) {
       if (e.status === 401 || e.status === 403) signInForm(); else setStatus('error: ' + e.message);
