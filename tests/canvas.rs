@@ -394,3 +394,89 @@ async fn debugger_shows_the_clicked_elements_call() {
         assert!(kinds.as_array().unwrap().contains(&json!(k)), "{k} in {kinds}");
     }
 }
+
+/// UIs in bundles: compile-checked in a branch before merge, deployed with the merge (no
+/// browser needed).
+#[tokio::test]
+async fn bundle_uis_are_checked_and_merged() {
+    let s = Server::start(&[]);
+    let (c, base) = (client(), s.url.clone());
+    let (st, r) = api(&c, "POST", format!("{base}/branches"), Some(json!({"name": "ui-try"}))).await;
+    assert_eq!(st, 200, "{r}");
+    let bundle = |code: &str| {
+        json!({
+            "name": "hello-ui",
+            "functions": [{"name": "hi", "source": "return function() return 'hi' end"}],
+            "uis": [{"name": "hello", "code": code, "props": {"who": "all"}, "to": "user:u1"}],
+            "checks": [{"name": "hi", "function": "hi", "input": {}, "expect": "hi"}]
+        })
+    };
+    let (st, r) = api(&c, "POST", format!("{base}/branches/ui-try/apply"), Some(bundle(BAD))).await;
+    assert_eq!(st, 422, "{r}");
+    assert_eq!(r["error"]["name"], "UI_COMPILE_ERROR", "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("ui 'hello' at line 3 column"), "{r}");
+    let (st, r) = api(&c, "POST", format!("{base}/branches/ui-try/apply"), Some(bundle(HELLO_V2))).await;
+    assert_eq!((st, r["ok"].clone()), (200, json!(true)), "{r}");
+    // Not live before the merge.
+    let (st, _) = api(&c, "GET", format!("{base}/ui/hello/versions?to=user:u1"), None).await;
+    assert_eq!(st, 404);
+    let (st, r) = api(&c, "POST", format!("{base}/branches/ui-try/merge"), None).await;
+    assert_eq!(st, 200, "{r}");
+    let (st, v) = api(&c, "GET", format!("{base}/ui/hello?to=user:u1"), None).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!((v["version"].clone(), v["props"]["who"].clone()), (json!(1), json!("all")), "{v}");
+    assert!(v["source"].as_str().unwrap().contains("Goodbye"));
+    // The compiled code is served by the frame origin under its hash.
+    let (_, vs) = api(&c, "GET", format!("{base}/ui/hello/versions?to=user:u1"), None).await;
+    let hash = vs["versions"][0]["hash"].as_str().unwrap().to_string();
+    let (_, mine) = api(&c, "GET", format!("{base}/canvas/uis"), None).await;
+    let port = mine["frame_port"].as_u64().unwrap();
+    let r = request(&anon_client(), reqwest::Method::GET, format!("http://127.0.0.1:{port}/code/{hash}.js"), None).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("react/jsx-dev-runtime"), "{}", r.body);
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+}
+
+/// Bad input to the HTTP API: typed errors, nothing stored (no browser needed).
+#[tokio::test]
+async fn http_api_refuses_bad_input() {
+    let s = Server::start(&["--signup-open", "true"]);
+    let (c, base) = (client(), s.url.clone());
+    let put = |name: &str, body: Value| {
+        let c = c.clone();
+        let url = format!("{base}/ui/{name}");
+        async move { json_request(&c, reqwest::Method::PUT, url, Some(body)).await }
+    };
+    let r = put("bad name!", json!({"code": HELLO_V2, "to": "user:u1"})).await;
+    assert_eq!((r.status, r.json()["error"]["name"].clone()), (400, json!("BAD_ARGUMENTS")), "{}", r.body);
+    let r = put("x", json!({"code": HELLO_V2, "to": "user:u1", "props": [1, 2]})).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = put("x", json!({"code": "x".repeat(300 * 1024), "to": "user:u1"})).await;
+    assert_eq!((r.status, r.json()["error"]["name"].clone()), (413, json!("REQUEST_TOO_LARGE")), "{}", r.body);
+    let r = put("x", json!({"code": HELLO_V2})).await;
+    assert_eq!(r.status, 400, "the admin key has no user: name the target: {}", r.body);
+    let r = put("x", json!({"code": HELLO_V2, "to": "user:u1", "extra": 1})).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = put("x", json!({"code": BAD, "to": "user:u1"})).await;
+    assert_eq!((r.status, r.json()["error"]["name"].clone()), (422, json!("UI_COMPILE_ERROR")), "{}", r.body);
+    let (st, v) = api(&c, "GET", format!("{base}/ui"), None).await;
+    assert_eq!((st, v["uis"].as_array().unwrap().len()), (200, 0), "{v}");
+    // Not for users: deploy over HTTP, listing, errors log.
+    let u = signup(&base, "u@example.com").await;
+    let r = json_request(&u.client, reqwest::Method::PUT, format!("{base}/ui/x"), Some(json!({"code": HELLO_V2}))).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let (st, _) = api(&u.client, "GET", format!("{base}/canvas/errors"), None).await;
+    assert_eq!(st, 403);
+    // An error report for an unknown UI, and a malformed one.
+    let (st, _) = api(&u.client, "POST", format!("{base}/canvas/errors"), Some(json!({"name": "x", "hash": "0".repeat(64), "message": "m"}))).await;
+    assert_eq!(st, 404);
+    let (st, _) = api(&u.client, "POST", format!("{base}/canvas/errors"), Some(json!({"name": "x", "hash": "zz", "message": "m"}))).await;
+    assert_eq!(st, 400);
+    // Anonymous visitors get the page (it shows the sign-in form) but no UIs.
+    let r = request(&anon_client(), reqwest::Method::GET, format!("{base}/canvas"), None).await;
+    assert_eq!(r.status, 200);
+    let csp = r.header("content-security-policy").unwrap().to_string();
+    assert!(csp.contains("frame-src http://127.0.0.1:") && csp.contains("script-src 'self'"), "{csp}");
+    let (st, v) = api(&anon_client(), "GET", format!("{base}/canvas/uis"), None).await;
+    assert_eq!((st, v["uis"].as_array().map(|a| a.len())), (200, Some(0)), "{v}");
+}
