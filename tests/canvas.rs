@@ -103,9 +103,15 @@ async fn deploy_redeploy_errors_and_versions() {
     page.click(Some(&frame("hello")), "#inc");
     text_in(&page, "hello", "#inc", "clicked 1");
 
-    // Redeploy replaces it in place.
-    let r = deploy(&base, "hello", HELLO_V2, &to, json!({"who": "Alice"})).await;
+    // A redeploy that keeps the component's hooks keeps its state (Fast Refresh).
+    let r = deploy(&base, "hello", &HELLO_V1.replace("v1</h1>", "v1b</h1>"), &to, json!({"who": "Alice"})).await;
     assert_eq!(r.json()["version"], 2, "{}", r.body);
+    text_in(&page, "hello", "#greet", "Hello Alice v1b");
+    text_in(&page, "hello", "#inc", "clicked 1");
+
+    // A redeploy replaces it in place.
+    let r = deploy(&base, "hello", HELLO_V2, &to, json!({"who": "Alice"})).await;
+    assert_eq!(r.json()["version"], 3, "{}", r.body);
     text_in(&page, "hello", "#greet", "Goodbye Alice v2");
     assert_eq!(page.eval(Some(&frame("hello")), "document.querySelector('#inc') === null"), json!(true));
     assert_eq!(page.eval(None, "document.querySelectorAll('section.ichi-ui').length"), json!(1));
@@ -113,8 +119,8 @@ async fn deploy_redeploy_errors_and_versions() {
     // Versions and rollback (admin), pushed too.
     let (st, v) = api(&client(), "GET", format!("{base}/ui/hello/versions?to={to}"), None).await;
     assert_eq!(st, 200, "{v}");
-    assert_eq!(v["versions"].as_array().unwrap().len(), 2);
-    let (st, v) = api(&client(), "POST", format!("{base}/ui/hello/rollback"), Some(json!({"to": to}))).await;
+    assert_eq!(v["versions"].as_array().unwrap().len(), 3);
+    let (st, v) = api(&client(), "POST", format!("{base}/ui/hello/rollback"), Some(json!({"to": to, "version": 1}))).await;
     assert_eq!((st, v["version"].clone()), (200, json!(1)), "{v}");
     text_in(&page, "hello", "#greet", "Hello Alice v1");
 

@@ -1,6 +1,9 @@
 // Regenerates src/canvas/assets/vendor/ from the pinned npm packages in ./package.json:
-// React, ReactDOM (client) and the JSX runtime as ES modules that share one copy of React.
-//   react-all.js          one minified bundle (production builds) exporting R, D, J
+// React, ReactDOM (client), the JSX runtime and React Fast Refresh as ES modules that share one
+// copy of React. These are React's *development* builds (minified): Fast Refresh — a redeployed
+// UI keeps its state — works only with them.
+//   react-all.js          one minified bundle exporting R, D, J and RR (react-refresh/runtime,
+//                         hooked into React before ReactDOM loads)
 //   react.js, react-dom-client.js, jsx-runtime.js   thin modules re-exporting their names
 //   LICENSE-react.txt     React's MIT licence and the pinned versions
 // Run through ./build.sh (npm ci, then this). Build time only: nothing here runs in the server.
@@ -10,13 +13,13 @@ import { writeFileSync, readFileSync, mkdirSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-process.env.NODE_ENV = 'production';
+process.env.NODE_ENV = 'development';
 const here = dirname(fileURLToPath(import.meta.url));
 const out = join(here, '..', '..', 'src', 'canvas', 'assets', 'vendor');
 mkdirSync(out, { recursive: true });
 const require = createRequire(import.meta.url);
 
-const entry = "import R from 'react'; import D from 'react-dom/client'; import J from 'react/jsx-runtime'; export { R, D, J };";
+const entry = "import RR from './refresh-setup.mjs'; import R from 'react'; import D from 'react-dom/client'; import J from 'react/jsx-runtime'; export { R, D, J, RR };";
 await esbuild.build({
   stdin: { contents: entry, resolveDir: here, loader: 'js' },
   bundle: true,
@@ -24,7 +27,7 @@ await esbuild.build({
   minify: true,
   legalComments: 'none',
   target: 'es2020',
-  define: { 'process.env.NODE_ENV': '"production"' },
+  define: { 'process.env.NODE_ENV': '"development"' },
   outfile: join(out, 'react-all.js'),
 });
 
@@ -37,10 +40,11 @@ const wrap = (file, letter, mod) => {
 wrap('react.js', 'R', 'react');
 wrap('react-dom-client.js', 'D', 'react-dom/client');
 wrap('jsx-runtime.js', 'J', 'react/jsx-runtime');
+wrap('react-refresh.js', 'RR', 'react-refresh/runtime');
 
 const v = (p) => JSON.parse(readFileSync(join(here, 'node_modules', p, 'package.json'), 'utf8')).version;
 const lic = readFileSync(join(here, 'node_modules', 'react', 'LICENSE'), 'utf8');
 writeFileSync(join(out, 'LICENSE-react.txt'),
-  `react ${v('react')}, react-dom ${v('react-dom')}, scheduler ${v('scheduler')} (npm), bundled with esbuild ${v('esbuild')}.\n` +
-  `All three are under this licence:\n\n${lic}`);
+  `react ${v('react')}, react-dom ${v('react-dom')}, scheduler ${v('scheduler')}, react-refresh ${v('react-refresh')} (npm), bundled with esbuild ${v('esbuild')}.\n` +
+  `All four are under this licence:\n\n${lic}`);
 console.log('vendored into', out);

@@ -21,6 +21,7 @@ pub const FRAME_ASSETS: &[(&str, &str, &str)] = &[
     ("react.js", "text/javascript; charset=utf-8", include_str!("assets/vendor/react.js")),
     ("react-dom-client.js", "text/javascript; charset=utf-8", include_str!("assets/vendor/react-dom-client.js")),
     ("jsx-runtime.js", "text/javascript; charset=utf-8", include_str!("assets/vendor/jsx-runtime.js")),
+    ("react-refresh.js", "text/javascript; charset=utf-8", include_str!("assets/vendor/react-refresh.js")),
     ("jsx-dev-runtime.js", "text/javascript; charset=utf-8", include_str!("assets/jsx-dev-runtime.js")),
     ("ichi.js", "text/javascript; charset=utf-8", include_str!("assets/ichi.js")),
     ("frame.js", "text/javascript; charset=utf-8", include_str!("assets/frame.js")),

@@ -2,7 +2,8 @@
 //!
 //! Owns only the pure compile step: no storage, no HTTP. The output is an ES module whose JSX
 //! goes through `react/jsx-dev-runtime` (the canvas maps that to its own runtime, which tags
-//! every host element with its TSX position), plus the CSS of every Tailwind class the source
+//! every host element with its TSX position) and whose components register for React Fast
+//! Refresh (`$RefreshReg$`, `$RefreshSig$`), plus the CSS of every Tailwind class the source
 //! mentions, a position map (generated line/column → TSX line/column) for runtime errors, and
 //! the SHA-256 of the JavaScript (the name the frame origin serves it under).
 
@@ -13,7 +14,7 @@ use oxc::codegen::{Codegen, CodegenOptions};
 use oxc::parser::Parser;
 use oxc::semantic::SemanticBuilder;
 use oxc::span::SourceType;
-use oxc::transformer::{JsxRuntime, TransformOptions, Transformer};
+use oxc::transformer::{JsxRuntime, ReactRefreshOptions, TransformOptions, Transformer};
 use sha2::{Digest, Sha256};
 
 /// A compiled UI.
@@ -104,6 +105,9 @@ pub fn compile(name: &str, source: &str) -> Result<Compiled, CompileError> {
     options.jsx.jsx_plugin = true;
     options.jsx.jsx_self_plugin = false;
     options.jsx.jsx_source_plugin = false;
+    // Fast Refresh: components register with `$RefreshReg$` (the frame maps them to families by
+    // UI name), so a redeploy keeps their state when their hooks did not change.
+    options.jsx.refresh = Some(ReactRefreshOptions::default());
     let ret = Transformer::new(&allocator, path, &options).build_with_scoping(scoping, &mut program);
     if !ret.diagnostics.is_empty() {
         return Err(first_error(source, &ret.diagnostics, "transform error"));
@@ -175,6 +179,7 @@ mod tests {
         assert!(c.js.contains("react/jsx-dev-runtime"), "{}", c.js);
         assert!(!c.js.contains("type P"), "{}", c.js);
         assert!(c.js.contains("lineNumber: 5"), "{}", c.js);
+        assert!(c.js.contains("$RefreshReg$") && c.js.contains("$RefreshSig$"), "{}", c.js);
         assert!(c.css.contains(".p-4"), "{}", c.css);
         assert!(c.css.contains(".text-red-500"), "{}", c.css);
         assert_eq!(c.hash.len(), 64);

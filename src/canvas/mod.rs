@@ -474,11 +474,15 @@ fn clip(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
 
-/// The first `/code/<hash>.js:<line>:<column>` of a stack, mapped to the TSX position.
+/// The first `/code/<hash>.js[?query]:<line>:<column>` of a stack (generated position).
 fn stack_position(stack: &str, hash: &str) -> Option<(u32, u32)> {
-    let needle = format!("/code/{hash}.js:");
+    let needle = format!("/code/{hash}.js");
     let i = stack.find(&needle)? + needle.len();
-    let rest = &stack[i..];
+    let mut rest = &stack[i..];
+    if let Some(q) = rest.strip_prefix('?') {
+        rest = &q[q.find(':')?..];
+    }
+    let rest = rest.strip_prefix(':')?;
     let mut it = rest.split(|c: char| !c.is_ascii_digit());
     let line: u32 = it.next()?.parse().ok()?;
     let column: u32 = it.next()?.parse().ok()?;
@@ -550,6 +554,8 @@ mod tests {
         let h = "a".repeat(64);
         let s = format!("Error: boom\n    at App (http://127.0.0.1:4000/code/{h}.js:12:7)\n    at x");
         assert_eq!(stack_position(&s, &h), Some((12, 7)));
+        let s = format!("at App (http://127.0.0.1:4000/code/{h}.js?m=3:9:2)");
+        assert_eq!(stack_position(&s, &h), Some((9, 2)));
         assert_eq!(stack_position("nothing", &h), None);
     }
 

@@ -1,8 +1,16 @@
 // The frame runtime: mounts one deployed UI (sent by the shell) under an error boundary,
-// reports paints, runtime errors and (in debug mode) clicked elements to the shell.
+// reports paints, runtime errors and (in debug mode) clicked elements to the shell. A redeploy
+// of the same UI goes through React Fast Refresh: components whose hooks did not change keep
+// their state.
+import RR from '/vendor/react-refresh.js';
 import React from 'react';
 import { createRoot } from 'react-dom/client';
 import 'ichi';
+
+globalThis.$RefreshReg$ = () => {};
+globalThis.$RefreshSig$ = () => (type) => type;
+let mounts = 0;
+let resets = 0; // bumps the boundary's key after an error, so a redeploy mounts afresh
 
 const h = React.createElement;
 const root = createRoot(document.getElementById('root'));
@@ -47,8 +55,13 @@ function Painted({ children, token }) {
 
 async function mount(ui) {
   let mod;
+  const family = ui.name + ':';
+  globalThis.$RefreshReg$ = (type, id) => RR.register(type, family + id);
+  globalThis.$RefreshSig$ = RR.createSignatureFunctionForTransform;
   try {
-    mod = await import('/code/' + ui.hash + '.js');
+    // A fresh URL per mount: the module runs (and registers its components) again, also when
+    // a rollback brings back code this frame imported before.
+    mod = await import('/code/' + ui.hash + '.js?m=' + (++mounts));
   } catch (err) {
     current = ui;
     post({ op: 'error', ui, message: String(err && err.message || err), stack: String(err && err.stack || ''), component_stack: '' });
@@ -65,7 +78,9 @@ async function mount(ui) {
   const Comp = mod.default || mod.App || (() => h('div', null, 'This UI exports no component (export default function App() {...})'));
   const token = ui.hash + ':' + ui.version;
   onPainted = (t) => { if (t === token) { onPainted = null; post({ op: 'painted', ui: current }); } };
-  root.render(h(Painted, { token }, h(Boundary, { key: token, ref: (b) => { boundary = b; } }, h(Comp, ui.props || {}))));
+  if (boundary && boundary.state.error) resets++;
+  root.render(h(Painted, { token }, h(Boundary, { key: ui.name + ':' + resets, ref: (b) => { boundary = b; } }, h(Comp, ui.props || {}))));
+  RR.performReactRefresh();
 }
 
 window.addEventListener('message', (e) => {
