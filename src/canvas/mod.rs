@@ -58,6 +58,8 @@ pub struct CanvasSettings {
     pub channel_deploy_roles: Vec<String>,
     /// How many runtime errors reported by canvases are kept for `GET /canvas/errors`.
     pub error_log: usize,
+    /// Open connections the frame origin accepts at most.
+    pub frame_max_connections: usize,
 }
 
 impl Default for CanvasSettings {
@@ -69,6 +71,7 @@ impl Default for CanvasSettings {
             frame_origin: String::new(),
             channel_deploy_roles: Vec::new(),
             error_log: 200,
+            frame_max_connections: 512,
         }
     }
 }
@@ -135,8 +138,17 @@ impl crate::modules::Module for CanvasModule {
         };
         let l = tokio::net::TcpListener::from_std(l)?;
         let router = frame::router().with_state(app.clone());
+        // The same connection front as the API (cap, header-read and idle timeouts).
+        let limits = crate::conns::ConnLimits {
+            cap: canvas.settings.frame_max_connections.max(1),
+            configured: canvas.settings.frame_max_connections.max(1),
+            header_read_timeout: std::time::Duration::from_secs(10),
+            idle_timeout: std::time::Duration::from_secs(60),
+            cap_wait: std::time::Duration::from_secs(5),
+            backlog: 128,
+        };
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, router).await {
+            if let Err(e) = crate::conns::serve(l, router, limits, std::future::pending()).await {
                 tracing::error!(error = %e, "canvas frame origin stopped");
             }
         });

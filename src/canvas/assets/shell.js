@@ -42,6 +42,11 @@
   async function api(method, path, bodyValue, raw) {
     const r = await fetch(path, { method, headers: auth(raw ? { 'Content-Type': 'text/plain' } : bodyValue !== undefined ? { 'Content-Type': 'application/json' } : {}),
       body: raw ? bodyValue : bodyValue !== undefined ? JSON.stringify(bodyValue) : undefined, credentials: 'same-origin' });
+    if (r.status === 401 && token) {
+      // The access token expired (15 min): carry on with the session cookie.
+      token = null;
+      return api(method, path, bodyValue, raw);
+    }
     const text = await r.text();
     let json = null;
     try { json = text ? JSON.parse(text) : null; } catch (_) { json = null; }
@@ -274,7 +279,14 @@
         record({ kind: 'error', label: `ws: ${m.message}` });
       }
     };
-    ws.onclose = () => { setStatus('offline: reconnecting'); setTimeout(connect, 1000); };
+    let opened = false;
+    ws.onopen = () => { opened = true; };
+    ws.onclose = (ev) => {
+      if (ev.code === 1008 && /credentials revoked/.test(ev.reason || '')) { setStatus('signed-out: ' + ev.reason); return; }
+      if (!opened && token) token = null; // an expired access token: try the session cookie
+      setStatus('offline: reconnecting');
+      setTimeout(connect, 1000);
+    };
   }
 
   async function start() {
