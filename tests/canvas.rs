@@ -235,6 +235,14 @@ async fn rls_per_user_and_live_cdc() {
     assert_eq!(notes_text(&pb), json!(["bob-1", "bob-2"]));
     assert_eq!(notes_text(&pa), json!(["alice-1", "alice-2", "alice-3"]));
 
+    // A reload signs in with the session cookie alone (API and WebSocket), no form.
+    pa.goto(&format!("{base}/canvas"));
+    pa.wait_for(None, "document.querySelector('#ichi-status')?.textContent === 'live'", 60);
+    assert_eq!(pa.eval(None, "document.querySelector('#ichi-email') === null"), json!(true));
+    pa.wait_for(Some(&frame("notes")), "document.querySelectorAll('#notes li').length === 3", 60);
+    add_note(&alice, &base, "alice-4").await;
+    pa.wait_for(Some(&frame("notes")), "document.querySelectorAll('#notes li').length === 4", 60);
+
     // Everything the browser asked for was on 127.0.0.1.
     for p in [&pa, &pb] {
         for r in p.requests() {
