@@ -7,7 +7,8 @@
 //! 3. the shell's size gzipped: the page, shell script and style, React, the JSX runtime and the
 //!    frame runtime (everything a first visit downloads).
 //!
-//! `cargo bench --no-default-features --bench canvas` (needs scripts/peers/chromium.sh for 2;
+//! `cargo bench --no-default-features [--profile dev] --bench canvas` (needs
+//! scripts/peers/chromium.sh for 2;
 //! `BENCH_DEPLOYS` sets the number of redeploys, default 40).
 
 use std::io::Write;
@@ -54,13 +55,13 @@ fn main() {
     let src = component(0, 120);
     let kb = src.len() as f64 / 1024.0;
     let lua: String = (0..)
-        .map(|i| format!("local v{i} = {{name = 'item {i}', n = {i} * 2}}\n"))
+        .map(|i| format!("t.v{i} = {{name = 'item {i}', n = {i} * 2}}\n"))
         .scan(0usize, |len, l| {
             *len += l.len();
             (*len <= src.len()).then_some(l)
         })
         .collect();
-    let lua = format!("{lua}return function() return 1 end\n");
+    let lua = format!("local t = {{}}\n{lua}return function() return t end\n");
     let runs = 30;
     let t = Instant::now();
     for _ in 0..runs {
