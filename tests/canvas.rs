@@ -161,6 +161,23 @@ async fn deploy_redeploy_errors_and_versions() {
     // The other UI still works.
     text_in(&page, "hello", "#greet", "Hello Alice v1");
 
+    // An error outside rendering (an event handler) is reported with its TSX line too.
+    let clicky = "export default function Clicky() {\n  const fail = () => {\n    throw new Error('handler failed');\n  };\n  return <button id=\"b\" onClick={fail}>go</button>;\n}\n";
+    assert_eq!(deploy(&base, "clicky", clicky, &to, json!({})).await.status, 200);
+    text_in(&page, "clicky", "#b", "go");
+    page.click(Some(&frame("clicky")), "#b");
+    let mut found = Value::Null;
+    for _ in 0..200 {
+        let (_, v) = api(&client(), "GET", format!("{base}/canvas/errors"), None).await;
+        if let Some(e) = v["errors"].as_array().unwrap().iter().find(|e| e["name"] == "clicky") {
+            found = e.clone();
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(found["line"], 3, "{found}");
+    assert!(found["message"].as_str().unwrap().contains("handler failed"), "{found}");
+
     // A user may deploy only to themselves.
     let (st, v) = api(&alice.client, "POST", format!("{base}/fn/deployer"), Some(json!({"name": "x", "code": HELLO_V2, "to": "user:someone-else"}))).await;
     assert_eq!((st, v["error"]["name"].clone()), (403, json!("ACCESS_DENIED")), "{v}");

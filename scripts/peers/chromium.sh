@@ -10,7 +10,9 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
         sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
     fi
 fi
-if [ ! -d tests/browser/node_modules/playwright-core ]; then
+PW_PINNED="$(node -p "require('./tests/browser/package.json').dependencies['playwright-core']")"
+PW_HAVE="$(node -p "try { require('./tests/browser/node_modules/playwright-core/package.json').version } catch (e) { '' }")"
+if [ "$PW_HAVE" != "$PW_PINNED" ]; then
     npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error
 fi
 ICHIBASE_CHROMIUM="$(command -v chromium)"

@@ -99,6 +99,7 @@ impl Component for Ui {
                 lua.to_value(&json!({"name": req.name, "target": target, "version": v, "hash": hash, "delivered": delivered}))
             })?,
         )?;
+        let e = Rc::clone(env);
         t.set(
             "check",
             lua.create_function(move |lua, spec: Value| {
@@ -108,8 +109,16 @@ impl Component for Ui {
                 check_keys(&spec, &["name", "code", "props", "to"])?;
                 let name = field_str(&spec, "name", false)?.unwrap_or_else(|| "ui".into());
                 let code = field_str(&spec, "code", true)?.unwrap_or_default();
-                if code.len() > 4 << 20 {
-                    return Err(mlua::Error::runtime("ui.check: code over 4 MiB"));
+                let max = e
+                    .app
+                    .as_ref()
+                    .and_then(|a| service(a).ok())
+                    .map_or(super::CanvasSettings::default().max_source, |c| c.settings.max_source);
+                if code.len() > max {
+                    return Err(lua_err(Error::new(
+                        ErrorCode::RequestTooLarge,
+                        format!("ui.check: source of {} bytes is over [canvas] max_source ({max} bytes)", code.len()),
+                    )));
                 }
                 let r = match compile::compile(&name, &code) {
                     Ok(c) => json!({"ok": true, "bytes": c.js.len(), "css_bytes": c.css.len()}),

@@ -86,7 +86,7 @@ error_codes! {
     /// A memory budget (per request or server-wide) would be exceeded.
     MemoryLimitExceeded = 241, "MEMORY_LIMIT_EXCEEDED", 503, "a memory budget, per request or server-wide";
     /// A UI's TSX did not compile (the message names line and column).
-    UiCompileError = 1040, "UI_COMPILE_ERROR", 422, "a UI's TSX did not compile (line and column in the message)";
+    UiCompileError = 1040, "UI_COMPILE_ERROR", 422, "a UI's TSX did not compile: line and column in the message";
     Internal = 1000, "INTERNAL_ERROR", 500, "bugs";
 }
 

@@ -99,4 +99,12 @@ document.addEventListener('click', (e) => {
   post({ op: 'inspect', ui: current, src, tag: el.tagName ? el.tagName.toLowerCase() : '', text: String(el.textContent || '').slice(0, 500) });
 }, true);
 
+// Errors outside rendering (event handlers, promises) do not reach the boundary: report them.
+const reportUncaught = (err) => {
+  if (!current) return;
+  post({ op: 'error', ui: current, message: String(err && err.message || err), stack: String(err && err.stack || ''), component_stack: '' });
+};
+window.addEventListener('error', (e) => reportUncaught(e.error || e.message));
+window.addEventListener('unhandledrejection', (e) => reportUncaught(e.reason));
+
 post({ op: 'ready' });
