@@ -511,3 +511,62 @@ async fn http_api_refuses_bad_input() {
     let (st, v) = api(&anon_client(), "GET", format!("{base}/canvas/uis"), None).await;
     assert_eq!((st, v["uis"].as_array().map(|a| a.len())), (200, Some(0)), "{v}");
 }
+
+/// Hostile or careless Lua gets a clear error from every `ui` entry point (no browser needed).
+#[tokio::test]
+async fn lua_ui_validates_its_arguments() {
+    let s = Server::start(&[]);
+    let (c, base) = (client(), s.url.clone());
+    let src = r#"
+return function(input, ctx)
+  local cases = {
+    function() return ui.deploy("x") end,
+    function() return ui.deploy{} end,
+    function() return ui.deploy{name = 1, code = "x", to = "user:u"} end,
+    function() return ui.deploy{name = "x", code = {}, to = "user:u"} end,
+    function() return ui.deploy{name = "x", code = "export default () => <p/>", to = "user:u", extra = 1} end,
+    function() return ui.deploy{name = "x", code = "export default () => <p/>", to = "user:u", props = "no"} end,
+    function() return ui.deploy{name = "../x", code = "export default () => <p/>", to = "user:u"} end,
+    function() return ui.deploy{name = "x", code = "export default () => <p/>", to = ""} end,
+    function() return ui.deploy{name = "x", code = string.rep("a", 300 * 1024), to = "user:u"} end,
+    function() return db.tx(function() return ui.deploy{name = "x", code = "export default () => <p/>", to = "user:u"} end) end,
+    function() return ui.check(nil) end,
+    function() return ui.check{name = "x"} end,
+  }
+  local out = {}
+  for i, f in ipairs(cases) do
+    local ok, err = pcall(f)
+    out[i] = ok and "ok" or tostring(err)
+  end
+  out[#out + 1] = ui.deploy{name = "fine", code = "export default () => <p>fine</p>", to = "user:u"}.version
+  return out
+end
+"#;
+    assert_eq!(put_fn(&c, &base, "cases", src).await.status, 200);
+    let r = call_fn(&c, &base, "cases", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let out = r.json();
+    let out = out.as_array().unwrap();
+    assert_eq!(out.len(), 13, "{out:?}");
+    for (i, want) in [
+        "expects a table",
+        "'name' is required",
+        "'name' must be a string",
+        "'code' must be a string",
+        "unknown field 'extra'",
+        "props must be a table",
+        "UI name '../x'",
+        "no user",
+        "max_source",
+        "cannot run inside db.tx",
+        "expects a table",
+        "'code' is required",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let got = out[i].as_str().unwrap_or_default();
+        assert!(got.contains(want), "case {}: {got:?} should mention {want:?}", i + 1);
+    }
+    assert_eq!(out[12], 1, "a good deploy still works: {out:?}");
+}
