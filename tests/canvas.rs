@@ -451,8 +451,31 @@ async fn bundle_uis_are_checked_and_merged() {
     // Not live before the merge.
     let (st, _) = api(&c, "GET", format!("{base}/ui/hello/versions?to=user:u1"), None).await;
     assert_eq!(st, 404);
+    // An open canvas (here a WebSocket in the target's channel) gets the merged UI pushed.
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
+    let mut req = (base.replace("http://", "ws://") + "/ws").into_client_request().unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {ADMIN_KEY}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::Text(json!({"type": "join", "channel": "user:u1", "presence": false}).to_string().into())).await.unwrap();
+    let mut next = async || -> Value {
+        loop {
+            let m = tokio::time::timeout(std::time::Duration::from_secs(20), ws.next()).await.expect("a frame within 20 s").unwrap().unwrap();
+            if let Message::Text(t) = m {
+                return serde_json::from_str(&t).unwrap();
+            }
+        }
+    };
+    while next().await["type"] != "joined" {}
     let (st, r) = api(&c, "POST", format!("{base}/branches/ui-try/merge"), None).await;
     assert_eq!(st, 200, "{r}");
+    let pushed = loop {
+        let f = next().await;
+        if f["type"] == "ui" {
+            break f;
+        }
+    };
+    assert_eq!((pushed["ui"]["name"].clone(), pushed["ui"]["version"].clone()), (json!("hello"), json!(1)), "{pushed}");
     let (st, v) = api(&c, "GET", format!("{base}/ui/hello?to=user:u1"), None).await;
     assert_eq!(st, 200, "{v}");
     assert_eq!((v["version"].clone(), v["props"]["who"].clone()), (json!(1), json!("all")), "{v}");

@@ -60,6 +60,9 @@ pub struct CanvasSettings {
     pub error_log: usize,
     /// Open connections the frame origin accepts at most.
     pub frame_max_connections: usize,
+    /// How often (seconds) current versions changed by other paths — a bundle merged from a
+    /// branch — are looked for and pushed to open canvases; 0 turns it off.
+    pub watch_secs: f64,
 }
 
 impl Default for CanvasSettings {
@@ -72,6 +75,7 @@ impl Default for CanvasSettings {
             channel_deploy_roles: Vec::new(),
             error_log: 200,
             frame_max_connections: 512,
+            watch_secs: 1.0,
         }
     }
 }
@@ -83,6 +87,8 @@ pub struct Canvas {
     listener: Mutex<Option<std::net::TcpListener>>,
     pub frame_port: u16,
     errors: Mutex<VecDeque<Json>>,
+    /// The version last pushed per (name, target), so the watcher does not push twice.
+    pushed: Mutex<std::collections::HashMap<(String, String), i64>>,
 }
 
 impl Canvas {
@@ -111,6 +117,10 @@ impl crate::modules::Module for CanvasModule {
         let settings: CanvasSettings = b.core().config.section("canvas")?;
         anyhow::ensure!(settings.max_source >= 1, "[canvas] max_source must be positive");
         anyhow::ensure!(settings.max_props >= 2, "[canvas] max_props must be at least 2");
+        anyhow::ensure!(
+            settings.watch_secs == 0.0 || (0.05..=3600.0).contains(&settings.watch_secs),
+            "[canvas] watch_secs must be 0 (off) or between 0.05 and 3600"
+        );
         let ip = b.core().config.listen.ip();
         let listener = std::net::TcpListener::bind((ip, settings.frame_port)).map_err(|e| {
             anyhow::anyhow!("[canvas] cannot listen on {ip}:{} for the frame origin: {e}", settings.frame_port)
@@ -122,6 +132,7 @@ impl crate::modules::Module for CanvasModule {
             listener: Mutex::new(Some(listener)),
             frame_port,
             errors: Mutex::new(VecDeque::new()),
+            pushed: Mutex::new(std::collections::HashMap::new()),
         });
         Ok(())
     }
@@ -152,6 +163,9 @@ impl crate::modules::Module for CanvasModule {
                 tracing::error!(error = %e, "canvas frame origin stopped");
             }
         });
+        if canvas.settings.watch_secs > 0.0 {
+            tokio::spawn(watch(app.clone(), std::time::Duration::from_secs_f64(canvas.settings.watch_secs)));
+        }
         Ok(())
     }
 }
@@ -288,7 +302,49 @@ fn by_of(ctx: &RequestContext) -> Option<String> {
 /// got it.
 pub fn push(app: &App, mount: &Json) -> usize {
     let target = mount["target"].as_str().unwrap_or_default();
+    if let (Ok(c), Some(name), Some(v)) = (service(app), mount["name"].as_str(), mount["version"].as_i64()) {
+        c.pushed.lock().unwrap().insert((name.to_string(), target.to_string()), v);
+    }
     app.hub().publish(target, &json!({"type": "ui", "channel": target, "ui": mount}), None)
+}
+
+/// Push current versions that changed without a push (a bundle merged from a branch writes the
+/// UI tables directly): every `every`, the heads updated since the last look.
+async fn watch(app: App, every: std::time::Duration) {
+    let mut since: Option<String> = None;
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::time::sleep(every).await;
+        }
+        first = false;
+        let s2 = since.clone();
+        let r = app
+            .storage()
+            .read(&RequestContext::system(), lookup(), move |c| store::changed_since(c, s2.as_deref()))
+            .await;
+        let (changed, latest) = match r {
+            Ok(v) => v,
+            Err(e) if e.code == ErrorCode::ShuttingDown => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "canvas: looking for changed UIs failed");
+                continue;
+            }
+        };
+        for m in changed {
+            let key = (m["name"].as_str().unwrap_or_default().to_string(), m["target"].as_str().unwrap_or_default().to_string());
+            let v = m["version"].as_i64().unwrap_or(0);
+            let already = service(&app).is_ok_and(|c| c.pushed.lock().unwrap().get(&key) == Some(&v));
+            if !already {
+                push(&app, &m);
+            }
+        }
+        if latest.is_some() {
+            since = latest;
+        } else if since.is_none() {
+            since = Some(String::new());
+        }
+    }
 }
 
 // ---- HTTP

@@ -36,7 +36,8 @@ pub const MIGRATIONS: &[Migration] = &[Migration {
             version INTEGER NOT NULL,
             updated_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
             PRIMARY KEY (name, target)
-          ) STRICT;",
+          ) STRICT;
+          CREATE INDEX _ichibase_ui_heads_updated ON _ichibase_ui_heads (updated_at);",
 }];
 
 /// What a canvas needs to mount one UI (no TSX source, no map).
@@ -265,4 +266,31 @@ pub fn map_by_hash(c: &Connection, hash: &str) -> Result<Option<(String, i64, Ve
         )
         .optional()?;
     Ok(row.map(|(n, v, m)| (n, v, serde_json::from_str(&m).unwrap_or_default())))
+}
+
+/// Heads changed at or after `since` (an `updated_at`), as mount descriptions, and the latest
+/// `updated_at` seen. With `since = None`: nothing, just the latest.
+pub fn changed_since(c: &Connection, since: Option<&str>) -> Result<(Vec<Json>, Option<String>)> {
+    let latest: Option<String> = c.query_row("SELECT max(updated_at) FROM _ichibase_ui_heads", [], |r| r.get(0))?;
+    let Some(since) = since else {
+        return Ok((Vec::new(), latest));
+    };
+    let mut st = c.prepare_cached(
+        "SELECT h.name, h.target, v.version, v.hash, v.css, v.props FROM _ichibase_ui_heads h
+         JOIN _ichibase_ui_versions v ON v.name = h.name AND v.target = h.target AND v.version = h.version
+         WHERE h.updated_at >= ?1 ORDER BY h.updated_at LIMIT 1000",
+    )?;
+    let rows = st
+        .query_map([since], |r| {
+            Ok(mount_json(
+                &r.get::<_, String>(0)?,
+                &r.get::<_, String>(1)?,
+                r.get(2)?,
+                &r.get::<_, String>(3)?,
+                &r.get::<_, String>(4)?,
+                &r.get::<_, String>(5)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok((rows, latest))
 }
