@@ -196,6 +196,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_compiles() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let start = readme.find("-- hello.lua").expect("the canvas example in the README");
+        let code = &readme[start..];
+        let code = &code[code.find("code = [[").unwrap() + 9..];
+        let code = &code[..code.find("]]").unwrap()];
+        let c = compile("hello", code).unwrap_or_else(|e| panic!("{e}\n{code}"));
+        assert!(c.css.contains(".bg-blue-600"), "{}", c.css);
+    }
+
+    #[test]
     fn positions_map_back() {
         assert_eq!(line_col("ab\ncd", 4), (2, 2));
         assert_eq!(line_col("ab", 0), (1, 1));
