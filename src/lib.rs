@@ -20,6 +20,7 @@ pub mod apis;
 pub mod app;
 pub mod auth;
 pub mod branch;
+pub mod canvas;
 pub mod bundle;
 pub mod config;
 pub mod conns;

@@ -86,6 +86,41 @@ pub struct CheckSpec {
     pub run_as: Option<RunAs>,
 }
 
+/// A generated UI (see docs/canvas.md): TSX compiled when the bundle is validated, stored as
+/// a new version of the UI `name` for `to` (`user:<id>` or a channel) when it is applied.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UiSpec {
+    pub name: String,
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Json::is_null")]
+    pub props: Json,
+    pub to: String,
+}
+
+/// Largest UI source in a bundle.
+const MAX_UI_SOURCE: usize = 1024 * 1024;
+
+impl UiSpec {
+    fn compile(&self) -> Result<crate::canvas::compile::Compiled> {
+        crate::canvas::check_name(&self.name)?;
+        crate::realtime::hub::may_join(&RequestContext::system(), &self.to)
+            .map_err(|e| bad(format!("ui '{}': to: {}", self.name, e.message)))?;
+        if self.code.len() > MAX_UI_SOURCE {
+            return Err(bad(format!("ui '{}' is larger than {MAX_UI_SOURCE} bytes", self.name)));
+        }
+        if !(self.props.is_object() || self.props.is_null()) {
+            return Err(bad(format!("ui '{}': props must be an object", self.name)));
+        }
+        crate::canvas::compile::compile(&self.name, &self.code).map_err(|e| {
+            Error::new(
+                ErrorCode::UiCompileError,
+                format!("ui '{}' at line {} column {}: {}", self.name, e.line, e.column, e.message),
+            )
+        })
+    }
+}
+
 /// The unit of change (see `docs/bundles.md`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +138,9 @@ pub struct Bundle {
     pub functions: Vec<FunctionSpec>,
     #[serde(default)]
     pub checks: Vec<CheckSpec>,
+    /// Generated UIs (compile-checked with the bundle, deployed with it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uis: Vec<UiSpec>,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -158,6 +196,9 @@ impl Bundle {
                 let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
                 Error::new(e.code, format!("function '{}'{at}: {}", f.name, e.message))
             })?;
+        }
+        for u in &self.uis {
+            u.compile()?;
         }
         if self.checks.is_empty() {
             return Err(bad(
@@ -300,6 +341,12 @@ fn apply_one(
     for f in &b.functions {
         store::deploy(c, &f.name, &f.source, f.trace, by)
             .map_err(ctx(format!("function '{}'", f.name)))?;
+    }
+    for u in &b.uis {
+        let compiled = u.compile()?;
+        let props = if u.props.is_null() { json!({}) } else { u.props.clone() };
+        crate::canvas::store::deploy(c, &u.name, &u.to, &u.code, &compiled, &props, by)
+            .map_err(ctx(format!("ui '{}'", u.name)))?;
     }
     let text = serde_json::to_string(b).map_err(|e| Error::internal(e.to_string()))?;
     c.execute(

@@ -85,6 +85,8 @@ error_codes! {
     TooManyRequests = 202, "TOO_MANY_SIMULTANEOUS_QUERIES", 429, "rate or concurrency limit of the caller; retry later";
     /// A memory budget (per request or server-wide) would be exceeded.
     MemoryLimitExceeded = 241, "MEMORY_LIMIT_EXCEEDED", 503, "a memory budget, per request or server-wide";
+    /// A UI's TSX did not compile (the message names line and column).
+    UiCompileError = 1040, "UI_COMPILE_ERROR", 422, "a UI's TSX did not compile: line and column in the message";
     Internal = 1000, "INTERNAL_ERROR", 500, "bugs";
 }
 
