@@ -233,8 +233,8 @@ fn enqueue(env: &Rc<Env>, pending: &Rc<Pending>, channel: &'static str, payload:
     if let Some(r) = db::in_open_tx(env, move |c| engine_statements(|| outbox::insert(c, &m2))) {
         let (id, fresh) = r.map_err(lua_err)?;
         pending.count.set(pending.count.get() + 1);
-        n.wake();
         log_event(app, env.ctx.user_id.as_deref(), Some(&env.ctx.trace_id), channel, "queued", 0.0, None, detail(&id, fresh, true));
+        n.wake();
         return Ok(id);
     }
     // Outside: queued at the invocation's successful end. A key used before answers the
@@ -272,11 +272,11 @@ fn enqueue(env: &Rc<Env>, pending: &Rc<Pending>, channel: &'static str, payload:
                 ExecControl::lookup(),
                 move |c| outbox::insert_all(c, &msgs2),
             ))?;
-            n.wake();
             for (m, (id, fresh)) in msgs.iter().zip(done) {
                 log_event(app, env.ctx.user_id.as_deref(), Some(&env.ctx.trace_id), m.channel, "queued", 0.0, None,
                     json!({"id": id, "new": fresh, "in_transaction": false, "function": env.function}));
             }
+            n.wake();
             Ok(())
         }));
     }

@@ -291,16 +291,26 @@ async fn deliver_one(app: &App, n: &Notify, m: &Claimed) -> Delivery {
     }
 }
 
+/// Deliver a claimed batch, `concurrency` at a time, recording outcomes as they come in
+/// (whatever finished together is recorded in one write): a message delivered but not yet
+/// recorded is what a crash can send twice, so that window is kept short.
 async fn deliver_batch(app: &App, n: &Notify, batch: Vec<Claimed>) {
-    let results: Vec<(Claimed, Delivery, f64)> = futures_util::stream::iter(batch)
-        .map(|m| async move {
-            let t = Instant::now();
-            let d = deliver_one(app, n, &m).await;
-            (m, d, t.elapsed().as_secs_f64() * 1e3)
-        })
-        .buffer_unordered(n.settings.concurrency as usize)
-        .collect()
-        .await;
+    let mut done = std::pin::pin!(
+        futures_util::stream::iter(batch)
+            .map(|m| async move {
+                let t = Instant::now();
+                let d = deliver_one(app, n, &m).await;
+                (m, d, t.elapsed().as_secs_f64() * 1e3)
+            })
+            .buffer_unordered(n.settings.concurrency as usize)
+            .ready_chunks(n.settings.concurrency as usize)
+    );
+    while let Some(results) = done.next().await {
+        record(app, n, results).await;
+    }
+}
+
+async fn record(app: &App, n: &Notify, results: Vec<(Claimed, Delivery, f64)>) {
     let settings = n.settings.clone();
     let plan: Vec<(String, &'static str, i64, Option<String>, Option<String>)> = results
         .iter()

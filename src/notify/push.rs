@@ -244,8 +244,15 @@ pub async fn deliver(app: &App, n: &Notify, m: &Claimed) -> Delivery {
     }
     let payload = json!({"id": m.id, "title": p.title, "body": p.body, "url": p.url, "data": p.data}).to_string();
     let mut delivered = done.clone();
-    let (mut gone, mut failed, mut retry) = (Vec::new(), serde_json::Map::new(), Vec::new());
-    for s in subs.iter().filter(|s| !done.contains(&s.device)) {
+    let earlier = |k: &str| m.result.as_ref().and_then(|r| r.get(k)).cloned();
+    let mut gone: Vec<Json> = earlier("gone").and_then(|g| serde_json::from_value(g).ok()).unwrap_or_default();
+    let mut failed = match earlier("failed") {
+        Some(Json::Object(f)) => f,
+        _ => serde_json::Map::new(),
+    };
+    let mut retry = Vec::new();
+    let skip: Vec<String> = failed.keys().cloned().chain(done.iter().cloned()).collect();
+    for s in subs.iter().filter(|s| !skip.contains(&s.device)) {
         match send_one(n, &vapid, s, &payload, &m.id).await {
             Ok(()) => delivered.push(s.device.clone()),
             Err(SendError::Gone(code)) => {
