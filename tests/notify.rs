@@ -420,6 +420,10 @@ async fn bad_arguments_and_unconfigured_channels_are_typed_errors() {
     // Nothing was queued by the refused calls.
     let (_, v) = api(&client(), "GET", format!("{base}/notify/messages"), None).await;
     assert_eq!(v["messages"].as_array().unwrap().len(), 0, "{v}");
+    let (st, v) = api(&client(), "GET", format!("{base}/notify/messages?status=bogus"), None).await;
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = api(&client(), "GET", format!("{base}/notify/messages?colour=red"), None).await;
+    assert_eq!(st, 400, "{v}");
     // Status of an unknown message.
     let (st, v) = api(&client(), "GET", format!("{base}/notify/messages/nope"), None).await;
     assert_eq!(st, 404, "{v}");

@@ -7,7 +7,7 @@
 //!   push subscriptions (the admin lists everyone's).
 
 use axum::Router;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::response::Response;
 use axum::routing::{delete, get};
 use serde_json::json;
@@ -46,9 +46,30 @@ fn user_of(ctx: &RequestContext) -> Result<Option<String>> {
     }
 }
 
-async fn list_messages(State(app): State<App>, Caller(ctx): Caller, Query(q): Query<ListQuery>) -> Response {
+/// The listing's query string; unknown keys and bad values are typed errors.
+fn list_query(raw: Option<&str>) -> Result<ListQuery> {
+    let mut q = ListQuery::default();
+    let bad = |m: String| Error::new(ErrorCode::BadArguments, m);
+    for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "status" if ["queued", "sending", "sent", "dead"].contains(&v.as_ref()) => q.status = Some(v.into_owned()),
+            "status" => return Err(bad(format!("status={v}: one of queued, sending, sent, dead"))),
+            "channel" if ["email", "push", "sms"].contains(&v.as_ref()) => q.channel = Some(v.into_owned()),
+            "channel" => return Err(bad(format!("channel={v}: one of email, push, sms"))),
+            "limit" => {
+                q.limit = Some(v.parse().map_err(|_| bad(format!("limit={v}: a number from 1 to 1000")))?)
+            }
+            "before" => q.before = Some(v.into_owned()),
+            other => return Err(bad(format!("unknown parameter {other:?} (status, channel, limit, before)"))),
+        }
+    }
+    Ok(q)
+}
+
+async fn list_messages(State(app): State<App>, Caller(ctx): Caller, RawQuery(raw): RawQuery) -> Response {
     let r = async {
         user_of(&ctx)?;
+        let q = list_query(raw.as_deref())?;
         let c2 = ctx.clone();
         let rows = app
             .storage()

@@ -195,3 +195,47 @@ pub async fn deliver(n: &Notify, m: &Claimed) -> Delivery {
         Err(err) => Delivery::Retry(format!("SMTP: {err}"), None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_renders_and_escapes_raw_html() {
+        let h = markdown_to_html("# T\n\n**b** <script>x</script>\n\n<img src=x onerror=y>");
+        assert!(h.contains("<h1>T</h1>") && h.contains("<strong>b</strong>"), "{h}");
+        assert!(!h.contains("<script>") && !h.contains("<img"), "{h}");
+    }
+
+    #[test]
+    fn mime_has_alternative_parts_attachments_and_a_stable_message_id() {
+        let e = Email {
+            to: vec!["a@example.test".into()],
+            bcc: vec!["hidden@example.test".into()],
+            subject: "s".into(),
+            text: Some("plain".into()),
+            html: Some("<p>html</p>".into()),
+            attachments: vec![Attached { filename: "a.txt".into(), content_type: "text/plain".into(), data: "aGk=".into() }],
+            ..Default::default()
+        };
+        let from: Mailbox = "App <app@example.test>".parse().unwrap();
+        let raw = String::from_utf8(build(&e, &from, "abc123").unwrap().formatted()).unwrap();
+        assert!(raw.contains("Message-ID: <abc123@example.test>"), "{raw}");
+        assert!(raw.contains("multipart/mixed") && raw.contains("multipart/alternative"), "{raw}");
+        assert!(raw.contains("filename=\"a.txt\""), "{raw}");
+        assert!(!raw.contains("hidden@example.test"), "Bcc is envelope only: {raw}");
+    }
+
+    #[test]
+    fn validation_refuses_bad_addresses_and_header_injection() {
+        let s = NotifySettings::default();
+        let ok = Email { to: vec!["a@example.test".into()], subject: "s".into(), text: Some("t".into()), ..Default::default() };
+        assert!(validate(&ok, &s).is_ok());
+        let bad_to = Email { to: vec!["nope".into()], ..ok.clone() };
+        assert!(validate(&bad_to, &s).is_err());
+        let inject = Email { subject: "a\r\nBcc: x@evil.test".into(), ..ok.clone() };
+        assert!(validate(&inject, &s).is_err());
+        let many = Email { to: vec!["a@example.test".into(); 51], ..ok };
+        assert!(validate(&many, &s).is_err());
+    }
+}

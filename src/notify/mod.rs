@@ -293,3 +293,25 @@ pub(crate) fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_jitter_and_is_capped() {
+        let s = NotifySettings { backoff_base_secs: 2.0, backoff_max_secs: 60.0, ..Default::default() };
+        for attempt in 1..40 {
+            let d = s.backoff(attempt).as_secs_f64();
+            let exp = (2.0 * 2f64.powi(attempt as i32 - 1)).min(60.0);
+            assert!(d >= exp * 0.8 - 1e-9 && d <= (exp * 1.2).min(60.0) + 1e-9, "attempt {attempt}: {d}");
+        }
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        assert!(NotifySettings::default().check().is_ok());
+        assert!(NotifySettings { max_attempts: 0, ..Default::default() }.check().is_err());
+        assert!(NotifySettings { backoff_base_secs: 10.0, backoff_max_secs: 1.0, ..Default::default() }.check().is_err());
+    }
+}

@@ -125,8 +125,7 @@ pub fn status(c: &Connection, ctx: &RequestContext, id: &str) -> Result<Option<J
 }
 
 /// Filters of a message listing.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[derive(Debug, Default)]
 pub struct ListQuery {
     pub status: Option<String>,
     pub channel: Option<String>,

@@ -83,3 +83,19 @@ pub async fn deliver(n: &Notify, m: &Claimed) -> Delivery {
         _ => Delivery::Fail(format!("SMS API answered {code}: {}", why()), None),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_must_be_e164_and_bodies_bounded() {
+        let ok = Sms { to: "+15551234567".into(), body: "hi".into() };
+        assert!(validate(&ok).is_ok());
+        for to in ["5551234567", "+1", "+1555abc4567", "+1234567890123456"] {
+            assert!(validate(&Sms { to: to.into(), ..ok.clone() }).is_err(), "{to}");
+        }
+        assert!(validate(&Sms { body: String::new(), ..ok.clone() }).is_err());
+        assert!(validate(&Sms { body: "あ".repeat(1601), ..ok }).is_err());
+    }
+}
