@@ -203,6 +203,9 @@ fn sms_from_lua(t: &Table) -> mlua::Result<Sms> {
 struct Pending {
     msgs: RefCell<Vec<NewMessage>>,
     hooked: Cell<bool>,
+    /// A wake-up of the sender is due at the invocation's end (rows written inside `db.tx`
+    /// are visible to it only after the commit).
+    wake_hooked: Cell<bool>,
     count: Cell<usize>,
 }
 
@@ -234,7 +237,15 @@ fn enqueue(env: &Rc<Env>, pending: &Rc<Pending>, channel: &'static str, payload:
         let (id, fresh) = r.map_err(lua_err)?;
         pending.count.set(pending.count.get() + 1);
         log_event(app, env.ctx.user_id.as_deref(), Some(&env.ctx.trace_id), channel, "queued", 0.0, None, detail(&id, fresh, true));
-        n.wake();
+        if !pending.wake_hooked.replace(true) {
+            // After the commit (a failed invocation leaves it to the sender's poll).
+            env.on_success.borrow_mut().push(Box::new(|env: &Env| {
+                if let Some(n) = env.app.as_ref().and_then(|a| a.get::<Notify>()) {
+                    n.wake();
+                }
+                Ok(())
+            }));
+        }
         return Ok(id);
     }
     // Outside: queued at the invocation's successful end. A key used before answers the

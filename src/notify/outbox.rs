@@ -222,25 +222,36 @@ async fn sender(app: App) {
         Err(e) => tracing::error!(error = %e, "notify: recovering in-flight messages failed"),
     }
     loop {
-        match claim(&app, n).await {
-            Ok(batch) if !batch.is_empty() => deliver_batch(&app, n, batch).await,
-            Ok(_) => {
-                let due = next_due(&app).await.ok().flatten();
-                let wait = due
-                    .map(|at| Duration::from_millis((at - now_ms()).max(0) as u64))
-                    .unwrap_or(poll)
-                    .min(poll);
-                if wait > Duration::ZERO {
-                    tokio::select! {
-                        _ = n.wake.notified() => {}
-                        _ = tokio::time::sleep(wait) => {}
-                    }
+        // Idle, this is one read per `poll_secs`; the writer is used only when a message is due.
+        let due = match next_due(&app).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::debug!(error = %e, "notify: looking for due messages failed");
+                tokio::time::sleep(poll).await;
+                continue;
+            }
+        };
+        if due.is_some_and(|at| at <= now_ms()) {
+            match claim(&app, n).await {
+                Ok(batch) if !batch.is_empty() => {
+                    deliver_batch(&app, n, batch).await;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "notify: claiming messages failed");
+                    tokio::time::sleep(poll).await;
+                    continue;
                 }
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "notify: claiming messages failed");
-                tokio::time::sleep(poll).await;
-            }
+        }
+        let wait = due
+            .map(|at| Duration::from_millis((at - now_ms()).max(0) as u64))
+            .unwrap_or(poll)
+            .min(poll);
+        tokio::select! {
+            _ = n.wake.notified() => {}
+            _ = tokio::time::sleep(wait.max(Duration::from_millis(5))) => {}
         }
     }
 }
