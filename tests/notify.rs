@@ -391,6 +391,7 @@ async fn bad_arguments_and_unconfigured_channels_are_typed_errors() {
         ("ICHIBASE_NOTIFY__SMS_ACCOUNT_SID", "AC1"),
         ("ICHIBASE_NOTIFY__SMS_AUTH_TOKEN", "t"),
         ("ICHIBASE_NOTIFY__SMS_FROM", "\"+15550000000\""),
+        ("ICHIBASE_NOTIFY__MAX_BYTES_PER_INVOCATION", "1000000"),
     ]));
     let base = s.url.clone();
     deploy(&base, "n", r#"return function(input)
@@ -411,6 +412,7 @@ async fn bad_arguments_and_unconfigured_channels_are_typed_errors() {
         ("notify.sms{to='555', body='x'}", "E.164"),
         ("notify.sms{to='+15551234567', body=''}", "1 to 1600"),
         ("notify.email{to='a@example.test', subject='s', text='t', idempotency_key=''}", "idempotency_key"),
+        ("(function() local big = string.rep('x', 300000) for i = 1, 10 do notify.email{to='a@example.test', subject='s', text=big} end end)()", "max_bytes_per_invocation"),
     ] {
         let base = base.clone();
         let r = call_fn(&client(), &base, "n", json!({"call": c})).await;

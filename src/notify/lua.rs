@@ -207,6 +207,7 @@ struct Pending {
     /// are visible to it only after the commit).
     wake_hooked: Cell<bool>,
     count: Cell<usize>,
+    bytes: Cell<usize>,
 }
 
 fn enqueue(env: &Rc<Env>, pending: &Rc<Pending>, channel: &'static str, payload: Json, key: Option<String>) -> mlua::Result<String> {
@@ -224,6 +225,14 @@ fn enqueue(env: &Rc<Env>, pending: &Rc<Pending>, channel: &'static str, payload:
             format!("notify: more than [notify] max_per_invocation ({}) messages in one invocation", n.settings.max_per_invocation),
         )));
     }
+    let bytes = pending.bytes.get() + payload.len();
+    if bytes > n.settings.max_bytes_per_invocation {
+        return Err(lua_err(Error::new(
+            ErrorCode::RequestTooLarge,
+            format!("notify: more than [notify] max_bytes_per_invocation ({}) bytes of messages in one invocation", n.settings.max_bytes_per_invocation),
+        )));
+    }
+    pending.bytes.set(bytes);
     if let Some(k) = &key
         && (k.is_empty() || k.len() > 200)
     {

@@ -53,6 +53,9 @@ pub struct NotifySettings {
     pub max_recipients: usize,
     /// Most messages one invocation may queue.
     pub max_per_invocation: usize,
+    /// Most bytes (message JSON, attachments base64) one invocation may queue in all: the
+    /// messages of a call outside `db.tx` wait in server memory until the invocation ends.
+    pub max_bytes_per_invocation: usize,
 
     /// SMTP relay: `smtp://host:port` (plain, for local servers), `smtp://host:587?tls=required`
     /// (STARTTLS), `smtps://host:465` (TLS); credentials as `smtp://user:pass@host`. Empty: no email.
@@ -96,6 +99,7 @@ impl Default for NotifySettings {
             max_message_bytes: 10 * 1024 * 1024,
             max_recipients: 50,
             max_per_invocation: 1000,
+            max_bytes_per_invocation: 64 * 1024 * 1024,
             smtp_url: String::new(),
             from: String::new(),
             smtp_timeout_secs: 30.0,
