@@ -233,6 +233,44 @@ async fn email_with_markdown_attachment_and_reply_to_reaches_smtp() {
 }
 
 #[tokio::test]
+async fn starttls_to_a_relay_with_its_own_ca() {
+    let Some(py) = python() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (port, out) = (free_port(), tmp.path().join("mail.jsonl"));
+    let _sink = Peer::start(&py, "smtp_sink.py", &[&port.to_string(), out.to_str().unwrap(), "--starttls", tmp.path().to_str().unwrap()]);
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let url = format!("smtp://localhost:{port}?tls=required");
+    let ca = tmp.path().join("ca.pem");
+    let s = start_server(&data, &notify_env(port, &[
+        ("ICHIBASE_NOTIFY__SMTP_URL", url.as_str()),
+        ("ICHIBASE_NOTIFY__SMTP_CA_FILE", ca.to_str().unwrap()),
+    ]));
+    deploy(&s.url, "mail", SEND_MAIL).await;
+    let r = call_fn(&client(), &s.url, "mail", json!({"to": "a@example.test", "subject": "over TLS", "text": "x"})).await;
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    wait_status(&s.url, &id, "sent", 60).await;
+    let got = mails(&out);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0]["tls"], true, "the message went over STARTTLS: {}", got[0]);
+    drop(s);
+    // Without the CA the relay's certificate is refused: retried, never sent in plain text.
+    let data2 = tmp.path().join("data2");
+    std::fs::create_dir_all(&data2).unwrap();
+    let s = start_server(&data2, &notify_env(port, &[("ICHIBASE_NOTIFY__SMTP_URL", url.as_str())]));
+    deploy(&s.url, "mail", SEND_MAIL).await;
+    let r = call_fn(&client(), &s.url, "mail", json!({"to": "a@example.test", "subject": "untrusted", "text": "x"})).await;
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let m = wait_for("a failed TLS attempt", 60, || async {
+        let m = message(&s.url, &id).await;
+        (m["attempts"].as_i64().unwrap() >= 1 && !m["last_error"].is_null()).then_some(m)
+    })
+    .await;
+    assert_ne!(m["status"], "sent", "{m}");
+    assert_eq!(mails(&out).len(), 1, "nothing sent to an untrusted relay");
+}
+
+#[tokio::test]
 async fn rolled_back_or_failed_invocations_send_nothing() {
     let Some(py) = python() else { return };
     let tmp = tempfile::tempdir().unwrap();

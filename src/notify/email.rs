@@ -12,6 +12,7 @@ use base64::Engine as _;
 use lettre::message::header::ContentType;
 use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::PoolConfig;
+use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -37,13 +38,36 @@ impl Smtp {
             .from
             .parse()
             .map_err(|e| anyhow::anyhow!("[notify] from = {:?}: {e}", s.from))?;
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(&s.smtp_url)
-            .map_err(|e| anyhow::anyhow!("[notify] smtp_url: {e}"))?
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(&s.smtp_url)
+            .map_err(|e| anyhow::anyhow!("[notify] smtp_url: {e}"))?;
+        if !s.smtp_ca_file.is_empty() {
+            builder = builder.tls(tls_with_ca(&s.smtp_url, &s.smtp_ca_file)?);
+        }
+        let transport = builder
             .timeout(Some(Duration::from_secs_f64(s.smtp_timeout_secs)))
             .pool_config(PoolConfig::new().max_size(s.concurrency.max(1)))
             .build();
         Ok(Some(Smtp { transport, from }))
     }
+}
+
+/// The TLS mode `url` asks for, trusting the certificates of `ca_file` besides the webpki roots.
+fn tls_with_ca(url: &str, ca_file: &str) -> anyhow::Result<Tls> {
+    let u = reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("[notify] smtp_url: {e}"))?;
+    let host = u.host_str().unwrap_or_default().trim_matches(['[', ']']).to_string();
+    let pem = std::fs::read(ca_file).map_err(|e| anyhow::anyhow!("[notify] smtp_ca_file {ca_file}: {e}"))?;
+    let cert = Certificate::from_pem(&pem).map_err(|e| anyhow::anyhow!("[notify] smtp_ca_file {ca_file}: {e}"))?;
+    let params = TlsParameters::builder(host)
+        .add_root_certificate(cert)
+        .build_rustls()
+        .map_err(|e| anyhow::anyhow!("[notify] smtp TLS: {e}"))?;
+    let mode = u.query_pairs().find(|(k, _)| k == "tls").map(|(_, v)| v.into_owned());
+    Ok(match (u.scheme(), mode.as_deref()) {
+        ("smtps", _) => Tls::Wrapper(params),
+        (_, Some("required")) => Tls::Required(params),
+        (_, Some("opportunistic")) => Tls::Opportunistic(params),
+        _ => anyhow::bail!("[notify] smtp_ca_file is set but smtp_url asks for no TLS (use smtps:// or ?tls=required)"),
+    })
 }
 
 /// One attachment as queued (content base64-encoded in the outbox row).

@@ -64,6 +64,9 @@ pub struct NotifySettings {
     pub from: String,
     /// Timeout of one SMTP delivery, seconds.
     pub smtp_timeout_secs: f64,
+    /// A PEM file of extra root certificates to trust for the relay's TLS (a private relay
+    /// with its own CA); empty: the webpki roots only.
+    pub smtp_ca_file: String,
 
     /// The VAPID `sub` claim (RFC 8292): `mailto:` or `https:` contact of the sender.
     pub vapid_subject: String,
@@ -103,6 +106,7 @@ impl Default for NotifySettings {
             smtp_url: String::new(),
             from: String::new(),
             smtp_timeout_secs: 30.0,
+            smtp_ca_file: String::new(),
             vapid_subject: "mailto:admin@localhost".into(),
             push_ttl_secs: 86_400,
             push_timeout_secs: 30.0,
