@@ -184,7 +184,7 @@ async fn requests_statements_and_lua_runs_are_logged() {
     let lua = rows(
         &c,
         &base,
-        "SELECT function, version, outcome, error, instructions, memory, elapsed_ms, trace_id FROM lua_invocations ORDER BY ts",
+        "SELECT function, version, outcome, error, instructions, cpu_ms, memory, elapsed_ms, trace_id FROM lua_invocations ORDER BY ts",
     )
     .await;
     assert_eq!(lua.len(), 2, "{lua:?}");
@@ -192,7 +192,10 @@ async fn requests_statements_and_lua_runs_are_logged() {
     assert_eq!(lua[0]["version"], 1);
     assert_eq!(lua[0]["outcome"], "ok");
     assert_eq!(lua[0]["trace_id"], trace_ok.as_str());
-    assert!(lua[0]["instructions"].as_i64().is_some(), "{lua:?}");
+    // Untraced, without an instruction budget: no count hook, so no instruction count; the
+    // thread's CPU time instead.
+    assert!(lua[0]["instructions"].is_null(), "{lua:?}");
+    assert!(lua[0]["cpu_ms"].as_f64().is_some_and(|c| c >= 0.0), "{lua:?}");
     assert!(lua[0]["memory"].as_i64().unwrap() > 0);
     assert_eq!(lua[1]["outcome"], "error");
     assert!(

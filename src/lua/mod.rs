@@ -29,7 +29,10 @@ use trace::{Step, Tracer};
 /// Limits and sizes of the Lua runtime.
 #[derive(Debug, Clone, Copy)]
 pub struct LuaOptions {
+    /// An instruction budget (0: none — no count hook; see `sandbox`).
     pub instruction_limit: u64,
+    /// CPU time of one invocation's thread.
+    pub cpu_limit: Duration,
     pub memory_limit: usize,
     pub timeout: Duration,
     pub max_trace_steps: usize,
@@ -48,7 +51,8 @@ pub struct LuaOptions {
 impl Default for LuaOptions {
     fn default() -> Self {
         LuaOptions {
-            instruction_limit: 200_000_000,
+            instruction_limit: 0,
+            cpu_limit: Duration::from_secs(5),
             memory_limit: 64 * 1024 * 1024,
             timeout: Duration::from_secs(10),
             max_trace_steps: 100_000,
@@ -117,7 +121,11 @@ pub struct Outcome {
     pub result: Result<Json, Error>,
     /// Line of the failure in the function's source, when known.
     pub error_line: Option<i64>,
-    pub instructions: u64,
+    /// VM instructions, counted only when a count hook ran (an instruction budget or a trace;
+    /// in steps of 1000).
+    pub instructions: Option<u64>,
+    /// CPU time of the invocation's thread.
+    pub cpu: Duration,
     pub peak_memory: usize,
     pub elapsed: Duration,
     pub steps: Option<(Vec<Step>, bool)>,
@@ -178,7 +186,7 @@ pub fn invoke(runtime: &Runtime, ctx: RequestContext, inv: Invocation) -> Outcom
 /// The one place a Lua run is logged and its trace kept.
 fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &mut Outcome) {
     tracing::info!(function = %inv.function, version = inv.version, trace_id = %ctx.trace_id, role = ctx.role.as_str(),
-        ok = outcome.result.is_ok(), instructions = outcome.instructions, peak_memory = outcome.peak_memory,
+        ok = outcome.result.is_ok(), instructions = outcome.instructions, cpu_ms = outcome.cpu.as_secs_f64() * 1e3, peak_memory = outcome.peak_memory,
         elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3, "lua invocation");
     if let Some(app) = &runtime.app {
         let sink = app.posterity().sink();
@@ -194,7 +202,7 @@ fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &m
                 .map(|e| e.message.chars().take(1000).collect());
             e.elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3;
             e.detail = Some(
-                serde_json::json!({"instructions": outcome.instructions, "memory": outcome.peak_memory,
+                serde_json::json!({"instructions": outcome.instructions, "cpu_ms": outcome.cpu.as_secs_f64() * 1e3, "memory": outcome.peak_memory,
                        "traced": inv.trace, "error_line": outcome.error_line,
                        "check": inv.check.is_some()})
                 .to_string(),
@@ -254,6 +262,7 @@ fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &m
 fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outcome {
     let (storage, rt, options) = (runtime.storage.clone(), runtime.rt.clone(), runtime.options);
     let started = Instant::now();
+    let cpu_started = sandbox::watchdog::this_thread_cpu();
     let deadline = started + options.timeout;
     let meter = Rc::new(Meter::default());
     let tracer = inv
@@ -265,7 +274,8 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
             )))
         });
     let limits = Limits {
-        instructions: options.instruction_limit,
+        instructions: (options.instruction_limit > 0).then_some(options.instruction_limit),
+        cpu: options.cpu_limit,
         memory: options.memory_limit,
         deadline,
     };
@@ -293,7 +303,12 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         let (lua, _host_debug) = sandbox::new_state(limits, Rc::clone(&meter), tracer.clone())?;
         // Wall time is enforced even while no count hook fires (slow host calls): declared
         // after `lua`, so the state is unregistered before it is dropped.
-        let _watch = sandbox::watchdog::Watch::start(&lua, deadline)?;
+        let _watch = sandbox::watchdog::Watch::start(
+            &lua,
+            deadline,
+            Some(options.cpu_limit),
+            Arc::clone(&meter.alarm),
+        )?;
         let before: HashSet<String> = global_names(&lua)?;
         // Tables carrying this metatable (query results, decoded JSON arrays) stay JSON arrays
         // when empty; the guard restores an outer invocation's value.
@@ -382,7 +397,10 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     Outcome {
         result,
         error_line,
-        instructions: meter.instructions.get(),
+        instructions: (options.instruction_limit > 0 || inv.trace).then(|| meter.instructions.get()),
+        cpu: cpu_started
+            .and_then(|(clock, t0)| sandbox::watchdog::thread_cpu(clock).map(|t| t.saturating_sub(t0)))
+            .unwrap_or_default(),
         peak_memory: meter.peak_memory.get(),
         elapsed: started.elapsed(),
         steps,
@@ -479,6 +497,13 @@ fn describe(e: &mlua::Error, name: &str, meter: &Meter, o: &LuaOptions) -> (Erro
         Some(Limit::Time) => Error::new(
             ErrorCode::TimeoutExceeded,
             format!("Lua time limit exceeded ({} s)", o.timeout.as_secs_f64()),
+        ),
+        Some(Limit::Cpu) => Error::new(
+            ErrorCode::LuaLimit,
+            format!(
+                "Lua CPU time limit exceeded ({} s, lua_cpu_limit_secs)",
+                o.cpu_limit.as_secs_f64()
+            ),
         ),
         Some(Limit::Instructions) => Error::new(
             ErrorCode::LuaLimit,
