@@ -29,6 +29,7 @@ pub mod generate;
 pub mod llm;
 pub mod lua;
 pub mod modules;
+pub mod notify;
 pub mod posterity;
 pub mod realtime;
 pub mod replication;

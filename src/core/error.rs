@@ -81,6 +81,8 @@ error_codes! {
     LlmNotConfigured = 1021, "LLM_NOT_CONFIGURED", 503, "no `llm_url` set";
     /// A bundle's migrations or checks failed when verified.
     CheckFailed = 1022, "CHECK_FAILED", 422, "a bundle's migrations or checks failed";
+    /// A notification channel is used without its `[notify]` settings.
+    NotifyNotConfigured = 1050, "NOTIFY_NOT_CONFIGURED", 503, "a `notify.*` channel without its `[notify]` settings";
     /// A rate or concurrency limit of the caller (identity or address) was reached; retry later.
     TooManyRequests = 202, "TOO_MANY_SIMULTANEOUS_QUERIES", 429, "rate or concurrency limit of the caller; retry later";
     /// A memory budget (per request or server-wide) would be exceeded.

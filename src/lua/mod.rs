@@ -109,6 +109,10 @@ pub struct Env {
     /// The invocation's meter (`db.tx` sets its own deadline there for the hook to enforce).
     pub meter: Rc<Meter>,
     pub check: Option<CheckMode>,
+    /// Work a component defers to the end of a successful invocation (the notify outbox row of
+    /// a call made outside `db.tx`): run in order once the handler returned; an error fails
+    /// the invocation. Dropped when the invocation fails.
+    pub on_success: RefCell<Vec<Box<dyn FnOnce(&Env) -> Result<(), Error>>>>,
 }
 
 /// The result of one invocation.
@@ -323,6 +327,7 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         reports: RefCell::new(Vec::new()),
         check: inv.check.clone(),
         meter: Rc::clone(&meter),
+        on_success: RefCell::new(Vec::new()),
     });
     let error_value: RefCell<Option<Json>> = RefCell::new(None);
     let run = || -> mlua::Result<Json> {
@@ -404,6 +409,15 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     };
     // A db.tx left open by an error is rolled back by its session when the sender drops.
     env.tx.borrow_mut().take();
+    let deferred = env.on_success.take();
+    let result = match result {
+        Ok(v) => deferred
+            .into_iter()
+            .try_for_each(|f| f(&env))
+            .map(|()| v)
+            .map_err(mlua::Error::external),
+        Err(e) => Err(e),
+    };
     let (result, error_line) = match result {
         Ok(v) => (Ok(v), None),
         Err(e) => {

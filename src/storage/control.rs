@@ -183,6 +183,28 @@ impl ExecControl {
     }
 }
 
+thread_local! {
+    /// Set while engine code runs its own statements on a connection that has a request's
+    /// context installed (see [`engine_statements`]).
+    static ENGINE_STATEMENTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` (on the thread that owns the connection) with the authorizer letting every statement
+/// through: for a module writing its own engine rows inside a caller's open transaction (the
+/// notify outbox row in `db.tx`). `f` must prepare only its own fixed statements, uncached
+/// (`Connection::prepare`, not `prepare_cached`): a cached statement would keep the
+/// authorization it was prepared with.
+pub fn engine_statements<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ENGINE_STATEMENTS.with(|e| e.set(self.0));
+        }
+    }
+    let _reset = Reset(ENGINE_STATEMENTS.with(|e| e.replace(true)));
+    f()
+}
+
 /// What a connection knows about the request it currently serves.
 pub struct ConnState {
     authz: Arc<Authz>,
@@ -264,6 +286,9 @@ impl ConnState {
     /// The authorizer: engine work (no request checked out) may do anything; request SQL may
     /// not change state that would outlive the request on a pooled connection.
     fn authorize(&self, a: &AuthContext<'_>) -> Authorization {
+        if ENGINE_STATEMENTS.with(|e| e.get()) {
+            return Authorization::Allow;
+        }
         let role = match self.ctx.lock() {
             Ok(c) => match c.as_ref() {
                 None => return Authorization::Allow,

@@ -43,6 +43,8 @@ enum TxOp {
     /// Savepoint control inside the session (`SAVEPOINT`, `RELEASE`, `ROLLBACK TO`).
     Raw(String, mpsc::Sender<Result<()>>),
     Finish(bool, mpsc::Sender<Result<()>>),
+    /// Engine code run inside the open transaction (see [`in_open_tx`]).
+    Call(Box<dyn FnOnce(&mut rusqlite::Connection) + Send>),
 }
 
 /// An open write transaction on the writer thread, fed statements from the Lua thread.
@@ -59,6 +61,26 @@ impl TxSession {
             .map_err(|_| session_ended(env))?;
         rx.recv().map_err(|_| session_ended(env))?
     }
+}
+
+/// Run engine code `f` on the connection of the invocation's open `db.tx`, so its writes
+/// commit or roll back with the caller's (inside a nested `db.tx`, with its savepoint).
+/// `None` when no transaction is open. `f` runs with the caller's context installed: engine
+/// tables need [`crate::storage::engine_statements`].
+pub(crate) fn in_open_tx<R: Send + 'static>(
+    env: &Env,
+    f: impl FnOnce(&mut rusqlite::Connection) -> Result<R> + Send + 'static,
+) -> Option<Result<R>> {
+    let tx = env.tx.borrow();
+    let tx = tx.as_ref()?;
+    let (reply, rx) = mpsc::channel();
+    let call = TxOp::Call(Box::new(move |c| {
+        let _ = reply.send(f(c));
+    }));
+    if tx.ops.send(call).is_err() {
+        return Some(Err(session_ended(env)));
+    }
+    Some(rx.recv().unwrap_or_else(|_| Err(session_ended(env))))
 }
 
 pub(crate) fn params_json(
@@ -254,6 +276,7 @@ fn outer_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
                         Ok(TxOp::Raw(sql, reply)) => {
                             let _ = reply.send(c.execute_batch(&sql).map_err(Error::from));
                         }
+                        Ok(TxOp::Call(f)) => f(c),
                         Ok(TxOp::Finish(commit, reply)) => {
                             let r = c.execute_batch(if commit { "COMMIT" } else { "ROLLBACK" }).map_err(Error::from);
                             if r.is_err() {

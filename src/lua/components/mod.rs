@@ -11,7 +11,6 @@ pub mod debug;
 pub mod fns;
 pub mod json;
 pub mod log;
-pub mod notify;
 pub mod prop;
 
 use std::rc::Rc;
@@ -34,7 +33,6 @@ pub fn registry() -> &'static [&'static dyn Component] {
         &json::Json,
         &log::Log,
         &debug::Debug,
-        &notify::Notify,
         &prop::Prop,
         &fns::Fns,
         &analytics::Analytics,
