@@ -31,6 +31,7 @@ pub mod modules;
 pub mod posterity;
 pub mod realtime;
 pub mod replication;
+pub mod search;
 pub mod server;
 pub mod sql;
 pub mod storage;
