@@ -359,7 +359,8 @@ pub fn load(c: &Connection, t: &str) -> Result<Option<IndexSpec>> {
 /// (Re)index the vector of row `id`; a missing, malformed or mis-sized vector leaves it out.
 fn index_vector(c: &Connection, t: &str, spec: &IndexSpec, v: &VectorSpec, id: i64) -> Result<()> {
     let vq = quote_ident(&vq_table(t));
-    c.execute(&format!("DELETE FROM {vq} WHERE id = ?1"), [id])?;
+    c.prepare_cached(&format!("DELETE FROM {vq} WHERE id = ?1"))?
+        .execute([id])?;
     let sql = format!(
         "INSERT INTO {vq} (id, v) SELECT {key}, {q} FROM {tq} WHERE {key} = ?1 AND {col} IS NOT NULL AND vec_length(vec_f32({col})) = ?2",
         key = quote_ident(&spec.key),
@@ -367,7 +368,10 @@ fn index_vector(c: &Connection, t: &str, spec: &IndexSpec, v: &VectorSpec, id: i
         tq = quote_ident(t),
         col = quote_ident(&v.column),
     );
-    if let Err(e) = c.execute(&sql, params![id, v.dims as i64]) {
+    if let Err(e) = c
+        .prepare_cached(&sql)
+        .and_then(|mut st| st.execute(params![id, v.dims as i64]))
+    {
         tracing::debug!(table = t, id, error = %e, "search: row left out of the vector index");
     }
     Ok(())
@@ -396,16 +400,17 @@ pub fn drain(c: &mut Connection, batch: usize) -> Result<usize> {
         if !spec.text.is_empty() {
             let fts = quote_ident(&fts_table(t));
             let cols: Vec<String> = spec.text.iter().map(|x| quote_ident(x)).collect();
-            tx.execute(&format!("DELETE FROM {fts} WHERE rowid = ?1"), [id])?;
-            tx.execute(
+            tx.prepare_cached(&format!("DELETE FROM {fts} WHERE rowid = ?1"))?
+                .execute([id])?;
+            tx.prepare_cached(
                 &format!(
                     "INSERT INTO {fts} (rowid, {c}) SELECT {key}, {c} FROM {tq} WHERE {key} = ?1",
                     c = cols.join(", "),
                     key = quote_ident(&spec.key),
                     tq = quote_ident(t),
                 ),
-                [id],
-            )?;
+            )?
+            .execute([id])?;
         }
         if let Some(v) = &spec.vector {
             index_vector(&tx, t, spec, v, *id)?;
