@@ -509,3 +509,62 @@ async fn hybrid_ranks_planted_best_match_first() {
     let first: Value = serde_json::from_str(r.body.lines().next().unwrap()).unwrap();
     assert_eq!(first["id"].to_string().trim_matches('"'), planted.to_string());
 }
+
+#[tokio::test]
+async fn index_declarations_are_validated_and_admin_only() {
+    let (s, admin, alice, _bob) = notes_app().await;
+    let base = &s.url;
+    ok(&admin, base, "CREATE TABLE nokey(a TEXT, b TEXT)").await;
+    ok(&admin, base, "CREATE TABLE textkey(k TEXT PRIMARY KEY, b TEXT)").await;
+    // Not for users.
+    let (st, _) = put_index(&alice.client, base, "notes", json!({"text": ["body"]})).await;
+    assert_eq!(st, 403);
+    let r = json_request(&alice.client, reqwest::Method::GET, format!("{base}/search/indexes"), None).await;
+    assert_eq!(r.status, 403);
+    for (table, spec, status) in [
+        ("missing", json!({"text": ["b"]}), 404),
+        ("nokey", json!({"text": ["a"]}), 400),
+        ("textkey", json!({"text": ["b"]}), 400),
+        ("notes", json!({"text": ["nope"]}), 400),
+        ("notes", json!({"text": ["body", "body"]}), 400),
+        ("notes", json!({"text": ["body"], "tokenizer": "mecab"}), 400),
+        ("notes", json!({}), 400),
+        ("notes", json!({"vector": {"column": "embedding", "dims": 0}}), 400),
+        ("notes", json!({"vector": {"column": "embedding", "dims": 12, "quantization": "bit"}}), 400),
+        ("notes", json!({"vector": {"column": "embedding", "dims": 8, "quantization": "int4"}}), 400),
+        ("notes", json!({"vector": {"column": "embedding", "dims": 8, "metric": "dot"}}), 400),
+        ("notes", json!({"text": ["body"], "key": "owner"}), 400),
+        ("_ichibase_users", json!({"text": ["email"]}), 400),
+        ("sqlite_schema", json!({"text": ["sql"]}), 400),
+    ] {
+        let (st, v) = put_index(&admin, base, table, spec.clone()).await;
+        assert_eq!(st, status, "{table} {spec}: {v}");
+    }
+    let r = json_request(&admin, reqwest::Method::GET, format!("{base}/search/indexes"), None).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["indexes"][0]["table"], "notes");
+    assert_eq!(r.json()["indexes"][0]["key"], "id");
+    let r = json_request(&admin, reqwest::Method::DELETE, format!("{base}/search/indexes/nokey"), None).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    let e = sql_search(&admin, base, "search('nokey', 'x', NULL, 1)").await.unwrap_err();
+    assert_eq!(e.0, 404, "{}", e.1);
+    assert!(e.1.contains("NO_SEARCH_INDEX"), "{}", e.1);
+    // Malformed vectors leave their row out of the vector index without stopping the queue.
+    for v in ["'[1,2]'", "'garbage'", "X'00'", "'[1,2,3,4,5,6,7,\"x\"]'"] {
+        ok(&admin, base, &format!("INSERT INTO notes(owner, body, embedding) VALUES ('x', 'broken vector', {v})")).await;
+    }
+    ok(&admin, base, "INSERT INTO notes(owner, body, embedding) VALUES ('x', 'fine vector', '[1,0,0,0,0,0,0,0]')").await;
+    wait_indexed(&admin, base, "vector", 5).await;
+    let hits = sql_search(&admin, base, "search('notes', NULL, '[1,0,0,0,0,0,0,0]', 10)").await.unwrap();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert!(hits[0]["distance"].as_f64().unwrap() < 1e-6);
+    // Dropping the index removes its objects; search then says so.
+    let r = json_request(&admin, reqwest::Method::DELETE, format!("{base}/search/indexes/notes"), None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(&admin, base, &[], "SELECT count(*) FROM sqlite_schema WHERE name LIKE '_ichibase_fts_notes%' OR name LIKE '_ichibase_vq_notes%' OR name LIKE '_ichibase_search_notes%'").await;
+    assert_eq!(r.body.trim(), "0");
+    let e = sql_search(&alice.client, base, "search('my_notes', 'vector', NULL, 1)").await.unwrap_err();
+    assert_eq!(e.0, 404, "{}", e.1);
+    // Writes through the policy view keep working without the index.
+    ok(&alice.client, base, "INSERT INTO my_notes(body) VALUES ('after the index')").await;
+}

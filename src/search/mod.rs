@@ -110,6 +110,21 @@ pub fn embed_query_text(
 
 pub struct SearchModule;
 
+/// The module's service: whether any index exists (the sync task sleeps until one does).
+#[derive(Default)]
+pub struct SearchState {
+    active: std::sync::atomic::AtomicBool,
+}
+
+impl SearchState {
+    fn active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn activate(&self) {
+        self.active.store(true, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 static MIGRATIONS: &[Migration] = &[Migration {
     version: 1,
     name: "search indexes and queue",
@@ -141,6 +156,7 @@ impl crate::modules::Module for SearchModule {
         anyhow::ensure!(s.sync_batch >= 1, "[search] sync_batch must be at least 1");
         anyhow::ensure!(s.rrf_k >= 0.0, "[search] rrf_k must not be negative");
         let _ = SETTINGS.set(s);
+        b.provide(SearchState::default());
         Ok(())
     }
     fn routes(&self) -> Router<App> {
@@ -163,12 +179,30 @@ impl crate::modules::Module for SearchModule {
     }
 }
 
-/// After every commit (and at least every second), index what the queue holds.
+/// After every commit (and at least every second), index what the queue holds. Until an index
+/// exists it only waits.
 async fn sync_loop(app: App) {
     let storage = app.storage().clone();
     let committed = storage.committed();
+    let Some(state) = app.get::<SearchState>() else { return };
+    let any: Result<bool> = storage
+        .read(&RequestContext::system(), ExecControl::lookup(), |c| {
+            Ok(c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM _ichibase_search_indexes)",
+                [],
+                |r| r.get::<_, bool>(0),
+            )?)
+        })
+        .await;
+    if any.unwrap_or(true) {
+        state.activate();
+    }
     loop {
         let notified = committed.notified();
+        if !state.active() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+            continue;
+        }
         let pending = storage
             .read(
                 &RequestContext::system(),
@@ -212,6 +246,9 @@ async fn create_index(
     Admin(ctx): Admin,
     JsonBody(spec): JsonBody<IndexSpec>,
 ) -> Response {
+    if let Some(s) = st.get::<SearchState>() {
+        s.activate();
+    }
     reply(
         st.storage()
             .write(&ctx, ExecControl::new(Instant::now(), 0.0), move |c| {

@@ -308,7 +308,7 @@ pub fn run(
             req.view, spec.key
         )));
     }
-    let n = req.candidates.unwrap_or(s.candidates).max(req.k).min(s.max_k.max(req.k) * 10);
+    let n = req.candidates.unwrap_or(s.candidates).min(s.max_k).max(req.k);
     // The keys the caller may see, narrowed by the filter: `SELECT k FROM view WHERE ...`.
     let mut params: Vec<Value> = Vec::new();
     let mut conds = Vec::new();
@@ -330,6 +330,9 @@ pub fn run(
         quote_ident(&spec.key),
         quote_ident(&req.view)
     );
+    // Searching the indexed table itself without a filter: every indexed row is visible (only
+    // the admin, or a role granted the whole table, gets here), so no key set is built.
+    let whole_table = req.view.eq_ignore_ascii_case(&base) && req.filter.is_empty();
 
     let mut text_hits: Option<Vec<Hit>> = None;
     if !words.is_empty() {
@@ -343,7 +346,8 @@ pub fn run(
         text_hits = Some(if short {
             like_search(conn, st, req, &spec, &words, &where_, &params, n)?
         } else {
-            fts_search(conn, st, req, &base, &spec, &words, &visible, &params, n)?
+            let restrict = (!whole_table).then_some(visible.as_str());
+            fts_search(conn, st, req, &base, &words, restrict, &params, n)?
         });
     }
     let mut vec_hits: Option<Vec<Hit>> = None;
@@ -362,13 +366,20 @@ pub fn run(
             )));
         }
         let blob: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let from = if whole_table {
+            format!("{} AS q", quote_ident(&index::vq_table(&base)))
+        } else {
+            format!(
+                "({visible}) AS v CROSS JOIN {} AS q ON q.id = v.{}",
+                quote_ident(&index::vq_table(&base)),
+                quote_ident(&spec.key)
+            )
+        };
         let sql = format!(
-            "SELECT q.id, {dist}({stored}, {query}) AS d FROM ({visible}) AS v CROSS JOIN {vq} AS q ON q.id = v.{key} ORDER BY d, q.id LIMIT {n}",
+            "SELECT q.id, {dist}({stored}, {query}) AS d FROM {from} ORDER BY d, q.id LIMIT {n}",
             dist = vs.distance_fn(),
             stored = vs.stored("q.v"),
             query = vs.quantize(&format!("?{}", params.len() + 1)),
-            vq = quote_ident(&index::vq_table(&base)),
-            key = quote_ident(&spec.key),
         );
         let mut p = params.clone();
         p.push(Value::Blob(blob));
@@ -395,9 +406,8 @@ fn fts_search(
     st: &ConnState,
     req: &Request,
     base: &str,
-    spec: &IndexSpec,
     words: &[String],
-    visible: &str,
+    visible: Option<&str>,
     params: &[Value],
     n: usize,
 ) -> Result<Vec<Hit>, Error> {
@@ -409,12 +419,12 @@ fn fts_search(
     let i = params.len();
     let sql = format!(
         "SELECT rowid, bm25({fts}) AS s, snippet({fts}, -1, ?{o}, ?{c}, '…', 24) FROM {fts}
-         WHERE {fts} MATCH ?{q} AND rowid IN ({visible}) ORDER BY s, rowid LIMIT {n}",
+         WHERE {fts} MATCH ?{q}{restrict} ORDER BY s, rowid LIMIT {n}",
         o = i + 1,
         c = i + 2,
         q = i + 3,
+        restrict = visible.map(|v| format!(" AND rowid IN ({v})")).unwrap_or_default(),
     );
-    let _ = spec;
     let mut p = params.to_vec();
     p.push(Value::Text(req.highlight.0.clone()));
     p.push(Value::Text(req.highlight.1.clone()));
