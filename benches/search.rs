@@ -6,7 +6,8 @@
 //! 1. **Vectors**: `BENCH_SEARCH_N` (default 100 000) unit vectors of 384 dimensions, clustered
 //!    like text embeddings (2 000 random centres + noise), written straight into the database
 //!    file before the server starts (`items(id INTEGER PRIMARY KEY, v BLOB)`, float32 blobs).
-//!    For each quantisation (float32, int8, bit), `PUT /search/indexes/items` (build time), then
+//!    For each quantisation (float32, int8, bit; the quantised ones without and with float32
+//!    re-ranking), `PUT /search/indexes/items` (build time), then
 //!    `BENCH_QUERIES` (default 40) queries `SELECT search('items', NULL, X'…', 10)` over HTTP,
 //!    one at a time: queries/s and recall@10 against the exact top 10 that this process
 //!    computes by brute force (cosine, f64) on the same vectors. The brute force's own speed
@@ -214,18 +215,28 @@ fn main() {
             .await;
             assert_eq!(r.status, 200, "{}", r.body);
             let build = t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let mut rec = 0.0;
-            for (q, want) in qs.iter().zip(&truth) {
-                let got = search_ids(&admin, &root, &format!("search('items', NULL, {}, {K})", hex(q))).await;
-                rec += recall(&got, want);
+            let variants: &[bool] = if quant == "float32" { &[false] } else { &[false, true] };
+            for &rescore in variants {
+                let t = Instant::now();
+                let mut rec = 0.0;
+                for (q, want) in qs.iter().zip(&truth) {
+                    let got = search_ids(
+                        &admin,
+                        &root,
+                        &format!("search('items', NULL, {}, {K}, '{{\"rescore\": {rescore}}}')", hex(q)),
+                    )
+                    .await;
+                    rec += recall(&got, want);
+                }
+                let qps = queries as f64 / t.elapsed().as_secs_f64();
+                let label = if rescore { format!("{quant} + float32 rescoring of 8 × 100 candidates") } else { quant.to_string() };
+                println!(
+                    "| `search()` {label} | {} | {qps:.1} | {:.3} | {:.2} |",
+                    if rescore { "–".to_string() } else { format!("{build:.1}") },
+                    rec / queries as f64,
+                    qps / brute_qps
+                );
             }
-            let qps = queries as f64 / t.elapsed().as_secs_f64();
-            println!(
-                "| `search()` {quant} | {build:.1} | {qps:.1} | {:.3} | {:.2} |",
-                rec / queries as f64,
-                qps / brute_qps
-            );
         }
         for (quant, decl, ins) in [
             ("float32", "float[384] distance_metric=cosine", "v"),

@@ -117,7 +117,9 @@ async fn knn_equals_brute_force() {
         for q in 0..5 {
             let query = rng.vec(dims);
             let k = 10;
-            let hits = sql_search(&admin, base, &format!("search('items', NULL, '{}', {k})", vjson(&query)))
+            // Quantised: the raw quantised ranking (rescoring is checked below).
+            let opts = if quant == "float32" { "NULL" } else { "'{\"rescore\": false}'" };
+            let hits = sql_search(&admin, base, &format!("search('items', NULL, '{}', {k}, {opts})", vjson(&query)))
                 .await
                 .unwrap();
             let mut brute: Vec<(f64, i64)> = data
@@ -148,6 +150,18 @@ async fn knn_equals_brute_force() {
             }
         }
     }
+    // bit with rescoring (the default): the candidates (8 × 100) cover all 400 rows, so the
+    // float32 re-ranking must give exactly the cosine brute force.
+    for _ in 0..3 {
+        let query = rng.vec(dims);
+        let hits = sql_search(&admin, base, &format!("search('items', NULL, '{}', 10)", vjson(&query)))
+            .await
+            .unwrap();
+        let mut brute: Vec<(f64, i64)> = data.iter().enumerate().map(|(i, v)| (cosine(v, &query), i as i64 + 1)).collect();
+        brute.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        assert_eq!(ids(&hits), brute[..10].iter().map(|x| x.1).collect::<Vec<_>>(), "bit + rescore");
+        assert!((hits[0]["distance"].as_f64().unwrap() - brute[0].0).abs() < 1e-4);
+    }
     // int8: sqlite-vec's unit quantisation; the order must match brute force on the
     // quantised vectors, which the test recomputes.
     let (st, v) = put_index(
@@ -164,7 +178,7 @@ async fn knn_equals_brute_force() {
             .collect()
     };
     let query = rng.vec(dims);
-    let hits = sql_search(&admin, base, &format!("search('items', NULL, '{}', 10)", vjson(&query)))
+    let hits = sql_search(&admin, base, &format!("search('items', NULL, '{}', 10, '{{\"rescore\": false}}')", vjson(&query)))
         .await
         .unwrap();
     let qq = quant(&query);

@@ -1,4 +1,4 @@
-//! `db.search{table=, text=, vector=, k=, filter=, highlight=}` in Lua: the `search()` SQL
+//! `db.search{table=, text=, vector=, k=, filter=, highlight=, rescore=}` in Lua: the `search()` SQL
 //! function run as the caller, joined back to the view's rows.
 //!
 //! Installed as its own component (after the core's `db`): it adds `search` to the `db` table
@@ -62,20 +62,23 @@ fn parse(args: Table) -> mlua::Result<Args> {
                     .map_err(|e| bad(format!("db.search: filter: {e}")))?;
                 a.options.insert("filter".into(), j);
             }
+            ("rescore", Value::Boolean(b)) => {
+                a.options.insert("rescore".into(), serde_json::Value::Bool(b));
+            }
             ("highlight", Value::Table(t)) => {
                 let j = crate::lua::to_json(&Value::Table(t))
                     .map_err(|e| bad(format!("db.search: highlight: {e}")))?;
                 a.options.insert("highlight".into(), j);
             }
             (
-                "table" | "text" | "k" | "vector" | "filter" | "highlight",
+                "table" | "text" | "k" | "vector" | "filter" | "highlight" | "rescore",
                 _,
             ) => {
                 return Err(bad(format!("db.search: bad value for '{key}'")));
             }
             _ => {
                 return Err(bad(format!(
-                    "db.search: unknown argument '{key}' (table, text, vector, k, filter, highlight)"
+                    "db.search: unknown argument '{key}' (table, text, vector, k, filter, highlight, rescore)"
                 )));
             }
         }

@@ -49,6 +49,9 @@ pub struct SearchSettings {
     pub rrf_k: f64,
     /// Queued rows the sync task indexes in one write transaction.
     pub sync_batch: usize,
+    /// int8/bit searches rank this many times `candidates` by the quantised distance before
+    /// re-ranking them by the float32 distance (`rescore`).
+    pub rescore_factor: usize,
     /// Longest query text (bytes).
     pub max_text: usize,
     /// Most dimensions of an indexed vector.
@@ -62,6 +65,7 @@ impl Default for SearchSettings {
             candidates: 100,
             rrf_k: 60.0,
             sync_batch: 1000,
+            rescore_factor: 8,
             max_text: 4096,
             max_dims: 4096,
         }

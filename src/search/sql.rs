@@ -9,7 +9,9 @@
 //! - `vector`: a JSON array of numbers or a float32 blob (NULL for none);
 //! - `k`: hits wanted (1..=`[search] max_k`);
 //! - `options`: JSON `{"filter": {"column": value, ...}, "highlight": ["[", "]"],
-//!   "candidates": n}`.
+//!   "candidates": n, "rescore": true}`; `rescore` (int8 and bit indexes, default true) takes
+//!   `[search] rescore_factor` times more candidates by the quantised distance and ranks them
+//!   by the float32 distance of the rows' own vectors.
 //!
 //! Each hit: `{"id", "score", "text_rank", "bm25", "snippet", "vector_rank", "distance"}`; with
 //! both text and vector, `score` is the reciprocal rank fusion Σ 1/(rrf_k + rank).
@@ -54,6 +56,8 @@ pub struct Request {
     pub filter: Vec<(String, Value)>,
     pub highlight: (String, String),
     pub candidates: Option<usize>,
+    /// Re-rank int8/bit candidates by their float32 distance (default true).
+    pub rescore: Option<bool>,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -154,9 +158,15 @@ pub fn apply_options(req: &mut Request, o: &serde_json::Value) -> Result<(), Err
                         as usize,
                 )
             }
+            "rescore" => {
+                req.rescore = Some(
+                    v.as_bool()
+                        .ok_or_else(|| bad("search: rescore must be true or false"))?,
+                )
+            }
             other => {
                 return Err(bad(format!(
-                    "search: unknown option '{other}' (filter, highlight, candidates)"
+                    "search: unknown option '{other}' (filter, highlight, candidates, rescore)"
                 )));
             }
         }
@@ -375,8 +385,12 @@ pub fn run(
                 quote_ident(&spec.key)
             )
         };
+        // Quantised vectors: take `rescore_factor` times more candidates by the quantised
+        // distance, then rank those by the float32 distance of the rows' own vectors.
+        let rescore = vs.quantization != "float32" && req.rescore.unwrap_or(true);
+        let m = if rescore { n.saturating_mul(s.rescore_factor.max(1)) } else { n };
         let sql = format!(
-            "SELECT q.id, {dist}({stored}, {query}) AS d FROM {from} ORDER BY d, q.id LIMIT {n}",
+            "SELECT q.id, {dist}({stored}, {query}) AS d FROM {from} ORDER BY d, q.id LIMIT {m}",
             dist = vs.distance_fn(),
             stored = vs.stored("q.v"),
             query = vs.quantize(&format!("?{}", params.len() + 1)),
@@ -395,6 +409,35 @@ pub fn run(
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
+        let rows = if rescore && !rows.is_empty() {
+            let float_fn = match vs.metric.as_str() {
+                "l2" => "vec_distance_l2",
+                "l1" => "vec_distance_l1",
+                _ => "vec_distance_cosine",
+            };
+            let ids: Vec<i64> = rows.iter().map(|h| h.id).collect();
+            let sql = format!(
+                "SELECT t.{key}, {float_fn}(vec_f32(t.{col}), vec_f32(?1)) AS d FROM {tq} AS t
+                 WHERE t.{key} IN (SELECT value FROM json_each(?2)) ORDER BY d, t.{key} LIMIT {n}",
+                key = quote_ident(&spec.key),
+                col = quote_ident(&vs.column),
+                tq = quote_ident(&base),
+            );
+            let blob: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+            let ids = serde_json::to_string(&ids).map_err(|e| Error::internal(e.to_string()))?;
+            let mut stmt = conn.prepare(&sql)?;
+            stmt.query_map(rusqlite::params![blob, ids], |r| {
+                Ok(Hit {
+                    id: r.get(0)?,
+                    bm25: None,
+                    snippet: None,
+                    distance: r.get(1)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?
+        } else {
+            rows
+        };
         vec_hits = Some(rows);
     }
     Ok(fuse(text_hits, vec_hits, req.k, s.rrf_k))
