@@ -466,7 +466,9 @@ fn fts_search(
         o = i + 1,
         c = i + 2,
         q = i + 3,
-        restrict = visible.map(|v| format!(" AND rowid IN ({v})")).unwrap_or_default(),
+        // `+rowid`: the key set filters the matches; pushed into FTS5 as a rowid constraint
+        // it would run the full-text query once per visible key.
+        restrict = visible.map(|v| format!(" AND +rowid IN ({v})")).unwrap_or_default(),
     );
     let mut p = params.to_vec();
     p.push(Value::Text(req.highlight.0.clone()));
