@@ -179,6 +179,7 @@ pub struct WsSettings {
 #[derive(Debug, Clone)]
 pub struct LuaSettings {
     pub instruction_limit: u64,
+    pub cpu_limit_secs: f64,
     pub memory_limit: usize,
     pub timeout_secs: f64,
     pub max_trace_steps: usize,
@@ -385,7 +386,7 @@ const LLM_POSITIVE: &str =
 const POSTERITY_POSITIVE: &str = "posterity_flush_secs, posterity_queue and posterity_batch_rows must be positive, archive_interval_secs non-negative";
 const REPLICATE_POSITIVE: &str = "replicate_sync_interval_secs, replicate_snapshot_interval_secs, replicate_retention_secs, replicate_timeout_secs, replicate_compaction_interval_secs and replicate_checkpoint_pages must be positive";
 const WS_POSITIVE: &str = "ws_queue, ws_heartbeat_secs and cdc_retention must be positive";
-const LUA_LIMITS: &str = "lua_instruction_limit must be positive, lua_memory_limit at least 1 MiB, lua_timeout_secs a positive number";
+const LUA_LIMITS: &str = "lua_memory_limit must be at least 1 MiB, lua_timeout_secs and lua_cpu_limit_secs positive numbers";
 const TTL_POSITIVE: &str = "access_token_ttl_secs and session_ttl_secs must be positive";
 const SIZES_POSITIVE: &str = "max_body_size and max_query_size must be positive";
 
@@ -447,8 +448,10 @@ settings! {
     }
     {}
     lua: LuaSettings {
-        /// Lua: VM instructions one invocation may run
-        lua_instruction_limit: u64 ["ICHIBASE_LUA_INSTRUCTION_LIMIT"] => instruction_limit = 200_000_000, valid positive(LUA_LIMITS);
+        /// Lua: VM instructions one invocation may run; 0 = no instruction budget (a budget is deterministic but counting costs about 2x CPU)
+        lua_instruction_limit: u64 ["ICHIBASE_LUA_INSTRUCTION_LIMIT"] => instruction_limit = 0;
+        /// Lua: seconds of CPU time one invocation may use
+        lua_cpu_limit_secs: f64 ["ICHIBASE_LUA_CPU_LIMIT_SECS"] => cpu_limit_secs = 5.0, valid positive(LUA_LIMITS);
         /// Lua: bytes of memory one invocation may hold
         lua_memory_limit: usize ["ICHIBASE_LUA_MEMORY_LIMIT"] => memory_limit = 64 * 1024 * 1024, valid at_least(1024 * 1024, LUA_LIMITS);
         /// Lua: seconds one invocation may run
@@ -955,11 +958,12 @@ mod tests {
         assert_eq!(
             (
                 l.instruction_limit,
+                l.cpu_limit_secs,
                 l.memory_limit,
                 l.timeout_secs,
                 l.max_trace_steps
             ),
-            (200_000_000, 64 << 20, 10.0, 100_000)
+            (0, 5.0, 64 << 20, 10.0, 100_000)
         );
         let w = &d.ws;
         assert_eq!(

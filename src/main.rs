@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use ichibase::config::{self, LogFormat, Settings};
 
 #[derive(Parser)]
@@ -240,7 +240,7 @@ async fn functions(cmd: FnCommand) -> anyhow::Result<()> {
             store::check_name(&name)?;
             let source = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
-            if let Err((e, line)) = ichibase::lua::compile_check(&name, &source) {
+            if let Err((e, line)) = ichibase::lua::deploy_check(&name, &source) {
                 anyhow::bail!(
                     "{}:{}: {}",
                     file.display(),
@@ -445,7 +445,7 @@ async fn restore_cmd(
 async fn backup(cmd: BackupCommand, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     match cmd {
         BackupCommand::Status { settings, json } => {
-            let cfg = config::load(settings, config_file.as_deref())?;
+            let cfg = load_replica_config(settings, config_file.as_deref())?;
             let path = cfg.data_dir.join("replication").join("status.json");
             let status: Option<serde_json::Value> = std::fs::read(&path)
                 .ok()
@@ -529,9 +529,72 @@ async fn backup(cmd: BackupCommand, config_file: Option<PathBuf>) -> anyhow::Res
     Ok(())
 }
 
+/// `restore` and `backup status`: the settings as `serve` reads them (flags > env >
+/// ichibase.toml); when those name no replica, the target the server on the data directory
+/// recorded (`<data_dir>/replication/replica.json`: url, endpoint, region), so its flags need
+/// not be repeated. Credentials and the encryption key still come from flags, env or the file.
+fn load_replica_config(settings: Settings, file: Option<&std::path::Path>) -> anyhow::Result<config::Config> {
+    let cfg = config::load(settings.clone(), file)?;
+    if cfg.replication.is_some() {
+        return Ok(cfg);
+    }
+    match ichibase::replication::recorded_target(&cfg.data_dir) {
+        Some(t) => config::load(
+            settings.or(Settings {
+                replicate_url: Some(t.url),
+                replicate_endpoint: t.endpoint,
+                replicate_region: t.region,
+                ..Default::default()
+            }),
+            file,
+        ),
+        None => Ok(cfg),
+    }
+}
+
+/// The settings each subcommand that takes them lists in its `--help` (TOML keys or prefixes);
+/// the others stay accepted but hidden. `serve` lists them all.
+const REPLICA: &[&str] = &[
+    "data_dir",
+    "replicate_url",
+    "replicate_endpoint",
+    "replicate_region",
+    "replicate_access_key_id",
+    "replicate_secret_access_key",
+    "replicate_timeout_secs",
+    "replicate_encryption_key",
+];
+const OWN_SETTINGS: &[(&[&str], &[&str])] = &[
+    (&["restore"], REPLICA),
+    (&["backup", "status"], REPLICA),
+    (&["generate"], &["data_dir", "llm_", "generate_", "property_runs"]),
+];
+
+/// The CLI with each subcommand's `--help` showing only its own settings.
+fn cli_command() -> clap::Command {
+    fn hide_others(mut c: clap::Command, path: &[&str], keep: &[&str]) -> clap::Command {
+        match path {
+            [] => {
+                for (name, _) in config::SETTINGS {
+                    if !keep.iter().any(|k| name.starts_with(k)) {
+                        c = c.mut_arg(*name, |a| a.hide(true));
+                    }
+                }
+                c
+            }
+            [first, rest @ ..] => c.mut_subcommand(*first, |sc| hide_others(sc, rest, keep)),
+        }
+    }
+    let mut cmd = Cli::command();
+    for (path, keep) in OWN_SETTINGS {
+        cmd = hide_others(cmd, path, keep);
+    }
+    cmd
+}
+
 fn main() -> anyhow::Result<()> {
     ichibase::sql::system::mark_start();
-    let cli = Cli::parse();
+    let cli = Cli::from_arg_matches(&cli_command().get_matches()).unwrap_or_else(|e| e.exit());
     match cli.command {
         Command::Version => {
             println!(
@@ -635,7 +698,7 @@ fn main() -> anyhow::Result<()> {
             txid,
             force,
         } => {
-            let cfg = config::load(settings, cli.config.as_deref())?;
+            let cfg = load_replica_config(settings, cli.config.as_deref())?;
             init_logging("warn", LogFormat::Text);
             let opts = ichibase::replication::restore::RestoreOptions {
                 timestamp_ms: timestamp.as_deref().map(parse_time).transpose()?,

@@ -305,6 +305,7 @@ pub fn lua_options(config: &Config) -> crate::lua::LuaOptions {
     let l = &config.lua;
     crate::lua::LuaOptions {
         instruction_limit: l.instruction_limit,
+        cpu_limit: Duration::from_secs_f64(l.cpu_limit_secs),
         memory_limit: l.memory_limit,
         timeout: Duration::from_secs_f64(l.timeout_secs),
         max_trace_steps: l.max_trace_steps,

@@ -292,6 +292,11 @@ async fn three_rounds_lua_error_then_property_then_merge() {
     assert_eq!(t.status(), 200);
     let list: Value = json_of(c.get(format!("{}/generate", s.url))).await;
     assert_eq!(list["generations"][0]["id"], g["id"]);
+    // One name, one shape (issue 14): `rounds_run` is the count in the list and the record,
+    // `rounds` only ever the list of round records.
+    assert_eq!(list["generations"][0]["rounds_run"], 3, "{list}");
+    assert!(list["generations"][0].get("rounds").is_none(), "{list}");
+    assert_eq!(rec["rounds_run"], 3);
 
     // Each model call is an `ai` row of the posterity log (committed within a second).
     let q = format!(

@@ -792,3 +792,99 @@ async fn archived_parquet_goes_to_s3_and_comes_back_on_a_fresh_box() {
         .unwrap();
     assert_eq!(r.text().await.unwrap().trim(), "7");
 }
+
+/// Issue 14: `restore` and `backup status` find the replica the server on the data directory
+/// used (recorded in `<data_dir>/replication/replica.json`) without its flags repeated; only the
+/// credentials, which are never recorded, come from the environment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_and_status_find_the_servers_replica_without_its_flags() {
+    let s3 = S3::start();
+    let env = s3.env("apps/recorded");
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut srv = start(&data, &env, &[]);
+    let c = client();
+    ok(&c, &srv.url, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)").await;
+    ok(&c, &srv.url, "INSERT INTO t VALUES (1, 'one'), (2, 'two')").await;
+    wait_shipped(&srv.url).await;
+    assert!(srv.terminate().success());
+    let recorded = std::fs::read_to_string(data.join("replication/replica.json")).unwrap();
+    assert!(!recorded.contains(SECRET) && !recorded.contains(KEY_ID), "{recorded}");
+
+    // Credentials only: no replicate_url, no endpoint.
+    let creds: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| k.contains("ACCESS_KEY"))
+        .cloned()
+        .collect();
+    let (okay, out) = cli(&creds, &["backup", "status", "--data-dir", data.to_str().unwrap()]);
+    assert!(okay, "{out}");
+    assert!(out.contains("generations:") && out.contains("apps/recorded"), "{out}");
+    let to = tmp.path().join("restored.db");
+    let out = restore(&creds, &to, &["--data-dir", data.to_str().unwrap()]);
+    assert!(out.contains("up to transaction"), "{out}");
+    assert_eq!(ids(&to), vec![1, 2]);
+    // Flags still win over the record.
+    let (okay, out) = cli(
+        &creds,
+        &[
+            "backup", "status", "--data-dir", data.to_str().unwrap(),
+            "--replicate-url", "s3://ichibase-test/elsewhere",
+            "--replicate-endpoint", &s3.endpoint,
+        ],
+    );
+    assert!(okay, "{out}");
+    assert!(!out.contains("generations:"), "nothing is stored at elsewhere/: {out}");
+}
+
+/// Issue 14: a bucket that does not exist is one clear line, in the server's log and in the
+/// CLI, not the S3 server's XML answer repeated once per layer of the error.
+#[test]
+fn a_missing_bucket_is_one_clear_line() {
+    let s3 = S3::start();
+    let mut env = s3.env("x");
+    env[0].1 = "s3://no-such-bucket/x".into();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let (okay, out) = cli(&env, &["restore", "--to", tmp.path().join("r.db").to_str().unwrap()]);
+    assert!(!okay);
+    assert!(out.contains("the bucket 'no-such-bucket' does not exist"), "{out}");
+    assert!(!out.contains("<?xml") && !out.contains("<Error>"), "{out}");
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ichibase"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .env_remove("ICHIBASE_CONFIG")
+        .env("ICHIBASE_LOG", "warn")
+        .env("ICHIBASE_ADMIN_KEY", common::ADMIN_KEY)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in &env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut s);
+        s
+    });
+    // The start lists the replica and uploads the first snapshot: both fail.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline
+        && !std::fs::read_to_string(data.join("replication/status.json"))
+            .unwrap_or_default()
+            .contains("does not exist")
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Command::new("kill").arg(child.id().to_string()).status().unwrap();
+    let _ = child.wait();
+    let log = log.join().unwrap();
+    assert!(log.contains("the bucket 'no-such-bucket' does not exist"), "{log}");
+    assert!(!log.contains("<?xml") && !log.contains("<Error>"), "{log}");
+    for line in log.lines().filter(|l| l.contains("does not exist")) {
+        assert_eq!(line.matches("does not exist").count(), 1, "{line}");
+    }
+}

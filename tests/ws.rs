@@ -92,6 +92,12 @@ async fn broadcast_presence_and_join_rules() {
         (json!("joined"), json!(1))
     );
     assert_eq!(j["presence"].as_array().unwrap().len(), 1);
+    // Timestamps follow the engine's convention, RFC 3339 UTC like every `created_at` (issue 14).
+    let at = j["presence"][0]["connected_at"].as_str().unwrap().to_string();
+    assert!(
+        at.len() == 24 && at.as_bytes()[10] == b'T' && at.ends_with('Z'),
+        "connected_at {at}"
+    );
     let mut b = connect(base, Some(&b_tok)).await;
     send(
         &mut b,

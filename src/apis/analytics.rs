@@ -76,7 +76,11 @@ async fn blocking<T: Send + 'static>(
 
 async fn list_views(State(st): State<App>, Admin(_): Admin) -> Response {
     let p = st.posterity().clone();
-    reply(blocking(move || p.list_views()).await)
+    reply(
+        blocking(move || p.list_views())
+            .await
+            .map(|v| serde_json::json!({"views": v})),
+    )
 }
 
 #[derive(Deserialize)]

@@ -141,7 +141,7 @@ async fn deploy(
         Ok(s) => s,
         Err(e) => return error_response(&e, true, None),
     };
-    if let Err((e, line)) = lua::compile_check(&name, &source) {
+    if let Err((e, line)) = lua::deploy_check(&name, &source) {
         return syntax_error(&e, line);
     }
     let trace = flag(&q.trace);
@@ -262,7 +262,7 @@ async fn invoke(
         std::sync::Arc::clone(st.lua_limits()),
     );
     let ran = tokio::task::spawn_blocking(
-        move || -> Result<(store::FunctionSource, bool, lua::Outcome)> {
+        move || -> Result<(store::FunctionSource, bool, bool, lua::Outcome)> {
             let f = runtime.storage.read_blocking(&runtime.rt, &RequestContext::system(), no_deadline(), |c| {
                 store::get(c, &n, None)
             })?;
@@ -292,15 +292,19 @@ async fn invoke(
                 input,
                 trace,
                 check: None,
-                trace_owner: owner,
+                trace_owner: owner.clone(),
             };
-            let outcome = lua::invoke(&runtime, c2, inv);
+            let (fname, version) = (inv.function.clone(), inv.version);
+            let mut outcome = lua::invoke(&runtime, c2.clone(), inv);
+            if may_trace && !trace {
+                lua::keep_error_trace(&runtime, &c2, &fname, version, owner, &mut outcome);
+            }
             drop(reserved);
-            Ok((f, trace, outcome))
+            Ok((f, trace, may_trace, outcome))
         },
     )
     .await;
-    let (f, trace, mut outcome) = match ran {
+    let (f, trace, may_trace, mut outcome) = match ran {
         Ok(Ok(v)) => v,
         Ok(Err(e)) => return error_response(&e, true, Some(&ctx.query_id)),
         Err(e) => {
@@ -320,11 +324,18 @@ async fn invoke(
         Ok(v) => Json(v).into_response(),
         Err(e) => {
             let mut r = error_response(&e, true, Some(&ctx.query_id));
-            let body = json!({
+            // The trace id names a trace the caller can open (the run's trace, or the minimal
+            // one kept for a failed untraced run) when the caller may trace; else it is null.
+            let readable = may_trace;
+            let mut body = json!({
                 "error": {"code": e.code.number(), "name": e.code.name(), "message": e.message, "line": outcome.error_line,
-                          "function": name, "version": f.version, "trace_id": trace_id},
+                          "function": name, "version": f.version,
+                          "trace_id": if readable { Some(&trace_id) } else { None }},
                 "exception": e.to_string(),
             });
+            if let Some(v) = outcome.error_value.take() {
+                body["error"]["value"] = v;
+            }
             *r.body_mut() = axum::body::Body::from(format!("{body}\n"));
             r.headers_mut().remove(axum::http::header::CONTENT_LENGTH);
             r

@@ -12,6 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::stream;
+use http_body::Frame;
 use tokio::sync::mpsc;
 
 use super::{App, RequestScope, error_response};
@@ -450,6 +451,10 @@ async fn serve_inner(
             if let Ok(v) = HeaderValue::from_str(&tag) {
                 resp.headers_mut().insert("x-clickhouse-exception-tag", v);
             }
+            // The summary header counts what was ready when the headers went out; the final
+            // one follows as a trailer.
+            resp.headers_mut()
+                .insert(header::TRAILER, HeaderValue::from_static("x-clickhouse-summary"));
             resp
         }
     };
@@ -627,6 +632,7 @@ fn streaming_body(first: Bytes, rx: mpsc::Receiver<Msg>, guard: CancelOnDrop, ta
     enum St {
         First(Bytes),
         Rest,
+        Summary(Summary),
         End,
     }
     let s = stream::unfold(
@@ -635,14 +641,19 @@ fn streaming_body(first: Bytes, rx: mpsc::Receiver<Msg>, guard: CancelOnDrop, ta
             let tag = tag.clone();
             async move {
                 match state {
-                    St::First(b) => Some((Ok::<Bytes, std::io::Error>(b), (St::Rest, rx, guard))),
+                    St::First(b) => Some((
+                        Ok::<_, std::io::Error>(Frame::data(b)),
+                        (St::Rest, rx, guard),
+                    )),
                     St::Rest => match rx.recv().await {
-                        Some(Msg::Data(b, _)) => Some((Ok(b), (St::Rest, rx, guard))),
-                        Some(Msg::Done(b, _)) => Some((Ok(b), (St::End, rx, guard))),
+                        Some(Msg::Data(b, _)) => Some((Ok(Frame::data(b)), (St::Rest, rx, guard))),
+                        Some(Msg::Done(b, summary)) => {
+                            Some((Ok(Frame::data(b)), (St::Summary(summary), rx, guard)))
+                        }
                         Some(Msg::Error(e)) => {
                             tracing::warn!(error = %e, "query failed after streaming began");
                             Some((
-                                Ok(Bytes::from(exception_trailer(&e, &tag))),
+                                Ok(Frame::data(Bytes::from(exception_trailer(&e, &tag)))),
                                 (St::End, rx, guard),
                             ))
                         }
@@ -650,18 +661,27 @@ fn streaming_body(first: Bytes, rx: mpsc::Receiver<Msg>, guard: CancelOnDrop, ta
                             let e =
                                 Error::internal("query task ended without finishing the result");
                             Some((
-                                Ok(Bytes::from(exception_trailer(&e, &tag))),
+                                Ok(Frame::data(Bytes::from(exception_trailer(&e, &tag)))),
                                 (St::End, rx, guard),
                             ))
                         }
                     },
+                    // The whole answer's counters, as an HTTP trailer (sent by hyper when the
+                    // request said `TE: trailers`; the header carried the first part's).
+                    St::Summary(summary) => {
+                        let mut t = HeaderMap::new();
+                        if let Ok(v) = HeaderValue::from_str(&summary.to_header()) {
+                            t.insert("x-clickhouse-summary", v);
+                        }
+                        Some((Ok(Frame::trailers(t)), (St::End, rx, guard)))
+                    }
                     St::End => None,
                 }
             }
         },
     );
     // Fused: the compression layer may poll once more after the end.
-    Body::from_stream(futures_util::StreamExt::fuse(s))
+    Body::new(http_body_util::StreamBody::new(futures_util::StreamExt::fuse(s)))
 }
 
 #[cfg(test)]

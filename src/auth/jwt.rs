@@ -66,7 +66,9 @@ impl KeyRing {
     /// Load the ring, creating it with one fresh key on first start.
     pub fn open(path: &Path) -> anyhow::Result<KeyRing> {
         let stored = if path.exists() {
-            let s: Stored = serde_json::from_str(&std::fs::read_to_string(path)?)
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| anyhow::anyhow!("reading the JWT key ring {}: {e}", path.display()))?;
+            let s: Stored = serde_json::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{} is not a valid key ring: {e}", path.display()))?;
             anyhow::ensure!(!s.keys.is_empty(), "{} holds no keys", path.display());
             s
@@ -87,13 +89,18 @@ impl KeyRing {
 
     fn save(&self) -> anyhow::Result<()> {
         let tmp = self.path.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.stored)?)?;
+        let named = |what: &str, p: &Path, e: std::io::Error| {
+            anyhow::anyhow!("{what} the JWT key ring {}: {e}", p.display())
+        };
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&self.stored)?)
+            .map_err(|e| named("writing", &tmp, e))?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| named("setting the mode of", &tmp, e))?;
         }
-        std::fs::rename(&tmp, &self.path)?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| named("replacing", &self.path, e))?;
         Ok(())
     }
 

@@ -105,7 +105,8 @@ pub struct SessionInfo {
     pub device: Option<String>,
     pub created_at: String,
     pub last_used_at: Option<String>,
-    pub expires_at: i64,
+    /// RFC 3339 UTC, like every timestamp the APIs answer (stored as epoch seconds).
+    pub expires_at: String,
     pub current: bool,
 }
 
@@ -117,6 +118,14 @@ pub struct ApiKeyInfo {
     pub user_id: Option<String>,
     pub created_at: String,
     pub revoked: bool,
+}
+
+/// Epoch seconds as the APIs' timestamp convention: RFC 3339 UTC with milliseconds, the form
+/// SQLite's `strftime('%Y-%m-%dT%H:%M:%fZ')` gives every `created_at`.
+fn rfc3339(epoch: i64) -> String {
+    chrono::DateTime::from_timestamp(epoch, 0)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_default()
 }
 
 pub struct Auth {
@@ -566,7 +575,7 @@ impl Auth {
                 let matches = self.hashes.run_blocking(move || check_password(&pw, hash.as_deref()))?;
                 ticket.finish(matches);
                 let ok = matches && found.as_ref().is_some_and(|f| !f.4);
-                let Some((uid, _, role, email, _)) = found.filter(|_| ok) else {
+                let Some((uid, _, role, email, _, _)) = found.filter(|_| ok) else {
                     return Err(auth_failed("Wrong email or password"));
                 };
                 self.cache.write().unwrap().passwords.insert(
@@ -588,16 +597,16 @@ impl Auth {
     fn storage_lookup_user(
         &self,
         email: &str,
-    ) -> Result<Option<(String, String, String, String, bool)>> {
+    ) -> Result<Option<(String, String, String, String, bool, String)>> {
         let c = rusqlite::Connection::open_with_flags(
             self.storage.path(),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )?;
         c.busy_timeout(Duration::from_secs(5))?;
         Ok(c.query_row(
-            "SELECT id, password_hash, role, email, disabled_at IS NOT NULL FROM _ichibase_users WHERE email = ?1",
+            "SELECT id, password_hash, role, email, disabled_at IS NOT NULL, created_at FROM _ichibase_users WHERE email = ?1",
             [email.trim()],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
         )
         .optional()?)
     }
@@ -711,7 +720,7 @@ impl Auth {
         let pw = password.to_string();
         let ok = self.hashes.run(move || check_password(&pw, hash.as_deref())).await?;
         ticket.finish(ok);
-        let Some((id, _, role, email, disabled)) = found.filter(|_| ok) else {
+        let Some((id, _, role, email, disabled, created_at)) = found.filter(|_| ok) else {
             return Err(auth_failed("Wrong email or password"));
         };
         if disabled {
@@ -721,7 +730,7 @@ impl Auth {
             id,
             email,
             role,
-            created_at: String::new(),
+            created_at,
             disabled,
         };
         self.start_session(user, device).await
@@ -906,7 +915,7 @@ impl Auth {
                         device: r.get(1)?,
                         created_at: r.get(2)?,
                         last_used_at: r.get(3)?,
-                        expires_at: r.get(4)?,
+                        expires_at: rfc3339(r.get(4)?),
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;

@@ -87,6 +87,22 @@ fn check_role(r: &str) -> Result<()> {
 }
 
 /// A predicate may not end the statement it is placed in.
+/// An error SQLite reported for generated SQL that embeds `expr` at byte `start`: the offset
+/// is given within `expr` (or left out when it points elsewhere).
+fn expr_error(what: &str, e: rusqlite::Error, start: usize, expr: &str) -> Error {
+    if let rusqlite::Error::SqlInputError { msg, offset, .. } = &e {
+        let off = *offset as i64 - start as i64;
+        return match usize::try_from(off).ok().filter(|o| *o <= expr.len()) {
+            Some(o) => {
+                let near: String = expr.get(o..).unwrap_or("").chars().take(40).collect();
+                bad(format!("{what}: {msg} (at offset {o} of {what}: '{near}')"))
+            }
+            None => bad(format!("{what}: {msg}")),
+        };
+    }
+    bad(format!("{what}: {}", Error::from(e).message))
+}
+
 fn check_expr(what: &str, e: &str) -> Result<()> {
     let toks = crate::sql::lexer::tokenize(e).map_err(|x| bad(format!("{what}: {}", x.message)))?;
     if toks.is_empty() {
@@ -263,12 +279,18 @@ pub fn create(c: &mut Connection, spec: &PolicySpec) -> Result<()> {
         }
         Ok(parts.join(", "))
     };
+    // The expressions are tried on their own first, so an error's offset points into the
+    // user's text, not into the generated view or triggers.
+    for (what, expr) in [("using", Some(&spec.using_expr)), ("check", spec.check_expr.as_ref())] {
+        let Some(expr) = expr else { continue };
+        let head = format!("SELECT * FROM {table} WHERE (");
+        tx.prepare(&format!("{head}{expr})"))
+            .map_err(|e| expr_error(what, e, head.len(), expr))?;
+    }
     tx.execute_batch(&format!("DROP VIEW IF EXISTS {view}"))?;
-    tx.execute_batch(&format!(
-        "CREATE VIEW {view} AS SELECT * FROM {table} WHERE ({})",
-        spec.using_expr
-    ))
-    .map_err(|e| bad(format!("using: {}", Error::from(e).message)))?;
+    let head = format!("CREATE VIEW {view} AS SELECT * FROM {table} WHERE (");
+    tx.execute_batch(&format!("{head}{})", spec.using_expr))
+        .map_err(|e| expr_error("using", e, head.len(), &spec.using_expr))?;
     let ops = |o: &str| spec.operations.iter().any(|x| x == o);
     let col_list = cols
         .iter()

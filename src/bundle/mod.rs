@@ -154,7 +154,7 @@ impl Bundle {
                     store::MAX_SOURCE
                 )));
             }
-            lua::compile_check(&f.name, &f.source).map_err(|(e, line)| {
+            lua::deploy_check(&f.name, &f.source).map_err(|(e, line)| {
                 let at = line.map(|l| format!(" at line {l}")).unwrap_or_default();
                 Error::new(e.code, format!("function '{}'{at}: {}", f.name, e.message))
             })?;

@@ -72,7 +72,7 @@ error_codes! {
     NotFound = 1006, "NOT_FOUND", 404;
     AuthenticationFailed = 516, "AUTHENTICATION_FAILED", 401, "wrong, expired or revoked credentials";
     LuaError = 1010, "LUA_ERROR", 422, "a Lua function failed";
-    LuaLimit = 1011, "LUA_LIMIT_EXCEEDED", 422, "instruction or memory limit of a Lua run";
+    LuaLimit = 1011, "LUA_LIMIT_EXCEEDED", 422, "CPU, memory or instruction limit of a Lua run";
     /// A name is taken or an object is not in the state the request needs.
     Conflict = 1007, "CONFLICT", 409, "a name is taken or an object is not in the state needed";
     /// The language-model provider failed or answered something unusable.

@@ -588,7 +588,7 @@ pub async fn list(live: &Storage) -> Result<Vec<Json>> {
                 Ok(json!({
                     "id": r.get::<_, String>(0)?, "intent": r.get::<_, String>(1)?,
                     "status": r.get::<_, String>(2)?, "model": r.get::<_, Option<String>>(3)?,
-                    "rounds": r.get::<_, i64>(4)?, "input_tokens": r.get::<_, i64>(5)?,
+                    "rounds_run": r.get::<_, i64>(4)?, "input_tokens": r.get::<_, i64>(5)?,
                     "output_tokens": r.get::<_, i64>(6)?, "created_at": r.get::<_, String>(7)?,
                     "finished_at": r.get::<_, Option<String>>(8)?,
                 }))

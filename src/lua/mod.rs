@@ -29,7 +29,10 @@ use trace::{Step, Tracer};
 /// Limits and sizes of the Lua runtime.
 #[derive(Debug, Clone, Copy)]
 pub struct LuaOptions {
+    /// An instruction budget (0: none — no count hook; see `sandbox`).
     pub instruction_limit: u64,
+    /// CPU time of one invocation's thread.
+    pub cpu_limit: Duration,
     pub memory_limit: usize,
     pub timeout: Duration,
     pub max_trace_steps: usize,
@@ -48,7 +51,8 @@ pub struct LuaOptions {
 impl Default for LuaOptions {
     fn default() -> Self {
         LuaOptions {
-            instruction_limit: 200_000_000,
+            instruction_limit: 0,
+            cpu_limit: Duration::from_secs(5),
             memory_limit: 64 * 1024 * 1024,
             timeout: Duration::from_secs(10),
             max_trace_steps: 100_000,
@@ -113,7 +117,11 @@ pub struct Outcome {
     pub result: Result<Json, Error>,
     /// Line of the failure in the function's source, when known.
     pub error_line: Option<i64>,
-    pub instructions: u64,
+    /// VM instructions, counted only when a count hook ran (an instruction budget or a trace;
+    /// in steps of 1000).
+    pub instructions: Option<u64>,
+    /// CPU time of the invocation's thread.
+    pub cpu: Duration,
     pub peak_memory: usize,
     pub elapsed: Duration,
     pub steps: Option<(Vec<Step>, bool)>,
@@ -121,6 +129,9 @@ pub struct Outcome {
     /// What property checks reported (each with `property`, `ok`, and for a failure the shrunk
     /// `counterexample`).
     pub reports: Vec<Json>,
+    /// The table an uncaught `error(t)` threw, as JSON (its `message` field, if a string, is
+    /// the error's message; otherwise the message is this JSON).
+    pub error_value: Option<Json>,
 }
 
 /// Where and with what invocations run: the storage their SQL uses, where their traces are
@@ -174,7 +185,7 @@ pub fn invoke(runtime: &Runtime, ctx: RequestContext, inv: Invocation) -> Outcom
 /// The one place a Lua run is logged and its trace kept.
 fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &mut Outcome) {
     tracing::info!(function = %inv.function, version = inv.version, trace_id = %ctx.trace_id, role = ctx.role.as_str(),
-        ok = outcome.result.is_ok(), instructions = outcome.instructions, peak_memory = outcome.peak_memory,
+        ok = outcome.result.is_ok(), instructions = outcome.instructions, cpu_ms = outcome.cpu.as_secs_f64() * 1e3, peak_memory = outcome.peak_memory,
         elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3, "lua invocation");
     if let Some(app) = &runtime.app {
         let sink = app.posterity().sink();
@@ -190,7 +201,7 @@ fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &m
                 .map(|e| e.message.chars().take(1000).collect());
             e.elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3;
             e.detail = Some(
-                serde_json::json!({"instructions": outcome.instructions, "memory": outcome.peak_memory,
+                serde_json::json!({"instructions": outcome.instructions, "cpu_ms": outcome.cpu.as_secs_f64() * 1e3, "memory": outcome.peak_memory,
                        "traced": inv.trace, "error_line": outcome.error_line,
                        "check": inv.check.is_some()})
                 .to_string(),
@@ -201,6 +212,33 @@ fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &m
     if !inv.trace || outcome.steps.is_none() {
         return;
     }
+    save_trace(runtime, ctx, &inv.function, inv.version, inv.trace_owner.clone(), outcome);
+}
+
+/// Keep a minimal trace (error, line, logs, counters; no steps) of a failed untraced run, so
+/// the `trace_id` its error answer names can be opened (`GET /trace/{id}`). The caller decides
+/// who gets one (callers who may trace: the admin, the function's owner, `[traces] debug_roles`).
+pub fn keep_error_trace(
+    runtime: &Runtime,
+    ctx: &RequestContext,
+    function: &str,
+    version: i64,
+    owner: Option<String>,
+    outcome: &mut Outcome,
+) {
+    if outcome.result.is_err() && outcome.steps.is_none() {
+        save_trace(runtime, ctx, function, version, owner, outcome);
+    }
+}
+
+fn save_trace(
+    runtime: &Runtime,
+    ctx: &RequestContext,
+    function: &str,
+    version: i64,
+    owner: Option<String>,
+    outcome: &mut Outcome,
+) {
     let Some(traces) = &runtime.traces else { return };
     // The steps travel to the writer and come back (callers excerpt them).
     let steps = outcome.steps.take();
@@ -210,11 +248,11 @@ fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &m
     };
     let (id, fname, version, uid, role, owner, limits) = (
         ctx.trace_id.clone(),
-        inv.function.clone(),
-        inv.version,
+        function.to_string(),
+        version,
         ctx.user_id.clone(),
         ctx.role.as_str().to_string(),
-        inv.trace_owner.clone(),
+        owner,
         runtime.options.traces,
     );
     let saved = runtime.rt.block_on(traces.write(
@@ -250,6 +288,7 @@ fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &m
 fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outcome {
     let (storage, rt, options) = (runtime.storage.clone(), runtime.rt.clone(), runtime.options);
     let started = Instant::now();
+    let cpu_started = sandbox::watchdog::this_thread_cpu();
     let deadline = started + options.timeout;
     let meter = Rc::new(Meter::default());
     let tracer = inv
@@ -261,7 +300,8 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
             )))
         });
     let limits = Limits {
-        instructions: options.instruction_limit,
+        instructions: (options.instruction_limit > 0).then_some(options.instruction_limit),
+        cpu: options.cpu_limit,
         memory: options.memory_limit,
         deadline,
     };
@@ -284,11 +324,17 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         check: inv.check.clone(),
         meter: Rc::clone(&meter),
     });
+    let error_value: RefCell<Option<Json>> = RefCell::new(None);
     let run = || -> mlua::Result<Json> {
         let (lua, _host_debug) = sandbox::new_state(limits, Rc::clone(&meter), tracer.clone())?;
         // Wall time is enforced even while no count hook fires (slow host calls): declared
         // after `lua`, so the state is unregistered before it is dropped.
-        let _watch = sandbox::watchdog::Watch::start(&lua, deadline)?;
+        let _watch = sandbox::watchdog::Watch::start(
+            &lua,
+            deadline,
+            Some(options.cpu_limit),
+            Arc::clone(&meter.alarm),
+        )?;
         let before: HashSet<String> = global_names(&lua)?;
         // Tables carrying this metatable (query results, decoded JSON arrays) stay JSON arrays
         // when empty; the guard restores an outer invocation's value.
@@ -309,7 +355,9 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
             .load(&inv.source)
             .set_name(format!("={}", inv.function))
             .set_mode(mlua::ChunkMode::Text);
-        let returned: Value = chunk.call(())?;
+        let returned: Value = chunk
+            .call(())
+            .map_err(|e| thrown_error(&lua, e, &error_value))?;
         if inv.check.is_some() {
             // A check's chunk is the test itself: it passes unless it raises (or returns false).
             if returned == Value::Boolean(false) {
@@ -342,7 +390,9 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         ctx_t.set("trace_id", env.ctx.trace_id.clone())?;
         ctx_t.set("function", inv.function.clone())?;
         ctx_t.set("version", inv.version)?;
-        let out: Value = handler.call((input, ctx_t))?;
+        let out: Value = handler
+            .call((input, ctx_t))
+            .map_err(|e| thrown_error(&lua, e, &error_value))?;
         meter
             .peak_memory
             .set(meter.peak_memory.get().max(lua.used_memory()));
@@ -368,13 +418,42 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     Outcome {
         result,
         error_line,
-        instructions: meter.instructions.get(),
+        instructions: (options.instruction_limit > 0 || inv.trace).then(|| meter.instructions.get()),
+        cpu: cpu_started
+            .and_then(|(clock, t0)| sandbox::watchdog::thread_cpu(clock).map(|t| t.saturating_sub(t0)))
+            .unwrap_or_default(),
         peak_memory: meter.peak_memory.get(),
         elapsed: started.elapsed(),
         steps,
         logs: env.logs.take(),
         reports: env.reports.take(),
+        error_value: error_value.take(),
     }
+}
+
+/// An error thrown as a table (`error({code = 42, message = "..."})`) becomes an error whose
+/// message is the table's `message` (a string) or else its JSON; the JSON is kept in `slot`.
+fn thrown_error(lua: &Lua, e: mlua::Error, slot: &RefCell<Option<Json>>) -> mlua::Error {
+    let Some(t) = sandbox::thrown_table(lua, &e) else {
+        return e;
+    };
+    let json = match to_json(&Value::Table(t)) {
+        Ok(j) => j,
+        Err(_) => return e,
+    };
+    let message = match json.get("message") {
+        Some(Json::String(m)) => m.clone(),
+        _ => {
+            let text = json.to_string();
+            if text.len() > 4000 {
+                format!("{}...", text.chars().take(4000).collect::<String>())
+            } else {
+                text
+            }
+        }
+    };
+    *slot.borrow_mut() = Some(json);
+    mlua::Error::RuntimeError(message)
 }
 
 /// Names of the state's globals.
@@ -415,6 +494,49 @@ pub fn compile_check(name: &str, source: &str) -> Result<(), (Error, Option<i64>
             ))
         }
     }
+}
+
+/// What a function's deploy checks: the syntax ([`compile_check`]) and that the chunk returns
+/// a function or defines a global `handler`. The top level runs in a bare sandbox (no
+/// components, so no `db` and no side effects) under small limits; a top level that fails there
+/// (e.g. it calls a component) is not judged: its call reports it.
+pub fn deploy_check(name: &str, source: &str) -> Result<(), (Error, Option<i64>)> {
+    compile_check(name, source)?;
+    let limits = Limits {
+        // A count hook bounds this run by itself (no watchdog watches this state).
+        instructions: Some(200_000),
+        cpu: Duration::from_secs(1),
+        memory: 16 * 1024 * 1024,
+        deadline: Instant::now() + Duration::from_secs(1),
+    };
+    let Ok((lua, _)) = sandbox::new_state(limits, Rc::new(Meter::default()), None) else {
+        return Ok(());
+    };
+    let returned = lua
+        .load(source)
+        .set_name(format!("={name}"))
+        .set_mode(mlua::ChunkMode::Text)
+        .call::<Value>(());
+    let Ok(returned) = returned else { return Ok(()) };
+    if matches!(returned, Value::Function(_))
+        || matches!(lua.globals().raw_get::<Value>("handler"), Ok(Value::Function(_)))
+    {
+        return Ok(());
+    }
+    Err((
+        Error::new(
+            ErrorCode::BadArguments,
+            format!(
+                "the function's source must return a function, or define handler(input, ctx); its top level returned {}",
+                match &returned {
+                    Value::Nil => "nothing".to_string(),
+                    Value::Integer(_) | Value::Number(_) => "a number".to_string(),
+                    v => format!("a {}", v.type_name()),
+                }
+            ),
+        ),
+        None,
+    ))
 }
 
 /// The user-facing message of a Lua error and the line in chunk `name` it points at.
@@ -465,6 +587,13 @@ fn describe(e: &mlua::Error, name: &str, meter: &Meter, o: &LuaOptions) -> (Erro
         Some(Limit::Time) => Error::new(
             ErrorCode::TimeoutExceeded,
             format!("Lua time limit exceeded ({} s)", o.timeout.as_secs_f64()),
+        ),
+        Some(Limit::Cpu) => Error::new(
+            ErrorCode::LuaLimit,
+            format!(
+                "Lua CPU time limit exceeded ({} s, lua_cpu_limit_secs)",
+                o.cpu_limit.as_secs_f64()
+            ),
         ),
         Some(Limit::Instructions) => Error::new(
             ErrorCode::LuaLimit,

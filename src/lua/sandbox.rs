@@ -6,21 +6,27 @@
 //! `os.time/clock/date`. Lua's `debug` library is loaded but kept by the host only (the tracer
 //! reads locals with it); user code sees the safe `debug` component instead.
 //!
-//! Limits: an instruction budget and a wall-clock deadline checked by a count hook every
-//! [`HOOK_EVERY`] VM instructions (a global hook, so coroutines inherit it), and a memory limit
-//! enforced by the allocator. Wall time does not depend on the instruction count: every host
-//! function checks the deadline before it starts ([`guard_host_functions`]), long host loops
-//! check it through [`time_check`], and the [`watchdog`] thread makes the hook fire at the next
-//! instruction of an invocation past its deadline. Once a limit fires it stays fired: `pcall`, `xpcall` and
+//! Limits: a wall-clock deadline, a CPU-time budget and a memory limit enforced by the
+//! allocator; optionally an instruction budget. Untraced code runs with **no hook at all** (a
+//! count hook puts Lua 5.4's interpreter in its per-instruction "trap" path, about 2x the CPU):
+//! the [`watchdog`] thread measures the invocation thread's CPU clock and the wall clock, and
+//! when a limit is reached it installs the sandbox's hook on the running state and on the
+//! coroutines it is running (`lua_sethook` is safe to call asynchronously, as `lua.c` does for
+//! Ctrl-C), so the invocation stops at its next VM instruction. Only an explicit instruction
+//! budget (`lua_instruction_limit` > 0, deterministic but ~2x slower) or a trace installs a
+//! count hook ([`HOOK_EVERY`] instructions, a global hook, so coroutines inherit it). Every host
+//! function checks the limits before it starts ([`guard_host_functions`]) and long host loops
+//! check them through [`time_check`]. Once a limit fires it stays fired: `pcall`, `xpcall` and
 //! `coroutine.resume` re-raise it instead of catching it. `__gc` metamethods are refused
 //! (finalizers run with hooks disabled, so they could escape the limits); pattern matching is
 //! refused on subject/pattern combinations whose backtracking could run unbounded in C.
 
 use std::cell::Cell;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 
-use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState};
+use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState, ffi};
 
 /// VM instructions between two checks of the budget and the deadline.
 pub const HOOK_EVERY: u32 = 1000;
@@ -30,6 +36,8 @@ pub const HOOK_EVERY: u32 = 1000;
 pub enum Limit {
     Instructions,
     Time,
+    /// The invocation thread's CPU time passed `[lua_limits]`/`lua_cpu_limit_secs`.
+    Cpu,
     Memory,
     /// A `db.tx` (or an autocommitted write) ran past `[lua_limits] tx_timeout_secs`.
     Transaction,
@@ -40,6 +48,7 @@ impl std::fmt::Display for Limit {
         f.write_str(match self {
             Limit::Instructions => "instruction limit exceeded",
             Limit::Time => "time limit exceeded",
+            Limit::Cpu => "CPU time limit exceeded",
             Limit::Memory => "memory limit exceeded",
             Limit::Transaction => "transaction time limit exceeded",
         })
@@ -51,7 +60,11 @@ impl std::error::Error for Limit {}
 /// Limits of one invocation.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    pub instructions: u64,
+    /// An instruction budget, counted by a count hook (`None`: no count hook; the CPU budget
+    /// and the deadline are enforced by the watchdog).
+    pub instructions: Option<u64>,
+    /// CPU time of the invocation's thread.
+    pub cpu: std::time::Duration,
     pub memory: usize,
     pub deadline: Instant,
 }
@@ -63,7 +76,26 @@ pub struct Meter {
     pub peak_memory: Cell<usize>,
     pub tripped: Cell<Option<Limit>>,
     /// Deadline of the open `db.tx`, if any: the hook ends the invocation past it.
-    pub tx_deadline: Cell<Option<Instant>>,
+    tx_deadline: Cell<Option<Instant>>,
+    /// What the watchdog shares with this invocation.
+    pub alarm: std::sync::Arc<watchdog::Alarm>,
+}
+
+impl Meter {
+    pub fn tx_deadline(&self) -> Option<Instant> {
+        self.tx_deadline.get()
+    }
+
+    /// Set or clear the open `db.tx`'s deadline (the watchdog enforces it too).
+    pub fn set_tx_deadline(&self, d: Option<Instant>) {
+        self.tx_deadline.set(d);
+        self.alarm.set_tx_deadline(d);
+    }
+
+    /// A limit the watchdog found reached, if any.
+    fn alarmed(&self) -> Option<Limit> {
+        self.alarm.fired()
+    }
 }
 
 /// Find a [`Limit`] inside an mlua error chain.
@@ -158,11 +190,23 @@ pub fn new_state(
         m3.tripped.set(Some(Limit::Memory));
         Err(mlua::Error::external(Limit::Memory))
     })?;
+    // The coroutines a resume runs, for the watchdog (it must stop code running inside one).
+    let (a1, a2) = (Arc::clone(&meter.alarm), Arc::clone(&meter.alarm));
+    let enter_co = lua.create_function(move |_, co: mlua::Thread| {
+        a1.enter(co.to_pointer() as usize);
+        Ok(())
+    })?;
+    let leave_co = lua.create_function(move |_, rest: mlua::MultiValue| {
+        a2.leave();
+        Ok(rest)
+    })?;
     let pattern_ok = lua.create_function(
         |_, (name, s, p, plain): (String, mlua::String, mlua::String, bool)| {
             pattern_guard(&name, s.as_bytes().len(), &p.as_bytes(), plain)
         },
     )?;
+    let thrown = lua.create_table()?;
+    lua.set_named_registry_value(THROWN, &thrown)?;
     lua.load(PRELUDE)
         .set_name("=sandbox")
         .set_mode(mlua::ChunkMode::Text)
@@ -173,26 +217,56 @@ pub fn new_state(
             pattern_ok,
             limits.memory as i64,
             MAX_LOAD as i64,
+            enter_co,
+            leave_co,
+            thrown,
         ))?;
     lua.set_memory_limit(limits.memory)?;
     let m = Rc::clone(&meter);
     match tracer {
-        None => lua.set_global_hook(
-            HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-            move |lua, _d| {
-                check(lua, &m, &limits)?;
-                Ok(VmState::Continue)
-            },
-        )?,
+        None => {
+            lua.set_global_hook(
+                HookTriggers::new().every_nth_instruction(HOOK_EVERY),
+                move |lua, _d| {
+                    check(lua, &m, &limits)?;
+                    Ok(VmState::Continue)
+                },
+            )?;
+            // SAFETY: reads the hook mlua installed on the main state, and (without an
+            // instruction budget) takes it off again: mlua keeps the callback, and the
+            // watchdog puts the same hook function back when a limit is reached.
+            unsafe {
+                lua.exec_raw::<()>((), |l| {
+                    meter.alarm.set_hook(ffi::lua_gethook(l));
+                    if limits.instructions.is_none() {
+                        ffi::lua_sethook(l, None, 0, 0);
+                    }
+                })?;
+            }
+        }
         Some(t) => {
             t.borrow_mut().attach(&host_debug)?;
+            // Traced runs count every instruction (exactly: a short traced run does not
+            // report 0); the limits are still checked every HOOK_EVERY.
             let triggers = HookTriggers::new()
-                .every_nth_instruction(HOOK_EVERY)
+                .every_nth_instruction(1)
                 .every_line()
                 .on_returns();
             lua.set_global_hook(triggers, move |lua, d| {
                 match d.event() {
-                    mlua::DebugEvent::Count => check(lua, &m, &limits)?,
+                    mlua::DebugEvent::Count => {
+                        let n = m.instructions.get() + 1;
+                        if n % HOOK_EVERY as u64 == 0 {
+                            m.instructions.set(n - HOOK_EVERY as u64);
+                            check(lua, &m, &limits)?;
+                        } else {
+                            m.instructions.set(n);
+                            // The watchdog's alarm stops a traced run at once too.
+                            if m.alarmed().is_some() {
+                                check_deadline(&m, &limits)?;
+                            }
+                        }
+                    }
                     mlua::DebugEvent::Line => {
                         check_deadline(&m, &limits)?;
                         t.borrow_mut().on_line(lua, d)?
@@ -201,10 +275,32 @@ pub fn new_state(
                     _ => {}
                 }
                 Ok(VmState::Continue)
-            })?
+            })?;
+            // SAFETY: only reads the hook function mlua installed.
+            unsafe { lua.exec_raw::<()>((), |l| meter.alarm.set_hook(ffi::lua_gethook(l)))? };
         }
     }
     Ok((lua, host_debug))
+}
+
+/// Registry name of the table holding the last table thrown with `error` or `assert`.
+const THROWN: &str = "ichibase_thrown";
+
+/// The table an uncaught error was thrown with, if `e` is such an error: mlua reports a table
+/// error value as `table: 0x...` (or `<table 0x...>`); the prelude's `error`/`assert` kept the last one thrown.
+pub fn thrown_table(lua: &Lua, e: &mlua::Error) -> Option<Table> {
+    let msg = match e {
+        mlua::Error::RuntimeError(m) => m,
+        _ => return None,
+    };
+    let first = msg.lines().next().unwrap_or("").trim();
+    let ptr = match first.strip_prefix("table: ") {
+        Some(p) => p,
+        None => first.strip_prefix("<table ")?.strip_suffix('>')?,
+    };
+    let slot: Table = lua.named_registry_value(THROWN).ok()?;
+    let t: Table = slot.raw_get(1).ok()?;
+    (format!("{:?}", t.to_pointer()) == ptr).then_some(t)
 }
 
 /// Largest chunk `load` accepts at run time (parsing runs in C, out of the hook's reach).
@@ -214,10 +310,10 @@ pub const MAX_LOAD: usize = 64 * 1024;
 /// upvalues; user code only ever sees the wrappers. `guard()` raises a tripped limit or the
 /// deadline (C functions below do not run the count hook, so their wrappers check first).
 const PRELUDE: &str = r#"
-local guard, tripped, out_of_memory, pattern_ok, memory_limit, max_load = ...
+local guard, tripped, out_of_memory, pattern_ok, memory_limit, max_load, enter_co, leave_co, thrown = ...
 local type, select, error, tostring = type, select, error, tostring
 local real_pcall, real_xpcall = pcall, xpcall
-local co_resume, co_close = coroutine.resume, coroutine.close
+local co_resume, co_close, co_create, co_status = coroutine.resume, coroutine.close, coroutine.create, coroutine.status
 local s_rep, s_find, s_match, s_gmatch, s_gsub = string.rep, string.find, string.match, string.gmatch, string.gsub
 local t_move, t_insert, t_remove, t_concat = table.move, table.insert, table.remove, table.concat
 local real_load, sandbox_env = load, _G
@@ -237,8 +333,26 @@ xpcall = function(f, handler, ...)
   local function h(e) if tripped() then return e end return handler(e) end
   return pass(real_xpcall(f, h, ...))
 end
-coroutine.resume = function(co, ...) guard() return pass(co_resume(co, ...)) end
+-- The host tracks which coroutine runs (the watchdog stops code inside it); enter_co accepts
+-- only a coroutine, so leave_co always pairs with it (co_resume itself never raises then).
+local function resume(co, ...)
+  guard()
+  enter_co(co)
+  return pass(leave_co(co_resume(co, ...)))
+end
+coroutine.resume = resume
 coroutine.close = function(co) guard() return pass(co_close(co)) end
+-- coroutine.wrap, through the tracked resume (C's wrap resumes directly).
+local function unwrap(co, ok, ...)
+  if ok then return ... end
+  local e = ...
+  if co_status(co) == "dead" then co_close(co) end
+  error(e, type(e) == "string" and 2 or 0)
+end
+coroutine.wrap = function(f)
+  local co = co_create(f)
+  return function(...) return unwrap(co, resume(co, ...)) end
+end
 
 -- C functions whose loops the count hook cannot see.
 string.rep = function(s, n, sep)
@@ -312,6 +426,23 @@ load = function(chunk, name, mode, env)
   if f == nil and type(err) == "string" and s_find(err, "not enough memory", 1, true) then out_of_memory() end
   return f, err
 end
+
+-- error / assert remember the last table thrown, so an uncaught `error({code = 42})` reaches
+-- the caller as that table's JSON instead of "table: 0x...". Strings keep their levels (the
+-- wrapper is one more frame: a positive level is moved up by one). `error` is a local above,
+-- so the globals are set through the environment table.
+local real_assert = assert
+sandbox_env.error = function(e, level)
+  if type(e) == "table" then thrown[1] = e end
+  if type(e) == "string" and (level == nil or type(level) == "number" and level > 0) then
+    error(e, (level or 1) + 1)
+  end
+  error(e, level)
+end
+sandbox_env.assert = function(v, ...)
+  if not v and type((...)) == "table" then thrown[1] = (...) end
+  return real_assert(v, ...)
+end
 "#;
 
 /// True when Lua source declares a to-be-closed variable (`<close>`): their `__close`
@@ -341,6 +472,10 @@ pub fn has_close_attribute(source: &str) -> bool {
 /// Raise a tripped limit, or trip the time limit when the deadline passed.
 pub fn check_deadline(m: &Meter, limits: &Limits) -> mlua::Result<()> {
     if let Some(l) = m.tripped.get() {
+        return Err(mlua::Error::external(l));
+    }
+    if let Some(l) = m.alarmed() {
+        m.tripped.set(Some(l));
         return Err(mlua::Error::external(l));
     }
     let now = Instant::now();
@@ -389,6 +524,10 @@ pub fn time_check() -> Result<(), Limit> {
             return Ok(());
         };
         if let Some(l) = m.tripped.get() {
+            return Err(l);
+        }
+        if let Some(l) = m.alarmed() {
+            m.tripped.set(Some(l));
             return Err(l);
         }
         if Instant::now() >= *deadline {
@@ -456,27 +595,125 @@ pub fn guard_host_functions(
     Ok(())
 }
 
-/// Wall-clock enforcement independent of the instruction count: one background thread for the
-/// whole process. An invocation registers its main Lua state and deadline; once the deadline
-/// passes while it is still registered, the thread turns the state's hook to fire on every
-/// instruction (`lua_sethook` keeps the hook function and only changes mask and count; Lua
-/// documents it as safe to call asynchronously), so the sandbox's hook raises the time limit at
-/// the next VM instruction, e.g. as soon as a slow host call returns. Registration and the
-/// hook change happen under one mutex, and [`Watch`] unregisters before the state is dropped,
-/// so the thread never touches a freed state.
+/// Wall-clock, CPU-time and transaction limits, enforced without a count hook: one background
+/// thread for the whole process. An invocation registers its main Lua state, its deadline, its
+/// thread's CPU clock and budget, and an [`Alarm`] it shares with the sandbox. The thread sleeps
+/// until the earliest moment a limit could be reached (CPU time grows no faster than wall time,
+/// so a CPU budget is re-checked after the rest of it has passed on the wall clock). When one
+/// is reached it records which in the alarm and installs the sandbox's hook, firing on every
+/// instruction, on the main state and on every coroutine the invocation is running
+/// (`lua_sethook` only stores the hook fields and sets the trap flags of the call stack; Lua
+/// documents it as safe to call asynchronously). Registration, the coroutine list and the hook
+/// change happen under locks the invocation takes too, and [`Watch`] unregisters before the
+/// state is dropped, so the thread never touches a freed state.
 pub mod watchdog {
     use std::collections::HashMap;
-    use std::sync::{Condvar, Mutex, OnceLock};
-    use std::time::Instant;
+    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+    use std::sync::{Arc, Condvar, Mutex, OnceLock};
+    use std::time::{Duration, Instant};
 
     use mlua::ffi;
 
+    use super::Limit;
+
     /// How often an overdue invocation's hook is set again while it keeps running.
-    const RETRY: std::time::Duration = std::time::Duration::from_millis(5);
+    const RETRY: Duration = Duration::from_millis(5);
+
+    /// What the watchdog and one invocation share.
+    #[derive(Default)]
+    pub struct Alarm {
+        /// 0 none; else the limit found reached (see `code`).
+        fired: AtomicU8,
+        /// The sandbox's hook function (`lua_Hook`), installed when a limit is reached.
+        hook: AtomicUsize,
+        /// The open `db.tx`'s deadline.
+        tx_deadline: Mutex<Option<Instant>>,
+        /// Coroutines being resumed, outermost first (alive while listed: their resumers hold
+        /// them).
+        running: Mutex<Vec<usize>>,
+    }
+
+    fn code(l: Limit) -> u8 {
+        match l {
+            Limit::Time => 1,
+            Limit::Cpu => 2,
+            Limit::Transaction => 3,
+            Limit::Instructions => 4,
+            Limit::Memory => 5,
+        }
+    }
+
+    impl Alarm {
+        pub fn fired(&self) -> Option<Limit> {
+            match self.fired.load(Ordering::Acquire) {
+                1 => Some(Limit::Time),
+                2 => Some(Limit::Cpu),
+                3 => Some(Limit::Transaction),
+                4 => Some(Limit::Instructions),
+                5 => Some(Limit::Memory),
+                _ => None,
+            }
+        }
+
+        pub(super) fn set_hook(&self, hook: Option<ffi::lua_Hook>) {
+            self.hook
+                .store(hook.map_or(0, |f| f as usize), Ordering::Release);
+        }
+
+        pub(super) fn set_tx_deadline(&self, d: Option<Instant>) {
+            *self.tx_deadline.lock().unwrap_or_else(|e| e.into_inner()) = d;
+            if d.is_some() {
+                // Wake the thread so it sleeps until this deadline at the latest.
+                shared().wake.notify_all();
+            }
+        }
+
+        pub(super) fn enter(&self, co: usize) {
+            self.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(co);
+        }
+
+        pub(super) fn leave(&self) {
+            self.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop();
+        }
+
+        /// Record `limit` (the first one stays) and make `main` and the running coroutines
+        /// call the hook at their next instruction.
+        fn ring(&self, main: usize, limit: Limit) {
+            let _ = self
+                .fired
+                .compare_exchange(0, code(limit), Ordering::AcqRel, Ordering::Acquire);
+            let hook = self.hook.load(Ordering::Acquire);
+            if hook == 0 {
+                return;
+            }
+            // SAFETY: `hook` is the lua_Hook read from this state by the sandbox.
+            let hook = unsafe { std::mem::transmute::<usize, ffi::lua_Hook>(hook) };
+            let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            for &l in std::iter::once(&main).chain(running.iter()) {
+                // SAFETY: the main state is alive while registered (unregistering takes the
+                // watchdog's lock, held by our caller); listed coroutines are alive while
+                // listed (the list's lock is held).
+                unsafe {
+                    let l = l as *mut ffi::lua_State;
+                    let mask = ffi::lua_gethookmask(l) | ffi::LUA_MASKCOUNT;
+                    ffi::lua_sethook(l, Some(hook), mask, 1);
+                }
+            }
+        }
+    }
 
     struct Entry {
         state: usize,
         deadline: Instant,
+        /// The invocation thread's CPU clock, its reading at the start, and the budget.
+        cpu: Option<(libc::clockid_t, Duration, Duration)>,
+        alarm: Arc<Alarm>,
     }
 
     #[derive(Default)]
@@ -497,31 +734,64 @@ pub mod watchdog {
         })
     }
 
+    /// CPU time on `clock` (a thread's CPU clock).
+    pub fn thread_cpu(clock: libc::clockid_t) -> Option<Duration> {
+        cpu_now(clock)
+    }
+
+    fn cpu_now(clock: libc::clockid_t) -> Option<Duration> {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: plain syscall writing into `ts`.
+        let r = unsafe { libc::clock_gettime(clock, &mut ts) };
+        (r == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    }
+
+    /// The calling thread's CPU clock and its current reading.
+    pub fn this_thread_cpu() -> Option<(libc::clockid_t, Duration)> {
+        let mut clock: libc::clockid_t = 0;
+        // SAFETY: asks for the calling thread's CPU clock id.
+        let r = unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) };
+        if r != 0 {
+            return None;
+        }
+        cpu_now(clock).map(|t| (clock, t))
+    }
+
     fn run(s: &'static Shared) {
         let mut g = s.entries.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             let now = Instant::now();
             let mut next: Option<Instant> = None;
-            for e in g.1.values_mut() {
+            let mut at = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
+            for e in g.1.values() {
+                let tx = *e.alarm.tx_deadline.lock().unwrap_or_else(|p| p.into_inner());
+                let mut reached = None;
                 if e.deadline <= now {
-                    // SAFETY: the state is registered, so it is alive (unregistering takes this
-                    // lock before the state is dropped). lua_sethook only stores the hook
-                    // fields and sets the trap flags of the call stack.
-                    unsafe {
-                        let l = e.state as *mut ffi::lua_State;
-                        let hook = ffi::lua_gethook(l);
-                        if hook.is_some() {
-                            let mask = ffi::lua_gethookmask(l) | ffi::LUA_MASKCOUNT;
-                            ffi::lua_sethook(l, hook, mask, 1);
+                    reached = Some(Limit::Time);
+                } else if tx.is_some_and(|d| d <= now) {
+                    reached = Some(Limit::Transaction);
+                } else if let Some((clock, start, budget)) = e.cpu {
+                    match cpu_now(clock).map(|t| t.saturating_sub(start)) {
+                        Some(used) if used >= budget => reached = Some(Limit::Cpu),
+                        Some(used) => at(now + (budget - used)),
+                        None => {}
+                    }
+                }
+                match reached {
+                    Some(limit) => {
+                        e.alarm.ring(e.state, limit);
+                        // Again shortly while the invocation is still registered: the running
+                        // VM updates its hook counter without synchronisation and may
+                        // overwrite this reset (it then fires at the end of the current count
+                        // at worst).
+                        at(now + RETRY);
+                    }
+                    None => {
+                        at(e.deadline);
+                        if let Some(d) = tx {
+                            at(d);
                         }
                     }
-                    // Again shortly while the invocation is still registered: the running VM
-                    // decrements the hook counter without synchronisation and may overwrite
-                    // this reset (it then fires at the end of the current count at worst).
-                    let again = now + RETRY;
-                    next = Some(next.map_or(again, |n| n.min(again)));
-                } else {
-                    next = Some(next.map_or(e.deadline, |n| n.min(e.deadline)));
                 }
             }
             g = match next {
@@ -542,12 +812,20 @@ pub mod watchdog {
     pub struct Watch(u64);
 
     impl Watch {
-        /// Watch `lua`'s main state until `deadline`. Call outside any Lua callback (the state
-        /// mlua reports there is the main thread) and after the sandbox hook is installed.
-        pub fn start(lua: &mlua::Lua, deadline: Instant) -> mlua::Result<Watch> {
+        /// Watch `lua`'s main state, running on the calling thread, until `deadline`, with a
+        /// CPU budget for this thread (`None`: wall time only). Call outside any Lua callback
+        /// (the state mlua reports there is the main thread) and after the sandbox hook is
+        /// installed.
+        pub fn start(
+            lua: &mlua::Lua,
+            deadline: Instant,
+            cpu: Option<Duration>,
+            alarm: Arc<Alarm>,
+        ) -> mlua::Result<Watch> {
             let mut state = 0usize;
             // SAFETY: only reads the state pointer.
             unsafe { lua.exec_raw::<()>((), |l| state = l as usize)? };
+            let cpu = cpu.and_then(|budget| this_thread_cpu().map(|(c, t)| (c, t, budget)));
             let s = shared();
             let mut g = s.entries.lock().unwrap_or_else(|e| e.into_inner());
             g.0 += 1;
@@ -557,6 +835,8 @@ pub mod watchdog {
                 Entry {
                     state,
                     deadline,
+                    cpu,
+                    alarm,
                 },
             );
             drop(g);
@@ -605,11 +885,16 @@ pub fn check(lua: &Lua, m: &Meter, limits: &Limits) -> mlua::Result<()> {
     if let Some(l) = m.tripped.get() {
         return Err(mlua::Error::external(l));
     }
+    // The watchdog's alarm first: it makes the hook fire on every instruction.
+    if let Some(l) = m.alarmed() {
+        m.tripped.set(Some(l));
+        return Err(mlua::Error::external(l));
+    }
     m.instructions.set(m.instructions.get() + HOOK_EVERY as u64);
     m.peak_memory
         .set(m.peak_memory.get().max(lua.used_memory()));
     let now = Instant::now();
-    let tripped = if m.instructions.get() > limits.instructions {
+    let tripped = if limits.instructions.is_some_and(|n| m.instructions.get() > n) {
         Some(Limit::Instructions)
     } else if now >= limits.deadline {
         Some(Limit::Time)
@@ -745,7 +1030,8 @@ mod tests {
 
     fn limits(deadline: Instant) -> Limits {
         Limits {
-            instructions: 10_000,
+            instructions: Some(10_000),
+            cpu: Duration::from_secs(3600),
             memory: 1 << 20,
             deadline,
         }
@@ -758,11 +1044,11 @@ mod tests {
         assert!(check_deadline(&m, &limits(far)).is_ok());
 
         // A passed transaction deadline trips the transaction limit.
-        m.tx_deadline.set(Some(Instant::now()));
+        m.set_tx_deadline(Some(Instant::now()));
         let e = check_deadline(&m, &limits(far)).unwrap_err();
         assert_eq!(limit_of(&e), Some(Limit::Transaction));
         // Tripped stays tripped, even once the transaction is gone.
-        m.tx_deadline.set(None);
+        m.set_tx_deadline(None);
         assert_eq!(
             limit_of(&check_deadline(&m, &limits(far)).unwrap_err()),
             Some(Limit::Transaction)
@@ -774,43 +1060,96 @@ mod tests {
         assert_eq!(m.tripped.get(), Some(Limit::Time));
     }
 
-    #[test]
-    fn the_watchdog_stops_code_between_count_hook_firings() {
-        // A hook that would fire only every 2^30 instructions (tens of seconds): the watchdog
-        // makes it fire at the next instruction once the deadline passed.
-        let lua = Lua::new();
-        let deadline = Instant::now() + Duration::from_millis(200);
-        lua.set_global_hook(
-            HookTriggers::new().every_nth_instruction(1 << 30),
-            move |_, _| {
-                if Instant::now() >= deadline {
-                    return Err(mlua::Error::external(Limit::Time));
-                }
-                Ok(VmState::Continue)
-            },
-        )
-        .unwrap();
-        let started = Instant::now();
-        let r = {
-            let _watch = watchdog::Watch::start(&lua, deadline).unwrap();
-            lua.load("local n = 0 while true do n = n + 1 end").exec()
+    /// Run `code` in a sandbox without an instruction budget (no hook until the watchdog
+    /// rings), watched with `deadline` and `cpu`.
+    fn run_watched(code: &str, deadline: Instant, cpu: Duration) -> (mlua::Result<()>, Rc<Meter>) {
+        let meter = Rc::new(Meter::default());
+        let limits = Limits {
+            instructions: None,
+            cpu,
+            memory: 64 << 20,
+            deadline,
         };
-        assert_eq!(limit_of(&r.unwrap_err()), Some(Limit::Time));
-        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
-        // Unregistered states are left alone; a later state is watched again.
-        drop(lua);
-        let lua = Lua::new();
-        let deadline = Instant::now() + Duration::from_millis(100);
-        lua.set_global_hook(HookTriggers::new().every_nth_instruction(1 << 30), move |_, _| {
-            if Instant::now() >= deadline {
-                return Err(mlua::Error::external(Limit::Time));
-            }
-            Ok(VmState::Continue)
-        })
-        .unwrap();
-        let _watch = watchdog::Watch::start(&lua, deadline).unwrap();
+        let (lua, _debug) = new_state(limits, Rc::clone(&meter), None).unwrap();
+        let r = {
+            let _watch =
+                watchdog::Watch::start(&lua, deadline, Some(cpu), Arc::clone(&meter.alarm)).unwrap();
+            lua.load(code).exec()
+        };
+        (r, meter)
+    }
+
+    #[test]
+    fn without_a_budget_no_hook_runs_until_the_watchdog_rings() {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let meter = Rc::new(Meter::default());
+        let limits = Limits { instructions: None, cpu: Duration::from_secs(60), memory: 64 << 20, deadline: far };
+        let (lua, _debug) = new_state(limits, Rc::clone(&meter), None).unwrap();
+        // SAFETY: reads the hook fields.
+        let hooked = unsafe {
+            let mut h = false;
+            lua.exec_raw::<()>((), |l| h = ffi::lua_gethook(l).is_some()).unwrap();
+            h
+        };
+        assert!(!hooked, "no hook (the interpreter's fast path)");
+        lua.load("local n = 0 for i = 1, 100000 do n = n + i end").exec().unwrap();
+        assert_eq!(meter.instructions.get(), 0);
+        // With a budget, the count hook is on.
+        let limits = Limits { instructions: Some(1_000_000), ..limits };
+        let meter = Rc::new(Meter::default());
+        let (lua, _debug) = new_state(limits, Rc::clone(&meter), None).unwrap();
         let r = lua.load("while true do end").exec();
+        assert_eq!(limit_of(&r.unwrap_err()), Some(Limit::Instructions));
+    }
+
+    #[test]
+    fn the_watchdog_stops_loops_by_cpu_and_wall_time_also_inside_coroutines() {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let cpu = Duration::from_millis(300);
+        for code in [
+            "while true do end",
+            "local co = coroutine.create(function() while true do end end) coroutine.resume(co)",
+            "coroutine.wrap(function() while true do end end)()",
+            // nested coroutines, and a loop that yields between resumes
+            "coroutine.wrap(function() coroutine.wrap(function() local n = 0 while true do n = n + 1 end end)() end)()",
+            "local co = coroutine.wrap(function() while true do coroutine.yield() end end) while true do co() end",
+            "while true do pcall(function() while true do end end) end",
+        ] {
+            let started = Instant::now();
+            let (r, meter) = run_watched(code, far, cpu);
+            let e = r.unwrap_err();
+            assert_eq!(limit_of(&e).or(meter.tripped.get()), Some(Limit::Cpu), "{code}: {e}");
+            // A loaded machine gives the loop less CPU per second: generous wall bound.
+            assert!(started.elapsed() < Duration::from_secs(60), "{code}: {:?}", started.elapsed());
+        }
+        // The wall deadline, when it comes first.
+        let (r, _) = run_watched("while true do end", Instant::now() + Duration::from_millis(200), Duration::from_secs(3600));
         assert_eq!(limit_of(&r.unwrap_err()), Some(Limit::Time));
+    }
+
+    #[test]
+    fn coroutine_wrap_keeps_its_behaviour() {
+        let far = Instant::now() + Duration::from_secs(3600);
+        let (r, _) = run_watched(
+            r#"
+            local gen = coroutine.wrap(function(a) local b = coroutine.yield(a + 1) return b * 2 end)
+            assert(gen(1) == 2)
+            assert(gen(5) == 10)
+            local ok, e = pcall(gen)
+            assert(not ok and e:find("dead coroutine"), e)
+            local bad = coroutine.wrap(function() error("boom") end)
+            local ok2, e2 = pcall(bad)
+            assert(not ok2 and e2:find("boom"), e2)
+            local t = coroutine.wrap(function() error({code = 1}) end)
+            local ok3, e3 = pcall(t)
+            assert(not ok3 and type(e3) == "table" and e3.code == 1)
+            local ok4, e4 = pcall(coroutine.resume, 42)
+            assert(not ok4, "resume of a non-coroutine raises")
+            "#,
+            far,
+            Duration::from_secs(60),
+        );
+        r.unwrap();
     }
 
     #[test]

@@ -257,7 +257,7 @@ pub fn save_trace(
             outcome,
             error,
             o.error_line,
-            o.instructions as i64,
+            o.instructions.unwrap_or(0) as i64,
             o.peak_memory as i64,
             truncated,
             result,

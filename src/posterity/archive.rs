@@ -104,6 +104,7 @@ pub(super) fn create_views(conn: &Connection, dir: &Path) -> anyhow::Result<()> 
          CREATE OR REPLACE VIEW lua_invocations AS
            SELECT ts, name AS function, version, outcome, error,
                   CAST(detail->>'instructions' AS BIGINT) AS instructions,
+                  CAST(detail->>'cpu_ms' AS DOUBLE) AS cpu_ms,
                   CAST(detail->>'memory' AS BIGINT) AS memory,
                   elapsed_ms, trace_id, user_id, role
            FROM log_all WHERE kind = 'lua';

@@ -5,7 +5,7 @@
 //! ever waits for it. Presence lists who is in a channel (user, role, device, metadata) and is
 //! diffed on join and leave, including when a socket dies.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -35,7 +35,29 @@ struct Conn {
 #[derive(Default)]
 struct State {
     conns: HashMap<u64, Conn>,
-    channels: HashMap<String, HashSet<u64>>,
+    channels: HashMap<String, Channel>,
+}
+
+/// One channel's members. Presence-tracked members are kept apart (in connection order), so a
+/// join, a presence list or a presence diff costs what the tracked members cost, never a scan of
+/// every broadcast-only member.
+#[derive(Default)]
+struct Channel {
+    members: HashSet<u64>,
+    tracked: BTreeSet<u64>,
+}
+
+impl State {
+    /// Take `id` out of `channel`, dropping the channel when it empties.
+    fn remove_member(&mut self, channel: &str, id: u64) {
+        if let Some(m) = self.channels.get_mut(channel) {
+            m.members.remove(&id);
+            m.tracked.remove(&id);
+            if m.members.is_empty() {
+                self.channels.remove(channel);
+            }
+        }
+    }
 }
 
 /// What a new connection gets back from [`Hub::connect`].
@@ -96,10 +118,11 @@ pub fn may_join(ctx: &RequestContext, channel: &str) -> Result<()> {
 }
 
 fn now() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    format!("{}.{:03}", d.as_secs(), d.subsec_millis())
+    // The engine's timestamp convention: RFC 3339 UTC with milliseconds, as SQLite's
+    // `strftime('%Y-%m-%dT%H:%M:%fZ')` writes `created_at` everywhere else.
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
 }
 
 impl Hub {
@@ -173,12 +196,7 @@ impl Hub {
             };
             let mut notices = Vec::new();
             for (ch, (_, tracked)) in &conn.channels {
-                if let Some(m) = st.channels.get_mut(ch) {
-                    m.remove(&id);
-                    if m.is_empty() {
-                        st.channels.remove(ch);
-                    }
-                }
+                st.remove_member(ch, id);
                 if *tracked {
                     notices.push((ch.clone(), presence_entry(id, &conn, ch)));
                 }
@@ -228,15 +246,18 @@ impl Hub {
             let st = &mut *st;
             let conn = st.conns.get_mut(&id).expect("checked above");
             conn.channels.insert(channel.to_string(), (meta, tracked));
-            st.channels
-                .entry(channel.to_string())
-                .or_default()
-                .insert(id);
+            let ch = st.channels.entry(channel.to_string()).or_default();
+            ch.members.insert(id);
+            if tracked {
+                ch.tracked.insert(id);
+            } else {
+                ch.tracked.remove(&id);
+            }
             let conn = &st.conns[&id];
-            let entry = presence_entry(id, conn, channel);
+            let entry = tracked.then(|| presence_entry(id, conn, channel));
             (entry, Self::presence_locked(st, channel))
         };
-        if tracked {
+        if let Some(entry) = entry {
             self.publish_presence(channel, &json!({"type": "presence_diff", "channel": channel, "joins": [entry], "leaves": []}), Some(id));
         }
         Ok(list)
@@ -258,12 +279,7 @@ impl Hub {
             }
             let entry = presence_entry(id, conn, channel);
             let tracked = conn.channels.remove(channel).is_some_and(|(_, t)| t);
-            if let Some(m) = st.channels.get_mut(channel) {
-                m.remove(&id);
-                if m.is_empty() {
-                    st.channels.remove(channel);
-                }
-            }
+            st.remove_member(channel, id);
             tracked.then_some(entry)
         };
         if let Some(entry) = entry {
@@ -272,23 +288,17 @@ impl Hub {
         Ok(())
     }
 
+    /// The tracked members of `channel`, in connection order.
     fn presence_locked(st: &State, channel: &str) -> Vec<Json> {
-        let mut v: Vec<Json> = st
-            .channels
+        st.channels
             .get(channel)
             .map(|m| {
-                m.iter()
-                    .filter_map(|id| {
-                        st.conns
-                            .get(id)
-                            .filter(|c| tracked(c, channel))
-                            .map(|c| presence_entry(*id, c, channel))
-                    })
+                m.tracked
+                    .iter()
+                    .filter_map(|id| st.conns.get(id).map(|c| presence_entry(*id, c, channel)))
                     .collect()
             })
-            .unwrap_or_default();
-        v.sort_by_key(|e| e["conn_id"].as_u64());
-        v
+            .unwrap_or_default()
     }
 
     /// Who is in `channel` (the caller must be allowed to join it).
@@ -308,42 +318,49 @@ impl Hub {
 
     /// Send `msg` to every member of `channel` (except `skip`). Returns how many got it.
     pub fn publish(&self, channel: &str, msg: &Json, skip: Option<u64>) -> usize {
-        let text: Arc<str> = Arc::from(msg.to_string());
-        let members: Vec<u64> = self
-            .state
-            .lock()
-            .unwrap()
-            .channels
-            .get(channel)
-            .map(|m| m.iter().copied().collect())
-            .unwrap_or_default();
-        members
-            .into_iter()
-            .filter(|id| Some(*id) != skip)
-            .filter(|id| self.send(*id, Out::Text(Arc::clone(&text))))
-            .count()
+        self.fan_out(channel, Arc::from(msg.to_string()), skip, false)
     }
 
     /// A presence diff goes to the members that follow presence only.
     fn publish_presence(&self, channel: &str, msg: &Json, skip: Option<u64>) -> usize {
-        let text: Arc<str> = Arc::from(msg.to_string());
-        let members: Vec<u64> = {
+        self.fan_out(channel, Arc::from(msg.to_string()), skip, true)
+    }
+
+    /// Queue one serialised frame (shared, never copied per member) for the members of
+    /// `channel` in one pass under the lock: queuing never waits (a full queue marks a slow
+    /// consumer, disconnected after the lock is released).
+    fn fan_out(&self, channel: &str, text: Arc<str>, skip: Option<u64>, tracked_only: bool) -> usize {
+        let mut delivered = 0;
+        let mut slow = Vec::new();
+        {
             let st = self.state.lock().unwrap();
-            st.channels
-                .get(channel)
-                .map(|m| {
-                    m.iter()
-                        .copied()
-                        .filter(|id| st.conns.get(id).is_some_and(|c| tracked(c, channel)))
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        members
-            .into_iter()
-            .filter(|id| Some(*id) != skip)
-            .filter(|id| self.send(*id, Out::Text(Arc::clone(&text))))
-            .count()
+            let Some(ch) = st.channels.get(channel) else {
+                return 0;
+            };
+            let mut offer = |id: &u64| {
+                if Some(*id) == skip {
+                    return;
+                }
+                let Some(c) = st.conns.get(id) else { return };
+                match c.tx.try_send(Out::Text(Arc::clone(&text))) {
+                    Ok(()) => delivered += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(*id),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            };
+            if tracked_only {
+                ch.tracked.iter().for_each(&mut offer);
+            } else {
+                ch.members.iter().for_each(&mut offer);
+            }
+        }
+        for id in slow {
+            self.disconnect(
+                id,
+                &format!("slow consumer: {} messages queued and not read", self.queue),
+            );
+        }
+        delivered
     }
 
     /// A broadcast from `ctx` (a member, the admin over HTTP, or Lua code).
@@ -375,10 +392,6 @@ fn presence_entry(id: u64, c: &Conn, channel: &str) -> Json {
     })
 }
 
-/// Whether `c` takes part in `channel`'s presence (joined without `"presence": false`).
-fn tracked(c: &Conn, channel: &str) -> bool {
-    c.channels.get(channel).is_some_and(|(_, t)| *t)
-}
 
 #[cfg(test)]
 mod tests {

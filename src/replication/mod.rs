@@ -233,6 +233,22 @@ fn fsync_dir(dir: &Path) {
 }
 
 /// Write `data` to `path` atomically (temp file, fsync, rename).
+/// Where a server replicates to, recorded in `<data_dir>/replication/replica.json` at every
+/// start so `ichibase restore` and `ichibase backup status` find the replica without its flags
+/// repeated. Only the place: credentials and the encryption key are never written.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RecordedTarget {
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+}
+
+/// The replica target the server on `data_dir` last used, if it recorded one.
+pub fn recorded_target(data_dir: &Path) -> Option<RecordedTarget> {
+    let bytes = std::fs::read(data_dir.join("replication").join("replica.json")).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
 fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     {
@@ -304,6 +320,17 @@ impl Replicator {
         let dir = config.data_dir.join("replication");
         let spool = dir.join("spool");
         std::fs::create_dir_all(&spool)?;
+        let record = RecordedTarget {
+            url: opts.url.clone(),
+            endpoint: opts.endpoint.clone(),
+            region: opts.region.clone(),
+        };
+        if let Err(e) = write_atomic(
+            &dir.join("replica.json"),
+            &serde_json::to_vec_pretty(&record).unwrap(),
+        ) {
+            tracing::warn!(error = %e, "replication: recording the target for the CLI");
+        }
         let db_path = storage.path().to_path_buf();
         let wal_path = PathBuf::from(format!("{}-wal", db_path.display()));
         let state: State = std::fs::read(dir.join("state.json"))

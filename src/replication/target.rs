@@ -203,11 +203,43 @@ impl Target {
         Ok(pt.into())
     }
 
+    /// object_store's S3 errors carry the server's XML answer once per layer of their chain;
+    /// keep it once, as `Code: Message`, and say plainly when the bucket does not exist.
+    fn concise(&self, e: object_store::Error) -> anyhow::Error {
+        let text = e.to_string();
+        let tag = |t: &str| {
+            let (_, rest) = text.split_once(&format!("<{t}>"))?;
+            rest.split_once(&format!("</{t}>")).map(|(v, _)| v.to_string())
+        };
+        match (tag("Code"), tag("Message")) {
+            (Some(code), _) if code == "NoSuchBucket" => {
+                let bucket = self
+                    .url
+                    .strip_prefix("s3://")
+                    .map(|r| r.split('/').next().unwrap_or(r))
+                    .unwrap_or(&self.url);
+                anyhow::anyhow!(
+                    "the bucket '{bucket}' does not exist: create it, or fix replicate_url ({})",
+                    self.url
+                )
+            }
+            (Some(code), message) => {
+                let status = text
+                    .split_once("status code: ")
+                    .map(|(_, r)| format!(" (HTTP {})", r.split(':').next().unwrap_or("").trim()))
+                    .unwrap_or_default();
+                anyhow::anyhow!("S3 error {code}: {}{status}", message.unwrap_or_default())
+            }
+            _ => anyhow::Error::new(e),
+        }
+    }
+
     pub async fn put(&self, rel: &str, data: Bytes) -> anyhow::Result<()> {
         let data = self.seal(data)?;
         self.store
             .put(&self.path(rel), PutPayload::from_bytes(data))
             .await
+            .map_err(|e| self.concise(e))
             .with_context(|| format!("uploading {rel} to {}", self.url))?;
         Ok(())
     }
@@ -226,6 +258,7 @@ impl Target {
             .store
             .put_multipart(&self.path(rel))
             .await
+            .map_err(|e| self.concise(e))
             .with_context(|| format!("starting the upload of {rel} to {}", self.url))?;
         let mut w = object_store::WriteMultipart::new_with_chunk_size(upload, PART as usize);
         let mut f = tokio::fs::File::open(file).await?;
@@ -237,11 +270,13 @@ impl Target {
             }
             w.wait_for_capacity(4)
                 .await
-                .with_context(|| format!("uploading {rel} to {}", self.url))?;
+                .map_err(|e| self.concise(e))
+            .with_context(|| format!("uploading {rel} to {}", self.url))?;
             w.write(&buf[..n]);
         }
         w.finish()
             .await
+            .map_err(|e| self.concise(e))
             .with_context(|| format!("uploading {rel} to {}", self.url))?;
         Ok(len)
     }
@@ -258,12 +293,14 @@ impl Target {
             .store
             .get(&self.path(rel))
             .await
+            .map_err(|e| self.concise(e))
             .with_context(|| format!("downloading {rel} from {}", self.url))?
             .into_stream();
         let mut f = tokio::io::BufWriter::new(tokio::fs::File::create(file).await?);
         let mut n = 0u64;
         while let Some(chunk) = s.next().await {
-            let chunk = chunk.with_context(|| format!("downloading {rel} from {}", self.url))?;
+            let chunk = chunk.map_err(|e| self.concise(e))
+            .with_context(|| format!("downloading {rel} from {}", self.url))?;
             if n == 0 && chunk.starts_with(ENVELOPE) {
                 bail!("{rel} is encrypted but no replication encryption key is configured");
             }
@@ -279,9 +316,11 @@ impl Target {
             .store
             .get(&self.path(rel))
             .await
+            .map_err(|e| self.concise(e))
             .with_context(|| format!("downloading {rel} from {}", self.url))?
             .bytes()
             .await
+            .map_err(|e| self.concise(e))
             .with_context(|| format!("downloading {rel} from {}", self.url))?;
         self.open_sealed(rel, data)
     }
@@ -294,13 +333,14 @@ impl Target {
         self.store
             .get_range(&self.path(rel), 0..n)
             .await
+            .map_err(|e| self.concise(e))
             .with_context(|| format!("reading the header of {rel} from {}", self.url))
     }
 
     pub async fn delete(&self, rel: &str) -> anyhow::Result<()> {
         match self.store.delete(&self.path(rel)).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("deleting {rel} from {}", self.url)),
+            Err(e) => Err(self.concise(e)).with_context(|| format!("deleting {rel} from {}", self.url)),
         }
     }
 
@@ -311,7 +351,8 @@ impl Target {
         let mut out = Vec::new();
         let strip = self.prefix.as_ref().len();
         while let Some(m) = s.next().await {
-            let m = m.with_context(|| format!("listing {rel_dir} in {}", self.url))?;
+            let m = m.map_err(|e| self.concise(e))
+            .with_context(|| format!("listing {rel_dir} in {}", self.url))?;
             let full = m.location.as_ref();
             let rel = full[strip..].trim_start_matches('/').to_string();
             out.push(Listed {

@@ -96,6 +96,8 @@ pub enum Msg {
 pub(crate) struct Bound {
     pub(crate) sql: String,
     pub(crate) values: Vec<Value>,
+    /// The declared type of each placeholder (`Int64`, ...), in `values`' order.
+    pub(crate) types: Vec<String>,
     pub(crate) verb: String,
     pub(crate) ctes: Vec<String>,
     pub(crate) or_replace: bool,
@@ -105,6 +107,7 @@ pub(crate) struct Bound {
 impl Bound {
     pub(crate) fn new(st: super::parse::Statement, values: Vec<Value>) -> Bound {
         Bound {
+            types: st.params.iter().map(|p| p.ty.clone()).collect(),
             sql: st.sql,
             values,
             verb: st.verb,
@@ -560,7 +563,15 @@ fn step_statement(
     }
     let decls: Vec<(String, Option<String>)> = stmt
         .columns()
-        .map(|c| (c.name().to_string(), c.decl_type().map(str::to_string)))
+        .map(|c| {
+            let decl = c.decl_type().map(str::to_string);
+            let name = if decl.is_none() && c.name().contains('?') {
+                param_column_name(c.name(), b)
+            } else {
+                c.name().to_string()
+            };
+            (name, decl)
+        })
         .collect();
     // A SELECT without FROM, UNION or VALUES has at most one row: its integer literals get
     // ClickHouse's narrow types (`SELECT 1` is UInt8).
@@ -646,6 +657,39 @@ fn captured_upto(conn: &Connection) -> i64 {
     conn.prepare_cached("SELECT coalesce(max(id), 0) FROM _ichibase_changes")
         .and_then(|mut st| st.query_row([], |r| r.get(0)))
         .unwrap_or(0)
+}
+
+/// The name of an expression column that holds parameters: SQLite names `SELECT ?1` after
+/// its text, `?1`; ClickHouse substitutes `{x:Int64}` with `_CAST(5, 'Int64')` and names the
+/// column after that, so each `?N` becomes the same text here.
+fn param_column_name(name: &str, b: &Bound) -> String {
+    let mut out = String::with_capacity(name.len() + 16);
+    let mut rest = name;
+    while let Some(q) = rest.find('?') {
+        out.push_str(&rest[..q]);
+        let after = &rest[q + 1..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        let idx = after[..digits].parse::<usize>().ok().filter(|i| *i >= 1);
+        match idx.and_then(|i| Some((b.values.get(i - 1)?, b.types.get(i - 1)?))) {
+            Some((v, ty)) => {
+                let lit = match v {
+                    Value::Null => "NULL".to_string(),
+                    Value::Integer(n) => n.to_string(),
+                    Value::Real(f) => f.to_string(),
+                    Value::Text(t) => format!("'{}'", t.replace('\\', "\\\\").replace('\'', "\\'")),
+                    Value::Blob(_) => "'<blob>'".to_string(),
+                };
+                out.push_str(&format!("_CAST({lit}, '{ty}')"));
+                rest = &after[digits..];
+            }
+            None => {
+                out.push('?');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 fn column_meta(

@@ -132,8 +132,19 @@ pub fn lock_data_dir(dir: &Path) -> anyhow::Result<DirLock> {
     Ok(DirLock { _file: file, path })
 }
 
+/// `e` with the path it concerns in its message (an OS error alone, "Permission denied", does
+/// not say which file).
+pub fn with_path(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
 /// Create `path` empty for this user only (0600) if it is missing, or tighten it to 0600.
+/// Errors name the path.
 pub fn private_file(path: &Path) -> std::io::Result<()> {
+    private_file_inner(path).map_err(|e| with_path(path, e))
+}
+
+fn private_file_inner(path: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -166,6 +177,16 @@ impl Storage {
     pub fn open(opts: &StorageOptions) -> anyhow::Result<Storage> {
         // sqlite-vec on every connection opened from here on (never a loadable extension).
         crate::search::register_sqlite_vec();
+        use anyhow::Context;
+        Self::open_inner(opts).with_context(|| {
+            format!(
+                "opening the database {} (with its -wal and -shm files)",
+                opts.path.display()
+            )
+        })
+    }
+
+    fn open_inner(opts: &StorageOptions) -> anyhow::Result<Storage> {
         if let Some(dir) = opts.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             private_dir(dir)?;
         }

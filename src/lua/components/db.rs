@@ -114,7 +114,7 @@ fn write_failed(env: &Env, deadline: Instant, e: Error) -> Error {
 /// Inside `db.tx`: a session that ended (the writer gave up at the deadline) is the
 /// transaction limit once the deadline passed.
 fn session_ended(env: &Env) -> Error {
-    match env.meter.tx_deadline.get() {
+    match env.meter.tx_deadline() {
         Some(d) if Instant::now() >= d => {
             env.meter.tripped.set(Some(Limit::Transaction));
             Error::new(
@@ -169,7 +169,7 @@ fn run_unlogged(env: &Env, prepared: Prepared) -> Result<Rows> {
             .send(TxOp::Run(prepared, reply))
             .map_err(|_| session_ended(env))?;
         let r = rx.recv().map_err(|_| session_ended(env))?;
-        return match (r, env.meter.tx_deadline.get()) {
+        return match (r, env.meter.tx_deadline()) {
             (Err(e), Some(d)) => Err(write_failed(env, d, e)),
             (r, _) => r,
         };
@@ -240,7 +240,7 @@ fn outer_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
     // The transaction's own limit: the writer rolls back past it, and the hook ends the
     // invocation (a pure-CPU loop inside the transaction sends the writer nothing).
     let deadline = write_deadline(e);
-    e.meter.tx_deadline.set(Some(deadline));
+    e.meter.set_tx_deadline(Some(deadline));
     let (storage, ctx, control) = (e.storage.clone(), e.ctx.clone(), write_control(e, deadline));
     let job = async move {
         storage
@@ -282,7 +282,7 @@ fn outer_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
     let _ = ops.send(TxOp::Finish(result.is_ok(), reply));
     let finished = done.recv().unwrap_or_else(|_| Err(session_ended(e)));
     let _ = e.rt.block_on(handle);
-    e.meter.tx_deadline.set(None);
+    e.meter.set_tx_deadline(None);
     let finished = finished.map_err(|err| write_failed(e, deadline, err));
     match (result, finished) {
         (Ok(v), Ok(())) => Ok(v),
