@@ -33,6 +33,7 @@ pub mod notify;
 pub mod posterity;
 pub mod realtime;
 pub mod replication;
+pub mod search;
 pub mod server;
 pub mod sql;
 pub mod storage;

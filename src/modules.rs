@@ -70,6 +70,7 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::apis::BackupModule,
         &crate::canvas::CanvasModule,
         &crate::notify::NotifyModule,
+        &crate::search::SearchModule,
     ]
 }
 

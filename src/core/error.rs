@@ -89,6 +89,7 @@ error_codes! {
     MemoryLimitExceeded = 241, "MEMORY_LIMIT_EXCEEDED", 503, "a memory budget, per request or server-wide";
     /// A UI's TSX did not compile (the message names line and column).
     UiCompileError = 1040, "UI_COMPILE_ERROR", 422, "a UI's TSX did not compile: line and column in the message";
+    NoSearchIndex = 1090, "NO_SEARCH_INDEX", 404, "a search on a table without a (text or vector) search index";
     Internal = 1000, "INTERNAL_ERROR", 500, "bugs";
 }
 
@@ -117,11 +118,26 @@ impl Error {
 
     /// Map a SQLite error onto a code. `phase` says whether the statement was being prepared
     /// (errors there are the client's SQL) or stepped.
+    /// `Code: N. DB::Exception: message (NAME)`, the text of an [`Error`] an engine SQL function
+    /// raised inside SQLite, back into that error.
+    fn unwrap_engine(text: &str) -> Option<Error> {
+        let rest = text.strip_prefix("Code: ")?;
+        let (num, rest) = rest.split_once(". DB::Exception: ")?;
+        let num: u32 = num.parse().ok()?;
+        let code = ErrorCode::ALL.iter().copied().find(|c| c.number() == num)?;
+        let message = rest.strip_suffix(&format!(" ({})", code.name()))?;
+        Some(Error::new(code, message.strip_suffix('.').unwrap_or(message)))
+    }
+
     pub fn from_sqlite(err: &rusqlite::Error) -> Self {
         use rusqlite::ffi::ErrorCode as C;
         match err {
             rusqlite::Error::SqliteFailure(e, msg) => {
                 let text = msg.clone().unwrap_or_else(|| e.to_string());
+                // An engine SQL function (`search()`) failed with an `Error`: keep its code.
+                if let Some(inner) = Self::unwrap_engine(&text) {
+                    return inner;
+                }
                 let code = match e.code {
                     C::ConstraintViolation if text.contains("violates WITH CHECK") => {
                         ErrorCode::AccessDenied

@@ -138,6 +138,25 @@ const ALLOWED_FUNCTIONS: &[&str] = &[
     "auth_userid",
     "auth_role",
     "auth_claim",
+    // sqlite-vec's scalar functions (src/search): they only look at their arguments.
+    "vec_f32",
+    "vec_int8",
+    "vec_bit",
+    "vec_length",
+    "vec_type",
+    "vec_to_json",
+    "vec_normalize",
+    "vec_slice",
+    "vec_add",
+    "vec_sub",
+    "vec_quantize_int8",
+    "vec_quantize_binary",
+    "vec_distance_l2",
+    "vec_distance_l1",
+    "vec_distance_cosine",
+    "vec_distance_hamming",
+    // Search over a granted view's FTS and vector index (src/search/sql.rs checks the grant).
+    "search",
 ];
 
 /// True when top-level SQL of a non-admin role may call `name`.
@@ -265,6 +284,14 @@ impl Authz {
             .get(role)
             .and_then(|g| g.get(&object.to_ascii_lowercase()))
             .is_some_and(|p| *p != 0)
+    }
+
+    /// True when `role` may read `object` (SELECT granted on it).
+    pub fn can_read(&self, role: &str, object: &str) -> bool {
+        self.snap
+            .read()
+            .unwrap()
+            .allows(role, &object.to_ascii_lowercase(), SELECT)
     }
 
     /// True when `name` is a view.

@@ -1,7 +1,7 @@
 //! Per-connection state installed at check-out and cleared at check-in: the request context and
 //! the execution control (deadline + cancel flag) that SQLite's progress handler polls.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -217,6 +217,20 @@ pub struct ConnState {
     /// Role of the previous check-out: prepared statements are authorised when prepared, so the
     /// statement cache is flushed whenever the role changes.
     last_role: Mutex<Option<String>>,
+    /// Engine work nested inside the request's statement is running (see [`EngineAccess`]).
+    engine: AtomicU32,
+}
+
+/// Held while the engine runs its own statements nested inside a request's statement (the
+/// `search()` SQL function reading its FTS5 index): the authorizer allows everything on this
+/// connection until it is dropped. The nested SQL is the engine's, never the caller's; the
+/// caller's identity stays installed, so policy views read inside it still filter by it.
+pub struct EngineAccess<'a>(&'a ConnState);
+
+impl Drop for EngineAccess<'_> {
+    fn drop(&mut self) {
+        self.0.engine.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Seconds an engine look-up for a request waits for a connection at most.
@@ -255,6 +269,7 @@ impl ConnState {
             ctx: Mutex::new(None),
             denial: Mutex::new(None),
             last_role: Mutex::new(None),
+            engine: AtomicU32::new(0),
         });
         let hook = Arc::clone(&st);
         conn.progress_handler(
@@ -280,13 +295,27 @@ impl ConnState {
                     .map(crate::sql::system::user_name)
             }),
         )?;
+        crate::search::sql::register(conn, &st)?;
         Ok(st)
+    }
+
+    /// The authorization snapshot this connection judges statements with.
+    pub fn authz(&self) -> &Arc<Authz> {
+        &self.authz
+    }
+
+    /// Let the engine run its own nested statements unhindered until the guard drops.
+    pub fn engine_access(&self) -> EngineAccess<'_> {
+        self.engine.fetch_add(1, Ordering::SeqCst);
+        EngineAccess(self)
     }
 
     /// The authorizer: engine work (no request checked out) may do anything; request SQL may
     /// not change state that would outlive the request on a pooled connection.
     fn authorize(&self, a: &AuthContext<'_>) -> Authorization {
-        if ENGINE_STATEMENTS.with(|e| e.get()) {
+        // The engine's own statements: the outbox's fixed statements on a caller's session
+        // (`engine_statements`), nested statements of engine SQL functions (`engine_access`).
+        if ENGINE_STATEMENTS.with(|e| e.get()) || self.engine.load(Ordering::SeqCst) > 0 {
             return Authorization::Allow;
         }
         let role = match self.ctx.lock() {

@@ -22,7 +22,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub use authz::Authz;
-pub use control::{ConnState, ExecControl, begin_shutdown, engine_statements};
+pub use control::{ConnState, EngineAccess, ExecControl, begin_shutdown, engine_statements};
 use readers::ReaderPool;
 use writer::Writer;
 
@@ -175,6 +175,8 @@ impl Storage {
     /// Open (creating if needed) the database, apply the engine's migrations, start the writer
     /// thread and fill the reader pool.
     pub fn open(opts: &StorageOptions) -> anyhow::Result<Storage> {
+        // sqlite-vec on every connection opened from here on (never a loadable extension).
+        crate::search::register_sqlite_vec();
         use anyhow::Context;
         Self::open_inner(opts).with_context(|| {
             format!(

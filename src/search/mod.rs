@@ -1,0 +1,282 @@
+//! Search inside SQLite: vectors (sqlite-vec), full text (FTS5, trigram for Japanese) and hybrid
+//! ranking (reciprocal rank fusion), under the same row-level security as every other read.
+//!
+//! Owns: the sqlite-vec registration (`sqlite3_auto_extension`, never a loadable extension),
+//! the engine table `_ichibase_search_indexes`, the index objects it creates for a table
+//! (`_ichibase_fts_<t>`, `_ichibase_vq_<t>`, queue triggers `_ichibase_search_<t>_*`), the
+//! queue `_ichibase_search_queue` and the task that drains it, the `search()` SQL function,
+//! `db.search` in Lua and the admin routes `/search/indexes`.
+//! Must not touch: policies or grants (it only reads them), other modules' tables.
+//!
+//! Why a queue: FTS5 and vec0 run their own statements inside a write, which the authorizer
+//! would judge as the caller's. A user's write through a policy view therefore only appends
+//! the row's key to a plain queue table (by trigger); the engine updates the index tables on
+//! the writer as itself right after the commit. Reads go through `search()`, which checks the
+//! caller's SELECT grant on the view and evaluates that view with the caller's identity.
+
+pub mod index;
+pub mod lua;
+pub mod sql;
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::response::Response;
+use axum::routing::{get, put};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::apis::{Admin, App, BodyLimit, JsonBody, admin_area, body_limit, reply};
+use crate::app::AppBuilder;
+use crate::core::{RequestContext, Result};
+use crate::lua::components::Component;
+use crate::storage::ExecControl;
+use crate::storage::migrations::Migration;
+
+pub use index::IndexSpec;
+
+/// `[search]` settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchSettings {
+    /// Largest `k` a search may ask for.
+    pub max_k: usize,
+    /// Candidates each ranked list (text, vector) contributes to the fusion (at least `k`).
+    pub candidates: usize,
+    /// The constant of reciprocal rank fusion: score = Σ 1 / (rrf_k + rank).
+    pub rrf_k: f64,
+    /// Queued rows the sync task indexes in one write transaction.
+    pub sync_batch: usize,
+    /// int8/bit searches rank this many times `candidates` by the quantised distance before
+    /// re-ranking them by the float32 distance (`rescore`).
+    pub rescore_factor: usize,
+    /// Longest query text (bytes).
+    pub max_text: usize,
+    /// Most dimensions of an indexed vector.
+    pub max_dims: usize,
+}
+
+impl Default for SearchSettings {
+    fn default() -> Self {
+        SearchSettings {
+            max_k: 1000,
+            candidates: 100,
+            rrf_k: 60.0,
+            sync_batch: 1000,
+            rescore_factor: 8,
+            max_text: 4096,
+            max_dims: 4096,
+        }
+    }
+}
+
+static SETTINGS: OnceLock<SearchSettings> = OnceLock::new();
+
+/// The settings in force (the defaults until the module read its section).
+pub fn settings() -> &'static SearchSettings {
+    SETTINGS.get_or_init(SearchSettings::default)
+}
+
+/// Register sqlite-vec for every SQLite connection this process opens from now on. Idempotent.
+/// sqlite-vec's C source is compiled with `SQLITE_CORE` into this binary and calls the bundled
+/// SQLite directly: there is no second SQLite and extension loading stays off.
+pub fn register_sqlite_vec() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: `sqlite3_vec_init` has the signature of an SQLite extension entry point
+        // (db, pzErrMsg, pApi); the crate declares it without arguments.
+        unsafe {
+            type Entry = unsafe extern "C" fn(
+                *mut rusqlite::ffi::sqlite3,
+                *mut *mut std::os::raw::c_char,
+                *const rusqlite::ffi::sqlite3_api_routines,
+            ) -> std::os::raw::c_int;
+            let entry: Entry = std::mem::transmute(sqlite_vec::sqlite3_vec_init as *const ());
+            rusqlite::ffi::sqlite3_auto_extension(Some(entry));
+        }
+    });
+}
+
+/// HOOK (to wire to `ai.embed` after merging the `ai` module): the vector of a query text, for
+/// `db.search{text=...}` called without `vector=` on an index that has a vector column.
+/// Returns `None` until wired: the search then ranks by text alone. It runs on the Lua thread
+/// as the caller (`ctx`); `dims` is the index's dimension count (the result must have it).
+pub fn embed_query_text(
+    _app: Option<&App>,
+    _ctx: &RequestContext,
+    _text: &str,
+    _dims: usize,
+) -> Result<Option<Vec<f32>>> {
+    Ok(None)
+}
+
+pub struct SearchModule;
+
+/// The module's service: whether any index exists (the sync task sleeps until one does).
+#[derive(Default)]
+pub struct SearchState {
+    active: std::sync::atomic::AtomicBool,
+}
+
+impl SearchState {
+    fn active(&self) -> bool {
+        self.active.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn activate(&self) {
+        self.active.store(true, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+static MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "search indexes and queue",
+    sql: "CREATE TABLE _ichibase_search_indexes (
+            tbl TEXT PRIMARY KEY,
+            spec TEXT NOT NULL,
+            created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+          );
+          CREATE TABLE _ichibase_search_queue (
+            seq INTEGER PRIMARY KEY,
+            tbl TEXT NOT NULL,
+            id INTEGER NOT NULL
+          );",
+}];
+
+impl crate::modules::Module for SearchModule {
+    fn name(&self) -> &'static str {
+        "search"
+    }
+    fn section(&self) -> Option<&'static str> {
+        Some("search")
+    }
+    fn migrations(&self) -> &'static [Migration] {
+        MIGRATIONS
+    }
+    fn provide(&self, b: &mut AppBuilder) -> anyhow::Result<()> {
+        let s: SearchSettings = b.core().config.section("search")?;
+        anyhow::ensure!(s.max_k >= 1, "[search] max_k must be at least 1");
+        anyhow::ensure!(s.sync_batch >= 1, "[search] sync_batch must be at least 1");
+        anyhow::ensure!(s.rrf_k >= 0.0, "[search] rrf_k must not be negative");
+        let _ = SETTINGS.set(s);
+        b.provide(SearchState::default());
+        Ok(())
+    }
+    fn routes(&self) -> Router<App> {
+        Router::new()
+            .route("/search/indexes", get(list_indexes))
+            .route(
+                "/search/indexes/{table}",
+                put(create_index).delete(drop_index),
+            )
+            .route_layer(admin_area("/search/indexes"))
+            .layer(body_limit(BodyLimit::Json))
+    }
+    fn lua_components(&self) -> &'static [&'static dyn Component] {
+        &[&lua::DbSearch]
+    }
+    fn start(&self, app: &App) -> anyhow::Result<()> {
+        let app = app.clone();
+        tokio::spawn(async move { sync_loop(app).await });
+        Ok(())
+    }
+}
+
+/// After every commit (and at least every second), index what the queue holds. Until an index
+/// exists it only waits.
+async fn sync_loop(app: App) {
+    let storage = app.storage().clone();
+    let committed = storage.committed();
+    let Some(state) = app.get::<SearchState>() else { return };
+    let any: Result<bool> = storage
+        .read(&RequestContext::system(), ExecControl::lookup(), |c| {
+            Ok(c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM _ichibase_search_indexes)",
+                [],
+                |r| r.get::<_, bool>(0),
+            )?)
+        })
+        .await;
+    if any.unwrap_or(true) {
+        state.activate();
+    }
+    loop {
+        let notified = committed.notified();
+        if !state.active() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+            continue;
+        }
+        let pending = storage
+            .read(
+                &RequestContext::system(),
+                ExecControl::new(Instant::now(), 30.0),
+                |c| {
+                    Ok(c.query_row(
+                        "SELECT EXISTS (SELECT 1 FROM _ichibase_search_queue)",
+                        [],
+                        |r| r.get::<_, bool>(0),
+                    )?)
+                },
+            )
+            .await;
+        match pending {
+            Ok(true) => {
+                let batch = settings().sync_batch;
+                let r = storage
+                    .write(
+                        &RequestContext::system(),
+                        ExecControl::new(Instant::now(), 0.0),
+                        move |c| index::drain(c, batch),
+                    )
+                    .await;
+                match r {
+                    Ok(_) => continue,
+                    Err(e) if e.code == crate::core::ErrorCode::ShuttingDown => return,
+                    Err(e) => tracing::warn!(error = %e, "search: indexing queued rows failed"),
+                }
+            }
+            Ok(false) => {}
+            Err(e) if e.code == crate::core::ErrorCode::ShuttingDown => return,
+            Err(e) => tracing::warn!(error = %e, "search: reading the queue failed"),
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
+    }
+}
+
+async fn create_index(
+    State(st): State<App>,
+    Path(table): Path<String>,
+    Admin(ctx): Admin,
+    JsonBody(spec): JsonBody<IndexSpec>,
+) -> Response {
+    if let Some(s) = st.get::<SearchState>() {
+        s.activate();
+    }
+    reply(
+        st.storage()
+            .write(&ctx, ExecControl::new(Instant::now(), 0.0), move |c| {
+                index::create(c, &table, &spec)
+            })
+            .await,
+    )
+}
+
+async fn drop_index(State(st): State<App>, Path(table): Path<String>, Admin(ctx): Admin) -> Response {
+    reply(
+        st.storage()
+            .write(&ctx, ExecControl::new(Instant::now(), 0.0), move |c| {
+                index::drop(c, &table).map(|_| json!({"dropped": table}))
+            })
+            .await,
+    )
+}
+
+async fn list_indexes(State(st): State<App>, Admin(ctx): Admin) -> Response {
+    reply(
+        st.storage()
+            .read(&ctx, ExecControl::new(Instant::now(), 0.0), |c| index::list(c))
+            .await
+            .map(|l| json!({"indexes": l})),
+    )
+}
