@@ -85,6 +85,14 @@ error_codes! {
     TooManyRequests = 202, "TOO_MANY_SIMULTANEOUS_QUERIES", 429, "rate or concurrency limit of the caller; retry later";
     /// A memory budget (per request or server-wide) would be exceeded.
     MemoryLimitExceeded = 241, "MEMORY_LIMIT_EXCEEDED", 503, "a memory budget, per request or server-wide";
+    /// A model name that is not in `[ai.models]`, or no model configured.
+    AiUnknownModel = 1030, "AI_UNKNOWN_MODEL", 404, "a model not in `[ai.models]`, or none configured";
+    /// `ai.generate_object`'s answers failed the schema after every retry.
+    AiObjectInvalid = 1031, "AI_OBJECT_INVALID", 422, "a generated object failed its JSON Schema after every retry";
+    /// A daily `[ai.budget]` limit (cost or tokens; user, function or global) is reached.
+    BudgetExceeded = 1032, "BUDGET_EXCEEDED", 429, "a daily `[ai.budget]` limit on cost or tokens";
+    /// A model's `key_env` variable is not set.
+    AiKeyMissing = 1033, "AI_KEY_MISSING", 503, "a model's `key_env` variable is not set";
     Internal = 1000, "INTERNAL_ERROR", 500, "bugs";
 }
 
