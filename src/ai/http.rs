@@ -69,7 +69,7 @@ pub(crate) fn find(p: &crate::posterity::Posterity, id: &str) -> Result<Option<J
     p.flush();
     let mut params = Map::new();
     params.insert("id".into(), json!(id));
-    let rows = query(p, &format!("{ROW} AND detail->>'id' = {{id:String}} LIMIT 1"), &params, 1)?;
+    let rows = query(p, &format!("{ROW} AND (detail->>'id') = {{id:String}} LIMIT 1"), &params, 1)?;
     Ok(rows.into_iter().next())
 }
 
@@ -164,11 +164,11 @@ fn filters(q: &ListQuery, ctx: &RequestContext) -> Result<(String, Map<String, J
         p.insert("user".into(), json!(u));
     }
     if let Some(f) = &q.function {
-        sql.push_str(" AND detail->>'function' = {function:String}");
+        sql.push_str(" AND (detail->>'function') = {function:String}");
         p.insert("function".into(), json!(f));
     }
     if let Some(m) = &q.model {
-        sql.push_str(" AND (detail->>'model' = {model:String} OR name = {model:String})");
+        sql.push_str(" AND ((detail->>'model') = {model:String} OR name = {model:String})");
         p.insert("model".into(), json!(m));
     }
     if let Some(s) = &q.since {
