@@ -591,3 +591,66 @@ async fn the_article_ranking_example_ranks_with_generate_object() {
     assert_eq!(st, 200, "{v}");
     let _ = ADMIN_KEY;
 }
+
+fn cli(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase"))
+        .args(args)
+        .env("ICHIBASE_ADMIN_KEY", ADMIN_KEY)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "ichibase {args:?}: {text}\n{}", String::from_utf8_lossy(&out.stderr));
+    text
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_replays_and_evaluates_against_several_models() {
+    let m = ModelServer::start().await;
+    let (s, dir) = start(&m.url, "", &[]);
+    let base = s.url.clone();
+    deploy(&base, "calls", CALLS).await;
+    let (st, t) = call(&base, None, "calls", json!({"shape": "text", "prompt": "recorded prompt", "system": "sys"})).await;
+    assert_eq!(st, 200, "{t}");
+    let id = t["id"].as_str().unwrap().to_string();
+
+    m.script("c-1", vec![Script::text("Bonjour de Claude", (10, 4, 0))]);
+    let out = tokio::task::spawn_blocking({
+        let (base, id) = (base.clone(), id.clone());
+        move || cli(&["ai", "replay", &id, "--model", "claude", "--url", &base])
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("original  fast") && out.contains("echo: recorded prompt"), "{out}");
+    assert!(out.contains("replay    claude") && out.contains("Bonjour de Claude"), "{out}");
+
+    let schema = json!({"type": "object", "required": ["score"], "properties": {"score": {"type": "integer"}}});
+    let file = json!({
+        "models": ["fast", "claude"],
+        "cases": [
+            {"name": "exact", "prompt": "2+2?", "checks": [{"exact": "4"}]},
+            {"name": "contains", "prompt": "greet", "checks": [{"contains": "echo"}]},
+            {"name": "schema", "prompt": "score it", "schema": schema, "checks": [{"json_schema": schema}]},
+            {"name": "lua", "prompt": "long?", "checks": [{"lua": "return function(i) return #i.text > 10 end"}]},
+            {"name": "recorded", "generation": id, "checks": [{"contains": "recorded prompt"}]}
+        ]
+    });
+    let path = dir.path().join("eval.json");
+    std::fs::write(&path, file.to_string()).unwrap();
+    m.script("m-fast", vec![Script::text("4", (1, 1, 0)), Script::text("echo: greet", (1, 1, 0)), Script::text("{\"score\": 3}", (1, 1, 0))]);
+    m.script("c-1", vec![Script::text("four", (1, 1, 0)), Script::text("echo: greet", (1, 1, 0)), Script::text("no idea", (1, 1, 0))]);
+    let out = tokio::task::spawn_blocking({
+        let (base, path) = (base.clone(), path.display().to_string());
+        move || cli(&["ai", "eval", &path, "--url", &base])
+    })
+    .await
+    .unwrap();
+    let row = |model: &str| out.lines().find(|l| l.starts_with(model)).unwrap_or_default().to_string();
+    assert!(row("fast").contains("100.0%"), "{out}");
+    assert!(row("claude").contains("60.0%"), "{out}");
+    assert!(out.contains("FAIL exact on claude") && out.contains("FAIL schema on claude"), "{out}");
+    // The schema case asked the provider for JSON.
+    assert!(m.seen_by("m-fast").iter().any(|s| s.body["response_format"]["type"] == "json_object"));
+    // Eval calls are generations too.
+    let (_, l) = api(&client(), "GET", format!("{base}/ai/generations?limit=100"), None).await;
+    assert_eq!(l["data"].as_array().unwrap().iter().filter(|g| g["origin"] == "eval").count(), 10);
+}

@@ -11,6 +11,7 @@
 //!   tokens, cost, latency, cache hits and ratings per group, plus today's budgets.
 //! - `POST /ai/generations/{id}/feedback` `{"score", "note"}`: the caller's verdict.
 //! - `POST /ai/generations/{id}/replay` `{"model"}` (admin): send the logged request again.
+//! - `POST /ai/eval` (admin): an eval file (see `eval.rs`), answered with results and a summary.
 
 use axum::extract::{Path, Query, State};
 use axum::response::Response;
@@ -33,6 +34,11 @@ pub fn routes() -> Router<App> {
         .route("/ai/generations/{id}/feedback", post(feedback))
         .route("/ai/generations/{id}/replay", post(replay))
         .route("/ai/usage", get(usage))
+        .route("/ai/eval", post(eval))
+}
+
+async fn eval(State(app): State<App>, Admin(ctx): Admin, JsonBody(f): JsonBody<super::eval::EvalFile>) -> Response {
+    reply(super::eval::run(&app, &ctx, f).await)
 }
 
 /// Run a read-only analytics query as the system; rows as JSON objects. Blocking.

@@ -86,7 +86,7 @@ fn schema_validator(what: &str, schema: &Json) -> mlua::Result<jsonschema::Valid
 }
 
 /// The errors of `v` against `validator`, one line each (at most 10).
-fn schema_errors(validator: &jsonschema::Validator, v: &Json) -> Vec<String> {
+pub(crate) fn schema_errors(validator: &jsonschema::Validator, v: &Json) -> Vec<String> {
     validator
         .iter_errors(v)
         .take(10)
@@ -398,8 +398,22 @@ fn generate_text(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<Table> {
     Ok(t)
 }
 
+/// Ask for JSON valid against `schema`: the provider's JSON mode, and the schema in the system
+/// prompt (for providers without one).
+pub(crate) fn with_schema(req: &mut ChatRequest, schema: Json) {
+    let instruction = format!(
+        "Answer with only one JSON value (no prose, no code fence) that is valid against this JSON Schema:\n{}",
+        serde_json::to_string(&schema).unwrap_or_default()
+    );
+    req.system = Some(match req.system.take() {
+        Some(s) => format!("{s}\n\n{instruction}"),
+        None => instruction,
+    });
+    req.schema = Some(schema);
+}
+
 /// The JSON in a model's answer: the whole text, or a fenced block, or the outermost braces.
-fn extract_json(text: &str) -> Result<Json, String> {
+pub(crate) fn extract_json(text: &str) -> Result<Json, String> {
     let t = text.trim();
     if let Ok(v) = serde_json::from_str(t) {
         return Ok(v);
@@ -433,15 +447,7 @@ fn generate_object(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<(Value, Ta
     let model = svc.resolve(a.model.as_deref()).map_err(lua_err)?;
     let mut g = begin(&svc, env, "object", &model);
     let mut req = a.req.clone();
-    let instruction = format!(
-        "Answer with only one JSON value (no prose, no code fence) that is valid against this JSON Schema:\n{}",
-        serde_json::to_string(&schema).unwrap_or_default()
-    );
-    req.system = Some(match req.system.take() {
-        Some(s) => format!("{s}\n\n{instruction}"),
-        None => instruction,
-    });
-    req.schema = Some(schema);
+    with_schema(&mut req, schema);
     g.request = Some(serde_json::to_value(&req).unwrap_or(Json::Null));
     let key = wants_cache(&svc, &a).then(|| svc.cache_key(&model.name, "object", &req));
     match preflight(&svc, env, &mut g, &model, key.as_deref()) {

@@ -16,6 +16,8 @@
 //! blocked, the Lua VM executes no instruction while waiting (so the instruction budget is not
 //! burnt) and the wall-clock deadline still ends the wait. See docs/ai.md.
 
+pub mod cli;
+pub mod eval;
 pub mod http;
 pub mod lua;
 pub mod provider;
