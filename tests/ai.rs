@@ -654,3 +654,24 @@ async fn cli_replays_and_evaluates_against_several_models() {
     let (_, l) = api(&client(), "GET", format!("{base}/ai/generations?limit=100"), None).await;
     assert_eq!(l["data"].as_array().unwrap().iter().filter(|g| g["origin"] == "eval").count(), 10);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_repair_loop_calls_are_in_the_generation_log() {
+    let m = ModelServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ichibase.toml"), config(&m.url, "")).unwrap();
+    let s = Server::start_in(dir.path(), &[], &[("ICHIBASE_LLM_URL", &m.url), ("ICHIBASE_LLM_MODEL", "m-repair")]);
+    // The echo answers hold no bundle: two rounds, both logged, then the loop gives up.
+    m.script("m-repair", vec![Script::text("no bundle here", (111, 22, 0))]);
+    let (st, g) = api(&client(), "POST", format!("{}/generate", s.url), Some(json!({"intent": "notes", "max_rounds": 2}))).await;
+    assert_eq!(st, 200, "{g}");
+    let (st, l) = api(&client(), "GET", format!("{}/ai/generations?model=m-repair", s.url), None).await;
+    assert_eq!(st, 200, "{l}");
+    let rows = l["data"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{l}");
+    assert!(rows.iter().all(|r| r["origin"] == "generate" && r["id"].as_str().unwrap().starts_with("gen-")));
+    assert!(rows.iter().any(|r| r["tokens_prompt"] == 111 && r["tokens_completion"] == 22), "{l}");
+    let (_, u) = api(&client(), "GET", format!("{}/ai/usage?group_by=model", s.url), None).await;
+    let row = u["data"].as_array().unwrap().iter().find(|r| r["group"] == "m-repair").unwrap().clone();
+    assert_eq!(row["generations"], 2);
+}
