@@ -335,6 +335,9 @@ async fn every_call_shape_fallbacks_and_the_generation_log() {
     assert_eq!(g["streamed"], false);
     assert_eq!(g["cancelled"], false);
     assert!(g["trace_id"].as_str().is_some_and(|t| !t.is_empty()));
+    let (_, l) = api(&client(), "GET", format!("{base}/ai/generations?trace_id={}", g["trace_id"].as_str().unwrap()), None).await;
+    assert_eq!(l["data"].as_array().unwrap().len(), 1, "{l}");
+    assert_eq!(l["data"][0]["id"], text_id.as_str());
     assert!(g["latency"].as_f64().unwrap() > 0.0 && g["generation_time"].as_f64().unwrap() > 0.0);
     assert_eq!(g["request"]["system"], "Be brief");
     assert_eq!(g["answer"]["text"], "Bonjour");

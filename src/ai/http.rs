@@ -5,7 +5,7 @@
 //! - `GET /ai/models` (any caller): the configured models, prices and fallbacks (never keys).
 //! - `GET /ai/generations/{id}`: one generation, OpenRouter's field names (`{"data": {...}}`);
 //!   the admin sees all, a user their own.
-//! - `GET /ai/generations?function=&user=&model=&since=&until=&limit=`: newest first; a
+//! - `GET /ai/generations?function=&user=&model=&trace_id=&since=&until=&limit=`: newest first; a
 //!   non-admin sees only their own.
 //! - `GET /ai/usage?group_by=model|function|user|day&since=&until=` (admin): calls, errors,
 //!   tokens, cost, latency, cache hits and ratings per group, plus today's budgets.
@@ -137,6 +137,7 @@ struct ListQuery {
     model: Option<String>,
     since: Option<String>,
     until: Option<String>,
+    trace_id: Option<String>,
     limit: Option<u32>,
     group_by: Option<String>,
 }
@@ -176,6 +177,10 @@ fn filters(q: &ListQuery, ctx: &RequestContext) -> Result<(String, Map<String, J
     if let Some(m) = &q.model {
         sql.push_str(" AND ((detail->>'model') = {model:String} OR name = {model:String})");
         p.insert("model".into(), json!(m));
+    }
+    if let Some(t) = &q.trace_id {
+        sql.push_str(" AND trace_id = {trace_id:String}");
+        p.insert("trace_id".into(), json!(t));
     }
     if let Some(s) = &q.since {
         sql.push_str(" AND ts >= CAST({since:String} AS TIMESTAMP)");

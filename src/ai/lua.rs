@@ -277,6 +277,10 @@ fn info(lua: &Lua, g: &Generation, text: Option<&str>, steps: &[Json]) -> mlua::
 
 /// End the generation with `e`: log it, and raise it in Lua.
 fn fail(svc: &AiService, mut g: Generation, e: Error) -> mlua::Error {
+    if e.code == ErrorCode::TimeoutExceeded {
+        // The invocation's deadline ended the wait: the provider's request was dropped.
+        g.cancelled = true;
+    }
     g.error = Some(e.clone());
     svc.finish(g);
     lua_err(e)
