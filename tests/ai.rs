@@ -347,6 +347,17 @@ async fn every_call_shape_fallbacks_and_the_generation_log() {
     let (st, _) = api(&alice.client, "GET", format!("{base}/ai/generations/{text_id}"), None).await;
     assert_eq!(st, 200);
 
+    // A traced run links to its generations: the trace's logs name them and the Lua line.
+    let r = common::request(&client(), reqwest::Method::POST, format!("{base}/fn/calls?trace=1"), Some(json!({"shape": "text", "prompt": "traced"}).to_string())).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (tid, gid) = (r.header("x-ichibase-trace-id").unwrap().to_string(), r.json()["id"].as_str().unwrap().to_string());
+    let (st, tr) = api(&client(), "GET", format!("{base}/trace/{tid}"), None).await;
+    assert_eq!(st, 200, "{tr}");
+    let logs = tr.pointer("/logs").or_else(|| tr.pointer("/trace/logs")).cloned().unwrap_or(Value::Null);
+    let entry = logs.as_array().into_iter().flatten().find(|l| l["fields"]["generation"] == gid.as_str()).cloned();
+    assert!(entry.as_ref().is_some_and(|e| e["fields"]["line"].as_u64() == Some(4)), "{tr}");
+    assert_eq!(generation(base, &gid).await["trace_id"], tid.as_str());
+
     // Lists by function, user and model.
     let (st, l) = api(&client(), "GET", format!("{base}/ai/generations?model=claude&user={}", alice.id), None).await;
     assert_eq!(st, 200, "{l}");

@@ -275,14 +275,28 @@ fn info(lua: &Lua, g: &Generation, text: Option<&str>, steps: &[Json]) -> mlua::
     Ok(t)
 }
 
+/// Log the generation, and note it in the invocation's logs (kept with its trace): the Lua line
+/// that made the call links to its generation.
+fn done(lua: &Lua, env: &Env, svc: &AiService, g: Generation) {
+    // The nearest Lua frame (below the host function and its guard wrapper).
+    let line = (1..6).find_map(|l| lua.inspect_stack(l, |d| d.current_line()).flatten());
+    let mut logs = env.logs.borrow_mut();
+    if logs.len() < 1000 {
+        logs.push(json!({"level": "info", "message": format!("ai.{} → {}", g.call, g.id),
+            "fields": {"generation": g.id, "model": g.model_used, "line": line, "error": g.error.as_ref().map(|e| e.code.name())}}));
+    }
+    drop(logs);
+    svc.finish(g);
+}
+
 /// End the generation with `e`: log it, and raise it in Lua.
-fn fail(svc: &AiService, mut g: Generation, e: Error) -> mlua::Error {
+fn fail(lua: &Lua, env: &Env, svc: &AiService, mut g: Generation, e: Error) -> mlua::Error {
     if e.code == ErrorCode::TimeoutExceeded {
         // The invocation's deadline ended the wait: the provider's request was dropped.
         g.cancelled = true;
     }
     g.error = Some(e.clone());
-    svc.finish(g);
+    done(lua, env, svc, g);
     lua_err(e)
 }
 
@@ -348,11 +362,11 @@ fn generate_text(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<Table> {
     g.request = Some(serde_json::to_value(&a.req).unwrap_or(Json::Null));
     let key = wants_cache(&svc, &a).then(|| svc.cache_key(&model.name, "text", &a.req));
     match preflight(&svc, env, &mut g, &model, key.as_deref()) {
-        Err(e) => return Err(fail(&svc, g, e)),
+        Err(e) => return Err(fail(lua, env, &svc, g, e)),
         Ok(Some(hit)) => {
             let text = hit["text"].as_str().unwrap_or("").to_string();
             let t = info(lua, &g, Some(&text), &[])?;
-            svc.finish(g);
+            done(lua, env, &svc, g);
             return Ok(t);
         }
         Ok(None) => {}
@@ -362,7 +376,7 @@ fn generate_text(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<Table> {
     let last = loop {
         let r = match wait(env, svc.chat(&mut g, &model, &req)).and_then(|r| r) {
             Ok(r) => r,
-            Err(e) => return Err(fail(&svc, g, e)),
+            Err(e) => return Err(fail(lua, env, &svc, g, e)),
         };
         let mut step = json!({"text": r.text, "finish_reason": r.finish_reason, "usage": r.usage, "tool_calls": r.tool_calls});
         if r.tool_calls.is_empty() || a.tools.is_empty() || steps.len() + 1 >= a.max_steps as usize {
@@ -377,7 +391,7 @@ fn generate_text(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<Table> {
                 Err(e) => {
                     let msg = e.to_string();
                     g.error = Some(Error::new(ErrorCode::LuaError, format!("tool {} failed: {}", call.name, super::provider::clip(&msg, 500))));
-                    svc.finish(g);
+                    done(lua, env, &svc, g);
                     return Err(e);
                 }
             };
@@ -388,7 +402,7 @@ fn generate_text(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<Table> {
         steps.push(step);
         // Budgets hold between steps too.
         if let Err(e) = svc.check_budget(env.ctx.user_id.as_deref(), Some(&env.function), (g.cost, g.usage.total())) {
-            return Err(fail(&svc, g, e));
+            return Err(fail(lua, env, &svc, g, e));
         }
     };
     g.finish_reason = Some(last.finish_reason.clone());
@@ -398,7 +412,7 @@ fn generate_text(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<Table> {
         svc.cache_put(k, cached_value(&last, &answer));
     }
     let t = info(lua, &g, Some(&last.text), &steps)?;
-    svc.finish(g);
+    done(lua, env, &svc, g);
     Ok(t)
 }
 
@@ -455,11 +469,11 @@ fn generate_object(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<(Value, Ta
     g.request = Some(serde_json::to_value(&req).unwrap_or(Json::Null));
     let key = wants_cache(&svc, &a).then(|| svc.cache_key(&model.name, "object", &req));
     match preflight(&svc, env, &mut g, &model, key.as_deref()) {
-        Err(e) => return Err(fail(&svc, g, e)),
+        Err(e) => return Err(fail(lua, env, &svc, g, e)),
         Ok(Some(hit)) => {
             let obj = to_lua(lua, &hit["answer"]["object"])?;
             let t = info(lua, &g, None, &[])?;
-            svc.finish(g);
+            done(lua, env, &svc, g);
             return Ok((obj, t));
         }
         Ok(None) => {}
@@ -471,7 +485,7 @@ fn generate_object(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<(Value, Ta
     for attempt in 1..=tries {
         let r = match wait(env, svc.chat(&mut g, &model, &req)).and_then(|r| r) {
             Ok(r) => r,
-            Err(e) => return Err(fail(&svc, g, e)),
+            Err(e) => return Err(fail(lua, env, &svc, g, e)),
         };
         let verdict = extract_json(&r.text).map_err(|e| vec![e]).and_then(|v| {
             let errs = schema_errors(&validator, &v);
@@ -489,7 +503,7 @@ fn generate_object(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<(Value, Ta
                 }
                 let lv = to_lua(lua, &obj)?;
                 let t = info(lua, &g, Some(&r.text), &steps)?;
-                svc.finish(g);
+                done(lua, env, &svc, g);
                 return Ok((lv, t));
             }
             Err(errs) => {
@@ -503,7 +517,7 @@ fn generate_object(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<(Value, Ta
                         errs.join("\n- ")
                     )));
                     if let Err(e) = svc.check_budget(env.ctx.user_id.as_deref(), Some(&env.function), (g.cost, g.usage.total())) {
-                        return Err(fail(&svc, g, e));
+                        return Err(fail(lua, env, &svc, g, e));
                     }
                 }
             }
@@ -519,7 +533,7 @@ fn generate_object(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<(Value, Ta
             super::provider::clip(&last_text, 2000)
         ),
     );
-    Err(fail(&svc, g, e))
+    Err(fail(lua, env, &svc, g, e))
 }
 
 /// Rough token count of streamed text not yet reported by the provider.
@@ -543,31 +557,31 @@ fn stream_text(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<Table> {
     };
     // The channel's join rules are checked before anything is spent.
     if let Err(e) = publish(json!({"type": "ai", "event": "start", "generation": g.id})) {
-        return Err(fail(&svc, g, e));
+        return Err(fail(lua, env, &svc, g, e));
     }
     let key = wants_cache(&svc, &a).then(|| svc.cache_key(&model.name, "text", &a.req));
     match preflight(&svc, env, &mut g, &model, key.as_deref()) {
-        Err(e) => return Err(fail(&svc, g, e)),
+        Err(e) => return Err(fail(lua, env, &svc, g, e)),
         Ok(Some(hit)) => {
             let text = hit["text"].as_str().unwrap_or("").to_string();
             if let Some(f) = &a.on_chunk {
                 if let Err(e) = f.call::<()>(text.clone()) {
                     g.cancelled = true;
-                    svc.finish(g);
+                    done(lua, env, &svc, g);
                     return Err(e);
                 }
             }
             let _ = publish(json!({"type": "ai", "event": "delta", "generation": g.id, "delta": text}));
             let _ = publish(json!({"type": "ai", "event": "finish", "generation": g.id, "finish_reason": g.finish_reason, "cache_hit": true}));
             let t = info(lua, &g, Some(&text), &[])?;
-            svc.finish(g);
+            done(lua, env, &svc, g);
             return Ok(t);
         }
         Ok(None) => {}
     }
     let (spec, mut events) = match wait(env, svc.open_stream(&mut g, &model, &a.req)).and_then(|r| r) {
         Ok(v) => v,
-        Err(e) => return Err(fail(&svc, g, e)),
+        Err(e) => return Err(fail(lua, env, &svc, g, e)),
     };
     let provider = spec.settings.provider;
     let prompt_chars = a.req.system.as_ref().map_or(0, |s| s.chars().count())
@@ -614,7 +628,7 @@ fn stream_text(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<Table> {
                     g.usage = billed(&r, prompt_chars, out_chars, &mut g.estimated);
                     g.cost = spec.cost(g.usage);
                     g.error = Some(Error::new(ErrorCode::LuaError, format!("on_chunk failed: {}", super::provider::clip(&e.to_string(), 500))));
-                    svc.finish(g);
+                    done(lua, env, &svc, g);
                     return Err(e);
                 }
             }
@@ -646,7 +660,7 @@ fn stream_text(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<Table> {
             g.cancelled = true;
             g.finish_reason = Some("cancelled".into());
             let _ = publish(json!({"type": "ai", "event": "error", "generation": g.id, "error": e.message}));
-            Err(fail(&svc, g, e))
+            Err(fail(lua, env, &svc, g, e))
         }
         Some(Ok(why)) => {
             g.cancelled = true;
@@ -654,7 +668,7 @@ fn stream_text(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<Table> {
             let _ = publish(json!({"type": "ai", "event": "finish", "generation": g.id, "finish_reason": why}));
             let t = info(lua, &g, Some(&r.text), &[])?;
             t.set("cancelled", true)?;
-            svc.finish(g);
+            done(lua, env, &svc, g);
             Ok(t)
         }
         None => {
@@ -665,7 +679,7 @@ fn stream_text(lua: &Lua, env: &Env, opts: Table) -> mlua::Result<Table> {
             let _ = publish(json!({"type": "ai", "event": "finish", "generation": g.id, "finish_reason": g.finish_reason,
                                    "usage": g.usage, "cost": g.cost}));
             let t = info(lua, &g, Some(&r.text), &[])?;
-            svc.finish(g);
+            done(lua, env, &svc, g);
             Ok(t)
         }
     }
@@ -720,16 +734,16 @@ fn embed(lua: &Lua, env: &Env, texts: Value, opts: Option<Table>) -> mlua::Resul
     let model = svc.resolve(model_name.as_deref()).map_err(lua_err)?;
     let mut g = begin(&svc, env, "embed", &model);
     if let Err(e) = svc.check_budget(env.ctx.user_id.as_deref(), Some(&env.function), (0.0, 0)) {
-        return Err(fail(&svc, g, e));
+        return Err(fail(lua, env, &svc, g, e));
     }
     let vectors = match wait(env, svc.embed(&mut g, &model, list)).and_then(|r| r) {
         Ok(v) => v,
-        Err(e) => return Err(fail(&svc, g, e)),
+        Err(e) => return Err(fail(lua, env, &svc, g, e)),
     };
     g.finish_reason = Some("stop".into());
     let out = if single { to_lua(lua, &json!(vectors[0]))? } else { to_lua(lua, &json!(vectors))? };
     let t = info(lua, &g, None, &[])?;
-    svc.finish(g);
+    done(lua, env, &svc, g);
     Ok((out, t))
 }
 
