@@ -447,7 +447,7 @@ end
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_budgets_and_the_cache() {
     let m = ModelServer::start().await;
-    let (s, _dir) = start(&m.url, "[ai.budget]\nuser_tokens = 1000\n", &["--lua-timeout-secs", "4"]);
+    let (mut s, dir) = start(&m.url, "[ai.budget]\nuser_tokens = 1000\n", &["--lua-timeout-secs", "4"]);
     let base = &s.url;
     deploy(base, "calls", CALLS).await;
     deploy(base, "stream", STREAM).await;
@@ -566,6 +566,30 @@ async fn streams_budgets_and_the_cache() {
     assert_eq!(g["cancelled"], true);
     assert_eq!(g["outcome"], "cancelled");
     assert!(g["tokens_completion"].as_u64().unwrap() > 0);
+
+    // Budgets survive a restart: today's spend is read back from the log.
+    let base = base.clone();
+    assert!(s.terminate().success());
+    drop(s);
+    let s = Server::start_in(dir.path(), &["--signup-open", "true"], &[]);
+    let alice = common::signin(&common::anon_client(), &s.url, "alice@example.com", &common::password_of("alice@example.com")).await;
+    assert_eq!(alice.status, 200, "{}", alice.body);
+    let token = alice.json()["access_token"].as_str().unwrap().to_string();
+    let alice_client = common::client_with_token(&token);
+    let alice_id = alice.json()["user"]["id"].as_str().unwrap().to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, u) = api(&client(), "GET", format!("{}/ai/usage?group_by=user", s.url), None).await;
+        if u["budgets"]["today"]["users"][&alice_id]["tokens"].as_u64().unwrap_or(0) >= 1100 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "today's spend was not read back: {u}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = call_fn(&alice_client, &s.url, "calls", json!({"shape": "text", "prompt": "after restart"})).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert!(r.body.contains("BUDGET_EXCEEDED"), "{}", r.body);
+    let _ = base;
 }
 
 #[tokio::test(flavor = "multi_thread")]
