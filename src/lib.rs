@@ -13,9 +13,11 @@
 //! - [`replication`]: continuous WAL backup to S3 or a directory, snapshots, restore.
 //! - [`app`]: the `App` handle (shared state with accessors, modules' services).
 //! - [`modules`]: the module contract and the one registry that names every module.
+//! - [`ai`]: named models for app code (Lua `ai`), the generation log, budgets, cache.
 //! - [`apis`]: the HTTP front: request context, identity extractors, request log, errors.
 //! - [`server`]: start, serve and shut down gracefully.
 
+pub mod ai;
 pub mod apis;
 pub mod app;
 pub mod auth;

@@ -52,6 +52,11 @@ enum Command {
     },
     /// Print the version.
     Version,
+    /// Model calls of a running server: replay a logged generation, evaluate prompts.
+    Ai {
+        #[command(subcommand)]
+        command: ichibase::ai::cli::AiCommand,
+    },
     /// Administration that works on the data directory directly.
     Admin {
         #[command(subcommand)]
@@ -636,6 +641,7 @@ fn main() -> anyhow::Result<()> {
                 .build()?;
             rt.block_on(functions(command))
         }
+        Command::Ai { command } => ichibase::ai::cli::run(command),
         Command::Admin { command } => {
             init_logging("warn", LogFormat::Text);
             let rt = tokio::runtime::Builder::new_multi_thread()

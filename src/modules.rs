@@ -71,6 +71,7 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::canvas::CanvasModule,
         &crate::notify::NotifyModule,
         &crate::search::SearchModule,
+        &crate::ai::AiModule,
     ]
 }
 

@@ -90,6 +90,14 @@ error_codes! {
     /// A UI's TSX did not compile (the message names line and column).
     UiCompileError = 1040, "UI_COMPILE_ERROR", 422, "a UI's TSX did not compile: line and column in the message";
     NoSearchIndex = 1090, "NO_SEARCH_INDEX", 404, "a search on a table without a (text or vector) search index";
+    /// A model name that is not in `[ai.models]`, or no model configured.
+    AiUnknownModel = 1030, "AI_UNKNOWN_MODEL", 404, "a model not in `[ai.models]`, or none configured";
+    /// `ai.generate_object`'s answers failed the schema after every retry.
+    AiObjectInvalid = 1031, "AI_OBJECT_INVALID", 422, "a generated object failed its JSON Schema after every retry";
+    /// A daily `[ai.budget]` limit (cost or tokens; user, function or global) is reached.
+    BudgetExceeded = 1032, "BUDGET_EXCEEDED", 429, "a daily `[ai.budget]` limit on cost or tokens";
+    /// A model's `key_env` variable is not set.
+    AiKeyMissing = 1033, "AI_KEY_MISSING", 503, "a model's `key_env` variable is not set";
     Internal = 1000, "INTERNAL_ERROR", 500, "bugs";
 }
 

@@ -466,14 +466,24 @@ impl Generator {
         e.user_id = req.by.clone();
         e.name = Some(self.llm.model().to_string());
         e.elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
-        let mut detail = json!({"purpose": "generate", "generation": generation, "round": round, "endpoint": self.llm.endpoint()});
+        // The same fields as the `ai` module's generation rows (src/ai), so these calls show
+        // in `/ai/generations` and `/ai/usage` too (at cost 0: `[llm]` has no prices).
+        let ms = e.elapsed_ms;
+        let mut detail = json!({"purpose": "generate", "generation": generation, "round": round, "endpoint": self.llm.endpoint(),
+            "id": format!("gen-{}", uuid::Uuid::new_v4().simple()), "call": "text",
+            "model_requested": self.llm.model(), "model": self.llm.model(),
+            "provider_name": self.llm.endpoint().split("://").nth(1).and_then(|h| h.split('/').next()),
+            "total_cost": 0.0, "latency": ms, "generation_time": ms, "streamed": false, "cancelled": false, "cache_hit": false});
         match called {
             Ok(r) => {
                 e.outcome = Some("ok");
                 detail["input_tokens"] = json!(r.usage.input_tokens);
                 detail["output_tokens"] = json!(r.usage.output_tokens);
+                detail["tokens_prompt"] = json!(r.usage.input_tokens);
+                detail["tokens_completion"] = json!(r.usage.output_tokens);
                 detail["attempts"] = json!(r.attempts);
                 detail["truncated"] = json!(r.truncated);
+                detail["finish_reason"] = json!(if r.truncated { "length" } else { "stop" });
             }
             Err(err) => {
                 e.outcome = Some("error");
