@@ -582,3 +582,60 @@ async fn index_declarations_are_validated_and_admin_only() {
     // Writes through the policy view keep working without the index.
     ok(&alice.client, base, "INSERT INTO my_notes(body) VALUES ('after the index')").await;
 }
+
+#[path = "common/model_server.rs"]
+mod model_server;
+
+/// `db.search{text=...}` without `vector=` embeds the text with `[search] embed_model` through
+/// the `ai` layer (logged as a generation of the calling function); without the setting it
+/// ranks by text alone.
+#[tokio::test]
+async fn query_text_is_embedded_through_the_ai_layer() {
+    let m = model_server::ModelServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ichibase.toml"),
+        format!("[search]\nembed_model = \"emb\"\n\n[ai.models.emb]\nurl = \"{}\"\nmodel = \"e-1\"\ninput_price = 0.1\n", m.url),
+    )
+    .unwrap();
+    let s = Server::start_in(dir.path(), &[], &[]);
+    let (admin, base) = (client(), s.url.clone());
+    ok(&admin, &base, "CREATE TABLE docs(id INTEGER PRIMARY KEY, body TEXT, v BLOB)").await;
+    let f = |t: &str| {
+        let v: Vec<f32> = model_server::vector_of(t).into_iter().map(|x| x as f32).collect();
+        vjson(&v)
+    };
+    // Every row has the word; only row 7's vector is the query's ("zebra").
+    let mut rows = Vec::new();
+    for id in 1..=20 {
+        let vt = if id == 7 { "zebra".to_string() } else { format!("{}", "q".repeat(id as usize + 10)) };
+        rows.push(format!("({id}, 'zebra number {id}', '{}')", f(&vt)));
+    }
+    ok(&admin, &base, &format!("INSERT INTO docs VALUES {}", rows.join(","))).await;
+    let (st, v) = put_index(&admin, &base, "docs", json!({"text": ["body"], "vector": {"column": "v", "dims": 4}})).await;
+    assert_eq!(st, 200, "{v}");
+    wait_indexed(&admin, &base, "zebra", 20).await;
+    let r = put_fn(&admin, &base, "find", "return function(input) return db.search{table = 'docs', text = input.q, k = 3} end").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = call_fn(&admin, &base, "find", json!({"q": "zebra"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let hits: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(hits[0]["id"], 7, "the embedded query's nearest row first: {hits}");
+    assert_eq!(hits[0]["_vector_rank"], 1, "{hits}");
+    // The model saw the query text, and the call is one generation of `find`.
+    assert!(m.seen().iter().any(|x| x.body.to_string().contains("zebra")), "the embedding request carried the text");
+    let (st, g) = common::api(&admin, "GET", format!("{base}/ai/generations?function=find"), None).await;
+    assert_eq!(st, 200, "{g}");
+    assert!(g.to_string().contains("\"embed\""), "a logged embed generation: {g}");
+
+    // A vector of the wrong size is a clear error, not a silent text-only search.
+    let r = put_fn(&admin, &base, "find4", "return function() return db.search{table = 'docs2', text = 'zebra'} end").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    ok(&admin, &base, "CREATE TABLE docs2(id INTEGER PRIMARY KEY, body TEXT, v BLOB)").await;
+    ok(&admin, &base, "INSERT INTO docs2 VALUES (1, 'zebra', '[1,2,3]')").await;
+    let (st, v) = put_index(&admin, &base, "docs2", json!({"text": ["body"], "vector": {"column": "v", "dims": 3}})).await;
+    assert_eq!(st, 200, "{v}");
+    let r = call_fn(&admin, &base, "find4", json!({})).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("4 dimensions") && r.body.contains("has 3"), "{}", r.body);
+}

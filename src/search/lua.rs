@@ -131,8 +131,7 @@ impl Component for DbSearch {
                 let (key, dims) = index_of(&e, a.table.clone()).map_err(lua_err)?;
                 if a.vector.is_none() {
                     if let (Some(text), Some(dims)) = (&a.text, dims) {
-                        a.vector = super::embed_query_text(e.app.as_ref(), &e.ctx, text, dims)
-                            .map_err(lua_err)?;
+                        a.vector = super::embed_query_text(&e, text, dims).map_err(lua_err)?;
                     }
                 }
                 let sql = format!(

@@ -56,6 +56,9 @@ pub struct SearchSettings {
     pub max_text: usize,
     /// Most dimensions of an indexed vector.
     pub max_dims: usize,
+    /// The `[ai.models.NAME]` that embeds query texts for `db.search{text=...}` without
+    /// `vector=` on an index with a vector column ("": none, the text ranking alone).
+    pub embed_model: String,
 }
 
 impl Default for SearchSettings {
@@ -68,6 +71,7 @@ impl Default for SearchSettings {
             rescore_factor: 8,
             max_text: 4096,
             max_dims: 4096,
+            embed_model: String::new(),
         }
     }
 }
@@ -99,17 +103,56 @@ pub fn register_sqlite_vec() {
     });
 }
 
-/// HOOK (to wire to `ai.embed` after merging the `ai` module): the vector of a query text, for
-/// `db.search{text=...}` called without `vector=` on an index that has a vector column.
-/// Returns `None` until wired: the search then ranks by text alone. It runs on the Lua thread
-/// as the caller (`ctx`); `dims` is the index's dimension count (the result must have it).
-pub fn embed_query_text(
-    _app: Option<&App>,
-    _ctx: &RequestContext,
-    _text: &str,
-    _dims: usize,
-) -> Result<Option<Vec<f32>>> {
-    Ok(None)
+/// The vector of a query text, for `db.search{text=...}` called without `vector=` on an index
+/// that has a vector column: embedded by `[search] embed_model` through the `ai` layer (one
+/// logged, budgeted generation as the caller, from the calling function), waiting at most until
+/// the invocation's deadline. `None` when no embedding model is configured: the search then
+/// ranks by text alone. Runs on the Lua thread; `dims` is the index's dimension count.
+pub fn embed_query_text(env: &crate::lua::Env, text: &str, dims: usize) -> Result<Option<Vec<f32>>> {
+    use crate::core::{Error, ErrorCode};
+    let name = settings().embed_model.as_str();
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let Some(app) = env.app.as_ref() else {
+        return Ok(None);
+    };
+    let svc = crate::ai::AiService::of(app)?;
+    let model = svc.resolve(Some(name))?;
+    svc.check_budget(env.ctx.user_id.as_deref(), Some(&env.function), (0.0, 0))?;
+    let mut g = svc.begin(&env.ctx, Some(&env.function), "lua", "embed", &model.name);
+    let call = svc.embed(&mut g, &model, vec![text.to_string()]);
+    let r = match env.control.deadline {
+        None => env.rt.block_on(call),
+        Some(d) => env
+            .rt
+            .block_on(async { tokio::time::timeout_at(tokio::time::Instant::from_std(d), call).await })
+            .unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorCode::TimeoutExceeded,
+                    "embedding the search text ran past the invocation's time limit",
+                ))
+            }),
+    };
+    let result = r.and_then(|mut v| {
+        let v = v.pop().unwrap_or_default();
+        if v.len() != dims {
+            return Err(Error::new(
+                ErrorCode::BadArguments,
+                format!(
+                    "[search] embed_model '{name}' returned {} dimensions; the index has {dims}",
+                    v.len()
+                ),
+            ));
+        }
+        Ok(v.into_iter().map(|x| x as f32).collect())
+    });
+    match &result {
+        Ok(_) => g.finish_reason = Some("stop".into()),
+        Err(e) => g.error = Some(e.clone()),
+    }
+    svc.finish(g);
+    result.map(Some)
 }
 
 pub struct SearchModule;
