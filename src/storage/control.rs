@@ -219,6 +219,27 @@ const ARGUMENT_PRAGMAS: &[&str] = &[
     "optimize",
 ];
 
+thread_local! {
+    /// Set while [`as_engine`] runs engine statements on this thread.
+    static ENGINE_WORK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Run `f` as the engine on a connection checked out for a request: statements *prepared*
+/// inside `f` on this thread pass the authorizer (e.g. a workflow's journal row written in the
+/// same transaction as the caller's own writes, `src/flow`). Use uncached statements only
+/// (`Connection::prepare`, `execute`), never `prepare_cached`: a cached statement would let the
+/// caller's identical SQL reuse the engine's authorization.
+pub fn as_engine<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            ENGINE_WORK.with(|w| w.set(self.0));
+        }
+    }
+    let _reset = Reset(ENGINE_WORK.with(|w| w.replace(true)));
+    f()
+}
+
 impl ConnState {
     /// Create the state for `conn` and hook SQLite's progress handler to it.
     pub fn install(
@@ -264,6 +285,9 @@ impl ConnState {
     /// The authorizer: engine work (no request checked out) may do anything; request SQL may
     /// not change state that would outlive the request on a pooled connection.
     fn authorize(&self, a: &AuthContext<'_>) -> Authorization {
+        if ENGINE_WORK.with(|w| w.get()) {
+            return Authorization::Allow;
+        }
         let role = match self.ctx.lock() {
             Ok(c) => match c.as_ref() {
                 None => return Authorization::Allow,

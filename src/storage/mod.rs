@@ -22,7 +22,7 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags};
 
 pub use authz::Authz;
-pub use control::{ConnState, ExecControl, begin_shutdown};
+pub use control::{ConnState, ExecControl, as_engine, begin_shutdown};
 use readers::ReaderPool;
 use writer::Writer;
 
