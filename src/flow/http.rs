@@ -296,14 +296,21 @@ async fn event_http(
 }
 
 async fn schedules(State(app): State<App>, Admin(_): Admin) -> Response {
-    reply(
+    let r = async {
+        let svc = service(&app)?;
+        let (now, started) = (svc.now_ms(), svc.started_ms());
         app.storage()
             .read(&RequestContext::system(), ExecControl::lookup(), |c| {
                 super::cron::list(c)
             })
             .await
-            .map(|s| json!({"schedules": s})),
-    )
+            .map(|s| {
+                // The flow clock: ticks before `started_at` fell due while the server was down.
+                json!({"schedules": s, "clock": {"now": journal::iso(Some(now)), "started_at": journal::iso(Some(started))}})
+            })
+    }
+    .await;
+    reply(r)
 }
 
 async fn unschedule_http(State(app): State<App>, Path(name): Path<String>, Admin(ctx): Admin) -> Response {
