@@ -352,6 +352,26 @@ end)
     let f = wait_status(&c, &u, v["id"].as_str().unwrap(), &["completed", "failed"]).await;
     assert_eq!(f["status"], "completed", "{f}");
     assert_eq!(f["output"], json!({"ok": true, "ok2": true}), "{f}");
+    // A step past its own time limit: retried, then a failure the body can catch.
+    deploy(
+        &c,
+        &u,
+        "slow",
+        r#"
+return flow.define("slow", function(ctx, input)
+  local ok, err = pcall(ctx.step, "spin", function() while true do end end, {timeout = 0.2, retries = 1, backoff = 0.01})
+  return {ok = ok, err = err}
+end)
+"#,
+    )
+    .await;
+    let (_, v) = start(&c, &u, "slow", json!({})).await;
+    let f = wait_status(&c, &u, v["id"].as_str().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(f["status"], "completed", "{f}");
+    assert_eq!(f["output"]["ok"], false, "{f}");
+    assert!(f["output"]["err"].as_str().unwrap().contains("time limit"), "{f}");
+    assert_eq!(f["steps"][0]["attempts"], 2, "{f}");
+    assert_eq!(f["steps"][0]["status"], "failed", "{f}");
     // Limits: too many steps.
     deploy(
         &c,

@@ -85,7 +85,7 @@ error_codes! {
     TooManyRequests = 202, "TOO_MANY_SIMULTANEOUS_QUERIES", 429, "rate or concurrency limit of the caller; retry later";
     /// A memory budget (per request or server-wide) would be exceeded.
     MemoryLimitExceeded = 241, "MEMORY_LIMIT_EXCEEDED", 503, "a memory budget, per request or server-wide";
-    FlowFailed = 1070, "FLOW_FAILED", 422, "a workflow failed (its error and trace id are at `GET /flows/{id}`)";
+    FlowFailed = 1070, "FLOW_FAILED", 422, "a workflow failed; `GET /flows/{id}` shows its error and trace id";
     FlowNondeterministic = 1071, "FLOW_NONDETERMINISTIC", 422, "a workflow's replay called its steps in another order than the journal recorded";
     FlowLimit = 1072, "FLOW_LIMIT_EXCEEDED", 422, "a `[flow]` limit: steps, journal or result size, events, active workflows";
     FlowCancelled = 1073, "FLOW_CANCELLED", 409, "the workflow was cancelled";
