@@ -259,3 +259,24 @@ pub async fn tick(app: &App) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_follow_the_time_zone() {
+        let c = parse("0 7 * * *").unwrap();
+        let tokyo = zone("Asia/Tokyo").unwrap();
+        // 2026-01-01T00:00:00Z: 07:00 in Tokyo is 22:00 UTC the same day.
+        let t0 = 1_767_225_600_000;
+        let n = next_tick(&c, tokyo, t0, false).unwrap();
+        assert_eq!(n, t0 + 22 * 3_600_000);
+        assert_eq!(next_tick(&c, tokyo, n, true), Some(n));
+        assert_eq!(next_tick(&c, tokyo, n, false), Some(n + 86_400_000));
+        assert!(parse("61 * * * *").is_err());
+        assert!(parse("not cron").is_err());
+        assert!(zone("Mars/Olympus").is_err());
+        assert_eq!(zone("UTC").unwrap(), chrono_tz::UTC);
+    }
+}

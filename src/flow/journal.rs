@@ -36,6 +36,7 @@ CREATE TABLE _ichibase_flows (
 CREATE INDEX _ichibase_flows_due ON _ichibase_flows (wake_at)
     WHERE status IN ('pending', 'running', 'sleeping', 'waiting');
 CREATE INDEX _ichibase_flows_created ON _ichibase_flows (created_at);
+CREATE INDEX _ichibase_flows_finished ON _ichibase_flows (finished_at) WHERE finished_at IS NOT NULL;
 CREATE INDEX _ichibase_flows_parent ON _ichibase_flows (parent_id) WHERE parent_id IS NOT NULL;
 CREATE TABLE _ichibase_flow_steps (
     flow_id TEXT NOT NULL,

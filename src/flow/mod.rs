@@ -343,3 +343,32 @@ async fn poll_loop(app: App) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_test_clock_runs_fast_from_its_anchor() {
+        let real = Clock::new(&FlowSettings::default());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        assert!((real.now_ms() - now).abs() < 1000);
+        let s = FlowSettings {
+            clock_speed: 3600.0,
+            clock_anchor: (now / 1000) as f64 - 10.0,
+            clock_offset_secs: 86_400.0,
+            ..FlowSettings::default()
+        };
+        let fast = Clock::new(&s);
+        // Ten real seconds since the anchor are ten hours, plus the day of offset.
+        let expect = now + 36_000_000 + 86_400_000;
+        assert!((fast.now_ms() - expect).abs() < 3_600_000, "{} vs {expect}", fast.now_ms());
+        assert_eq!(fast.real(3_600_000), Duration::from_secs(1));
+        assert!(FlowSettings { workers: 0, ..FlowSettings::default() }.check().is_err());
+        assert!(FlowSettings { clock_speed: 0.0, ..FlowSettings::default() }.check().is_err());
+        assert!(FlowSettings::default().check().is_ok());
+    }
+}
