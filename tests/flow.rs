@@ -286,6 +286,8 @@ end)
     assert_eq!(st, 404);
     let (st, _) = api(&bob.client, "POST", format!("{u}/flows/ann-note/cancel"), None).await;
     assert_eq!(st, 404);
+    let (st, _) = start(&bob.client, &u, "note", json!({"id": "ann-note"})).await;
+    assert_eq!(st, 409, "another user's id is taken");
     let (_, l) = api(&bob.client, "GET", format!("{u}/flows"), None).await;
     assert_eq!(l["flows"].as_array().unwrap().len(), 0, "{l}");
     let (st, _) = api(&anon_client(), "GET", format!("{u}/flows"), None).await;

@@ -216,18 +216,17 @@ pub fn active(c: &Connection) -> Result<u64> {
 
 /// Create an instance unless one with its id exists. Returns (version, created).
 pub fn insert(c: &Connection, f: &NewFlow) -> Result<(i64, bool)> {
-    if let Some((name, version)) = c
-        .prepare_cached("SELECT name, version FROM _ichibase_flows WHERE id = ?1")?
-        .query_row([&f.id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+    if let Some((name, version, user)) = c
+        .prepare_cached("SELECT name, version, user_id FROM _ichibase_flows WHERE id = ?1")?
+        .query_row([&f.id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<String>>(2)?))
+        })
         .optional()?
     {
-        if name != f.name {
+        if name != f.name || (user != f.user_id && f.role != "admin") {
             return Err(Error::new(
                 ErrorCode::Conflict,
-                format!(
-                    "flow id '{}' is taken by an instance of workflow '{name}'",
-                    f.id
-                ),
+                format!("flow id '{}' is taken by another instance", f.id),
             ));
         }
         return Ok((version, false));
