@@ -408,7 +408,10 @@ return flow.define("nested", function(ctx, input)
   local ok2, e2 = pcall(ctx.step, "opts", function() end, {retries = -1})
   local ok3, e3 = pcall(ctx.step, "bad", function() return function() end end, {retries = 0})
   local ok4, e4 = pcall(flow.start, "nested", {})
-  return {e = e, e2 = e2, e3 = e3, e4 = tostring(e4)}
+  -- os.time and math.random inside a step are the step's business (its result is recorded)
+  local v = ctx.step("inner", function() return os.time() + math.random() end)
+  ctx.sleep(0.01)
+  return {e = e, e2 = e2, e3 = e3, e4 = tostring(e4), v = v}
 end)
 "#,
     )
@@ -421,6 +424,26 @@ end)
     assert!(o["e2"].as_str().unwrap().contains("out of range"), "{f}");
     assert!(o["e3"].as_str().unwrap().contains("cannot be recorded"), "{f}");
     assert!(o["e4"].as_str().unwrap().contains("explicit"), "{f}");
+    assert!(o["v"].as_f64().unwrap() > 1.7e9, "{f}");
+    // A limit of the whole run inside a step (here the memory limit) is a failed attempt too.
+    deploy(
+        &c,
+        &u,
+        "hog",
+        r#"
+return flow.define("hog", function(ctx, input)
+  local ok, err = pcall(ctx.step, "hog", function() local t = {} for i = 1, 1e9 do t[i] = string.rep("x", 100000) .. i end end, {retries = 1, backoff = 0.01})
+  -- the body catches the limit and would finish; the attempt is still recorded and retried
+  return {ok = ok, err = tostring(err)}
+end)
+"#,
+    )
+    .await;
+    let (_, v) = start(&c, &u, "hog", json!({})).await;
+    let f = wait_status(&c, &u, v["id"].as_str().unwrap(), &["completed", "failed"]).await;
+    assert_eq!(f["status"], "completed", "{f}");
+    assert!(f["output"]["err"].as_str().unwrap().contains("memory limit"), "{f}");
+    assert_eq!(f["steps"][0]["attempts"], 2, "{f}");
     // Only the admin schedules.
     let ann = signup(&u, "ann@example.com").await;
     deploy(&c, &u, "sched", r#"return function(i) return flow.schedule("order", "0 7 * * *", {tz = i.tz}) end"#).await;

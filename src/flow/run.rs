@@ -22,7 +22,7 @@ use super::journal::{self, FOREVER, NewFlow, Next, StepRec};
 use crate::app::App;
 use crate::core::{Error, ErrorCode, RequestContext, Role};
 use crate::lua::components::lua_err;
-use crate::lua::sandbox::{self, Limit};
+use crate::lua::sandbox;
 use crate::lua::{self, Env, Invocation, store, to_json};
 use crate::storage::ExecControl;
 
@@ -80,13 +80,19 @@ pub(crate) fn message(e: &mlua::Error) -> String {
     }
 }
 
-/// A plain step running under its own time limit.
+/// The step in progress: when a limit ends the run inside it (its own `timeout`, the run's
+/// time, memory or instruction limit, a `ctx.tx` step's transaction limit), the attempt is
+/// recorded as failed after the run and retried like any failed attempt.
 struct Timing {
     rec: StepRec,
-    deadline: Instant,
-    timeout: f64,
+    deadline: Option<Instant>,
+    timeout: Option<f64>,
     retries: u32,
     backoff_ms: u64,
+    started: Instant,
+    /// The limit that ended the step (the run's own error may come later, e.g. from a body
+    /// that caught a memory error and returned it).
+    limit: Option<String>,
 }
 
 /// The state of one run, shared by the `ctx` functions.
@@ -404,6 +410,16 @@ fn step(
     let t0 = Instant::now();
     ctx_t.raw_set("idempotency_key", key.as_str())?;
     st.in_step.set(true);
+    let deadline = o.timeout.filter(|_| !tx).map(|t| Instant::now() + Duration::from_secs_f64(t));
+    *st.timing.borrow_mut() = Some(Timing {
+        rec: rec.clone(),
+        deadline,
+        timeout: o.timeout.filter(|_| !tx),
+        retries: o.retries,
+        backoff_ms: o.backoff_ms,
+        started: t0,
+        limit: None,
+    });
     let result: mlua::Result<String> = if tx {
         let id = st.id.clone();
         let base = rec.clone();
@@ -423,27 +439,35 @@ fn step(
             .and_then(|mv| first_json(&mv, max, &format!("step '{name}'")))
     } else {
         let outer = env.meter.tx_deadline.get();
-        if let Some(t) = o.timeout {
-            let d = Instant::now() + Duration::from_secs_f64(t);
+        if let Some(d) = deadline {
             env.meter.tx_deadline.set(Some(outer.map_or(d, |x| x.min(d))));
-            *st.timing.borrow_mut() = Some(Timing {
-                rec: rec.clone(),
-                deadline: d,
-                timeout: t,
-                retries: o.retries,
-                backoff_ms: o.backoff_ms,
-            });
         }
         let r = f
             .call::<MultiValue>(key.clone())
             .and_then(|mv| first_json(&mv, max, &format!("step '{name}'")));
-        let timed_out = matches!(&r, Err(e) if sandbox::limit_of(e) == Some(Limit::Transaction));
-        if !timed_out {
+        if !matches!(&r, Err(e) if sandbox::limit_of(e).is_some()) {
             env.meter.tx_deadline.set(outer);
-            st.timing.borrow_mut().take();
         }
         r
     };
+    // A limit ends the run: the attempt is judged after it (see `Timing`).
+    match &result {
+        Err(e) if sandbox::limit_of(e).is_some() => {
+            if let Some(t) = st.timing.borrow_mut().as_mut() {
+                t.limit = sandbox::limit_of(e).map(|l| format!("the step ended the run: Lua {l}"));
+            }
+            // The run is over even if the body catches this: later `ctx.*` calls are refused
+            // (the attempt is recorded and retried after the run).
+            *st.suspend.borrow_mut() = Some(Next::Suspended {
+                status: "sleeping",
+                wake_at: 0,
+                event: None,
+            });
+        }
+        _ => {
+            st.timing.borrow_mut().take();
+        }
+    }
     st.in_step.set(false);
     ctx_t.raw_set("idempotency_key", Value::Nil)?;
     match result {
@@ -496,6 +520,11 @@ fn recorded_value(st: &RunState, kind: &str, fresh: impl FnOnce() -> f64) -> mlu
     }
     if st.suspend.borrow().is_some() {
         return Err(suspended());
+    }
+    if st.in_step.get() {
+        // Inside a step (`os.time()`, `math.random()` in its code) the step's result is what
+        // is recorded: its values need no journal entries of their own.
+        return Ok(fresh());
     }
     let seq = st.next_seq()?;
     if let Some(p) = st.recorded(seq, kind, kind)? {
@@ -1008,14 +1037,23 @@ pub fn run_instance(app: &App, rt: tokio::runtime::Handle, id: &str) {
     let timing = state.timing.borrow_mut().take();
     let next = if let Some(e) = fatal {
         Next::Failed { error: e.message, code: e.code.number() }
-    } else if let Some(s) = suspend {
-        s
-    } else if let (Some(t), Err(_)) = (timing, &outcome.result) {
-        // A step ran past its own time limit: a failed attempt, retried or recorded as failed
+    } else if let Some(t) = timing {
+        // A limit ended the run inside a step: a failed attempt, retried or recorded as failed
         // (the next run raises it in the body, where `pcall` may catch it).
+        if matches!(&outcome.result, Err(e) if e.code == ErrorCode::ShuttingDown) {
+            return;
+        }
         let mut rec = t.rec;
         let now = svc.now_ms();
-        rec.error = Some(format!("the step ran past its time limit ({} s)", t.timeout));
+        rec.error = Some(match (t.timeout, t.deadline) {
+            (Some(secs), Some(d)) if Instant::now() >= d => {
+                format!("the step ran past its time limit ({secs} s)")
+            }
+            _ => t.limit.clone().unwrap_or_else(|| match &outcome.result {
+                Err(e) => e.message.clone(),
+                Ok(_) => "the run ended inside the step".into(),
+            }),
+        });
         rec.finished_at = Some(now);
         let wake = if rec.attempts <= t.retries as i64 {
             rec.status = "retry".into();
@@ -1024,10 +1062,11 @@ pub fn run_instance(app: &App, rt: tokio::runtime::Handle, id: &str) {
             rec.status = "failed".into();
             now
         };
-        state.log_step(&rec, Duration::from_secs_f64(t.timeout), rec.error.clone().as_deref());
-        let _ = t.deadline;
+        state.log_step(&rec, t.started.elapsed(), rec.error.clone().as_deref());
         pending.push(rec);
         Next::Suspended { status: "sleeping", wake_at: wake, event: None }
+    } else if let Some(s) = suspend {
+        s
     } else {
         match outcome.result {
             Ok(_) if !state.defined.get() => Next::Failed {
