@@ -103,6 +103,24 @@ end)
     // The recorded values replayed: the output's now/random equal the journal's.
     assert_eq!(out["t"], steps[1]["result"]);
     assert_eq!(out["r"], steps[2]["result"]);
+    // A posterity row per executed step (and one for the finished workflow).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = read(
+            c.post(format!("{u}/analytics"))
+                .body("SELECT count(*) FILTER (WHERE kind = 'flow_step'), count(*) FILTER (WHERE kind = 'flow') FROM log WHERE detail LIKE '%\"order-1\"%'")
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        if r.body.trim() == "2\t1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "posterity rows: {}", r.body);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Listing.
     let (st, l) = api(&c, "GET", format!("{u}/flows?name=order"), None).await;
     assert_eq!(st, 200);
