@@ -11,6 +11,7 @@
 //! - [`llm`]: the language-model client; [`bundle`]: app bundles, applied and checked;
 //!   [`branch`]: SQLite branches; [`generate`]: the intent-to-service repair loop.
 //! - [`replication`]: continuous WAL backup to S3 or a directory, snapshots, restore.
+//! - [`flow`]: durable workflows (`flow.define`, steps journaled in SQLite) and cron.
 //! - [`app`]: the `App` handle (shared state with accessors, modules' services).
 //! - [`modules`]: the module contract and the one registry that names every module.
 //! - [`ai`]: named models for app code (Lua `ai`), the generation log, budgets, cache.
@@ -27,6 +28,7 @@ pub mod bundle;
 pub mod config;
 pub mod conns;
 pub mod core;
+pub mod flow;
 pub mod generate;
 pub mod llm;
 pub mod lua;

@@ -72,6 +72,7 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::notify::NotifyModule,
         &crate::search::SearchModule,
         &crate::ai::AiModule,
+        &crate::flow::FlowModule,
     ]
 }
 

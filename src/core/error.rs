@@ -98,6 +98,10 @@ error_codes! {
     BudgetExceeded = 1032, "BUDGET_EXCEEDED", 429, "a daily `[ai.budget]` limit on cost or tokens";
     /// A model's `key_env` variable is not set.
     AiKeyMissing = 1033, "AI_KEY_MISSING", 503, "a model's `key_env` variable is not set";
+    FlowFailed = 1070, "FLOW_FAILED", 422, "a workflow failed; `GET /flows/{id}` shows its error and trace id";
+    FlowNondeterministic = 1071, "FLOW_NONDETERMINISTIC", 422, "a workflow's replay called its steps in another order than the journal recorded";
+    FlowLimit = 1072, "FLOW_LIMIT_EXCEEDED", 422, "a `[flow]` limit: steps, journal or result size, events, active workflows";
+    FlowCancelled = 1073, "FLOW_CANCELLED", 409, "the workflow was cancelled";
     Internal = 1000, "INTERNAL_ERROR", 500, "bugs";
 }
 

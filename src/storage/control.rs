@@ -191,7 +191,7 @@ thread_local! {
 
 /// Run `f` (on the thread that owns the connection) with the authorizer letting every statement
 /// through: for a module writing its own engine rows inside a caller's open transaction (the
-/// notify outbox row in `db.tx`). `f` must prepare only its own fixed statements, uncached
+/// notify outbox row in `db.tx`, a workflow's journal row committed with its step's writes). `f` must prepare only its own fixed statements, uncached
 /// (`Connection::prepare`, not `prepare_cached`): a cached statement would keep the
 /// authorization it was prepared with.
 pub fn engine_statements<R>(f: impl FnOnce() -> R) -> R {
@@ -313,8 +313,9 @@ impl ConnState {
     /// The authorizer: engine work (no request checked out) may do anything; request SQL may
     /// not change state that would outlive the request on a pooled connection.
     fn authorize(&self, a: &AuthContext<'_>) -> Authorization {
-        // The engine's own statements: the outbox's fixed statements on a caller's session
-        // (`engine_statements`), nested statements of engine SQL functions (`engine_access`).
+        // The engine's own statements: a module's fixed statements on a caller's session
+        // (`engine_statements`: the notify outbox row, a workflow's journal row), nested
+        // statements of engine SQL functions (`engine_access`: search).
         if ENGINE_STATEMENTS.with(|e| e.get()) || self.engine.load(Ordering::SeqCst) > 0 {
             return Authorization::Allow;
         }

@@ -45,7 +45,12 @@ enum TxOp {
     Finish(bool, mpsc::Sender<Result<()>>),
     /// Engine code run inside the open transaction (see [`in_open_tx`]).
     Call(Box<dyn FnOnce(&mut rusqlite::Connection) + Send>),
+    /// Engine work inside the transaction, just before its commit (see [`tx_then`]).
+    BeforeCommit(CommitHook, mpsc::Sender<Result<()>>),
 }
+
+/// Engine statements run on the writer inside a `db.tx` transaction, before its commit.
+pub type CommitHook = Box<dyn FnOnce(&mut rusqlite::Connection) -> Result<()> + Send>;
 
 /// An open write transaction on the writer thread, fed statements from the Lua thread.
 pub struct TxSession {
@@ -255,6 +260,25 @@ pub(crate) fn to_lua_rows(lua: &Lua, rows: Rows) -> mlua::Result<Table> {
 
 /// `db.tx(f)` at the outermost level: open a writer session, run `f`, commit or roll back.
 fn outer_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
+    tx_then(e, f, MultiValue::new(), None)
+}
+
+/// Run `f(args)` in one write transaction as the caller, like `db.tx`; when it returns, `hook`
+/// turns its results into engine work (e.g. a workflow's journal row, `src/flow`) that runs in
+/// the same transaction before the commit: the writes and the record commit together or not
+/// at all. Not inside an open `db.tx`.
+pub fn tx_then(
+    e: &Env,
+    f: Function,
+    args: MultiValue,
+    hook: Option<&dyn Fn(&MultiValue) -> mlua::Result<CommitHook>>,
+) -> mlua::Result<MultiValue> {
+    if e.tx.borrow().is_some() {
+        return Err(lua_err(Error::new(
+            ErrorCode::BadArguments,
+            "a transaction is already open (db.tx)",
+        )));
+    }
     let (ops, rx) = mpsc::channel::<TxOp>();
     let authz = Arc::clone(e.storage.authz());
     let is_admin = e.ctx.is_admin();
@@ -277,6 +301,9 @@ fn outer_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
                             let _ = reply.send(c.execute_batch(&sql).map_err(Error::from));
                         }
                         Ok(TxOp::Call(f)) => f(c),
+                        Ok(TxOp::BeforeCommit(hook, reply)) => {
+                            let _ = reply.send(hook(c));
+                        }
                         Ok(TxOp::Finish(commit, reply)) => {
                             let r = c.execute_batch(if commit { "COMMIT" } else { "ROLLBACK" }).map_err(Error::from);
                             if r.is_err() {
@@ -299,7 +326,20 @@ fn outer_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
         ops: ops.clone(),
         depth: Cell::new(0),
     });
-    let result = f.call::<MultiValue>(());
+    let mut result = f.call::<MultiValue>(args);
+    if let (Ok(v), Some(hook)) = (&result, hook) {
+        let sent = hook(v).and_then(|h| {
+            let (reply, done) = mpsc::channel();
+            ops.send(TxOp::BeforeCommit(h, reply))
+                .map_err(|_| lua_err(session_ended(e)))?;
+            done.recv()
+                .unwrap_or_else(|_| Err(session_ended(e)))
+                .map_err(lua_err)
+        });
+        if let Err(err) = sent {
+            result = Err(err);
+        }
+    }
     e.tx.borrow_mut().take();
     let (reply, done) = mpsc::channel();
     let _ = ops.send(TxOp::Finish(result.is_ok(), reply));
