@@ -11,6 +11,8 @@
 //! - [`llm`]: the language-model client; [`bundle`]: app bundles, applied and checked;
 //!   [`branch`]: SQLite branches; [`generate`]: the intent-to-service repair loop.
 //! - [`replication`]: continuous WAL backup to S3 or a directory, snapshots, restore.
+//! - [`egress`]: `http.fetch` under per-function policies, the privacy guard; [`vault`]:
+//!   encrypted secrets Lua only references; [`files`]: `file.*` on object storage.
 //! - [`app`]: the `App` handle (shared state with accessors, modules' services).
 //! - [`modules`]: the module contract and the one registry that names every module.
 //! - [`apis`]: the HTTP front: request context, identity extractors, request log, errors.
@@ -24,6 +26,8 @@ pub mod bundle;
 pub mod config;
 pub mod conns;
 pub mod core;
+pub mod egress;
+pub mod files;
 pub mod generate;
 pub mod llm;
 pub mod lua;
@@ -34,6 +38,7 @@ pub mod replication;
 pub mod server;
 pub mod sql;
 pub mod storage;
+pub mod vault;
 
 /// Version of this build.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

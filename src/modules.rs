@@ -68,6 +68,8 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::apis::generate::GenerateModule,
         &crate::apis::analytics::AnalyticsModule,
         &crate::apis::BackupModule,
+        &crate::egress::EgressModule,
+        &crate::vault::VaultModule,
     ]
 }
 
