@@ -474,10 +474,12 @@ impl Egress {
                         continue;
                     }
                 }
+                // A remote that echoes a vault value back does not hand it to Lua.
                 let mut headers_out = Vec::new();
                 for (k, v) in resp.headers() {
                     if let Ok(v) = v.to_str() {
-                        headers_out.push((k.as_str().to_string(), v.to_string()));
+                        let v = self.guard.redact_secrets(v).unwrap_or_else(|| v.to_string());
+                        headers_out.push((k.as_str().to_string(), v));
                     }
                 }
                 if let Some(len) = resp.content_length() {
@@ -493,6 +495,11 @@ impl Egress {
                     out.extend_from_slice(&chunk);
                 }
                 audit.resp_bytes = out.len();
+                if let Ok(text) = std::str::from_utf8(&out) {
+                    if let Some(r) = self.guard.redact_secrets(text) {
+                        out = r.into_bytes();
+                    }
+                }
                 return Ok::<_, Failure>(FetchOutput {
                     status: status.as_u16(),
                     headers: headers_out,

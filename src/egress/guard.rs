@@ -362,11 +362,6 @@ fn digit_bounded(text: &str, i: usize, j: usize) -> bool {
     !before.is_some_and(is_digit) && !after.is_some_and(is_digit)
 }
 
-fn word_bounded(text: &str, i: usize, j: usize) -> bool {
-    let w = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    !text[..i].chars().next_back().is_some_and(w) && !text[j..].chars().next().is_some_and(w)
-}
-
 impl Guard {
     pub fn new(s: &GuardSettings) -> Guard {
         let fixed: Vec<String> = s.secrets.clone();
@@ -409,9 +404,7 @@ impl Guard {
         }
         if on(Kind::ApiKey) {
             for m in API_KEY.find_iter(text) {
-                if word_bounded(text, m.start(), m.end()) || true {
-                    spans.push((m.start(), m.end(), Kind::ApiKey));
-                }
+                spans.push((m.start(), m.end(), Kind::ApiKey));
             }
             for m in LONG_TOKEN.find_iter(text) {
                 let t = m.as_str();
@@ -504,6 +497,14 @@ impl Guard {
             counts,
             blocked,
         }
+    }
+
+    /// Only known secrets (vault values, `[egress.guard] secrets`) redacted, e.g. in answers a
+    /// remote echoes back to Lua. `None` when there were none.
+    pub fn redact_secrets(&self, text: &str) -> Option<String> {
+        let others: Vec<Kind> = Kind::ALL.iter().copied().filter(|k| *k != Kind::Secret).collect();
+        let s = self.scan(text, &others);
+        (s.found() > 0).then_some(s.text)
     }
 
     /// [`scan`](Self::scan), and `Err(PRIVACY_BLOCKED)` when a kind the policy blocks is found.

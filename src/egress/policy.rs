@@ -94,7 +94,8 @@ impl EgressSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
-    /// Host names (`api.example.com`, `*.example.com` for any subdomain) or IP literals.
+    /// Host names (`api.example.com`, `*.example.com` for any subdomain, `*` for any host) or
+    /// IP literals. Addresses are checked whatever the name.
     pub hosts: Vec<String>,
     /// Ports (default 80 and 443).
     pub ports: Vec<u16>,
@@ -143,6 +144,9 @@ impl Policy {
         };
         self.hosts.iter().any(|p| {
             let p = p.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+            if p == "*" {
+                return true;
+            }
             if let Some(suffix) = p.strip_prefix("*.") {
                 h.ends_with(&format!(".{suffix}"))
             } else {
