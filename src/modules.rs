@@ -70,6 +70,7 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::apis::BackupModule,
         &crate::egress::EgressModule,
         &crate::vault::VaultModule,
+        &crate::files::FilesModule,
     ]
 }
 
