@@ -649,3 +649,209 @@ async fn vault_keys_rotate() {
     let db = std::fs::read(dir.path().join("ichibase.db")).unwrap();
     assert!(!db.windows(17).any(|w| w == b"rotating-secret-1"));
 }
+
+/// A local OAuth2 provider speaking the real protocol: authorization code with PKCE (S256),
+/// refresh tokens, short-lived access tokens, revocation, and an API that checks them.
+mod fake_oauth {
+    use std::collections::{HashMap, HashSet};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use axum::Router;
+    use axum::extract::{Query, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::{IntoResponse, Redirect, Response};
+    use axum::routing::{get, post};
+    use base64::Engine;
+    use serde_json::json;
+    use sha2::Digest;
+
+    #[derive(Default)]
+    pub struct St {
+        pub codes: HashMap<String, (String, String)>, // code -> (challenge, redirect_uri)
+        pub access: HashMap<String, Instant>,
+        pub refresh: HashSet<String>,
+        pub refresh_grants: usize,
+        pub n: usize,
+    }
+    pub type Shared = Arc<Mutex<St>>;
+    pub const LIFETIME: u64 = 3;
+
+    async fn authorize(State(s): State<Shared>, Query(q): Query<HashMap<String, String>>) -> Response {
+        if q.get("client_id").map(String::as_str) != Some("cid")
+            || q.get("code_challenge_method").map(String::as_str) != Some("S256")
+            || q.get("response_type").map(String::as_str) != Some("code")
+        {
+            return (StatusCode::BAD_REQUEST, "bad authorize request").into_response();
+        }
+        let mut st = s.lock().unwrap();
+        st.n += 1;
+        let code = format!("code{}", st.n);
+        st.codes.insert(code.clone(), (q["code_challenge"].clone(), q["redirect_uri"].clone()));
+        let sep = if q["redirect_uri"].contains('?') { '&' } else { '?' };
+        Redirect::to(&format!("{}{sep}code={code}&state={}", q["redirect_uri"], q["state"])).into_response()
+    }
+
+    fn issue(st: &mut St, with_refresh: bool) -> serde_json::Value {
+        st.n += 1;
+        let access = format!("at-{}-{}", st.n, "x".repeat(12));
+        st.access.insert(access.clone(), Instant::now() + Duration::from_secs(LIFETIME));
+        let mut j = json!({"access_token": access, "token_type": "Bearer", "expires_in": LIFETIME});
+        if with_refresh {
+            let r = format!("rt-{}-{}", st.n, "y".repeat(12));
+            st.refresh.insert(r.clone());
+            j["refresh_token"] = json!(r);
+        }
+        j
+    }
+
+    async fn token(State(s): State<Shared>, body: String) -> Response {
+        let f: HashMap<String, String> = form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+        if f.get("client_id").map(String::as_str) != Some("cid") || f.get("client_secret").map(String::as_str) != Some("csecret") {
+            return (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": "invalid_client"}))).into_response();
+        }
+        let mut st = s.lock().unwrap();
+        match f.get("grant_type").map(String::as_str) {
+            Some("authorization_code") => {
+                let Some((challenge, redirect)) = st.codes.remove(f.get("code").map(String::as_str).unwrap_or("")) else {
+                    return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "invalid_grant"}))).into_response();
+                };
+                let verifier = f.get("code_verifier").cloned().unwrap_or_default();
+                let want = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()));
+                if want != challenge || f.get("redirect_uri") != Some(&redirect) {
+                    return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "invalid_grant", "error_description": "PKCE verification failed"}))).into_response();
+                }
+                axum::Json(issue(&mut st, true)).into_response()
+            }
+            Some("refresh_token") => {
+                st.refresh_grants += 1;
+                let r = f.get("refresh_token").cloned().unwrap_or_default();
+                if !st.refresh.remove(&r) {
+                    return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "invalid_grant", "error_description": "refresh token revoked"}))).into_response();
+                }
+                axum::Json(issue(&mut st, true)).into_response()
+            }
+            _ => (StatusCode::BAD_REQUEST, axum::Json(json!({"error": "unsupported_grant_type"}))).into_response(),
+        }
+    }
+
+    async fn me(State(s): State<Shared>, h: HeaderMap) -> Response {
+        let tok = h.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+        let st = s.lock().unwrap();
+        match st.access.get(tok) {
+            Some(exp) if *exp > Instant::now() => axum::Json(json!({"user": "listener"})).into_response(),
+            _ => (StatusCode::UNAUTHORIZED, "expired or unknown token").into_response(),
+        }
+    }
+
+    async fn expire_all(State(s): State<Shared>) -> &'static str {
+        s.lock().unwrap().access.clear();
+        "ok"
+    }
+
+    async fn revoke_all(State(s): State<Shared>) -> &'static str {
+        let mut st = s.lock().unwrap();
+        st.refresh.clear();
+        st.access.clear();
+        "ok"
+    }
+
+    pub async fn start() -> (u16, Shared) {
+        let s: Shared = Arc::default();
+        let app = Router::new()
+            .route("/authorize", get(authorize))
+            .route("/token", post(token))
+            .route("/api/me", get(me))
+            .route("/test/expire", post(expire_all))
+            .route("/test/revoke", post(revoke_all))
+            .with_state(Arc::clone(&s));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        (port, s)
+    }
+}
+
+#[tokio::test]
+async fn oauth2_code_pkce_refresh_and_revocation() {
+    let (op, st) = fake_oauth::start().await;
+    let extra = format!(
+        r#"
+[egress.functions.spot]
+hosts = ["127.0.0.1"]
+ports = [{op}]
+allow_addresses = ["127.0.0.1/32"]
+
+[vault.oauth.fake]
+auth_url = "http://127.0.0.1:{op}/authorize"
+token_url = "http://127.0.0.1:{op}/token"
+client_id = "cid"
+client_secret = "csecret"
+scopes = ["user-read"]
+hosts = ["127.0.0.1"]
+functions = ["spot"]
+refresh_margin_secs = 1
+"#
+    );
+    let e = env_with(&extra, &[]).await;
+    let base = &e.server.url;
+    let c = client();
+    // Unknown provider, and a callback with a made-up state.
+    let (s, _) = common::api(&c, "GET", format!("{base}/vault/oauth/nope/start"), None).await;
+    assert_eq!(s, 404);
+    let r = common::anon_client().get(format!("{base}/vault/oauth/fake/callback?code=x&state=forged")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    // Start (admin) → the provider's authorize URL with a PKCE challenge.
+    let (s, v) = common::api(&c, "GET", format!("{base}/vault/oauth/fake/start"), None).await;
+    assert_eq!(s, 200, "{v}");
+    let auth_url = v["authorize_url"].as_str().unwrap().to_string();
+    assert!(auth_url.contains("code_challenge_method=S256") && auth_url.contains("scope=user-read"), "{auth_url}");
+    // The browser: the provider approves and sends it back to the callback.
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = browser.get(&auth_url).send().await.unwrap();
+    assert_eq!(r.status(), 303, "{:?}", r.text().await);
+    let back = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(back.starts_with(&format!("{base}/vault/oauth/fake/callback?")), "{back}");
+    let r = read(browser.get(&back).send().await.unwrap()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["connected"], "fake");
+    // The state is single-use.
+    let r = read(browser.get(&back).send().await.unwrap()).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    // Listed like any secret, without values.
+    let (_, v) = common::api(&c, "GET", format!("{base}/vault"), None).await;
+    assert_eq!(v["secrets"][0]["name"], "fake");
+    assert!(!v.to_string().contains("at-"), "{v}");
+
+    deploy(&e, "spot", &format!(r#"
+local r = http.fetch{{url = "http://127.0.0.1:{op}/api/me", headers = {{Authorization = vault.bearer("fake")}}}}
+return {{status = r.status, body = r.body}}"#)).await;
+    let (s, v) = call(&e, "spot", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(st.lock().unwrap().refresh_grants, 0);
+    // Close to expiry (lifetime 3 s, margin 1 s): refreshed before the call.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    let (s, v) = call(&e, "spot", json!({})).await;
+    assert_eq!((s, v["status"].clone()), (200, json!(200)), "{v}");
+    assert_eq!(st.lock().unwrap().refresh_grants, 1);
+    // The provider drops the access token early: the 401 triggers a refresh and one retry.
+    common::request(&browser, reqwest::Method::POST, format!("http://127.0.0.1:{op}/test/expire"), None).await;
+    let (s, v) = call(&e, "spot", json!({})).await;
+    assert_eq!((s, v["status"].clone()), (200, json!(200)), "{v}");
+    assert_eq!(st.lock().unwrap().refresh_grants, 2);
+    // Revoked grant: a clear error reaches Lua.
+    common::request(&browser, reqwest::Method::POST, format!("http://127.0.0.1:{op}/test/revoke"), None).await;
+    let (s, v) = call(&e, "spot", json!({})).await;
+    assert_eq!(s, 502, "{v}");
+    let t = v.to_string();
+    assert!(t.contains("OAUTH_FAILED") && t.contains("invalid_grant") && t.contains("/vault/oauth/fake/start"), "{t}");
+    // Lua can catch it as an error value too.
+    deploy(&e, "spot", &format!(r#"
+local ok, err = pcall(http.fetch, {{url = "http://127.0.0.1:{op}/api/me", headers = {{Authorization = vault.bearer("fake")}}}})
+return {{ok = ok, err = tostring(err)}}"#)).await;
+    let (s, v) = call(&e, "spot", json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["ok"], false);
+    assert!(v["err"].as_str().unwrap().contains("refresh token revoked"), "{v}");
+}

@@ -13,6 +13,7 @@
 //! might try to send it itself.
 
 pub mod crypto;
+pub mod oauth;
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -20,7 +21,7 @@ use std::sync::RwLock;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use mlua::{Lua, UserData, UserDataMethods};
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,8 @@ pub struct VaultSettings {
     /// Earlier keys (base64), still accepted for reading until `POST /vault/rotate`
     /// re-encrypted everything with the current key.
     pub old_keys: Vec<String>,
+    /// OAuth2 providers by name (`[vault.oauth.<name>]`); their tokens are the secret `<name>`.
+    pub oauth: std::collections::BTreeMap<String, oauth::Provider>,
 }
 
 /// How a reference is written into a header.
@@ -76,6 +79,9 @@ impl UserData for VaultRef {
 /// One stored secret, decrypted in memory.
 struct Entry {
     value: Zeroizing<String>,
+    /// The OAuth2 provider of a token (refreshable).
+    provider: Option<String>,
+    refresh: Option<Zeroizing<String>>,
     functions: Vec<String>,
     hosts: Vec<String>,
     expires_at: Option<f64>,
@@ -98,6 +104,10 @@ pub struct Vault {
     storage: crate::storage::Storage,
     cache: RwLock<Option<HashMap<String, Entry>>>,
     guard: std::sync::OnceLock<std::sync::Arc<crate::egress::Guard>>,
+    pub oauth: oauth::OAuth,
+    refreshing: tokio::sync::Mutex<()>,
+    /// When each token was last refreshed (concurrent 401s refresh once).
+    refreshed: std::sync::Mutex<HashMap<String, f64>>,
 }
 
 fn now() -> f64 {
@@ -143,6 +153,9 @@ impl Vault {
             storage,
             cache: RwLock::new(None),
             guard: std::sync::OnceLock::new(),
+            oauth: oauth::OAuth::new(s.oauth.clone())?,
+            refreshing: tokio::sync::Mutex::new(()),
+            refreshed: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -159,7 +172,7 @@ impl Vault {
             .storage
             .read(&Self::sys(), ExecControl::lookup(), |c| {
                 let mut st = c
-                    .prepare("SELECT name, nonce, ciphertext, key_id, functions, hosts, expires_at FROM _ichibase_vault")
+                    .prepare("SELECT name, nonce, ciphertext, key_id, functions, hosts, expires_at, provider, refresh_nonce, refresh_ct FROM _ichibase_vault")
                     .map_err(|e| Error::from_sqlite(&e))?;
                 let rows = st
                     .query_map([], |r| {
@@ -171,6 +184,9 @@ impl Vault {
                             r.get::<_, String>(4)?,
                             r.get::<_, String>(5)?,
                             r.get::<_, Option<f64>>(6)?,
+                            r.get::<_, Option<String>>(7)?,
+                            r.get::<_, Option<Vec<u8>>>(8)?,
+                            r.get::<_, Option<Vec<u8>>>(9)?,
                         ))
                     })
                     .map_err(|e| Error::from_sqlite(&e))?
@@ -180,14 +196,24 @@ impl Vault {
             })
             .await?;
         let mut m = HashMap::new();
-        for (name, nonce, ct, key_id, f, h, exp) in rows {
+        for (name, nonce, ct, key_id, f, h, exp, provider, rn, rc) in rows {
             let value = self.keys.decrypt(&key_id, &nonce, &ct, name.as_bytes()).map_err(|e| {
                 Error::internal(format!("vault: secret '{name}' cannot be decrypted: {e}"))
             })?;
+            let refresh = match (rn, rc) {
+                (Some(n), Some(c)) => Some(
+                    self.keys
+                        .decrypt(&key_id, &n, &c, format!("{name}#refresh").as_bytes())
+                        .map_err(|e| Error::internal(format!("vault: refresh token of '{name}' cannot be decrypted: {e}")))?,
+                ),
+                _ => None,
+            };
             m.insert(
                 name,
                 Entry {
                     value,
+                    provider,
+                    refresh,
                     functions: serde_json::from_str(&f).unwrap_or_default(),
                     hosts: serde_json::from_str(&h).unwrap_or_default(),
                     expires_at: exp,
@@ -195,7 +221,10 @@ impl Vault {
             );
         }
         if let Some(g) = self.guard.get() {
-            g.set_dynamic_secrets(m.values().map(|e| e.value.as_str()));
+            g.set_dynamic_secrets(
+                m.values()
+                    .flat_map(|e| std::iter::once(e.value.as_str()).chain(e.refresh.as_ref().map(|r| r.as_str()))),
+            );
         }
         *self.cache.write().unwrap() = Some(m);
         Ok(())
@@ -217,7 +246,29 @@ impl Vault {
         if functions.is_empty() {
             return Err(Error::new(ErrorCode::BadArguments, "vault: a secret needs at least one function that may use it (functions)"));
         }
+        self.store(name, value, functions, hosts, expires_at, None, None).await
+    }
+
+    /// Write one secret row (and the cache): a plain secret, or an OAuth2 token of `provider`.
+    #[allow(clippy::too_many_arguments)]
+    async fn store(
+        &self,
+        name: &str,
+        value: &str,
+        functions: Vec<String>,
+        hosts: Vec<String>,
+        expires_at: Option<f64>,
+        provider: Option<String>,
+        refresh: Option<&str>,
+    ) -> Result<()> {
         let (key_id, nonce, ct) = self.keys.encrypt(value.as_bytes(), name.as_bytes())?;
+        let (rn, rc) = match refresh {
+            Some(r) => {
+                let (_, n, c) = self.keys.encrypt(r.as_bytes(), format!("{name}#refresh").as_bytes())?;
+                (Some(n), Some(c))
+            }
+            None => (None, None),
+        };
         let (name, f, h) = (
             name.to_string(),
             serde_json::to_string(&functions).unwrap(),
@@ -227,12 +278,13 @@ impl Vault {
         self.storage
             .write(&Self::sys(), ExecControl::lookup(), move |c| {
                 c.execute(
-                    "INSERT INTO _ichibase_vault (name, nonce, ciphertext, key_id, functions, hosts, expires_at, updated_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                    "INSERT INTO _ichibase_vault (name, nonce, ciphertext, key_id, functions, hosts, expires_at, updated_at, provider, refresh_nonce, refresh_ct)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                      ON CONFLICT(name) DO UPDATE SET nonce = excluded.nonce, ciphertext = excluded.ciphertext,
                        key_id = excluded.key_id, functions = excluded.functions, hosts = excluded.hosts,
-                       expires_at = excluded.expires_at, updated_at = excluded.updated_at",
-                    rusqlite::params![name, nonce, ct, key_id, f, h, expires_at, t],
+                       expires_at = excluded.expires_at, updated_at = excluded.updated_at, provider = excluded.provider,
+                       refresh_nonce = excluded.refresh_nonce, refresh_ct = excluded.refresh_ct",
+                    rusqlite::params![name, nonce, ct, key_id, f, h, expires_at, t, provider, rn, rc],
                 )
                 .map_err(|e| Error::from_sqlite(&e))?;
                 Ok(())
@@ -286,13 +338,21 @@ impl Vault {
     pub async fn rotate(&self) -> Result<usize> {
         self.invalidate();
         self.load().await?;
-        let rows: Vec<(String, String, Vec<u8>, Vec<u8>)> = {
+        type Row = (String, String, Vec<u8>, Vec<u8>, Option<Vec<u8>>, Option<Vec<u8>>);
+        let rows: Vec<Row> = {
             let c = self.cache.read().unwrap();
             let m = c.as_ref().expect("loaded");
             let mut out = Vec::new();
             for (name, e) in m {
                 let (kid, nonce, ct) = self.keys.encrypt(e.value.as_bytes(), name.as_bytes())?;
-                out.push((name.clone(), kid, nonce, ct));
+                let (rn, rc) = match &e.refresh {
+                    Some(r) => {
+                        let (_, n, c) = self.keys.encrypt(r.as_bytes(), format!("{name}#refresh").as_bytes())?;
+                        (Some(n), Some(c))
+                    }
+                    None => (None, None),
+                };
+                out.push((name.clone(), kid, nonce, ct, rn, rc));
             }
             out
         };
@@ -300,10 +360,10 @@ impl Vault {
         self.storage
             .write(&Self::sys(), ExecControl::lookup(), move |c| {
                 let tx = c.transaction().map_err(|e| Error::from_sqlite(&e))?;
-                for (name, kid, nonce, ct) in rows {
+                for (name, kid, nonce, ct, rn, rc) in rows {
                     tx.execute(
-                        "UPDATE _ichibase_vault SET key_id = ?2, nonce = ?3, ciphertext = ?4 WHERE name = ?1",
-                        rusqlite::params![name, kid, nonce, ct],
+                        "UPDATE _ichibase_vault SET key_id = ?2, nonce = ?3, ciphertext = ?4, refresh_nonce = ?5, refresh_ct = ?6 WHERE name = ?1",
+                        rusqlite::params![name, kid, nonce, ct, rn, rc],
                     )
                     .map_err(|e| Error::from_sqlite(&e))?;
                 }
@@ -338,8 +398,23 @@ impl Vault {
     }
 
     /// The header value of reference `r` for `function` toward `host`.
-    pub async fn header_value(&self, _ctx: &RequestContext, function: &str, r: &VaultRef, host: &str) -> Result<Zeroizing<String>> {
+    pub async fn header_value(&self, ctx: &RequestContext, function: &str, r: &VaultRef, host: &str) -> Result<Zeroizing<String>> {
         self.load().await?;
+        // An OAuth2 token close to its expiry is refreshed first.
+        let due = {
+            let c = self.cache.read().unwrap();
+            c.as_ref().and_then(|m| m.get(&r.name)).is_some_and(|e| {
+                let margin = e
+                    .provider
+                    .as_ref()
+                    .and_then(|p| self.oauth.providers.get(p))
+                    .map_or(60.0, |p| p.margin());
+                e.provider.is_some() && e.expires_at.is_some_and(|x| x - margin <= now())
+            })
+        };
+        if due {
+            self.refresh(ctx, &r.name).await?;
+        }
         let c = self.cache.read().unwrap();
         let e = c.as_ref().and_then(|m| m.get(&r.name)).ok_or_else(|| {
             Error::new(ErrorCode::VaultDenied, format!("vault: no secret named '{}'", r.name))
@@ -365,13 +440,54 @@ impl Vault {
     }
 
     /// Is `name` an OAuth2 token the vault can refresh?
-    pub fn is_oauth(&self, _ctx: &RequestContext, _name: &str) -> bool {
-        false
+    pub fn is_oauth(&self, _ctx: &RequestContext, name: &str) -> bool {
+        let c = self.cache.read().unwrap();
+        c.as_ref().and_then(|m| m.get(name)).is_some_and(|e| e.provider.is_some())
     }
 
-    /// Refresh OAuth2 token `name`.
+    /// Refresh OAuth2 token `name` with its refresh token (one refresh at a time).
     pub async fn refresh(&self, _ctx: &RequestContext, name: &str) -> Result<()> {
-        Err(Error::new(ErrorCode::VaultDenied, format!("vault: secret '{name}' cannot be refreshed")))
+        let started = now();
+        let _one = self.refreshing.lock().await;
+        self.load().await?;
+        let (provider, refresh, updated) = {
+            let c = self.cache.read().unwrap();
+            let e = c.as_ref().and_then(|m| m.get(name)).ok_or_else(|| {
+                Error::new(ErrorCode::VaultDenied, format!("vault: no secret named '{name}'"))
+            })?;
+            (e.provider.clone(), e.refresh.clone(), e.expires_at)
+        };
+        let Some(provider) = provider else {
+            return Err(Error::new(ErrorCode::VaultDenied, format!("vault: secret '{name}' is not an OAuth2 token")));
+        };
+        // Another call refreshed it while this one waited.
+        let _ = updated;
+        if self.refreshed_since(name, started) {
+            return Ok(());
+        }
+        let Some(refresh) = refresh else {
+            return Err(Error::new(
+                ErrorCode::OauthFailed,
+                format!("oauth: '{name}' has no refresh token; authorize again with /vault/oauth/{provider}/start"),
+            ));
+        };
+        let t = self.oauth.refresh(&provider, &refresh).await?;
+        let keep = t.refresh.clone().unwrap_or(refresh);
+        self.save_tokens(&provider, name, t.access.as_str(), Some(keep.as_str()), t.expires_in).await
+    }
+
+    fn refreshed_since(&self, name: &str, t: f64) -> bool {
+        self.refreshed.lock().unwrap().get(name).is_some_and(|x| *x >= t)
+    }
+
+    /// Store tokens of `provider` as secret `name`.
+    pub async fn save_tokens(&self, provider: &str, name: &str, access: &str, refresh: Option<&str>, expires_in: Option<f64>) -> Result<()> {
+        let p = self.oauth.provider(provider)?;
+        let expires_at = expires_in.map(|s| now() + s);
+        self.store(name, access, p.functions.clone(), p.hosts(), expires_at, Some(provider.to_string()), refresh)
+            .await?;
+        self.refreshed.lock().unwrap().insert(name.to_string(), now());
+        Ok(())
     }
 }
 
@@ -391,6 +507,12 @@ static MIGRATIONS: &[Migration] = &[Migration {
             expires_at REAL,
             updated_at REAL NOT NULL
           ) STRICT",
+}, Migration {
+    version: 2,
+    name: "oauth tokens",
+    sql: "ALTER TABLE _ichibase_vault ADD COLUMN provider TEXT;
+          ALTER TABLE _ichibase_vault ADD COLUMN refresh_nonce BLOB;
+          ALTER TABLE _ichibase_vault ADD COLUMN refresh_ct BLOB;",
 }];
 
 impl crate::modules::Module for VaultModule {
@@ -431,6 +553,8 @@ impl crate::modules::Module for VaultModule {
             .route("/vault", get(list))
             .route("/vault/rotate", post(rotate))
             .route("/vault/{name}", put(put_secret).delete(delete_secret))
+            .route("/vault/oauth/{provider}/start", get(oauth_start))
+            .route("/vault/oauth/{provider}/callback", get(oauth_callback))
             .route_layer(admin_area("managing the vault"))
     }
     fn lua_components(&self) -> &'static [&'static dyn Component] {
@@ -480,6 +604,67 @@ async fn delete_secret(State(app): State<App>, Admin(_): Admin, Path(name): Path
 async fn rotate(State(app): State<App>, Admin(_): Admin) -> Response {
     let r = async { vault_of(&app)?.rotate().await }.await;
     reply(r.map(|n| json!({"rotated": n})))
+}
+
+#[derive(Deserialize)]
+struct StartQuery {
+    #[serde(default)]
+    redirect: Option<String>,
+}
+
+/// `GET /vault/oauth/{provider}/start` (admin): the authorization URL, or a redirect to it.
+async fn oauth_start(
+    State(app): State<App>,
+    Admin(_): Admin,
+    Path(provider): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<StartQuery>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let host = headers.get("host").and_then(|h| h.to_str().ok()).unwrap_or("localhost").to_string();
+    let scheme = headers
+        .get("x-forwarded-proto")
+        .and_then(|h| h.to_str().ok())
+        .filter(|s| *s == "https")
+        .unwrap_or("http");
+    let r = vault_of(&app).and_then(|v| {
+        v.oauth.start(&provider, format!("{scheme}://{host}/vault/oauth/{provider}/callback"))
+    });
+    match r {
+        Ok((url, _)) if q.redirect.as_deref().is_some_and(|r| r == "1" || r == "true") => {
+            axum::response::Redirect::to(&url).into_response()
+        }
+        r => reply(r.map(|(url, state)| json!({"authorize_url": url, "state": state}))),
+    }
+}
+
+#[derive(Deserialize)]
+struct CallbackQuery {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+}
+
+/// `GET /vault/oauth/{provider}/callback`: the provider sends the browser back here.
+async fn oauth_callback(
+    State(app): State<App>,
+    Path(provider): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<CallbackQuery>,
+) -> Response {
+    let r = async {
+        if let Some(e) = q.error {
+            return Err(Error::new(ErrorCode::OauthFailed, format!("oauth: the provider answered {e}")));
+        }
+        let (Some(code), Some(state)) = (q.code, q.state) else {
+            return Err(Error::new(ErrorCode::BadArguments, "oauth: code and state are required"));
+        };
+        let v = vault_of(&app)?;
+        let t = v.oauth.callback(&provider, &code, &state).await?;
+        v.save_tokens(&provider, &provider, t.access.as_str(), t.refresh.as_ref().map(|r| r.as_str()), t.expires_in)
+            .await?;
+        Ok(json!({"connected": provider, "expires_in": t.expires_in, "refreshable": t.refresh.is_some()}))
+    }
+    .await;
+    reply(r)
 }
 
 /// `vault` in Lua: references only.
