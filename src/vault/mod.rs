@@ -450,18 +450,17 @@ impl Vault {
         let started = now();
         let _one = self.refreshing.lock().await;
         self.load().await?;
-        let (provider, refresh, updated) = {
+        let (provider, refresh) = {
             let c = self.cache.read().unwrap();
             let e = c.as_ref().and_then(|m| m.get(name)).ok_or_else(|| {
                 Error::new(ErrorCode::VaultDenied, format!("vault: no secret named '{name}'"))
             })?;
-            (e.provider.clone(), e.refresh.clone(), e.expires_at)
+            (e.provider.clone(), e.refresh.clone())
         };
         let Some(provider) = provider else {
             return Err(Error::new(ErrorCode::VaultDenied, format!("vault: secret '{name}' is not an OAuth2 token")));
         };
         // Another call refreshed it while this one waited.
-        let _ = updated;
         if self.refreshed_since(name, started) {
             return Ok(());
         }
