@@ -12,6 +12,8 @@
 //!   [`branch`]: SQLite branches; [`generate`]: the intent-to-service repair loop.
 //! - [`replication`]: continuous WAL backup to S3 or a directory, snapshots, restore.
 //! - [`flow`]: durable workflows (`flow.define`, steps journaled in SQLite) and cron.
+//! - [`egress`]: `http.fetch` under per-function policies, the privacy guard; [`vault`]:
+//!   encrypted secrets Lua only references; [`files`]: `file.*` on object storage.
 //! - [`app`]: the `App` handle (shared state with accessors, modules' services).
 //! - [`modules`]: the module contract and the one registry that names every module.
 //! - [`ai`]: named models for app code (Lua `ai`), the generation log, budgets, cache.
@@ -29,6 +31,8 @@ pub mod config;
 pub mod conns;
 pub mod core;
 pub mod flow;
+pub mod egress;
+pub mod files;
 pub mod generate;
 pub mod llm;
 pub mod lua;
@@ -41,6 +45,7 @@ pub mod search;
 pub mod server;
 pub mod sql;
 pub mod storage;
+pub mod vault;
 
 /// Version of this build.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -73,6 +73,9 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::search::SearchModule,
         &crate::ai::AiModule,
         &crate::flow::FlowModule,
+        &crate::egress::EgressModule,
+        &crate::vault::VaultModule,
+        &crate::files::FilesModule,
     ]
 }
 

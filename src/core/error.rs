@@ -102,6 +102,18 @@ error_codes! {
     FlowNondeterministic = 1071, "FLOW_NONDETERMINISTIC", 422, "a workflow's replay called its steps in another order than the journal recorded";
     FlowLimit = 1072, "FLOW_LIMIT_EXCEEDED", 422, "a `[flow]` limit: steps, journal or result size, events, active workflows";
     FlowCancelled = 1073, "FLOW_CANCELLED", 409, "the workflow was cancelled";
+    /// An egress policy refused a request (host, port, method, path or address).
+    EgressDenied = 1060, "EGRESS_DENIED", 403, "`http.fetch` refused by the egress policy (host, port, method, path, private address)";
+    /// The remote host of an egress request failed (connect, TLS, reset).
+    EgressFailed = 1061, "EGRESS_FAILED", 502, "`http.fetch`: the remote host could not be reached or broke off";
+    /// An egress request or answer went over a size or redirect limit.
+    EgressLimit = 1062, "EGRESS_LIMIT_EXCEEDED", 422, "`http.fetch` request/answer over `[egress]` size limits, or too many redirects";
+    /// The privacy guard found a kind its policy blocks.
+    PrivacyBlocked = 1063, "PRIVACY_BLOCKED", 422, "outgoing text carries a kind `[egress.guard] block` names";
+    /// A vault secret is missing, out of the function's scope, not bound to the host or expired.
+    VaultDenied = 1064, "VAULT_DENIED", 403, "vault secret missing, not for this function or host, or expired";
+    /// The OAuth2 provider refused (e.g. a revoked refresh token).
+    OauthFailed = 1065, "OAUTH_FAILED", 502, "the OAuth2 provider refused (revoked or expired grant: authorize again)";
     Internal = 1000, "INTERNAL_ERROR", 500, "bugs";
 }
 

@@ -438,15 +438,15 @@ fn step(
         crate::lua::components::db::tx_then(env, f, args, Some(&hook))
             .and_then(|mv| first_json(&mv, max, &format!("step '{name}'")))
     } else {
-        let outer = env.meter.tx_deadline.get();
+        let outer = env.meter.tx_deadline();
         if let Some(d) = deadline {
-            env.meter.tx_deadline.set(Some(outer.map_or(d, |x| x.min(d))));
+            env.meter.set_tx_deadline(Some(outer.map_or(d, |x| x.min(d))));
         }
         let r = f
             .call::<MultiValue>(key.clone())
             .and_then(|mv| first_json(&mv, max, &format!("step '{name}'")));
         if !matches!(&r, Err(e) if sandbox::limit_of(e).is_some()) {
-            env.meter.tx_deadline.set(outer);
+            env.meter.set_tx_deadline(outer);
         }
         r
     };
