@@ -713,3 +713,40 @@ async fn the_repair_loop_calls_are_in_the_generation_log() {
     let row = u["data"].as_array().unwrap().iter().find(|r| r["group"] == "m-repair").unwrap().clone();
     assert_eq!(row["generations"], 2);
 }
+
+/// Prompts pass the privacy guard before they leave: one-time codes and card numbers are
+/// redacted in what the provider receives (system text, messages and embedded texts); a kind
+/// `[egress.guard] block` names refuses the call with PRIVACY_BLOCKED and sends nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn prompts_pass_the_privacy_guard() {
+    let m = ModelServer::start().await;
+    let (s, _dir) = start(&m.url, "\n[egress.guard]\nblock = [\"my_number\"]\nsecrets = [\"hunter2-vault-xyz\"]\n", &[]);
+    let base = &s.url;
+    deploy(base, "calls", CALLS).await;
+    let alice = signup(base, "alice@example.com").await;
+
+    m.script("m-fast", vec![Script::text("ok", (10, 2, 0))]);
+    let prompt = "Your verification code is 482913. Card 4242 4242 4242 4242, token hunter2-vault-xyz.";
+    let (st, t) = call(base, Some(&alice), "calls", json!({"shape": "text", "prompt": prompt, "system": "認証コードは 771234 です"})).await;
+    assert_eq!(st, 200, "{t}");
+    let sent = m.seen_by("m-fast").pop().unwrap().body.to_string();
+    for secret in ["482913", "4242 4242 4242 4242", "hunter2-vault-xyz", "771234"] {
+        assert!(!sent.contains(secret), "{secret} reached the provider: {sent}");
+    }
+    assert!(sent.contains("[REDACTED:otp]") && sent.contains("[REDACTED:card]") && sent.contains("[REDACTED:secret]"), "{sent}");
+    assert!(sent.contains("Your verification code is"), "the rest of the prompt is kept: {sent}");
+
+    // Embeddings too.
+    m.clear_seen();
+    let (st, v) = call(base, Some(&alice), "calls", json!({"shape": "embed", "texts": ["code 482913 is your login code", "plain"]})).await;
+    assert_eq!(st, 200, "{v}");
+    let sent = m.seen().pop().unwrap().body.to_string();
+    assert!(!sent.contains("482913"), "{sent}");
+
+    // A blocked kind (a valid My Number: 12 digits with its check digit) refuses the call.
+    m.clear_seen();
+    let (st, e) = call(base, Some(&alice), "calls", json!({"shape": "text", "prompt": "マイナンバーは 1234 5678 9018 です"})).await;
+    assert_eq!(st, 422, "{e}");
+    assert_eq!(e["error"]["name"], "PRIVACY_BLOCKED", "{e}");
+    assert!(m.seen().is_empty(), "nothing was sent");
+}

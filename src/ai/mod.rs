@@ -57,6 +57,9 @@ impl crate::modules::Module for AiModule {
     }
     fn start(&self, app: &App) -> anyhow::Result<()> {
         if let Some(svc) = app.get::<Arc<AiService>>() {
+            if let Some(guard) = crate::egress::guard_of(app) {
+                svc.set_guard(guard);
+            }
             let svc = Arc::clone(svc);
             // Today's spend so far (budgets survive a restart), read once in the background.
             std::thread::Builder::new()
@@ -159,6 +162,9 @@ pub struct AiSettings {
     /// Seconds a cached answer stays valid.
     pub cache_ttl_secs: f64,
     pub budget: BudgetSettings,
+    /// Pass every prompt through the privacy guard (`[egress.guard]`: redact or block one-time
+    /// codes, secrets, card numbers, ... before they leave for a provider).
+    pub privacy_guard: bool,
 }
 
 impl Default for AiSettings {
@@ -176,6 +182,7 @@ impl Default for AiSettings {
             cache_entries: 1000,
             cache_ttl_secs: 3600.0,
             budget: BudgetSettings::default(),
+            privacy_guard: true,
         }
     }
 }
@@ -318,6 +325,8 @@ pub struct AiService {
     spend: Mutex<Spend>,
     cache: Mutex<Cache>,
     recent: Mutex<Recent>,
+    /// The egress module's privacy guard, set at start (`None`: not checking).
+    guard: std::sync::OnceLock<Arc<crate::egress::guard::Guard>>,
 }
 
 fn unavailable(msg: impl Into<String>) -> Error {
@@ -382,6 +391,7 @@ impl AiService {
             spend: Mutex::new(Spend { day: today(), ..Default::default() }),
             cache: Mutex::new(Cache::default()),
             recent: Mutex::new(Recent::default()),
+            guard: std::sync::OnceLock::new(),
         })
     }
 
@@ -451,11 +461,54 @@ impl AiService {
         out
     }
 
-    /// Every prompt leaving the server passes here, once per exchange, with the identity it
-    /// runs as and the model it goes to. The privacy guard (issue 20) plugs in here: it may
-    /// rewrite the request (redact) or refuse it with an error. Today it lets everything pass.
-    pub fn outgoing_prompt(&self, _ctx: &RequestContext, _model: &ModelSpec, _out: Outgoing<'_>) -> Result<()> {
+    /// Every prompt leaving the server passes here, once per call, with the identity it runs
+    /// as and the model it goes to: the privacy guard (`[egress.guard]`, when `[ai]
+    /// privacy_guard` is on) redacts what it finds in the system text, every message and every
+    /// embedded text, or refuses the call with `PRIVACY_BLOCKED` for a kind its policy blocks.
+    /// What was redacted is logged as counts per kind, never the values.
+    pub fn outgoing_prompt(&self, ctx: &RequestContext, model: &ModelSpec, out: Outgoing<'_>) -> Result<()> {
+        let Some(guard) = self.guard.get() else { return Ok(()) };
+        let mut found: BTreeMap<String, usize> = BTreeMap::new();
+        let mut clean = |text: &mut String| -> Result<()> {
+            if text.is_empty() {
+                return Ok(());
+            }
+            let scan = guard.check(text, &[])?;
+            if !scan.counts.is_empty() {
+                for (k, n) in &scan.counts {
+                    *found.entry(k.as_str().to_string()).or_default() += n;
+                }
+                *text = scan.text;
+            }
+            Ok(())
+        };
+        match out {
+            Outgoing::Chat(req) => {
+                if let Some(s) = req.system.as_mut() {
+                    clean(s)?;
+                }
+                for m in &mut req.messages {
+                    clean(&mut m.content)?;
+                }
+            }
+            Outgoing::Embed(texts) => {
+                for t in texts.iter_mut() {
+                    clean(t)?;
+                }
+            }
+        }
+        if !found.is_empty() {
+            tracing::info!(model = %model.name, user = ?ctx.user_id, trace_id = %ctx.trace_id,
+                redacted = %serde_json::to_string(&found).unwrap_or_default(), "privacy guard redacted a prompt");
+        }
         Ok(())
+    }
+
+    /// Check prompts with `guard` from now on (the egress module's, found at start).
+    pub fn set_guard(&self, guard: Arc<crate::egress::guard::Guard>) {
+        if self.settings.privacy_guard {
+            let _ = self.guard.set(guard);
+        }
     }
 
     /// Start the record of one call.
@@ -500,7 +553,7 @@ impl AiService {
     }
 
     /// Run `f` on `model`, then its fallbacks, retrying per model: the first success, or the
-    /// last failure. Each exchange passes [`Self::outgoing_prompt`].
+    /// last failure. Callers pass the prompt through [`Self::outgoing_prompt`] first.
     async fn with_fallbacks<T, F, Fut>(&self, g: &mut Generation, model: &Arc<ModelSpec>, mut f: F) -> Result<(Arc<ModelSpec>, T)>
     where
         F: FnMut(Endpoint, Arc<ModelSpec>) -> Fut,
@@ -546,17 +599,12 @@ impl AiService {
 
     /// One chat exchange on `model` (fallbacks included); usage and cost go into `g`.
     pub async fn chat(&self, g: &mut Generation, model: &Arc<ModelSpec>, req: &ChatRequest) -> Result<Reply> {
-        let ctx = g.ctx.clone();
         let http = &self.http;
+        let mut req = req.clone();
+        self.outgoing_prompt(&g.ctx, model, Outgoing::Chat(&mut req))?;
+        let req = &req;
         let (spec, reply) = self
-            .with_fallbacks(g, model, |ep, spec| {
-                let mut req = req.clone();
-                let guard = self.outgoing_prompt(&ctx, &spec, Outgoing::Chat(&mut req));
-                async move {
-                    guard.map_err(|e| CallError { message: e.message, retryable: false, retry_after: None, status: None })?;
-                    provider::chat(http, &ep, &req).await
-                }
-            })
+            .with_fallbacks(g, model, |ep, _spec| async move { provider::chat(http, &ep, req).await })
             .await?;
         g.usage.add(reply.usage);
         g.cost += spec.cost(reply.usage);
@@ -570,18 +618,13 @@ impl AiService {
 
     /// Open a streamed exchange (fallbacks before the first byte); returns the model that took it.
     pub async fn open_stream(&self, g: &mut Generation, model: &Arc<ModelSpec>, req: &ChatRequest) -> Result<(Arc<ModelSpec>, provider::Events)> {
-        let ctx = g.ctx.clone();
         let http = &self.http;
         g.streamed = true;
-        self.with_fallbacks(g, model, |ep, spec| {
-            let mut req = req.clone();
-            let guard = self.outgoing_prompt(&ctx, &spec, Outgoing::Chat(&mut req));
-            async move {
-                guard.map_err(|e| CallError { message: e.message, retryable: false, retry_after: None, status: None })?;
-                provider::open_stream(http, &ep, &req).await
-            }
-        })
-        .await
+        let mut req = req.clone();
+        self.outgoing_prompt(&g.ctx, model, Outgoing::Chat(&mut req))?;
+        let req = &req;
+        self.with_fallbacks(g, model, |ep, _spec| async move { provider::open_stream(http, &ep, req).await })
+            .await
     }
 
     /// Embeddings of `texts` with `model` (no fallbacks: vectors of different models do not mix).
