@@ -105,11 +105,21 @@ async fn workflows_survive_kill_9() {
     ok(&c, &s.url, "INSERT INTO totals VALUES ('a', 0), ('b', 0), ('c', 0), ('d', 0)").await;
     let r = put_fn(&c, &s.url, "crash", WORKFLOW).await;
     assert_eq!(r.status, 200, "{}", r.body);
-    // Start them all (idempotent ids), then kill.
-    for n in 0..FLOWS {
-        let (st, v) = api(&c, "POST", format!("{}/flows/crash", s.url), Some(json!({"id": format!("w{n}"), "input": {"n": n}}))).await;
-        assert_eq!(st, 200, "{v}");
-    }
+    // Start them all (idempotent ids), then kill. A fast machine may finish a batch before
+    // enough kill points passed: then another batch of FLOWS starts (ids w<batch>_<n>).
+    let id = |batch: usize, n: usize| if batch == 0 { format!("w{n}") } else { format!("w{batch}_{n}") };
+    let mut batches = 0;
+    let start_batch = |batch: usize, url: String| {
+        let c = c.clone();
+        async move {
+            for n in 0..FLOWS {
+                let (st, v) = api(&c, "POST", format!("{url}/flows/crash"), Some(json!({"id": id(batch, n), "input": {"n": n}}))).await;
+                assert_eq!(st, 200, "{v}");
+            }
+        }
+    };
+    start_batch(0, s.url.clone()).await;
+    batches += 1;
     let started = Instant::now();
     let mut kills = HashMap::<&str, usize>::new();
     let mut rng = 0x9e3779b97f4a7c15u64;
@@ -132,7 +142,12 @@ async fn workflows_survive_kill_9() {
         if !hit {
             let (_, v) = api(&c, "GET", format!("{}/flows?limit=1", s.url), None).await;
             eprintln!("nothing to interrupt after {k} kills: {}", v["counts"]);
-            break;
+            if kills.values().sum::<usize>() >= 50 || batches >= 5 {
+                break;
+            }
+            start_batch(batches, s.url.clone()).await;
+            batches += 1;
+            continue;
         }
         s.child.kill().unwrap();
         s.child.wait().unwrap();
@@ -149,22 +164,23 @@ async fn workflows_survive_kill_9() {
         assert_eq!(st, 200, "{v}");
         let done = v["counts"]["completed"].as_u64().unwrap_or(0) as usize;
         assert_eq!(v["counts"]["failed"].as_u64().unwrap_or(0), 0, "{v}");
-        if done == FLOWS {
+        if done == FLOWS * batches {
             break;
         }
         assert!(Instant::now() < deadline, "not all workflows completed: {v}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    eprintln!("all completed after {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!("all {} completed after {:.1} s ({batches} batches)", FLOWS * batches, started.elapsed().as_secs_f64());
+    let flows = FLOWS * batches;
     // Every SQLite step exactly once.
     let counts = ok(&c, &s.url, "SELECT step, count(*), count(DISTINCT flow), count(DISTINCT key) FROM applied GROUP BY step ORDER BY step").await;
     let want: Vec<String> = TX_STEPS
         .iter()
-        .map(|t| format!("{t}\t{}\t{FLOWS}\t{FLOWS}", if *t == "a" { FLOWS * 10 } else { FLOWS }))
+        .map(|t| format!("{t}\t{}\t{flows}\t{flows}", if *t == "a" { flows * 10 } else { flows }))
         .collect();
     assert_eq!(counts.trim(), want.join("\n"));
     let totals = ok(&c, &s.url, "SELECT group_concat(n, ',') FROM (SELECT n FROM totals ORDER BY step)").await;
-    assert_eq!(totals.trim(), vec![FLOWS.to_string(); TX_STEPS.len()].join(","));
+    assert_eq!(totals.trim(), vec![flows.to_string(); TX_STEPS.len()].join(","));
     // Every outside effect at least once, always with the same key.
     let mut keys: HashMap<(String, String), HashSet<String>> = HashMap::new();
     let mut effects = 0;
@@ -175,19 +191,22 @@ async fn workflows_survive_kill_9() {
             keys.entry((p[1].to_string(), p[2].to_string())).or_default().insert(p[3].to_string());
         }
     }
-    for n in 0..FLOWS {
-        for step in OUTSIDE_STEPS {
-            let k = keys.get(&(step.to_string(), format!("w{n}"))).unwrap_or_else(|| panic!("w{n} never made its {step} effect"));
-            assert_eq!(k.len(), 1, "w{n} {step}: several idempotency keys {k:?}");
+    for batch in 0..batches {
+        for n in 0..FLOWS {
+            let w = id(batch, n);
+            for step in OUTSIDE_STEPS {
+                let k = keys.get(&(step.to_string(), w.clone())).unwrap_or_else(|| panic!("{w} never made its {step} effect"));
+                assert_eq!(k.len(), 1, "{w} {step}: several idempotency keys {k:?}");
+            }
         }
     }
-    let rolled_back = lines(&outside).iter().filter(|l| l.starts_with("txbegin")).count() - TX_STEPS.len() * FLOWS;
+    let rolled_back = lines(&outside).iter().filter(|l| l.starts_with("txbegin")).count() - TX_STEPS.len() * flows;
     eprintln!(
         "effects: {effects} for {} (repeats {}); transactions begun {} times for {} (rolled back {rolled_back})",
-        OUTSIDE_STEPS.len() * FLOWS,
-        effects - OUTSIDE_STEPS.len() * FLOWS,
-        rolled_back + TX_STEPS.len() * FLOWS,
-        TX_STEPS.len() * FLOWS
+        OUTSIDE_STEPS.len() * flows,
+        effects - OUTSIDE_STEPS.len() * flows,
+        rolled_back + TX_STEPS.len() * flows,
+        TX_STEPS.len() * flows
     );
     // Each instance's journal shows its steps, and the workflow's output.
     let (_, f) = api(&c, "GET", format!("{}/flows/w7", s.url), None).await;
