@@ -645,3 +645,57 @@ async fn query_text_is_embedded_through_the_ai_layer() {
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("4 dimensions") && r.body.contains("has 3"), "{}", r.body);
 }
+
+/// Embed-on-insert: an index whose vector declares `embed` fills NULL vectors from the text
+/// columns through the `ai` layer (batched, logged as `search.embed`), and the filled vectors
+/// are indexed: a vector search for a row's own text finds it at distance 0.
+#[tokio::test]
+async fn rows_are_embedded_on_insert_through_the_ai_layer() {
+    let m = model_server::ModelServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("ichibase.toml"),
+        format!("[ai.models.emb]\nurl = \"{}\"\nmodel = \"e-1\"\ninput_price = 0.1\n", m.url),
+    )
+    .unwrap();
+    let s = Server::start_in(dir.path(), &[], &[]);
+    let (admin, base) = (client(), s.url.clone());
+    ok(&admin, &base, "CREATE TABLE docs(id INTEGER PRIMARY KEY, title TEXT, body TEXT, v BLOB)").await;
+    // A model that is not configured, or a column that does not exist: clear errors.
+    let (st, v) = put_index(&admin, &base, "docs", json!({"text": ["body"], "vector": {"column": "v", "dims": 4, "embed": {"from": ["nope"], "model": "emb"}}})).await;
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = put_index(&admin, &base, "docs", json!({"vector": {"column": "v", "dims": 4, "embed": {"from": ["body"]}}})).await;
+    assert_eq!(st, 400, "no model named and no [search] embed_model: {v}");
+    let (st, v) = put_index(&admin, &base, "docs", json!({"text": ["body"], "vector": {"column": "v", "dims": 4, "embed": {"from": ["title", "body"], "model": "emb"}}})).await;
+    assert_eq!(st, 200, "{v}");
+    let rows: Vec<String> = (1..=70).map(|i| format!("({i}, 'title {i}', '{}', NULL)", "word ".repeat(i))).collect();
+    ok(&admin, &base, &format!("INSERT INTO docs VALUES {}", rows.join(","))).await;
+    ok(&admin, &base, "INSERT INTO docs VALUES (100, 'zebra', 'crossing', NULL)").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let n = ok(&admin, &base, "SELECT count(*) FROM docs WHERE v IS NULL").await;
+        if n.trim() == "0" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "rows never embedded: {n} left");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Two batches of at most 64 texts each (71 rows).
+    let calls = m.seen().iter().filter(|x| x.path.contains("embeddings")).count();
+    assert!((2..=4).contains(&calls), "{calls} embedding calls for 71 rows");
+    // The text embedded is the `from` columns joined by a newline.
+    let q: Vec<f32> = model_server::vector_of("zebra\ncrossing").into_iter().map(|x| x as f32).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let hits = sql_search(&admin, &base, &format!("search('docs', NULL, '{}', 1)", vjson(&q))).await.unwrap();
+        if hits.first().is_some_and(|h| h["id"] == 100) {
+            assert!(hits[0]["distance"].as_f64().is_some_and(|d| d.abs() < 1e-9), "{hits:?}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "embedded vectors never indexed: {hits:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let (st, g) = common::api(&admin, "GET", format!("{base}/ai/generations?function=search.embed"), None).await;
+    assert_eq!(st, 200, "{g}");
+    assert!(g.to_string().contains("\"embed\""), "embed generations logged: {g}");
+}

@@ -52,6 +52,21 @@ pub struct VectorSpec {
     /// `cosine` (default), `l2` or `l1`; `bit` vectors always use `hamming`.
     #[serde(default = "default_metric")]
     pub metric: String,
+    /// Embed-on-insert: rows whose vector column is NULL get it from these text columns
+    /// through the `ai` layer (see `search::embed_pending`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embed: Option<EmbedSpec>,
+}
+
+/// `"embed": {"from": ["title", "body"], "model": "emb"}` of a vector index.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedSpec {
+    /// Text columns joined (one per line) into the text that is embedded.
+    pub from: Vec<String>,
+    /// An `[ai.models.NAME]`; default `[search] embed_model`.
+    #[serde(default)]
+    pub model: Option<String>,
 }
 
 fn default_quantization() -> String {
@@ -177,6 +192,19 @@ fn validate(c: &Connection, t: &str, spec: &mut IndexSpec) -> Result<()> {
     if let Some(v) = &spec.vector {
         if !has(&v.column) {
             return Err(bad(format!("table '{t}' has no column '{}'", v.column)));
+        }
+        if let Some(e) = &v.embed {
+            if e.from.is_empty() {
+                return Err(bad("vector.embed.from names the text columns to embed"));
+            }
+            for col in &e.from {
+                if !has(col) {
+                    return Err(bad(format!("table '{t}' has no column '{col}' (vector.embed.from)")));
+                }
+            }
+            if e.model.as_deref().unwrap_or(super::settings().embed_model.as_str()).is_empty() {
+                return Err(bad("vector.embed needs a model: \"model\" or [search] embed_model"));
+            }
         }
         let max = super::settings().max_dims;
         if v.dims == 0 || v.dims > max {

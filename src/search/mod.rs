@@ -226,6 +226,99 @@ impl crate::modules::Module for SearchModule {
     }
 }
 
+/// Rows embedded per model call by embed-on-insert.
+const EMBED_BATCH: usize = 64;
+
+/// Embed-on-insert: for every index whose vector has `embed`, rows whose vector column is NULL
+/// get the embedding of their `from` text columns (joined by newlines) through the `ai` layer —
+/// one generation per batch, logged and budgeted as function `search.embed`, run as the engine
+/// (system). The UPDATE queues the rows again, so the next drain indexes their vectors. Returns
+/// how many rows got a vector; an error (no model, provider down, budget) leaves the rows NULL
+/// for a later attempt.
+async fn embed_pending(app: &App) -> Result<usize> {
+    use crate::core::{Error, ErrorCode};
+    use crate::sql::parse::quote_ident;
+    let storage = app.storage().clone();
+    let specs: Vec<(String, IndexSpec)> = storage
+        .read(&RequestContext::system(), ExecControl::lookup(), |c| {
+            let tables: Vec<String> = c
+                .prepare("SELECT tbl FROM _ichibase_search_indexes ORDER BY tbl")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::new();
+            for t in tables {
+                if let Some(s) = index::load(c, &t)? {
+                    if s.vector.as_ref().is_some_and(|v| v.embed.is_some()) {
+                        out.push((t, s));
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+    let mut total = 0;
+    for (t, spec) in specs {
+        let v = spec.vector.clone().expect("filtered above");
+        let e = v.embed.clone().expect("filtered above");
+        let (tq, key, vcol) = (quote_ident(&t), quote_ident(&spec.key), quote_ident(&v.column));
+        let text = e.from.iter().map(|c| format!("coalesce(CAST({} AS TEXT), '')", quote_ident(c))).collect::<Vec<_>>().join(" || char(10) || ");
+        let sql = format!("SELECT {key}, {text} FROM {tq} WHERE {vcol} IS NULL LIMIT {EMBED_BATCH}");
+        let rows: Vec<(i64, String)> = storage
+            .read(&RequestContext::system(), ExecControl::new(Instant::now(), 30.0), move |c| {
+                Ok(c.prepare(&sql)?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<rusqlite::Result<_>>()?)
+            })
+            .await?;
+        if rows.is_empty() {
+            continue;
+        }
+        let svc = crate::ai::AiService::of(app)?;
+        let model = svc.resolve(Some(e.model.as_deref().unwrap_or(settings().embed_model.as_str())))?;
+        let ctx = RequestContext::system();
+        let function = "search.embed";
+        svc.check_budget(None, Some(function), (0.0, 0))?;
+        let mut g = svc.begin(&ctx, Some(function), "search", "embed", &model.name);
+        let texts: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
+        let r = svc.embed(&mut g, &model, texts).await.and_then(|vs| {
+            if vs.len() != rows.len() || vs.iter().any(|x| x.len() != v.dims) {
+                return Err(Error::new(
+                    ErrorCode::BadArguments,
+                    format!("embedding model '{}' did not return {} vectors of {} dimensions for '{t}'", model.name, rows.len(), v.dims),
+                ));
+            }
+            Ok(vs)
+        });
+        match &r {
+            Ok(_) => g.finish_reason = Some("stop".into()),
+            Err(err) => g.error = Some(err.clone()),
+        }
+        svc.finish(g);
+        let vectors = r?;
+        let update = format!("UPDATE {tq} SET {vcol} = ?1 WHERE {key} = ?2 AND {vcol} IS NULL");
+        let pairs: Vec<(i64, String)> = rows
+            .iter()
+            .zip(vectors)
+            .map(|((id, _), vec)| (*id, serde_json::to_string(&vec).unwrap_or_default()))
+            .collect();
+        total += storage
+            .write(&RequestContext::system(), ExecControl::new(Instant::now(), 0.0), move |c| {
+                let tx = c.transaction()?;
+                let mut n = 0;
+                {
+                    let mut st = tx.prepare(&update)?;
+                    for (id, v) in &pairs {
+                        n += st.execute(rusqlite::params![v, id])?;
+                    }
+                }
+                tx.commit()?;
+                Ok(n)
+            })
+            .await?;
+    }
+    Ok(total)
+}
+
 /// After every commit (and at least every second), index what the queue holds. Until an index
 /// exists it only waits.
 async fn sync_loop(app: App) {
@@ -244,11 +337,24 @@ async fn sync_loop(app: App) {
     if any.unwrap_or(true) {
         state.activate();
     }
+    // Embed-on-insert runs when rows were queued, and retries (after a failure) every 30 s.
+    let mut embed_retry_at: Option<Instant> = Some(Instant::now());
     loop {
         let notified = committed.notified();
         if !state.active() {
             let _ = tokio::time::timeout(Duration::from_secs(1), notified).await;
             continue;
+        }
+        if embed_retry_at.is_some_and(|t| Instant::now() >= t) {
+            embed_retry_at = None;
+            match embed_pending(&app).await {
+                Ok(_) => {}
+                Err(e) if e.code == crate::core::ErrorCode::ShuttingDown => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "search: embedding rows failed; retrying in 30 s");
+                    embed_retry_at = Some(Instant::now() + Duration::from_secs(30));
+                }
+            }
         }
         let pending = storage
             .read(
@@ -265,6 +371,9 @@ async fn sync_loop(app: App) {
             .await;
         match pending {
             Ok(true) => {
+                if embed_retry_at.is_none() {
+                    embed_retry_at = Some(Instant::now());
+                }
                 let batch = settings().sync_batch;
                 let r = storage
                     .write(
