@@ -627,6 +627,44 @@ impl AiService {
             .await
     }
 
+    /// One whole embedding generation for engine callers (search): resolve `model`, check the
+    /// budgets of `ctx`'s user and `function`, embed `texts` (waiting at most until
+    /// `deadline`), let `check` judge the vectors, and log the generation with its outcome.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn embed_logged(
+        &self,
+        ctx: &RequestContext,
+        function: &str,
+        purpose: &'static str,
+        model: &str,
+        texts: Vec<String>,
+        deadline: Option<Instant>,
+        check: impl FnOnce(&[Vec<f64>]) -> Result<()>,
+    ) -> Result<Vec<Vec<f64>>> {
+        let model = self.resolve(Some(model))?;
+        self.check_budget(ctx.user_id.as_deref(), Some(function), (0.0, 0))?;
+        let mut g = self.begin(ctx, Some(function), purpose, "embed", &model.name);
+        let call = self.embed(&mut g, &model, texts);
+        let r = match deadline {
+            None => call.await,
+            Some(d) => tokio::time::timeout_at(tokio::time::Instant::from_std(d), call)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::new(
+                        ErrorCode::TimeoutExceeded,
+                        "the embedding call ran past the invocation's time limit",
+                    ))
+                }),
+        };
+        let r = r.and_then(|v| check(&v).map(|()| v));
+        match &r {
+            Ok(_) => g.finish_reason = Some("stop".into()),
+            Err(e) => g.error = Some(e.clone()),
+        }
+        self.finish(g);
+        r
+    }
+
     /// Embeddings of `texts` with `model` (no fallbacks: vectors of different models do not mix).
     pub async fn embed(&self, g: &mut Generation, model: &Arc<ModelSpec>, texts: Vec<String>) -> Result<Vec<Vec<f64>>> {
         let mut texts = texts;

@@ -118,41 +118,26 @@ pub fn embed_query_text(env: &crate::lua::Env, text: &str, dims: usize) -> Resul
         return Ok(None);
     };
     let svc = crate::ai::AiService::of(app)?;
-    let model = svc.resolve(Some(name))?;
-    svc.check_budget(env.ctx.user_id.as_deref(), Some(&env.function), (0.0, 0))?;
-    let mut g = svc.begin(&env.ctx, Some(&env.function), "lua", "embed", &model.name);
-    let call = svc.embed(&mut g, &model, vec![text.to_string()]);
-    let r = match env.control.deadline {
-        None => env.rt.block_on(call),
-        Some(d) => env
-            .rt
-            .block_on(async { tokio::time::timeout_at(tokio::time::Instant::from_std(d), call).await })
-            .unwrap_or_else(|_| {
-                Err(Error::new(
-                    ErrorCode::TimeoutExceeded,
-                    "embedding the search text ran past the invocation's time limit",
-                ))
-            }),
-    };
-    let result = r.and_then(|mut v| {
-        let v = v.pop().unwrap_or_default();
-        if v.len() != dims {
+    let dims_ok = |v: &[Vec<f64>]| {
+        let n = v.first().map_or(0, Vec::len);
+        if n != dims {
             return Err(Error::new(
                 ErrorCode::BadArguments,
-                format!(
-                    "[search] embed_model '{name}' returned {} dimensions; the index has {dims}",
-                    v.len()
-                ),
+                format!("[search] embed_model '{name}' returned {n} dimensions; the index has {dims}"),
             ));
         }
-        Ok(v.into_iter().map(|x| x as f32).collect())
-    });
-    match &result {
-        Ok(_) => g.finish_reason = Some("stop".into()),
-        Err(e) => g.error = Some(e.clone()),
-    }
-    svc.finish(g);
-    result.map(Some)
+        Ok(())
+    };
+    let mut v = env.rt.block_on(svc.embed_logged(
+        &env.ctx,
+        &env.function,
+        "lua",
+        name,
+        vec![text.to_string()],
+        env.control.deadline,
+        dims_ok,
+    ))?;
+    Ok(Some(v.pop().unwrap_or_default().into_iter().map(|x| x as f32).collect()))
 }
 
 pub struct SearchModule;
@@ -274,27 +259,20 @@ async fn embed_pending(app: &App) -> Result<usize> {
             continue;
         }
         let svc = crate::ai::AiService::of(app)?;
-        let model = svc.resolve(Some(e.model.as_deref().unwrap_or(settings().embed_model.as_str())))?;
-        let ctx = RequestContext::system();
-        let function = "search.embed";
-        svc.check_budget(None, Some(function), (0.0, 0))?;
-        let mut g = svc.begin(&ctx, Some(function), "search", "embed", &model.name);
+        let model = e.model.as_deref().unwrap_or(settings().embed_model.as_str());
         let texts: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
-        let r = svc.embed(&mut g, &model, texts).await.and_then(|vs| {
+        let check = |vs: &[Vec<f64>]| {
             if vs.len() != rows.len() || vs.iter().any(|x| x.len() != v.dims) {
                 return Err(Error::new(
                     ErrorCode::BadArguments,
-                    format!("embedding model '{}' did not return {} vectors of {} dimensions for '{t}'", model.name, rows.len(), v.dims),
+                    format!("embedding model '{model}' did not return {} vectors of {} dimensions for '{t}'", rows.len(), v.dims),
                 ));
             }
-            Ok(vs)
-        });
-        match &r {
-            Ok(_) => g.finish_reason = Some("stop".into()),
-            Err(err) => g.error = Some(err.clone()),
-        }
-        svc.finish(g);
-        let vectors = r?;
+            Ok(())
+        };
+        let vectors = svc
+            .embed_logged(&RequestContext::system(), "search.embed", "search", model, texts, None, check)
+            .await?;
         let update = format!("UPDATE {tq} SET {vcol} = ?1 WHERE {key} = ?2 AND {vcol} IS NULL");
         let pairs: Vec<(i64, String)> = rows
             .iter()
