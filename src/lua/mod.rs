@@ -395,12 +395,13 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         ctx_t.set("trace_id", env.ctx.trace_id.clone())?;
         ctx_t.set("function", inv.function.clone())?;
         ctx_t.set("version", inv.version)?;
-        let out: Value = handler
-            .call((input, ctx_t))
-            .map_err(|e| thrown_error(&lua, e, &error_value))?;
+        let out = handler.call((input, ctx_t));
+        // Sampled on errors too (no count hook samples it): a large peak makes the run hand
+        // freed memory back to the system afterwards.
         meter
             .peak_memory
             .set(meter.peak_memory.get().max(lua.used_memory()));
+        let out: Value = out.map_err(|e| thrown_error(&lua, e, &error_value))?;
         to_json(&out).map_err(mlua::Error::runtime)
     };
     let result = {

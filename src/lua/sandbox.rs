@@ -563,14 +563,17 @@ pub fn guard_host_functions(
         }
         let (m, limits) = (Rc::clone(meter), *limits);
         Ok(Value::Function(lua.create_function(
-            move |_, args: mlua::MultiValue| {
+            move |lua, args: mlua::MultiValue| {
                 check_deadline(&m, &limits)?;
                 // The error keeps the shape it had without the wrapper (one CallbackError,
                 // whose traceback the outer call adds).
-                f.call::<mlua::MultiValue>(args).map_err(|e| match e {
+                let r = f.call::<mlua::MultiValue>(args).map_err(|e| match e {
                     mlua::Error::CallbackError { cause, .. } => (*cause).clone(),
                     e => e,
-                })
+                });
+                // Without a count hook, host calls are where the memory peak is sampled.
+                m.peak_memory.set(m.peak_memory.get().max(lua.used_memory()));
+                r
             },
         )?))
     };
