@@ -156,3 +156,61 @@ async fn a_taken_port_falls_back_to_a_free_one() {
     let r = no_redirects().get(&app.link).send().await.unwrap();
     assert_eq!(r.status(), 303);
 }
+
+/// Every asset is inside the executable: a copy of the binary alone, started from an empty
+/// directory, serves the canvas shell, its script and the vendored React.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_alone_serves_its_assets() {
+    let home = tempfile::tempdir().unwrap();
+    let exe = home.path().join("ichibase");
+    std::fs::copy(env!("CARGO_BIN_EXE_ichibase"), &exe).unwrap();
+    let mut child = Command::new(&exe)
+        .args(["open", "--no-browser", "--listen", "127.0.0.1:0", "--data-dir", "data"])
+        .current_dir(home.path())
+        .env("HOME", home.path())
+        .env_remove("ICHIBASE_CONFIG")
+        .env_remove("ICHIBASE_ADMIN_KEY")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let base = loop {
+        let line = lines.next().expect("an address").unwrap();
+        if let Some(a) = line.strip_prefix("ichibase listening on ") {
+            break a.trim().to_string();
+        }
+    };
+    let c = no_redirects();
+    let shell = c.get(format!("{base}/canvas")).send().await.unwrap();
+    assert_eq!(shell.status(), 200);
+    let html = shell.text().await.unwrap();
+    // Every script and stylesheet the shell page names is served from the binary.
+    let mut assets = 0;
+    for part in html.split(['"', '\'']) {
+        if part.starts_with("/canvas/assets/") {
+            let r = c.get(format!("{base}{part}")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{part}");
+            assert!(!r.bytes().await.unwrap().is_empty(), "{part}");
+            assets += 1;
+        }
+    }
+    assert!(assets >= 2, "the shell names its assets: {html}");
+    // The frame origin's page and the React it imports, too.
+    let frame = html.split("data-frame-origin=\"").nth(1).unwrap().split('"').next().unwrap();
+    let page = c.get(format!("{frame}/frame")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    let mut vendored = 0;
+    for part in page.split(['"', '\'']) {
+        if part.starts_with("/vendor/") {
+            let r = c.get(format!("{frame}{part}")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{part}");
+            vendored += 1;
+        }
+    }
+    assert!(vendored >= 1, "the frame imports vendored React: {page}");
+    assert!(home.path().join("data/ichibase.db").exists());
+    let _ = child.kill();
+    let _ = child.wait();
+}
