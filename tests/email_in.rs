@@ -10,7 +10,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -34,11 +34,15 @@ fn dkim_python() -> Option<String> {
 
 /// Send one message with smtplib (`send.py`); its JSON outcome.
 fn send_with(python: &str, spec: Value) -> Value {
-    let out = Command::new(python)
+    let mut child = Command::new(python)
         .arg(format!("{PEERS}/send.py"))
-        .arg(spec.to_string())
-        .output()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run python3");
+    child.stdin.take().unwrap().write_all(spec.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "send.py failed: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("send.py printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }

@@ -1,6 +1,6 @@
 """Send one message with Python's smtplib (the real SMTP client of the inbound-email tests).
 
-Usage: python send.py '<json spec>'; prints one JSON line with the outcome.
+Usage: python send.py < spec.json; prints one JSON line with the outcome.
 
 spec: host, port, mail_from, rcpts [...], and either `raw` (the message as text) or
 subject, from, to, text, html, attachments [{name, content_type, data_b64}], message_id,
@@ -47,7 +47,7 @@ def sign(raw, d):
 
 
 def main():
-    spec = json.loads(sys.argv[1])
+    spec = json.load(sys.stdin)
     raw = build(spec)
     if spec.get("dkim"):
         raw = sign(raw, spec["dkim"])
