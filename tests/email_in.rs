@@ -669,3 +669,25 @@ async fn hostile_input_never_crashes_the_server() {
     }
     assert!(!all.iter().any(|x| x["subject"] == "cut off"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_over_its_rate_is_told_to_come_back_later() {
+    let (m, _alice) = Mail::start(
+        "",
+        &[("ICHIBASE_EMAIL_IN__RATE_BURST", "3.0"), ("ICHIBASE_EMAIL_IN__RATE_PER_SENDER_PER_MINUTE", "1.0")],
+    )
+    .await;
+    for i in 0..3 {
+        let mut spec = m.spec("busy@x.example", &["plain@in.example.com"]);
+        spec["subject"] = json!(format!("burst {i}"));
+        assert_eq!(send(spec)["ok"], true);
+    }
+    let mut spec = m.spec("busy@x.example", &["plain@in.example.com"]);
+    spec["subject"] = json!("one too many");
+    let out = send(spec);
+    assert_eq!(out["error"], "sender_refused", "{out}");
+    assert_eq!(out["code"], 450, "a temporary refusal: the client retries later");
+    // Other senders are not affected.
+    assert_eq!(send(m.spec("calm@x.example", &["plain@in.example.com"]))["ok"], true);
+    assert_eq!(newest(&m, 100).await.len(), 4);
+}
