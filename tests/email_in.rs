@@ -691,3 +691,30 @@ async fn a_sender_over_its_rate_is_told_to_come_back_later() {
     assert_eq!(send(m.spec("calm@x.example", &["plain@in.example.com"]))["ok"], true);
     assert_eq!(newest(&m, 100).await.len(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_cut_off_by_a_crash_runs_again_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ichibase.toml"), BASE_CONFIG).unwrap();
+    let env = [("ICHIBASE_LUA_TIMEOUT_SECS", "300"), ("ICHIBASE_LUA_CPU_LIMIT_SECS", "300")];
+    let mut m = Mail::start_in(dir.path(), &env).await;
+    signup(&m.srv.url, "alice@example.com").await;
+    // A handler that spins: the message stays `running` until the crash.
+    let spin = "function on_email(email) while true do end end";
+    assert_eq!(put_fn(&m.admin, &m.srv.url, "ingest", spin).await.status, 200);
+    let mut spec = m.spec("writer@news.example", &["news@in.example.com"]);
+    spec["subject"] = json!("cut off");
+    assert_eq!(send(spec)["ok"], true);
+    let id = newest(&m, 1).await[0]["id"].as_str().unwrap().to_string();
+    m.wait_status(&id, |s| s == "running").await;
+    // The fix is deployed while it spins; then kill -9.
+    assert_eq!(put_fn(&m.admin, &m.srv.url, "ingest", INGEST).await.status, 200);
+    m.srv.child.kill().unwrap();
+    m.srv.child.wait().unwrap();
+    drop(m);
+    let m2 = Mail::start_in(dir.path(), &env).await;
+    let j = m2.handled(&id).await;
+    assert_eq!(j["result"]["subject"], "cut off");
+    assert_eq!(j["in_doubt"], 1, "{j}");
+    assert_eq!(j["attempts"], 2, "{j}");
+}
