@@ -592,8 +592,19 @@ impl Session<'_> {
                     entry["skipped"] = json!(format!("over [email_in] max_attachment_bytes / [files] max_file_bytes ({limit} bytes)"));
                 } else if let Some(f) = files {
                     let path = format!("email/{id}/{}-{}", i + 1, parse::safe_name(&a.name));
-                    if let Err(e) = f.put(&ctx, &path, a.data.clone()).await {
-                        tracing::warn!(error = %e.message, "inbound email: storing an attachment failed");
+                    // Bounded like file.* in Lua ([files] timeout_secs): a stuck store is a 451.
+                    let put = tokio::time::timeout(
+                        Duration::from_secs_f64(f.settings.timeout_secs),
+                        f.put(&ctx, &path, a.data.clone()),
+                    )
+                    .await;
+                    let failed = match put {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(e)) => Some(e.message),
+                        Err(_) => Some(format!("no answer within {} s ([files] timeout_secs)", f.settings.timeout_secs)),
+                    };
+                    if let Some(e) = failed {
+                        tracing::warn!(error = %e, "inbound email: storing an attachment failed");
                         return "451 4.3.0 Temporary failure storing the message, try again later".into();
                     }
                     entry["path"] = json!(path);
