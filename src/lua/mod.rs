@@ -485,7 +485,7 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     let (result, error_line) = match result {
         Ok(v) => (Ok(v), None),
         Err(e) => {
-            let (err, line) = describe(&e, &inv.function, &meter, &options);
+            let (err, line) = describe(&e, &inv.function, &meter, &options, deadline);
             (Err(err), line)
         }
     };
@@ -658,9 +658,20 @@ fn message_and_line(e: &mlua::Error, name: &str) -> (String, Option<i64>) {
     }
 }
 
-fn describe(e: &mlua::Error, name: &str, meter: &Meter, o: &LuaOptions) -> (Error, Option<i64>) {
+fn describe(
+    e: &mlua::Error,
+    name: &str,
+    meter: &Meter,
+    o: &LuaOptions,
+    deadline: Instant,
+) -> (Error, Option<i64>) {
     let (msg, line) = message_and_line(e, name);
-    let limit = sandbox::limit_of(e).or(meter.tripped.get());
+    // A limit the watchdog found, or the deadline itself (a host call's own deadline, e.g. the
+    // SQL engine's, is the invocation's and may fire first): the invocation's limit is named.
+    let limit = sandbox::limit_of(e)
+        .or(meter.tripped.get())
+        .or(meter.alarm.fired())
+        .or((Instant::now() >= deadline).then_some(Limit::Time));
     let err = match limit {
         Some(Limit::Time) => Error::new(
             ErrorCode::TimeoutExceeded,
