@@ -252,23 +252,41 @@ fn main() {
     drop(storage);
 
     rt.block_on(async move {
+        // The same server twice: sandboxes reused (the default) and a fresh one per run.
+        let mut fresh_config = config.clone();
+        fresh_config.data_dir = tmp.path().join("fresh");
+        std::fs::create_dir_all(&fresh_config.data_dir).unwrap();
+        let mut t = toml::Table::new();
+        t.insert("reuse_states".into(), toml::Value::Boolean(false));
+        fresh_config.sections.insert("lua_limits".into(), t);
         let running = ichibase::server::start(config).await.expect("server");
+        let fresh = ichibase::server::start(fresh_config).await.expect("server");
         let base = format!("http://{}", running.addr);
+        let fresh_base = format!("http://{}", fresh.addr);
         let client = common::client();
-        let r = common::put_fn(&client, &base, "empty", "return function() return 1 end").await;
-        assert_eq!(r.status, 200, "{}", r.body);
+        for b in [&base, &fresh_base] {
+            let r = common::put_fn(&client, b, "empty", "return function() return 1 end").await;
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
         println!();
         println!("## Invocation overhead over HTTP: empty function vs /ping");
         println!();
-        println!("| N | GET /ping req/s | POST /fn/empty req/s | ratio fn/ping |");
-        println!("|---:|---:|---:|---:|");
+        println!("| N | GET /ping req/s | POST /fn/empty req/s, fresh state per run | ratio | POST /fn/empty req/s, pooled states | ratio fn/ping |");
+        println!("|---:|---:|---:|---:|---:|---:|");
         for n in [1usize, 4, 32] {
             let b = base.clone();
             let ping = http_rate(&client, n, secs, move |c| c.get(format!("{b}/ping"))).await;
+            let b = fresh_base.clone();
+            let f0 = http_rate(&client, n, secs, move |c| c.post(format!("{b}/fn/empty"))).await;
             let b = base.clone();
             let f = http_rate(&client, n, secs, move |c| c.post(format!("{b}/fn/empty"))).await;
-            println!("| {n} | {ping:.0} | {f:.0} | {:.3} |", f / ping);
+            println!(
+                "| {n} | {ping:.0} | {f0:.0} | {:.3} | {f:.0} | {:.3} |",
+                f0 / ping,
+                f / ping
+            );
         }
         running.shutdown().await.unwrap();
+        fresh.shutdown().await.unwrap();
     });
 }
