@@ -240,3 +240,30 @@ fn traced_runs_and_disabled_reuse_build_fresh_states() {
     ok(run(&f, user("a", Role::Admin), "probe", PROBE, json!({"user": "a"})));
     assert_eq!(pool::idle(), 0, "[lua_limits] reuse_states = false");
 }
+
+#[test]
+fn functions_loaded_with_fn_belong_to_one_invocation() {
+    let f = fixture(LuaOptions::default());
+    let deploy = |src: &str| {
+        let src = src.to_string();
+        f.rt
+            .block_on(f.runtime.storage.write(
+                &RequestContext::system(),
+                ichibase::storage::ExecControl::lookup(),
+                move |c| ichibase::lua::store::deploy(c, "helper", &src, false, None),
+            ))
+            .expect("deploy");
+    };
+    deploy("local calls = 0 return function(x) calls = calls + 1 return {v = 1, calls = calls} end");
+    let caller = "return function() fn.call('helper', 1) return fn.call('helper', 2) end";
+    // Within one run the loaded function is kept (its upvalue counts both calls); the next run
+    // loads it afresh (its own upvalues), and sees a new version at once.
+    for _ in 0..2 {
+        let r = ok(run(&f, user("a", Role::Admin), "caller", caller, Value::Null));
+        assert_eq!(r, json!({"v": 1, "calls": 2}));
+    }
+    deploy("return function() return {v = 2} end");
+    let r = ok(run(&f, user("a", Role::Admin), "caller", caller, Value::Null));
+    assert_eq!(r, json!({"v": 2}));
+    assert_eq!(pool::idle(), 1);
+}

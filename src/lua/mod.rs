@@ -136,6 +136,8 @@ impl std::ops::Deref for Env {
 
 /// The invocation a component serves: the caller's identity, storage, the limits and the tracer.
 pub struct EnvState {
+    /// Unique per invocation in this process (a component caching per invocation compares it).
+    pub serial: u64,
     pub storage: Storage,
     pub ctx: RequestContext,
     pub rt: tokio::runtime::Handle,
@@ -354,7 +356,9 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         memory: options.memory_limit,
         deadline,
     };
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     let state = Rc::new(EnvState {
+        serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         storage,
         control: ExecControl::with_value_limit(
             started,
