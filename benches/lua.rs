@@ -3,7 +3,10 @@
 //!    (count hook, memory limit, wrapped globals) vs the stock `lua5.4` interpreter (Debian),
 //!    both timed with `os.clock()` inside the script around the same work;
 //! 2. the same scripts with deep tracing on vs off (smaller inputs: tracing records every line);
-//! 3. invocation overhead over HTTP: `POST /fn/empty` vs `GET /ping`, same client, same server.
+//! 3. invocation overhead in process: an empty function in a fresh sandbox per run vs a pooled
+//!    one (`[lua_limits] reuse_states`), with the cost of building a bare state alone;
+//! 4. invocation overhead over HTTP: `POST /fn/empty` vs `GET /ping`, same client, same server
+//!    (1, 4 and 32 connections).
 //!
 //! `cargo bench --bench lua`; `BENCH_SECS` sets the seconds per HTTP measurement (default 3).
 
@@ -196,26 +199,94 @@ fn main() {
         let on = sandbox_seconds(&storage, &rt, body, *n, true);
         println!("| {name} | {n} | {off:.5} | {on:.4} | {:.0} |", on / off);
     }
+    println!();
+    println!("## Invocation overhead in process: fresh sandbox vs pooled (empty function)");
+    println!();
+    let per_run = |reuse: bool| -> f64 {
+        let opts = LuaOptions {
+            reuse_states: reuse,
+            ..LuaOptions::default()
+        };
+        let runtime = ichibase::lua::Runtime::bare(storage.clone(), rt.handle().clone(), opts);
+        ichibase::lua::pool::clear();
+        let n = if reuse { 20_000 } else { 2_000 };
+        let run = || {
+            let inv = Invocation {
+                function: "empty".into(),
+                version: 1,
+                source: "return function() return 1 end".into(),
+                ..Invocation::default()
+            };
+            let out = invoke(&runtime, RequestContext::system(), inv);
+            out.result.expect("empty run");
+        };
+        for _ in 0..50 {
+            run();
+        }
+        let t0 = Instant::now();
+        for _ in 0..n {
+            run();
+        }
+        t0.elapsed().as_secs_f64() * 1e6 / n as f64
+    };
+    let bare_state = {
+        let n = 2_000;
+        let t0 = Instant::now();
+        for _ in 0..n {
+            let limits = ichibase::lua::sandbox::Limits {
+                instructions: None,
+                cpu: Duration::from_secs(5),
+                memory: 64 << 20,
+                deadline: Instant::now() + Duration::from_secs(10),
+            };
+            let meter = std::rc::Rc::new(ichibase::lua::sandbox::Meter::default());
+            drop(ichibase::lua::sandbox::new_state(limits, meter, None).expect("state"));
+        }
+        t0.elapsed().as_secs_f64() * 1e6 / n as f64
+    };
+    let fresh = per_run(false);
+    let pooled = per_run(true);
+    println!("| bare sandbox state (libraries + prelude) µs | fresh run µs | pooled run µs | ratio fresh/pooled |");
+    println!("|---:|---:|---:|---:|");
+    println!("| {bare_state:.1} | {fresh:.1} | {pooled:.1} | {:.1} |", fresh / pooled);
     drop(storage);
 
     rt.block_on(async move {
+        // The same server twice: sandboxes reused (the default) and a fresh one per run.
+        let mut fresh_config = config.clone();
+        fresh_config.data_dir = tmp.path().join("fresh");
+        std::fs::create_dir_all(&fresh_config.data_dir).unwrap();
+        let mut t = toml::Table::new();
+        t.insert("reuse_states".into(), toml::Value::Boolean(false));
+        fresh_config.sections.insert("lua_limits".into(), t);
         let running = ichibase::server::start(config).await.expect("server");
+        let fresh = ichibase::server::start(fresh_config).await.expect("server");
         let base = format!("http://{}", running.addr);
+        let fresh_base = format!("http://{}", fresh.addr);
         let client = common::client();
-        let r = common::put_fn(&client, &base, "empty", "return function() return 1 end").await;
-        assert_eq!(r.status, 200, "{}", r.body);
+        for b in [&base, &fresh_base] {
+            let r = common::put_fn(&client, b, "empty", "return function() return 1 end").await;
+            assert_eq!(r.status, 200, "{}", r.body);
+        }
         println!();
         println!("## Invocation overhead over HTTP: empty function vs /ping");
         println!();
-        println!("| N | GET /ping req/s | POST /fn/empty req/s | ratio fn/ping |");
-        println!("|---:|---:|---:|---:|");
-        for n in [1usize, 4] {
+        println!("| N | GET /ping req/s | POST /fn/empty req/s, fresh state per run | ratio | POST /fn/empty req/s, pooled states | ratio fn/ping |");
+        println!("|---:|---:|---:|---:|---:|---:|");
+        for n in [1usize, 4, 32] {
             let b = base.clone();
             let ping = http_rate(&client, n, secs, move |c| c.get(format!("{b}/ping"))).await;
+            let b = fresh_base.clone();
+            let f0 = http_rate(&client, n, secs, move |c| c.post(format!("{b}/fn/empty"))).await;
             let b = base.clone();
             let f = http_rate(&client, n, secs, move |c| c.post(format!("{b}/fn/empty"))).await;
-            println!("| {n} | {ping:.0} | {f:.0} | {:.3} |", f / ping);
+            println!(
+                "| {n} | {ping:.0} | {f0:.0} | {:.3} | {f:.0} | {:.3} |",
+                f0 / ping,
+                f / ping
+            );
         }
         running.shutdown().await.unwrap();
+        fresh.shutdown().await.unwrap();
     });
 }

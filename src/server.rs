@@ -321,6 +321,7 @@ pub fn lua_options(config: &Config) -> crate::lua::LuaOptions {
         property_runs: config.generate.property_runs,
         tx_timeout: Duration::from_secs_f64(limits.tx_timeout_secs),
         traces: (&traces).into(),
+        reuse_states: limits.reuse_states,
     }
 }
 

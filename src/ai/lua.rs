@@ -754,6 +754,11 @@ fn rate(lua: &Lua, env: &Env, id: String, score: f64, note: Option<String>) -> m
 }
 
 impl Component for AiLua {
+    /// Installed once per pooled state (`lua::pool`): reads the invocation only when called.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "ai"
     }

@@ -49,6 +49,11 @@ fn unavailable() -> mlua::Error {
 }
 
 impl Component for Ui {
+    /// Installed once per pooled state (`lua::pool`): reads the invocation only when called.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "ui"
     }

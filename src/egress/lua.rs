@@ -158,6 +158,11 @@ fn run(lua: &Lua, env: &Env, spec: Table) -> mlua::Result<Table> {
 }
 
 impl Component for Http {
+    /// Installed once per pooled state (`lua::pool`): reads the invocation only when called.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "http"
     }

@@ -359,6 +359,11 @@ fn json_to_lua(lua: &Lua, v: &serde_json::Value) -> mlua::Result<Value> {
 pub struct FileLua;
 
 impl Component for FileLua {
+    /// Installed once per pooled state (`lua::pool`): reads the invocation only when called.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "file"
     }

@@ -75,7 +75,7 @@ impl TraceSettings {
 }
 
 /// The bounds of stored traces, as the store applies them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TraceLimits {
     pub max_bytes: u64,
     pub total_bytes: u64,
@@ -111,6 +111,9 @@ pub struct LuaLimitSettings {
     pub memory_total: u64,
     /// Seconds an invocation waits for its reservation before it is refused (HTTP 503).
     pub memory_wait_secs: f64,
+    /// Run untraced invocations in prepared sandboxes reset between runs (`lua::pool`)
+    /// instead of building a fresh one per run.
+    pub reuse_states: bool,
 }
 
 impl Default for LuaLimitSettings {
@@ -119,6 +122,7 @@ impl Default for LuaLimitSettings {
             tx_timeout_secs: 3.0,
             memory_total: 1 << 30,
             memory_wait_secs: 2.0,
+            reuse_states: true,
         }
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod components;
 pub mod limits;
+pub mod pool;
 pub mod sandbox;
 pub mod store;
 pub mod trace;
@@ -27,7 +28,7 @@ use sandbox::{Limit, Limits, Meter};
 use trace::{Step, Tracer};
 
 /// Limits and sizes of the Lua runtime.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LuaOptions {
     /// An instruction budget (0: none — no count hook; see `sandbox`).
     pub instruction_limit: u64,
@@ -46,6 +47,8 @@ pub struct LuaOptions {
     pub tx_timeout: Duration,
     /// Bounds of stored traces (`[traces]`).
     pub traces: limits::TraceLimits,
+    /// Untraced runs use pooled, reset sandboxes (`[lua_limits] reuse_states`; see `pool`).
+    pub reuse_states: bool,
 }
 
 impl Default for LuaOptions {
@@ -61,6 +64,7 @@ impl Default for LuaOptions {
             property_runs: 100,
             tx_timeout: Duration::from_secs_f64(limits::LuaLimitSettings::default().tx_timeout_secs),
             traces: limits::TraceLimits::default(),
+            reuse_states: true,
         }
     }
 }
@@ -89,8 +93,51 @@ pub struct CheckMode {
     pub replay: Option<(String, Json)>,
 }
 
-/// What components get: the caller's identity, storage, the limits and the tracer.
+/// What components get: a handle on the invocation being served ([`EnvState`], reached through
+/// `Deref`: `env.ctx`, `env.storage`, ...). A fresh sandbox serves one invocation; a pooled one
+/// ([`pool`]) is re-bound to each invocation it runs, so components installed once read the
+/// current caller's identity, limits and storage at call time (never capture them at install).
 pub struct Env {
+    /// Points into `held` (null while a pooled state waits for its next invocation).
+    current: std::cell::Cell<*const EnvState>,
+    held: RefCell<Option<Rc<EnvState>>>,
+}
+
+impl Env {
+    fn new(state: Rc<EnvState>) -> Env {
+        Env {
+            current: std::cell::Cell::new(Rc::as_ptr(&state)),
+            held: RefCell::new(Some(state)),
+        }
+    }
+
+    /// Serve the next invocation (`None`: none; a pooled state then keeps no storage, app or
+    /// caller alive). Only between invocations: no Lua code of the state runs, so no reference
+    /// obtained through `Deref` is alive (a pooled state is checked out by exactly one
+    /// invocation at a time, and such references cannot outlive the callback that took them).
+    fn rebind(&self, state: Option<Rc<EnvState>>) {
+        self.current
+            .set(state.as_ref().map_or(std::ptr::null(), Rc::as_ptr));
+        let old = self.held.replace(state);
+        drop(old);
+    }
+}
+
+impl std::ops::Deref for Env {
+    type Target = EnvState;
+    fn deref(&self) -> &EnvState {
+        let p = self.current.get();
+        assert!(!p.is_null(), "a Lua component ran outside an invocation");
+        // SAFETY: `p` points into the Rc `held` keeps alive; it changes only in `rebind` (see
+        // there).
+        unsafe { &*p }
+    }
+}
+
+/// The invocation a component serves: the caller's identity, storage, the limits and the tracer.
+pub struct EnvState {
+    /// Unique per invocation in this process (a component caching per invocation compares it).
+    pub serial: u64,
     pub storage: Storage,
     pub ctx: RequestContext,
     pub rt: tokio::runtime::Handle,
@@ -309,7 +356,9 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         memory: options.memory_limit,
         deadline,
     };
-    let env = Rc::new(Env {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let state = Rc::new(EnvState {
+        serial: SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         storage,
         control: ExecControl::with_value_limit(
             started,
@@ -329,40 +378,47 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         meter: Rc::clone(&meter),
         on_success: RefCell::new(Vec::new()),
     });
+    // A pooled state (reset between invocations) when this run may use one; else a fresh one.
+    let reuse = pool::eligible(runtime, inv);
+    let prepared = match reuse.then(|| pool::take(&options)).flatten() {
+        Some(p) => p
+            .bind(Rc::clone(&state), Rc::clone(&meter), limits)
+            .map(|()| p),
+        None => pool::Prepared::build(
+            Rc::clone(&state),
+            Rc::clone(&meter),
+            limits,
+            tracer.clone(),
+            reuse,
+        ),
+    };
+    let env: &EnvState = &state;
     let error_value: RefCell<Option<Json>> = RefCell::new(None);
-    let run = || -> mlua::Result<Json> {
-        let (lua, _host_debug) = sandbox::new_state(limits, Rc::clone(&meter), tracer.clone())?;
-        // Wall time is enforced even while no count hook fires (slow host calls): declared
-        // after `lua`, so the state is unregistered before it is dropped.
+    let run = |p: &mut pool::Prepared| -> mlua::Result<Json> {
+        let lua = p.lua();
+        // Wall time is enforced even while no count hook fires (slow host calls): the watch
+        // ends before the state is dropped or pooled again.
         let _watch = sandbox::watchdog::Watch::start(
-            &lua,
+            lua,
             deadline,
             Some(options.cpu_limit),
             Arc::clone(&meter.alarm),
         )?;
-        let before: HashSet<String> = global_names(&lua)?;
         // Tables carrying this metatable (query results, decoded JSON arrays) stay JSON arrays
         // when empty; the guard restores an outer invocation's value.
-        let _array_mt = ArrayMetatable::enter(&lua);
-        // The core components, then every registered module's.
-        for c in components::registry().iter().copied().chain(crate::modules::lua_components()) {
-            c.install(&lua, &env)?;
-        }
-        // Every host function checks the limits before it starts.
-        let installed = global_names(&lua)?.into_iter().filter(|n| !before.contains(n)).collect();
-        sandbox::guard_host_functions(&lua, &meter, &limits, installed)?;
+        let _array_mt = ArrayMetatable::enter(lua);
+        // Components that keep per-invocation state are installed for every run.
+        p.install_per_call()?;
         if sandbox::has_close_attribute(&inv.source) {
             return Err(mlua::Error::runtime(
                 "to-be-closed variables (<close>) are not available in the sandbox",
             ));
         }
-        let chunk = lua
-            .load(&inv.source)
-            .set_name(format!("={}", inv.function))
-            .set_mode(mlua::ChunkMode::Text);
+        let chunk = p.chunk(&inv.function, &inv.source)?;
+        let lua = p.lua();
         let returned: Value = chunk
             .call(())
-            .map_err(|e| thrown_error(&lua, e, &error_value))?;
+            .map_err(|e| thrown_error(lua, e, &error_value))?;
         if inv.check.is_some() {
             // A check's chunk is the test itself: it passes unless it raises (or returns false).
             if returned == Value::Boolean(false) {
@@ -401,20 +457,31 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         meter
             .peak_memory
             .set(meter.peak_memory.get().max(lua.used_memory()));
-        let out: Value = out.map_err(|e| thrown_error(&lua, e, &error_value))?;
+        let out: Value = out.map_err(|e| thrown_error(lua, e, &error_value))?;
         to_json(&out).map_err(mlua::Error::runtime)
     };
-    let result = {
+    let (result, prepared) = {
         let _clock = sandbox::ClockGuard::enter(&meter, deadline);
-        run()
+        match prepared {
+            Ok(mut p) => (run(&mut p), Some(p)),
+            Err(e) => (Err(e), None),
+        }
     };
+    // Back to the pool (reset) when the run ended without hitting a limit; else dropped.
+    if let Some(p) = prepared {
+        let limited = meter.tripped.get().is_some()
+            || meter.alarm.fired().is_some()
+            || result.as_ref().err().and_then(sandbox::limit_of).is_some();
+        p.release(limited);
+    }
     // A db.tx left open by an error is rolled back by its session when the sender drops.
     env.tx.borrow_mut().take();
     let deferred = env.on_success.take();
+    let handle = Env::new(Rc::clone(&state));
     let result = match result {
         Ok(v) => deferred
             .into_iter()
-            .try_for_each(|f| f(&env))
+            .try_for_each(|f| f(&handle))
             .map(|()| v)
             .map_err(mlua::Error::external),
         Err(e) => Err(e),
@@ -422,7 +489,7 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     let (result, error_line) = match result {
         Ok(v) => (Ok(v), None),
         Err(e) => {
-            let (err, line) = describe(&e, &inv.function, &meter, &options);
+            let (err, line) = describe(&e, &inv.function, &meter, &options, deadline);
             (Err(err), line)
         }
     };
@@ -601,9 +668,20 @@ fn message_and_line(e: &mlua::Error, name: &str) -> (String, Option<i64>) {
     }
 }
 
-fn describe(e: &mlua::Error, name: &str, meter: &Meter, o: &LuaOptions) -> (Error, Option<i64>) {
+fn describe(
+    e: &mlua::Error,
+    name: &str,
+    meter: &Meter,
+    o: &LuaOptions,
+    deadline: Instant,
+) -> (Error, Option<i64>) {
     let (msg, line) = message_and_line(e, name);
-    let limit = sandbox::limit_of(e).or(meter.tripped.get());
+    // A limit the watchdog found, or the deadline itself (a host call's own deadline, e.g. the
+    // SQL engine's, is the invocation's and may fire first): the invocation's limit is named.
+    let limit = sandbox::limit_of(e)
+        .or(meter.tripped.get())
+        .or(meter.alarm.fired())
+        .or((Instant::now() >= deadline).then_some(Limit::Time));
     let err = match limit {
         Some(Limit::Time) => Error::new(
             ErrorCode::TimeoutExceeded,

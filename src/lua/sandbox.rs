@@ -21,9 +21,8 @@
 //! (finalizers run with hooks disabled, so they could escape the limits); pattern matching is
 //! refused on subject/pattern combinations whose backtracking could run unbounded in C.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Instant;
 
 use mlua::{Function, HookTriggers, Lua, LuaOptions, StdLib, Table, Value, VmState, ffi};
@@ -109,12 +108,62 @@ pub fn limit_of(e: &mlua::Error) -> Option<Limit> {
     }
 }
 
+/// The invocation a state serves: its meter and limits, read by the hook, the prelude's
+/// guards and the host-function wrappers. A fresh state is bound once; a pooled state
+/// (`super::pool`) is bound again for every invocation it runs.
+pub struct Binding {
+    meter: RefCell<Rc<Meter>>,
+    limits: Cell<Limits>,
+    /// The sandbox's hook function (what the watchdog installs when a limit is reached).
+    hook: Cell<Option<ffi::lua_Hook>>,
+}
+
+impl Binding {
+    pub fn new(meter: Rc<Meter>, limits: Limits) -> Rc<Binding> {
+        Rc::new(Binding {
+            meter: RefCell::new(meter),
+            limits: Cell::new(limits),
+            hook: Cell::new(None),
+        })
+    }
+
+    pub fn meter(&self) -> Rc<Meter> {
+        Rc::clone(&self.meter.borrow())
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits.get()
+    }
+
+    /// Serve the next invocation (between invocations only: no Lua code of this state runs).
+    pub fn bind(&self, lua: &Lua, meter: Rc<Meter>, limits: Limits) -> mlua::Result<()> {
+        meter.alarm.set_hook(self.hook.get());
+        *self.meter.borrow_mut() = meter;
+        self.limits.set(limits);
+        lua.set_memory_limit(limits.memory)?;
+        Ok(())
+    }
+
+    fn check_deadline(&self) -> mlua::Result<()> {
+        check_deadline(&self.meter.borrow(), &self.limits.get())
+    }
+}
+
 /// Build the sandboxed state. With a tracer, the hook also records every executed line.
 pub fn new_state(
     limits: Limits,
     meter: Rc<Meter>,
     tracer: Option<Rc<std::cell::RefCell<super::trace::Tracer>>>,
 ) -> mlua::Result<(Lua, Table)> {
+    new_bound_state(&Binding::new(meter, limits), tracer)
+}
+
+/// [`new_state`] serving the invocation `binding` names (which may change between runs).
+pub fn new_bound_state(
+    binding: &Rc<Binding>,
+    tracer: Option<Rc<std::cell::RefCell<super::trace::Tracer>>>,
+) -> mlua::Result<(Lua, Table)> {
+    let limits = binding.limits();
     // SAFETY: the debug library is loaded for the host only; it is removed from the globals
     // below before any user code runs.
     let lua = unsafe {
@@ -183,21 +232,21 @@ pub fn new_state(
         })?,
     )?;
     // Host helpers for the prelude: raise a tripped limit / the deadline; did a limit trip?
-    let (m1, m2, m3) = (Rc::clone(&meter), Rc::clone(&meter), Rc::clone(&meter));
-    let guard = lua.create_function(move |_, ()| check_deadline(&m1, &limits))?;
-    let tripped = lua.create_function(move |_, ()| Ok(m2.tripped.get().is_some()))?;
+    let (b1, b2, b3) = (Rc::clone(binding), Rc::clone(binding), Rc::clone(binding));
+    let guard = lua.create_function(move |_, ()| b1.check_deadline())?;
+    let tripped = lua.create_function(move |_, ()| Ok(b2.meter.borrow().tripped.get().is_some()))?;
     let out_of_memory = lua.create_function(move |_, ()| -> mlua::Result<()> {
-        m3.tripped.set(Some(Limit::Memory));
+        b3.meter.borrow().tripped.set(Some(Limit::Memory));
         Err(mlua::Error::external(Limit::Memory))
     })?;
     // The coroutines a resume runs, for the watchdog (it must stop code running inside one).
-    let (a1, a2) = (Arc::clone(&meter.alarm), Arc::clone(&meter.alarm));
+    let (b1, b2) = (Rc::clone(binding), Rc::clone(binding));
     let enter_co = lua.create_function(move |_, co: mlua::Thread| {
-        a1.enter(co.to_pointer() as usize);
+        b1.meter.borrow().alarm.enter(co.to_pointer() as usize);
         Ok(())
     })?;
     let leave_co = lua.create_function(move |_, rest: mlua::MultiValue| {
-        a2.leave();
+        b2.meter.borrow().alarm.leave();
         Ok(rest)
     })?;
     let pattern_ok = lua.create_function(
@@ -222,13 +271,13 @@ pub fn new_state(
             thrown,
         ))?;
     lua.set_memory_limit(limits.memory)?;
-    let m = Rc::clone(&meter);
     match tracer {
         None => {
+            let b = Rc::clone(binding);
             lua.set_global_hook(
                 HookTriggers::new().every_nth_instruction(HOOK_EVERY),
                 move |lua, _d| {
-                    check(lua, &m, &limits)?;
+                    check(lua, &b.meter.borrow(), &b.limits.get())?;
                     Ok(VmState::Continue)
                 },
             )?;
@@ -237,7 +286,7 @@ pub fn new_state(
             // watchdog puts the same hook function back when a limit is reached.
             unsafe {
                 lua.exec_raw::<()>((), |l| {
-                    meter.alarm.set_hook(ffi::lua_gethook(l));
+                    binding.hook.set(ffi::lua_gethook(l));
                     if limits.instructions.is_none() {
                         ffi::lua_sethook(l, None, 0, 0);
                     }
@@ -252,7 +301,9 @@ pub fn new_state(
                 .every_nth_instruction(1)
                 .every_line()
                 .on_returns();
+            let b = Rc::clone(binding);
             lua.set_global_hook(triggers, move |lua, d| {
+                let (m, limits) = (b.meter(), b.limits.get());
                 match d.event() {
                     mlua::DebugEvent::Count => {
                         let n = m.instructions.get() + 1;
@@ -277,14 +328,15 @@ pub fn new_state(
                 Ok(VmState::Continue)
             })?;
             // SAFETY: only reads the hook function mlua installed.
-            unsafe { lua.exec_raw::<()>((), |l| meter.alarm.set_hook(ffi::lua_gethook(l)))? };
+            unsafe { lua.exec_raw::<()>((), |l| binding.hook.set(ffi::lua_gethook(l)))? };
         }
     }
+    binding.meter.borrow().alarm.set_hook(binding.hook.get());
     Ok((lua, host_debug))
 }
 
 /// Registry name of the table holding the last table thrown with `error` or `assert`.
-const THROWN: &str = "ichibase_thrown";
+pub(crate) const THROWN: &str = "ichibase_thrown";
 
 /// The table an uncaught error was thrown with, if `e` is such an error: mlua reports a table
 /// error value as `table: 0x...` (or `<table 0x...>`); the prelude's `error`/`assert` kept the last one thrown.
@@ -551,8 +603,7 @@ pub fn tripped_limit() -> Option<Limit> {
 /// per invocation, after the components are installed.
 pub fn guard_host_functions(
     lua: &Lua,
-    meter: &Rc<Meter>,
-    limits: &Limits,
+    binding: &Rc<Binding>,
     names: Vec<String>,
 ) -> mlua::Result<()> {
     let wrap = |f: Function| -> mlua::Result<Value> {
@@ -561,10 +612,10 @@ pub fn guard_host_functions(
         if f.info().what != "C" {
             return Ok(Value::Function(f));
         }
-        let (m, limits) = (Rc::clone(meter), *limits);
+        let b = Rc::clone(binding);
         Ok(Value::Function(lua.create_function(
             move |lua, args: mlua::MultiValue| {
-                check_deadline(&m, &limits)?;
+                b.check_deadline()?;
                 // The error keeps the shape it had without the wrapper (one CallbackError,
                 // whose traceback the outer call adds).
                 let r = f.call::<mlua::MultiValue>(args).map_err(|e| match e {
@@ -572,6 +623,7 @@ pub fn guard_host_functions(
                     e => e,
                 });
                 // Without a count hook, host calls are where the memory peak is sampled.
+                let m = b.meter.borrow();
                 m.peak_memory.set(m.peak_memory.get().max(lua.used_memory()));
                 r
             },
@@ -951,6 +1003,7 @@ fn quantifiers(p: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Duration;
 
     #[test]

@@ -53,8 +53,10 @@ pub struct Tracer {
     getinfo: Option<Function>,
     getupvalue: Option<Function>,
     steps: Vec<Step>,
-    /// pending step per stack depth
-    pending: Vec<Option<Step>>,
+    /// Pending step per stack depth, with the index in `steps` of the step whose values are its
+    /// "before" values (the previous line of the same frame; `None`: its own). The values are
+    /// read once per line and moved, never copied, unless a frame ends by error.
+    pending: Vec<Option<(Step, Option<usize>)>>,
     seq: u32,
     max_steps: usize,
     pub truncated: bool,
@@ -90,12 +92,36 @@ impl Tracer {
         Ok(())
     }
 
+    /// Frames on the stack (a galloping search: each probe walks the stack).
     fn depth(lua: &Lua) -> u32 {
-        let mut d = 0;
-        while lua.inspect_stack(d as usize, |_| ()).is_some() {
-            d += 1;
+        let has = |d: u32| lua.inspect_stack(d as usize, |_| ()).is_some();
+        if !has(0) {
+            return 0;
         }
-        d
+        let mut hi = 1;
+        while has(hi) {
+            hi *= 2;
+        }
+        // has(lo) and !has(hi)
+        let mut lo = hi / 2;
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if has(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        hi
+    }
+
+    /// A pending step that never completed keeps the values from before its line.
+    fn settle(&self, (mut s, from): (Step, Option<usize>)) -> Step {
+        if let Some(prev) = from.and_then(|i| self.steps.get(i)) {
+            s.locals = prev.locals.clone();
+            s.upvalues = prev.upvalues.clone();
+        }
+        s
     }
 
     /// Locals and upvalues of the hooked frame now.
@@ -141,7 +167,8 @@ impl Tracer {
 
     fn flush_deeper(&mut self, depth: u32) {
         while self.pending.len() > depth as usize + 1 {
-            if let Some(Some(s)) = self.pending.pop() {
+            if let Some(Some(p)) = self.pending.pop() {
+                let s = self.settle(p);
                 self.emit(s);
             }
         }
@@ -159,16 +186,21 @@ impl Tracer {
         let depth = Self::depth(lua);
         self.flush_deeper(depth);
         let (locals, upvalues) = self.snapshot()?;
-        if let Some(Some(mut prev)) = self.pending.get_mut(depth as usize).map(Option::take) {
-            prev.locals = locals.clone();
-            prev.upvalues = upvalues.clone();
+        let mut values = Some((locals, upvalues));
+        let mut from = None;
+        if let Some(Some((mut prev, _))) = self.pending.get_mut(depth as usize).map(Option::take) {
+            let (locals, upvalues) = values.take().unwrap_or_default();
+            prev.locals = locals;
+            prev.upvalues = upvalues;
             prev.after = true;
+            from = Some(self.steps.len());
             self.emit(prev);
         }
         if self.seq as usize >= self.max_steps || self.bytes >= self.max_bytes {
             self.truncated = true;
             return Ok(());
         }
+        let (locals, upvalues) = values.unwrap_or_default();
         let names = d.names();
         let source = d.source();
         let step = Step {
@@ -189,14 +221,14 @@ impl Tracer {
         if self.pending.len() <= depth as usize {
             self.pending.resize(depth as usize + 1, None);
         }
-        self.pending[depth as usize] = Some(step);
+        self.pending[depth as usize] = Some((step, from));
         Ok(())
     }
 
     pub fn on_return(&mut self, lua: &Lua, _d: &mlua::Debug) -> mlua::Result<()> {
         let depth = Self::depth(lua);
         self.flush_deeper(depth);
-        if let Some(Some(mut prev)) = self.pending.get_mut(depth as usize).map(Option::take) {
+        if let Some(Some((mut prev, _))) = self.pending.get_mut(depth as usize).map(Option::take) {
             let (locals, upvalues) = self.snapshot()?;
             prev.locals = locals;
             prev.upvalues = upvalues;
@@ -208,7 +240,9 @@ impl Tracer {
 
     /// All steps in execution order.
     pub fn finish(mut self) -> (Vec<Step>, bool) {
-        for s in self.pending.drain(..).flatten() {
+        let pending: Vec<_> = self.pending.drain(..).flatten().collect();
+        for p in pending {
+            let s = self.settle(p);
             self.steps.push(s);
         }
         self.steps.sort_by_key(|s| s.step);

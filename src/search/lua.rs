@@ -114,6 +114,11 @@ fn index_of(env: &Env, view: String) -> crate::core::Result<(String, Option<usiz
 }
 
 impl Component for DbSearch {
+    /// Installed once per pooled state (`lua::pool`): reads the invocation only when called.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "db.search"
     }

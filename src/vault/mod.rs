@@ -670,6 +670,11 @@ async fn oauth_callback(
 pub struct VaultLua;
 
 impl Component for VaultLua {
+    /// Installed once per pooled state (`lua::pool`): reads the invocation only when called.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "vault"
     }

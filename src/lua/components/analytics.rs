@@ -19,6 +19,11 @@ use crate::lua::Env;
 pub struct Analytics;
 
 impl Component for Analytics {
+    /// Installed once per pooled state (`lua::pool`): reads the invocation only when called.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "analytics"
     }

@@ -389,6 +389,11 @@ fn nested_tx(e: &Env, f: Function) -> mlua::Result<MultiValue> {
 }
 
 impl Component for Db {
+    /// Installed once per pooled state (`lua::pool`): reads the invocation only when called.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "db"
     }

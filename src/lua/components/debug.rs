@@ -13,6 +13,11 @@ use crate::lua::trace::serialize;
 pub struct Debug;
 
 impl Component for Debug {
+    /// Installed once per pooled state (`lua::pool`): reads the invocation only when called.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "debug"
     }

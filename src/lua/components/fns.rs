@@ -61,21 +61,34 @@ fn load(lua: &Lua, env: &Env, name: &str) -> mlua::Result<Function> {
 }
 
 impl Component for Fns {
+    /// Installed once per pooled state (`lua::pool`): its cache of loaded functions belongs to
+    /// one invocation (`EnvState::serial`).
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "fn"
     }
 
     fn install(&self, lua: &Lua, env: &Rc<Env>) -> mlua::Result<()> {
-        let cache: Rc<RefCell<HashMap<String, Function>>> = Rc::default();
+        // Loaded functions, for the invocation `.0` only (a pooled state serves many).
+        let cache: Rc<RefCell<(u64, HashMap<String, Function>)>> = Rc::default();
         let get = {
             let env = Rc::clone(env);
             let cache = Rc::clone(&cache);
             move |lua: &Lua, name: &str| -> mlua::Result<Function> {
-                if let Some(f) = cache.borrow().get(name) {
-                    return Ok(f.clone());
+                {
+                    let mut c = cache.borrow_mut();
+                    if c.0 != env.serial {
+                        *c = (env.serial, HashMap::new());
+                    }
+                    if let Some(f) = c.1.get(name) {
+                        return Ok(f.clone());
+                    }
                 }
                 let f = load(lua, &env, name)?;
-                cache.borrow_mut().insert(name.to_string(), f.clone());
+                cache.borrow_mut().1.insert(name.to_string(), f.clone());
                 Ok(f)
             }
         };

@@ -10,6 +10,11 @@ use crate::lua::{Env, to_json};
 pub struct Json;
 
 impl Component for Json {
+    /// Installed once per pooled state (`lua::pool`): reads the invocation only when called.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "json"
     }

@@ -46,6 +46,11 @@ fn emit(env: &Env, level: &str, msg: &str, fields: serde_json::Value) {
 }
 
 impl Component for Log {
+    /// Installed once per pooled state (`lua::pool`): reads the invocation only when called.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "log"
     }

@@ -24,6 +24,13 @@ pub trait Component: Sync {
     fn name(&self) -> &'static str;
     /// Create the component's table (or functions) in `lua`'s globals.
     fn install(&self, lua: &Lua, env: &Rc<Env>) -> mlua::Result<()>;
+    /// True when the component may be installed once in a pooled state and serve many
+    /// invocations (`lua::pool`): it keeps no per-invocation state in its closures or tables
+    /// and reads the caller (`env.ctx`, `env.app`, ...) only when called, never while installing
+    /// (a pooled state serves one set of `LuaOptions`: reading `env.options` there is fine). Otherwise (the default) it is installed again for every run.
+    fn reusable(&self) -> bool {
+        false
+    }
 }
 
 /// Every component, in installation order. Add new components here.

@@ -20,6 +20,13 @@ const SOURCE: &str = include_str!("prop.lua");
 pub struct Prop;
 
 impl Component for Prop {
+    /// Installed once per pooled state (`lua::pool`): its loaded module lives in Lua tables the
+    /// reset restores; the seed and replay it reads while installing matter to checks only, and
+    /// checks never run in a pooled state.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "prop"
     }
