@@ -76,6 +76,8 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::egress::EgressModule,
         &crate::vault::VaultModule,
         &crate::files::FilesModule,
+        &crate::auth::safety::AuthSafetyModule,
+        &crate::auth::oidc::OidcModule,
     ]
 }
 
