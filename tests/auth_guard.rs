@@ -323,6 +323,7 @@ async fn a_signin_flood_does_not_starve_small_queries() {
             "ICHIBASE_AUTH_GUARD__SIGNIN_FAILURES_BEFORE_BACKOFF",
             "1000000",
         ),
+        ("ICHIBASE_AUTH_GUARD__ACCOUNT_FAILURES_BEFORE_BACKOFF", "1000000"),
         ("ICHIBASE_AUTH_GUARD__IP_FAILURES_BEFORE_BACKOFF", "1000000"),
     ]);
     let (s, _tmp) = start(&env);
