@@ -438,8 +438,8 @@ impl Guard {
         })
     }
 
-    /// The owner proved control of the account another way (a password reset or sign-in link,
-    /// OpenID Connect): clear its account-wide and per-address counts and mark `ip` known.
+    /// The owner proved control of the account another way (a password reset or sign-in link):
+    /// clear its account-wide count and the count of (account, `ip`), and mark `ip` known.
     pub fn forgive(&self, account: &str, ip: Option<IpAddr>) {
         let ip = ip.map(ip_bucket);
         let account = account_key(account);
@@ -449,7 +449,8 @@ impl Guard {
             e.failures = 0;
             e.locked_until = None;
         }
-        st.pairs.map.retain(|(a, _), e| a != &account || e.pending > 0);
+        // Only this address's pair: a guesser elsewhere stays locked.
+        st.pairs.map.retain(|(a, i), e| a != &account || *i != ip || e.pending > 0);
         st.remember(&account, ip, now, &self.settings);
     }
 
@@ -831,6 +832,7 @@ mod tests {
         g.admit("a@x", ip("10.0.0.2")).unwrap().finish(true);
         // A reset link proves ownership: the account-wide count goes, the address is known.
         g.forgive("a@x", ip("10.2.0.1"));
+        assert!(g.admit("a@x", ip("10.9.0.1")).is_err(), "the guesser's pair stays locked");
         g.admit("a@x", ip("10.2.0.1")).unwrap().finish(true);
         g.admit("a@x", ip("10.3.0.1")).unwrap().finish(true);
     }
