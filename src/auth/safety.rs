@@ -227,7 +227,8 @@ pub fn audit(app: &App, e: SignInEvent<'_>) {
     ev.detail = Some(
         json!({
             "method": e.method,
-            "email": e.email.map(super::guard::account_key),
+            // (what a client typed: bounded, so a huge "email" cannot bloat the log)
+            "email": e.email.map(|m| super::guard::account_key(m).chars().take(254).collect::<String>()),
             "ip": e.ip.map(|i| i.to_string()),
             "user_agent": e.user_agent.map(|u| u.chars().take(300).collect::<String>()),
         })
