@@ -78,6 +78,8 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::files::FilesModule,
         &crate::open::OpenModule,
         &crate::email_in::EmailInModule,
+        &crate::auth::safety::AuthSafetyModule,
+        &crate::auth::oidc::OidcModule,
     ]
 }
 

@@ -78,6 +78,7 @@ fn start(env: &[(&str, &str)]) -> (Server, tempfile::TempDir) {
 async fn signin_backs_off_per_account_across_ips() {
     let env = guard_env(&[
         ("ICHIBASE_AUTH_GUARD__SIGNIN_FAILURES_BEFORE_BACKOFF", "3"),
+        ("ICHIBASE_AUTH_GUARD__ACCOUNT_FAILURES_BEFORE_BACKOFF", "3"),
         ("ICHIBASE_AUTH_GUARD__BACKOFF_BASE_SECS", "3"),
         ("ICHIBASE_AUTH_GUARD__IP_FAILURES_BEFORE_BACKOFF", "100000"),
     ]);
@@ -96,7 +97,16 @@ async fn signin_backs_off_per_account_across_ips() {
         .await;
         assert_eq!(r.status, 401, "attempt {i}: {}", r.body);
     }
-    // Now the account is locked, whichever IP asks and whatever the password.
+    // Now the account is locked for every address it has not signed in from, whatever the
+    // password; the address it signed up and in from (127.0.0.1) is known and still gets in.
+    let r = signin(
+        &anon_client(),
+        base,
+        "alice@example.com",
+        &password_of("alice@example.com"),
+    )
+    .await;
+    assert_eq!(r.status, 200, "the owner's known address: {}", r.body);
     let r = signin(&from_ip(20), base, "alice@example.com", "wrong again!!").await;
     let secs = assert_locked(&r, "a 4th wrong password");
     assert!(secs <= 4, "first back-off is about the base (3 s): {secs}");
@@ -180,6 +190,7 @@ async fn a_burst_of_wrong_passwords_checks_only_the_allowance() {
     // The reported attack: 40 wrong passwords in about a second, then the right one.
     let env = guard_env(&[
         ("ICHIBASE_AUTH_GUARD__SIGNIN_FAILURES_BEFORE_BACKOFF", "5"),
+        ("ICHIBASE_AUTH_GUARD__ACCOUNT_FAILURES_BEFORE_BACKOFF", "5"),
         ("ICHIBASE_AUTH_GUARD__BACKOFF_BASE_SECS", "5"),
         ("ICHIBASE_AUTH_GUARD__IP_FAILURES_BEFORE_BACKOFF", "100000"),
     ]);
@@ -312,6 +323,7 @@ async fn a_signin_flood_does_not_starve_small_queries() {
             "ICHIBASE_AUTH_GUARD__SIGNIN_FAILURES_BEFORE_BACKOFF",
             "1000000",
         ),
+        ("ICHIBASE_AUTH_GUARD__ACCOUNT_FAILURES_BEFORE_BACKOFF", "1000000"),
         ("ICHIBASE_AUTH_GUARD__IP_FAILURES_BEFORE_BACKOFF", "1000000"),
     ]);
     let (s, _tmp) = start(&env);

@@ -86,6 +86,23 @@ async fn signin(
         .auth()
         .signin(&c.email, &c.password, device_of(&c, &headers), scope.client())
         .await;
+    // The audit trail of sign-ins (posterity, `kind = 'auth'`).
+    let (uid, reason) = match &r {
+        Ok(t) => (Some(t.user.id.as_str()), None),
+        Err(e) => (None, Some(e.message.as_str())),
+    };
+    crate::auth::safety::audit(
+        &st,
+        crate::auth::safety::SignInEvent {
+            method: "password",
+            ok: r.is_ok(),
+            reason,
+            user_id: uid,
+            email: Some(&c.email),
+            ip: scope.client(),
+            user_agent: crate::auth::safety::user_agent(&headers),
+        },
+    );
     session_reply(&st, r)
 }
 

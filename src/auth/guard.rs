@@ -1,15 +1,26 @@
 //! The front door's guard (`[auth_guard]`): back-off after failed password checks, per account
-//! and per client IP; the bounded pool of threads that runs password hashing, so a sign-in flood
-//! queues behind a few cores instead of taking all of them; and the password strength rule.
+//! and client address, per account and per client IP; the bounded pool of threads that runs
+//! password hashing, so a sign-in flood queues behind a few cores instead of taking all of them;
+//! and the password strength rule.
 //!
-//! Back-off: each account (its email, known or not, so lockouts reveal nothing) and each client
-//! IP (IPv6 by /64) counts failed password checks. Once the count reaches its allowance, every
-//! attempt is refused with 429 and `Retry-After` — the right password too, and without running
-//! argon2 — for `backoff_base_secs`, doubling with each further failure up to `backoff_max_secs`.
-//! Attempts in flight count against the allowance, so a concurrent burst gets no more checks
-//! than a sequential one. A success clears its account's count; an IP's count is forgotten
-//! only `failure_memory_secs` after its last failure (a success does not clear it, or an
-//! attacker with one account could reset the IP between guesses).
+//! Back-off counts failed password checks in three places (an account is its email, known or
+//! not, so lockouts reveal nothing; an IPv6 client counts by its /64):
+//!
+//! 1. **(account, client IP)**: `signin_failures_before_backoff` failures, then every attempt of
+//!    that pair is refused with 429 and `Retry-After` — the right password too, and without
+//!    running argon2 — for `backoff_base_secs`, doubling with each further failure up to
+//!    `backoff_max_secs`. A success clears it. This is what stops a guesser on one address.
+//! 2. **client IP** (any accounts): `ip_failures_before_backoff`, the same back-off; a success
+//!    does not clear it (an attacker with one account could reset the IP between guesses).
+//! 3. **account** (from every address): `account_failures_before_backoff`, the same back-off,
+//!    against a guesser spread over many addresses. It is not applied to addresses the account
+//!    signed in from successfully in the last `known_address_secs` (kept in memory), so a
+//!    distributed attack does not lock the owner out on their usual devices; on a new address
+//!    the owner can still get in with a password-reset or sign-in link (which also marks that
+//!    address known).
+//!
+//! Attempts in flight count against each allowance, so a concurrent burst gets no more checks
+//! than a sequential one. A count is forgotten `failure_memory_secs` after its last failure.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -25,8 +36,15 @@ use crate::core::{Error, ErrorCode, Result};
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthGuardSettings {
-    /// Failed password checks an account may have before it is locked out for a while.
+    /// Failed password checks one account may have from one client IP before that pair is
+    /// locked out for a while.
     pub signin_failures_before_backoff: u32,
+    /// Failed password checks one account may have from all addresses together before it is
+    /// locked out for addresses it has not signed in from lately (see `known_address_secs`).
+    pub account_failures_before_backoff: u32,
+    /// How long an address the account signed in from stays exempt from the account-wide
+    /// lockout, seconds.
+    pub known_address_secs: f64,
     /// Failed password checks (on any accounts) one client IP may make before it is locked out.
     pub ip_failures_before_backoff: u32,
     /// First lock-out, seconds; it doubles with each further failure.
@@ -52,6 +70,8 @@ impl Default for AuthGuardSettings {
     fn default() -> Self {
         AuthGuardSettings {
             signin_failures_before_backoff: 5,
+            account_failures_before_backoff: 20,
+            known_address_secs: 30.0 * 86400.0,
             ip_failures_before_backoff: 20,
             backoff_base_secs: 1.0,
             backoff_max_secs: 900.0,
@@ -69,13 +89,17 @@ impl AuthGuardSettings {
     pub fn validate(&self) -> anyhow::Result<()> {
         let pos = |v: f64| v > 0.0 && v.is_finite();
         anyhow::ensure!(
-            self.signin_failures_before_backoff > 0 && self.ip_failures_before_backoff > 0,
-            "[auth_guard] signin_failures_before_backoff and ip_failures_before_backoff must be at least 1"
+            self.signin_failures_before_backoff > 0
+                && self.ip_failures_before_backoff > 0
+                && self.account_failures_before_backoff > 0,
+            "[auth_guard] signin_failures_before_backoff, account_failures_before_backoff and ip_failures_before_backoff must be at least 1"
         );
         anyhow::ensure!(
             pos(self.backoff_base_secs)
                 && pos(self.backoff_max_secs)
                 && pos(self.failure_memory_secs)
+                && self.known_address_secs >= 0.0
+                && self.known_address_secs.is_finite()
                 && self.backoff_base_secs <= self.backoff_max_secs,
             "[auth_guard] backoff_base_secs, backoff_max_secs and failure_memory_secs must be positive, base <= max"
         );
@@ -242,8 +266,33 @@ impl<K: Hash + Eq + Clone> Tracker<K> {
 }
 
 struct State {
+    /// (account, client IP bucket; `None` without an address).
+    pairs: Tracker<(String, Option<IpAddr>)>,
     accounts: Tracker<String>,
     ips: Tracker<IpAddr>,
+    /// (account, client IP bucket) -> last successful sign-in.
+    known: HashMap<(String, IpAddr), Instant>,
+}
+
+impl State {
+    fn is_known(&self, account: &str, ip: Option<IpAddr>, now: Instant, s: &AuthGuardSettings) -> bool {
+        let Some(ip) = ip else { return false };
+        self.known
+            .get(&(account.to_string(), ip))
+            .is_some_and(|t| now.duration_since(*t).as_secs_f64() <= s.known_address_secs)
+    }
+
+    fn remember(&mut self, account: &str, ip: Option<IpAddr>, now: Instant, s: &AuthGuardSettings) {
+        let Some(ip) = ip else { return };
+        if self.known.len() >= s.tracked_max {
+            let keep = Duration::from_secs_f64(s.known_address_secs);
+            self.known.retain(|_, t| now.duration_since(*t) <= keep);
+            if self.known.len() >= s.tracked_max {
+                self.known.clear();
+            }
+        }
+        self.known.insert((account.to_string(), ip), now);
+    }
 }
 
 /// Back-off state of the process.
@@ -257,6 +306,8 @@ pub struct Guard {
 pub struct Ticket {
     account: String,
     ip: Option<IpAddr>,
+    /// Whether the account-wide count was started (not for a known address).
+    account_wide: bool,
     state: Arc<Mutex<State>>,
     settings: AuthGuardSettings,
     done: bool,
@@ -273,10 +324,27 @@ impl Ticket {
         }
         let now = Instant::now();
         let mut st = self.state.lock().unwrap();
-        st.accounts
-            .end(&self.account, outcome, now, &self.settings, true);
+        let pair = (self.account.clone(), self.ip);
+        st.pairs.end(&pair, outcome, now, &self.settings, true);
+        if self.account_wide {
+            st.accounts
+                .end(&self.account, outcome, now, &self.settings, false);
+        } else if outcome == Some(false) {
+            // A known address's failures still count account-wide, they just are not refused.
+            let e = st.accounts.map.entry(self.account.clone()).or_insert(Entry {
+                failures: 0,
+                pending: 0,
+                last_failure: now,
+                locked_until: None,
+            });
+            e.failures = e.failures.saturating_add(1);
+            e.last_failure = now;
+        }
         if let Some(ip) = self.ip {
             st.ips.end(&ip, outcome, now, &self.settings, false);
+        }
+        if outcome == Some(true) {
+            st.remember(&self.account, self.ip, now, &self.settings);
         }
     }
 }
@@ -299,10 +367,15 @@ impl Guard {
     pub fn new(settings: AuthGuardSettings) -> Guard {
         Guard {
             state: Arc::new(Mutex::new(State {
-                accounts: Tracker {
+                pairs: Tracker {
                     allowance: settings.signin_failures_before_backoff,
                     map: HashMap::new(),
                 },
+                accounts: Tracker {
+                    allowance: settings.account_failures_before_backoff,
+                    map: HashMap::new(),
+                },
+                known: HashMap::new(),
                 ips: Tracker {
                     allowance: settings.ip_failures_before_backoff,
                     map: HashMap::new(),
@@ -317,29 +390,40 @@ impl Guard {
     }
 
     /// May a password check for `account` from `ip` run now? A 429 (with the wait in its
-    /// message, rendered as `Retry-After`) when either is locked out.
+    /// message, rendered as `Retry-After`) when the pair, the address or (for an address the
+    /// account has not signed in from lately) the account is locked out.
     pub fn admit(&self, account: &str, ip: Option<IpAddr>) -> Result<Ticket> {
         let ip = ip.map(ip_bucket);
         let account = account_key(account);
         let now = Instant::now();
         let memory = Duration::from_secs_f64(self.settings.failure_memory_secs);
         let mut st = self.state.lock().unwrap();
-        let by_account = st.accounts.judge(&account, now, memory);
-        let by_ip = match ip {
-            Some(ip) => st.ips.judge(&ip, now, memory),
-            None => Verdict::Admit,
-        };
-        match (by_account, by_ip) {
-            (Verdict::Admit, Verdict::Admit) => {}
-            (Verdict::Locked(a), Verdict::Locked(i)) if i > a => {
-                return Err(too_many("from your address", i));
+        let pair = (account.clone(), ip);
+        let known = st.is_known(&account, ip, now, &self.settings);
+        let mut waits: Vec<(&str, Duration)> = Vec::new();
+        if let Verdict::Locked(w) = st.pairs.judge(&pair, now, memory) {
+            waits.push(("for this account", w));
+        }
+        if !known {
+            if let Verdict::Locked(w) = st.accounts.judge(&account, now, memory) {
+                waits.push(("for this account", w));
             }
-            (Verdict::Locked(a), _) => return Err(too_many("for this account", a)),
-            (_, Verdict::Locked(i)) => return Err(too_many("from your address", i)),
+        }
+        if let Some(ip) = ip {
+            if let Verdict::Locked(w) = st.ips.judge(&ip, now, memory) {
+                waits.push(("from your address", w));
+            }
+        }
+        if let Some((whose, w)) = waits.into_iter().max_by_key(|(_, w)| *w) {
+            return Err(too_many(whose, w));
         }
         let max = self.settings.tracked_max;
-        st.accounts.prune(max, now, memory);
-        st.accounts.start(&account, now);
+        st.pairs.prune(max, now, memory);
+        st.pairs.start(&pair, now);
+        if !known {
+            st.accounts.prune(max, now, memory);
+            st.accounts.start(&account, now);
+        }
         if let Some(ip) = ip {
             st.ips.prune(max, now, memory);
             st.ips.start(&ip, now);
@@ -347,10 +431,35 @@ impl Guard {
         Ok(Ticket {
             account,
             ip,
+            account_wide: !known,
             state: Arc::clone(&self.state),
             settings: self.settings.clone(),
             done: false,
         })
+    }
+
+    /// The owner proved control of the account another way (a password reset or sign-in link):
+    /// clear its account-wide count and the count of (account, `ip`), and mark `ip` known.
+    pub fn forgive(&self, account: &str, ip: Option<IpAddr>) {
+        let ip = ip.map(ip_bucket);
+        let account = account_key(account);
+        let now = Instant::now();
+        let mut st = self.state.lock().unwrap();
+        if let Some(e) = st.accounts.map.get_mut(&account) {
+            e.failures = 0;
+            e.locked_until = None;
+        }
+        // Only this address's pair: a guesser elsewhere stays locked.
+        st.pairs.map.retain(|(a, i), e| a != &account || *i != ip || e.pending > 0);
+        st.remember(&account, ip, now, &self.settings);
+    }
+
+    /// A successful sign-in without a password (OpenID Connect, a link): mark `ip` known.
+    pub fn note_success(&self, account: &str, ip: Option<IpAddr>) {
+        let ip = ip.map(ip_bucket);
+        let account = account_key(account);
+        let now = Instant::now();
+        self.state.lock().unwrap().remember(&account, ip, now, &self.settings);
     }
 }
 
@@ -695,6 +804,37 @@ mod tests {
             g.admit("c@x", None).is_err(),
             "a success resets the count, not the allowance"
         );
+    }
+
+    #[test]
+    fn account_lockout_spares_known_addresses_and_pairs_lock_alone() {
+        let g = Guard::new(AuthGuardSettings {
+            signin_failures_before_backoff: 3,
+            account_failures_before_backoff: 6,
+            backoff_base_secs: 60.0,
+            ..Default::default()
+        });
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        g.admit("a@x", ip("10.0.0.1")).unwrap().finish(true);
+        // One guessing address: its pair locks after 3, the owner elsewhere is untouched.
+        for _ in 0..3 {
+            g.admit("a@x", ip("10.9.0.1")).unwrap().finish(false);
+        }
+        assert!(g.admit("a@x", ip("10.9.0.1")).is_err(), "the guessing pair is locked");
+        g.admit("a@x", ip("10.0.0.2")).unwrap().finish(true);
+        // Spread over many addresses: the account locks for new addresses only.
+        for i in 0..3 {
+            g.admit("a@x", ip(&format!("10.1.0.{i}"))).unwrap().finish(false);
+        }
+        let Err(e) = g.admit("a@x", ip("10.2.0.1")) else { panic!("a new address got in") };
+        assert!(e.message.contains("for this account"), "{}", e.message);
+        g.admit("a@x", ip("10.0.0.1")).unwrap().finish(true);
+        g.admit("a@x", ip("10.0.0.2")).unwrap().finish(true);
+        // A reset link proves ownership: the account-wide count goes, the address is known.
+        g.forgive("a@x", ip("10.2.0.1"));
+        assert!(g.admit("a@x", ip("10.9.0.1")).is_err(), "the guesser's pair stays locked");
+        g.admit("a@x", ip("10.2.0.1")).unwrap().finish(true);
+        g.admit("a@x", ip("10.3.0.1")).unwrap().finish(true);
     }
 
     #[test]

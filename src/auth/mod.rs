@@ -16,8 +16,11 @@
 
 pub mod guard;
 pub mod jwt;
+pub mod lua;
+pub mod oidc;
 pub mod policy;
 pub mod revocation;
+pub mod safety;
 pub mod secrets;
 
 use std::collections::{HashMap, HashSet};

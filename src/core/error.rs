@@ -116,6 +116,11 @@ error_codes! {
     OauthFailed = 1065, "OAUTH_FAILED", 502, "the OAuth2 provider refused (revoked or expired grant: authorize again)";
     /// Retrying an inbound message that is not failed, or releasing one not quarantined.
     EmailInConflict = 1100, "EMAIL_IN_CONFLICT", 409, "retry of an inbound email that is not `failed`, release of one not `quarantined`";
+    OidcFailed = 1140, "OIDC_FAILED", 401, "OpenID Connect sign-in refused: bad or expired `state`, wrong `nonce`, an ID token that fails its signature, issuer, audience or expiry check";
+    OidcProviderError = 1141, "OIDC_PROVIDER_ERROR", 502, "the OpenID Connect provider's discovery document, keys or token endpoint failed or answered something unusable";
+    OidcNotLinked = 1142, "OIDC_NOT_LINKED", 403, "an OpenID Connect identity that may not be linked: its email is not verified by the provider, or `[oidc] create_accounts` is off";
+    AuthTokenInvalid = 1143, "AUTH_TOKEN_INVALID", 400, "a verification, reset, invitation or sign-in link that is invalid, expired or used already";
+    AuthRequirementFailed = 1144, "AUTH_REQUIREMENT_FAILED", 403, "`auth.require` in a function: the caller lacks the role or claim";
     Internal = 1000, "INTERNAL_ERROR", 500, "bugs";
 }
 

@@ -294,6 +294,14 @@ impl Authz {
             .allows(role, &object.to_ascii_lowercase(), SELECT)
     }
 
+    /// True when `role` holds the privilege `bit` ([`SELECT`], [`INSERT`], ...) on `object`:
+    /// what the authorizer checks for top-level SQL of a non-admin role.
+    pub fn allows(&self, role: &str, object: &str, bit: u8) -> bool {
+        let o = object.to_ascii_lowercase();
+        self.snap.read().unwrap().allows(role, &o, bit)
+            || (bit == SELECT && PUBLIC_OBJECTS.contains(&o.as_str()))
+    }
+
     /// True when `name` is a view.
     pub fn is_view(&self, name: &str) -> bool {
         self.snap.read().unwrap().views.contains(&name.to_ascii_lowercase())
