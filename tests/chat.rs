@@ -162,6 +162,8 @@ fn keys() -> Keys {
 fn config(fake: &str, keys: &Keys, extra_chat: &str, telegram_extra: &str) -> String {
     format!(
         r#"
+signup_open = true
+
 [notify]
 poll_secs = 0.2
 backoff_base_secs = 0.2

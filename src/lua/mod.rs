@@ -533,8 +533,11 @@ pub fn deploy_check(name: &str, source: &str) -> Result<(), (Error, Option<i64>)
         .set_mode(mlua::ChunkMode::Text)
         .call::<Value>(());
     let Ok(returned) = returned else { return Ok(()) };
+    // `on_message` / `on_email`: the event handlers the chat and inbound-email modules call.
     if matches!(returned, Value::Function(_))
-        || matches!(lua.globals().raw_get::<Value>("handler"), Ok(Value::Function(_)))
+        || ["handler", "on_message", "on_email"]
+            .iter()
+            .any(|g| matches!(lua.globals().raw_get::<Value>(*g), Ok(Value::Function(_))))
     {
         return Ok(());
     }
