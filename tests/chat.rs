@@ -632,5 +632,5 @@ async fn unlinked_senders_are_quarantined_and_rate_limited() {
     assert_eq!(fake.count(|_, b| b["text"].as_str().unwrap().starts_with("echo:")), 0, "no handler ran");
     // The inbox is the admin's.
     let r = read(anon_client().get(format!("{base}/chat/inbox")).send().await.unwrap()).await;
-    assert_eq!(r.status, 401);
+    assert_eq!(r.status, 403, "{}", r.body);
 }

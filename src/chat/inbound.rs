@@ -485,7 +485,8 @@ mod tests {
         m.set("text", "hi").unwrap();
         t.set("message", m).unwrap();
         assert_eq!(f.call::<String>((t, mlua::Value::Nil)).unwrap(), "hi");
-        let v: mlua::Value = lua.load(wrap("function handler(i) end -- comment")).call(()).unwrap();
+        let fresh = mlua::Lua::new();
+        let v: mlua::Value = fresh.load(wrap("function handler(i) end -- comment")).call(()).unwrap();
         assert!(v.is_nil(), "a source defining handler() is left to lua::invoke");
     }
 }

@@ -228,9 +228,9 @@ pub struct NotifyModule;
 
 static MIGRATIONS: &[Migration] = &[
     Migration {
-    version: 1,
-    name: "outbox, push subscriptions, keys",
-    sql: "CREATE TABLE _ichibase_notify_outbox (
+        version: 1,
+        name: "outbox, push subscriptions, keys",
+        sql: "CREATE TABLE _ichibase_notify_outbox (
             id TEXT PRIMARY KEY,
             channel TEXT NOT NULL CHECK (channel IN ('email', 'push', 'sms')),
             owner TEXT,
