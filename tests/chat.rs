@@ -35,6 +35,8 @@ struct Seen {
     offsets: Vec<i64>,
     /// Telegram updates waiting for `getUpdates`.
     updates: VecDeque<Value>,
+    /// Slack `error`s to answer the next `chat.postMessage` calls with.
+    slack_errors: VecDeque<&'static str>,
 }
 
 #[derive(Clone, Default)]
@@ -114,6 +116,9 @@ async fn slack_post(State(f): State<Fake>, headers: HeaderMap, body: axum::body:
     }
     let b: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let channel = b["channel"].clone();
+    if let Some(e) = f.0.lock().unwrap().slack_errors.pop_front() {
+        return axum::Json(json!({"ok": false, "error": e})).into_response();
+    }
     f.0.lock().unwrap().sent.push(("slack/chat.postMessage".into(), auth(&headers), b));
     axum::Json(json!({"ok": true, "channel": channel, "ts": "1700000000.000200"})).into_response()
 }
@@ -527,9 +532,22 @@ async fn discord_ping_commands_and_buttons() {
     let url = start_fake(&fake).await;
     let k = keys();
     let tmp = tempfile::tempdir().unwrap();
-    let s = start_with(tmp.path(), &config(&url, &k, r#"unlinked = "anon""#, ""));
+    // The bot token comes from the vault (scoped to `chat` and the API's host).
+    let toml = config(&url, &k, r#"unlinked = "anon""#, "").replace(&format!("bot_token = \"{DISCORD_TOKEN}\""), "bot_token_vault = \"discord_bot\"");
+    assert!(toml.contains("bot_token_vault"));
+    let s = start_with(tmp.path(), &toml);
     let base = s.url.clone();
     deploy_bot(&base).await;
+    let r = read(
+        client()
+            .put(format!("{base}/vault/discord_bot"))
+            .json(&json!({"value": DISCORD_TOKEN, "functions": ["chat"], "hosts": ["127.0.0.1"]}))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
 
     let ping = json!({"id": "1", "type": 1, "application_id": "7"}).to_string();
     let r = discord_post_signed(&base, &k, &ping, false).await;
@@ -633,4 +651,46 @@ async fn unlinked_senders_are_quarantined_and_rate_limited() {
     // The inbox is the admin's.
     let r = read(anon_client().get(format!("{base}/chat/inbox")).send().await.unwrap()).await;
     assert_eq!(r.status, 403, "{}", r.body);
+}
+
+async fn wait_status(base: &str, id: &str, status: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = read(client().get(format!("{base}/notify/messages/{id}")).send().await.unwrap()).await;
+        if r.status == 200 && r.json()["status"] == status {
+            return r.json();
+        }
+        assert!(Instant::now() < deadline, "message {id} is not {status}: {}", r.body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn sends_are_retried_once_delivered_and_dead_lettered_on_refusal() {
+    let fake = Fake::default();
+    let url = start_fake(&fake).await;
+    let k = keys();
+    let tmp = tempfile::tempdir().unwrap();
+    let s = start_with(tmp.path(), &config(&url, &k, "", ""));
+    let base = s.url.clone();
+    put_fn(&client(), &base, "send", r#"return function(i) return chat.send(i) end"#).await;
+    // Rate-limited twice, then delivered: one message at the API, three attempts.
+    fake.0.lock().unwrap().slack_errors.extend(["ratelimited", "ratelimited"]);
+    let r = call_fn(&client(), &base, "send", json!({"provider": "slack", "chat_id": "C0CHAN", "text": "eventually"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.json().as_str().unwrap().to_string();
+    let m = wait_status(&base, &id, "sent").await;
+    assert_eq!(m["attempts"], 3, "{m}");
+    assert_eq!(m["channel"], "chat");
+    assert_eq!(fake.count(|_, b| b["text"] == "eventually"), 1);
+    // A permanent refusal is dead-lettered at once.
+    fake.0.lock().unwrap().slack_errors.push_back("channel_not_found");
+    let r = call_fn(&client(), &base, "send", json!({"provider": "slack", "chat_id": "C0GONE", "text": "lost"})).await;
+    let id = r.json().as_str().unwrap().to_string();
+    let m = wait_status(&base, &id, "dead").await;
+    assert_eq!(m["attempts"], 1, "{m}");
+    assert!(m["last_error"].as_str().unwrap().contains("channel_not_found"), "{m}");
+    // The outbox lists chat messages by channel.
+    let r = read(client().get(format!("{base}/notify/messages?channel=chat")).send().await.unwrap()).await;
+    assert_eq!(r.json()["messages"].as_array().unwrap().len(), 2, "{}", r.body);
 }
