@@ -381,6 +381,27 @@ pub(crate) fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
+/// `ICHIBASE_CHAT__TELEGRAM__TOKEN=...` arrives as key `telegram__token` of `[chat]`: put such
+/// keys into their sub-table (`[chat.telegram] token`), so provider settings (tokens) can come
+/// from the environment too.
+fn nest(mut t: toml::Table) -> toml::Table {
+    let flat: Vec<String> = t.keys().filter(|k| k.contains("__")).cloned().collect();
+    for k in flat {
+        let v = t.remove(&k).expect("listed");
+        let (sub, key) = k.split_once("__").expect("contains __");
+        match t.entry(sub.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new())) {
+            toml::Value::Table(st) => {
+                st.insert(key.to_string(), v);
+            }
+            _ => {
+                // Not a table: keep the flat key, so deserializing names it as unknown.
+                t.insert(k, v);
+            }
+        }
+    }
+    t
+}
+
 pub struct ChatModule;
 
 static MIGRATIONS: &[Migration] = &[Migration {
@@ -431,7 +452,10 @@ impl crate::modules::Module for ChatModule {
         MIGRATIONS
     }
     fn provide(&self, b: &mut AppBuilder) -> anyhow::Result<()> {
-        let s: ChatSettings = b.core().config.section("chat")?;
+        let raw: toml::Table = b.core().config.section("chat")?;
+        let s: ChatSettings = nest(raw)
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("in the [chat] section of the configuration: {e}"))?;
         b.provide(Chat::new(s)?);
         b.provide(crate::notify::ExternalChannel(Box::new(send::ChatSender)));
         Ok(())
@@ -462,6 +486,17 @@ mod tests {
         let mut s = ChatSettings::default();
         s.slack.base_url = "ftp://x".into();
         assert!(s.check().is_err());
+    }
+
+    #[test]
+    fn environment_keys_reach_provider_tables() {
+        let t: toml::Table = toml::from_str("function = \"bot\"\ntelegram__token = \"1:A\"\n[telegram]\npoll = true").unwrap();
+        let s: ChatSettings = nest(t).try_into().unwrap();
+        assert_eq!((s.telegram.token.as_str(), s.telegram.poll, s.function.as_str()), ("1:A", true, "bot"));
+        let t: toml::Table = toml::from_str("slack__bot_token = \"x\"").unwrap();
+        assert_eq!(nest(t).try_into::<ChatSettings>().unwrap().slack.bot_token, "x");
+        let t: toml::Table = toml::from_str("telegram__nope = 1").unwrap();
+        assert!(nest(t).try_into::<ChatSettings>().is_err());
     }
 
     #[test]
