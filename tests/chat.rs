@@ -429,6 +429,12 @@ async fn slack_post_signed(base: &str, ts: i64, sig: &str, body: &str, form: boo
     .await
 }
 
+/// A request signed now (one timestamp for the header and the signature).
+async fn slack_send(base: &str, body: &str, form: bool) -> Resp {
+    let ts = now();
+    slack_post_signed(base, ts, &slack_sign(ts, body), body, form).await
+}
+
 #[tokio::test]
 async fn slack_events_signatures_replays_and_buttons() {
     let fake = Fake::default();
@@ -441,7 +447,7 @@ async fn slack_events_signatures_replays_and_buttons() {
 
     // The URL verification handshake (signed like every request).
     let body = json!({"token": "t", "challenge": "ch-123", "type": "url_verification"}).to_string();
-    let r = slack_post_signed(&base, now(), &slack_sign(now(), &body), &body, false).await;
+    let r = slack_send(&base, &body, false).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["challenge"], "ch-123");
 
@@ -465,7 +471,8 @@ async fn slack_events_signatures_replays_and_buttons() {
 
     // A signed message → the handler (anon: the sender is unlinked) → chat.postMessage with blocks.
     let b2 = event("Ev2", "hello slack");
-    let (ts, sig) = (now(), slack_sign(now(), &b2));
+    let ts = now();
+    let sig = slack_sign(ts, &b2);
     let r = slack_post_signed(&base, ts, &sig, &b2, false).await;
     assert_eq!(r.status, 200, "{}", r.body);
     // The same signed request again is a replay.
@@ -490,15 +497,15 @@ async fn slack_events_signatures_replays_and_buttons() {
         "container": {"type": "message", "message_ts": "1700000000.000200"}, "message": {"ts": "1700000000.000200"},
         "trigger_id": "tr-1", "actions": [{"action_id": "ichibase_1", "type": "button", "value": "boring", "action_ts": "1700000001.1"}]});
     let form: String = form_urlencoded::Serializer::new(String::new()).append_pair("payload", &payload.to_string()).finish();
-    let r = slack_post_signed(&base, now(), &slack_sign(now(), &form), &form, true).await;
+    let r = slack_send(&base, &form, true).await;
     assert_eq!(r.status, 200, "{}", r.body);
     fake.wait_sent("the button's answer", |p, b| p.starts_with("slack") && b["text"] == "pressed boring by nil").await;
 
     // The bot's own messages (bot_id) do not reach the handler.
     let own = json!({"type": "event_callback", "event_id": "Ev3", "event": {"type": "message", "channel": "D0CHAT", "bot_id": "B1", "text": "echo: loop", "ts": "1.3"}}).to_string();
-    slack_post_signed(&base, now(), &slack_sign(now(), &own), &own, false).await;
+    slack_send(&base, &own, false).await;
     let b4 = event("Ev4", "after");
-    slack_post_signed(&base, now(), &slack_sign(now(), &b4), &b4, false).await;
+    slack_send(&base, &b4, false).await;
     fake.wait_sent("the last reply", |_, b| b["text"].as_str().unwrap().starts_with("echo: after")).await;
     assert_eq!(fake.count(|_, b| b["text"].as_str().unwrap().contains("forged") || b["text"].as_str().unwrap().contains("loop")), 0);
     assert_eq!(fake.count(|_, b| b["text"].as_str().unwrap().starts_with("echo: hello slack")), 1);
@@ -593,10 +600,11 @@ async fn telegram_long_polling_resumes_at_the_right_offset_after_a_restart() {
     let k = keys();
     let tmp = tempfile::tempdir().unwrap();
     let toml = config(&url, &k, r#"unlinked = "anon""#, "poll = true\npoll_timeout_secs = 1");
-    fake.push_update(tg_message(500, 42, 1, "first"));
-    fake.push_update(tg_message(501, 42, 2, "second"));
     let mut s = start_with(tmp.path(), &toml);
     deploy_bot(&s.url).await;
+    // The updates arrive once the handler is deployed (the poller is already polling).
+    fake.push_update(tg_message(500, 42, 1, "first"));
+    fake.push_update(tg_message(501, 42, 2, "second"));
     fake.wait_sent("the first reply", |_, b| b["text"].as_str().unwrap().starts_with("echo: first")).await;
     fake.wait_sent("the second reply", |_, b| b["text"].as_str().unwrap().starts_with("echo: second")).await;
     // The poller confirmed both (asked for offset 502) before the stop.
