@@ -80,6 +80,7 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::email_in::EmailInModule,
         &crate::auth::safety::AuthSafetyModule,
         &crate::auth::oidc::OidcModule,
+        &crate::chat::ChatModule,
     ]
 }
 
