@@ -35,14 +35,10 @@ return flow.define('reader_day', function(ctx, input)
 
   -- Deliver: digest row + outbox messages in one transaction with the journal entry.
   local digest = ctx.tx('deliver', function()
-    local have = R.digest(day)
-    local id
-    if have then
-      id = have.id
-    else
-      id = db.exec([[INSERT INTO my_reader_digests (day, flow_id, generation, ranking)
-                     VALUES ({d:String}, {f:String}, NULLIF({g:String}, ''), {r:String})]],
-                   {d = day, f = ctx.id, g = ranked.generation or '', r = json.encode(ranked.ranking)}).last_insert_id
+    if not R.digest(day) then
+      db.exec([[INSERT INTO my_reader_digests (day, flow_id, generation, ranking)
+                VALUES ({d:String}, {f:String}, NULLIF({g:String}, ''), {r:String})]],
+              {d = day, f = ctx.id, g = ranked.generation or '', r = json.encode(ranked.ranking)})
       for _, r in ipairs(ranked.ranking) do
         db.exec('UPDATE my_reader_items SET day = {d:String} WHERE id = {i:Int64} AND day IS NULL', {d = day, i = r.id})
       end
@@ -56,7 +52,7 @@ return flow.define('reader_day', function(ctx, input)
       local text, buttons = R.chat_digest(day, items)
       chat.send{provider = s.chat_provider, chat_id = s.chat_id, text = text, buttons = buttons}
     end
-    return {id = id, size = #items}
+    return {id = d.id, size = #items}
   end)
   ctx.step('dashboard', function()
     local d = R.digest(day)

@@ -1,7 +1,7 @@
 -- reader_email: the inbound-email handler ([email_in] addresses."reader@..." = {user, function =
 -- "reader_email"}), invoked as the addressed user with {event = "email", email = {...}}.
 -- A reply to a digest ("[reader YYYY-MM-DD]" in the subject, or In-Reply-To set) carries
--- verdicts ("+1 -3", "like 2"); anything else is a newsletter, stored as an item for the next
+-- verdicts ("+1 -3", "like 2") when it comes from the reader's address; anything else is a newsletter, stored as an item for the next
 -- ranking. The privacy guard redacts codes and secrets in it before any model sees it.
 return function(input, ctx)
   if not ctx.user_id then error('reader_email runs as the addressed user') end
@@ -11,6 +11,11 @@ return function(input, ctx)
   local subject = R.clip(e.subject or '', 500)
   local day = subject:match('%[reader (%d%d%d%d%-%d%d%-%d%d)%]')
   if day then
+    -- Only the reader's own address may rate (anyone may send a newsletter).
+    local s = R.settings()
+    if not tostring(e.from or ''):lower():find(s.email:lower(), 1, true) then
+      return {kind = 'reply', day = day, ignored = 'not from the reader\'s address'}
+    end
     local d = R.digest(day)
     if not d then return {kind = 'reply', day = day, error = 'no digest for that day'} end
     local items = R.digest_items(d, 100)
@@ -25,8 +30,10 @@ return function(input, ctx)
     return {kind = 'reply', day = day, verdicts = done}
   end
   local from = tostring(e.from or 'unknown')
-  local name = from:match('^%s*"?([^"<]-)"?%s*<') or from
-  name = R.trim(name)
+  local lt = from:find('<', 1, true)
+  local name = R.trim(lt and from:sub(1, lt - 1) or from)
+  if name:sub(1, 1) == '"' and name:sub(-1) == '"' then name = name:sub(2, -2) end
+  if name == '' then name = from end
   local mid = tostring(e.message_id or e.id or '')
   local n = R.store_items({{kind = 'newsletter', source = from, url = 'mid:' .. mid,
                             title = subject ~= '' and subject or '(no subject)',

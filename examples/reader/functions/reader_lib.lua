@@ -37,17 +37,35 @@ end
 M.trim = trim
 
 local ENTITIES = {amp = '&', lt = '<', gt = '>', quot = '"', apos = "'", nbsp = ' '}
+-- Entities decoded with plain finds (no backtracking pattern over the whole text).
 local function unescape(s)
-  return (s:gsub('&(#?[%w]+);', function(e)
-    if e:sub(1, 2) == '#x' then
+  if not s:find('&', 1, true) then return s end
+  local out, i = {}, 1
+  while true do
+    local a = s:find('&', i, true)
+    if not a then out[#out + 1] = s:sub(i); break end
+    out[#out + 1] = s:sub(i, a - 1)
+    local b = s:find(';', a + 1, true)
+    local e = b and b - a <= 10 and s:sub(a + 1, b - 1) or nil
+    local rep
+    if e and e:sub(1, 2) == '#x' then
       local n = tonumber(e:sub(3), 16)
-      return n and n < 0x110000 and utf8.char(n) or ''
-    elseif e:sub(1, 1) == '#' then
+      rep = n and n < 0x110000 and utf8.char(n) or nil
+    elseif e and e:sub(1, 1) == '#' then
       local n = tonumber(e:sub(2))
-      return n and n < 0x110000 and utf8.char(n) or ''
+      rep = n and n < 0x110000 and utf8.char(n) or nil
+    elseif e then
+      rep = ENTITIES[e]
     end
-    return ENTITIES[e] or ('&' .. e .. ';')
-  end))
+    if rep then
+      out[#out + 1] = rep
+      i = b + 1
+    else
+      out[#out + 1] = '&'
+      i = a + 1
+    end
+  end
+  return table.concat(out)
 end
 
 -- Text of an XML/HTML fragment: CDATA unwrapped, tags dropped, entities decoded, spaces folded.
@@ -82,8 +100,23 @@ local function element(s, name, init)
   end
 end
 
+-- The value of attribute `name` in an opening tag (name="v" or name='v').
 local function attr(open, name)
-  return open:match('%s' .. name .. '%s*=%s*"([^"]*)"') or open:match('%s' .. name .. "%s*=%s*'([^']*)'")
+  for _, q in ipairs({'"', "'"}) do
+    local key, i = name .. '=' .. q, 1
+    while true do
+      local a = open:find(key, i, true)
+      if not a then break end
+      local before = open:sub(a - 1, a - 1)
+      if before == ' ' or before == '\t' or before == '\n' or before == '\r' then
+        local b = open:find(q, a + #key, true)
+        if b then return open:sub(a + #key, b - 1) end
+        break
+      end
+      i = a + 1
+    end
+  end
+  return nil
 end
 
 local function tag_list(list)
