@@ -104,6 +104,7 @@ pub async fn schedule(
         user = Some(id);
         role = r;
     }
+    let shown_user = user.clone();
     let (n, p, t, m, max) = (name.to_string(), pattern.to_string(), tz.to_string(), missed.to_string(), svc.settings.max_schedules);
     app.storage()
         .write(&RequestContext::system(), ExecControl::lookup(), move |c| {
@@ -127,7 +128,7 @@ pub async fn schedule(
         })
         .await?;
     svc.wake();
-    Ok(json!({"name": name, "cron": pattern, "tz": tz, "missed": missed, "next_at": iso(Some(next)), "user_id": user}))
+    Ok(json!({"name": name, "cron": pattern, "tz": tz, "missed": missed, "next_at": iso(Some(next)), "user_id": shown_user}))
 }
 
 pub async fn unschedule(app: &App, ctx: &RequestContext, name: &str) -> Result<bool> {

@@ -86,7 +86,7 @@ return flow.define('reader_day', function(ctx, input)
     local p = R.preferences()
     local unread = db.one([[SELECT i.title, i.url FROM my_reader_items i WHERE i.day = {d:String}
                             AND i.id NOT IN (SELECT item FROM my_reader_feedback) ORDER BY i.id LIMIT 1]], {d = day})
-    local lines = {'# Time to wind down', '',
+    local lines = {'# Time to wind down (' .. day .. ')', '',
                    string.format('Today you liked %d and passed on %d of your picks.', #liked, #disliked)}
     if #liked > 0 then lines[#lines + 1] = 'Liked: ' .. table.concat(liked, '; ') end
     if #p.likes.topics > 0 then

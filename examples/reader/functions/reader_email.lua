@@ -31,7 +31,7 @@ return function(input, ctx)
   end
   local from = tostring(e.from or 'unknown')
   local lt = from:find('<', 1, true)
-  local name = R.trim(lt and from:sub(1, lt - 1) or from)
+  local name = R.trim(type(e.from_name) == 'string' and e.from_name or (lt and from:sub(1, lt - 1)) or from)
   if name:sub(1, 1) == '"' and name:sub(-1) == '"' then name = name:sub(2, -2) end
   if name == '' then name = from end
   local mid = tostring(e.message_id or e.id or '')

@@ -6,10 +6,17 @@ type Item = {
 };
 type Props = { day: string; items: Item[]; likes: string[]; dislikes: string[] };
 
+// Lua sends an empty list as {}: read every list defensively.
+const list = <T,>(x: unknown): T[] => (Array.isArray(x) ? (x as T[]) : []);
+
 // The reader's daily dashboard: the day's picks, best first, each with 👍 / 👎.
 // A verdict goes to reader_feedback (stored, attached to the ranking's generation, and used to
 // update the preference notes for tomorrow).
-export default function Reader({ day, items, likes, dislikes }: Props) {
+export default function Reader(props: Props) {
+  const day = props.day;
+  const items = list<Item>(props.items);
+  const likes = list<string>(props.likes);
+  const dislikes = list<string>(props.dislikes);
   const [verdicts, setVerdicts] = useState<Record<number, number>>({});
   const [error, setError] = useState('');
   const rate = async (id: number, verdict: number) => {
@@ -41,7 +48,7 @@ export default function Reader({ day, items, likes, dislikes }: Props) {
                     ? <span className="font-semibold">{it.title}</span>
                     : <a className="font-semibold text-blue-700 hover:underline" href={it.url} target="_blank" rel="noreferrer">{it.title}</a>}
                   <p className="text-sm text-gray-600">{it.reason}</p>
-                  <p className="text-xs text-gray-400">{it.tags.join(' · ')}</p>
+                  <p className="text-xs text-gray-400">{list<string>(it.tags).join(' · ')}</p>
                 </div>
                 <button id={`like-${it.id}`} onClick={() => rate(it.id, 1)}
                   className={`px-2 py-1 rounded ${v === 1 ? 'bg-green-600 text-white' : 'bg-gray-100'}`}>👍</button>
