@@ -77,6 +77,7 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::vault::VaultModule,
         &crate::files::FilesModule,
         &crate::email_in::EmailInModule,
+        &crate::chat::ChatModule,
     ]
 }
 

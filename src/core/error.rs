@@ -83,6 +83,14 @@ error_codes! {
     CheckFailed = 1022, "CHECK_FAILED", 422, "a bundle's migrations or checks failed";
     /// A notification channel is used without its `[notify]` settings.
     NotifyNotConfigured = 1050, "NOTIFY_NOT_CONFIGURED", 503, "a `notify.*` channel without its `[notify]` settings";
+    /// A chat provider is used without its `[chat.*]` settings (token, secret, key).
+    ChatNotConfigured = 1110, "CHAT_NOT_CONFIGURED", 503, "a chat provider without its `[chat.*]` settings";
+    /// An inbound chat request whose signature, secret token or timestamp does not verify.
+    ChatSignatureInvalid = 1111, "CHAT_SIGNATURE_INVALID", 401, "an inbound chat request whose signature or secret does not verify";
+    /// An inbound chat request seen before (a replayed signed request) or outside the timestamp window.
+    ChatReplayed = 1112, "CHAT_REPLAYED", 401, "a replayed or stale signed chat request";
+    /// `chat.send{user=}` for a user with no linked chat.
+    ChatNotLinked = 1113, "CHAT_NOT_LINKED", 404, "`chat.send{user=}` for a user without a linked chat";
     /// A rate or concurrency limit of the caller (identity or address) was reached; retry later.
     TooManyRequests = 202, "TOO_MANY_SIMULTANEOUS_QUERIES", 429, "rate or concurrency limit of the caller; retry later";
     /// A memory budget (per request or server-wide) would be exceeded.

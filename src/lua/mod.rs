@@ -513,7 +513,7 @@ pub fn compile_check(name: &str, source: &str) -> Result<(), (Error, Option<i64>
 
 /// Globals a deployed function may define instead of returning a function: `handler`, and the
 /// entry points modules call with their events (`on_email`: inbound email, src/email_in).
-pub const ENTRY_GLOBALS: &[&str] = &["handler", "on_email"];
+pub const ENTRY_GLOBALS: &[&str] = &["handler", "on_email", "on_message"];
 
 /// What a function's deploy checks: the syntax ([`compile_check`]) and that the chunk returns
 /// a function or defines one of the [`ENTRY_GLOBALS`]. The top level runs in a bare sandbox (no
@@ -537,6 +537,7 @@ pub fn deploy_check(name: &str, source: &str) -> Result<(), (Error, Option<i64>)
         .set_mode(mlua::ChunkMode::Text)
         .call::<Value>(());
     let Ok(returned) = returned else { return Ok(()) };
+    // `on_message` / `on_email`: the event handlers the chat and inbound-email modules call.
     if matches!(returned, Value::Function(_))
         || ENTRY_GLOBALS
             .iter()

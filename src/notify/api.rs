@@ -54,8 +54,8 @@ fn list_query(raw: Option<&str>) -> Result<ListQuery> {
         match k.as_ref() {
             "status" if ["queued", "sending", "sent", "dead"].contains(&v.as_ref()) => q.status = Some(v.into_owned()),
             "status" => return Err(bad(format!("status={v}: one of queued, sending, sent, dead"))),
-            "channel" if ["email", "push", "sms"].contains(&v.as_ref()) => q.channel = Some(v.into_owned()),
-            "channel" => return Err(bad(format!("channel={v}: one of email, push, sms"))),
+            "channel" if ["email", "push", "sms", "chat"].contains(&v.as_ref()) => q.channel = Some(v.into_owned()),
+            "channel" => return Err(bad(format!("channel={v}: one of email, push, sms, chat"))),
             "limit" => {
                 q.limit = Some(v.parse().map_err(|_| bad(format!("limit={v}: a number from 1 to 1000")))?)
             }

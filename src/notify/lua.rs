@@ -200,7 +200,7 @@ fn sms_from_lua(t: &Table) -> mlua::Result<Sms> {
 
 /// Messages of this invocation waiting for its successful end (calls outside `db.tx`).
 #[derive(Default)]
-struct Pending {
+pub(crate) struct Pending {
     msgs: RefCell<Vec<NewMessage>>,
     hooked: Cell<bool>,
     /// A wake-up of the sender is due at the invocation's end (rows written inside `db.tx`
@@ -210,7 +210,8 @@ struct Pending {
     bytes: Cell<usize>,
 }
 
-fn enqueue(env: &Rc<Env>, pending: &Rc<Pending>, channel: &'static str, payload: Json, key: Option<String>) -> mlua::Result<String> {
+/// Queue one message of `channel` (also the chat module's entry, with its own `Pending`).
+pub(crate) fn enqueue(env: &Rc<Env>, pending: &Rc<Pending>, channel: &'static str, payload: Json, key: Option<String>) -> mlua::Result<String> {
     let app = env.app.as_ref().ok_or_else(no_server)?;
     let n = app.get::<Notify>().ok_or_else(no_server)?;
     n.check_channel(channel).map_err(lua_err)?;

@@ -226,7 +226,8 @@ pub(crate) fn log_event(
 
 pub struct NotifyModule;
 
-static MIGRATIONS: &[Migration] = &[Migration {
+static MIGRATIONS: &[Migration] = &[
+    Migration {
     version: 1,
     name: "outbox, push subscriptions, keys",
     sql: "CREATE TABLE _ichibase_notify_outbox (
@@ -266,7 +267,57 @@ static MIGRATIONS: &[Migration] = &[Migration {
             value BLOB NOT NULL,
             created_at INTEGER NOT NULL
           );",
-}];
+    },
+    // The `chat` channel (delivered by the chat module through [`ExternalChannel`]): SQLite
+    // cannot change a CHECK, so the outbox is rebuilt with the same columns and indexes.
+    Migration {
+        version: 2,
+        name: "chat channel",
+        sql: "CREATE TABLE _ichibase_notify_outbox_v2 (
+            id TEXT PRIMARY KEY,
+            channel TEXT NOT NULL CHECK (channel IN ('email', 'push', 'sms', 'chat')),
+            owner TEXT,
+            idempotency_key TEXT,
+            payload TEXT NOT NULL,
+            status TEXT NOT NULL DEFAULT 'queued' CHECK (status IN ('queued', 'sending', 'sent', 'dead')),
+            attempts INTEGER NOT NULL DEFAULT 0,
+            next_at INTEGER NOT NULL,
+            created_at INTEGER NOT NULL,
+            updated_at INTEGER NOT NULL,
+            sent_at INTEGER,
+            last_error TEXT,
+            result TEXT,
+            in_doubt INTEGER NOT NULL DEFAULT 0,
+            trace_id TEXT,
+            function TEXT
+          );
+          INSERT INTO _ichibase_notify_outbox_v2 SELECT id, channel, owner, idempotency_key, payload, status, attempts,
+            next_at, created_at, updated_at, sent_at, last_error, result, in_doubt, trace_id, function
+            FROM _ichibase_notify_outbox ORDER BY rowid;
+          DROP TABLE _ichibase_notify_outbox;
+          ALTER TABLE _ichibase_notify_outbox_v2 RENAME TO _ichibase_notify_outbox;
+          CREATE UNIQUE INDEX _ichibase_notify_outbox_key
+            ON _ichibase_notify_outbox (coalesce(owner, ''), idempotency_key)
+            WHERE idempotency_key IS NOT NULL;
+          CREATE INDEX _ichibase_notify_outbox_due ON _ichibase_notify_outbox (status, next_at);
+          CREATE INDEX _ichibase_notify_outbox_owner ON _ichibase_notify_outbox (owner, id);",
+    },
+];
+
+/// A channel another module delivers (today `chat`): the module registers one with
+/// `builder.provide(ExternalChannel(...))`, queues rows with `channel = "chat"` through
+/// [`lua::enqueue`], and the sender hands each claimed row to it (claim, retries, back-off and
+/// dead-lettering stay here).
+pub struct ExternalChannel(pub Box<dyn ChannelSender>);
+
+/// Delivers one claimed message of an [`ExternalChannel`].
+pub trait ChannelSender: Send + Sync + 'static {
+    fn deliver<'a>(
+        &'a self,
+        app: &'a App,
+        m: &'a outbox::Claimed,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = outbox::Delivery> + Send + 'a>>;
+}
 
 impl crate::modules::Module for NotifyModule {
     fn name(&self) -> &'static str {

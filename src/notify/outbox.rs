@@ -297,6 +297,10 @@ async fn deliver_one(app: &App, n: &Notify, m: &Claimed) -> Delivery {
         "email" => super::email::deliver(n, m).await,
         "push" => super::push::deliver(app, n, m).await,
         "sms" => super::sms::deliver(n, m).await,
+        "chat" => match app.get::<super::ExternalChannel>() {
+            Some(ch) => ch.0.deliver(app, m).await,
+            None => Delivery::Retry("the chat module is not running".into(), None),
+        },
         other => Delivery::Fail(format!("unknown channel {other}"), None),
     }
 }
