@@ -46,6 +46,9 @@ const DAY: i64 = 86_400;
 const MODEL: &str = "reader-model";
 const TOKEN: &str = "links-token-7d1e9c";
 const OTP: &str = "482910";
+const NEWSLETTER_CODE: &str = "913377";
+const TG_SECRET: &str = "tg-webhook-secret-5a1f";
+const TG_CHAT: i64 = 4242;
 
 fn python() -> Option<String> {
     match std::env::var("ICHIBASE_NOTIFY_PYTHON") {
@@ -277,11 +280,117 @@ fn rank_answer(p: &Prompt) -> Value {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Inbound mail: a bare SMTP client talking to the server's [email_in] listener.
+
+fn smtp_send(port: u16, from: &str, to: &str, message: &str) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the inbound SMTP listener");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let expect = |r: &mut BufReader<std::net::TcpStream>, code: &str| loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        assert!(line.starts_with(code), "SMTP: expected {code}, got {line:?}");
+        if line.as_bytes().get(3) != Some(&b'-') {
+            break;
+        }
+    };
+    expect(&mut r, "220");
+    for (cmd, code) in [
+        ("EHLO client.example.test".to_string(), "250"),
+        (format!("MAIL FROM:<{from}>"), "250"),
+        (format!("RCPT TO:<{to}>"), "250"),
+        ("DATA".to_string(), "354"),
+    ] {
+        write!(s, "{cmd}\r\n").unwrap();
+        expect(&mut r, code);
+    }
+    let body: String = message.lines().map(|l| if l.starts_with('.') { format!(".{l}\r\n") } else { format!("{l}\r\n") }).collect();
+    s.write_all(body.as_bytes()).unwrap();
+    s.write_all(b".\r\n").unwrap();
+    expect(&mut r, "250");
+    s.write_all(b"QUIT\r\n").unwrap();
+}
+
+fn mime(from: &str, to: &str, subject: &str, message_id: &str, in_reply_to: Option<&str>, text: &str) -> String {
+    let mut h = format!(
+        "From: {from}\nTo: {to}\nSubject: {subject}\nMessage-ID: {message_id}\nDate: Tue, 01 Dec 2026 20:00:00 +0000\nMIME-Version: 1.0\nContent-Type: text/plain; charset=utf-8\nContent-Transfer-Encoding: 8bit\n"
+    );
+    if let Some(r) = in_reply_to {
+        h.push_str(&format!("In-Reply-To: {r}\nReferences: {r}\n"));
+    }
+    format!("{h}\n{text}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fake Telegram Bot API: records sendMessage / answerCallbackQuery.
+
+#[derive(Default)]
+struct Telegram {
+    sent: Mutex<Vec<Value>>,
+    answered: Mutex<Vec<Value>>,
+    next_id: AtomicUsize,
+}
+
+async fn tg_method(State(t): State<Arc<Telegram>>, axum::extract::Path((_bot, method)): axum::extract::Path<(String, String)>, body: String) -> impl IntoResponse {
+    let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+    match method.as_str() {
+        "sendMessage" => {
+            let id = t.next_id.fetch_add(1, Ordering::SeqCst) + 100;
+            t.sent.lock().unwrap().push(v.clone());
+            axum::Json(json!({"ok": true, "result": {"message_id": id, "date": 1_796_000_000, "chat": {"id": v["chat_id"], "type": "private"}, "text": v["text"]}})).into_response()
+        }
+        "answerCallbackQuery" => {
+            t.answered.lock().unwrap().push(v);
+            axum::Json(json!({"ok": true, "result": true})).into_response()
+        }
+        _ => axum::Json(json!({"ok": true, "result": []})).into_response(),
+    }
+}
+
+async fn start_telegram() -> (Arc<Telegram>, u16) {
+    let t = Arc::new(Telegram::default());
+    let app = axum::Router::new().route("/{bot}/{method}", axum::routing::post(tg_method)).with_state(Arc::clone(&t));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+    (t, port)
+}
+
+/// An update delivered to the server's Telegram webhook.
+async fn tg_update(base: &str, update: Value) {
+    let r = anon_client()
+        .post(format!("{base}/chat/telegram/webhook"))
+        .header("X-Telegram-Bot-Api-Secret-Token", TG_SECRET)
+        .json(&update)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "webhook: {}", r.status());
+}
+
+// ---------------------------------------------------------------------------------------------
 // The server and its clock.
 
-fn config(model_url: &str, feeds_port: u16) -> String {
+fn config(model_url: &str, feeds_port: u16, smtp_in_port: u16, tg_port: u16) -> String {
     format!(
         r#"
+[email_in]
+listen = "127.0.0.1:{smtp_in_port}"
+domains = ["in.example.test"]
+poll_secs = 0.2
+[email_in.addresses."reader@in.example.test"]
+user = "ann@example.test"
+function = "reader_email"
+unknown_senders = "accept"
+
+[chat]
+function = "reader_chat"
+[chat.telegram]
+base_url = "http://127.0.0.1:{tg_port}"
+token = "123456:reader-test-token"
+webhook_secret = "{TG_SECRET}"
+
 [ai]
 default = "reader"
 
@@ -479,10 +588,12 @@ async fn two_days_of_reading() {
         });
     }
     let (feeds, feeds_port) = start_feeds().await;
+    let (tg, tg_port) = start_telegram().await;
+    let smtp_in_port = free_port();
     let smtp_port = free_port();
     let mail_out = dir.path().join("mail.jsonl");
     let _smtp = Peer::start(&py, &root().join("tests/notify_peers/smtp_sink.py"), &[&smtp_port.to_string(), mail_out.to_str().unwrap()]);
-    std::fs::write(dir.path().join("ichibase.toml"), config(&model.url, feeds_port)).unwrap();
+    std::fs::write(dir.path().join("ichibase.toml"), config(&model.url, feeds_port, smtp_in_port, tg_port)).unwrap();
 
     // A fresh server whose flow clock reads 06:00 in Tokyo on day one (the test jumps to 07:00).
     let offset = (DAY1 - 3600) as f64 - real_now();
@@ -497,12 +608,24 @@ async fn two_days_of_reading() {
     let r = json_request(&c, reqwest::Method::PUT, format!("{base}/vault/reader_links"),
         Some(json!({"value": TOKEN, "functions": ["reader_*"], "hosts": ["feeds.test"]}))).await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // Ann links her Telegram chat: a code from the server, sent to the bot as /link CODE.
+    let (st, link) = api(&ann.client, "POST", format!("{base}/chat/link"), Some(json!({}))).await;
+    assert_eq!(st, 200, "{link}");
+    tg_update(&base, json!({"update_id": 1, "message": {"message_id": 1, "date": 1_796_100_000,
+        "from": {"id": TG_CHAT, "is_bot": false, "first_name": "Ann"}, "chat": {"id": TG_CHAT, "type": "private"},
+        "text": link["command"]}})).await;
+    wait_for("the chat link", 60, || async {
+        let (_, v) = api(&ann.client, "GET", format!("{base}/chat/links"), None).await;
+        v.to_string().contains(&TG_CHAT.to_string()).then_some(())
+    })
+    .await;
     let feeds_url = |p: &str| format!("http://feeds.test:{feeds_port}{p}");
     let r = call_fn(&c, &base, "reader_setup", json!({
         "user": "ann@example.test", "email": "ann@example.test", "reply_to": "reader@in.example.test",
         "tz": "Asia/Tokyo", "digest_size": 5, "evening": "21:30",
         "feeds": [{"url": feeds_url("/rss.xml"), "kind": "rss"}, {"url": feeds_url("/atom.xml"), "kind": "rss"},
-                  {"url": feeds_url("/api/saved"), "kind": "links", "token": "reader_links"}]})).await;
+                  {"url": feeds_url("/api/saved"), "kind": "links", "token": "reader_links"}],
+        "chat": {"provider": "telegram", "chat_id": TG_CHAT.to_string()}})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     let setup = r.json();
     assert_eq!(setup["user"], ann.id.as_str());
@@ -513,6 +636,15 @@ async fn two_days_of_reading() {
     open_canvas(&page, &base, "ann@example.test");
 
     // ---- Day one -------------------------------------------------------------------------
+    // Overnight a newsletter arrives by email (a one-time code in it must not reach the model).
+    smtp_send(smtp_in_port, "news@rustweekly.example", "reader@in.example.test", &mime(
+        "Rust Weekly <news@rustweekly.example>", "reader@in.example.test", "Rust Weekly #1", "<rw-1@rustweekly.example>", None,
+        &format!("This week in Rust: the 2027 roadmap.\nYour login code is {NEWSLETTER_CODE}.\n")));
+    wait_for("the newsletter stored", 60, || async {
+        let r = sql_rows(&base, "SELECT count(*) AS n FROM reader_items WHERE kind = 'newsletter'").await;
+        (r[0]["n"] == 1).then_some(())
+    })
+    .await;
     jump_to(&base, DAY1).await;
     let day1_id = format!("cron:reader_day:{}", DAY1 * 1000);
     let f1 = flow_in(&base, &day1_id, "waiting", 120).await;
@@ -520,18 +652,18 @@ async fn two_days_of_reading() {
 
     // Ranked by the model, in prompt order (no preferences yet).
     let (r1, gen1) = ranking(&base, "2026-12-02").await;
-    assert_eq!(r1, ["Crypto exchange lists a new token", "Rust 1.95 released", "Winter gardening basics", "How SQLite stores B-trees"]);
+    assert_eq!(r1, ["Rust Weekly #1", "Crypto exchange lists a new token", "Rust 1.95 released", "Winter gardening basics", "How SQLite stores B-trees"]);
     assert!(gen1.starts_with("gen-"), "{gen1}");
     // The privacy guard: the one-time code in the Atom item never reached the model.
     let seen = model.seen_by(MODEL);
     assert!(!seen.is_empty());
-    assert!(seen.iter().all(|s| !s.body.to_string().contains(OTP)), "the code reached the model");
+    assert!(seen.iter().all(|s| !s.body.to_string().contains(OTP) && !s.body.to_string().contains(NEWSLETTER_CODE)), "a code reached the model");
     assert!(seen.iter().any(|s| user_text(&s.body).contains("[REDACTED:otp]")), "redacted in the prompt");
     assert_eq!(feeds.unauthorized.load(Ordering::SeqCst), 0, "the vault token reached the links API");
 
     // The digest email, once.
     let digest1 = wait_for("day one's digest", 60, || async {
-        mails(&mail_out).into_iter().find(|m| m["subject"].as_str().unwrap_or("").starts_with("[reader 2026-12-02] 4 picks"))
+        mails(&mail_out).into_iter().find(|m| m["subject"].as_str().unwrap_or("").starts_with("[reader 2026-12-02] 5 picks"))
     })
     .await;
     assert_eq!(digest1["to"], "ann@example.test");
@@ -543,26 +675,46 @@ async fn two_days_of_reading() {
         .and_then(|l| l.split('.').next())
         .and_then(|n| n.trim().parse::<usize>().ok())
         .unwrap_or_else(|| panic!("numbered crypto line in {text1}"));
-    assert_eq!(crypto_n, 1);
+    assert_eq!(crypto_n, 2);
 
-    // The dashboard on the open canvas: the four picks in the ranking's order.
+    // The dashboard on the open canvas: the five picks in the ranking's order.
     let rust1 = item_id(&base, "Rust 1.95").await;
     let sqlite1 = item_id(&base, "SQLite stores").await;
     let crypto1 = item_id(&base, "Crypto exchange").await;
     let shown = dashboard_items(&page, "2026-12-02");
-    assert_eq!(shown.len(), 4);
-    assert_eq!(shown[1], rust1);
+    assert_eq!(shown.len(), 5);
+    assert_eq!(shown[2], rust1);
 
     // Feedback 1: 👍 on the dashboard.
     page.click(Some(frame()), &format!("#like-{rust1}"));
     page.wait_for(Some(frame()), &format!("document.querySelector('li[data-item=\"{rust1}\"]').dataset.verdict === '1'"), 30);
 
-    // Feedback 2: an email reply "-1" (the crypto item).
-    let reply = email_reply(&base, &ann, "2026-12-02", &digest1, &format!("Thanks!\n-{crypto_n}\n\n> {}\n", text1.lines().next().unwrap_or(""))).await;
-    assert_eq!(reply["verdicts"][0]["item"], crypto1, "{reply}");
+    // Feedback 2: a reply to the digest email, "-2" (the crypto item), through inbound SMTP.
+    let quoted: String = text1.lines().map(|l| format!("> {l}\n")).collect();
+    smtp_send(smtp_in_port, "ann@example.test", "reader@in.example.test", &mime(
+        "Ann <ann@example.test>", "reader@in.example.test", &format!("Re: {}", digest1["subject"].as_str().unwrap()),
+        "<reply-1@example.test>", digest1["message_id"].as_str(), &format!("Thanks!\n-{crypto_n}\n\n{quoted}")));
+    wait_for("the email verdict", 60, || async {
+        let r = sql_rows(&base, &format!("SELECT verdict FROM reader_feedback WHERE item = {crypto1} AND via = 'email'")).await;
+        (r.len() == 1 && r[0]["verdict"] == -1).then_some(())
+    })
+    .await;
 
     // Feedback 3: the 👍 button under the chat digest (the SQLite item).
-    chat_button(&base, &ann, &format!("fb:{sqlite1}:1")).await;
+    let chat1 = wait_for("day one's chat digest", 60, || async {
+        tg.sent.lock().unwrap().iter().find(|m| m["text"].as_str().unwrap_or("").starts_with("Your reading for 2026-12-02")).cloned()
+    })
+    .await;
+    assert_eq!(chat1["chat_id"].to_string().trim_matches('"'), TG_CHAT.to_string());
+    let buttons: Vec<Value> = chat1["reply_markup"]["inline_keyboard"].as_array().unwrap().iter()
+        .flat_map(|row| row.as_array().unwrap().clone()).collect();
+    assert_eq!(buttons.len(), 10, "👍 and 👎 per pick: {chat1}");
+    let data = format!("fb:{sqlite1}:1");
+    assert!(buttons.iter().any(|b| b["callback_data"] == data.as_str()), "{chat1}");
+    tg_update(&base, json!({"update_id": 2, "callback_query": {"id": "cbq-1",
+        "from": {"id": TG_CHAT, "is_bot": false, "first_name": "Ann"},
+        "message": {"message_id": 101, "date": 1_796_170_000, "chat": {"id": TG_CHAT, "type": "private"}},
+        "data": data}})).await;
 
     // Each verdict: stored, rated on the generation, and folded into the notes by the workflow.
     let f1 = wait_for("three preference updates", 60, || async {
@@ -663,29 +815,20 @@ async fn two_days_of_reading() {
     assert_eq!(by_subject.len(), 4, "{by_subject:?}");
     assert!(by_subject.values().all(|n| *n == 1), "each message once: {by_subject:?}");
     assert!(by_subject.keys().any(|k| k.starts_with("[reader 2026-12-03] 4 picks: Rust async in 2027")), "{by_subject:?}");
+    // And in chat: each digest and evening message once, every verdict confirmed.
+    let sent: Vec<String> = tg.sent.lock().unwrap().iter().map(|m| m["text"].as_str().unwrap_or("").to_string()).collect();
+    for head in ["Your reading for 2026-12-02", "Your reading for 2026-12-03", "Time to wind down (2026-12-02)", "Time to wind down (2026-12-03)"] {
+        assert_eq!(sent.iter().filter(|t| t.starts_with(head)).count(), 1, "{head} once in {sent:#?}");
+    }
+    assert!(sent.iter().any(|t| t.starts_with("Noted: 👍 How SQLite stores B-trees")), "{sent:#?}");
+    assert_eq!(tg.answered.lock().unwrap().len(), 1, "the button press was answered");
     // Nothing lost or doubled in the data either.
     let items = sql_rows(&base, "SELECT count(*) AS n, count(DISTINCT url) AS u FROM reader_items").await;
     assert_eq!(items[0]["n"], items[0]["u"]);
-    assert_eq!(items[0]["n"], 8);
+    assert_eq!(items[0]["n"], 9);
     assert_eq!(sql_rows(&base, "SELECT day FROM reader_digests ORDER BY day").await.len(), 2);
     drop(page);
     s.terminate();
-}
-
-/// Feedback by email: a reply to the digest (to the inbound address) with `text`.
-async fn email_reply(base: &str, u: &User, day: &str, digest: &Value, text: &str) -> Value {
-    let subject = format!("Re: {}", digest["subject"].as_str().unwrap());
-    let _ = day;
-    as_user(u, base, "reader_email", json!({"event": "email", "email": {
-        "id": "in-1", "from": "ann@example.test", "to": ["reader@in.example.test"], "subject": subject,
-        "text": text, "message_id": "<reply-1@example.test>", "in_reply_to": digest["message_id"]}})).await
-}
-
-/// Feedback in chat: a press of the button whose data is `data`.
-async fn chat_button(base: &str, u: &User, data: &str) -> Value {
-    as_user(u, base, "reader_chat", json!({"event": "chat", "message": {
-        "provider": "telegram", "chat_id": "4242", "user": u.id, "from": {"id": "4242", "name": "Ann"},
-        "text": null, "message_id": "m-1", "callback": data}})).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
