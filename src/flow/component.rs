@@ -7,8 +7,10 @@
 //! - `flow.start(name, input, {id = ...})` → id (an explicit id makes starting idempotent;
 //!   inside a workflow it is required, or use `ctx.child`).
 //! - `flow.signal(id, event, payload)`, `flow.status(id)`, `flow.cancel(id)`.
-//! - `flow.schedule(name, "0 7 * * *", {tz =, input =, missed = "once"|"skip"})`,
-//!   `flow.unschedule(name)` (admin).
+//! - `flow.schedule(name, "0 7 * * *", {tz =, input =, missed = "once"|"skip", user =})`,
+//!   `flow.unschedule(name)` (admin; `user`: the runs start as that user).
+//! - `flow.localtime(unix_seconds, tz)` → `{date, time, year, month, day, hour, minute,
+//!   second, weekday, offset}`: wall-clock time in an IANA time zone (pure, replay-safe).
 //! - `flow.test_outside(line)`: only with the test-only `[flow] test_outside_file`.
 //!
 //! Everything runs as the invocation's identity: the instance started runs as it.
@@ -179,6 +181,7 @@ impl Component for FlowLua {
             lua.create_function(move |lua, (name, pattern, o): (String, String, Option<Table>)| {
                 let app = e.app.clone().ok_or_else(|| svc(&e).err().unwrap())?;
                 let (mut tz, mut input, mut missed) = ("UTC".to_string(), Json::Null, "once".to_string());
+                let mut user = None;
                 if let Some(o) = o {
                     for pair in o.pairs::<String, Value>() {
                         let (k, v) = pair?;
@@ -186,10 +189,11 @@ impl Component for FlowLua {
                             "tz" => tz = String::from_lua_value(v, "tz")?,
                             "missed" => missed = String::from_lua_value(v, "missed")?,
                             "input" => input = json_arg(&v, "flow.schedule: input")?,
+                            "user" => user = Some(String::from_lua_value(v, "user")?),
                             other => {
                                 return Err(lua_err(Error::new(
                                     ErrorCode::BadArguments,
-                                    format!("flow.schedule: unknown option '{other}' (tz, input, missed)"),
+                                    format!("flow.schedule: unknown option '{other}' (tz, input, missed, user)"),
                                 )));
                             }
                         }
@@ -197,7 +201,7 @@ impl Component for FlowLua {
                 }
                 let r = e
                     .rt
-                    .block_on(super::cron::schedule(&app, &e.ctx, &name, &pattern, &tz, input, &missed))
+                    .block_on(super::cron::schedule(&app, &e.ctx, &name, &pattern, &tz, input, &missed, user))
                     .map_err(lua_err)?;
                 lua.to_value(&r)
             })?,
@@ -209,6 +213,13 @@ impl Component for FlowLua {
                 let app = e.app.clone().ok_or_else(|| svc(&e).err().unwrap())?;
                 e.rt.block_on(super::cron::unschedule(&app, &e.ctx, &name))
                     .map_err(lua_err)
+            })?,
+        )?;
+        t.set(
+            "localtime",
+            lua.create_function(|lua, (secs, tz): (f64, String)| {
+                let t = localtime(secs, &tz).map_err(lua_err)?;
+                lua.to_value(&t)
             })?,
         )?;
         if let Some(path) = env
@@ -254,6 +265,25 @@ impl FromLuaValue for String {
     }
 }
 
+/// Wall-clock time of `secs` (Unix seconds) in the IANA zone `tz`.
+pub(crate) fn localtime(secs: f64, tz: &str) -> Result<Json> {
+    use chrono::{Datelike, Offset, Timelike};
+    let z = super::cron::zone(tz)?;
+    let t = (secs.is_finite() && secs.abs() < 1e13)
+        .then(|| chrono::DateTime::from_timestamp_millis((secs * 1000.0).floor() as i64))
+        .flatten()
+        .ok_or_else(|| Error::new(ErrorCode::BadArguments, "flow.localtime: a Unix time in seconds"))?
+        .with_timezone(&z);
+    Ok(serde_json::json!({
+        "date": t.format("%Y-%m-%d").to_string(),
+        "time": t.format("%H:%M:%S").to_string(),
+        "year": t.year(), "month": t.month(), "day": t.day(),
+        "hour": t.hour(), "minute": t.minute(), "second": t.second(),
+        "weekday": t.weekday().number_from_monday(),
+        "offset": t.offset().fix().local_minus_utc(),
+    }))
+}
+
 /// The identity a new instance runs as, as stored with it.
 pub(crate) fn identity(ctx: &RequestContext) -> (Option<String>, String, Option<String>) {
     (
@@ -263,4 +293,22 @@ pub(crate) fn identity(ctx: &RequestContext) -> (Option<String>, String, Option<
             .as_ref()
             .map(|c| Json::Object((**c).clone()).to_string()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn localtime_follows_the_zone() {
+        // 2026-12-01T22:00:00Z is 07:00 on the 2nd in Tokyo, 22:00 on the 1st in London (GMT).
+        let t = super::localtime(1_796_162_400.0, "Asia/Tokyo").unwrap();
+        assert_eq!(t["date"], "2026-12-02");
+        assert_eq!(t["time"], "07:00:00");
+        assert_eq!(t["offset"], 9 * 3600);
+        assert_eq!(t["weekday"], 3);
+        let l = super::localtime(1_796_162_400.0, "Europe/London").unwrap();
+        assert_eq!(l["date"], "2026-12-01");
+        assert_eq!(l["hour"], 22);
+        assert!(super::localtime(f64::NAN, "UTC").is_err());
+        assert!(super::localtime(0.0, "Mars/Base").is_err());
+    }
 }

@@ -31,6 +31,7 @@ pub fn routes() -> Router<App> {
             "/flows/schedules/{name}",
             axum::routing::delete(unschedule_http).route_layer(admin_area("managing flow schedules")),
         )
+        .route("/flows/clock", post(clock_http))
         .route("/flows/{id}", get(show).post(start_http))
         .route("/flows/{id}/cancel", post(cancel_http))
         .route("/flows/{id}/events/{event}", post(event_http))
@@ -319,4 +320,43 @@ async fn unschedule_http(State(app): State<App>, Path(name): Path<String>, Admin
             .await
             .map(|d| json!({"name": name, "deleted": d})),
     )
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClockMove {
+    advance_secs: Option<f64>,
+    offset_secs: Option<f64>,
+}
+
+/// `POST /flows/clock` `{"advance_secs": s}` or `{"offset_secs": s}` (admin, and only with the
+/// test-only `[flow] clock_control`): move the flow clock forwards while the server runs, then
+/// look for due work at once. Answers the clock (`now`, `offset_secs`).
+async fn clock_http(State(app): State<App>, Admin(_): Admin, body: crate::apis::JsonBody<ClockMove>) -> Response {
+    let r = (|| {
+        let svc = service(&app)?;
+        if !svc.settings.clock_control {
+            return Err(Error::new(
+                ErrorCode::AccessDenied,
+                "moving the flow clock needs the test-only setting [flow] clock_control = true",
+            ));
+        }
+        let m = body.0;
+        let target = match (m.advance_secs, m.offset_secs) {
+            (Some(a), None) if a.is_finite() && a >= 0.0 => svc.clock.offset_secs() + a,
+            (None, Some(o)) if o.is_finite() => o,
+            _ => {
+                return Err(Error::new(
+                    ErrorCode::BadArguments,
+                    "give either advance_secs (>= 0) or offset_secs, a number",
+                ));
+            }
+        };
+        svc.clock
+            .set_offset_secs(target)
+            .map_err(|e| Error::new(ErrorCode::BadArguments, e))?;
+        svc.wake();
+        Ok(json!({"now": journal::iso(Some(svc.now_ms())), "offset_secs": svc.clock.offset_secs()}))
+    })();
+    reply(r)
 }

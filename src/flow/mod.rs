@@ -81,6 +81,10 @@ pub struct FlowSettings {
     pub clock_anchor: f64,
     /// TEST ONLY: seconds added to the flow clock.
     pub clock_offset_secs: f64,
+    /// TEST ONLY: enables `POST /flows/clock` (admin), which moves the flow clock while the
+    /// server runs (`{"advance_secs": s}` or `{"offset_secs": s}`), so a test can jump to the
+    /// next cron tick or past a wait without restarting.
+    pub clock_control: bool,
     /// TEST ONLY: when set, `flow.test_outside(line)` appends a line to this file: an effect
     /// outside the database for crash tests (at least once, never rolled back).
     pub test_outside_file: Option<String>,
@@ -107,6 +111,7 @@ impl Default for FlowSettings {
             clock_speed: 1.0,
             clock_anchor: 0.0,
             clock_offset_secs: 0.0,
+            clock_control: false,
             test_outside_file: None,
         }
     }
@@ -143,12 +148,13 @@ impl FlowSettings {
 }
 
 /// The flow clock (milliseconds since the Unix epoch): real time unless the test-only settings
-/// speed it up or shift it.
-#[derive(Debug, Clone, Copy)]
+/// speed it up or shift it (the offset can move while the server runs: `POST /flows/clock`
+/// with the test-only `[flow] clock_control`).
+#[derive(Debug, Clone)]
 pub struct Clock {
     speed: f64,
     anchor_ms: f64,
-    offset_ms: f64,
+    offset_ms: std::sync::Arc<AtomicI64>,
 }
 
 impl Clock {
@@ -156,8 +162,24 @@ impl Clock {
         Clock {
             speed: s.clock_speed,
             anchor_ms: s.clock_anchor * 1000.0,
-            offset_ms: s.clock_offset_secs * 1000.0,
+            offset_ms: std::sync::Arc::new(AtomicI64::new((s.clock_offset_secs * 1000.0) as i64)),
         }
+    }
+
+    /// The offset added to the clock, seconds.
+    pub fn offset_secs(&self) -> f64 {
+        self.offset_ms.load(Ordering::SeqCst) as f64 / 1000.0
+    }
+
+    /// Set the offset (test-only clock control): the clock never moves backwards.
+    pub fn set_offset_secs(&self, secs: f64) -> std::result::Result<(), String> {
+        let new = (secs * 1000.0) as i64;
+        let old = self.offset_ms.load(Ordering::SeqCst);
+        if new < old {
+            return Err(format!("the flow clock only moves forwards (offset {} s, asked {secs} s)", old as f64 / 1000.0));
+        }
+        self.offset_ms.store(new, Ordering::SeqCst);
+        Ok(())
     }
 
     pub fn now_ms(&self) -> i64 {
@@ -165,7 +187,7 @@ impl Clock {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs_f64() * 1000.0)
             .unwrap_or(0.0);
-        (self.anchor_ms + (real - self.anchor_ms) * self.speed + self.offset_ms) as i64
+        (self.anchor_ms + (real - self.anchor_ms) * self.speed) as i64 + self.offset_ms.load(Ordering::SeqCst)
     }
 
     /// Real time for `ms` of flow time.
@@ -239,6 +261,9 @@ impl crate::modules::Module for FlowModule {
         let s: FlowSettings = b.core().config.section("flow")?;
         s.check()?;
         let clock = Clock::new(&s);
+        if s.clock_control {
+            tracing::warn!("flow: [flow] clock_control is on (test only): POST /flows/clock moves the flow clock");
+        }
         b.provide(FlowService {
             started_ms: AtomicI64::new(clock.now_ms()),
             clock,
@@ -370,5 +395,11 @@ mod tests {
         assert!(FlowSettings { workers: 0, ..FlowSettings::default() }.check().is_err());
         assert!(FlowSettings { clock_speed: 0.0, ..FlowSettings::default() }.check().is_err());
         assert!(FlowSettings::default().check().is_ok());
+        // The controllable offset moves forwards only.
+        let before = fast.now_ms();
+        fast.set_offset_secs(2.0 * 86_400.0).unwrap();
+        assert!(fast.now_ms() - before >= 86_400_000 - 1000);
+        assert!(fast.set_offset_secs(0.0).is_err());
+        assert_eq!(fast.offset_secs(), 2.0 * 86_400.0);
     }
 }

@@ -423,7 +423,7 @@ fn step(
     let result: mlua::Result<String> = if tx {
         let id = st.id.clone();
         let base = rec.clone();
-        let clock = st.svc().clock;
+        let clock = st.svc().clock.clone();
         let label = format!("step '{name}'");
         let hook = move |mv: &MultiValue| -> mlua::Result<crate::lua::components::db::CommitHook> {
             let mut r = base.clone();

@@ -5,8 +5,9 @@
 //! blocks, cache usage fields).
 //!
 //! Answers are scripted per model id (the request's `model`): [`ModelServer::script`] queues
-//! [`Script`]s; with nothing queued a model echoes the last user message with usage
-//! [`DEFAULT_USAGE`]. Every request is recorded ([`ModelServer::seen`]).
+//! [`Script`]s; with nothing queued, a responder set with [`ModelServer::respond`] answers from
+//! the request (a model whose answer depends on its prompt), else the model echoes the last
+//! user message with usage [`DEFAULT_USAGE`]. Every request is recorded ([`ModelServer::seen`]).
 //! Include with `#[path = "common/model_server.rs"] mod model_server;`.
 #![allow(dead_code)]
 
@@ -58,9 +59,13 @@ pub struct Seen {
     pub headers: HeaderMap,
 }
 
+/// Answers a request (its JSON body) when nothing is queued; `None`: the echo answer.
+pub type Responder = Arc<dyn Fn(&Value) -> Option<Script> + Send + Sync>;
+
 #[derive(Default)]
 struct Inner {
     scripts: Mutex<HashMap<String, VecDeque<Script>>>,
+    responders: Mutex<HashMap<String, Responder>>,
     seen: Mutex<Vec<Seen>>,
 }
 
@@ -91,6 +96,11 @@ impl ModelServer {
         self.inner.scripts.lock().unwrap().entry(model.to_string()).or_default().extend(scripts);
     }
 
+    /// Answer requests to model id `model` with `f` whenever no script is queued.
+    pub fn respond(&self, model: &str, f: impl Fn(&Value) -> Option<Script> + Send + Sync + 'static) {
+        self.inner.responders.lock().unwrap().insert(model.to_string(), Arc::new(f));
+    }
+
     /// Every request so far.
     pub fn seen(&self) -> Vec<Seen> {
         self.inner.seen.lock().unwrap().clone()
@@ -111,7 +121,10 @@ fn record(inner: &Inner, path: &str, h: HeaderMap, body: &str) -> (Value, Script
     let model = v["model"].as_str().unwrap_or("").to_string();
     inner.seen.lock().unwrap().push(Seen { path: path.into(), model: model.clone(), body: v.clone(), headers: h });
     let next = inner.scripts.lock().unwrap().get_mut(&model).and_then(VecDeque::pop_front);
-    let script = next.unwrap_or_else(|| echo(&v));
+    let responder = inner.responders.lock().unwrap().get(&model).cloned();
+    let script = next
+        .or_else(|| responder.and_then(|f| f(&v)))
+        .unwrap_or_else(|| echo(&v));
     (v, script)
 }
 
