@@ -26,6 +26,7 @@ pub mod app;
 pub mod auth;
 pub mod branch;
 pub mod canvas;
+pub mod console;
 pub mod bundle;
 pub mod config;
 pub mod conns;
