@@ -137,7 +137,7 @@ async fn page(State(st): State<App>, headers: HeaderMap) -> Response {
     let nonce = crate::canvas::compile::hex(&n);
     let body = format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-<title>ichibase console</title><link rel=\"stylesheet\" href=\"/console/assets/console.css\">\
+<title>ichibase console</title><link rel=\"icon\" href=\"data:,\"><link rel=\"stylesheet\" href=\"/console/assets/console.css\">\
 <script type=\"importmap\" nonce=\"{nonce}\">{IMPORT_MAP}</script>\
 <link rel=\"modulepreload\" href=\"/console/assets/react-all.js\"></head>\
 <body data-page-rows=\"{}\"><div id=\"root\"><p class=\"boot\">Loading the console…</p></div>\

@@ -697,6 +697,7 @@ function Operations() {
   const [error, setError] = useState<any>(null);
   return <div>
     <section className="card" aria-labelledby="gens-h"><h2 id="gens-h">Generations</h2><ErrorBox error={e3} />
+      {gens && gens.length === 0 ? <p className="muted">No generations yet (<code>POST /generate</code> or <code>ichibase generate</code>).</p> : null}
       <div className="scroll"><table className="grid" id="generations"><thead><tr><th>intent</th><th>status</th><th>rounds</th><th>created</th><th><span className="sr-only">Open</span></th></tr></thead>
         <tbody>{(gens || []).map((g: any) => <tr key={g.id}><td>{g.intent.slice(0, 80)}</td><td><span className={'badge ' + (g.status === 'merged' ? 'ok' : g.status === 'awaiting_approval' ? 'wait' : '')}>{g.status}</span></td><td>{g.rounds_run}</td><td>{g.created_at}</td>
           <td><button data-gen={g.id} onClick={() => setSel(g.id)}>Open</button></td></tr>)}</tbody></table></div>
