@@ -306,12 +306,20 @@ async fn an_admin_works_in_the_console() {
     page.wait_for(None, "!!document.querySelector('button[data-table=notes]')", 60);
     page.click(None, "button[data-table=notes]");
     wait_text(&page, "#browse-table", "bob's secret");
+    // Edit a cell from the keyboard: Enter opens it, Enter saves.
+    let cell = "#browse-table tbody tr:first-child td:nth-child(3)";
+    assert_eq!(text(&page, cell), "alice's secret");
+    page.press(None, cell, "Enter");
+    page.fill(None, "#browse-table td input", "edited by the admin");
+    page.press(None, "#browse-table td input", "Enter");
+    wait_text(&page, cell, "edited by the admin");
+    assert_eq!(ok(&c, &base, "SELECT body FROM notes WHERE owner = (SELECT id FROM _ichibase_users WHERE email = 'alice@example.com')").await.trim(), "edited by the admin");
     page.select(None, "#browse-as", &alice.id);
     wait_text(&page, "#browse-as-note", "alice@example.com");
-    page.wait_for(None, "(() => { const t = document.querySelector('#browse-table')?.textContent || ''; return t.includes(\"alice's secret\") && !t.includes(\"bob's secret\"); })()", 60);
+    page.wait_for(None, "(() => { const t = document.querySelector('#browse-table')?.textContent || ''; return t.includes(\"edited by the admin\") && !t.includes(\"bob's secret\"); })()", 60);
     assert!(text(&page, "#browse-as-note").contains("my_notes"));
     page.select(None, "#browse-as", &bob.id);
-    page.wait_for(None, "(() => { const t = document.querySelector('#browse-table')?.textContent || ''; return t.includes(\"bob's secret\") && !t.includes(\"alice's secret\"); })()", 60);
+    page.wait_for(None, "(() => { const t = document.querySelector('#browse-table')?.textContent || ''; return t.includes(\"bob's secret\") && !t.includes(\"edited by the admin\"); })()", 60);
 
     // Functions: deploy, run as alice, hover a variable of the trace.
     page.click(None, "nav.sections button[data-section=functions]");
