@@ -73,7 +73,7 @@ async fn non_admins_are_refused_every_console_api() {
     assert!(v["tables"].as_array().unwrap().iter().all(|t| !t["name"].as_str().unwrap().starts_with("_ichibase")), "{v}");
     let (st, v) = api(&client(), "GET", format!("{base}/console/api/presence"), None).await;
     assert_eq!(st, 200, "{v}");
-    assert!(v["connections"].is_number());
+    assert!(v["connections"].is_number() && v["channels"].is_array(), "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -365,6 +365,12 @@ async fn an_admin_works_in_the_console() {
     let r = call_fn(&c, &base, "greet", json!({"name": "bo"})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json(), json!({"greeting": "hello bo"}));
+
+    // Live channels: a socket from the page joins a channel; the console lists it and who is there.
+    page.eval(None, "(() => { const t = sessionStorage.getItem('ichibase-console-credential'); window.__ws = new WebSocket(`ws://${location.host}/ws?access_token=${t}`); window.__ws.onopen = () => window.__ws.send(JSON.stringify({type: 'join', channel: 'public:lobby', meta: {name: 'console-test'}})); return true; })()");
+    page.wait_for(None, "(() => { const t = document.querySelector('#ws-channels')?.textContent || ''; if (t.includes('public:lobby')) return true; if (!window.__w || Date.now() - window.__w > 1000) { window.__w = Date.now(); document.querySelector('#ws-refresh').click(); } return false; })()", 60);
+    page.click(None, "button[data-channel=\"public:lobby\"]");
+    wait_text(&page, "#ws-presence", "console-test");
 
     // Keyboard: arrows move between sections.
     page.press(None, "nav.sections button[data-section=operations]", "ArrowLeft");

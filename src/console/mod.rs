@@ -11,7 +11,7 @@
 //!   the authorizer and the policy views decide what it sees, exactly as for X's own requests;
 //! - `POST /console/api/run` `{function, user?, input?}`: run a deployed function as X (or the
 //!   admin) with a deep trace, through `lua::invoke` like `POST /fn/{name}`;
-//! - `GET /console/api/presence?channel=`: who is in a WebSocket channel, and the open sockets.
+//! - `GET /console/api/presence[?channel=]`: open sockets and channels, and who is in one.
 //!
 //! Everything else the page does goes through the existing APIs (SQL over HTTP, `/fn`,
 //! `/trace`, `/analytics`, `/admin/*`, `/branches`, `/generate`). The console must not touch
@@ -461,7 +461,7 @@ struct PresenceQuery {
 
 async fn presence(State(st): State<App>, Admin(ctx): Admin, Query(q): Query<PresenceQuery>) -> Response {
     let hub = st.hub();
-    let mut v = json!({"connections": hub.connections()});
+    let mut v = json!({"connections": hub.connections(), "channels": hub.channels(1000)});
     if let Some(ch) = q.channel.filter(|c| !c.is_empty()) {
         match hub.presence(&ctx, &ch) {
             Ok(p) => {

@@ -693,7 +693,7 @@ function Operations() {
   const [channel, setChannel] = useState('');
   const [pres, setPres] = useState<any>(null);
   const [perr, setPerr] = useState<any>(null);
-  const [conns] = useLoad(() => api('GET', '/console/api/presence'), []);
+  const [conns, , reloadConns] = useLoad(() => api('GET', '/console/api/presence'), []);
   const [error, setError] = useState<any>(null);
   return <div>
     <section className="card" aria-labelledby="gens-h"><h2 id="gens-h">Generations</h2><ErrorBox error={e3} />
@@ -712,11 +712,14 @@ function Operations() {
       {backup ? backup.enabled ? <Kv obj={backup.status} /> : <p className="muted">Replication is not configured (see the README's Backup section).</p> : null}
     </section>
     <section className="card" aria-labelledby="ws-h"><h2 id="ws-h">WebSocket channels</h2>
-      <p className="muted">{conns ? conns.connections + ' open connection(s).' : ''}</p>
+      <p className="muted">{conns ? conns.connections + ' open connection(s).' : ''} <button id="ws-refresh" onClick={reloadConns}>Refresh</button></p>
+      {conns && conns.channels.length ? <div className="scroll"><table className="grid" id="ws-channels"><thead><tr><th>channel</th><th>members</th><th>in presence</th><th><span className="sr-only">Presence</span></th></tr></thead>
+        <tbody>{conns.channels.map((c: any) => <tr key={c.channel}><td>{c.channel}</td><td>{c.members}</td><td>{c.tracked}</td>
+          <td><button data-channel={c.channel} onClick={async () => { setChannel(c.channel); setPerr(null); try { setPres(await api('GET', '/console/api/presence?channel=' + enc(c.channel))); } catch (x) { setPerr(x); } }}>Who is there</button></td></tr>)}</tbody></table></div> : conns ? <p className="muted">No open channels.</p> : null}
       <form className="row" onSubmit={async (e) => { e.preventDefault(); setPerr(null); try { setPres(await api('GET', '/console/api/presence?channel=' + enc(channel))); } catch (x) { setPerr(x); } }}>
         <label>Channel<input id="ws-channel" value={channel} onChange={(e) => setChannel(e.target.value)} placeholder="public:lobby" required /></label><button type="submit">Who is there</button></form>
       <ErrorBox error={perr} />
-      {pres ? <div className="scroll"><table className="grid"><thead><tr><th>conn</th><th>user</th><th>role</th><th>device</th><th>meta</th><th>since</th></tr></thead>
+      {pres ? <div className="scroll"><table className="grid" id="ws-presence" aria-label={`Presence in ${pres.channel}`}><thead><tr><th>conn</th><th>user</th><th>role</th><th>device</th><th>meta</th><th>since</th></tr></thead>
         <tbody>{(pres.presence || []).map((p: any) => <tr key={p.conn_id}><td>{p.conn_id}</td><td>{p.user_id || ''}</td><td>{p.role}</td><td>{p.device || ''}</td><td className="mono">{JSON.stringify(p.meta)}</td><td>{p.connected_at}</td></tr>)}</tbody></table></div> : null}
     </section>
   </div>;
