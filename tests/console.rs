@@ -343,6 +343,23 @@ async fn an_admin_works_in_the_console() {
     page.press(None, "#trace-source .var[data-var=total][data-line=\"2\"]", "Shift");
     wait_text(&page, "#trace-tip", "total = 5");
 
+    // Identity: create an API key (shown once), use it, revoke it.
+    page.click(None, "nav.sections button[data-section=identity]");
+    page.fill(None, "#key-name", "ci-bot");
+    page.fill(None, "#key-role", "user");
+    page.click(None, "#key-create");
+    wait_text(&page, "#new-key", "ik_");
+    let key = text(&page, "#new-key");
+    let (st, me) = api(&client_with_token(&key), "GET", format!("{base}/auth/me"), None).await;
+    assert_eq!((st, me["role"].clone()), (200, json!("user")), "{me}");
+    page.wait_for(None, "!!document.querySelector('button[data-revoke-key=\"ci-bot\"]')", 60);
+    page.click(None, "button[data-revoke-key=\"ci-bot\"]");
+    page.wait_for(None, "!document.querySelector('button[data-revoke-key=\"ci-bot\"]')", 60);
+    let (st, _) = api(&client_with_token(&key), "GET", format!("{base}/auth/me"), None).await;
+    assert_eq!(st, 401, "a revoked key stops working at once");
+    wait_text(&page, "#users", "bob@example.com");
+    labelled(&page);
+
     // Activity shows that invocation (the log flushes every second: refresh until it is there).
     page.click(None, "nav.sections button[data-section=activity]");
     page.click(None, "button[data-list=lua]");

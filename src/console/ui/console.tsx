@@ -555,11 +555,11 @@ function Identity({ me, reloadUsers, users }: any) {
     </section>
     <section className="card" aria-labelledby="keys-h"><h2 id="keys-h">API keys</h2><ErrorBox error={kerr} />
       {newKey ? <p role="status">New key (shown once): <code id="new-key">{newKey}</code></p> : null}
-      <div className="scroll"><table className="grid"><thead><tr><th>name</th><th>role</th><th>user</th><th>created</th><th>state</th></tr></thead>
+      <div className="scroll"><table className="grid" id="keys"><thead><tr><th>name</th><th>role</th><th>user</th><th>created</th><th>state</th></tr></thead>
         <tbody>{(keys || []).map((k: any) => <tr key={k.id}><td>{k.name}</td><td>{k.role}</td><td className="mono">{k.user_id || ''}</td><td>{k.created_at}</td>
-          <td>{k.revoked ? 'revoked' : <button className="danger" onClick={act(() => api('DELETE', '/admin/keys/' + enc(k.id)), reloadKeys)}>Revoke</button>}</td></tr>)}</tbody></table></div>
+          <td>{k.revoked ? 'revoked' : <button className="danger" data-revoke-key={k.name} onClick={act(() => api('DELETE', '/admin/keys/' + enc(k.id)), reloadKeys)}>Revoke</button>}</td></tr>)}</tbody></table></div>
       <form className="row" onSubmit={act(async () => { const r = await api('POST', '/admin/keys', { name: f.keyName, role: f.keyRole }); setNewKey(r.key); }, reloadKeys)}>
-        <label>Name<input required value={f.keyName} onChange={set('keyName')} /></label><label>Role<input required value={f.keyRole} onChange={set('keyRole')} /></label><button type="submit">Create key</button></form>
+        <label>Name<input id="key-name" required value={f.keyName} onChange={set('keyName')} /></label><label>Role<input id="key-role" required value={f.keyRole} onChange={set('keyRole')} /></label><button type="submit" id="key-create">Create key</button></form>
     </section>
     <section className="card" aria-labelledby="sessions-h"><h2 id="sessions-h">Sessions</h2><ErrorBox error={serr} />
       <div className="scroll"><table className="grid"><thead><tr><th>email</th><th>device</th><th>created</th><th>last used</th><th>expires</th><th>state</th></tr></thead>
