@@ -27,6 +27,7 @@ pub mod auth;
 pub mod branch;
 pub mod canvas;
 pub mod chat;
+pub mod console;
 pub mod bundle;
 pub mod config;
 pub mod conns;

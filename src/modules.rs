@@ -69,6 +69,7 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::apis::analytics::AnalyticsModule,
         &crate::apis::BackupModule,
         &crate::canvas::CanvasModule,
+        &crate::console::ConsoleModule,
         &crate::notify::NotifyModule,
         &crate::search::SearchModule,
         &crate::ai::AiModule,

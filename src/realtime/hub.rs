@@ -301,6 +301,18 @@ impl Hub {
             .unwrap_or_default()
     }
 
+    /// Every open channel with its member and presence-tracked counts, by name (at most
+    /// `limit`): what the console shows. A snapshot under the state lock, O(channels).
+    pub fn channels(&self, limit: usize) -> Vec<Json> {
+        let st = self.state.lock().unwrap();
+        let mut v: Vec<(&String, &Channel)> = st.channels.iter().collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v.into_iter()
+            .take(limit)
+            .map(|(name, c)| serde_json::json!({"channel": name, "members": c.members.len(), "tracked": c.tracked.len()}))
+            .collect()
+    }
+
     /// Who is in `channel` (the caller must be allowed to join it).
     pub fn presence(&self, ctx: &RequestContext, channel: &str) -> Result<Vec<Json>> {
         may_join(ctx, channel)?;

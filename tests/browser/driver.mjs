@@ -77,6 +77,10 @@ async function run(m) {
       }
     }
     case 'click': { const f = await frameFor(p, m.frame); await f.click(m.selector, { timeout: m.timeout || 30000 }); return null; }
+    case 'hover': { const f = await frameFor(p, m.frame); await f.hover(m.selector, { timeout: m.timeout || 30000 }); return null; }
+    case 'press': { const f = await frameFor(p, m.frame); await f.press(m.selector, m.key, { timeout: m.timeout || 30000 }); return null; }
+    case 'select': { const f = await frameFor(p, m.frame); await f.selectOption(m.selector, m.value, { timeout: m.timeout || 30000 }); return null; }
+    case 'viewport': await p.page.setViewportSize({ width: m.width, height: m.height }); return null;
     case 'fill': { const f = await frameFor(p, m.frame); await f.fill(m.selector, m.value, { timeout: m.timeout || 30000 }); return null; }
     case 'requests': return p.requests;
     case 'console': return p.console;

@@ -9,7 +9,7 @@
 //!   panics);
 //! - [`Browser::page`] → a [`Page`] in its own browser context (fresh cookies and storage);
 //! - [`Page::goto`], [`Page::eval`], [`Page::wait_for`] (poll a JS expression until truthy),
-//!   [`Page::click`], [`Page::fill`] — each optionally inside the iframe a CSS selector names
+//!   [`Page::click`], [`Page::fill`], [`Page::hover`], [`Page::press`], [`Page::select`], [`Page::viewport`] — each optionally inside the iframe a CSS selector names
 //!   (`Some("section[data-ui=x] iframe")`); [`Page::requests`] (every request the page and its
 //!   frames made: url, method, frame, headers), [`Page::console`].
 //!
@@ -187,6 +187,31 @@ impl Page<'_> {
     pub fn click(&self, frame: Option<&str>, selector: &str) {
         self.cmd(json!({"cmd": "click", "selector": selector, "frame": frame}))
             .unwrap_or_else(|e| panic!("click {selector}: {e}"));
+    }
+
+    /// Move the mouse over the element (a real hover: `mouseover`/`mouseenter`, `:hover`).
+    pub fn hover(&self, frame: Option<&str>, selector: &str) {
+        self.cmd(json!({"cmd": "hover", "selector": selector, "frame": frame}))
+            .unwrap_or_else(|e| panic!("hover {selector}: {e}"));
+    }
+
+    /// Focus the element and press `key` (Playwright key names: `Enter`, `Tab`, `ArrowRight`,
+    /// `Control+Enter`).
+    pub fn press(&self, frame: Option<&str>, selector: &str, key: &str) {
+        self.cmd(json!({"cmd": "press", "selector": selector, "key": key, "frame": frame}))
+            .unwrap_or_else(|e| panic!("press {key} on {selector}: {e}"));
+    }
+
+    /// Choose the option whose value (or label) is `value` in a `<select>`.
+    pub fn select(&self, frame: Option<&str>, selector: &str, value: &str) {
+        self.cmd(json!({"cmd": "select", "selector": selector, "value": value, "frame": frame}))
+            .unwrap_or_else(|e| panic!("select {value} in {selector}: {e}"));
+    }
+
+    /// Resize the page's viewport (CSS pixels).
+    pub fn viewport(&self, width: u32, height: u32) {
+        self.cmd(json!({"cmd": "viewport", "width": width, "height": height}))
+            .unwrap_or_else(|e| panic!("viewport {width}x{height}: {e}"));
     }
 
     pub fn fill(&self, frame: Option<&str>, selector: &str, value: &str) {
