@@ -114,6 +114,12 @@ error_codes! {
     VaultDenied = 1064, "VAULT_DENIED", 403, "vault secret missing, not for this function or host, or expired";
     /// The OAuth2 provider refused (e.g. a revoked refresh token).
     OauthFailed = 1065, "OAUTH_FAILED", 502, "the OAuth2 provider refused (revoked or expired grant: authorize again)";
+    /// A passkey ceremony's challenge is unknown, expired, already answered, or of the other kind.
+    PasskeyChallengeInvalid = 1130, "PASSKEY_CHALLENGE_INVALID", 400, "a passkey challenge unknown, expired or already used: start again";
+    /// A passkey answer failed verification (origin, RP id, signature, user verification, counter).
+    PasskeyRejected = 1131, "PASSKEY_REJECTED", 401, "a passkey answer failed verification (origin, RP id, signature, user verification)";
+    /// The passkey is not registered here, or not for the account its user handle names.
+    PasskeyUnknown = 1132, "PASSKEY_UNKNOWN", 401, "a passkey not registered here (or not for the account it names)";
     Internal = 1000, "INTERNAL_ERROR", 500, "bugs";
 }
 
