@@ -236,6 +236,17 @@ async fn https_with_a_given_certificate() {
     let cookies: Vec<String> = r.headers().get_all("set-cookie").iter().map(|v| v.to_str().unwrap().to_string()).collect();
     assert_eq!(cookies.len(), 2, "{cookies:?}");
     assert!(cookies.iter().all(|c| c.contains("; Secure")), "{cookies:?}");
+    let tokens: Value = r.json().await.unwrap();
+    // A WebSocket over TLS (wss://, what a phone's page opens).
+    let mut ws = wss(&pem, &port, tokens["access_token"].as_str().unwrap()).await;
+    let hello = loop {
+        match ws.next().await.expect("a frame").expect("a frame") {
+            Message::Text(t) => break serde_json::from_str::<Value>(&t).unwrap(),
+            _ => continue,
+        }
+    };
+    assert_eq!(hello["type"], json!("hello"), "{hello}");
+    assert_eq!(hello["user_id"], tokens["user"]["id"]);
     // The sign-in page is served (a phone opens it).
     let page = trusting.get(format!("https://localhost:{port}/auth/passkey")).send().await.unwrap();
     assert_eq!(page.status(), 200);
@@ -251,6 +262,31 @@ async fn https_with_a_given_certificate() {
     }
     let r = trusting.get(format!("https://localhost:{port}/ping")).send().await.unwrap();
     assert_eq!(r.status(), 200);
+}
+
+/// A WebSocket to `wss://localhost:<port>/ws` trusting only `pem` (rustls with ring).
+async fn wss(
+    pem: &str,
+    port: &str,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}")).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(format!("wss://localhost:{port}/ws?access_token={token}"), tls)
+        .await
+        .unwrap();
+    ws
 }
 
 #[test]

@@ -219,6 +219,16 @@ async fn passkeys_devices_and_revocation_in_chromium() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["user"]["id"], json!(bob_id));
 
+    // A disabled user's passkey does not sign in; enabled again, it does.
+    let r = json_request(&client(), reqwest::Method::PATCH, format!("{base}/admin/users/{bob_id}"), Some(json!({"disabled": true}))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = finish(&base, &assertion(&bobp)).await;
+    assert_eq!((r.status, err_name(&r)), (401, "AUTHENTICATION_FAILED".into()), "{}", r.body);
+    let r = json_request(&client(), reqwest::Method::PATCH, format!("{base}/admin/users/{bob_id}"), Some(json!({"disabled": false}))).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = finish(&base, &assertion(&bobp)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
     // Registration challenges: not for signing in, and not for another user.
     let ann = client_with_token(r_token(&base, "ann@example.com").await.as_str());
     let bob = client_with_token(r_token(&base, "bob@example.com").await.as_str());

@@ -704,4 +704,18 @@ mod tests {
         assert_eq!(pk.take(&a).err().unwrap().code, ErrorCode::PasskeyChallengeInvalid);
         assert_eq!(pk.take("nope").err().unwrap().code, ErrorCode::PasskeyChallengeInvalid);
     }
+
+    #[test]
+    fn challenges_expire() {
+        let mut s = PasskeySettings::default();
+        s.challenge_ttl_secs = 0.05;
+        let pk = Passkeys::new(s).unwrap();
+        let state = pk.webauthn.start_discoverable_authentication().unwrap().1;
+        let id = pk.hold(None, Ceremony::Signin(state)).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let e = pk.take(&id).err().unwrap();
+        assert_eq!(e.code, ErrorCode::PasskeyChallengeInvalid);
+        assert!(e.message.contains("expired"), "{}", e.message);
+        assert_eq!(pk.pending(), 0);
+    }
 }
