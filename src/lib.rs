@@ -38,6 +38,7 @@ pub mod llm;
 pub mod lua;
 pub mod modules;
 pub mod notify;
+pub mod open;
 pub mod posterity;
 pub mod realtime;
 pub mod replication;

@@ -25,6 +25,20 @@ enum Command {
         #[arg(long)]
         restore_if_missing: bool,
     },
+    /// Run ichibase as a personal app: the server on this machine with its data in your data
+    /// directory (~/.local/share/ichibase, ~/Library/Application Support/ichibase,
+    /// %APPDATA%\ichibase; or --data-dir), signed in as the owner in your browser's canvas.
+    /// Settings come from flags, ICHIBASE_* variables and <data dir>/ichibase.toml.
+    Open {
+        #[command(flatten)]
+        settings: Settings,
+        /// The owner account (an admin, created on the first run)
+        #[arg(long, default_value = ichibase::open::DEFAULT_OWNER, value_name = "EMAIL")]
+        owner: String,
+        /// Print the sign-in link instead of starting a browser
+        #[arg(long)]
+        no_browser: bool,
+    },
     /// Rebuild a database from its replica (replicate_* settings name the replica).
     Restore {
         #[command(flatten)]
@@ -165,6 +179,14 @@ enum AdminCommand {
         #[arg(long, env = "ICHIBASE_DATA_DIR", default_value = "./ichibase-data")]
         data_dir: PathBuf,
     },
+}
+
+/// Whether a start failed because the listen address is taken.
+fn is_addr_in_use(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+    })
 }
 
 fn init_logging(filter: &str, format: LogFormat) {
@@ -694,6 +716,59 @@ fn main() -> anyhow::Result<()> {
                     }
                 }
                 ichibase::server::run(cfg).await
+            })
+        }
+        Command::Open {
+            mut settings,
+            owner,
+            no_browser,
+        } => {
+            if settings.data_dir.is_none() {
+                settings.data_dir = Some(ichibase::open::default_data_dir()?);
+            }
+            // A personal app's terminal shows warnings, not the request log.
+            if settings.log_level.is_none() {
+                settings.log_level = Some("warn".into());
+            }
+            let data_dir = settings.data_dir.clone().unwrap_or_default();
+            let file = cli.config.clone().or_else(|| {
+                let f = data_dir.join("ichibase.toml");
+                f.exists().then_some(f)
+            });
+            let mut cfg = config::load(settings, file.as_deref())?;
+            init_logging(&cfg.log_level, cfg.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_stack_size(8 * 1024 * 1024)
+                .build()?;
+            rt.block_on(async move {
+                let running = match ichibase::server::start(cfg.clone()).await {
+                    Ok(r) => r,
+                    // The port is taken (another program, or another ichibase): any free port.
+                    Err(e) if is_addr_in_use(&e) => {
+                        eprintln!("ichibase: {} is in use; taking a free port instead", cfg.listen);
+                        cfg.listen.set_port(0);
+                        ichibase::server::start(cfg.clone()).await?
+                    }
+                    Err(e) => return Err(e),
+                };
+                if ichibase::open::ensure_owner(&running.app, &owner).await? {
+                    println!("ichibase: created the owner account {owner} (admin)");
+                }
+                let link = ichibase::open::mint_link(&running.app, &owner).await?;
+                let url = format!("http://{}{link}", running.addr);
+                println!("ichibase open: data in {}", cfg.data_dir.display());
+                println!("ichibase listening on http://{}", running.addr);
+                println!(
+                    "ichibase open: sign-in link (one use, {} minutes): {url}",
+                    ichibase::open::LINK_TTL_SECS / 60
+                );
+                if !no_browser {
+                    if let Err(e) = ichibase::open::open_browser(&url) {
+                        eprintln!("ichibase: {e}");
+                    }
+                }
+                ichibase::server::serve_until_signal(running).await
             })
         }
         Command::Restore {

@@ -78,6 +78,7 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::egress::EgressModule,
         &crate::vault::VaultModule,
         &crate::files::FilesModule,
+        &crate::open::OpenModule,
     ]
 }
 

@@ -18,6 +18,8 @@ use crate::storage::{Storage, StorageOptions};
 /// A server running in this process (used by `serve`, tests and benchmarks).
 pub struct Running {
     pub addr: SocketAddr,
+    /// The application handle (services, storage, auth) of this server.
+    pub app: crate::app::App,
     pub storage: Storage,
     /// The WAL replicator when replication is configured.
     pub replication: Option<crate::replication::Replicator>,
@@ -59,7 +61,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let tls = crate::auth::tls::from_settings(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        .map_err(|e| {
+            let msg = format!("cannot listen on {}: {e}", config.listen);
+            anyhow::Error::new(e).context(msg)
+        })?;
     let addr = listener.local_addr()?;
     let conn_limits = connection_limits(&http)?;
     // One server per data directory: the lock is taken before SQLite, DuckDB or replication
@@ -137,6 +142,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     // The one-time admin key is created last, when everything else started: a key that is
     // shown is committed and served.
     let first_key = state.auth().first_start_admin_key().await?;
+    let handle = state.clone();
     let app = apis::router(state);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
@@ -193,6 +199,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     }
     Ok(Running {
         addr,
+        app: handle,
         storage,
         replication,
         stop: Some(stop_tx),
@@ -340,6 +347,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(addr = %running.addr, data_dir = %data_dir.display(), "listening");
     let scheme = if tls_on { "https" } else { "http" };
     println!("ichibase listening on {scheme}://{}", running.addr);
+    serve_until_signal(running).await
+}
+
+/// Serve a started server until SIGINT or SIGTERM, then shut it down (`run`, `ichibase open`).
+pub async fn serve_until_signal(running: Running) -> anyhow::Result<()> {
     // SIGTERM (docker stop, systemd) is graceful: requests in flight finish within the grace
     // period. Ctrl-C is someone at a terminal: reads stop at once (as if their clients went
     // away), writes finish or roll back. Either way a second signal ends the process at once.

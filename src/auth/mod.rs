@@ -758,6 +758,26 @@ impl Auth {
         self.start_session_on(user, dev).await
     }
 
+    /// Start a session for a user who proved who they are by other means than a password
+    /// (the one-time link `ichibase open` prints): the same session and tokens `signin` gives.
+    pub async fn signin_verified(&self, email: &str, device: Option<String>) -> Result<Tokens> {
+        let found = blocking(|| self.storage_lookup_user(email))?;
+        let Some((id, _, role, email, disabled, created_at)) = found else {
+            return Err(auth_failed("No such user"));
+        };
+        if disabled {
+            return Err(auth_failed("User is disabled"));
+        }
+        let user = UserInfo {
+            id,
+            email,
+            role,
+            created_at,
+            disabled,
+        };
+        self.start_session(user, device).await
+    }
+
     /// Start a session for `user` (already authenticated by the caller) named `device`; a new
     /// device. [`Auth::start_session_on`] joins a known device and records its user agent and
     /// address.
