@@ -63,6 +63,8 @@ pub struct Config {
     pub shutdown_grace_secs: f64,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Where the inbound-email SMTP listener binds (`--smtp-listen`); `None`: `[email_in] listen`.
+    pub smtp_listen: Option<SocketAddr>,
     pub auth: AuthSettings,
     pub lua: LuaSettings,
     pub ws: WsSettings,
@@ -436,6 +438,8 @@ settings! {
         log_format: LogFormat ["ICHIBASE_LOG_FORMAT", value_enum] => log_format = LogFormat::Text;
         /// Log filter, e.g. `info` or `ichibase=debug`
         log_level: String ["ICHIBASE_LOG", value_name = "FILTER"] => log_level = "info".into();
+        /// Address the SMTP listener for inbound email binds, e.g. 0.0.0.0:25 (also `[email_in] listen`)
+        smtp_listen: SocketAddr ["ICHIBASE_SMTP_LISTEN", value_name = "ADDR:PORT"] => smtp_listen, shown "off";
     }
     auth: AuthSettings {
         /// Let anyone sign up with POST /auth/signup

@@ -32,6 +32,7 @@ pub mod conns;
 pub mod core;
 pub mod flow;
 pub mod egress;
+pub mod email_in;
 pub mod files;
 pub mod generate;
 pub mod llm;

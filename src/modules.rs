@@ -79,6 +79,7 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::vault::VaultModule,
         &crate::files::FilesModule,
         &crate::open::OpenModule,
+        &crate::email_in::EmailInModule,
     ]
 }
 

@@ -114,6 +114,8 @@ error_codes! {
     VaultDenied = 1064, "VAULT_DENIED", 403, "vault secret missing, not for this function or host, or expired";
     /// The OAuth2 provider refused (e.g. a revoked refresh token).
     OauthFailed = 1065, "OAUTH_FAILED", 502, "the OAuth2 provider refused (revoked or expired grant: authorize again)";
+    /// Retrying an inbound message that is not failed, or releasing one not quarantined.
+    EmailInConflict = 1100, "EMAIL_IN_CONFLICT", 409, "retry of an inbound email that is not `failed`, release of one not `quarantined`";
     /// A passkey ceremony's challenge is unknown, expired, already answered, or of the other kind.
     PasskeyChallengeInvalid = 1130, "PASSKEY_CHALLENGE_INVALID", 400, "a passkey challenge unknown, expired or already used: start again";
     /// A passkey answer failed verification (origin, RP id, signature, user verification, counter).

@@ -511,8 +511,12 @@ pub fn compile_check(name: &str, source: &str) -> Result<(), (Error, Option<i64>
     }
 }
 
+/// Globals a deployed function may define instead of returning a function: `handler`, and the
+/// entry points modules call with their events (`on_email`: inbound email, src/email_in).
+pub const ENTRY_GLOBALS: &[&str] = &["handler", "on_email"];
+
 /// What a function's deploy checks: the syntax ([`compile_check`]) and that the chunk returns
-/// a function or defines a global `handler`. The top level runs in a bare sandbox (no
+/// a function or defines one of the [`ENTRY_GLOBALS`]. The top level runs in a bare sandbox (no
 /// components, so no `db` and no side effects) under small limits; a top level that fails there
 /// (e.g. it calls a component) is not judged: its call reports it.
 pub fn deploy_check(name: &str, source: &str) -> Result<(), (Error, Option<i64>)> {
@@ -534,7 +538,9 @@ pub fn deploy_check(name: &str, source: &str) -> Result<(), (Error, Option<i64>)
         .call::<Value>(());
     let Ok(returned) = returned else { return Ok(()) };
     if matches!(returned, Value::Function(_))
-        || matches!(lua.globals().raw_get::<Value>("handler"), Ok(Value::Function(_)))
+        || ENTRY_GLOBALS
+            .iter()
+            .any(|g| matches!(lua.globals().raw_get::<Value>(*g), Ok(Value::Function(_))))
     {
         return Ok(());
     }
