@@ -50,6 +50,9 @@ pub struct Config {
     pub busy_timeout_ms: u64,
     /// Size of the read-only connection pool.
     pub readers: usize,
+    /// HTTPS: the PEM certificate chain and private key (both or neither; `auth::tls`).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub limits: Limits,
     /// Output buffered before the response starts: answers that fit get an exact status code
     /// and summary header; larger ones stream.
@@ -405,6 +408,10 @@ settings! {
         /// Number of pooled read-only connections
         readers: usize ["ICHIBASE_READERS"] => readers = default_readers(), shown "2 x cores, at least 4",
             valid positive("readers must be at least 1");
+        /// Serve HTTPS with this PEM certificate chain (leaf first; with --tls-key)
+        tls_cert: PathBuf ["ICHIBASE_TLS_CERT", value_name = "FILE"] => tls_cert;
+        /// The PEM private key of --tls-cert
+        tls_key: PathBuf ["ICHIBASE_TLS_KEY", value_name = "FILE"] => tls_key;
     }
     limits: Limits {
         /// Largest request body in bytes

@@ -16,7 +16,9 @@
 //!   or of the first byte after an idle period (slowloris, sockets that never send);
 //! - a keep-alive connection with no request in flight is closed after `idle_timeout`;
 //! - the listener has a deep accept queue and, on Linux, TCP_DEFER_ACCEPT;
-//! - graceful shutdown: stop accepting, close idle connections, let requests in flight finish.
+//! - graceful shutdown: stop accepting, close idle connections, let requests in flight finish;
+//! - HTTPS ([`serve_tls`], `--tls-cert`/`--tls-key`): the TLS handshake runs in the
+//!   connection's task and must finish within `header_read_timeout`.
 //!
 //! A connection with a request in flight is never closed by these limits: slow readers of a
 //! streamed answer are `sql::spool`'s concern. Over HTTP/2 any frame (a PING too) after an idle
@@ -129,6 +131,20 @@ pub async fn serve<F>(
 where
     F: std::future::Future<Output = ()> + Send + 'static,
 {
+    serve_tls(listener, app, limits, None, shutdown).await
+}
+
+/// [`serve`], over TLS when `tls` is given (HTTPS: see `auth::tls`).
+pub async fn serve_tls<F>(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: F,
+) -> std::io::Result<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
     let front = Arc::new(Front {
         limits,
         slots: Arc::new(Semaphore::new(0)),
@@ -180,7 +196,7 @@ where
                 }
             }
         };
-        front.spawn_connection(stream, peer, permit, svc.clone(), stop_rx.clone(), done_rx.clone());
+        front.spawn_connection(stream, peer, permit, svc.clone(), tls.clone(), stop_rx.clone(), done_rx.clone());
     }
     drop(listener);
     let _ = stop_tx.send(true);
@@ -259,6 +275,7 @@ impl Front {
         peer: std::net::SocketAddr,
         permit: OwnedSemaphorePermit,
         svc: TowerToHyperService<Router>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
         mut stop: watch::Receiver<bool>,
         done: watch::Receiver<()>,
     ) {
@@ -274,11 +291,33 @@ impl Front {
         tokio::spawn(async move {
             let _done = done;
             let _registered = Registered { front: &front, id };
-            let io = TokioIo::new(Tracked {
+            let tracked = Tracked {
                 inner: stream,
                 conn: Arc::clone(&conn),
                 _slot: permit,
-            });
+            };
+            let io = match tls {
+                None => Io::Plain(tracked),
+                Some(acceptor) => {
+                    // The handshake counts as reading the first request head.
+                    let hs = tokio::time::timeout(
+                        front.limits.header_read_timeout,
+                        acceptor.accept(tracked),
+                    );
+                    match hs.await {
+                        Ok(Ok(s)) => Io::Tls(Box::new(s)),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!("TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
+            let io = TokioIo::new(io);
             let service = {
                 let conn = Arc::clone(&conn);
                 hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
@@ -548,6 +587,66 @@ impl AsyncWrite for Tracked {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A connection's byte stream: the socket itself, or TLS over it.
+enum Io {
+    Plain(Tracked),
+    Tls(Box<tokio_rustls::server::TlsStream<Tracked>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
     }
 }
 

@@ -61,6 +61,8 @@ pub fn registry() -> &'static [&'static dyn Module] {
     &[
         &crate::apis::sql::SqlModule,
         &crate::apis::auth::AuthModule,
+        &crate::auth::devices::DevicesModule,
+        &crate::auth::passkeys::PasskeysModule,
         &crate::apis::admin::AdminModule,
         &crate::apis::functions::FunctionsModule,
         &crate::apis::ws::WsModule,

@@ -58,6 +58,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let ws_limits = crate::realtime::limits::WsLimits::new(config.section("ws_limits")?)?;
     let posterity_opts = crate::posterity::PosterityOptions::from_config(&config)?;
     let auth_opts = auth_options(&config)?;
+    let tls = crate::auth::tls::from_settings(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|e| {
@@ -145,7 +146,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let app = apis::router(state);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
-    let server = crate::conns::serve(listener, app, conn_limits, async move {
+    let server = crate::conns::serve_tls(listener, app, conn_limits, tls, async move {
         let _ = stop_rx.await;
         let _ = drain_tx.send(());
     });
@@ -331,7 +332,8 @@ pub fn auth_options(config: &Config) -> anyhow::Result<AuthOptions> {
         signup_open: a.signup_open,
         access_ttl: Duration::from_secs(a.access_token_ttl_secs),
         session_ttl: Duration::from_secs(a.session_ttl_secs),
-        cookie_secure: a.cookie_secure,
+        // Behind HTTPS served here the cookies are Secure too.
+        cookie_secure: a.cookie_secure || config.tls_cert.is_some(),
         admin_key: a.admin_key.clone(),
         admin_user: a.admin_email.clone().zip(a.admin_password.clone()),
         guard: config.section("auth_guard")?,
@@ -341,9 +343,11 @@ pub fn auth_options(config: &Config) -> anyhow::Result<AuthOptions> {
 /// Run until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let data_dir = config.data_dir.clone();
+    let tls_on = config.tls_cert.is_some();
     let running = start(config).await?;
     tracing::info!(addr = %running.addr, data_dir = %data_dir.display(), "listening");
-    println!("ichibase listening on http://{}", running.addr);
+    let scheme = if tls_on { "https" } else { "http" };
+    println!("ichibase listening on {scheme}://{}", running.addr);
     serve_until_signal(running).await
 }
 

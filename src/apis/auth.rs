@@ -44,26 +44,24 @@ struct Credentials {
     password: String,
     #[serde(default)]
     device: Option<String>,
+    /// A device of this user to join (see `auth::devices`); the device cookie otherwise.
+    #[serde(default)]
+    device_id: Option<String>,
 }
 
-fn device_of(c: &Credentials, headers: &HeaderMap) -> Option<String> {
-    c.device.clone().or_else(|| {
-        headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string)
-    })
-}
-
-/// Tokens as JSON plus the session cookie, or the error.
-fn session_reply(st: &App, r: crate::core::Result<crate::auth::Tokens>) -> Response {
+/// Tokens as JSON plus the session cookie and the device cookie, or the error.
+pub fn session_reply(st: &App, r: crate::core::Result<crate::auth::Tokens>) -> Response {
     let tokens = match r {
         Ok(t) => t,
         Err(e) => return error_response(&e, true, None),
     };
     let mut resp = Json(&tokens).into_response();
     if let Ok(v) = HeaderValue::from_str(&st.auth().cookie_header(&tokens.refresh_token)) {
-        resp.headers_mut().insert(header::SET_COOKIE, v);
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    let device = crate::auth::devices::device_cookie_header(&tokens.device_id, st.auth().cookie_secure());
+    if let Ok(v) = HeaderValue::from_str(&device) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
     }
     resp
 }
@@ -82,9 +80,15 @@ async fn signin(
     headers: HeaderMap,
     JsonBody(c): JsonBody<Credentials>,
 ) -> Response {
+    let dev = crate::auth::devices::SessionDevice::from_request(
+        &headers,
+        c.device.clone(),
+        c.device_id.clone(),
+        scope.client(),
+    );
     let r = st
         .auth()
-        .signin(&c.email, &c.password, device_of(&c, &headers), scope.client())
+        .signin_on(&c.email, &c.password, dev, scope.client())
         .await;
     // The audit trail of sign-ins (posterity, `kind = 'auth'`).
     let (uid, reason) = match &r {
@@ -112,8 +116,12 @@ struct RefreshBody {
     refresh_token: String,
 }
 
-async fn refresh(State(st): State<App>, JsonBody(b): JsonBody<RefreshBody>) -> Response {
-    let r = st.auth().refresh(&b.refresh_token).await;
+async fn refresh(
+    State(st): State<App>,
+    scope: RequestScope,
+    JsonBody(b): JsonBody<RefreshBody>,
+) -> Response {
+    let r = st.auth().refresh_from(&b.refresh_token, scope.client()).await;
     session_reply(&st, r)
 }
 

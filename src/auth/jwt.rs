@@ -35,6 +35,9 @@ pub struct Claims {
     pub sub: String,
     pub role: String,
     pub sid: String,
+    /// The device of the session (`auth::devices`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub did: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
     pub iat: u64,
@@ -182,6 +185,7 @@ mod tests {
             sub: "u1".into(),
             role: "user".into(),
             sid: "s1".into(),
+            did: None,
             email: None,
             iat: now(),
             exp: (now() as i64 + exp_in) as u64,

@@ -14,14 +14,17 @@
 //! Revocation takes effect at once: revoked sessions, disabled users and API keys are held in
 //! memory (loaded at start, updated by every change made through this process).
 
+pub mod devices;
 pub mod guard;
 pub mod jwt;
 pub mod lua;
 pub mod oidc;
+pub mod passkeys;
 pub mod policy;
 pub mod revocation;
 pub mod safety;
 pub mod secrets;
+pub mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -90,6 +93,8 @@ pub struct Tokens {
     pub expires_in: u64,
     pub refresh_token: String,
     pub session_id: String,
+    /// The device the session belongs to (`GET /auth/devices`).
+    pub device_id: String,
     pub user: UserInfo,
 }
 
@@ -500,6 +505,9 @@ impl Auth {
         let mut extra = Map::new();
         extra.insert("iat".into(), json!(claims.iat));
         extra.insert("exp".into(), json!(claims.exp));
+        if let Some(did) = &claims.did {
+            extra.insert("device_id".into(), json!(did));
+        }
         self.set_user(
             ctx,
             claims.sub,
@@ -631,28 +639,25 @@ impl Auth {
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )?;
         c.busy_timeout(Duration::from_secs(5))?;
-        let row: Option<(String, String, String, String, i64, bool)> = c
+        let row: Option<(String, String, String, String, i64, bool, Option<String>)> = c
             .query_row(
-                "SELECT s.user_id, s.secret_hash, u.role, u.email, s.expires_at, s.revoked_at IS NOT NULL OR u.disabled_at IS NOT NULL
+                "SELECT s.user_id, s.secret_hash, u.role, u.email, s.expires_at, s.revoked_at IS NOT NULL OR u.disabled_at IS NOT NULL, s.device_id
                  FROM _ichibase_sessions s JOIN _ichibase_users u ON u.id = s.user_id WHERE s.id = ?1",
                 [sid],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)),
             )
             .optional()?;
-        let Some((uid, hash, role, email, expires, dead)) = row else {
+        let Some((uid, hash, role, email, expires, dead, device_id)) = row else {
             return Err(auth_failed("Unknown session"));
         };
         if hash != hash_secret(secret) || dead || expires <= now() as i64 {
             return Err(auth_failed("Session expired or revoked; sign in again"));
         }
-        self.set_user(
-            ctx,
-            uid,
-            role,
-            Some(email),
-            Some(sid.to_string()),
-            Map::new(),
-        );
+        let mut extra = Map::new();
+        if let Some(did) = device_id {
+            extra.insert("device_id".into(), Json::String(did));
+        }
+        self.set_user(ctx, uid, role, Some(email), Some(sid.to_string()), extra);
         Ok(())
     }
 
@@ -688,6 +693,11 @@ impl Auth {
         )
     }
 
+    /// Whether cookies are marked Secure (`cookie_secure`, or serving HTTPS).
+    pub fn cookie_secure(&self) -> bool {
+        self.opts.cookie_secure
+    }
+
     pub fn clear_cookie_header(&self) -> String {
         format!("{COOKIE}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0")
     }
@@ -717,6 +727,17 @@ impl Auth {
         device: Option<String>,
         client: Option<IpAddr>,
     ) -> Result<Tokens> {
+        self.signin_on(email, password, devices::SessionDevice::named(device), client).await
+    }
+
+    /// [`Auth::signin`] on the device `dev` describes (see [`Auth::start_session_on`]).
+    pub async fn signin_on(
+        &self,
+        email: &str,
+        password: &str,
+        dev: devices::SessionDevice,
+        client: Option<IpAddr>,
+    ) -> Result<Tokens> {
         let ticket = self.guard.admit(email, client)?;
         let found = blocking(|| self.storage_lookup_user(email))?;
         let hash = found.as_ref().map(|f| f.1.clone());
@@ -736,7 +757,8 @@ impl Auth {
             created_at,
             disabled,
         };
-        self.start_session(user, device).await
+        let dev = devices::SessionDevice { ip: dev.ip.or(client), ..dev };
+        self.start_session_on(user, dev).await
     }
 
     /// Start a session for a user who proved who they are by other means than a password
@@ -759,29 +781,45 @@ impl Auth {
         self.start_session(user, device).await
     }
 
-    async fn start_session(&self, user: UserInfo, device: Option<String>) -> Result<Tokens> {
+    /// Start a session for `user` (already authenticated by the caller) named `device`; a new
+    /// device. [`Auth::start_session_on`] joins a known device and records its user agent and
+    /// address.
+    pub async fn start_session(&self, user: UserInfo, device: Option<String>) -> Result<Tokens> {
+        self.start_session_on(user, devices::SessionDevice::named(device)).await
+    }
+
+    /// Start a session for `user` (already authenticated by the caller) on the device `dev`
+    /// describes (the device it names when that is a live device of `user`, else a new one).
+    pub async fn start_session_on(&self, user: UserInfo, dev: devices::SessionDevice) -> Result<Tokens> {
         let sid = uuid::Uuid::new_v4().to_string();
         let secret = random_token(32);
         let expires = now() as i64 + self.opts.session_ttl.as_secs() as i64;
         let (sid2, uid, hash) = (sid.clone(), user.id.clone(), hash_secret(&secret));
-        let device = device.map(|d| d.chars().take(200).collect::<String>());
-        self.sys_write(move |c| {
-            c.execute(
-                "INSERT INTO _ichibase_sessions (id, user_id, secret_hash, device, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![sid2, uid, hash, device, expires],
-            )?;
-            Ok(())
-        })
-        .await?;
-        self.issue(user, sid, secret)
+        let label = dev
+            .name
+            .clone()
+            .or_else(|| dev.user_agent.clone())
+            .map(|d| d.chars().take(200).collect::<String>());
+        let device_id = self
+            .sys_write(move |c| {
+                let device_id = devices::attach(c, &uid, &dev)?;
+                c.execute(
+                    "INSERT INTO _ichibase_sessions (id, user_id, secret_hash, device, expires_at, device_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![sid2, uid, hash, label, expires, device_id],
+                )?;
+                Ok(device_id)
+            })
+            .await?;
+        self.issue(user, sid, secret, device_id)
     }
 
-    fn issue(&self, user: UserInfo, sid: String, secret: String) -> Result<Tokens> {
+    fn issue(&self, user: UserInfo, sid: String, secret: String, device_id: String) -> Result<Tokens> {
         let iat = now();
         let claims = Claims {
             sub: user.id.clone(),
             role: user.role.clone(),
             sid: sid.clone(),
+            did: Some(device_id.clone()),
             email: Some(user.email.clone()),
             iat,
             exp: iat + self.opts.access_ttl.as_secs(),
@@ -794,6 +832,7 @@ impl Auth {
             expires_in: self.opts.access_ttl.as_secs(),
             refresh_token: format!("ir_{sid}.{secret}"),
             session_id: sid,
+            device_id,
             user,
         })
     }
@@ -801,6 +840,11 @@ impl Auth {
     /// Exchange a refresh token for a new access token; the refresh token rotates (the old one
     /// stops working).
     pub async fn refresh(&self, refresh_token: &str) -> Result<Tokens> {
+        self.refresh_from(refresh_token, None).await
+    }
+
+    /// [`Auth::refresh`] from `client` (noted as the device's last address).
+    pub async fn refresh_from(&self, refresh_token: &str, client: Option<IpAddr>) -> Result<Tokens> {
         let (sid, secret) =
             parse_refresh(refresh_token).ok_or_else(|| auth_failed("Malformed refresh token"))?;
         let (sid, old_hash) = (sid.to_string(), hash_secret(secret));
@@ -811,15 +855,15 @@ impl Auth {
         let sid2 = sid.clone();
         let outcome = self
             .sys_write(move |c| {
-                let row: Option<(String, String, String, String)> = c
+                let row: Option<(String, String, String, String, Option<String>)> = c
                     .query_row(
-                        "SELECT u.id, u.email, u.role, u.created_at FROM _ichibase_sessions s JOIN _ichibase_users u ON u.id = s.user_id
+                        "SELECT u.id, u.email, u.role, u.created_at, s.device_id FROM _ichibase_sessions s JOIN _ichibase_users u ON u.id = s.user_id
                          WHERE s.id = ?1 AND s.secret_hash = ?2 AND s.revoked_at IS NULL AND s.expires_at > ?3 AND u.disabled_at IS NULL",
                         params![sid2, old_hash, t],
-                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
                     )
                     .optional()?;
-                let Some((id, email, role, created_at)) = row else {
+                let Some((id, email, role, created_at, device_id)) = row else {
                     // A token this session already rotated away from: it was copied, and
                     // either copy may be the thief's. End the session for both.
                     let reused: bool = c.query_row(
@@ -845,11 +889,12 @@ impl Auth {
                     params![old_hash, sid2, t],
                 )?;
                 c.execute("DELETE FROM _ichibase_refresh_spent WHERE spent_at < ?1", [t - spent_ttl])?;
-                Ok(Ok(UserInfo { id, email, role, created_at, disabled: false }))
+                devices::touch(c, &sid2, client)?;
+                Ok(Ok((UserInfo { id, email, role, created_at, disabled: false }, device_id.unwrap_or_default())))
             })
             .await?;
         match outcome {
-            Ok(user) => self.issue(user, sid, new_secret),
+            Ok((user, device_id)) => self.issue(user, sid, new_secret, device_id),
             Err(true) => {
                 self.cache.write().unwrap().revoked_sessions.insert(sid.clone());
                 // Sockets on that session close at once.

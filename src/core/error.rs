@@ -129,6 +129,12 @@ error_codes! {
     OidcNotLinked = 1142, "OIDC_NOT_LINKED", 403, "an OpenID Connect identity that may not be linked: its email is not verified by the provider, or `[oidc] create_accounts` is off";
     AuthTokenInvalid = 1143, "AUTH_TOKEN_INVALID", 400, "a verification, reset, invitation or sign-in link that is invalid, expired or used already";
     AuthRequirementFailed = 1144, "AUTH_REQUIREMENT_FAILED", 403, "`auth.require` in a function: the caller lacks the role or claim";
+    /// A passkey ceremony's challenge is unknown, expired, already answered, or of the other kind.
+    PasskeyChallengeInvalid = 1130, "PASSKEY_CHALLENGE_INVALID", 400, "a passkey challenge unknown, expired or already used: start again";
+    /// A passkey answer failed verification (origin, RP id, signature, user verification, counter).
+    PasskeyRejected = 1131, "PASSKEY_REJECTED", 401, "a passkey answer failed verification (origin, RP id, signature, user verification)";
+    /// The passkey is not registered here, or not for the account its user handle names.
+    PasskeyUnknown = 1132, "PASSKEY_UNKNOWN", 401, "a passkey not registered here (or not for the account it names)";
     Internal = 1000, "INTERNAL_ERROR", 500, "bugs";
 }
 

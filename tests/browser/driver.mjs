@@ -3,8 +3,11 @@
 // over stdin/stdout, one JSON object per line: {"id", "cmd", ...} → {"id", "ok", "value"} or
 // {"id", "ok": false, "error"}. See tests/common/browser.rs for the Rust side.
 //
-// The browser's network is limited to 127.0.0.1: every other host goes to a dead proxy and no
-// name resolves. Each page records every request it (and its frames) made.
+// The browser's network is limited to loopback: 127.0.0.1, and `localhost` / `*.localhost`
+// (mapped to 127.0.0.1: WebAuthn needs a domain as relying-party id); every other host goes to
+// a dead proxy and no other name resolves. Each page records every request it (and its frames)
+// made. `cdp` sends a Chrome DevTools Protocol command to a page (e.g. `WebAuthn.enable` and
+// `WebAuthn.addVirtualAuthenticator` for passkey tests).
 import { chromium } from 'playwright-core';
 import { createInterface } from 'node:readline';
 
@@ -16,8 +19,8 @@ const browser = await chromium.launch({
     '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
     '--disable-background-networking', '--disable-component-update', '--disable-sync',
     '--disable-dev-shm-usage',
-    '--proxy-server=http://127.0.0.1:9', '--proxy-bypass-list=<-loopback>;127.0.0.1',
-    '--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1',
+    '--proxy-server=http://127.0.0.1:9', '--proxy-bypass-list=<-loopback>;127.0.0.1;localhost;*.localhost',
+    '--host-resolver-rules=MAP localhost 127.0.0.1, MAP *.localhost 127.0.0.1, MAP * ~NOTFOUND , EXCLUDE 127.0.0.1',
   ],
 });
 const pages = new Map();
@@ -82,6 +85,10 @@ async function run(m) {
     case 'select': { const f = await frameFor(p, m.frame); await f.selectOption(m.selector, m.value, { timeout: m.timeout || 30000 }); return null; }
     case 'viewport': await p.page.setViewportSize({ width: m.width, height: m.height }); return null;
     case 'fill': { const f = await frameFor(p, m.frame); await f.fill(m.selector, m.value, { timeout: m.timeout || 30000 }); return null; }
+    case 'cdp': {
+      if (!p.cdp) p.cdp = await p.context.newCDPSession(p.page);
+      return await p.cdp.send(m.method, m.params || {});
+    }
     case 'requests': return p.requests;
     case 'console': return p.console;
     case 'closePage': await p.context.close(); pages.delete(m.page); return null;

@@ -13,7 +13,10 @@
 //!   (`Some("section[data-ui=x] iframe")`); [`Page::requests`] (every request the page and its
 //!   frames made: url, method, frame, headers), [`Page::console`].
 //!
-//! The browser's network is limited to 127.0.0.1 (a dead proxy for every other host, no DNS).
+//! [`Page::cdp`] sends a Chrome DevTools Protocol command (virtual WebAuthn authenticators).
+//!
+//! The browser's network is limited to loopback: 127.0.0.1, and `localhost` and `*.localhost`
+//! mapped to it (a dead proxy for every other host, no DNS).
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -217,6 +220,12 @@ impl Page<'_> {
     pub fn fill(&self, frame: Option<&str>, selector: &str, value: &str) {
         self.cmd(json!({"cmd": "fill", "selector": selector, "value": value, "frame": frame}))
             .unwrap_or_else(|e| panic!("fill {selector}: {e}"));
+    }
+
+    /// Send a Chrome DevTools Protocol command to the page (e.g. `WebAuthn.enable`); its result.
+    pub fn cdp(&self, method: &str, params: Value) -> Value {
+        self.cmd(json!({"cmd": "cdp", "method": method, "params": params}))
+            .unwrap_or_else(|e| panic!("cdp {method}: {e}"))
     }
 
     /// Every request the page and its frames made so far.
