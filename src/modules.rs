@@ -76,6 +76,7 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::egress::EgressModule,
         &crate::vault::VaultModule,
         &crate::files::FilesModule,
+        &crate::crdt::CrdtModule,
     ]
 }
 
