@@ -14,15 +14,25 @@ use serde_json::{Value, json};
 
 const SCHEMA: &str = "CREATE TABLE notes (id TEXT PRIMARY KEY, owner TEXT, body TEXT, n INTEGER NOT NULL DEFAULT 0)";
 
-fn sync_process(dir: &std::path::Path, peer: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_ichibase"))
+/// The `ichibase sync` child, killed when dropped (also when the test fails).
+struct SyncProc(Child);
+
+impl Drop for SyncProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sync_process(dir: &std::path::Path, peer: &str) -> SyncProc {
+    SyncProc(Command::new(env!("CARGO_BIN_EXE_ichibase"))
         .args(["sync", "--peer", peer, "--key", ADMIN_KEY, "--interval-ms", "100", "--data-dir"])
         .arg(dir)
         .env("ICHIBASE_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("spawn ichibase sync")
+        .expect("spawn ichibase sync"))
 }
 
 fn kill9(pid: u32) {
@@ -49,7 +59,9 @@ async fn exec(base: &std::sync::Mutex<String>, sql: &str) {
 }
 
 async fn dump(base: &str) -> String {
-    ok(&client(), base, "SELECT id, owner, body, n FROM notes ORDER BY id FORMAT JSONCompact").await
+    let body = ok(&client(), base, "SELECT id, owner, body, n FROM notes ORDER BY id FORMAT JSONCompact").await;
+    let j: Value = serde_json::from_str(&body).unwrap();
+    j["data"].to_string()
 }
 
 async fn all_changes(c: &reqwest::Client, base: &str) -> Vec<Value> {
@@ -77,7 +89,7 @@ async fn all_changes(c: &reqwest::Client, base: &str) -> Vec<Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_servers_converge_through_kill9_and_devices_see_only_their_rows() {
     let a_dir = tempfile::tempdir().unwrap();
-    let mut a = Server::start_in(a_dir.path(), &[], &[]);
+    let mut a = Server::start_in(a_dir.path(), &["--signup-open", "true"], &[]);
     let b = Server::start(&[]);
     let admin = client();
     for s in [&a.url, &b.url] {
@@ -149,10 +161,10 @@ async fn two_servers_converge_through_kill9_and_devices_see_only_their_rows() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     kill9(a.pid());
     let _ = a.child.wait();
-    kill9(sync.id());
-    let _ = sync.wait();
+    kill9(sync.0.id());
+    let _ = sync.0.wait();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    a = Server::start_in(a_dir.path(), &[], &[]);
+    a = Server::start_in(a_dir.path(), &["--signup-open", "true"], &[]);
     *a_url.lock().unwrap() = a.url.clone();
     sync = sync_process(a_dir.path(), &b.url);
     wa.await.unwrap();
@@ -170,7 +182,7 @@ async fn two_servers_converge_through_kill9_and_devices_see_only_their_rows() {
     };
     assert_eq!(da, db);
     let rows: Value = serde_json::from_str(&da).unwrap();
-    let rows = rows["data"].as_array().unwrap().clone();
+    let rows = rows.as_array().unwrap().clone();
     let ids: Vec<&str> = rows.iter().map(|r| r[0].as_str().unwrap()).collect();
     // What each writer left alive (each side writes its own ids, in order).
     let mut alive = std::collections::BTreeSet::new();
@@ -216,7 +228,9 @@ async fn two_servers_converge_through_kill9_and_devices_see_only_their_rows() {
     assert_eq!(r.status, 401, "{}", r.body);
 
     // A device pushes: its own new row is applied; an edit of bob's row is refused and reported.
-    let bobs = rows.iter().find(|r| r[1] == json!(bob.id)).unwrap()[0].as_str().unwrap().to_string();
+    // b-1 is bob's, alive since its first insert (causal length 1).
+    let bobs = "b-1".to_string();
+    assert_eq!(owner_of(&bobs).as_deref(), Some(bob.id.as_str()));
     let now_hlc = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64) << 16;
     let site = "device-of-alice";
     let batch = json!({"changes": [
@@ -265,6 +279,5 @@ async fn two_servers_converge_through_kill9_and_devices_see_only_their_rows() {
         assert!(Instant::now() < deadline, "the added column's write never reached A: {t}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    kill9(sync.id());
-    let _ = sync.wait();
+    drop(sync);
 }
