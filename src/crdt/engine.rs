@@ -237,7 +237,15 @@ fn create_triggers(c: &Connection, t: &TableInfo) -> Result<()> {
                 .join(", ")
         )
     };
-    let cols_json = lit(&serde_json::to_string(&t.columns).unwrap());
+    // The column names as a row source (no JSON to parse per write).
+    let all_cols = if t.columns.is_empty() {
+        "(SELECT NULL AS column1 WHERE false)".to_string()
+    } else {
+        format!(
+            "(VALUES {})",
+            t.columns.iter().map(|c| format!("({})", lit(c))).collect::<Vec<_>>().join(", ")
+        )
+    };
     let gate = "(SELECT applying FROM _ichibase_crdt_state) = 0";
     let bump = format!("UPDATE _ichibase_crdt_state SET db_version = db_version + 1, hlc = {NEXT_HLC};");
     for what in ["ins", "upd", "del", "pk"] {
@@ -254,23 +262,23 @@ fn create_triggers(c: &Connection, t: &TableInfo) -> Result<()> {
              ON CONFLICT (tbl, pk) DO UPDATE SET cl = CASE WHEN cl % 2 = 0 THEN cl + 1 ELSE cl END,
                hlc = excluded.hlc, db_version = excluded.db_version, tomb = NULL;
            INSERT INTO _ichibase_crdt_clock (tbl, pk, col, hlc, site)
-             SELECT {tbl}, {new}, j.value, s.hlc, 0 FROM _ichibase_crdt_state s, json_each({cols_json}) j WHERE true
+             SELECT {tbl}, {new}, j.column1, s.hlc, 0 FROM _ichibase_crdt_state s, {all_cols} j WHERE true
              ON CONFLICT (tbl, pk, col) DO UPDATE SET hlc = excluded.hlc, site = 0;
          END",
         name = quote_ident(&trigger_name(&t.name, "ins")),
         new = pkj("NEW"),
     ))?;
     let changed = if t.columns.is_empty() {
-        "NULL".to_string()
+        "SELECT NULL AS column1 WHERE false".to_string()
     } else {
         t.columns
             .iter()
             .map(|col| {
                 let q = quote_ident(col);
-                format!("CASE WHEN NEW.{q} IS NOT OLD.{q} THEN {} END", lit(col))
+                format!("SELECT {} AS column1 WHERE NEW.{q} IS NOT OLD.{q}", lit(col))
             })
             .collect::<Vec<_>>()
-            .join(", ")
+            .join(" UNION ALL ")
     };
     c.execute_batch(&format!(
         "CREATE TRIGGER {name} AFTER UPDATE ON {qt} WHEN {gate} BEGIN
@@ -279,8 +287,8 @@ fn create_triggers(c: &Connection, t: &TableInfo) -> Result<()> {
              SELECT {tbl}, {new}, 1, hlc, db_version, NULL FROM _ichibase_crdt_state WHERE true
              ON CONFLICT (tbl, pk) DO UPDATE SET hlc = excluded.hlc, db_version = excluded.db_version;
            INSERT INTO _ichibase_crdt_clock (tbl, pk, col, hlc, site)
-             SELECT {tbl}, {new}, j.value, s.hlc, 0 FROM _ichibase_crdt_state s, json_each(json_array({changed})) j
-             WHERE j.value IS NOT NULL
+             SELECT {tbl}, {new}, j.column1, s.hlc, 0 FROM _ichibase_crdt_state s, ({changed}) j
+             WHERE true
              ON CONFLICT (tbl, pk, col) DO UPDATE SET hlc = excluded.hlc, site = 0;
          END",
         name = quote_ident(&trigger_name(&t.name, "upd")),
