@@ -3,7 +3,7 @@
 //! plain SQL, captured by the triggers), exchange random partial batches in random order
 //! (replayed batches included); once every pair syncs until nothing moves, every replica's full
 //! dump is identical. And the same changes delivered one by one in any order (and twice) give
-//! the same table.
+//! the same table. Bundles declare CRR tables, and their migrations pass the schema check.
 
 use ichibase::crdt::engine::{self, Direct, MergeLimits, RowChange};
 use proptest::prelude::*;
@@ -254,4 +254,31 @@ fn ddl_check_refuses_what_would_not_merge() {
     assert!(!refused("ALTER TABLE t ADD z INTEGER NOT NULL DEFAULT 0", "ALTER"));
     assert!(!refused("DROP TABLE other", "DROP"));
     assert!(!refused("ALTER TABLE other RENAME TO x", "ALTER"));
+}
+
+#[test]
+fn a_bundle_declares_crr_tables_and_its_migrations_are_checked() {
+    let mut c = Connection::open_in_memory().unwrap();
+    ichibase::storage::migrations::apply(&mut c).unwrap();
+    let bundle = |json: &str| ichibase::bundle::Bundle::from_json(json).unwrap();
+    let b = bundle(
+        r#"{"name": "todo", "migrations": ["CREATE TABLE todo (id TEXT PRIMARY KEY, title TEXT)"],
+            "crdt": ["todo"], "checks": [{"name": "ok", "lua": "assert(true)"}]}"#,
+    );
+    ichibase::bundle::apply_all(&mut c, &[b], None, None).unwrap();
+    assert!(engine::is_crr(&c, "todo"));
+    c.execute("INSERT INTO todo (id, title) VALUES ('x', 'milk')", []).unwrap();
+    assert_eq!(feed(&c, 0, 10).0.len(), 1, "the bundle's CRR table captures writes");
+    // A later bundle may add a column, not drop the table.
+    let add = bundle(
+        r#"{"name": "todo2", "migrations": ["ALTER TABLE todo ADD COLUMN done INTEGER NOT NULL DEFAULT 0"],
+            "checks": [{"name": "ok", "lua": "assert(true)"}]}"#,
+    );
+    ichibase::bundle::apply_all(&mut c, &[add], None, None).unwrap();
+    assert_eq!(engine::list(&c).unwrap()[0].columns, vec!["title".to_string(), "done".to_string()]);
+    let drop = bundle(
+        r#"{"name": "todo3", "migrations": ["DROP TABLE todo"], "checks": [{"name": "ok", "lua": "assert(true)"}]}"#,
+    );
+    let e = ichibase::bundle::apply_all(&mut c, &[drop], None, None).unwrap_err();
+    assert_eq!(e.code.name(), "CRDT_SCHEMA_REFUSED", "{}", e.message);
 }
