@@ -32,6 +32,7 @@ pub mod bundle;
 pub mod config;
 pub mod conns;
 pub mod core;
+pub mod crdt;
 pub mod flow;
 pub mod egress;
 pub mod email_in;

@@ -103,6 +103,13 @@ enum Command {
         #[arg(long, env = "ICHIBASE_ARCHIVE_AFTER_DAYS")]
         older_than_days: Option<u32>,
     },
+    /// Conflict-free replicated (CRR) tables of a data directory.
+    Crdt {
+        #[command(subcommand)]
+        command: ichibase::crdt::sync::CrdtCommand,
+    },
+    /// Keep a data directory and a peer server in sync, both ways (CRR tables).
+    Sync(ichibase::crdt::sync::SyncArgs),
     /// Lua functions in the data directory (the running server picks changes up at once).
     Fn {
         #[command(subcommand)]
@@ -664,6 +671,14 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(functions(command))
         }
         Command::Ai { command } => ichibase::ai::cli::run(command),
+        Command::Crdt { command } => {
+            init_logging("warn", LogFormat::Text);
+            ichibase::crdt::sync::crdt_cli(command)
+        }
+        Command::Sync(args) => {
+            init_logging("warn", LogFormat::Text);
+            ichibase::crdt::sync::sync_cli(args)
+        }
         Command::Admin { command } => {
             init_logging("warn", LogFormat::Text);
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -84,6 +84,7 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::auth::safety::AuthSafetyModule,
         &crate::auth::oidc::OidcModule,
         &crate::chat::ChatModule,
+        &crate::crdt::CrdtModule,
     ]
 }
 

@@ -141,6 +141,9 @@ pub struct Bundle {
     /// Generated UIs (compile-checked with the bundle, deployed with it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uis: Vec<UiSpec>,
+    /// Tables made conflict-free replicated (CRR) tables (`src/crdt`), after the migrations.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crdt: Vec<String>,
 }
 
 fn bad(msg: impl Into<String>) -> Error {
@@ -321,6 +324,7 @@ fn apply_one(
     for (i, m) in b.migrations.iter().enumerate() {
         let parsed = crate::sql::parse::parse(m.sql())?;
         for st in &parsed.statements {
+            crate::crdt::check_statement(c, &st.verb, &st.sql).map_err(ctx(m.label(i)))?;
             c.execute_batch(&st.sql)
                 .map_err(Error::from)
                 .map_err(ctx(m.label(i)))?;
@@ -331,6 +335,12 @@ fn apply_one(
                 )));
             }
         }
+    }
+    // CRR tables: the listed ones become CRR tables; columns a migration added to one are
+    // captured from now on.
+    crate::crdt::engine::refresh(c).map_err(ctx("crdt".into()))?;
+    for t in &b.crdt {
+        crate::crdt::engine::enable(c, t).map_err(ctx(format!("crdt table '{t}'")))?;
     }
     for p in &b.policies {
         policy::create(c, p).map_err(ctx(format!("policy '{}'", p.name)))?;

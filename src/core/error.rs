@@ -135,6 +135,14 @@ error_codes! {
     PasskeyRejected = 1131, "PASSKEY_REJECTED", 401, "a passkey answer failed verification (origin, RP id, signature, user verification)";
     /// The passkey is not registered here, or not for the account its user handle names.
     PasskeyUnknown = 1132, "PASSKEY_UNKNOWN", 401, "a passkey not registered here (or not for the account it names)";
+    /// A CRR table change that would not merge: no primary key, a drop, rename or column drop.
+    CrdtRefused = 1150, "CRDT_SCHEMA_REFUSED", 409, "a CRR table without a primary key, or a schema change of one that would not merge (drop, rename, drop column)";
+    /// A table named in a sync request or `crdt disable` is not a CRR table.
+    CrdtNotEnabled = 1151, "CRDT_NOT_ENABLED", 404, "the table is not a CRR table (`ichibase crdt enable TABLE`)";
+    /// A change of a sync batch is malformed (key arity, causal length, a clock too far ahead).
+    CrdtBadChange = 1152, "CRDT_BAD_CHANGE", 400, "a sync change is malformed: key arity, causal length, a clock beyond `max_clock_drift_ms`";
+    /// The sync peer could not be reached or answered an error.
+    CrdtPeerFailed = 1153, "CRDT_PEER_FAILED", 502, "`ichibase sync`: the peer could not be reached or answered an error";
     Internal = 1000, "INTERNAL_ERROR", 500, "bugs";
 }
 

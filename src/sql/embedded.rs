@@ -108,7 +108,7 @@ impl Prepared {
         max_rows: u64,
         max_bytes: u64,
     ) -> Result<Rows> {
-        check_role_rules(authz, is_admin, &self.statements)?;
+        check_role_rules(conn, authz, is_admin, &self.statements)?;
         let mut out = Rows::default();
         for b in &self.statements {
             let before = matches!(

@@ -346,7 +346,7 @@ async fn run(
         let slot = Arc::clone(&leftover);
         let read = storage
             .read(ctx, Arc::clone(&control), move |conn| {
-                check_role_rules(&authz, is_admin, &statements)?;
+                check_role_rules(conn, &authz, is_admin, &statements)?;
                 if statements.len() == 1 && !conn.prepare_cached(&statements[0].sql)?.readonly() {
                     return if s.readonly {
                         Err(readonly_error())
@@ -422,7 +422,7 @@ async fn run(
     let authz = Arc::clone(storage.authz());
     let written = storage
         .write(ctx, control, move |conn| {
-            check_role_rules(&authz, is_admin, &plan.statements)?;
+            check_role_rules(conn, &authz, is_admin, &plan.statements)?;
             if let Some((target, _)) = &plan.insert {
                 if !is_admin && target.head.to_ascii_uppercase().contains("REPLACE") {
                     return Err(Error::new(
@@ -476,8 +476,12 @@ async fn run(
 ///   from the caller's: such a statement may only use the view's columns, literals, parameters and
 ///   functions. Subqueries, CTEs, `UPDATE ... FROM` and `IN table` are refused; read first, then
 ///   write with the values.
-pub(crate) fn check_role_rules(authz: &Authz, is_admin: bool, statements: &[Bound]) -> Result<()> {
+pub(crate) fn check_role_rules(conn: &Connection, authz: &Authz, is_admin: bool, statements: &[Bound]) -> Result<()> {
     if is_admin {
+        // Schema changes of CRR tables that would not merge (other roles get no DDL at all).
+        for b in statements {
+            crate::crdt::check_statement(conn, &b.verb, &b.sql)?;
+        }
         return Ok(());
     }
     for b in statements {
