@@ -771,9 +771,10 @@ fn main() -> anyhow::Result<()> {
                     println!("ichibase: created the owner account {owner} (admin)");
                 }
                 let link = ichibase::open::mint_link(&running.app, &owner).await?;
-                let url = format!("http://{}{link}", running.addr);
+                let scheme = if cfg.tls_cert.is_some() { "https" } else { "http" };
+                let url = format!("{scheme}://{}{link}", running.addr);
                 println!("ichibase open: data in {}", cfg.data_dir.display());
-                println!("ichibase listening on http://{}", running.addr);
+                println!("ichibase listening on {scheme}://{}", running.addr);
                 println!(
                     "ichibase open: sign-in link (one use, {} minutes): {url}",
                     ichibase::open::LINK_TTL_SECS / 60

@@ -774,6 +774,16 @@ async fn lua_auth_component() {
     assert_eq!((r.status, r.json()), (200, json!(true)), "{}", r.body);
     assert_eq!(api(&phone, "GET", format!("{base}/auth/me"), None).await.0, 401, "the revoked device");
     assert_eq!(api(&hank.client, "GET", format!("{base}/auth/me"), None).await.0, 200, "the other device");
+    // A device id (GET /auth/devices): every session of that device ends.
+    let tablet = signin(&anon_client(), &base, "hank@example.com", &common::password_of("hank@example.com")).await;
+    assert_eq!(tablet.status, 200, "{}", tablet.body);
+    let tablet = tablet.json();
+    let tablet_client = client_with_token(tablet["access_token"].as_str().unwrap());
+    assert_eq!(api(&tablet_client, "GET", format!("{base}/auth/me"), None).await.0, 200);
+    let r = call_fn(&hank.client, &base, "onboard_revoke", json!({"id": tablet["device_id"]})).await;
+    assert_eq!((r.status, r.json()), (200, json!(true)), "{}", r.body);
+    assert_eq!(api(&tablet_client, "GET", format!("{base}/auth/me"), None).await.0, 401, "the revoked device");
+    assert_eq!(api(&hank.client, "GET", format!("{base}/auth/me"), None).await.0, 200, "another device");
     // {user = id}: every session of the user.
     deploy(&base, "onboard_signout", "return auth.revoke_device({user = input.user})").await;
     let r = call_fn(&admin, &base, "onboard_signout", json!({"user": hank.id})).await;

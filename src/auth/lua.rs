@@ -11,8 +11,9 @@
 //!   the role for it;
 //! - privileged (an admin caller, or a function named in `[auth_safety]
 //!   privileged_functions`): `auth.invite{email=, role=}`, `auth.send_sign_in_link{email=}`,
-//!   `auth.revoke_device(session_id)` / `auth.revoke_device{user = id}` (a device is a session
-//!   here; `{user=}` signs the user out everywhere).
+//!   `auth.revoke_device(id)` (a device id from `GET /auth/devices`: its sessions end and its
+//!   sockets close; an id that is no device is taken as a session id) /
+//!   `auth.revoke_device{user = id}` (signs the user out everywhere).
 //!
 //! Every argument is checked; nothing here runs inside `db.tx` that needs the writer.
 
@@ -338,8 +339,19 @@ impl Component for AuthLua {
                 let app = app(&e)?.clone();
                 match arg {
                     Value::String(_) => {
-                        let sid = string_arg("auth.revoke_device: the session id", arg, 64)?;
-                        e.rt.block_on(app.auth().revoke_session_of_anyone(&sid)).map_err(lua_err)
+                        let id = string_arg("auth.revoke_device: the device or session id", arg, 64)?;
+                        // A device id (`GET /auth/devices`) ends every session of that device
+                        // and closes its sockets; otherwise the id names one session.
+                        match e.rt.block_on(
+                            app.auth().revoke_device(&crate::core::RequestContext::system(), &id),
+                        ) {
+                            Ok(_) => Ok(true),
+                            Err(err) if err.code == ErrorCode::NotFound => e
+                                .rt
+                                .block_on(app.auth().revoke_session_of_anyone(&id))
+                                .map_err(lua_err),
+                            Err(err) => Err(lua_err(err)),
+                        }
                     }
                     Value::Table(tb) => {
                         fields("auth.revoke_device", &tb, &["user"])?;

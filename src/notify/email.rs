@@ -23,8 +23,27 @@ use crate::core::{Error, ErrorCode, Result};
 
 /// The configured relay and sender.
 pub struct Smtp {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// Always `Some` until dropped (see the `Drop` impl).
+    transport: Option<AsyncSmtpTransport<Tokio1Executor>>,
     pub from: Mailbox,
+}
+
+/// lettre's connection pool spawns a task on the Tokio runtime when it is dropped, and panics
+/// without one. The last handle to the app can be dropped where no runtime is current (a
+/// pooled Lua state in a blocking thread's thread-local storage, at process exit); a panic in
+/// a thread-local destructor aborts the process. Drop the pool inside a throwaway runtime then.
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let Some(t) = self.transport.take() else { return };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            drop(t);
+        } else if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let _guard = rt.enter();
+            drop(t);
+        } else {
+            std::mem::forget(t);
+        }
+    }
 }
 
 impl Smtp {
@@ -47,7 +66,7 @@ impl Smtp {
             .timeout(Some(Duration::from_secs_f64(s.smtp_timeout_secs)))
             .pool_config(PoolConfig::new().max_size(s.concurrency.max(1)))
             .build();
-        Ok(Some(Smtp { transport, from }))
+        Ok(Some(Smtp { transport: Some(transport), from }))
     }
 }
 
@@ -210,7 +229,7 @@ pub async fn deliver(n: &Notify, m: &Claimed) -> Delivery {
         Ok(msg) => msg,
         Err(err) => return Delivery::Fail(err, None),
     };
-    match smtp.transport.send(msg).await {
+    match smtp.transport.as_ref().expect("the SMTP transport lives until drop").send(msg).await {
         Ok(r) => Delivery::Sent(json!({
             "code": r.code().to_string(),
             "reply": r.message().collect::<Vec<_>>().join(" "),
