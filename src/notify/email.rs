@@ -243,6 +243,22 @@ pub async fn deliver(n: &Notify, m: &Claimed) -> Delivery {
 mod tests {
     use super::*;
 
+    /// The last handle can go away where no Tokio runtime is current (a thread-local
+    /// destructor at exit); lettre's pool would panic there and abort the process.
+    #[test]
+    fn the_smtp_pool_drops_without_a_runtime() {
+        let s = NotifySettings {
+            smtp_url: "smtp://127.0.0.1:1".into(),
+            from: "app@example.com".into(),
+            ..Default::default()
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let smtp = rt.block_on(async { Smtp::new(&s) }).unwrap().expect("configured");
+        drop(rt);
+        assert!(tokio::runtime::Handle::try_current().is_err());
+        drop(smtp);
+    }
+
     #[test]
     fn markdown_renders_and_escapes_raw_html() {
         let h = markdown_to_html("# T\n\n**b** <script>x</script>\n\n<img src=x onerror=y>");
