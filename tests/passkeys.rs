@@ -277,6 +277,20 @@ async fn passkeys_devices_and_revocation_in_chromium() {
     let r = finish(&base, &a).await;
     assert_eq!((r.status, err_name(&r)), (401, "PASSKEY_REJECTED".into()), "{}", r.body);
 
+    // The console offers the same passkey sign-in: Ann's passkey identifies her there, and the
+    // console (admins only) says so by name.
+    laptop.goto(&format!("{site}/console"));
+    laptop.wait_for(None, "!!document.querySelector('#signin-with-passkey')", WAIT);
+    laptop.click(None, "#signin-with-passkey");
+    let refused = laptop.wait_for(
+        None,
+        "(() => { const e = document.querySelector('#signin-error'); \
+          return e && e.textContent.includes('needs the admin role') ? e.textContent : false; })()",
+        WAIT,
+    );
+    let refused = refused.as_str().unwrap_or_default().to_string();
+    assert!(refused.contains("needs the admin role") && refused.contains("ann@example.com"), "{refused}");
+
     // Passkeys are listed, renamed and deleted; a deleted passkey no longer signs in.
     let (st, list) = api(&ann, "GET", format!("{base}/auth/passkeys"), None).await;
     assert_eq!(st, 200, "{list}");

@@ -204,6 +204,20 @@ function SignIn({ onIn, notice }: any) {
   const [email, setEmail] = useState(''); const [password, setPassword] = useState(''); const [key, setKey] = useState('');
   const [error, setError] = useState<any>(notice ? { message: notice } : null);
   const [busy, setBusy] = useState(false);
+  async function withPasskey() {
+    setBusy(true); setError(null);
+    try {
+      setCredential(null);
+      // The passkey ceremony of the devices module (src/auth/passkeys.js), same origin.
+      const m = await import('/auth/passkeys.js');
+      const r = await m.signInWithPasskey('console');
+      setCredential(r.access_token);
+      const me = await api('GET', '/auth/me');
+      if (me.role !== 'admin') { setCredential(null); await request('POST', '/auth/signout').catch(() => {}); throw new Error(`The console needs the admin role; ${(me.claims && me.claims.email) || 'this identity'} has '${me.role}'.`); }
+      onIn(me);
+    } catch (e) { setCredential(null); setError(e); }
+    setBusy(false);
+  }
   async function submit(e: any) {
     e.preventDefault(); setBusy(true); setError(null);
     try {
@@ -234,6 +248,7 @@ function SignIn({ onIn, notice }: any) {
       <button className="primary" id="signin-submit" type="submit" disabled={busy}>Sign in</button>
       <ErrorBox error={error} id="signin-error" />
     </form>
+    <button id="signin-with-passkey" type="button" disabled={busy} onClick={withPasskey}>Sign in with a passkey</button>
   </main>;
 }
 
