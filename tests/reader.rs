@@ -101,11 +101,16 @@ impl Drop for Peer {
 }
 
 fn mails(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    // The sink may be writing a line as we read: a last line without its newline is not there yet.
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
         .lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a mail line that is not JSON ({e}): {l}")))
         .collect()
 }
 

@@ -340,18 +340,11 @@ pub(crate) fn log_event(
     detail: serde_json::Value,
 ) {
     let sink = app.posterity().sink();
-    if !sink.enabled() {
-        return;
+    if sink.enabled() {
+        sink.record(crate::posterity::Event::module(
+            "chat", user, trace, provider, outcome, elapsed_ms, error, detail,
+        ));
     }
-    let mut e = crate::posterity::Event::now("chat", None);
-    e.user_id = user.map(str::to_string);
-    e.trace_id = trace.map(str::to_string);
-    e.name = Some(provider.to_string());
-    e.outcome = Some(outcome);
-    e.elapsed_ms = elapsed_ms;
-    e.error = error.map(|m| m.chars().take(1000).collect());
-    e.detail = Some(detail.to_string());
-    sink.record(e);
 }
 
 /// Constant-time equality of two byte strings.

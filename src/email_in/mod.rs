@@ -367,18 +367,11 @@ pub(crate) fn log_event(
     detail: serde_json::Value,
 ) {
     let sink = app.posterity().sink();
-    if !sink.enabled() {
-        return;
+    if sink.enabled() {
+        sink.record(crate::posterity::Event::module(
+            "email_in", user, trace, name, outcome, elapsed_ms, error, detail,
+        ));
     }
-    let mut e = crate::posterity::Event::now("email_in", None);
-    e.user_id = user.map(str::to_string);
-    e.trace_id = trace.map(str::to_string);
-    e.name = Some(name.chars().take(320).collect());
-    e.outcome = Some(outcome);
-    e.elapsed_ms = elapsed_ms;
-    e.error = error.map(|m| m.chars().take(1000).collect());
-    e.detail = Some(detail.to_string());
-    sink.record(e);
 }
 
 /// Milliseconds since the Unix epoch.
