@@ -13,14 +13,14 @@ mod common;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use common::{ADMIN_KEY, Resp, Server, anon_client, api, call_fn, client, client_with_token, jpost, put_fn, read, signin};
+use common::{ADMIN_KEY, Resp, Server, anon_client, api, call_fn, client, client_with_token, jpost, put_fn, read, signin, wait_for};
 use serde_json::{Value, json};
 use sha2::Digest;
 
@@ -264,22 +264,6 @@ fn start_server(env: &[(String, String)]) -> (Server, tempfile::TempDir) {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let s = Server::start_in(tmp.path(), &["--signup-open", "true", "--posterity-flush-secs", "0.2"], &env);
     (s, tmp)
-}
-
-/// Poll `f` until it returns `Some`, for at most `secs` seconds.
-async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
 }
 
 /// Posterity rows of sign-ins: (outcome, method, error) in order.

@@ -14,7 +14,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
@@ -76,20 +76,6 @@ fn smtp_sink(py: &str, port: u16, out: &Path) -> Peer {
     Peer::start(py, "smtp_sink.py", &[&port.to_string(), out.to_str().unwrap()])
 }
 
-fn mails(out: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(out).unwrap_or_default();
-    // The sink may be writing a line as we read: a last line without its newline is not there yet.
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..=i],
-        None => "",
-    };
-    complete
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a mail line that is not JSON ({e}): {l}")))
-        .collect()
-}
-
 /// Environment of a server whose mail goes to 127.0.0.1:`smtp_port`, with quick retries.
 fn notify_env(smtp_port: u16, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut v = vec![
@@ -110,22 +96,6 @@ fn notify_env(smtp_port: u16, extra: &[(&str, &str)]) -> Vec<(String, String)> {
 fn start_server(dir: &Path, env: &[(String, String)]) -> Server {
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     Server::start_in(dir, &["--signup-open", "true", "--posterity-flush-secs", "0.2"], &env)
-}
-
-/// Poll `f` until it returns `Some`, for at most `secs` seconds.
-async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn message(base: &str, id: &str) -> Value {

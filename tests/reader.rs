@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -98,20 +98,6 @@ impl Drop for Peer {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn mails(out: &Path) -> Vec<Value> {
-    let text = std::fs::read_to_string(out).unwrap_or_default();
-    // The sink may be writing a line as we read: a last line without its newline is not there yet.
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..=i],
-        None => "",
-    };
-    complete
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a mail line that is not JSON ({e}): {l}")))
-        .collect()
 }
 
 fn text_part(mail: &Value) -> String {
@@ -449,21 +435,6 @@ async fn jump_to(base: &str, unix: i64) -> f64 {
     let (st, v) = api(&client(), "POST", format!("{base}/flows/clock"), Some(json!({"advance_secs": ahead}))).await;
     assert_eq!(st, 200, "{v}");
     v["offset_secs"].as_f64().unwrap()
-}
-
-async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out ({secs} s) waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
 }
 
 async fn flow_of(base: &str, id: &str) -> Value {

@@ -351,3 +351,35 @@ pub async fn grant(c: &reqwest::Client, base: &str, object: &str, role: &str, pr
     .await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// Poll `f` until it returns `Some`, for at most `secs` seconds (generous on a loaded machine:
+/// the bound is a ceiling, not a timing assertion).
+pub async fn wait_for<T, F, Fut>(what: &str, secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// The JSON lines a peer (the SMTP sink) has written to `out` so far; a last line without its
+/// newline is still being written and is not there yet.
+pub fn mails(out: &std::path::Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    let complete = match text.rfind('\n') {
+        Some(i) => &text[..=i],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("a mail line that is not JSON ({e}): {l}")))
+        .collect()
+}
