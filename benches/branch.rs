@@ -1,7 +1,9 @@
 //! Branch benchmark against the real server binary (its own process): what taking a branch
 //! costs the live app.
 //! 1. single-row INSERT latency (p50/p99) from one client, alone vs while branches of the live
-//!    database are taken and deleted back to back (ratio, same run);
+//!    database are taken and deleted back to back (ratio, same run), once with the copy at the
+//!    server's priority (`[branches] copy_nice = 0`) and once at the default nice 19, each on a
+//!    restart of the server on the same data with its own baseline;
 //! 2. branch creation time and throughput (MB/s) for the database size;
 //! 3. merge time of a small bundle (a column and an index on the big table).
 //!
@@ -132,9 +134,10 @@ fn main() {
         println!("# ichibase {} branch benchmark", ichibase::VERSION);
         println!();
         println!(
-            "- machine: {} cores; database {:.0} MB; server is the release binary in its own process",
+            "- machine: {} cores; database {:.0} MB; server is the {} binary in its own process",
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            db_bytes as f64 / 1e6
+            db_bytes as f64 / 1e6,
+            if cfg!(debug_assertions) { "debug" } else { "release" }
         );
         println!();
         loader.terminate();
