@@ -11,7 +11,9 @@
 //!    events/s delivered to a subscriber.
 //!
 //! `cargo bench --bench ws`; `BENCH_CLIENTS=1000,5000,10000`, `BENCH_REPEAT=3` (runs per size
-//! and server, alternating; medians reported), `BENCH_ROUNDS=10` and `BENCH_SECS=3` adjust it.
+//! and server, in turn; medians reported), `BENCH_ROUNDS=10` and `BENCH_SECS=3` adjust it;
+//! `BENCH_ONLY=fanout` skips the change-capture part; `BENCH_BASELINE_BIN=/path/to/ichibase`
+//! adds another ichibase build (say, the previous commit's) to the fan-out, same run.
 //! The Node baseline needs `npm ci` in benches/node-ws once (ws 8.23.0, pinned by its lock
 //! file); the bench stops with that instruction when node_modules is missing.
 
@@ -224,9 +226,37 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
 }
 
-/// The fan-out section: each size against both servers, `repeat` times alternating
-/// (ichibase first, then Node, then ichibase, ...); every run and then the medians.
-async fn fanout_section(http: &reqwest::Client, ichibase: (&str, u32), node: (&str, u32), sizes: &[usize]) {
+/// Another ichibase binary (`BENCH_BASELINE_BIN`, e.g. a build of the previous commit) started
+/// like the harness starts this one, so before/after are measured in the same run.
+fn start_baseline(bin: &str, data: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .current_dir(data)
+        .env_remove("ICHIBASE_CONFIG")
+        .env("ICHIBASE_LOG", "warn")
+        .env("ICHIBASE_ADMIN_KEY", common::ADMIN_KEY)
+        .env("ICHIBASE_HTTP__MAX_CONNECTIONS", "20000")
+        .env("ICHIBASE_WS_LIMITS__MAX_TOTAL_SOCKETS", "20000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start BENCH_BASELINE_BIN");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("baseline exited before listening").unwrap();
+        if let Some(rest) = line.strip_prefix("ichibase listening on ") {
+            break rest.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, url)
+}
+
+/// The fan-out section: each size against every server (the last one is Node), `repeat` times
+/// in turn (ichibase, [baseline,] Node, ichibase, ...); every run, then the medians.
+async fn fanout_section(http: &reqwest::Client, servers: &[(&str, &str, u32)], sizes: &[usize]) {
     let repeat: usize = std::env::var("BENCH_REPEAT").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10).max(1);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -239,11 +269,11 @@ async fn fanout_section(http: &reqwest::Client, ichibase: (&str, u32), node: (&s
     let mut summary = Vec::new();
     let mut run = 0;
     for &n in sizes {
-        let mut res: [Vec<FanOut>; 2] = [Vec::new(), Vec::new()];
+        let mut res: Vec<Vec<FanOut>> = servers.iter().map(|_| Vec::new()).collect();
         for r in 0..repeat {
-            for (i, (name, (base, pid))) in [("ichibase", ichibase), ("node ws", node)].into_iter().enumerate() {
+            for (i, (name, base, pid)) in servers.iter().enumerate() {
                 run += 1;
-                let f = fanout(http, base, pid, &format!("bench-{run}"), n, rounds).await;
+                let f = fanout(http, base, *pid, &format!("bench-{run}"), n, rounds).await;
                 println!(
                     "| {n} | {name} | {} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.1} |",
                     r + 1,
@@ -261,26 +291,28 @@ async fn fanout_section(http: &reqwest::Client, ichibase: (&str, u32), node: (&s
         }
         summary.push((n, res));
     }
+    let node = servers.len() - 1;
     println!();
-    println!("Medians of {repeat} runs (ratio = ichibase / Node; below 1 is ichibase ahead):");
+    println!("Medians of {repeat} runs; ratios are the medians of each run's ratio to the Node run of the same round (below 1: ichibase ahead):");
     println!();
-    println!("| clients | connect+join s ichibase / Node | ratio | p50 ms ichibase / Node | p99 ms ichibase / Node | p99 ratio | CPU µs/delivery ichibase / Node | CPU ratio |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| clients | server | connect+join s | vs Node | p50 ms | p99 ms | p99 vs Node | server CPU µs/delivery | vs Node |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for (n, res) in summary {
-        let m = |i: usize, f: &dyn Fn(&FanOut) -> f64| median(res[i].iter().map(f).collect());
-        let c = [m(0, &|f| f.connect_s), m(1, &|f| f.connect_s)];
-        let p50 = [m(0, &|f| pct(&f.lat, 0.5) / 1e3), m(1, &|f| pct(&f.lat, 0.5) / 1e3)];
-        let p99 = [m(0, &|f| pct(&f.lat, 0.99) / 1e3), m(1, &|f| pct(&f.lat, 0.99) / 1e3)];
-        let cpu = [m(0, &FanOut::cpu_us_per_delivery), m(1, &FanOut::cpu_us_per_delivery)];
-        // Ratios are medians of the per-pair ratios (each ichibase run with the Node run after it).
-        let ratio = |f: &dyn Fn(&FanOut) -> f64| median(res[0].iter().zip(&res[1]).map(|(a, b)| f(a) / f(b)).collect());
-        println!(
-            "| {n} | {:.2} / {:.2} | {:.2} | {:.2} / {:.2} | {:.2} / {:.2} | {:.2} | {:.1} / {:.1} | {:.2} |",
-            c[0], c[1], ratio(&|f| f.connect_s),
-            p50[0], p50[1],
-            p99[0], p99[1], ratio(&|f| pct(&f.lat, 0.99)),
-            cpu[0], cpu[1], ratio(&FanOut::cpu_us_per_delivery),
-        );
+        for (i, (name, _, _)) in servers.iter().enumerate() {
+            let m = |f: &dyn Fn(&FanOut) -> f64| median(res[i].iter().map(f).collect());
+            let ratio = |f: &dyn Fn(&FanOut) -> f64| median(res[i].iter().zip(&res[node]).map(|(a, b)| f(a) / f(b)).collect());
+            let p99 = |f: &FanOut| pct(&f.lat, 0.99) / 1e3;
+            println!(
+                "| {n} | {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
+                m(&|f| f.connect_s),
+                ratio(&|f| f.connect_s),
+                m(&|f| pct(&f.lat, 0.5) / 1e3),
+                m(&p99),
+                ratio(&p99),
+                m(&FanOut::cpu_us_per_delivery),
+                ratio(&FanOut::cpu_us_per_delivery),
+            );
+        }
     }
 }
 
@@ -344,9 +376,20 @@ fn main() {
         println!("- machine: {} cores; server is the release binary in its own process, clients in this one", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         println!();
         if std::env::var("BENCH_ONLY").map_or(true, |o| o == "fanout") {
+            let baseline_dir = tempfile::tempdir().unwrap();
+            let baseline = std::env::var("BENCH_BASELINE_BIN").ok().map(|bin| start_baseline(&bin, baseline_dir.path()));
             let node = NodeWs::start();
-            fanout_section(&http, (&base, server.pid()), (&node.url, node.child.id()), &sizes).await;
+            let mut servers = vec![("ichibase", base.as_str(), server.pid())];
+            if let Some((child, url)) = &baseline {
+                servers.push(("ichibase baseline", url.as_str(), child.id()));
+            }
+            servers.push(("node ws", node.url.as_str(), node.child.id()));
+            fanout_section(&http, &servers, &sizes).await;
             drop(node);
+            if let Some((mut child, _)) = baseline {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
             println!();
         }
         if std::env::var("BENCH_ONLY").is_ok_and(|o| o == "fanout") {
