@@ -66,23 +66,29 @@ struct FanOut {
     connect_s: f64,
     /// Server CPU (user + system) during the rounds, seconds.
     cpu_s: f64,
+    /// Of which system (kernel) time, seconds.
+    sys_s: f64,
 }
 
 impl FanOut {
     fn cpu_us_per_delivery(&self) -> f64 {
         self.cpu_s * 1e6 / self.lat.len().max(1) as f64
     }
+
+    fn sys_share(&self) -> f64 {
+        self.sys_s / self.cpu_s.max(f64::MIN_POSITIVE)
+    }
 }
 
-/// utime + stime of a process, seconds.
-fn cpu_secs(pid: u32) -> f64 {
+/// (utime + stime, stime) of a process, seconds.
+fn cpu_secs(pid: u32) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("server /proc stat");
     // Fields after the command name (which may hold spaces) start at `state`, field 3.
     let rest = &stat[stat.rfind(')').unwrap() + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let (user, sys): (u64, u64) = (f[11].parse().unwrap(), f[12].parse().unwrap());
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    ticks as f64 / hz
+    ((user + sys) as f64 / hz, sys as f64 / hz)
 }
 
 /// N broadcast-only clients join `channel`, then `rounds` broadcasts 200 ms apart.
@@ -168,7 +174,8 @@ async fn fanout(
         all.extend(lat);
         sockets.push(ws);
     }
-    let cpu_s = cpu_secs(pid) - cpu0;
+    let cpu1 = cpu_secs(pid);
+    let (cpu_s, sys_s) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
     assert_eq!(all.len(), clients * rounds, "every broadcast must arrive");
     // Close outside the measured window.
     drop(sockets);
@@ -177,6 +184,7 @@ async fn fanout(
         lat: all,
         connect_s,
         cpu_s,
+        sys_s,
     }
 }
 
@@ -264,8 +272,8 @@ async fn fanout_section(http: &reqwest::Client, servers: &[(&str, &str, u32)], s
     println!();
     println!("- load average at start: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
     println!();
-    println!("| clients | server | run | connect+join s | deliveries | p50 ms | p99 ms | max ms | server CPU µs/delivery |");
-    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| clients | server | run | connect+join s | deliveries | p50 ms | p99 ms | max ms | server CPU µs/delivery | of it kernel |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut summary = Vec::new();
     let mut run = 0;
     for &n in sizes {
@@ -275,14 +283,15 @@ async fn fanout_section(http: &reqwest::Client, servers: &[(&str, &str, u32)], s
                 run += 1;
                 let f = fanout(http, base, *pid, &format!("bench-{run}"), n, rounds).await;
                 println!(
-                    "| {n} | {name} | {} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.1} |",
+                    "| {n} | {name} | {} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0}% |",
                     r + 1,
                     f.connect_s,
                     f.lat.len(),
                     pct(&f.lat, 0.5) / 1e3,
                     pct(&f.lat, 0.99) / 1e3,
                     f.lat.last().copied().unwrap_or(0) as f64 / 1e6,
-                    f.cpu_us_per_delivery()
+                    f.cpu_us_per_delivery(),
+                    f.sys_share() * 100.0
                 );
                 res[i].push(f);
                 // Let the server take the closed sockets down before the next run.

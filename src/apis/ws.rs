@@ -6,6 +6,11 @@
 //! events share one bounded queue per connection, so their order is kept and a slow client is
 //! cut off (close code 1008 with the reason) instead of slowing anyone down.
 //!
+//! Each socket has two tasks: the session (reads client frames, answers through the queue,
+//! watches for revocation) and the writer ([`write_loop`]), which alone owns the sending half:
+//! it takes everything queued at each wake-up and writes it with one flush, straight from the
+//! shared frame bytes a broadcast was serialised into once (`realtime::hub`).
+//!
 //! Security (`[ws_limits]`, see `realtime::limits`): an upgrade authenticated by the session
 //! cookie must come from an allowed `Origin` (cross-site WebSocket hijacking); sockets are
 //! capped in all, per identity and per anonymous client IP (429 before the upgrade); channels,
