@@ -188,13 +188,13 @@ async fn a_slow_consumer_is_closed_and_the_others_get_everything_in_order() {
 
 #[tokio::test]
 async fn the_writer_pings_and_closes_silent_clients() {
-    let s = Server::start(&["--ws-heartbeat-secs", "1"]);
+    let s = Server::start(&["--ws-heartbeat-secs", "2"]);
     let base = s.url.clone();
     let mut alive = connect(&base).await;
     let mut silent = connect(&base).await;
     // A client that reads answers the server's pings (tungstenite replies with pongs) and stays.
     let mut pings = 0;
-    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    let until = tokio::time::Instant::now() + Duration::from_secs(7);
     while tokio::time::Instant::now() < until {
         match tokio::time::timeout_at(until, alive.next()).await {
             Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
