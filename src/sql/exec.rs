@@ -135,17 +135,12 @@ impl StmtLog {
         if !self.sink.enabled() {
             return;
         }
-        let mut e = crate::posterity::Event::now("sql", self.ctx.as_deref());
-        e.name = Some(crate::posterity::sql_hash(&b.sql));
-        e.sql_text = Some(b.sql.clone());
+        // The statement's hash and `detail` are derived by the log's writer thread.
+        let mut e = crate::posterity::Event::sql(self.ctx.as_deref(), &b.sql, &b.verb);
         e.rows = Some(rows as i64);
         e.elapsed_ms = elapsed.as_secs_f64() * 1e3;
         e.outcome = Some(if err.is_some() { "error" } else { "ok" });
         e.error = err.map(|e| e.message.chars().take(1000).collect());
-        e.detail = Some(format!(
-            "{{\"verb\":{}}}",
-            serde_json::Value::from(b.verb.as_str())
-        ));
         self.sink.record(e);
     }
 }
