@@ -15,10 +15,16 @@
 //! into a bounded channel (`posterity_queue` events). When the channel is full the event is
 //! **dropped and counted**; the count is reported by `GET /admin/posterity` and written into the
 //! log itself as a `kind = 'posterity'` row (`name = 'dropped'`, `rows` = events lost) at the
-//! next flush, so a gap in the history is visible in the history. The writer thread appends
-//! events with DuckDB's appender and commits every `posterity_flush_secs` (default 1 s) or every
-//! `posterity_batch_rows` rows, whichever comes first: a crash loses at most the events of the
-//! last flush interval. A graceful shutdown flushes everything queued.
+//! next flush, so a gap in the history is visible in the history. The writer thread drains the
+//! queue every tick (20 ms at most), gathers the events column by column (Arrow builders) and
+//! hands them to DuckDB's appender as whole data chunks (one per 2,048 rows), not value by value;
+//! it commits every `posterity_flush_secs` (default 1 s) or every `posterity_batch_rows` rows,
+//! whichever comes first: a crash loses at most the events of the last flush interval. A
+//! graceful shutdown flushes everything queued.
+//!
+//! Request threads do as little as possible: a `sql` event ([`Event::sql`]) carries its
+//! statement text and verb, and the writer derives the statement hash (`name`, remembered per
+//! text) and the `{"verb": ...}` detail.
 
 pub mod analytics;
 pub mod app_table;
