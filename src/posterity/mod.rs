@@ -972,3 +972,68 @@ fn lower_priority() {
 pub(crate) fn path_literal(p: &Path) -> String {
     sql_str(&p.display().to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Posterity {
+        Posterity::open(PosterityOptions {
+            data_dir: dir.to_path_buf(),
+            app_db: dir.join("ichibase.db"),
+            enabled: true,
+            flush_interval: Duration::from_secs(60),
+            queue: 1024,
+            batch_rows: 50_000,
+            archive_after_days: 7,
+            analytics: AnalyticsSettings::default(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn chunked_rows_keep_every_column_and_derive_sql_hash_and_detail() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        let sink = p.sink();
+        let mut e = Event::sql(None, "SELECT 42", "SELECT");
+        e.rows = Some(1);
+        e.elapsed_ms = 0.5;
+        e.outcome = Some("ok");
+        sink.record(e);
+        let mut h = Event::now("http", None);
+        h.method = Some("GET".into());
+        h.name = Some("/ping".into());
+        h.status = Some(200);
+        h.version = Some(3);
+        h.bytes = Some(5);
+        h.detail = Some("{\"a\":1}".into());
+        sink.record(h);
+        // A detail that is not JSON does not cost the rows appended with it.
+        let mut bad = Event::now("lua", None);
+        bad.detail = Some("not json {".into());
+        sink.record(bad);
+        p.flush();
+        let s = p.stats();
+        let c = p.connect().unwrap();
+        let sql: (String, String, Option<i64>, String) = c
+            .query_row(
+                "SELECT name, detail::VARCHAR, rows, (SELECT text FROM sql_texts WHERE hash = log.name) FROM log WHERE kind = 'sql'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(sql, (sql_hash("SELECT 42"), "{\"verb\":\"SELECT\"}".to_string(), Some(1), "SELECT 42".to_string()));
+        let http: (String, String, i32, i64, i64, String) = c
+            .query_row(
+                "SELECT method, name, status, version, bytes, detail::VARCHAR FROM log WHERE kind = 'http'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .unwrap();
+        assert_eq!(http, ("GET".into(), "/ping".into(), 200, 3, 5, "{\"a\":1}".into()));
+        let n: i64 = c.query_row("SELECT count(*) FROM log", [], |r| r.get(0)).unwrap();
+        assert_eq!((n, s.written, s.failed), (3, 3, 0), "{s:?}");
+        p.close();
+    }
+}
