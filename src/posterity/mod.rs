@@ -810,7 +810,10 @@ fn writer_loop(
     flush_every: Duration,
     batch: usize,
 ) {
-    lower_priority();
+    // Nice 10: under CPU contention request threads go first and the writer catches up in
+    // idle moments (the queue absorbs the difference; past it, events are dropped and counted,
+    // never waited for).
+    crate::core::background::lower_this_thread(10);
     let mut seen: HashSet<String> = HashSet::new();
     if let Ok(mut st) = conn.prepare("SELECT DISTINCT hash FROM sql_texts") {
         if let Ok(rows) = st.query_map([], |r| r.get::<_, String>(0)) {
@@ -953,18 +956,6 @@ fn writer_loop(
         if stop {
             break;
         }
-    }
-}
-
-/// Run this thread at nice 10: under CPU contention request threads go first and the writer
-/// catches up in idle moments (the queue absorbs the difference; past it, events are dropped
-/// and counted, never waited for).
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain syscalls on the calling thread (Linux nice values are per thread).
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
     }
 }
 
