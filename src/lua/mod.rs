@@ -345,9 +345,9 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     let tracer = inv
         .trace
         .then(|| {
-            Rc::new(RefCell::new(Tracer::new(
+            Rc::new(RefCell::new(Tracer::with_limits(
                 options.max_trace_steps,
-                options.traces.max_bytes as usize,
+                &options.traces,
             )))
         });
     let limits = Limits {

@@ -294,15 +294,11 @@ pub fn new_bound_state(
             }
         }
         Some(t) => {
-            t.borrow_mut().attach(&host_debug)?;
-            // Traced runs count every instruction (exactly: a short traced run does not
-            // report 0); the limits are still checked every HOOK_EVERY.
-            let triggers = HookTriggers::new()
-                .every_nth_instruction(1)
-                .every_line()
-                .on_returns();
+            // mlua's hook runs the checks and raises limit errors; the tracer's C hook
+            // (`trace::trace_hook`) counts every instruction and records lines itself, and
+            // hands it the checks (every HOOK_EVERY instructions, or once a limit is reached).
             let b = Rc::clone(binding);
-            lua.set_global_hook(triggers, move |lua, d| {
+            lua.set_global_hook(HookTriggers::new().every_nth_instruction(1), move |lua, d| {
                 let (m, limits) = (b.meter(), b.limits.get());
                 match d.event() {
                     mlua::DebugEvent::Count => {
@@ -318,17 +314,36 @@ pub fn new_bound_state(
                             }
                         }
                     }
-                    mlua::DebugEvent::Line => {
-                        check_deadline(&m, &limits)?;
-                        t.borrow_mut().on_line(lua, d)?
-                    }
-                    mlua::DebugEvent::Ret => t.borrow_mut().on_return(lua, d)?,
-                    _ => {}
+                    _ => check_deadline(&m, &limits)?,
                 }
                 Ok(VmState::Continue)
             })?;
             // SAFETY: only reads the hook function mlua installed.
-            unsafe { lua.exec_raw::<()>((), |l| binding.hook.set(ffi::lua_gethook(l)))? };
+            let mut slow = None;
+            unsafe { lua.exec_raw::<()>((), |l| slow = ffi::lua_gethook(l))? };
+            let ctx = Box::new(super::trace::HookCtx {
+                meter: binding.meter(),
+                tracer: t,
+                slow,
+            });
+            let ptr: *const super::trace::HookCtx = &*ctx;
+            lua.set_app_data(super::trace::HookCtxBox(ctx));
+            // SAFETY: `ctx` lives in the state's app data, as long as the state; it is set
+            // before any user code runs (coroutines copy the extra space when created). The
+            // hook function is read back for the watchdog, which installs it when a limit is
+            // reached (it keeps the line and return events).
+            unsafe {
+                lua.exec_raw::<()>((), |l| {
+                    super::trace::attach(l, ptr);
+                    ffi::lua_sethook(
+                        l,
+                        Some(super::trace::trace_hook),
+                        ffi::LUA_MASKLINE | ffi::LUA_MASKRET | ffi::LUA_MASKCOUNT,
+                        1,
+                    );
+                    binding.hook.set(ffi::lua_gethook(l));
+                })?
+            };
         }
     }
     binding.meter.borrow().alarm.set_hook(binding.hook.get());
