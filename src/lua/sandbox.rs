@@ -295,25 +295,13 @@ pub fn new_bound_state(
         }
         Some(t) => {
             // mlua's hook runs the checks and raises limit errors; the tracer's C hook
-            // (`trace::trace_hook`) counts every instruction and records lines itself, and
-            // hands it the checks (every HOOK_EVERY instructions, or once a limit is reached).
+            // (`trace::trace_hook`) counts instructions and records lines itself, and hands
+            // it the checks (every HOOK_EVERY instructions, or once a limit is reached).
             let b = Rc::clone(binding);
             lua.set_global_hook(HookTriggers::new().every_nth_instruction(1), move |lua, d| {
                 let (m, limits) = (b.meter(), b.limits.get());
                 match d.event() {
-                    mlua::DebugEvent::Count => {
-                        let n = m.instructions.get() + 1;
-                        if n % HOOK_EVERY as u64 == 0 {
-                            m.instructions.set(n - HOOK_EVERY as u64);
-                            check(lua, &m, &limits)?;
-                        } else {
-                            m.instructions.set(n);
-                            // The watchdog's alarm stops a traced run at once too.
-                            if m.alarmed().is_some() {
-                                check_deadline(&m, &limits)?;
-                            }
-                        }
-                    }
+                    mlua::DebugEvent::Count => check_counted(lua, &m, &limits)?,
                     _ => check_deadline(&m, &limits)?,
                 }
                 Ok(VmState::Continue)
@@ -961,6 +949,18 @@ pub fn check(lua: &Lua, m: &Meter, limits: &Limits) -> mlua::Result<()> {
         return Err(mlua::Error::external(l));
     }
     m.instructions.set(m.instructions.get() + HOOK_EVERY as u64);
+    check_counted(lua, m, limits)
+}
+
+/// [`check`] for a hook that counted the instructions itself (the tracer's).
+pub fn check_counted(lua: &Lua, m: &Meter, limits: &Limits) -> mlua::Result<()> {
+    if let Some(l) = m.tripped.get() {
+        return Err(mlua::Error::external(l));
+    }
+    if let Some(l) = m.alarmed() {
+        m.tripped.set(Some(l));
+        return Err(mlua::Error::external(l));
+    }
     m.peak_memory
         .set(m.peak_memory.get().max(lua.used_memory()));
     let now = Instant::now();

@@ -69,11 +69,18 @@ impl Snap {
     pub fn from_map(m: Map<String, Json>) -> Arc<Snap> {
         let entries: Vec<(Arc<str>, Arc<Json>)> =
             m.into_iter().map(|(k, v)| (Arc::from(k.as_str()), Arc::new(v))).collect();
-        Arc::new(Snap::new(entries))
+        let size = entries.iter().map(|(k, v)| k.len() + 3 + json_size(v)).sum();
+        Arc::new(Snap::new(entries, size))
     }
 
-    fn new(entries: Vec<(Arc<str>, Arc<Json>)>) -> Snap {
-        let size = entries.iter().map(|(k, v)| k.len() + 3 + json_size(v)).sum();
+    fn of_slots(slots: &[Slot]) -> Snap {
+        Snap::new(
+            slots.iter().map(|s| (Arc::clone(&s.name), Arc::clone(&s.value))).collect(),
+            slots.iter().map(|s| s.size).sum(),
+        )
+    }
+
+    fn new(entries: Vec<(Arc<str>, Arc<Json>)>, size: usize) -> Snap {
         let mut dup = false;
         for (i, (k, _)) in entries.iter().enumerate() {
             if entries[..i].iter().any(|(n, _)| n == k) {
@@ -170,6 +177,8 @@ struct Slot {
     /// Values of the step budget the recorded form took.
     cost: usize,
     value: Arc<Json>,
+    /// Stored bytes of the entry (name and value).
+    size: usize,
 }
 
 /// A traced frame: the function running at one stack depth.
@@ -382,9 +391,7 @@ impl Tracer {
             changed = true;
         }
         if changed {
-            f.snap_locals = Arc::new(Snap::new(
-                f.locals.iter().map(|s| (Arc::clone(&s.name), Arc::clone(&s.value))).collect(),
-            ));
+            f.snap_locals = Arc::new(Snap::of_slots(&f.locals));
         }
         let mut changed = false;
         let mut k = 0usize;
@@ -405,9 +412,7 @@ impl Tracer {
             changed = true;
         }
         if changed {
-            f.snap_upvalues = Arc::new(Snap::new(
-                f.upvalues.iter().map(|s| (Arc::clone(&s.name), Arc::clone(&s.value))).collect(),
-            ));
+            f.snap_upvalues = Arc::new(Snap::of_slots(&f.upvalues));
         }
         (Arc::clone(&f.snap_locals), Arc::clone(&f.snap_upvalues))
     }
@@ -623,14 +628,16 @@ unsafe fn update_slot(
     }
     let mut b = before;
     let value = unsafe { walk(l, ffi::lua_gettop(l), 0, &mut Path::default(), &mut b, &mut JsonSink) };
+    let name_arc: Arc<str> = match slots.get(k) {
+        Some(s) if unsafe { CStr::from_ptr(name) }.to_bytes() == s.name.as_bytes() => {
+            Arc::clone(&s.name)
+        }
+        _ => Arc::from(unsafe { CStr::from_ptr(name) }.to_string_lossy().as_ref()),
+    };
     let slot = Slot {
         name_ptr: name,
-        name: match slots.get(k) {
-            Some(s) if unsafe { CStr::from_ptr(name) }.to_bytes() == s.name.as_bytes() => {
-                Arc::clone(&s.name)
-            }
-            _ => Arc::from(unsafe { CStr::from_ptr(name) }.to_string_lossy().as_ref()),
-        },
+        size: name_arc.len() + 3 + json_size(&value),
+        name: name_arc,
         fp,
         cost,
         value: Arc::new(value),
@@ -663,9 +670,11 @@ pub unsafe fn attach(l: *mut ffi::lua_State, ctx: *const HookCtx) {
     unsafe { *(ffi::lua_getextraspace(l) as *mut *const HookCtx) = ctx };
 }
 
-/// The traced run's hook: counts instructions, records lines and returns, and passes the
-/// checks (every [`HOOK_EVERY`] instructions, or when the watchdog's alarm rang or a limit
-/// tripped) to the sandbox's mlua hook, which raises the limit's error.
+/// The traced run's hook: counts instructions (one by one for the first [`HOOK_EVERY`], then
+/// [`HOOK_EVERY`] at a time: a count hook per instruction doubles a tight loop's time), records
+/// lines and returns, and passes the checks (every [`HOOK_EVERY`] instructions, or when the
+/// watchdog's alarm rang or a limit tripped) to the sandbox's mlua hook, which raises the
+/// limit's error.
 ///
 /// # Safety
 /// Installed by the sandbox with `lua_sethook` on a state whose extra space was set by
@@ -681,13 +690,18 @@ pub unsafe extern "C-unwind" fn trace_hook(l: *mut ffi::lua_State, ar: *mut ffi:
     let limited = m.tripped.get().is_some() || m.alarm.fired().is_some();
     let slow = match unsafe { (*ar).event } {
         ffi::LUA_HOOKCOUNT => {
-            let n = m.instructions.get() + 1;
-            if limited || n % HOOK_EVERY as u64 == 0 {
-                true
-            } else {
-                m.instructions.set(n);
-                false
+            // The hook runs every `count` instructions: 1 for the first HOOK_EVERY (a short
+            // run's count is exact), then HOOK_EVERY (no call per instruction).
+            let count = unsafe { ffi::lua_gethookcount(l) }.max(1) as u64;
+            let n0 = m.instructions.get();
+            let n = n0 + count;
+            m.instructions.set(n);
+            if count == 1 && n >= HOOK_EVERY as u64 && !limited {
+                unsafe {
+                    ffi::lua_sethook(l, Some(trace_hook), ffi::lua_gethookmask(l), HOOK_EVERY as c_int)
+                };
             }
+            limited || n / HOOK_EVERY as u64 != n0 / HOOK_EVERY as u64
         }
         ffi::LUA_HOOKLINE if limited => true,
         ffi::LUA_HOOKLINE => {
@@ -1089,6 +1103,7 @@ pub fn serialize(v: &Value, depth: usize, seen: &mut HashSet<usize>, budget: &mu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lua::limits::TraceLimits;
     use mlua::Lua;
     use serde_json::json;
 
@@ -1203,5 +1218,205 @@ mod tests {
         assert_eq!(step_size(&step(json!({"n": 1}))), empty + 1 + 3 + 8);
         assert_eq!(step_size(&step(json!({"a": [1, "x"]}))), empty + 1 + 3 + 2 + 8 + 3);
         assert_eq!(step_size(&step(json!({"o": {"k": null}}))), empty + 1 + 3 + 2 + 1 + 3 + 8);
+    }
+
+    /// Run `code` traced in a sandbox state; the steps and whether the trace was truncated.
+    fn traced(code: &str, tracer: Tracer) -> (mlua::Result<()>, Vec<Step>, bool) {
+        use crate::lua::sandbox::{Limits, Meter, new_state};
+        use std::time::{Duration, Instant};
+        let tracer = Rc::new(RefCell::new(tracer));
+        let limits = Limits {
+            instructions: None,
+            cpu: Duration::from_secs(30),
+            memory: 64 << 20,
+            deadline: Instant::now() + Duration::from_secs(30),
+        };
+        let meter = Rc::new(Meter::default());
+        let (lua, _) = new_state(limits, meter, Some(Rc::clone(&tracer))).unwrap();
+        let r = lua.load(code).set_name("=t").exec();
+        drop(lua);
+        let t = std::mem::replace(&mut *tracer.borrow_mut(), Tracer::new(0, 0));
+        let (steps, truncated) = t.finish();
+        (r, steps, truncated)
+    }
+
+    #[test]
+    fn the_c_walk_serialises_as_serialize_does() {
+        let lua = Lua::new();
+        for expr in [
+            "nil", "true", "42", "-0.5", "1e300", "0/0", "1/0", "'héllo'", "string.rep('a', 300)",
+            "string.rep('é', 600)", "string.rep('x', 2000)", "'\\xff\\xfe'", "{1, 'two', {3}}",
+            "{a = 1, b = {c = true}}", "{}", "{[2] = 'x', [true] = 1, [1.5] = 2}",
+            "(function() local t = {} t.self = t return t end)()",
+            "(function() local s = {1} return {s, s} end)()", "{{{{1, 2}}}}",
+            "(function() local t = {} for i = 1, 60 do t[i] = i end return t end)()",
+            "(function() local t = {} for i = 1, 60 do t['k' .. i] = {i, {i}} end return t end)()",
+            "(function() local t = {} for i = 1, 400 do t[i] = {i, i} end return t end)()",
+            "function() end", "coroutine.create(function() end)", "{[{}] = 1, [print] = 2}",
+        ] {
+            let v: Value = lua.load(format!("return {expr}")).eval().unwrap();
+            let want = serialize(&v, 0, &mut HashSet::new(), &mut 500);
+            let mut got = Json::Null;
+            let mut cost = 0;
+            unsafe {
+                lua.exec_raw::<()>(v, |l| {
+                    let mut b = 500;
+                    got = walk(l, ffi::lua_gettop(l), 0, &mut Path::default(), &mut b, &mut JsonSink);
+                    cost = 500 - b;
+                })
+                .unwrap();
+            }
+            assert_eq!(got, want, "{expr}");
+            assert!(cost >= 1 && cost <= 500, "{expr}: {cost}");
+        }
+    }
+
+    #[test]
+    fn a_change_is_recorded_at_its_line_and_unchanged_values_are_shared() {
+        let code = "local t = {a = 1, list = {1, 2, 3}}\nlocal n = 0\nn = n + 1\nlocal s = 'x'\nt.a = 2\nn = n + 1\nreturn n";
+        let (r, steps, truncated) = traced(code, Tracer::new(1000, 1 << 20));
+        r.unwrap();
+        assert!(!truncated);
+        let main: Vec<&Step> = steps.iter().filter(|s| &*s.source == "t").collect();
+        let at = |line: i32| *main.iter().find(|s| s.line == line).unwrap_or_else(|| panic!("line {line}: {main:?}"));
+        // Values after each line ran.
+        assert_eq!(at(1).locals.get("t"), Some(&json!({"a": 1, "list": [1, 2, 3]})));
+        assert_eq!(at(2).locals.get("n"), Some(&json!(0)));
+        assert_eq!(at(3).locals.get("n"), Some(&json!(1)));
+        assert_eq!(at(5).locals.get("t"), Some(&json!({"a": 2, "list": [1, 2, 3]})));
+        assert_eq!(at(6).locals.get("n"), Some(&json!(2)));
+        assert_eq!(at(4).locals.get("s"), Some(&json!("x")));
+        assert!(main.iter().all(|s| s.after));
+        // The unchanged table is one recorded value from line 1 to line 4 (not serialised
+        // again), readable at every step; line 5 changed it.
+        let table = |line: i32| {
+            let l = &at(line).locals;
+            Arc::clone(&l.entries.iter().find(|(k, _)| &**k == "t").unwrap().1)
+        };
+        assert!(Arc::ptr_eq(&table(1), &table(2)));
+        assert!(Arc::ptr_eq(&table(1), &table(4)));
+        assert!(!Arc::ptr_eq(&table(4), &table(5)));
+        assert!(Arc::ptr_eq(&table(5), &table(6)));
+        // A line that changed nothing shares the whole snapshot of the line before... none
+        // here; the stored form is a JSON object in declaration order.
+        assert_eq!(
+            serde_json::to_value(&*at(6).locals).unwrap(),
+            json!({"t": {"a": 2, "list": [1, 2, 3]}, "n": 2, "s": "x"})
+        );
+    }
+
+    #[test]
+    fn a_table_changed_deep_inside_or_by_a_callee_is_recorded_again() {
+        let code = "local t = {inner = {v = 1}}\nlocal function bump(x) x.inner.v = x.inner.v + 1 end\nbump(t)\nlocal same = 1\nreturn t";
+        let (r, steps, _) = traced(code, Tracer::new(1000, 1 << 20));
+        r.unwrap();
+        let main: Vec<&Step> = steps.iter().filter(|s| s.function.as_ref() == "main chunk").collect();
+        let at = |line: i32| main.iter().find(|s| s.line == line).unwrap();
+        assert_eq!(at(2).locals.get("t"), Some(&json!({"inner": {"v": 1}})));
+        assert_eq!(at(3).locals.get("t"), Some(&json!({"inner": {"v": 2}})));
+        assert_eq!(at(4).locals.get("t"), Some(&json!({"inner": {"v": 2}})));
+        // The callee's frame is its own, with its parameter.
+        let callee = steps.iter().find(|s| &*s.function == "bump").unwrap();
+        assert_eq!(callee.locals.get("x"), Some(&json!({"inner": {"v": 2}})));
+    }
+
+    #[test]
+    fn tracing_runs_no_metamethod_and_bounds_hostile_tables() {
+        let code = r#"
+            local calls = 0
+            local mt = {__index = function() calls = calls + 1 return 1 end,
+                        __pairs = function() calls = calls + 1 error("pairs ran") end,
+                        __len = function() calls = calls + 1 return 1e9 end,
+                        __tostring = function() calls = calls + 1 return "x" end}
+            local hostile = setmetatable({a = 1}, mt)
+            local big = {}
+            for i = 1, 3000 do big[i] = {i} end
+            local cyc = {} cyc.me = cyc
+            local deep = {{{{{{1}}}}}}
+            assert(calls == 0, "a metamethod ran: " .. calls)
+            result = calls
+        "#;
+        let (r, steps, _) = traced(code, Tracer::new(100_000, 64 << 20));
+        r.unwrap();
+        let last = steps.iter().rev().find(|s| s.locals.get("hostile").is_some()).unwrap();
+        assert_eq!(last.locals.get("hostile"), Some(&json!({"a": 1})));
+        assert_eq!(last.locals.get("cyc"), Some(&json!({"me": "<cycle>"})));
+        assert_eq!(last.locals.get("deep"), Some(&json!([[["<table: 1 entries>"]]])));
+        let big = last.locals.get("big").unwrap().as_array().unwrap();
+        assert_eq!(big.len(), MAX_ENTRIES + 1);
+        assert_eq!(big[MAX_ENTRIES], json!("… 2950 more"));
+    }
+
+    #[test]
+    fn ends_mode_keeps_the_first_and_the_last_steps_before_an_error() {
+        let limits = TraceLimits { mode: TraceMode::Ends, head_steps: 5, tail_steps: 8, ..TraceLimits::default() };
+        let code = "local n = 0\nfor i = 1, 500 do\n  n = n + i\nend\nlocal boom = n\nerror('late failure')";
+        let (r, steps, truncated) = traced(code, Tracer::with_limits(100_000, &limits));
+        assert!(r.is_err());
+        assert!(truncated);
+        assert_eq!(steps.len(), 5 + 8, "{steps:?}");
+        let nums: Vec<u32> = steps.iter().map(|s| s.step).collect();
+        assert_eq!(&nums[..5], &[0, 1, 2, 3, 4]);
+        assert!(nums[5] > 100, "a gap: {nums:?}");
+        // The failing line is the last step of the chunk (the sandbox's `error` wrapper ran
+        // after it), with the values from before it ran.
+        let mine: Vec<&Step> = steps.iter().filter(|s| &*s.source == "t").collect();
+        let last = mine.last().unwrap();
+        assert_eq!(last.line, 6);
+        assert!(!last.after);
+        assert_eq!(last.locals.get("boom"), Some(&json!(125250)));
+        assert_eq!(mine[mine.len() - 2].line, 5);
+        // The full mode stops at its cap instead.
+        let (_, steps, truncated) = traced(code, Tracer::new(5, 1 << 20));
+        assert!(truncated);
+        assert_eq!(steps.len(), 5);
+        assert!(steps.iter().all(|s| s.line <= 3));
+    }
+
+    #[test]
+    fn coroutines_are_traced_with_their_own_frames() {
+        let code = "local co = coroutine.wrap(function(a)\n  local b = a * 2\n  coroutine.yield(b)\n  local c = b + 1\n  return c\nend)\nlocal x = co(5)\nlocal y = co()\nreturn x + y";
+        let (r, steps, _) = traced(code, Tracer::new(1000, 1 << 20));
+        r.unwrap();
+        let inner = |line: i32| steps.iter().find(|s| s.line == line && s.locals.get("a").is_some()).cloned();
+        assert_eq!(inner(2).unwrap().locals.get("b"), Some(&json!(10)));
+        assert_eq!(inner(4).unwrap().locals.get("c"), Some(&json!(11)));
+        let main = steps.iter().rev().find(|s| s.locals.get("y").is_some()).unwrap();
+        assert_eq!(main.locals.get("x"), Some(&json!(10)));
+        assert_eq!(main.locals.get("y"), Some(&json!(11)));
+    }
+
+    #[test]
+    fn instructions_are_counted_exactly_at_first_then_by_thousands() {
+        use crate::lua::sandbox::{Limits, Meter, new_state};
+        use std::time::{Duration, Instant};
+        let run = |code: &str| {
+            let limits = Limits {
+                instructions: None,
+                cpu: Duration::from_secs(30),
+                memory: 64 << 20,
+                deadline: Instant::now() + Duration::from_secs(30),
+            };
+            let meter = Rc::new(Meter::default());
+            let tracer = Rc::new(RefCell::new(Tracer::new(10, 1 << 20)));
+            let (lua, _) = new_state(limits, Rc::clone(&meter), Some(tracer)).unwrap();
+            lua.load(code).exec().unwrap();
+            meter.instructions.get()
+        };
+        let short = run("local s = 0 for i = 1, 20 do s = s + i end");
+        assert!((40..200).contains(&short), "{short}");
+        let long = run("local s = 0 for i = 1, 100000 do s = s + i end");
+        assert!((200_000..=300_000).contains(&long), "{long}");
+        // A limit still stops a traced run (the deadline, checked every HOOK_EVERY).
+        let limits = Limits {
+            instructions: None,
+            cpu: Duration::from_secs(30),
+            memory: 64 << 20,
+            deadline: Instant::now() + Duration::from_millis(200),
+        };
+        let tracer = Rc::new(RefCell::new(Tracer::new(10, 1 << 20)));
+        let (lua, _) = new_state(limits, Rc::new(Meter::default()), Some(tracer)).unwrap();
+        let e = lua.load("while true do end").exec().unwrap_err();
+        assert_eq!(crate::lua::sandbox::limit_of(&e), Some(crate::lua::sandbox::Limit::Time), "{e}");
     }
 }
