@@ -3,8 +3,8 @@
 //! A fresh state per invocation (so no invocation sees another's globals), with only `base`
 //! (minus `dofile`, `loadfile`, `require`, raw `load`, `collectgarbage` control), `string`
 //! (minus `dump`; the string metatable is locked), `table`, `math`, `utf8`, `coroutine` and
-//! `os.time/clock/date`. Lua's `debug` library is loaded but kept by the host only (the tracer
-//! reads locals with it); user code sees the safe `debug` component instead.
+//! `os.time/clock/date`. Lua's `debug` library is loaded but kept by the host only; user code
+//! sees the safe `debug` component instead (the tracer reads locals through the C API).
 //!
 //! Limits: a wall-clock deadline, a CPU-time budget and a memory limit enforced by the
 //! allocator; optionally an instruction budget. Untraced code runs with **no hook at all** (a
@@ -13,8 +13,11 @@
 //! when a limit is reached it installs the sandbox's hook on the running state and on the
 //! coroutines it is running (`lua_sethook` is safe to call asynchronously, as `lua.c` does for
 //! Ctrl-C), so the invocation stops at its next VM instruction. Only an explicit instruction
-//! budget (`lua_instruction_limit` > 0, deterministic but ~2x slower) or a trace installs a
-//! count hook ([`HOOK_EVERY`] instructions, a global hook, so coroutines inherit it). Every host
+//! budget (`lua_instruction_limit` > 0, deterministic but ~2x slower) installs a count hook
+//! ([`HOOK_EVERY`] instructions, a global hook, so coroutines inherit it). A traced run installs
+//! the tracer's C hook (`trace::trace_hook`: line, return and count events; coroutines inherit
+//! it), which passes the limit checks to this module's mlua hook every [`HOOK_EVERY`]
+//! instructions or once the watchdog rang; the watchdog installs that same C hook. Every host
 //! function checks the limits before it starts ([`guard_host_functions`]) and long host loops
 //! check them through [`time_check`]. Once a limit fires it stays fired: `pcall`, `xpcall` and
 //! `coroutine.resume` re-raise it instead of catching it. `__gc` metamethods are refused
