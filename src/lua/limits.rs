@@ -284,9 +284,18 @@ mod tests {
             TraceSettings { retention_secs: f64::INFINITY, ..Default::default() },
             TraceSettings { prune_interval_secs: -1.0, ..Default::default() },
             TraceSettings { prune_interval_secs: f64::NAN, ..Default::default() },
+            TraceSettings { mode: TraceMode::Ends, head_steps: 0, tail_steps: 0, ..Default::default() },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+        let ends = TraceSettings { mode: TraceMode::Ends, head_steps: 0, tail_steps: 10, ..Default::default() };
+        assert!(ends.validate().is_ok());
+        let t: TraceLimits = (&ends).into();
+        assert_eq!((t.mode, t.head_steps, t.tail_steps), (TraceMode::Ends, 0, 10));
+        // Spelled in lower case in ichibase.toml; anything else is refused.
+        let parsed: TraceSettings = toml::from_str("mode = \"ends\"\ntail_steps = 5").unwrap();
+        assert_eq!((parsed.mode, parsed.tail_steps, parsed.head_steps), (TraceMode::Ends, 5, 2000));
+        assert!(toml::from_str::<TraceSettings>("mode = \"sample\"").is_err());
         let d = LuaLimitSettings::default();
         assert!(d.validate(64 << 20).is_ok());
         assert!(d.validate((d.memory_total + 1) as usize).is_err());
