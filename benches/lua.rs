@@ -80,8 +80,11 @@ fn sandbox_seconds(
             check: None,
             trace_owner: None,
         };
+        // The default configuration: no instruction budget, so no count hook (the watchdog
+        // enforces the CPU and wall limits, generous here).
         let opts = LuaOptions {
-            instruction_limit: u64::MAX / 2,
+            instruction_limit: 0,
+            cpu_limit: Duration::from_secs(600),
             timeout: Duration::from_secs(600),
             max_trace_steps: 10_000_000,
             ..LuaOptions::default()
