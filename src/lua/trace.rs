@@ -201,6 +201,9 @@ struct Frame {
     skip: bool,
     /// Index of the frame's source in [`Tracer::sources`] (its lines' visit counts).
     src: usize,
+    /// The frame's last line visit was not recorded (sampling): its step number and line. If
+    /// the run fails right there, the error handler records it.
+    skip_visit: Option<(u64, i32)>,
     locals: Vec<Slot>,
     upvalues: Vec<Slot>,
     snap_locals: Arc<Snap>,
@@ -305,7 +308,9 @@ impl Tracer {
     pub fn with_limits(max_steps: usize, limits: &TraceLimits) -> Self {
         let max_bytes = limits.max_bytes as usize;
         match limits.mode {
-            TraceMode::Full => Self::new(max_steps, max_bytes),
+            TraceMode::Full => Self::new(max_steps, max_bytes).sample_after(limits.sample_after),
+            // `ends` is for the lines before a late error: every visit is recorded (no
+            // sampling), so the tail is the very last steps.
             TraceMode::Ends => Self::build(
                 limits.head_steps.min(max_steps),
                 max_bytes / 2,
@@ -313,7 +318,6 @@ impl Tracer {
                 max_bytes / 2,
             ),
         }
-        .sample_after(limits.sample_after)
     }
 
     fn build(head_steps: usize, head_bytes: usize, tail_steps: usize, tail_bytes: usize) -> Self {
@@ -625,6 +629,7 @@ impl Tracer {
             source,
             skip,
             src,
+            skip_visit: None,
             locals: Vec::new(),
             upvalues: Vec::new(),
             snap_locals: Arc::clone(&self.empty),
@@ -648,13 +653,17 @@ impl Tracer {
         // it and return, without reading a value.
         let mut decided = false;
         if self.sample_after > 0 && ci == self.last_ci && l == self.last_l && !ci.is_null() {
-            if let Some(Some(f)) = self.frames.get(self.last_depth as usize) {
+            let d = self.last_depth as usize;
+            if let Some(Some(f)) = self.frames.get(d) {
                 if f.skip {
                     return;
                 }
                 if f.pending.is_none() {
                     let src = f.src;
                     if !self.visit(src, line) {
+                        if let Some(Some(f)) = self.frames.get_mut(d) {
+                            f.skip_visit = Some((self.seq, line));
+                        }
                         self.seq += 1;
                         return;
                     }
@@ -690,6 +699,10 @@ impl Tracer {
             let r = self.visit(src, line);
             if !r && !has_pending {
                 unsafe { ffi::lua_settop(l, fidx - 1) };
+                let seq = self.seq;
+                if let Some(f) = self.frames[d].as_mut() {
+                    f.skip_visit = Some((seq, line));
+                }
                 self.seq += 1;
                 return;
             }
@@ -714,6 +727,9 @@ impl Tracer {
         }
         let seq = self.seq;
         self.seq += 1;
+        if let Some(f) = self.frames[d].as_mut() {
+            f.skip_visit = (!record).then_some((seq, line));
+        }
         if !record || !self.may_start(seq) {
             return;
         }
@@ -744,6 +760,23 @@ impl Tracer {
         // A call ended (or a C function returned after catching an error or a yield): the
         // next line event may be another call on the same CallInfo.
         self.last_ci = std::ptr::null();
+        if self.skipped > 0 {
+            // The error handler returning while the failing frames are still on the stack:
+            // visits that sampling did not record, where they failed, are recorded now.
+            if unsafe { ffi::lua_checkstack(l, 4 + 2 * MAX_DEPTH as c_int + 4) } == 0 {
+                return;
+            }
+            unsafe { ffi::lua_getinfo(l, c"f".as_ptr(), ar) };
+            let fidx = unsafe { ffi::lua_gettop(l) };
+            let is_handler = unsafe { ffi::lua_iscfunction(l, fidx) } != 0
+                && error_handler().is_some_and(|h| {
+                    unsafe { ffi::lua_tocfunction(l, fidx) }.map(|f| f as usize) == Some(h)
+                });
+            unsafe { ffi::lua_settop(l, fidx - 1) };
+            if is_handler {
+                unsafe { self.record_failing(l) };
+            }
+        }
         if self.pending == 0 {
             return;
         }
@@ -775,6 +808,66 @@ impl Tracer {
             }
         }
         unsafe { ffi::lua_settop(l, fidx - 1) };
+    }
+
+    /// From the error handler (stack level 0): record the last visit of each failing frame
+    /// (levels 1 to 8) that sampling did not record; the line failed (or called what failed),
+    /// its values are those from before it ran.
+    unsafe fn record_failing(&mut self, l: *mut ffi::lua_State) {
+        let top = unsafe { self.depth(l) };
+        let mut ar: ffi::lua_Debug = unsafe { std::mem::zeroed() };
+        for level in 1..=8u32 {
+            if level >= top || unsafe { ffi::lua_getstack(l, level as c_int, &mut ar) } == 0 {
+                break;
+            }
+            // Frames are indexed by the number of levels below them and themselves.
+            let d = (top - level) as usize;
+            let Some(Some(f)) = self.frames.get(d) else { continue };
+            let Some((seq, line)) = f.skip_visit else { continue };
+            if f.l != l || f.pending.is_some() {
+                continue;
+            }
+            unsafe { ffi::lua_getinfo(l, c"f".as_ptr(), &mut ar) };
+            let fidx = unsafe { ffi::lua_gettop(l) };
+            let func = unsafe { ffi::lua_topointer(l, fidx) };
+            if f.func != func || !self.may_start(seq) {
+                unsafe { ffi::lua_settop(l, fidx - 1) };
+                continue;
+            }
+            let Some(Some(f)) = self.frames.get_mut(d) else {
+                unsafe { ffi::lua_settop(l, fidx - 1) };
+                continue;
+            };
+            f.skip_visit = None;
+            let (locals, upvalues) = unsafe { Self::capture(f, l, &mut ar, fidx) };
+            unsafe { ffi::lua_settop(l, fidx - 1) };
+            let (function, source, src) = (Arc::clone(&f.function), Arc::clone(&f.source), f.src);
+            // This visit is recorded after all: it leaves the counts of visits not recorded.
+            let mut before = 0;
+            if let Some(c) = self.sources.get_mut(src) {
+                let i = line.max(0) as usize;
+                if let Some(n) = c.skipped.get_mut(i) {
+                    *n = n.saturating_sub(1);
+                }
+                if let Some(n) = c.unrecorded.get_mut(i) {
+                    before = n.saturating_sub(1) as u64;
+                    *n = 0;
+                }
+            }
+            self.skipped = self.skipped.saturating_sub(1);
+            self.recorded += 1;
+            self.emit(Step {
+                step: seq,
+                line,
+                depth: d as u32,
+                function,
+                source,
+                locals,
+                upvalues,
+                after: false,
+                skipped: before,
+            });
+        }
     }
 
     /// All steps in execution order.
@@ -856,6 +949,49 @@ unsafe fn update_slot(
         slots.push(slot);
     }
     true
+}
+
+/// The message handler mlua runs when a call from Rust into Lua fails (its private
+/// `error_traceback`), found once by watching which C function returns while a probe call
+/// fails. It runs before the stack unwinds, so the failing frame can still be read. `None` if
+/// the probe does not find exactly one (then a failing visit that sampling skipped is not
+/// recorded: the trace's error and error line still say where it failed).
+fn error_handler() -> Option<usize> {
+    static HANDLER: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *HANDLER.get_or_init(|| {
+        thread_local! {
+            static SEEN: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+        }
+        unsafe extern "C-unwind" fn probe(l: *mut ffi::lua_State, ar: *mut ffi::lua_Debug) {
+            unsafe {
+                if (*ar).event != ffi::LUA_HOOKRET || ffi::lua_checkstack(l, 2) == 0 {
+                    return;
+                }
+                ffi::lua_getinfo(l, c"f".as_ptr(), ar);
+                if ffi::lua_iscfunction(l, -1) != 0 {
+                    if let Some(f) = ffi::lua_tocfunction(l, -1) {
+                        SEEN.with(|s| s.borrow_mut().push(f as usize));
+                    }
+                }
+                ffi::lua_settop(l, -2);
+            }
+        }
+        let lua = mlua::Lua::new();
+        let f = lua.load("local t = nil\nreturn t.x").into_function().ok()?;
+        unsafe {
+            lua.exec_raw::<()>((), |l| {
+                ffi::lua_sethook(l, Some(probe), ffi::LUA_MASKRET, 0);
+            })
+            .ok()?;
+        }
+        SEEN.with(|s| s.borrow_mut().clear());
+        let failed = f.call::<()>(()).is_err();
+        let seen = SEEN.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let mut uniq = seen.clone();
+        uniq.sort_unstable();
+        uniq.dedup();
+        (failed && uniq.len() == 1).then(|| uniq[0])
+    })
 }
 
 /// Per-state context of [`trace_hook`], pointed to by the state's extra space (coroutines
@@ -1558,8 +1694,9 @@ mod tests {
 
     #[test]
     fn ends_mode_keeps_the_first_and_the_last_steps_before_an_error() {
-        // Every visit recorded (no hot-line sampling): the tail holds the very last steps.
-        let limits = TraceLimits { mode: TraceMode::Ends, head_steps: 5, tail_steps: 8, sample_after: 0, ..TraceLimits::default() };
+        // Every visit recorded (`ends` does not sample hot lines): the tail holds the very
+        // last steps.
+        let limits = TraceLimits { mode: TraceMode::Ends, head_steps: 5, tail_steps: 8, ..TraceLimits::default() };
         let code = "local n = 0\nfor i = 1, 500 do\n  n = n + i\nend\nlocal boom = n\nerror('late failure')";
         let (r, steps, truncated) = traced(code, Tracer::with_limits(100_000, &limits));
         assert!(r.is_err());
@@ -1716,6 +1853,25 @@ mod tests {
             }
         }
         assert!(n > 3, "{n}");
+    }
+
+    #[test]
+    fn a_failing_visit_that_sampling_skipped_is_recorded_with_its_values() {
+        assert!(error_handler().is_some(), "mlua's error handler found");
+        // A runtime error on a hot line, and an error() call from a hot line in a callee.
+        for (code, line, var) in [
+            ("local t = {}\nfor i = 1, 500 do\n  local k = 1\n  if i > 450 then k = nil end\n  local z = k + i\n  t[1] = z\nend", 5, "i"),
+            ("local function check(n)\n  if n > 300 then error('too big: ' .. n) end\n  return n\nend\nlocal s = 0\nfor i = 1, 1000 do\n  s = s + check(i)\nend", 2, "n"),
+        ] {
+            let (r, steps, _) = traced(code, Tracer::new(100_000, 1 << 24).sample_after(5));
+            assert!(r.is_err());
+            let fail = steps.iter().rev().find(|s| s.line == line && &*s.source == "t").unwrap();
+            assert!(!fail.after, "{fail:?}");
+            let v = fail.locals.get(var).and_then(Json::as_i64).unwrap();
+            // The failing visit itself: the values from before the failing line ran.
+            assert!(v == 451 || v == 301, "{fail:?}");
+            assert!(fail.skipped > 0, "{fail:?}");
+        }
     }
 
     #[test]
