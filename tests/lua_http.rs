@@ -1264,6 +1264,21 @@ async fn hot_lines_are_sampled_and_marked_in_the_trace() {
     let h = get_url(&admin, format!("{base}/trace/{id}/hover?name=total")).await;
     assert_eq!(h.status, 200, "{}", h.body);
     assert_eq!(h.json()["sampled"], true, "{}", h.body);
+    // Failing on a visit sampling skipped: that visit is recorded all the same, with the
+    // values from before the failing line ran.
+    let failing = "return function()\n  local total = 0\n  for i = 1, 200 do\n    local k = 1\n    if i == 150 then k = nil end\n    total = total + k * i\n  end\n  return total\nend";
+    assert_eq!(put_fn(&admin, &base, "hot_fail", failing).await.status, 200);
+    let r = call_with(&admin, &base, "hot_fail", "?trace=1", &[]).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let id = r.header("x-ichibase-trace-id").unwrap().to_string();
+    let t = get_url(&admin, format!("{base}/trace/{id}")).await.json();
+    assert_eq!(t["trace"]["error_line"], 6, "{t}");
+    let fail = t["steps"].as_array().unwrap().iter().rev().find(|s| s["line"] == 6).unwrap();
+    assert_eq!(fail["after"], false, "{fail}");
+    assert_eq!(fail["locals"]["i"], 150, "{fail}");
+    assert_eq!(fail["locals"]["k"], Value::Null, "{fail}");
+    assert_eq!(fail["locals"]["total"], json!(149 * 150 / 2), "{fail}");
+    assert!(fail["skipped"].as_i64().unwrap() > 0, "{fail}");
     // A function without hot lines is traced whole: no sampling in its trace.
     assert_eq!(put_fn(&admin, &base, "cool", "return function() local a = 1\nlocal b = a + 1\nreturn b end").await.status, 200);
     let r = call_with(&admin, &base, "cool", "?trace=1", &[]).await;
