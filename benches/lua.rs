@@ -369,8 +369,8 @@ fn main() {
         ("typical app function, every visit recorded (`sample_after = 0`)", APP_FN, input, 30, false, Some(0)),
         ("tight loop (20k iterations)", LOOP_FN, null.clone(), 7, false, None),
         ("tight loop, every visit recorded (`sample_after = 0`)", LOOP_FN, null.clone(), 7, false, Some(0)),
-        ("tight loop, `[traces] mode = \"ends\"` (first 2000 + last 2000 steps)", LOOP_FN, null.clone(), 7, true, None),
-        ("tight loop, `mode = \"ends\"`, every visit recorded", LOOP_FN, null, 7, true, Some(0)),
+        // `ends` records every visit (no sampling): its tail is the very last steps.
+        ("tight loop, `[traces] mode = \"ends\"` (first 2000 + last 2000 steps)", LOOP_FN, null, 7, true, None),
     ] {
         let off = invocation_seconds(&storage, &rt, src, input.clone(), false, runs, ends, sample_after);
         let on = invocation_seconds(&storage, &rt, src, input.clone(), true, runs, ends, sample_after);

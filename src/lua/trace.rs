@@ -30,6 +30,16 @@
 //! the first `head_steps` and the last `tail_steps` steps (each within half of `max_bytes`),
 //! so the lines before an error at the end of a long run are kept; the step numbers show the
 //! gap.
+//!
+//! **Hot-line sampling** (`full` mode, `[traces] sample_after` = K): each source line's first
+//! K visits are recorded, then only its K + 2^j-th; every visit is counted. Step numbers count
+//! every line event, a recorded step carries `skipped` (visits of its line not recorded since
+//! the previous recorded one) and [`Tracer::sampling`] summarises the lines sampled. A visit
+//! not recorded costs the hook call and a counter: the **fast path** of [`Tracer::on_line`]
+//! recognises the frame of the previous line event by its thread and `CallInfo` (a return
+//! event in between clears it), so it reads no value, no depth and no function. A run that
+//! fails on a skipped visit still records it: mlua's message handler returns while the failing
+//! frames are on the stack, and the return hook reads them there ([`error_handler`]).
 
 use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
