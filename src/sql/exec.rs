@@ -1,6 +1,8 @@
 //! Execute one SQL-over-HTTP request against [`Storage`].
 //!
-//! Read-only single statements stream from a pooled reader; anything that writes goes to the
+//! A single read-only statement first tries to run inline on the request's own worker
+//! ([`start_inline`]: a free reader connection, a time budget and an answer cap, else it runs
+//! again the usual way). Read-only single statements stream from a pooled reader; anything that writes goes to the
 //! writer, inside one transaction when it has several statements, insert data or a RETURNING
 //! result. Output travels to the HTTP layer as [`Msg`]s over a bounded channel: answers up to
 //! `buffer_size` bytes arrive as one `Done` (so the status code and summary are exact), larger
