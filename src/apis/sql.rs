@@ -28,9 +28,78 @@ impl crate::modules::Module for SqlModule {
     fn name(&self) -> &'static str {
         "sql"
     }
+    fn section(&self) -> Option<&'static str> {
+        Some("sql")
+    }
+    fn provide(&self, b: &mut crate::app::AppBuilder) -> anyhow::Result<()> {
+        let s: SqlSettings = b.core().config.section("sql")?;
+        s.validate()?;
+        b.provide(SqlRuntime {
+            inline: s.inline_reads(),
+        });
+        Ok(())
+    }
     fn routes(&self) -> Router<App> {
         routes()
     }
+}
+
+/// The `[sql]` section (`ICHIBASE_SQL__<KEY>` in the environment): how `/` runs short reads.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqlSettings {
+    /// A single read-only statement runs on the request's own thread when a reader connection
+    /// is free, for at most this many microseconds; past it, it is interrupted and runs again
+    /// on the reader pool. 0: every read goes through the pool.
+    pub inline_read_budget_us: u64,
+    /// Largest answer, in bytes, an inline read builds; a larger one runs again on the pool
+    /// (which streams it).
+    pub inline_read_max_bytes: usize,
+}
+
+impl Default for SqlSettings {
+    fn default() -> Self {
+        SqlSettings {
+            inline_read_budget_us: 1_000,
+            inline_read_max_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl SqlSettings {
+    /// Largest inline budget: a run holds an async worker for up to this long.
+    pub const MAX_BUDGET_US: u64 = 100_000;
+    /// Largest inline answer.
+    pub const MAX_INLINE_BYTES: usize = 16 * 1024 * 1024;
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.inline_read_budget_us <= Self::MAX_BUDGET_US,
+            "[sql] inline_read_budget_us must be at most {} (an inline read holds an async worker thread)",
+            Self::MAX_BUDGET_US
+        );
+        anyhow::ensure!(
+            self.inline_read_max_bytes <= Self::MAX_INLINE_BYTES,
+            "[sql] inline_read_max_bytes must be at most {}",
+            Self::MAX_INLINE_BYTES
+        );
+        Ok(())
+    }
+
+    fn inline_reads(&self) -> exec::InlineReads {
+        if self.inline_read_budget_us == 0 || self.inline_read_max_bytes == 0 {
+            return exec::InlineReads::OFF;
+        }
+        exec::InlineReads {
+            budget: std::time::Duration::from_micros(self.inline_read_budget_us),
+            max_bytes: self.inline_read_max_bytes,
+        }
+    }
+}
+
+/// What the SQL module keeps for its handlers (`app.get::<SqlRuntime>()`).
+pub struct SqlRuntime {
+    pub inline: exec::InlineReads,
 }
 
 pub fn routes() -> Router<App> {
@@ -412,7 +481,10 @@ async fn serve_inner(
         }
     };
     let (format, mut rx) = match engine {
-        Engine::Sqlite => exec::start(storage, ctx.clone(), control, text, data, req.settings, turn),
+        Engine::Sqlite => {
+            let inline = st.get::<SqlRuntime>().map_or(exec::InlineReads::OFF, |r| r.inline);
+            exec::start_inline(storage, ctx.clone(), control, text, data, req.settings, turn, inline)
+        }
         Engine::Analytics if data.is_some() => {
             let e = Error::new(ErrorCode::Readonly, "The analytics database is read-only");
             return error_response(&e, req.wants_json, Some(&ctx.query_id));

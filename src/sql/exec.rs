@@ -1,6 +1,8 @@
 //! Execute one SQL-over-HTTP request against [`Storage`].
 //!
-//! Read-only single statements stream from a pooled reader; anything that writes goes to the
+//! A single read-only statement first tries to run inline on the request's own worker
+//! ([`start_inline`]: a free reader connection, a time budget and an answer cap, else it runs
+//! again the usual way). Read-only single statements stream from a pooled reader; anything that writes goes to the
 //! writer, inside one transaction when it has several statements, insert data or a RETURNING
 //! result. Output travels to the HTTP layer as [`Msg`]s over a bounded channel: answers up to
 //! `buffer_size` bytes arrive as one `Done` (so the status code and summary are exact), larger
@@ -132,17 +134,29 @@ impl StmtLog {
     }
 
     fn record(&self, b: &Bound, rows: u64, elapsed: std::time::Duration, err: Option<&Error>) {
-        if !self.sink.enabled() {
-            return;
-        }
-        // The statement's hash and `detail` are derived by the log's writer thread.
-        let mut e = crate::posterity::Event::sql(self.ctx.as_deref(), &b.sql, &b.verb);
-        e.rows = Some(rows as i64);
-        e.elapsed_ms = elapsed.as_secs_f64() * 1e3;
-        e.outcome = Some(if err.is_some() { "error" } else { "ok" });
-        e.error = err.map(|e| e.message.chars().take(1000).collect());
-        self.sink.record(e);
+        record_statement(&self.sink, self.ctx.as_deref(), b, rows, elapsed, err);
     }
+}
+
+/// One statement's posterity row (nothing when the log is off).
+fn record_statement(
+    sink: &crate::posterity::Sink,
+    ctx: Option<&RequestContext>,
+    b: &Bound,
+    rows: u64,
+    elapsed: std::time::Duration,
+    err: Option<&Error>,
+) {
+    if !sink.enabled() {
+        return;
+    }
+    // The statement's hash and `detail` are derived by the log's writer thread.
+    let mut e = crate::posterity::Event::sql(ctx, &b.sql, &b.verb);
+    e.rows = Some(rows as i64);
+    e.elapsed_ms = elapsed.as_secs_f64() * 1e3;
+    e.outcome = Some(if err.is_some() { "error" } else { "ok" });
+    e.error = err.map(|e| e.message.chars().take(1000).collect());
+    sink.record(e);
 }
 
 /// The plan for one request, built before touching storage.
@@ -151,6 +165,24 @@ struct Plan {
     format: Format,
     /// The insert target and its data (bytes: binary formats are not text).
     insert: Option<(InsertTarget, Bytes)>,
+}
+
+/// Bounds of a read run inline on the request's own thread (see [`start_inline`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct InlineReads {
+    /// Wall-clock budget of one inline run; past it the statement is interrupted (SQLite's
+    /// progress handler) and run again on the reader pool. Zero: never inline.
+    pub budget: std::time::Duration,
+    /// Largest answer an inline run may build; a larger one runs again on the pool (which
+    /// streams it).
+    pub max_bytes: usize,
+}
+
+impl InlineReads {
+    pub const OFF: InlineReads = InlineReads {
+        budget: std::time::Duration::ZERO,
+        max_bytes: 0,
+    };
 }
 
 /// Start executing `text`; output arrives on the returned receiver.
@@ -163,6 +195,26 @@ pub fn start(
     settings: QuerySettings,
     turn: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> (Format, mpsc::Receiver<Msg>) {
+    start_inline(storage, ctx, control, text, data, settings, turn, InlineReads::OFF)
+}
+
+/// [`start`], first trying a single read-only statement **inline**: on the calling thread (the
+/// request's async worker), when a reader connection is free at once, within `inline`'s budget
+/// and answer cap. Such a run answers with one `Done` (or `Error`) already queued on the
+/// receiver, without a task, a channel hand-off or a thread hop. A run that is not a single
+/// read, finds no free connection, or hits a bound goes the usual way (the interrupted attempt
+/// leaves no trace: no output, no posterity row).
+#[allow(clippy::too_many_arguments)]
+pub fn start_inline(
+    storage: Storage,
+    ctx: RequestContext,
+    control: Arc<ExecControl>,
+    text: String,
+    data: Option<Bytes>,
+    settings: QuerySettings,
+    turn: Option<tokio::sync::OwnedSemaphorePermit>,
+    inline: InlineReads,
+) -> (Format, mpsc::Receiver<Msg>) {
     let (tx, rx) = mpsc::channel(CHANNEL_DEPTH);
     let plan = plan(&text, data, &settings);
     let format = match &plan {
@@ -170,6 +222,16 @@ pub fn start(
         Err(_) => sniff_format(&text)
             .or(settings.default_format)
             .unwrap_or(Format::TabSeparated),
+    };
+    let plan = match plan {
+        Ok(p) if !inline.budget.is_zero() => match try_inline(&storage, &ctx, &control, p, &settings, inline) {
+            Ok(msg) => {
+                let _ = tx.try_send(msg);
+                return (format, rx);
+            }
+            Err(p) => Ok(p),
+        },
+        other => other,
     };
     tokio::spawn(async move {
         let result = match plan {
@@ -181,6 +243,77 @@ pub fn start(
         }
     });
     (format, rx)
+}
+
+/// One inline attempt (see [`start_inline`]): the answer, or the plan back when the statement
+/// must run the usual way.
+fn try_inline(
+    storage: &Storage,
+    ctx: &RequestContext,
+    control: &Arc<ExecControl>,
+    plan: Plan,
+    settings: &QuerySettings,
+    inline: InlineReads,
+) -> std::result::Result<Msg, Plan> {
+    if plan.insert.is_some()
+        || plan.statements.len() != 1
+        || super::system::needed(&plan.statements)
+        || control.is_cancelled()
+    {
+        return Err(plan);
+    }
+    let now = Instant::now();
+    let until = now + inline.budget;
+    if control.deadline.is_some_and(|d| d <= until) {
+        // The request's own deadline comes first: its time-out must be reported as such.
+        return Err(plan);
+    }
+    let budget = ExecControl::for_request(
+        now,
+        inline.budget.as_secs_f64(),
+        control.value_limit,
+        None,
+    );
+    let cap = inline.max_bytes.min(settings.buffer_size);
+    let b = &plan.statements[0];
+    let authz = storage.authz();
+    let is_admin = ctx.is_admin();
+    // Set when the attempt must not answer: not a read, over the cap, or over the budget.
+    let mut fallback = false;
+    let ran = storage.try_read_inline(ctx, Arc::clone(&budget), |conn| {
+        check_role_rules(conn, authz, is_admin, &plan.statements)?;
+        if !conn.prepare_cached(&b.sql)?.readonly() {
+            // A write, or a read-only refusal: the usual path decides and reports.
+            fallback = true;
+            return Ok(None);
+        }
+        let mut out = Output::new(plan.format, settings, ctx.started, None);
+        out.inline_cap = Some(cap);
+        let t = Instant::now();
+        let mut rows = 0u64;
+        let r = step_statement(conn, b, Some(&mut out), &mut Summary::default(), &mut rows);
+        if out.over_inline_cap {
+            fallback = true;
+            return Ok(None);
+        }
+        if r.is_err() && budget.should_stop() && !control.should_stop() {
+            // Interrupted by the budget (or ran past it): run again on the pool.
+            fallback = true;
+            return Ok(None);
+        }
+        record_statement(&settings.log, Some(ctx), b, rows, t.elapsed(), r.as_ref().err());
+        r?;
+        Ok(Some(out.into_buffer()))
+    });
+    match ran {
+        None => Err(plan),
+        Some(_) if fallback => Err(plan),
+        Some(Ok(Some((bytes, summary)))) => Ok(Msg::Done(bytes, summary)),
+        Some(Ok(None)) => Err(plan),
+        // The budget ran out before the statement started (checked out late).
+        Some(Err(_)) if budget.should_stop() && !control.should_stop() => Err(plan),
+        Some(Err(e)) => Ok(Msg::Error(e)),
+    }
 }
 
 /// Bind every statement's placeholders with `value_of`, refusing transaction control (a request
@@ -896,6 +1029,10 @@ pub(crate) struct Output<'s> {
     summary: Summary,
     /// Set when a limit stopped the result in `break` mode.
     truncated: bool,
+    /// An inline run's cap on the answer (see [`InlineReads::max_bytes`]).
+    inline_cap: Option<usize>,
+    /// The answer outgrew `inline_cap`: the attempt stopped and must run again on the pool.
+    over_inline_cap: bool,
 }
 
 impl<'s> Output<'s> {
@@ -915,6 +1052,8 @@ impl<'s> Output<'s> {
             has_header: false,
             summary: Summary::default(),
             truncated: false,
+            inline_cap: None,
+            over_inline_cap: false,
         }
     }
 
@@ -943,6 +1082,10 @@ impl<'s> Output<'s> {
                 "Limit for result exceeded, max bytes: {} (max_result_bytes)",
                 s.max_result_bytes
             ));
+        }
+        if self.inline_cap.is_some_and(|cap| self.buf.len() > cap) {
+            self.over_inline_cap = true;
+            return Err(Error::internal("inline answer cap reached"));
         }
         self.flush()?;
         if self.buf.len() > s.max_buffered {

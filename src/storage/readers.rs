@@ -1,5 +1,13 @@
 //! The pool of read-only connections. A semaphore counts free connections; the blocking work
 //! runs on tokio's blocking threads so the async runtime stays responsive.
+//!
+//! Short reads may also run **inline** on the calling thread ([`Storage::try_read_inline`]):
+//! when a connection is free at once, the caller (an async worker) runs SQLite itself instead
+//! of hopping to a blocking thread and back, which is most of a point query's cost. The caller
+//! bounds such a run (a tight [`ExecControl`] deadline, polled by the progress handler, and a
+//! cap on the answer) and falls back to [`Storage::read`] when the bound is hit; when no
+//! connection is free nothing runs and the caller goes through the pool's queue as before.
+//! A connection always goes back to the pool, also when the work panics.
 
 use std::sync::{Arc, Mutex};
 
@@ -78,6 +86,23 @@ impl ReaderPool {
         out
     }
 
+    /// Run `f` on the calling thread when a connection is free right now (`None`: none was, and
+    /// `f` did not run).
+    pub fn try_run_inline<F, R>(
+        &self,
+        ctx: RequestContext,
+        control: Arc<ExecControl>,
+        f: F,
+    ) -> Option<Result<R>>
+    where
+        F: FnOnce(&Connection) -> Result<R>,
+    {
+        let permit = self.free.try_acquire().ok()?;
+        let out = with_conn(&self.conns, ctx, control, f);
+        drop(permit);
+        Some(out)
+    }
+
     /// Wait for every connection to come back, then close them all.
     pub async fn close(&self) {
         if let Ok(all) = self.free.acquire_many(self.size).await {
@@ -89,7 +114,8 @@ impl ReaderPool {
     }
 }
 
-/// Check a connection out (a permit is held by the caller), run `f`, check it back in.
+/// Check a connection out (a permit is held by the caller), run `f`, check it back in (also
+/// when `f` panics: the pool never shrinks below its permits).
 fn with_conn<F, R>(
     conns: &Mutex<Vec<Pooled>>,
     ctx: RequestContext,
@@ -99,19 +125,52 @@ fn with_conn<F, R>(
 where
     F: FnOnce(&Connection) -> Result<R>,
 {
-    let (conn, st) = conns
-        .lock()
-        .unwrap()
-        .pop()
-        .expect("a permit guarantees a free connection");
-    let out = match control.check() {
-        Ok(()) => match st.check_out(&conn, ctx, Arc::clone(&control)) {
-            Ok(()) => f(&conn).map_err(|e| control.map_error(st.explain(e))),
+    struct CheckedOut<'a> {
+        conns: &'a Mutex<Vec<Pooled>>,
+        conn: Option<Pooled>,
+    }
+    impl Drop for CheckedOut<'_> {
+        fn drop(&mut self) {
+            if let Some((conn, st)) = self.conn.take() {
+                reset(&conn, &st);
+                let mut g = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+                g.push((conn, st));
+            }
+        }
+    }
+    let out = CheckedOut {
+        conns,
+        conn: Some(
+            conns
+                .lock()
+                .unwrap()
+                .pop()
+                .expect("a permit guarantees a free connection"),
+        ),
+    };
+    let (conn, st) = out.conn.as_ref().expect("just checked out");
+    match control.check() {
+        Ok(()) => match st.check_out(conn, ctx, Arc::clone(&control)) {
+            Ok(()) => f(conn).map_err(|e| control.map_error(st.explain(e))),
             Err(e) => Err(e),
         },
         Err(e) => Err(e),
-    };
-    reset(&conn, &st);
-    conns.lock().unwrap().push((conn, st));
-    out
+    }
+}
+
+impl super::Storage {
+    /// [`read`](super::Storage::read) on the calling thread, if a reader connection is free at
+    /// once (`None`: none was, `f` did not run). For short work only: it occupies the caller
+    /// (an async worker) while SQLite runs, so bound it with `control`'s deadline.
+    pub fn try_read_inline<F, R>(
+        &self,
+        ctx: &RequestContext,
+        control: Arc<ExecControl>,
+        f: F,
+    ) -> Option<Result<R>>
+    where
+        F: FnOnce(&Connection) -> Result<R>,
+    {
+        self.inner.readers.try_run_inline(ctx.clone(), control, f)
+    }
 }
