@@ -296,6 +296,11 @@ fn try_inline(
             fallback = true;
             return Ok(None);
         }
+        if r.as_ref().is_err_and(|e| e.code == ErrorCode::DatabaseBusy) {
+            // A lock held elsewhere: the pool waits for it, off the async worker.
+            fallback = true;
+            return Ok(None);
+        }
         if r.is_err() && budget.should_stop() && !control.should_stop() {
             // Interrupted by the budget (or ran past it): run again on the pool.
             fallback = true;
@@ -312,6 +317,8 @@ fn try_inline(
         Some(Ok(None)) => Err(plan),
         // The budget ran out before the statement started (checked out late).
         Some(Err(_)) if budget.should_stop() && !control.should_stop() => Err(plan),
+        // Busy before the statement ran (e.g. reading the schema): the pool waits for the lock.
+        Some(Err(e)) if e.code == ErrorCode::DatabaseBusy => Err(plan),
         Some(Err(e)) => Ok(Msg::Error(e)),
     }
 }

@@ -236,7 +236,7 @@ impl Storage {
                 path: opts.path.clone(),
                 authz,
                 writer,
-                readers: ReaderPool::new(readers),
+                readers: ReaderPool::new(readers, opts.busy_timeout),
             }),
         })
     }

@@ -7,9 +7,13 @@
 //! bounds such a run (a tight [`ExecControl`] deadline, polled by the progress handler, and a
 //! cap on the answer) and falls back to [`Storage::read`] when the bound is hit; when no
 //! connection is free nothing runs and the caller goes through the pool's queue as before.
+//! An inline run never waits for a lock: its connection's busy timeout is zero while it runs,
+//! so a busy database answers `DATABASE_BUSY` at once and the caller falls back to the pool,
+//! which waits the configured `busy_timeout_ms` on a blocking thread, not on an async worker.
 //! A connection always goes back to the pool, also when the work panics.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::Semaphore;
@@ -23,15 +27,18 @@ pub(super) struct ReaderPool {
     conns: Arc<Mutex<Vec<Pooled>>>,
     free: Arc<Semaphore>,
     size: u32,
+    /// The connections' busy timeout (`busy_timeout_ms`), put back after an inline run.
+    busy_timeout: Duration,
 }
 
 impl ReaderPool {
-    pub fn new(conns: Vec<Pooled>) -> Self {
+    pub fn new(conns: Vec<Pooled>, busy_timeout: Duration) -> Self {
         let size = conns.len() as u32;
         ReaderPool {
             free: Arc::new(Semaphore::new(conns.len())),
             conns: Arc::new(Mutex::new(conns)),
             size,
+            busy_timeout,
         }
     }
 
@@ -98,7 +105,18 @@ impl ReaderPool {
         F: FnOnce(&Connection) -> Result<R>,
     {
         let permit = self.free.try_acquire().ok()?;
-        let out = with_conn(&self.conns, ctx, control, f);
+        /// Puts the busy timeout back, also when the work panics.
+        struct Waits<'a>(&'a Connection, Duration);
+        impl Drop for Waits<'_> {
+            fn drop(&mut self) {
+                let _ = self.0.busy_timeout(self.1);
+            }
+        }
+        let out = with_conn(&self.conns, ctx, control, |conn| {
+            conn.busy_timeout(Duration::ZERO)?;
+            let _waits = Waits(conn, self.busy_timeout);
+            f(conn)
+        });
         drop(permit);
         Some(out)
     }
@@ -172,5 +190,52 @@ impl super::Storage {
         F: FnOnce(&Connection) -> Result<R>,
     {
         self.inner.readers.try_run_inline(ctx.clone(), control, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use crate::config::Config;
+    use crate::core::RequestContext;
+    use crate::storage::{ExecControl, Storage, StorageOptions};
+
+    fn busy_ms(conn: &rusqlite::Connection) -> crate::core::Result<i64> {
+        Ok(conn.query_row("PRAGMA busy_timeout", [], |r| r.get(0))?)
+    }
+
+    /// An inline read runs with no busy wait (a lock would otherwise hold an async worker for
+    /// up to `busy_timeout_ms`), and its connection gets the configured wait back afterwards,
+    /// also when the work fails or panics.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_inline_read_never_waits_for_a_lock_and_puts_the_wait_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            readers: 1,
+            busy_timeout_ms: 4_321,
+            ..Config::default()
+        };
+        let storage = Storage::open(&StorageOptions::from_config(&config)).unwrap();
+        let ctx = RequestContext::system();
+        let control = || ExecControl::new(Instant::now(), 0.0);
+        let inline = storage.try_read_inline(&ctx, control(), busy_ms).unwrap().unwrap();
+        assert_eq!(inline, 0, "an inline read must not wait for locks");
+        let failed: Option<crate::core::Result<()>> = storage.try_read_inline(&ctx, control(), |_| {
+            Err(crate::core::Error::new(crate::core::ErrorCode::Internal, "boom"))
+        });
+        assert!(failed.unwrap().is_err());
+        let s2 = storage.clone();
+        let panicked = std::thread::spawn(move || {
+            s2.try_read_inline(&RequestContext::system(), ExecControl::new(Instant::now(), 0.0), |_| -> crate::core::Result<()> {
+                panic!("work panicked")
+            })
+        })
+        .join();
+        assert!(panicked.is_err());
+        // The only reader connection is back in the pool with its configured wait.
+        let pooled = storage.read(&ctx, control(), busy_ms).await.unwrap();
+        assert_eq!(pooled, 4_321);
     }
 }
