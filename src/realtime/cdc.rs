@@ -30,13 +30,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::hub::Hub;
 use crate::core::{Error, ErrorCode, RequestContext, Result};
 use crate::sql::parse::quote_ident;
+use crate::storage::capture;
 use crate::storage::{ExecControl, Storage};
 
-fn lit(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
-}
-
-/// Add the capture triggers to `table` (replacing earlier ones, e.g. after ALTER TABLE).
+/// Start capturing `table`'s row changes (again after an ALTER TABLE: its columns are reloaded).
 pub fn enable(c: &mut Connection, table: &str) -> Result<()> {
     let kind: Option<String> = c
         .query_row(
@@ -57,69 +54,27 @@ pub fn enable(c: &mut Connection, table: &str) -> Result<()> {
             "engine tables cannot be captured",
         ));
     }
-    let cols: Vec<(String, bool)> = c
-        .prepare("SELECT name, pk > 0 FROM pragma_table_info(?1) ORDER BY cid")?
-        .query_map([table], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    let obj = |prefix: &str, only_pk: bool| -> String {
-        let chosen: Vec<&(String, bool)> = cols.iter().filter(|(_, pk)| !only_pk || *pk).collect();
-        if only_pk && chosen.is_empty() {
-            return format!("json_object('rowid', {prefix}.rowid)");
-        }
-        let parts: Vec<String> = chosen
-            .iter()
-            .map(|(n, _)| {
-                let v = format!("{prefix}.{}", quote_ident(n));
-                format!(
-                    "{}, CASE WHEN typeof({v}) = 'blob' THEN hex({v}) ELSE {v} END",
-                    lit(n)
-                )
-            })
-            .collect();
-        format!("json_object({})", parts.join(", "))
-    };
-    let t = quote_ident(table);
-    let tx = c.transaction()?;
-    for op in ["insert", "update", "delete"] {
-        let name = quote_ident(&format!("_ichibase_cdc_{table}_{op}"));
-        let (pk, old, new) = match op {
-            "insert" => (obj("NEW", true), "NULL".to_string(), obj("NEW", false)),
-            "update" => (obj("NEW", true), obj("OLD", false), obj("NEW", false)),
-            _ => (obj("OLD", true), obj("OLD", false), "NULL".to_string()),
-        };
-        tx.execute_batch(&format!("DROP TRIGGER IF EXISTS {name}"))?;
-        tx.execute_batch(&format!(
-            "CREATE TRIGGER {name} AFTER {} ON {t} BEGIN
-                 INSERT INTO _ichibase_changes (tbl, op, pk, old, new) VALUES ({}, '{op}', {pk}, {old}, {new});
-             END",
-            op.to_ascii_uppercase(),
-            lit(table)
-        ))?;
-    }
-    tx.execute(
+    let cap = capture_of(c)?;
+    c.execute(
         "INSERT OR IGNORE INTO _ichibase_cdc_tables (name) VALUES (?1)",
         [table],
     )?;
-    tx.commit()?;
-    Ok(())
+    cap.set_table(c, table, true)
+}
+
+fn capture_of(c: &Connection) -> Result<Arc<capture::Capture>> {
+    capture::of(c).ok_or_else(|| Error::internal("change capture runs on the writer connection only"))
 }
 
 pub fn disable(c: &mut Connection, table: &str) -> Result<()> {
-    let tx = c.transaction()?;
-    if tx.execute("DELETE FROM _ichibase_cdc_tables WHERE name = ?1", [table])? == 0 {
+    let cap = capture_of(c)?;
+    if c.execute("DELETE FROM _ichibase_cdc_tables WHERE name = ?1", [table])? == 0 {
         return Err(Error::new(
             ErrorCode::NotFound,
             format!("CDC is not enabled on '{table}'"),
         ));
     }
-    for op in ["insert", "update", "delete"] {
-        tx.execute_batch(&format!(
-            "DROP TRIGGER IF EXISTS {}",
-            quote_ident(&format!("_ichibase_cdc_{table}_{op}"))
-        ))?;
-    }
-    tx.commit()?;
-    Ok(())
+    cap.set_table(c, table, false)
 }
 
 pub fn list(c: &Connection) -> Result<Vec<String>> {
@@ -128,6 +83,36 @@ pub fn list(c: &Connection) -> Result<Vec<String>> {
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?,
     )
+}
+
+/// The `cdc` module: its migration moves the log of older versions (one JSON row per change,
+/// written by capture triggers) into the batched log; the triggers themselves are dropped by
+/// `storage::capture::install` when the database opens.
+pub struct CdcModule;
+
+impl crate::modules::Module for CdcModule {
+    fn name(&self) -> &'static str {
+        "cdc"
+    }
+
+    fn migrations(&self) -> &'static [crate::storage::migrations::Migration] {
+        &[crate::storage::migrations::Migration {
+            version: 1,
+            name: "batched change log (pre-update hook capture)",
+            sql: "CREATE TABLE IF NOT EXISTS _ichibase_change_batches (
+                      first_id INTEGER PRIMARY KEY,
+                      last_id INTEGER NOT NULL,
+                      at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+                      data ANY NOT NULL
+                  ) STRICT;
+                  INSERT INTO _ichibase_change_batches (first_id, last_id, at, data)
+                      SELECT id, id, at, json_object('tbl', tbl, 'op', op, 'pk', json(pk), 'old', json(old), 'new', json(new))
+                      FROM _ichibase_changes
+                      WHERE id < (SELECT coalesce(min(first_id), 9223372036854775807) FROM _ichibase_change_batches)
+                      ORDER BY id;
+                  DROP TABLE _ichibase_changes;",
+        }]
+    }
 }
 
 /// A subscription request from a socket.
@@ -212,30 +197,177 @@ impl Cdc {
     }
 }
 
-fn parse_obj(s: Option<String>) -> Option<Map<String, Json>> {
-    s.and_then(|s| match serde_json::from_str(&s) {
-        Ok(Json::Object(m)) => Some(m),
-        _ => None,
-    })
-}
-
 fn read_events(c: &Connection, after: i64, upto: Option<i64>, limit: i64) -> Result<Vec<Event>> {
     let mut st = c.prepare_cached(
-        "SELECT id, tbl, op, pk, old, new FROM _ichibase_changes WHERE id > ?1 AND (?2 IS NULL OR id <= ?2) ORDER BY id LIMIT ?3",
+        "SELECT first_id, data FROM _ichibase_change_batches WHERE last_id > ?1 AND (?2 IS NULL OR first_id <= ?2) ORDER BY first_id",
     )?;
-    let rows = st
-        .query_map(params![after, upto, limit], |r| {
-            Ok(Event {
-                id: r.get(0)?,
-                table: r.get(1)?,
-                op: r.get(2)?,
-                key: serde_json::from_str(&r.get::<_, String>(3)?).unwrap_or(Json::Null),
-                old: parse_obj(r.get(4)?),
-                new: parse_obj(r.get(5)?),
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
+    let mut rows = st.query(params![after, upto])?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        let first: i64 = r.get(0)?;
+        let evs = match r.get_ref(1)? {
+            rusqlite::types::ValueRef::Blob(b) => decode(first, b),
+            rusqlite::types::ValueRef::Text(t) => decode_legacy(first, t),
+            _ => Err("not a batch".into()),
+        };
+        match evs {
+            Ok(evs) => out.extend(
+                evs.into_iter()
+                    .filter(|e| e.id > after && upto.is_none_or(|u| e.id <= u)),
+            ),
+            Err(e) => tracing::error!(first_id = first, error = %e, "an unreadable change batch was skipped"),
+        }
+        if out.len() as i64 >= limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// A change row written by the capture triggers of older versions (kept as JSON by the `cdc`
+/// module's migration).
+fn decode_legacy(id: i64, t: &[u8]) -> std::result::Result<Vec<Event>, String> {
+    let v: Json = serde_json::from_slice(t).map_err(|e| e.to_string())?;
+    let obj = |k: &str| match &v[k] {
+        Json::Object(m) => Some(m.clone()),
+        _ => None,
+    };
+    Ok(vec![Event {
+        id,
+        table: v["tbl"].as_str().unwrap_or_default().to_string(),
+        op: v["op"].as_str().unwrap_or_default().to_string(),
+        key: v["pk"].clone(),
+        old: obj("old"),
+        new: obj("new"),
+    }])
+}
+
+/// Reads the batch encoding of `storage::capture`.
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn byte(&mut self) -> std::result::Result<u8, String> {
+        let v = *self.b.get(self.at).ok_or("truncated batch")?;
+        self.at += 1;
+        Ok(v)
+    }
+    fn varint(&mut self) -> std::result::Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= ((b & 0x7f) as u64) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err("bad varint".into())
+    }
+    fn int(&mut self) -> std::result::Result<i64, String> {
+        let v = self.varint()?;
+        Ok(((v >> 1) as i64) ^ -((v & 1) as i64))
+    }
+    fn bytes(&mut self) -> std::result::Result<&'a [u8], String> {
+        let n = self.varint()? as usize;
+        let s = self.b.get(self.at..self.at + n).ok_or("truncated batch")?;
+        self.at += n;
+        Ok(s)
+    }
+    fn text(&mut self) -> std::result::Result<String, String> {
+        Ok(String::from_utf8_lossy(self.bytes()?).into_owned())
+    }
+    fn value(&mut self) -> std::result::Result<Json, String> {
+        Ok(match self.byte()? {
+            capture::V_NULL => Json::Null,
+            capture::V_INT => json!(self.int()?),
+            capture::V_REAL => {
+                let s = self.b.get(self.at..self.at + 8).ok_or("truncated batch")?;
+                self.at += 8;
+                json!(f64::from_le_bytes(s.try_into().unwrap()))
+            }
+            capture::V_TEXT => Json::String(self.text()?),
+            capture::V_BLOB => {
+                // As the capture triggers of older versions showed them: upper-case hex.
+                let b = self.bytes()?;
+                let mut h = String::with_capacity(b.len() * 2);
+                for x in b {
+                    h.push_str(&format!("{x:02X}"));
+                }
+                Json::String(h)
+            }
+            t => return Err(format!("unknown value tag {t}")),
+        })
+    }
+    fn row(&mut self, cols: &[String]) -> std::result::Result<Map<String, Json>, String> {
+        let n = self.varint()? as usize;
+        let mut m = Map::new();
+        for i in 0..n {
+            let v = self.value()?;
+            let name = cols.get(i).cloned().unwrap_or_else(|| format!("column{}", i + 1));
+            m.insert(name, v);
+        }
+        Ok(m)
+    }
+}
+
+/// The changes of one batch row, ids from `first`.
+fn decode(first: i64, data: &[u8]) -> std::result::Result<Vec<Event>, String> {
+    let mut r = Reader { b: data, at: 0 };
+    if r.byte()? != capture::FORMAT {
+        return Err("unknown batch format".into());
+    }
+    let ntables = r.varint()? as usize;
+    let mut tables = Vec::with_capacity(ntables.min(1024));
+    for _ in 0..ntables {
+        let name = r.text()?;
+        let ncols = r.varint()? as usize;
+        let mut cols = Vec::with_capacity(ncols.min(4096));
+        for _ in 0..ncols {
+            cols.push(r.text()?);
+        }
+        let npk = r.varint()? as usize;
+        let mut pk = Vec::with_capacity(npk.min(4096));
+        for _ in 0..npk {
+            pk.push(r.varint()? as usize);
+        }
+        tables.push((name, cols, pk));
+    }
+    let n = r.varint()? as usize;
+    let mut out = Vec::with_capacity(n.min(1 << 20));
+    for i in 0..n {
+        let op = r.byte()?;
+        let (name, cols, pk) = tables.get(r.varint()? as usize).ok_or("bad table index")?;
+        let rowid = r.int()?;
+        let old = if op != capture::OP_INSERT { Some(r.row(cols)?) } else { None };
+        let new = if op != capture::OP_DELETE { Some(r.row(cols)?) } else { None };
+        let keyed = if op == capture::OP_DELETE { &old } else { &new };
+        let key = match keyed {
+            Some(row) if !pk.is_empty() => Json::Object(
+                pk.iter()
+                    .filter_map(|p| cols.get(*p))
+                    .map(|c| (c.clone(), row.get(c).cloned().unwrap_or(Json::Null)))
+                    .collect(),
+            ),
+            _ => json!({"rowid": rowid}),
+        };
+        out.push(Event {
+            id: first + i as i64,
+            table: name.clone(),
+            op: match op {
+                capture::OP_INSERT => "insert",
+                capture::OP_UPDATE => "update",
+                capture::OP_DELETE => "delete",
+                _ => return Err(format!("unknown op {op}")),
+            }
+            .to_string(),
+            key,
+            old,
+            new,
+        });
+    }
+    Ok(out)
 }
 
 fn to_sql(v: Option<&Json>) -> Sql {
@@ -441,7 +573,7 @@ async fn dispatch(
     let mut cursor: i64 = match storage
         .read(&sys(), ctl(), |c| {
             Ok(c.query_row(
-                "SELECT coalesce(max(id), 0) FROM _ichibase_changes",
+                "SELECT coalesce(max(last_id), 0) FROM _ichibase_change_batches",
                 [],
                 |r| r.get(0),
             )?)
@@ -515,7 +647,7 @@ async fn dispatch(
             if keep_from > 0 {
                 let r = storage
                     .write(&sys(), ctl(), move |c| {
-                        Ok(c.execute("DELETE FROM _ichibase_changes WHERE id <= ?1", [keep_from])?)
+                        Ok(c.execute("DELETE FROM _ichibase_change_batches WHERE last_id <= ?1", [keep_from])?)
                     })
                     .await;
                 if let Err(e) = r {
@@ -590,7 +722,7 @@ async fn subscribe(
     if let Some(since) = req.since.filter(|s| *s < cursor) {
         let min: Option<i64> = storage
             .read(&sys(), ctl(), |c| {
-                Ok(c.query_row("SELECT min(id) FROM _ichibase_changes", [], |r| r.get(0))?)
+                Ok(c.query_row("SELECT min(first_id) FROM _ichibase_change_batches", [], |r| r.get(0))?)
             })
             .await?;
         if min.is_none_or(|m| m > since + 1) {
@@ -650,16 +782,6 @@ mod tests {
             old: old.map(obj),
             new: new.map(obj),
         }
-    }
-
-    #[test]
-    fn literals_and_stored_rows() {
-        assert_eq!(lit("notes"), "'notes'");
-        assert_eq!(lit("o'brien"), "'o''brien'");
-        assert_eq!(parse_obj(Some(r#"{"a":1}"#.into())), Some(obj(json!({"a": 1}))));
-        assert_eq!(parse_obj(Some("[1]".into())), None);
-        assert_eq!(parse_obj(Some("not json".into())), None);
-        assert_eq!(parse_obj(None), None);
     }
 
     #[test]

@@ -636,31 +636,22 @@ fn step_statement(
 }
 
 /// Rows a statement wrote: SQLite's change count (which includes what triggers write, so rows
-/// written through a policy view's INSTEAD OF triggers count) minus the rows change-data-capture
-/// triggers added to `_ichibase_changes` (bookkeeping, not the statement's rows).
+/// written through a policy view's INSTEAD OF triggers count). Change-data-capture adds no rows
+/// of its own while the statement runs (it captures with SQLite's pre-update hook).
 pub(crate) struct WriteCount {
     total: u64,
-    captured: i64,
 }
 
 impl WriteCount {
     pub(crate) fn start(conn: &Connection) -> WriteCount {
         WriteCount {
             total: conn.total_changes(),
-            captured: captured_upto(conn),
         }
     }
 
     pub(crate) fn finish(self, conn: &Connection) -> u64 {
-        let captured = (captured_upto(conn) - self.captured).max(0) as u64;
-        (conn.total_changes() - self.total).saturating_sub(captured)
+        conn.total_changes() - self.total
     }
-}
-
-fn captured_upto(conn: &Connection) -> i64 {
-    conn.prepare_cached("SELECT coalesce(max(id), 0) FROM _ichibase_changes")
-        .and_then(|mut st| st.query_row([], |r| r.get(0)))
-        .unwrap_or(0)
 }
 
 /// The name of an expression column that holds parameters: SQLite names `SELECT ?1` after

@@ -1,6 +1,8 @@
 //! The single writer: one thread owns the read-write connection and runs queued write jobs in
 //! arrival order. A bounded queue gives back-pressure; on close the thread drains the queue,
-//! checkpoints the WAL into the database file and exits.
+//! checkpoints the WAL into the database file and exits. After every job the changes captured
+//! on its commits are written to the change log (`capture::Capture::flush`) before the
+//! `committed` signal wakes change-data-capture.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -8,6 +10,7 @@ use std::thread::JoinHandle;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use super::capture::{self, Capture};
 use super::control::{ConnState, ExecControl, reset};
 use crate::core::{Error, ErrorCode, RequestContext, Result};
 
@@ -27,7 +30,7 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    pub fn start(conn: Connection, state: Arc<ConnState>) -> std::io::Result<Writer> {
+    pub fn start(conn: Connection, state: Arc<ConnState>, capture: Arc<Capture>) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel::<Job>(QUEUE);
         let committed = Arc::new(tokio::sync::Notify::new());
         let c2 = Arc::clone(&committed);
@@ -35,7 +38,7 @@ impl Writer {
         let h2 = Arc::clone(&before_close);
         let thread = std::thread::Builder::new()
             .name("ichibase-writer".into())
-            .spawn(move || writer_loop(conn, state, rx, c2, h2))?;
+            .spawn(move || writer_loop(conn, state, rx, c2, h2, capture))?;
         Ok(Writer {
             committed,
             before_close,
@@ -103,6 +106,7 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Job>,
     committed: Arc<tokio::sync::Notify>,
     before_close: Arc<Mutex<Option<CloseHook>>>,
+    capture: Arc<Capture>,
 ) -> Result<()> {
     while let Some(job) = rx.blocking_recv() {
         // A panicking job must not take the writer (and with it every future write) down.
@@ -111,11 +115,14 @@ fn writer_loop(
             tracing::error!("a write job panicked; its transaction was rolled back");
             reset(&conn, &state);
         }
+        capture.flush(&conn);
         committed.notify_one();
     }
     if let Some(hook) = before_close.lock().unwrap().take() {
         hook(&conn);
     }
+    capture.flush(&conn);
+    capture::uninstall(&mut conn);
     let (busy, log, done): (i64, i64, i64) =
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
