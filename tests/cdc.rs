@@ -1,0 +1,325 @@
+//! Change capture with SQLite's pre-update hook and the batched change log (src/storage/capture.rs,
+//! src/realtime/cdc.rs), with real clients: a statement's changes are one batch yet each keeps its
+//! own id (replay can start inside a batch); rolled-back statements, savepoints and transactions
+//! emit nothing, also inside a Lua `db.tx`; ids keep growing and replay works across a restart;
+//! a database whose log was written by the capture triggers of older versions is migrated.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ADMIN_KEY, Server, client, post};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn connect(base: &str) -> Ws {
+    let url = base.replace("http://", "ws://") + "/ws";
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {ADMIN_KEY}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("websocket handshake");
+    assert_eq!(recv(&mut ws).await["type"], "hello");
+    ws
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+/// Next JSON frame (pings skipped); generous for a loaded machine.
+async fn recv(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .expect("no frame within 60 s")
+            .expect("stream ended")
+            .expect("ws error");
+        match m {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Close(c) => panic!("closed: {c:?}"),
+            _ => continue,
+        }
+    }
+}
+
+async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
+    loop {
+        let v = recv(ws).await;
+        if v["type"] == ty {
+            return v;
+        }
+    }
+}
+
+async fn sql(base: &str, q: &str) -> String {
+    let r = post(&client(), base, &[("transaction", "1")], q).await;
+    assert_eq!(r.status, 200, "{q}: {}", r.body);
+    r.body
+}
+
+async fn enable(base: &str, table: &str) {
+    let r = common::jpost(&client(), base, "/admin/cdc", json!({"table": table})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+async fn subscribe(ws: &mut Ws, sub: &str, object: &str, since: Option<i64>) -> Value {
+    let mut m = json!({"type": "subscribe", "sub": sub, "object": object});
+    if let Some(s) = since {
+        m["since"] = json!(s);
+    }
+    send(ws, m).await;
+    recv_type(ws, "subscribed").await
+}
+
+/// Change events up to and including the one whose key id is `last`.
+async fn changes_until(ws: &mut Ws, last: i64) -> Vec<Value> {
+    let mut out = Vec::new();
+    loop {
+        let e = recv_type(ws, "change").await;
+        let done = e["key"]["id"].as_i64() == Some(last);
+        out.push(e);
+        if done {
+            return out;
+        }
+    }
+}
+
+fn summary(evs: &[Value]) -> Vec<String> {
+    evs.iter()
+        .map(|e| format!("{} {} {}", e["table"].as_str().unwrap_or(""), e["op"].as_str().unwrap(), e["key"]["id"]))
+        .collect()
+}
+
+fn ids(evs: &[Value]) -> Vec<i64> {
+    evs.iter().map(|e| e["change_id"].as_i64().unwrap()).collect()
+}
+
+#[tokio::test]
+async fn one_statement_is_one_batch_and_replay_starts_inside_it() {
+    let s = Server::start(&[]);
+    let base = &s.url;
+    sql(base, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT, r REAL, b BLOB)").await;
+    sql(base, "CREATE TABLE u(k TEXT PRIMARY KEY, n INT) WITHOUT ROWID").await;
+    sql(base, "CREATE TABLE plain(x)").await;
+    enable(base, "t").await;
+    enable(base, "u").await;
+    let mut ws = connect(base).await;
+    subscribe(&mut ws, "t", "t", None).await;
+    subscribe(&mut ws, "u", "u", None).await;
+    // 1000 rows in one statement: one batch, 1000 events with consecutive ids, in row order.
+    sql(base, "INSERT INTO t(id, v) WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 1000) SELECT n, 'row ' || n FROM c").await;
+    let evs = changes_until(&mut ws, 1000).await;
+    assert_eq!(evs.len(), 1000);
+    let got = ids(&evs);
+    assert!(got.windows(2).all(|w| w[1] == w[0] + 1), "consecutive ids");
+    assert_eq!(evs[499]["new"], json!({"id": 500, "v": "row 500", "r": null, "b": null}));
+    // One transaction over two captured tables and an uncaptured one: statement order kept;
+    // values of every type; a table without rowid keys by its primary key.
+    sql(
+        base,
+        "INSERT INTO u VALUES ('a', 1); INSERT INTO plain VALUES (1);
+         UPDATE t SET r = 2.5, b = x'00ff' WHERE id = 2; DELETE FROM t WHERE id = 3;
+         UPDATE u SET n = 2 WHERE k = 'a'; INSERT INTO t(id) VALUES (1001)",
+    )
+    .await;
+    let evs2 = changes_until(&mut ws, 1001).await;
+    let sm: Vec<String> = evs2
+        .iter()
+        .map(|e| format!("{} {} {}", e["sub"].as_str().unwrap(), e["op"].as_str().unwrap(), e["key"]))
+        .collect();
+    assert_eq!(
+        sm,
+        vec![
+            r#"u insert {"k":"a"}"#,
+            r#"t update {"id":2}"#,
+            r#"t delete {"id":3}"#,
+            r#"u update {"k":"a"}"#,
+            r#"t insert {"id":1001}"#
+        ]
+    );
+    assert_eq!(evs2[1]["new"], json!({"id": 2, "v": "row 2", "r": 2.5, "b": "00FF"}));
+    assert_eq!(evs2[1]["old"]["r"], Value::Null);
+    assert_eq!(evs2[2]["old"], json!({"id": 3, "v": "row 3", "r": null, "b": null}));
+    assert_eq!(evs2[3]["old"]["n"], 1);
+    let all: Vec<i64> = got.iter().chain(ids(&evs2).iter()).copied().collect();
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "commit order: {all:?}");
+    drop(ws);
+    // Resume from the middle of the big batch: exactly the rest, in order, then live.
+    let mut ws = connect(base).await;
+    send(&mut ws, json!({"type": "subscribe", "sub": "t", "object": "t", "since": got[699]})).await;
+    let mut replayed = Vec::new();
+    loop {
+        let m = recv(&mut ws).await;
+        match m["type"].as_str() {
+            Some("change") => replayed.push(m),
+            Some("subscribed") => {
+                assert_eq!(m["replayed_from"], got[699]);
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(replayed.len(), 300 + 3, "ids 701..1000 and the three later changes of t");
+    assert_eq!(replayed[0]["key"]["id"], 701);
+    assert_eq!(replayed[0]["change_id"], got[700]);
+    assert_eq!(summary(&replayed[300..]), vec!["t update 2", "t delete 3", "t insert 1001"]);
+    sql(base, "INSERT INTO t(id) VALUES (1002)").await;
+    assert_eq!(recv_type(&mut ws, "change").await["key"]["id"], 1002);
+}
+
+#[tokio::test]
+async fn rolled_back_statements_savepoints_and_transactions_emit_nothing() {
+    let s = Server::start(&[]);
+    let base = &s.url;
+    sql(base, "CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT)").await;
+    enable(base, "t").await;
+    let mut ws = connect(base).await;
+    subscribe(&mut ws, "t", "t", None).await;
+    sql(base, "INSERT INTO t(id) VALUES (1)").await;
+    // A failing transaction over HTTP.
+    let bad = post(&client(), base, &[("transaction", "1")], "INSERT INTO t(id) VALUES (2); INSERT INTO t(id) VALUES (1)").await;
+    assert_eq!(bad.status, 409, "{}", bad.body);
+    // One autocommitted statement that fails after writing rows.
+    let bad = post(&client(), base, &[], "INSERT INTO t(id) VALUES (3), (4), (1)").await;
+    assert_eq!(bad.status, 409, "{}", bad.body);
+    // In a Lua transaction: a statement that fails half-way (caught), a nested db.tx that raises
+    // (caught: its savepoint is rolled back), a nested one that succeeds.
+    let c = client();
+    let r = common::put_fn(
+        &c,
+        base,
+        "mixed",
+        "return function()
+           return db.tx(function()
+             db.exec('INSERT INTO t(id, v) VALUES (10, {v:String})', {v = 'kept'})
+             assert(not pcall(db.exec, 'INSERT INTO t(id) SELECT column1 FROM (VALUES (11), (12), (13), (10))'))
+             db.exec('INSERT INTO t(id) VALUES (14)')
+             assert(not pcall(db.tx, function()
+               db.exec('INSERT INTO t(id) VALUES (15)')
+               db.exec('UPDATE t SET v = {v:String} WHERE id = 10', {v = 'undone'})
+               error('nope')
+             end))
+             db.tx(function()
+               db.exec('INSERT INTO t(id) VALUES (16)')
+               assert(not pcall(db.tx, function() db.exec('DELETE FROM t WHERE id = 14') error('inner') end))
+             end)
+             db.exec('INSERT INTO t(id) VALUES (17)')
+             return 'ok'
+           end)
+         end",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = common::call_fn(&c, base, "mixed", json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // A Lua transaction that raises at the end: nothing of it.
+    let r = common::put_fn(&c, base, "fails", "return function() db.tx(function() db.exec('INSERT INTO t(id) VALUES (20)') error('boom') end) end").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = common::call_fn(&c, base, "fails", json!({})).await;
+    assert_ne!(r.status, 200, "{}", r.body);
+    // A savepoint rolled back over SQL-over-HTTP, and a marker.
+    let r = post(&c, base, &[], "SAVEPOINT a; INSERT INTO t(id) VALUES (30); ROLLBACK TO a; INSERT INTO t(id) VALUES (31); RELEASE a").await;
+    let _ = r; // whether savepoint statements are allowed over HTTP or not, nothing of 30 may show
+    sql(base, "INSERT INTO t(id) VALUES (99)").await;
+    let evs = changes_until(&mut ws, 99).await;
+    let mut want = vec!["t insert 1", "t insert 10", "t insert 14", "t insert 16", "t insert 17"];
+    let rows = sql(base, "SELECT count(*) FROM t WHERE id = 31 FORMAT CSV").await;
+    if rows.trim() == "1" {
+        want.push("t insert 31");
+    }
+    want.push("t insert 99");
+    assert_eq!(summary(&evs), want);
+    assert_eq!(evs[1]["new"]["v"], "kept");
+}
+
+#[tokio::test]
+async fn ids_keep_growing_and_replay_works_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(dir.path(), &[], &[]);
+    sql(&s.url, "CREATE TABLE t(id INTEGER PRIMARY KEY)").await;
+    enable(&s.url, "t").await;
+    let mut ws = connect(&s.url).await;
+    subscribe(&mut ws, "t", "t", None).await;
+    sql(&s.url, "INSERT INTO t VALUES (1), (2)").await;
+    let seen = changes_until(&mut ws, 2).await;
+    let last = seen[1]["change_id"].as_i64().unwrap();
+    drop(ws);
+    // Missed: one batch before the stop (the close flushes it), one after the restart.
+    sql(&s.url, "INSERT INTO t VALUES (3), (4)").await;
+    assert!(s.terminate().success());
+    let s = Server::start_in(dir.path(), &[], &[]);
+    sql(&s.url, "INSERT INTO t VALUES (5); DELETE FROM t WHERE id = 1").await;
+    let mut ws = connect(&s.url).await;
+    send(&mut ws, json!({"type": "subscribe", "sub": "t", "object": "t", "since": last})).await;
+    let mut got = Vec::new();
+    loop {
+        let m = recv(&mut ws).await;
+        match m["type"].as_str() {
+            Some("change") => got.push(m),
+            Some("subscribed") => break,
+            _ => {}
+        }
+    }
+    assert_eq!(summary(&got), vec!["t insert 3", "t insert 4", "t insert 5", "t delete 1"]);
+    let all: Vec<i64> = std::iter::once(last).chain(ids(&got)).collect();
+    assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
+}
+
+#[tokio::test]
+async fn a_trigger_written_log_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(dir.path(), &[], &[]);
+    sql(&s.url, "CREATE TABLE items(id INTEGER PRIMARY KEY, name TEXT)").await;
+    enable(&s.url, "items").await;
+    assert!(s.terminate().success());
+    // Make it look like a database of the trigger-based version: its log table with two
+    // changes, a capture trigger, and no record of the `cdc` module's migration.
+    {
+        let c = rusqlite::Connection::open(dir.path().join("ichibase.db")).unwrap();
+        c.execute_batch(
+            "DROP TABLE _ichibase_change_batches;
+             DELETE FROM _ichibase_module_migrations WHERE module = 'cdc';
+             CREATE TABLE _ichibase_changes (id INTEGER PRIMARY KEY, tbl TEXT NOT NULL, op TEXT NOT NULL,
+                 pk TEXT NOT NULL, old TEXT, new TEXT,
+                 at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')));
+             INSERT INTO items VALUES (1, 'one');
+             INSERT INTO _ichibase_changes (id, tbl, op, pk, old, new) VALUES
+                 (41, 'items', 'insert', '{\"id\":1}', NULL, '{\"id\":1,\"name\":\"one\"}'),
+                 (42, 'items', 'update', '{\"id\":1}', '{\"id\":1,\"name\":\"one\"}', '{\"id\":1,\"name\":\"uno\"}');
+             UPDATE items SET name = 'uno';
+             CREATE TRIGGER _ichibase_cdc_items_insert AFTER INSERT ON items BEGIN
+                 INSERT INTO _ichibase_changes (tbl, op, pk, old, new) VALUES ('items', 'insert', '{}', NULL, '{}');
+             END;",
+        )
+        .unwrap();
+    }
+    let s = Server::start_in(dir.path(), &[], &[]);
+    let base = &s.url;
+    sql(base, "INSERT INTO items VALUES (2, 'two')").await;
+    let mut ws = connect(base).await;
+    send(&mut ws, json!({"type": "subscribe", "sub": "i", "object": "items", "since": 40})).await;
+    let mut got = Vec::new();
+    loop {
+        let m = recv(&mut ws).await;
+        match m["type"].as_str() {
+            Some("change") => got.push(m),
+            Some("subscribed") => break,
+            _ => {}
+        }
+    }
+    assert_eq!(summary(&got), vec!["items insert 1", "items update 1", "items insert 2"]);
+    assert_eq!(ids(&got), vec![41, 42, 43]);
+    assert_eq!(got[1]["old"]["name"], "one");
+    assert_eq!(got[2]["new"], json!({"id": 2, "name": "two"}));
+    let left = sql(
+        base,
+        "SELECT count(*) FROM sqlite_schema WHERE (type = 'trigger' AND name GLOB '_ichibase_cdc_*') OR name = '_ichibase_changes' FORMAT CSV",
+    )
+    .await;
+    assert_eq!(left.trim(), "0", "legacy triggers and table are gone");
+}
