@@ -784,6 +784,63 @@ mod tests {
         }
     }
 
+    /// The capture mechanism on one connection, without a server: what reaches the log after
+    /// commits, failed statements, savepoints and rollbacks, and how batches decode.
+    #[test]
+    fn captured_batches_hold_exactly_the_committed_changes() {
+        let mut c = Connection::open_in_memory().unwrap();
+        c.execute_batch(
+            "CREATE TABLE _ichibase_cdc_tables (name TEXT PRIMARY KEY, enabled_at TEXT);
+             CREATE TABLE t(id INTEGER PRIMARY KEY, v);
+             CREATE TABLE k(a TEXT, b INT, PRIMARY KEY (b, a)) WITHOUT ROWID;
+             CREATE TABLE nopk(x);
+             CREATE TABLE other(x);
+             INSERT INTO _ichibase_cdc_tables(name) VALUES ('t'), ('k'), ('nopk');",
+        )
+        .unwrap();
+        let cap = capture::install(&mut c).unwrap();
+        let ops = |c: &Connection, sql: &str| {
+            for st in sql.split(';').filter(|s| !s.trim().is_empty()) {
+                let _ = c.execute_batch(st);
+            }
+        };
+        ops(&c, "INSERT INTO t VALUES (1, 'a'), (2, 1.5); INSERT INTO other VALUES (1)");
+        ops(
+            &c,
+            "BEGIN; UPDATE t SET v = x'01' WHERE id = 1; INSERT INTO t VALUES (3, 'x'), (1, 'dup');
+             SAVEPOINT s; INSERT INTO k VALUES ('q', 7); ROLLBACK TO s; INSERT INTO k VALUES ('r', 8);
+             RELEASE s; INSERT INTO nopk VALUES (9); DELETE FROM t WHERE id = 2; COMMIT",
+        );
+        ops(&c, "BEGIN; INSERT INTO t VALUES (4, 'gone'); ROLLBACK");
+        assert_eq!(cap.flush(&c), 6);
+        assert_eq!(cap.flush(&c), 0, "nothing twice");
+        let evs = read_events(&c, 0, None, 1000).unwrap();
+        let got: Vec<String> = evs
+            .iter()
+            .map(|e| format!("{} {} {} {} {}", e.id, e.table, e.op, e.key, json!(e.new)))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                r#"1 t insert {"id":1} {"id":1,"v":"a"}"#,
+                r#"2 t insert {"id":2} {"id":2,"v":1.5}"#,
+                r#"3 t update {"id":1} {"id":1,"v":"01"}"#,
+                r#"4 k insert {"a":"r","b":8} {"a":"r","b":8}"#,
+                r#"5 nopk insert {"rowid":1} {"x":9}"#,
+                r#"6 t delete {"id":2} null"#,
+            ]
+        );
+        assert_eq!(evs[5].old.as_ref().unwrap()["v"], json!(1.5));
+        // Replay from inside a batch, and up to a bound.
+        let ids: Vec<i64> = read_events(&c, 3, Some(5), 1000).unwrap().iter().map(|e| e.id).collect();
+        assert_eq!(ids, vec![4, 5]);
+        // Not captured any more once disabled; a failed autocommit statement leaves nothing.
+        disable(&mut c, "nopk").unwrap();
+        ops(&c, "INSERT INTO nopk VALUES (10); INSERT INTO t VALUES (5, 'e'), (1, 'dup')");
+        assert_eq!(cap.flush(&c), 0);
+        capture::uninstall(&mut c);
+    }
+
     #[test]
     fn json_values_bind_as_sqlite_values() {
         assert_eq!(to_sql(None), Sql::Null);

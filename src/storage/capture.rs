@@ -89,7 +89,8 @@ pub const FORMAT: u8 = 1;
 /// Buffered bytes past which a batch that cannot be written is dropped (with an error logged).
 const MAX_UNWRITTEN: usize = 256 << 20;
 
-/// A captured table: its columns (in order) and the positions of its primary-key columns.
+/// A captured table: its columns (in order) and the positions of its primary-key columns (in
+/// column order, as the keys of events show them).
 #[derive(Debug)]
 pub struct TableInfo {
     pub name: String,
@@ -187,18 +188,17 @@ unsafe extern "C" fn on_log(_arg: *mut c_void, code: c_int, msg: *const c_char) 
 /// Load a table's columns and primary key.
 pub fn table_info(c: &Connection, name: &str) -> rusqlite::Result<Arc<TableInfo>> {
     let mut cols = Vec::new();
-    let mut pk: Vec<(i64, usize)> = Vec::new();
+    let mut pk: Vec<usize> = Vec::new();
     let mut st = c.prepare("SELECT name, pk FROM pragma_table_info(?1) ORDER BY cid")?;
     let mut rows = st.query([name])?;
     while let Some(r) = rows.next()? {
         let p: i64 = r.get(1)?;
         if p > 0 {
-            pk.push((p, cols.len()));
+            pk.push(cols.len());
         }
         cols.push(r.get::<_, String>(0)?);
     }
-    pk.sort();
-    Ok(Arc::new(TableInfo { name: name.to_string(), cols, pk: pk.into_iter().map(|(_, i)| i).collect() }))
+    Ok(Arc::new(TableInfo { name: name.to_string(), cols, pk }))
 }
 
 fn load_tables(c: &Connection) -> rusqlite::Result<HashMap<Box<[u8]>, Arc<TableInfo>>> {
@@ -514,6 +514,9 @@ unsafe extern "C" fn on_trace(what: c_uint, arg: *mut c_void, p: *mut c_void, x:
     // SAFETY: `arg` is the registered Capture.
     let cap = unsafe { &*(arg as *const Capture) };
     let Ok(mut s) = cap.state.lock() else { return 0 };
+    // A commit attempted by an earlier statement (or by this one, now ended) that did not fail:
+    // a failing commit calls the rollback hook inside the same step, which drops `tentative`.
+    s.confirm();
     if what == ffi::SQLITE_TRACE_STMT as c_uint {
         // X is the statement's text, or "-- " and a trigger's name for trigger programs (which
         // run inside their statement: not a statement boundary).
