@@ -118,11 +118,12 @@ fn writer_loop(
         capture.flush(&conn);
         committed.notify_one();
     }
+    // The last captured changes go to the log before the replicator takes the WAL's tail.
+    capture.flush(&conn);
+    capture::uninstall(&mut conn);
     if let Some(hook) = before_close.lock().unwrap().take() {
         hook(&conn);
     }
-    capture.flush(&conn);
-    capture::uninstall(&mut conn);
     let (busy, log, done): (i64, i64, i64) =
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
             Ok((r.get(0)?, r.get(1)?, r.get(2)?))
