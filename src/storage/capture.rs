@@ -527,12 +527,18 @@ unsafe extern "C" fn on_trace(what: c_uint, arg: *mut c_void, p: *mut c_void, x:
         }
         ABORTED.with(|a| a.set(false));
         let m = s.mark();
+        if let Some(i) = s.stmts.iter().position(|(st, _)| *st == p as usize) {
+            s.stmts.remove(i); // run again without an end reported (never, but bounded)
+        }
+        if s.stmts.len() >= 4096 {
+            s.stmts.remove(0);
+        }
         s.stmts.push((p as usize, m));
     } else if what == ffi::SQLITE_TRACE_PROFILE as c_uint {
         let failed = ABORTED.with(|a| a.replace(false));
         let Some(at) = s.stmts.iter().rposition(|(st, _)| *st == p as usize) else { return 0 };
-        let mark = s.stmts[at].1;
-        s.stmts.truncate(at);
+        // Only this entry: statements may end out of order (a cursor reset after later ones).
+        let (_, mark) = s.stmts.remove(at);
         if failed {
             s.truncate(mark);
             return 0;
