@@ -949,31 +949,3 @@ mod tests {
         assert!(visible(&c, "no_such_column", &cols, &row).is_err());
     }
 }
-#[cfg(test)]
-mod perf_tmp {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn perf() {
-        for cap_on in [false, true, false, true] {
-            let p = std::env::temp_dir().join(format!("perf{}.db", cap_on));
-            let _ = std::fs::remove_file(&p);
-            let _ = std::fs::remove_file(p.with_extension("db-wal"));
-            let mut c = Connection::open(&p).unwrap();
-            c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; CREATE TABLE _ichibase_cdc_tables (name TEXT PRIMARY KEY, enabled_at TEXT); CREATE TABLE ev(id INTEGER PRIMARY KEY, v TEXT); INSERT INTO _ichibase_cdc_tables(name) VALUES ('ev');").unwrap();
-            let cap = if cap_on { Some(capture::install(&mut c).unwrap()) } else { None };
-            let sql = "INSERT INTO ev(v) SELECT 'payload-' || n FROM (WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 100) SELECT n FROM c)";
-            let t = Instant::now();
-            let n = 3000;
-            for _ in 0..n {
-                c.execute(sql, []).unwrap();
-                if let Some(cap) = &cap { cap.flush(&c); }
-            }
-            let d = t.elapsed().as_secs_f64();
-            let t2 = Instant::now();
-            let evs = if cap_on { read_events(&c, 0, None, 1_000_000).unwrap() } else { vec![] };
-            eprintln!("capture {cap_on}: {:.0} k rows/s; decode {} events in {:.3}s", n as f64 * 100.0 / d / 1e3, evs.len(), t2.elapsed().as_secs_f64());
-            if cap_on { capture::uninstall(&mut c); }
-        }
-    }
-}
