@@ -540,7 +540,8 @@ async fn deliver(storage: &Storage, hub: &Hub, subs: &[&Sub], events: &[Event]) 
             };
             if let Some((o, n)) = v {
                 if let Some(m) = message(s, e, o, n) {
-                    hub.send(s.conn, Out::Text(Arc::from(m)));
+                    // `.into()`: the frame type of `Out::Text` (shared text) built from the string.
+                    hub.send(s.conn, Out::Text(m.into()));
                 }
             }
         }
