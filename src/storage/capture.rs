@@ -14,7 +14,9 @@
 //!   (`SQLITE_TRACE_STMT`) and when it ended (`SQLITE_TRACE_PROFILE`), so a failed statement's
 //!   records are cut off at its mark. `SAVEPOINT` / `RELEASE` / `ROLLBACK TO` statements that
 //!   succeed keep a stack of marks, so `ROLLBACK TO x` drops exactly what ran since `x`.
-//! - **Log.** After every write job the writer calls [`Capture::flush`]: the committed records
+//! - **Log.** After a write job the writer calls [`Capture::flush`] when its queue is empty, or
+//!   when [`FLUSH_CHANGES`] committed changes gathered or the oldest waited [`FLUSH_AFTER`]
+//!   (under a stream of writes one log row takes many jobs): the committed records
 //!   become ONE row of `_ichibase_change_batches` (`first_id`, `last_id`, `data`): change ids
 //!   `first_id..=last_id` are consecutive, strictly increasing in commit order (one writer
 //!   thread), and each stays addressable for replay (`realtime::cdc::decode`). The row is its
@@ -86,6 +88,11 @@ pub const V_BLOB: u8 = 4;
 /// First byte of a batch's `data`: the encoding's version.
 pub const FORMAT: u8 = 1;
 
+/// While more write jobs wait, committed changes are written once this many gathered or the
+/// oldest waited this long (when the writer's queue is empty they are written at once).
+pub const FLUSH_CHANGES: u32 = 10_000;
+pub const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// Buffered bytes past which a batch that cannot be written is dropped (with an error logged).
 const MAX_UNWRITTEN: usize = 256 << 20;
 
@@ -126,6 +133,8 @@ struct State {
     next_id: i64,
     /// Batches whose INSERT failed, retried first.
     unwritten: Vec<(u32, Vec<u8>)>,
+    /// When the oldest committed, unwritten change committed.
+    since: Option<std::time::Instant>,
 }
 
 impl State {
@@ -143,6 +152,9 @@ impl State {
 
     fn confirm(&mut self) {
         if let Some(t) = self.tentative.take() {
+            if self.committed.count == 0 && t.count > 0 {
+                self.since = Some(std::time::Instant::now());
+            }
             self.committed = t;
         }
     }
@@ -515,8 +527,12 @@ unsafe extern "C" fn on_trace(what: c_uint, arg: *mut c_void, p: *mut c_void, x:
     let cap = unsafe { &*(arg as *const Capture) };
     let Ok(mut s) = cap.state.lock() else { return 0 };
     // A commit attempted by an earlier statement (or by this one, now ended) that did not fail:
-    // a failing commit calls the rollback hook inside the same step, which drops `tentative`.
-    s.confirm();
+    // a failing commit calls the rollback hook inside the same step, which drops `tentative`,
+    // or (busy) leaves the transaction open, which is not autocommit mode.
+    // SAFETY: P is a live statement of this connection for both trace events.
+    if unsafe { ffi::sqlite3_get_autocommit(ffi::sqlite3_db_handle(p as *mut ffi::sqlite3_stmt)) } != 0 {
+        s.confirm();
+    }
     if what == ffi::SQLITE_TRACE_STMT as c_uint {
         // X is the statement's text, or "-- " and a trigger's name for trigger programs (which
         // run inside their statement: not a statement boundary).
@@ -586,6 +602,17 @@ impl Capture {
         Ok(())
     }
 
+    /// Whether committed changes should be written now although more write jobs wait.
+    pub fn due(&self, c: &Connection) -> bool {
+        let mut s = self.state.lock().unwrap();
+        if c.is_autocommit() {
+            s.confirm();
+        }
+        !s.unwritten.is_empty()
+            || s.committed.count >= FLUSH_CHANGES
+            || s.since.is_some_and(|t| t.elapsed() >= FLUSH_AFTER)
+    }
+
     /// Write what committed since the last flush as one batch row. Runs on the writer between
     /// jobs (no transaction open). Returns the number of changes written.
     pub fn flush(&self, c: &Connection) -> usize {
@@ -632,6 +659,7 @@ impl Capture {
                 s.buf.drain(..cut.len);
                 s.count -= cut.count;
                 s.committed = Mark::default();
+                s.since = None;
                 let st = &mut *s;
                 for st in st.stmts.iter_mut().map(|(_, m)| m).chain(st.savepoints.iter_mut().map(|(_, m)| m)) {
                     st.len = st.len.saturating_sub(cut.len);

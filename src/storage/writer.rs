@@ -1,8 +1,8 @@
 //! The single writer: one thread owns the read-write connection and runs queued write jobs in
 //! arrival order. A bounded queue gives back-pressure; on close the thread drains the queue,
-//! checkpoints the WAL into the database file and exits. After every job the changes captured
-//! on its commits are written to the change log (`capture::Capture::flush`) before the
-//! `committed` signal wakes change-data-capture.
+//! checkpoints the WAL into the database file and exits. After a job, when no other job waits
+//! (or a bounded batch gathered), the changes captured on the commits so far are written to the
+//! change log (`capture::Capture::flush`) before the `committed` signal wakes change-data-capture.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -115,7 +115,11 @@ fn writer_loop(
             tracing::error!("a write job panicked; its transaction was rolled back");
             reset(&conn, &state);
         }
-        capture.flush(&conn);
+        // The captured changes go to the log when no other write waits, or in bounded batches
+        // under a stream of writes (see `capture`).
+        if rx.is_empty() || capture.due(&conn) {
+            capture.flush(&conn);
+        }
         committed.notify_one();
     }
     // The last captured changes go to the log before the replicator takes the WAL's tail.
