@@ -1,7 +1,9 @@
 //! Branch benchmark against the real server binary (its own process): what taking a branch
 //! costs the live app.
 //! 1. single-row INSERT latency (p50/p99) from one client, alone vs while branches of the live
-//!    database are taken and deleted back to back (ratio, same run);
+//!    database are taken and deleted back to back (ratio, same run), once with the copy at the
+//!    server's priority (`[branches] copy_nice = 0`) and once at the default nice 19, each on a
+//!    restart of the server on the same data with its own baseline;
 //! 2. branch creation time and throughput (MB/s) for the database size;
 //! 3. merge time of a small bundle (a column and an index on the big table).
 //!
@@ -40,6 +42,67 @@ async fn insert_latencies(http: &reqwest::Client, base: &str, secs: f64) -> Vec<
     out
 }
 
+/// Inserts alone, then while branches are taken and deleted back to back: (alone, during,
+/// branch creation times), all sorted.
+async fn alone_and_during(http: &reqwest::Client, base: &str, secs: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let alone = insert_latencies(http, base, secs).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let brancher = {
+        let (http, base, stop) = (http.clone(), base.to_string(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut times = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let name = format!("b{i}");
+                let t = Instant::now();
+                let r = http.post(format!("{base}/branches")).json(&json!({"name": name})).send().await.unwrap();
+                assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+                times.push(t.elapsed().as_secs_f64());
+                let r = http.delete(format!("{base}/branches/{name}")).send().await.unwrap();
+                assert!(r.status().is_success());
+                i += 1;
+            }
+            times
+        })
+    };
+    let during = insert_latencies(http, base, secs).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut btimes = brancher.await.unwrap();
+    btimes.sort_by(f64::total_cmp);
+    (alone, during, btimes)
+}
+
+fn print_phase(title: &str, secs: f64, db_bytes: u64, alone: &[f64], during: &[f64], btimes: &[f64]) {
+    println!("## {title}: single-row INSERT latency while branches are taken (one client, {secs} s each)");
+    println!();
+    println!("| | inserts | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|---|");
+    for (label, v) in [("alone", alone), ("during back-to-back branching", during)] {
+        println!(
+            "| {label} | {} | {:.2} | {:.2} | {:.2} |",
+            v.len(),
+            pct(v, 0.5),
+            pct(v, 0.99),
+            v.last().copied().unwrap_or(f64::NAN)
+        );
+    }
+    println!();
+    println!(
+        "- ratio during/alone: p50 {:.2}, p99 {:.2}; inserts completed {:.2}",
+        pct(during, 0.5) / pct(alone, 0.5),
+        pct(during, 0.99) / pct(alone, 0.99),
+        during.len() as f64 / alone.len() as f64
+    );
+    println!(
+        "- branches taken: {}; creation p50 {:.2} s ({:.0} MB/s), max {:.2} s",
+        btimes.len(),
+        pct(btimes, 0.5),
+        db_bytes as f64 / 1e6 / pct(btimes, 0.5),
+        btimes.last().copied().unwrap_or(f64::NAN)
+    );
+    println!();
+}
+
 fn main() {
     let secs: f64 = std::env::var("BENCH_SECS")
         .ok()
@@ -50,9 +113,10 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
     // The release server in its own process, started by the tests' harness.
-    let server = common::Server::start(&[]);
-    let base = server.url.clone();
-    let data_dir = server.data_dir.clone();
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().to_path_buf();
+    let mut loader = common::Server::start_in(&data_dir, &[], &[]);
+    let base = loader.url.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -70,65 +134,31 @@ fn main() {
         println!("# ichibase {} branch benchmark", ichibase::VERSION);
         println!();
         println!(
-            "- machine: {} cores; database {:.0} MB; server is the release binary in its own process",
+            "- machine: {} cores; database {:.0} MB; server is the {} binary in its own process",
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-            db_bytes as f64 / 1e6
+            db_bytes as f64 / 1e6,
+            if cfg!(debug_assertions) { "debug" } else { "release" }
         );
         println!();
+        loader.terminate();
 
-        let alone = insert_latencies(&http, &base, secs).await;
-
-        let stop = Arc::new(AtomicBool::new(false));
-        let brancher = {
-            let (http, base, stop) = (http.clone(), base.clone(), Arc::clone(&stop));
-            tokio::spawn(async move {
-                let mut times = Vec::new();
-                let mut i = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let name = format!("b{i}");
-                    let t = Instant::now();
-                    let r = http.post(format!("{base}/branches")).json(&json!({"name": name})).send().await.unwrap();
-                    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
-                    times.push(t.elapsed().as_secs_f64());
-                    let r = http.delete(format!("{base}/branches/{name}")).send().await.unwrap();
-                    assert!(r.status().is_success());
-                    i += 1;
-                }
-                times
-            })
-        };
-        let during = insert_latencies(&http, &base, secs).await;
-        stop.store(true, Ordering::Relaxed);
-        let mut btimes = brancher.await.unwrap();
-        btimes.sort_by(f64::total_cmp);
-
-        println!("## Single-row INSERT latency while branches are taken (one client, {secs} s each)");
-        println!();
-        println!("| | inserts | p50 ms | p99 ms | max ms |");
-        println!("|---|---|---|---|---|");
-        for (label, v) in [("alone", &alone), ("during back-to-back branching", &during)] {
-            println!(
-                "| {label} | {} | {:.2} | {:.2} | {:.2} |",
-                v.len(),
-                pct(v, 0.5),
-                pct(v, 0.99),
-                v.last().copied().unwrap_or(f64::NAN)
+        // The copy at the server's own priority (`[branches] copy_nice = 0`, how branches were
+        // taken before) on the same data, then the default (nice 19), each with its own
+        // baseline measured just before.
+        for (title, nice) in [("copy at nice 0 (before)", 0), ("copy at nice 19 (default)", 19)] {
+            let conf = data_dir.join(format!("bench-nice{nice}.toml"));
+            std::fs::write(&conf, format!("[branches]\ncopy_nice = {nice}\n")).unwrap();
+            let mut s = common::Server::start_in(
+                &data_dir,
+                &[],
+                &[("ICHIBASE_CONFIG", conf.to_str().unwrap())],
             );
+            let (alone, during, btimes) = alone_and_during(&http, &s.url, secs).await;
+            print_phase(title, secs, db_bytes, &alone, &during, &btimes);
+            s.terminate();
         }
-        println!();
-        println!(
-            "- ratio during/alone: p50 {:.2}, p99 {:.2}; inserts completed {:.2}",
-            pct(&during, 0.5) / pct(&alone, 0.5),
-            pct(&during, 0.99) / pct(&alone, 0.99),
-            during.len() as f64 / alone.len() as f64
-        );
-        println!(
-            "- branches taken: {}; creation p50 {:.2} s ({:.0} MB/s), max {:.2} s",
-            btimes.len(),
-            pct(&btimes, 0.5),
-            db_bytes as f64 / 1e6 / pct(&btimes, 0.5),
-            btimes.last().copied().unwrap_or(f64::NAN)
-        );
+        let server = common::Server::start_in(&data_dir, &[], &[]);
+        let base = server.url.clone();
 
         // Merge: a bundle adding a column and an index to the big table, through a branch.
         let r = http.post(format!("{base}/branches")).json(&json!({"name": "m"})).send().await.unwrap();
@@ -147,7 +177,7 @@ fn main() {
         let r = http.post(format!("{base}/branches/m/merge")).send().await.unwrap();
         assert!(r.status().is_success(), "{}", r.text().await.unwrap());
         let merge = t.elapsed().as_secs_f64();
+        drop(server);
         println!("- bundle (column + index on the big table, one function, one check): apply + checks in the branch {apply:.2} s, merge into live {merge:.2} s");
     });
-    drop(server);
 }

@@ -2,13 +2,18 @@
 //! 1. CPU-bound scripts (recursive fib, string building, table sort) in the ichibase sandbox
 //!    (count hook, memory limit, wrapped globals) vs the stock `lua5.4` interpreter (Debian),
 //!    both timed with `os.clock()` inside the script around the same work;
-//! 2. the same scripts with deep tracing on vs off (smaller inputs: tracing records every line);
+//! 2. the same scripts with deep tracing on vs off (smaller inputs: tracing records every line),
+//!    and issue 18's two workloads, each a whole invocation (`invoke`: state, run, and for
+//!    traced runs saving the trace) timed on the wall clock, traced vs untraced in the same run:
+//!    a typical app function (~200 traced lines, 10 `db` inserts in a transaction) and a tight
+//!    loop of 20k iterations (also timed with `os.clock()` inside the script);
 //! 3. invocation overhead in process: an empty function in a fresh sandbox per run vs a pooled
 //!    one (`[lua_limits] reuse_states`), with the cost of building a bare state alone;
 //! 4. invocation overhead over HTTP: `POST /fn/empty` vs `GET /ping`, same client, same server
 //!    (1, 4 and 32 connections).
 //!
-//! `cargo bench --bench lua`; `BENCH_SECS` sets the seconds per HTTP measurement (default 3).
+//! `cargo bench --bench lua`; `BENCH_SECS` sets the seconds per HTTP measurement (default 3);
+//! `BENCH_ONLY=trace` runs only the deep-trace tables.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -75,8 +80,11 @@ fn sandbox_seconds(
             check: None,
             trace_owner: None,
         };
+        // The default configuration: no instruction budget, so no count hook (the watchdog
+        // enforces the CPU and wall limits, generous here).
         let opts = LuaOptions {
-            instruction_limit: u64::MAX / 2,
+            instruction_limit: 0,
+            cpu_limit: Duration::from_secs(600),
             timeout: Duration::from_secs(600),
             max_trace_steps: 10_000_000,
             ..LuaOptions::default()
@@ -92,6 +100,107 @@ fn sandbox_seconds(
         runs.push(v["seconds"].as_f64().unwrap());
     }
     median(runs)
+}
+
+/// Issue 18's typical app function: validate the input, price 10 order lines, insert them in
+/// one transaction, summarise (about 200 traced lines).
+const APP_FN: &str = r#"
+local TAX = 0.2
+local function price_of(item)
+  local base = item.qty * item.unit
+  local discount = 0
+  if item.qty >= 5 then
+    discount = base * 0.1
+  end
+  return base - discount
+end
+return function(input)
+  local order = {customer = input.customer, lines = {}, total = 0}
+  if type(order.customer) ~= "string" then
+    error("customer required")
+  end
+  db.tx(function()
+    for i = 1, 10 do
+      local item = {sku = "sku-" .. i, qty = i, unit = 2.5}
+      local price = price_of(item)
+      local tax = price * TAX
+      order.total = order.total + price + tax
+      db.exec("INSERT INTO order_lines (customer, sku, qty, price) VALUES ({c:String}, {s:String}, {q:Int64}, {p:Float64})",
+        {c = order.customer, s = item.sku, q = item.qty, p = price + tax})
+      order.lines[#order.lines + 1] = item.sku
+    end
+  end)
+  local checked = 0
+  for _, sku in ipairs(order.lines) do
+    if sku:sub(1, 4) == "sku-" then
+      checked = checked + 1
+    end
+  end
+  local summary = string.format("%s: %d lines, %.2f", order.customer, checked, order.total)
+  return {summary = summary, total = order.total}
+end
+"#;
+
+/// Issue 18's tight loop: 20k iterations of arithmetic with a lookup table.
+const LOOP_FN: &str = r#"
+return function()
+  local weights = {3, 1, 4, 1, 5, 9, 2, 6}
+  local c0 = os.clock()
+  local total, evens = 0, 0
+  for i = 1, 20000 do
+    local x = weights[i % 8 + 1] * i
+    total = total + x
+    if x % 2 == 0 then evens = evens + 1 end
+  end
+  return {seconds = os.clock() - c0, total = total, evens = evens}
+end
+"#;
+
+/// Whole invocations of `source`: median wall seconds, median in-script seconds (if the
+/// function returns `seconds`), steps of the last traced run.
+fn invocation_seconds(
+    storage: &Storage,
+    rt: &tokio::runtime::Runtime,
+    source: &str,
+    input: serde_json::Value,
+    trace: bool,
+    runs: usize,
+    ends: bool,
+) -> (f64, Option<f64>, usize) {
+    let mut opts = LuaOptions::default();
+    if ends {
+        opts.traces.mode = ichibase::lua::limits::TraceMode::Ends;
+    }
+    let runtime = ichibase::lua::Runtime::bare(storage.clone(), rt.handle().clone(), opts);
+    let mut wall = Vec::new();
+    let mut inside = Vec::new();
+    let mut steps = 0;
+    for i in 0..runs + 2 {
+        let inv = Invocation {
+            function: "bench_app".into(),
+            version: 1,
+            source: source.into(),
+            input: input.clone(),
+            trace,
+            check: None,
+            trace_owner: None,
+        };
+        let t0 = Instant::now();
+        let out = invoke(&runtime, RequestContext::system(), inv);
+        let dt = t0.elapsed().as_secs_f64();
+        let v = out.result.unwrap_or_else(|e| panic!("run failed: {e}"));
+        if i >= 2 {
+            wall.push(dt);
+            if let Some(s) = v["seconds"].as_f64() {
+                inside.push(s);
+            }
+        }
+        if let Some((s, _)) = &out.steps {
+            steps = s.len();
+        }
+    }
+    let inside = (!inside.is_empty()).then(|| median(inside));
+    (median(wall), inside, steps)
 }
 
 fn stock_seconds(body: &str, n: u32) -> Option<f64> {
@@ -178,6 +287,8 @@ fn main() {
     );
     println!("- CPU time of the work measured with os.clock() inside the script, median of 5 runs");
     println!();
+    let only_trace = std::env::var("BENCH_ONLY").as_deref() == Ok("trace");
+    if !only_trace {
     println!("## Sandbox vs stock interpreter");
     println!();
     println!("| script | input | stock lua5.4 s | ichibase sandbox s | ratio sandbox/stock |");
@@ -189,6 +300,7 @@ fn main() {
             None => println!("| {name} | {n} | (lua5.4 not installed) | {sb:.4} | - |"),
         }
     }
+    }
     println!();
     println!("## Deep tracing on vs off (every line recorded with locals and upvalues)");
     println!();
@@ -198,6 +310,43 @@ fn main() {
         let off = sandbox_seconds(&storage, &rt, body, *n, false);
         let on = sandbox_seconds(&storage, &rt, body, *n, true);
         println!("| {name} | {n} | {off:.5} | {on:.4} | {:.0} |", on / off);
+    }
+    println!();
+    println!("## Deep tracing on vs off, whole invocations (issue 18's workloads)");
+    println!();
+    {
+        let setup = Invocation {
+            function: "setup".into(),
+            version: 1,
+            source: "return function() db.migrate('CREATE TABLE IF NOT EXISTS order_lines (id INTEGER PRIMARY KEY, customer TEXT, sku TEXT, qty INTEGER, price REAL)') return 1 end".into(),
+            ..Invocation::default()
+        };
+        let runtime = ichibase::lua::Runtime::bare(storage.clone(), rt.handle().clone(), LuaOptions::default());
+        invoke(&runtime, RequestContext::system(), setup).result.expect("setup");
+    }
+    println!("| workload | traced steps | off ms | on ms | ratio on/off | in-script off ms | in-script on ms | in-script ratio |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let input = serde_json::json!({"customer": "acme"});
+    for (name, src, input, runs, ends) in [
+        ("typical app function (10 inserts in db.tx)", APP_FN, input, 30usize, false),
+        ("tight loop (20k iterations)", LOOP_FN, serde_json::Value::Null, 7, false),
+        ("tight loop, `[traces] mode = \"ends\"` (first 2000 + last 2000 steps)", LOOP_FN, serde_json::Value::Null, 7, true),
+    ] {
+        let (off, off_in, _) = invocation_seconds(&storage, &rt, src, input.clone(), false, runs, ends);
+        let (on, on_in, steps) = invocation_seconds(&storage, &rt, src, input.clone(), true, runs, ends);
+        let inside = match (off_in, on_in) {
+            (Some(a), Some(b)) => format!("{:.3} | {:.2} | {:.1}", a * 1e3, b * 1e3, b / a),
+            _ => "- | - | -".into(),
+        };
+        println!(
+            "| {name} | {steps} | {:.3} | {:.2} | {:.1} | {inside} |",
+            off * 1e3,
+            on * 1e3,
+            on / off
+        );
+    }
+    if only_trace {
+        return;
     }
     println!();
     println!("## Invocation overhead in process: fresh sandbox vs pooled (empty function)");

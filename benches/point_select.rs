@@ -1,26 +1,35 @@
-//! Point-SELECT throughput: ichibase over HTTP vs. the same query run in-process with rusqlite.
+//! Point-SELECT throughput: ichibase over HTTP vs. `GET /ping` on the same server with the same
+//! client, and vs. the same query run in-process with rusqlite.
 //!
 //! What is measured, all in one run and on the same database file:
 //!
 //! 1. **HTTP**: the real server (`ichibase::server::start`) runs in this process on an ephemeral
-//!    127.0.0.1 port with default settings; the clients and SQL helpers are the tests' harness
-//!    (`tests/common`). A table `kv(id INTEGER PRIMARY KEY, v TEXT)` with
-//!    100 000 rows is filled over HTTP. Then, for N = 1, 4, 16, 64 concurrent client tasks sharing
-//!    one keep-alive `reqwest::Client`, each task loops for a fixed time on
-//!    `GET /?query=SELECT v FROM kv WHERE id = {id:Int64}&param_id=<random id>` (default
-//!    TabSeparated output). Every response must be `200` with body `value-<id>\n`. We report
-//!    completed requests per second and the per-request latency (p50, p99) seen by the client.
-//! 2. **In-process baseline**: the same statement, `SELECT v FROM kv WHERE id = ?1`, prepared once
+//!    127.0.0.1 port with default settings (posterity log on); the clients and SQL helpers are
+//!    the tests' harness (`tests/common`, admin API key). A table `kv(id INTEGER PRIMARY KEY,
+//!    v TEXT)` with 100 000 rows is filled over HTTP. Then, for N = 1, 4, 32 concurrent client
+//!    tasks sharing one keep-alive `reqwest::Client`, each task loops for a fixed time on
+//!    `GET /?query=SELECT v FROM kv WHERE id = {id:Int64}&param_id=<random id>&default_format=JSON`.
+//!    Every response must be `200` and its JSON must carry `value-<id>`. We report completed
+//!    requests per second and the per-request latency (p50, p99) seen by the client.
+//! 2. **`/ping` baseline**: the same tasks and client loop on `GET /ping` (through the same
+//!    request layer, posterity row included) on the same server; ping and SELECT alternate in
+//!    rounds so load changes on the shared machine hit both. SELECT/ping is issue 18's figure:
+//!    what a point query costs beyond the HTTP round trip itself.
+//! 3. **In-process baseline**: the same statement, `SELECT v FROM kv WHERE id = ?1`, prepared once
 //!    (`prepare_cached`) on a read-only rusqlite connection to the same file, looped on random
 //!    ids — single-threaded, and with N threads (capped at 16), each with its own connection.
 //!
-//! **Why the ratio.** An indexed point lookup costs SQLite a few microseconds, so the in-process
+//! **Why the ratios.** An indexed point lookup costs SQLite a few microseconds, so the in-process
 //! figure is the ceiling for this hardware; HTTP/in-process says what fraction of it survives
 //! everything ichibase puts around a query (TCP, HTTP parsing, URL settings and parameter
-//! binding, the reader pool hop onto a blocking thread, output formatting, response headers).
-//! Absolute numbers depend on the machine; the ratio is what is comparable between machines and
-//! versions. Note that the HTTP client, the server and SQLite all share this machine's cores, so
-//! at high N the client's own cost is included in the HTTP figure.
+//! binding, the reader pool, output formatting, response headers). SELECT/ping isolates the
+//! query's own share from the HTTP round trip. Absolute numbers depend on the machine; the ratios
+//! are what is comparable between machines and versions. Note that the HTTP client, the server
+//! and SQLite all share this machine's cores, so the client's own cost is included in both HTTP
+//! figures.
+//!
+//! `BENCH_ONLY=ping` runs only the SELECT-vs-ping table (with the in-process column),
+//! `BENCH_ONLY=rls` only the row-level-security table.
 //!
 //! Duration per measurement: `BENCH_SECS` seconds (default 3). With defaults the whole run takes
 //! about 30 s after compilation.
@@ -32,7 +41,9 @@ use ichibase::config::Config;
 use rusqlite::{Connection, OpenFlags};
 
 const ROWS: i64 = 100_000;
-const LEVELS: [usize; 4] = [1, 4, 16, 64];
+const LEVELS: [usize; 3] = [1, 4, 32];
+/// Alternating ping / SELECT rounds per level.
+const ROUNDS: usize = 4;
 const MAX_THREADS: usize = 16;
 const SELECT_HTTP: &str = "SELECT v FROM kv WHERE id = {id:Int64}";
 const SELECT_SQLITE: &str = "SELECT v FROM kv WHERE id = ?1";
@@ -68,6 +79,17 @@ struct HttpResult {
     rps: f64,
     p50_us: f64,
     p99_us: f64,
+}
+
+/// What one client request of a measurement is.
+#[derive(Clone, Copy)]
+enum Probe {
+    /// `GET /?query=<sql>&param_id=<id>` (TabSeparated), the body checked.
+    Select(&'static str),
+    /// The same with `default_format=JSON`, the body checked.
+    SelectJson(&'static str),
+    /// `GET /ping`.
+    Ping,
 }
 
 /// Nearest-rank percentile of sorted nanosecond samples, in microseconds.
@@ -182,6 +204,31 @@ async fn select_http(client: &reqwest::Client, base: &str, query: &str, id: i64)
     );
 }
 
+async fn select_json(client: &reqwest::Client, base: &str, query: &str, id: i64) {
+    let id_s = id.to_string();
+    let resp = client
+        .get(base)
+        .query(&[("query", query), ("param_id", id_s.as_str()), ("default_format", "JSON")])
+        .send()
+        .await
+        .expect("GET /?query=");
+    let status = resp.status();
+    let body = resp.bytes().await.expect("response body");
+    let want = format!("\"value-{id}\"");
+    assert!(
+        status == reqwest::StatusCode::OK
+            && body.windows(want.len()).any(|w| w == want.as_bytes()),
+        "id={id} -> {status}: {}",
+        String::from_utf8_lossy(&body)
+    );
+}
+
+async fn ping(client: &reqwest::Client, base: &str) {
+    let resp = client.get(format!("{base}ping")).send().await.expect("GET /ping");
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    let _ = resp.bytes().await.expect("response body");
+}
+
 /// `n` client tasks loop on point SELECTs for `secs`.
 async fn run_http(
     client: &reqwest::Client,
@@ -191,6 +238,25 @@ async fn run_http(
     secs: f64,
     seed: u64,
 ) -> HttpResult {
+    let mut lat = run_probe(client, base, Probe::Select(query), n, secs, seed).await;
+    let elapsed = secs;
+    lat.sort_unstable();
+    HttpResult {
+        rps: lat.len() as f64 / elapsed,
+        p50_us: percentile_us(&lat, 0.50),
+        p99_us: percentile_us(&lat, 0.99),
+    }
+}
+
+/// `n` client tasks loop on `probe` for `secs`; every latency in ns.
+async fn run_probe(
+    client: &reqwest::Client,
+    base: &str,
+    probe: Probe,
+    n: usize,
+    secs: f64,
+    seed: u64,
+) -> Vec<u64> {
     let dur = Duration::from_secs_f64(secs);
     let start = Instant::now();
     let deadline = start + dur;
@@ -206,7 +272,11 @@ async fn run_http(
                 if t0 >= deadline {
                     break;
                 }
-                select_http(&client, &base, query, rng.id()).await;
+                match probe {
+                    Probe::Select(q) => select_http(&client, &base, q, rng.id()).await,
+                    Probe::SelectJson(q) => select_json(&client, &base, q, rng.id()).await,
+                    Probe::Ping => ping(&client, &base).await,
+                }
                 lat.push(t0.elapsed().as_nanos() as u64);
             }
             lat
@@ -216,13 +286,36 @@ async fn run_http(
     for t in tasks {
         all.extend(t.await.expect("client task panicked"));
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    HttpResult {
-        rps: all.len() as f64 / elapsed,
-        p50_us: percentile_us(&all, 0.50),
-        p99_us: percentile_us(&all, 0.99),
+    all
+}
+
+/// SELECT (JSON) and `/ping` at `n` clients, alternating in [`ROUNDS`] rounds of `secs / ROUNDS`
+/// each: (select, ping).
+async fn select_vs_ping(
+    client: &reqwest::Client,
+    base: &str,
+    n: usize,
+    secs: f64,
+    seed: u64,
+) -> (HttpResult, HttpResult) {
+    let round = secs / ROUNDS as f64;
+    let mut lat = [Vec::new(), Vec::new()];
+    for r in 0..ROUNDS {
+        for k in [r % 2, 1 - r % 2] {
+            let probe = if k == 0 { Probe::SelectJson(SELECT_HTTP) } else { Probe::Ping };
+            lat[k].extend(run_probe(client, base, probe, n, round, seed + r as u64).await);
+        }
     }
+    let [mut s, mut p] = lat;
+    let result = |l: &mut Vec<u64>| {
+        l.sort_unstable();
+        HttpResult {
+            rps: l.len() as f64 / secs,
+            p50_us: percentile_us(l, 0.50),
+            p99_us: percentile_us(l, 0.99),
+        }
+    };
+    (result(&mut s), result(&mut p))
 }
 
 fn open_ro(path: &std::path::Path) -> Connection {
@@ -322,7 +415,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let only_rls = std::env::var("BENCH_ONLY").is_ok_and(|v| v == "rls");
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let (only_rls, only_ping) = (only == "rls", only == "ping");
     rt.block_on(async move {
         let running = ichibase::server::start(config).await.expect("start server");
         let root = format!("http://{}", running.addr);
@@ -346,12 +440,13 @@ fn main() {
         assert_eq!(count.trim(), ROWS.to_string(), "row count after populate");
         select_http(&client, &base, SELECT_HTTP, 42).await;
         select_http(&client, &base, SELECT_HTTP, ROWS).await;
+        select_json(&client, &base, SELECT_HTTP, 7).await;
 
-        println!("# ichibase {} point SELECT: HTTP vs in-process rusqlite", ichibase::VERSION);
+        println!("# ichibase {} point SELECT: HTTP vs /ping and vs in-process rusqlite", ichibase::VERSION);
         println!();
         println!("- machine: {cores} cores (available_parallelism); server, HTTP client and SQLite share them");
         println!("- table: kv(id INTEGER PRIMARY KEY, v TEXT), {} rows (populated over HTTP in {populate_s:.2} s)", fmt_int(ROWS as f64));
-        println!("- HTTP: GET /?query={SELECT_HTTP}&param_id=<random>, TabSeparated, keep-alive reqwest client");
+        println!("- HTTP: GET /?query={SELECT_HTTP}&param_id=<random>&default_format=JSON vs GET /ping, admin API key, one keep-alive reqwest client, {ROUNDS} alternating rounds");
         println!("- server: default config (reader pool = {readers} connections), in this process, tracing not initialised");
         println!("- in-process: rusqlite read-only connection, prepare_cached(\"{SELECT_SQLITE}\"), one connection per thread");
         println!("- {secs} s per measurement (BENCH_SECS)");
@@ -370,7 +465,7 @@ fn main() {
 
             let mut rows = Vec::new();
             for (i, &n) in LEVELS.iter().enumerate() {
-                let http = run_http(&client, &base, SELECT_HTTP, n, secs, 0xC0FFEE + i as u64).await;
+                let (http, ping) = select_vs_ping(&client, &base, n, secs, 0xC0FFEE + 16 * i as u64).await;
                 let threads = n.min(MAX_THREADS);
                 let inproc = if threads == 1 {
                     single
@@ -378,17 +473,19 @@ fn main() {
                     let p = path.clone();
                     tokio::task::spawn_blocking(move || run_inprocess(&p, threads, secs, 0xF00D + i as u64)).await.expect("in-process run")
                 };
-                rows.push((n, threads, http, inproc));
+                rows.push((n, threads, http, ping, inproc));
             }
 
-            println!("| N | HTTP req/s | HTTP p50 µs | HTTP p99 µs | in-process req/s (threads) | ratio HTTP/in-process |");
-            println!("|---:|---:|---:|---:|---:|---:|");
-            for (n, threads, http, inproc) in &rows {
+            println!("| N | GET /ping req/s | SELECT req/s | SELECT p50 µs | SELECT p99 µs | ratio SELECT/ping | in-process req/s (threads) | ratio SELECT/in-process |");
+            println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+            for (n, threads, http, ping, inproc) in &rows {
                 println!(
-                    "| {n} | {} | {:.0} | {:.0} | {} ({threads}) | {:.4} (1/{:.0}) |",
+                    "| {n} | {} | {} | {:.0} | {:.0} | {:.3} | {} ({threads}) | {:.4} (1/{:.0}) |",
+                    fmt_int(ping.rps),
                     fmt_int(http.rps),
                     http.p50_us,
                     http.p99_us,
+                    http.rps / ping.rps,
                     fmt_int(*inproc),
                     http.rps / inproc,
                     inproc / http.rps
@@ -398,11 +495,14 @@ fn main() {
             println!("In-process, single thread: {} req/s ({:.2} µs per SELECT).", fmt_int(single), 1e6 / single);
             println!(
                 "N = concurrent HTTP client tasks; the in-process column uses min(N, {MAX_THREADS}) threads. \
-                 Ratio = HTTP req/s ÷ in-process req/s at the same N."
+                 /ping p50 µs by N: {}.",
+                rows.iter().map(|r| format!("{:.0}", r.3.p50_us)).collect::<Vec<_>>().join(", ")
             );
         }
 
-        rls_section(&client, &base, secs).await;
+        if !only_ping {
+            rls_section(&client, &base, secs).await;
+        }
 
         running.shutdown().await.expect("server shutdown");
     });

@@ -1,12 +1,21 @@
 //! WebSocket and change-capture benchmarks, measured against the real server binary (a
 //! separate process, so clients and server each have their own file-descriptor budget):
-//! 1. fan-out of one broadcast to 1,000 and 10,000 local clients: delivery latency p50/p99
-//!    (from just before the HTTP `POST /broadcast` to each client's receipt);
+//! 1. fan-out of one broadcast to N broadcast-only clients (1,000, 5,000 and 10,000), against
+//!    ichibase and against a minimal Node `ws` server (benches/node-ws/server.js, a separate
+//!    process started here) with the same clients and the same schedule, in the same run:
+//!    connect+join time, delivery latency p50/p99/max (from just before the HTTP
+//!    `POST /broadcast` to each client's receipt), and server CPU per delivery (utime+stime of
+//!    the server process from /proc/PID/stat, before and after the rounds);
 //! 2. change capture while the writer runs at full speed (batched inserts from 4 clients):
 //!    writer rows/s on a captured table vs an uncaptured one (a ratio, same run), and change
 //!    events/s delivered to a subscriber.
 //!
-//! `cargo bench --bench ws`; `BENCH_CLIENTS=1000,10000` and `BENCH_SECS=3` adjust it.
+//! `cargo bench --bench ws`; `BENCH_CLIENTS=1000,5000,10000`, `BENCH_REPEAT=3` (runs per size
+//! and server, in turn; medians reported), `BENCH_ROUNDS=10` and `BENCH_SECS=3` adjust it;
+//! `BENCH_ONLY=fanout` skips the change-capture part; `BENCH_BASELINE_BIN=/path/to/ichibase`
+//! adds another ichibase build (say, the previous commit's) to the fan-out, same run.
+//! The Node baseline needs `npm ci` in benches/node-ws once (ws 8.23.0, pinned by its lock
+//! file); the bench stops with that instruction when node_modules is missing.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,12 +59,47 @@ async fn ws_connect(
     ws
 }
 
+/// One fan-out run against one server.
+struct FanOut {
+    /// Sorted delivery latencies, ns.
+    lat: Vec<u64>,
+    connect_s: f64,
+    /// Server CPU (user + system) during the rounds, seconds.
+    cpu_s: f64,
+    /// Of which system (kernel) time, seconds.
+    sys_s: f64,
+}
+
+impl FanOut {
+    fn cpu_us_per_delivery(&self) -> f64 {
+        self.cpu_s * 1e6 / self.lat.len().max(1) as f64
+    }
+
+    fn sys_share(&self) -> f64 {
+        self.sys_s / self.cpu_s.max(f64::MIN_POSITIVE)
+    }
+}
+
+/// (utime + stime, stime) of a process, seconds.
+fn cpu_secs(pid: u32) -> (f64, f64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("server /proc stat");
+    // Fields after the command name (which may hold spaces) start at `state`, field 3.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let (user, sys): (u64, u64) = (f[11].parse().unwrap(), f[12].parse().unwrap());
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ((user + sys) as f64 / hz, sys as f64 / hz)
+}
+
+/// N broadcast-only clients join `channel`, then `rounds` broadcasts 200 ms apart.
 async fn fanout(
     http: &reqwest::Client,
     base: &str,
+    pid: u32,
+    channel: &str,
     clients: usize,
     rounds: usize,
-) -> (Vec<u64>, f64) {
+) -> FanOut {
     let url = base.replace("http://", "ws://") + "/ws";
     let received = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(clients);
@@ -63,20 +107,15 @@ async fn fanout(
     let mut pending = Vec::new();
     for _ in 0..clients {
         let url = url.clone();
+        let join = json!({"type": "join", "channel": channel, "presence": false}).to_string();
         pending.push(tokio::spawn(async move {
             let mut ws = ws_connect(&url).await;
-            ws.send(Message::Text(
-                json!({"type": "join", "channel": "bench", "presence": false})
-                    .to_string()
-                    .into(),
-            ))
-            .await
-            .unwrap();
+            ws.send(Message::Text(join.into())).await.unwrap();
             loop {
-                if let Some(Ok(Message::Text(t))) = ws.next().await {
-                    if t.contains("\"joined\"") {
-                        break;
-                    }
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) if t.contains("\"joined\"") => break,
+                    Some(Ok(_)) => {}
+                    other => panic!("no joined frame: {other:?}"),
                 }
             }
             ws
@@ -110,14 +149,15 @@ async fn fanout(
                     _ => break,
                 }
             }
-            drop(ws);
-            lat
+            (lat, ws)
         }));
     }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let cpu0 = cpu_secs(pid);
     for _ in 0..rounds {
         let r = http
             .post(format!("{base}/broadcast"))
-            .json(&json!({"channel": "bench", "payload": {"t": now_ns()}}))
+            .json(&json!({"channel": channel, "payload": {"t": now_ns()}}))
             .send()
             .await
             .unwrap();
@@ -128,11 +168,161 @@ async fn fanout(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut all = Vec::new();
+    let mut sockets = Vec::new();
     for r in readers {
-        all.extend(r.await.unwrap());
+        let (lat, ws) = r.await.unwrap();
+        all.extend(lat);
+        sockets.push(ws);
     }
+    let cpu1 = cpu_secs(pid);
+    let (cpu_s, sys_s) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+    assert_eq!(all.len(), clients * rounds, "every broadcast must arrive");
+    // Close outside the measured window.
+    drop(sockets);
     all.sort_unstable();
-    (all, connect_s)
+    FanOut {
+        lat: all,
+        connect_s,
+        cpu_s,
+        sys_s,
+    }
+}
+
+/// The Node `ws` baseline server (benches/node-ws/server.js) in its own process.
+struct NodeWs {
+    child: std::process::Child,
+    url: String,
+}
+
+impl NodeWs {
+    fn start() -> NodeWs {
+        use std::io::{BufRead, BufReader};
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/node-ws");
+        assert!(
+            dir.join("node_modules/ws/package.json").exists(),
+            "the Node baseline is not installed: run `npm ci` in {} (ws 8.23.0, pinned by package-lock.json)",
+            dir.display()
+        );
+        let mut child = std::process::Command::new("node")
+            .arg("server.js")
+            .current_dir(&dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start `node` (Node.js 18+ must be on PATH) for the baseline");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = loop {
+            let line = lines.next().expect("node-ws exited before listening").unwrap();
+            if let Some(rest) = line.strip_prefix("node-ws listening on ") {
+                break rest.trim().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        NodeWs { child, url }
+    }
+}
+
+impl Drop for NodeWs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { f64::NAN } else { v[v.len() / 2] }
+}
+
+/// Another ichibase binary (`BENCH_BASELINE_BIN`, e.g. a build of the previous commit) started
+/// like the harness starts this one, so before/after are measured in the same run.
+fn start_baseline(bin: &str, data: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data)
+        .current_dir(data)
+        .env_remove("ICHIBASE_CONFIG")
+        .env("ICHIBASE_LOG", "warn")
+        .env("ICHIBASE_ADMIN_KEY", common::ADMIN_KEY)
+        .env("ICHIBASE_HTTP__MAX_CONNECTIONS", "20000")
+        .env("ICHIBASE_WS_LIMITS__MAX_TOTAL_SOCKETS", "20000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("start BENCH_BASELINE_BIN");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("baseline exited before listening").unwrap();
+        if let Some(rest) = line.strip_prefix("ichibase listening on ") {
+            break rest.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, url)
+}
+
+/// The fan-out section: each size against every server (the last one is Node), `repeat` times
+/// in turn (ichibase, [baseline,] Node, ichibase, ...); every run, then the medians.
+async fn fanout_section(http: &reqwest::Client, servers: &[(&str, &str, u32)], sizes: &[usize]) {
+    let repeat: usize = std::env::var("BENCH_REPEAT").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
+    let rounds: usize = std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10).max(1);
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("## Fan-out of one broadcast ({rounds} rounds, 200 ms apart), ichibase vs Node `ws` 8.23.0");
+    println!();
+    println!("- load average at start: {}", load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!();
+    println!("| clients | server | run | connect+join s | deliveries | p50 ms | p99 ms | max ms | server CPU µs/delivery | of it kernel |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut summary = Vec::new();
+    let mut run = 0;
+    for &n in sizes {
+        let mut res: Vec<Vec<FanOut>> = servers.iter().map(|_| Vec::new()).collect();
+        for r in 0..repeat {
+            for (i, (name, base, pid)) in servers.iter().enumerate() {
+                run += 1;
+                let f = fanout(http, base, *pid, &format!("bench-{run}"), n, rounds).await;
+                println!(
+                    "| {n} | {name} | {} | {:.2} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {:.0}% |",
+                    r + 1,
+                    f.connect_s,
+                    f.lat.len(),
+                    pct(&f.lat, 0.5) / 1e3,
+                    pct(&f.lat, 0.99) / 1e3,
+                    f.lat.last().copied().unwrap_or(0) as f64 / 1e6,
+                    f.cpu_us_per_delivery(),
+                    f.sys_share() * 100.0
+                );
+                res[i].push(f);
+                // Let the server take the closed sockets down before the next run.
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+            }
+        }
+        summary.push((n, res));
+    }
+    let node = servers.len() - 1;
+    println!();
+    println!("Medians of {repeat} runs; ratios are the medians of each run's ratio to the Node run of the same round (below 1: ichibase ahead):");
+    println!();
+    println!("| clients | server | connect+join s | vs Node | p50 ms | p99 ms | p99 vs Node | server CPU µs/delivery | vs Node |");
+    println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    for (n, res) in summary {
+        for (i, (name, _, _)) in servers.iter().enumerate() {
+            let m = |f: &dyn Fn(&FanOut) -> f64| median(res[i].iter().map(f).collect());
+            let ratio = |f: &dyn Fn(&FanOut) -> f64| median(res[i].iter().zip(&res[node]).map(|(a, b)| f(a) / f(b)).collect());
+            let p99 = |f: &FanOut| pct(&f.lat, 0.99) / 1e3;
+            println!(
+                "| {n} | {name} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.2} |",
+                m(&|f| f.connect_s),
+                ratio(&|f| f.connect_s),
+                m(&|f| pct(&f.lat, 0.5) / 1e3),
+                m(&p99),
+                ratio(&p99),
+                m(&FanOut::cpu_us_per_delivery),
+                ratio(&FanOut::cpu_us_per_delivery),
+            );
+        }
+    }
 }
 
 async fn writer_rate(http: &reqwest::Client, base: &str, table: &str, secs: f64) -> f64 {
@@ -174,9 +364,15 @@ fn main() {
     let sizes: Vec<usize> = std::env::var("BENCH_CLIENTS")
         .ok()
         .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![1000, 10000]);
+        .unwrap_or_else(|| vec![1000, 5000, 10000]);
     // The release server in its own process, started by the tests' harness.
-    let server = common::Server::start(&["--ws-queue", "200000"]);
+    // Room for 10,000 sockets beside the bench's HTTP client (the defaults cap both at 10,000).
+    let data = tempfile::tempdir().unwrap();
+    let server = common::Server::start_in(
+        data.path(),
+        &["--ws-queue", "200000"],
+        &[("ICHIBASE_HTTP__MAX_CONNECTIONS", "20000"), ("ICHIBASE_WS_LIMITS__MAX_TOTAL_SOCKETS", "20000")],
+    );
     let base = server.url.clone();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -188,14 +384,25 @@ fn main() {
         println!();
         println!("- machine: {} cores; server is the release binary in its own process, clients in this one", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         println!();
-        println!("## Fan-out of one broadcast (10 rounds, 200 ms apart)");
-        println!();
-        println!("| clients | connect+join s | deliveries | p50 ms | p99 ms | max ms |");
-        println!("|---:|---:|---:|---:|---:|---:|");
-        for &n in &sizes {
-            let (lat, connect_s) = fanout(&http, &base, n, 10).await;
-            println!("| {n} | {connect_s:.2} | {} | {:.2} | {:.2} | {:.2} |", lat.len(), pct(&lat, 0.5) / 1e3, pct(&lat, 0.99) / 1e3, lat.last().copied().unwrap_or(0) as f64 / 1e6);
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        if std::env::var("BENCH_ONLY").map_or(true, |o| o == "fanout") {
+            let baseline_dir = tempfile::tempdir().unwrap();
+            let baseline = std::env::var("BENCH_BASELINE_BIN").ok().map(|bin| start_baseline(&bin, baseline_dir.path()));
+            let node = NodeWs::start();
+            let mut servers = vec![("ichibase", base.as_str(), server.pid())];
+            if let Some((child, url)) = &baseline {
+                servers.push(("ichibase baseline", url.as_str(), child.id()));
+            }
+            servers.push(("node ws", node.url.as_str(), node.child.id()));
+            fanout_section(&http, &servers, &sizes).await;
+            drop(node);
+            if let Some((mut child, _)) = baseline {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            println!();
+        }
+        if std::env::var("BENCH_ONLY").is_ok_and(|o| o == "fanout") {
+            return;
         }
 
         for sql in ["CREATE TABLE ev(id INTEGER PRIMARY KEY, v TEXT)", "CREATE TABLE ev_plain(id INTEGER PRIMARY KEY, v TEXT)"] {

@@ -15,7 +15,8 @@
 //! - a request head must be complete within `header_read_timeout` of the connection's opening
 //!   or of the first byte after an idle period (slowloris, sockets that never send);
 //! - a keep-alive connection with no request in flight is closed after `idle_timeout`;
-//! - the listener has a deep accept queue and, on Linux, TCP_DEFER_ACCEPT;
+//! - the listener has a deep accept queue and, on Linux, TCP_DEFER_ACCEPT; accepted sockets
+//!   have TCP_NODELAY;
 //! - graceful shutdown: stop accepting, close idle connections, let requests in flight finish;
 //! - HTTPS ([`serve_tls`], `--tls-cert`/`--tls-key`): the TLS handshake runs in the
 //!   connection's task and must finish within `header_read_timeout`.
@@ -279,6 +280,9 @@ impl Front {
         mut stop: watch::Receiver<bool>,
         done: watch::Receiver<()>,
     ) {
+        // Small frames (a WebSocket event, a short JSON answer) go out at once instead of
+        // waiting for the peer's delayed ACK (Nagle); responses are written in whole buffers.
+        let _ = stream.set_nodelay(true);
         let ip = peer.ip();
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn::new(ip));

@@ -374,7 +374,13 @@ async fn generate(
     let opts = ichibase::storage::StorageOptions::from_config(&cfg);
     let o2 = opts.clone();
     let live = tokio::task::spawn_blocking(move || ichibase::storage::Storage::open(&o2)).await??;
-    let branches = std::sync::Arc::new(ichibase::branch::Branches::new(&cfg.data_dir, &opts));
+    let branch_settings: ichibase::branch::BranchSettings = cfg.section("branches")?;
+    branch_settings.validate()?;
+    let branches = std::sync::Arc::new(ichibase::branch::Branches::new(
+        &cfg.data_dir,
+        &opts,
+        &branch_settings,
+    ));
     eprintln!("ichibase: asking {} at {}", llm.model(), llm.endpoint());
     let g = Generator {
         // The CLI works beside a possibly running server, which holds the posterity database.

@@ -56,6 +56,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let lua_limit_settings: crate::lua::limits::LuaLimitSettings = config.section("lua_limits")?;
     lua_limit_settings.validate(config.lua.memory_limit)?;
     let ws_limits = crate::realtime::limits::WsLimits::new(config.section("ws_limits")?)?;
+    let branch_settings: crate::branch::BranchSettings = config.section("branches")?;
+    branch_settings.validate()?;
     let posterity_opts = crate::posterity::PosterityOptions::from_config(&config)?;
     let auth_opts = auth_options(&config)?;
     let tls = crate::auth::tls::from_settings(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
@@ -102,6 +104,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let branches = Arc::new(crate::branch::Branches::new(
         &config.data_dir,
         &StorageOptions::from_config(&config),
+        &branch_settings,
     ));
     sql_guard.apply_heap_limit();
     let pruner = schedule_trace_pruning(&storage, &trace_settings);

@@ -1106,3 +1106,98 @@ async fn empty_arrays_stay_arrays() {
     let r = common::call_fn(&admin, base, "lists", json!({"items": [1]})).await;
     assert_eq!(r.json()["notes"], json!([{"id": 1, "body": "x"}]));
 }
+
+// --- Deep trace modes and limits (issue 18) ----------------------------------------------------
+
+const LATE_FAIL_FN: &str = r#"return function()
+  local cfg = {limit = 300, name = "late"}
+  local n = 0
+  for i = 1, cfg.limit do
+    n = n + i
+  end
+  error("failed after " .. n)
+end"#;
+
+#[tokio::test]
+async fn ends_mode_keeps_the_lines_before_an_error_with_full_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(
+        dir.path(),
+        &[],
+        &[
+            ("ICHIBASE_TRACES__MODE", "ends"),
+            ("ICHIBASE_TRACES__HEAD_STEPS", "4"),
+            ("ICHIBASE_TRACES__TAIL_STEPS", "12"),
+        ],
+    );
+    let (admin, base) = (client(), s.url.clone());
+    assert_eq!(put_fn(&admin, &base, "late", LATE_FAIL_FN).await.status, 200);
+    let r = call_with(&admin, &base, "late", "?trace=1", &[]).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let id = r.header("x-ichibase-trace-id").unwrap().to_string();
+    let t = get_url(&admin, format!("{base}/trace/{id}")).await;
+    assert_eq!(t.status, 200, "{}", t.body);
+    let t = t.json();
+    assert_eq!(t["trace"]["truncated"], true, "{t}");
+    assert_eq!(t["trace"]["error_line"], 7, "{t}");
+    let steps = t["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 16, "{t}");
+    let nums: Vec<i64> = steps.iter().map(|s| s["step"].as_i64().unwrap()).collect();
+    assert_eq!(&nums[..4], &[0, 1, 2, 3], "the head");
+    assert!(nums[4] > 500, "a gap: {nums:?}");
+    // The failing line is kept, with the values before it ran; every step shows every local
+    // (unchanged ones too: deltas are recorded, whole values are served).
+    let fail = steps.iter().find(|s| s["line"] == 7 && s["locals"]["n"].is_number()).expect("the failing line");
+    assert_eq!(fail["locals"]["n"], json!(45150), "{fail}");
+    assert_eq!(fail["after"], false);
+    for s in steps.iter().filter(|s| s["locals"]["n"].is_number()) {
+        assert_eq!(s["locals"]["cfg"], json!({"limit": 300, "name": "late"}), "{s}");
+    }
+    // Hover reads the same values.
+    let h = get_url(&admin, format!("{base}/trace/{id}/hover?name=n")).await;
+    assert_eq!(h.status, 200, "{}", h.body);
+    let history = h.json()["history"].as_array().unwrap().clone();
+    assert_eq!(history.last().unwrap()["value"], json!(45150), "{}", h.body);
+}
+
+#[tokio::test]
+async fn a_traced_endless_loop_still_ends_at_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    for mode in ["full", "ends"] {
+        std::fs::create_dir_all(dir.path().join(mode)).unwrap();
+        let s = Server::start_in(
+            dir.path().join(mode).as_path(),
+            &[],
+            &[
+                ("ICHIBASE_TRACES__MODE", mode),
+                ("ICHIBASE_LUA_TIMEOUT_SECS", "3"),
+                ("ICHIBASE_LUA_CPU_LIMIT_SECS", "2"),
+            ],
+        );
+        let (admin, base) = (client(), s.url.clone());
+        for (name, src) in [
+            ("spin", "return function() local x = 0 while true do x = x + 1 end end"),
+            ("spin_bare", "return function() while true do end end"),
+            ("spin_co", "return function() local co = coroutine.wrap(function() while true do end end) co() end"),
+        ] {
+            assert_eq!(put_fn(&admin, &base, name, src).await.status, 200, "{mode} {name}");
+            let started = std::time::Instant::now();
+            let r = call_with(&admin, &base, name, "?trace=1", &[]).await;
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(60),
+                "{mode} {name}: took {:?}",
+                started.elapsed()
+            );
+            assert!(r.status == 408 || r.status == 422, "{mode} {name}: {} {}", r.status, r.body);
+            let code = r.json()["error"]["name"].as_str().unwrap_or("").to_string();
+            assert!(code == "TIMEOUT_EXCEEDED" || code == "LUA_LIMIT_EXCEEDED", "{mode} {name}: {}", r.body);
+            let id = r.header("x-ichibase-trace-id").unwrap().to_string();
+            let t = get_url(&admin, format!("{base}/trace/{id}")).await;
+            assert_eq!(t.status, 200, "{mode} {name}: {}", t.body);
+            assert_eq!(t.json()["trace"]["outcome"], "error");
+            assert!(!t.json()["steps"].as_array().unwrap().is_empty(), "{mode} {name}");
+        }
+        // The server still answers.
+        assert_eq!(get_url(&admin, format!("{base}/ping")).await.status, 200);
+    }
+}

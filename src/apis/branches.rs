@@ -25,6 +25,9 @@ impl crate::modules::Module for BranchesModule {
     fn name(&self) -> &'static str {
         "branches"
     }
+    fn section(&self) -> Option<&'static str> {
+        Some("branches")
+    }
     fn routes(&self) -> Router<App> {
         routes()
     }

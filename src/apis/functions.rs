@@ -316,8 +316,8 @@ async fn invoke(
         }
     };
     let trace_id = ctx.trace_id.clone();
-    if outcome.steps.take().is_some() {
-        // The trace is saved; its steps are big and go back to the system now.
+    if outcome.steps.take().is_some_and(|(s, _)| lua::large_trace(&s)) {
+        // The trace is saved; a large one's memory goes back to the system now.
         lua::release_freed_memory();
     }
     let mut resp = match outcome.result {

@@ -6,6 +6,11 @@
 //! events share one bounded queue per connection, so their order is kept and a slow client is
 //! cut off (close code 1008 with the reason) instead of slowing anyone down.
 //!
+//! Each socket has two tasks: the session (reads client frames, answers through the queue,
+//! watches for revocation) and the writer ([`write_loop`]), which alone owns the sending half:
+//! it takes everything queued at each wake-up and writes it with one flush, straight from the
+//! shared frame bytes a broadcast was serialised into once (`realtime::hub`).
+//!
 //! Security (`[ws_limits]`, see `realtime::limits`): an upgrade authenticated by the session
 //! cookie must come from an allowed `Origin` (cross-site WebSocket hijacking); sockets are
 //! capped in all, per identity and per anonymous client IP (429 before the upgrade); channels,
@@ -175,81 +180,11 @@ async fn session(
     }
     let mut killed = reg.kill.clone();
     let revalidate = st.hub().limits().settings.revalidate_secs;
-    let (mut sink, mut stream) = socket.split();
+    let (sink, mut stream) = socket.split();
     let heartbeat = Duration::from_secs_f64(st.config().ws.heartbeat_secs);
     hub.send_json(id, &json!({"type": "hello", "protocol": PROTOCOL_VERSION, "conn_id": id, "user_id": ctx.user_id, "role": ctx.role.as_str(), "heartbeat_secs": heartbeat.as_secs_f64()}));
-    let mut rx = reg.rx;
-    let mut kill = reg.kill;
     let last_seen = Arc::new(std::sync::Mutex::new(Instant::now()));
-    let seen = Arc::clone(&last_seen);
-    let writer = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(heartbeat);
-        tick.tick().await;
-        let reason_of = |kill: &tokio::sync::watch::Receiver<Option<String>>| {
-            kill.borrow()
-                .clone()
-                .unwrap_or_else(|| "closed by the server".into())
-        };
-        let mut close: Option<(u16, String)> = None;
-        loop {
-            tokio::select! {
-                biased;
-                _ = kill.changed() => {
-                    close = Some((1008, reason_of(&kill)));
-                    break;
-                }
-                m = rx.recv() => match m {
-                    Some(Out::Text(t)) => {
-                        // Write what is queued in one go: one flush (one syscall) per burst. A
-                        // kill while the client does not read interrupts the wait.
-                        let burst = async {
-                            let mut ok = sink.feed(Message::Text(t.as_ref().into())).await.is_ok();
-                            let mut n = 1;
-                            while ok && n < 256 {
-                                match rx.try_recv() {
-                                    Ok(Out::Text(t)) => ok = sink.feed(Message::Text(t.as_ref().into())).await.is_ok(),
-                                    Err(_) => break,
-                                }
-                                n += 1;
-                            }
-                            ok && sink.flush().await.is_ok()
-                        };
-                        tokio::select! {
-                            biased;
-                            _ = kill.changed() => {
-                                close = Some((1008, reason_of(&kill)));
-                                break;
-                            }
-                            ok = burst => if !ok { break },
-                        }
-                    }
-                    None => {
-                        close = Some((1008, reason_of(&kill)));
-                        break;
-                    }
-                },
-                _ = tick.tick() => {
-                    if seen.lock().unwrap().elapsed() > heartbeat * 2 {
-                        close = Some((1001, "heartbeat timeout".into()));
-                        break;
-                    }
-                    if sink.send(Message::Ping(Default::default())).await.is_err() { break }
-                }
-            }
-        }
-        // Say why, after what is already buffered, if the client reads within 10 s.
-        if let Some((code, reason)) = close {
-            let frame = CloseFrame {
-                code: code.into(),
-                reason: reason.chars().take(120).collect::<String>().into(),
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(10), async {
-                let _ = sink.flush().await;
-                let _ = sink.send(Message::Close(Some(frame))).await;
-            })
-            .await;
-        }
-    });
+    let writer = tokio::spawn(write_loop(sink, reg.rx, reg.kill, heartbeat, Arc::clone(&last_seen)));
     let mut recheck = (revalidate > 0.0).then(|| {
         let every = Duration::from_secs_f64(revalidate);
         tokio::time::interval_at(tokio::time::Instant::now() + every, every)
@@ -340,6 +275,92 @@ async fn session(
     let _ = writer.await;
     drop(slot);
     release_memory_after(bytes_in);
+}
+
+/// Frames written to the socket before one flush, at most.
+const BURST: usize = 256;
+
+/// The connection's writer: drains its bounded queue into the socket, pings every `heartbeat`,
+/// and closes with a reason when the hub kills the connection (slow consumer, revoked
+/// credentials) or the client falls silent.
+///
+/// Every wake-up takes whatever is queued (up to [`BURST`] frames) and writes it with one flush,
+/// so a frame costs one `write` syscall when the client keeps up and fewer when frames pile up.
+/// The shared frame bytes go to tungstenite as they are (no copy per connection). The kill
+/// signal is one future for the connection's life, not a new watch registration per frame.
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut rx: tokio::sync::mpsc::Receiver<Out>,
+    kill: tokio::sync::watch::Receiver<Option<String>>,
+    heartbeat: Duration,
+    seen: Arc<std::sync::Mutex<Instant>>,
+) {
+    let reason_of = |kill: &tokio::sync::watch::Receiver<Option<String>>| {
+        kill.borrow()
+            .clone()
+            .unwrap_or_else(|| "closed by the server".into())
+    };
+    let mut watch = kill.clone();
+    let killed = async move {
+        // Resolves when a reason is set, or when the hub drops the connection.
+        let _ = watch.changed().await;
+    };
+    tokio::pin!(killed);
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.tick().await;
+    let mut batch: Vec<Out> = Vec::with_capacity(8);
+    let mut close: Option<(u16, String)> = None;
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut killed => {
+                close = Some((1008, reason_of(&kill)));
+                break;
+            }
+            n = rx.recv_many(&mut batch, BURST) => {
+                if n == 0 {
+                    close = Some((1008, reason_of(&kill)));
+                    break;
+                }
+                // A kill while the client does not read interrupts the wait.
+                let burst = async {
+                    for Out::Text(t) in batch.drain(..) {
+                        if sink.feed(Message::Text(t)).await.is_err() {
+                            return false;
+                        }
+                    }
+                    sink.flush().await.is_ok()
+                };
+                tokio::select! {
+                    biased;
+                    _ = &mut killed => {
+                        close = Some((1008, reason_of(&kill)));
+                        break;
+                    }
+                    ok = burst => if !ok { break },
+                }
+            }
+            _ = tick.tick() => {
+                if seen.lock().unwrap().elapsed() > heartbeat * 2 {
+                    close = Some((1001, "heartbeat timeout".into()));
+                    break;
+                }
+                if sink.send(Message::Ping(Default::default())).await.is_err() { break }
+            }
+        }
+    }
+    // Say why, after what is already buffered, if the client reads within 10 s.
+    if let Some((code, reason)) = close {
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: reason.chars().take(120).collect::<String>().into(),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            let _ = sink.flush().await;
+            let _ = sink.send(Message::Close(Some(frame))).await;
+        })
+        .await;
+    }
 }
 
 fn str_field<'a>(v: &'a Json, k: &str) -> Result<&'a str, Error> {

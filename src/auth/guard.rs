@@ -64,6 +64,10 @@ pub struct AuthGuardSettings {
     /// Reverse proxies whose `X-Forwarded-For` names the client (its last address is used);
     /// from anyone else the header is ignored.
     pub trusted_proxies: Vec<IpAddr>,
+    /// Verified access tokens whose claims are remembered, so a token's signature and JSON are
+    /// checked once per key ring (expiry and revocation are still checked on every request);
+    /// 0 = verify every request in full.
+    pub verified_tokens_max: usize,
 }
 
 impl Default for AuthGuardSettings {
@@ -81,6 +85,7 @@ impl Default for AuthGuardSettings {
             hash_queue: 64,
             min_password_length: 8,
             trusted_proxies: Vec::new(),
+            verified_tokens_max: super::jwt::VERIFIED_MAX,
         }
     }
 }

@@ -3,8 +3,17 @@
 //! The newest key signs; every key in the ring verifies, so rotation does not log anyone out:
 //! a rotated-out key keeps verifying until it falls off the ring ([`KEEP`] keys are kept).
 //! Only HS256 is accepted; `alg: none` and every other algorithm are refused.
+//!
+//! A token's signature and claims are checked once per ring: the claims of tokens that verified
+//! are remembered (by the SHA-256 of the token, at most [`VERIFIED_MAX`]), so later requests
+//! with the same token skip the HMAC and JSON work. Expiry is checked again on every use, and a
+//! rotation (or a ring reloaded from disk) starts the memory over, so a key that left the ring
+//! stops verifying its tokens at once. Revocation (sign-out, disabled users) is not decided here:
+//! `Auth` checks it on every request after `verify`.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -16,6 +25,10 @@ use crate::core::{Error, ErrorCode, Result};
 
 /// Keys kept in the ring: the signing key and the ones before it.
 pub const KEEP: usize = 3;
+
+/// Verified tokens remembered at most by default (about 0.5 KB each); past it the memory starts
+/// over (`[auth_guard] verified_tokens_max`).
+pub const VERIFIED_MAX: usize = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredKey {
@@ -48,6 +61,10 @@ pub struct Claims {
 pub struct KeyRing {
     path: PathBuf,
     stored: Stored,
+    /// SHA-256 of a token that verified with this ring -> its claims.
+    verified: Mutex<HashMap<[u8; 32], Claims>>,
+    /// At most this many remembered (0: none).
+    verified_max: usize,
 }
 
 pub fn now() -> u64 {
@@ -83,6 +100,8 @@ impl KeyRing {
         let ring = KeyRing {
             path: path.to_path_buf(),
             stored,
+            verified: Mutex::new(HashMap::new()),
+            verified_max: VERIFIED_MAX,
         };
         if !path.exists() {
             ring.save()?;
@@ -118,6 +137,8 @@ impl KeyRing {
         let kid = k.kid.clone();
         self.stored.keys.insert(0, k);
         self.stored.keys.truncate(KEEP);
+        // Tokens of the key that fell off the ring must stop verifying now.
+        self.forget_verified();
         self.save()?;
         Ok(kid)
     }
@@ -138,8 +159,48 @@ impl KeyRing {
             .map_err(|e| Error::internal(format!("signing token: {e}")))
     }
 
-    /// Verify signature, algorithm, issuer and expiry.
+    /// Remember at most `n` verified tokens (0: verify every use in full).
+    pub fn with_verified_max(mut self, n: usize) -> KeyRing {
+        self.verified_max = n;
+        self
+    }
+
+    fn forget_verified(&self) {
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Verify signature, algorithm, issuer and expiry. A token that verified before with this
+    /// ring is only checked for expiry (see the module doc).
     pub fn verify(&self, token: &str) -> Result<Claims> {
+        use sha2::Digest;
+        let id: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if let Some(c) = self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+        {
+            // Same rule as the full check (leeway 0): valid while exp >= now.
+            if c.exp >= now() {
+                return Ok(c.clone());
+            }
+        }
+        let claims = self.verify_uncached(token)?;
+        if self.verified_max == 0 {
+            return Ok(claims);
+        }
+        let mut v = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if v.len() >= self.verified_max {
+            v.clear();
+        }
+        v.insert(id, claims.clone());
+        Ok(claims)
+    }
+
+    fn verify_uncached(&self, token: &str) -> Result<Claims> {
         let fail = |why: &str| {
             Error::new(
                 ErrorCode::AuthenticationFailed,
@@ -180,6 +241,26 @@ impl KeyRing {
 mod tests {
     use super::*;
 
+    #[test]
+    fn remembered_tokens_still_expire_and_tampering_still_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let ring = KeyRing::open(&dir.path().join("k.json")).unwrap();
+        // Expires within the second: verified once, then refused once past `exp`.
+        let t = ring.sign(&claims(1)).unwrap();
+        assert_eq!(ring.verify(&t).unwrap().sub, "u1");
+        assert_eq!(ring.verify(&t).unwrap().sub, "u1", "remembered");
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let e = ring.verify(&t).unwrap_err();
+        assert!(e.message.contains("expired"), "{}", e.message);
+        // A token differing in one character is a different token: fully checked, refused.
+        let t = ring.sign(&claims(60)).unwrap();
+        assert!(ring.verify(&t).is_ok());
+        let mut bad = t.clone().into_bytes();
+        let last = bad.len() - 2;
+        bad[last] = if bad[last] == b'A' { b'B' } else { b'A' };
+        assert!(ring.verify(std::str::from_utf8(&bad).unwrap()).is_err());
+    }
+
     fn claims(exp_in: i64) -> Claims {
         Claims {
             sub: "u1".into(),
@@ -216,6 +297,14 @@ mod tests {
             ring.rotate().unwrap();
         }
         assert!(ring.verify(&t).is_err(), "rotated out");
+        // A ring reloaded from disk with fewer keys refuses a token the old ring had verified.
+        let t3 = ring.sign(&claims(60)).unwrap();
+        assert!(ring.verify(&t3).is_ok());
+        let mut other = KeyRing::open(&p).unwrap();
+        for _ in 0..KEEP {
+            other.rotate().unwrap();
+        }
+        assert!(KeyRing::open(&p).unwrap().verify(&t3).is_err(), "reloaded ring");
         assert!(
             ring.verify(&ring.sign(&claims(-10)).unwrap())
                 .unwrap_err()

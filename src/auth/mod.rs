@@ -199,7 +199,8 @@ impl Auth {
         data_dir: &Path,
         opts: AuthOptions,
     ) -> anyhow::Result<Auth> {
-        let keys = KeyRing::open(&data_dir.join("jwt-keys.json"))?;
+        let keys = KeyRing::open(&data_dir.join("jwt-keys.json"))?
+            .with_verified_max(opts.guard.verified_tokens_max);
         opts.guard.validate()?;
         let auth = Auth {
             storage,
@@ -297,7 +298,10 @@ impl Auth {
                     ring_seen = ring_now;
                     let path = auth.keys.read().unwrap().path().to_path_buf();
                     match jwt::KeyRing::open(&path) {
-                        Ok(ring) => *auth.keys.write().unwrap() = ring,
+                        Ok(ring) => {
+                            *auth.keys.write().unwrap() =
+                                ring.with_verified_max(auth.opts.guard.verified_tokens_max)
+                        }
                         Err(e) => tracing::warn!(error = %e, "reloading the JWT key ring failed"),
                     }
                 }

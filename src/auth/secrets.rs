@@ -23,8 +23,14 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
 
 /// SHA-256 (hex) of a high-entropy secret; what is stored for API keys and session secrets.
 pub fn hash_secret(secret: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let d = Sha256::digest(secret.as_bytes());
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = String::with_capacity(64);
+    for b in d {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 15)] as char);
+    }
+    out
 }
 
 /// argon2id PHC string of a password.
@@ -63,5 +69,14 @@ mod tests {
         assert!(verify_password("correct horse", &h));
         assert!(!verify_password("wrong horse", &h));
         assert!(!verify_password("x", "not a hash"));
+    }
+
+    #[test]
+    fn secret_hashes_are_lowercase_hex_sha256() {
+        // SHA-256("abc"), the FIPS 180-2 test vector.
+        assert_eq!(
+            hash_secret("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
     }
 }

@@ -634,14 +634,14 @@ fn keep_trace(env: &CheckEnv, o: &lua::Outcome, res: &mut CheckResult, trace_id:
 
 /// The last `n` traced lines outside the `prop` module, with their locals.
 pub fn excerpt(steps: &[lua::trace::Step], n: usize) -> String {
-    let mine: Vec<&lua::trace::Step> = steps.iter().filter(|s| s.source != "prop").collect();
+    let mine: Vec<&lua::trace::Step> = steps.iter().filter(|s| &*s.source != "prop").collect();
     let start = mine.len().saturating_sub(n);
     let mut out = String::new();
     if start > 0 {
         out.push_str(&format!("… {start} earlier steps\n"));
     }
     for s in &mine[start..] {
-        let locals = crate::llm::clip(&Json::Object(s.locals.clone()).to_string(), 240);
+        let locals = crate::llm::clip(&s.locals.to_json().to_string(), 240);
         out.push_str(&format!("{}:{} {}\n", s.source, s.line, locals));
     }
     out

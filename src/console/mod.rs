@@ -431,7 +431,7 @@ async fn run_traced(st: &App, admin: &RequestContext, b: RunBody) -> Result<Json
     .await
     .map_err(|e| Error::internal(format!("Lua invocation task failed: {e}")))??;
     let (version, mut outcome) = ran;
-    if outcome.steps.take().is_some() {
+    if outcome.steps.take().is_some_and(|(s, _)| crate::lua::large_trace(&s)) {
         crate::lua::release_freed_memory();
     }
     let mut v = json!({

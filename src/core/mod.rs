@@ -5,6 +5,7 @@
 //! Must not touch: storage, HTTP routing or SQL parsing; everything else depends on this module,
 //! never the other way round.
 
+pub mod background;
 pub mod context;
 pub mod error;
 

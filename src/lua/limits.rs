@@ -34,6 +34,23 @@ pub struct TraceSettings {
     pub retention_secs: f64,
     /// Seconds between two prunings of traces past their retention (saving a trace prunes too).
     pub prune_interval_secs: f64,
+    /// Which lines a trace keeps: `full` (from the start until `lua_max_trace_steps` or
+    /// `max_bytes`) or `ends` (the first `head_steps` and the last `tail_steps`).
+    pub mode: TraceMode,
+    /// `ends` mode: steps kept from the start (within half of `max_bytes`).
+    pub head_steps: usize,
+    /// `ends` mode: the most recent steps kept (within half of `max_bytes`), so the lines
+    /// before an error at the end of a long run are in the trace.
+    pub tail_steps: usize,
+}
+
+/// `[traces] mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TraceMode {
+    #[default]
+    Full,
+    Ends,
 }
 
 impl Default for TraceSettings {
@@ -44,6 +61,9 @@ impl Default for TraceSettings {
             total_bytes: 256 << 20,
             retention_secs: 3.0 * 86400.0,
             prune_interval_secs: 300.0,
+            mode: TraceMode::Full,
+            head_steps: 2000,
+            tail_steps: 2000,
         }
     }
 }
@@ -61,6 +81,10 @@ impl TraceSettings {
         anyhow::ensure!(
             self.prune_interval_secs > 0.0 && self.prune_interval_secs.is_finite(),
             "[traces] prune_interval_secs must be a positive number of seconds"
+        );
+        anyhow::ensure!(
+            self.mode == TraceMode::Full || (self.head_steps > 0 || self.tail_steps > 0),
+            "[traces] mode = \"ends\" needs head_steps or tail_steps above 0"
         );
         Ok(())
     }
@@ -80,6 +104,9 @@ pub struct TraceLimits {
     pub max_bytes: u64,
     pub total_bytes: u64,
     pub retention_secs: f64,
+    pub mode: TraceMode,
+    pub head_steps: usize,
+    pub tail_steps: usize,
 }
 
 impl From<&TraceSettings> for TraceLimits {
@@ -88,6 +115,9 @@ impl From<&TraceSettings> for TraceLimits {
             max_bytes: s.max_bytes,
             total_bytes: s.total_bytes,
             retention_secs: s.retention_secs,
+            mode: s.mode,
+            head_steps: s.head_steps,
+            tail_steps: s.tail_steps,
         }
     }
 }
@@ -254,9 +284,18 @@ mod tests {
             TraceSettings { retention_secs: f64::INFINITY, ..Default::default() },
             TraceSettings { prune_interval_secs: -1.0, ..Default::default() },
             TraceSettings { prune_interval_secs: f64::NAN, ..Default::default() },
+            TraceSettings { mode: TraceMode::Ends, head_steps: 0, tail_steps: 0, ..Default::default() },
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+        let ends = TraceSettings { mode: TraceMode::Ends, head_steps: 0, tail_steps: 10, ..Default::default() };
+        assert!(ends.validate().is_ok());
+        let t: TraceLimits = (&ends).into();
+        assert_eq!((t.mode, t.head_steps, t.tail_steps), (TraceMode::Ends, 0, 10));
+        // Spelled in lower case in ichibase.toml; anything else is refused.
+        let parsed: TraceSettings = toml::from_str("mode = \"ends\"\ntail_steps = 5").unwrap();
+        assert_eq!((parsed.mode, parsed.tail_steps, parsed.head_steps), (TraceMode::Ends, 5, 2000));
+        assert!(toml::from_str::<TraceSettings>("mode = \"sample\"").is_err());
         let d = LuaLimitSettings::default();
         assert!(d.validate(64 << 20).is_ok());
         assert!(d.validate((d.memory_total + 1) as usize).is_err());

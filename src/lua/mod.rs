@@ -333,7 +333,17 @@ fn save_trace(
         }
         Err(e) => tracing::error!(error = %e, "saving a trace failed"),
     }
-    release_freed_memory();
+    // Saving a large trace built large temporaries (its JSON text): give them back. A small
+    // one is not worth a heap trim (it costs about as much as a small traced run).
+    if outcome.steps.as_ref().is_some_and(|(s, _)| large_trace(s)) {
+        release_freed_memory();
+    }
+}
+
+/// Is a trace large enough that the memory it held is worth handing back to the system
+/// ([`release_freed_memory`]) once it is dropped?
+pub fn large_trace(steps: &[Step]) -> bool {
+    steps.len() >= 10_000 || steps.iter().map(trace::step_size).sum::<usize>() >= 1 << 20
 }
 
 fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outcome {
@@ -345,9 +355,9 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     let tracer = inv
         .trace
         .then(|| {
-            Rc::new(RefCell::new(Tracer::new(
+            Rc::new(RefCell::new(Tracer::with_limits(
                 options.max_trace_steps,
-                options.traces.max_bytes as usize,
+                &options.traces,
             )))
         });
     let limits = Limits {

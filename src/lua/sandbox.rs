@@ -3,8 +3,8 @@
 //! A fresh state per invocation (so no invocation sees another's globals), with only `base`
 //! (minus `dofile`, `loadfile`, `require`, raw `load`, `collectgarbage` control), `string`
 //! (minus `dump`; the string metatable is locked), `table`, `math`, `utf8`, `coroutine` and
-//! `os.time/clock/date`. Lua's `debug` library is loaded but kept by the host only (the tracer
-//! reads locals with it); user code sees the safe `debug` component instead.
+//! `os.time/clock/date`. Lua's `debug` library is loaded but kept by the host only; user code
+//! sees the safe `debug` component instead (the tracer reads locals through the C API).
 //!
 //! Limits: a wall-clock deadline, a CPU-time budget and a memory limit enforced by the
 //! allocator; optionally an instruction budget. Untraced code runs with **no hook at all** (a
@@ -13,8 +13,11 @@
 //! when a limit is reached it installs the sandbox's hook on the running state and on the
 //! coroutines it is running (`lua_sethook` is safe to call asynchronously, as `lua.c` does for
 //! Ctrl-C), so the invocation stops at its next VM instruction. Only an explicit instruction
-//! budget (`lua_instruction_limit` > 0, deterministic but ~2x slower) or a trace installs a
-//! count hook ([`HOOK_EVERY`] instructions, a global hook, so coroutines inherit it). Every host
+//! budget (`lua_instruction_limit` > 0, deterministic but ~2x slower) installs a count hook
+//! ([`HOOK_EVERY`] instructions, a global hook, so coroutines inherit it). A traced run installs
+//! the tracer's C hook (`trace::trace_hook`: line, return and count events; coroutines inherit
+//! it), which passes the limit checks to this module's mlua hook every [`HOOK_EVERY`]
+//! instructions or once the watchdog rang; the watchdog installs that same C hook. Every host
 //! function checks the limits before it starts ([`guard_host_functions`]) and long host loops
 //! check them through [`time_check`]. Once a limit fires it stays fired: `pcall`, `xpcall` and
 //! `coroutine.resume` re-raise it instead of catching it. `__gc` metamethods are refused
@@ -294,41 +297,44 @@ pub fn new_bound_state(
             }
         }
         Some(t) => {
-            t.borrow_mut().attach(&host_debug)?;
-            // Traced runs count every instruction (exactly: a short traced run does not
-            // report 0); the limits are still checked every HOOK_EVERY.
-            let triggers = HookTriggers::new()
-                .every_nth_instruction(1)
-                .every_line()
-                .on_returns();
+            // mlua's hook runs the checks and raises limit errors; the tracer's C hook
+            // (`trace::trace_hook`) counts instructions and records lines itself, and hands
+            // it the checks (every HOOK_EVERY instructions, or once a limit is reached).
             let b = Rc::clone(binding);
-            lua.set_global_hook(triggers, move |lua, d| {
+            lua.set_global_hook(HookTriggers::new().every_nth_instruction(1), move |lua, d| {
                 let (m, limits) = (b.meter(), b.limits.get());
                 match d.event() {
-                    mlua::DebugEvent::Count => {
-                        let n = m.instructions.get() + 1;
-                        if n % HOOK_EVERY as u64 == 0 {
-                            m.instructions.set(n - HOOK_EVERY as u64);
-                            check(lua, &m, &limits)?;
-                        } else {
-                            m.instructions.set(n);
-                            // The watchdog's alarm stops a traced run at once too.
-                            if m.alarmed().is_some() {
-                                check_deadline(&m, &limits)?;
-                            }
-                        }
-                    }
-                    mlua::DebugEvent::Line => {
-                        check_deadline(&m, &limits)?;
-                        t.borrow_mut().on_line(lua, d)?
-                    }
-                    mlua::DebugEvent::Ret => t.borrow_mut().on_return(lua, d)?,
-                    _ => {}
+                    mlua::DebugEvent::Count => check_counted(lua, &m, &limits)?,
+                    _ => check_deadline(&m, &limits)?,
                 }
                 Ok(VmState::Continue)
             })?;
             // SAFETY: only reads the hook function mlua installed.
-            unsafe { lua.exec_raw::<()>((), |l| binding.hook.set(ffi::lua_gethook(l)))? };
+            let mut slow = None;
+            unsafe { lua.exec_raw::<()>((), |l| slow = ffi::lua_gethook(l))? };
+            let ctx = Box::new(super::trace::HookCtx {
+                meter: binding.meter(),
+                tracer: t,
+                slow,
+            });
+            let ptr: *const super::trace::HookCtx = &*ctx;
+            lua.set_app_data(super::trace::HookCtxBox(ctx));
+            // SAFETY: `ctx` lives in the state's app data, as long as the state; it is set
+            // before any user code runs (coroutines copy the extra space when created). The
+            // hook function is read back for the watchdog, which installs it when a limit is
+            // reached (it keeps the line and return events).
+            unsafe {
+                lua.exec_raw::<()>((), |l| {
+                    super::trace::attach(l, ptr);
+                    ffi::lua_sethook(
+                        l,
+                        Some(super::trace::trace_hook),
+                        ffi::LUA_MASKLINE | ffi::LUA_MASKRET | ffi::LUA_MASKCOUNT,
+                        1,
+                    );
+                    binding.hook.set(ffi::lua_gethook(l));
+                })?
+            };
         }
     }
     binding.meter.borrow().alarm.set_hook(binding.hook.get());
@@ -946,6 +952,18 @@ pub fn check(lua: &Lua, m: &Meter, limits: &Limits) -> mlua::Result<()> {
         return Err(mlua::Error::external(l));
     }
     m.instructions.set(m.instructions.get() + HOOK_EVERY as u64);
+    check_counted(lua, m, limits)
+}
+
+/// [`check`] for a hook that counted the instructions itself (the tracer's).
+pub fn check_counted(lua: &Lua, m: &Meter, limits: &Limits) -> mlua::Result<()> {
+    if let Some(l) = m.tripped.get() {
+        return Err(mlua::Error::external(l));
+    }
+    if let Some(l) = m.alarmed() {
+        m.tripped.set(Some(l));
+        return Err(mlua::Error::external(l));
+    }
     m.peak_memory
         .set(m.peak_memory.get().max(lua.used_memory()));
     let now = Instant::now();

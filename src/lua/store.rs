@@ -268,9 +268,18 @@ pub fn save_trace(
     let mut kept = 0i64;
     {
         let mut st = tx.prepare("INSERT INTO _ichibase_trace_steps (trace_id, step, line, depth, function, source, locals, upvalues, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?;
+        // Steps share the snapshots of values that did not change: each distinct snapshot
+        // is turned into JSON text once.
+        let mut texts: std::collections::HashMap<*const super::trace::Snap, std::rc::Rc<str>> =
+            std::collections::HashMap::new();
+        let mut text = |snap: &std::sync::Arc<super::trace::Snap>| -> std::rc::Rc<str> {
+            std::rc::Rc::clone(texts.entry(std::sync::Arc::as_ptr(snap)).or_insert_with(|| {
+                serde_json::to_string(&**snap).unwrap_or_default().into()
+            }))
+        };
         for s in steps {
-            let locals = serde_json::to_string(&s.locals).unwrap_or_default();
-            let upvalues = serde_json::to_string(&s.upvalues).unwrap_or_default();
+            let locals = text(&s.locals);
+            let upvalues = text(&s.upvalues);
             let size = 48 + s.function.len() + s.source.len() + locals.len() + upvalues.len();
             if bytes + size > max {
                 truncated = true;
@@ -279,7 +288,7 @@ pub fn save_trace(
             bytes += size;
             kept += 1;
             st.execute(params![
-                id, s.step, s.line, s.depth, s.function, s.source, locals, upvalues, s.after
+                id, s.step, s.line, s.depth, &*s.function, &*s.source, &*locals, &*upvalues, s.after
             ])?;
         }
     }

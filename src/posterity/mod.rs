@@ -15,10 +15,16 @@
 //! into a bounded channel (`posterity_queue` events). When the channel is full the event is
 //! **dropped and counted**; the count is reported by `GET /admin/posterity` and written into the
 //! log itself as a `kind = 'posterity'` row (`name = 'dropped'`, `rows` = events lost) at the
-//! next flush, so a gap in the history is visible in the history. The writer thread appends
-//! events with DuckDB's appender and commits every `posterity_flush_secs` (default 1 s) or every
-//! `posterity_batch_rows` rows, whichever comes first: a crash loses at most the events of the
-//! last flush interval. A graceful shutdown flushes everything queued.
+//! next flush, so a gap in the history is visible in the history. The writer thread drains the
+//! queue every tick (20 ms at most), gathers the events column by column (Arrow builders) and
+//! hands them to DuckDB's appender as whole data chunks (one per 2,048 rows), not value by value;
+//! it commits every `posterity_flush_secs` (default 1 s) or every `posterity_batch_rows` rows,
+//! whichever comes first: a crash loses at most the events of the last flush interval. A
+//! graceful shutdown flushes everything queued.
+//!
+//! Request threads do as little as possible: a `sql` event ([`Event::sql`]) carries its
+//! statement text and verb, and the writer derives the statement hash (`name`, remembered per
+//! text) and the `{"verb": ...}` detail.
 
 pub mod analytics;
 pub mod app_table;
@@ -33,6 +39,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use duckdb::Connection;
+use duckdb::arrow::array::{
+    ArrayRef, Float64Builder, Int32Builder, Int64Builder, StringBuilder,
+    TimestampMicrosecondBuilder,
+};
+use duckdb::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit as ArrowTimeUnit};
+use duckdb::arrow::record_batch::RecordBatch;
 use duckdb::types::{TimeUnit, Value};
 
 use crate::core::{Error, ErrorCode, RequestContext, Result};
@@ -177,8 +189,12 @@ pub struct Event {
     pub bytes: Option<i64>,
     /// JSON object text.
     pub detail: Option<String>,
-    /// Text of a SQL statement, stored once per hash in `sql_texts`.
+    /// Text of a SQL statement, stored once per hash in `sql_texts`. When `name` is unset the
+    /// writer sets it to the text's [`sql_hash`] (off the request thread).
     pub sql_text: Option<String>,
+    /// A `sql` event's statement verb: when `detail` is unset the writer writes
+    /// `{"verb": <verb>}` there (off the request thread).
+    pub sql_verb: Option<&'static str>,
 }
 
 /// What the request layer knows of one finished HTTP request (see [`Event::for_request`]).
@@ -209,6 +225,18 @@ impl Event {
             e.query_id = Some(c.query_id.clone());
             e.user_id = c.user_id.clone();
             e.role = Some(c.role.as_str().to_string());
+        }
+        e
+    }
+
+    /// A `sql` event of `ctx` for the statement `text`: its hash (`name`) and `detail` are
+    /// filled by the writer thread, so the request thread only copies the text.
+    pub fn sql(ctx: Option<&RequestContext>, text: &str, verb: &str) -> Event {
+        let mut e = Event::now("sql", ctx);
+        e.sql_text = Some(text.to_string());
+        match static_verb(verb) {
+            Some(v) => e.sql_verb = Some(v),
+            None => e.detail = Some(verb_detail(verb)),
         }
         e
     }
@@ -270,6 +298,21 @@ impl Event {
         ));
         e
     }
+}
+
+/// The verbs the SQL layer names (`parse::Statement::verb`), as static strings.
+fn static_verb(verb: &str) -> Option<&'static str> {
+    const VERBS: &[&str] = &[
+        "SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES", "CREATE", "DROP",
+        "ALTER", "PRAGMA", "EXPLAIN", "VACUUM", "ANALYZE", "REINDEX", "BEGIN", "COMMIT", "END",
+        "ROLLBACK", "SAVEPOINT", "RELEASE", "ATTACH", "DETACH", "SHOW", "DESCRIBE", "EXISTS",
+    ];
+    VERBS.iter().find(|v| **v == verb).copied()
+}
+
+/// `{"verb": <verb>}`, the `detail` of a `sql` event.
+fn verb_detail(verb: &str) -> String {
+    format!("{{\"verb\":{}}}", serde_json::Value::from(verb))
 }
 
 pub fn now_us() -> i64 {
@@ -618,6 +661,148 @@ fn ts_value(us: i64) -> Value {
     Value::Timestamp(TimeUnit::Microsecond, us)
 }
 
+/// Rows waiting to be appended, column by column (Arrow builders): the writer appends them to
+/// DuckDB as one data chunk per tick (at most [`CHUNK_ROWS`] rows each) instead of value by value.
+struct Batch {
+    ts: TimestampMicrosecondBuilder,
+    kind: StringBuilder,
+    trace_id: StringBuilder,
+    query_id: StringBuilder,
+    user_id: StringBuilder,
+    role: StringBuilder,
+    method: StringBuilder,
+    name: StringBuilder,
+    version: Int64Builder,
+    status: Int32Builder,
+    outcome: StringBuilder,
+    error: StringBuilder,
+    elapsed_ms: Float64Builder,
+    rows: Int64Builder,
+    bytes: Int64Builder,
+    detail: StringBuilder,
+    len: usize,
+    schema: SchemaRef,
+}
+
+/// DuckDB's vector size: rows per appended chunk.
+const CHUNK_ROWS: usize = 2048;
+
+impl Batch {
+    fn new() -> Batch {
+        let text = |n: &str| Field::new(n, DataType::Utf8, true);
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("ts", DataType::Timestamp(ArrowTimeUnit::Microsecond, None), false),
+            text("kind"),
+            text("trace_id"),
+            text("query_id"),
+            text("user_id"),
+            text("role"),
+            text("method"),
+            text("name"),
+            Field::new("version", DataType::Int64, true),
+            Field::new("status", DataType::Int32, true),
+            text("outcome"),
+            text("error"),
+            Field::new("elapsed_ms", DataType::Float64, true),
+            Field::new("rows", DataType::Int64, true),
+            Field::new("bytes", DataType::Int64, true),
+            text("detail"),
+        ]));
+        Batch {
+            ts: TimestampMicrosecondBuilder::with_capacity(CHUNK_ROWS),
+            kind: StringBuilder::new(),
+            trace_id: StringBuilder::new(),
+            query_id: StringBuilder::new(),
+            user_id: StringBuilder::new(),
+            role: StringBuilder::new(),
+            method: StringBuilder::new(),
+            name: StringBuilder::new(),
+            version: Int64Builder::with_capacity(CHUNK_ROWS),
+            status: Int32Builder::with_capacity(CHUNK_ROWS),
+            outcome: StringBuilder::new(),
+            error: StringBuilder::new(),
+            elapsed_ms: Float64Builder::with_capacity(CHUNK_ROWS),
+            rows: Int64Builder::with_capacity(CHUNK_ROWS),
+            bytes: Int64Builder::with_capacity(CHUNK_ROWS),
+            detail: StringBuilder::new(),
+            len: 0,
+            schema,
+        }
+    }
+
+    /// Add `e`; `name` and `detail` replace the event's own when given (derived by the writer).
+    fn push(&mut self, e: &Event, name: Option<&str>, detail: Option<&str>) {
+        self.ts.append_value(e.ts_us);
+        self.kind.append_value(e.kind);
+        self.trace_id.append_option(e.trace_id.as_deref());
+        self.query_id.append_option(e.query_id.as_deref());
+        self.user_id.append_option(e.user_id.as_deref());
+        self.role.append_option(e.role.as_deref());
+        self.method.append_option(e.method.as_deref());
+        self.name.append_option(name.or(e.name.as_deref()));
+        self.version.append_option(e.version);
+        self.status.append_option(e.status);
+        self.outcome.append_option(e.outcome);
+        self.error.append_option(e.error.as_deref());
+        self.elapsed_ms.append_value(e.elapsed_ms);
+        self.rows.append_option(e.rows);
+        self.bytes.append_option(e.bytes);
+        self.detail.append_option(detail.or(e.detail.as_deref()));
+        self.len += 1;
+    }
+
+    /// The rows so far as one record batch; the builders start over.
+    fn take(&mut self) -> duckdb::arrow::error::Result<RecordBatch> {
+        self.len = 0;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.ts.finish()),
+            Arc::new(self.kind.finish()),
+            Arc::new(self.trace_id.finish()),
+            Arc::new(self.query_id.finish()),
+            Arc::new(self.user_id.finish()),
+            Arc::new(self.role.finish()),
+            Arc::new(self.method.finish()),
+            Arc::new(self.name.finish()),
+            Arc::new(self.version.finish()),
+            Arc::new(self.status.finish()),
+            Arc::new(self.outcome.finish()),
+            Arc::new(self.error.finish()),
+            Arc::new(self.elapsed_ms.finish()),
+            Arc::new(self.rows.finish()),
+            Arc::new(self.bytes.finish()),
+            Arc::new(self.detail.finish()),
+        ];
+        RecordBatch::try_new(Arc::clone(&self.schema), cols)
+    }
+}
+
+/// What the writer derives for `sql` events (see [`Event::sql`]): statement hashes by text and
+/// `detail` by verb, computed once each.
+#[derive(Default)]
+struct Derived {
+    hashes: std::collections::HashMap<String, String>,
+    details: std::collections::HashMap<&'static str, String>,
+}
+
+impl Derived {
+    /// Distinct statement texts remembered at most (then the map starts over).
+    const MAX_TEXTS: usize = 10_000;
+
+    fn hash(&mut self, text: &str) -> &str {
+        if !self.hashes.contains_key(text) {
+            if self.hashes.len() >= Self::MAX_TEXTS {
+                self.hashes.clear();
+            }
+            self.hashes.insert(text.to_string(), sql_hash(text));
+        }
+        &self.hashes[text]
+    }
+
+    fn detail(&mut self, verb: &'static str) -> &str {
+        self.details.entry(verb).or_insert_with(|| verb_detail(verb))
+    }
+}
+
 fn writer_loop(
     conn: Connection,
     rx: Receiver<Cmd>,
@@ -625,7 +810,10 @@ fn writer_loop(
     flush_every: Duration,
     batch: usize,
 ) {
-    lower_priority();
+    // Nice 10: under CPU contention request threads go first and the writer catches up in
+    // idle moments (the queue absorbs the difference; past it, events are dropped and counted,
+    // never waited for).
+    crate::core::background::lower_this_thread(10);
     let mut seen: HashSet<String> = HashSet::new();
     if let Ok(mut st) = conn.prepare("SELECT DISTINCT hash FROM sql_texts") {
         if let Ok(rows) = st.query_map([], |r| r.get::<_, String>(0)) {
@@ -651,22 +839,41 @@ fn writer_loop(
         }
     };
     let mut texts = conn.appender("sql_texts").ok();
+    let mut rows = Batch::new();
+    let mut derived = Derived::default();
+    // Rows appended to DuckDB and not yet committed.
     let mut pending = 0u64;
     let mut reported_drops = counters.dropped.load(Ordering::Relaxed);
     let mut next_flush = Instant::now() + flush_every;
+    // Hand the buffered rows to DuckDB as one chunk.
+    let append = |log: &mut duckdb::Appender<'_>, rows: &mut Batch, pending: &mut u64| {
+        if rows.len == 0 {
+            return;
+        }
+        let n = rows.len as u64;
+        match rows
+            .take()
+            .map_err(|e| e.to_string())
+            .and_then(|b| log.append_record_batch(b).map_err(|e| e.to_string()))
+        {
+            Ok(()) => *pending += n,
+            Err(err) => {
+                counters.failed.fetch_add(n, Ordering::Relaxed);
+                tracing::warn!(error = %err, rows = n, "posterity: cannot append events");
+            }
+        }
+    };
     let mut flush = |log: &mut duckdb::Appender<'_>,
                      texts: &mut Option<duckdb::Appender<'_>>,
+                     rows: &mut Batch,
                      pending: &mut u64| {
         let dropped = counters.dropped.load(Ordering::Relaxed);
         if dropped > reported_drops {
             let n = (dropped - reported_drops) as i64;
             reported_drops = dropped;
-            let _ = append(
-                log,
-                &Event::dropped(n, dropped),
-            );
-            *pending += 1;
+            rows.push(&Event::dropped(n, dropped), None, None);
         }
+        append(log, rows, pending);
         if *pending == 0 {
             return;
         }
@@ -688,7 +895,8 @@ fn writer_loop(
         *pending = 0;
     };
     // The writer polls: it sleeps a short tick and drains the queue, never blocking in `recv`,
-    // so a request recording an event never pays for waking this thread up.
+    // so a request recording an event never pays for waking this thread up. What one tick
+    // drained is appended as columns, one chunk per [`CHUNK_ROWS`] rows.
     let tick = flush_every
         .min(Duration::from_millis(20))
         .max(Duration::from_millis(1));
@@ -699,8 +907,13 @@ fn writer_loop(
         loop {
             match rx.try_recv() {
                 Ok(Cmd::Row(e)) => {
+                    // Derived columns of `sql` events (see `Event::sql`).
+                    let hash = match (&e.name, &e.sql_text) {
+                        (None, Some(text)) => Some(derived.hash(text).to_string()),
+                        _ => None,
+                    };
                     if let (Some(text), Some(hash), Some(t)) =
-                        (&e.sql_text, &e.name, texts.as_mut())
+                        (&e.sql_text, hash.as_ref().or(e.name.as_ref()), texts.as_mut())
                     {
                         if !seen.contains(hash) && seen.len() < 1_000_000 {
                             seen.insert(hash.clone());
@@ -708,15 +921,16 @@ fn writer_loop(
                             let _ = t.append_row(duckdb::params![hash, text, ts_value(e.ts_us)]);
                         }
                     }
-                    match append(&mut log, &e) {
-                        Ok(()) => pending += 1,
-                        Err(err) => {
-                            counters.failed.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(error = %err, "posterity: cannot append an event");
-                        }
+                    let detail = match (&e.detail, e.sql_verb) {
+                        (None, Some(v)) => Some(derived.detail(v)),
+                        _ => None,
+                    };
+                    rows.push(&e, hash.as_deref(), detail);
+                    if rows.len >= CHUNK_ROWS {
+                        append(&mut log, &mut rows, &mut pending);
                     }
-                    if pending >= batch as u64 {
-                        flush(&mut log, &mut texts, &mut pending);
+                    if pending + rows.len as u64 >= batch as u64 {
+                        flush(&mut log, &mut texts, &mut rows, &mut pending);
                         next_flush = Instant::now() + flush_every;
                     }
                 }
@@ -731,11 +945,13 @@ fn writer_loop(
             }
         }
         if stop || !acks.is_empty() || Instant::now() >= next_flush {
-            flush(&mut log, &mut texts, &mut pending);
+            flush(&mut log, &mut texts, &mut rows, &mut pending);
             next_flush = Instant::now() + flush_every;
             for a in acks {
                 let _ = a.send(());
             }
+        } else {
+            append(&mut log, &mut rows, &mut pending);
         }
         if stop {
             break;
@@ -743,40 +959,72 @@ fn writer_loop(
     }
 }
 
-/// Run this thread at nice 10: under CPU contention request threads go first and the writer
-/// catches up in idle moments (the queue absorbs the difference; past it, events are dropped
-/// and counted, never waited for).
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: plain syscalls on the calling thread (Linux nice values are per thread).
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
-    }
-}
-
-fn append(log: &mut duckdb::Appender<'_>, e: &Event) -> duckdb::Result<()> {
-    log.append_row(duckdb::params![
-        ts_value(e.ts_us),
-        e.kind,
-        e.trace_id,
-        e.query_id,
-        e.user_id,
-        e.role,
-        e.method,
-        e.name,
-        e.version,
-        e.status,
-        e.outcome,
-        e.error,
-        e.elapsed_ms,
-        e.rows,
-        e.bytes,
-        e.detail,
-    ])
-}
-
 /// Path of `p` for DuckDB SQL text.
 pub(crate) fn path_literal(p: &Path) -> String {
     sql_str(&p.display().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path) -> Posterity {
+        Posterity::open(PosterityOptions {
+            data_dir: dir.to_path_buf(),
+            app_db: dir.join("ichibase.db"),
+            enabled: true,
+            flush_interval: Duration::from_secs(60),
+            queue: 1024,
+            batch_rows: 50_000,
+            archive_after_days: 7,
+            analytics: AnalyticsSettings::default(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn chunked_rows_keep_every_column_and_derive_sql_hash_and_detail() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        let sink = p.sink();
+        let mut e = Event::sql(None, "SELECT 42", "SELECT");
+        e.rows = Some(1);
+        e.elapsed_ms = 0.5;
+        e.outcome = Some("ok");
+        sink.record(e);
+        let mut h = Event::now("http", None);
+        h.method = Some("GET".into());
+        h.name = Some("/ping".into());
+        h.status = Some(200);
+        h.version = Some(3);
+        h.bytes = Some(5);
+        h.detail = Some("{\"a\":1}".into());
+        sink.record(h);
+        // A detail that is not JSON does not cost the rows appended with it.
+        let mut bad = Event::now("lua", None);
+        bad.detail = Some("not json {".into());
+        sink.record(bad);
+        p.flush();
+        let s = p.stats();
+        let c = p.connect().unwrap();
+        let sql: (String, String, Option<i64>, String) = c
+            .query_row(
+                "SELECT name, detail::VARCHAR, rows, (SELECT text FROM sql_texts WHERE hash = log.name) FROM log WHERE kind = 'sql'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!(sql, (sql_hash("SELECT 42"), "{\"verb\":\"SELECT\"}".to_string(), Some(1), "SELECT 42".to_string()));
+        let http: (String, String, i32, i64, i64, String) = c
+            .query_row(
+                "SELECT method, name, status, version, bytes, detail::VARCHAR FROM log WHERE kind = 'http'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            )
+            .unwrap();
+        assert_eq!(http, ("GET".into(), "/ping".into(), 200, 3, 5, "{\"a\":1}".into()));
+        let n: i64 = c.query_row("SELECT count(*) FROM log", [], |r| r.get(0)).unwrap();
+        assert_eq!((n, s.written, s.failed), (3, 3, 0), "{s:?}");
+        p.close();
+    }
 }

@@ -1,24 +1,41 @@
 //! Connections, channels and presence.
 //!
-//! Every connection has a bounded outgoing queue. A message that does not fit means the client
-//! is too slow: it is disconnected with a reason, and nobody else (no writer, no other client)
-//! ever waits for it. Presence lists who is in a channel (user, role, device, metadata) and is
-//! diffed on join and leave, including when a socket dies.
+//! Every connection has a bounded outgoing queue, drained by that connection's own writer task
+//! (`apis::ws`). A message that does not fit means the client is too slow: it is disconnected
+//! with a reason, and nobody else (no writer, no other client) ever waits for it. Presence lists
+//! who is in a channel (user, role, device, metadata) and is diffed on join and leave, including
+//! when a socket dies.
+//!
+//! Fan-out: a broadcast is serialised once into shared bytes ([`Out::Text`] holds a
+//! reference-counted [`Utf8Bytes`], so queuing it for 10,000 members copies nothing). Each
+//! channel keeps its members' queue senders beside their ids, so a fan-out is one pass over the
+//! channel under the hub lock: a non-blocking `try_send` per member, no per-member lookup, no
+//! per-member lock. Joins and leaves touch only the joining member's entries (presence lists
+//! and diffs cost what the presence-tracked members cost), never a scan of the channel.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use axum::extract::ws::Utf8Bytes;
 use serde_json::{Value as Json, json};
 use tokio::sync::{mpsc, watch};
 
 use super::limits::WsLimits;
 use crate::core::{Error, ErrorCode, RequestContext, Result, Role};
 
-/// A frame for one connection.
+/// A frame for one connection. The text is shared: cloning it for every member of a channel
+/// bumps a reference count (the bytes are written to each socket straight from it).
 #[derive(Debug, Clone)]
 pub enum Out {
-    Text(Arc<str>),
+    Text(Utf8Bytes),
+}
+
+impl Out {
+    /// A JSON value, serialised once.
+    pub fn json(v: &Json) -> Out {
+        Out::Text(Utf8Bytes::from(v.to_string()))
+    }
 }
 
 struct Conn {
@@ -38,12 +55,13 @@ struct State {
     channels: HashMap<String, Channel>,
 }
 
-/// One channel's members. Presence-tracked members are kept apart (in connection order), so a
-/// join, a presence list or a presence diff costs what the tracked members cost, never a scan of
-/// every broadcast-only member.
+/// One channel's members, each with its connection's queue (a fan-out needs nothing else).
+/// Presence-tracked members are kept apart (in connection order), so a join, a presence list
+/// or a presence diff costs what the tracked members cost, never a scan of every
+/// broadcast-only member.
 #[derive(Default)]
 struct Channel {
-    members: HashSet<u64>,
+    members: HashMap<u64, mpsc::Sender<Out>>,
     tracked: BTreeSet<u64>,
 }
 
@@ -184,7 +202,7 @@ impl Hub {
     }
 
     pub fn send_json(&self, id: u64, v: &Json) -> bool {
-        self.send(id, Out::Text(Arc::from(v.to_string())))
+        self.send(id, Out::json(v))
     }
 
     /// Remove a connection, leave its channels (with presence diffs), and close its socket.
@@ -246,8 +264,9 @@ impl Hub {
             let st = &mut *st;
             let conn = st.conns.get_mut(&id).expect("checked above");
             conn.channels.insert(channel.to_string(), (meta, tracked));
+            let tx = conn.tx.clone();
             let ch = st.channels.entry(channel.to_string()).or_default();
-            ch.members.insert(id);
+            ch.members.insert(id, tx);
             if tracked {
                 ch.tracked.insert(id);
             } else {
@@ -330,18 +349,18 @@ impl Hub {
 
     /// Send `msg` to every member of `channel` (except `skip`). Returns how many got it.
     pub fn publish(&self, channel: &str, msg: &Json, skip: Option<u64>) -> usize {
-        self.fan_out(channel, Arc::from(msg.to_string()), skip, false)
+        self.fan_out(channel, Out::json(msg), skip, false)
     }
 
     /// A presence diff goes to the members that follow presence only.
     fn publish_presence(&self, channel: &str, msg: &Json, skip: Option<u64>) -> usize {
-        self.fan_out(channel, Arc::from(msg.to_string()), skip, true)
+        self.fan_out(channel, Out::json(msg), skip, true)
     }
 
     /// Queue one serialised frame (shared, never copied per member) for the members of
     /// `channel` in one pass under the lock: queuing never waits (a full queue marks a slow
     /// consumer, disconnected after the lock is released).
-    fn fan_out(&self, channel: &str, text: Arc<str>, skip: Option<u64>, tracked_only: bool) -> usize {
+    fn fan_out(&self, channel: &str, msg: Out, skip: Option<u64>, tracked_only: bool) -> usize {
         let mut delivered = 0;
         let mut slow = Vec::new();
         {
@@ -349,21 +368,26 @@ impl Hub {
             let Some(ch) = st.channels.get(channel) else {
                 return 0;
             };
-            let mut offer = |id: &u64| {
-                if Some(*id) == skip {
+            let mut offer = |id: u64, tx: &mpsc::Sender<Out>| {
+                if Some(id) == skip {
                     return;
                 }
-                let Some(c) = st.conns.get(id) else { return };
-                match c.tx.try_send(Out::Text(Arc::clone(&text))) {
+                match tx.try_send(msg.clone()) {
                     Ok(()) => delivered += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(*id),
+                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(id),
                     Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
             };
             if tracked_only {
-                ch.tracked.iter().for_each(&mut offer);
+                for id in &ch.tracked {
+                    if let Some(tx) = ch.members.get(id) {
+                        offer(*id, tx);
+                    }
+                }
             } else {
-                ch.members.iter().for_each(&mut offer);
+                for (id, tx) in &ch.members {
+                    offer(*id, tx);
+                }
             }
         }
         for id in slow {

@@ -135,17 +135,12 @@ impl StmtLog {
         if !self.sink.enabled() {
             return;
         }
-        let mut e = crate::posterity::Event::now("sql", self.ctx.as_deref());
-        e.name = Some(crate::posterity::sql_hash(&b.sql));
-        e.sql_text = Some(b.sql.clone());
+        // The statement's hash and `detail` are derived by the log's writer thread.
+        let mut e = crate::posterity::Event::sql(self.ctx.as_deref(), &b.sql, &b.verb);
         e.rows = Some(rows as i64);
         e.elapsed_ms = elapsed.as_secs_f64() * 1e3;
         e.outcome = Some(if err.is_some() { "error" } else { "ok" });
         e.error = err.map(|e| e.message.chars().take(1000).collect());
-        e.detail = Some(format!(
-            "{{\"verb\":{}}}",
-            serde_json::Value::from(b.verb.as_str())
-        ));
         self.sink.record(e);
     }
 }
@@ -561,12 +556,86 @@ fn step_statement(
     side: &mut Summary,
     counted: &mut u64,
 ) -> Result<()> {
+    use rusqlite::fallible_streaming_iterator::FallibleStreamingIterator as _;
     let mut stmt = conn.prepare_cached(&b.sql)?;
     for (i, v) in b.values.iter().enumerate() {
         stmt.raw_bind_parameter(i + 1, v)?;
     }
-    let decls: Vec<(String, Option<String>)> = stmt
-        .columns()
+    let dml = matches!(
+        b.verb.as_str(),
+        "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "WITH"
+    );
+    let before = dml.then(|| WriteCount::start(conn));
+    // The result's columns are read after the first step: a cached statement whose schema
+    // changed since it was prepared (an ALTER TABLE) is prepared again by that step, so its
+    // columns are the new ones, never the stale preparation's.
+    let mut rows = stmt.raw_query();
+    rows.advance()?;
+    let summary = match rows.get() {
+        Some(first) => {
+            let decls = column_decls(first.as_ref(), b);
+            match out {
+                Some(out) if !decls.is_empty() => {
+                    // A SELECT without FROM, UNION or VALUES has at most one row: its integer
+                    // literals get ClickHouse's narrow types (`SELECT 1` is UInt8).
+                    let literals = if b.verb == "SELECT" {
+                        literal_columns(&b.sql, decls.len())
+                    } else {
+                        Vec::new()
+                    };
+                    out.header(column_meta(&decls, Some(first), &literals));
+                    *counted += 1;
+                    let mut more = out.row(first)?;
+                    while more {
+                        match rows.next()? {
+                            Some(r) => {
+                                *counted += 1;
+                                more = out.row(r)?
+                            }
+                            None => break,
+                        }
+                    }
+                    &mut out.summary
+                }
+                out => {
+                    *counted += 1;
+                    while rows.next()?.is_some() {
+                        *counted += 1;
+                    }
+                    match out {
+                        Some(out) => &mut out.summary,
+                        None => side,
+                    }
+                }
+            }
+        }
+        None => {
+            // No row: the step has run (and re-prepared if needed); the header comes from the
+            // statement itself.
+            drop(rows);
+            match out {
+                Some(out) => {
+                    let decls = column_decls(&stmt, b);
+                    if !decls.is_empty() {
+                        out.header(column_meta(&decls, None, &[]));
+                    }
+                    &mut out.summary
+                }
+                None => side,
+            }
+        }
+    };
+    if let Some(before) = before {
+        let changed = before.finish(conn);
+        summary.written_rows += changed;
+        *counted = (*counted).max(changed);
+    }
+    Ok(())
+}
+
+/// Name and declared type of each result column of `stmt`.
+fn column_decls(stmt: &rusqlite::Statement<'_>, b: &Bound) -> Vec<(String, Option<String>)> {
+    stmt.columns()
         .map(|c| {
             let decl = c.decl_type().map(str::to_string);
             let name = if decl.is_none() && c.name().contains('?') {
@@ -576,63 +645,7 @@ fn step_statement(
             };
             (name, decl)
         })
-        .collect();
-    // A SELECT without FROM, UNION or VALUES has at most one row: its integer literals get
-    // ClickHouse's narrow types (`SELECT 1` is UInt8).
-    let literals = if b.verb == "SELECT" {
-        literal_columns(&b.sql, decls.len())
-    } else {
-        Vec::new()
-    };
-    let dml = matches!(
-        b.verb.as_str(),
-        "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "WITH"
-    );
-    let before = dml.then(|| WriteCount::start(conn));
-    let mut rows = stmt.raw_query();
-    let summary = match out {
-        Some(out) if !decls.is_empty() => {
-            let mut more = true;
-            match rows.next()? {
-                Some(first) => {
-                    let cols = column_meta(&decls, Some(first), &literals);
-                    out.header(cols);
-                    *counted += 1;
-                    more = out.row(first)?;
-                }
-                None => out.header(column_meta(&decls, None, &[])),
-            }
-            while more {
-                match rows.next()? {
-                    Some(r) => {
-                        *counted += 1;
-                        more = out.row(r)?
-                    }
-                    None => break,
-                }
-            }
-            &mut out.summary
-        }
-        Some(out) => {
-            while rows.next()?.is_some() {
-                *counted += 1;
-            }
-            &mut out.summary
-        }
-        None => {
-            while rows.next()?.is_some() {
-                *counted += 1;
-            }
-            side
-        }
-    };
-    drop(rows);
-    if let Some(before) = before {
-        let changed = before.finish(conn);
-        summary.written_rows += changed;
-        *counted = (*counted).max(changed);
-    }
-    Ok(())
+        .collect()
 }
 
 /// Rows a statement wrote: SQLite's change count (which includes what triggers write, so rows
