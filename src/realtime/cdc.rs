@@ -5,25 +5,30 @@
 //! pre-update hook sees each row an INSERT / UPDATE / DELETE changes, whole (old and new values,
 //! deletes included, which the RLS check below needs), before it changes. For the tables
 //! enabled here (`POST /admin/cdc`, kept in `_ichibase_cdc_tables`) it appends a compact binary
-//! record to an in-memory buffer; commits, rollbacks, failed statements and savepoint rollbacks
-//! decide what of it stands (a rolled-back write never emits anything). After every write job the
-//! writer appends the committed records as ONE row of `_ichibase_change_batches(first_id,
-//! last_id, at, data)`: each change keeps its own id (`first_id + i`), ids are strictly
-//! increasing in commit order, and a batch holds every change of the job's commits. Pruning
-//! removes whole batches, oldest first, always keeping at least the newest `retention` changes
-//! (so the largest id never goes away and ids only grow, across restarts too).
+//! record to an in-memory buffer, and the records are written as rows of
+//! `_ichibase_change_batches(first_id, last_id, at, data)` *inside the transaction that made
+//! them* (before its COMMIT, at a savepoint boundary, or when a would-be autocommit statement
+//! ends): data and events commit or roll back together, so a crash loses neither one without
+//! the other. Each change keeps its own id (`first_id + i`); ids are strictly increasing in
+//! commit order. A failed statement's records are dropped (capture reads back the row of its
+//! last record), a REPLACE over an existing key is one `insert` (as the trigger version reported
+//! it), a renamed table stays captured. Pruning removes whole batches, oldest first, always
+//! keeping at least the newest `retention` changes (so the largest id never goes away and ids
+//! only grow, across restarts too).
 //!
 //! Why the hook and not triggers: a capture trigger ran per row and wrote each row a second time,
 //! as JSON, into the log; bulk inserts ran at ~0.22 of their speed. The hook copies the values
-//! in Rust and the log takes one row per job. What it costs: SQLite must be built with
+//! in Rust and the log takes one row per transaction. What it costs: SQLite must be built with
 //! `SQLITE_ENABLE_PREUPDATE_HOOK` (`.cargo/config.toml` sets `LIBSQLITE3_FLAGS`); writes by
-//! other processes (the `sqlite3` shell) are no longer captured (a trigger saw them); a process
-//! crash between a job's commit and its log row loses those events (the data stays committed).
+//! other processes (the `sqlite3` shell) are not captured row by row (a trigger saw them): the
+//! writer notices them (`PRAGMA data_version`) and every subscription gets a
+//! `{"type":"refetch","sub",...}` message telling the client to fetch the current rows.
 //! Databases of the trigger version are migrated: the `cdc` module's migration moves their log
 //! rows (JSON, decoded by [`decode_legacy`]) into the batch table with their ids, and
 //! `storage::capture::install` drops the triggers when the database opens.
 //!
-//! One dispatcher task reads new changes after every write job (and every second), and for each
+//! One dispatcher task reads new changes after every write job (and every second, when it also
+//! asks the writer to look for writes by other processes), and for each
 //! subscription decides visibility by evaluating the policy's USING predicate on the old and the
 //! new row *as the subscriber* (so `auth_userid()` is theirs): an insert or update is sent when
 //! the new row is visible, an update whose row left the view is sent as a delete, a delete only
@@ -624,15 +629,35 @@ async fn dispatch(
     let mut subs: Vec<Sub> = Vec::new();
     let mut last_prune = Instant::now();
     let mut pruned_at = cursor;
+    let mut external_seen = storage.capture().external_writes();
     loop {
         let mut cmds = Vec::new();
+        let mut tick = false;
         tokio::select! {
             c = rx.recv() => match c {
                 Some(c) => cmds.push(c),
                 None => return,
             },
             _ = committed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => tick = true,
+        }
+        if tick && !subs.is_empty() {
+            // An idle writer runs no job that would notice writes by other processes: ask it.
+            let _ = storage.write(&sys(), ctl(), |c| {
+                if let Some(cap) = capture::of(c) {
+                    cap.poll_external(c);
+                }
+                Ok(())
+            }).await;
+        }
+        let external = storage.capture().external_writes();
+        if external != external_seen {
+            external_seen = external;
+            for s in &subs {
+                let m = json!({"type": "refetch", "sub": s.id, "object": s.object, "table": s.table,
+                    "reason": "the database was changed by another process or connection, whose row changes are not captured; fetch the current rows"});
+                hub.send(s.conn, Out::Text(m.to_string().into()));
+            }
         }
         while let Ok(c) = rx.try_recv() {
             cmds.push(c);
@@ -823,10 +848,22 @@ mod tests {
         }
     }
 
-    /// The capture mechanism on one connection, without a server: what reaches the log after
-    /// commits, failed statements, savepoints and rollbacks, and how batches decode.
-    #[test]
-    fn captured_batches_hold_exactly_the_committed_changes() {
+    fn events(c: &Connection, after: i64) -> Vec<String> {
+        read_events(c, after, None, 1000)
+            .unwrap()
+            .iter()
+            .map(|e| format!("{} {} {} {} {}", e.id, e.table, e.op, e.key, json!(e.new)))
+            .collect()
+    }
+
+    /// Statements one by one, errors ignored (as a client that carries on would).
+    fn ops(c: &Connection, sql: &str) {
+        for st in sql.split(';').filter(|s| !s.trim().is_empty()) {
+            let _ = c.execute_batch(st);
+        }
+    }
+
+    fn captured_db() -> (Connection, Arc<capture::Capture>) {
         let mut c = Connection::open_in_memory().unwrap();
         c.execute_batch(
             "CREATE TABLE _ichibase_cdc_tables (name TEXT PRIMARY KEY, enabled_at TEXT);
@@ -834,15 +871,20 @@ mod tests {
              CREATE TABLE k(a TEXT, b INT, PRIMARY KEY (b, a)) WITHOUT ROWID;
              CREATE TABLE nopk(x);
              CREATE TABLE other(x);
-             INSERT INTO _ichibase_cdc_tables(name) VALUES ('t'), ('k'), ('nopk');",
+             CREATE TABLE u(id INTEGER PRIMARY KEY, email TEXT UNIQUE, r REAL);
+             INSERT INTO _ichibase_cdc_tables(name) VALUES ('t'), ('k'), ('nopk'), ('u');",
         )
         .unwrap();
         let cap = capture::install(&mut c).unwrap();
-        let ops = |c: &Connection, sql: &str| {
-            for st in sql.split(';').filter(|s| !s.trim().is_empty()) {
-                let _ = c.execute_batch(st);
-            }
-        };
+        (c, cap)
+    }
+
+    /// The capture mechanism on one connection, without a server: what reaches the log after
+    /// commits, failed statements, savepoints and rollbacks, and how batches decode. The log is
+    /// written inside the transactions themselves (no flush step).
+    #[test]
+    fn captured_batches_hold_exactly_the_committed_changes() {
+        let (mut c, cap) = captured_db();
         ops(&c, "INSERT INTO t VALUES (1, 'a'), (2, 1.5); INSERT INTO other VALUES (1)");
         ops(
             &c,
@@ -851,15 +893,9 @@ mod tests {
              RELEASE s; INSERT INTO nopk VALUES (9); DELETE FROM t WHERE id = 2; COMMIT",
         );
         ops(&c, "BEGIN; INSERT INTO t VALUES (4, 'gone'); ROLLBACK");
-        assert_eq!(cap.flush(&c), 6);
-        assert_eq!(cap.flush(&c), 0, "nothing twice");
-        let evs = read_events(&c, 0, None, 1000).unwrap();
-        let got: Vec<String> = evs
-            .iter()
-            .map(|e| format!("{} {} {} {} {}", e.id, e.table, e.op, e.key, json!(e.new)))
-            .collect();
+        assert_eq!(cap.end_job(&c), None);
         assert_eq!(
-            got,
+            events(&c, 0),
             vec![
                 r#"1 t insert {"id":1} {"id":1,"v":"a"}"#,
                 r#"2 t insert {"id":2} {"id":2,"v":1.5}"#,
@@ -869,6 +905,7 @@ mod tests {
                 r#"6 t delete {"id":2} null"#,
             ]
         );
+        let evs = read_events(&c, 0, None, 1000).unwrap();
         assert_eq!(evs[5].old.as_ref().unwrap()["v"], json!(1.5));
         // Replay from inside a batch, and up to a bound.
         let ids: Vec<i64> = read_events(&c, 3, Some(5), 1000).unwrap().iter().map(|e| e.id).collect();
@@ -876,7 +913,80 @@ mod tests {
         // Not captured any more once disabled; a failed autocommit statement leaves nothing.
         disable(&mut c, "nopk").unwrap();
         ops(&c, "INSERT INTO nopk VALUES (10); INSERT INTO t VALUES (5, 'e'), (1, 'dup')");
-        assert_eq!(cap.flush(&c), 0);
+        assert_eq!(events(&c, 6), Vec::<String>::new());
+        assert_eq!(c.query_row("SELECT count(*) FROM t WHERE id = 5", [], |r| r.get::<_, i64>(0)).unwrap(), 0);
+        capture::uninstall(&mut c);
+    }
+
+    /// A failed statement inside a transaction that carries on and commits (a Lua `pcall`
+    /// around `db.exec` in `db.tx`): only the failed statement's rows are dropped. `INSERT OR
+    /// FAIL` keeps (and reports) the rows before the failing one. REPLACE over an existing key is
+    /// one insert; rows it removes for another key are deletes.
+    #[test]
+    fn failed_statements_or_fail_and_replace() {
+        let (mut c, _cap) = captured_db();
+        ops(
+            &c,
+            "BEGIN; INSERT INTO t VALUES (1, 'a'); UPDATE t SET v = 'b' WHERE id = 1;
+             INSERT INTO t VALUES (2, 'x'), (1, 'dup'); UPDATE t SET id = 1 WHERE id = 1;
+             INSERT INTO t VALUES (3, 'y'); COMMIT",
+        );
+        assert_eq!(
+            events(&c, 0),
+            vec![
+                r#"1 t insert {"id":1} {"id":1,"v":"a"}"#,
+                r#"2 t update {"id":1} {"id":1,"v":"b"}"#,
+                r#"3 t update {"id":1} {"id":1,"v":"b"}"#,
+                r#"4 t insert {"id":3} {"id":3,"v":"y"}"#,
+            ]
+        );
+        ops(&c, "INSERT OR FAIL INTO t VALUES (10, 'p'), (11, 'q'), (1, 'dup'), (12, 'z')");
+        assert_eq!(events(&c, 4), vec![r#"5 t insert {"id":10} {"id":10,"v":"p"}"#, r#"6 t insert {"id":11} {"id":11,"v":"q"}"#]);
+        // An UPDATE whose later row fails: nothing (a REAL column given an integer compares equal).
+        ops(&c, "INSERT INTO u VALUES (1, 'a@x', 1), (2, 'b@x', 2)");
+        ops(&c, "UPDATE u SET email = 'c@x', r = 3 WHERE id = 1; UPDATE u SET email = 'same@x'");
+        let all = events(&c, 6);
+        assert_eq!(all.len(), 3, "{all:?}");
+        assert!(all[2].starts_with(r#"9 u update {"id":1}"#), "{all:?}");
+        // REPLACE over the same key: one insert. Over another row's UNIQUE email: that row's delete.
+        ops(&c, "REPLACE INTO u VALUES (1, 'c@x', 5)");
+        ops(&c, "REPLACE INTO u VALUES (3, 'b@x', 6)");
+        ops(&c, "REPLACE INTO k VALUES ('r', 8)");
+        ops(&c, "INSERT INTO k VALUES ('r', 9)");
+        ops(&c, "REPLACE INTO k VALUES ('r', 9)");
+        let tail: Vec<String> = events(&c, 9).into_iter().map(|e| e.split(' ').skip(1).take(3).collect::<Vec<_>>().join(" ")).collect();
+        assert_eq!(
+            tail,
+            vec![
+                r#"u insert {"id":1}"#,
+                r#"u delete {"id":2}"#,
+                r#"u insert {"id":3}"#,
+                r#"k insert {"a":"r","b":8}"#,
+                r#"k insert {"a":"r","b":9}"#,
+                r#"k insert {"a":"r","b":9}"#,
+            ]
+        );
+        capture::uninstall(&mut c);
+    }
+
+    /// A renamed table keeps being captured under its new name; a column added is picked up.
+    #[test]
+    fn renamed_tables_stay_captured() {
+        let (mut c, _cap) = captured_db();
+        ops(&c, "INSERT INTO t VALUES (1, 'a'); ALTER TABLE t RENAME TO t2; INSERT INTO t2 VALUES (2, 'b')");
+        ops(&c, "ALTER TABLE t2 ADD COLUMN w; INSERT INTO t2 VALUES (3, 'c', 'd')");
+        assert_eq!(
+            events(&c, 0),
+            vec![
+                r#"1 t insert {"id":1} {"id":1,"v":"a"}"#,
+                r#"2 t2 insert {"id":2} {"id":2,"v":"b"}"#,
+                r#"3 t2 insert {"id":3} {"id":3,"v":"c","w":"d"}"#,
+            ]
+        );
+        assert_eq!(list(&c).unwrap(), vec!["k", "nopk", "t2", "u"]);
+        // Renamed inside a transaction that rolls back: still captured under the old name.
+        ops(&c, "BEGIN; ALTER TABLE t2 RENAME TO t3; INSERT INTO t3 VALUES (4, 'x', 1); ROLLBACK; INSERT INTO t2 VALUES (5, 'y', 2)");
+        assert_eq!(events(&c, 3), vec![r#"4 t2 insert {"id":5} {"id":5,"v":"y","w":2}"#]);
         capture::uninstall(&mut c);
     }
 

@@ -253,6 +253,11 @@ impl Storage {
         Arc::clone(&self.inner.writer.committed)
     }
 
+    /// Change capture on the writer connection (`capture`).
+    pub fn capture(&self) -> &Arc<capture::Capture> {
+        &self.inner.writer.capture
+    }
+
     /// The authorization snapshot shared by every connection.
     pub fn authz(&self) -> &Arc<Authz> {
         &self.inner.authz
