@@ -649,21 +649,24 @@ fn column_decls(stmt: &rusqlite::Statement<'_>, b: &Bound) -> Vec<(String, Optio
 }
 
 /// Rows a statement wrote: SQLite's change count (which includes what triggers write, so rows
-/// written through a policy view's INSTEAD OF triggers count). Change-data-capture adds no rows
-/// of its own while the statement runs (it captures with SQLite's pre-update hook).
+/// written through a policy view's INSTEAD OF triggers count) minus the change-log rows
+/// change-data-capture wrote meanwhile (bookkeeping, not the statement's rows).
 pub(crate) struct WriteCount {
     total: u64,
+    captured: u64,
 }
 
 impl WriteCount {
     pub(crate) fn start(conn: &Connection) -> WriteCount {
         WriteCount {
             total: conn.total_changes(),
+            captured: crate::storage::capture::own_rows(),
         }
     }
 
     pub(crate) fn finish(self, conn: &Connection) -> u64 {
-        conn.total_changes() - self.total
+        let captured = crate::storage::capture::own_rows() - self.captured;
+        (conn.total_changes() - self.total).saturating_sub(captured)
     }
 }
 

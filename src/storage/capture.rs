@@ -253,6 +253,14 @@ impl State {
 thread_local! {
     /// Capture's own statements are running on this thread (the callbacks ignore them).
     static NESTED: Cell<bool> = const { Cell::new(false) };
+    /// Rows capture's own statements changed on this thread (counted in SQLite's
+    /// `total_changes`, which callers counting a statement's rows subtract: [`own_rows`]).
+    static OWN_ROWS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Rows change capture wrote on this thread so far (its log rows; see `sql::exec::WriteCount`).
+pub fn own_rows() -> u64 {
+    OWN_ROWS.with(Cell::get)
 }
 
 /// The capture state of one writer connection.
@@ -652,9 +660,23 @@ fn first_keyword(sql: &[u8]) -> String {
     String::from_utf8_lossy(&sql[i..end]).to_ascii_uppercase()
 }
 
-/// Statements that cannot run inside a transaction and change no captured row.
-fn runs_outside_transactions(sql: &[u8]) -> bool {
-    matches!(first_keyword(sql).as_str(), "VACUUM" | "PRAGMA" | "ATTACH" | "DETACH")
+/// How a statement relates to transactions, by its first keyword.
+#[derive(PartialEq)]
+enum Kind {
+    /// BEGIN / COMMIT / END / ROLLBACK / SAVEPOINT / RELEASE (`BEGIN IMMEDIATE` is not
+    /// read-only for SQLite, yet opens a transaction itself).
+    Control,
+    /// Cannot run inside a transaction and changes no captured row.
+    Outside,
+    Other,
+}
+
+fn kind(sql: &[u8]) -> Kind {
+    match first_keyword(sql).as_str() {
+        "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "SAVEPOINT" | "RELEASE" => Kind::Control,
+        "VACUUM" | "PRAGMA" | "ATTACH" | "DETACH" => Kind::Outside,
+        _ => Kind::Other,
+    }
 }
 
 unsafe extern "C" fn on_trace(what: c_uint, arg: *mut c_void, p: *mut c_void, x: *mut c_void) -> c_int {
@@ -765,7 +787,10 @@ impl Capture {
             return Err(rusqlite::Error::InvalidQuery);
         };
         let prev = NESTED.with(|n| n.replace(true));
+        let before = c.total_changes();
         let r = crate::storage::engine_statements(|| f(c));
+        let own = c.total_changes().saturating_sub(before);
+        OWN_ROWS.with(|n| n.set(n.get() + own));
         NESTED.with(|n| n.set(prev));
         r
     }
@@ -830,7 +855,8 @@ impl Capture {
             self.check_schema();
         }
         if active {
-            if readonly {
+            let k = if readonly { Kind::Control } else { kind(text) };
+            if k == Kind::Control {
                 // COMMIT / RELEASE / ROLLBACK [TO] / SAVEPOINT / BEGIN / SELECT: the records so
                 // far go to the log first, inside the transaction (a commit includes them, a
                 // rollback undoes them with the data).
@@ -839,7 +865,7 @@ impl Capture {
                 } else if !auto {
                     self.write_log();
                 }
-            } else if auto && !runs_outside_transactions(text) {
+            } else if auto && k == Kind::Other {
                 // Would autocommit: run it in a transaction of ours, committed with its log
                 // row when it ends.
                 if self.nested(|c| c.execute_batch("BEGIN")).is_ok() {
