@@ -37,6 +37,7 @@
 //! while the log still holds it (replay may start inside a batch), else a `refetch` message.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -174,11 +175,17 @@ struct Sub {
 #[derive(Debug, Clone)]
 struct Event {
     id: i64,
-    table: String,
-    op: String,
+    table: Arc<str>,
+    op: &'static str,
+    /// Key and rows as JSON values: decoded only when a subscription needs to look at them (a
+    /// policy predicate or a filter); `Null` / `None` otherwise.
     key: Json,
     old: Option<Map<String, Json>>,
     new: Option<Map<String, Json>>,
+    /// The end of the change frame, serialised straight from the encoded record:
+    /// `"table":…,"change_id":…,"op":…,"key":…,"old":…,"new":…}` — what every subscription
+    /// without predicate and filter gets, after its own `{"type":"change","sub":…,"object":…,`.
+    tail: Option<String>,
 }
 
 fn sys() -> RequestContext {
@@ -215,7 +222,7 @@ impl Cdc {
     }
 }
 
-fn read_events(c: &Connection, after: i64, upto: Option<i64>, limit: i64) -> Result<Vec<Event>> {
+fn read_events(c: &Connection, after: i64, upto: Option<i64>, limit: i64, maps: bool) -> Result<Vec<Event>> {
     let mut st = c.prepare_cached(
         "SELECT first_id, data FROM _ichibase_change_batches WHERE last_id > ?1 AND (?2 IS NULL OR first_id <= ?2) ORDER BY first_id",
     )?;
@@ -223,17 +230,14 @@ fn read_events(c: &Connection, after: i64, upto: Option<i64>, limit: i64) -> Res
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
         let first: i64 = r.get(0)?;
+        let keep = |id: i64| id > after && upto.is_none_or(|u| id <= u);
         let evs = match r.get_ref(1)? {
-            rusqlite::types::ValueRef::Blob(b) => decode(first, b),
-            rusqlite::types::ValueRef::Text(t) => decode_legacy(first, t),
+            rusqlite::types::ValueRef::Blob(b) => decode(first, b, maps, &keep, &mut out),
+            rusqlite::types::ValueRef::Text(t) => decode_legacy(first, t).map(|evs| out.extend(evs.into_iter().filter(|e| keep(e.id)))),
             _ => Err("not a batch".into()),
         };
-        match evs {
-            Ok(evs) => out.extend(
-                evs.into_iter()
-                    .filter(|e| e.id > after && upto.is_none_or(|u| e.id <= u)),
-            ),
-            Err(e) => tracing::error!(first_id = first, error = %e, "an unreadable change batch was skipped"),
+        if let Err(e) = evs {
+            tracing::error!(first_id = first, error = %e, "an unreadable change batch was skipped");
         }
         if out.len() as i64 >= limit {
             break;
@@ -252,11 +256,17 @@ fn decode_legacy(id: i64, t: &[u8]) -> std::result::Result<Vec<Event>, String> {
     };
     Ok(vec![Event {
         id,
-        table: v["tbl"].as_str().unwrap_or_default().to_string(),
-        op: v["op"].as_str().unwrap_or_default().to_string(),
+        table: v["tbl"].as_str().unwrap_or_default().into(),
+        op: match v["op"].as_str().unwrap_or_default() {
+            "insert" => "insert",
+            "update" => "update",
+            "delete" => "delete",
+            _ => "unknown",
+        },
         key: v["pk"].clone(),
         old: obj("old"),
         new: obj("new"),
+        tail: None,
     }])
 }
 
@@ -330,14 +340,116 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The changes of one batch row, ids from `first`.
-fn decode(first: i64, data: &[u8]) -> std::result::Result<Vec<Event>, String> {
+/// JSON string literal of `s` (as serde_json writes it).
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc: &str = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if esc.is_empty() {
+            let _ = write!(out, "\\u{:04x}", b);
+        } else {
+            out.push_str(esc);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+impl Reader<'_> {
+    /// One encoded row straight to a JSON object; `spans` gets where each value's text lies.
+    fn row_json(&mut self, cols: &[String], out: &mut String, spans: &mut Vec<(usize, usize)>) -> std::result::Result<(), String> {
+        let n = self.varint()? as usize;
+        spans.clear();
+        out.push('{');
+        for i in 0..n {
+            if i > 0 {
+                out.push(',');
+            }
+            match cols.get(i) {
+                Some(c) => push_json_str(out, c),
+                None => push_json_str(out, &format!("column{}", i + 1)),
+            }
+            out.push(':');
+            let at = out.len();
+            match self.byte()? {
+                capture::V_NULL => out.push_str("null"),
+                capture::V_INT => {
+                    let _ = write!(out, "{}", self.int()?);
+                }
+                capture::V_REAL => {
+                    let s = self.b.get(self.at..self.at + 8).ok_or("truncated batch")?;
+                    self.at += 8;
+                    match serde_json::Number::from_f64(f64::from_le_bytes(s.try_into().unwrap())) {
+                        Some(n) => {
+                            let _ = write!(out, "{n}");
+                        }
+                        None => out.push_str("null"),
+                    }
+                }
+                capture::V_TEXT => push_json_str(out, &String::from_utf8_lossy(self.bytes()?)),
+                capture::V_BLOB => {
+                    out.push('"');
+                    for x in self.bytes()? {
+                        let _ = write!(out, "{x:02X}");
+                    }
+                    out.push('"');
+                }
+                t => return Err(format!("unknown value tag {t}")),
+            }
+            spans.push((at, out.len()));
+        }
+        out.push('}');
+        Ok(())
+    }
+
+    /// Skip one encoded row.
+    fn skip_row(&mut self) -> std::result::Result<(), String> {
+        let n = self.varint()? as usize;
+        for _ in 0..n {
+            match self.byte()? {
+                capture::V_INT => {
+                    self.varint()?;
+                }
+                capture::V_REAL => self.at += 8,
+                capture::V_TEXT | capture::V_BLOB => {
+                    self.bytes()?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The changes of one batch row (ids from `first`) that `keep` wants, appended to `out`: each
+/// with its frame tail serialised straight from the encoding, and with JSON values too when
+/// `maps` (a subscription must evaluate a predicate or filter on them).
+fn decode(
+    first: i64,
+    data: &[u8],
+    maps: bool,
+    keep: &dyn Fn(i64) -> bool,
+    out: &mut Vec<Event>,
+) -> std::result::Result<(), String> {
     let mut r = Reader { b: data, at: 0 };
     if r.byte()? != capture::FORMAT {
         return Err("unknown batch format".into());
     }
     let ntables = r.varint()? as usize;
-    let mut tables = Vec::with_capacity(ntables.min(1024));
+    let mut tables: Vec<(Arc<str>, Vec<String>, Vec<usize>)> = Vec::with_capacity(ntables.min(1024));
     for _ in 0..ntables {
         let name = r.text()?;
         let ncols = r.varint()? as usize;
@@ -350,42 +462,97 @@ fn decode(first: i64, data: &[u8]) -> std::result::Result<Vec<Event>, String> {
         for _ in 0..npk {
             pk.push(r.varint()? as usize);
         }
-        tables.push((name, cols, pk));
+        tables.push((name.into(), cols, pk));
     }
     let n = r.varint()? as usize;
-    let mut out = Vec::with_capacity(n.min(1 << 20));
+    out.reserve(n.min(1 << 20));
+    let (mut so, mut sn) = (Vec::new(), Vec::new());
     for i in 0..n {
+        let id = first + i as i64;
         let op = r.byte()?;
         let (name, cols, pk) = tables.get(r.varint()? as usize).ok_or("bad table index")?;
         let rowid = r.int()?;
-        let old = if op != capture::OP_INSERT { Some(r.row(cols)?) } else { None };
-        let new = if op != capture::OP_DELETE { Some(r.row(cols)?) } else { None };
-        let keyed = if op == capture::OP_DELETE { &old } else { &new };
-        let key = match keyed {
-            Some(row) if !pk.is_empty() => Json::Object(
-                pk.iter()
-                    .filter_map(|p| cols.get(*p))
-                    .map(|c| (c.clone(), row.get(c).cloned().unwrap_or(Json::Null)))
-                    .collect(),
-            ),
-            _ => json!({"rowid": rowid}),
+        let op_name = match op {
+            capture::OP_INSERT => "insert",
+            capture::OP_UPDATE => "update",
+            capture::OP_DELETE => "delete",
+            _ => return Err(format!("unknown op {op}")),
         };
-        out.push(Event {
-            id: first + i as i64,
-            table: name.clone(),
-            op: match op {
-                capture::OP_INSERT => "insert",
-                capture::OP_UPDATE => "update",
-                capture::OP_DELETE => "delete",
-                _ => return Err(format!("unknown op {op}")),
+        if !keep(id) {
+            if op != capture::OP_INSERT {
+                r.skip_row()?;
             }
-            .to_string(),
-            key,
-            old,
-            new,
-        });
+            if op != capture::OP_DELETE {
+                r.skip_row()?;
+            }
+            continue;
+        }
+        let start = r.at;
+        // The frame tail, straight from the encoding.
+        let mut t = String::with_capacity(96 + (data.len() / n.max(1)) * 2);
+        t.push_str("\"table\":");
+        push_json_str(&mut t, name);
+        let _ = write!(t, ",\"change_id\":{id},\"op\":\"{op_name}\",\"key\":");
+        // Rows go to `rows` first: the key comes before them in the frame.
+        let mut rows = String::new();
+        rows.push_str(",\"old\":");
+        if op != capture::OP_INSERT {
+            r.row_json(cols, &mut rows, &mut so)?;
+        } else {
+            rows.push_str("null");
+        }
+        rows.push_str(",\"new\":");
+        if op != capture::OP_DELETE {
+            r.row_json(cols, &mut rows, &mut sn)?;
+        } else {
+            rows.push_str("null");
+        }
+        rows.push('}');
+        let spans = if op == capture::OP_DELETE { &so } else { &sn };
+        if pk.is_empty() || spans.is_empty() {
+            let _ = write!(t, "{{\"rowid\":{rowid}}}");
+        } else {
+            t.push('{');
+            for (j, p) in pk.iter().enumerate() {
+                if j > 0 {
+                    t.push(',');
+                }
+                match cols.get(*p) {
+                    Some(c) => push_json_str(&mut t, c),
+                    None => push_json_str(&mut t, &format!("column{}", p + 1)),
+                }
+                t.push(':');
+                match spans.get(*p) {
+                    Some((a, b)) => t.push_str(&rows[*a..*b]),
+                    None => t.push_str("null"),
+                }
+            }
+            t.push('}');
+        }
+        t.push_str(&rows);
+        let (key, old, new) = if maps {
+            let end = r.at;
+            r.at = start;
+            let old = if op != capture::OP_INSERT { Some(r.row(cols)?) } else { None };
+            let new = if op != capture::OP_DELETE { Some(r.row(cols)?) } else { None };
+            r.at = end;
+            let keyed = if op == capture::OP_DELETE { &old } else { &new };
+            let key = match keyed {
+                Some(row) if !pk.is_empty() => Json::Object(
+                    pk.iter()
+                        .filter_map(|p| cols.get(*p))
+                        .map(|c| (c.clone(), row.get(c).cloned().unwrap_or(Json::Null)))
+                        .collect(),
+                ),
+                _ => json!({"rowid": rowid}),
+            };
+            (key, old, new)
+        } else {
+            (Json::Null, None, None)
+        };
+        out.push(Event { id, table: Arc::clone(name), op: op_name, key, old, new, tail: Some(t) });
     }
-    Ok(out)
+    Ok(())
 }
 
 fn to_sql(v: Option<&Json>) -> Sql {
@@ -444,7 +611,7 @@ fn message(sub: &Sub, ev: &Event, old_vis: bool, new_vis: bool) -> Option<String
         |r: &Option<Map<String, Json>>| r.as_ref().is_some_and(|r| matches_filter(&sub.filter, r));
     let old_ok = old_vis && row_ok(&ev.old);
     let new_ok = new_vis && row_ok(&ev.new);
-    let (op, old, new) = match ev.op.as_str() {
+    let (op, old, new) = match ev.op {
         "insert" if new_ok => ("insert", None, ev.new.as_ref()),
         "update" if new_ok => (
             "update",
@@ -512,7 +679,7 @@ async fn deliver(storage: &Storage, hub: &Hub, subs: &[&Sub], events: &[Event]) 
                 let mut out = Vec::new();
                 for ((i, table, columns), pred) in work.iter().zip(&preds) {
                     for (j, e) in evs.iter().enumerate() {
-                        if &e.table != table {
+                        if *e.table != **table {
                             continue;
                         }
                         let o = match &e.old {
@@ -536,10 +703,34 @@ async fn deliver(storage: &Storage, hub: &Hub, subs: &[&Sub], events: &[Event]) 
             }
         }
     }
+    // Subscriptions without predicate and filter get every change of their table as recorded:
+    // their frame is a prefix of their own and the event's pre-serialised tail.
+    let prefixes: Vec<Option<String>> = subs
+        .iter()
+        .map(|s| {
+            (s.predicate.is_none() && s.filter.is_empty()).then(|| {
+                let mut p = String::from("{\"type\":\"change\",\"sub\":");
+                push_json_str(&mut p, &s.id);
+                p.push_str(",\"object\":");
+                push_json_str(&mut p, &s.object);
+                p.push(',');
+                p
+            })
+        })
+        .collect();
     for (j, e) in events.iter().enumerate() {
         for (i, s) in subs.iter().enumerate() {
+            if let (Some(prefix), Some(tail)) = (&prefixes[i], &e.tail) {
+                if *s.table == *e.table {
+                    let mut m = String::with_capacity(prefix.len() + tail.len());
+                    m.push_str(prefix);
+                    m.push_str(tail);
+                    hub.send(s.conn, Out::Text(m.into()));
+                }
+                continue;
+            }
             let v = if s.predicate.is_none() {
-                (s.table == e.table).then_some((e.old.is_some(), e.new.is_some()))
+                (*s.table == *e.table).then_some((e.op != "insert", e.op != "delete"))
             } else {
                 vis.get(&(i, j)).copied()
             };
@@ -663,10 +854,11 @@ async fn dispatch(
             cmds.push(c);
         }
         // Live events first, so a new subscription's replay ends exactly where live delivery starts.
+        let maps = subs.iter().any(|s| s.predicate.is_some() || !s.filter.is_empty());
         loop {
             let after = cursor;
             let events = match storage
-                .read(&sys(), ctl(), move |c| read_events(c, after, None, 500))
+                .read(&sys(), ctl(), move |c| read_events(c, after, None, 500, maps))
                 .await
             {
                 Ok(e) => e,
@@ -792,10 +984,11 @@ async fn subscribe(
             ));
         } else {
             let mut after = since;
+            let maps = sub.predicate.is_some() || !sub.filter.is_empty();
             loop {
                 let events = storage
                     .read(&sys(), ctl(), move |c| {
-                        read_events(c, after, Some(cursor), 500)
+                        read_events(c, after, Some(cursor), 500, maps)
                     })
                     .await?;
                 let Some(last) = events.last().map(|e| e.id) else {
@@ -837,19 +1030,20 @@ mod tests {
         message(s, ev, o, n).map(|t| serde_json::from_str(&t).unwrap())
     }
 
-    fn event(op: &str, old: Option<Json>, new: Option<Json>) -> Event {
+    fn event(op: &'static str, old: Option<Json>, new: Option<Json>) -> Event {
         Event {
             id: 7,
             table: "notes".into(),
-            op: op.into(),
+            op,
             key: json!(1),
             old: old.map(obj),
             new: new.map(obj),
+            tail: None,
         }
     }
 
     fn events(c: &Connection, after: i64) -> Vec<String> {
-        read_events(c, after, None, 1000)
+        read_events(c, after, None, 1000, true)
             .unwrap()
             .iter()
             .map(|e| format!("{} {} {} {} {}", e.id, e.table, e.op, e.key, json!(e.new)))
@@ -905,10 +1099,10 @@ mod tests {
                 r#"6 t delete {"id":2} null"#,
             ]
         );
-        let evs = read_events(&c, 0, None, 1000).unwrap();
+        let evs = read_events(&c, 0, None, 1000, true).unwrap();
         assert_eq!(evs[5].old.as_ref().unwrap()["v"], json!(1.5));
         // Replay from inside a batch, and up to a bound.
-        let ids: Vec<i64> = read_events(&c, 3, Some(5), 1000).unwrap().iter().map(|e| e.id).collect();
+        let ids: Vec<i64> = read_events(&c, 3, Some(5), 1000, true).unwrap().iter().map(|e| e.id).collect();
         assert_eq!(ids, vec![4, 5]);
         // Not captured any more once disabled; a failed autocommit statement leaves nothing.
         disable(&mut c, "nopk").unwrap();
@@ -966,6 +1160,33 @@ mod tests {
                 r#"k insert {"a":"r","b":9}"#,
             ]
         );
+        capture::uninstall(&mut c);
+    }
+
+    /// The frame serialised straight from the encoding (subscriptions without predicate and
+    /// filter) is the frame built from decoded values, byte for byte.
+    #[test]
+    fn pre_serialised_frames_equal_the_decoded_ones() {
+        let (mut c, _cap) = captured_db();
+        ops(
+            &c,
+            "INSERT INTO t VALUES (1, 'quote \" back \\ nl 
+ tab 	 bell ' || char(7) || ' é 日'), (2, 1.5), (3, x'00ff10'), (4, NULL), (5, -9223372036854775808), (6, 1e300);
+             UPDATE t SET v = 2.0 WHERE id = 2; DELETE FROM t WHERE id = 3;
+             INSERT INTO k VALUES ('a\"b', 1); INSERT INTO nopk VALUES ('x'); REPLACE INTO u VALUES (1, 'e', 0.1)",
+        );
+        let fast = read_events(&c, 0, None, 1000, false).unwrap();
+        let slow = read_events(&c, 0, None, 1000, true).unwrap();
+        assert_eq!(fast.len(), 11);
+        for (f, e) in fast.iter().zip(&slow) {
+            let mut s = sub(json!({}));
+            s.table = e.table.to_string();
+            s.id = "s\"1".into();
+            let want = message(&s, e, e.op != "insert", e.op != "delete").unwrap();
+            let got = format!("{{\"type\":\"change\",\"sub\":\"s\\\"1\",\"object\":\"notes\",{}", f.tail.as_ref().unwrap());
+            assert_eq!(got, want);
+            assert!(f.old.is_none() && f.new.is_none(), "no JSON values without a predicate or filter");
+        }
         capture::uninstall(&mut c);
     }
 
