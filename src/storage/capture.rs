@@ -11,8 +11,10 @@
 //!   never leave committed rows without their events. Where they are written (`sqlite3_trace_v2`
 //!   tells when each top-level statement starts and ends):
 //!   - when a statement that SQLite reports read-only (`sqlite3_stmt_readonly`: `COMMIT`,
-//!     `END`, `RELEASE`, `ROLLBACK [TO]`, `SAVEPOINT`, `SELECT`) starts while a transaction is
-//!     open, the records buffered so far are inserted first. `COMMIT` thus commits them with the
+//!     `END`, `RELEASE`, `ROLLBACK [TO]`, `SAVEPOINT`, `SELECT`) or a transaction-control
+//!     statement (first keyword; `BEGIN IMMEDIATE` is not read-only for SQLite) starts while a
+//!     transaction is open, the records buffered so far (of statements that ended) are inserted
+//!     first. `COMMIT` thus commits them with the
 //!     data; a `ROLLBACK TO` undoes the log rows written since its savepoint together with the
 //!     data (SQLite's own savepoint semantics: no savepoint bookkeeping here, no SQL parsing);
 //!   - a writing statement that would run in autocommit mode gets a transaction opened for it
