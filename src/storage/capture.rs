@@ -821,7 +821,7 @@ impl Capture {
     /// open when another write statement still runs (retried later).
     fn finish_wrapper(&self) {
         self.write_log();
-        let r = self.nested(|c| c.execute_batch("COMMIT"));
+        let r = self.nested(|c| c.prepare_cached("COMMIT")?.execute([]).map(|_| ()));
         let mut s = self.state.lock().unwrap();
         match r {
             Ok(()) => {
@@ -870,7 +870,7 @@ impl Capture {
             } else if auto && k == Kind::Other {
                 // Would autocommit: run it in a transaction of ours, committed with its log
                 // row when it ends.
-                if self.nested(|c| c.execute_batch("BEGIN")).is_ok() {
+                if self.nested(|c| c.prepare_cached("BEGIN")?.execute([])).is_ok() {
                     self.state.lock().unwrap().wrapped = Some(p as usize);
                 }
             }
@@ -978,7 +978,7 @@ impl Capture {
 
     /// After a writing statement: reload the captured tables if the schema changed.
     fn check_schema(&self) {
-        let Ok(v) = self.nested(|c| c.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))) else { return };
+        let Ok(v) = self.nested(|c| c.prepare_cached("PRAGMA schema_version")?.query_row([], |r| r.get::<_, i64>(0))) else { return };
         let old = {
             let s = self.state.lock().unwrap();
             if s.schema_version == v {
@@ -1018,7 +1018,9 @@ impl Capture {
         if self.state.lock().unwrap().tables.is_empty() {
             return;
         }
-        let Ok(v) = self.nested(|_| c.query_row("PRAGMA data_version", [], |r| r.get::<_, i64>(0))) else { return };
+        // Through capture's own handle (same connection, so the same data version).
+        let _ = c;
+        let Ok(v) = self.nested(|a| a.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get::<_, i64>(0))) else { return };
         let mut s = self.state.lock().unwrap();
         if s.data_version.is_some_and(|d| d != v) {
             self.external.fetch_add(1, Ordering::Relaxed);
