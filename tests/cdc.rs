@@ -2,7 +2,10 @@
 //! src/realtime/cdc.rs), with real clients: a statement's changes are one batch yet each keeps its
 //! own id (replay can start inside a batch); rolled-back statements, savepoints and transactions
 //! emit nothing, also inside a Lua `db.tx`; ids keep growing and replay works across a restart;
-//! a database whose log was written by the capture triggers of older versions is migrated.
+//! a database whose log was written by the capture triggers of older versions is migrated; a
+//! `kill -9` during writes never leaves a committed row without its event (the log is written
+//! inside the data's transactions); writes by another process send `refetch`; REPLACE, upsert and
+//! rename; a branch merge's writes are captured.
 
 mod common;
 
