@@ -1014,12 +1014,11 @@ impl Capture {
 
     /// Before a write job: notice writes other connections or processes committed since the
     /// last look (`PRAGMA data_version` on this connection changes only for those).
-    pub fn poll_external(&self, c: &Connection) {
+    pub fn poll_external(&self, _conn: &Connection) {
         if self.state.lock().unwrap().tables.is_empty() {
             return;
         }
         // Through capture's own handle (same connection, so the same data version).
-        let _ = c;
         let Ok(v) = self.nested(|a| a.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get::<_, i64>(0))) else { return };
         let mut s = self.state.lock().unwrap();
         if s.data_version.is_some_and(|d| d != v) {
