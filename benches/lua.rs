@@ -6,14 +6,17 @@
 //!    and issue 18's two workloads, each a whole invocation (`invoke`: state, run, and for
 //!    traced runs saving the trace) timed on the wall clock, traced vs untraced in the same run:
 //!    a typical app function (~200 traced lines, 10 `db` inserts in a transaction) and a tight
-//!    loop of 20k iterations (also timed with `os.clock()` inside the script);
+//!    loop of 20k iterations (also timed with `os.clock()` inside the script); with the default
+//!    hot-line sampling and with every visit recorded, and the time until the trace is stored
+//!    (traces are saved in the background: the call returns before);
 //! 3. invocation overhead in process: an empty function in a fresh sandbox per run vs a pooled
 //!    one (`[lua_limits] reuse_states`), with the cost of building a bare state alone;
 //! 4. invocation overhead over HTTP: `POST /fn/empty` vs `GET /ping`, same client, same server
 //!    (1, 4 and 32 connections).
 //!
 //! `cargo bench --bench lua`; `BENCH_SECS` sets the seconds per HTTP measurement (default 3);
-//! `BENCH_ONLY=trace` runs only the deep-trace tables.
+//! `BENCH_ONLY=trace` runs only the deep-trace tables, `BENCH_ONLY=stock` only the sandbox vs
+//! stock `lua5.4` table.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -31,7 +34,7 @@ const SCRIPTS: &[(&str, &str, u32, u32)] = &[
     (
         "fib (recursive)",
         "local function fib(n) if n < 2 then return n end return fib(n-1) + fib(n-2) end\nlocal function work(n) return fib(n) end",
-        27,
+        30,
         15,
     ),
     (
@@ -69,8 +72,20 @@ fn sandbox_seconds(
     n: u32,
     trace: bool,
 ) -> f64 {
+    sandbox_runs(storage, rt, body, n, trace, 5)
+}
+
+/// Median in-script seconds of `count` sandbox runs of `body`.
+fn sandbox_runs(
+    storage: &Storage,
+    rt: &tokio::runtime::Runtime,
+    body: &str,
+    n: u32,
+    trace: bool,
+    count: usize,
+) -> f64 {
     let mut runs = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..count {
         let inv = Invocation {
             function: "bench".into(),
             version: 1,
@@ -94,6 +109,9 @@ fn sandbox_seconds(
             RequestContext::system(),
             inv,
         );
+        // os.clock() is process CPU time: a trace still being saved in the background would
+        // count against the next run.
+        ichibase::lua::saver::flush(Duration::from_secs(120));
         let v = out
             .result
             .unwrap_or_else(|e| panic!("sandbox run failed: {e}"));
@@ -156,8 +174,23 @@ return function()
 end
 "#;
 
-/// Whole invocations of `source`: median wall seconds, median in-script seconds (if the
-/// function returns `seconds`), steps of the last traced run.
+/// What one row of the whole-invocation table measured (medians).
+struct Measured {
+    /// Wall seconds of the call (what the caller waits for).
+    wall: f64,
+    /// Wall seconds until the trace is stored too (the background saver drained).
+    saved: f64,
+    /// Seconds inside the script (if the function returns `seconds`).
+    inside: Option<f64>,
+    /// Steps of the last traced run, and line visits sampling left out.
+    steps: usize,
+    skipped: u64,
+}
+
+/// Whole invocations of `source` (`ends`: `[traces] mode = "ends"`; `sample_after`: the
+/// `[traces] sample_after` of the run, `None`: the default). After each call the bench waits
+/// for the trace saver to drain, so a background save never overlaps the next call.
+#[allow(clippy::too_many_arguments)]
 fn invocation_seconds(
     storage: &Storage,
     rt: &tokio::runtime::Runtime,
@@ -166,15 +199,21 @@ fn invocation_seconds(
     trace: bool,
     runs: usize,
     ends: bool,
-) -> (f64, Option<f64>, usize) {
+    sample_after: Option<u32>,
+) -> Measured {
     let mut opts = LuaOptions::default();
     if ends {
         opts.traces.mode = ichibase::lua::limits::TraceMode::Ends;
     }
+    if let Some(k) = sample_after {
+        opts.traces.sample_after = k;
+    }
     let runtime = ichibase::lua::Runtime::bare(storage.clone(), rt.handle().clone(), opts);
     let mut wall = Vec::new();
+    let mut saved = Vec::new();
     let mut inside = Vec::new();
     let mut steps = 0;
+    let mut skipped = 0;
     for i in 0..runs + 2 {
         let inv = Invocation {
             function: "bench_app".into(),
@@ -188,9 +227,12 @@ fn invocation_seconds(
         let t0 = Instant::now();
         let out = invoke(&runtime, RequestContext::system(), inv);
         let dt = t0.elapsed().as_secs_f64();
+        assert!(ichibase::lua::saver::flush(Duration::from_secs(120)), "the trace saver drained");
+        let ds = t0.elapsed().as_secs_f64();
         let v = out.result.unwrap_or_else(|e| panic!("run failed: {e}"));
         if i >= 2 {
             wall.push(dt);
+            saved.push(ds);
             if let Some(s) = v["seconds"].as_f64() {
                 inside.push(s);
             }
@@ -198,17 +240,25 @@ fn invocation_seconds(
         if let Some((s, _)) = &out.steps {
             steps = s.len();
         }
+        skipped = out.sampling.as_ref().map_or(0, |s| s.skipped);
     }
     let inside = (!inside.is_empty()).then(|| median(inside));
-    (median(wall), inside, steps)
+    Measured {
+        wall: median(wall),
+        saved: median(saved),
+        inside,
+        steps,
+        skipped,
+    }
 }
 
-fn stock_seconds(body: &str, n: u32) -> Option<f64> {
+/// Median in-script seconds of `count` runs of `body` by Debian's `lua5.4` (None if missing).
+fn stock_seconds(body: &str, n: u32, count: usize) -> Option<f64> {
     let dir = tempfile::tempdir().ok()?;
     let file = dir.path().join("bench.lua");
     std::fs::write(&file, timed_source(body, n, false)).ok()?;
     let mut runs = Vec::new();
-    for _ in 0..5 {
+    for _ in 0..count {
         let out = Command::new("lua5.4").arg(&file).output().ok()?;
         if !out.status.success() {
             return None;
@@ -291,14 +341,29 @@ fn main() {
     if !only_trace {
     println!("## Sandbox vs stock interpreter");
     println!();
+    // Sandbox and stock runs alternate (ROUNDS_STOCK of each, one at a time) so a change of
+    // load on the shared machine hits both; each figure is the median.
     println!("| script | input | stock lua5.4 s | ichibase sandbox s | ratio sandbox/stock |");
     println!("|---|---:|---:|---:|---:|");
+    const ROUNDS_STOCK: usize = 11;
     for (name, body, n, _) in SCRIPTS {
-        let sb = sandbox_seconds(&storage, &rt, body, *n, false);
-        match stock_seconds(body, *n) {
-            Some(st) => println!("| {name} | {n} | {st:.4} | {sb:.4} | {:.2} |", sb / st),
-            None => println!("| {name} | {n} | (lua5.4 not installed) | {sb:.4} | - |"),
+        let (mut sb, mut st) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS_STOCK {
+            sb.push(sandbox_runs(&storage, &rt, body, *n, false, 1));
+            if let Some(s) = stock_seconds(body, *n, 1) {
+                st.push(s);
+            }
         }
+        let sb = median(sb);
+        if st.is_empty() {
+            println!("| {name} | {n} | (lua5.4 not installed) | {sb:.4} | - |");
+        } else {
+            let st = median(st);
+            println!("| {name} | {n} | {st:.4} | {sb:.4} | {:.2} |", sb / st);
+        }
+    }
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("stock") {
+        return;
     }
     }
     println!();
@@ -324,25 +389,33 @@ fn main() {
         let runtime = ichibase::lua::Runtime::bare(storage.clone(), rt.handle().clone(), LuaOptions::default());
         invoke(&runtime, RequestContext::system(), setup).result.expect("setup");
     }
-    println!("| workload | traced steps | off ms | on ms | ratio on/off | in-script off ms | in-script on ms | in-script ratio |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| workload | traced steps (visits not recorded) | off ms | on ms | ratio on/off | on ms, trace stored | ratio | in-script off ms | in-script on ms | in-script ratio |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let input = serde_json::json!({"customer": "acme"});
-    for (name, src, input, runs, ends) in [
-        ("typical app function (10 inserts in db.tx)", APP_FN, input, 30usize, false),
-        ("tight loop (20k iterations)", LOOP_FN, serde_json::Value::Null, 7, false),
-        ("tight loop, `[traces] mode = \"ends\"` (first 2000 + last 2000 steps)", LOOP_FN, serde_json::Value::Null, 7, true),
+    let null = serde_json::Value::Null;
+    for (name, src, input, runs, ends, sample_after) in [
+        ("typical app function (10 inserts in db.tx)", APP_FN, input.clone(), 30usize, false, None),
+        ("typical app function, every visit recorded (`sample_after = 0`)", APP_FN, input, 30, false, Some(0)),
+        ("tight loop (20k iterations)", LOOP_FN, null.clone(), 7, false, None),
+        ("tight loop, every visit recorded (`sample_after = 0`)", LOOP_FN, null.clone(), 7, false, Some(0)),
+        // `ends` records every visit (no sampling): its tail is the very last steps.
+        ("tight loop, `[traces] mode = \"ends\"` (first 2000 + last 2000 steps)", LOOP_FN, null, 7, true, None),
     ] {
-        let (off, off_in, _) = invocation_seconds(&storage, &rt, src, input.clone(), false, runs, ends);
-        let (on, on_in, steps) = invocation_seconds(&storage, &rt, src, input.clone(), true, runs, ends);
-        let inside = match (off_in, on_in) {
+        let off = invocation_seconds(&storage, &rt, src, input.clone(), false, runs, ends, sample_after);
+        let on = invocation_seconds(&storage, &rt, src, input.clone(), true, runs, ends, sample_after);
+        let inside = match (off.inside, on.inside) {
             (Some(a), Some(b)) => format!("{:.3} | {:.2} | {:.1}", a * 1e3, b * 1e3, b / a),
             _ => "- | - | -".into(),
         };
         println!(
-            "| {name} | {steps} | {:.3} | {:.2} | {:.1} | {inside} |",
-            off * 1e3,
-            on * 1e3,
-            on / off
+            "| {name} | {} ({}) | {:.3} | {:.2} | {:.1} | {:.2} | {:.1} | {inside} |",
+            on.steps,
+            on.skipped,
+            off.wall * 1e3,
+            on.wall * 1e3,
+            on.wall / off.wall,
+            on.saved * 1e3,
+            on.saved / off.wall,
         );
     }
     if only_trace {

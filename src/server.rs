@@ -175,6 +175,11 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             a.abort();
         }
         pruner.abort();
+        // Traces the last invocations queued are saved before storage closes (lua::saver).
+        let g = grace.max(Duration::from_secs(5));
+        if !tokio::task::spawn_blocking(move || crate::lua::saver::flush(g)).await.unwrap_or(false) {
+            tracing::warn!("traces still queued at shutdown were not saved in time");
+        }
         // The log's last rows (the requests just finished) are committed before exit.
         let p = posterity.clone();
         let _ = tokio::task::spawn_blocking(move || p.close()).await;

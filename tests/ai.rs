@@ -8,12 +8,10 @@ mod model_server;
 
 use std::time::Duration;
 
+use common::ws::{Ws, recv, send};
 use common::{ADMIN_KEY, Server, User, api, call_fn, client, put_fn, signup};
-use futures_util::{SinkExt, StreamExt};
 use model_server::{ModelServer, Script};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 fn config(url: &str, extra: &str) -> String {
     format!(
@@ -416,22 +414,8 @@ async fn every_call_shape_fallbacks_and_the_generation_log() {
     assert_eq!(generation(base, r["id"].as_str().unwrap()).await["origin"], "replay");
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 async fn ws_connect(base: &str, token: &str) -> Ws {
-    let mut req = (base.replace("http://", "ws://") + "/ws").into_client_request().unwrap();
-    req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (ws, _) = tokio_tungstenite::connect_async(req).await.expect("websocket handshake");
-    ws
-}
-
-async fn ws_recv(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(20), ws.next()).await.expect("a frame within 20 s").unwrap().unwrap();
-        if let Message::Text(t) = m {
-            return serde_json::from_str(&t).unwrap();
-        }
-    }
+    common::ws::open(base, &[("authorization", format!("Bearer {token}"))]).await
 }
 
 const STREAM: &str = r#"
@@ -458,9 +442,9 @@ async fn streams_budgets_and_the_cache() {
     // Streaming to on_chunk and to a WebSocket channel the user may join.
     let mut ws = ws_connect(base, &alice.token).await;
     let channel = format!("user:{}", alice.id);
-    ws.send(Message::Text(json!({"type": "join", "channel": channel}).to_string().into())).await.unwrap();
+    send(&mut ws, json!({"type": "join", "channel": channel})).await;
     loop {
-        if ws_recv(&mut ws).await["type"] == "joined" {
+        if recv(&mut ws).await["type"] == "joined" {
             break;
         }
     }
@@ -474,7 +458,7 @@ async fn streams_budgets_and_the_cache() {
     assert_eq!(m.seen_by("m-fast")[0].body["stream"], true);
     let mut got = String::new();
     let finish = loop {
-        let f = ws_recv(&mut ws).await;
+        let f = recv(&mut ws).await;
         if f["type"] != "broadcast" {
             continue;
         }

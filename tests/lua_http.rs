@@ -897,8 +897,9 @@ async fn traces_expire_after_their_retention() {
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     let r = call_with(&admin, &base, "secret", "?trace=1", &[]).await;
     let new = r.header("x-ichibase-trace-id").unwrap().to_string();
-    assert_eq!(get_url(&admin, format!("{base}/trace/{old}")).await.status, 404);
+    // Reading the new trace waits for its (background) save, which pruned the old one.
     assert_eq!(get_url(&admin, format!("{base}/trace/{new}")).await.status, 200);
+    assert_eq!(get_url(&admin, format!("{base}/trace/{old}")).await.status, 404);
 }
 
 #[tokio::test]
@@ -1199,5 +1200,133 @@ async fn a_traced_endless_loop_still_ends_at_its_limit() {
         }
         // The server still answers.
         assert_eq!(get_url(&admin, format!("{base}/ping")).await.status, 200);
+    }
+}
+
+// --- Issue 18: hot-line sampling and traces saved in the background ----------------------------
+
+const HOT_LOOP_FN: &str = r#"return function()
+  local total = 0
+  for i = 1, 200 do
+    local x = i * 2
+    total = total + x
+  end
+  return total
+end"#;
+
+#[tokio::test]
+async fn hot_lines_are_sampled_and_marked_in_the_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(dir.path(), &[], &[("ICHIBASE_TRACES__SAMPLE_AFTER", "5")]);
+    let (admin, base) = (client(), s.url.clone());
+    assert_eq!(put_fn(&admin, &base, "hot", HOT_LOOP_FN).await.status, 200);
+    let r = call_with(&admin, &base, "hot", "?trace=1", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json(), json!(40200));
+    // Read at once: a trace still being saved in the background is waited for.
+    let id = r.header("x-ichibase-trace-id").unwrap().to_string();
+    let t = get_url(&admin, format!("{base}/trace/{id}")).await;
+    assert_eq!(t.status, 200, "{}", t.body);
+    let t = t.json();
+    let sampling = &t["trace"]["sampling"];
+    assert_eq!(sampling["after"], 5, "{t}");
+    // Line 4 ran 200 times: the first 5 visits, then the 5 + 2^j-th (j = 0..7) are recorded.
+    let line4 = sampling["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["line"] == 4)
+        .unwrap_or_else(|| panic!("line 4 in {sampling}"));
+    assert_eq!(line4["visits"], 200, "{line4}");
+    assert_eq!(line4["skipped"], 200 - 13, "{line4}");
+    let total: i64 = sampling["lines"].as_array().unwrap().iter().map(|l| l["skipped"].as_i64().unwrap()).sum();
+    assert_eq!(sampling["skipped"].as_i64().unwrap(), total);
+    let steps = t["steps"].as_array().unwrap();
+    let body: Vec<&Value> = steps.iter().filter(|s| s["line"] == 4).collect();
+    assert_eq!(body.len(), 13, "{t}");
+    // Each recorded step after sampling began says how many visits of its line were skipped
+    // before it; the first ones carry no mark (the format readers knew stays as it was).
+    assert!(body[..6].iter().all(|s| s.get("skipped").is_none()), "{t}");
+    let gaps: Vec<i64> = body[6..].iter().map(|s| s["skipped"].as_i64().unwrap_or(0)).collect();
+    assert_eq!(gaps, vec![0, 1, 3, 7, 15, 31, 63], "{t}");
+    let covered: i64 = body.iter().map(|s| 1 + s["skipped"].as_i64().unwrap_or(0)).sum();
+    assert_eq!(covered, 5 + 128, "visits up to the last recorded one");
+    // Recorded values are exact, and step numbers count every line event (gaps: skipped).
+    for s in &body {
+        let i = s["locals"]["i"].as_i64().unwrap();
+        assert_eq!(s["locals"]["x"], json!(i * 2), "{s}");
+        assert_eq!(s["locals"]["total"], json!((i - 1) * i), "{s}");
+    }
+    let nums: Vec<i64> = steps.iter().map(|s| s["step"].as_i64().unwrap()).collect();
+    assert!(nums.windows(2).all(|w| w[0] < w[1]), "{nums:?}");
+    assert!(*nums.last().unwrap() > 600, "every visit is numbered: {nums:?}");
+    // Hover says its history is over the recorded steps.
+    let h = get_url(&admin, format!("{base}/trace/{id}/hover?name=total")).await;
+    assert_eq!(h.status, 200, "{}", h.body);
+    assert_eq!(h.json()["sampled"], true, "{}", h.body);
+    // Failing on a visit sampling skipped: that visit is recorded all the same, with the
+    // values from before the failing line ran.
+    let failing = "return function()\n  local total = 0\n  for i = 1, 200 do\n    local k = 1\n    if i == 150 then k = nil end\n    total = total + k * i\n  end\n  return total\nend";
+    assert_eq!(put_fn(&admin, &base, "hot_fail", failing).await.status, 200);
+    let r = call_with(&admin, &base, "hot_fail", "?trace=1", &[]).await;
+    assert_eq!(r.status, 422, "{}", r.body);
+    let id = r.header("x-ichibase-trace-id").unwrap().to_string();
+    let t = get_url(&admin, format!("{base}/trace/{id}")).await.json();
+    assert_eq!(t["trace"]["error_line"], 6, "{t}");
+    let fail = t["steps"].as_array().unwrap().iter().rev().find(|s| s["line"] == 6).unwrap();
+    assert_eq!(fail["after"], false, "{fail}");
+    assert_eq!(fail["locals"]["i"], 150, "{fail}");
+    assert_eq!(fail["locals"]["k"], Value::Null, "{fail}");
+    assert_eq!(fail["locals"]["total"], json!(149 * 150 / 2), "{fail}");
+    assert!(fail["skipped"].as_i64().unwrap() > 0, "{fail}");
+    // A function without hot lines is traced whole: no sampling in its trace.
+    assert_eq!(put_fn(&admin, &base, "cool", "return function() local a = 1\nlocal b = a + 1\nreturn b end").await.status, 200);
+    let r = call_with(&admin, &base, "cool", "?trace=1", &[]).await;
+    let id = r.header("x-ichibase-trace-id").unwrap().to_string();
+    let t = get_url(&admin, format!("{base}/trace/{id}")).await.json();
+    assert_eq!(t["trace"]["sampling"], Value::Null, "{t}");
+    assert!(t["steps"].as_array().unwrap().iter().all(|s| s.get("skipped").is_none()), "{t}");
+}
+
+#[tokio::test]
+async fn traces_saved_in_the_background_are_readable_at_once() {
+    // A queue with room (the default), a queue of one (full at once: callers save their own
+    // trace before answering), and no queue (always saved before answering).
+    for queue in ["64", "1", "0"] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Server::start_in(dir.path(), &[], &[("ICHIBASE_TRACES__SAVE_QUEUE", queue)]);
+        let (admin, base) = (client(), s.url.clone());
+        assert_eq!(put_fn(&admin, &base, "hot", HOT_LOOP_FN).await.status, 200);
+        assert_eq!(put_fn(&admin, &base, "late", LATE_FAIL_FN).await.status, 200);
+        let mut tasks = Vec::new();
+        for k in 0..8 {
+            let (admin, base) = (admin.clone(), base.clone());
+            tasks.push(tokio::spawn(async move {
+                let name = if k % 2 == 0 { "hot" } else { "late" };
+                let r = call_with(&admin, &base, name, "?trace=1", &[]).await;
+                let id = r.header("x-ichibase-trace-id").unwrap().to_string();
+                // Right after the response, with no pause.
+                let t = get_url(&admin, format!("{base}/trace/{id}")).await;
+                assert_eq!(t.status, 200, "queue {queue}, {name}: {}", t.body);
+                let t = t.json();
+                assert_eq!(t["trace"]["id"], json!(id));
+                assert!(!t["steps"].as_array().unwrap().is_empty(), "queue {queue}: {t}");
+                if name == "late" {
+                    assert_eq!(t["trace"]["outcome"], "error");
+                    assert_eq!(t["trace"]["error_line"], 7, "{t}");
+                    // The failing line is recorded (visited once) with its values.
+                    let fail = t["steps"].as_array().unwrap().iter().find(|s| s["line"] == 7).expect("line 7");
+                    assert_eq!(fail["locals"]["n"], json!(45150), "{fail}");
+                }
+                let h = get_url(&admin, format!("{base}/trace/{id}/hover?name=n")).await;
+                assert_eq!(h.status, 200, "{}", h.body);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // An unknown trace is still 404 (nothing pending to wait for).
+        let r = get_url(&admin, format!("{base}/trace/0000000000000000000000000000dead")).await;
+        assert_eq!(r.status, 404, "{}", r.body);
     }
 }

@@ -5,49 +5,20 @@ mod common;
 
 use std::time::Duration;
 
+use common::ws::{Ws, recv, send};
 use common::{Server, anon_client, client, post, signup_with};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
 async fn connect(base: &str, token: Option<&str>) -> Ws {
-    let url = base.replace("http://", "ws://") + "/ws";
-    let mut req = url.into_client_request().unwrap();
-    if let Some(t) = token {
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    let (mut ws, _) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("websocket handshake");
+    let headers: Vec<_> = token.map(|t| ("authorization", format!("Bearer {t}"))).into_iter().collect();
+    let mut ws = common::ws::open(base, &headers).await;
     let hello = recv(&mut ws).await;
     assert_eq!(hello["type"], "hello", "{hello}");
     assert_eq!(hello["protocol"], 1);
     ws
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-/// Next JSON frame (pings skipped), or panic after 10 s.
-async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("no frame within 10 s")
-            .expect("stream ended")
-            .expect("ws error");
-        match m {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Close(c) => panic!("closed: {c:?}"),
-            _ => continue,
-        }
-    }
 }
 
 /// Next frame of `ty`, skipping others.

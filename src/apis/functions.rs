@@ -354,9 +354,15 @@ async fn invoke(
     resp
 }
 
+/// How long a trace read waits for that trace's background save.
+const TRACE_SAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The admin, or the trace's owner (the user who ran the traced invocation, when they were
 /// allowed to trace the function). Anyone else is told there is no such trace.
 async fn may_see_trace(st: &App, ctx: &RequestContext, id: &str) -> Result<()> {
+    // A trace saved in the background (`lua::saver`) may still be queued right after its
+    // invocation answered: wait for it (bounded) rather than answer 404.
+    lua::saver::wait(id, TRACE_SAVE_WAIT).await;
     let i = id.to_string();
     let owner = st
         .storage()

@@ -42,6 +42,14 @@ pub struct TraceSettings {
     /// `ends` mode: the most recent steps kept (within half of `max_bytes`), so the lines
     /// before an error at the end of a long run are in the trace.
     pub tail_steps: usize,
+    /// Hot-line sampling: each line's first `sample_after` visits in a run are recorded in
+    /// full, later visits only at exponentially growing spacing (`sample_after + 2^j`); every
+    /// visit is counted and the trace says which were not recorded. 0: record every visit.
+    pub sample_after: u32,
+    /// Traces waiting to be saved by the background saver; when it is full, the invocation
+    /// saves its trace itself before returning (backpressure, nothing is dropped). 0: always
+    /// save before returning.
+    pub save_queue: usize,
 }
 
 /// `[traces] mode`.
@@ -64,6 +72,8 @@ impl Default for TraceSettings {
             mode: TraceMode::Full,
             head_steps: 2000,
             tail_steps: 2000,
+            sample_after: 100,
+            save_queue: 64,
         }
     }
 }
@@ -86,6 +96,10 @@ impl TraceSettings {
             self.mode == TraceMode::Full || (self.head_steps > 0 || self.tail_steps > 0),
             "[traces] mode = \"ends\" needs head_steps or tail_steps above 0"
         );
+        anyhow::ensure!(
+            self.save_queue <= 100_000,
+            "[traces] save_queue must be at most 100000 traces"
+        );
         Ok(())
     }
 
@@ -107,6 +121,8 @@ pub struct TraceLimits {
     pub mode: TraceMode,
     pub head_steps: usize,
     pub tail_steps: usize,
+    pub sample_after: u32,
+    pub save_queue: usize,
 }
 
 impl From<&TraceSettings> for TraceLimits {
@@ -118,6 +134,8 @@ impl From<&TraceSettings> for TraceLimits {
             mode: s.mode,
             head_steps: s.head_steps,
             tail_steps: s.tail_steps,
+            sample_after: s.sample_after,
+            save_queue: s.save_queue,
         }
     }
 }

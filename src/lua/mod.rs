@@ -11,6 +11,7 @@ pub mod limits;
 pub mod pool;
 pub mod sandbox;
 pub mod store;
+pub mod saver;
 pub mod trace;
 
 use std::cell::RefCell;
@@ -176,6 +177,8 @@ pub struct Outcome {
     pub peak_memory: usize,
     pub elapsed: Duration,
     pub steps: Option<(Vec<Step>, bool)>,
+    /// What hot-line sampling left out of the trace (`None`: every visit was recorded).
+    pub sampling: Option<trace::Sampling>,
     pub logs: Vec<Json>,
     /// What property checks reported (each with `property`, `ok`, and for a failure the shrunk
     /// `counterexample`).
@@ -291,53 +294,22 @@ fn save_trace(
     outcome: &mut Outcome,
 ) {
     let Some(traces) = &runtime.traces else { return };
-    // The steps travel to the writer and come back (callers excerpt them).
-    let steps = outcome.steps.take();
-    let o = Outcome {
-        steps,
-        ..outcome.clone()
-    };
-    let (id, fname, version, uid, role, owner, limits) = (
-        ctx.trace_id.clone(),
-        function.to_string(),
+    // The saver gets its own copy of the outcome (the steps share their snapshots); callers
+    // keep theirs (bundle checks excerpt the steps).
+    let job = saver::Job {
+        storage: traces.clone(),
+        rt: runtime.rt.clone(),
+        id: ctx.trace_id.clone(),
+        function: function.to_string(),
         version,
-        ctx.user_id.clone(),
-        ctx.role.as_str().to_string(),
+        user_id: ctx.user_id.clone(),
+        role: ctx.role.as_str().to_string(),
         owner,
-        runtime.options.traces,
-    );
-    let saved = runtime.rt.block_on(traces.write(
-        &RequestContext::system(),
-        ExecControl::lookup(),
-        move |c| {
-            let r = store::save_trace(
-                c,
-                &id,
-                &fname,
-                version,
-                uid.as_deref(),
-                &role,
-                owner.as_deref(),
-                &limits,
-                &o,
-            );
-            Ok((r, o.steps))
-        },
-    ));
-    match saved {
-        Ok((r, steps)) => {
-            outcome.steps = steps;
-            if let Err(e) = r {
-                tracing::error!(error = %e, "saving a trace failed");
-            }
-        }
-        Err(e) => tracing::error!(error = %e, "saving a trace failed"),
-    }
-    // Saving a large trace built large temporaries (its JSON text): give them back. A small
-    // one is not worth a heap trim (it costs about as much as a small traced run).
-    if outcome.steps.as_ref().is_some_and(|(s, _)| large_trace(s)) {
-        release_freed_memory();
-    }
+        limits: runtime.options.traces,
+        outcome: outcome.clone(),
+    };
+    // Off the invocation's path when `[traces] save_queue` has room; else saved now.
+    saver::submit(job);
 }
 
 /// Is a trace large enough that the memory it held is worth handing back to the system
@@ -503,7 +475,14 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
             (Err(err), line)
         }
     };
-    let steps = tracer.map(|t| std::mem::replace(&mut *t.borrow_mut(), Tracer::new(0, 0)).finish());
+    let (steps, sampling) = match tracer {
+        Some(t) => {
+            let t = std::mem::replace(&mut *t.borrow_mut(), Tracer::new(0, 0));
+            let sampling = t.sampling();
+            (Some(t.finish()), sampling)
+        }
+        None => (None, None),
+    };
     if meter.peak_memory.get() > 8 * 1024 * 1024 || HEAVY.with(|h| h.replace(false)) {
         release_freed_memory();
     }
@@ -517,6 +496,7 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         peak_memory: meter.peak_memory.get(),
         elapsed: started.elapsed(),
         steps,
+        sampling,
         logs: env.logs.take(),
         reports: env.reports.take(),
         error_value: error_value.take(),

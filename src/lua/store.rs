@@ -192,12 +192,43 @@ pub fn delete(c: &mut Connection, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Persist a traced invocation, within `[traces] max_bytes` (later steps are dropped and the
-/// trace marked truncated), then prune traces past the retention and, oldest first, beyond
-/// `[traces] total_bytes`. `owner` is who may read it besides the admin (none: the admin only).
+/// A trace ready to be written: every value as JSON text, within `[traces] max_bytes`. Built
+/// off the writer (by the background saver, see `lua::saver`), so the writer only inserts.
+pub struct TraceRows {
+    id: String,
+    function: String,
+    version: i64,
+    user_id: Option<String>,
+    role: String,
+    owner: Option<String>,
+    elapsed_ms: f64,
+    outcome: &'static str,
+    error: Option<String>,
+    error_line: Option<i64>,
+    instructions: i64,
+    peak_memory: i64,
+    truncated: bool,
+    result: Option<String>,
+    logs: String,
+    sampling: Option<String>,
+    bytes: usize,
+    /// (step, line, depth, function, source, locals, upvalues, after, skipped)
+    #[allow(clippy::type_complexity)]
+    steps: Vec<(u64, i32, u32, std::sync::Arc<str>, std::sync::Arc<str>, std::sync::Arc<str>, std::sync::Arc<str>, bool, u64)>,
+    limits: TraceLimits,
+}
+
+impl TraceRows {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// Serialise a traced invocation for [`insert_trace`], within `[traces] max_bytes` (later
+/// steps are dropped and the trace marked truncated). `owner` is who may read it besides the
+/// admin (none: the admin only).
 #[allow(clippy::too_many_arguments)]
-pub fn save_trace(
-    c: &mut Connection,
+pub fn trace_rows(
     id: &str,
     function: &str,
     version: i64,
@@ -206,9 +237,8 @@ pub fn save_trace(
     owner: Option<&str>,
     limits: &TraceLimits,
     o: &Outcome,
-) -> Result<()> {
+) -> TraceRows {
     let max = limits.max_bytes as usize;
-    let tx = c.transaction()?;
     let (steps, mut truncated) = o
         .steps
         .as_ref()
@@ -242,63 +272,126 @@ pub fn save_trace(
         }
     };
     let logs = keep(serde_json::to_string(&o.logs).unwrap_or_default(), "logs");
-    let mut bytes =
-        result.as_ref().map_or(0, String::len) + logs.len() + error.as_ref().map_or(0, String::len);
+    let sampling = o
+        .sampling
+        .as_ref()
+        .map(|s| keep(serde_json::to_string(s).unwrap_or_default(), "sampling"));
+    let mut bytes = result.as_ref().map_or(0, String::len)
+        + logs.len()
+        + error.as_ref().map_or(0, String::len)
+        + sampling.as_ref().map_or(0, String::len);
+    let mut rows = Vec::new();
+    // Steps share the snapshots of values that did not change: each distinct snapshot is
+    // turned into JSON text once.
+    let mut texts: std::collections::HashMap<*const super::trace::Snap, std::sync::Arc<str>> =
+        std::collections::HashMap::new();
+    let mut text = |snap: &std::sync::Arc<super::trace::Snap>| -> std::sync::Arc<str> {
+        std::sync::Arc::clone(texts.entry(std::sync::Arc::as_ptr(snap)).or_insert_with(|| {
+            serde_json::to_string(&**snap).unwrap_or_default().into()
+        }))
+    };
+    for s in steps {
+        let locals = text(&s.locals);
+        let upvalues = text(&s.upvalues);
+        let size = 48 + s.function.len() + s.source.len() + locals.len() + upvalues.len();
+        if bytes + size > max {
+            truncated = true;
+            break;
+        }
+        bytes += size;
+        rows.push((
+            s.step,
+            s.line,
+            s.depth,
+            std::sync::Arc::clone(&s.function),
+            std::sync::Arc::clone(&s.source),
+            locals,
+            upvalues,
+            s.after,
+            s.skipped,
+        ));
+    }
+    drop(text);
+    drop(texts);
+    TraceRows {
+        id: id.to_string(),
+        function: function.to_string(),
+        version,
+        user_id: user_id.map(String::from),
+        role: role.to_string(),
+        owner: owner.map(String::from),
+        elapsed_ms: o.elapsed.as_secs_f64() * 1e3,
+        outcome,
+        error,
+        error_line: o.error_line,
+        instructions: o.instructions.unwrap_or(0) as i64,
+        peak_memory: o.peak_memory as i64,
+        truncated,
+        result,
+        logs,
+        sampling,
+        bytes,
+        steps: rows,
+        limits: *limits,
+    }
+}
+
+/// Write a trace [`trace_rows`] prepared, then prune traces past the retention and, oldest
+/// first, beyond `[traces] total_bytes`.
+pub fn insert_trace(c: &mut Connection, t: &TraceRows) -> Result<()> {
+    let tx = c.transaction()?;
     tx.execute(
-        "INSERT INTO _ichibase_traces (id, function, version, user_id, role, elapsed_ms, outcome, error, error_line, instructions, peak_memory, steps, truncated, result, logs, owner, bytes)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 0, ?12, ?13, ?14, ?15, 0)",
+        "INSERT INTO _ichibase_traces (id, function, version, user_id, role, elapsed_ms, outcome, error, error_line, instructions, peak_memory, steps, truncated, result, logs, owner, bytes, sampling)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
         params![
-            id,
-            function,
-            version,
-            user_id,
-            role,
-            o.elapsed.as_secs_f64() * 1e3,
-            outcome,
-            error,
-            o.error_line,
-            o.instructions.unwrap_or(0) as i64,
-            o.peak_memory as i64,
-            truncated,
-            result,
-            logs,
-            owner,
+            t.id,
+            t.function,
+            t.version,
+            t.user_id,
+            t.role,
+            t.elapsed_ms,
+            t.outcome,
+            t.error,
+            t.error_line,
+            t.instructions,
+            t.peak_memory,
+            t.steps.len() as i64,
+            t.truncated,
+            t.result,
+            t.logs,
+            t.owner,
+            t.bytes as i64,
+            t.sampling,
         ],
     )?;
-    let mut kept = 0i64;
     {
-        let mut st = tx.prepare("INSERT INTO _ichibase_trace_steps (trace_id, step, line, depth, function, source, locals, upvalues, after) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?;
-        // Steps share the snapshots of values that did not change: each distinct snapshot
-        // is turned into JSON text once.
-        let mut texts: std::collections::HashMap<*const super::trace::Snap, std::rc::Rc<str>> =
-            std::collections::HashMap::new();
-        let mut text = |snap: &std::sync::Arc<super::trace::Snap>| -> std::rc::Rc<str> {
-            std::rc::Rc::clone(texts.entry(std::sync::Arc::as_ptr(snap)).or_insert_with(|| {
-                serde_json::to_string(&**snap).unwrap_or_default().into()
-            }))
-        };
-        for s in steps {
-            let locals = text(&s.locals);
-            let upvalues = text(&s.upvalues);
-            let size = 48 + s.function.len() + s.source.len() + locals.len() + upvalues.len();
-            if bytes + size > max {
-                truncated = true;
-                break;
-            }
-            bytes += size;
-            kept += 1;
+        let mut st = tx.prepare("INSERT INTO _ichibase_trace_steps (trace_id, step, line, depth, function, source, locals, upvalues, after, skipped) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)")?;
+        for (step, line, depth, function, source, locals, upvalues, after, skipped) in &t.steps {
             st.execute(params![
-                id, s.step, s.line, s.depth, &*s.function, &*s.source, &*locals, &*upvalues, s.after
+                t.id, *step as i64, line, depth, &**function, &**source, &**locals, &**upvalues, after, *skipped as i64
             ])?;
         }
     }
-    tx.execute(
-        "UPDATE _ichibase_traces SET steps = ?2, truncated = ?3, bytes = ?4 WHERE id = ?1",
-        params![id, kept, truncated, bytes as i64],
-    )?;
-    prune_in(&tx, limits)?;
+    prune_in(&tx, &t.limits)?;
     tx.commit()?;
     Ok(())
+}
+
+/// Persist a traced invocation now ([`trace_rows`] then [`insert_trace`]).
+#[allow(clippy::too_many_arguments)]
+pub fn save_trace(
+    c: &mut Connection,
+    id: &str,
+    function: &str,
+    version: i64,
+    user_id: Option<&str>,
+    role: &str,
+    owner: Option<&str>,
+    limits: &TraceLimits,
+    o: &Outcome,
+) -> Result<()> {
+    let rows = trace_rows(id, function, version, user_id, role, owner, limits, o);
+    insert_trace(c, &rows)
 }
 
 /// Delete traces past the retention and, oldest first, those beyond the total budget.
@@ -360,7 +453,7 @@ pub fn trace_owner(c: &Connection, id: &str) -> Result<Option<String>> {
 pub fn get_trace(c: &Connection, id: &str) -> Result<Json> {
     let meta = c
         .query_row(
-            "SELECT function, version, user_id, role, started_at, elapsed_ms, outcome, error, error_line, instructions, peak_memory, steps, truncated, result, logs, owner, bytes
+            "SELECT function, version, user_id, role, started_at, elapsed_ms, outcome, error, error_line, instructions, peak_memory, steps, truncated, result, logs, owner, bytes, sampling
              FROM _ichibase_traces WHERE id = ?1",
             [id],
             |r| {
@@ -373,21 +466,28 @@ pub fn get_trace(c: &Connection, id: &str) -> Result<Json> {
                     "result": r.get::<_, Option<String>>(13)?.and_then(|s| serde_json::from_str::<Json>(&s).ok()),
                     "logs": r.get::<_, Option<String>>(14)?.and_then(|s| serde_json::from_str::<Json>(&s).ok()),
                     "owner": r.get::<_, Option<String>>(15)?, "bytes": r.get::<_, i64>(16)?,
+                    "sampling": r.get::<_, Option<String>>(17)?.and_then(|s| serde_json::from_str::<Json>(&s).ok()),
                 }))
             },
         )
         .optional()?
         .ok_or_else(|| Error::new(ErrorCode::NotFound, format!("No trace {id}")))?;
-    let mut st = c.prepare("SELECT step, line, depth, function, source, locals, upvalues, after FROM _ichibase_trace_steps WHERE trace_id = ?1 ORDER BY step")?;
+    let mut st = c.prepare("SELECT step, line, depth, function, source, locals, upvalues, after, skipped FROM _ichibase_trace_steps WHERE trace_id = ?1 ORDER BY step")?;
     let steps: Vec<Json> = st
         .query_map([id], |r| {
-            Ok(json!({
+            let mut s = json!({
                 "step": r.get::<_, i64>(0)?, "line": r.get::<_, i64>(1)?, "depth": r.get::<_, i64>(2)?, "function": r.get::<_, String>(3)?,
                 "source": r.get::<_, String>(4)?,
                 "locals": serde_json::from_str::<Json>(&r.get::<_, String>(5)?).unwrap_or(Json::Null),
                 "upvalues": serde_json::from_str::<Json>(&r.get::<_, String>(6)?).unwrap_or(Json::Null),
                 "after": r.get::<_, bool>(7)?,
-            }))
+            });
+            // Only on steps of a sampled line: visits of it not recorded since its last step.
+            let skipped: i64 = r.get(8)?;
+            if skipped > 0 {
+                s["skipped"] = json!(skipped);
+            }
+            Ok(s)
         })?
         .collect::<rusqlite::Result<_>>()?;
     Ok(json!({"trace": meta, "steps": steps}))
@@ -454,5 +554,15 @@ pub fn hover(c: &Connection, id: &str, name: &str, step: Option<i64>) -> Result<
             }
         }
     }
-    Ok(json!({"name": name, "history": history}))
+    // With hot-line sampling some visits were not recorded: the history is over the recorded
+    // steps (a value may have changed in between).
+    let sampled: bool = c
+        .query_row(
+            "SELECT sampling IS NOT NULL FROM _ichibase_traces WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(false);
+    Ok(json!({"name": name, "history": history, "sampled": sampled}))
 }

@@ -30,6 +30,16 @@
 //! the first `head_steps` and the last `tail_steps` steps (each within half of `max_bytes`),
 //! so the lines before an error at the end of a long run are kept; the step numbers show the
 //! gap.
+//!
+//! **Hot-line sampling** (`full` mode, `[traces] sample_after` = K): each source line's first
+//! K visits are recorded, then only its K + 2^j-th; every visit is counted. Step numbers count
+//! every line event, a recorded step carries `skipped` (visits of its line not recorded since
+//! the previous recorded one) and [`Tracer::sampling`] summarises the lines sampled. A visit
+//! not recorded costs the hook call and a counter: the **fast path** of [`Tracer::on_line`]
+//! recognises the frame of the previous line event by its thread and `CallInfo` (a return
+//! event in between clears it), so it reads no value, no depth and no function. A run that
+//! fails on a skipped visit still records it: mlua's message handler returns while the failing
+//! frames are on the stack, and the return hook reads them there ([`error_handler`]).
 
 use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
@@ -144,7 +154,9 @@ const MAX_UPVALUES: c_int = 60;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
-    pub step: u32,
+    /// The line event's number in the run (every visit of a line counts, recorded or not: a
+    /// gap in the numbers is visits not recorded).
+    pub step: u64,
     pub line: i32,
     pub depth: u32,
     #[serde(serialize_with = "ser_str")]
@@ -157,6 +169,14 @@ pub struct Step {
     pub upvalues: Arc<Snap>,
     /// The values were read after the line ran (false: before, when the frame ended by error).
     pub after: bool,
+    /// Visits of this line (same source and line) not recorded since its previous recorded
+    /// visit (hot-line sampling); omitted when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub skipped: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn ser_str<S: Serializer>(v: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
@@ -189,6 +209,11 @@ struct Frame {
     source: Arc<str>,
     /// The engine's own Lua modules (the `prop` library) are not the user's code.
     skip: bool,
+    /// Index of the frame's source in [`Tracer::sources`] (its lines' visit counts).
+    src: usize,
+    /// The frame's last line visit was not recorded (sampling): its step number and line. If
+    /// the run fails right there, the error handler records it.
+    skip_visit: Option<(u64, i32)>,
     locals: Vec<Slot>,
     upvalues: Vec<Slot>,
     snap_locals: Arc<Snap>,
@@ -197,11 +222,72 @@ struct Frame {
     pending: Option<Step>,
 }
 
+/// Visit counts of one source's lines (hot-line sampling), indexed by line number.
+struct LineCounts {
+    source: Arc<str>,
+    /// Every visit of the line (recorded or not).
+    visits: Vec<u32>,
+    /// Visits not recorded since the line's last recorded visit.
+    unrecorded: Vec<u32>,
+    /// Visits not recorded in all.
+    skipped: Vec<u32>,
+}
+
+/// What hot-line sampling left out of a trace (stored with it, served as `sampling`).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Sampling {
+    /// Visits of a line recorded in full before sampling starts (`[traces] sample_after`).
+    pub after: u32,
+    /// Line visits not recorded, in all.
+    pub skipped: u64,
+    /// Lines with visits not recorded: `{source, line, visits, skipped}` (`skipped`: not
+    /// recorded in all; the steps' own `skipped` say where), most visited first, at most
+    /// [`MAX_SAMPLED_LINES`].
+    pub lines: Vec<SampledLine>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SampledLine {
+    pub source: String,
+    pub line: i32,
+    pub visits: u64,
+    pub skipped: u64,
+}
+
+/// Lines listed in [`Sampling::lines`].
+pub const MAX_SAMPLED_LINES: usize = 200;
+
+/// Is visit `v` (1-based) of a line recorded when the first `k` are? The first `k`, then the
+/// `k + 2^j`-th: exponentially sparser.
+#[inline]
+fn sampled(v: u32, k: u32) -> bool {
+    v <= k || (v - k).is_power_of_two()
+}
+
+/// The `CallInfo` of a hook's activation record (the private field `i_ci`, last in
+/// `lua_Debug`): it identifies the running frame (a stack level of one thread) cheaply.
+#[inline]
+unsafe fn ci_of(ar: *const ffi::lua_Debug) -> *const c_void {
+    const OFF: usize = std::mem::size_of::<ffi::lua_Debug>() - std::mem::size_of::<*mut c_void>();
+    unsafe { *((ar as *const u8).add(OFF) as *const *const c_void) }
+}
+
 pub struct Tracer {
     frames: Vec<Option<Frame>>,
     /// Frames with a pending step.
     pending: usize,
-    seq: u32,
+    /// Line events so far (the next step's number).
+    seq: u64,
+    /// Steps recorded so far (the caps count these).
+    recorded: usize,
+    /// Hot-line sampling: visits of a line recorded in full (0: every visit is recorded).
+    sample_after: u32,
+    sources: Vec<LineCounts>,
+    skipped: u64,
+    /// The frame of the last line event (thread and `CallInfo`), at `last_depth`; reset by
+    /// every return event, so the next line event on the same `CallInfo` is the same call.
+    last_l: *mut ffi::lua_State,
+    last_ci: *const c_void,
     /// New steps are still recorded (false once the head is full and no tail is kept).
     recording: bool,
     pub truncated: bool,
@@ -210,8 +296,8 @@ pub struct Tracer {
     head_bytes: usize,
     head_steps: usize,
     head_max_bytes: usize,
-    /// First step number not in the head (`u32::MAX`: the head is open).
-    head_end: u32,
+    /// First step number not in the head (`u64::MAX`: the head is open).
+    head_end: u64,
     /// The most recent steps once the head is full (`ends` mode).
     tail: VecDeque<Step>,
     tail_bytes: usize,
@@ -232,7 +318,9 @@ impl Tracer {
     pub fn with_limits(max_steps: usize, limits: &TraceLimits) -> Self {
         let max_bytes = limits.max_bytes as usize;
         match limits.mode {
-            TraceMode::Full => Self::new(max_steps, max_bytes),
+            TraceMode::Full => Self::new(max_steps, max_bytes).sample_after(limits.sample_after),
+            // `ends` is for the lines before a late error: every visit is recorded (no
+            // sampling), so the tail is the very last steps.
             TraceMode::Ends => Self::build(
                 limits.head_steps.min(max_steps),
                 max_bytes / 2,
@@ -253,22 +341,106 @@ impl Tracer {
             head_bytes: 0,
             head_steps,
             head_max_bytes: head_bytes,
-            head_end: u32::MAX,
+            head_end: u64::MAX,
             tail: VecDeque::new(),
             tail_bytes: 0,
             tail_steps,
             tail_max_bytes: tail_bytes,
             last_depth: 0,
             empty: Arc::new(Snap::default()),
+            recorded: 0,
+            sample_after: 0,
+            sources: Vec::new(),
+            skipped: 0,
+            last_l: std::ptr::null_mut(),
+            last_ci: std::ptr::null(),
         }
     }
 
-    /// May a new step be started? Closes the head when it is full.
-    fn may_start(&mut self) -> bool {
-        if self.head_end == u32::MAX
-            && (self.seq as usize >= self.head_steps || self.head_bytes >= self.head_max_bytes)
+    /// Record only the first `k` visits of each line, then exponentially fewer (the `k + 2^j`-th),
+    /// counting every visit (0: record every visit).
+    pub fn sample_after(mut self, k: u32) -> Self {
+        self.sample_after = k;
+        self
+    }
+
+    /// Count a visit of `line` of source `src`; is it to be recorded?
+    #[inline]
+    fn visit(&mut self, src: usize, line: i32) -> bool {
+        let k = self.sample_after;
+        let Some(c) = self.sources.get_mut(src) else { return true };
+        let i = line.max(0) as usize;
+        if i >= c.visits.len() {
+            c.visits.resize(i + 1, 0);
+            c.unrecorded.resize(i + 1, 0);
+            c.skipped.resize(i + 1, 0);
+        }
+        let v = c.visits[i].saturating_add(1);
+        c.visits[i] = v;
+        if k == 0 || sampled(v, k) {
+            return true;
+        }
+        c.unrecorded[i] = c.unrecorded[i].saturating_add(1);
+        c.skipped[i] = c.skipped[i].saturating_add(1);
+        self.skipped += 1;
+        false
+    }
+
+    /// Unrecorded visits of `line` since its last recorded one (reset: this one is recorded).
+    fn take_unrecorded(&mut self, src: usize, line: i32) -> u64 {
+        self.sources
+            .get_mut(src)
+            .and_then(|c| c.unrecorded.get_mut(line.max(0) as usize))
+            .map_or(0, |n| std::mem::take(n) as u64)
+    }
+
+    /// The index of `source`'s visit counts.
+    fn source_index(&mut self, source: &Arc<str>) -> usize {
+        if let Some(i) = self.sources.iter().position(|c| c.source == *source) {
+            return i;
+        }
+        self.sources.push(LineCounts {
+            source: Arc::clone(source),
+            visits: Vec::new(),
+            unrecorded: Vec::new(),
+            skipped: Vec::new(),
+        });
+        self.sources.len() - 1
+    }
+
+    /// What sampling left out (`None` when nothing was).
+    pub fn sampling(&self) -> Option<Sampling> {
+        if self.skipped == 0 {
+            return None;
+        }
+        let mut lines = Vec::new();
+        for c in &self.sources {
+            for (line, (&v, &n)) in c.visits.iter().zip(&c.skipped).enumerate() {
+                if n > 0 {
+                    lines.push(SampledLine {
+                        source: c.source.to_string(),
+                        line: line as i32,
+                        visits: v as u64,
+                        skipped: n as u64,
+                    });
+                }
+            }
+        }
+        lines.sort_by(|a, b| b.visits.cmp(&a.visits).then(a.line.cmp(&b.line)));
+        lines.truncate(MAX_SAMPLED_LINES);
+        Some(Sampling {
+            after: self.sample_after,
+            skipped: self.skipped,
+            lines,
+        })
+    }
+
+    /// May step `seq` be started? Closes the head when it is full.
+    fn may_start(&mut self, seq: u64) -> bool {
+        if self.head_end == u64::MAX
+            && (self.recorded >= self.head_steps || self.head_bytes >= self.head_max_bytes)
         {
-            self.head_end = self.seq;
+            self.head_end = seq;
             self.truncated = true;
             if self.tail_steps == 0 || self.tail_max_bytes == 0 {
                 self.recording = false;
@@ -458,12 +630,16 @@ impl Tracer {
         } else {
             ("?".to_string(), String::new(), false)
         };
+        let source: Arc<str> = Arc::from(source);
+        let src = self.source_index(&source);
         self.frames[d] = Some(Frame {
             l,
             func,
             function: Arc::from(function),
-            source: Arc::from(source),
+            source,
             skip,
+            src,
+            skip_visit: None,
             locals: Vec::new(),
             upvalues: Vec::new(),
             snap_locals: Arc::clone(&self.empty),
@@ -480,6 +656,31 @@ impl Tracer {
         if !self.recording && self.pending == 0 {
             return;
         }
+        let line = unsafe { (*ar).currentline };
+        let ci = unsafe { ci_of(ar) };
+        // The fast path of a hot line: the same call as the last line event (same thread and
+        // CallInfo, no return since), nothing pending in it, and this visit not sampled: count
+        // it and return, without reading a value.
+        let mut decided = false;
+        if self.sample_after > 0 && ci == self.last_ci && l == self.last_l && !ci.is_null() {
+            let d = self.last_depth as usize;
+            if let Some(Some(f)) = self.frames.get(d) {
+                if f.skip {
+                    return;
+                }
+                if f.pending.is_none() {
+                    let src = f.src;
+                    if !self.visit(src, line) {
+                        if let Some(Some(f)) = self.frames.get_mut(d) {
+                            f.skip_visit = Some((self.seq, line));
+                        }
+                        self.seq += 1;
+                        return;
+                    }
+                    decided = true;
+                }
+            }
+        }
         // Room for the function, a value and a bounded table walk (2 slots per level).
         if unsafe { ffi::lua_checkstack(l, 4 + 2 * MAX_DEPTH as c_int + 4) } == 0 {
             return;
@@ -489,13 +690,34 @@ impl Tracer {
         let fidx = unsafe { ffi::lua_gettop(l) };
         let func = unsafe { ffi::lua_topointer(l, fidx) };
         unsafe { self.frame_at(l, ar, depth, func) };
+        self.last_l = l;
+        self.last_ci = ci;
         let d = depth as usize;
         if self.frames[d].as_ref().is_some_and(|f| f.skip) {
             unsafe { ffi::lua_settop(l, fidx - 1) };
             return;
         }
         self.flush_deeper(depth);
-        let line = unsafe { (*ar).currentline };
+        let Some(f) = self.frames[d].as_mut() else {
+            unsafe { ffi::lua_settop(l, fidx - 1) };
+            return;
+        };
+        let src = f.src;
+        // Read the values only when a pending step needs them or this visit is recorded.
+        let record = decided || {
+            let has_pending = f.pending.is_some();
+            let r = self.visit(src, line);
+            if !r && !has_pending {
+                unsafe { ffi::lua_settop(l, fidx - 1) };
+                let seq = self.seq;
+                if let Some(f) = self.frames[d].as_mut() {
+                    f.skip_visit = Some((seq, line));
+                }
+                self.seq += 1;
+                return;
+            }
+            r
+        };
         let Some(f) = self.frames[d].as_mut() else {
             unsafe { ffi::lua_settop(l, fidx - 1) };
             return;
@@ -513,11 +735,17 @@ impl Tracer {
             self.pending -= 1;
             self.emit(prev);
         }
-        if !self.may_start() {
+        let seq = self.seq;
+        self.seq += 1;
+        if let Some(f) = self.frames[d].as_mut() {
+            f.skip_visit = (!record).then_some((seq, line));
+        }
+        if !record || !self.may_start(seq) {
             return;
         }
+        let skipped = self.take_unrecorded(src, line);
         let step = Step {
-            step: self.seq,
+            step: seq,
             line,
             depth,
             function,
@@ -525,8 +753,9 @@ impl Tracer {
             locals,
             upvalues,
             after: false,
+            skipped,
         };
-        self.seq += 1;
+        self.recorded += 1;
         if let Some(f) = self.frames[d].as_mut() {
             f.pending = Some(step);
             self.pending += 1;
@@ -538,6 +767,26 @@ impl Tracer {
     /// # Safety
     /// `l` and `ar` are the arguments of a return hook call.
     pub unsafe fn on_return(&mut self, l: *mut ffi::lua_State, ar: *mut ffi::lua_Debug) {
+        // A call ended (or a C function returned after catching an error or a yield): the
+        // next line event may be another call on the same CallInfo.
+        self.last_ci = std::ptr::null();
+        if self.skipped > 0 {
+            // The error handler returning while the failing frames are still on the stack:
+            // visits that sampling did not record, where they failed, are recorded now.
+            if unsafe { ffi::lua_checkstack(l, 4 + 2 * MAX_DEPTH as c_int + 4) } == 0 {
+                return;
+            }
+            unsafe { ffi::lua_getinfo(l, c"f".as_ptr(), ar) };
+            let fidx = unsafe { ffi::lua_gettop(l) };
+            let is_handler = unsafe { ffi::lua_iscfunction(l, fidx) } != 0
+                && error_handler().is_some_and(|h| {
+                    unsafe { ffi::lua_tocfunction(l, fidx) }.map(|f| f as usize) == Some(h)
+                });
+            unsafe { ffi::lua_settop(l, fidx - 1) };
+            if is_handler {
+                unsafe { self.record_failing(l) };
+            }
+        }
         if self.pending == 0 {
             return;
         }
@@ -571,6 +820,66 @@ impl Tracer {
         unsafe { ffi::lua_settop(l, fidx - 1) };
     }
 
+    /// From the error handler (stack level 0): record the last visit of each failing frame
+    /// (levels 1 to 8) that sampling did not record; the line failed (or called what failed),
+    /// its values are those from before it ran.
+    unsafe fn record_failing(&mut self, l: *mut ffi::lua_State) {
+        let top = unsafe { self.depth(l) };
+        let mut ar: ffi::lua_Debug = unsafe { std::mem::zeroed() };
+        for level in 1..=8u32 {
+            if level >= top || unsafe { ffi::lua_getstack(l, level as c_int, &mut ar) } == 0 {
+                break;
+            }
+            // Frames are indexed by the number of levels below them and themselves.
+            let d = (top - level) as usize;
+            let Some(Some(f)) = self.frames.get(d) else { continue };
+            let Some((seq, line)) = f.skip_visit else { continue };
+            if f.l != l || f.pending.is_some() {
+                continue;
+            }
+            unsafe { ffi::lua_getinfo(l, c"f".as_ptr(), &mut ar) };
+            let fidx = unsafe { ffi::lua_gettop(l) };
+            let func = unsafe { ffi::lua_topointer(l, fidx) };
+            if f.func != func || !self.may_start(seq) {
+                unsafe { ffi::lua_settop(l, fidx - 1) };
+                continue;
+            }
+            let Some(Some(f)) = self.frames.get_mut(d) else {
+                unsafe { ffi::lua_settop(l, fidx - 1) };
+                continue;
+            };
+            f.skip_visit = None;
+            let (locals, upvalues) = unsafe { Self::capture(f, l, &mut ar, fidx) };
+            unsafe { ffi::lua_settop(l, fidx - 1) };
+            let (function, source, src) = (Arc::clone(&f.function), Arc::clone(&f.source), f.src);
+            // This visit is recorded after all: it leaves the counts of visits not recorded.
+            let mut before = 0;
+            if let Some(c) = self.sources.get_mut(src) {
+                let i = line.max(0) as usize;
+                if let Some(n) = c.skipped.get_mut(i) {
+                    *n = n.saturating_sub(1);
+                }
+                if let Some(n) = c.unrecorded.get_mut(i) {
+                    before = n.saturating_sub(1) as u64;
+                    *n = 0;
+                }
+            }
+            self.skipped = self.skipped.saturating_sub(1);
+            self.recorded += 1;
+            self.emit(Step {
+                step: seq,
+                line,
+                depth: d as u32,
+                function,
+                source,
+                locals,
+                upvalues,
+                after: false,
+                skipped: before,
+            });
+        }
+    }
+
     /// All steps in execution order.
     pub fn finish(mut self) -> (Vec<Step>, bool) {
         let frames: Vec<Frame> = self.frames.drain(..).flatten().collect();
@@ -585,7 +894,7 @@ impl Tracer {
 
     /// Annotate the trace from the `debug` component (`debug.checkpoint(label, value)`).
     pub fn checkpoint(&mut self, line: i32, label: String, value: Json) {
-        if !self.may_start() {
+        if !self.may_start(self.seq) {
             return;
         }
         let mut locals = Map::new();
@@ -599,8 +908,10 @@ impl Tracer {
             locals: Snap::from_map(locals),
             upvalues: Arc::clone(&self.empty),
             after: true,
+            skipped: 0,
         };
         self.seq += 1;
+        self.recorded += 1;
         self.emit(s);
     }
 }
@@ -648,6 +959,49 @@ unsafe fn update_slot(
         slots.push(slot);
     }
     true
+}
+
+/// The message handler mlua runs when a call from Rust into Lua fails (its private
+/// `error_traceback`), found once by watching which C function returns while a probe call
+/// fails. It runs before the stack unwinds, so the failing frame can still be read. `None` if
+/// the probe does not find exactly one (then a failing visit that sampling skipped is not
+/// recorded: the trace's error and error line still say where it failed).
+fn error_handler() -> Option<usize> {
+    static HANDLER: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *HANDLER.get_or_init(|| {
+        thread_local! {
+            static SEEN: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+        }
+        unsafe extern "C-unwind" fn probe(l: *mut ffi::lua_State, ar: *mut ffi::lua_Debug) {
+            unsafe {
+                if (*ar).event != ffi::LUA_HOOKRET || ffi::lua_checkstack(l, 2) == 0 {
+                    return;
+                }
+                ffi::lua_getinfo(l, c"f".as_ptr(), ar);
+                if ffi::lua_iscfunction(l, -1) != 0 {
+                    if let Some(f) = ffi::lua_tocfunction(l, -1) {
+                        SEEN.with(|s| s.borrow_mut().push(f as usize));
+                    }
+                }
+                ffi::lua_settop(l, -2);
+            }
+        }
+        let lua = mlua::Lua::new();
+        let f = lua.load("local t = nil\nreturn t.x").into_function().ok()?;
+        unsafe {
+            lua.exec_raw::<()>((), |l| {
+                ffi::lua_sethook(l, Some(probe), ffi::LUA_MASKRET, 0);
+            })
+            .ok()?;
+        }
+        SEEN.with(|s| s.borrow_mut().clear());
+        let failed = f.call::<()>(()).is_err();
+        let seen = SEEN.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let mut uniq = seen.clone();
+        uniq.sort_unstable();
+        uniq.dedup();
+        (failed && uniq.len() == 1).then(|| uniq[0])
+    })
 }
 
 /// Per-state context of [`trace_hook`], pointed to by the state's extra space (coroutines
@@ -1210,6 +1564,7 @@ mod tests {
             locals: Snap::from_map(locals.as_object().unwrap().clone()),
             upvalues: Arc::new(Snap::default()),
             after: true,
+            skipped: 0,
         };
         let empty = step_size(&step(json!({})));
         assert_eq!(empty, 48 + 1 + 3);
@@ -1349,13 +1704,15 @@ mod tests {
 
     #[test]
     fn ends_mode_keeps_the_first_and_the_last_steps_before_an_error() {
+        // Every visit recorded (`ends` does not sample hot lines): the tail holds the very
+        // last steps.
         let limits = TraceLimits { mode: TraceMode::Ends, head_steps: 5, tail_steps: 8, ..TraceLimits::default() };
         let code = "local n = 0\nfor i = 1, 500 do\n  n = n + i\nend\nlocal boom = n\nerror('late failure')";
         let (r, steps, truncated) = traced(code, Tracer::with_limits(100_000, &limits));
         assert!(r.is_err());
         assert!(truncated);
         assert_eq!(steps.len(), 5 + 8, "{steps:?}");
-        let nums: Vec<u32> = steps.iter().map(|s| s.step).collect();
+        let nums: Vec<u64> = steps.iter().map(|s| s.step).collect();
         assert_eq!(&nums[..5], &[0, 1, 2, 3, 4]);
         assert!(nums[5] > 100, "a gap: {nums:?}");
         // The failing line is the last step of the chunk (the sandbox's `error` wrapper ran
@@ -1371,6 +1728,160 @@ mod tests {
         assert!(truncated);
         assert_eq!(steps.len(), 5);
         assert!(steps.iter().all(|s| s.line <= 3));
+    }
+
+    #[test]
+    fn the_callinfo_offset_identifies_a_stack_level() {
+        let lua = Lua::new();
+        unsafe {
+            lua.exec_raw::<()>((), |l| {
+                let mut a: ffi::lua_Debug = std::mem::zeroed();
+                let mut b: ffi::lua_Debug = std::mem::zeroed();
+                // Level 0 is the C function exec_raw runs in; no level 1 above it here, so
+                // compare level 0 read twice, and a fresh zeroed record.
+                assert_eq!(ffi::lua_getstack(l, 0, &mut a), 1);
+                assert_eq!(ffi::lua_getstack(l, 0, &mut b), 1);
+                assert!(!ci_of(&a).is_null());
+                assert_eq!(ci_of(&a), ci_of(&b));
+                let z: ffi::lua_Debug = std::mem::zeroed();
+                assert!(ci_of(&z).is_null());
+            })
+            .unwrap();
+        }
+        // Two levels of a Lua call stack have two CallInfos.
+        let seen = std::rc::Rc::new(RefCell::new(Vec::new()));
+        let s2 = std::rc::Rc::clone(&seen);
+        let probe = lua
+            .create_function(move |lua, ()| {
+                unsafe {
+                    lua.exec_raw::<()>((), |l| {
+                        let mut ar: ffi::lua_Debug = std::mem::zeroed();
+                        let mut v = Vec::new();
+                        let mut level = 0;
+                        while ffi::lua_getstack(l, level, &mut ar) != 0 {
+                            v.push(ci_of(&ar) as usize);
+                            level += 1;
+                        }
+                        s2.borrow_mut().push(v);
+                    })?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        lua.globals().set("probe", probe).unwrap();
+        lua.load("local function f() probe() end f() probe()").exec().unwrap();
+        let seen = seen.borrow();
+        let deep = &seen[0];
+        assert!(deep.len() >= 3, "{deep:?}");
+        let mut uniq = deep.clone();
+        uniq.dedup();
+        assert_eq!(uniq.len(), deep.len(), "{deep:?}");
+        assert!(deep.iter().all(|&p| p != 0));
+    }
+
+    #[test]
+    fn hot_lines_are_sampled_every_visit_counted() {
+        let code = "local n = 0\nfor i = 1, 1000 do\n  local x = i\n  n = n + x\nend\nreturn n";
+        let (r, steps, truncated) = traced(code, Tracer::new(100_000, 1 << 24).sample_after(10));
+        r.unwrap();
+        assert!(!truncated);
+        let body: Vec<&Step> = steps.iter().filter(|s| &*s.source == "t" && s.line == 3).collect();
+        // The first 10 visits, then the 10 + 2^j-th (j = 0..9: up to 522).
+        assert_eq!(body.len(), 10 + 10, "{body:?}");
+        assert!(body[..10].iter().all(|s| s.skipped == 0));
+        // Each recorded visit says how many visits of the line were not recorded before it.
+        let gaps: Vec<u64> = body[10..].iter().map(|s| s.skipped).collect();
+        assert_eq!(gaps, vec![0, 0, 1, 3, 7, 15, 31, 63, 127, 255]);
+        // Recorded values are exact: after line 3, x = i and n = 1 + ... + (i - 1).
+        for s in &body {
+            let i = s.locals.get("i").and_then(Json::as_i64).unwrap();
+            assert_eq!(s.locals.get("x"), Some(&json!(i)), "{s:?}");
+            assert_eq!(s.locals.get("n"), Some(&json!((i - 1) * i / 2)), "{s:?}");
+            assert!(s.after);
+        }
+        // Step numbers count every line event: they grow, with gaps where visits were skipped.
+        assert!(steps.windows(2).all(|w| w[0].step < w[1].step));
+        assert!(body.last().unwrap().step > 1000);
+    }
+
+    #[test]
+    fn the_sampling_summary_counts_every_visit() {
+        use crate::lua::sandbox::{Limits, Meter, new_state};
+        use std::time::{Duration, Instant};
+        let tracer = Rc::new(RefCell::new(Tracer::new(100_000, 1 << 24).sample_after(10)));
+        let limits = Limits {
+            instructions: None,
+            cpu: Duration::from_secs(30),
+            memory: 64 << 20,
+            deadline: Instant::now() + Duration::from_secs(30),
+        };
+        let (lua, _) = new_state(limits, Rc::new(Meter::default()), Some(Rc::clone(&tracer))).unwrap();
+        lua.load("local n = 0\nfor i = 1, 1000 do\n  n = n + i\nend\nreturn n").set_name("=t").exec().unwrap();
+        drop(lua);
+        let t = std::mem::replace(&mut *tracer.borrow_mut(), Tracer::new(0, 0));
+        let sampling = t.sampling().expect("visits were skipped");
+        let (steps, _) = t.finish();
+        assert_eq!(sampling.after, 10);
+        let line3 = sampling.lines.iter().find(|l| l.source == "t" && l.line == 3).unwrap();
+        assert_eq!(line3.visits, 1000);
+        assert_eq!(line3.skipped, 1000 - 20);
+        let recorded: u64 = steps.iter().filter(|s| &*s.source == "t" && s.line == 3).map(|s| 1 + s.skipped).sum();
+        // Visits after the last recorded one are in the summary only.
+        assert_eq!(recorded + (1000 - 522), 1000);
+        assert_eq!(sampling.skipped, sampling.lines.iter().map(|l| l.skipped).sum::<u64>());
+        // Without sampling nothing is skipped.
+        let (r, steps, _) = traced("local n = 0\nfor i = 1, 100 do\n  n = n + i\nend", Tracer::new(100_000, 1 << 24));
+        r.unwrap();
+        assert_eq!(steps.iter().filter(|s| s.line == 3).count(), 100);
+        assert!(steps.iter().all(|s| s.skipped == 0));
+    }
+
+    #[test]
+    fn sampling_keeps_recursive_calls_and_coroutines_apart() {
+        // Each call's local is its own: a recorded step of line 2 always shows x == d * 10.
+        let code = "local function f(d)\n  local x = d * 10\n  if d > 0 then f(d - 1) end\n  return x\nend\nfor k = 1, 60 do f(12) end\nlocal co = coroutine.wrap(function()\n  for i = 1, 300 do\n    local y = i * 2\n    coroutine.yield(y)\n  end\nend)\nlocal total = 0\nfor j = 1, 300 do\n  total = total + co()\nend\nreturn total";
+        let (r, steps, _) = traced(code, Tracer::new(100_000, 1 << 24).sample_after(3));
+        r.unwrap();
+        let mut seen = 0;
+        for s in steps.iter().filter(|s| &*s.function == "f" && s.after) {
+            if let (Some(d), Some(x)) = (s.locals.get("d"), s.locals.get("x")) {
+                assert_eq!(x.as_i64().unwrap(), d.as_i64().unwrap() * 10, "{s:?}");
+                seen += 1;
+            }
+        }
+        assert!(seen > 10, "{seen}");
+        for s in steps.iter().filter(|s| s.line == 9 && s.after) {
+            let i = s.locals.get("i").and_then(Json::as_i64).unwrap();
+            assert_eq!(s.locals.get("y"), Some(&json!(i * 2)), "{s:?}");
+        }
+        // After the loop line, before the body adds the j-th value.
+        let mut n = 0;
+        for s in steps.iter().filter(|s| s.line == 14 && s.after) {
+            if let Some(j) = s.locals.get("j").and_then(Json::as_i64) {
+                assert_eq!(s.locals.get("total"), Some(&json!((j - 1) * j)), "{s:?}");
+                n += 1;
+            }
+        }
+        assert!(n > 3, "{n}");
+    }
+
+    #[test]
+    fn a_failing_visit_that_sampling_skipped_is_recorded_with_its_values() {
+        assert!(error_handler().is_some(), "mlua's error handler found");
+        // A runtime error on a hot line, and an error() call from a hot line in a callee.
+        for (code, line, var) in [
+            ("local t = {}\nfor i = 1, 500 do\n  local k = 1\n  if i > 450 then k = nil end\n  local z = k + i\n  t[1] = z\nend", 5, "i"),
+            ("local function check(n)\n  if n > 300 then error('too big: ' .. n) end\n  return n\nend\nlocal s = 0\nfor i = 1, 1000 do\n  s = s + check(i)\nend", 2, "n"),
+        ] {
+            let (r, steps, _) = traced(code, Tracer::new(100_000, 1 << 24).sample_after(5));
+            assert!(r.is_err());
+            let fail = steps.iter().rev().find(|s| s.line == line && &*s.source == "t").unwrap();
+            assert!(!fail.after, "{fail:?}");
+            let v = fail.locals.get(var).and_then(Json::as_i64).unwrap();
+            // The failing visit itself: the values from before the failing line ran.
+            assert!(v == 451 || v == 301, "{fail:?}");
+            assert!(fail.skipped > 0, "{fail:?}");
+        }
     }
 
     #[test]

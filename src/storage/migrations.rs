@@ -222,6 +222,12 @@ pub const MIGRATIONS: &[Migration] = &[
                   UPDATE _ichibase_meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'auth_version';
               END;",
     },
+    Migration {
+        version: 9,
+        name: "trace sampling: visits of a line not recorded before each step, and the run's summary",
+        sql: "ALTER TABLE _ichibase_trace_steps ADD COLUMN skipped INTEGER NOT NULL DEFAULT 0;
+              ALTER TABLE _ichibase_traces ADD COLUMN sampling TEXT;",
+    },
 ];
 
 /// Apply every migration not yet recorded. Returns how many ran.

@@ -9,8 +9,11 @@
 //!   (status and JSON answer), [`read`];
 //! - identities: [`signup`] / [`signup_with`] (a signed-in [`User`]), [`signup_and_signin`],
 //!   [`signin`], [`password_of`], [`grant`];
-//! - Lua: [`put_fn`] (deploy), [`call_fn`] (call).
+//! - Lua: [`put_fn`] (deploy), [`call_fn`] (call);
+//! - WebSockets: [`ws`] (open, send, receive JSON frames).
 #![allow(dead_code)]
+
+pub mod ws;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -73,7 +73,8 @@
     const ol = el('ol', { class: 'ichi-steps' });
     for (const s of (trace.steps || []).slice(0, 300)) {
       const vars = Object.entries(s.locals || {}).map(([k, v]) => `${k} = ${JSON.stringify(v)}`).join(', ');
-      ol.append(el('li', { 'data-line': String(s.line), title: vars }, `line ${s.line}${vars ? ': ' + vars : ''}`));
+      // `skipped`: visits of this line hot-line sampling did not record before this step.
+      ol.append(el('li', { 'data-line': String(s.line), title: vars }, `line ${s.line}${s.skipped ? ' (+' + s.skipped + ' visits not recorded)' : ''}${vars ? ': ' + vars : ''}`));
     }
     return ol;
   }

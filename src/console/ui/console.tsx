@@ -420,7 +420,8 @@ function TraceView({ id, source }: any) {
     for (const st of (t && t.steps) || []) { for (const k of Object.keys(st.locals || {})) s.add(k); for (const k of Object.keys(st.upvalues || {})) s.add(k); }
     return s;
   }, [t]);
-  const hits = useMemo(() => { const h: any = {}; for (const st of (t && t.steps) || []) h[st.line] = (h[st.line] || 0) + 1; return h; }, [t]);
+  // A recorded step stands for itself and the visits of its line sampling skipped before it.
+  const hits = useMemo(() => { const h: any = {}; for (const st of (t && t.steps) || []) h[st.line] = (h[st.line] || 0) + 1 + (st.skipped || 0); return h; }, [t]);
   async function hover(name: string, line: number, el: HTMLElement) {
     const r = el.getBoundingClientRect();
     const place = { left: Math.min(r.left, window.innerWidth - 260), top: r.bottom + 6 };
@@ -443,6 +444,7 @@ function TraceView({ id, source }: any) {
   return <section className="card" aria-labelledby="trace-h" id="trace">
     <h3 id="trace-h">Trace {id.slice(0, 12)}… <span className={'badge ' + (t.trace.outcome === 'ok' ? 'ok' : 'bad')}>{t.trace.outcome}</span></h3>
     <p className="muted">{t.trace.steps} steps, {t.trace.instructions} instructions, {Number(t.trace.elapsed_ms).toFixed(1)} ms, run as {t.trace.role}{t.trace.user_id ? ' ' + t.trace.user_id : ''}. Hover or focus a <span className="var">variable</span> to see its value.</p>
+    {t.trace.sampling ? <p className="muted" id="trace-sampling">Hot lines sampled: {t.trace.sampling.skipped} line visits not recorded (after {t.trace.sampling.after} recorded visits of a line, only every 2^j-th more is); a step's “skipped” counts its line's visits left out before it.</p> : null}
     {t.trace.error ? <div className="error">{t.trace.error}{t.trace.error_line ? ` (line ${t.trace.error_line})` : ''}</div> : null}
     <div className="code-lines" id="trace-source">{lines.map((l: string, i: number) => <div key={i} className={hits[i + 1] ? 'hit' : ''}>
       <span className="ln">{i + 1}</span><span className="hits" aria-label={hits[i + 1] ? `ran ${hits[i + 1]} times` : undefined}>{hits[i + 1] ? '×' + hits[i + 1] : ''}</span>
@@ -452,8 +454,8 @@ function TraceView({ id, source }: any) {
     </div>)}</div>
     {tip ? <div className="tip" role="tooltip" id="trace-tip" style={{ left: tip.left, top: tip.top }}>{tip.text}</div> : null}
     {t.trace.logs && t.trace.logs.length ? <><h3>Logs</h3><pre className="out">{t.trace.logs.map((l: any) => JSON.stringify(l)).join('\n')}</pre></> : null}
-    <details><summary>Steps ({t.steps.length})</summary><div className="scroll"><table className="grid"><thead><tr><th>step</th><th>line</th><th>function</th><th>locals</th><th>upvalues</th></tr></thead>
-      <tbody>{t.steps.slice(0, 500).map((s: any) => <tr key={s.step}><td>{s.step}</td><td>{s.line}</td><td>{s.function}</td><td className="mono">{JSON.stringify(s.locals)}</td><td className="mono">{JSON.stringify(s.upvalues)}</td></tr>)}</tbody></table></div></details>
+    <details><summary>Steps ({t.steps.length})</summary><div className="scroll"><table className="grid"><thead><tr><th>step</th><th>line</th><th>function</th><th>skipped</th><th>locals</th><th>upvalues</th></tr></thead>
+      <tbody>{t.steps.slice(0, 500).map((s: any) => <tr key={s.step}><td>{s.step}</td><td>{s.line}</td><td>{s.function}</td><td>{s.skipped || ''}</td><td className="mono">{JSON.stringify(s.locals)}</td><td className="mono">{JSON.stringify(s.upvalues)}</td></tr>)}</tbody></table></div></details>
   </section>;
 }
 
