@@ -12,6 +12,8 @@ WORKDIR /src
 # docs/bundles.md is compiled into the binary (the model's bundle guide). tests/dockerfile.rs
 # checks that every file the build reads is copied here.
 COPY Cargo.toml Cargo.lock build.rs ./
+# .cargo/config.toml sets LIBSQLITE3_FLAGS (SQLite's pre-update hook, for change capture).
+COPY .cargo ./.cargo
 COPY src ./src
 COPY benches ./benches
 COPY docs ./docs

@@ -426,22 +426,34 @@ fn main() {
                 }
             }
         });
-        let off = writer_rate(&http, &base, "ev_plain", secs).await;
-        let start = Instant::now();
-        let on = writer_rate(&http, &base, "ev", secs).await;
-        let written = (on * secs).round() as u64;
-        let wait = Instant::now() + Duration::from_secs(120);
-        while events.load(Ordering::Relaxed) < written && Instant::now() < wait {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let delivered = events.load(Ordering::Relaxed);
-        let took = last_at.lock().unwrap().duration_since(start).as_secs_f64();
+        // Off/on pairs, each after the dispatcher delivered everything written before it (a
+        // backlog would take CPU from the next measurement); the ratio of each pair and their median.
+        let runs: usize = std::env::var("BENCH_CDC_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
         println!();
-        println!("## Change capture with the writer at full speed (4 clients inserting 100 rows per statement, {secs} s)");
+        println!("## Change capture with the writer at full speed (4 clients inserting 100 rows per statement, {secs} s, {runs} off/on pairs)");
         println!();
         println!("| writer rows/s, CDC off | writer rows/s, CDC on | ratio on/off | change events delivered | delivered/s (to the last event) |");
         println!("|---:|---:|---:|---:|---:|");
-        println!("| {off:.0} | {on:.0} | {:.3} | {delivered} of {written} | {:.0} |", on / off, delivered as f64 / took);
+        let mut ratios = Vec::new();
+        let mut written = 0u64;
+        for _ in 0..runs {
+            let off = writer_rate(&http, &base, "ev_plain", secs).await;
+            let before = events.load(Ordering::Relaxed);
+            let start = Instant::now();
+            let on = writer_rate(&http, &base, "ev", secs).await;
+            written += (on * secs).round() as u64;
+            let wait = Instant::now() + Duration::from_secs(120);
+            while events.load(Ordering::Relaxed) < written && Instant::now() < wait {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let delivered = events.load(Ordering::Relaxed);
+            let took = last_at.lock().unwrap().duration_since(start).as_secs_f64();
+            println!("| {off:.0} | {on:.0} | {:.3} | {} of {} | {:.0} |", on / off, delivered - before, (on * secs).round() as u64, (delivered - before) as f64 / took);
+            ratios.push(on / off);
+        }
+        ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        println!();
+        println!("median ratio on/off: {:.3}", ratios[ratios.len() / 2]);
         counter.abort();
     });
     drop(server);

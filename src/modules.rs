@@ -85,6 +85,7 @@ pub fn registry() -> &'static [&'static dyn Module] {
         &crate::auth::oidc::OidcModule,
         &crate::chat::ChatModule,
         &crate::crdt::CrdtModule,
+        &crate::realtime::cdc::CdcModule,
     ]
 }
 

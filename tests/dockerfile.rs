@@ -63,6 +63,10 @@ fn the_build_stage_copies_every_file_the_build_reads() {
     if root().join("build.rs").exists() {
         needed.push("build.rs".into());
     }
+    // Build settings (LIBSQLITE3_FLAGS for the pre-update hook change capture needs).
+    if root().join(".cargo/config.toml").exists() {
+        needed.push(".cargo/config.toml".into());
+    }
     let manifest = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
     for line in manifest.lines() {
         if let Some(name) = line.trim().strip_prefix("name = \"") {

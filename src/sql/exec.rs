@@ -789,31 +789,25 @@ fn column_decls(stmt: &rusqlite::Statement<'_>, b: &Bound) -> Vec<(String, Optio
 }
 
 /// Rows a statement wrote: SQLite's change count (which includes what triggers write, so rows
-/// written through a policy view's INSTEAD OF triggers count) minus the rows change-data-capture
-/// triggers added to `_ichibase_changes` (bookkeeping, not the statement's rows).
+/// written through a policy view's INSTEAD OF triggers count) minus the change-log rows
+/// change-data-capture wrote meanwhile (bookkeeping, not the statement's rows).
 pub(crate) struct WriteCount {
     total: u64,
-    captured: i64,
+    captured: u64,
 }
 
 impl WriteCount {
     pub(crate) fn start(conn: &Connection) -> WriteCount {
         WriteCount {
             total: conn.total_changes(),
-            captured: captured_upto(conn),
+            captured: crate::storage::capture::own_rows(),
         }
     }
 
     pub(crate) fn finish(self, conn: &Connection) -> u64 {
-        let captured = (captured_upto(conn) - self.captured).max(0) as u64;
+        let captured = crate::storage::capture::own_rows() - self.captured;
         (conn.total_changes() - self.total).saturating_sub(captured)
     }
-}
-
-fn captured_upto(conn: &Connection) -> i64 {
-    conn.prepare_cached("SELECT coalesce(max(id), 0) FROM _ichibase_changes")
-        .and_then(|mut st| st.query_row([], |r| r.get(0)))
-        .unwrap_or(0)
 }
 
 /// The name of an expression column that holds parameters: SQLite names `SELECT ?1` after

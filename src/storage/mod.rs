@@ -10,6 +10,7 @@
 //! This module knows nothing about SQL-over-HTTP, formats or routing.
 
 pub mod authz;
+pub mod capture;
 mod control;
 pub mod migrations;
 mod readers;
@@ -215,8 +216,10 @@ impl Storage {
         migrations::apply(&mut wconn)?;
         let authz = Arc::new(Authz::default());
         authz.refresh(&wconn)?;
+        // Change capture (crate::realtime::cdc): the pre-update hook on the writer connection.
+        let capture = capture::install(&mut wconn)?;
         let wstate = ConnState::install(&mut wconn, PROGRESS_OPS, Arc::clone(&authz))?;
-        let writer = Writer::start(wconn, wstate)?;
+        let writer = Writer::start(wconn, wstate, capture)?;
 
         let mut readers = Vec::with_capacity(opts.readers);
         for _ in 0..opts.readers {
@@ -248,6 +251,11 @@ impl Storage {
     /// Signalled after every write job finished (its changes are committed or rolled back).
     pub fn committed(&self) -> Arc<tokio::sync::Notify> {
         Arc::clone(&self.inner.writer.committed)
+    }
+
+    /// Change capture on the writer connection (`capture`).
+    pub fn capture(&self) -> &Arc<capture::Capture> {
+        &self.inner.writer.capture
     }
 
     /// The authorization snapshot shared by every connection.

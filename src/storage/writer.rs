@@ -1,6 +1,10 @@
 //! The single writer: one thread owns the read-write connection and runs queued write jobs in
 //! arrival order. A bounded queue gives back-pressure; on close the thread drains the queue,
-//! checkpoints the WAL into the database file and exits.
+//! checkpoints the WAL into the database file and exits. Change capture (`capture`) writes its
+//! change-log rows inside the jobs' own transactions; around each job the writer lets it notice
+//! writes by other processes (`Capture::poll_external`) and finish a transaction it opened for
+//! an autocommit statement (`Capture::end_job`, whose error replaces the job's result: that
+//! write was rolled back). The `committed` signal then wakes change-data-capture.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -8,10 +12,11 @@ use std::thread::JoinHandle;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use super::capture::{self, Capture};
 use super::control::{ConnState, ExecControl, reset};
 use crate::core::{Error, ErrorCode, RequestContext, Result};
 
-type Job = Box<dyn FnOnce(&mut Connection, &ConnState) + Send>;
+type Job = Box<dyn FnOnce(&mut Connection, &ConnState, &Capture) + Send>;
 /// Runs once on the writer thread before the final checkpoint on close.
 pub(super) type CloseHook = Box<dyn FnOnce(&Connection) + Send>;
 
@@ -22,23 +27,26 @@ pub(super) struct Writer {
     /// Signalled after every write job (change-data-capture picks committed changes up).
     pub(super) committed: Arc<tokio::sync::Notify>,
     pub(super) before_close: Arc<Mutex<Option<CloseHook>>>,
+    pub(super) capture: Arc<Capture>,
     tx: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<Result<()>>>>,
 }
 
 impl Writer {
-    pub fn start(conn: Connection, state: Arc<ConnState>) -> std::io::Result<Writer> {
+    pub fn start(conn: Connection, state: Arc<ConnState>, capture: Arc<Capture>) -> std::io::Result<Writer> {
         let (tx, rx) = mpsc::channel::<Job>(QUEUE);
         let committed = Arc::new(tokio::sync::Notify::new());
         let c2 = Arc::clone(&committed);
         let before_close: Arc<Mutex<Option<CloseHook>>> = Arc::default();
         let h2 = Arc::clone(&before_close);
+        let cap = Arc::clone(&capture);
         let thread = std::thread::Builder::new()
             .name("ichibase-writer".into())
-            .spawn(move || writer_loop(conn, state, rx, c2, h2))?;
+            .spawn(move || writer_loop(conn, state, rx, c2, h2, cap))?;
         Ok(Writer {
             committed,
             before_close,
+            capture,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
         })
@@ -57,14 +65,21 @@ impl Writer {
             .ok_or_else(super::shutting_down)?;
         let (done_tx, done_rx) = oneshot::channel();
         let job_control = Arc::clone(&control);
-        let job: Job = Box::new(move |conn, st| {
+        let job: Job = Box::new(move |conn, st, cap| {
             job_control.begin_write();
+            cap.poll_external(conn);
             let out = match job_control.check() {
                 Ok(()) => match st.check_out(conn, ctx, Arc::clone(&job_control)) {
                     Ok(()) => f(conn).map_err(|e| job_control.map_error(st.explain(e))),
                     Err(e) => Err(e),
                 },
                 Err(e) => Err(e),
+            };
+            // A transaction capture opened is committed here; if capture had to roll a write
+            // back, that is the job's outcome.
+            let out = match cap.end_job(conn) {
+                Some(msg) => Err(Error::new(ErrorCode::Internal, msg)),
+                None => out,
             };
             reset(conn, st);
             let _ = done_tx.send(out);
@@ -103,16 +118,19 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Job>,
     committed: Arc<tokio::sync::Notify>,
     before_close: Arc<Mutex<Option<CloseHook>>>,
+    capture: Arc<Capture>,
 ) -> Result<()> {
     while let Some(job) = rx.blocking_recv() {
         // A panicking job must not take the writer (and with it every future write) down.
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn, &state)));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn, &state, &capture)));
         if r.is_err() {
             tracing::error!("a write job panicked; its transaction was rolled back");
+            let _ = capture.end_job(&conn);
             reset(&conn, &state);
         }
         committed.notify_one();
     }
+    capture::uninstall(&mut conn);
     if let Some(hook) = before_close.lock().unwrap().take() {
         hook(&conn);
     }
