@@ -22,7 +22,7 @@
 //! much more memory than it started with, and a state used [`MAX_USES`] times are dropped
 //! instead. Traced runs, checks and runs with an instruction budget always get a fresh state.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -77,8 +77,10 @@ pub struct Prepared {
     env: Rc<Env>,
     binding: Rc<Binding>,
     options: LuaOptions,
-    /// Components installed for every run (pooled states only).
-    per_call: Vec<&'static dyn Component>,
+    /// Components installed for every run (pooled states only), each with the called flag of
+    /// its install made when building, if it was made then (kept until one of its functions is
+    /// called: [`Component::reusable_until_called`]).
+    per_call: Vec<(&'static dyn Component, Option<Rc<Cell<bool>>>)>,
     /// Pooled states: the reset, `debug.setupvalue`, compiled chunks by function name.
     pooled: Option<Pooled>,
 }
@@ -114,7 +116,7 @@ impl Prepared {
             .chain(crate::modules::lua_components())
         {
             if pooled && !c.reusable() {
-                per_call.push(c);
+                per_call.push((c, None));
             } else {
                 c.install(&lua, &env)?;
             }
@@ -125,6 +127,21 @@ impl Prepared {
             .filter(|n| !before.contains(n))
             .collect();
         sandbox::guard_host_functions(&lua, &binding, installed)?;
+        // Installed now and kept (recorded below, so the reset restores their tables) until
+        // one of their functions is called.
+        for (c, called) in per_call.iter_mut() {
+            if c.reusable_until_called() {
+                c.install(&lua, &env)?;
+                let flag = Rc::new(Cell::new(false));
+                sandbox::guard_host_functions_noting(
+                    &lua,
+                    &binding,
+                    vec![c.name().to_string()],
+                    Some(Rc::clone(&flag)),
+                )?;
+                *called = Some(flag);
+            }
+        }
         let pooled = if pooled {
             // Recording and resetting run outside the invocation's memory limit.
             lua.set_memory_limit(0)?;
@@ -187,14 +204,20 @@ impl Prepared {
     }
 
     /// Install the components that keep per-invocation state, guarded like the others.
+    /// A component installed when building is kept while none of its functions was called
+    /// (the reset put its table back as recorded) and it may serve this invocation.
     pub fn install_per_call(&self) -> mlua::Result<()> {
-        if self.per_call.is_empty() {
+        let mut names = Vec::new();
+        for (c, called) in &self.per_call {
+            if called.as_ref().is_some_and(|f| !f.get()) && c.reusable_until_called() {
+                continue;
+            }
+            c.install(&self.lua, &self.env)?;
+            names.push(c.name().to_string());
+        }
+        if names.is_empty() {
             return Ok(());
         }
-        for c in &self.per_call {
-            c.install(&self.lua, &self.env)?;
-        }
-        let names = self.per_call.iter().map(|c| c.name().to_string()).collect();
         sandbox::guard_host_functions(&self.lua, &self.binding, names)
     }
 
