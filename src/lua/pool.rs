@@ -7,20 +7,28 @@
 //! of a pooled state, and the reset between runs. Must not touch HTTP or the store.
 //!
 //! **Isolation.** A pooled state is built with the components that declare themselves
-//! [`Component::reusable`] (they read the invocation through [`Env`] at call time); the others
-//! are installed again for every run. Right after building, everything user code can reach is
-//! recorded: every table reachable from the globals, the string metatable, the array metatable
-//! and the thrown-error slot (keys, values and metatables, recursively, through the upvalues of
-//! Lua functions too), and the upvalues of every reachable Lua function. After each run the
-//! reset puts every recorded table back exactly (fields added by the run removed, changed ones
-//! restored, metatables restored, also behind `__metatable`), restores the recorded upvalues and
-//! reseeds `math.random`. What a run created is then unreachable from anything the next run can
-//! see (user code has no `debug` library and no registry access), so globals, upvalues,
-//! metatables, the string library and suspended coroutines of one run do not reach the next,
-//! whoever calls. A cached chunk gets its `_ENV` back before each run. A run that hit a limit
-//! (its state may hold a hook the watchdog installed), a reset that fails, a state that keeps
-//! much more memory than it started with, and a state used [`MAX_USES`] times are dropped
-//! instead. Traced runs, checks and runs with an instruction budget always get a fresh state.
+//! [`Component::reusable`] (they read the invocation through [`Env`] at call time) and those
+//! that are [`Component::reusable_until_called`] (their install serves later invocations until
+//! one of its functions is called — the guards note the call — and is made afresh for every
+//! run after that); the others are installed again for every run. Right after building,
+//! everything user code can reach is recorded ([`RECORD`]): every table reachable from the
+//! globals, the string metatable, the array metatable and the thrown-error slot (keys, values
+//! and metatables, recursively, through the upvalues of Lua functions too), and the upvalues
+//! of every reachable Lua function. After each run the reset puts every recorded table back
+//! exactly (fields added by the run removed, changed ones restored, metatables restored, also
+//! behind `__metatable`), restores the recorded upvalues and reseeds `math.random`. It costs
+//! what the run changed, not what was recorded: each recorded table and function is first
+//! compared byte for byte with its state when it last matched the recording (the table's size
+//! fields, metatable, array part and node array; the closure's upvalue values: [`raw`], a
+//! memory comparison of a few kilobytes in all), and only those that differ are compared and
+//! restored field by field, then their bytes taken again. What a run created is then
+//! unreachable from anything the next run can see (user code has no `debug` library and no
+//! registry access), so globals, upvalues, metatables, the string library and suspended
+//! coroutines of one run do not reach the next, whoever calls. A cached chunk gets its `_ENV`
+//! back before each run. A run that hit a limit (its state may hold a hook the watchdog
+//! installed), a reset that fails, a state that keeps much more memory than it started with
+//! or whose recorded tables grew far, and a state used [`MAX_USES`] times are dropped instead.
+//! Traced runs, checks and runs with an instruction budget always get a fresh state.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

@@ -675,7 +675,9 @@ pub fn guard_host_functions_noting(
 /// thread for the whole process. An invocation registers its main Lua state, its deadline, its
 /// thread's CPU clock and budget, and an [`Alarm`] it shares with the sandbox. The thread sleeps
 /// until the earliest moment a limit could be reached (CPU time grows no faster than wall time,
-/// so a CPU budget is re-checked after the rest of it has passed on the wall clock). When one
+/// so a CPU budget is re-checked after the rest of it has passed on the wall clock); a new
+/// registration wakes it only when its own earliest moment comes before that (most runs end
+/// long before their limits: no wake-up, so no context switch, per run). When one
 /// is reached it records which in the alarm and installs the sandbox's hook, firing on every
 /// instruction, on the main state and on every coroutine the invocation is running
 /// (`lua_sethook` only stores the hook fields and sets the trap flags of the call stack; Lua
