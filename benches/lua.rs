@@ -16,7 +16,8 @@
 //!
 //! `cargo bench --bench lua`; `BENCH_SECS` sets the seconds per HTTP measurement (default 3);
 //! `BENCH_ONLY=trace` runs only the deep-trace tables, `BENCH_ONLY=stock` only the sandbox vs
-//! stock `lua5.4` table.
+//! stock `lua5.4` table, `BENCH_ONLY=overhead` only parts 3 and 4 (`BENCH_CONNS`, e.g. `32`,
+//! limits part 4 to those connection counts).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -337,6 +338,9 @@ fn main() {
     );
     println!("- CPU time of the work measured with os.clock() inside the script, median of 5 runs");
     println!();
+    if std::env::var("BENCH_ONLY").as_deref() == Ok("overhead") {
+        return overhead(storage, config, tmp, rt, secs);
+    }
     let only_trace = std::env::var("BENCH_ONLY").as_deref() == Ok("trace");
     if !only_trace {
     println!("## Sandbox vs stock interpreter");
@@ -421,6 +425,12 @@ fn main() {
     if only_trace {
         return;
     }
+    overhead(storage, config, tmp, rt, secs);
+}
+
+/// Parts 3 and 4: the cost of invoking an empty function, in process and over HTTP
+/// (`BENCH_ONLY=overhead` runs only these).
+fn overhead(storage: Storage, config: Config, tmp: tempfile::TempDir, rt: tokio::runtime::Runtime, secs: f64) {
     println!();
     println!("## Invocation overhead in process: fresh sandbox vs pooled (empty function)");
     println!();
@@ -495,7 +505,11 @@ fn main() {
         println!();
         println!("| N | GET /ping req/s | POST /fn/empty req/s, fresh state per run | ratio | POST /fn/empty req/s, pooled states | ratio fn/ping |");
         println!("|---:|---:|---:|---:|---:|---:|");
-        for n in [1usize, 4, 32] {
+        let conns: Vec<usize> = std::env::var("BENCH_CONNS")
+            .ok()
+            .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+            .unwrap_or_else(|| vec![1, 4, 32]);
+        for n in conns {
             let b = base.clone();
             let ping = http_rate(&client, n, secs, move |c| c.get(format!("{b}/ping"))).await;
             let b = fresh_base.clone();

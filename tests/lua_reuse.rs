@@ -267,3 +267,120 @@ fn functions_loaded_with_fn_belong_to_one_invocation() {
     assert_eq!(r, json!({"v": 2}));
     assert_eq!(pool::idle(), 1);
 }
+
+/// The reset finds changed tables and upvalues by their bytes (`lua::pool`): many runs that
+/// change, restore, grow and re-change the same library tables, metatables and globals, as
+/// different users, each followed by a clean probe.
+#[test]
+fn repeated_changes_to_the_same_tables_are_all_undone() {
+    let f = fixture(LuaOptions::default());
+    let changes = [
+        // the same global and library field again and again (the node is reused)
+        "leaked = 1 string.evil = 1 function string.trim(s) return s end",
+        "leaked = {} string.evil = true string.upper = nil",
+        // `#` on library tables moves Lua's size hint; a value changed and put back by the run
+        "local n = #string + #table + #_G string.format = string.format leaked = n",
+        // the array part of a library table grows, then its fields go
+        "for i = 1, 2000 do string[i] = i end leaked = #string",
+        // the string metatable's __index (locked with __metatable, changed through rawset)
+        "rawset(getmetatable('') == false and string or string, 'upper', function() return 'x' end)",
+        // the shared array metatable, json's table, coroutine library, a global function
+        "local amt = getmetatable(json.decode('[]')) if type(amt) == 'table' then amt.__index = {evil = 1} end json.evil = 1 coroutine.evil = 1 function pcall() return false end",
+        // nothing at all
+        "",
+    ];
+    for round in 0..3 {
+        for (i, change) in changes.iter().enumerate() {
+            let who = if (round + i) % 2 == 0 { "alice" } else { "bob" };
+            let o = run(&f, user(who, Role::Named("user".into())), &format!("change{i}"), &format!("{change}\nreturn function() return string.trim and string.trim(' a ') or 1 end"), Value::Null);
+            assert!(o.result.is_ok(), "round {round} change {i}: {:?}", o.result.err());
+            let r = ok(run(&f, user("carol", Role::Admin), "probe", PROBE, json!({"user": "carol"})));
+            assert_eq!(r["bad"], json!(""), "after round {round} change {i}: {r}");
+            assert_eq!(pool::idle(), 1, "round {round} change {i}: the state was kept");
+        }
+    }
+}
+
+/// A run that grows a library table far (its array part stays allocated after the reset) does
+/// not leave it behind either; the state is kept or dropped, and the next run is clean.
+#[test]
+fn a_run_that_grows_a_library_table_far_leaves_nothing_behind() {
+    let f = fixture(LuaOptions::default());
+    ok(run(&f, user("a", Role::Admin), "probe", PROBE, json!({"user": "a"})));
+    let o = run(&f, user("a", Role::Admin), "grow", "for i = 1, 200000 do table[i] = i end _G[1] = 1 return function() return #table end", Value::Null);
+    assert_eq!(o.result.unwrap(), json!(200000));
+    let r = ok(run(&f, user("b", Role::Admin), "probe", PROBE, json!({"user": "b"})));
+    assert_eq!(r["bad"], json!(""), "{r}");
+    let r = ok(run(&f, user("b", Role::Admin), "len", "return function() return {t = #table, g = rawget(_G, 1) == nil} end", Value::Null));
+    assert_eq!(r, json!({"t": 0, "g": true}));
+}
+
+/// Upvalues of the sandbox's own Lua functions (recorded when the state was built) and
+/// suspended coroutines: a coroutine left suspended by one run, holding the previous caller's
+/// data, cannot be resumed by the next.
+#[test]
+fn suspended_coroutines_and_closures_of_a_run_are_gone_for_the_next() {
+    let f = fixture(LuaOptions::default());
+    let o = run(
+        &f,
+        user("alice", Role::Admin),
+        "park",
+        r#"
+        local secret = "alice's secret"
+        parked = coroutine.create(function() coroutine.yield(secret) return secret end)
+        coroutine.resume(parked)
+        string.peek = function() return secret end
+        local wrapped = coroutine.wrap(function() while true do coroutine.yield(secret) end end)
+        wrapped()
+        table.peek = wrapped
+        return function() return 1 end
+        "#,
+        Value::Null,
+    );
+    assert_eq!(o.result.unwrap(), json!(1));
+    let r = ok(run(
+        &f,
+        user("bob", Role::Named("user".into())),
+        "look",
+        r#"return function()
+            local seen = {}
+            if rawget(_G, "parked") ~= nil then seen[#seen + 1] = "parked" end
+            if string.peek ~= nil then seen[#seen + 1] = "string.peek" end
+            if table.peek ~= nil then seen[#seen + 1] = "table.peek" end
+            for k, v in pairs(_G) do
+              if type(v) == "thread" then seen[#seen + 1] = "thread " .. tostring(k) end
+            end
+            return table.concat(seen, ",")
+        end"#,
+        Value::Null,
+    ));
+    assert_eq!(r, json!(""));
+}
+
+/// A component that keeps per-invocation state once called (`notify`, `chat`, `flow`:
+/// `Component::reusable_until_called`) is installed once in a pooled state and kept while
+/// unused; once a run called one of its functions, every later run gets its own install. A
+/// run's changes to its table are undone either way.
+#[test]
+fn components_kept_until_called_are_installed_afresh_after_a_call() {
+    let f = fixture(LuaOptions::default());
+    let id = "return function() return tostring(notify) .. ' ' .. tostring(notify.broadcast) end";
+    let first = ok(run(&f, user("a", Role::Admin), "id", id, Value::Null));
+    let again = ok(run(&f, user("b", Role::Admin), "id", id, Value::Null));
+    assert_eq!(first, again, "unused: the install made when building is kept");
+    // A run changes the table (undone), then one calls a function (no server here: it fails,
+    // but it was called).
+    let o = run(&f, user("a", Role::Admin), "evil", "notify.evil = 1 notify.broadcast = nil return function() return 1 end", Value::Null);
+    assert_eq!(o.result.unwrap(), json!(1));
+    let r = ok(run(&f, user("b", Role::Admin), "check", "return function() return {evil = notify.evil == nil, fn = type(notify.broadcast)} end", Value::Null));
+    assert_eq!(r, json!({"evil": true, "fn": "function"}));
+    let o = run(&f, user("a", Role::Admin), "call", "return function() local ok = pcall(notify.broadcast, 'c', {}) return ok end", Value::Null);
+    assert_eq!(o.result.unwrap(), json!(false));
+    let later = ok(run(&f, user("b", Role::Admin), "id", id, Value::Null));
+    let later2 = ok(run(&f, user("b", Role::Admin), "id", id, Value::Null));
+    assert_ne!(later, first, "after a call: a fresh install");
+    assert_ne!(later2, later, "and again for every later run");
+    assert_eq!(pool::idle(), 1);
+    let r = ok(run(&f, user("c", Role::Admin), "probe", PROBE, json!({"user": "c"})));
+    assert_eq!(r["bad"], json!(""), "{r}");
+}

@@ -136,6 +136,11 @@ impl Component for AuthLua {
         "auth"
     }
 
+    /// Installed once per pooled state (`lua::pool`): reads the invocation only when called.
+    fn reusable(&self) -> bool {
+        true
+    }
+
     fn install(&self, lua: &Lua, env: &Rc<Env>) -> mlua::Result<()> {
         let t = lua.create_table()?;
 

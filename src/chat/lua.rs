@@ -251,6 +251,11 @@ fn links(env: &Rc<Env>, lua: &Lua, user: Option<String>) -> mlua::Result<Value> 
 }
 
 impl Component for ChatLua {
+    /// Installed once per pooled state (`lua::pool`) until called: its pending messages belong to the invocation that first calls one of its functions.
+    fn reusable_until_called(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "chat"
     }

@@ -87,6 +87,12 @@ impl Component for FlowLua {
         "flow"
     }
 
+    /// Installed once per pooled state (`lua::pool`) until called, outside workflow runs (a
+    /// run's install depends on the run).
+    fn reusable_until_called(&self) -> bool {
+        run::current().is_none()
+    }
+
     fn install(&self, lua: &Lua, env: &Rc<Env>) -> mlua::Result<()> {
         let t = lua.create_table()?;
         let current = run::current().filter(|r| r.name == env.function);

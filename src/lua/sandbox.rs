@@ -612,6 +612,17 @@ pub fn guard_host_functions(
     binding: &Rc<Binding>,
     names: Vec<String>,
 ) -> mlua::Result<()> {
+    guard_host_functions_noting(lua, binding, names, None)
+}
+
+/// [`guard_host_functions`], with the wrappers setting `called` when one of them runs (a
+/// pooled state keeps a component installed until one of its functions is called).
+pub fn guard_host_functions_noting(
+    lua: &Lua,
+    binding: &Rc<Binding>,
+    names: Vec<String>,
+    called: Option<Rc<Cell<bool>>>,
+) -> mlua::Result<()> {
     let wrap = |f: Function| -> mlua::Result<Value> {
         // Only host (C) functions: wrapping a Lua function in a Rust call would stop it from
         // yielding.
@@ -619,8 +630,12 @@ pub fn guard_host_functions(
             return Ok(Value::Function(f));
         }
         let b = Rc::clone(binding);
+        let called = called.clone();
         Ok(Value::Function(lua.create_function(
             move |lua, args: mlua::MultiValue| {
+                if let Some(c) = &called {
+                    c.set(true);
+                }
                 b.check_deadline()?;
                 // The error keeps the shape it had without the wrapper (one CallbackError,
                 // whose traceback the outer call adds).
@@ -660,7 +675,9 @@ pub fn guard_host_functions(
 /// thread for the whole process. An invocation registers its main Lua state, its deadline, its
 /// thread's CPU clock and budget, and an [`Alarm`] it shares with the sandbox. The thread sleeps
 /// until the earliest moment a limit could be reached (CPU time grows no faster than wall time,
-/// so a CPU budget is re-checked after the rest of it has passed on the wall clock). When one
+/// so a CPU budget is re-checked after the rest of it has passed on the wall clock); a new
+/// registration wakes it only when its own earliest moment comes before that (most runs end
+/// long before their limits: no wake-up, so no context switch, per run). When one
 /// is reached it records which in the alarm and installs the sandbox's hook, firing on every
 /// instruction, on the main state and on every coroutine the invocation is running
 /// (`lua_sethook` only stores the hook fields and sets the trap flags of the call stack; Lua
@@ -779,7 +796,9 @@ pub mod watchdog {
 
     #[derive(Default)]
     struct Shared {
-        entries: Mutex<(u64, HashMap<u64, Entry>)>,
+        /// The last id given, the watched invocations, and when the thread wakes next
+        /// (`None`: only when notified).
+        entries: Mutex<(u64, HashMap<u64, Entry>, Option<Instant>)>,
         wake: Condvar,
     }
 
@@ -855,6 +874,7 @@ pub mod watchdog {
                     }
                 }
             }
+            g.2 = next;
             g = match next {
                 None => s.wake.wait(g).unwrap_or_else(|e| e.into_inner()),
                 Some(t) => {
@@ -887,8 +907,18 @@ pub mod watchdog {
             // SAFETY: only reads the state pointer.
             unsafe { lua.exec_raw::<()>((), |l| state = l as usize)? };
             let cpu = cpu.and_then(|budget| this_thread_cpu().map(|(c, t)| (c, t, budget)));
+            // The earliest moment a limit of this invocation can be reached (its CPU time grows
+            // no faster than the wall clock).
+            let due = match cpu {
+                Some((_, _, budget)) => deadline.min(Instant::now() + budget),
+                None => deadline,
+            };
             let s = shared();
             let mut g = s.entries.lock().unwrap_or_else(|e| e.into_inner());
+            // The thread is woken only when it would otherwise sleep past `due`: an invocation
+            // started while it waits for an earlier moment is looked at then (one wake-up per
+            // run would cost a context switch on every invocation).
+            let wake = g.2.is_none_or(|at| due < at);
             g.0 += 1;
             let id = g.0;
             g.1.insert(
@@ -900,8 +930,12 @@ pub mod watchdog {
                     alarm,
                 },
             );
-            drop(g);
-            s.wake.notify_all();
+            if wake {
+                // The thread sets its next wake-up before it waits (under this lock).
+                g.2 = Some(due);
+                drop(g);
+                s.wake.notify_all();
+            }
             Ok(Watch(id))
         }
     }

@@ -318,6 +318,11 @@ fn hub_of(e: &Env) -> mlua::Result<&std::sync::Arc<crate::realtime::hub::Hub>> {
 }
 
 impl Component for NotifyLua {
+    /// Installed once per pooled state (`lua::pool`) until called: its pending messages belong to the invocation that first calls one of its functions.
+    fn reusable_until_called(&self) -> bool {
+        true
+    }
+
     fn name(&self) -> &'static str {
         "notify"
     }

@@ -31,6 +31,15 @@ pub trait Component: Sync {
     fn reusable(&self) -> bool {
         false
     }
+    /// For a component that is not [`reusable`](Component::reusable): may its install in a
+    /// pooled state serve the current invocation as long as none of its functions has been
+    /// called? True when installing reads nothing of the invocation and its closures hold
+    /// per-invocation state only once called (a pooled state then installs it once, and again
+    /// for every run after the first call of one of its functions). Asked when a pooled state
+    /// is built and before each of its runs.
+    fn reusable_until_called(&self) -> bool {
+        false
+    }
 }
 
 /// Every component, in installation order. Add new components here.
