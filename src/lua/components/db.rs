@@ -157,8 +157,16 @@ fn session_ended(env: &Env) -> Error {
 }
 
 fn prepare(env: &Env, sql: &str, p: Option<Table>) -> mlua::Result<Prepared> {
+    if sql.len() > LARGE_SQL {
+        // Parsing a large text allocates many times its size outside Lua (tokens, syntax
+        // tree), also when it fails: hand that memory back at the invocation's end.
+        crate::lua::mark_heavy();
+    }
     embedded::prepare(sql, &params_json(p)?, false, env.options.max_sql).map_err(lua_err)
 }
+
+/// SQL texts longer than this mark their invocation heavy ([`crate::lua::mark_heavy`]).
+const LARGE_SQL: usize = 64 * 1024;
 
 /// Run `prepared` and record it in the posterity log (one `sql` row per call).
 fn run(env: &Env, prepared: Prepared) -> Result<Rows> {
@@ -455,6 +463,9 @@ impl Component for Db {
                         ErrorCode::BadArguments,
                         "db.migrate cannot run inside db.tx",
                     )));
+                }
+                if sql.len() > LARGE_SQL {
+                    crate::lua::mark_heavy();
                 }
                 let prepared =
                     embedded::prepare(&sql, &serde_json::Map::new(), true, e.options.max_sql)
