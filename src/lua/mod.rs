@@ -483,7 +483,12 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         }
         None => (None, None),
     };
-    if meter.peak_memory.get() > 8 * 1024 * 1024 || HEAVY.with(|h| h.replace(false)) {
+    // A run that used more than a little memory, made large allocations outside Lua, or failed
+    // (stopped midway, possibly with large temporaries, as hostile code tends to) hands freed
+    // memory back to the system: glibc would keep it in per-thread arenas, and the server's
+    // resident size would creep up with every such run.
+    let heavy = HEAVY.with(|h| h.replace(false));
+    if heavy || result.is_err() || meter.peak_memory.get() > 1024 * 1024 {
         release_freed_memory();
     }
     Outcome {
