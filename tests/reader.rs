@@ -693,9 +693,10 @@ async fn two_days_of_reading() {
         "data": data}})).await;
 
     // Each verdict: stored, rated on the generation, and folded into the notes by the workflow.
+    // The step is recorded done a moment before the run goes back to waiting: wait for both.
     let f1 = wait_for("three preference updates", 60, || async {
         let f = flow_of(&base, &day1_id).await;
-        (done_steps(&f, "prefs") == 3).then_some(f)
+        (done_steps(&f, "prefs") == 3 && f["status"] != "running").then_some(f)
     })
     .await;
     assert_eq!(f1["status"], "waiting");
