@@ -11,43 +11,19 @@ mod common;
 
 use std::time::Duration;
 
+use common::ws::{Ws, send};
 use common::{ADMIN_KEY, Server, client, post};
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn connect(base: &str) -> Ws {
-    let url = base.replace("http://", "ws://") + "/ws";
-    let mut req = url.into_client_request().unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {ADMIN_KEY}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.expect("websocket handshake");
+    let mut ws = common::ws::open(base, &[("authorization", format!("Bearer {ADMIN_KEY}"))]).await;
     assert_eq!(recv(&mut ws).await["type"], "hello");
     ws
 }
 
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
 /// Next JSON frame (pings skipped); generous for a loaded machine.
 async fn recv(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(Duration::from_secs(60), ws.next())
-            .await
-            .expect("no frame within 60 s")
-            .expect("stream ended")
-            .expect("ws error");
-        match m {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Close(c) => panic!("closed: {c:?}"),
-            _ => continue,
-        }
-    }
+    common::ws::recv_within(ws, 60).await
 }
 
 async fn recv_type(ws: &mut Ws, ty: &str) -> Value {
