@@ -82,14 +82,16 @@ pub fn list(c: &Connection) -> Result<Vec<FunctionInfo>> {
     Ok(rows)
 }
 
+/// The look-up of [`get`] (every invocation runs it; a cached statement).
+pub(crate) const GET_SQL: &str =
+    "SELECT f.version, f.version = h.version, f.trace, f.created_at, f.created_by, f.source
+     FROM _ichibase_functions f JOIN _ichibase_function_heads h ON h.name = f.name
+     WHERE f.name = ?1 AND f.version = coalesce(?2, h.version)";
+
 /// A version's source (`None`: the live one).
 pub fn get(c: &Connection, name: &str, version: Option<i64>) -> Result<FunctionSource> {
     let row = c
-        .prepare_cached(
-            "SELECT f.version, f.version = h.version, f.trace, f.created_at, f.created_by, f.source
-             FROM _ichibase_functions f JOIN _ichibase_function_heads h ON h.name = f.name
-             WHERE f.name = ?1 AND f.version = coalesce(?2, h.version)",
-        )?
+        .prepare_cached(GET_SQL)?
         .query_row(params![name, version], |r| {
             Ok(FunctionSource {
                 name: name.to_string(),

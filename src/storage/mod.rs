@@ -328,6 +328,12 @@ fn configure(c: &Connection, opts: &StorageOptions, read_only: bool) -> rusqlite
         c.pragma_update(None, "query_only", "ON")?;
     }
     c.set_prepared_statement_cache_capacity(64);
+    // Plans do not depend on bound values (the query-planner stability guarantee). Without it
+    // SQLite marks a statement whose planning looked at a parameter (a `LIMIT ?`, a comparison
+    // the planner matched against a literal) to be re-prepared whenever that parameter is
+    // bound to a new value, so a cached statement was parsed and planned again on every use
+    // (the function look-up of every Lua invocation was; issue 18).
+    c.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)?;
     Ok(())
 }
 

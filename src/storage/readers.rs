@@ -238,4 +238,73 @@ mod tests {
         let pooled = storage.read(&ctx, control(), busy_ms).await.unwrap();
         assert_eq!(pooled, 4_321);
     }
+
+    /// A cached statement is prepared once per connection, whatever its parameters are bound
+    /// to: connections run with the query-planner stability guarantee. Without it SQLite
+    /// re-prepared the function look-up (which binds a name and a NULL version) on every use,
+    /// and user SQL with a bound `LIMIT` or a parameter the planner compared with a literal.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cached_statements_are_not_prepared_again_for_new_bindings() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            data_dir: dir.path().to_path_buf(),
+            readers: 1,
+            ..Config::default()
+        };
+        let storage = Storage::open(&StorageOptions::from_config(&config)).unwrap();
+        let ctx = RequestContext::system();
+        let control = || ExecControl::new(Instant::now(), 0.0);
+        for name in ["a", "b"] {
+            storage
+                .write(&ctx, control(), move |c| {
+                    crate::lua::store::deploy(
+                        c,
+                        name,
+                        "return function() return 1 end",
+                        false,
+                        None,
+                    )
+                })
+                .await
+                .unwrap();
+        }
+        storage
+            .write(&ctx, control(), |c| {
+                c.execute_batch("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT); INSERT INTO t VALUES (1, 'x'), (2, 'y'), (3, 'z');")?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let reprepared = storage
+            .read(&ctx, control(), |c| {
+                for i in 0..6i64 {
+                    let name = if i % 2 == 0 { "a" } else { "b" };
+                    let version = (i % 3 == 0).then_some(1);
+                    crate::lua::store::get(c, name, version)?;
+                    let n: i64 = c
+                        .prepare_cached(
+                            "SELECT count(*) FROM (SELECT v FROM t WHERE id >= ?1 LIMIT ?2)",
+                        )?
+                        .query_row(rusqlite::params![i % 3, i % 4], |r| r.get(0))?;
+                    assert!(n <= 3);
+                }
+                let f = c.prepare_cached(crate::lua::store::GET_SQL)?;
+                let l = c.prepare_cached(
+                    "SELECT count(*) FROM (SELECT v FROM t WHERE id >= ?1 LIMIT ?2)",
+                )?;
+                Ok((
+                    f.get_status(rusqlite::StatementStatus::RePrepare),
+                    f.get_status(rusqlite::StatementStatus::Run),
+                    l.get_status(rusqlite::StatementStatus::RePrepare),
+                ))
+            })
+            .await
+            .unwrap();
+        assert_eq!(reprepared.1, 6, "the look-up ran on one cached statement");
+        assert_eq!(
+            (reprepared.0, reprepared.2),
+            (0, 0),
+            "re-prepared: {reprepared:?}"
+        );
+    }
 }
