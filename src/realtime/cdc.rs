@@ -1283,9 +1283,18 @@ mod tests {
             .query_row("SELECT sql FROM sqlite_schema WHERE name = '_ichibase_change_batches'", [], |r| r.get(0))
             .unwrap();
         assert!(sql.contains("first_id INTEGER PRIMARY KEY"), "{sql}");
+        // The plan as the dispatcher runs it: ?1 a change id, ?2 (reads) NULL.
         let plan = |q: &str| -> Vec<String> {
             let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {q}")).unwrap();
-            st.query_map(params![3, Option::<i64>::None], |r| r.get::<_, String>(3)).unwrap().map(|r| r.unwrap()).collect()
+            for i in 1..=st.parameter_count() {
+                st.raw_bind_parameter(i, if i == 1 { Sql::Integer(3) } else { Sql::Null }).unwrap();
+            }
+            let mut rows = st.raw_query();
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().unwrap() {
+                out.push(r.get::<_, String>(3).unwrap());
+            }
+            out
         };
         let read = plan(READ_SQL);
         assert!(read.iter().all(|p| !p.starts_with("SCAN")), "{read:?}");
