@@ -416,7 +416,12 @@ fn json_keys(cols: &[String]) -> Vec<String> {
 impl Reader<'_> {
     /// One encoded row straight to a JSON object (`keys`: the columns' [`json_keys`]); `spans`
     /// gets where each value's text lies.
-    fn row_json(&mut self, keys: &[String], out: &mut String, spans: &mut Vec<(usize, usize)>) -> std::result::Result<(), String> {
+    fn row_json(
+        &mut self,
+        keys: &[String],
+        out: &mut String,
+        spans: &mut Vec<(usize, usize)>,
+    ) -> std::result::Result<(), String> {
         let n = self.varint()? as usize;
         spans.clear();
         out.push('{');
@@ -495,7 +500,8 @@ fn decode(
         return Err("unknown batch format".into());
     }
     let ntables = r.varint()? as usize;
-    let mut tables: Vec<(Arc<str>, Vec<String>, Vec<usize>, Vec<String>)> = Vec::with_capacity(ntables.min(1024));
+    let mut tables: Vec<(Arc<str>, Vec<String>, Vec<usize>, Vec<String>)> =
+        Vec::with_capacity(ntables.min(1024));
     for _ in 0..ntables {
         let name = r.text()?;
         let ncols = r.varint()? as usize;
@@ -1277,17 +1283,29 @@ mod tests {
     fn log_reads_and_pruning_are_key_ranges() {
         let (mut c, _cap) = captured_db();
         for i in 0..5 {
-            ops(&c, &format!("INSERT INTO t VALUES ({}, 'a'), ({}, 'b')", 2 * i + 1, 2 * i + 2));
+            ops(
+                &c,
+                &format!(
+                    "INSERT INTO t VALUES ({}, 'a'), ({}, 'b')",
+                    2 * i + 1,
+                    2 * i + 2
+                ),
+            );
         }
         let sql: String = c
-            .query_row("SELECT sql FROM sqlite_schema WHERE name = '_ichibase_change_batches'", [], |r| r.get(0))
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE name = '_ichibase_change_batches'",
+                [],
+                |r| r.get(0),
+            )
             .unwrap();
         assert!(sql.contains("first_id INTEGER PRIMARY KEY"), "{sql}");
         // The plan as the dispatcher runs it: ?1 a change id, ?2 (reads) NULL.
         let plan = |q: &str| -> Vec<String> {
             let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {q}")).unwrap();
             for i in 1..=st.parameter_count() {
-                st.raw_bind_parameter(i, if i == 1 { Sql::Integer(3) } else { Sql::Null }).unwrap();
+                st.raw_bind_parameter(i, if i == 1 { Sql::Integer(3) } else { Sql::Null })
+                    .unwrap();
             }
             let mut rows = st.raw_query();
             let mut out = Vec::new();
@@ -1298,10 +1316,17 @@ mod tests {
         };
         let read = plan(READ_SQL);
         assert!(read.iter().all(|p| !p.starts_with("SCAN")), "{read:?}");
-        assert!(read[0].contains("INTEGER PRIMARY KEY (rowid>?)"), "{read:?}");
+        assert!(
+            read[0].contains("INTEGER PRIMARY KEY (rowid>?)"),
+            "{read:?}"
+        );
         // Every start position, inside and between batches, gives exactly the later changes.
         for after in 0..=10 {
-            let ids: Vec<i64> = read_events(&c, after, None, 1000, false).unwrap().iter().map(|e| e.id).collect();
+            let ids: Vec<i64> = read_events(&c, after, None, 1000, false)
+                .unwrap()
+                .iter()
+                .map(|e| e.id)
+                .collect();
             assert_eq!(ids, ((after + 1)..=10).collect::<Vec<_>>(), "after {after}");
         }
         let prune = plan(PRUNE_SQL);
@@ -1314,7 +1339,18 @@ mod tests {
 
     #[test]
     fn integers_are_written_as_display_writes_them() {
-        for v in [0, 1, -1, 9, 10, -10, 1234567890, i64::MAX, i64::MIN, i64::MIN + 1] {
+        for v in [
+            0,
+            1,
+            -1,
+            9,
+            10,
+            -10,
+            1234567890,
+            i64::MAX,
+            i64::MIN,
+            i64::MIN + 1,
+        ] {
             let mut s = String::from("x");
             push_i64(&mut s, v);
             assert_eq!(s, format!("x{v}"));

@@ -218,7 +218,11 @@ impl Hub {
                 let tx = match cur {
                     Some((c, tx)) if c == id => tx,
                     _ => {
-                        let tx = if slow.contains(&id) { None } else { st.conns.get(&id).map(|c| &c.tx) };
+                        let tx = if slow.contains(&id) {
+                            None
+                        } else {
+                            st.conns.get(&id).map(|c| &c.tx)
+                        };
                         cur = Some((id, tx));
                         tx
                     }
@@ -235,7 +239,10 @@ impl Hub {
             }
         }
         for id in slow {
-            self.disconnect(id, &format!("slow consumer: {} messages queued and not read", self.queue));
+            self.disconnect(
+                id,
+                &format!("slow consumer: {} messages queued and not read", self.queue),
+            );
         }
         queued
     }
@@ -616,12 +623,28 @@ mod tests {
             (999, frame(json!("nobody"))),
             (a.id, frame(json!(3))),
         ];
-        assert_eq!(h.send_many(frames), 6, "three for each; the fourth for `slow` does not fit");
+        assert_eq!(
+            h.send_many(frames),
+            6,
+            "three for each; the fourth for `slow` does not fit"
+        );
         assert_eq!(drain(&mut a), vec![json!(1), json!(2), json!(3)]);
         assert_eq!(h.connections(), 1, "the slow consumer is gone");
-        assert!(slow.kill.borrow().clone().unwrap().contains("slow consumer"));
+        assert!(
+            slow.kill
+                .borrow()
+                .clone()
+                .unwrap()
+                .contains("slow consumer")
+        );
         // After the cut-off nothing more reaches it, even from a later batch.
-        assert_eq!(h.send_many(vec![(slow.id, frame(json!("late"))), (a.id, frame(json!(4)))]), 1);
+        assert_eq!(
+            h.send_many(vec![
+                (slow.id, frame(json!("late"))),
+                (a.id, frame(json!(4)))
+            ]),
+            1
+        );
         assert_eq!(drain(&mut a), vec![json!(4)]);
     }
 

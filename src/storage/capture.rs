@@ -214,7 +214,11 @@ impl State {
 
     /// Where the oldest running statement began (records after it are not final yet).
     fn settled(&self) -> Mark {
-        self.stmts.iter().map(|(_, m, _)| *m).min_by_key(|m| m.len).unwrap_or(self.mark())
+        self.stmts
+            .iter()
+            .map(|(_, m, _)| *m)
+            .min_by_key(|m| m.len)
+            .unwrap_or(self.mark())
     }
 
     /// Take the records up to `cut` as one encoded batch.
@@ -860,7 +864,10 @@ impl Capture {
         let word = first_keyword(text);
         // INSERT / UPDATE / DELETE never change the schema: no schema check after them (a change
         // by another process is noticed through `PRAGMA data_version`, see `poll_external`).
-        let ddl = !matches!(word.as_str(), "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "SELECT" | "VALUES" | "WITH");
+        let ddl = !matches!(
+            word.as_str(),
+            "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "SELECT" | "VALUES" | "WITH"
+        );
         if active {
             let k = if readonly { Kind::Control } else { kind(&word) };
             if k == Kind::Control {
@@ -897,11 +904,20 @@ impl Capture {
         let (busy, readonly) = unsafe { (ffi::sqlite3_stmt_busy(p) != 0, ffi::sqlite3_stmt_readonly(p) != 0) };
         let (check, last, mark, schema_check, wrapped, wrap_open) = {
             let mut s = self.state.lock().unwrap();
-            let Some(at) = s.stmts.iter().rposition(|(st, _, _)| *st == p as usize) else { return };
+            let Some(at) = s.stmts.iter().rposition(|(st, _, _)| *st == p as usize) else {
+                return;
+            };
             // Only this entry: statements may end out of order (a cursor reset after later ones).
             let (_, mark, ddl) = s.stmts.remove(at);
             let check = s.count > mark.count && !busy;
-            (check, s.last, mark, !s.tables.is_empty() && ddl, s.wrapped == Some(p as usize), s.wrap_open)
+            (
+                check,
+                s.last,
+                mark,
+                !s.tables.is_empty() && ddl,
+                s.wrapped == Some(p as usize),
+                s.wrap_open,
+            )
         };
         // A statement that halted with records: did it fail (SQLite undid its changes)?
         if check {
