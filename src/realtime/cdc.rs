@@ -485,6 +485,9 @@ impl Reader<'_> {
     }
 }
 
+/// A table of a batch: name, columns, primary-key positions, the columns as JSON keys.
+type BatchTable = (Arc<str>, Vec<String>, Vec<usize>, Vec<String>);
+
 /// The changes of one batch row (ids from `first`) that `keep` wants, appended to `out`: each
 /// with its frame tail serialised straight from the encoding, and with JSON values too when
 /// `maps` (a subscription must evaluate a predicate or filter on them).
@@ -500,8 +503,7 @@ fn decode(
         return Err("unknown batch format".into());
     }
     let ntables = r.varint()? as usize;
-    let mut tables: Vec<(Arc<str>, Vec<String>, Vec<usize>, Vec<String>)> =
-        Vec::with_capacity(ntables.min(1024));
+    let mut tables: Vec<BatchTable> = Vec::with_capacity(ntables.min(1024));
     for _ in 0..ntables {
         let name = r.text()?;
         let ncols = r.varint()? as usize;
