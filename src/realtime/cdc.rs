@@ -222,10 +222,22 @@ impl Cdc {
     }
 }
 
+/// Drops the batches whose changes are all at or before `?1`. `first_id <= ?1` follows from
+/// `last_id <= ?1` and bounds the primary key: only the pruned batches are visited.
+const PRUNE_SQL: &str =
+    "DELETE FROM _ichibase_change_batches WHERE first_id <= ?1 AND last_id <= ?1";
+
+/// The batches holding changes after `?1` (up to `?2`, if not NULL), in order. A range of the
+/// primary key: from the batch holding change `?1` (the newest batch that starts at or before
+/// it; none: from `?1`) on. `last_id` alone is not indexed: filtering on it scanned every kept
+/// batch (the whole retention window, re-read from the file after every write) on each read.
+const READ_SQL: &str = "SELECT first_id, data FROM _ichibase_change_batches
+    WHERE first_id >= coalesce((SELECT first_id FROM _ichibase_change_batches WHERE first_id <= ?1 ORDER BY first_id DESC LIMIT 1), ?1)
+      AND last_id > ?1 AND (?2 IS NULL OR first_id <= ?2)
+    ORDER BY first_id";
+
 fn read_events(c: &Connection, after: i64, upto: Option<i64>, limit: i64, maps: bool) -> Result<Vec<Event>> {
-    let mut st = c.prepare_cached(
-        "SELECT first_id, data FROM _ichibase_change_batches WHERE last_id > ?1 AND (?2 IS NULL OR first_id <= ?2) ORDER BY first_id",
-    )?;
+    let mut st = c.prepare_cached(READ_SQL)?;
     let mut rows = st.query(params![after, upto])?;
     let mut out = Vec::new();
     while let Some(r) = rows.next()? {
@@ -368,9 +380,48 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// An integer in decimal, as `Display` writes it (without the formatting machinery: this runs
+/// for every id and integer value of every change).
+fn push_i64(out: &mut String, v: i64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    let mut n = v.unsigned_abs();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if v < 0 {
+        out.push('-');
+    }
+    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or_default());
+}
+
+/// A table's column names as JSON object keys (`"name":`), escaped once per batch, not once
+/// per value.
+fn json_keys(cols: &[String]) -> Vec<String> {
+    cols.iter()
+        .map(|c| {
+            let mut k = String::with_capacity(c.len() + 3);
+            push_json_str(&mut k, c);
+            k.push(':');
+            k
+        })
+        .collect()
+}
+
 impl Reader<'_> {
-    /// One encoded row straight to a JSON object; `spans` gets where each value's text lies.
-    fn row_json(&mut self, cols: &[String], out: &mut String, spans: &mut Vec<(usize, usize)>) -> std::result::Result<(), String> {
+    /// One encoded row straight to a JSON object (`keys`: the columns' [`json_keys`]); `spans`
+    /// gets where each value's text lies.
+    fn row_json(
+        &mut self,
+        keys: &[String],
+        out: &mut String,
+        spans: &mut Vec<(usize, usize)>,
+    ) -> std::result::Result<(), String> {
         let n = self.varint()? as usize;
         spans.clear();
         out.push('{');
@@ -378,17 +429,17 @@ impl Reader<'_> {
             if i > 0 {
                 out.push(',');
             }
-            match cols.get(i) {
-                Some(c) => push_json_str(out, c),
-                None => push_json_str(out, &format!("column{}", i + 1)),
+            match keys.get(i) {
+                Some(k) => out.push_str(k),
+                None => {
+                    push_json_str(out, &format!("column{}", i + 1));
+                    out.push(':');
+                }
             }
-            out.push(':');
             let at = out.len();
             match self.byte()? {
                 capture::V_NULL => out.push_str("null"),
-                capture::V_INT => {
-                    let _ = write!(out, "{}", self.int()?);
-                }
+                capture::V_INT => push_i64(out, self.int()?),
                 capture::V_REAL => {
                     let s = self.b.get(self.at..self.at + 8).ok_or("truncated batch")?;
                     self.at += 8;
@@ -434,6 +485,9 @@ impl Reader<'_> {
     }
 }
 
+/// A table of a batch: name, columns, primary-key positions, the columns as JSON keys.
+type BatchTable = (Arc<str>, Vec<String>, Vec<usize>, Vec<String>);
+
 /// The changes of one batch row (ids from `first`) that `keep` wants, appended to `out`: each
 /// with its frame tail serialised straight from the encoding, and with JSON values too when
 /// `maps` (a subscription must evaluate a predicate or filter on them).
@@ -449,7 +503,7 @@ fn decode(
         return Err("unknown batch format".into());
     }
     let ntables = r.varint()? as usize;
-    let mut tables: Vec<(Arc<str>, Vec<String>, Vec<usize>)> = Vec::with_capacity(ntables.min(1024));
+    let mut tables: Vec<BatchTable> = Vec::with_capacity(ntables.min(1024));
     for _ in 0..ntables {
         let name = r.text()?;
         let ncols = r.varint()? as usize;
@@ -462,15 +516,18 @@ fn decode(
         for _ in 0..npk {
             pk.push(r.varint()? as usize);
         }
-        tables.push((name.into(), cols, pk));
+        let keys = json_keys(&cols);
+        tables.push((name.into(), cols, pk, keys));
     }
     let n = r.varint()? as usize;
     out.reserve(n.min(1 << 20));
     let (mut so, mut sn) = (Vec::new(), Vec::new());
+    // The rows of one event, written before the key that is copied out of them (reused).
+    let mut rows = String::new();
     for i in 0..n {
         let id = first + i as i64;
         let op = r.byte()?;
-        let (name, cols, pk) = tables.get(r.varint()? as usize).ok_or("bad table index")?;
+        let (name, cols, pk, keys) = tables.get(r.varint()? as usize).ok_or("bad table index")?;
         let rowid = r.int()?;
         let op_name = match op {
             capture::OP_INSERT => "insert",
@@ -492,36 +549,44 @@ fn decode(
         let mut t = String::with_capacity(96 + (data.len() / n.max(1)) * 2);
         t.push_str("\"table\":");
         push_json_str(&mut t, name);
-        let _ = write!(t, ",\"change_id\":{id},\"op\":\"{op_name}\",\"key\":");
+        t.push_str(",\"change_id\":");
+        push_i64(&mut t, id);
+        t.push_str(",\"op\":\"");
+        t.push_str(op_name);
+        t.push_str("\",\"key\":");
         // Rows go to `rows` first: the key comes before them in the frame.
-        let mut rows = String::new();
+        rows.clear();
         rows.push_str(",\"old\":");
         if op != capture::OP_INSERT {
-            r.row_json(cols, &mut rows, &mut so)?;
+            r.row_json(keys, &mut rows, &mut so)?;
         } else {
             rows.push_str("null");
         }
         rows.push_str(",\"new\":");
         if op != capture::OP_DELETE {
-            r.row_json(cols, &mut rows, &mut sn)?;
+            r.row_json(keys, &mut rows, &mut sn)?;
         } else {
             rows.push_str("null");
         }
         rows.push('}');
         let spans = if op == capture::OP_DELETE { &so } else { &sn };
         if pk.is_empty() || spans.is_empty() {
-            let _ = write!(t, "{{\"rowid\":{rowid}}}");
+            t.push_str("{\"rowid\":");
+            push_i64(&mut t, rowid);
+            t.push('}');
         } else {
             t.push('{');
             for (j, p) in pk.iter().enumerate() {
                 if j > 0 {
                     t.push(',');
                 }
-                match cols.get(*p) {
-                    Some(c) => push_json_str(&mut t, c),
-                    None => push_json_str(&mut t, &format!("column{}", p + 1)),
+                match keys.get(*p) {
+                    Some(k) => t.push_str(k),
+                    None => {
+                        push_json_str(&mut t, &format!("column{}", p + 1));
+                        t.push(':');
+                    }
                 }
-                t.push(':');
                 match spans.get(*p) {
                     Some((a, b)) => t.push_str(&rows[*a..*b]),
                     None => t.push_str("null"),
@@ -718,6 +783,8 @@ async fn deliver(storage: &Storage, hub: &Hub, subs: &[&Sub], events: &[Event]) 
             })
         })
         .collect();
+    // Every frame of the batch, in order, queued under one hub lock.
+    let mut frames: Vec<(u64, Out)> = Vec::with_capacity(events.len() * subs.len().min(4));
     for (j, e) in events.iter().enumerate() {
         for (i, s) in subs.iter().enumerate() {
             if let (Some(prefix), Some(tail)) = (&prefixes[i], &e.tail) {
@@ -725,7 +792,7 @@ async fn deliver(storage: &Storage, hub: &Hub, subs: &[&Sub], events: &[Event]) 
                     let mut m = String::with_capacity(prefix.len() + tail.len());
                     m.push_str(prefix);
                     m.push_str(tail);
-                    hub.send(s.conn, Out::Text(m.into()));
+                    frames.push((s.conn, Out::Text(m.into())));
                 }
                 continue;
             }
@@ -737,11 +804,12 @@ async fn deliver(storage: &Storage, hub: &Hub, subs: &[&Sub], events: &[Event]) 
             if let Some((o, n)) = v {
                 if let Some(m) = message(s, e, o, n) {
                     // `.into()`: the frame type of `Out::Text` (shared text) built from the string.
-                    hub.send(s.conn, Out::Text(m.into()));
+                    frames.push((s.conn, Out::Text(m.into())));
                 }
             }
         }
     }
+    hub.send_many(frames);
 }
 
 /// Resolve what a subscription reads and check the role may read it.
@@ -899,7 +967,7 @@ async fn dispatch(
             if keep_from > 0 {
                 let r = storage
                     .write(&sys(), ctl(), move |c| {
-                        Ok(c.execute("DELETE FROM _ichibase_change_batches WHERE last_id <= ?1", [keep_from])?)
+                        Ok(c.execute(PRUNE_SQL, [keep_from])?)
                     })
                     .await;
                 if let Err(e) = r {
@@ -1209,6 +1277,86 @@ mod tests {
         ops(&c, "BEGIN; ALTER TABLE t2 RENAME TO t3; INSERT INTO t3 VALUES (4, 'x', 1); ROLLBACK; INSERT INTO t2 VALUES (5, 'y', 2)");
         assert_eq!(events(&c, 3), vec![r#"4 t2 insert {"id":5} {"id":5,"v":"y","w":2}"#]);
         capture::uninstall(&mut c);
+    }
+
+    /// Reading new changes seeks to the batch holding the cursor (a primary-key range), never a
+    /// scan of every kept batch; pruning likewise visits only the pruned batches.
+    #[test]
+    fn log_reads_and_pruning_are_key_ranges() {
+        let (mut c, _cap) = captured_db();
+        for i in 0..5 {
+            ops(
+                &c,
+                &format!(
+                    "INSERT INTO t VALUES ({}, 'a'), ({}, 'b')",
+                    2 * i + 1,
+                    2 * i + 2
+                ),
+            );
+        }
+        let sql: String = c
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE name = '_ichibase_change_batches'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(sql.contains("first_id INTEGER PRIMARY KEY"), "{sql}");
+        // The plan as the dispatcher runs it: ?1 a change id, ?2 (reads) NULL.
+        let plan = |q: &str| -> Vec<String> {
+            let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {q}")).unwrap();
+            for i in 1..=st.parameter_count() {
+                st.raw_bind_parameter(i, if i == 1 { Sql::Integer(3) } else { Sql::Null })
+                    .unwrap();
+            }
+            let mut rows = st.raw_query();
+            let mut out = Vec::new();
+            while let Some(r) = rows.next().unwrap() {
+                out.push(r.get::<_, String>(3).unwrap());
+            }
+            out
+        };
+        let read = plan(READ_SQL);
+        assert!(read.iter().all(|p| !p.starts_with("SCAN")), "{read:?}");
+        assert!(
+            read[0].contains("INTEGER PRIMARY KEY (rowid>?)"),
+            "{read:?}"
+        );
+        // Every start position, inside and between batches, gives exactly the later changes.
+        for after in 0..=10 {
+            let ids: Vec<i64> = read_events(&c, after, None, 1000, false)
+                .unwrap()
+                .iter()
+                .map(|e| e.id)
+                .collect();
+            assert_eq!(ids, ((after + 1)..=10).collect::<Vec<_>>(), "after {after}");
+        }
+        let prune = plan(PRUNE_SQL);
+        assert!(prune.iter().all(|p| !p.starts_with("SCAN")), "{prune:?}");
+        let n = c.execute(PRUNE_SQL, [5]).unwrap();
+        assert_eq!(n, 2, "the batches 1-2 and 3-4; 5-6 holds a kept change");
+        assert_eq!(read_events(&c, 0, None, 1000, false).unwrap()[0].id, 5);
+        capture::uninstall(&mut c);
+    }
+
+    #[test]
+    fn integers_are_written_as_display_writes_them() {
+        for v in [
+            0,
+            1,
+            -1,
+            9,
+            10,
+            -10,
+            1234567890,
+            i64::MAX,
+            i64::MIN,
+            i64::MIN + 1,
+        ] {
+            let mut s = String::from("x");
+            push_i64(&mut s, v);
+            assert_eq!(s, format!("x{v}"));
+        }
     }
 
     #[test]

@@ -12,6 +12,8 @@
 //! channel under the hub lock: a non-blocking `try_send` per member, no per-member lookup, no
 //! per-member lock. Joins and leaves touch only the joining member's entries (presence lists
 //! and diffs cost what the presence-tracked members cost), never a scan of the channel.
+//! Change-data-capture queues all the frames of a delivery batch under one lock
+//! ([`Hub::send_many`]), not one lock and lookup per frame.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -199,6 +201,50 @@ impl Hub {
             );
         }
         false
+    }
+
+    /// Queue many frames (for one or several connections) under one hub lock, in the order
+    /// given: what change-data-capture delivers after a write. A connection whose queue fills
+    /// takes none of its later frames (never a gap followed by more frames) and is disconnected
+    /// as a slow consumer once the lock is released. Returns how many frames were queued.
+    pub fn send_many(&self, frames: impl IntoIterator<Item = (u64, Out)>) -> usize {
+        let mut queued = 0;
+        let mut slow: Vec<u64> = Vec::new();
+        {
+            let st = self.state.lock().unwrap();
+            // Frames come in runs for the same connection: look each run's connection up once.
+            let mut cur: Option<(u64, Option<&mpsc::Sender<Out>>)> = None;
+            for (id, msg) in frames {
+                let tx = match cur {
+                    Some((c, tx)) if c == id => tx,
+                    _ => {
+                        let tx = if slow.contains(&id) {
+                            None
+                        } else {
+                            st.conns.get(&id).map(|c| &c.tx)
+                        };
+                        cur = Some((id, tx));
+                        tx
+                    }
+                };
+                let Some(tx) = tx else { continue };
+                match tx.try_send(msg) {
+                    Ok(()) => queued += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        slow.push(id);
+                        cur = Some((id, None));
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => cur = Some((id, None)),
+                }
+            }
+        }
+        for id in slow {
+            self.disconnect(
+                id,
+                &format!("slow consumer: {} messages queued and not read", self.queue),
+            );
+        }
+        queued
     }
 
     pub fn send_json(&self, id: u64, v: &Json) -> bool {
@@ -559,6 +605,47 @@ mod tests {
         assert_eq!(h.connections(), 0);
         let why = slow.kill.borrow().clone().unwrap();
         assert!(why.contains("slow consumer"), "{why}");
+    }
+
+    #[test]
+    fn batched_frames_keep_their_order_and_a_full_queue_takes_nothing_more() {
+        let h = hub(3, WsLimitsSettings::default());
+        let mut a = h.connect(RequestContext::system(), None);
+        let slow = h.connect(RequestContext::system(), None);
+        let frame = |v: Json| Out::json(&v);
+        let frames = vec![
+            (a.id, frame(json!(1))),
+            (slow.id, frame(json!("s1"))),
+            (slow.id, frame(json!("s2"))),
+            (a.id, frame(json!(2))),
+            (slow.id, frame(json!("s3"))),
+            (slow.id, frame(json!("s4"))),
+            (999, frame(json!("nobody"))),
+            (a.id, frame(json!(3))),
+        ];
+        assert_eq!(
+            h.send_many(frames),
+            6,
+            "three for each; the fourth for `slow` does not fit"
+        );
+        assert_eq!(drain(&mut a), vec![json!(1), json!(2), json!(3)]);
+        assert_eq!(h.connections(), 1, "the slow consumer is gone");
+        assert!(
+            slow.kill
+                .borrow()
+                .clone()
+                .unwrap()
+                .contains("slow consumer")
+        );
+        // After the cut-off nothing more reaches it, even from a later batch.
+        assert_eq!(
+            h.send_many(vec![
+                (slow.id, frame(json!("late"))),
+                (a.id, frame(json!(4)))
+            ]),
+            1
+        );
+        assert_eq!(drain(&mut a), vec![json!(4)]);
     }
 
     #[test]

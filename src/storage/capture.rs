@@ -165,8 +165,9 @@ struct State {
     last: Option<usize>,
     /// DELETE records just appended, none after them yet (a REPLACE's).
     deletes: Vec<Del>,
-    /// Top-level statements running, with where the buffer stood when each began.
-    stmts: Vec<(usize, Mark)>,
+    /// Top-level statements running, with where the buffer stood when each began and whether
+    /// it may change the schema (its first keyword is not one of the data statements').
+    stmts: Vec<(usize, Mark, bool)>,
     /// The statement a transaction was opened for (it would have run in autocommit mode).
     wrapped: Option<usize>,
     /// That transaction's statement ended but it could not commit yet (other writes running).
@@ -206,14 +207,18 @@ impl State {
         self.used.clear();
         self.last = None;
         self.deletes.clear();
-        for (_, m) in self.stmts.iter_mut() {
+        for (_, m, _) in self.stmts.iter_mut() {
             *m = Mark::default();
         }
     }
 
     /// Where the oldest running statement began (records after it are not final yet).
     fn settled(&self) -> Mark {
-        self.stmts.iter().map(|(_, m)| *m).min_by_key(|m| m.len).unwrap_or(self.mark())
+        self.stmts
+            .iter()
+            .map(|(_, m, _)| *m)
+            .min_by_key(|m| m.len)
+            .unwrap_or(self.mark())
     }
 
     /// Take the records up to `cut` as one encoded batch.
@@ -239,7 +244,7 @@ impl State {
         data.extend_from_slice(&self.buf[..cut.len]);
         self.buf.drain(..cut.len);
         self.count -= cut.count;
-        for (_, m) in self.stmts.iter_mut() {
+        for (_, m, _) in self.stmts.iter_mut() {
             m.len = m.len.saturating_sub(cut.len);
             m.count = m.count.saturating_sub(cut.count);
         }
@@ -600,7 +605,7 @@ unsafe extern "C" fn on_preupdate(
     if code == OP_INSERT && !s.deletes.is_empty() {
         // SAFETY: inside the callback.
         let key = unsafe { key_of(&info, db, rowid, sqlite3_preupdate_new) };
-        let floor = s.stmts.last().map(|(_, m)| m.len).unwrap_or(0);
+        let floor = s.stmts.last().map(|(_, m, _)| m.len).unwrap_or(0);
         if let Some(i) = s.deletes.iter().position(|d| d.table == idx && d.key == key && d.start >= floor) {
             let d = s.deletes.remove(i);
             s.buf.drain(d.start..d.end);
@@ -673,8 +678,8 @@ enum Kind {
     Other,
 }
 
-fn kind(sql: &[u8]) -> Kind {
-    match first_keyword(sql).as_str() {
+fn kind(first_keyword: &str) -> Kind {
+    match first_keyword {
         "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "SAVEPOINT" | "RELEASE" => Kind::Control,
         "VACUUM" | "PRAGMA" | "ATTACH" | "DETACH" => Kind::Outside,
         _ => Kind::Other,
@@ -856,8 +861,15 @@ impl Capture {
             self.state.lock().unwrap().recheck = false;
             self.check_schema();
         }
+        let word = first_keyword(text);
+        // INSERT / UPDATE / DELETE never change the schema: no schema check after them (a change
+        // by another process is noticed through `PRAGMA data_version`, see `poll_external`).
+        let ddl = !matches!(
+            word.as_str(),
+            "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "SELECT" | "VALUES" | "WITH"
+        );
         if active {
-            let k = if readonly { Kind::Control } else { kind(text) };
+            let k = if readonly { Kind::Control } else { kind(&word) };
             if k == Kind::Control {
                 // COMMIT / RELEASE / ROLLBACK [TO] / SAVEPOINT / BEGIN / SELECT: the records so
                 // far go to the log first, inside the transaction (a commit includes them, a
@@ -877,26 +889,35 @@ impl Capture {
         }
         let mut s = self.state.lock().unwrap();
         let m = s.mark();
-        if let Some(i) = s.stmts.iter().position(|(st, _)| *st == p as usize) {
+        if let Some(i) = s.stmts.iter().position(|(st, _, _)| *st == p as usize) {
             s.stmts.remove(i);
         }
         if s.stmts.len() >= MAX_STMTS {
             s.stmts.remove(0);
         }
-        s.stmts.push((p as usize, m));
+        s.stmts.push((p as usize, m, ddl));
     }
 
     /// SAFETY: `p` is a statement of the writer connection that ended or is being reset.
     unsafe fn statement_ends(&self, p: *mut ffi::sqlite3_stmt) {
         // SAFETY: see above.
         let (busy, readonly) = unsafe { (ffi::sqlite3_stmt_busy(p) != 0, ffi::sqlite3_stmt_readonly(p) != 0) };
-        let (check, last, mark, active, wrapped, wrap_open) = {
+        let (check, last, mark, schema_check, wrapped, wrap_open) = {
             let mut s = self.state.lock().unwrap();
-            let Some(at) = s.stmts.iter().rposition(|(st, _)| *st == p as usize) else { return };
+            let Some(at) = s.stmts.iter().rposition(|(st, _, _)| *st == p as usize) else {
+                return;
+            };
             // Only this entry: statements may end out of order (a cursor reset after later ones).
-            let (_, mark) = s.stmts.remove(at);
+            let (_, mark, ddl) = s.stmts.remove(at);
             let check = s.count > mark.count && !busy;
-            (check, s.last, mark, !s.tables.is_empty(), s.wrapped == Some(p as usize), s.wrap_open)
+            (
+                check,
+                s.last,
+                mark,
+                !s.tables.is_empty() && ddl,
+                s.wrapped == Some(p as usize),
+                s.wrap_open,
+            )
         };
         // A statement that halted with records: did it fail (SQLite undid its changes)?
         if check {
@@ -906,7 +927,7 @@ impl Capture {
                 }
             }
         }
-        if active && !readonly {
+        if schema_check && !readonly {
             self.check_schema();
         }
         if wrapped || wrap_open {
@@ -1022,6 +1043,8 @@ impl Capture {
         let Ok(v) = self.nested(|a| a.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get::<_, i64>(0))) else { return };
         let mut s = self.state.lock().unwrap();
         if s.data_version.is_some_and(|d| d != v) {
+            // Maybe a schema change too: compare the schema version before the next statement.
+            s.recheck = true;
             self.external.fetch_add(1, Ordering::Relaxed);
             tracing::info!("the database was changed by another connection or process; change subscribers are told to refetch");
         }
