@@ -238,7 +238,10 @@ pub fn invoke(runtime: &Runtime, ctx: RequestContext, inv: Invocation) -> Outcom
 
 /// The one place a Lua run is logged and its trace kept.
 fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &mut Outcome) {
-    tracing::info!(function = %inv.function, version = inv.version, trace_id = %ctx.trace_id, role = ctx.role.as_str(),
+    // Every run is a `lua` row in the posterity log; the server log carries it only at debug
+    // level (at info it wrote a line per call: a busy function filled the log and paid a
+    // formatted stderr write per invocation).
+    tracing::debug!(function = %inv.function, version = inv.version, trace_id = %ctx.trace_id, role = ctx.role.as_str(),
         ok = outcome.result.is_ok(), instructions = outcome.instructions, cpu_ms = outcome.cpu.as_secs_f64() * 1e3, peak_memory = outcome.peak_memory,
         elapsed_ms = outcome.elapsed.as_secs_f64() * 1e3, "lua invocation");
     if let Some(app) = &runtime.app {
