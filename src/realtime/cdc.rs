@@ -380,24 +380,10 @@ fn push_json_str(out: &mut String, s: &str) {
     out.push('"');
 }
 
-/// An integer in decimal, as `Display` writes it (without the formatting machinery: this runs
-/// for every id and integer value of every change).
+/// An integer in decimal, as `Display` writes it (`itoa`, without the formatting machinery:
+/// this runs for every id and integer value of every change).
 fn push_i64(out: &mut String, v: i64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    let mut n = v.unsigned_abs();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    if v < 0 {
-        out.push('-');
-    }
-    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or_default());
+    out.push_str(itoa::Buffer::new().format(v));
 }
 
 /// A table's column names as JSON object keys (`"name":`), escaped once per batch, not once

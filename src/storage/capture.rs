@@ -675,13 +675,26 @@ enum Kind {
     Control,
     /// Cannot run inside a transaction and changes no captured row.
     Outside,
+    /// INSERT / UPDATE / DELETE / REPLACE / SELECT / VALUES / WITH: changes rows, never the
+    /// schema.
+    Data,
+    /// Anything else (CREATE, DROP, ALTER, ...): may change the schema.
     Other,
+}
+
+impl Kind {
+    /// Whether a statement of this kind may change the schema (the captured tables are
+    /// checked again after it).
+    fn may_change_schema(&self) -> bool {
+        !matches!(self, Kind::Data)
+    }
 }
 
 fn kind(first_keyword: &str) -> Kind {
     match first_keyword {
         "BEGIN" | "COMMIT" | "END" | "ROLLBACK" | "SAVEPOINT" | "RELEASE" => Kind::Control,
         "VACUUM" | "PRAGMA" | "ATTACH" | "DETACH" => Kind::Outside,
+        "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "SELECT" | "VALUES" | "WITH" => Kind::Data,
         _ => Kind::Other,
     }
 }
@@ -861,15 +874,12 @@ impl Capture {
             self.state.lock().unwrap().recheck = false;
             self.check_schema();
         }
-        let word = first_keyword(text);
-        // INSERT / UPDATE / DELETE never change the schema: no schema check after them (a change
-        // by another process is noticed through `PRAGMA data_version`, see `poll_external`).
-        let ddl = !matches!(
-            word.as_str(),
-            "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "SELECT" | "VALUES" | "WITH"
-        );
+        let word_kind = kind(&first_keyword(text));
+        // Data statements never change the schema: no schema check after them (a change by
+        // another process is noticed through `PRAGMA data_version`, see `poll_external`).
+        let ddl = word_kind.may_change_schema();
         if active {
-            let k = if readonly { Kind::Control } else { kind(&word) };
+            let k = if readonly { Kind::Control } else { word_kind };
             if k == Kind::Control {
                 // COMMIT / RELEASE / ROLLBACK [TO] / SAVEPOINT / BEGIN / SELECT: the records so
                 // far go to the log first, inside the transaction (a commit includes them, a
@@ -879,7 +889,7 @@ impl Capture {
                 } else if !auto {
                     self.write_log();
                 }
-            } else if auto && k == Kind::Other {
+            } else if auto && matches!(k, Kind::Data | Kind::Other) {
                 // Would autocommit: run it in a transaction of ours, committed with its log
                 // row when it ends.
                 if self.nested(|c| c.prepare_cached("BEGIN")?.execute([])).is_ok() {

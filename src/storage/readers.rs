@@ -201,6 +201,17 @@ mod tests {
     use crate::core::RequestContext;
     use crate::storage::{ExecControl, Storage, StorageOptions};
 
+    /// Storage in `dir` with a single reader connection and the given busy wait.
+    fn one_reader_storage(dir: &std::path::Path, busy_timeout_ms: u64) -> Storage {
+        let config = Config {
+            data_dir: dir.to_path_buf(),
+            readers: 1,
+            busy_timeout_ms,
+            ..Config::default()
+        };
+        Storage::open(&StorageOptions::from_config(&config)).unwrap()
+    }
+
     fn busy_ms(conn: &rusqlite::Connection) -> crate::core::Result<i64> {
         Ok(conn.query_row("PRAGMA busy_timeout", [], |r| r.get(0))?)
     }
@@ -211,13 +222,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_inline_read_never_waits_for_a_lock_and_puts_the_wait_back() {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config {
-            data_dir: dir.path().to_path_buf(),
-            readers: 1,
-            busy_timeout_ms: 4_321,
-            ..Config::default()
-        };
-        let storage = Storage::open(&StorageOptions::from_config(&config)).unwrap();
+        let storage = one_reader_storage(dir.path(), 4_321);
         let ctx = RequestContext::system();
         let control = || ExecControl::new(Instant::now(), 0.0);
         let inline = storage.try_read_inline(&ctx, control(), busy_ms).unwrap().unwrap();
@@ -246,12 +251,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn cached_statements_are_not_prepared_again_for_new_bindings() {
         let dir = tempfile::tempdir().unwrap();
-        let config = Config {
-            data_dir: dir.path().to_path_buf(),
-            readers: 1,
-            ..Config::default()
-        };
-        let storage = Storage::open(&StorageOptions::from_config(&config)).unwrap();
+        let storage = one_reader_storage(dir.path(), Config::default().busy_timeout_ms);
         let ctx = RequestContext::system();
         let control = || ExecControl::new(Instant::now(), 0.0);
         for name in ["a", "b"] {
