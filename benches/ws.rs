@@ -414,8 +414,7 @@ fn main() {
         // The true baseline: the same build and flags on its own data directory, with no table
         // captured and no subscriber (the server under test captures `ev`, so its hook also
         // runs for `ev_plain`'s rows).
-        let off_data = tempfile::tempdir().unwrap();
-        let off_server = common::Server::start_in(off_data.path(), &["--ws-queue", "200000"], &[]);
+        let off_server = common::Server::start(&["--ws-queue", "200000"]);
         let off_base = off_server.url.clone();
         common::ok(&http, &off_base, "CREATE TABLE ev_plain(id INTEGER PRIMARY KEY, v TEXT)").await;
         let r = common::jpost(&http, &base, "/admin/cdc", json!({"table": "ev"})).await;
