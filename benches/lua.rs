@@ -8,7 +8,8 @@
 //!    a typical app function (~200 traced lines, 10 `db` inserts in a transaction) and a tight
 //!    loop of 20k iterations (also timed with `os.clock()` inside the script); with the default
 //!    hot-line sampling and with every visit recorded, and the time until the trace is stored
-//!    (traces are saved in the background: the call returns before);
+//!    (traces are saved in the background: the call returns before); traced runs also with a
+//!    fresh state per run (`reuse_states = false`), the baseline of pooled traced runs;
 //! 3. invocation overhead in process: an empty function in a fresh sandbox per run vs a pooled
 //!    one (`[lua_limits] reuse_states`), with the cost of building a bare state alone;
 //! 4. invocation overhead over HTTP: `POST /fn/empty` vs `GET /ping`, same client, same server
@@ -201,8 +202,12 @@ fn invocation_seconds(
     runs: usize,
     ends: bool,
     sample_after: Option<u32>,
+    reuse: bool,
 ) -> Measured {
-    let mut opts = LuaOptions::default();
+    let mut opts = LuaOptions {
+        reuse_states: reuse,
+        ..LuaOptions::default()
+    };
     if ends {
         opts.traces.mode = ichibase::lua::limits::TraceMode::Ends;
     }
@@ -210,6 +215,7 @@ fn invocation_seconds(
         opts.traces.sample_after = k;
     }
     let runtime = ichibase::lua::Runtime::bare(storage.clone(), rt.handle().clone(), opts);
+    ichibase::lua::pool::clear();
     let mut wall = Vec::new();
     let mut saved = Vec::new();
     let mut inside = Vec::new();
@@ -393,8 +399,10 @@ fn main() {
         let runtime = ichibase::lua::Runtime::bare(storage.clone(), rt.handle().clone(), LuaOptions::default());
         invoke(&runtime, RequestContext::system(), setup).result.expect("setup");
     }
-    println!("| workload | traced steps (visits not recorded) | off ms | on ms | ratio on/off | on ms, trace stored | ratio | in-script off ms | in-script on ms | in-script ratio |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("Untraced and traced runs take pooled states (the default); \"fresh\" builds a state for every traced run (how traced runs ran before issue 18's sixth pass).");
+    println!();
+    println!("| workload | traced steps (visits not recorded) | off ms | on ms | ratio on/off | on ms, fresh state | ratio fresh/off | on ms, trace stored | ratio | in-script off ms | in-script on ms | in-script ratio |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let input = serde_json::json!({"customer": "acme"});
     let null = serde_json::Value::Null;
     for (name, src, input, runs, ends, sample_after) in [
@@ -405,19 +413,22 @@ fn main() {
         // `ends` records every visit (no sampling): its tail is the very last steps.
         ("tight loop, `[traces] mode = \"ends\"` (first 2000 + last 2000 steps)", LOOP_FN, null, 7, true, None),
     ] {
-        let off = invocation_seconds(&storage, &rt, src, input.clone(), false, runs, ends, sample_after);
-        let on = invocation_seconds(&storage, &rt, src, input.clone(), true, runs, ends, sample_after);
+        let off = invocation_seconds(&storage, &rt, src, input.clone(), false, runs, ends, sample_after, true);
+        let on = invocation_seconds(&storage, &rt, src, input.clone(), true, runs, ends, sample_after, true);
+        let fresh = invocation_seconds(&storage, &rt, src, input.clone(), true, runs, ends, sample_after, false);
         let inside = match (off.inside, on.inside) {
             (Some(a), Some(b)) => format!("{:.3} | {:.2} | {:.1}", a * 1e3, b * 1e3, b / a),
             _ => "- | - | -".into(),
         };
         println!(
-            "| {name} | {} ({}) | {:.3} | {:.2} | {:.1} | {:.2} | {:.1} | {inside} |",
+            "| {name} | {} ({}) | {:.3} | {:.2} | {:.1} | {:.2} | {:.1} | {:.2} | {:.1} | {inside} |",
             on.steps,
             on.skipped,
             off.wall * 1e3,
             on.wall * 1e3,
             on.wall / off.wall,
+            fresh.wall * 1e3,
+            fresh.wall / off.wall,
             on.saved * 1e3,
             on.saved / off.wall,
         );

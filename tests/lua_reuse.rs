@@ -214,25 +214,90 @@ fn a_run_that_hits_a_limit_drops_its_state() {
     assert_eq!(pool::idle(), 1);
 }
 
-#[test]
-fn traced_runs_and_disabled_reuse_build_fresh_states() {
-    let f = fixture(LuaOptions::default());
+fn traced(f: &Fixture, name: &str, source: &str, input: Value) -> Outcome {
     let _g = f.rt.enter();
-    let o = invoke(
+    invoke(
         &f.runtime,
         user("a", Role::Admin),
         Invocation {
-            function: "traced".into(),
+            function: name.into(),
             version: 1,
-            source: "leaked = 1 return function() return 2 end".into(),
+            source: source.into(),
+            input,
             trace: true,
             ..Invocation::default()
         },
-    );
-    assert_eq!(o.result.unwrap(), json!(2));
+    )
+}
+
+/// A run's trace as JSON (lines, locals, upvalues, sampling marks) and its instruction count.
+fn trace_of(o: Outcome) -> (Value, Option<u64>, Value) {
+    let steps = o.steps.as_ref().map(|(s, _)| serde_json::to_value(s).unwrap());
+    let n = o.instructions;
+    let v = ok(o);
+    (steps.expect("a traced run has steps"), n, v)
+}
+
+/// A typical traced function: locals, a table, a closure, a coroutine, a host call, a loop
+/// long enough to be sampled and to switch the hook's count.
+const TRACED: &str = r#"
+return function(input)
+  local t = {n = 0, list = {}}
+  local function add(x) t.n = t.n + x; t.list[#t.list + 1] = x end
+  for i = 1, input.n do add(i) end
+  local co = coroutine.wrap(function(a) local b = a * 2; coroutine.yield(b); return b + 1 end)
+  local y1, y2 = co(3), co()
+  local one = db.query("select 1 as one")[1].one
+  return {n = t.n, y = y1 + y2, one = one}
+end
+"#;
+
+#[test]
+fn traced_runs_use_pooled_states_and_record_what_a_fresh_state_records() {
+    // The reference: every run in a fresh state.
+    let fresh = fixture(LuaOptions {
+        reuse_states: false,
+        ..LuaOptions::default()
+    });
+    let want = trace_of(traced(&fresh, "t", TRACED, json!({"n": 300})));
+    let want_short = trace_of(traced(&fresh, "t", TRACED, json!({"n": 3})));
+    assert_eq!(pool::idle(), 0, "[lua_limits] reuse_states = false");
+    assert!(want.1.unwrap() > 1000, "long enough to switch the hook's count");
+    drop(fresh);
+
+    let f = fixture(LuaOptions {
+        timeout: Duration::from_millis(500),
+        ..LuaOptions::default()
+    });
+    // A traced run on a new state, then traced and untraced runs alternating on the pooled one.
+    assert_eq!(trace_of(traced(&f, "t", TRACED, json!({"n": 300}))), want);
+    assert_eq!(pool::idle(), 1, "a traced run hands its state back");
+    assert_eq!(pool::idle_hooked(), 0, "without the tracer's hook");
+    for _ in 0..3 {
+        let r = ok(run(&f, user("b", Role::Admin), "probe", PROBE, json!({"user": "b"})));
+        assert_eq!(r["bad"], json!(""), "{r}");
+        let o = run(&f, user("b", Role::Admin), "plain", "return function() return 1 end", Value::Null);
+        assert!(o.steps.is_none() && o.instructions.is_none(), "no trace, no count hook after a traced run");
+        assert_eq!(ok(o), json!(1));
+        // The count starts again at one instruction per hook call: a short run is exact.
+        assert_eq!(trace_of(traced(&f, "t", TRACED, json!({"n": 3}))), want_short);
+        assert_eq!(trace_of(traced(&f, "t", TRACED, json!({"n": 300}))), want);
+        assert_eq!((pool::idle(), pool::idle_hooked()), (1, 0));
+    }
+    // Hostile code in a traced run leaves nothing for the next (untraced) one.
+    let o = traced(&f, "hostile", HOSTILE, Value::Null);
     assert!(o.steps.is_some());
-    assert_eq!(pool::idle(), 0, "traced runs do not use the pool");
-    drop(_g);
+    let r = ok(run(&f, user("c", Role::Admin), "probe", PROBE, json!({"user": "c"})));
+    assert_eq!(r["bad"], json!(""), "{r}");
+    // A traced run that hits a limit drops its state; the trace keeps what ran.
+    let o = traced(&f, "spin", "return function() local i = 0 while true do i = i + 1 end end", Value::Null);
+    assert!(o.result.is_err() && o.steps.is_some());
+    assert_eq!(pool::idle(), 0, "the state that hit the limit was dropped");
+    assert_eq!(trace_of(traced(&f, "t", TRACED, json!({"n": 300}))), want);
+}
+
+#[test]
+fn disabled_reuse_builds_fresh_states() {
     let f = fixture(LuaOptions {
         reuse_states: false,
         ..LuaOptions::default()

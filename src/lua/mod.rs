@@ -48,7 +48,7 @@ pub struct LuaOptions {
     pub tx_timeout: Duration,
     /// Bounds of stored traces (`[traces]`).
     pub traces: limits::TraceLimits,
-    /// Untraced runs use pooled, reset sandboxes (`[lua_limits] reuse_states`; see `pool`).
+    /// Runs use pooled, reset sandboxes (`[lua_limits] reuse_states`; see `pool`).
     pub reuse_states: bool,
 }
 
@@ -366,8 +366,8 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     // A pooled state (reset between invocations) when this run may use one; else a fresh one.
     let reuse = pool::eligible(runtime, inv);
     let prepared = match reuse.then(|| pool::take(&options)).flatten() {
-        Some(p) => p
-            .bind(Rc::clone(&state), Rc::clone(&meter), limits)
+        Some(mut p) => p
+            .bind(Rc::clone(&state), Rc::clone(&meter), limits, tracer.clone())
             .map(|()| p),
         None => pool::Prepared::build(
             Rc::clone(&state),

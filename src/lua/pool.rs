@@ -1,7 +1,7 @@
 //! Prepared sandboxes, reused between invocations (issue 18): building a state (the standard
 //! libraries, the prelude, every component, the host-function guards) costs far more than a
-//! small function's run, so an untraced run takes a state prepared earlier on its thread and
-//! hands it back reset.
+//! small function's run, so a run takes a state prepared earlier on its thread and hands it
+//! back reset.
 //!
 //! Owns: the per-thread pool, building a state ([`Prepared::build`]), the compiled-chunk cache
 //! of a pooled state, and the reset between runs. Must not touch HTTP or the store.
@@ -28,7 +28,9 @@
 //! back before each run. A run that hit a limit (its state may hold a hook the watchdog
 //! installed), a reset that fails, a state that keeps much more memory than it started with
 //! or whose recorded tables grew far, and a state used [`MAX_USES`] times are dropped instead.
-//! Traced runs, checks and runs with an instruction budget always get a fresh state.
+//! A traced run takes a pooled state too: the tracer's hook is installed for that run only
+//! ([`sandbox::start_trace`]) and taken off before the reset. Checks and runs with an
+//! instruction budget always get a fresh state.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -56,7 +58,7 @@ thread_local! {
 
 /// May `inv` run in a pooled state?
 pub fn eligible(runtime: &Runtime, inv: &Invocation) -> bool {
-    runtime.options.reuse_states && !inv.trace && inv.check.is_none() && runtime.options.instruction_limit == 0
+    runtime.options.reuse_states && inv.check.is_none() && runtime.options.instruction_limit == 0
 }
 
 /// A pooled state prepared for `options`, if this thread has one idle.
@@ -71,6 +73,25 @@ pub fn take(options: &LuaOptions) -> Option<Prepared> {
 /// Idle pooled states on this thread (tests).
 pub fn idle() -> usize {
     POOL.with(|p| p.borrow().len())
+}
+
+/// Idle pooled states on this thread with a hook installed (tests: none should have one, a
+/// traced run takes its tracer's hook off when it ends).
+pub fn idle_hooked() -> usize {
+    POOL.with(|p| {
+        p.borrow()
+            .iter()
+            .filter(|s| {
+                let mut hooked = true;
+                // SAFETY: only reads the state's hook; no code of the idle state runs.
+                let _ = unsafe {
+                    s.lua
+                        .exec_raw::<()>((), |l| hooked = mlua::ffi::lua_gethook(l).is_some())
+                };
+                hooked
+            })
+            .count()
+    })
 }
 
 /// Drop this thread's idle states.
@@ -91,6 +112,8 @@ pub struct Prepared {
     per_call: Vec<(&'static dyn Component, Option<Rc<Cell<bool>>>)>,
     /// Pooled states: the reset, `debug.setupvalue`, compiled chunks by function name.
     pooled: Option<Pooled>,
+    /// The tracer's hook is on for the current run (a pooled state turns it off after).
+    traced: bool,
 }
 
 struct Pooled {
@@ -114,7 +137,10 @@ impl Prepared {
     ) -> mlua::Result<Prepared> {
         let options = state.options;
         let binding = Binding::new(meter, limits);
-        let (lua, host_debug) = sandbox::new_bound_state(&binding, tracer)?;
+        // A pooled state starts tracing once it is recorded (the recording is host code).
+        let traced = tracer.is_some();
+        let (lua, host_debug) =
+            sandbox::new_bound_state(&binding, if pooled { None } else { tracer.clone() })?;
         let env = Rc::new(Env::new(state));
         let before = super::global_names(&lua)?;
         let mut per_call = Vec::new();
@@ -191,6 +217,9 @@ impl Prepared {
         } else {
             None
         };
+        if let (Some(_), Some(t)) = (&pooled, tracer) {
+            sandbox::start_trace(&lua, &binding, t)?;
+        }
         Ok(Prepared {
             lua,
             env,
@@ -198,6 +227,7 @@ impl Prepared {
             options,
             per_call,
             pooled,
+            traced,
         })
     }
 
@@ -205,10 +235,22 @@ impl Prepared {
         &self.lua
     }
 
-    /// Serve the next invocation (a state taken from the pool).
-    pub fn bind(&self, state: Rc<EnvState>, meter: Rc<Meter>, limits: Limits) -> mlua::Result<()> {
+    /// Serve the next invocation (a state taken from the pool), recording it with `tracer` if
+    /// it is traced.
+    pub fn bind(
+        &mut self,
+        state: Rc<EnvState>,
+        meter: Rc<Meter>,
+        limits: Limits,
+        tracer: Option<Rc<RefCell<Tracer>>>,
+    ) -> mlua::Result<()> {
         self.env.rebind(Some(state));
-        self.binding.bind(&self.lua, meter, limits)
+        self.binding.bind(&self.lua, meter, limits)?;
+        if let Some(t) = tracer {
+            sandbox::start_trace(&self.lua, &self.binding, t)?;
+            self.traced = true;
+        }
+        Ok(())
     }
 
     /// Install the components that keep per-invocation state, guarded like the others.
@@ -268,6 +310,10 @@ impl Prepared {
         p.uses += 1;
         self.env.rebind(None);
         let lua = &self.lua;
+        // The tracer's hook comes off before the reset (which must not be recorded).
+        if self.traced && sandbox::stop_trace(lua, &self.binding).is_err() {
+            return;
+        }
         // No hook is set on a state that hit no limit; the reset runs without a memory limit.
         if lua.set_memory_limit(0).is_err() || !matches!(p.snapshot.reset(), Ok(true)) {
             return;
@@ -279,6 +325,7 @@ impl Prepared {
         }
         let me = Prepared {
             pooled: Some(p),
+            traced: false,
             ..self
         };
         POOL.with(|pool| {

@@ -275,70 +275,115 @@ pub fn new_bound_state(
         ))?;
     lua.set_memory_limit(limits.memory)?;
     match tracer {
-        None => {
-            let b = Rc::clone(binding);
-            lua.set_global_hook(
-                HookTriggers::new().every_nth_instruction(HOOK_EVERY),
-                move |lua, _d| {
-                    check(lua, &b.meter.borrow(), &b.limits.get())?;
-                    Ok(VmState::Continue)
-                },
-            )?;
-            // SAFETY: reads the hook mlua installed on the main state, and (without an
-            // instruction budget) takes it off again: mlua keeps the callback, and the
-            // watchdog puts the same hook function back when a limit is reached.
-            unsafe {
-                lua.exec_raw::<()>((), |l| {
-                    binding.hook.set(ffi::lua_gethook(l));
-                    if limits.instructions.is_none() {
-                        ffi::lua_sethook(l, None, 0, 0);
-                    }
-                })?;
+        None => limit_hook(&lua, binding)?,
+        Some(t) => start_trace(&lua, binding, t)?,
+    }
+    Ok((lua, host_debug))
+}
+
+/// The untraced hook: mlua's, running the limit checks every [`HOOK_EVERY`] instructions. It
+/// stays installed only with an instruction budget; otherwise it is taken off again and the
+/// watchdog puts it back when a limit is reached.
+fn limit_hook(lua: &Lua, binding: &Rc<Binding>) -> mlua::Result<()> {
+    let b = Rc::clone(binding);
+    lua.set_global_hook(
+        HookTriggers::new().every_nth_instruction(HOOK_EVERY),
+        move |lua, _d| {
+            check(lua, &b.meter.borrow(), &b.limits.get())?;
+            Ok(VmState::Continue)
+        },
+    )?;
+    let budget = binding.limits().instructions.is_some();
+    // SAFETY: reads the hook mlua installed on the main state, and (without an instruction
+    // budget) takes it off again: mlua keeps the callback, and the watchdog puts the same hook
+    // function back when a limit is reached.
+    unsafe {
+        lua.exec_raw::<()>((), |l| {
+            binding.hook.set(ffi::lua_gethook(l));
+            if !budget {
+                ffi::lua_sethook(l, None, 0, 0);
             }
+        })?;
+    }
+    binding.meter.borrow().alarm.set_hook(binding.hook.get());
+    Ok(())
+}
+
+/// Record the state's next run with `tracer`: the tracer's C hook (`trace::trace_hook`) counts
+/// instructions and records lines itself, and hands mlua's hook the limit checks (every
+/// [`HOOK_EVERY`] instructions, or once a limit is reached), which raises their errors. Called
+/// when a state is built for a traced run, and by a pooled state before each traced run it
+/// serves (between runs only: no Lua code of this state runs); [`stop_trace`] undoes it.
+pub fn start_trace(
+    lua: &Lua,
+    binding: &Rc<Binding>,
+    tracer: Rc<RefCell<super::trace::Tracer>>,
+) -> mlua::Result<()> {
+    let b = Rc::clone(binding);
+    lua.set_global_hook(HookTriggers::new().every_nth_instruction(1), move |lua, d| {
+        let (m, limits) = (b.meter(), b.limits.get());
+        match d.event() {
+            mlua::DebugEvent::Count => check_counted(lua, &m, &limits)?,
+            _ => check_deadline(&m, &limits)?,
         }
-        Some(t) => {
-            // mlua's hook runs the checks and raises limit errors; the tracer's C hook
-            // (`trace::trace_hook`) counts instructions and records lines itself, and hands
-            // it the checks (every HOOK_EVERY instructions, or once a limit is reached).
-            let b = Rc::clone(binding);
-            lua.set_global_hook(HookTriggers::new().every_nth_instruction(1), move |lua, d| {
-                let (m, limits) = (b.meter(), b.limits.get());
-                match d.event() {
-                    mlua::DebugEvent::Count => check_counted(lua, &m, &limits)?,
-                    _ => check_deadline(&m, &limits)?,
-                }
-                Ok(VmState::Continue)
-            })?;
-            // SAFETY: only reads the hook function mlua installed.
-            let mut slow = None;
-            unsafe { lua.exec_raw::<()>((), |l| slow = ffi::lua_gethook(l))? };
+        Ok(VmState::Continue)
+    })?;
+    // SAFETY: only reads the hook function mlua installed.
+    let mut slow = None;
+    unsafe { lua.exec_raw::<()>((), |l| slow = ffi::lua_gethook(l))? };
+    // One context per state, kept in its app data for as long as the state lives (coroutines
+    // of earlier runs copied its address): a later run updates it in place.
+    let ptr: *const super::trace::HookCtx = match lua.app_data_mut::<super::trace::HookCtxBox>() {
+        Some(mut ctx) => {
+            ctx.0.meter = binding.meter();
+            ctx.0.tracer = tracer;
+            ctx.0.slow = slow;
+            let p: *const super::trace::HookCtx = &*ctx.0;
+            p
+        }
+        None => {
             let ctx = Box::new(super::trace::HookCtx {
                 meter: binding.meter(),
-                tracer: t,
+                tracer,
                 slow,
             });
             let ptr: *const super::trace::HookCtx = &*ctx;
             lua.set_app_data(super::trace::HookCtxBox(ctx));
-            // SAFETY: `ctx` lives in the state's app data, as long as the state; it is set
-            // before any user code runs (coroutines copy the extra space when created). The
-            // hook function is read back for the watchdog, which installs it when a limit is
-            // reached (it keeps the line and return events).
-            unsafe {
-                lua.exec_raw::<()>((), |l| {
-                    super::trace::attach(l, ptr);
-                    ffi::lua_sethook(
-                        l,
-                        Some(super::trace::trace_hook),
-                        ffi::LUA_MASKLINE | ffi::LUA_MASKRET | ffi::LUA_MASKCOUNT,
-                        1,
-                    );
-                    binding.hook.set(ffi::lua_gethook(l));
-                })?
-            };
+            ptr
         }
-    }
+    };
+    // SAFETY: `ctx` lives in the state's app data, as long as the state; it is set before any
+    // user code of the run runs (coroutines copy the extra space when created). The hook
+    // function is read back for the watchdog, which installs it when a limit is reached (it
+    // keeps the line and return events). The count starts at 1 (a short run's count is exact).
+    unsafe {
+        lua.exec_raw::<()>((), |l| {
+            super::trace::attach(l, ptr);
+            ffi::lua_sethook(
+                l,
+                Some(super::trace::trace_hook),
+                ffi::LUA_MASKLINE | ffi::LUA_MASKRET | ffi::LUA_MASKCOUNT,
+                1,
+            );
+            binding.hook.set(ffi::lua_gethook(l));
+        })?
+    };
     binding.meter.borrow().alarm.set_hook(binding.hook.get());
-    Ok((lua, host_debug))
+    Ok(())
+}
+
+/// A traced run is over (a pooled state, between runs): the tracer's hook is off, the main
+/// state's extra space no longer names the context, and the untraced limit hook is back.
+pub fn stop_trace(lua: &Lua, binding: &Rc<Binding>) -> mlua::Result<()> {
+    // SAFETY: between runs (no Lua code of this state runs). Coroutines the run created keep
+    // the context's address, which stays valid (the context lives as long as the state).
+    unsafe {
+        lua.exec_raw::<()>((), |l| {
+            ffi::lua_sethook(l, None, 0, 0);
+            super::trace::attach(l, std::ptr::null());
+        })?
+    };
+    limit_hook(lua, binding)
 }
 
 /// Registry name of the table holding the last table thrown with `error` or `assert`.
