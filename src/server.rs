@@ -331,6 +331,7 @@ pub fn lua_options(config: &Config) -> crate::lua::LuaOptions {
         tx_timeout: Duration::from_secs_f64(limits.tx_timeout_secs),
         traces: (&traces).into(),
         reuse_states: limits.reuse_states,
+        inline_budget: Duration::from_micros(limits.inline_budget_us),
     }
 }
 

@@ -1330,3 +1330,123 @@ async fn traces_saved_in_the_background_are_readable_at_once() {
         assert_eq!(r.status, 404, "{}", r.body);
     }
 }
+
+/// `lua` rows of the posterity log for `function`: (outcome, inline) in call order, once
+/// `want` of them are committed.
+async fn lua_rows(c: &reqwest::Client, base: &str, function: &str, want: usize) -> Vec<(String, bool)> {
+    let sql = format!(
+        "SELECT outcome, (detail->>'inline')::BOOLEAN AS inline FROM log WHERE kind = 'lua' AND name = '{function}' ORDER BY ts"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let r = read(
+            c.post(format!("{base}/analytics?default_format=JSONCompact"))
+                .body(sql.clone())
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let rows: Vec<(String, bool)> = r.json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r[0].as_str().unwrap().to_string(), r[1].as_bool().or(r[1].as_i64().map(|v| v != 0)).unwrap()))
+            .collect();
+        if rows.len() >= want || std::time::Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue 18: a call that needs no blocking thread runs on the request's async worker; one that
+/// calls any other host function, runs past the budget or fails is made again on a blocking
+/// thread, and nothing of the abandoned attempt is kept or done twice (rows, log rows,
+/// inserts), whatever the function tries (pcall around the call that needs the thread).
+#[tokio::test]
+async fn calls_that_need_no_blocking_thread_run_inline_and_others_exactly_once() {
+    // The largest budget: a busy machine may still preempt a run past it (it is then made
+    // again on a blocking thread), so pure calls are checked to run inline at least once.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(dir.path(), &["--posterity-flush-secs", "0.2"], &[("ICHIBASE_LUA_LIMITS__INLINE_BUDGET_US", "10000")]);
+    let (admin, base) = (client(), s.url.clone());
+    let anon = anon_client();
+    common::ok(&admin, &base, "CREATE TABLE inl (id INTEGER PRIMARY KEY, v TEXT)").await;
+    let fns = [
+        ("pure", "return function(i) return {echo = json.decode(json.encode(i)), id = debug.trace_id() ~= nil} end"),
+        // Pure work first, then a write: the insert happens once, on the blocking thread.
+        ("writes", "return function(i) local s = json.encode(i) db.exec('INSERT INTO inl (v) VALUES ({s:String})', {s = s}) return db.query('SELECT count(*) AS n FROM inl')[1].n end"),
+        // pcall cannot swallow the hand-off: the caught call still runs (on the blocking thread).
+        ("caught", "return function() local ok, r = pcall(db.query, 'SELECT 7 AS x') return {ok = ok, x = ok and r[1].x} end"),
+        ("caught_co", "return function() local co = coroutine.create(function() return db.query('SELECT 8 AS x') end) local ok, r = coroutine.resume(co) return {ok = ok, x = ok and r[1].x} end"),
+        ("logs", "return function() log.info('inline-log-line') return 1 end"),
+        ("slow", "return function() local n = 0 for k = 1, 2e7 do n = n + k end return n end"),
+        ("fails", "return function(i) if i.bad then error({code = 7, message = 'bad input'}) end return 'fine' end"),
+    ];
+    for (name, src) in fns {
+        let r = put_fn(&admin, &base, name, src).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    for k in 0..3 {
+        let r = call_fn(&anon, &base, "pure", json!({"k": k})).await;
+        assert_eq!(r.json(), json!({"echo": {"k": k}, "id": true}), "{}", r.body);
+        let r = call_fn(&admin, &base, "writes", json!({"k": k})).await;
+        assert_eq!(r.json(), json!(k + 1), "one insert per call: {}", r.body);
+        let r = call_fn(&anon, &base, "caught", json!({})).await;
+        assert_eq!(r.json(), json!({"ok": true, "x": 7}), "{}", r.body);
+        let r = call_fn(&anon, &base, "caught_co", json!({})).await;
+        assert_eq!(r.json(), json!({"ok": true, "x": 8}), "{}", r.body);
+        assert_eq!(call_fn(&anon, &base, "logs", json!({})).await.json(), json!(1));
+        assert_eq!(call_fn(&anon, &base, "slow", json!({})).await.json(), json!(200000010000000u64));
+        let r = call_fn(&anon, &base, "fails", json!({"bad": true})).await;
+        assert_eq!(r.status, 422, "{}", r.body);
+        assert_eq!(r.json()["error"]["message"], "bad input");
+        assert_eq!(r.json()["error"]["value"], json!({"code": 7, "message": "bad input"}));
+        assert_eq!(call_fn(&anon, &base, "fails", json!({})).await.json(), json!("fine"));
+    }
+    assert_eq!(common::ok(&admin, &base, "SELECT count(*) FROM inl").await.trim(), "3");
+    // One `lua` row per call; where it ran.
+    let rows = lua_rows(&admin, &base, "pure", 3).await;
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|(o, _)| o == "ok") && rows.iter().any(|(_, inline)| *inline), "{rows:?}");
+    for name in ["writes", "caught", "caught_co", "logs", "slow"] {
+        let rows = lua_rows(&admin, &base, name, 3).await;
+        assert_eq!(rows, vec![("ok".to_string(), false); 3], "{name}");
+    }
+    // A failed attempt is made again on a blocking thread (its row says so); the next
+    // successful call may still run inline (an error is not a reason to stop trying).
+    let rows = lua_rows(&admin, &base, "fails", 6).await;
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    for pair in rows.chunks(2) {
+        assert_eq!(pair[0], ("error".to_string(), false), "{rows:?}");
+        assert_eq!(pair[1].0, "ok", "{rows:?}");
+    }
+    assert!(rows.iter().any(|(o, inline)| o == "ok" && *inline), "{rows:?}");
+    // Limits name the configured ones, not the inline budget.
+    put_fn(&admin, &base, "spin", "return function() while true do end end").await;
+    let r = call_fn(&anon, &base, "spin", json!({})).await;
+    assert!(r.body.contains("CPU time limit") || r.body.contains("time limit exceeded (10"), "{}", r.body);
+}
+
+#[tokio::test]
+async fn inline_runs_can_be_turned_off_and_the_budget_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(dir.path(), &["--posterity-flush-secs", "0.2"], &[("ICHIBASE_LUA_LIMITS__INLINE_BUDGET_US", "0")]);
+    let (admin, base) = (client(), s.url.clone());
+    put_fn(&admin, &base, "pure", "return function() return 1 end").await;
+    assert_eq!(call_fn(&anon_client(), &base, "pure", json!({})).await.json(), json!(1));
+    assert_eq!(lua_rows(&admin, &base, "pure", 1).await, vec![("ok".to_string(), false)]);
+    drop(s);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase"))
+        .args(["serve", "--data-dir"])
+        .arg(dir.path())
+        .args(["--listen", "127.0.0.1:0"])
+        .env("ICHIBASE_LUA_LIMITS__INLINE_BUDGET_US", "20000")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("inline_budget_us must be at most 10000"), "{err}");
+}

@@ -252,9 +252,21 @@ async fn invoke(
         Ok(p) => p,
         Err(e) => return error_response(&e, true, Some(&ctx.query_id)),
     };
+    let runtime = lua::Runtime::of_app(&st, tokio::runtime::Handle::current());
+    // First on this worker, when the call needs no blocking thread (`lua::invoke_inline`).
+    let input = if flag(&q.trace) {
+        input
+    } else {
+        match try_inline(&st, &runtime, &ctx, &name, input) {
+            Ok(done) => {
+                drop(reserved);
+                return answer(&ctx, &name, done);
+            }
+            Err(input) => input,
+        }
+    };
     // One hop to a blocking thread: look the function up and run it there. `lua::invoke`
     // logs the run and keeps its trace.
-    let runtime = lua::Runtime::of_app(&st, tokio::runtime::Handle::current());
     let (c2, n, trace_flag, limits) = (
         ctx.clone(),
         name.clone(),
@@ -304,17 +316,77 @@ async fn invoke(
         },
     )
     .await;
-    let (f, trace, may_trace, mut outcome) = match ran {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => return error_response(&e, true, Some(&ctx.query_id)),
-        Err(e) => {
-            return error_response(
-                &Error::internal(format!("Lua invocation task failed: {e}")),
-                true,
-                Some(&ctx.query_id),
-            );
-        }
+    match ran {
+        Ok(Ok(v)) => answer(&ctx, &name, v),
+        Ok(Err(e)) => error_response(&e, true, Some(&ctx.query_id)),
+        Err(e) => error_response(
+            &Error::internal(format!("Lua invocation task failed: {e}")),
+            true,
+            Some(&ctx.query_id),
+        ),
+    }
+}
+
+/// The function, whether the run was traced, whether the caller may trace it, and its outcome.
+type Ran = (store::FunctionSource, bool, bool, lua::Outcome);
+
+/// Look the live version up and run it on this async worker (`lua::invoke_inline`), when a
+/// reader is free at once and the version is not known to need a blocking thread. `Err` gives
+/// the input back: the call goes the usual way (nothing of the attempt is kept).
+fn try_inline(
+    st: &App,
+    runtime: &lua::Runtime,
+    ctx: &RequestContext,
+    name: &str,
+    input: JsonValue,
+) -> std::result::Result<Ran, JsonValue> {
+    if runtime.options.inline_budget.is_zero() {
+        return Err(input);
+    }
+    let control = ExecControl::new(
+        std::time::Instant::now(),
+        runtime.options.inline_budget.as_secs_f64(),
+    );
+    let f = match st
+        .storage()
+        .try_read_inline(&RequestContext::system(), control, |c| store::get(c, name, None))
+    {
+        Some(Ok(f)) if !f.trace => f,
+        // No reader free, an error (the usual way reports it), or a traced function.
+        _ => return Err(input),
     };
+    let limits = st.lua_limits();
+    if limits.not_inline.contains(name, f.version) {
+        return Err(input);
+    }
+    let may_trace = limits.traces.may_trace(ctx, f.created_by.as_deref());
+    let owner = if may_trace && !ctx.is_admin() {
+        ctx.user_id.clone()
+    } else {
+        None
+    };
+    let inv = Invocation {
+        function: name.to_string(),
+        version: f.version,
+        source: f.source.clone(),
+        input,
+        trace: false,
+        check: None,
+        trace_owner: owner,
+    };
+    match lua::invoke_inline(runtime, ctx.clone(), inv) {
+        Ok(outcome) => Ok((f, false, may_trace, outcome)),
+        Err((inv, limited)) => {
+            if limited {
+                limits.not_inline.insert(name, f.version);
+            }
+            Err(inv.input)
+        }
+    }
+}
+
+/// The HTTP answer of a finished invocation.
+fn answer(ctx: &RequestContext, name: &str, (f, trace, may_trace, mut outcome): Ran) -> Response {
     let trace_id = ctx.trace_id.clone();
     if outcome.steps.take().is_some_and(|(s, _)| lua::large_trace(&s)) {
         // The trace is saved; a large one's memory goes back to the system now.

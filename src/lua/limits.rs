@@ -162,6 +162,13 @@ pub struct LuaLimitSettings {
     /// Run untraced invocations in prepared sandboxes reset between runs (`lua::pool`)
     /// instead of building a fresh one per run.
     pub reuse_states: bool,
+    /// Microseconds of CPU and wall time an HTTP call (`POST /fn/{name}`, untraced) may first
+    /// run on the request's async worker, without the hand-off to a blocking thread. Such a
+    /// run may call only host functions that neither block nor act outside the invocation
+    /// (`json.*`, `debug.trace_id/tracing/traceback`); one that calls another, runs past the
+    /// budget or fails is abandoned before that call and made again on a blocking thread.
+    /// 0 disables it; at most 10,000 (the run holds an async worker).
+    pub inline_budget_us: u64,
 }
 
 impl Default for LuaLimitSettings {
@@ -171,6 +178,7 @@ impl Default for LuaLimitSettings {
             memory_total: 1 << 30,
             memory_wait_secs: 2.0,
             reuse_states: true,
+            inline_budget_us: 1_000,
         }
     }
 }
@@ -184,6 +192,11 @@ impl LuaLimitSettings {
         anyhow::ensure!(
             self.memory_wait_secs >= 0.0 && self.memory_wait_secs.is_finite(),
             "[lua_limits] memory_wait_secs must be zero or a positive number of seconds"
+        );
+        anyhow::ensure!(
+            self.inline_budget_us <= 10_000,
+            "[lua_limits] inline_budget_us must be at most 10000 (an inline run holds an async worker thread), got {}",
+            self.inline_budget_us
         );
         anyhow::ensure!(
             self.memory_total >= memory_limit as u64,
@@ -245,6 +258,8 @@ impl MemoryBudget {
 pub struct LuaLimits {
     pub traces: TraceSettings,
     pub budget: MemoryBudget,
+    /// Function versions whose inline attempt a limit ended (`lua::invoke_inline`).
+    pub not_inline: NotInline,
 }
 
 impl LuaLimits {
@@ -255,7 +270,32 @@ impl LuaLimits {
                 lua.memory_total,
                 Duration::from_secs_f64(lua.memory_wait_secs),
             ),
+            not_inline: NotInline::default(),
         }
+    }
+}
+
+/// Function versions sent straight to a blocking thread: their inline attempt called a host
+/// function that needs one, or ran past the budget. A hint only (bounded: forgotten when
+/// full); a new version of a function is tried inline again.
+#[derive(Debug, Default)]
+pub struct NotInline(std::sync::Mutex<std::collections::HashSet<(String, i64)>>);
+
+impl NotInline {
+    /// Versions remembered at most.
+    const MAX: usize = 4096;
+
+    pub fn contains(&self, name: &str, version: i64) -> bool {
+        let set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        !set.is_empty() && set.contains(&(name.to_string(), version))
+    }
+
+    pub fn insert(&self, name: &str, version: i64) {
+        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if set.len() >= Self::MAX {
+            set.clear();
+        }
+        set.insert((name.to_string(), version));
     }
 }
 

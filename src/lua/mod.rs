@@ -50,6 +50,9 @@ pub struct LuaOptions {
     pub traces: limits::TraceLimits,
     /// Runs use pooled, reset sandboxes (`[lua_limits] reuse_states`; see `pool`).
     pub reuse_states: bool,
+    /// CPU and wall time an HTTP call may first run on its async worker ([`invoke_inline`];
+    /// `[lua_limits] inline_budget_us`; zero: never).
+    pub inline_budget: Duration,
 }
 
 impl Default for LuaOptions {
@@ -66,6 +69,7 @@ impl Default for LuaOptions {
             tx_timeout: Duration::from_secs_f64(limits::LuaLimitSettings::default().tx_timeout_secs),
             traces: limits::TraceLimits::default(),
             reuse_states: true,
+            inline_budget: Duration::from_micros(limits::LuaLimitSettings::default().inline_budget_us),
         }
     }
 }
@@ -186,6 +190,8 @@ pub struct Outcome {
     /// The table an uncaught `error(t)` threw, as JSON (its `message` field, if a string, is
     /// the error's message; otherwise the message is this JSON).
     pub error_value: Option<Json>,
+    /// The run was made on an async worker ([`invoke_inline`]).
+    pub inline: bool,
 }
 
 /// Where and with what invocations run: the storage their SQL uses, where their traces are
@@ -231,9 +237,42 @@ impl Runtime {
 /// `runtime.traces`) under `ctx.trace_id` when `inv.trace` is set. Blocking: call it from a
 /// blocking thread.
 pub fn invoke(runtime: &Runtime, ctx: RequestContext, inv: Invocation) -> Outcome {
-    let mut outcome = run_sandbox(runtime, ctx.clone(), &inv);
+    let mut outcome = run_sandbox(runtime, ctx.clone(), &inv, None);
     record(runtime, &ctx, &inv, &mut outcome);
     outcome
+}
+
+/// [`invoke`] on the calling thread, an async worker, for a run that needs no blocking thread
+/// (issue 18: the hand-off to a blocking thread and back cost more than a small function's
+/// run). The run takes this thread's pooled state and may last `options.inline_budget` of CPU
+/// and wall time (enforced up to one budget late); it may call only the host functions that
+/// neither block nor act outside the invocation (`sandbox::INLINE_HOST_FUNCTIONS`). A run
+/// that calls any other, or fails in any way (a limit, an error), is abandoned before the
+/// call: nothing of it is kept (no posterity row, no trace, no logs) and `None` tells the
+/// caller to make the whole invocation again with [`invoke`] on a blocking thread. Only a
+/// successful run is recorded and returned. Untraced runs in pooled states only.
+///
+/// `Err` gives the invocation back, and whether a limit ended the attempt (a host call that
+/// needs a blocking thread, the budget): such a function is better sent to a blocking thread
+/// directly next time.
+pub fn invoke_inline(
+    runtime: &Runtime,
+    ctx: RequestContext,
+    inv: Invocation,
+) -> Result<Outcome, (Invocation, bool)> {
+    let budget = runtime.options.inline_budget;
+    if budget.is_zero() || inv.trace || !pool::eligible(runtime, &inv) {
+        return Err((inv, false));
+    }
+    let mut outcome = run_sandbox(runtime, ctx.clone(), &inv, Some(budget));
+    if let Err(e) = &outcome.result {
+        // A host call that needs a blocking thread, the CPU budget, memory: the same next
+        // time. Not the wall-clock budget: a preempted run passes it by no fault of its own.
+        let limited = e.code == ErrorCode::LuaLimit;
+        return Err((inv, limited));
+    }
+    record(runtime, &ctx, &inv, &mut outcome);
+    Ok(outcome)
 }
 
 /// The one place a Lua run is logged and its trace kept.
@@ -260,7 +299,7 @@ fn record(runtime: &Runtime, ctx: &RequestContext, inv: &Invocation, outcome: &m
             e.detail = Some(
                 serde_json::json!({"instructions": outcome.instructions, "cpu_ms": outcome.cpu.as_secs_f64() * 1e3, "memory": outcome.peak_memory,
                        "traced": inv.trace, "error_line": outcome.error_line,
-                       "check": inv.check.is_some()})
+                       "check": inv.check.is_some(), "inline": outcome.inline})
                 .to_string(),
             );
             sink.record(e);
@@ -321,11 +360,12 @@ pub fn large_trace(steps: &[Step]) -> bool {
     steps.len() >= 10_000 || steps.iter().map(trace::step_size).sum::<usize>() >= 1 << 20
 }
 
-fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outcome {
+/// One run in a sandbox; `inline`: on an async worker within that budget ([`invoke_inline`]).
+fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation, inline: Option<Duration>) -> Outcome {
     let (storage, rt, options) = (runtime.storage.clone(), runtime.rt.clone(), runtime.options);
     let started = Instant::now();
     let cpu_started = sandbox::watchdog::this_thread_cpu();
-    let deadline = started + options.timeout;
+    let mut deadline = started + inline.map_or(options.timeout, |b| b.min(options.timeout));
     let meter = Rc::new(Meter::default());
     let tracer = inv
         .trace
@@ -335,9 +375,10 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
                 &options.traces,
             )))
         });
+    let cpu_limit = inline.map_or(options.cpu_limit, |b| b.min(options.cpu_limit));
     let limits = Limits {
         instructions: (options.instruction_limit > 0).then_some(options.instruction_limit),
-        cpu: options.cpu_limit,
+        cpu: cpu_limit,
         memory: options.memory_limit,
         deadline,
     };
@@ -377,17 +418,26 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
             reuse,
         ),
     };
+    if let Ok(p) = &prepared {
+        p.set_inline(inline.is_some());
+        if let Some(budget) = inline {
+            // The budget is the run's: building this thread's first state is not counted.
+            deadline = Instant::now() + budget;
+            p.set_deadline(deadline);
+        }
+    }
     let env: &EnvState = &state;
     let error_value: RefCell<Option<Json>> = RefCell::new(None);
     let run = |p: &mut pool::Prepared| -> mlua::Result<Json> {
         let lua = p.lua();
         // Wall time is enforced even while no count hook fires (slow host calls): the watch
         // ends before the state is dropped or pooled again.
-        let _watch = sandbox::watchdog::Watch::start(
+        let _watch = sandbox::watchdog::Watch::start_with_slack(
             lua,
             deadline,
-            Some(options.cpu_limit),
+            Some(cpu_limit),
             Arc::clone(&meter.alarm),
+            inline.unwrap_or_default(),
         )?;
         // Tables carrying this metatable (query results, decoded JSON arrays) stay JSON arrays
         // when empty; the guard restores an outer invocation's value.
@@ -454,9 +504,12 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     };
     // Back to the pool (reset) when the run ended without hitting a limit; else dropped.
     if let Some(p) = prepared {
-        let limited = meter.tripped.get().is_some()
+        // An inline run abandoned at a host call hit no real limit (no hook was installed):
+        // its state is reset and kept like after any error.
+        let real = |l: Option<Limit>| l.is_some_and(|l| l != Limit::Inline);
+        let limited = real(meter.tripped.get())
             || meter.alarm.fired().is_some()
-            || result.as_ref().err().and_then(sandbox::limit_of).is_some();
+            || real(result.as_ref().err().and_then(sandbox::limit_of));
         p.release(limited);
     }
     // A db.tx left open by an error is rolled back by its session when the sender drops.
@@ -491,7 +544,9 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
     // memory back to the system: glibc would keep it in per-thread arenas, and the server's
     // resident size would creep up with every such run.
     let heavy = HEAVY.with(|h| h.replace(false));
-    if heavy || result.is_err() || meter.peak_memory.get() > 1024 * 1024 {
+    // An abandoned inline attempt is made again on a blocking thread, which hands back then.
+    let abandoned = inline.is_some() && result.is_err();
+    if !abandoned && (heavy || result.is_err() || meter.peak_memory.get() > 1024 * 1024) {
         release_freed_memory();
     }
     Outcome {
@@ -508,6 +563,7 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation) -> Outc
         logs: env.logs.take(),
         reports: env.reports.take(),
         error_value: error_value.take(),
+        inline: inline.is_some(),
     }
 }
 
@@ -704,6 +760,8 @@ fn describe(
             ErrorCode::LuaLimit,
             format!("Lua memory limit exceeded ({} bytes)", o.memory_limit),
         ),
+        // Only an inline attempt meets it, and its outcome is never reported.
+        Some(Limit::Inline) => Error::new(ErrorCode::LuaLimit, Limit::Inline.to_string()),
         Some(Limit::Transaction) => Error::new(
             ErrorCode::TimeoutExceeded,
             format!(

@@ -235,6 +235,16 @@ impl Prepared {
         &self.lua
     }
 
+    /// The next run is on an async worker (see `sandbox::Limit::Inline`), or not.
+    pub fn set_inline(&self, inline: bool) {
+        self.binding.set_inline(inline);
+    }
+
+    /// Move the bound run's wall-clock deadline (before it starts).
+    pub fn set_deadline(&self, deadline: std::time::Instant) {
+        self.binding.set_deadline(deadline);
+    }
+
     /// Serve the next invocation (a state taken from the pool), recording it with `tracer` if
     /// it is traced.
     pub fn bind(

@@ -43,6 +43,10 @@ pub enum Limit {
     Memory,
     /// A `db.tx` (or an autocommitted write) ran past `[lua_limits] tx_timeout_secs`.
     Transaction,
+    /// A run on an async worker ([`Binding::set_inline`]) called a host function that may
+    /// block or reach outside the invocation: the run is abandoned (it changed nothing outside
+    /// its sandbox) and made again on a blocking thread. Never reported to a caller.
+    Inline,
 }
 
 impl std::fmt::Display for Limit {
@@ -53,6 +57,7 @@ impl std::fmt::Display for Limit {
             Limit::Cpu => "CPU time limit exceeded",
             Limit::Memory => "memory limit exceeded",
             Limit::Transaction => "transaction time limit exceeded",
+            Limit::Inline => "the run must continue on a blocking thread",
         })
     }
 }
@@ -119,6 +124,8 @@ pub struct Binding {
     limits: Cell<Limits>,
     /// The sandbox's hook function (what the watchdog installs when a limit is reached).
     hook: Cell<Option<ffi::lua_Hook>>,
+    /// The run is on an async worker: only [`INLINE_HOST_FUNCTIONS`] may be called.
+    inline: Cell<bool>,
 }
 
 impl Binding {
@@ -127,6 +134,7 @@ impl Binding {
             meter: RefCell::new(meter),
             limits: Cell::new(limits),
             hook: Cell::new(None),
+            inline: Cell::new(false),
         })
     }
 
@@ -150,7 +158,32 @@ impl Binding {
     fn check_deadline(&self) -> mlua::Result<()> {
         check_deadline(&self.meter.borrow(), &self.limits.get())
     }
+
+    /// Mark the next run as running on an async worker (see [`Limit::Inline`]).
+    pub fn set_inline(&self, inline: bool) {
+        self.inline.set(inline);
+    }
+
+    /// Move the bound run's wall-clock deadline (before it starts).
+    pub fn set_deadline(&self, deadline: Instant) {
+        self.limits.set(Limits {
+            deadline,
+            ..self.limits.get()
+        });
+    }
 }
+
+/// Host functions a run on an async worker may call (`[lua_limits] inline_budget_us`): they
+/// neither block nor do anything outside the invocation, so a run abandoned at a later host
+/// call leaves no trace and can be made again from the start. Any other host function ends
+/// such a run with [`Limit::Inline`] before it does anything.
+pub const INLINE_HOST_FUNCTIONS: &[(&str, &str)] = &[
+    ("json", "encode"),
+    ("json", "decode"),
+    ("debug", "trace_id"),
+    ("debug", "tracing"),
+    ("debug", "traceback"),
+];
 
 /// Build the sandboxed state. With a tracer, the hook also records every executed line.
 pub fn new_state(
@@ -668,7 +701,7 @@ pub fn guard_host_functions_noting(
     names: Vec<String>,
     called: Option<Rc<Cell<bool>>>,
 ) -> mlua::Result<()> {
-    let wrap = |f: Function| -> mlua::Result<Value> {
+    let wrap = |f: Function, table: &str, key: &Value| -> mlua::Result<Value> {
         // Only host (C) functions: wrapping a Lua function in a Rust call would stop it from
         // yielding.
         if f.info().what != "C" {
@@ -676,8 +709,18 @@ pub fn guard_host_functions_noting(
         }
         let b = Rc::clone(binding);
         let called = called.clone();
+        let key = match key {
+            Value::String(k) => k.to_string_lossy(),
+            _ => String::new(),
+        };
+        let may_run_inline = INLINE_HOST_FUNCTIONS.contains(&(table, key.as_str()));
         Ok(Value::Function(lua.create_function(
             move |lua, args: mlua::MultiValue| {
+                if b.inline.get() && !may_run_inline {
+                    // Stays fired (pcall re-raises it): the run is made again off the worker.
+                    b.meter.borrow().tripped.set(Some(Limit::Inline));
+                    return Err(mlua::Error::external(Limit::Inline));
+                }
                 if let Some(c) = &called {
                     c.set(true);
                 }
@@ -698,7 +741,7 @@ pub fn guard_host_functions_noting(
     let g = lua.globals();
     for name in names {
         match g.raw_get::<Value>(name.as_str())? {
-            Value::Function(f) => g.raw_set(name.as_str(), wrap(f)?)?,
+            Value::Function(f) => g.raw_set(name.as_str(), wrap(f, "", &Value::Nil)?)?,
             Value::Table(t) => {
                 let mut fns = Vec::new();
                 for pair in t.pairs::<Value, Value>() {
@@ -707,7 +750,8 @@ pub fn guard_host_functions_noting(
                     }
                 }
                 for (k, f) in fns {
-                    t.raw_set(k, wrap(f)?)?;
+                    let w = wrap(f, name.as_str(), &k)?;
+                    t.raw_set(k, w)?;
                 }
             }
             _ => {}
@@ -763,6 +807,7 @@ pub mod watchdog {
             Limit::Transaction => 3,
             Limit::Instructions => 4,
             Limit::Memory => 5,
+            Limit::Inline => 6,
         }
     }
 
@@ -774,6 +819,7 @@ pub mod watchdog {
                 3 => Some(Limit::Transaction),
                 4 => Some(Limit::Instructions),
                 5 => Some(Limit::Memory),
+                6 => Some(Limit::Inline),
                 _ => None,
             }
         }
@@ -948,6 +994,21 @@ pub mod watchdog {
             cpu: Option<Duration>,
             alarm: Arc<Alarm>,
         ) -> mlua::Result<Watch> {
+            Watch::start_with_slack(lua, deadline, cpu, alarm, Duration::ZERO)
+        }
+
+        /// [`Watch::start`] for short budgets (a run on an async worker): the thread is not
+        /// woken for this invocation when it is due to wake anyway within `slack` of the
+        /// invocation's limit, which may then be enforced up to `slack` late. Without the
+        /// slack, every run with a short budget would wake the thread (a context switch per
+        /// run); with it, a steady stream of such runs wakes it about once per `slack`.
+        pub fn start_with_slack(
+            lua: &mlua::Lua,
+            deadline: Instant,
+            cpu: Option<Duration>,
+            alarm: Arc<Alarm>,
+            slack: Duration,
+        ) -> mlua::Result<Watch> {
             let mut state = 0usize;
             // SAFETY: only reads the state pointer.
             unsafe { lua.exec_raw::<()>((), |l| state = l as usize)? };
@@ -963,7 +1024,7 @@ pub mod watchdog {
             // The thread is woken only when it would otherwise sleep past `due`: an invocation
             // started while it waits for an earlier moment is looked at then (one wake-up per
             // run would cost a context switch on every invocation).
-            let wake = g.2.is_none_or(|at| due < at);
+            let wake = g.2.is_none_or(|at| due + slack < at);
             g.0 += 1;
             let id = g.0;
             g.1.insert(
