@@ -165,7 +165,7 @@ pub struct LuaLimitSettings {
     /// Microseconds of CPU and wall time an HTTP call (`POST /fn/{name}`, untraced) may first
     /// run on the request's async worker, without the hand-off to a blocking thread. Such a
     /// run may call only host functions that neither block nor act outside the invocation
-    /// (`json.*`, `debug.trace_id/tracing/traceback`); one that calls another, runs past the
+    /// (`json.encode/decode`, `debug.*`); one that calls another, runs past the
     /// budget or fails is abandoned before that call and made again on a blocking thread.
     /// 0 disables it; at most 10,000 (the run holds an async worker).
     pub inline_budget_us: u64,

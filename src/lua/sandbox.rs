@@ -183,6 +183,8 @@ pub const INLINE_HOST_FUNCTIONS: &[(&str, &str)] = &[
     ("debug", "trace_id"),
     ("debug", "tracing"),
     ("debug", "traceback"),
+    // Records only into a trace, and inline runs are untraced.
+    ("debug", "checkpoint"),
 ];
 
 /// Build the sandboxed state. With a tracer, the hook also records every executed line.
