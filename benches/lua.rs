@@ -13,7 +13,8 @@
 //! 3. invocation overhead in process: an empty function in a fresh sandbox per run vs a pooled
 //!    one (`[lua_limits] reuse_states`), with the cost of building a bare state alone;
 //! 4. invocation overhead over HTTP: `POST /fn/empty` vs `GET /ping`, same client, same server
-//!    (1, 4 and 32 connections).
+//!    (1, 4 and 32 connections), also against a server building a fresh state per run and one
+//!    running every call on a blocking thread (`[lua_limits] inline_budget_us = 0`).
 //!
 //! `cargo bench --bench lua`; `BENCH_SECS` sets the seconds per HTTP measurement (default 3);
 //! `BENCH_ONLY=trace` runs only the deep-trace tables, `BENCH_ONLY=stock` only the sandbox vs
@@ -501,21 +502,30 @@ fn overhead(storage: Storage, config: Config, tmp: tempfile::TempDir, rt: tokio:
         std::fs::create_dir_all(&fresh_config.data_dir).unwrap();
         let mut t = toml::Table::new();
         t.insert("reuse_states".into(), toml::Value::Boolean(false));
-        fresh_config.sections.insert("lua_limits".into(), t);
+        fresh_config.sections.insert("lua_limits".into(), t.clone());
+        // And with pooled states but every call on a blocking thread (before inline runs).
+        let mut blocking_config = config.clone();
+        blocking_config.data_dir = tmp.path().join("blocking");
+        std::fs::create_dir_all(&blocking_config.data_dir).unwrap();
+        let mut t = toml::Table::new();
+        t.insert("inline_budget_us".into(), toml::Value::Integer(0));
+        blocking_config.sections.insert("lua_limits".into(), t);
         let running = ichibase::server::start(config).await.expect("server");
         let fresh = ichibase::server::start(fresh_config).await.expect("server");
+        let blocking = ichibase::server::start(blocking_config).await.expect("server");
         let base = format!("http://{}", running.addr);
         let fresh_base = format!("http://{}", fresh.addr);
+        let blocking_base = format!("http://{}", blocking.addr);
         let client = common::client();
-        for b in [&base, &fresh_base] {
+        for b in [&base, &fresh_base, &blocking_base] {
             let r = common::put_fn(&client, b, "empty", "return function() return 1 end").await;
             assert_eq!(r.status, 200, "{}", r.body);
         }
         println!();
         println!("## Invocation overhead over HTTP: empty function vs /ping");
         println!();
-        println!("| N | GET /ping req/s | POST /fn/empty req/s, fresh state per run | ratio | POST /fn/empty req/s, pooled states | ratio fn/ping |");
-        println!("|---:|---:|---:|---:|---:|---:|");
+        println!("| N | GET /ping req/s | POST /fn/empty req/s, fresh state per run | ratio | pooled states, every call on a blocking thread (`inline_budget_us = 0`) | ratio | pooled states, inline (the default) | ratio fn/ping |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
         let conns: Vec<usize> = std::env::var("BENCH_CONNS")
             .ok()
             .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
@@ -525,15 +535,19 @@ fn overhead(storage: Storage, config: Config, tmp: tempfile::TempDir, rt: tokio:
             let ping = http_rate(&client, n, secs, move |c| c.get(format!("{b}/ping"))).await;
             let b = fresh_base.clone();
             let f0 = http_rate(&client, n, secs, move |c| c.post(format!("{b}/fn/empty"))).await;
+            let b = blocking_base.clone();
+            let f1 = http_rate(&client, n, secs, move |c| c.post(format!("{b}/fn/empty"))).await;
             let b = base.clone();
             let f = http_rate(&client, n, secs, move |c| c.post(format!("{b}/fn/empty"))).await;
             println!(
-                "| {n} | {ping:.0} | {f0:.0} | {:.3} | {f:.0} | {:.3} |",
+                "| {n} | {ping:.0} | {f0:.0} | {:.3} | {f1:.0} | {:.3} | {f:.0} | {:.3} |",
                 f0 / ping,
+                f1 / ping,
                 f / ping
             );
         }
         running.shutdown().await.unwrap();
         fresh.shutdown().await.unwrap();
+        blocking.shutdown().await.unwrap();
     });
 }

@@ -254,19 +254,19 @@ async fn invoke(
     };
     let runtime = lua::Runtime::of_app(&st, tokio::runtime::Handle::current());
     // First on this worker, when the call needs no blocking thread (`lua::invoke_inline`).
-    let input = if flag(&q.trace) {
-        input
+    let (input, looked_up) = if flag(&q.trace) {
+        (input, None)
     } else {
         match try_inline(&st, &runtime, &ctx, &name, input) {
             Ok(done) => {
                 drop(reserved);
                 return answer(&ctx, &name, done);
             }
-            Err(input) => input,
+            Err(back) => back,
         }
     };
-    // One hop to a blocking thread: look the function up and run it there. `lua::invoke`
-    // logs the run and keeps its trace.
+    // One hop to a blocking thread: look the function up (unless the inline attempt did) and
+    // run it there. `lua::invoke` logs the run and keeps its trace.
     let (c2, n, trace_flag, limits) = (
         ctx.clone(),
         name.clone(),
@@ -275,9 +275,12 @@ async fn invoke(
     );
     let ran = tokio::task::spawn_blocking(
         move || -> Result<(store::FunctionSource, bool, bool, lua::Outcome)> {
-            let f = runtime.storage.read_blocking(&runtime.rt, &RequestContext::system(), no_deadline(), |c| {
-                store::get(c, &n, None)
-            })?;
+            let f = match looked_up {
+                Some(f) => f,
+                None => runtime.storage.read_blocking(&runtime.rt, &RequestContext::system(), no_deadline(), |c| {
+                    store::get(c, &n, None)
+                })?,
+            };
             // A trace shows the function's locals and upvalues (its secrets too): only its
             // owner, the admin and `[traces] debug_roles` may ask for one.
             let may_trace = limits.traces.may_trace(&c2, f.created_by.as_deref());
@@ -332,16 +335,17 @@ type Ran = (store::FunctionSource, bool, bool, lua::Outcome);
 
 /// Look the live version up and run it on this async worker (`lua::invoke_inline`), when a
 /// reader is free at once and the version is not known to need a blocking thread. `Err` gives
-/// the input back: the call goes the usual way (nothing of the attempt is kept).
+/// the input back, with the function when it was looked up: the call goes the usual way
+/// (nothing of the attempt is kept).
 fn try_inline(
     st: &App,
     runtime: &lua::Runtime,
     ctx: &RequestContext,
     name: &str,
     input: JsonValue,
-) -> std::result::Result<Ran, JsonValue> {
+) -> std::result::Result<Ran, (JsonValue, Option<store::FunctionSource>)> {
     if runtime.options.inline_budget.is_zero() {
-        return Err(input);
+        return Err((input, None));
     }
     let control = ExecControl::new(
         std::time::Instant::now(),
@@ -352,12 +356,13 @@ fn try_inline(
         .try_read_inline(&RequestContext::system(), control, |c| store::get(c, name, None))
     {
         Some(Ok(f)) if !f.trace => f,
-        // No reader free, an error (the usual way reports it), or a traced function.
-        _ => return Err(input),
+        Some(Ok(f)) => return Err((input, Some(f))),
+        // No reader free, or an error (the usual way reports it).
+        _ => return Err((input, None)),
     };
     let limits = st.lua_limits();
     if limits.not_inline.contains(name, f.version) {
-        return Err(input);
+        return Err((input, Some(f)));
     }
     let may_trace = limits.traces.may_trace(ctx, f.created_by.as_deref());
     let owner = if may_trace && !ctx.is_admin() {
@@ -380,7 +385,7 @@ fn try_inline(
             if limited {
                 limits.not_inline.insert(name, f.version);
             }
-            Err(inv.input)
+            Err((inv.input, Some(f)))
         }
     }
 }
