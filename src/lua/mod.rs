@@ -248,13 +248,13 @@ pub fn invoke(runtime: &Runtime, ctx: RequestContext, inv: Invocation) -> Outcom
 /// and wall time (enforced up to one budget late); it may call only the host functions that
 /// neither block nor act outside the invocation (`sandbox::INLINE_HOST_FUNCTIONS`). A run
 /// that calls any other, or fails in any way (a limit, an error), is abandoned before the
-/// call: nothing of it is kept (no posterity row, no trace, no logs) and `None` tells the
+/// call: nothing of it is kept (no posterity row, no trace, no logs) and `Err` tells the
 /// caller to make the whole invocation again with [`invoke`] on a blocking thread. Only a
 /// successful run is recorded and returned. Untraced runs in pooled states only.
 ///
 /// `Err` gives the invocation back, and whether a limit ended the attempt (a host call that
-/// needs a blocking thread, the budget): such a function is better sent to a blocking thread
-/// directly next time.
+/// needs a blocking thread, the CPU budget, memory): such a function version is better sent
+/// to a blocking thread directly next time.
 pub fn invoke_inline(
     runtime: &Runtime,
     ctx: RequestContext,
