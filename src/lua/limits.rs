@@ -279,23 +279,27 @@ impl LuaLimits {
 /// function that needs one, or ran past the budget. A hint only (bounded: forgotten when
 /// full); a new version of a function is tried inline again.
 #[derive(Debug, Default)]
-pub struct NotInline(std::sync::Mutex<std::collections::HashSet<(String, i64)>>);
+pub struct NotInline(std::sync::Mutex<std::collections::HashMap<String, Vec<i64>>>);
 
 impl NotInline {
-    /// Versions remembered at most.
+    /// Functions remembered at most.
     const MAX: usize = 4096;
 
+    /// Looked up by `&str`: no allocation on the call path.
     pub fn contains(&self, name: &str, version: i64) -> bool {
-        let set = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        !set.is_empty() && set.contains(&(name.to_string(), version))
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(name).is_some_and(|v| v.contains(&version))
     }
 
     pub fn insert(&self, name: &str, version: i64) {
-        let mut set = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if set.len() >= Self::MAX {
-            set.clear();
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= Self::MAX {
+            map.clear();
         }
-        set.insert((name.to_string(), version));
+        let versions = map.entry(name.to_string()).or_default();
+        if !versions.contains(&version) {
+            versions.push(version);
+        }
     }
 }
 
