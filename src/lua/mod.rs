@@ -544,9 +544,8 @@ fn run_sandbox(runtime: &Runtime, ctx: RequestContext, inv: &Invocation, inline:
     // memory back to the system: glibc would keep it in per-thread arenas, and the server's
     // resident size would creep up with every such run.
     let heavy = HEAVY.with(|h| h.replace(false));
-    // An abandoned inline attempt is made again on a blocking thread, which hands back then.
-    let abandoned = inline.is_some() && result.is_err();
-    if !abandoned && (heavy || result.is_err() || meter.peak_memory.get() > 1024 * 1024) {
+    // An abandoned inline attempt too: it freed its memory in the worker thread's arena.
+    if heavy || result.is_err() || meter.peak_memory.get() > 1024 * 1024 {
         release_freed_memory();
     }
     Outcome {
