@@ -174,6 +174,7 @@ fn writer_rate() -> f64 {
         flush_interval: Duration::from_secs(1),
         queue: 65_536,
         batch_rows: 50_000,
+        checkpoint_mb: 64,
         archive_after_days: 7,
         analytics: Default::default(),
     })

@@ -142,6 +142,8 @@ pub struct PosteritySettings {
     pub queue: usize,
     /// Rows that trigger a commit before the interval is over.
     pub batch_rows: usize,
+    /// DuckDB's WAL size (MB) past which the log is checkpointed into its table.
+    pub checkpoint_mb: u64,
     /// Complete days older than this go to the Parquet archive.
     pub archive_after_days: u32,
     /// Seconds between scheduled archive runs (0: only on demand).
@@ -388,7 +390,7 @@ macro_rules! shown {
 
 const LLM_POSITIVE: &str =
     "llm_timeout_secs, llm_max_tokens, generate_max_rounds and property_runs must be positive";
-const POSTERITY_POSITIVE: &str = "posterity_flush_secs, posterity_queue and posterity_batch_rows must be positive, archive_interval_secs non-negative";
+const POSTERITY_POSITIVE: &str = "posterity_flush_secs, posterity_queue, posterity_batch_rows and posterity_checkpoint_mb must be positive, archive_interval_secs non-negative";
 const REPLICATE_POSITIVE: &str = "replicate_sync_interval_secs, replicate_snapshot_interval_secs, replicate_retention_secs, replicate_timeout_secs, replicate_compaction_interval_secs and replicate_checkpoint_pages must be positive";
 const WS_POSITIVE: &str = "ws_queue, ws_heartbeat_secs and cdc_retention must be positive";
 const LUA_LIMITS: &str = "lua_memory_limit must be at least 1 MiB, lua_timeout_secs and lua_cpu_limit_secs positive numbers";
@@ -519,6 +521,8 @@ settings! {
         posterity_queue: usize ["ICHIBASE_POSTERITY_QUEUE"] => queue = 65_536, valid positive(POSTERITY_POSITIVE);
         /// Posterity: rows that trigger a commit before the interval is over
         posterity_batch_rows: usize ["ICHIBASE_POSTERITY_BATCH_ROWS"] => batch_rows = 50_000, valid positive(POSTERITY_POSITIVE);
+        /// Posterity: DuckDB's WAL size in MB past which the log is checkpointed (compressed into its table)
+        posterity_checkpoint_mb: u64 ["ICHIBASE_POSTERITY_CHECKPOINT_MB"] => checkpoint_mb = 64, valid positive(POSTERITY_POSITIVE);
         /// Archive: complete days older than this many days go to Parquet
         archive_after_days: u32 ["ICHIBASE_ARCHIVE_AFTER_DAYS"] => archive_after_days = 7;
         /// Archive: seconds between scheduled runs, 0 = only on demand
@@ -1004,10 +1008,11 @@ mod tests {
                 p.flush_secs,
                 p.queue,
                 p.batch_rows,
+                p.checkpoint_mb,
                 p.archive_after_days,
                 p.archive_interval_secs
             ),
-            (true, 1.0, 65_536, 50_000, 7, 3600.0)
+            (true, 1.0, 65_536, 50_000, 64, 7, 3600.0)
         );
         assert!(d.replication.is_none() && d.sections.is_empty());
         assert_eq!(

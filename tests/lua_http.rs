@@ -653,6 +653,69 @@ async fn cli_deploys_functions() {
     );
 }
 
+/// Calls use a cached copy of the live version only while nothing was committed since it was
+/// read: a deploy by `ichibase fn` from another process, a rollback, an HTTP deploy, a delete
+/// and a write to an app table each reach the very next call, inline or not.
+#[tokio::test]
+async fn cached_function_versions_follow_every_change_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for budget in ["1000", "0"] {
+        let s = Server::start_in(&data, &[], &[("ICHIBASE_LUA_LIMITS__INLINE_BUDGET_US", budget)]);
+        let (c, base) = (client(), s.url.clone());
+        let name = format!("cached_{budget}");
+        let calls = |want: &'static str, version: &'static str| {
+            let (c, base, name) = (c.clone(), base.clone(), name.clone());
+            async move {
+                // Several calls: the first may fill the cache, the others use it.
+                for i in 0..4 {
+                    let r = call_fn(&c, &base, &name, json!({})).await;
+                    assert_eq!(r.status, 200, "budget {budget}, call {i}: {}", r.body);
+                    assert_eq!(r.json(), json!(want), "budget {budget}, call {i}");
+                    assert_eq!(r.header("x-ichibase-function-version"), Some(version), "budget {budget}, call {i}");
+                }
+            }
+        };
+        assert_eq!(put_fn(&c, &base, &name, "return function() return 'http 1' end").await.status, 200);
+        calls("http 1", "1").await;
+        let file = dir.path().join("cached.lua");
+        std::fs::write(&file, "return function() return 'cli 2' end").unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase"))
+            .args(["fn", "deploy", &name])
+            .arg(&file)
+            .arg("--data-dir")
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        calls("cli 2", "2").await;
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ichibase"))
+            .args(["fn", "rollback", &name, "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        calls("http 1", "1").await;
+        assert_eq!(put_fn(&c, &base, &name, "return function() return 'http 3' end").await.status, 200);
+        calls("http 3", "3").await;
+        // A write elsewhere: the next call reads again and finds the same version.
+        let r = post(&c, &base, &[], "CREATE TABLE IF NOT EXISTS unrelated(x)").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        calls("http 3", "3").await;
+        let r = request(&c, reqwest::Method::POST, format!("{base}/fn/{name}/rollback"), None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        // Back from version 3 to the one before it.
+        calls("cli 2", "2").await;
+        let r = request(&c, reqwest::Method::DELETE, format!("{base}/fn/{name}"), None).await;
+        assert!(r.status == 200 || r.status == 204, "{}", r.body);
+        for _ in 0..3 {
+            assert_eq!(call_fn(&c, &base, &name, json!({})).await.status, 404);
+        }
+        drop(s);
+    }
+}
+
 // --- Security (issue 12): traces, db.tx time limit, memory budget ----------------------------
 
 /// Sign up `email` (then sign in) and return a client carrying its access token.
@@ -1449,4 +1512,99 @@ async fn inline_runs_can_be_turned_off_and_the_budget_is_bounded() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("inline_budget_us must be at most 10000"), "{err}");
+}
+
+/// `ctx` holds exactly the caller's role and user, the request's trace id and the function's
+/// name and live version, inline and on a blocking thread alike, and a change to it does not
+/// reach the next call.
+#[tokio::test]
+async fn ctx_names_the_caller_the_trace_and_the_function_version() {
+    for budget in ["1000", "0"] {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Server::start_in(dir.path(), &["--signup-open", "true"], &[("ICHIBASE_LUA_LIMITS__INLINE_BUDGET_US", budget)]);
+        let (admin, base) = (client(), s.url.clone());
+        let src = "return function(input, ctx)
+  local seen = {}
+  for k, v in pairs(ctx) do seen[k] = v end
+  ctx.role = 'admin'; ctx.extra = 1
+  return seen
+end";
+        assert_eq!(put_fn(&admin, &base, "who", "return function() return 0 end").await.status, 200);
+        assert_eq!(put_fn(&admin, &base, "who", src).await.status, 200);
+        let r = call_fn(&admin, &base, "who", json!({})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let trace = r.header("x-ichibase-trace-id").unwrap().to_string();
+        assert_eq!(r.json(), json!({"role": "admin", "trace_id": trace, "function": "who", "version": 2}), "budget {budget}");
+        let ann = common::signup_with(&base, "ann@example.com", "a long enough password 42").await;
+        let (id, ann) = (ann.id, ann.client);
+        for _ in 0..2 {
+            let r = call_fn(&ann, &base, "who", json!({})).await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            let trace = r.header("x-ichibase-trace-id").unwrap().to_string();
+            assert_eq!(
+                r.json(),
+                json!({"role": "user", "user_id": id, "trace_id": trace, "function": "who", "version": 2}),
+                "budget {budget}"
+            );
+        }
+    }
+}
+
+/// Issue 18, hostile inline runs: functions that use most of the inline budget, overrun it, or
+/// never end keep every answer right and never starve the async workers they try to run on:
+/// `/ping` keeps answering while 22 clients call them without pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inline_runs_near_past_or_without_end_do_not_starve_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_in(dir.path(), &["--lua-cpu-limit-secs", "0.05"], &[]);
+    let (admin, base) = (client(), s.url.clone());
+    // os.clock is the process's CPU time: with both cores busy it runs faster than the wall.
+    let fns = [
+        ("near", "return function() local t = os.clock() while os.clock() - t < 0.0008 do end return 1 end"),
+        ("past", "return function() local t = os.clock() while os.clock() - t < 0.004 do end return 2 end"),
+        ("endless", "return function() local n = 0 while true do n = n + 1 end end"),
+    ];
+    for (name, src) in fns {
+        assert_eq!(put_fn(&admin, &base, name, src).await.status, 200);
+    }
+    let stop = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    let mut callers = Vec::new();
+    // Few endless ones: each then spins a blocking thread up to the CPU limit.
+    for k in 0..22 {
+        let (c, base, name) = (anon_client(), base.clone(), fns[if k < 2 { 2 } else { k % 2 }].0);
+        callers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while std::time::Instant::now() < stop {
+                let r = call_fn(&c, &base, name, json!({})).await;
+                match name {
+                    "near" => assert_eq!((r.status, r.json()), (200, json!(1)), "{}", r.body),
+                    "past" => assert_eq!((r.status, r.json()), (200, json!(2)), "{}", r.body),
+                    _ => {
+                        assert_eq!(r.status, 422, "{}", r.body);
+                        assert!(r.body.contains("LUA_LIMIT_EXCEEDED"), "{}", r.body);
+                    }
+                }
+                n += 1;
+            }
+            n
+        }));
+    }
+    // A starved worker would hold /ping until the flood ends (or for ever, were a run without
+    // end not stopped at the budget): the client gives up after 3 s.
+    let c = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build().unwrap();
+    let (mut pings, mut slowest) = (0, std::time::Duration::ZERO);
+    while std::time::Instant::now() < stop {
+        let t = std::time::Instant::now();
+        let r = c.get(format!("{base}/ping")).send().await;
+        assert!(r.as_ref().is_ok_and(|r| r.status().is_success()), "/ping after {:?}: {r:?}", t.elapsed());
+        slowest = slowest.max(t.elapsed());
+        pings += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut calls = 0;
+    for h in callers {
+        calls += h.await.unwrap();
+    }
+    assert!(pings >= 2 && calls >= 22, "{pings} pings (slowest {slowest:?}), {calls} calls");
+    assert_eq!(call_fn(&admin, &base, "near", json!({})).await.json(), json!(1));
 }

@@ -274,12 +274,17 @@ async fn invoke(
         std::sync::Arc::clone(st.lua_limits()),
     );
     let ran = tokio::task::spawn_blocking(
-        move || -> Result<(store::FunctionSource, bool, bool, lua::Outcome)> {
+        move || -> Result<Ran> {
             let f = match looked_up {
                 Some(f) => f,
-                None => runtime.storage.read_blocking(&runtime.rt, &RequestContext::system(), no_deadline(), |c| {
-                    store::get(c, &n, None)
-                })?,
+                None => limits
+                    .sources
+                    .live(&runtime.storage, &n, || {
+                        Some(runtime.storage.read_blocking(&runtime.rt, &RequestContext::system(), no_deadline(), |c| {
+                            store::get(c, &n, None)
+                        }))
+                    })
+                    .unwrap_or_else(|| Err(Error::internal("the function look-up did not run")))?,
             };
             // A trace shows the function's locals and upvalues (its secrets too): only its
             // owner, the admin and `[traces] debug_roles` may ask for one.
@@ -331,10 +336,10 @@ async fn invoke(
 }
 
 /// The function, whether the run was traced, whether the caller may trace it, and its outcome.
-type Ran = (store::FunctionSource, bool, bool, lua::Outcome);
+type Ran = (std::sync::Arc<store::FunctionSource>, bool, bool, lua::Outcome);
 
-/// Look the live version up and run it on this async worker (`lua::invoke_inline`), when a
-/// reader is free at once and the version is not known to need a blocking thread. `Err` gives
+/// Look the live version up (cached, or on a reader that is free at once) and run it on this
+/// async worker (`lua::invoke_inline`), when the version is not known to need a blocking thread. `Err` gives
 /// the input back, with the function when it was looked up: the call goes the usual way
 /// (nothing of the attempt is kept).
 fn try_inline(
@@ -343,24 +348,26 @@ fn try_inline(
     ctx: &RequestContext,
     name: &str,
     input: JsonValue,
-) -> std::result::Result<Ran, (JsonValue, Option<store::FunctionSource>)> {
+) -> std::result::Result<Ran, (JsonValue, Option<std::sync::Arc<store::FunctionSource>>)> {
     if runtime.options.inline_budget.is_zero() {
         return Err((input, None));
     }
-    let control = ExecControl::new(
-        std::time::Instant::now(),
-        runtime.options.inline_budget.as_secs_f64(),
-    );
-    let f = match st
-        .storage()
-        .try_read_inline(&RequestContext::system(), control, |c| store::get(c, name, None))
-    {
+    let limits = st.lua_limits();
+    // The cached live version while nothing was committed since it was read, else a reader
+    // that is free at once.
+    let f = match limits.sources.live(st.storage(), name, || {
+        let control = ExecControl::new(
+            std::time::Instant::now(),
+            runtime.options.inline_budget.as_secs_f64(),
+        );
+        st.storage()
+            .try_read_inline(&RequestContext::system(), control, |c| store::get(c, name, None))
+    }) {
         Some(Ok(f)) if !f.trace => f,
         Some(Ok(f)) => return Err((input, Some(f))),
         // No reader free, or an error (the usual way reports it).
         _ => return Err((input, None)),
     };
-    let limits = st.lua_limits();
     if limits.not_inline.contains(name, f.version) {
         return Err((input, Some(f)));
     }

@@ -260,6 +260,8 @@ pub struct LuaLimits {
     pub budget: MemoryBudget,
     /// Function versions whose inline attempt a limit ended (`lua::invoke_inline`).
     pub not_inline: NotInline,
+    /// Live function versions as last read (`POST /fn/{name}` looks them up here first).
+    pub sources: super::store::SourceCache,
 }
 
 impl LuaLimits {
@@ -271,6 +273,7 @@ impl LuaLimits {
                 Duration::from_secs_f64(lua.memory_wait_secs),
             ),
             not_inline: NotInline::default(),
+            sources: Default::default(),
         }
     }
 }

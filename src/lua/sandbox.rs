@@ -787,6 +787,11 @@ pub mod watchdog {
 
     /// How often an overdue invocation's hook is set again while it keeps running.
     const RETRY: Duration = Duration::from_millis(5);
+    /// How often the thread looks while runs come and go (see [`LINGER`]): no later than
+    /// an inline run (1 ms budget by default, taken with as much slack) needs it.
+    const TICK: Duration = Duration::from_millis(1);
+    /// How long after it last saw an invocation the thread keeps looking every [`TICK`].
+    const LINGER: Duration = Duration::from_millis(20);
 
     /// What the watchdog and one invocation share.
     #[derive(Default)]
@@ -932,8 +937,13 @@ pub mod watchdog {
 
     fn run(s: &'static Shared) {
         let mut g = s.entries.lock().unwrap_or_else(|e| e.into_inner());
+        // When the thread last saw an invocation.
+        let mut busy = Instant::now();
         loop {
             let now = Instant::now();
+            if !g.1.is_empty() {
+                busy = now;
+            }
             let mut next: Option<Instant> = None;
             let mut at = |t: Instant| next = Some(next.map_or(t, |n: Instant| n.min(t)));
             for e in g.1.values() {
@@ -967,6 +977,13 @@ pub mod watchdog {
                     }
                 }
             }
+            // Just after a run, keep looking every TICK for a while instead of waiting to be
+            // notified: under a steady stream of short runs, a run starting in between finds
+            // the thread due soon and need not wake it (a futex call and a context switch per
+            // run otherwise). Idle, it sleeps until notified.
+            if next.is_none() && now.saturating_duration_since(busy) < LINGER {
+                next = Some(now + TICK);
+            }
             g.2 = next;
             g = match next {
                 None => s.wake.wait(g).unwrap_or_else(|e| e.into_inner()),
@@ -996,7 +1013,7 @@ pub mod watchdog {
             cpu: Option<Duration>,
             alarm: Arc<Alarm>,
         ) -> mlua::Result<Watch> {
-            Watch::start_with_slack(lua, deadline, cpu, alarm, Duration::ZERO)
+            Watch::start_with_slack(lua, deadline, cpu, None, alarm, Duration::ZERO)
         }
 
         /// [`Watch::start`] for short budgets (a run on an async worker): the thread is not
@@ -1004,17 +1021,21 @@ pub mod watchdog {
         /// invocation's limit, which may then be enforced up to `slack` late. Without the
         /// slack, every run with a short budget would wake the thread (a context switch per
         /// run); with it, a steady stream of such runs wakes it about once per `slack`.
+        /// `cpu_from`: the thread's CPU clock and the reading the budget counts from (as
+        /// [`this_thread_cpu`] gave it when the run started; `None`: read it now). Reading a
+        /// thread's CPU clock is a system call: a run that has one already passes it on.
         pub fn start_with_slack(
             lua: &mlua::Lua,
             deadline: Instant,
             cpu: Option<Duration>,
+            cpu_from: Option<(libc::clockid_t, Duration)>,
             alarm: Arc<Alarm>,
             slack: Duration,
         ) -> mlua::Result<Watch> {
             let mut state = 0usize;
             // SAFETY: only reads the state pointer.
             unsafe { lua.exec_raw::<()>((), |l| state = l as usize)? };
-            let cpu = cpu.and_then(|budget| this_thread_cpu().map(|(c, t)| (c, t, budget)));
+            let cpu = cpu.and_then(|budget| cpu_from.or_else(this_thread_cpu).map(|(c, t)| (c, t, budget)));
             // The earliest moment a limit of this invocation can be reached (its CPU time grows
             // no faster than the wall clock).
             let due = match cpu {

@@ -113,6 +113,80 @@ pub fn get(c: &Connection, name: &str, version: Option<i64>) -> Result<FunctionS
     })
 }
 
+/// The live versions of functions as last read, each with the database's change stamp of
+/// that read ([`crate::storage::stamp`]): a copy is used only while the stamp is still the
+/// database's, so any commit (a deploy, a rollback, a bundle merge, `ichibase fn deploy` from
+/// another process, or any other write) sends the next call back to the database. Bounded: at
+/// most [`SourceCache::MAX_FUNCTIONS`] functions and [`SourceCache::MAX_BYTES`] of source;
+/// past either it starts over.
+#[derive(Debug, Default)]
+pub struct SourceCache(std::sync::RwLock<SourceMap>);
+
+#[derive(Debug, Default)]
+struct SourceMap {
+    live: std::collections::HashMap<String, (crate::storage::stamp::Stamp, std::sync::Arc<FunctionSource>)>,
+    bytes: usize,
+}
+
+impl SourceCache {
+    pub const MAX_FUNCTIONS: usize = 1024;
+    pub const MAX_BYTES: usize = 32 * 1024 * 1024;
+
+    /// The live version of `name`: the cached copy when nothing was committed since it was
+    /// read, else `read` (a read of [`get`] on `storage`; `None`: it could not run now), whose
+    /// answer is kept when no commit happened while it ran.
+    pub fn live(
+        &self,
+        storage: &crate::storage::Storage,
+        name: &str,
+        read: impl FnOnce() -> Option<Result<FunctionSource>>,
+    ) -> Option<Result<std::sync::Arc<FunctionSource>>> {
+        let before = storage.change_stamp();
+        if let Some(stamp) = before {
+            let map = self.0.read().unwrap_or_else(|e| e.into_inner());
+            if let Some((s, f)) = map.live.get(name) {
+                if *s == stamp {
+                    return Some(Ok(std::sync::Arc::clone(f)));
+                }
+            }
+        }
+        let f = match read()? {
+            Ok(f) => std::sync::Arc::new(f),
+            Err(e) => return Some(Err(e)),
+        };
+        if let Some(stamp) = before.filter(|s| storage.change_stamp() == Some(*s)) {
+            self.keep(name, stamp, std::sync::Arc::clone(&f));
+        }
+        Some(Ok(f))
+    }
+
+    fn keep(&self, name: &str, stamp: crate::storage::stamp::Stamp, f: std::sync::Arc<FunctionSource>) {
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        let size = f.source.len() + name.len();
+        if size > Self::MAX_BYTES {
+            return;
+        }
+        if let Some((_, old)) = map.live.remove(name) {
+            map.bytes -= old.source.len() + name.len();
+        }
+        if map.live.len() >= Self::MAX_FUNCTIONS || map.bytes + size > Self::MAX_BYTES {
+            map.live.clear();
+            map.bytes = 0;
+        }
+        map.bytes += size;
+        map.live.insert(name.to_string(), (stamp, f));
+    }
+
+    /// Functions cached now (tests).
+    pub fn len(&self) -> usize {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 pub fn versions(c: &Connection, name: &str) -> Result<Vec<Json>> {
     let mut st = c.prepare(
         "SELECT f.version, f.created_at, f.created_by, f.trace, f.version = h.version, length(f.source)
@@ -567,4 +641,97 @@ pub fn hover(c: &Connection, id: &str, name: &str, step: Option<i64>) -> Result<
         .optional()?
         .unwrap_or(false);
     Ok(json!({"name": name, "history": history, "sampled": sampled}))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::core::RequestContext;
+    use crate::storage::{ExecControl, Storage};
+
+    /// The cache answers with the copy it holds while nothing is committed, reads again after
+    /// any commit (another connection's too), and never keeps what a read during a commit saw.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn cached_sources_last_until_the_next_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open_in(dir.path());
+        let ctl = || ExecControl::new(std::time::Instant::now(), 0.0);
+        let sys = RequestContext::system;
+        storage
+            .write(&sys(), ctl(), |c| deploy(c, "f", "return function() return 1 end", false, None))
+            .await
+            .unwrap();
+        let cache = SourceCache::default();
+        let reads = std::sync::atomic::AtomicUsize::new(0);
+        let look = |cache: &SourceCache| {
+            cache
+                .live(&storage, "f", || {
+                    reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    storage.try_read_inline(&sys(), ctl(), |c| get(c, "f", None))
+                })
+                .unwrap()
+                .unwrap()
+        };
+        let a = look(&cache);
+        let b = look(&cache);
+        assert!(Arc::ptr_eq(&a, &b), "no commit in between: the same copy");
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Another connection deploys (as `ichibase fn deploy` in another process does).
+        let mut other = rusqlite::Connection::open(storage.path()).unwrap();
+        deploy(&mut other, "f", "return function() return 2 end", false, None).unwrap();
+        let c = look(&cache);
+        assert_eq!((c.version, reads.load(std::sync::atomic::Ordering::SeqCst)), (2, 2));
+        assert!(c.source.contains("return 2"));
+        // A read that a commit overtakes is answered but not kept.
+        other.execute_batch("CREATE TABLE w(z)").unwrap();
+        let d = cache
+            .live(&storage, "f", || {
+                other.execute_batch("CREATE TABLE x(y)").unwrap();
+                storage.try_read_inline(&sys(), ctl(), |c| get(c, "f", None))
+            });
+        assert!(d.is_some());
+        let e = look(&cache);
+        assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 3, "the overtaken read was not kept");
+        assert_eq!(e.version, 2);
+        // Errors are answered, never cached.
+        let missing = cache.live(&storage, "g", || storage.try_read_inline(&sys(), ctl(), |c| get(c, "g", None)));
+        assert!(matches!(missing, Some(Err(_))));
+        assert_eq!(cache.len(), 1);
+    }
+
+    /// However many functions are called, the cache holds at most its bounds (it starts over
+    /// past them), and a source larger than the whole byte bound is never kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_cache_stays_within_its_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open_in(dir.path());
+        let stamp = storage.change_stamp().unwrap();
+        let source = |name: &str, len: usize| FunctionSource {
+            name: name.to_string(),
+            version: 1,
+            live: true,
+            trace: false,
+            created_at: String::new(),
+            created_by: None,
+            source: "x".repeat(len),
+        };
+        let cache = SourceCache::default();
+        for i in 0..(SourceCache::MAX_FUNCTIONS * 2 + 7) {
+            let name = format!("f{i}");
+            cache.keep(&name, stamp, Arc::new(source(&name, 10)));
+            assert!(cache.len() <= SourceCache::MAX_FUNCTIONS);
+        }
+        let big = SourceCache::MAX_BYTES / 3;
+        for i in 0..7 {
+            let name = format!("big{i}");
+            cache.keep(&name, stamp, Arc::new(source(&name, big)));
+            let map = cache.0.read().unwrap();
+            assert!(map.bytes <= SourceCache::MAX_BYTES, "{} bytes", map.bytes);
+            assert_eq!(map.bytes, map.live.iter().map(|(k, (_, f))| k.len() + f.source.len()).sum::<usize>());
+        }
+        cache.keep("huge", stamp, Arc::new(source("huge", SourceCache::MAX_BYTES + 1)));
+        assert!(!cache.0.read().unwrap().live.contains_key("huge"));
+    }
 }

@@ -20,7 +20,8 @@
 //! hands them to DuckDB's appender as whole data chunks (one per 2,048 rows), not value by value;
 //! it commits every `posterity_flush_secs` (default 1 s) or every `posterity_batch_rows` rows,
 //! whichever comes first: a crash loses at most the events of the last flush interval. A
-//! graceful shutdown flushes everything queued.
+//! graceful shutdown flushes everything queued. Committed rows wait in DuckDB's WAL until it
+//! holds `posterity_checkpoint_mb` (default 64), then are compressed into the table at once.
 //!
 //! Request threads do as little as possible: a `sql` event ([`Event::sql`]) carries its
 //! statement text and verb, and the writer derives the statement hash (`name`, remembered per
@@ -65,6 +66,10 @@ pub struct PosterityOptions {
     pub queue: usize,
     /// Rows appended before a flush even within the interval.
     pub batch_rows: usize,
+    /// DuckDB's `checkpoint_threshold` in MB: committed rows wait in its WAL (and memory)
+    /// until it reaches this size, then are compressed into the table at once. Fewer, larger
+    /// checkpoints cost less CPU per row (each one compresses the last row group again).
+    pub checkpoint_mb: u64,
     /// Complete days older than this many days go to the archive.
     pub archive_after_days: u32,
     /// The `[analytics]` section: DuckDB's resources and what non-admins may do.
@@ -147,6 +152,7 @@ impl PosterityOptions {
             flush_interval: Duration::from_secs_f64(p.flush_secs),
             queue: p.queue,
             batch_rows: p.batch_rows,
+            checkpoint_mb: p.checkpoint_mb,
             archive_after_days: p.archive_after_days,
             analytics,
         })
@@ -554,6 +560,8 @@ impl Posterity {
             d = sql_str(&opts.analytics.max_temp_directory_size),
         ))
         .map_err(|e| anyhow::anyhow!("posterity: DuckDB settings of [analytics]: {e}"))?;
+        conn.execute_batch(&format!("SET checkpoint_threshold = '{}MB';", opts.checkpoint_mb))
+            .map_err(|e| anyhow::anyhow!("posterity: posterity_checkpoint_mb = {}: {e}", opts.checkpoint_mb))?;
         conn.execute_batch(SCHEMA)?;
         app_table::register(&conn, &opts.app_db)?;
         archive::recover(&conn, &archive_dir)?;
@@ -969,6 +977,10 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path) -> Posterity {
+        open_with(dir, 64)
+    }
+
+    fn open_with(dir: &Path, checkpoint_mb: u64) -> Posterity {
         Posterity::open(PosterityOptions {
             data_dir: dir.to_path_buf(),
             app_db: dir.join("ichibase.db"),
@@ -976,10 +988,35 @@ mod tests {
             flush_interval: Duration::from_secs(60),
             queue: 1024,
             batch_rows: 50_000,
+            checkpoint_mb,
             archive_after_days: 7,
             analytics: AnalyticsSettings::default(),
         })
         .unwrap()
+    }
+
+    /// `posterity_checkpoint_mb` is the log's DuckDB checkpoint threshold (DuckDB's own
+    /// default would be 16 MB), and analytics cannot change it afterwards.
+    #[test]
+    fn the_checkpoint_threshold_is_the_configured_one() {
+        let threshold = |c: &Connection| -> String {
+            c.query_row("SELECT current_setting('checkpoint_threshold')", [], |r| r.get(0)).unwrap()
+        };
+        let reference = Connection::open_in_memory().unwrap();
+        let mut want = Vec::new();
+        for mb in [3, 64] {
+            reference.execute_batch(&format!("SET checkpoint_threshold = '{mb}MB'")).unwrap();
+            want.push(threshold(&reference));
+        }
+        assert_ne!(want[0], want[1]);
+        for (mb, want) in [3, 64].into_iter().zip(want) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = open_with(dir.path(), mb);
+            let c = p.connect().unwrap();
+            assert_eq!(threshold(&c), want, "{mb} MB");
+            assert!(c.execute_batch("SET checkpoint_threshold = '1MB'").is_err(), "the configuration is locked");
+            p.close();
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod capture;
 mod control;
 pub mod migrations;
 mod readers;
+pub mod stamp;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -65,6 +66,7 @@ struct Inner {
     authz: Arc<Authz>,
     writer: Writer,
     readers: ReaderPool,
+    stamps: stamp::Stamps,
 }
 
 /// How many SQLite VM instructions run between two checks of the deadline / cancel flag.
@@ -240,12 +242,31 @@ impl Storage {
                 authz,
                 writer,
                 readers: ReaderPool::new(readers, opts.busy_timeout),
+                // After the migrations: the -shm file exists, and the writer's connection
+                // keeps it for the storage's life.
+                stamps: stamp::Stamps::open(&opts.path),
             }),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// A storage on a new database in `dir`, default settings (unit tests).
+    #[cfg(test)]
+    pub fn open_in(dir: &Path) -> Storage {
+        let config = crate::config::Config {
+            data_dir: dir.to_path_buf(),
+            ..crate::config::Config::default()
+        };
+        Storage::open(&StorageOptions::from_config(&config)).unwrap()
+    }
+
+    /// The database's change stamp now (see [`stamp`]): equal stamps mean nothing was
+    /// committed in between, by this process or another. `None`: cannot be told now.
+    pub fn change_stamp(&self) -> Option<stamp::Stamp> {
+        self.inner.stamps.now()
     }
 
     /// Signalled after every write job finished (its changes are committed or rolled back).
@@ -316,6 +337,7 @@ impl Storage {
     /// Stop accepting work, let queued writes finish, close the readers and checkpoint the WAL
     /// into the main file. Called once on shutdown.
     pub async fn close(&self) -> Result<()> {
+        self.inner.stamps.close();
         self.inner.readers.close().await;
         self.inner.writer.close().await
     }
