@@ -240,6 +240,21 @@ async fn s3_replica_restores_with_ichibase_and_with_stock_litestream() {
     .await;
     ok(&c, &srv.url, "DELETE FROM t WHERE id BETWEEN 1100 AND 1200").await;
     let mut s = wait_shipped(&srv.url).await;
+    // Compaction takes two change files or more. On a loaded machine the server's first
+    // snapshot can come late and take in most of the writes above, leaving a single change
+    // file: write again, one capture apart, until there are two.
+    let mut extra = 0;
+    while s["captured_txid"].as_u64().unwrap() < 3 {
+        extra += 1;
+        assert!(extra <= 10, "writes one capture apart did not make new transactions: {s}");
+        ok(
+            &c,
+            &srv.url,
+            &format!("INSERT INTO t VALUES ({}, 'later', randomblob(500))", 5000 + extra),
+        )
+        .await;
+        s = wait_shipped(&srv.url).await;
+    }
     // Wait for change files to be compacted into level 1 too: both restores then use it.
     let deadline = Instant::now() + Duration::from_secs(30);
     while s["compacted_txid"].as_u64().unwrap() < 3 {
