@@ -548,7 +548,10 @@ fn log(
         Some(e) => {
             tracing::info!(query_id = %ctx.query_id, %method, status, elapsed_ms, error = %e, "sql request rejected")
         }
-        None => tracing::info!(
+        // A line per answered request only at debug level: the posterity log keeps every
+        // request (`http` and `sql` rows), and formatting a line to stderr per request cost
+        // about 6% of the server's CPU on a point SELECT.
+        None => tracing::debug!(
             query_id = %ctx.query_id, %method, status, elapsed_ms,
             result_rows = summary.map(|s| s.result_rows), written_rows = summary.map(|s| s.written_rows), "sql request"
         ),
