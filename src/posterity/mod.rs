@@ -11,12 +11,14 @@
 //! Nothing in SQLite depends on this database: losing it loses history, never app data.
 //!
 //! ## The queue
-//! [`Sink::record`] never blocks and never allocates beyond the event itself: the event goes
-//! into a bounded channel (`posterity_queue` events). When the channel is full the event is
-//! **dropped and counted**; the count is reported by `GET /admin/posterity` and written into the
+//! [`Sink::record`] never waits for the writer: it encodes the event's fields back to back into
+//! a shared buffer, the spool ([`Spool`], at most `posterity_queue` events), under a lock held
+//! only for that copy, and the event's own memory is freed on the recording thread (handing
+//! boxed events to the writer made it free them on its side, which cost the request threads'
+//! allocator more than the copy). When the spool is full the event is **dropped and counted**; the count is reported by `GET /admin/posterity` and written into the
 //! log itself as a `kind = 'posterity'` row (`name = 'dropped'`, `rows` = events lost) at the
-//! next flush, so a gap in the history is visible in the history. The writer thread drains the
-//! queue every tick (20 ms at most), gathers the events column by column (Arrow builders) and
+//! next flush, so a gap in the history is visible in the history. The writer thread swaps the
+//! spool out every tick (20 ms at most), decodes it in place, gathers the events column by column (Arrow builders) and
 //! hands them to DuckDB's appender as whole data chunks (one per 2,048 rows), not value by value;
 //! it commits every `posterity_flush_secs` (default 1 s) or every `posterity_batch_rows` rows,
 //! whichever comes first: a crash loses at most the events of the last flush interval. A
@@ -35,7 +37,7 @@ pub mod guard;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -342,9 +344,178 @@ pub fn sql_hash(sql: &str) -> String {
 }
 
 enum Cmd {
-    Row(Box<Event>),
     Flush(SyncSender<()>),
     Stop,
+}
+
+/// Events recorded and not yet taken by the writer, encoded back to back ([`encode`]).
+#[derive(Default)]
+struct Spool {
+    buf: Vec<u8>,
+    events: usize,
+    /// The writer has stopped: nothing more is taken.
+    closed: bool,
+}
+
+/// Lock the spool (a panic while holding it cannot leave it half-written: `encode` only
+/// appends bytes and counts after).
+fn lock_spool(m: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Absent string, integer or float in the encoding.
+const NONE_LEN: u32 = u32::MAX;
+
+fn put_str(b: &mut Vec<u8>, s: Option<&str>) {
+    match s {
+        // A string of 4 GiB or more cannot be an event field: recorded as absent.
+        Some(s) if s.len() < NONE_LEN as usize => {
+            b.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            b.extend_from_slice(s.as_bytes());
+        }
+        _ => b.extend_from_slice(&NONE_LEN.to_le_bytes()),
+    }
+}
+
+fn put_i64(b: &mut Vec<u8>, v: Option<i64>) {
+    match v {
+        Some(v) => {
+            b.push(1);
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        None => b.push(0),
+    }
+}
+
+/// An event's fields, in [`Row`]'s order, appended to `b`.
+fn encode(e: &Event, b: &mut Vec<u8>) {
+    b.extend_from_slice(&e.ts_us.to_le_bytes());
+    put_str(b, Some(e.kind));
+    put_str(b, e.trace_id.as_deref());
+    put_str(b, e.query_id.as_deref());
+    put_str(b, e.user_id.as_deref());
+    put_str(b, e.role.as_deref());
+    put_str(b, e.method.as_deref());
+    put_str(b, e.name.as_deref());
+    put_i64(b, e.version);
+    put_i64(b, e.status.map(i64::from));
+    put_str(b, e.outcome);
+    put_str(b, e.error.as_deref());
+    b.extend_from_slice(&e.elapsed_ms.to_le_bytes());
+    put_i64(b, e.rows);
+    put_i64(b, e.bytes);
+    put_str(b, e.detail.as_deref());
+    put_str(b, e.sql_text.as_deref());
+    put_str(b, e.sql_verb);
+}
+
+/// One event as the writer reads it: borrowed from the spool (or from an [`Event`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Row<'a> {
+    ts_us: i64,
+    kind: &'a str,
+    trace_id: Option<&'a str>,
+    query_id: Option<&'a str>,
+    user_id: Option<&'a str>,
+    role: Option<&'a str>,
+    method: Option<&'a str>,
+    name: Option<&'a str>,
+    version: Option<i64>,
+    status: Option<i32>,
+    outcome: Option<&'a str>,
+    error: Option<&'a str>,
+    elapsed_ms: f64,
+    rows: Option<i64>,
+    bytes: Option<i64>,
+    detail: Option<&'a str>,
+    sql_text: Option<&'a str>,
+    sql_verb: Option<&'a str>,
+}
+
+impl<'a> Row<'a> {
+    fn of(e: &'a Event) -> Row<'a> {
+        Row {
+            ts_us: e.ts_us,
+            kind: e.kind,
+            trace_id: e.trace_id.as_deref(),
+            query_id: e.query_id.as_deref(),
+            user_id: e.user_id.as_deref(),
+            role: e.role.as_deref(),
+            method: e.method.as_deref(),
+            name: e.name.as_deref(),
+            version: e.version,
+            status: e.status,
+            outcome: e.outcome,
+            error: e.error.as_deref(),
+            elapsed_ms: e.elapsed_ms,
+            rows: e.rows,
+            bytes: e.bytes,
+            detail: e.detail.as_deref(),
+            sql_text: e.sql_text.as_deref(),
+            sql_verb: e.sql_verb,
+        }
+    }
+}
+
+/// Reads the rows [`encode`] wrote; `None` at the end or at bytes it did not write.
+struct Decoder<'a> {
+    b: &'a [u8],
+}
+
+impl<'a> Decoder<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.b.len() < n {
+            return None;
+        }
+        let (head, rest) = self.b.split_at(n);
+        self.b = rest;
+        Some(head)
+    }
+
+    fn word<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.take(N)?.try_into().ok()
+    }
+
+    fn str(&mut self) -> Option<Option<&'a str>> {
+        let n = u32::from_le_bytes(self.word()?);
+        if n == NONE_LEN {
+            return Some(None);
+        }
+        std::str::from_utf8(self.take(n as usize)?).ok().map(Some)
+    }
+
+    fn i64(&mut self) -> Option<Option<i64>> {
+        match self.take(1)?[0] {
+            0 => Some(None),
+            _ => Some(Some(i64::from_le_bytes(self.word()?))),
+        }
+    }
+
+    fn row(&mut self) -> Option<Row<'a>> {
+        if self.b.is_empty() {
+            return None;
+        }
+        Some(Row {
+            ts_us: i64::from_le_bytes(self.word()?),
+            kind: self.str()??,
+            trace_id: self.str()?,
+            query_id: self.str()?,
+            user_id: self.str()?,
+            role: self.str()?,
+            method: self.str()?,
+            name: self.str()?,
+            version: self.i64()?,
+            status: self.i64()?.and_then(|v| i32::try_from(v).ok()),
+            outcome: self.str()?,
+            error: self.str()?,
+            elapsed_ms: f64::from_le_bytes(self.word()?),
+            rows: self.i64()?,
+            bytes: self.i64()?,
+            detail: self.str()?,
+            sql_text: self.str()?,
+            sql_verb: self.str()?,
+        })
+    }
 }
 
 /// Counters of the log, shared between recorders and the writer.
@@ -364,7 +535,9 @@ pub struct Sink {
 }
 
 struct SinkInner {
-    tx: SyncSender<Cmd>,
+    spool: Arc<Mutex<Spool>>,
+    /// Events the spool holds at most (`posterity_queue`).
+    cap: usize,
     counters: Arc<Counters>,
 }
 
@@ -384,17 +557,21 @@ impl Sink {
         self.inner.is_some()
     }
 
-    /// Queue `e` without waiting; when the queue is full the event is dropped and counted.
+    /// Queue `e` without waiting for the writer; when the spool is full (or the writer has
+    /// stopped) the event is dropped and counted. `e` is freed here, on the caller's thread.
     pub fn record(&self, e: Event) {
         let Some(s) = &self.inner else { return };
-        match s.tx.try_send(Cmd::Row(Box::new(e))) {
-            Ok(()) => {
-                s.counters.recorded.fetch_add(1, Ordering::Relaxed);
+        let taken = {
+            let mut sp = lock_spool(&s.spool);
+            let take = !sp.closed && sp.events < s.cap;
+            if take {
+                encode(&e, &mut sp.buf);
+                sp.events += 1;
             }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                s.counters.dropped.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+            take
+        };
+        let counter = if taken { &s.counters.recorded } else { &s.counters.dropped };
+        counter.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -569,17 +746,19 @@ impl Posterity {
         conn.execute_batch("SET lock_configuration = true;")?;
 
         let counters = Arc::new(Counters::default());
-        let (tx, rx) = sync_channel(opts.queue.max(1));
+        let (tx, rx) = sync_channel(16);
+        let spool = Arc::new(Mutex::new(Spool::default()));
         let wconn = conn.try_clone()?;
-        let c2 = Arc::clone(&counters);
+        let (c2, s2) = (Arc::clone(&counters), Arc::clone(&spool));
         let (flush_every, batch) = (opts.flush_interval, opts.batch_rows.max(1));
         let handle = std::thread::Builder::new()
             .name("posterity".into())
-            .spawn(move || writer_loop(wconn, rx, c2, flush_every, batch))?;
+            .spawn(move || writer_loop(wconn, rx, s2, c2, flush_every, batch))?;
         let sink = if opts.enabled {
             Sink {
                 inner: Some(Arc::new(SinkInner {
-                    tx: tx.clone(),
+                    spool,
+                    cap: opts.queue.max(1),
                     counters: Arc::clone(&counters),
                 })),
             }
@@ -739,23 +918,23 @@ impl Batch {
     }
 
     /// Add `e`; `name` and `detail` replace the event's own when given (derived by the writer).
-    fn push(&mut self, e: &Event, name: Option<&str>, detail: Option<&str>) {
+    fn push(&mut self, e: &Row<'_>, name: Option<&str>, detail: Option<&str>) {
         self.ts.append_value(e.ts_us);
         self.kind.append_value(e.kind);
-        self.trace_id.append_option(e.trace_id.as_deref());
-        self.query_id.append_option(e.query_id.as_deref());
-        self.user_id.append_option(e.user_id.as_deref());
-        self.role.append_option(e.role.as_deref());
-        self.method.append_option(e.method.as_deref());
-        self.name.append_option(name.or(e.name.as_deref()));
+        self.trace_id.append_option(e.trace_id);
+        self.query_id.append_option(e.query_id);
+        self.user_id.append_option(e.user_id);
+        self.role.append_option(e.role);
+        self.method.append_option(e.method);
+        self.name.append_option(name.or(e.name));
         self.version.append_option(e.version);
         self.status.append_option(e.status);
         self.outcome.append_option(e.outcome);
-        self.error.append_option(e.error.as_deref());
+        self.error.append_option(e.error);
         self.elapsed_ms.append_value(e.elapsed_ms);
         self.rows.append_option(e.rows);
         self.bytes.append_option(e.bytes);
-        self.detail.append_option(detail.or(e.detail.as_deref()));
+        self.detail.append_option(detail.or(e.detail));
         self.len += 1;
     }
 
@@ -832,9 +1011,38 @@ impl Derived {
     }
 }
 
+/// Commands waiting for the writer, taken before the spool: a flush then finds every event
+/// recorded before it was asked for. `(flush acks, stop)`.
+fn commands(rx: &Receiver<Cmd>) -> (Vec<SyncSender<()>>, bool) {
+    let (mut acks, mut stop) = (Vec::new(), false);
+    loop {
+        match rx.try_recv() {
+            Ok(Cmd::Flush(ack)) => acks.push(ack),
+            // A stop still takes what was recorded before it.
+            Ok(Cmd::Stop) => stop = true,
+            Err(TryRecvError::Empty) => break,
+            Err(TryRecvError::Disconnected) => {
+                stop = true;
+                break;
+            }
+        }
+    }
+    (acks, stop)
+}
+
+/// Swap the spool's events into `into` (empty, its capacity kept); the count taken. After a
+/// stop the spool takes nothing more (later events are dropped and counted).
+fn take_spool(spool: &Mutex<Spool>, into: &mut Vec<u8>, stop: bool) -> usize {
+    let mut sp = lock_spool(spool);
+    std::mem::swap(&mut sp.buf, into);
+    sp.closed |= stop;
+    std::mem::take(&mut sp.events)
+}
+
 fn writer_loop(
     conn: Connection,
     rx: Receiver<Cmd>,
+    spool: Arc<Mutex<Spool>>,
     counters: Arc<Counters>,
     flush_every: Duration,
     batch: usize,
@@ -853,18 +1061,20 @@ fn writer_loop(
         Ok(a) => a,
         Err(e) => {
             tracing::error!(error = %e, "posterity: cannot append to the log; events are discarded");
-            while let Ok(cmd) = rx.recv() {
-                match cmd {
-                    Cmd::Stop => break,
-                    Cmd::Flush(ack) => {
-                        let _ = ack.send(());
-                    }
-                    Cmd::Row(_) => {
-                        counters.failed.fetch_add(1, Ordering::Relaxed);
-                    }
+            let mut buf = Vec::new();
+            loop {
+                std::thread::sleep(Duration::from_millis(20));
+                let (acks, stop) = commands(&rx);
+                let n = take_spool(&spool, &mut buf, stop);
+                buf.clear();
+                counters.failed.fetch_add(n as u64, Ordering::Relaxed);
+                for a in acks {
+                    let _ = a.send(());
+                }
+                if stop {
+                    return;
                 }
             }
-            return;
         }
     };
     let mut texts = conn.appender("sql_texts").ok();
@@ -872,7 +1082,9 @@ fn writer_loop(
     let mut derived = Derived::default();
     // Rows appended to DuckDB and not yet committed.
     let mut pending = 0u64;
-    let mut reported_drops = counters.dropped.load(Ordering::Relaxed);
+    // From 0, not from the counter's value now: events dropped while this thread was still
+    // starting (a burst at start) are reported like any others.
+    let mut reported_drops = 0u64;
     let mut next_flush = Instant::now() + flush_every;
     // Hand the buffered rows to DuckDB as one chunk.
     let append = |log: &mut duckdb::Appender<'_>, rows: &mut Batch, pending: &mut u64| {
@@ -900,7 +1112,7 @@ fn writer_loop(
         if dropped > reported_drops {
             let n = (dropped - reported_drops) as i64;
             reported_drops = dropped;
-            rows.push(&Event::dropped(n, dropped), None, None);
+            rows.push(&Row::of(&Event::dropped(n, dropped)), None, None);
         }
         append(log, rows, pending);
         if *pending == 0 {
@@ -923,61 +1135,62 @@ fn writer_loop(
         }
         *pending = 0;
     };
-    // The writer polls: it sleeps a short tick and drains the queue, never blocking in `recv`,
-    // so a request recording an event never pays for waking this thread up. What one tick
-    // drained is appended as columns, one chunk per [`CHUNK_ROWS`] rows.
+    // The writer polls: it sleeps a short tick and swaps the spool out, never blocking on a
+    // channel, so a request recording an event never pays for waking this thread up. What one
+    // tick took is decoded in place and appended as columns, one chunk per [`CHUNK_ROWS`] rows.
     let tick = flush_every
         .min(Duration::from_millis(20))
         .max(Duration::from_millis(1));
+    let mut taken: Vec<u8> = Vec::new();
     loop {
         std::thread::sleep(tick);
-        let mut acks = Vec::new();
-        let mut stop = false;
-        loop {
-            match rx.try_recv() {
-                Ok(Cmd::Row(e)) => {
-                    // Derived columns of `sql` events (see `Event::sql`): the verb's detail,
-                    // then the statement's hash (borrowed from `derived`, not copied).
-                    let detail = match (&e.detail, e.sql_verb) {
-                        (None, Some(v)) => Some(Derived::detail(&mut derived.details, v)),
-                        _ => None,
-                    };
-                    let (hash, new_text) = match (&e.name, &e.sql_text) {
-                        (None, Some(text)) => {
-                            let (h, new) = derived.hashes.get(text);
-                            (Some(h), new)
-                        }
-                        (Some(h), Some(_)) => (Some(h.as_str()), true),
-                        _ => (None, false),
-                    };
-                    // A text met before since `derived` started over was checked then.
-                    if let (true, Some(text), Some(hash), Some(t)) =
-                        (new_text, &e.sql_text, hash, texts.as_mut())
-                    {
-                        if !seen.contains(hash) && seen.len() < 1_000_000 {
-                            seen.insert(hash.to_string());
-                            let text: String = text.chars().take(8192).collect();
-                            let _ = t.append_row(duckdb::params![hash, text, ts_value(e.ts_us)]);
-                        }
-                    }
-                    rows.push(&e, hash, detail);
-                    if rows.len >= CHUNK_ROWS {
-                        append(&mut log, &mut rows, &mut pending);
-                    }
-                    if pending + rows.len as u64 >= batch as u64 {
-                        flush(&mut log, &mut texts, &mut rows, &mut pending);
-                        next_flush = Instant::now() + flush_every;
-                    }
+        let (acks, stop) = commands(&rx);
+        let n = take_spool(&spool, &mut taken, stop);
+        let mut decoder = Decoder { b: &taken };
+        let mut decoded = 0usize;
+        while let Some(e) = decoder.row() {
+            decoded += 1;
+            // Derived columns of `sql` events (see `Event::sql`): the verb's detail, then the
+            // statement's hash (borrowed from `derived`, not copied).
+            let detail = match (e.detail, e.sql_verb.and_then(static_verb)) {
+                (None, Some(v)) => Some(Derived::detail(&mut derived.details, v)),
+                _ => None,
+            };
+            let (hash, new_text) = match (e.name, e.sql_text) {
+                (None, Some(text)) => {
+                    let (h, new) = derived.hashes.get(text);
+                    (Some(h), new)
                 }
-                Ok(Cmd::Flush(ack)) => acks.push(ack),
-                // A stop still takes what was queued before it.
-                Ok(Cmd::Stop) => stop = true,
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    stop = true;
-                    break;
+                (Some(h), Some(_)) => (Some(h), true),
+                _ => (None, false),
+            };
+            // A text met before since `derived` started over was checked then.
+            if let (true, Some(text), Some(hash), Some(t)) = (new_text, e.sql_text, hash, texts.as_mut()) {
+                if !seen.contains(hash) && seen.len() < 1_000_000 {
+                    seen.insert(hash.to_string());
+                    let text: String = text.chars().take(8192).collect();
+                    let _ = t.append_row(duckdb::params![hash, text, ts_value(e.ts_us)]);
                 }
             }
+            rows.push(&e, hash, detail);
+            if rows.len >= CHUNK_ROWS {
+                append(&mut log, &mut rows, &mut pending);
+            }
+            if pending + rows.len as u64 >= batch as u64 {
+                flush(&mut log, &mut texts, &mut rows, &mut pending);
+                next_flush = Instant::now() + flush_every;
+            }
+        }
+        if decoded < n {
+            // Bytes `encode` did not write (cannot happen): the rest of the tick is lost, counted.
+            counters.failed.fetch_add((n - decoded) as u64, Ordering::Relaxed);
+            tracing::error!(lost = n - decoded, "posterity: undecodable events in the spool");
+        }
+        // A burst's buffer is not kept for ever.
+        if taken.capacity() > 8 << 20 {
+            taken = Vec::new();
+        } else {
+            taken.clear();
         }
         if stop || !acks.is_empty() || Instant::now() >= next_flush {
             flush(&mut log, &mut texts, &mut rows, &mut pending);
@@ -1020,6 +1233,122 @@ mod tests {
             analytics: AnalyticsSettings::default(),
         })
         .unwrap()
+    }
+
+    /// Every field of an event comes out of the spool as it went in: absent and empty
+    /// strings, multibyte text, negative and extreme numbers, events back to back.
+    #[test]
+    fn spooled_events_decode_to_exactly_what_was_recorded() {
+        let mut full = Event::sql(None, "SELECT '日本語' -- ✓", "SELECT");
+        full.ts_us = -5;
+        full.trace_id = Some(String::new());
+        full.query_id = Some("q-1".into());
+        full.user_id = Some("ユーザー".into());
+        full.role = Some("user".into());
+        full.method = Some("POST".into());
+        full.name = Some("/fn/x".into());
+        full.version = Some(i64::MIN);
+        full.status = Some(i32::MAX);
+        full.outcome = Some("error");
+        full.error = Some("e".repeat(1000));
+        full.elapsed_ms = f64::MAX;
+        full.rows = Some(0);
+        full.bytes = Some(i64::MAX);
+        full.detail = Some("{\"a\":[1,2]}".into());
+        let bare = Event::now("lua", None);
+        let odd = Event::sql(None, "", "NOT A VERB");
+        let events = [full, bare, odd];
+        let mut buf = Vec::new();
+        for e in &events {
+            encode(e, &mut buf);
+        }
+        let mut d = Decoder { b: &buf };
+        for e in &events {
+            assert_eq!(d.row(), Some(Row::of(e)));
+        }
+        assert_eq!(d.row(), None, "nothing after the last event");
+        // Bytes cut short are refused, never read past.
+        for cut in [1, 7, 9, buf.len() / 2, buf.len() - 1] {
+            let mut d = Decoder { b: &buf[..cut] };
+            let mut n = 0;
+            while d.row().is_some() {
+                n += 1;
+            }
+            assert!(n < events.len(), "cut at {cut}");
+        }
+    }
+
+    /// The spool holds `posterity_queue` events; past it, and once the writer has stopped,
+    /// events are dropped and counted, never waited for.
+    #[test]
+    fn a_full_or_stopped_spool_drops_and_counts() {
+        let spool = Arc::new(Mutex::new(Spool::default()));
+        let counters = Arc::new(Counters::default());
+        let sink = Sink {
+            inner: Some(Arc::new(SinkInner { spool: Arc::clone(&spool), cap: 3, counters: Arc::clone(&counters) })),
+        };
+        for i in 0..5 {
+            let mut e = Event::now("http", None);
+            e.rows = Some(i);
+            sink.record(e);
+        }
+        assert_eq!(counters.recorded.load(Ordering::Relaxed), 3);
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 2);
+        let mut taken = Vec::new();
+        assert_eq!(take_spool(&spool, &mut taken, false), 3);
+        let mut d = Decoder { b: &taken };
+        let kept: Vec<Option<i64>> = std::iter::from_fn(|| d.row()).map(|r| r.rows).collect();
+        assert_eq!(kept, vec![Some(0), Some(1), Some(2)], "the first three, in order");
+        // Room again after the writer took them; none after it stopped.
+        sink.record(Event::now("http", None));
+        assert_eq!(take_spool(&spool, &mut Vec::new(), true), 1);
+        sink.record(Event::now("http", None));
+        assert_eq!(counters.recorded.load(Ordering::Relaxed), 4);
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), 3);
+        assert_eq!(take_spool(&spool, &mut Vec::new(), false), 0);
+    }
+
+    /// A burst past the spool's size: what was kept is in the log, and the log itself says how
+    /// many events were lost (a `posterity`/`dropped` row), so the counts add up.
+    #[test]
+    fn a_burst_past_the_spool_leaves_its_count_in_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Posterity::open(PosterityOptions {
+            data_dir: dir.path().to_path_buf(),
+            app_db: dir.path().join("ichibase.db"),
+            enabled: true,
+            flush_interval: Duration::from_secs(60),
+            queue: 4,
+            batch_rows: 50_000,
+            checkpoint_mb: 64,
+            archive_after_days: 7,
+            analytics: AnalyticsSettings::default(),
+        })
+        .unwrap();
+        let sink = p.sink();
+        // The writer takes at most 4 events per 20 ms tick: 100,000 events in a row overflow
+        // it unless recording them takes over 8 minutes.
+        let n = 100_000u64;
+        for _ in 0..n {
+            sink.record(Event::now("http", None));
+        }
+        p.flush();
+        let st = p.stats();
+        assert!(st.dropped > 0, "{st:?}");
+        assert_eq!(st.recorded + st.dropped, n, "{st:?}");
+        let c = p.connect().unwrap();
+        let (kept, lost): (i64, i64) = c
+            .query_row(
+                "SELECT count(*) FILTER (WHERE kind = 'http'), coalesce(sum(rows) FILTER (WHERE kind = 'posterity' AND name = 'dropped'), 0) FROM log",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((kept as u64, lost as u64), (st.recorded, st.dropped));
+        p.close();
+        // After close nothing is taken: dropped and counted.
+        sink.record(Event::now("http", None));
+        assert_eq!(p.stats().dropped, st.dropped + 1);
     }
 
     /// `posterity_checkpoint_mb` is the log's DuckDB checkpoint threshold (DuckDB's own
