@@ -692,6 +692,54 @@ fn sql_str(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// Open the database file and apply the `[analytics]` settings (on the `duckdb` thread of
+/// [`Posterity::open`]).
+fn open_duckdb(
+    opts: &PosterityOptions,
+    path: &Path,
+    archive_dir: &Path,
+    temp_dir: &Path,
+) -> anyhow::Result<Connection> {
+    let conn = Connection::open(path).map_err(|e| {
+        let m = e.to_string();
+        if m.contains("lock") {
+            anyhow::anyhow!(
+                "{} is in use by another process (a running server?): {m}",
+                path.display()
+            )
+        } else {
+            anyhow::anyhow!("opening {}: {m}", path.display())
+        }
+    })?;
+    // The request log (who asked what) is for this user only, its WAL too.
+    crate::storage::private_file(path)?;
+    let wal = PathBuf::from(format!("{}.wal", path.display()));
+    if wal.exists() {
+        crate::storage::private_file(&wal)?;
+    }
+    // Queries may touch no file but the archive (and DuckDB's own spill directory): no
+    // read_csv('/etc/passwd'), no COPY TO elsewhere, no ATTACH, no extension downloads.
+    conn.execute_batch(&format!(
+        "SET temp_directory = {t};
+         SET allowed_directories = [{a}, {t}];
+         SET enable_external_access = false;
+         SET autoinstall_known_extensions = false;
+         SET autoload_known_extensions = false;
+         SET memory_limit = {m};
+         SET threads = {n};
+         SET max_temp_directory_size = {d};",
+        t = sql_str(&format!("{}/", temp_dir.display())),
+        a = sql_str(&format!("{}/", archive_dir.display())),
+        m = sql_str(&opts.analytics.memory_limit),
+        n = opts.analytics.threads,
+        d = sql_str(&opts.analytics.max_temp_directory_size),
+    ))
+    .map_err(|e| anyhow::anyhow!("posterity: DuckDB settings of [analytics]: {e}"))?;
+    conn.execute_batch(&format!("SET checkpoint_threshold = '{}MB';", opts.checkpoint_mb))
+        .map_err(|e| anyhow::anyhow!("posterity: posterity_checkpoint_mb = {}: {e}", opts.checkpoint_mb))?;
+    Ok(conn)
+}
+
 impl Posterity {
     /// Open (creating if needed) the posterity database, recover an interrupted archive run,
     /// lock down file access and start the writer thread.
@@ -702,49 +750,31 @@ impl Posterity {
         let temp_dir = opts.data_dir.join("posterity.tmp");
         crate::storage::private_dir(&temp_dir)?;
         let path = opts.db_path();
-        let conn = Connection::open(&path).map_err(|e| {
-            let m = e.to_string();
-            if m.contains("lock") {
-                anyhow::anyhow!(
-                    "{} is in use by another process (a running server?): {m}",
-                    path.display()
-                )
-            } else {
-                anyhow::anyhow!("opening {}: {m}", path.display())
-            }
+        // DuckDB starts its worker threads (checkpoints, parallel analytics) from the thread
+        // that opens the database and sets `threads`, and a new thread inherits its creator's
+        // nice value and name: opened from a thread at nice 10, like the writer, they yield to
+        // requests under CPU contention (a checkpoint's compression at nice 0 took ~8% of a
+        // saturated server's CPU) and show up as `duckdb` in `top -H`.
+        let conn = std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("duckdb".into())
+                .spawn_scoped(scope, || {
+                    crate::core::background::lower_this_thread(10);
+                    open_duckdb(&opts, &path, &archive_dir, &temp_dir)
+                })?
+                .join()
+                .map_err(|_| anyhow::anyhow!("posterity: opening DuckDB panicked"))?
         })?;
-        // The request log (who asked what) is for this user only, its WAL too.
-        crate::storage::private_file(&path)?;
-        let wal = PathBuf::from(format!("{}.wal", path.display()));
-        if wal.exists() {
-            crate::storage::private_file(&wal)?;
-        }
-        // Queries may touch no file but the archive (and DuckDB's own spill directory): no
-        // read_csv('/etc/passwd'), no COPY TO elsewhere, no ATTACH, no extension downloads.
-        conn.execute_batch(&format!(
-            "SET temp_directory = {t};
-             SET allowed_directories = [{a}, {t}];
-             SET enable_external_access = false;
-             SET autoinstall_known_extensions = false;
-             SET autoload_known_extensions = false;
-             SET memory_limit = {m};
-             SET threads = {n};
-             SET max_temp_directory_size = {d};",
-            t = sql_str(&format!("{}/", temp_dir.display())),
-            a = sql_str(&format!("{}/", archive_dir.display())),
-            m = sql_str(&opts.analytics.memory_limit),
-            n = opts.analytics.threads,
-            d = sql_str(&opts.analytics.max_temp_directory_size),
-        ))
-        .map_err(|e| anyhow::anyhow!("posterity: DuckDB settings of [analytics]: {e}"))?;
-        conn.execute_batch(&format!("SET checkpoint_threshold = '{}MB';", opts.checkpoint_mb))
-            .map_err(|e| anyhow::anyhow!("posterity: posterity_checkpoint_mb = {}: {e}", opts.checkpoint_mb))?;
         conn.execute_batch(SCHEMA)?;
         app_table::register(&conn, &opts.app_db)?;
         archive::recover(&conn, &archive_dir)?;
         archive::create_views(&conn, &archive_dir)?;
         conn.execute_batch("SET lock_configuration = true;")?;
+        Self::start(opts, conn)
+    }
 
+    /// Start the writer thread on an open database.
+    fn start(opts: PosterityOptions, conn: Connection) -> anyhow::Result<Posterity> {
         let counters = Arc::new(Counters::default());
         let (tx, rx) = sync_channel(16);
         let spool = Arc::new(Mutex::new(Spool::default()));
@@ -1349,6 +1379,38 @@ mod tests {
         // After close nothing is taken: dropped and counted.
         sink.record(Event::now("http", None));
         assert_eq!(p.stats().dropped, st.dropped + 1);
+    }
+
+    /// DuckDB's worker threads (checkpoints, parallel analytics) run at the writer's nice 10,
+    /// named `duckdb`: requests go first under CPU contention.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn duckdb_workers_yield_to_requests() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open(dir.path());
+        let mut workers = Vec::new();
+        for t in std::fs::read_dir("/proc/thread-self/..").unwrap() {
+            let t = t.unwrap().path();
+            let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+            let stat = std::fs::read_to_string(t.join("stat")).unwrap_or_default();
+            // Field 19 of stat is the nice value (fields counted after the `(comm)` one).
+            let nice: Option<i64> = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.split(' ').nth(16))
+                .and_then(|v| v.parse().ok());
+            match comm.trim() {
+                "duckdb" => workers.push(nice),
+                "posterity" => assert_eq!(nice, Some(10), "the writer"),
+                _ => {}
+            }
+        }
+        assert!(!workers.is_empty(), "DuckDB's workers are named after the thread that opened it");
+        assert!(workers.iter().all(|n| *n == Some(10)), "{workers:?}");
+        // And they work: a parallel aggregate answers.
+        let c = p.connect().unwrap();
+        let n: i64 = c.query_row("SELECT count(*) FROM range(3000000) t(x) WHERE x % 3 = 0", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 1_000_000);
+        p.close();
     }
 
     /// `posterity_checkpoint_mb` is the log's DuckDB checkpoint threshold (DuckDB's own
