@@ -14,10 +14,17 @@
 //!    built-in `app_table()` scan, vs copying the table into DuckDB first (copy time reported)
 //!    and running the aggregate on the copy.
 //!
+//! 4. **DuckDB's own cost per log row** (`BENCH_ONLY=floor`): the log's 16 columns with a
+//!    request's two rows (`http`, `sql`: random trace and query ids, the rest repetitive),
+//!    prepared as Arrow chunks of 2,048 rows, appended and committed every 34,816 rows (a
+//!    second's worth at ~17k requests/s) and every 126,976 (whole row groups), the final
+//!    checkpoint included: CPU of the appending thread per row. This is the floor under what
+//!    logging a request can cost while each request is two DuckDB rows.
+//!
 //! `cargo bench --bench posterity` (add `--no-default-features` with DUCKDB_LIB_DIR set to skip
 //! compiling DuckDB, see README). `BENCH_SECS` sets the seconds per latency round set
-//! (default 4); `BENCH_ROWS` the aggregate's rows (default 10 000 000); `BENCH_ONLY=latency`
-//! or `aggregate` runs one part.
+//! (default 4); `BENCH_ROWS` the aggregate's rows (default 10 000 000); `BENCH_ONLY=latency`,
+//! `aggregate` or `floor` runs one part.
 
 use std::time::{Duration, Instant};
 
@@ -244,6 +251,105 @@ fn row_by_row_rate() -> f64 {
     f64::from(10 * n) / t.elapsed().as_secs_f64()
 }
 
+/// CPU time of the calling thread, seconds.
+fn thread_cpu() -> f64 {
+    // SAFETY: getrusage fills the struct it is given.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_THREAD, &mut ru);
+        ru
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(ru.ru_utime) + secs(ru.ru_stime)
+}
+
+/// Part 4: µs of CPU per log row DuckDB alone spends appending `total` rows (Arrow chunks
+/// built beforehand) and committing every `commit_every`, its final checkpoint included.
+fn duckdb_floor(commit_every: usize, total: usize) -> f64 {
+    use duckdb::arrow::array::{
+        ArrayRef, Float64Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+    };
+    use duckdb::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+    use std::sync::Arc;
+    let text = |n: &str| Field::new(n, DataType::Utf8, true);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("ts", DataType::Timestamp(TimeUnit::Microsecond, None), false),
+        text("kind"), text("trace_id"), text("query_id"), text("user_id"), text("role"), text("method"), text("name"),
+        Field::new("version", DataType::Int64, true), Field::new("status", DataType::Int32, true),
+        text("outcome"), text("error"), Field::new("elapsed_ms", DataType::Float64, true),
+        Field::new("rows", DataType::Int64, true), Field::new("bytes", DataType::Int64, true), text("detail"),
+    ]));
+    let mut rng = Rng(7);
+    let chunks: Vec<duckdb::arrow::record_batch::RecordBatch> = (0..total / 2048)
+        .map(|k| {
+            let mut ts = TimestampMicrosecondBuilder::new();
+            let [mut kind, mut trace, mut query, mut user, mut role, mut method, mut name, mut outcome, mut error, mut detail] =
+                std::array::from_fn(|_| StringBuilder::new());
+            let (mut version, mut status, mut elapsed) = (Int64Builder::new(), Int32Builder::new(), Float64Builder::new());
+            let (mut rows, mut bytes) = (Int64Builder::new(), Int64Builder::new());
+            let (mut t, mut q) = (String::new(), String::new());
+            for i in 0..2048u64 {
+                let http = i % 2 == 0;
+                if http {
+                    t = format!("{:016x}{:016x}", rng.next(), rng.next());
+                    let h = rng.next();
+                    q = format!("{:08x}-{:04x}-4{:03x}-a{:03x}-{:012x}", h >> 32, h & 0xffff, (h >> 16) & 0xfff, (h >> 28) & 0xfff, rng.next() >> 16);
+                }
+                ts.append_value(1_700_000_000_000_000 + ((k as i64) * 2048 + i as i64) * 30);
+                kind.append_value(if http { "http" } else { "sql" });
+                trace.append_value(&t);
+                query.append_value(&q);
+                user.append_null();
+                role.append_value("admin");
+                method.append_option(http.then_some("GET"));
+                name.append_value(if http { "/" } else { "1f2e3d4c5b6a7988" });
+                version.append_null();
+                status.append_option(http.then_some(200));
+                outcome.append_value("ok");
+                error.append_null();
+                elapsed.append_value(0.05 + (i % 100) as f64 / 1000.0);
+                rows.append_option((!http).then_some(1));
+                bytes.append_option(http.then_some(196));
+                detail.append_option((!http).then_some("{\"verb\":\"SELECT\"}"));
+            }
+            let cols: Vec<ArrayRef> = vec![
+                Arc::new(ts.finish()), Arc::new(kind.finish()), Arc::new(trace.finish()), Arc::new(query.finish()),
+                Arc::new(user.finish()), Arc::new(role.finish()), Arc::new(method.finish()), Arc::new(name.finish()),
+                Arc::new(version.finish()), Arc::new(status.finish()), Arc::new(outcome.finish()), Arc::new(error.finish()),
+                Arc::new(elapsed.finish()), Arc::new(rows.finish()), Arc::new(bytes.finish()), Arc::new(detail.finish()),
+            ];
+            duckdb::arrow::record_batch::RecordBatch::try_new(Arc::clone(&schema), cols).unwrap()
+        })
+        .collect();
+    let n = chunks.len() * 2048;
+    let tmp = tempfile::tempdir().unwrap();
+    let conn = duckdb::Connection::open(tmp.path().join("floor.duckdb")).unwrap();
+    conn.execute_batch(
+        "SET threads = 1; SET checkpoint_threshold = '64MB';
+         CREATE TABLE log (ts TIMESTAMP NOT NULL, kind VARCHAR NOT NULL, trace_id VARCHAR, query_id VARCHAR,
+         user_id VARCHAR, role VARCHAR, method VARCHAR, name VARCHAR, version BIGINT, status INTEGER,
+         outcome VARCHAR, error VARCHAR, elapsed_ms DOUBLE, rows BIGINT, bytes BIGINT, detail JSON)",
+    )
+    .unwrap();
+    let mut app = conn.appender("log").unwrap();
+    let c0 = thread_cpu();
+    let mut pending = 0;
+    for c in chunks {
+        app.append_record_batch(c).unwrap();
+        pending += 2048;
+        if pending >= commit_every {
+            app.flush().unwrap();
+            pending = 0;
+        }
+    }
+    app.flush().unwrap();
+    drop(app);
+    conn.execute_batch("CHECKPOINT").unwrap();
+    let got: i64 = conn.query_row("SELECT count(*) FROM log", [], |r| r.get(0)).unwrap();
+    assert_eq!(got as usize, n);
+    (thread_cpu() - c0) * 1e6 / n as f64
+}
+
 const DUCK_AGG: &str = "SELECT path, date_trunc('hour', ts) AS hour, count(*) AS n, avg(latency_ms) AS avg_ms,
     quantile_disc(latency_ms, 0.5) AS p50, quantile_disc(latency_ms, 0.95) AS p95, quantile_disc(latency_ms, 0.99) AS p99
   FROM {T} GROUP BY path, hour";
@@ -462,5 +568,13 @@ fn main() {
     }
     if only.is_empty() || only == "aggregate" {
         aggregates(rows);
+    }
+    if only.is_empty() || only == "floor" {
+        let (second, group) = (duckdb_floor(34_816, 2_000_000), duckdb_floor(126_976, 2_000_000));
+        println!();
+        println!(
+            "DuckDB alone, CPU per log row appended (Arrow chunks of 2,048 rows, 2,000,000 rows, final checkpoint included): {second:.2} µs committed every 34,816 rows, {group:.2} µs committed every 126,976 (whole row groups); two rows per request: {:.1} µs.",
+            2.0 * second
+        );
     }
 }

@@ -1250,19 +1250,22 @@ mod tests {
         open_with(dir, 64)
     }
 
-    fn open_with(dir: &Path, checkpoint_mb: u64) -> Posterity {
-        Posterity::open(PosterityOptions {
+    fn options(dir: &Path) -> PosterityOptions {
+        PosterityOptions {
             data_dir: dir.to_path_buf(),
             app_db: dir.join("ichibase.db"),
             enabled: true,
             flush_interval: Duration::from_secs(60),
             queue: 1024,
             batch_rows: 50_000,
-            checkpoint_mb,
+            checkpoint_mb: 64,
             archive_after_days: 7,
             analytics: AnalyticsSettings::default(),
-        })
-        .unwrap()
+        }
+    }
+
+    fn open_with(dir: &Path, checkpoint_mb: u64) -> Posterity {
+        Posterity::open(PosterityOptions { checkpoint_mb, ..options(dir) }).unwrap()
     }
 
     /// Every field of an event comes out of the spool as it went in: absent and empty
@@ -1343,18 +1346,7 @@ mod tests {
     #[test]
     fn a_burst_past_the_spool_leaves_its_count_in_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let p = Posterity::open(PosterityOptions {
-            data_dir: dir.path().to_path_buf(),
-            app_db: dir.path().join("ichibase.db"),
-            enabled: true,
-            flush_interval: Duration::from_secs(60),
-            queue: 4,
-            batch_rows: 50_000,
-            checkpoint_mb: 64,
-            archive_after_days: 7,
-            analytics: AnalyticsSettings::default(),
-        })
-        .unwrap();
+        let p = Posterity::open(PosterityOptions { queue: 4, ..options(dir.path()) }).unwrap();
         let sink = p.sink();
         // The writer takes at most 4 events per 20 ms tick: 100,000 events in a row overflow
         // it unless recording them takes over 8 minutes.
