@@ -1002,15 +1002,8 @@ impl Batch {
     }
 }
 
-/// What the writer derives for `sql` events (see [`Event::sql`]): statement hashes by text and
-/// `detail` by verb, computed once each.
-#[derive(Default)]
-struct Derived {
-    hashes: Hashes,
-    details: std::collections::HashMap<&'static str, String>,
-}
-
-/// Statement hashes by text.
+/// Statement hashes by text, derived by the writer for `sql` events (see [`Event::sql`]),
+/// computed once each.
 #[derive(Default)]
 struct Hashes(std::collections::HashMap<String, String>);
 
@@ -1032,12 +1025,20 @@ impl Hashes {
     }
 }
 
-impl Derived {
-    fn detail<'a>(
-        details: &'a mut std::collections::HashMap<&'static str, String>,
-        verb: &'static str,
-    ) -> &'a str {
-        details.entry(verb).or_insert_with(|| verb_detail(verb))
+/// The `{"verb": ...}` detail of `sql` events by verb, derived by the writer, computed once each.
+#[derive(Default)]
+struct Details(std::collections::HashMap<String, String>);
+
+impl Details {
+    fn get(&mut self, verb: &str) -> &str {
+        if !self.0.contains_key(verb) {
+            // Only the statement verbs are recorded; the bound is for safety.
+            if self.0.len() >= 64 {
+                self.0.clear();
+            }
+            self.0.insert(verb.to_string(), verb_detail(verb));
+        }
+        &self.0[verb]
     }
 }
 
@@ -1109,7 +1110,7 @@ fn writer_loop(
     };
     let mut texts = conn.appender("sql_texts").ok();
     let mut rows = Batch::new();
-    let mut derived = Derived::default();
+    let (mut hashes, mut details) = (Hashes::default(), Details::default());
     // Rows appended to DuckDB and not yet committed.
     let mut pending = 0u64;
     // From 0, not from the counter's value now: events dropped while this thread was still
@@ -1181,20 +1182,20 @@ fn writer_loop(
         while let Some(e) = decoder.row() {
             decoded += 1;
             // Derived columns of `sql` events (see `Event::sql`): the verb's detail, then the
-            // statement's hash (borrowed from `derived`, not copied).
-            let detail = match (e.detail, e.sql_verb.and_then(static_verb)) {
-                (None, Some(v)) => Some(Derived::detail(&mut derived.details, v)),
+            // statement's hash (borrowed from `hashes`, not copied).
+            let detail = match (e.detail, e.sql_verb) {
+                (None, Some(v)) => Some(details.get(v)),
                 _ => None,
             };
             let (hash, new_text) = match (e.name, e.sql_text) {
                 (None, Some(text)) => {
-                    let (h, new) = derived.hashes.get(text);
+                    let (h, new) = hashes.get(text);
                     (Some(h), new)
                 }
                 (Some(h), Some(_)) => (Some(h), true),
                 _ => (None, false),
             };
-            // A text met before since `derived` started over was checked then.
+            // A text met before since `hashes` started over was checked then.
             if let (true, Some(text), Some(hash), Some(t)) = (new_text, e.sql_text, hash, texts.as_mut()) {
                 if !seen.contains(hash) && seen.len() < 1_000_000 {
                     seen.insert(hash.to_string());
