@@ -19,7 +19,9 @@
 //! `cargo bench --bench lua`; `BENCH_SECS` sets the seconds per HTTP measurement (default 3);
 //! `BENCH_ONLY=trace` runs only the deep-trace tables, `BENCH_ONLY=stock` only the sandbox vs
 //! stock `lua5.4` table, `BENCH_ONLY=overhead` only parts 3 and 4 (`BENCH_CONNS`, e.g. `32`,
-//! limits part 4 to those connection counts).
+//! limits part 4 to those connection counts); `BENCH_ROW=<prefix>` limits the whole-invocation
+//! trace table to the workloads whose name starts with the prefix (e.g. `BENCH_ROW="tight loop
+//! (20k"`).
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -191,73 +193,78 @@ struct Measured {
 }
 
 /// Whole invocations of `source` (`ends`: `[traces] mode = "ends"`; `sample_after`: the
-/// `[traces] sample_after` of the run, `None`: the default). After each call the bench waits
-/// for the trace saver to drain, so a background save never overlaps the next call.
-#[allow(clippy::too_many_arguments)]
+/// `[traces] sample_after` of the run, `None`: the default), untraced, traced in a pooled state
+/// and traced in a fresh state. The three **alternate call by call** (off, on, fresh, off, ...),
+/// so a change of the machine's speed during the row (a shared VM's CPU drifts by 1.5x within
+/// a minute) hits the baseline and the traced runs alike. After each call the bench waits for
+/// the trace saver to drain, so a background save never overlaps the next call.
 fn invocation_seconds(
     storage: &Storage,
     rt: &tokio::runtime::Runtime,
     source: &str,
     input: serde_json::Value,
-    trace: bool,
     runs: usize,
     ends: bool,
     sample_after: Option<u32>,
-    reuse: bool,
-) -> Measured {
-    let mut opts = LuaOptions {
-        reuse_states: reuse,
-        ..LuaOptions::default()
+) -> [Measured; 3] {
+    let runtime = |reuse: bool| {
+        let mut opts = LuaOptions {
+            reuse_states: reuse,
+            ..LuaOptions::default()
+        };
+        if ends {
+            opts.traces.mode = ichibase::lua::limits::TraceMode::Ends;
+        }
+        if let Some(k) = sample_after {
+            opts.traces.sample_after = k;
+        }
+        ichibase::lua::Runtime::bare(storage.clone(), rt.handle().clone(), opts)
     };
-    if ends {
-        opts.traces.mode = ichibase::lua::limits::TraceMode::Ends;
-    }
-    if let Some(k) = sample_after {
-        opts.traces.sample_after = k;
-    }
-    let runtime = ichibase::lua::Runtime::bare(storage.clone(), rt.handle().clone(), opts);
+    // Off and on share the pooled states (same options), as untraced and traced calls of a
+    // server do; "fresh" builds a state for every call.
+    let variants = [(runtime(true), false), (runtime(true), true), (runtime(false), true)];
     ichibase::lua::pool::clear();
-    let mut wall = Vec::new();
-    let mut saved = Vec::new();
-    let mut inside = Vec::new();
+    let mut samples: [Vec<(f64, f64, Option<f64>)>; 3] = Default::default();
     let mut steps = 0;
     let mut skipped = 0;
     for i in 0..runs + 2 {
-        let inv = Invocation {
-            function: "bench_app".into(),
-            version: 1,
-            source: source.into(),
-            input: input.clone(),
-            trace,
-            check: None,
-            trace_owner: None,
-        };
-        let t0 = Instant::now();
-        let out = invoke(&runtime, RequestContext::system(), inv);
-        let dt = t0.elapsed().as_secs_f64();
-        assert!(ichibase::lua::saver::flush(Duration::from_secs(120)), "the trace saver drained");
-        let ds = t0.elapsed().as_secs_f64();
-        let v = out.result.unwrap_or_else(|e| panic!("run failed: {e}"));
-        if i >= 2 {
-            wall.push(dt);
-            saved.push(ds);
-            if let Some(s) = v["seconds"].as_f64() {
-                inside.push(s);
+        for (k, (runtime, trace)) in variants.iter().enumerate() {
+            let inv = Invocation {
+                function: "bench_app".into(),
+                version: 1,
+                source: source.into(),
+                input: input.clone(),
+                trace: *trace,
+                check: None,
+                trace_owner: None,
+            };
+            let t0 = Instant::now();
+            let out = invoke(runtime, RequestContext::system(), inv);
+            let dt = t0.elapsed().as_secs_f64();
+            assert!(ichibase::lua::saver::flush(Duration::from_secs(120)), "the trace saver drained");
+            let ds = t0.elapsed().as_secs_f64();
+            let v = out.result.unwrap_or_else(|e| panic!("run failed: {e}"));
+            if i >= 2 {
+                samples[k].push((dt, ds, v["seconds"].as_f64()));
+            }
+            if k == 1 {
+                if let Some((s, _)) = &out.steps {
+                    steps = s.len();
+                }
+                skipped = out.sampling.as_ref().map_or(0, |s| s.skipped);
             }
         }
-        if let Some((s, _)) = &out.steps {
-            steps = s.len();
+    }
+    samples.map(|v| {
+        let inside: Vec<f64> = v.iter().filter_map(|s| s.2).collect();
+        Measured {
+            wall: median(v.iter().map(|s| s.0).collect()),
+            saved: median(v.iter().map(|s| s.1).collect()),
+            inside: (!inside.is_empty()).then(|| median(inside)),
+            steps,
+            skipped,
         }
-        skipped = out.sampling.as_ref().map_or(0, |s| s.skipped);
-    }
-    let inside = (!inside.is_empty()).then(|| median(inside));
-    Measured {
-        wall: median(wall),
-        saved: median(saved),
-        inside,
-        steps,
-        skipped,
-    }
+    })
 }
 
 /// Median in-script seconds of `count` runs of `body` by Debian's `lua5.4` (None if missing).
@@ -409,14 +416,15 @@ fn main() {
     for (name, src, input, runs, ends, sample_after) in [
         ("typical app function (10 inserts in db.tx)", APP_FN, input.clone(), 30usize, false, None),
         ("typical app function, every visit recorded (`sample_after = 0`)", APP_FN, input, 30, false, Some(0)),
-        ("tight loop (20k iterations)", LOOP_FN, null.clone(), 7, false, None),
+        ("tight loop (20k iterations)", LOOP_FN, null.clone(), 31, false, None),
         ("tight loop, every visit recorded (`sample_after = 0`)", LOOP_FN, null.clone(), 7, false, Some(0)),
         // `ends` records every visit (no sampling): its tail is the very last steps.
         ("tight loop, `[traces] mode = \"ends\"` (first 2000 + last 2000 steps)", LOOP_FN, null, 7, true, None),
     ] {
-        let off = invocation_seconds(&storage, &rt, src, input.clone(), false, runs, ends, sample_after, true);
-        let on = invocation_seconds(&storage, &rt, src, input.clone(), true, runs, ends, sample_after, true);
-        let fresh = invocation_seconds(&storage, &rt, src, input.clone(), true, runs, ends, sample_after, false);
+        if std::env::var("BENCH_ROW").is_ok_and(|r| !name.starts_with(r.as_str())) {
+            continue;
+        }
+        let [off, on, fresh] = invocation_seconds(&storage, &rt, src, input.clone(), runs, ends, sample_after);
         let inside = match (off.inside, on.inside) {
             (Some(a), Some(b)) => format!("{:.3} | {:.2} | {:.1}", a * 1e3, b * 1e3, b / a),
             _ => "- | - | -".into(),

@@ -225,12 +225,40 @@ struct Frame {
 /// Visit counts of one source's lines (hot-line sampling), indexed by line number.
 struct LineCounts {
     source: Arc<str>,
+    lines: Vec<LineCount>,
+}
+
+/// The visit counts of one line, side by side (a hot line's visit touches one cache line).
+#[derive(Clone, Copy, Default)]
+struct LineCount {
     /// Every visit of the line (recorded or not).
-    visits: Vec<u32>,
+    visits: u32,
     /// Visits not recorded since the line's last recorded visit.
-    unrecorded: Vec<u32>,
+    unrecorded: u32,
     /// Visits not recorded in all.
-    skipped: Vec<u32>,
+    skipped: u32,
+}
+
+/// Count a visit of `line` of source `src` (`k`: [`Tracer::sample_after`]); is it to be
+/// recorded? A free function over the two fields it needs, so the hook's fast path can call
+/// it while it holds the frame.
+#[inline(always)]
+fn visit(sources: &mut [LineCounts], skipped: &mut u64, k: u32, src: usize, line: i32) -> bool {
+    let Some(c) = sources.get_mut(src) else { return true };
+    let i = line.max(0) as usize;
+    if i >= c.lines.len() {
+        c.lines.resize(i + 1, LineCount::default());
+    }
+    let n = &mut c.lines[i];
+    let v = n.visits.saturating_add(1);
+    n.visits = v;
+    if k == 0 || sampled(v, k) {
+        return true;
+    }
+    n.unrecorded = n.unrecorded.saturating_add(1);
+    n.skipped = n.skipped.saturating_add(1);
+    *skipped += 1;
+    false
 }
 
 /// What hot-line sampling left out of a trace (stored with it, served as `sampling`).
@@ -365,33 +393,16 @@ impl Tracer {
     }
 
     /// Count a visit of `line` of source `src`; is it to be recorded?
-    #[inline]
     fn visit(&mut self, src: usize, line: i32) -> bool {
-        let k = self.sample_after;
-        let Some(c) = self.sources.get_mut(src) else { return true };
-        let i = line.max(0) as usize;
-        if i >= c.visits.len() {
-            c.visits.resize(i + 1, 0);
-            c.unrecorded.resize(i + 1, 0);
-            c.skipped.resize(i + 1, 0);
-        }
-        let v = c.visits[i].saturating_add(1);
-        c.visits[i] = v;
-        if k == 0 || sampled(v, k) {
-            return true;
-        }
-        c.unrecorded[i] = c.unrecorded[i].saturating_add(1);
-        c.skipped[i] = c.skipped[i].saturating_add(1);
-        self.skipped += 1;
-        false
+        visit(&mut self.sources, &mut self.skipped, self.sample_after, src, line)
     }
 
     /// Unrecorded visits of `line` since its last recorded one (reset: this one is recorded).
     fn take_unrecorded(&mut self, src: usize, line: i32) -> u64 {
         self.sources
             .get_mut(src)
-            .and_then(|c| c.unrecorded.get_mut(line.max(0) as usize))
-            .map_or(0, |n| std::mem::take(n) as u64)
+            .and_then(|c| c.lines.get_mut(line.max(0) as usize))
+            .map_or(0, |n| std::mem::take(&mut n.unrecorded) as u64)
     }
 
     /// The index of `source`'s visit counts.
@@ -401,9 +412,7 @@ impl Tracer {
         }
         self.sources.push(LineCounts {
             source: Arc::clone(source),
-            visits: Vec::new(),
-            unrecorded: Vec::new(),
-            skipped: Vec::new(),
+            lines: Vec::new(),
         });
         self.sources.len() - 1
     }
@@ -415,13 +424,13 @@ impl Tracer {
         }
         let mut lines = Vec::new();
         for c in &self.sources {
-            for (line, (&v, &n)) in c.visits.iter().zip(&c.skipped).enumerate() {
-                if n > 0 {
+            for (line, n) in c.lines.iter().enumerate() {
+                if n.skipped > 0 {
                     lines.push(SampledLine {
                         source: c.source.to_string(),
                         line: line as i32,
-                        visits: v as u64,
-                        skipped: n as u64,
+                        visits: n.visits as u64,
+                        skipped: n.skipped as u64,
                     });
                 }
             }
@@ -664,16 +673,13 @@ impl Tracer {
         let mut decided = false;
         if self.sample_after > 0 && ci == self.last_ci && l == self.last_l && !ci.is_null() {
             let d = self.last_depth as usize;
-            if let Some(Some(f)) = self.frames.get(d) {
+            if let Some(Some(f)) = self.frames.get_mut(d) {
                 if f.skip {
                     return;
                 }
                 if f.pending.is_none() {
-                    let src = f.src;
-                    if !self.visit(src, line) {
-                        if let Some(Some(f)) = self.frames.get_mut(d) {
-                            f.skip_visit = Some((self.seq, line));
-                        }
+                    if !visit(&mut self.sources, &mut self.skipped, self.sample_after, f.src, line) {
+                        f.skip_visit = Some((self.seq, line));
                         self.seq += 1;
                         return;
                     }
@@ -856,12 +862,10 @@ impl Tracer {
             let mut before = 0;
             if let Some(c) = self.sources.get_mut(src) {
                 let i = line.max(0) as usize;
-                if let Some(n) = c.skipped.get_mut(i) {
-                    *n = n.saturating_sub(1);
-                }
-                if let Some(n) = c.unrecorded.get_mut(i) {
-                    before = n.saturating_sub(1) as u64;
-                    *n = 0;
+                if let Some(n) = c.lines.get_mut(i) {
+                    n.skipped = n.skipped.saturating_sub(1);
+                    before = n.unrecorded.saturating_sub(1) as u64;
+                    n.unrecorded = 0;
                 }
             }
             self.skipped = self.skipped.saturating_sub(1);
