@@ -239,6 +239,13 @@ struct LineCount {
     skipped: u32,
 }
 
+/// A line first met past the end of its source's counts (rare: once per new line).
+#[cold]
+#[inline(never)]
+fn grow(lines: &mut Vec<LineCount>, len: usize) {
+    lines.resize(len, LineCount::default());
+}
+
 /// Count a visit of `line` of source `src` (`k`: [`Tracer::sample_after`]); is it to be
 /// recorded? A free function over the two fields it needs, so the hook's fast path can call
 /// it while it holds the frame.
@@ -247,7 +254,7 @@ fn visit(sources: &mut [LineCounts], skipped: &mut u64, k: u32, src: usize, line
     let Some(c) = sources.get_mut(src) else { return true };
     let i = line.max(0) as usize;
     if i >= c.lines.len() {
-        c.lines.resize(i + 1, LineCount::default());
+        grow(&mut c.lines, i + 1);
     }
     let n = &mut c.lines[i];
     let v = n.visits.saturating_add(1);
@@ -657,10 +664,13 @@ impl Tracer {
         });
     }
 
-    /// A line event of the hooked frame.
+    /// A line event of the hooked frame. The fast path (a hot line's visit not recorded) is
+    /// inlined into the hook; the rest is [`Tracer::on_line_slow`], out of line, so the fast
+    /// path does not pay for the slow one's register saves.
     ///
     /// # Safety
     /// `l` and `ar` are the arguments of a line hook call.
+    #[inline(always)]
     pub unsafe fn on_line(&mut self, l: *mut ffi::lua_State, ar: *mut ffi::lua_Debug) {
         if !self.recording && self.pending == 0 {
             return;
@@ -687,6 +697,23 @@ impl Tracer {
                 }
             }
         }
+        unsafe { self.on_line_slow(l, ar, line, ci, decided) }
+    }
+
+    /// [`Tracer::on_line`] past its fast path (`decided`: the visit was counted there and is
+    /// recorded).
+    ///
+    /// # Safety
+    /// As [`Tracer::on_line`].
+    #[inline(never)]
+    unsafe fn on_line_slow(
+        &mut self,
+        l: *mut ffi::lua_State,
+        ar: *mut ffi::lua_Debug,
+        line: i32,
+        ci: *const c_void,
+        decided: bool,
+    ) {
         // Room for the function, a value and a bounded table walk (2 slots per level).
         if unsafe { ffi::lua_checkstack(l, 4 + 2 * MAX_DEPTH as c_int + 4) } == 0 {
             return;
