@@ -11,11 +11,14 @@
 //!    of the same server (capture is active there for another table: its hook sees every row,
 //!    and autocommit statements run in a transaction of capture's) and the same table on a
 //!    second server of the same build with nothing captured (true "CDC off") — and change
-//!    events/s delivered to a subscriber.
+//!    events/s delivered to a subscriber, with the server's CPU per statement in each phase;
+//! 3. the writer's own cost of change capture, in process (the same statements on one
+//!    connection, captured vs nothing captured, thread CPU per statement).
 //!
 //! `cargo bench --bench ws`; `BENCH_CLIENTS=1000,5000,10000`, `BENCH_REPEAT=3` (runs per size
 //! and server, in turn; medians reported), `BENCH_ROUNDS=10` and `BENCH_SECS=3` adjust it;
-//! `BENCH_ONLY=fanout` skips the change-capture part; `BENCH_BASELINE_BIN=/path/to/ichibase`
+//! `BENCH_ONLY=fanout` skips the change-capture part; `BENCH_ONLY=capture` runs only the
+//! in-process measurement of capture's cost to the writer (`BENCH_CDC_RUNS` rounds); `BENCH_BASELINE_BIN=/path/to/ichibase`
 //! adds another ichibase build (say, the previous commit's) to the fan-out, same run.
 //! The Node baseline needs `npm ci` in benches/node-ws once (ws 8.23.0, pinned by its lock
 //! file); the bench stops with that instruction when node_modules is missing.
@@ -92,6 +95,24 @@ fn cpu_secs(pid: u32) -> (f64, f64) {
     let (user, sys): (u64, u64) = (f[11].parse().unwrap(), f[12].parse().unwrap());
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     ((user + sys) as f64 / hz, sys as f64 / hz)
+}
+
+/// utime + stime of the thread of `pid` named `name` (the first one), seconds.
+fn thread_cpu_secs(pid: u32, name: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0.0 };
+    for t in tasks.flatten() {
+        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+        let Some(at) = stat.rfind(')') else { return 0.0 };
+        let f: Vec<&str> = stat[at + 2..].split_whitespace().collect();
+        let ticks: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0) + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        return ticks as f64 / hz;
+    }
+    0.0
 }
 
 /// N broadcast-only clients join `channel`, then `rounds` broadcasts 200 ms apart.
@@ -328,6 +349,92 @@ async fn fanout_section(http: &reqwest::Client, servers: &[(&str, &str, u32)], s
     }
 }
 
+/// CPU time of the calling thread, seconds.
+fn thread_cpu_now() -> f64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid out-pointer for the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// The writer's own cost of change capture, in process (no HTTP, dispatcher or client): a
+/// connection in WAL mode (synchronous NORMAL, as the server's writer) runs the bench's 100-row
+/// INSERT as write jobs do, capture's job start and end around each, into a table that is
+/// captured and, on a second database, into the same table with nothing captured; the two
+/// alternate in rounds. The log is pruned as the dispatcher does (keeping 10,000 changes, here
+/// every 100 statements, as a job of its own). Thread CPU per statement and the ratio.
+fn capture_in_process(secs: f64, rounds: usize) {
+    use ichibase::storage::capture;
+    let insert = "INSERT INTO ev(v) SELECT 'payload-' || n FROM (WITH RECURSIVE c(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM c WHERE n < 100) SELECT n FROM c)";
+    let dir = tempfile::tempdir().unwrap();
+    let open = |name: &str, captured: bool| {
+        let mut c = rusqlite::Connection::open(dir.path().join(name)).unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;
+             CREATE TABLE _ichibase_cdc_tables (name TEXT PRIMARY KEY, enabled_at TEXT);
+             CREATE TABLE ev(id INTEGER PRIMARY KEY, v TEXT);",
+        )
+        .unwrap();
+        if captured {
+            c.execute("INSERT INTO _ichibase_cdc_tables(name) VALUES ('ev')", []).unwrap();
+        }
+        let cap = capture::install(&mut c).unwrap();
+        (c, cap)
+    };
+    let mut dbs = [open("nothing.db", false), open("captured.db", true)];
+    let job = |c: &rusqlite::Connection, cap: &capture::Capture, sql: &str| {
+        cap.job_starts();
+        let r = c.execute(sql, []);
+        assert_eq!(cap.end_job(c), None);
+        r.unwrap();
+    };
+    println!();
+    println!("## Change capture in process: the writer's own cost ({secs} s per phase, {rounds} rounds, 100-row statements)");
+    println!();
+    println!("| round | µs/statement, nothing captured | µs/statement, captured | ratio nothing/captured (statements per CPU second, captured vs not) |");
+    println!("|---:|---:|---:|---:|");
+    let mut ratios = Vec::new();
+    for round in 1..=rounds {
+        let mut us = [0.0f64; 2];
+        for (i, (c, cap)) in dbs.iter_mut().enumerate() {
+            let (t0, w0) = (thread_cpu_now(), Instant::now());
+            let mut n = 0u64;
+            while w0.elapsed().as_secs_f64() < secs {
+                job(c, cap, insert);
+                n += 1;
+                if i == 1 && n % 100 == 0 {
+                    let newest: i64 = c.query_row("SELECT coalesce(max(last_id), 0) FROM _ichibase_change_batches", [], |r| r.get(0)).unwrap();
+                    job(c, cap, &format!("DELETE FROM _ichibase_change_batches WHERE first_id <= {0} AND last_id <= {0}", newest - 10_000));
+                }
+            }
+            us[i] = (thread_cpu_now() - t0) * 1e6 / n as f64;
+        }
+        println!("| {round} | {:.1} | {:.1} | {:.3} |", us[0], us[1], us[0] / us[1]);
+        ratios.push(us[0] / us[1]);
+    }
+    println!();
+    println!("median ratio: {:.3}", median(ratios));
+    for (mut c, _) in dbs {
+        capture::uninstall(&mut c);
+    }
+}
+
+/// One phase of the change-capture bench: the writer's rows/s, and the server's CPU (whole
+/// process, and its writer thread) per 100-row statement, µs.
+struct Phase {
+    rows_s: f64,
+    cpu_us: f64,
+    writer_us: f64,
+}
+
+async fn phase(http: &reqwest::Client, base: &str, pid: u32, table: &str, secs: f64) -> Phase {
+    let (cpu0, w0) = (cpu_secs(pid).0, thread_cpu_secs(pid, "ichibase-writer"));
+    let rows_s = writer_rate(http, base, table, secs).await;
+    let (cpu1, w1) = (cpu_secs(pid).0, thread_cpu_secs(pid, "ichibase-writer"));
+    let stmts = (rows_s * secs / 100.0).max(1.0);
+    Phase { rows_s, cpu_us: (cpu1 - cpu0) * 1e6 / stmts, writer_us: (w1 - w0) * 1e6 / stmts }
+}
+
 async fn writer_rate(http: &reqwest::Client, base: &str, table: &str, secs: f64) -> f64 {
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let sql = format!(
@@ -407,6 +514,11 @@ fn main() {
         if std::env::var("BENCH_ONLY").is_ok_and(|o| o == "fanout") {
             return;
         }
+        if std::env::var("BENCH_ONLY").is_ok_and(|o| o == "capture") {
+            let rounds = std::env::var("BENCH_CDC_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+            capture_in_process(secs.min(2.0), rounds);
+            return;
+        }
 
         for sql in ["CREATE TABLE ev(id INTEGER PRIMARY KEY, v TEXT)", "CREATE TABLE ev_plain(id INTEGER PRIMARY KEY, v TEXT)"] {
             common::ok(&http, &base, sql).await;
@@ -441,17 +553,20 @@ fn main() {
         println!();
         println!("## Change capture with the writer at full speed (4 clients inserting 100 rows per statement, {secs} s, {runs} rounds)");
         println!();
-        println!("| writer rows/s, nothing captured (2nd server) | uncaptured table, capture on elsewhere | CDC on | ratio on/nothing captured | ratio on/uncaptured table | change events delivered | delivered/s (to the last event) |");
-        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        println!("Server CPU per 100-row statement: utime+stime of the server process (and of its writer thread) over the phase, from /proc; the dispatcher's delivery of the phase's events is included only as far as it happened within the phase.");
+        println!();
+        println!("| writer rows/s, nothing captured (2nd server) | uncaptured table, capture on elsewhere | CDC on | ratio on/nothing captured | ratio on/uncaptured table | change events delivered | delivered/s (to the last event) | server CPU µs/statement: nothing / uncaptured / on | writer thread µs/statement: nothing / uncaptured / on |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|---|---|");
         let mut ratios = Vec::new();
         let mut ratios_plain = Vec::new();
         let mut written = 0u64;
         for _ in 0..runs {
-            let none = writer_rate(&http, &off_base, "ev_plain", secs).await;
-            let off = writer_rate(&http, &base, "ev_plain", secs).await;
+            let p_none = phase(&http, &off_base, off_server.pid(), "ev_plain", secs).await;
+            let p_off = phase(&http, &base, server.pid(), "ev_plain", secs).await;
             let before = events.load(Ordering::Relaxed);
             let start = Instant::now();
-            let on = writer_rate(&http, &base, "ev", secs).await;
+            let p_on = phase(&http, &base, server.pid(), "ev", secs).await;
+            let (none, off, on) = (p_none.rows_s, p_off.rows_s, p_on.rows_s);
             written += (on * secs).round() as u64;
             let wait = Instant::now() + Duration::from_secs(120);
             while events.load(Ordering::Relaxed) < written && Instant::now() < wait {
@@ -460,12 +575,18 @@ fn main() {
             let delivered = events.load(Ordering::Relaxed);
             let took = last_at.lock().unwrap().duration_since(start).as_secs_f64();
             println!(
-                "| {none:.0} | {off:.0} | {on:.0} | {:.3} | {:.3} | {} of {} | {:.0} |",
+                "| {none:.0} | {off:.0} | {on:.0} | {:.3} | {:.3} | {} of {} | {:.0} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} |",
                 on / none,
                 on / off,
                 delivered - before,
                 (on * secs).round() as u64,
-                (delivered - before) as f64 / took
+                (delivered - before) as f64 / took,
+                p_none.cpu_us,
+                p_off.cpu_us,
+                p_on.cpu_us,
+                p_none.writer_us,
+                p_off.writer_us,
+                p_on.writer_us,
             );
             ratios.push(on / none);
             ratios_plain.push(on / off);
@@ -478,6 +599,9 @@ fn main() {
         );
         counter.abort();
         drop(off_server);
+        if std::env::var("BENCH_ONLY").is_err() {
+            capture_in_process(secs.min(2.0), runs.max(3));
+        }
     });
     drop(server);
 }

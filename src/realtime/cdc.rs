@@ -848,6 +848,32 @@ fn resolve(c: &Connection, req: &SubscribeReq) -> Result<(String, Option<String>
     Ok((table, predicate, columns))
 }
 
+/// Changes read from the log at once, at most.
+const READ_LIMIT: i64 = 500;
+
+/// The newest change id the log holds (0: none yet).
+const NEWEST_SQL: &str =
+    "SELECT coalesce((SELECT last_id FROM _ichibase_change_batches ORDER BY first_id DESC LIMIT 1), 0)";
+
+/// How long a read of the log may hold the dispatcher's async worker before it is interrupted
+/// and made again on a blocking thread: the batches a write job just committed take tens of
+/// microseconds to read.
+const INLINE_READ: Duration = Duration::from_millis(2);
+
+/// Run `f` on a reader connection: inline on this worker when one is free at once (no blocking
+/// thread woken for every write job's few batches), within [`INLINE_READ`]; else, and when the
+/// inline attempt fails (a lock, the time budget), on the reader pool.
+async fn read_now<R: Send + 'static>(
+    storage: &Storage,
+    f: impl Fn(&Connection) -> Result<R> + Send + Sync + 'static,
+) -> Result<R> {
+    let budget = ExecControl::new(Instant::now(), INLINE_READ.as_secs_f64());
+    if let Some(Ok(v)) = storage.try_read_inline(&sys(), budget, &f) {
+        return Ok(v);
+    }
+    storage.read(&sys(), ctl(), move |c| f(c)).await
+}
+
 async fn dispatch(
     storage: Storage,
     hub: Arc<Hub>,
@@ -911,10 +937,16 @@ async fn dispatch(
         let maps = subs.iter().any(|s| s.predicate.is_some() || !s.filter.is_empty());
         loop {
             let after = cursor;
-            let events = match storage
-                .read(&sys(), ctl(), move |c| read_events(c, after, None, 500, maps))
-                .await
-            {
+            if subs.is_empty() {
+                // Nobody to deliver to: only the cursor moves (a later subscription's live
+                // delivery starts after the newest change), nothing is decoded.
+                match read_now(&storage, |c| Ok(c.query_row(NEWEST_SQL, [], |r| r.get::<_, i64>(0))?)).await {
+                    Ok(newest) => cursor = cursor.max(newest),
+                    Err(e) => tracing::error!(error = %e, "reading the change log failed"),
+                }
+                break;
+            }
+            let events = match read_now(&storage, move |c| read_events(c, after, None, READ_LIMIT, maps)).await {
                 Ok(e) => e,
                 Err(e) if e.code == crate::core::ErrorCode::QueryWasCancelled => {
                     // The server is shutting down (Ctrl-C stops reads).
@@ -932,7 +964,7 @@ async fn dispatch(
             let refs: Vec<&Sub> = subs.iter().collect();
             deliver(&storage, &hub, &refs, &events).await;
             cursor = last;
-            if events.len() < 500 {
+            if (events.len() as i64) < READ_LIMIT {
                 break;
             }
         }
@@ -1241,6 +1273,66 @@ mod tests {
             assert_eq!(got, want);
             assert!(f.old.is_none() && f.new.is_none(), "no JSON values without a predicate or filter");
         }
+        capture::uninstall(&mut c);
+    }
+
+    /// The hook looks a row's table up once per switch of table, not per row: rows of captured
+    /// and uncaptured tables interleaving inside one statement (triggers each way), and a table
+    /// disabled or enabled between statements, land where they belong. Writes by another
+    /// connection are noticed before the next job's first statement: inside the transaction
+    /// capture opens for an autocommit write (an added column is in that statement's events),
+    /// or on their own before a read.
+    #[test]
+    fn interleaved_tables_and_writes_by_other_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        let mut c = Connection::open(&path).unwrap();
+        c.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE _ichibase_cdc_tables (name TEXT PRIMARY KEY, enabled_at TEXT);
+             CREATE TABLE t(id INTEGER PRIMARY KEY, v);
+             CREATE TABLE other(x);
+             CREATE TRIGGER tw AFTER INSERT ON other BEGIN INSERT INTO t VALUES (100 + new.x, 'via trigger'); END;
+             CREATE TRIGGER ow AFTER INSERT ON t WHEN new.id < 100 BEGIN INSERT INTO other(x) VALUES (new.id); END;
+             INSERT INTO _ichibase_cdc_tables(name) VALUES ('t');",
+        )
+        .unwrap();
+        let cap = capture::install(&mut c).unwrap();
+        ops(&c, "INSERT INTO other VALUES (1), (2); INSERT INTO t VALUES (5, 'direct')");
+        disable(&mut c, "t").unwrap();
+        enable(&mut c, "other").unwrap();
+        ops(&c, "INSERT INTO t VALUES (6, 'after'); INSERT INTO other VALUES (3)");
+        let without_ids = |after| -> Vec<String> {
+            events(&c, after).into_iter().map(|e| e.splitn(2, ' ').nth(1).unwrap().to_string()).collect()
+        };
+        assert_eq!(
+            without_ids(0),
+            vec![
+                r#"t insert {"id":101} {"id":101,"v":"via trigger"}"#,
+                r#"t insert {"id":102} {"id":102,"v":"via trigger"}"#,
+                r#"t insert {"id":5} {"id":5,"v":"direct"}"#,
+                r#"t insert {"id":105} {"id":105,"v":"via trigger"}"#,
+                r#"other insert {"rowid":4} {"x":6}"#,
+                r#"other insert {"rowid":5} {"x":3}"#,
+            ]
+        );
+        // Another connection writes and adds a column; the next job's autocommit insert sees it.
+        let elsewhere = Connection::open(&path).unwrap();
+        elsewhere.execute_batch("INSERT INTO other VALUES (50); ALTER TABLE other ADD COLUMN y").unwrap();
+        let seen = cap.external_writes();
+        cap.job_starts();
+        c.execute_batch("INSERT INTO other(x) VALUES (7)").unwrap();
+        assert_eq!(cap.external_writes(), seen + 1);
+        assert_eq!(without_ids(6), vec![r#"other insert {"rowid":7} {"x":7,"y":null}"#]);
+        // Our own commits are not writes by others; a job that starts with a read looks too.
+        cap.job_starts();
+        ops(&c, "SELECT count(*) FROM other");
+        assert_eq!(cap.external_writes(), seen + 1);
+        elsewhere.execute_batch("DELETE FROM t WHERE id = 150").unwrap();
+        cap.job_starts();
+        ops(&c, "SELECT count(*) FROM other");
+        assert_eq!(cap.external_writes(), seen + 2);
+        assert_eq!(cap.end_job(&c), None);
         capture::uninstall(&mut c);
     }
 

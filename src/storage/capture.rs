@@ -47,8 +47,10 @@
 //!   (found by its root page) keeps being captured under its new name
 //!   (`_ichibase_cdc_tables` is updated inside the same transaction).
 //! - **Writes by others.** Writes by other processes (the `sqlite3` shell) or other connections
-//!   are not seen by the hook; the writer notices them through `PRAGMA data_version`
-//!   ([`Capture::poll_external`]) and subscribers get a `refetch` message.
+//!   are not seen by the hook; the writer notices them through `PRAGMA data_version`, read
+//!   before each write job's first statement ([`Capture::job_starts`]; inside the transaction
+//!   opened for an autocommit statement, so the look costs no lock cycle of its own), and
+//!   subscribers get a `refetch` message.
 //!
 //! Change ids: a batch row has `first_id..=last_id`, consecutive, allocated as max(last_id)+1
 //! when the row is inserted; with one writer they grow in commit order, across restarts too.
@@ -182,9 +184,33 @@ struct State {
     /// An error to report as the write job's.
     error: Option<String>,
     data_version: Option<i64>,
+    /// A write job started and has not looked for writes by others yet (see
+    /// [`Capture::job_starts`]).
+    poll_due: bool,
+    /// The table the pre-update hook looked up last, by name (`None`: not captured), so a
+    /// statement's rows do not hash the name once each.
+    hot: Option<(Box<[u8]>, Option<Arc<TableInfo>>)>,
 }
 
 impl State {
+    /// The captured table named `name`, if it is one.
+    fn table(&mut self, name: &[u8]) -> Option<Arc<TableInfo>> {
+        if let Some((n, t)) = &self.hot {
+            if **n == *name {
+                return t.clone();
+            }
+        }
+        let t = self.tables.get(name).cloned();
+        self.hot = Some((name.into(), t.clone()));
+        t
+    }
+
+    /// Replace the captured tables.
+    fn set_tables(&mut self, tables: HashMap<Box<[u8]>, Arc<TableInfo>>) {
+        self.tables = tables;
+        self.hot = None;
+    }
+
     fn mark(&self) -> Mark {
         Mark { len: self.buf.len(), count: self.count }
     }
@@ -582,7 +608,7 @@ unsafe extern "C" fn on_preupdate(
         Ok(s) => s,
         Err(_) => return,
     };
-    let Some(info) = s.tables.get(name.to_bytes()).cloned() else {
+    let Some(info) = s.table(name.to_bytes()) else {
         return;
     };
     let idx = match s.used.iter().position(|t| Arc::ptr_eq(t, &info)) {
@@ -864,22 +890,35 @@ impl Capture {
         let (readonly, auto) = unsafe {
             (ffi::sqlite3_stmt_readonly(p) != 0, ffi::sqlite3_get_autocommit(ffi::sqlite3_db_handle(p)) != 0)
         };
-        let (active, wrap_open, reload) = {
-            let s = self.state.lock().unwrap();
-            (!s.tables.is_empty() || s.count > 0, s.wrap_open, s.recheck)
+        let (active, wrap_open, due) = {
+            let mut s = self.state.lock().unwrap();
+            (!s.tables.is_empty() || s.count > 0, s.wrap_open, std::mem::take(&mut s.poll_due))
         };
-        if reload {
-            // A transaction rolled back (maybe a schema change with it): the captured tables
-            // are read again before this statement changes rows.
-            self.state.lock().unwrap().recheck = false;
-            self.check_schema();
-        }
         let word_kind = kind(&first_keyword(text));
         // Data statements never change the schema: no schema check after them (a change by
         // another process is noticed through `PRAGMA data_version`, see `poll_external`).
         let ddl = word_kind.may_change_schema();
+        let k = if readonly { Kind::Control } else { word_kind };
+        // Would autocommit: it runs in a transaction of ours, committed with its log row when
+        // it ends.
+        let wrap = active && auto && matches!(k, Kind::Data | Kind::Other);
+        let mut opened = false;
+        if due {
+            // The job's look for writes by others. Before a statement that gets a transaction
+            // of ours, it is read inside that transaction, opened IMMEDIATE (the statement
+            // writes anyway): one lock cycle instead of a read transaction of its own first.
+            // Should the write lock not be had, it is read on its own as before.
+            if wrap {
+                opened = self.nested(|c| c.prepare_cached("BEGIN IMMEDIATE")?.execute([])).is_ok();
+            }
+            self.poll();
+        }
+        if std::mem::take(&mut self.state.lock().unwrap().recheck) {
+            // A transaction rolled back, or another process wrote (maybe a schema change with
+            // either): the captured tables are read again before this statement changes rows.
+            self.check_schema();
+        }
         if active {
-            let k = if readonly { Kind::Control } else { word_kind };
             if k == Kind::Control {
                 // COMMIT / RELEASE / ROLLBACK [TO] / SAVEPOINT / BEGIN / SELECT: the records so
                 // far go to the log first, inside the transaction (a commit includes them, a
@@ -889,12 +928,8 @@ impl Capture {
                 } else if !auto {
                     self.write_log();
                 }
-            } else if auto && matches!(k, Kind::Data | Kind::Other) {
-                // Would autocommit: run it in a transaction of ours, committed with its log
-                // row when it ends.
-                if self.nested(|c| c.prepare_cached("BEGIN")?.execute([])).is_ok() {
-                    self.state.lock().unwrap().wrapped = Some(p as usize);
-                }
+            } else if wrap && (opened || self.nested(|c| c.prepare_cached("BEGIN")?.execute([])).is_ok()) {
+                self.state.lock().unwrap().wrapped = Some(p as usize);
             }
         }
         let mut s = self.state.lock().unwrap();
@@ -911,12 +946,30 @@ impl Capture {
     /// SAFETY: `p` is a statement of the writer connection that ended or is being reset.
     unsafe fn statement_ends(&self, p: *mut ffi::sqlite3_stmt) {
         // SAFETY: see above.
-        let (busy, readonly) = unsafe { (ffi::sqlite3_stmt_busy(p) != 0, ffi::sqlite3_stmt_readonly(p) != 0) };
+        let (busy, readonly, expired) = unsafe {
+            (ffi::sqlite3_stmt_busy(p) != 0, ffi::sqlite3_stmt_readonly(p) != 0, ffi::sqlite3_expired(p) != 0)
+        };
         let (check, last, mark, schema_check, wrapped, wrap_open) = {
             let mut s = self.state.lock().unwrap();
             let Some(at) = s.stmts.iter().rposition(|(st, _, _)| *st == p as usize) else {
                 return;
             };
+            if expired && s.count == s.stmts[at].1.count {
+                // Most likely not an end: another connection changed the schema after the
+                // statement was prepared, SQLite found out as the statement began (before it
+                // changed a row), prepares it again and runs it again at once — without a new
+                // start event. So it keeps its entry and the transaction opened for it (were
+                // that committed here, the rerun's rows would be captured outside any
+                // transaction of ours and its commit refused). Should it really have ended,
+                // the job's end commits that transaction. The captured tables are compared
+                // with the schema now, before the rerun changes rows.
+                let tables = !s.tables.is_empty();
+                drop(s);
+                if tables {
+                    self.check_schema();
+                }
+                return;
+            }
             // Only this entry: statements may end out of order (a cursor reset after later ones).
             let (_, mark, ddl) = s.stmts.remove(at);
             let check = s.count > mark.count && !busy;
@@ -1020,7 +1073,7 @@ impl Capture {
         match self.nested(|c| load_tables(c, &old)) {
             Ok(t) => {
                 let mut s = self.state.lock().unwrap();
-                s.tables = t;
+                s.set_tables(t);
                 s.schema_version = v;
             }
             Err(e) => tracing::error!(error = %e, "reloading the captured tables failed"),
@@ -1031,6 +1084,7 @@ impl Capture {
     pub fn set_table(&self, c: &Connection, table: &str, on: bool) -> Result<()> {
         let info = if on { Some(table_info(c, table)?) } else { None };
         let mut s = self.state.lock().unwrap();
+        s.hot = None;
         let key: Box<[u8]> = table.as_bytes().into();
         match info {
             Some(i) => {
@@ -1043,11 +1097,27 @@ impl Capture {
         Ok(())
     }
 
-    /// Before a write job: notice writes other connections or processes committed since the
-    /// last look (`PRAGMA data_version` on this connection changes only for those).
+    /// A write job starts: before its first statement runs, capture looks for writes other
+    /// connections or processes committed since the last look (see [`Capture::poll_external`];
+    /// done at the statement, so that it can share the statement's transaction).
+    pub fn job_starts(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.poll_due = !s.tables.is_empty();
+    }
+
+    /// Notice writes other connections or processes committed since the last look, now
+    /// (`PRAGMA data_version` on this connection changes only for those).
     pub fn poll_external(&self, _conn: &Connection) {
-        if self.state.lock().unwrap().tables.is_empty() {
-            return;
+        self.poll();
+    }
+
+    fn poll(&self) {
+        {
+            let mut s = self.state.lock().unwrap();
+            s.poll_due = false;
+            if s.tables.is_empty() {
+                return;
+            }
         }
         // Through capture's own handle (same connection, so the same data version).
         let Ok(v) = self.nested(|a| a.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get::<_, i64>(0))) else { return };

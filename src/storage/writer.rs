@@ -2,7 +2,7 @@
 //! arrival order. A bounded queue gives back-pressure; on close the thread drains the queue,
 //! checkpoints the WAL into the database file and exits. Change capture (`capture`) writes its
 //! change-log rows inside the jobs' own transactions; around each job the writer lets it notice
-//! writes by other processes (`Capture::poll_external`) and finish a transaction it opened for
+//! writes by other processes (`Capture::job_starts`: before the job's first statement) and finish a transaction it opened for
 //! an autocommit statement (`Capture::end_job`, whose error replaces the job's result: that
 //! write was rolled back). The `committed` signal then wakes change-data-capture.
 
@@ -67,7 +67,7 @@ impl Writer {
         let job_control = Arc::clone(&control);
         let job: Job = Box::new(move |conn, st, cap| {
             job_control.begin_write();
-            cap.poll_external(conn);
+            cap.job_starts();
             let out = match job_control.check() {
                 Ok(()) => match st.check_out(conn, ctx, Arc::clone(&job_control)) {
                     Ok(()) => f(conn).map_err(|e| job_control.map_error(st.explain(e))),

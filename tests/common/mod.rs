@@ -42,7 +42,10 @@ impl Server {
 
     /// Start on `data_dir` with extra flags and environment variables.
     pub fn start_in(data_dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_ichibase"));
+        // `ICHIBASE_SERVER_BIN`: another build of the server (benchmarks compare two builds
+        // with the same client binary this way); default: the one cargo built with the tests.
+        let bin = std::env::var_os("ICHIBASE_SERVER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_ichibase").into());
+        let mut cmd = Command::new(bin);
         cmd.arg("serve")
             .arg("--listen")
             .arg("127.0.0.1:0")
