@@ -436,6 +436,18 @@ async fn writes_by_another_process_send_refetch() {
     sql(base, "INSERT INTO t VALUES (3, 'c')").await;
     let e = recv_type(&mut ws, "change").await;
     assert_eq!(e["key"]["id"], 3, "{e}");
+    // The other process adds a column: the next autocommit write (SQLite prepares it again and
+    // re-runs it) is committed, and its event carries the new column.
+    {
+        let c = rusqlite::Connection::open(dir.path().join("ichibase.db")).unwrap();
+        c.busy_timeout(Duration::from_secs(30)).unwrap();
+        c.execute_batch("ALTER TABLE t ADD COLUMN w").unwrap();
+    }
+    let r = post(&client(), base, &[], "INSERT INTO t(id, v) VALUES (4, 'd')").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let e = recv_type(&mut ws, "change").await;
+    assert_eq!((e["key"]["id"].as_i64(), e["new"]["v"].as_str()), (Some(4), Some("d")), "{e}");
+    assert!(e["new"].as_object().unwrap().contains_key("w"), "the added column is in the event: {e}");
 }
 
 /// REPLACE over an existing key is one `insert` (as the capture triggers of older versions
