@@ -1341,7 +1341,11 @@ mod tests {
     fn renamed_tables_stay_captured() {
         let (mut c, _cap) = captured_db();
         ops(&c, "INSERT INTO t VALUES (1, 'a'); ALTER TABLE t RENAME TO t2; INSERT INTO t2 VALUES (2, 'b')");
-        ops(&c, "ALTER TABLE t2 ADD COLUMN w; INSERT INTO t2 VALUES (3, 'c', 'd')");
+        ops(&c, "ALTER TABLE t2 ADD COLUMN w");
+        assert!(c.is_autocommit(), "a schema change in autocommit mode is committed when it ends");
+        ops(&c, "DROP TABLE other; CREATE TABLE other(x)");
+        assert!(c.is_autocommit(), "a schema change in autocommit mode is committed when it ends");
+        ops(&c, "INSERT INTO t2 VALUES (3, 'c', 'd')");
         assert_eq!(
             events(&c, 0),
             vec![
