@@ -402,7 +402,7 @@ fn capture_in_process(secs: f64, rounds: usize) {
             while w0.elapsed().as_secs_f64() < secs {
                 job(c, cap, insert);
                 n += 1;
-                if i == 1 && n % 100 == 0 {
+                if i == 1 && n.is_multiple_of(100) {
                     let newest: i64 = c.query_row("SELECT coalesce(max(last_id), 0) FROM _ichibase_change_batches", [], |r| r.get(0)).unwrap();
                     job(c, cap, &format!("DELETE FROM _ichibase_change_batches WHERE first_id <= {0} AND last_id <= {0}", newest - 10_000));
                 }

@@ -1303,7 +1303,7 @@ mod tests {
         enable(&mut c, "other").unwrap();
         ops(&c, "INSERT INTO t VALUES (6, 'after'); INSERT INTO other VALUES (3)");
         let without_ids = |after| -> Vec<String> {
-            events(&c, after).into_iter().map(|e| e.splitn(2, ' ').nth(1).unwrap().to_string()).collect()
+            events(&c, after).into_iter().map(|e| e.split_once(' ').unwrap().1.to_string()).collect()
         };
         assert_eq!(
             without_ids(0),

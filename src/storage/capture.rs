@@ -189,16 +189,19 @@ struct State {
     poll_due: bool,
     /// The table the pre-update hook looked up last, by name (`None`: not captured), so a
     /// statement's rows do not hash the name once each.
-    hot: Option<(Box<[u8]>, Option<Arc<TableInfo>>)>,
+    hot: Option<Hot>,
 }
+
+/// A table name and the captured table it names (`None`: none).
+type Hot = (Box<[u8]>, Option<Arc<TableInfo>>);
 
 impl State {
     /// The captured table named `name`, if it is one.
     fn table(&mut self, name: &[u8]) -> Option<Arc<TableInfo>> {
-        if let Some((n, t)) = &self.hot {
-            if **n == *name {
-                return t.clone();
-            }
+        if let Some((n, t)) = &self.hot
+            && **n == *name
+        {
+            return t.clone();
         }
         let t = self.tables.get(name).cloned();
         self.hot = Some((name.into(), t.clone()));

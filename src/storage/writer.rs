@@ -2,9 +2,9 @@
 //! arrival order. A bounded queue gives back-pressure; on close the thread drains the queue,
 //! checkpoints the WAL into the database file and exits. Change capture (`capture`) writes its
 //! change-log rows inside the jobs' own transactions; around each job the writer lets it notice
-//! writes by other processes (`Capture::job_starts`: before the job's first statement) and finish a transaction it opened for
-//! an autocommit statement (`Capture::end_job`, whose error replaces the job's result: that
-//! write was rolled back). The `committed` signal then wakes change-data-capture.
+//! writes by other processes (`Capture::job_starts`: before the job's first statement) and
+//! finish a transaction it opened for an autocommit statement (`Capture::end_job`, whose error
+//! replaces the job's result: that write was rolled back). The `committed` signal then wakes change-data-capture.
 
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
