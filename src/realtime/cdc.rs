@@ -1324,6 +1324,14 @@ mod tests {
         c.execute_batch("INSERT INTO other(x) VALUES (7)").unwrap();
         assert_eq!(cap.external_writes(), seen + 1);
         assert_eq!(without_ids(6), vec![r#"other insert {"rowid":7} {"x":7,"y":null}"#]);
+        // The same inside an explicit transaction (a Lua `db.tx`): the re-run's rows commit with
+        // it, under the new columns.
+        elsewhere.execute_batch("ALTER TABLE other ADD COLUMN z").unwrap();
+        cap.job_starts();
+        c.execute_batch("BEGIN; INSERT INTO other(x) VALUES (8); COMMIT").unwrap();
+        assert!(c.is_autocommit());
+        assert_eq!(without_ids(7), vec![r#"other insert {"rowid":8} {"x":8,"y":null,"z":null}"#]);
+        let seen = seen + 1;
         // Our own commits are not writes by others; a job that starts with a read looks too.
         cap.job_starts();
         ops(&c, "SELECT count(*) FROM other");
