@@ -1,9 +1,8 @@
 //! Branch benchmark against the real server binary (its own process): what taking a branch
 //! costs the live app.
 //! 1. single-row INSERT latency (p50/p99) from one client, alone vs while branches of the live
-//!    database are taken and deleted back to back (ratio, same run): with the copy at the
-//!    server's priority and without pauses (`[branches] copy_nice = 0`, `copy_share = 1`), at
-//!    nice 19 without pauses, and with the defaults (nice 19, `copy_share = 0.25`), each on a
+//!    database are taken and deleted back to back (ratio, same run), once with the copy at the
+//!    server's priority (`[branches] copy_nice = 0`) and once at the default nice 19, each on a
 //!    restart of the server on the same data with its own baseline;
 //! 2. branch creation time and throughput (MB/s) for the database size;
 //! 3. merge time of a small bundle (a column and an index on the big table).
@@ -143,26 +142,12 @@ fn main() {
         println!();
         loader.terminate();
 
-        // The copy at the server's own priority without pauses (`[branches] copy_nice = 0`,
-        // `copy_share = 1`: how branches were taken before issue 18) on the same data, then at
-        // nice 19 without pauses, then the defaults (nice 19, a quarter of the wall time), each
-        // with its own baseline measured just before. `BENCH_BRANCH_DEFAULTS_ONLY=1` runs only
-        // the last (for a server build that does not know these settings).
-        let defaults_only = std::env::var_os("BENCH_BRANCH_DEFAULTS_ONLY").is_some();
-        for (i, (title, conf)) in [
-            ("copy at nice 0, no pauses (before issue 18)", "[branches]\ncopy_nice = 0\ncopy_share = 1\n"),
-            ("copy at nice 19, no pauses", "[branches]\ncopy_nice = 19\ncopy_share = 1\n"),
-            ("copy at nice 19, working a quarter of the wall time (the defaults)", ""),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            if defaults_only && !conf.is_empty() {
-                continue;
-            }
-            let conf_path = data_dir.join(format!("bench-{i}.toml"));
-            std::fs::write(&conf_path, conf).unwrap();
-            let conf = conf_path;
+        // The copy at the server's own priority (`[branches] copy_nice = 0`, how branches were
+        // taken before) on the same data, then the default (nice 19), each with its own
+        // baseline measured just before.
+        for (title, nice) in [("copy at nice 0 (before)", 0), ("copy at nice 19 (default)", 19)] {
+            let conf = data_dir.join(format!("bench-nice{nice}.toml"));
+            std::fs::write(&conf, format!("[branches]\ncopy_nice = {nice}\n")).unwrap();
             let mut s = common::Server::start_in(
                 &data_dir,
                 &[],

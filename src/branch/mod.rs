@@ -8,10 +8,7 @@
 //!
 //! The copy runs on a thread of its own at a low CPU priority (`[branches] copy_nice`, default
 //! 19): on a small machine it would otherwise take a core from request threads, and their
-//! wake-ups would wait behind it (single-row INSERT p99 12x its value alone before this). A
-//! priority does not reach the kernel's share of a copy (reading and writing the page cache,
-//! writeback), so the copy also works only `[branches] copy_share` of the wall time and pauses
-//! for the rest ([`Pacer`], from SQLite's progress handler on the copying connection).
+//! wake-ups would wait behind it (single-row INSERT p99 12x its value alone before this).
 //!
 //! Must not touch the live database beyond reading it: merging is `bundle::merge`, which replays
 //! a branch's bundles on the live storage in one transaction.
@@ -36,16 +33,11 @@ pub struct BranchSettings {
     /// 19 lets request threads go first under CPU contention (a copy takes longer on a busy
     /// machine); 0 runs it at the server's priority.
     pub copy_nice: i32,
-    /// Share of the wall time (0.05-1) the copy may work; it pauses for the rest, in pauses of
-    /// a few milliseconds. On a small machine, the kernel's part of a copy (page cache,
-    /// writeback) delays requests whatever the thread's nice value; pausing bounds that. 1 =
-    /// no pauses (the copy's fastest; its run time grows as 1/share).
-    pub copy_share: f64,
 }
 
 impl Default for BranchSettings {
     fn default() -> Self {
-        BranchSettings { copy_nice: 19, copy_share: 0.25 }
+        BranchSettings { copy_nice: 19 }
     }
 }
 
@@ -61,67 +53,7 @@ impl BranchSettings {
                 ),
             ));
         }
-        if !(0.05..=1.0).contains(&self.copy_share) {
-            return Err(Error::new(
-                ErrorCode::BadArguments,
-                format!(
-                    "[branches] copy_share must be between 0.05 and 1 (the share of the wall time a copy may work), not {}",
-                    self.copy_share
-                ),
-            ));
-        }
         Ok(())
-    }
-}
-
-/// Paces a copy to `share` of the wall time: after each `SLICE` of work it sleeps
-/// `work × (1 − share) / share`. Called from SQLite's progress handler on the copying
-/// connection (every [`PACE_OPS`] VM instructions), so it covers the whole `VACUUM INTO`,
-/// kernel time included (it measures wall time, not CPU time).
-struct Pacer {
-    share: f64,
-    since: std::time::Instant,
-}
-
-/// Work between two pauses: short enough that a request waits at most about this long behind
-/// the copy's kernel work, long enough that the sleeps' own cost stays small.
-const SLICE: std::time::Duration = std::time::Duration::from_millis(2);
-
-/// VM instructions between two looks at the clock (a few tens of microseconds of copying).
-const PACE_OPS: i32 = 1000;
-
-impl Pacer {
-    fn new(share: f64) -> Pacer {
-        Pacer { share, since: std::time::Instant::now() }
-    }
-
-    /// The pause owed after `worked` of work (none before a whole slice).
-    fn pause_for(&self, worked: std::time::Duration) -> Option<std::time::Duration> {
-        (self.share < 1.0 && worked >= SLICE).then(|| worked.mul_f64((1.0 - self.share) / self.share))
-    }
-
-    fn tick(&mut self) {
-        if let Some(p) = self.pause_for(self.since.elapsed()) {
-            std::thread::sleep(p);
-            self.since = std::time::Instant::now();
-        }
-    }
-
-    /// Pace every statement `c` runs from now on (its progress handler; the connection is the
-    /// copy's own, so no other handler is replaced).
-    fn install(c: &mut Connection, share: f64) -> Result<()> {
-        if share >= 1.0 {
-            return Ok(());
-        }
-        let mut p = Pacer::new(share);
-        c.progress_handler(
-            PACE_OPS,
-            Some(move || {
-                p.tick();
-                false
-            }),
-        )
-        .map_err(|e| storage_err("pacing the copy", e))
     }
 }
 
@@ -185,7 +117,6 @@ pub struct Branches {
     live_path: PathBuf,
     template: StorageOptions,
     copy_nice: i32,
-    copy_share: f64,
     open: Mutex<HashMap<String, Storage>>,
 }
 
@@ -226,7 +157,6 @@ impl Branches {
             live_path: live.path.clone(),
             template,
             copy_nice: settings.copy_nice.clamp(0, 19),
-            copy_share: settings.copy_share.clamp(0.05, 1.0),
             open: Mutex::new(HashMap::new()),
         }
     }
@@ -250,11 +180,11 @@ impl Branches {
             .map_err(|e| storage_err("creating the branch dir", e))?;
         let live = self.live_path.clone();
         let (name_s, dest) = (name.to_string(), path.clone());
-        let (timeout, share) = (self.template.busy_timeout, self.copy_share);
+        let timeout = self.template.busy_timeout;
         let made = run_niced("branch-copy", self.copy_nice, move || -> Result<()> {
             let tmp = dest.with_extension("db.partial");
             let _ = std::fs::remove_file(&tmp);
-            let mut src = Connection::open_with_flags(
+            let src = Connection::open_with_flags(
                 &live,
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
@@ -269,7 +199,6 @@ impl Branches {
                     |r| r.get(0),
                 )
                 .map_err(|e| storage_err("reading applied bundles", e))?;
-            Pacer::install(&mut src, share)?;
             src.execute("VACUUM INTO ?1", [tmp.to_string_lossy().as_ref()])
                 .map_err(|e| storage_err("copying the live database", e))?;
             drop(src);
@@ -304,17 +233,16 @@ impl Branches {
         let dest = self
             .dir
             .join(format!(".scratch-{}.db", uuid::Uuid::new_v4().simple()));
-        let (timeout, share) = (self.template.busy_timeout, self.copy_share);
+        let timeout = self.template.busy_timeout;
         let d2 = dest.clone();
         run_niced("branch-copy", self.copy_nice, move || -> Result<()> {
-            let mut c = Connection::open_with_flags(
+            let c = Connection::open_with_flags(
                 &src,
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
             .map_err(|e| storage_err("opening the branch", e))?;
             c.busy_timeout(timeout)
                 .map_err(|e| storage_err("busy timeout", e))?;
-            Pacer::install(&mut c, share)?;
             c.execute("VACUUM INTO ?1", [d2.to_string_lossy().as_ref()])
                 .map_err(|e| storage_err("copying the branch for its checks", e))?;
             Ok(())
@@ -553,69 +481,6 @@ mod tests {
             assert!(format!("{e}").contains("copy_nice"), "{e}");
         }
         assert!(toml::from_str::<BranchSettings>("nice = 3").is_err());
-    }
-
-    #[test]
-    fn copy_share_defaults_to_a_quarter_and_is_checked() {
-        let d: BranchSettings = toml::from_str("").unwrap();
-        assert_eq!(d.copy_share, 0.25);
-        for good in ["copy_share = 1", "copy_share = 0.05", "copy_share = 0.5"] {
-            toml::from_str::<BranchSettings>(good).unwrap().validate().unwrap();
-        }
-        for bad in ["copy_share = 0", "copy_share = 0.01", "copy_share = 1.5", "copy_share = -1", "copy_share = nan"] {
-            let s: BranchSettings = toml::from_str(bad).unwrap();
-            let e = s.validate().unwrap_err();
-            assert!(format!("{e}").contains("copy_share must be between 0.05 and 1"), "{bad}: {e}");
-        }
-    }
-
-    #[test]
-    fn pauses_are_owed_per_slice_of_work() {
-        let ms = std::time::Duration::from_millis;
-        let p = Pacer::new(0.25);
-        assert_eq!(p.pause_for(ms(1)), None, "no pause before a whole slice");
-        assert_eq!(p.pause_for(ms(2)), Some(ms(6)));
-        assert_eq!(p.pause_for(ms(4)), Some(ms(12)), "a late look pays for all the work");
-        assert_eq!(Pacer::new(1.0).pause_for(ms(50)), None, "share 1: never");
-    }
-
-    /// CPU time of the calling thread.
-    fn thread_cpu() -> std::time::Duration {
-        let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: writes the calling thread's CPU clock into `t`.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-        std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
-    }
-
-    /// A paced `VACUUM INTO` works at most its share of the wall time (the progress handler
-    /// reaches the statements VACUUM runs inside) and still copies everything. A busy machine
-    /// only lowers the copy's CPU per wall second, so the bound holds under load.
-    #[test]
-    fn a_paced_copy_works_its_share_of_the_wall_time() {
-        let dir = tempfile::tempdir().unwrap();
-        let live = dir.path().join("live.db");
-        let c = Connection::open(&live).unwrap();
-        c.execute_batch(
-            "CREATE TABLE t (id INTEGER PRIMARY KEY, v BLOB);
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 60000)
-             INSERT INTO t (v) SELECT randomblob(100) FROM n;",
-        )
-        .unwrap();
-        drop(c);
-        let share = 0.2;
-        let mut src = Connection::open_with_flags(&live, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-        Pacer::install(&mut src, share).unwrap();
-        let dest = dir.path().join("copy.db");
-        let (wall0, cpu0) = (std::time::Instant::now(), thread_cpu());
-        src.execute("VACUUM INTO ?1", [dest.to_string_lossy().as_ref()]).unwrap();
-        let (wall, cpu) = (wall0.elapsed(), thread_cpu() - cpu0);
-        let n: i64 = Connection::open(&dest).unwrap().query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
-        assert_eq!(n, 60000);
-        assert!(cpu > SLICE * 4, "the copy should take a few slices of work: {cpu:?}");
-        // Every slice of work is followed by a pause of work × (1 − share) / share; only the
-        // last, partial slice goes unpaid.
-        let paid = (cpu - SLICE).mul_f64((1.0 - share) / share);
-        assert!(wall >= cpu + paid.mul_f64(0.9), "CPU {cpu:?} in {wall:?} of wall time at share {share}");
     }
 
     /// A branch taken at nice 19 is a complete, consistent copy, and the live database keeps
