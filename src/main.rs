@@ -3,11 +3,6 @@
 use std::path::PathBuf;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-
-/// mimalloc instead of glibc malloc: the request path allocates and frees many small buffers per
-/// request (see README, Benchmarks).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ichibase::config::{self, LogFormat, Settings};
 
 #[derive(Parser)]
